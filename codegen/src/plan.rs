@@ -1,0 +1,354 @@
+//! Plans: the ordered instructions of a trampoline, chosen from a frame layout.
+//!
+//! A plan is built as a list of *steps*; each step knows how it saves and how it
+//! restores, and the restore sequence is the steps in reverse order (riscv-rt's one
+//! register list, read backwards), so save and restore always mirror each other.
+
+use crate::arch::{Arch, Reg, RegClass};
+use crate::layout::{FieldValue, FrameLayout};
+use std::fmt;
+
+mod aarch64;
+mod x86_64;
+
+/// Which general registers the trampoline restores from the frame.
+///
+/// Under both policies every register that has a field is *saved* into it, so the
+/// frame is complete, and every caller-saved register without a field is spilled to a
+/// hidden area and restored, so the probed code never sees a handler's scratch values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// Every register that has a field is restored from it: a handler's write to any
+    /// general register (and to the flags and the resume address) takes effect. The
+    /// trampoline trusts no calling convention (the choice of seed 000's author).
+    All,
+    /// Callee-saved registers (SysV: rbx, rbp, r12–r15; AAPCS64: x19–x29) are left to
+    /// the ABI on the way out: the handler is a normal function that preserves them, so
+    /// they are not reloaded. A handler's write to one of their fields has **no effect**.
+    /// Caller-saved registers, flags and the resume address are restored as under `All`.
+    CallerSaved,
+}
+
+/// Which FP/SIMD state the trampoline preserves around the handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp {
+    /// None: the handler must not touch FP/SIMD registers (e.g. `-C target-feature=-sse`
+    /// code), or the probed point must have none live.
+    None,
+    /// Argument registers: x86_64 `xmm0`–`xmm7`, aarch64 `q0`–`q7` (what is live at a function entry).
+    Args,
+    /// Return registers: x86_64 `xmm0`–`xmm1`, aarch64 `q0`–`q1` (what is live at a function return).
+    Return,
+    /// Everything: x86_64 `xsave64`/`xrstor64` of the components in a run-time mask into
+    /// an area of run-time size (operands `xsave_mask` and `xsave_size`); aarch64
+    /// `q0`–`q31`, `fpcr` and `fpsr`. What is live mid-function.
+    Full,
+}
+
+/// The kind of routine a plan generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// A routine called like a function (`call` / `bl`): allocate, save, call the
+    /// handler, restore, resume at the frame's pc. The bare save/restore pair.
+    SaveRestore,
+    /// The return trampoline of seed 000: entered by the probed function's `ret`,
+    /// it saves, calls the handler, which returns the real return address, installs
+    /// it as the resume address, restores and returns there.
+    Kretprobe,
+    /// Entered from a patched site by `call` (x86_64) or `mov x9, x30; bl` (aarch64,
+    /// as the kernel's ftrace): steps over the x86_64 red zone, aligns, saves, calls,
+    /// restores and resumes at the continuation (the frame's pc).
+    Entry,
+}
+
+macro_rules! names {
+    ($t:ty { $($v:ident = $s:literal),* $(,)? }) => {
+        impl $t {
+            /// Every value.
+            pub const ALL: &'static [$t] = &[$(<$t>::$v),*];
+            /// The CLI spelling.
+            pub fn name(self) -> &'static str { match self { $(<$t>::$v => $s),* } }
+        }
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s { $($s => Ok(<$t>::$v),)* _ => Err(format!(
+                    "unknown {} `{}`: must be one of {}", stringify!($t).to_lowercase(), s,
+                    [$(concat!("`", $s, "`")),*].join(", "))) }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.name()) }
+        }
+    };
+}
+names!(Policy { All = "all", CallerSaved = "caller-saved" });
+names!(Fp { None = "none", Args = "args", Return = "return", Full = "full" });
+names!(Shape { SaveRestore = "save-restore", Kretprobe = "kretprobe", Entry = "entry" });
+
+/// What a memory access of the trampoline touches.
+#[allow(missing_docs)] // fields documented on their variants
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// A frame field element (`regs[3]`, `rax`), holding `reg` or a constant (`None`).
+    Field { name: String, reg: Option<Reg> },
+    /// A hidden spill of a caller-saved register that has no field.
+    Hidden(Reg),
+    /// The hidden resume address of a frame without a pc/rip field.
+    Resume,
+    /// The x86_64 anchor: where the pre-alignment stack pointer is kept.
+    Anchor,
+    /// The FP/SIMD area (`q0`, `xmm3`, `fpcr`, `xsave`).
+    Fp(String),
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Slot::Field { name, .. } => write!(f, "{name}"),
+            Slot::Hidden(r) => write!(f, "(hidden {r})"),
+            Slot::Resume => f.write_str("(hidden resume address)"),
+            Slot::Anchor => f.write_str("(anchor)"),
+            Slot::Fp(n) => write!(f, "(fp {n})"),
+        }
+    }
+}
+
+/// How an access's address is encoded.
+#[allow(missing_docs)] // fields documented on their variants
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// aarch64 `stp`/`ldp` signed 7-bit immediate scaled by the register size.
+    A64Pair,
+    /// aarch64 `str`/`ldr` unsigned 12-bit immediate scaled by the access size.
+    A64Unsigned,
+    /// aarch64 access through a base register materialised once (`add xB, sp, #base`),
+    /// with an unsigned 12-bit scaled immediate from it.
+    A64Base { base: Reg, base_offset: u64 },
+    /// x86_64 `[rsp + disp8]`.
+    X86Disp8,
+    /// x86_64 `[rsp + disp32]`.
+    X86Disp32,
+}
+
+/// Direction of an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Register to memory.
+    Store,
+    /// Memory to register.
+    Load,
+}
+
+/// A memory access of one instruction, relative to the frame base (the stack pointer
+/// after allocation). A pair instruction has two slots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// Store or load.
+    pub dir: Dir,
+    /// `(offset, size, what)` of each slot touched, lowest offset first.
+    pub slots: Vec<(u64, u64, Slot)>,
+    /// The addressing form chosen for the offset.
+    pub encoding: Encoding,
+}
+
+/// One instruction of a routine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    /// Assembler text, without indentation; operand placeholders as `{name}`,
+    /// the routine's own symbol as `{self}`.
+    pub asm: String,
+    /// The frame memory it touches, if any.
+    pub access: Option<Access>,
+    /// Why it is there (the listing prints it).
+    pub note: String,
+}
+
+impl Op {
+    fn new(asm: impl Into<String>, note: impl Into<String>) -> Op {
+        Op { asm: asm.into(), access: None, note: note.into() }
+    }
+    fn mem(asm: impl Into<String>, note: impl Into<String>, access: Access) -> Op {
+        Op { asm: asm.into(), access: Some(access), note: note.into() }
+    }
+}
+
+/// A step of the save sequence and its mirror in the restore sequence.
+#[derive(Clone, Debug, Default)]
+struct Step {
+    save: Vec<Op>,
+    restore: Vec<Op>,
+}
+
+/// A plan could not be made.
+#[allow(missing_docs)] // fields documented on their variants
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanError {
+    /// The frame was read for another architecture.
+    ArchMismatch { frame: Arch, wanted: Arch },
+    /// An aarch64 offset out of every encodable range with no register to use as a base.
+    FrameTooLarge { frame: String, field: String, offset: u64 },
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanError::ArchMismatch { frame, wanted } => {
+                write!(f, "the frame layout was read for {frame}, not {wanted}")
+            }
+            PlanError::FrameTooLarge { frame, field, offset } => write!(
+                f,
+                "frame `{frame}`: field `{field}` at offset {offset} cannot be reached from `sp` and no \
+                 earlier-saved caller-saved register can serve as a base; move it below 32760 bytes"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// The complete instruction plan of one routine for one frame, arch, policy, FP mode and shape.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The frame layout the plan stores into.
+    pub frame: FrameLayout,
+    /// General-register policy.
+    pub policy: Policy,
+    /// FP/SIMD mode.
+    pub fp: Fp,
+    /// Routine shape.
+    pub shape: Shape,
+    /// Bytes the routine allocates statically below its entry stack pointer for the
+    /// frame, hidden spills and FP area (x86_64: after the anchor words and alignment;
+    /// with `Fp::Full` the run-time `xsave` area comes on top).
+    pub alloc: u64,
+    /// Hidden slots: `(slot, offset)` past the frame.
+    pub hidden: Vec<(Slot, u64)>,
+    /// Offset and static size of the FP/SIMD area (size 0: known at run time, `xsave`).
+    pub fp_area: Option<(u64, u64)>,
+    /// Bytes below the entry stack pointer the routine never touches (x86_64 `Entry`: the red zone).
+    pub red_zone: u64,
+    /// Entry to allocation.
+    pub prologue: Vec<Op>,
+    /// The SAVE sequence: after it every field holds its defined value.
+    pub save: Vec<Op>,
+    /// Passing the frame to the handler and calling it.
+    pub call: Vec<Op>,
+    /// The RESTORE sequence: the mirror of `save`.
+    pub restore: Vec<Op>,
+    /// Deallocation and resumption.
+    pub epilogue: Vec<Op>,
+    /// Names of the `sym` operands the text refers to (`handler`, `xsave_size`, `xsave_mask`).
+    pub operands: Vec<&'static str>,
+}
+
+impl Plan {
+    /// Plans a routine of `shape` for `frame`.
+    pub fn new(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) -> Result<Plan, PlanError> {
+        match frame.arch {
+            Arch::X86_64 => x86_64::plan(frame, policy, fp, shape),
+            Arch::Aarch64 => aarch64::plan(frame, policy, fp, shape),
+        }
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> Arch {
+        self.frame.arch
+    }
+
+    /// Every instruction of the routine in order.
+    pub fn ops(&self) -> impl Iterator<Item = &Op> {
+        self.prologue.iter().chain(&self.save).chain(&self.call).chain(&self.restore).chain(&self.epilogue)
+    }
+
+    /// Whether `reg`, which has a field, is reloaded from it on the way out.
+    pub fn restores(&self, reg: Reg) -> bool {
+        restores(self.frame.arch, self.policy, self.shape, reg)
+    }
+
+    fn assemble(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape, parts: Parts) -> Plan {
+        let restore = parts.steps.iter().rev().flat_map(|s| s.restore.iter().cloned());
+        let restore = parts.restore_prelude.into_iter().chain(restore).collect();
+        Plan {
+            frame: frame.clone(),
+            policy,
+            fp,
+            shape,
+            alloc: parts.alloc,
+            hidden: parts.hidden,
+            fp_area: parts.fp_area,
+            red_zone: parts.red_zone,
+            prologue: parts.prologue,
+            save: parts.steps.iter().flat_map(|s| s.save.iter().cloned()).collect(),
+            call: parts.call,
+            restore,
+            epilogue: parts.epilogue,
+            operands: parts.operands,
+        }
+    }
+}
+
+/// What the per-arch planners hand to [`Plan::assemble`].
+struct Parts {
+    alloc: u64,
+    hidden: Vec<(Slot, u64)>,
+    fp_area: Option<(u64, u64)>,
+    red_zone: u64,
+    prologue: Vec<Op>,
+    steps: Vec<Step>,
+    call: Vec<Op>,
+    restore_prelude: Vec<Op>,
+    epilogue: Vec<Op>,
+    operands: Vec<&'static str>,
+}
+
+/// Whether a register that has a field is reloaded from it on the way out, before
+/// shape-specific resume rules (the register that carries the resume address is
+/// loaded from the pc field instead; see the per-arch planners).
+fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
+    let resume = match (arch, shape) {
+        (Arch::Aarch64, Shape::Entry) => Some(Reg::A64X(9)),
+        (Arch::Aarch64, _) => Some(Reg::A64X(30)),
+        (Arch::X86_64, _) => None,
+    };
+    if Some(reg) == resume {
+        return false;
+    }
+    match reg.class() {
+        RegClass::CallerSaved | RegClass::ProgramCounter => true,
+        RegClass::CalleeSaved => policy == Policy::All,
+        RegClass::StackPointer | RegClass::ReadOnly => false,
+    }
+}
+
+/// `(offset, element size, slot)` of every element of every field, in offset order,
+/// with what fills it: a register or a constant.
+fn elements(frame: &FrameLayout) -> Vec<(u64, u64, String, Result<Reg, u64>)> {
+    let mut out = Vec::new();
+    for f in &frame.fields {
+        let n = f.len.unwrap_or(1) as usize;
+        for i in 0..n {
+            let off = f.offset + i as u64 * f.elem_size;
+            let v = match &f.value {
+                FieldValue::Regs(regs) => Ok(regs[i]),
+                FieldValue::Const(c) => Err(*c),
+            };
+            out.push((off, f.elem_size, f.elem_name(i), v));
+        }
+    }
+    out.sort_by_key(|e| e.0);
+    out
+}
+
+/// Splits a constant store of `size` bytes into power-of-two chunks of at most 8 bytes:
+/// `(offset within the element, chunk size)`.
+fn const_chunks(size: u64) -> Vec<(u64, u64)> {
+    let mut v = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let c = [8, 4, 2, 1].into_iter().find(|c| size - at >= *c && (at % c) == 0).unwrap_or(1);
+        v.push((at, c));
+        at += c;
+    }
+    v
+}

@@ -1,0 +1,314 @@
+//! x86_64 planner (System V AMD64 ABI, Intel syntax).
+//!
+//! Stack picture of every shape, highest address first (`P` is the stack pointer of
+//! the probed context, `A` the anchor):
+//!
+//! ```text
+//!  P        ──────────────  stack of the probed context
+//!  P-8      resume address  pushed by the site's `call` (SaveRestore, Entry) or a hole
+//!                           the Kretprobe prologue makes for the real return address
+//!  P-8-RZ   red zone        128 bytes skipped by Entry (0 for the other shapes)
+//!  A+8      rflags          pushfq: the flags are read before anything changes them
+//!  A        rax             push rax; then rax = A
+//!           (alignment)     and rsp, -16 (-64 with Fp::Full, then the run-time xsave area)
+//!  rsp+FP   FP/SIMD area
+//!  rsp+H    hidden spills, anchor slot (holds A)
+//!  rsp+0    the frame       every field at its struct offset
+//! ```
+//!
+//! Only `lea` and `mov` run before `pushfq`, so the flags are saved untouched, and
+//! `cld` runs after it because the ABI wants DF clear at the handler call. On the way
+//! out the frame's rax, rflags and rip are copied to `A`, `A+8` and `P-8`, every other
+//! register is reloaded, and `mov rsp, rax; pop rax; popfq; lea rsp, [rsp+RZ]; ret`
+//! resumes at the (possibly changed) rip with the stack pointer of the probed context.
+
+use super::*;
+
+const RAX: Reg = Reg::X86Gpr(0);
+const RED_ZONE: u64 = 128;
+
+fn mem(off: u64) -> (String, Encoding) {
+    let enc = if off <= 127 { Encoding::X86Disp8 } else { Encoding::X86Disp32 };
+    (format!("[rsp + {off}]"), enc)
+}
+
+fn ptr(size: u64) -> &'static str {
+    match size {
+        1 => "byte",
+        2 => "word",
+        4 => "dword",
+        _ => "qword",
+    }
+}
+
+fn store(reg: &str, off: u64, slot: Slot, note: String) -> Op {
+    let (m, encoding) = mem(off);
+    Op::mem(
+        format!("mov qword ptr {m}, {reg}"),
+        note,
+        Access { dir: Dir::Store, slots: vec![(off, 8, slot)], encoding },
+    )
+}
+
+fn load(reg: &str, off: u64, slot: Slot, note: String) -> Op {
+    let (m, encoding) = mem(off);
+    Op::mem(
+        format!("mov {reg}, qword ptr {m}"),
+        note,
+        Access { dir: Dir::Load, slots: vec![(off, 8, slot)], encoding },
+    )
+}
+
+pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) -> Result<Plan, PlanError> {
+    if frame.arch != Arch::X86_64 {
+        return Err(PlanError::ArchMismatch { frame: frame.arch, wanted: Arch::X86_64 });
+    }
+    let rz = if shape == Shape::Entry { RED_ZONE } else { 0 };
+    let elems = elements(frame);
+
+    // Hidden area: the anchor, caller-saved registers without a field (rax lives at A),
+    // and the resume address of a kretprobe frame without a rip field.
+    let mut next = frame.size.next_multiple_of(8);
+    let mut hidden = Vec::new();
+    let mut take = |slot: Slot| {
+        let off = next;
+        next += 8;
+        hidden.push((slot, off));
+        off
+    };
+    let anchor = take(Slot::Anchor);
+    let spills: Vec<(Reg, u64)> = Reg::gprs(Arch::X86_64)
+        .into_iter()
+        .filter(|r| *r != RAX && r.class() == RegClass::CallerSaved && frame.offset_of(*r).is_none())
+        .map(|r| (r, take(Slot::Hidden(r))))
+        .collect();
+    let rip = match frame.offset_of(Reg::X86Rip) {
+        Some(off) => Some((off, Slot::Field { name: field_name(frame, Reg::X86Rip), reg: Some(Reg::X86Rip) })),
+        None if shape == Shape::Kretprobe => Some((take(Slot::Resume), Slot::Resume)),
+        None => None,
+    };
+    let (fp_area, alloc) = match fp {
+        Fp::None => (None, next.next_multiple_of(16)),
+        Fp::Args | Fp::Return => {
+            let n = if fp == Fp::Args { 8 } else { 2 };
+            let at = next.next_multiple_of(16);
+            (Some((at, 16 * n)), at + 16 * n)
+        }
+        // The xsave area must be 64-aligned; its size is known at run time only, so it
+        // sits on top of the static allocation, inside the `sub rsp, [xsave_size]`.
+        Fp::Full => {
+            let at = next.next_multiple_of(64);
+            (Some((at, 0)), at)
+        }
+    };
+    let alloc = alloc.next_multiple_of(16);
+
+    let mut prologue = Vec::new();
+    match shape {
+        Shape::Entry => prologue.push(Op::new(
+            format!("lea rsp, [rsp - {rz}]"),
+            "step over the red zone of the probed code (lea: flags untouched)",
+        )),
+        Shape::Kretprobe => prologue.push(Op::new(
+            "lea rsp, [rsp - 8]",
+            "hole for the real return address the handler gives back (lea: flags untouched)",
+        )),
+        Shape::SaveRestore => {}
+    }
+    prologue.push(Op::new("pushfq", "save rflags before any instruction changes them: [A+8]"));
+    prologue.push(Op::new("push rax", "free rax: [A]"));
+    prologue.push(Op::new("mov rax, rsp", "rax = anchor A"));
+    if fp == Fp::Full {
+        prologue.push(Op::new(
+            "sub rsp, qword ptr [rip + {xsave_size}]",
+            "room for the xsave area (its size is known at run time)",
+        ));
+        prologue.push(Op::new("and rsp, -64", "xsave needs a 64-aligned area"));
+    } else {
+        prologue.push(Op::new("and rsp, -16", "align: the ABI wants rsp % 16 == 0 at a call"));
+    }
+    prologue.push(Op::new(format!("sub rsp, {alloc}"), format!("allocate frame {} + hidden + FP area", frame.name)));
+    prologue.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
+
+    let mut steps = Vec::new();
+    // 1. General registers into their fields, in field order (rax and rsp come later).
+    for (off, _, name, v) in &elems {
+        if let Ok(r @ Reg::X86Gpr(n)) = v {
+            if *n == 0 || *n == 4 {
+                continue;
+            }
+            let slot = || Slot::Field { name: name.clone(), reg: Some(*r) };
+            let note = format!("{name} @{off}");
+            let restore = if restores(Arch::X86_64, policy, shape, *r) {
+                vec![load(r.name(), *off, slot(), note.clone())]
+            } else {
+                vec![]
+            };
+            steps.push(Step { save: vec![store(r.name(), *off, slot(), note)], restore });
+        }
+    }
+    // 2. Hidden spills of caller-saved registers without a field.
+    for (r, off) in &spills {
+        let note = format!("hidden spill of {r} (no field) @{off}");
+        steps.push(Step {
+            save: vec![store(r.name(), *off, Slot::Hidden(*r), note.clone())],
+            restore: vec![load(r.name(), *off, Slot::Hidden(*r), note)],
+        });
+    }
+    // 3. Values that are not in a register at their own name: copied through rcx
+    //    (saved by now) from the anchor words, or computed.
+    for (off, size, name, v) in &elems {
+        let slot = |reg| Slot::Field { name: name.clone(), reg };
+        let note = format!("{name} @{off}");
+        let mut step = Step::default();
+        match v {
+            Ok(RAX) => {
+                step.save.push(Op::new("mov rcx, qword ptr [rax]", "rax of the probed context, from [A]"));
+                step.save.push(store("rcx", *off, slot(Some(RAX)), note.clone()));
+                if restores(Arch::X86_64, policy, shape, RAX) {
+                    step.restore.push(load("rcx", *off, slot(Some(RAX)), note));
+                    step.restore.push(Op::new("mov qword ptr [rax], rcx", "to [A], for `pop rax`"));
+                }
+            }
+            Ok(Reg::X86Eflags) => {
+                step.save.push(Op::new("mov rcx, qword ptr [rax + 8]", "rflags saved by pushfq, from [A+8]"));
+                step.save.push(store("rcx", *off, slot(Some(Reg::X86Eflags)), note.clone()));
+                step.restore.push(load("rcx", *off, slot(Some(Reg::X86Eflags)), note));
+                step.restore.push(Op::new("mov qword ptr [rax + 8], rcx", "to [A+8], for `popfq`"));
+            }
+            Ok(r @ Reg::X86Gpr(4)) => {
+                step.save.push(Op::new(
+                    format!("lea rcx, [rax + {}]", 24 + rz),
+                    "rsp of the probed context: above rax, rflags, red zone and resume address",
+                ));
+                step.save.push(store("rcx", *off, slot(Some(*r)), format!("{note} (read-only)")));
+            }
+            Ok(Reg::X86Rip) => {} // below, with a hidden resume slot
+            Ok(r @ Reg::X86Seg(_)) => {
+                step.save.push(Op::new(format!("mov rcx, {r}"), "segment selector, zero-extended"));
+                step.save.push(store("rcx", *off, slot(Some(*r)), format!("{note} (read-only)")));
+            }
+            Ok(_) => continue,
+            Err(c) => {
+                for (at, chunk) in const_chunks(*size) {
+                    let (m, encoding) = mem(off + at);
+                    let imm = if *c == 0 { 0 } else { -1 };
+                    step.save.push(Op::mem(
+                        format!("mov {} ptr {m}, {imm}", ptr(chunk)),
+                        format!("{note}: defined value {c:#x}"),
+                        Access { dir: Dir::Store, slots: vec![(off + at, chunk, slot(None))], encoding },
+                    ));
+                }
+            }
+        }
+        steps.push(step);
+    }
+    if let Some((off, slot)) = &rip {
+        let mut step = Step::default();
+        if shape == Shape::Kretprobe {
+            step.save.push(Op::new("lea rcx, [rip + {self}]", "rip: the trampoline (the handler gives the real one)"));
+        } else {
+            step.save.push(Op::new(
+                format!("mov rcx, qword ptr [rax + {}]", 16 + rz),
+                "rip: the resume address the call pushed",
+            ));
+        }
+        step.save.push(store("rcx", *off, slot.clone(), format!("{slot} @{off}")));
+        step.restore.push(load("rcx", *off, slot.clone(), format!("{slot} @{off}")));
+        step.restore.push(Op::new(
+            format!("mov qword ptr [rax + {}], rcx", 16 + rz),
+            "the resume address `ret` will take",
+        ));
+        steps.push(step);
+    }
+    // 4. The anchor, last of the general state: restore reloads it first.
+    steps.push(Step {
+        save: vec![store("rax", anchor, Slot::Anchor, format!("anchor A @{anchor}"))],
+        restore: vec![load("rax", anchor, Slot::Anchor, format!("rax = anchor A @{anchor}"))],
+    });
+    // 5. FP/SIMD state.
+    let mut operands = vec!["handler"];
+    match (fp, fp_area) {
+        (Fp::Args | Fp::Return, Some((at, size))) => {
+            for i in 0..size / 16 {
+                let off = at + 16 * i;
+                let (m, encoding) = mem(off);
+                let slot = Slot::Fp(format!("xmm{i}"));
+                let acc = |dir| Access { dir, slots: vec![(off, 16, slot.clone())], encoding };
+                steps.push(Step {
+                    save: vec![Op::mem(format!("movaps xmmword ptr {m}, xmm{i}"), format!("xmm{i} @{off}"), acc(Dir::Store))],
+                    restore: vec![Op::mem(format!("movaps xmm{i}, xmmword ptr {m}"), format!("xmm{i} @{off}"), acc(Dir::Load))],
+                });
+            }
+        }
+        (Fp::Full, Some((at, _))) => {
+            operands.extend(["xsave_size", "xsave_mask"]);
+            let mut save = Vec::new();
+            for i in 0..8 {
+                let off = at + 512 + 8 * i;
+                let (m, encoding) = mem(off);
+                save.push(Op::mem(
+                    format!("mov qword ptr {m}, 0"),
+                    "zero the xsave header: xrstor faults on a dirty one",
+                    Access { dir: Dir::Store, slots: vec![(off, 8, Slot::Fp(format!("xsave header {i}")))], encoding },
+                ));
+            }
+            let mask = [
+                Op::new("mov eax, dword ptr [rip + {xsave_mask}]", "requested-feature bitmap, low half"),
+                Op::new("mov edx, dword ptr [rip + {xsave_mask} + 4]", "requested-feature bitmap, high half"),
+            ];
+            let (m, encoding) = mem(at);
+            let acc = |dir| Access { dir, slots: vec![(at, 576, Slot::Fp("xsave".into()))], encoding };
+            save.extend(mask.clone());
+            save.push(Op::mem(format!("xsave64 {m}"), "all FP/SIMD state of the mask", acc(Dir::Store)));
+            let mut restore = mask.to_vec();
+            restore.push(Op::mem(format!("xrstor64 {m}"), "all FP/SIMD state of the mask", acc(Dir::Load)));
+            steps.push(Step { save, restore });
+        }
+        _ => {}
+    }
+
+    let mut call = vec![Op::new("mov rdi, rsp", "argument 1: the frame")];
+    call.push(match fp_area {
+        Some((at, _)) => Op::new(format!("lea rsi, [rsp + {at}]"), "argument 2: the FP/SIMD area"),
+        None => Op::new("xor esi, esi", "argument 2: no FP/SIMD area"),
+    });
+    call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
+    if shape == Shape::Kretprobe {
+        let (off, slot) = rip.expect("a kretprobe always has a resume slot");
+        call.push(store("rax", off, slot.clone(), format!("{slot} @{off} = the real return address the handler returned")));
+    }
+
+    let mut epilogue = vec![
+        Op::new("mov rsp, rax", "back to the anchor"),
+        Op::new("pop rax", "rax (the frame's, under either policy)"),
+        Op::new("popfq", "rflags (the frame's)"),
+    ];
+    if rz > 0 {
+        epilogue.push(Op::new(format!("lea rsp, [rsp + {rz}]"), "back over the red zone"));
+    }
+    epilogue.push(Op::new("ret", "resume at the frame's rip; rsp is the probed context's again"));
+
+    Ok(Plan::assemble(
+        frame,
+        policy,
+        fp,
+        shape,
+        Parts {
+            alloc,
+            hidden,
+            fp_area,
+            red_zone: rz,
+            prologue,
+            steps,
+            call,
+            restore_prelude: vec![],
+            epilogue,
+            operands,
+        },
+    ))
+}
+
+fn field_name(frame: &FrameLayout, reg: Reg) -> String {
+    frame.field_of(reg).map(|(f, i)| f.elem_name(i)).unwrap_or_default()
+}

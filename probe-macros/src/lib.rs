@@ -1,0 +1,1 @@
+//! probekit's procedural macros (placeholder until the `#[pt_regs]` issue lands).

@@ -1,0 +1,3 @@
+//! probekit runtime.
+pub mod frame;
+pub use frame::PtRegs;

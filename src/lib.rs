@@ -1,0 +1,2 @@
+//! probekit facade.
+pub use probe_rt::*;

@@ -1,0 +1,162 @@
+//! Generates, for the target architecture, every probe-codegen routine the torture
+//! executes: the built-in frame and the frames of `src/frames.rs` in every policy × FP
+//! mode × shape, plus seeded random frames (struct source, routine and offset
+//! assertions), and a table describing each routine to the checker.
+
+use probe_codegen::{render, Arch, FieldValue, Fp, FrameLayout, Plan, Policy, Reg, Shape};
+use std::fmt::Write;
+
+/// A small deterministic generator (xorshift64*): the same frames on every build
+/// unless `TORTURE_SEED` says otherwise.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const RANDOM_FRAMES: usize = 48;
+
+fn main() {
+    println!("cargo:rerun-if-changed=src/frames.rs");
+    println!("cargo:rerun-if-env-changed=TORTURE_SEED");
+    let arch_name = std::env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut out = String::new();
+    let Some(arch) = Arch::from_name(&arch_name) else {
+        // Other targets: no routines, nothing to torture.
+        std::fs::write(out_dir.join("generated.rs"), "pub static ROUTINES: &[crate::Routine] = &[];\n").unwrap();
+        return;
+    };
+    let seed: u64 = std::env::var("TORTURE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_abcd_0001);
+
+    let custom: &[&str] = match arch {
+        Arch::X86_64 => &["X86Sparse", "X86Reversed", "X86Big", "X86Empty"],
+        Arch::Aarch64 => &["A64Sparse", "A64Ranges", "A64Big", "A64Empty"],
+    };
+    let mut frames: Vec<(FrameLayout, String)> = vec![(FrameLayout::builtin(arch), "::probe_rt::PtRegs".into())];
+    for name in custom {
+        let layout = FrameLayout::from_file("src/frames.rs", name, arch).unwrap_or_else(|e| panic!("{e}"));
+        frames.push((layout, format!("crate::frames::{name}")));
+    }
+
+    let mut routines = Vec::new();
+    for (i, (frame, ty)) in frames.iter().enumerate() {
+        for &shape in Shape::ALL {
+            for &policy in Policy::ALL {
+                for &fp in Fp::ALL {
+                    routines.push((frame.clone(), ty.clone(), i, policy, fp, shape));
+                }
+            }
+        }
+    }
+
+    // Random frames: random subsets and orders of registers, padding, constants.
+    let mut rng = Rng(seed);
+    for n in 0..RANDOM_FRAMES {
+        let (src, name) = random_frame(&mut rng, arch, n);
+        let layout = FrameLayout::from_source(&src, &name, arch).unwrap_or_else(|e| panic!("{e:?}\n{src}"));
+        let _ = writeln!(out, "pub mod rf{n} {{\n{src}\n}}");
+        let policy = Policy::ALL[rng.below(2) as usize];
+        let fp = Fp::ALL[rng.below(4) as usize];
+        let shape = Shape::ALL[rng.below(3) as usize];
+        routines.push((layout, format!("crate::generated::rf{n}::{name}"), frames.len() + n, policy, fp, shape));
+    }
+
+    let symbols = render::Symbols {
+        handler: "crate::torture_handler".into(),
+        xsave_size: "crate::XSAVE_SIZE".into(),
+        xsave_mask: "crate::XSAVE_MASK".into(),
+    };
+    let mut table = String::from("pub static ROUTINES: &[crate::Routine] = &[\n");
+    let mut asserted = std::collections::HashSet::new();
+    for (k, (frame, ty, fi, policy, fp, shape)) in routines.iter().enumerate() {
+        let plan = Plan::new(frame, *policy, *fp, *shape).unwrap_or_else(|e| panic!("{e}"));
+        let sym = format!("torture_r{k}_{}_{}_{}_{}", frame.name.to_lowercase(), shape.name(), policy.name(), fp.name()).replace('-', "_");
+        out.push_str(&render::rust_global_asm(&plan, &sym, &symbols));
+        let _ = writeln!(out, "extern \"C\" {{ fn {sym}(); }}");
+        if asserted.insert(*fi) {
+            // One module of offsets + assertions per frame: the compiler checks the plan's layout.
+            let _ = writeln!(out, "#[allow(dead_code)] pub mod offsets{fi} {{\n{}}}", render::rust_consts(&plan, ty, ""));
+        }
+        let mut elems = String::new();
+        for f in &frame.fields {
+            for i in 0..f.len.unwrap_or(1) as usize {
+                let off = f.offset + i as u64 * f.elem_size;
+                let v = match &f.value {
+                    FieldValue::Regs(r) => value(r[i]),
+                    FieldValue::Const(c) => format!("crate::V::Const({c:#x})"),
+                };
+                let _ = write!(elems, "crate::Elem {{ off: {off}, size: {}, v: {v} }}, ", f.elem_size);
+            }
+        }
+        let fp_area = match plan.fp_area {
+            Some((a, s)) => format!("Some(({a}, {s}))"),
+            None => "None".into(),
+        };
+        let _ = writeln!(
+            table,
+            "    crate::Routine {{ name: {sym:?}, entry: {sym}, shape: crate::Kind::{shape:?}, all: {all}, fp: crate::FpMode::{fp:?}, \
+             frame_size: {}, alloc: {}, fp_area: {fp_area}, elems: &[{elems}] }},",
+            frame.size,
+            plan.alloc,
+            all = *policy == Policy::All,
+        );
+    }
+    table.push_str("];\n");
+    out.push_str(&table);
+    std::fs::write(out_dir.join("generated.rs"), out).unwrap();
+}
+
+fn value(r: Reg) -> String {
+    match r {
+        Reg::X86Gpr(n) | Reg::A64X(n) => format!("crate::V::Gpr({n})"),
+        Reg::X86Rip | Reg::A64Pc => "crate::V::Pc".into(),
+        Reg::X86Eflags | Reg::A64Pstate => "crate::V::Flags".into(),
+        Reg::A64Sp => "crate::V::Sp".into(),
+        Reg::X86Seg(n) => format!("crate::V::Seg({n})"),
+    }
+}
+
+/// Source of a random `#[repr(C)]` frame bound by field names only (it must compile as plain Rust).
+fn random_frame(rng: &mut Rng, arch: Arch, n: usize) -> (String, String) {
+    let mut names: Vec<String> = match arch {
+        Arch::X86_64 => ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "eflags", "cs", "ss", "orig_rax"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        Arch::Aarch64 => (0..=30).map(|i| format!("x{i}")).chain(["sp", "pc", "pstate", "orig_x0"].map(String::from)).collect(),
+    };
+    let mut fields = Vec::new();
+    // aarch64: sometimes a `regs` array for x0..x(k-1).
+    if arch == Arch::Aarch64 && rng.below(2) == 0 {
+        let k = 1 + rng.below(31) as usize;
+        names.retain(|s| !(s.starts_with('x') && s[1..].parse::<usize>().map(|i| i < k).unwrap_or(false)));
+        fields.push(format!("pub regs: [u64; {k}],"));
+    }
+    // Random order, random subset.
+    for i in (1..names.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        names.swap(i, j);
+    }
+    names.truncate(rng.below(names.len() as u64 + 1) as usize);
+    for (i, name) in names.iter().enumerate() {
+        if rng.below(4) == 0 {
+            let ty = ["u8", "u16", "u32", "u64", "[u8; 3]", "[u16; 5]", "[u64; 2]"][rng.below(7) as usize];
+            fields.push(format!("pub _p{i}: {ty},"));
+        }
+        let pos = rng.below(fields.len() as u64 + 1) as usize;
+        fields.insert(pos, format!("pub {name}: u64,"));
+    }
+    if fields.is_empty() {
+        fields.push("pub _empty: u64,".into());
+    }
+    let name = format!("Random{n}");
+    (format!("#[repr(C)]\n#[allow(dead_code)]\npub struct {name} {{\n    {}\n}}", fields.join("\n    ")), name)
+}

@@ -1,0 +1,442 @@
+//! Executes probe-codegen routines for real: fills every general register, the flags
+//! and every vector register with distinct random values, enters the routine the way
+//! its shape is entered (call, return into it, or the arm64 ftrace site sequence),
+//! lets a handler record the frame, rewrite fields and clobber every caller-saved
+//! register, and checks every register after the routine against what the frame,
+//! the policy and the shape promise.
+//!
+//! The harness is hand-written test asm: it is not a trampoline and touches no frame
+//! field, only its own `Ctx`, whose offsets enter as `const` operands.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub mod frames;
+
+/// What a frame element holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V {
+    /// General register by number (x86_64 encoding order; aarch64 xN).
+    Gpr(u8),
+    /// Stack pointer (aarch64 `sp`).
+    Sp,
+    /// Resume address (`rip`, `pc`).
+    Pc,
+    /// Flags (`eflags`, `pstate`).
+    Flags,
+    /// x86_64 segment selector by encoding number.
+    Seg(u8),
+    /// A defined constant.
+    Const(u64),
+}
+
+/// One frame element of a routine's frame.
+#[derive(Clone, Copy, Debug)]
+pub struct Elem {
+    pub off: usize,
+    pub size: usize,
+    pub v: V,
+}
+
+/// Mirrors probe_codegen::Shape for the generated table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    SaveRestore,
+    Kretprobe,
+    Entry,
+}
+
+/// Mirrors probe_codegen::Fp for the generated table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FpMode {
+    None,
+    Args,
+    Return,
+    Full,
+}
+
+/// A generated routine and what the checker needs to know of it.
+pub struct Routine {
+    pub name: &'static str,
+    pub entry: unsafe extern "C" fn(),
+    pub shape: Kind,
+    /// Policy `All` (else `CallerSaved`).
+    pub all: bool,
+    pub fp: FpMode,
+    pub frame_size: usize,
+    pub alloc: usize,
+    pub fp_area: Option<(usize, usize)>,
+    pub elems: &'static [Elem],
+}
+
+#[allow(clippy::all)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/generated.rs"));
+}
+pub use generated::ROUTINES;
+
+/// `xsave` area size for the x86_64 `Fp::Full` routines (CPUID.(EAX=0DH,ECX=0):EBX).
+pub static XSAVE_SIZE: AtomicU64 = AtomicU64::new(4096);
+/// `xsave` requested-feature bitmap (XCR0).
+pub static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+
+/// State exchanged with the harness.
+#[repr(C, align(16))]
+pub struct Ctx {
+    host_sp: u64,
+    in_gpr: [u64; 32],
+    in_flags: u64,
+    out_gpr: [u64; 32],
+    out_flags: u64,
+    out_sp: u64,
+    p: u64,
+    in_vec: [[u8; 16]; 32],
+    out_vec: [[u8; 16]; 32],
+}
+
+/// What the handler saw and did, for the current thread's run.
+struct Run {
+    routine: &'static Routine,
+    frame: Vec<u8>,
+    fp: Vec<u8>,
+    kret_return: usize,
+    df_clear: bool,
+    hits: u32,
+    /// The frame and FP area pointers the handler got: the stack pointer at the call.
+    frame_at: usize,
+    fp_at: usize,
+}
+
+thread_local! {
+    static CURRENT: Cell<*mut Run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+const GPR_XOR: u64 = 0xa5a5_0000_0000_0000;
+const VEC_XOR: u8 = 0x3c;
+#[cfg(target_arch = "x86_64")]
+const FLAGS_XOR: u64 = 0x8c1; // CF | ZF | SF | OF
+#[cfg(target_arch = "x86_64")]
+const FLAGS_MASK: u64 = 0xcd5 | 0x400; // status flags and DF
+#[cfg(target_arch = "aarch64")]
+const FLAGS_XOR: u64 = 0xf000_0000; // N Z C V
+#[cfg(target_arch = "aarch64")]
+const FLAGS_MASK: u64 = 0xf000_0000;
+
+fn modified(v: u64, n: u8) -> u64 {
+    v ^ GPR_XOR ^ (n as u64) << 8
+}
+
+/// The handler every torture routine calls.
+///
+/// # Safety
+/// Called by a generated routine with its frame and FP area, on a thread that set `CURRENT`.
+#[no_mangle]
+pub unsafe extern "C" fn torture_handler(frame: *mut u8, fp: *mut u8) -> usize {
+    // SAFETY: the thread set CURRENT to a live Run before entering the routine.
+    let run = unsafe { &mut *CURRENT.with(|c| c.get()) };
+    run.hits += 1;
+    run.frame_at = frame as usize;
+    run.fp_at = fp as usize;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let flags: u64;
+        // SAFETY: reads rflags through the stack the handler owns.
+        unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) flags) };
+        run.df_clear = flags & 0x400 == 0;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        run.df_clear = true;
+    }
+    let r = run.routine;
+    // SAFETY: the routine passes a frame of frame_size bytes.
+    let f = unsafe { std::slice::from_raw_parts_mut(frame, r.frame_size) };
+    run.frame.copy_from_slice(f);
+    for e in r.elems.iter().filter(|e| e.size == 8) {
+        let old = u64::from_ne_bytes(f[e.off..e.off + 8].try_into().expect("8 bytes"));
+        let new = match e.v {
+            V::Gpr(n) => modified(old, n),
+            V::Flags => old ^ FLAGS_XOR,
+            _ => continue,
+        };
+        f[e.off..e.off + 8].copy_from_slice(&new.to_ne_bytes());
+    }
+    if let Some((_, size)) = r.fp_area {
+        let (start, len) = fp_vector_span(r);
+        // SAFETY: the routine passes an FP area of `size` bytes (the legacy region of an xsave area).
+        let area = unsafe { std::slice::from_raw_parts_mut(fp.add(start), len) };
+        run.fp.clear();
+        run.fp.extend_from_slice(area);
+        for b in area.iter_mut() {
+            *b ^= VEC_XOR;
+        }
+        let _ = size;
+    }
+    clobber();
+    run.kret_return
+}
+
+/// `(offset, length)` of the vector registers inside the FP area.
+fn fp_vector_span(r: &Routine) -> (usize, usize) {
+    match (r.fp, cfg!(target_arch = "x86_64")) {
+        (FpMode::None, _) => (0, 0),
+        (FpMode::Args, _) => (0, 8 * 16),
+        (FpMode::Return, _) => (0, 2 * 16),
+        (FpMode::Full, true) => (160, 16 * 16), // xmm0..15 in the xsave legacy region
+        (FpMode::Full, false) => (0, 32 * 16),
+    }
+}
+
+/// Number of vector registers the routine's FP mode covers.
+fn fp_covered(r: &Routine) -> usize {
+    fp_vector_span(r).1 / 16
+}
+
+/// Overwrites every caller-saved register and the flags, as a real handler may.
+#[inline(always)]
+fn clobber() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only writes registers declared as clobbered.
+    unsafe {
+        core::arch::asm!(
+            "mov rax, -1", "mov rcx, -1", "mov rdx, -1", "mov rsi, -1", "mov rdi, -1",
+            "mov r8, -1", "mov r9, -1", "mov r10, -1", "mov r11, -1",
+            "pcmpeqd xmm0, xmm0", "pcmpeqd xmm1, xmm1", "pcmpeqd xmm2, xmm2", "pcmpeqd xmm3, xmm3",
+            "pcmpeqd xmm4, xmm4", "pcmpeqd xmm5, xmm5", "pcmpeqd xmm6, xmm6", "pcmpeqd xmm7, xmm7",
+            "pcmpeqd xmm8, xmm8", "pcmpeqd xmm9, xmm9", "pcmpeqd xmm10, xmm10", "pcmpeqd xmm11, xmm11",
+            "pcmpeqd xmm12, xmm12", "pcmpeqd xmm13, xmm13", "pcmpeqd xmm14, xmm14", "pcmpeqd xmm15, xmm15",
+            "xor eax, eax",
+            out("rax") _, out("rcx") _, out("rdx") _, out("rsi") _, out("rdi") _,
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+            out("xmm6") _, out("xmm7") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: only writes registers declared as clobbered.
+    unsafe {
+        core::arch::asm!(
+            "mov x0, #-1", "mov x1, #-1", "mov x2, #-1", "mov x3, #-1", "mov x4, #-1", "mov x5, #-1",
+            "mov x6, #-1", "mov x7, #-1", "mov x8, #-1", "mov x9, #-1", "mov x10, #-1", "mov x11, #-1",
+            "mov x12, #-1", "mov x13, #-1", "mov x14, #-1", "mov x15, #-1", "mov x16, #-1", "mov x17, #-1",
+            "movi v0.16b, #0xff", "movi v1.16b, #0xff", "movi v2.16b, #0xff", "movi v3.16b, #0xff",
+            "movi v4.16b, #0xff", "movi v5.16b, #0xff", "movi v6.16b, #0xff", "movi v7.16b, #0xff",
+            "movi v16.16b, #0xff", "movi v17.16b, #0xff", "movi v18.16b, #0xff", "movi v19.16b, #0xff",
+            "movi v20.16b, #0xff", "movi v21.16b, #0xff", "movi v22.16b, #0xff", "movi v23.16b, #0xff",
+            "movi v24.16b, #0xff", "movi v25.16b, #0xff", "movi v26.16b, #0xff", "movi v27.16b, #0xff",
+            "movi v28.16b, #0xff", "movi v29.16b, #0xff", "movi v30.16b, #0xff", "movi v31.16b, #0xff",
+            "msr nzcv, xzr",
+            out("x0") _, out("x1") _, out("x2") _, out("x3") _, out("x4") _, out("x5") _, out("x6") _,
+            out("x7") _, out("x8") _, out("x9") _, out("x10") _, out("x11") _, out("x12") _, out("x13") _,
+            out("x14") _, out("x15") _, out("x16") _, out("x17") _,
+            out("v0") _, out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _,
+            out("v7") _, out("v16") _, out("v17") _, out("v18") _, out("v19") _, out("v20") _,
+            out("v21") _, out("v22") _, out("v23") _, out("v24") _, out("v25") _, out("v26") _,
+            out("v27") _, out("v28") _, out("v29") _, out("v30") _, out("v31") _,
+        );
+    }
+}
+
+mod harness;
+use harness::{enter, Entry};
+
+/// Sets the x86_64 xsave size and mask from CPUID and XCR0 (no-op elsewhere).
+pub fn init_xsave() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let leaf1 = core::arch::x86_64::__cpuid(1);
+        assert!(leaf1.ecx & (1 << 27) != 0, "OSXSAVE required for the Fp::Full torture");
+        let d = core::arch::x86_64::__cpuid_count(0xd, 0);
+        let (lo, hi): (u32, u32);
+        // SAFETY: xgetbv(0) is allowed in user space when OSXSAVE is set (checked above).
+        unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi) };
+        XSAVE_SIZE.store(d.ebx as u64, Ordering::Relaxed);
+        XSAVE_MASK.store((hi as u64) << 32 | lo as u64, Ordering::Relaxed);
+    }
+}
+
+/// A tiny deterministic generator for register values.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+const STACK: usize = 256 * 1024;
+const CANARY: u8 = 0xcc;
+
+/// Runs `r` once with random inputs from `rng`; `skew` misaligns the probed stack
+/// pointer by 8 (x86_64: the dynamic alignment must cope). Returns every mismatch.
+pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool) -> Result<(), String> {
+    let is_x86 = cfg!(target_arch = "x86_64");
+    let mut ctx: Box<Ctx> = Box::new(Ctx {
+        host_sp: 0,
+        in_gpr: [0; 32],
+        in_flags: 0,
+        out_gpr: [0; 32],
+        out_flags: 0,
+        out_sp: 0,
+        p: 0,
+        in_vec: [[0; 16]; 32],
+        out_vec: [[0; 16]; 32],
+    });
+    for g in ctx.in_gpr.iter_mut() {
+        *g = rng.next();
+    }
+    for v in ctx.in_vec.iter_mut() {
+        for c in v.chunks_mut(8) {
+            c.copy_from_slice(&rng.next().to_ne_bytes());
+        }
+    }
+    let flags = rng.next();
+    ctx.in_flags = if is_x86 {
+        0x202 | (flags & 0xcd5) | if set_df { 0x400 } else { 0 } // IF, reserved bit 1, status flags
+    } else {
+        flags & 0xf000_0000
+    };
+    // The test stack: probed sp P near its top, the target at [P], ctx at [P+8].
+    let mut stack = vec![CANARY; STACK];
+    let top = (stack.as_mut_ptr() as usize + STACK - 64) & !15;
+    let p = top - if skew { 8 } else { 0 };
+    ctx.p = p as u64;
+    let entry = match (r.shape, is_x86) {
+        (Kind::Kretprobe, _) => Entry::Kret,
+        (Kind::Entry, false) => Entry::Ftrace,
+        _ => Entry::Call,
+    };
+    let cont = harness::cont_address(entry);
+    let target = r.entry as usize;
+    // SAFETY: p..p+16 lies inside `stack`.
+    unsafe {
+        (p as *mut u64).write(target as u64);
+        ((p + 8) as *mut u64).write(&mut *ctx as *mut Ctx as u64);
+    }
+    let mut run = Run {
+        routine: r,
+        frame: vec![0; r.frame_size],
+        fp: Vec::with_capacity(1024),
+        kret_return: cont,
+        df_clear: false,
+        hits: 0,
+        frame_at: 0,
+        fp_at: 0,
+    };
+    CURRENT.with(|c| c.set(&mut run));
+    // SAFETY: ctx is valid; the harness switches to `stack` (alive until after the call) and back.
+    unsafe { enter(entry, &mut ctx) };
+    CURRENT.with(|c| c.set(std::ptr::null_mut()));
+
+    let mut errors = Vec::new();
+    let mut check = |what: String, got: u64, want: u64| {
+        if got != want {
+            errors.push(format!("{what}: got {got:#018x}, want {want:#018x}"));
+        }
+    };
+    check("handler calls".into(), run.hits as u64, 1);
+    check("DF clear in handler".into(), run.df_clear as u64, 1);
+    // The frame is the stack pointer at the handler call: the ABIs want it 16-aligned.
+    check("frame alignment".into(), (run.frame_at % 16) as u64, 0);
+    let fp_align = if is_x86 && r.fp == FpMode::Full { 64 } else { 16 };
+    match r.fp_area {
+        Some((off, _)) => {
+            check("FP area address".into(), run.fp_at as u64, (run.frame_at + off) as u64);
+            check("FP area alignment".into(), (run.fp_at % fp_align) as u64, 0);
+        }
+        None => check("FP area address".into(), run.fp_at as u64, 0),
+    }
+    // The frame the handler saw.
+    let x30_in = ctx.in_gpr[30];
+    let pc_seen = match r.shape {
+        Kind::Kretprobe => target as u64,
+        _ => cont as u64,
+    };
+    for e in r.elems {
+        let mut bytes = [0u8; 8];
+        let n = e.size.min(8);
+        bytes[..n].copy_from_slice(&run.frame[e.off..e.off + n]);
+        let got = u64::from_ne_bytes(bytes);
+        let want = match e.v {
+            V::Gpr(4) if is_x86 => p as u64,
+            V::Gpr(30) if !is_x86 => match r.shape {
+                Kind::SaveRestore => cont as u64,
+                Kind::Kretprobe => target as u64,
+                Kind::Entry => x30_in,
+            },
+            V::Gpr(9) if !is_x86 && r.shape == Kind::Entry => x30_in,
+            V::Gpr(n) => ctx.in_gpr[n as usize],
+            V::Sp => p as u64,
+            V::Pc => pc_seen,
+            V::Flags => ctx.in_flags,
+            V::Seg(n) => harness::segment(n),
+            V::Const(c) => c,
+        };
+        let mask = if n == 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 };
+        let mask = if e.v == V::Flags { FLAGS_MASK } else { mask };
+        check(format!("frame {:?} @{}", e.v, e.off), got & mask, want & mask);
+    }
+    // Registers after the routine.
+    let nregs = if is_x86 { 16 } else { 31 };
+    for n in 0..nregs {
+        if is_x86 && n == 4 {
+            continue;
+        }
+        let elem = r.elems.iter().find(|e| e.v == V::Gpr(n as u8));
+        let input = match (is_x86, r.shape, n) {
+            (false, Kind::SaveRestore, 30) => cont as u64,
+            (false, Kind::Entry, 30) => x30_in,
+            _ => ctx.in_gpr[n],
+        };
+        // What the policies promise, stated independently of probe-codegen: callee-saved
+        // registers (SysV rbx, rbp, r12-r15; AAPCS64 x19-x29) are reloaded from the
+        // frame only under `All`, every other register that has a field always.
+        let callee_saved = if is_x86 { matches!(n, 3 | 5 | 12..=15) } else { (19..=29).contains(&n) };
+        let want = match (is_x86, r.shape, n) {
+            // The resume register holds the resume address, as after any call.
+            (false, Kind::Entry, 9) | (false, Kind::SaveRestore | Kind::Kretprobe, 30) => cont as u64,
+            _ if elem.is_some() && (r.all || !callee_saved) => modified(input, n as u8),
+            _ => input,
+        };
+        check(format!("register {n} after"), ctx.out_gpr[n], want);
+    }
+    check("stack pointer after".into(), ctx.out_sp, p as u64);
+    let flags_field = r.elems.iter().any(|e| e.v == V::Flags);
+    let want_flags = if flags_field { ctx.in_flags ^ FLAGS_XOR } else { ctx.in_flags };
+    check("flags after".into(), ctx.out_flags & FLAGS_MASK, want_flags & FLAGS_MASK);
+    // Vector registers the FP mode covers: saved as they were, restored as the handler left them.
+    let covered = fp_covered(r);
+    for i in 0..covered {
+        let seen: [u8; 16] = run.fp[16 * i..16 * i + 16].try_into().unwrap();
+        check(format!("v{i} in FP area (lo)"), lo(&seen), lo(&ctx.in_vec[i]));
+        check(format!("v{i} in FP area (hi)"), hi(&seen), hi(&ctx.in_vec[i]));
+        let want: Vec<u8> = ctx.in_vec[i].iter().map(|b| b ^ VEC_XOR).collect();
+        check(format!("v{i} after (lo)"), lo(&ctx.out_vec[i]), lo(&want));
+        check(format!("v{i} after (hi)"), hi(&ctx.out_vec[i]), hi(&want));
+    }
+    // The red zone of the probed code (x86_64 Entry): untouched below the call's own push.
+    if is_x86 && r.shape == Kind::Entry {
+        let base = stack.as_ptr() as usize;
+        let zone = &stack[p - 136 - base..p - 8 - base];
+        if let Some(i) = zone.iter().position(|b| *b != CANARY) {
+            errors.push(format!("red zone byte at P-{} overwritten", 136 - i));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} (skew {skew}, df {set_df}):\n  {}", r.name, errors.join("\n  ")))
+    }
+}
+
+fn lo(v: &[u8]) -> u64 {
+    u64::from_ne_bytes(v[..8].try_into().unwrap())
+}
+fn hi(v: &[u8]) -> u64 {
+    u64::from_ne_bytes(v[8..16].try_into().unwrap())
+}
+
+static_assertions::const_assert_eq!(core::mem::size_of::<Ctx>() % 16, 0);
