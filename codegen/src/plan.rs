@@ -129,6 +129,9 @@ pub enum Encoding {
     X86Disp8,
     /// x86_64 `[rsp + disp32]`.
     X86Disp32,
+    /// A store loop over the slot (large reserved fields): x86_64 `[rsp + rdx*8 + end]`
+    /// with a negative count, aarch64 post-indexed `str xzr, [x0], #8`.
+    Loop,
 }
 
 /// Direction of an access.
@@ -321,11 +324,25 @@ fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     }
 }
 
+/// Constant fields of at least this many bytes are filled by a loop, not one store per element.
+const LOOP_MIN: u64 = 128;
+
+/// Constant fields filled by a loop: 8-byte aligned, a multiple of 8 bytes, large.
+fn loop_fields(frame: &FrameLayout) -> impl Iterator<Item = (&crate::layout::Field, u64)> {
+    frame.fields.iter().filter_map(|f| match f.value {
+        FieldValue::Const(c) if f.size >= LOOP_MIN && f.size % 8 == 0 && f.offset % 8 == 0 => Some((f, c)),
+        _ => None,
+    })
+}
+
 /// `(offset, element size, slot)` of every element of every field, in offset order,
-/// with what fills it: a register or a constant.
+/// with what fills it: a register or a constant (fields of [`loop_fields`] excepted).
 fn elements(frame: &FrameLayout) -> Vec<(u64, u64, String, Result<Reg, u64>)> {
     let mut out = Vec::new();
     for f in &frame.fields {
+        if loop_fields(frame).any(|(l, _)| std::ptr::eq(l, f)) {
+            continue;
+        }
         let n = f.len.unwrap_or(1) as usize;
         for i in 0..n {
             let off = f.offset + i as u64 * f.elem_size;

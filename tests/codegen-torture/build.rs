@@ -87,6 +87,11 @@ fn main() {
         }
         let mut elems = String::new();
         for f in &frame.fields {
+            if let FieldValue::Const(c) = f.value {
+                // One element for the whole constant field: every byte is checked.
+                let _ = write!(elems, "crate::Elem {{ off: {}, size: {}, v: crate::V::Const({c:#x}) }}, ", f.offset, f.size);
+                continue;
+            }
             for i in 0..f.len.unwrap_or(1) as usize {
                 let off = f.offset + i as u64 * f.elem_size;
                 let v = match &f.value {

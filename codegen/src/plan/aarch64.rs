@@ -170,11 +170,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
 
     // Base register for offsets out of direct range (frames past 32 KiB): the first
     // slot saved directly whose register is reloaded on the way out (so clobbering it
-    // in between is invisible), is no scratch (x0, x1) and carries no other value
+    // in between is invisible), is no scratch (x0..x2) and carries no other value
     // (x9, x30). Slots are in offset order, so it is saved before any far access.
     let base_reg = xslots
         .iter()
-        .find(|s| matches!(s.src, Reg::A64X(2..=8 | 10..=29)) && s.into == Some(s.src) && unsigned_ok(s.off, 8))
+        .find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && s.into == Some(s.src) && unsigned_ok(s.off, 8))
         .map(|s| s.src);
     let mut addr = Addr { base: None };
     let too_large = |field: &str, off: u64| PlanError::FrameTooLarge { frame: frame.name.clone(), field: field.to_string(), offset: off };
@@ -293,6 +293,33 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         steps.push(step);
     }
 
+    // Large reserved fields: a post-indexed store loop through x0..x2 (saved by now);
+    // cbnz, not subs, so the flags are not touched.
+    for (f, c) in loop_fields(frame) {
+        let n = f.size / 8;
+        let mut save = add_imm("x0", "sp", f.offset, &format!("{}: {n} doublewords", f.name));
+        save.push(Op::new(format!("mov x1, #{}", n & 0xffff), "count"));
+        if n > 0xffff {
+            save.push(Op::new(format!("movk x1, #{}, lsl #16", n >> 16), "count"));
+        }
+        if c != 0 {
+            save.push(Op::new("mov x2, #-1", "defined value: all ones"));
+        }
+        save.push(Op::new("2:", ""));
+        save.push(Op::mem(
+            format!("str {}, [x0], #8", if c == 0 { "xzr" } else { "x2" }),
+            format!("{} @{}..{}: defined value {c:#x}", f.name, f.offset, f.offset + f.size),
+            Access {
+                dir: Dir::Store,
+                slots: vec![(f.offset, f.size, Slot::Field { name: f.name.clone(), reg: None })],
+                encoding: Encoding::Loop,
+            },
+        ));
+        save.push(Op::new("sub x1, x1, #1", ""));
+        save.push(Op::new("cbnz x1, 2b", ""));
+        steps.push(Step { save, restore: vec![] });
+    }
+
     // 3. FP/SIMD state.
     if let Some((at, _)) = fp_area {
         let mut q = 0;
@@ -342,7 +369,8 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 }
             }
             step.save.extend(stores);
-            step.restore.extend(loads);
+            // Mirror order: the last stored is loaded first.
+            step.restore.extend(loads.into_iter().rev());
             step.restore.push(Op::new("msr fpcr, x0", "FP control"));
             step.restore.push(Op::new("msr fpsr, x1", "FP status"));
             steps.push(step);

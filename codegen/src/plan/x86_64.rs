@@ -203,6 +203,29 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         }
         steps.push(step);
     }
+    // Large reserved fields: a loop through rdx (saved by now), counting up to zero.
+    for (f, c) in loop_fields(frame) {
+        let imm = if c == 0 { 0 } else { -1 };
+        let end = f.offset + f.size;
+        steps.push(Step {
+            save: vec![
+                Op::new(format!("mov rdx, -{}", f.size / 8), format!("{}: {} qwords", f.name, f.size / 8)),
+                Op::new("2:", ""),
+                Op::mem(
+                    format!("mov qword ptr [rsp + rdx*8 + {end}], {imm}"),
+                    format!("{} @{}..{end}: defined value {c:#x}", f.name, f.offset),
+                    Access {
+                        dir: Dir::Store,
+                        slots: vec![(f.offset, f.size, Slot::Field { name: f.name.clone(), reg: None })],
+                        encoding: Encoding::Loop,
+                    },
+                ),
+                Op::new("inc rdx", ""),
+                Op::new("jnz 2b", ""),
+            ],
+            restore: vec![],
+        });
+    }
     if let Some((off, slot)) = &rip {
         let mut step = Step::default();
         if shape == Shape::Kretprobe {
@@ -258,7 +281,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 Op::new("mov edx, dword ptr [rip + {xsave_mask} + 4]", "requested-feature bitmap, high half"),
             ];
             let (m, encoding) = mem(at);
-            let acc = |dir| Access { dir, slots: vec![(at, 576, Slot::Fp("xsave".into()))], encoding };
+            let acc = |dir| Access { dir, slots: vec![(at, 512, Slot::Fp("xsave".into()))], encoding };
             save.extend(mask.clone());
             save.push(Op::mem(format!("xsave64 {m}"), "all FP/SIMD state of the mask", acc(Dir::Store)));
             let mut restore = mask.to_vec();

@@ -1,0 +1,92 @@
+//! Seed 000's hand-written arm64 kretprobe trampoline, reproduced by the generator
+//! from `user_pt_regs`: the same stores, instruction for instruction, with the
+//! offsets as numbers, plus the stores of `sp` and `pc` the seed left undefined.
+
+use probe_codegen::{Arch, Fp, FrameLayout, Plan, Policy, Shape};
+
+/// SAVE_REGS_STRING of the seed with `#16 * n` and `#8 * 33` evaluated.
+const SEED_SAVE: &[&str] = &[
+    "stp x0, x1, [sp, #0]",
+    "stp x2, x3, [sp, #16]",
+    "stp x4, x5, [sp, #32]",
+    "stp x6, x7, [sp, #48]",
+    "stp x8, x9, [sp, #64]",
+    "stp x10, x11, [sp, #80]",
+    "stp x12, x13, [sp, #96]",
+    "stp x14, x15, [sp, #112]",
+    "stp x16, x17, [sp, #128]",
+    "stp x18, x19, [sp, #144]",
+    "stp x20, x21, [sp, #160]",
+    "stp x22, x23, [sp, #176]",
+    "stp x24, x25, [sp, #192]",
+    "stp x26, x27, [sp, #208]",
+    "stp x28, x29, [sp, #224]",
+    "str x30, [sp, #240]",
+    "mrs x0, nzcv",
+    "str x0, [sp, #264]",
+];
+
+/// RESTORE_REGS_STRING of the seed (its `ldr x30` becomes the resume load from `pc`,
+/// where the trampoline put the address the handler returned, as the seed's
+/// `str x0, [sp, #16 * 15]` put it in the x30 slot).
+const SEED_RESTORE: &[&str] = &[
+    "ldr x0, [sp, #264]",
+    "msr nzcv, x0",
+    "ldp x0, x1, [sp, #0]",
+];
+
+/// Checks that `want` occurs in `have` in order (other instructions may come between).
+fn assert_subsequence(have: &[String], want: &[&str]) {
+    let mut it = have.iter();
+    for w in want {
+        assert!(it.any(|h| h == w), "`{w}` missing or out of order in:\n{}", have.join("\n"));
+    }
+}
+
+fn plan() -> Plan {
+    Plan::new(&FrameLayout::builtin(Arch::Aarch64), Policy::All, Fp::None, Shape::Kretprobe).unwrap()
+}
+
+#[test]
+fn kretprobe_save_is_the_seeds_save() {
+    let p = plan();
+    let save: Vec<String> = p.save.iter().map(|o| o.asm.clone()).collect();
+    assert_subsequence(&save, SEED_SAVE);
+    // The two fields the seed's reviewer worried about now hold defined values.
+    assert!(save.contains(&"str x30, [sp, #256]".to_string()), "pc store missing:\n{}", save.join("\n"));
+    assert_subsequence(&save, &["add x0, sp, #272", "str x0, [sp, #248]"]);
+    // Nothing else is stored: 15 pairs, x30, pc, sp, pstate.
+    assert_eq!(save.iter().filter(|s| s.starts_with("st")).count(), 15 + 4);
+}
+
+#[test]
+fn kretprobe_is_the_seeds_trampoline() {
+    let p = plan();
+    let all: Vec<String> = p.ops().map(|o| o.asm.clone()).collect();
+    assert_eq!(all.first().map(String::as_str), Some("sub sp, sp, #272"));
+    assert_subsequence(&all, &["mov x0, sp", "bl {handler}", "str x0, [sp, #256]"]);
+    let restore: Vec<String> = p.restore.iter().map(|o| o.asm.clone()).collect();
+    assert_subsequence(&restore, SEED_RESTORE);
+    assert_eq!(restore.iter().filter(|s| s.starts_with("ldp")).count(), 15);
+    assert_eq!(&all[all.len() - 3..], ["ldr x30, [sp, #256]", "add sp, sp, #272", "ret"]);
+}
+
+#[test]
+fn caller_saved_skips_x19_to_x29_on_the_way_out() {
+    let p = Plan::new(&FrameLayout::builtin(Arch::Aarch64), Policy::CallerSaved, Fp::None, Shape::Kretprobe).unwrap();
+    let restore: Vec<String> = p.restore.iter().map(|o| o.asm.clone()).collect();
+    for r in 19..=29 {
+        assert!(!restore.iter().any(|l| l.contains(&format!(" x{r},")) || l.contains(&format!(" x{r}, ["))), "x{r} reloaded");
+    }
+    assert!(restore.contains(&"ldr x18, [sp, #144]".to_string()));
+}
+
+#[test]
+fn x86_64_pt_regs_offsets() {
+    let f = FrameLayout::builtin(Arch::X86_64);
+    assert_eq!(f.size, 168);
+    let off = |n: &str| f.fields.iter().find(|x| x.name == n).unwrap().offset;
+    assert_eq!((off("r15"), off("rax"), off("orig_rax"), off("rip"), off("eflags"), off("rsp"), off("ss")), (0, 80, 120, 128, 144, 152, 160));
+    let a = FrameLayout::builtin(Arch::Aarch64);
+    assert_eq!((a.size, a.fields.last().unwrap().offset), (272, 264));
+}
