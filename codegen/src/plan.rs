@@ -201,8 +201,8 @@ impl fmt::Display for PlanError {
             }
             PlanError::FrameTooLarge { frame, field, offset } => write!(
                 f,
-                "frame `{frame}`: field `{field}` at offset {offset} cannot be reached from `sp` and no \
-                 earlier-saved caller-saved register can serve as a base; move it below 32760 bytes"
+                "frame `{frame}`: `{field}` at offset {offset} cannot be reached from `sp`, and no field of \
+                 x3..x8 or x10..x29 below 32760 bytes can serve as a base register: such a field must come first"
             ),
         }
     }

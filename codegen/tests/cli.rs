@@ -2,8 +2,20 @@
 
 use std::process::Command;
 
+/// Runs the CLI; under a cross runner (the aarch64 lane sets `CROSS_RUNNER` to the
+/// qemu command line) the binary is started through it, as cargo starts the tests.
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_probe-codegen")).args(args).output().expect("runs");
+    let bin = env!("CARGO_BIN_EXE_probe-codegen");
+    let mut cmd = match std::env::var("CROSS_RUNNER").ok().filter(|r| !r.is_empty()) {
+        Some(runner) => {
+            let mut words = runner.split_whitespace();
+            let mut c = Command::new(words.next().expect("a runner command"));
+            c.args(words).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let out = cmd.args(args).output().expect("runs");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 

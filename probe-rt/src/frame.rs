@@ -1,5 +1,113 @@
-//! The built-in frame types.
+//! The built-in register frames.
+//!
+//! The struct definitions live in `codegen/frames/<arch>.rs`, the one source of truth:
+//! probe-codegen parses that file to generate every save/restore sequence, and this
+//! module compiles the same file, so the two cannot drift (DESIGN.md rule 1).
+
 #[cfg(target_arch = "x86_64")]
 include!("../../codegen/frames/x86_64.rs");
 #[cfg(target_arch = "aarch64")]
 include!("../../codegen/frames/aarch64.rs");
+
+// The Linux ABI, pinned: user-space tools and the kernel's own offsets
+// (arch/x86/include/asm/ptrace.h; arch/arm64/include/uapi/asm/ptrace.h) agree on
+// these, and handlers ported from kernel code rely on them.
+#[cfg(target_arch = "x86_64")]
+const _: () = {
+    use memoffset::offset_of;
+    use static_assertions::const_assert_eq;
+    const_assert_eq!(offset_of!(PtRegs, r15), 0);
+    const_assert_eq!(offset_of!(PtRegs, rbx), 40);
+    const_assert_eq!(offset_of!(PtRegs, rax), 80);
+    const_assert_eq!(offset_of!(PtRegs, rdi), 112);
+    const_assert_eq!(offset_of!(PtRegs, orig_rax), 120);
+    const_assert_eq!(offset_of!(PtRegs, rip), 128);
+    const_assert_eq!(offset_of!(PtRegs, eflags), 144);
+    const_assert_eq!(offset_of!(PtRegs, rsp), 152);
+    const_assert_eq!(offset_of!(PtRegs, ss), 160);
+    const_assert_eq!(core::mem::size_of::<PtRegs>(), 168);
+};
+
+#[cfg(target_arch = "aarch64")]
+const _: () = {
+    use memoffset::offset_of;
+    use static_assertions::const_assert_eq;
+    const_assert_eq!(offset_of!(PtRegs, regs), 0);
+    const_assert_eq!(offset_of!(PtRegs, sp), 248);
+    const_assert_eq!(offset_of!(PtRegs, pc), 256);
+    const_assert_eq!(offset_of!(PtRegs, pstate), 264);
+    const_assert_eq!(core::mem::size_of::<PtRegs>(), 272);
+};
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl PtRegs {
+    /// The address execution resumes at (`rip` / `pc`).
+    pub fn instruction_pointer(&self) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        return self.rip;
+        #[cfg(target_arch = "aarch64")]
+        return self.pc;
+    }
+
+    /// The stack pointer of the probed context (`rsp` / `sp`).
+    pub fn stack_pointer(&self) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        return self.rsp;
+        #[cfg(target_arch = "aarch64")]
+        return self.sp;
+    }
+
+    /// Integer argument `n` at a function entry (System V: rdi, rsi, rdx, rcx, r8, r9;
+    /// AAPCS64: x0..x7), or `None` past the registers.
+    pub fn arg(&self, n: usize) -> Option<u64> {
+        #[cfg(target_arch = "x86_64")]
+        return [self.rdi, self.rsi, self.rdx, self.rcx, self.r8, self.r9].get(n).copied();
+        #[cfg(target_arch = "aarch64")]
+        return self.regs[..8].get(n).copied();
+    }
+
+    /// The integer return value at a function return (`rax` / `x0`).
+    pub fn return_value(&self) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        return self.rax;
+        #[cfg(target_arch = "aarch64")]
+        return self.regs[0];
+    }
+
+    /// Sets the integer return value (`rax` / `x0`).
+    pub fn set_return_value(&mut self, v: u64) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.rax = v;
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            self.regs[0] = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accessors_read_the_abi_registers() {
+        let mut r = PtRegs::default();
+        r.set_return_value(7);
+        assert_eq!(r.return_value(), 7);
+        #[cfg(target_arch = "x86_64")]
+        {
+            r.rdi = 1;
+            r.r9 = 6;
+            assert_eq!((r.arg(0), r.arg(5), r.arg(6)), (Some(1), Some(6), None));
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            r.regs[0] = 1;
+            r.regs[7] = 8;
+            assert_eq!((r.arg(0), r.arg(7), r.arg(8)), (Some(1), Some(8), None));
+        }
+        assert_eq!(crate::offsets::S_FRAME_SIZE, core::mem::size_of::<PtRegs>());
+    }
+}

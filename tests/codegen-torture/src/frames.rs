@@ -83,12 +83,14 @@ pub struct A64Ranges {
     pub fp: u64,
 }
 
-/// aarch64: fields past 32 KiB, reached through a base register materialised once.
+/// aarch64: fields past 32 KiB, reached through a base register materialised once
+/// (x5, the first register below 32 KiB that can serve).
 #[repr(C)]
 pub struct A64Big {
     pub x0: u64,
     pub x1: u64,
     pub x2: u64,
+    pub x5: u64,
     pub _big: [u64; 4200],
     pub x3: u64,
     pub pc: u64,

@@ -9,7 +9,11 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut failures = Vec::new();
     let mut runs = 0;
+    let verbose = std::env::var_os("TORTURE_VERBOSE").is_some();
     for r in ROUTINES.iter().filter(|r| filter(r.name)) {
+        if verbose {
+            eprintln!("{}", r.name);
+        }
         for (skew, df) in [(false, false), (true, false), (false, true), (true, true)] {
             runs += 1;
             if let Err(e) = torture(r, &mut rng, skew, df && cfg!(target_arch = "x86_64")) {

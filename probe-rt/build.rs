@@ -1,0 +1,20 @@
+//! Generates `offsets.rs` for the target: the built-in frame's `S_*` offsets and the
+//! compile-time assertions that probe-codegen's layout of `PtRegs` is the compiler's
+//! (both read the same file, `codegen/frames/<arch>.rs`; this proves they agree).
+
+use probe_codegen::{render, Arch, Fp, FrameLayout, Plan, Policy, Shape};
+
+fn main() {
+    println!("cargo:rerun-if-changed=../codegen/frames");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("offsets.rs");
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").ok().and_then(|a| Arch::from_name(&a));
+    let text = match arch {
+        Some(arch) => {
+            let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::None, Shape::SaveRestore)
+                .expect("the built-in frame plans");
+            render::rust_consts(&plan, "crate::PtRegs", "crate::__private")
+        }
+        None => String::new(),
+    };
+    std::fs::write(out, text).expect("OUT_DIR is writable");
+}
