@@ -12,7 +12,20 @@ fn main() {
         Some(arch) => {
             let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::None, Shape::SaveRestore)
                 .expect("the built-in frame plans");
-            render::rust_consts(&plan, "crate::PtRegs", "crate::__private")
+            let frame = &plan.frame;
+            let fields: String = frame
+                .fields
+                .iter()
+                .map(|f| format!("crate::FrameField {{ name: {:?}, offset: {}, size: {} }}, ", f.name, f.offset, f.size))
+                .collect();
+            format!(
+                "{}\n// SAFETY: FIELDS and SIZE are the layout asserted against offset_of!/size_of! above;\n\
+                 // every field is a u64 or an array of them.\n\
+                 unsafe impl crate::Frame for crate::PtRegs {{\n    const NAME: &'static str = \"PtRegs\";\n    \
+                 const FIELDS: &'static [crate::FrameField] = &[{fields}];\n    const SIZE: usize = {};\n}}\n",
+                render::rust_consts(&[&plan], "crate::PtRegs", "crate::__private"),
+                frame.size
+            )
         }
         None => String::new(),
     };

@@ -10,6 +10,7 @@
 /// `sp` hold the probed context, `pc` its resume address, and `pstate` its condition
 /// flags (NZCV, bits 31..28; the other bits read as zero, user space cannot read them).
 #[repr(C)]
+#[allow(missing_docs)] // each field is the register it is named after
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PtRegs {
     pub regs: [u64; 31],

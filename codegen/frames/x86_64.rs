@@ -13,6 +13,7 @@
 /// `cs` and `ss` the segment selectors, and `orig_rax` is `u64::MAX`
 /// (the kernel's "not in a system call").
 #[repr(C)]
+#[allow(missing_docs)] // each field is the register it is named after
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PtRegs {
     pub r15: u64,

@@ -16,7 +16,7 @@
 //! use probe_codegen::{Arch, FrameLayout, Plan, Policy, Fp, Shape, render};
 //! let frame = FrameLayout::builtin(Arch::Aarch64);
 //! let plan = Plan::new(&frame, Policy::All, Fp::None, Shape::Kretprobe).unwrap();
-//! assert!(render::c_header(&plan).contains("#define S_PSTATE"));
+//! assert!(render::c_header(&[&plan]).contains("#define S_PSTATE 264"));
 //! assert!(plan.save.iter().any(|op| op.asm == "stp x0, x1, [sp, #0]"));
 //! ```
 //!
@@ -26,11 +26,13 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+pub mod builder;
 pub mod layout;
 pub mod plan;
 pub mod render;
 
 pub use arch::{Arch, Reg, RegClass};
+pub use builder::{BuildError, Builder, Written};
 pub use layout::{Field, FieldValue, FrameError, FrameLayout, Spot};
 pub use plan::{Access, Dir, Encoding, Fp, Op, Plan, PlanError, Policy, Shape, Slot};
 

@@ -116,11 +116,11 @@ fn run(what: &What) -> Result<String, String> {
     let plan = Plan::new(&frame, c.policy.into(), c.fp.into(), c.shape.into()).map_err(|e| e.to_string())?;
     let symbols = render::Symbols { handler: c.handler.clone(), ..Default::default() };
     Ok(match what {
-        What::Header(..) => render::c_header(&plan),
-        What::Asm(..) => render::gnu_asm(&plan, &c.name, &symbols),
+        What::Header(..) => render::c_header(&[&plan]),
+        What::Asm(..) => render::gnu_asm(&[(&plan, &c.name)], &symbols),
         What::Rust(..) => {
             let ty = c.ty.clone().unwrap_or_else(|| frame.name.clone());
-            format!("{}\n{}", render::rust_global_asm(&plan, &c.name, &symbols), render::rust_consts(&plan, &ty, ""))
+            format!("{}\n{}", render::rust_global_asm(&plan, &c.name, &symbols), render::rust_consts(&[&plan], &ty, ""))
         }
         What::Listing(..) => render::listing(&plan, &c.name),
     })

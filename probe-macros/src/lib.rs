@@ -1,1 +1,60 @@
-//! probekit's procedural macros (placeholder until the `#[pt_regs]` issue lands).
+//! probekit's procedural macros. Thin: they parse with `syn`, ask `probe-codegen`
+//! and emit with `quote`.
+#![warn(missing_docs)]
+
+use proc_macro::TokenStream;
+
+mod pt_regs;
+
+/// Declares a register frame and generates its save/restore routines.
+///
+/// # Syntax
+///
+/// ```text
+/// #[pt_regs]
+/// #[pt_regs(shapes(save_restore, kretprobe, entry), policy = all | caller_saved,
+///           fp = none | args | return | full, handler = path::to::handler, crate = ::probekit)]
+/// ```
+///
+/// # Usage
+///
+/// On a `#[repr(C)]` struct with named fields, each bound to a register by its name
+/// (`rax`, `x19`, `lr`, `sp`, `pc`, `pstate`, `eflags`, …; `regs: [u64; 31]` is x0..x30)
+/// or by `#[reg(...)]`: `#[reg(rdi)]`, `#[reg(x0..=x7)]` on `[u64; 8]`, `#[reg(zero)]`,
+/// or per architecture `#[reg(x86_64 = "rax", aarch64 = "x0")]` (a field bound on one
+/// architecture only holds 0 on the other). Fields named `_…` hold 0, `orig_rax` and
+/// `orig_x0` hold `u64::MAX`.
+///
+/// The macro emits the struct (without the `#[reg]` attributes), `unsafe impl Frame`,
+/// `pub const` offsets `T::S_<FIELD>` and `T::S_FRAME_SIZE`, and a block of
+/// compile-time assertions, one per field and the size, that fail the build naming the
+/// field if the struct and the generated asm ever disagree. For each shape it emits
+/// the routine for x86_64 and for aarch64 under `#[cfg(target_arch)]` (the macro runs on
+/// the host and cannot know the target), and `T::SAVE_RESTORE`, `T::KRETPROBE`,
+/// `T::ENTRY`: the routines as `unsafe extern "C" fn()`.
+///
+/// # Safety
+///
+/// The routines are not Rust functions: they are entered as their shape says (a call
+/// that preserves every register, a hijacked return, a patched site) and call
+/// `handler`, an `unsafe extern "C" fn(*mut T, *mut u8) -> usize` that receives the frame
+/// and the FP/SIMD area (null with `fp = none`) and, for a kretprobe, returns the
+/// address to return to. The handler must not unwind.
+///
+/// # Examples
+///
+/// ```ignore
+/// #[probekit::pt_regs(shapes(save_restore), policy = caller_saved, handler = on_frame)]
+/// #[repr(C)]
+/// pub struct Args {
+///     #[reg(x86_64 = "rdi", aarch64 = "x0")]
+///     pub first: u64,
+///     #[reg(x86_64 = "rip", aarch64 = "pc")]
+///     pub ip: u64,
+/// }
+/// unsafe extern "C" fn on_frame(f: *mut Args, _fp: *mut u8) -> usize { 0 }
+/// ```
+#[proc_macro_attribute]
+pub fn pt_regs(attr: TokenStream, item: TokenStream) -> TokenStream {
+    pt_regs::expand(attr.into(), item.into()).into()
+}

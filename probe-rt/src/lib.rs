@@ -21,4 +21,61 @@ pub mod offsets {
 pub mod __private {
     pub use memoffset;
     pub use static_assertions;
+
+    use core::sync::atomic::AtomicU64;
+
+    /// Size of the `xsave` area the x86_64 `fp = full` routines allocate
+    /// (CPUID.(EAX=0DH,ECX=0):EBX, set before `main`). Read by generated asm as a `u64`.
+    pub static XSAVE_SIZE: AtomicU64 = AtomicU64::new(0);
+    /// The `xsave` requested-feature bitmap (XCR0, set before `main`).
+    pub static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+
+    #[cfg(target_arch = "x86_64")]
+    extern "C" fn init_xsave() {
+        use core::sync::atomic::Ordering;
+        // CPUID.1:ECX.OSXSAVE[bit 27]: the OS enabled xsave and xgetbv.
+        if core::arch::x86_64::__cpuid(1).ecx & (1 << 27) == 0 {
+            return; // no xsave: fp = full routines must not be used (XSAVE_SIZE stays 0)
+        }
+        let size = core::arch::x86_64::__cpuid_count(0xd, 0).ebx;
+        let (lo, hi): (u32, u32);
+        // SAFETY: xgetbv with ecx = 0 is allowed in user space when OSXSAVE is set (checked).
+        unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+        XSAVE_SIZE.store(size as u64, Ordering::Relaxed);
+        XSAVE_MASK.store((hi as u64) << 32 | lo as u64, Ordering::Relaxed);
+    }
+
+    /// Runs `init_xsave` before `main` (and before any constructor that could hit a probe).
+    #[cfg(target_arch = "x86_64")]
+    #[used]
+    #[link_section = ".init_array"]
+    static INIT_XSAVE: extern "C" fn() = init_xsave;
+}
+
+/// One field of a [`Frame`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameField {
+    /// The field's name.
+    pub name: &'static str,
+    /// Its offset in the struct.
+    pub offset: usize,
+    /// Its size in bytes.
+    pub size: usize,
+}
+
+/// A register frame: a `#[repr(C)]` struct whose layout probe-codegen generated the
+/// save/restore sequences for. Implemented by `#[probekit::pt_regs]` and for [`PtRegs`].
+///
+/// # Safety
+/// `FIELDS` and `SIZE` must be the struct's real layout, and every field must be an
+/// integer (or array of integers) for which any bit pattern is valid, because
+/// generated code writes each field from a register. `#[pt_regs]` checks the layout
+/// with compile-time assertions.
+pub unsafe trait Frame: Sized + 'static {
+    /// The struct's name.
+    const NAME: &'static str;
+    /// The fields in memory order.
+    const FIELDS: &'static [FrameField];
+    /// `size_of::<Self>()`.
+    const SIZE: usize;
 }

@@ -23,8 +23,13 @@ impl Rng {
 
 const RANDOM_FRAMES: usize = 48;
 
+/// The `#[pt_regs]` frames of src/macro_frames.rs and the options they are declared
+/// with (the macro generates their routines; this table only describes them).
+const MACRO_FRAMES: &[(&str, Policy, Fp)] = &[("MacroMixed", Policy::CallerSaved, Fp::Args), ("MacroFull", Policy::All, Fp::Full)];
+
 fn main() {
     println!("cargo:rerun-if-changed=src/frames.rs");
+    println!("cargo:rerun-if-changed=src/macro_frames.rs");
     println!("cargo:rerun-if-env-changed=TORTURE_SEED");
     let arch_name = std::env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -83,36 +88,18 @@ fn main() {
         let _ = writeln!(out, "extern \"C\" {{ fn {sym}(); }}");
         if asserted.insert(*fi) {
             // One module of offsets + assertions per frame: the compiler checks the plan's layout.
-            let _ = writeln!(out, "#[allow(dead_code)] pub mod offsets{fi} {{\n{}}}", render::rust_consts(&plan, ty, ""));
+            let _ = writeln!(out, "#[allow(dead_code)] pub mod offsets{fi} {{\n{}}}", render::rust_consts(&[&plan], ty, ""));
         }
-        let mut elems = String::new();
-        for f in &frame.fields {
-            if let FieldValue::Const(c) = f.value {
-                // One element for the whole constant field: every byte is checked.
-                let _ = write!(elems, "crate::Elem {{ off: {}, size: {}, v: crate::V::Const({c:#x}) }}, ", f.offset, f.size);
-                continue;
-            }
-            for i in 0..f.len.unwrap_or(1) as usize {
-                let off = f.offset + i as u64 * f.elem_size;
-                let v = match &f.value {
-                    FieldValue::Regs(r) => value(r[i]),
-                    FieldValue::Const(c) => format!("crate::V::Const({c:#x})"),
-                };
-                let _ = write!(elems, "crate::Elem {{ off: {off}, size: {}, v: {v} }}, ", f.elem_size);
-            }
+        table.push_str(&table_entry(&sym, &sym, frame, &plan, *policy, *fp, *shape));
+    }
+    for (name, policy, fp) in MACRO_FRAMES {
+        let frame = FrameLayout::from_file("src/macro_frames.rs", name, arch).unwrap_or_else(|e| panic!("{e}"));
+        for &shape in Shape::ALL {
+            let plan = Plan::new(&frame, *policy, *fp, shape).unwrap_or_else(|e| panic!("{e}"));
+            let konst = shape.name().replace('-', "_").to_uppercase();
+            let label = format!("torture_macro_{}_{}", name.to_lowercase(), shape.name()).replace('-', "_");
+            table.push_str(&table_entry(&label, &format!("crate::macro_frames::{name}::{konst}"), &frame, &plan, *policy, *fp, shape));
         }
-        let fp_area = match plan.fp_area {
-            Some((a, s)) => format!("Some(({a}, {s}))"),
-            None => "None".into(),
-        };
-        let _ = writeln!(
-            table,
-            "    crate::Routine {{ name: {sym:?}, entry: {sym}, shape: crate::Kind::{shape:?}, all: {all}, fp: crate::FpMode::{fp:?}, \
-             frame_size: {}, alloc: {}, fp_area: {fp_area}, elems: &[{elems}] }},",
-            frame.size,
-            plan.alloc,
-            all = *policy == Policy::All,
-        );
     }
     table.push_str("];\n");
     out.push_str(&table);
@@ -164,4 +151,32 @@ fn random_frame(rng: &mut Rng, arch: Arch, n: usize) -> (String, String) {
     }
     let name = format!("Random{n}");
     (format!("#[repr(C)]\n#[allow(dead_code)]\npub struct {name} {{\n    {}\n}}", fields.join("\n    ")), name)
+}
+
+/// The checker's description of one routine.
+fn table_entry(name: &str, entry: &str, frame: &FrameLayout, plan: &Plan, policy: Policy, fp: Fp, shape: Shape) -> String {
+    let mut elems = String::new();
+    for f in &frame.fields {
+        if let FieldValue::Const(c) = f.value {
+            // One element for the whole constant field: every byte is checked.
+            let _ = write!(elems, "crate::Elem {{ off: {}, size: {}, v: crate::V::Const({c:#x}) }}, ", f.offset, f.size);
+            continue;
+        }
+        for i in 0..f.len.unwrap_or(1) as usize {
+            let off = f.offset + i as u64 * f.elem_size;
+            let FieldValue::Regs(r) = &f.value else { unreachable!() };
+            let _ = write!(elems, "crate::Elem {{ off: {off}, size: {}, v: {} }}, ", f.elem_size, value(r[i]));
+        }
+    }
+    let fp_area = match plan.fp_area {
+        Some((a, s)) => format!("Some(({a}, {s}))"),
+        None => "None".into(),
+    };
+    format!(
+        "    crate::Routine {{ name: {name:?}, entry: {entry}, shape: crate::Kind::{shape:?}, all: {all}, fp: crate::FpMode::{fp:?}, \
+         frame_size: {}, alloc: {}, fp_area: {fp_area}, elems: &[{elems}] }},\n",
+        frame.size,
+        plan.alloc,
+        all = policy == Policy::All,
+    )
 }

@@ -12,6 +12,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod frames;
+pub mod macro_frames;
 
 /// What a frame element holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

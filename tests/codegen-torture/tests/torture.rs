@@ -37,7 +37,13 @@ fn builtin_frame_every_policy_fp_and_shape() {
 #[test]
 fn custom_frames_every_policy_fp_and_shape() {
     // Four frames of src/frames.rs per architecture.
-    assert_eq!(run_all(|n| !n.contains("_ptregs_") && !n.contains("_random")), 4 * 96);
+    assert_eq!(run_all(|n| !n.contains("_ptregs_") && !n.contains("_random") && !n.contains("_macro_")), 4 * 96);
+}
+
+#[test]
+fn pt_regs_macro_frames() {
+    // Two #[pt_regs] frames × 3 shapes × 4 register sets.
+    assert_eq!(run_all(|n| n.contains("_macro_")), 2 * 3 * 4);
 }
 
 #[test]

@@ -1,0 +1,304 @@
+//! `#[pt_regs]`: frame declaration, offsets, assertions and routines.
+
+use probe_codegen::{render, Arch, Fp, FrameError, FrameLayout, Plan, Policy, Shape, Spot};
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use syn::spanned::Spanned;
+
+/// The macro's options.
+struct Options {
+    shapes: Vec<(Shape, Span)>,
+    policy: Policy,
+    fp: Fp,
+    handler: Option<syn::Path>,
+    krate: syn::Path,
+}
+
+fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
+    let mut o = Options {
+        shapes: Vec::new(),
+        policy: Policy::All,
+        fp: Fp::None,
+        handler: None,
+        krate: syn::parse_quote!(::probekit),
+    };
+    let mut errors: Option<syn::Error> = None;
+    let mut push = |e: syn::Error| match &mut errors {
+        Some(all) => all.combine(e),
+        None => errors = Some(e),
+    };
+    let parser = syn::meta::parser(|meta| {
+        let value_ident = |meta: &syn::meta::ParseNestedMeta| -> syn::Result<syn::Ident> { meta.value()?.parse() };
+        if meta.path.is_ident("shapes") {
+            meta.parse_nested_meta(|m| {
+                let name = m.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
+                match Shape::ALL.iter().find(|s| s.name().replace('-', "_") == name) {
+                    Some(s) => o.shapes.push((*s, m.path.span())),
+                    None => push(syn::Error::new(
+                        m.path.span(),
+                        "unknown shape: must be one of `save_restore`, `kretprobe`, `entry`",
+                    )),
+                }
+                Ok(())
+            })
+        } else if meta.path.is_ident("policy") {
+            let v = value_ident(&meta)?;
+            match v.to_string().as_str() {
+                "all" => o.policy = Policy::All,
+                "caller_saved" => o.policy = Policy::CallerSaved,
+                _ => push(syn::Error::new(v.span(), "unknown policy: must be `all` or `caller_saved`")),
+            }
+            Ok(())
+        } else if meta.path.is_ident("fp") {
+            // `return` is a keyword: accept it through Ident::parse_any.
+            let v: syn::Ident = syn::ext::IdentExt::parse_any(meta.value()?)?;
+            match Fp::ALL.iter().find(|f| f.name() == v.to_string()) {
+                Some(f) => o.fp = *f,
+                None => push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return` or `full`")),
+            }
+            Ok(())
+        } else if meta.path.is_ident("handler") {
+            o.handler = Some(meta.value()?.parse()?);
+            Ok(())
+        } else if meta.path.is_ident("crate") {
+            o.krate = meta.value()?.parse()?;
+            Ok(())
+        } else {
+            push(meta.error(
+                "unknown option: must be `shapes(...)`, `policy = ...`, `fp = ...`, `handler = path` or `crate = path`",
+            ));
+            // Skip the option's value, if any, to go on to the next one.
+            if meta.input.peek(syn::Token![=]) {
+                let _: syn::Expr = meta.value()?.parse()?;
+            } else if meta.input.peek(syn::token::Paren) {
+                let _: proc_macro2::Group = meta.input.parse()?;
+            }
+            Ok(())
+        }
+    });
+    if let Err(e) = syn::parse::Parser::parse2(parser, attr) {
+        push(e);
+    }
+    if !o.shapes.is_empty() && o.handler.is_none() {
+        push(syn::Error::new(
+            o.shapes[0].1,
+            "`shapes(...)` needs `handler = path`: the function each routine calls, \
+             `unsafe extern \"C\" fn(*mut Frame, *mut u8) -> usize`",
+        ));
+    }
+    match errors {
+        Some(e) => Err(e),
+        None => Ok(o),
+    }
+}
+
+/// The token a layout error belongs under.
+fn spot_span(item: &syn::ItemStruct, spot: Spot) -> Span {
+    let field = |i: usize| match &item.fields {
+        syn::Fields::Named(n) => n.named.iter().nth(i),
+        _ => None,
+    };
+    match spot {
+        Spot::Struct => item.ident.span(),
+        Spot::Repr => item.attrs.iter().find(|a| a.path().is_ident("repr")).map(|a| a.span()).unwrap_or(item.ident.span()),
+        Spot::Generics => item.generics.span(),
+        Spot::Field(i) => field(i).and_then(|f| f.ident.as_ref()).map(|i| i.span()).unwrap_or(item.ident.span()),
+        Spot::FieldType(i) => field(i).map(|f| f.ty.span()).unwrap_or(item.ident.span()),
+        Spot::RegAttr(i) => field(i)
+            .and_then(|f| f.attrs.iter().find(|a| a.path().is_ident("reg")))
+            .map(|a| a.span())
+            .unwrap_or(item.ident.span()),
+    }
+}
+
+/// Whether an error is the same on every architecture (it is then reported once).
+fn arch_independent(e: &FrameError) -> bool {
+    matches!(
+        e,
+        FrameError::NotReprC { .. }
+            | FrameError::Packed { .. }
+            | FrameError::Generic { .. }
+            | FrameError::NotNamedFields { .. }
+            | FrameError::UnknownLayout { .. }
+    )
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A symbol unique in the link: crate, type, shape, and a per-compilation counter
+/// (a crate is compiled by one process, which runs every expansion of this macro).
+fn symbol(item: &syn::ItemStruct, shape: Shape) -> String {
+    let krate = std::env::var("CARGO_CRATE_NAME").unwrap_or_else(|_| "crate".into());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("__probekit_{krate}_{}_{}_{n}", item.ident, shape.name().replace('-', "_"))
+}
+
+pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let mut item: syn::ItemStruct = match syn::parse2(item.clone()) {
+        Ok(i) => i,
+        Err(_) => {
+            let span = item.clone().into_iter().next().map(|t| t.span()).unwrap_or_else(Span::call_site);
+            let e = syn::Error::new(span, "`#[pt_regs]` must be on a struct: `#[repr(C)] struct Frame { rax: u64, .. }`")
+                .to_compile_error();
+            return quote! { #e #item };
+        }
+    };
+    let options = parse_options(attr);
+    let layouts: Vec<(Arch, Result<FrameLayout, Vec<FrameError>>)> =
+        Arch::ALL.iter().map(|&a| (a, FrameLayout::from_item(&item, a))).collect();
+
+    // Errors: arch-independent ones once, the others under their architecture's cfg.
+    let mut errors = TokenStream::new();
+    let mut seen = Vec::new();
+    for (arch, layout) in &layouts {
+        if let Err(list) = layout {
+            for e in list {
+                let msg = e.to_string();
+                let err = syn::Error::new(spot_span(&item, e.spot()), &msg).to_compile_error();
+                if arch_independent(e) {
+                    if !seen.contains(&msg) {
+                        seen.push(msg);
+                        errors.extend(err);
+                    }
+                } else {
+                    let a = arch.name();
+                    errors.extend(quote! { #[cfg(target_arch = #a)] #err });
+                }
+            }
+        }
+    }
+    let options = match options {
+        Ok(o) => Some(o),
+        Err(e) => {
+            errors.extend(e.to_compile_error());
+            None
+        }
+    };
+
+    // The struct itself, without the `#[reg]` helper attributes.
+    if let syn::Fields::Named(named) = &mut item.fields {
+        for f in named.named.iter_mut() {
+            f.attrs.retain(|a| !a.path().is_ident("reg"));
+        }
+    }
+    let independent_failed = layouts.iter().any(|(_, l)| matches!(l, Err(v) if v.iter().any(arch_independent)));
+    let Some(options) = options.filter(|_| !independent_failed) else {
+        return quote! { #errors #item };
+    };
+    let krate = &options.krate;
+    let ident = &item.ident;
+    let name = ident.to_string();
+
+    // Offsets and assertions come from the first layout that worked (offsets do not
+    // depend on the architecture; only the register bindings do).
+    let Some(layout) = layouts.iter().find_map(|(_, l)| l.as_ref().ok()) else {
+        return quote! { #errors #item };
+    };
+    let mut consts = TokenStream::new();
+    let mut asserts = TokenStream::new();
+    let mut fields = TokenStream::new();
+    for f in &layout.fields {
+        let c = format_ident!("S_{}", f.name.to_uppercase());
+        let field = format_ident!("{}", f.name);
+        let (off, size) = (f.offset as usize, f.size as usize);
+        let doc = format!("Offset of `{}` in `{name}`.", f.name);
+        let msg_off = format!("`{name}.{}` must be at offset {off}: the generated asm stores it there", f.name);
+        let msg_size = format!("`{name}.{}` must be {size} bytes: the generated asm stores that many", f.name);
+        consts.extend(quote! { #[doc = #doc] pub const #c: usize = #off; });
+        asserts.extend(quote! {
+            assert!(#krate::__private::memoffset::offset_of!(#ident, #field) == #off, #msg_off);
+            assert!(field_size(|s: &#ident| &s.#field) == #size, #msg_size);
+        });
+        let fname = &f.name;
+        fields.extend(quote! { #krate::FrameField { name: #fname, offset: #off, size: #size }, });
+    }
+    let size = layout.size as usize;
+    let msg_size = format!("`{name}` must be {size} bytes: the generated asm allocates that much");
+
+    // Routines per architecture and shape.
+    let mut routines = TokenStream::new();
+    let mut fn_consts = TokenStream::new();
+    if let Some(handler) = &options.handler {
+        // The handler's type, checked where the user wrote it.
+        routines.extend(quote_spanned! { handler.span() =>
+            const _: unsafe extern "C" fn(*mut #ident, *mut u8) -> usize = #handler;
+        });
+    }
+    for (shape, shape_span) in &options.shapes {
+        let sym = symbol(&item, *shape);
+        let sym_ident = format_ident!("{}", sym);
+        let konst = format_ident!("{}", shape.name().replace('-', "_").to_uppercase());
+        let doc = format!("The `{}` routine of `{name}` (not a Rust function: see `#[pt_regs]`).", shape.name());
+        let mut arches = Vec::new();
+        for (arch, layout) in &layouts {
+            let Ok(layout) = layout else { continue };
+            let a = arch.name();
+            let plan = match Plan::new(layout, options.policy, options.fp, *shape) {
+                Ok(p) => p,
+                Err(e) => {
+                    let err = syn::Error::new(*shape_span, e.to_string()).to_compile_error();
+                    routines.extend(quote! { #[cfg(target_arch = #a)] #err });
+                    continue;
+                }
+            };
+            arches.push(a);
+            let template = render::rust_asm_template(&plan, &sym);
+            let handler = options.handler.as_ref().expect("checked with the options");
+            let mut operands = quote! { handler = sym #handler, };
+            if plan.operands.contains(&"xsave_size") {
+                operands.extend(quote! {
+                    xsave_size = sym #krate::__private::XSAVE_SIZE,
+                    xsave_mask = sym #krate::__private::XSAVE_MASK,
+                });
+            }
+            routines.extend(quote! {
+                #[cfg(target_arch = #a)]
+                ::core::arch::global_asm!(#template, #operands);
+            });
+        }
+        fn_consts.extend(quote! {
+            #[doc = #doc]
+            #[cfg(any(#(target_arch = #arches),*))]
+            pub const #konst: unsafe extern "C" fn() = {
+                extern "C" {
+                    #[link_name = #sym]
+                    fn #sym_ident();
+                }
+                #sym_ident
+            };
+        });
+    }
+
+    quote! {
+        #errors
+        #item
+
+        // SAFETY: FIELDS and SIZE are asserted against offset_of!/size_of! below, and
+        // probe-codegen accepted every field as an integer or array of integers.
+        unsafe impl #krate::Frame for #ident {
+            const NAME: &'static str = #name;
+            const FIELDS: &'static [#krate::FrameField] = &[#fields];
+            const SIZE: usize = #size;
+        }
+
+        impl #ident {
+            #consts
+            /// `size_of::<Self>()`.
+            pub const S_FRAME_SIZE: usize = #size;
+            #fn_consts
+        }
+
+        // Soundness: the generated asm stores each register at these offsets; a struct
+        // changed without the asm seeing it must fail the build, naming the field.
+        const _: () = {
+            #[allow(dead_code)]
+            const fn field_size<T, F>(_: fn(&T) -> &F) -> usize { ::core::mem::size_of::<F>() }
+            #asserts
+            assert!(::core::mem::size_of::<#ident>() == #size, #msg_size);
+        };
+
+        #routines
+    }
+}
+
