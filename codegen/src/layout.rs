@@ -162,13 +162,13 @@ impl fmt::Display for FrameError {
             ),
             UnknownRegister { frame, field, register, arch, .. } => write!(
                 f,
-                "field `{frame}.{field}`: `{register}` is not a {arch} register; name the field after one \
+                "field `{frame}.{field}`: `{register}` is not an {arch} register; name the field after one \
                  (e.g. `{}`), bind it with `#[reg(...)]`, or start its name with `_` to reserve it (zeroed)",
                 if *arch == Arch::X86_64 { "rax" } else { "x0" }
             ),
             RegisterBoundTwice { frame, field, register, first, .. } => write!(
                 f,
-                "field `{frame}.{field}`: register `{register}` is already bound to `{first}`; each register must be bound once"
+                "field `{frame}.{field}`: register `{register}` is already bound to field `{first}`; each register must be bound once"
             ),
             FieldTooSmall { frame, field, register, size, needed, .. } => write!(
                 f,

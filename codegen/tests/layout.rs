@@ -76,7 +76,7 @@ fn unknown_register_by_name_and_attribute() {
 fn register_bound_twice() {
     let e = errors("#[repr(C)] struct F { regs: [u64; 31], #[reg(x30)] lr2: u64 }", Arch::Aarch64);
     assert!(matches!(&e[..], [FrameError::RegisterBoundTwice { field, register: Reg::A64X(30), first, .. }] if field == "lr2" && first == "regs[30]"));
-    assert!(e[0].to_string().contains("already bound to `regs[30]`"));
+    assert!(e[0].to_string().contains("already bound to field `regs[30]`"));
 }
 
 #[test]

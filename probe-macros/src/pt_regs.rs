@@ -93,22 +93,41 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
     }
 }
 
+/// The first token inside `#[reg(...)]` of field `i`, if it has one: where a wrong
+/// binding was written.
+fn reg_attr_span(item: &syn::ItemStruct, i: usize) -> Option<Span> {
+    let syn::Fields::Named(n) = &item.fields else { return None };
+    let attr = n.named.iter().nth(i)?.attrs.iter().find(|a| a.path().is_ident("reg"))?;
+    match &attr.meta {
+        syn::Meta::List(l) => l.tokens.clone().into_iter().next().map(|t| t.span()).or(Some(l.path.span())),
+        m => Some(m.path().span()),
+    }
+}
+
 /// The token a layout error belongs under.
-fn spot_span(item: &syn::ItemStruct, spot: Spot) -> Span {
+fn spot_span(item: &syn::ItemStruct, e: &FrameError) -> Span {
     let field = |i: usize| match &item.fields {
         syn::Fields::Named(n) => n.named.iter().nth(i),
         _ => None,
     };
-    match spot {
+    match e.spot() {
         Spot::Struct => item.ident.span(),
-        Spot::Repr => item.attrs.iter().find(|a| a.path().is_ident("repr")).map(|a| a.span()).unwrap_or(item.ident.span()),
+        // `packed` itself, else the struct's name.
+        Spot::Repr => item
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("repr"))
+            .filter_map(|a| a.meta.require_list().ok())
+            .flat_map(|l| l.tokens.clone())
+            .find(|t| matches!(e, FrameError::Packed { .. }) && t.to_string() == "packed")
+            .map(|t| t.span())
+            .unwrap_or(item.ident.span()),
+        // A binding written in `#[reg(...)]` is wrong where it was written.
+        Spot::Field(i) if reg_attr_span(item, i).is_some() => reg_attr_span(item, i).unwrap_or(item.ident.span()),
         Spot::Generics => item.generics.span(),
         Spot::Field(i) => field(i).and_then(|f| f.ident.as_ref()).map(|i| i.span()).unwrap_or(item.ident.span()),
         Spot::FieldType(i) => field(i).map(|f| f.ty.span()).unwrap_or(item.ident.span()),
-        Spot::RegAttr(i) => field(i)
-            .and_then(|f| f.attrs.iter().find(|a| a.path().is_ident("reg")))
-            .map(|a| a.span())
-            .unwrap_or(item.ident.span()),
+        Spot::RegAttr(i) => reg_attr_span(item, i).unwrap_or(item.ident.span()),
     }
 }
 
@@ -155,7 +174,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         if let Err(list) = layout {
             for e in list {
                 let msg = e.to_string();
-                let err = syn::Error::new(spot_span(&item, e.spot()), &msg).to_compile_error();
+                let err = syn::Error::new(spot_span(&item, e), &msg).to_compile_error();
                 if arch_independent(e) {
                     if !seen.contains(&msg) {
                         seen.push(msg);

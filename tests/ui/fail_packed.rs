@@ -1,0 +1,7 @@
+#[probekit::pt_regs]
+#[repr(C, packed)]
+pub struct Frame {
+    pub rax: u64,
+}
+
+fn main() {}

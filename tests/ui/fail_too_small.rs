@@ -1,0 +1,7 @@
+#[probekit::pt_regs]
+#[repr(C)]
+pub struct Frame {
+    pub rax: u32,
+}
+
+fn main() {}
