@@ -289,7 +289,11 @@ pub fn listing(plan: &Plan, name: &str) -> String {
     for (title, ops) in sections {
         let _ = writeln!(out, "  ; -- {title}");
         for op in ops {
-            let _ = writeln!(out, "    {:<44} ; {}", op.asm.replace("{self}", name), op.note);
+            let asm = op.asm.replace("{self}", name);
+            let _ = match op.note.as_str() {
+                "" => writeln!(out, "    {asm}"),
+                note => writeln!(out, "    {asm:<44} ; {note}"),
+            };
         }
     }
     out
