@@ -88,6 +88,8 @@ pub enum FrameError {
     NotReprC { frame: String },
     /// `#[repr(packed)]`: registers would be stored unaligned.
     Packed { frame: String },
+    /// `#[repr(align(N))]` above 16: the trampolines align the frame to 16, the stack's alignment.
+    OverAligned { frame: String, align: u64 },
     /// Generic parameters: the layout would depend on them.
     Generic { frame: String },
     /// A tuple or unit struct: fields must be named so they can bind registers.
@@ -117,7 +119,7 @@ impl FrameError {
     pub fn spot(&self) -> Spot {
         use FrameError::*;
         match self {
-            NotReprC { .. } | Packed { .. } => Spot::Repr,
+            NotReprC { .. } | Packed { .. } | OverAligned { .. } => Spot::Repr,
             Generic { .. } => Spot::Generics,
             NotNamedFields { .. } | StructNotFound { .. } | Parse { .. } => Spot::Struct,
             UnknownRegister { index, .. } | RegisterBoundTwice { index, .. } | ArrayLength { index, .. } => {
@@ -155,6 +157,10 @@ impl fmt::Display for FrameError {
                 "frame `{frame}` must be `#[repr(C)]`: its field order must be its memory order"
             ),
             Packed { frame } => write!(f, "frame `{frame}` must not be `#[repr(packed)]`: registers are stored aligned"),
+            OverAligned { frame, align } => write!(
+                f,
+                "frame `{frame}` must be aligned to at most 16 bytes (it is {align}): it lives on the stack, which is 16-aligned"
+            ),
             Generic { frame } => write!(f, "frame `{frame}` must not be generic: its layout must be known"),
             NotNamedFields { frame } => write!(
                 f,
@@ -235,6 +241,9 @@ impl FrameLayout {
         if packed {
             errors.push(FrameError::Packed { frame: frame.clone() });
         }
+        if repr_align > 16 {
+            errors.push(FrameError::OverAligned { frame: frame.clone(), align: repr_align });
+        }
         if !item.generics.params.is_empty() {
             errors.push(FrameError::Generic { frame: frame.clone() });
         }
@@ -277,6 +286,16 @@ impl FrameLayout {
                 }
             };
             let elems = ty.len.unwrap_or(1);
+            if elems == 0 && matches!(binding, Binding::Regs { .. }) {
+                errors.push(FrameError::ArrayLength {
+                    frame: frame.clone(),
+                    field: name,
+                    len: 0,
+                    expected: "an array binding registers must have at least one element".into(),
+                    index,
+                });
+                continue;
+            }
             let value = match binding {
                 Binding::Const(v) => FieldValue::Const(v),
                 Binding::Regs { start, count } => {
@@ -432,7 +451,8 @@ fn type_layout(ty: &syn::Type) -> Option<TypeLayout> {
                 }
             }
             let size = match ident.to_string().as_str() {
-                "u8" | "i8" | "bool" => 1,
+                // No `bool`: a register or constant written into it could be an invalid bool.
+                "u8" | "i8" => 1,
                 "u16" | "i16" => 2,
                 "u32" | "i32" | "f32" => 4,
                 "u64" | "i64" | "f64" | "usize" | "isize" => 8,

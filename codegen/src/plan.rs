@@ -58,6 +58,13 @@ pub enum Shape {
     /// Entered from a patched site by `call` (x86_64) or `mov x9, x30; bl` (aarch64,
     /// as the kernel's ftrace): steps over the x86_64 red zone, aligns, saves, calls,
     /// restores and resumes at the continuation (the frame's pc).
+    ///
+    /// On x86_64 the site's own `call` writes the return address at `[rsp-8]`, inside
+    /// the probed code's red zone; the routine keeps the other 120 bytes of it (and
+    /// 8 more) untouched. A site is therefore placed where that word is dead: at a
+    /// function entry, as `#[traceable]` sites are, the callee has not used its red
+    /// zone yet. (A site deeper in a leaf function needs a stub that skips the red
+    /// zone before its call.)
     Entry,
 }
 
@@ -270,8 +277,7 @@ impl Plan {
     }
 
     fn assemble(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape, parts: Parts) -> Plan {
-        let restore = parts.steps.iter().rev().flat_map(|s| s.restore.iter().cloned());
-        let restore = parts.restore_prelude.into_iter().chain(restore).collect();
+        let restore = parts.steps.iter().rev().flat_map(|s| s.restore.iter().cloned()).collect();
         Plan {
             frame: frame.clone(),
             policy,
@@ -300,7 +306,6 @@ struct Parts {
     prologue: Vec<Op>,
     steps: Vec<Step>,
     call: Vec<Op>,
-    restore_prelude: Vec<Op>,
     epilogue: Vec<Op>,
     operands: Vec<&'static str>,
 }
@@ -327,32 +332,74 @@ fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
 /// Constant fields of at least this many bytes are filled by a loop, not one store per element.
 const LOOP_MIN: u64 = 128;
 
-/// Constant fields filled by a loop: 8-byte aligned, a multiple of 8 bytes, large.
-fn loop_fields(frame: &FrameLayout) -> impl Iterator<Item = (&crate::layout::Field, u64)> {
-    frame.fields.iter().filter_map(|f| match f.value {
-        FieldValue::Const(c) if f.size >= LOOP_MIN && f.size % 8 == 0 && f.offset % 8 == 0 => Some((f, c)),
-        _ => None,
+/// An 8-byte-aligned run of a large constant field, filled by a loop.
+struct Fill {
+    name: String,
+    start: u64,
+    /// A multiple of 8.
+    len: u64,
+    value: u64,
+}
+
+/// The loop-filled middle of every constant field of at least [`LOOP_MIN`] bytes
+/// (its unaligned head and tail are ordinary [`elements`]).
+fn fills(frame: &FrameLayout) -> Vec<Fill> {
+    frame
+        .fields
+        .iter()
+        .filter_map(|f| match f.value {
+            FieldValue::Const(value) if f.size >= LOOP_MIN => {
+                let start = f.offset.next_multiple_of(8);
+                let end = (f.offset + f.size) / 8 * 8;
+                Some(Fill { name: f.name.clone(), start, len: end - start, value })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Naturally aligned chunks of at most 8 bytes covering `from..to`.
+fn chunks(from: u64, to: u64) -> impl Iterator<Item = (u64, u64)> {
+    let mut at = from;
+    std::iter::from_fn(move || {
+        (at < to).then(|| {
+            let size = [8, 4, 2, 1].into_iter().find(|c| at % c == 0 && at + c <= to).unwrap_or(1);
+            at += size;
+            (at - size, size)
+        })
     })
 }
 
 /// `(offset, element size, slot)` of every element of every field, in offset order,
-/// with what fills it: a register or a constant (fields of [`loop_fields`] excepted).
+/// with what fills it: a register or a constant (the middles of [`fills`] excepted).
+/// The implicit padding between and after the fields is included as zero constants,
+/// so every byte of the frame is written, not only every field.
 fn elements(frame: &FrameLayout) -> Vec<(u64, u64, String, Result<Reg, u64>)> {
     let mut out = Vec::new();
+    let mut end = 0;
     for f in &frame.fields {
-        if loop_fields(frame).any(|(l, _)| std::ptr::eq(l, f)) {
-            continue;
-        }
-        let n = f.len.unwrap_or(1) as usize;
-        for i in 0..n {
-            let off = f.offset + i as u64 * f.elem_size;
-            let v = match &f.value {
-                FieldValue::Regs(regs) => Ok(regs[i]),
-                FieldValue::Const(c) => Err(*c),
-            };
-            out.push((off, f.elem_size, f.elem_name(i), v));
+        out.extend(chunks(end, f.offset).map(|(at, size)| (at, size, "(padding)".to_string(), Err(0))));
+        end = f.offset + f.size;
+        match &f.value {
+            FieldValue::Const(c) if f.size >= LOOP_MIN => {
+                let (start, stop) = (f.offset.next_multiple_of(8), end / 8 * 8);
+                for (from, to) in [(f.offset, start), (stop, end)] {
+                    out.extend(chunks(from, to).map(|(at, size)| (at, size, f.name.clone(), Err(*c))));
+                }
+            }
+            FieldValue::Const(c) => {
+                for i in 0..f.len.unwrap_or(1) as usize {
+                    out.push((f.offset + i as u64 * f.elem_size, f.elem_size, f.elem_name(i), Err(*c)));
+                }
+            }
+            FieldValue::Regs(regs) => {
+                for (i, r) in regs.iter().enumerate() {
+                    out.push((f.offset + i as u64 * f.elem_size, f.elem_size, f.elem_name(i), Ok(*r)));
+                }
+            }
         }
     }
+    out.extend(chunks(end, frame.size).map(|(at, size)| (at, size, "(padding)".to_string(), Err(0))));
     out.sort_by_key(|e| e.0);
     out
 }

@@ -18,8 +18,11 @@ fn repr_c_offsets_with_padding_and_arrays() {
     let offs: Vec<u64> = f.fields.iter().map(|x| x.offset).collect();
     assert_eq!(offs, [0, 8, 16, 20, 32, 40]);
     assert_eq!((f.size, f.align), (48, 8));
-    let f = parse("#[repr(C, align(64))] struct F { x0: u64 }", Arch::Aarch64).unwrap();
-    assert_eq!((f.size, f.align), (64, 64));
+    let f = parse("#[repr(C, align(16))] struct F { x0: u64 }", Arch::Aarch64).unwrap();
+    assert_eq!((f.size, f.align), (16, 16));
+    // The stack is 16-aligned: a frame cannot promise more.
+    let e = errors("#[repr(C, align(64))] struct F { x0: u64 }", Arch::Aarch64);
+    assert!(matches!(&e[..], [FrameError::OverAligned { align: 64, .. }]), "{e:?}");
 }
 
 #[test]
@@ -91,6 +94,8 @@ fn field_too_small_and_too_large() {
 fn array_length_that_does_not_fit() {
     let e = errors("#[repr(C)] struct F { regs: [u64; 32] }", Arch::Aarch64);
     assert!(matches!(&e[..], [FrameError::ArrayLength { len: 32, .. }]), "{e:?}");
+    let e = errors("#[repr(C)] struct F { x3: u64, regs: [u64; 0] }", Arch::Aarch64);
+    assert!(matches!(&e[..], [FrameError::ArrayLength { len: 0, field, .. }] if field == "regs"), "{e:?}");
     let e = errors("#[repr(C)] struct F { #[reg(x0..=x7)] a: [u64; 6] }", Arch::Aarch64);
     assert!(matches!(&e[..], [FrameError::ArrayLength { len: 6, .. }]), "{e:?}");
     assert!(e[0].to_string().contains("must be `[u64; 8]`"));
@@ -98,8 +103,8 @@ fn array_length_that_does_not_fit() {
 
 #[test]
 fn unknown_layout() {
-    let e = errors("#[repr(C)] struct F { rax: Vec<u64>, rbx: [u64; N], rcx: &'static u64 }", Arch::X86_64);
-    assert_eq!(e.len(), 3);
+    let e = errors("#[repr(C)] struct F { rax: Vec<u64>, rbx: [u64; N], rcx: &'static u64, _flag: bool }", Arch::X86_64);
+    assert_eq!(e.len(), 4);
     assert!(e.iter().all(|e| matches!(e, FrameError::UnknownLayout { .. })));
 }
 

@@ -32,7 +32,7 @@ fn frame_source() -> impl Strategy<Value = (Arch, String)> {
             0..=n,
             proptest::collection::vec((0usize..8, 0usize..40), 0..6),
             0usize..32,
-            0usize..3,
+            0usize..5,
         )
     })
     .prop_map(|(arch, names, keep, pads, regs, big)| {
@@ -49,9 +49,16 @@ fn frame_source() -> impl Strategy<Value = (Arch, String)> {
             let ty = ["u8", "u16", "u32", "u64", "[u8; 3]", "[u16; 7]", "[u64; 5]", "u128"][ty];
             fields.insert(at % (fields.len() + 1), format!("_p{i}: {ty}"));
         }
-        // Sometimes a frame past 32 KiB: aarch64 then needs its base register.
-        if big == 2 {
+        // Sometimes a frame past 32 KiB, with one or several far regions: aarch64 then
+        // reaches them through a base register.
+        if big >= 2 {
             fields.insert(fields.len() / 2, "_big: [u64; 4500]".into());
+        }
+        if big >= 3 {
+            fields.insert(fields.len() / 3, "_big2: [u8; 9001]".into());
+        }
+        if big == 4 {
+            fields.push("_big3: [u32; 9000]".into());
         }
         if fields.is_empty() {
             fields.push("_e: u64".into());
@@ -91,8 +98,12 @@ fn check(frame: &FrameLayout, plan: &Plan) -> Result<(), TestCaseError> {
     }
     // Every bound register stored exactly once, every field byte written.
     for f in &frame.fields {
-        if stores.iter().any(|(_, s)| s.0 == f.offset && s.1 == f.size && matches!(&s.2, Slot::Field { name, .. } if *name == f.name)) {
-            continue; // written whole by a loop
+        if let FieldValue::Const(_) = f.value {
+            // Written whole: by stores and loops that lie inside it.
+            let (lo, hi) = (f.offset, f.offset + f.size);
+            let covered: u64 = stores.iter().filter(|(_, s)| s.0 >= lo && s.0 + s.1 <= hi).map(|(_, s)| s.1).sum();
+            prop_assert_eq!(covered, f.size, "constant field {} not fully written", f.name);
+            continue;
         }
         for i in 0..f.len.unwrap_or(1) as usize {
             let (lo, hi) = (f.offset + i as u64 * f.elem_size, f.offset + (i as u64 + 1) * f.elem_size);
@@ -118,6 +129,9 @@ fn check(frame: &FrameLayout, plan: &Plan) -> Result<(), TestCaseError> {
         }
     }
     prop_assert_eq!(plan.alloc % 16, 0);
+    // Every byte of the frame, implicit padding included, is written.
+    let written: u64 = stores.iter().filter(|(_, s)| s.0 < frame.size).map(|(_, s)| s.1).sum();
+    prop_assert_eq!(written, frame.size, "not every byte of the frame is written");
     // Restore mirrors save: each slot loaded was stored, and loads come in the
     // reverse order of the stores of the same slots.
     let load_order: Vec<u64> = plan

@@ -137,6 +137,7 @@ fn arch_independent(e: &FrameError) -> bool {
         e,
         FrameError::NotReprC { .. }
             | FrameError::Packed { .. }
+            | FrameError::OverAligned { .. }
             | FrameError::Generic { .. }
             | FrameError::NotNamedFields { .. }
             | FrameError::UnknownLayout { .. }

@@ -25,9 +25,14 @@ pub mod __private {
     use core::sync::atomic::AtomicU64;
 
     /// Size of the `xsave` area the x86_64 `fp = full` routines allocate
-    /// (CPUID.(EAX=0DH,ECX=0):EBX, set before `main`). Read by generated asm as a `u64`.
-    pub static XSAVE_SIZE: AtomicU64 = AtomicU64::new(0);
+    /// (CPUID.(EAX=0DH,ECX=0):EBX, set before `main`). Read by generated asm as a `u64`,
+    /// also from `.S` files under its symbol name. Until it is set (a probe hit in an
+    /// earlier constructor) it is the legacy area and header with an empty mask: safe,
+    /// but no FP/SIMD state is preserved then.
+    #[export_name = "probekit_xsave_size"]
+    pub static XSAVE_SIZE: AtomicU64 = AtomicU64::new(512 + 64);
     /// The `xsave` requested-feature bitmap (XCR0, set before `main`).
+    #[export_name = "probekit_xsave_mask"]
     pub static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
 
     #[cfg(target_arch = "x86_64")]
@@ -35,7 +40,7 @@ pub mod __private {
         use core::sync::atomic::Ordering;
         // CPUID.1:ECX.OSXSAVE[bit 27]: the OS enabled xsave and xgetbv.
         if core::arch::x86_64::__cpuid(1).ecx & (1 << 27) == 0 {
-            return; // no xsave: fp = full routines must not be used (XSAVE_SIZE stays 0)
+            return; // no xsave: fp = full routines save nothing (the empty mask stays)
         }
         let size = core::arch::x86_64::__cpuid_count(0xd, 0).ebx;
         let (lo, hi): (u32, u32);

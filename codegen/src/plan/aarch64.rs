@@ -47,9 +47,17 @@ fn add_imm(dst: &str, src: &str, imm: u64, note: &str) -> Vec<Op> {
     v
 }
 
+/// `sub sp, sp, #imm`, touching every 4 KiB page on the way down (`str xzr, [sp]`)
+/// so a large frame cannot jump a stack guard page.
 fn sub_sp(imm: u64) -> Vec<Op> {
-    let (hi, lo) = (imm >> 12, imm & 0xfff);
     let mut v = Vec::new();
+    let mut imm = imm;
+    while imm > 4096 {
+        v.push(Op::new("sub sp, sp, #4096", "allocate one page (sub: flags untouched)"));
+        v.push(Op::new("str xzr, [sp]", "probe it: no jumping over a guard page"));
+        imm -= 4096;
+    }
+    let (hi, lo) = (imm >> 12, imm & 0xfff);
     if hi > 0 {
         v.push(Op::new(format!("sub sp, sp, #{hi}, lsl #12"), "allocate (sub: flags untouched)"));
     }
@@ -68,27 +76,32 @@ fn source(shape: Shape, reg: Reg) -> Reg {
     }
 }
 
-/// The addressing state of a sequence: direct from `sp`, or through a base register
-/// materialised once.
+/// How the accesses of a routine reach their offsets: directly from `sp`, or, past
+/// the immediate ranges (frames beyond 32 KiB), through a base register set right
+/// before the access (`add xB, sp, #off & !0xfff`), so any offset below 16 MiB works.
 struct Addr {
-    base: Option<(Reg, u64)>,
+    /// A register saved before any far access and reloaded after all of them.
+    base: Option<Reg>,
 }
 
 impl Addr {
-    /// Address of an access of `size` bytes (`pair`: an stp/ldp of two) at `off`.
-    fn get(&self, off: u64, size: u64, pair: bool) -> Option<(String, Encoding)> {
-        if pair && off % size == 0 && off <= pair_max(size) {
-            return Some((format!("[sp, #{off}]"), Encoding::A64Pair));
+    /// `(setup, address, encoding)` of an access of `size` bytes at `off` (`pair`: an
+    /// stp/ldp of two registers, only ever direct).
+    fn get(&self, off: u64, size: u64, pair: bool) -> Option<(Vec<Op>, String, Encoding)> {
+        if pair {
+            return (off % size == 0 && off <= pair_max(size)).then(|| (vec![], format!("[sp, #{off}]"), Encoding::A64Pair));
         }
-        if !pair && unsigned_ok(off, size) {
-            return Some((format!("[sp, #{off}]"), Encoding::A64Unsigned));
+        if unsigned_ok(off, size) {
+            return Some((vec![], format!("[sp, #{off}]"), Encoding::A64Unsigned));
         }
-        let (b, bo) = self.base?;
-        let d = off.checked_sub(bo)?;
-        if pair && d % size == 0 && d <= pair_max(size) || !pair && unsigned_ok(d, size) {
-            return Some((format!("[{b}, #{d}]"), Encoding::A64Base { base: b, base_offset: bo }));
+        let b = self.base?;
+        let bo = off & !0xfff;
+        let d = off - bo;
+        if !unsigned_ok(d, size) || bo >> 12 > 0xfff {
+            return None;
         }
-        None
+        let setup = add_imm(b.name(), "sp", bo, "base for a far offset (a register already saved, reloaded later)");
+        Some((setup, format!("[{b}, #{d}]"), Encoding::A64Base { base: b, base_offset: bo }))
     }
 }
 
@@ -172,31 +185,18 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     // slot saved directly whose register is reloaded on the way out (so clobbering it
     // in between is invisible), is no scratch (x0..x2) and carries no other value
     // (x9, x30). Slots are in offset order, so it is saved before any far access.
-    let base_reg = xslots
-        .iter()
-        .find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && s.into == Some(s.src) && unsigned_ok(s.off, 8))
-        .map(|s| s.src);
-    let mut addr = Addr { base: None };
+    let addr = Addr {
+        base: xslots
+            .iter()
+            .find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && s.into == Some(s.src) && unsigned_ok(s.off, 8))
+            .map(|s| s.src),
+    };
     let too_large = |field: &str, off: u64| PlanError::FrameTooLarge { frame: frame.name.clone(), field: field.to_string(), offset: off };
+    if alloc > 0xff_ffff {
+        return Err(too_large("(allocation)", alloc));
+    }
 
     let mut steps: Vec<Step> = Vec::new();
-    let mut restore_prelude = Vec::new();
-    // Materialise the base (once) before the first access that needs it.
-    let mut ensure_base = |steps: &mut Vec<Step>, addr: &mut Addr, off: u64, size: u64, pair: bool| -> bool {
-        if addr.get(off, size, pair).is_some() {
-            return true;
-        }
-        let Some(b) = base_reg else { return false };
-        if addr.base.is_some() {
-            return false;
-        }
-        let bo = off & !0xfff;
-        let ops = add_imm(b.name(), "sp", bo, "base register for far offsets (already saved, reloaded later)");
-        restore_prelude.extend(ops.clone());
-        steps.push(Step { save: ops, restore: vec![] });
-        addr.base = Some((b, bo));
-        addr.get(off, size, pair).is_some()
-    };
 
     // 1. General registers, paired where two 8-byte slots are adjacent and in stp range.
     let mut i = 0;
@@ -204,7 +204,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         let a = xslots[i].clone();
         let b = xslots.get(i + 1).filter(|b| b.off == a.off + 8).cloned();
         if let Some(b) = b.filter(|_| a.off % 8 == 0 && a.off <= pair_max(8)) {
-            let (m, enc) = addr.get(a.off, 8, true).expect("in pair range");
+            let (_, m, enc) = addr.get(a.off, 8, true).expect("in pair range");
             let slots = vec![(a.off, 8, a.slot.clone()), (b.off, 8, b.slot.clone())];
             let note = format!("{} @{}, {} @{}", a.slot, a.off, b.slot, b.off);
             let mut step = Step {
@@ -223,7 +223,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 )),
                 (Some(r), None) | (None, Some(r)) => {
                     let s = if a.into.is_some() { &a } else { &b };
-                    let (m, enc) = addr.get(s.off, 8, false).expect("pair range is in unsigned range");
+                    let (_, m, enc) = addr.get(s.off, 8, false).expect("pair range is in unsigned range");
                     step.restore.push(Op::mem(
                         format!("ldr {r}, {m}"),
                         format!("{} @{}", s.slot, s.off),
@@ -236,20 +236,19 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             i += 2;
             continue;
         }
-        if !ensure_base(&mut steps, &mut addr, a.off, 8, false) {
+        let Some((setup, m, enc)) = addr.get(a.off, 8, false) else {
             return Err(too_large(&a.slot.to_string(), a.off));
-        }
-        let (m, enc) = addr.get(a.off, 8, false).expect("checked");
+        };
         let note = format!("{} @{}", a.slot, a.off);
         let slots = vec![(a.off, 8, a.slot.clone())];
-        steps.push(Step {
-            save: vec![Op::mem(format!("str {}, {m}", a.src), note.clone(), Access { dir: Dir::Store, slots: slots.clone(), encoding: enc })],
-            restore: a
-                .into
-                .map(|r| Op::mem(format!("ldr {r}, {m}"), note, Access { dir: Dir::Load, slots, encoding: enc }))
-                .into_iter()
-                .collect(),
-        });
+        let mut save = setup.clone();
+        save.push(Op::mem(format!("str {}, {m}", a.src), note.clone(), Access { dir: Dir::Store, slots: slots.clone(), encoding: enc }));
+        let mut restore = Vec::new();
+        if let Some(r) = a.into {
+            restore = setup;
+            restore.push(Op::mem(format!("ldr {r}, {m}"), note, Access { dir: Dir::Load, slots, encoding: enc }));
+        }
+        steps.push(Step { save, restore });
         i += 1;
     }
 
@@ -274,10 +273,10 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         }
         for (at, chunk) in chunks {
             let o = off + at;
-            if !ensure_base(&mut steps, &mut addr, o, chunk, false) {
+            let Some((setup, m, enc)) = addr.get(o, chunk, false) else {
                 return Err(too_large(&slot.to_string(), o));
-            }
-            let (m, enc) = addr.get(o, chunk, false).expect("checked");
+            };
+            step.save.extend(setup.clone());
             let (sfx, pre) = width(chunk);
             let src = match v {
                 Err(0) => format!("{pre}zr"),
@@ -286,6 +285,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             let acc = |dir| Access { dir, slots: vec![(o, chunk, slot.clone())], encoding: enc };
             step.save.push(Op::mem(format!("str{sfx} {src}, {m}"), note.clone(), acc(Dir::Store)));
             if v == Ok(Reg::A64Pstate) {
+                step.restore.extend(setup);
                 step.restore.push(Op::mem(format!("ldr x0, {m}"), note.clone(), acc(Dir::Load)));
                 step.restore.push(Op::new("msr nzcv, x0", "condition flags (the frame's)"));
             }
@@ -295,9 +295,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
 
     // Large reserved fields: a post-indexed store loop through x0..x2 (saved by now);
     // cbnz, not subs, so the flags are not touched.
-    for (f, c) in loop_fields(frame) {
-        let n = f.size / 8;
-        let mut save = add_imm("x0", "sp", f.offset, &format!("{}: {n} doublewords", f.name));
+    for f in fills(frame) {
+        let (n, c) = (f.len / 8, f.value);
+        let mut save = add_imm("x0", "sp", f.start, &format!("{}: {n} doublewords", f.name));
         save.push(Op::new(format!("mov x1, #{}", n & 0xffff), "count"));
         if n > 0xffff {
             save.push(Op::new(format!("movk x1, #{}, lsl #16", n >> 16), "count"));
@@ -308,10 +308,10 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         save.push(Op::new("2:", ""));
         save.push(Op::mem(
             format!("str {}, [x0], #8", if c == 0 { "xzr" } else { "x2" }),
-            format!("{} @{}..{}: defined value {c:#x}", f.name, f.offset, f.offset + f.size),
+            format!("{} @{}..{}: defined value {c:#x}", f.name, f.start, f.start + f.len),
             Access {
                 dir: Dir::Store,
-                slots: vec![(f.offset, f.size, Slot::Field { name: f.name.clone(), reg: None })],
+                slots: vec![(f.start, f.len, Slot::Field { name: f.name.clone(), reg: None })],
                 encoding: Encoding::Loop,
             },
         ));
@@ -326,10 +326,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         while q < fp_regs {
             let off = at + 16 * q;
             let pair = q + 1 < fp_regs && addr.get(off, 16, true).is_some();
-            if !pair && !ensure_base(&mut steps, &mut addr, off, 16, false) {
+            let Some((setup, m, enc)) = addr.get(off, 16, pair) else {
                 return Err(too_large(&format!("q{q}"), off));
-            }
-            let (m, enc) = addr.get(off, 16, pair).expect("checked");
+            };
             let (regs, slots) = if pair {
                 (format!("q{q}, q{}", q + 1), vec![(off, 16, Slot::Fp(format!("q{q}"))), (off + 16, 16, Slot::Fp(format!("q{}", q + 1)))])
             } else {
@@ -337,10 +336,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             };
             let (st, ld) = if pair { ("stp", "ldp") } else { ("str", "ldr") };
             let note = slots.iter().map(|s| format!("{} @{}", s.2, s.0)).collect::<Vec<_>>().join(", ");
-            steps.push(Step {
-                save: vec![Op::mem(format!("{st} {regs}, {m}"), note.clone(), Access { dir: Dir::Store, slots: slots.clone(), encoding: enc })],
-                restore: vec![Op::mem(format!("{ld} {regs}, {m}"), note, Access { dir: Dir::Load, slots, encoding: enc })],
-            });
+            let mut save = setup.clone();
+            save.push(Op::mem(format!("{st} {regs}, {m}"), note.clone(), Access { dir: Dir::Store, slots: slots.clone(), encoding: enc }));
+            let mut restore = setup;
+            restore.push(Op::mem(format!("{ld} {regs}, {m}"), note, Access { dir: Dir::Load, slots, encoding: enc }));
+            steps.push(Step { save, restore });
             q += if pair { 2 } else { 1 };
         }
         if fp == Fp::Full {
@@ -352,20 +352,22 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             };
             let mut stores = Vec::new();
             let mut loads = Vec::new();
-            if let Some((m, enc)) = addr.get(off, 8, true) {
+            if let Some((_, m, enc)) = addr.get(off, 8, true) {
                 let slots: Vec<_> = slots.iter().map(|s| (s.0, 8, Slot::Fp(s.1.into()))).collect();
                 let note = format!("fpcr @{off}, fpsr @{}", off + 8);
                 stores.push(Op::mem(format!("stp x0, x1, {m}"), note.clone(), Access { dir: Dir::Store, slots: slots.clone(), encoding: enc }));
                 loads.push(Op::mem(format!("ldp x0, x1, {m}"), note, Access { dir: Dir::Load, slots, encoding: enc }));
             } else {
                 for (o, what, reg) in slots {
-                    if !ensure_base(&mut steps, &mut addr, o, 8, false) {
+                    let Some((setup, m, enc)) = addr.get(o, 8, false) else {
                         return Err(too_large(what, o));
-                    }
-                    let (m, enc) = addr.get(o, 8, false).expect("checked");
+                    };
                     let acc = |dir| Access { dir, slots: vec![(o, 8, Slot::Fp(what.into()))], encoding: enc };
+                    stores.extend(setup.clone());
                     stores.push(Op::mem(format!("str {reg}, {m}"), format!("{what} @{o}"), acc(Dir::Store)));
+                    // Loads are reversed below: the load follows its setup.
                     loads.push(Op::mem(format!("ldr {reg}, {m}"), format!("{what} @{o}"), acc(Dir::Load)));
+                    loads.extend(setup.into_iter().rev());
                 }
             }
             step.save.extend(stores);
@@ -413,7 +415,6 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             prologue: sub_sp(alloc),
             steps,
             call,
-            restore_prelude,
             epilogue,
             operands: vec!["handler"],
         },

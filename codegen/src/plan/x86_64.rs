@@ -127,7 +127,14 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     } else {
         prologue.push(Op::new("and rsp, -16", "align: the ABI wants rsp % 16 == 0 at a call"));
     }
-    prologue.push(Op::new(format!("sub rsp, {alloc}"), format!("allocate frame {} + hidden + FP area", frame.name)));
+    // Touch every 4 KiB page on the way down: a large frame must not jump a guard page.
+    let mut rest = alloc;
+    while rest > 4096 {
+        prologue.push(Op::new("sub rsp, 4096", "allocate one page"));
+        prologue.push(Op::new("or qword ptr [rsp], 0", "probe it: no jumping over a guard page"));
+        rest -= 4096;
+    }
+    prologue.push(Op::new(format!("sub rsp, {rest}"), format!("allocate frame {} + hidden + FP area", frame.name)));
     prologue.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
 
     let mut steps = Vec::new();
@@ -204,19 +211,19 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         steps.push(step);
     }
     // Large reserved fields: a loop through rdx (saved by now), counting up to zero.
-    for (f, c) in loop_fields(frame) {
-        let imm = if c == 0 { 0 } else { -1 };
-        let end = f.offset + f.size;
+    for f in fills(frame) {
+        let imm = if f.value == 0 { 0 } else { -1 };
+        let end = f.start + f.len;
         steps.push(Step {
             save: vec![
-                Op::new(format!("mov rdx, -{}", f.size / 8), format!("{}: {} qwords", f.name, f.size / 8)),
+                Op::new(format!("mov rdx, -{}", f.len / 8), format!("{}: {} qwords", f.name, f.len / 8)),
                 Op::new("2:", ""),
                 Op::mem(
                     format!("mov qword ptr [rsp + rdx*8 + {end}], {imm}"),
-                    format!("{} @{}..{end}: defined value {c:#x}", f.name, f.offset),
+                    format!("{} @{}..{end}: defined value {:#x}", f.name, f.start, f.value),
                     Access {
                         dir: Dir::Store,
-                        slots: vec![(f.offset, f.size, Slot::Field { name: f.name.clone(), reg: None })],
+                        slots: vec![(f.start, f.len, Slot::Field { name: f.name.clone(), reg: None })],
                         encoding: Encoding::Loop,
                     },
                 ),
@@ -325,7 +332,6 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             prologue,
             steps,
             call,
-            restore_prelude: vec![],
             epilogue,
             operands,
         },

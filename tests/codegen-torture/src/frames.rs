@@ -42,6 +42,9 @@ pub struct X86Reversed {
     pub eflags: u64,
     pub rip: u64,
     pub _b: u8,
+    /// Large constants, filled by loops: all ones, and zero with an unaligned head and tail.
+    pub orig_rax: [u64; 17],
+    pub _c: [u8; 133],
 }
 
 /// x86_64: registers past 32 KiB (disp32), no rip field (a kretprobe keeps the
@@ -75,7 +78,8 @@ pub struct A64Sparse {
 #[repr(C)]
 pub struct A64Ranges {
     pub x19: [u64; 10],
-    pub orig_x0: u64,
+    pub _odd: u8,
+    pub orig_x0: [u64; 17],
     pub regs: [u64; 8],
     pub lr: u64,
     pub sp: u64,

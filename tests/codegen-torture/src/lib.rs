@@ -387,6 +387,14 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool) -> 
         let mask = if e.v == V::Flags { FLAGS_MASK } else { mask };
         check(format!("frame {:?} @{}", e.v, e.off), got & mask, want & mask);
     }
+    // Implicit padding: written too (zero), so no byte of the frame is stale stack.
+    let mut covered = vec![false; r.frame_size];
+    for e in r.elems {
+        covered[e.off..e.off + e.size].iter_mut().for_each(|c| *c = true);
+    }
+    for (i, _) in covered.iter().enumerate().filter(|(_, c)| !**c) {
+        check(format!("padding byte @{i}"), run.frame[i] as u64, 0);
+    }
     // Registers after the routine.
     let nregs = if is_x86 { 16 } else { 31 };
     for n in 0..nregs {
