@@ -101,6 +101,32 @@ fn main() {
             table.push_str(&table_entry(&label, &format!("crate::macro_frames::{name}::{konst}"), &frame, &plan, *policy, *fp, shape));
         }
     }
+    // The build-script front end: Builder writes a .S (with the xsave operands as the
+    // symbols probe-rt exports) that is assembled here through global_asm!(include_str!).
+    let builtin_file = format!("../../codegen/frames/{}.rs", arch.name());
+    let written = probe_codegen::Builder::new()
+        .frame_file(&builtin_file, "PtRegs")
+        .name("builder_ptregs")
+        .shape(Shape::SaveRestore)
+        .shape(Shape::Kretprobe)
+        .shape(Shape::Entry)
+        .policy(Policy::CallerSaved)
+        .fp(Fp::Full)
+        .handler("torture_handler")
+        .type_path("::probe_rt::PtRegs")
+        .support_path("")
+        .arch(arch)
+        .out_dir(&out_dir)
+        .write()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = writeln!(out, "::core::arch::global_asm!(include_str!({:?}));", written.asm);
+    let _ = writeln!(out, "#[allow(dead_code)] pub mod builder_offsets {{ include!({:?}); }}", written.rust);
+    let frame = FrameLayout::builtin(arch);
+    for (sym, &shape) in written.symbols.iter().zip(Shape::ALL) {
+        let plan = Plan::new(&frame, Policy::CallerSaved, Fp::Full, shape).unwrap_or_else(|e| panic!("{e}"));
+        let _ = writeln!(out, "extern \"C\" {{ fn {sym}(); }}");
+        table.push_str(&table_entry(&format!("torture_{sym}"), sym, &frame, &plan, Policy::CallerSaved, Fp::Full, shape));
+    }
     table.push_str("];\n");
     out.push_str(&table);
     std::fs::write(out_dir.join("generated.rs"), out).unwrap();

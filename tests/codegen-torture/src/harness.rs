@@ -26,7 +26,7 @@ pub enum Entry {
 
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_harness {
-    ($name:literal, $invoke:literal) => {
+    ($name:literal, $invoke:literal, $alt:literal) => {
         core::arch::global_asm!(
             concat!(
                 ".pushsection .text.", $name, ", \"ax\", @progbits\n",
@@ -77,6 +77,7 @@ macro_rules! x86_harness {
                 "cld\n",
                 "mov rsp, qword ptr [rdi + {host_sp}]\n",
                 "add rsp, 8\npop r15\npop r14\npop r13\npop r12\npop rbx\npop rbp\nret\n",
+                $alt,
                 ".size ", $name, ", . - ", $name, "\n.popsection\n"
             ),
             host_sp = const offset_of!(Ctx, host_sp),
@@ -93,18 +94,26 @@ macro_rules! x86_harness {
 }
 
 #[cfg(target_arch = "x86_64")]
-x86_harness!("torture_enter_call", "call qword ptr [rsp]\n.globl torture_cont_call\ntorture_cont_call:\n");
-// The "function" at 2: drops its return address (lea: flags untouched) and, as a
-// hijacked `ret` would, continues in the routine at [P] with rsp = P.
+// A handler that redirects execution sends it to `torture_alt_call`, which clears the
+// marker word at [P+24] (no register is free) and continues as usual.
+x86_harness!(
+    "torture_enter_call",
+    "call qword ptr [rsp]\n.globl torture_cont_call\ntorture_cont_call:\n",
+    ".globl torture_alt_call\ntorture_alt_call:\nmov qword ptr [rsp + 24], 0\njmp torture_cont_call\n"
+);
+// The "function" at 2: drops its return address (lea: flags untouched), scrubs it
+// (only the handler may know it), and, as a hijacked `ret` would, continues in the
+// routine at [P] with rsp = P.
 #[cfg(target_arch = "x86_64")]
 x86_harness!(
     "torture_enter_kret",
-    "call 2f\n.globl torture_cont_kret\ntorture_cont_kret:\njmp 3f\n2:\nlea rsp, [rsp + 8]\njmp qword ptr [rsp]\n3:\n"
+    "call 2f\n.globl torture_cont_kret\ntorture_cont_kret:\njmp 3f\n2:\nlea rsp, [rsp + 8]\nmov qword ptr [rsp - 8], 0\njmp qword ptr [rsp]\n3:\n",
+    ""
 );
 
 #[cfg(target_arch = "aarch64")]
 macro_rules! a64_harness {
-    ($name:literal, $invoke:literal) => {
+    ($name:literal, $invoke:literal, $alt:literal) => {
         core::arch::global_asm!(
             concat!(
                 ".pushsection .text.", $name, ", \"ax\", %progbits\n",
@@ -152,6 +161,7 @@ macro_rules! a64_harness {
                 "ldp x19, x20, [sp, #16]\nldp x21, x22, [sp, #32]\nldp x23, x24, [sp, #48]\n",
                 "ldp x25, x26, [sp, #64]\nldp x27, x28, [sp, #80]\n",
                 "ldp x29, x30, [sp], #160\nret\n",
+                $alt,
                 ".size ", $name, ", . - ", $name, "\n.popsection\n"
             ),
             host_sp = const offset_of!(Ctx, host_sp),
@@ -169,13 +179,18 @@ macro_rules! a64_harness {
 }
 
 #[cfg(target_arch = "aarch64")]
-a64_harness!("torture_enter_call", "ldr x30, [sp]\nblr x30\n.globl torture_cont_call\ntorture_cont_call:\n");
+a64_harness!(
+    "torture_enter_call",
+    "ldr x30, [sp]\nblr x30\n.globl torture_cont_call\ntorture_cont_call:\n",
+    ".globl torture_alt_call\ntorture_alt_call:\nstr xzr, [sp, #24]\nb torture_cont_call\n"
+);
 #[cfg(target_arch = "aarch64")]
-a64_harness!("torture_enter_kret", "ldr x30, [sp]\nbr x30\n.globl torture_cont_kret\ntorture_cont_kret:\n");
+a64_harness!("torture_enter_kret", "ldr x30, [sp]\nbr x30\n.globl torture_cont_kret\ntorture_cont_kret:\n", "");
 #[cfg(target_arch = "aarch64")]
 a64_harness!(
     "torture_enter_ftrace",
-    "mov x9, x30\nldr x30, [sp]\nblr x30\n.globl torture_cont_ftrace\ntorture_cont_ftrace:\n"
+    "mov x9, x30\nldr x30, [sp]\nblr x30\n.globl torture_cont_ftrace\ntorture_cont_ftrace:\n",
+    ".globl torture_alt_ftrace\ntorture_alt_ftrace:\nstr xzr, [sp, #24]\nb torture_cont_ftrace\n"
 );
 
 extern "C" {
@@ -187,6 +202,22 @@ extern "C" {
     fn torture_cont_kret();
     #[cfg(target_arch = "aarch64")]
     fn torture_cont_ftrace();
+    fn torture_alt_call();
+    #[cfg(target_arch = "aarch64")]
+    fn torture_alt_ftrace();
+}
+
+/// Where a handler may redirect execution to (`None`: this entry cannot be redirected,
+/// a kretprobe resumes where its handler says).
+pub fn alt_address(entry: Entry) -> Option<usize> {
+    match entry {
+        Entry::Call => Some(torture_alt_call as *const () as usize),
+        Entry::Kret => None,
+        #[cfg(target_arch = "aarch64")]
+        Entry::Ftrace => Some(torture_alt_ftrace as *const () as usize),
+        #[cfg(not(target_arch = "aarch64"))]
+        Entry::Ftrace => None,
+    }
 }
 
 /// Runs the harness.

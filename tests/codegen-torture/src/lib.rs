@@ -76,6 +76,9 @@ mod generated {
 }
 pub use generated::ROUTINES;
 
+// The Builder's .S refers to probe-rt's exported `probekit_xsave_size`/`_mask`.
+use probe_rt as _;
+
 /// `xsave` area size for the x86_64 `Fp::Full` routines (CPUID.(EAX=0DH,ECX=0):EBX).
 pub static XSAVE_SIZE: AtomicU64 = AtomicU64::new(4096);
 /// `xsave` requested-feature bitmap (XCR0).
@@ -106,6 +109,8 @@ struct Run {
     /// The frame and FP area pointers the handler got: the stack pointer at the call.
     frame_at: usize,
     fp_at: usize,
+    /// Where the handler sends execution by rewriting pc/rip, if it does.
+    redirect_to: Option<usize>,
 }
 
 thread_local! {
@@ -155,9 +160,10 @@ pub unsafe extern "C" fn torture_handler(frame: *mut u8, fp: *mut u8) -> usize {
     run.frame.copy_from_slice(f);
     for e in r.elems.iter().filter(|e| e.size == 8) {
         let old = u64::from_ne_bytes(f[e.off..e.off + 8].try_into().expect("8 bytes"));
-        let new = match e.v {
-            V::Gpr(n) => modified(old, n),
-            V::Flags => old ^ FLAGS_XOR,
+        let new = match (e.v, run.redirect_to) {
+            (V::Gpr(n), _) => modified(old, n),
+            (V::Flags, _) => old ^ FLAGS_XOR,
+            (V::Pc, Some(to)) => to as u64,
             _ => continue,
         };
         f[e.off..e.off + 8].copy_from_slice(&new.to_ne_bytes());
@@ -273,7 +279,9 @@ const CANARY: u8 = 0xcc;
 
 /// Runs `r` once with random inputs from `rng`; `skew` misaligns the probed stack
 /// pointer by 8 (x86_64: the dynamic alignment must cope). Returns every mismatch.
-pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool) -> Result<(), String> {
+/// `redirect`: the handler rewrites pc/rip (where the frame has it and the shape
+/// resumes there) and execution must continue at the new address.
+pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, redirect: bool) -> Result<(), String> {
     let is_x86 = cfg!(target_arch = "x86_64");
     let mut ctx: Box<Ctx> = Box::new(Ctx {
         host_sp: 0,
@@ -312,10 +320,12 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool) -> 
     };
     let cont = harness::cont_address(entry);
     let target = r.entry as usize;
-    // SAFETY: p..p+16 lies inside `stack`.
+    let redirect_to = harness::alt_address(entry).filter(|_| redirect && r.elems.iter().any(|e| e.v == V::Pc));
+    // SAFETY: p..p+32 lies inside `stack`.
     unsafe {
         (p as *mut u64).write(target as u64);
         ((p + 8) as *mut u64).write(&mut *ctx as *mut Ctx as u64);
+        ((p + 24) as *mut u64).write(1); // the marker the redirect target clears
     }
     let mut run = Run {
         routine: r,
@@ -326,12 +336,15 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool) -> 
         hits: 0,
         frame_at: 0,
         fp_at: 0,
+        redirect_to,
     };
     CURRENT.with(|c| c.set(&mut run));
     // SAFETY: ctx is valid; the harness switches to `stack` (alive until after the call) and back.
     unsafe { enter(entry, &mut ctx) };
     CURRENT.with(|c| c.set(std::ptr::null_mut()));
 
+    // SAFETY: p+24 lies inside `stack`, alive.
+    let marker = unsafe { ((p + 24) as *const u64).read() };
     let mut errors = Vec::new();
     let mut check = |what: String, got: u64, want: u64| {
         if got != want {
@@ -339,6 +352,9 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool) -> 
         }
     };
     check("handler calls".into(), run.hits as u64, 1);
+    check("resumed where the frame's pc said (marker cleared)".into(), marker, redirect_to.is_none() as u64);
+    // The address execution resumed at: the continuation, or where the handler redirected it.
+    let resumed = redirect_to.unwrap_or(cont) as u64;
     check("DF clear in handler".into(), run.df_clear as u64, 1);
     // The frame is the stack pointer at the handler call: the ABIs want it 16-aligned.
     check("frame alignment".into(), (run.frame_at % 16) as u64, 0);
@@ -413,7 +429,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool) -> 
         let callee_saved = if is_x86 { matches!(n, 3 | 5 | 12..=15) } else { (19..=29).contains(&n) };
         let want = match (is_x86, r.shape, n) {
             // The resume register holds the resume address, as after any call.
-            (false, Kind::Entry, 9) | (false, Kind::SaveRestore | Kind::Kretprobe, 30) => cont as u64,
+            (false, Kind::Entry, 9) | (false, Kind::SaveRestore | Kind::Kretprobe, 30) => resumed,
             _ if elem.is_some() && (r.all || !callee_saved) => modified(input, n as u8),
             _ => input,
         };

@@ -14,12 +14,13 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
         if verbose {
             eprintln!("{}", r.name);
         }
-        for (skew, df) in [(false, false), (true, false), (false, true), (true, true)] {
+        // The last run also has the handler redirect execution through pc/rip.
+        for (skew, df, redirect) in [(false, false, false), (true, false, false), (false, true, false), (true, true, true)] {
             runs += 1;
             // aarch64 sp is 16-aligned at every instruction (AAPCS64 §6.4.5.1), so
             // only x86_64 meets a misaligned probed stack pointer.
             let x86 = cfg!(target_arch = "x86_64");
-            if let Err(e) = torture(r, &mut rng, skew && x86, df && x86) {
+            if let Err(e) = torture(r, &mut rng, skew && x86, df && x86, redirect) {
                 failures.push(e);
             }
         }
@@ -31,13 +32,13 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
 #[test]
 fn builtin_frame_every_policy_fp_and_shape() {
     // 3 shapes × 2 policies × 4 FP modes × 4 register sets.
-    assert_eq!(run_all(|n| n.contains("_ptregs_")), 96);
+    assert_eq!(run_all(|n| n.starts_with("torture_r") && n.contains("_ptregs_")), 96);
 }
 
 #[test]
 fn custom_frames_every_policy_fp_and_shape() {
     // Four frames of src/frames.rs per architecture.
-    assert_eq!(run_all(|n| !n.contains("_ptregs_") && !n.contains("_random") && !n.contains("_macro_")), 4 * 96);
+    assert_eq!(run_all(|n| n.starts_with("torture_r") && !n.contains("_ptregs_") && !n.contains("_random")), 4 * 96);
 }
 
 #[test]
@@ -49,4 +50,10 @@ fn pt_regs_macro_frames() {
 #[test]
 fn random_frames() {
     assert_eq!(run_all(|n| n.contains("_random")), 48 * 4);
+}
+
+#[test]
+fn builder_s_file_frames() {
+    // The Builder's .S (fp = full, xsave operands by symbol) × 3 shapes × 4 register sets.
+    assert_eq!(run_all(|n| n.starts_with("torture_builder_")), 3 * 4);
 }
