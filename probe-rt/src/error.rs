@@ -1,0 +1,46 @@
+//! Typed errors of the runtime: each names the problem and the address.
+
+use std::fmt;
+
+/// Why a probe could not be registered or changed.
+#[allow(missing_docs)] // fields: `addr` the address concerned, others as named
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// No target was given to the builder.
+    NoTarget,
+    /// The address is in no executable mapping of the process.
+    NotExecutable { addr: usize },
+    /// The bytes at the address do not decode as an instruction.
+    NotInstruction { addr: usize },
+    /// The instruction cannot run out of line, and is not simulated (yet): its text is given.
+    UnsupportedInstruction { addr: usize, insn: String },
+    /// The address is in probekit's own hit path, which a probe would make recurse.
+    Blacklisted { addr: usize, what: &'static str },
+    /// Another probe already uses the address (aggregation is not supported yet).
+    AlreadyProbed { addr: usize },
+    /// Every probe slot of the process is in use.
+    TooManyProbes { max: usize },
+    /// A system call failed.
+    Os { addr: usize, call: &'static str, errno: i32 },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NoTarget => write!(f, "a probe needs a target: `.function(f)` or `.address(addr)`"),
+            Error::NotExecutable { addr } => write!(f, "{addr:#x} is not in an executable mapping"),
+            Error::NotInstruction { addr } => write!(f, "{addr:#x} does not hold a valid instruction"),
+            Error::UnsupportedInstruction { addr, insn } => {
+                write!(f, "{addr:#x}: `{insn}` cannot be probed yet (it cannot run out of line)")
+            }
+            Error::Blacklisted { addr, what } => write!(f, "{addr:#x} is in {what}, which probekit cannot probe"),
+            Error::AlreadyProbed { addr } => write!(f, "{addr:#x} is already probed"),
+            Error::TooManyProbes { max } => write!(f, "all {max} probe slots of the process are used"),
+            Error::Os { addr, call, errno } => {
+                write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}

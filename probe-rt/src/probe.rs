@@ -1,0 +1,414 @@
+//! Breakpoint probes: the kprobe of a process.
+//!
+//! Registering writes a breakpoint (`int3`; aarch64 `brk #0x4b50`) over the target
+//! instruction and copies that instruction, relocated, into an out-of-line slot
+//! followed by a second breakpoint. A hit raises SIGTRAP; the handler builds a
+//! [`PtRegs`] from the signal context, runs the pre handler, writes the registers back
+//! and sends the thread to the slot. The slot's breakpoint runs the post handler and
+//! resumes at the instruction after the probe. The trap flag is never used.
+//!
+//! # What a handler may do
+//! Handlers run in a signal handler on the thread that hit the probe: they may read and
+//! change the registers, and do what is async-signal-safe. They must not allocate, take
+//! locks the interrupted code may hold, or print (`println!` locks stdout); push to a
+//! lock-free buffer instead. A panic in a handler aborts the process (it cannot unwind
+//! out of a signal handler). A probe hit inside a handler on the same thread is not run
+//! again: it counts in [`ProbeHandle::nmissed`] and its instruction still executes.
+//!
+//! # Lifetime
+//! A probe's slot and bookkeeping outlive its unregistration, because a thread may be
+//! between the two breakpoints when the probe goes: they are retired, never reused,
+//! within the process (at most [`MAX_PROBES`] registrations). A grace period that
+//! lets them be reused is a later step.
+
+use crate::insn::{self, BREAKPOINT, TRAP_PC_ADVANCE};
+use crate::{regs, text, Error, PtRegs};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+
+/// A pre or post handler.
+pub type Handler = fn(&mut PtRegs);
+
+/// How many probes a process can register in its lifetime (see the module docs).
+pub const MAX_PROBES: usize = 256;
+
+/// Bytes of one out-of-line slot.
+const SLOT: usize = 32;
+
+/// The lock-free record of one probe, read by the signal handler.
+struct Entry {
+    /// The probed address while armed, else 0.
+    addr: AtomicUsize,
+    /// The address the slot's breakpoint reports (kept after retirement).
+    resume_trap: AtomicUsize,
+    /// Where execution continues after the slot: the probed address + its length.
+    next: AtomicUsize,
+    slot: AtomicUsize,
+    pre: AtomicUsize,
+    post: AtomicUsize,
+    nhit: AtomicU64,
+    nmissed: AtomicU64,
+    /// The probed address, for the handle, whether armed or not.
+    target: AtomicUsize,
+    /// The original bytes under the breakpoint.
+    orig: AtomicU64,
+    used: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)] // array initialiser only
+const EMPTY: Entry = Entry {
+    addr: AtomicUsize::new(0),
+    resume_trap: AtomicUsize::new(0),
+    next: AtomicUsize::new(0),
+    slot: AtomicUsize::new(0),
+    pre: AtomicUsize::new(0),
+    post: AtomicUsize::new(0),
+    nhit: AtomicU64::new(0),
+    nmissed: AtomicU64::new(0),
+    target: AtomicUsize::new(0),
+    orig: AtomicU64::new(0),
+    used: AtomicBool::new(false),
+};
+
+static ENTRIES: [Entry; MAX_PROBES] = [EMPTY; MAX_PROBES];
+
+/// Registration, arming and disarming take this lock; the hit path never does.
+static REGISTRY: Mutex<Slots> = Mutex::new(Slots { page: 0, used: 0 });
+
+/// The out-of-line slot pages.
+struct Slots {
+    page: usize,
+    used: usize,
+}
+
+/// The previous SIGTRAP disposition, for traps that are not ours.
+static mut PREVIOUS: Option<libc::sigaction> = None;
+static INSTALL: Once = Once::new();
+
+thread_local! {
+    /// Whether this thread is running a probe handler (reentrancy guard). Const-initialised
+    /// and without destructor, so reading it in a signal handler allocates nothing.
+    static ACTIVE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Something whose address can be probed: a function pointer.
+pub trait FnAddr: Copy {
+    /// The address of its first instruction.
+    fn addr(self) -> usize;
+}
+
+macro_rules! fn_addr {
+    ($($a:ident),*) => {
+        impl<R, $($a),*> FnAddr for fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+        impl<R, $($a),*> FnAddr for extern "C" fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+        impl<R, $($a),*> FnAddr for unsafe fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+        impl<R, $($a),*> FnAddr for unsafe extern "C" fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+    };
+}
+fn_addr!();
+fn_addr!(A);
+fn_addr!(A, B);
+fn_addr!(A, B, C);
+fn_addr!(A, B, C, D);
+fn_addr!(A, B, C, D, E);
+fn_addr!(A, B, C, D, E, F);
+
+/// A breakpoint probe. See the [module docs](self).
+pub struct Probe;
+
+impl Probe {
+    /// Starts describing a probe.
+    pub fn builder() -> ProbeBuilder {
+        ProbeBuilder { target: None, offset: 0, pre: None, post: None }
+    }
+}
+
+/// Describes a probe: a target and handlers.
+#[derive(Clone, Debug)]
+pub struct ProbeBuilder {
+    target: Option<usize>,
+    offset: usize,
+    pre: Option<Handler>,
+    post: Option<Handler>,
+}
+
+impl ProbeBuilder {
+    /// Probe a function (a function pointer: `my_fn as fn(u64) -> u64`).
+    pub fn function(mut self, f: impl FnAddr) -> Self {
+        self.target = Some(f.addr());
+        self
+    }
+
+    /// Probe a raw address.
+    pub fn address(mut self, addr: usize) -> Self {
+        self.target = Some(addr);
+        self
+    }
+
+    /// Bytes past the target (an instruction boundary).
+    pub fn offset(mut self, offset: usize) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// Runs before the probed instruction, with the registers as they are there.
+    pub fn pre(mut self, h: Handler) -> Self {
+        self.pre = Some(h);
+        self
+    }
+
+    /// Runs after the probed instruction executed (out of line).
+    pub fn post(mut self, h: Handler) -> Self {
+        self.post = Some(h);
+        self
+    }
+
+    /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
+    /// On error nothing is left armed or writable.
+    pub fn register(self) -> Result<ProbeHandle, Error> {
+        let addr = self.target.ok_or(Error::NoTarget)? + self.offset;
+        install_handler()?;
+        let mapping = text::executable(addr)?;
+        let own = on_sigtrap as *const () as usize;
+        if (own..own + 4096).contains(&addr) {
+            return Err(Error::Blacklisted { addr, what: "probekit's SIGTRAP handler" });
+        }
+        let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        if ENTRIES.iter().any(|e| e.target.load(Ordering::Relaxed) == addr && e.addr.load(Ordering::Relaxed) != 0) {
+            return Err(Error::AlreadyProbed { addr });
+        }
+        let index = ENTRIES.iter().position(|e| !e.used.load(Ordering::Relaxed)).ok_or(Error::TooManyProbes { max: MAX_PROBES })?;
+        if reg.page == 0 || reg.used + SLOT > text::page_size() {
+            reg.page = text::alloc_exec_page()?;
+            reg.used = 0;
+        }
+        let slot = reg.page + reg.used;
+        let displaced = insn::displace(addr, mapping.end, slot)?;
+        text::write_code(slot, &displaced.slot)?;
+        reg.used += SLOT;
+
+        let e = &ENTRIES[index];
+        // SAFETY: addr lies in a readable executable mapping (checked); at least
+        // BREAKPOINT.len() bytes of it are the instruction (decoded above).
+        let mut orig = [0u8; 8];
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, orig.as_mut_ptr(), BREAKPOINT.len()) };
+        e.used.store(true, Ordering::Relaxed);
+        e.target.store(addr, Ordering::Relaxed);
+        e.orig.store(u64::from_ne_bytes(orig), Ordering::Relaxed);
+        e.slot.store(slot, Ordering::Relaxed);
+        e.next.store(addr + displaced.len, Ordering::Relaxed);
+        e.resume_trap.store(slot + displaced.slot_bp + TRAP_PC_ADVANCE as usize, Ordering::Relaxed);
+        e.pre.store(self.pre.map_or(0, |h| h as usize), Ordering::Relaxed);
+        e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
+        let handle = ProbeHandle { index };
+        arm(e, true)?;
+        drop(reg);
+        Ok(handle)
+    }
+}
+
+/// Arms (writes the breakpoint) or disarms (restores the original bytes). The entry is
+/// published before the breakpoint exists and unpublished after it is gone, so a
+/// trap always finds it (or finds the text restored, seed 004).
+fn arm(e: &Entry, on: bool) -> Result<(), Error> {
+    let target = e.target.load(Ordering::Relaxed);
+    if on {
+        e.addr.store(target, Ordering::Release);
+        let r = text::write_code(target, BREAKPOINT);
+        if r.is_err() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    } else {
+        let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
+        let r = text::write_code(target, &orig[..BREAKPOINT.len()]);
+        if r.is_ok() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    }
+}
+
+/// A registered probe; unregistered when dropped.
+#[derive(Debug)]
+pub struct ProbeHandle {
+    index: usize,
+}
+
+impl ProbeHandle {
+    fn entry(&self) -> &'static Entry {
+        &ENTRIES[self.index]
+    }
+
+    /// The probed address.
+    pub fn address(&self) -> usize {
+        self.entry().target.load(Ordering::Relaxed)
+    }
+
+    /// Re-arms a disabled probe.
+    pub fn enable(&self) -> Result<(), Error> {
+        let _reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        if self.entry().addr.load(Ordering::Relaxed) != 0 {
+            return Ok(());
+        }
+        arm(self.entry(), true)
+    }
+
+    /// Disarms the probe: the original instruction is back, handlers stop running.
+    pub fn disable(&self) -> Result<(), Error> {
+        let _reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        if self.entry().addr.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        arm(self.entry(), false)
+    }
+
+    /// Whether the breakpoint is in place.
+    pub fn is_enabled(&self) -> bool {
+        self.entry().addr.load(Ordering::Relaxed) != 0
+    }
+
+    /// Hits whose handlers ran.
+    pub fn nhit(&self) -> u64 {
+        self.entry().nhit.load(Ordering::Relaxed)
+    }
+
+    /// Hits whose handlers did not run (the probe was hit inside a handler).
+    pub fn nmissed(&self) -> u64 {
+        self.entry().nmissed.load(Ordering::Relaxed)
+    }
+
+    /// Disarms and retires the probe (what dropping the handle does, with the error).
+    pub fn unregister(self) -> Result<(), Error> {
+        let r = self.disable();
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        // The error cannot be returned from drop; `unregister` reports it.
+        let _ = self.disable();
+    }
+}
+
+fn install_handler() -> Result<(), Error> {
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        // SAFETY: sigaction with a zeroed struct filled field by field; the handler is
+        // an extern "C" fn of the SA_SIGINFO signature. PREVIOUS is written once,
+        // here, before any SIGTRAP can reach our handler.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigtrap as *const () as usize;
+            // SA_NODEFER: a probe hit inside a handler traps inside this signal handler;
+            // a blocked synchronous SIGTRAP would kill the process instead.
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART | libc::SA_NODEFER;
+            libc::sigemptyset(&mut sa.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGTRAP, &sa, &mut old) != 0 {
+                result = Err(Error::Os { addr: 0, call: "sigaction", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
+                return;
+            }
+            PREVIOUS = Some(old);
+        }
+    });
+    result
+}
+
+/// Calls a handler; `extern "C"` so that a panic aborts instead of unwinding out of
+/// the signal handler.
+extern "C" fn call_handler(h: usize, regs: &mut PtRegs) {
+    // SAFETY: `h` was stored from a `Handler` (a fn pointer) at registration.
+    let h: Handler = unsafe { std::mem::transmute::<usize, Handler>(h) };
+    h(regs);
+}
+
+/// The SIGTRAP handler. Async-signal-safe: atomics, a const thread-local, no locks,
+/// no allocation.
+extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
+    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+    let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
+
+    if let Some(e) = ENTRIES.iter().find(|e| e.addr.load(Ordering::Acquire) == bp) {
+        let slot = e.slot.load(Ordering::Relaxed) as u64;
+        if ACTIVE.get() {
+            // Hit inside a handler: count it, run the instruction, no handlers.
+            e.nmissed.fetch_add(1, Ordering::Relaxed);
+            regs::set_pc(uc, slot);
+            return;
+        }
+        e.nhit.fetch_add(1, Ordering::Relaxed);
+        let pre = e.pre.load(Ordering::Relaxed);
+        if pre != 0 {
+            let mut r = regs::read(uc, bp as u64);
+            ACTIVE.set(true);
+            call_handler(pre, &mut r);
+            ACTIVE.set(false);
+            regs::write(uc, &r);
+            if r_pc(&r) != bp as u64 {
+                return; // the handler redirected execution: the instruction is skipped
+            }
+        }
+        regs::set_pc(uc, slot);
+        return;
+    }
+    if let Some(e) = ENTRIES.iter().find(|e| e.resume_trap.load(Ordering::Acquire) == regs::pc(uc) as usize) {
+        let next = e.next.load(Ordering::Relaxed) as u64;
+        let post = e.post.load(Ordering::Relaxed);
+        if post != 0 && !ACTIVE.get() && e.addr.load(Ordering::Acquire) != 0 {
+            let mut r = regs::read(uc, next);
+            ACTIVE.set(true);
+            call_handler(post, &mut r);
+            ACTIVE.set(false);
+            regs::write(uc, &r);
+            return;
+        }
+        regs::set_pc(uc, next);
+        return;
+    }
+    // Not ours. If the text is no breakpoint any more, one was removed after this
+    // thread hit it (ours while disarming, or a debugger's): back up and run the
+    // original instruction (seed 004).
+    if !insn::is_breakpoint_at(bp) {
+        regs::set_pc(uc, bp as u64);
+        return;
+    }
+    chain(sig, info, ctx);
+}
+
+fn r_pc(r: &PtRegs) -> u64 {
+    r.instruction_pointer()
+}
+
+/// Passes a trap that is not ours to the previous disposition, unchanged.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: PREVIOUS was written once before our handler was installed.
+    let prev = unsafe { (*std::ptr::addr_of!(PREVIOUS)).as_ref() };
+    let Some(prev) = prev else { return };
+    match prev.sa_sigaction {
+        libc::SIG_IGN => {}
+        libc::SIG_DFL => {
+            // The default action (terminate, core): restore it and re-raise; the signal
+            // is delivered as soon as this handler returns.
+            // SAFETY: sigaction/raise are async-signal-safe.
+            unsafe {
+                libc::sigaction(sig, prev, std::ptr::null_mut());
+                libc::raise(sig);
+            }
+        }
+        h if prev.sa_flags & libc::SA_SIGINFO != 0 => {
+            // SAFETY: the previous handler was installed with this signature (SA_SIGINFO).
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = unsafe { std::mem::transmute(h) };
+            f(sig, info, ctx);
+        }
+        h => {
+            // SAFETY: a plain handler takes the signal number only.
+            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
+            f(sig);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Writing code: the process's mappings, page protection, and instruction-cache sync.
+//!
+//! Code is changed by a plain store after `mprotect` makes its pages writable, and
+//! the pages get their original protection back right after, on success or error.
+//! A store, not a write through `/proc/self/mem`: under `qemu-aarch64` (the aarch64
+//! test lane) only a store is seen by already-translated code (DESIGN.md). The page
+//! keeps `PROT_EXEC` while it is writable, so threads running through it go on; the
+//! store itself is one aligned naturally-atomic write (x86_64: the one `int3` byte;
+//! aarch64: the aligned 4-byte word), so they see the old or the new instruction.
+
+use crate::Error;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+
+/// One line of `/proc/self/maps`.
+#[derive(Clone, Debug)]
+pub(crate) struct Mapping {
+    pub end: usize,
+    pub prot: libc::c_int,
+}
+
+/// The mapping holding `addr` (reads `/proc/self/maps`; registration path only).
+pub(crate) fn mapping_of(addr: usize) -> Option<Mapping> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let mut it = line.split_whitespace();
+        let (range, perms) = (it.next()?, it.next()?);
+        let (a, b) = range.split_once('-')?;
+        let (start, end) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+        if !(start..end).contains(&addr) {
+            return None;
+        }
+        let p = perms.as_bytes();
+        let mut prot = 0;
+        if p.first() == Some(&b'r') {
+            prot |= libc::PROT_READ;
+        }
+        if p.get(1) == Some(&b'w') {
+            prot |= libc::PROT_WRITE;
+        }
+        if p.get(2) == Some(&b'x') {
+            prot |= libc::PROT_EXEC;
+        }
+        Some(Mapping { end, prot })
+    })
+}
+
+/// The mapping of `addr` if it is executable.
+pub(crate) fn executable(addr: usize) -> Result<Mapping, Error> {
+    match mapping_of(addr) {
+        Some(m) if m.prot & libc::PROT_EXEC != 0 => Ok(m),
+        _ => Err(Error::NotExecutable { addr }),
+    }
+}
+
+/// The page size.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as usize } else { 4096 }
+}
+
+fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(), Error> {
+    // SAFETY: changes the protection of pages of an existing mapping of this process
+    // (callers pass pages of a mapping found in /proc/self/maps); no memory is freed.
+    let r = unsafe { libc::mprotect(start as *mut libc::c_void, len, prot) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::Os { addr, call: "mprotect", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) })
+    }
+}
+
+/// Writes `bytes` at `addr` in executable memory, then synchronises the instruction
+/// cache; the pages are writable only for the store. A breakpoint (x86_64: 1 byte,
+/// aarch64: an aligned 4-byte word) is one atomic store, so threads executing it see
+/// the old or the new instruction; longer writes are for code no thread runs yet
+/// (fresh out-of-line slots).
+pub(crate) fn write_code(addr: usize, bytes: &[u8]) -> Result<(), Error> {
+    let m = executable(addr)?;
+    if addr + bytes.len() > m.end {
+        return Err(Error::NotExecutable { addr: m.end });
+    }
+    let ps = page_size();
+    let start = addr & !(ps - 1);
+    let len = (addr + bytes.len() + ps - 1) / ps * ps - start;
+    protect(start, len, m.prot | libc::PROT_WRITE, addr)?;
+    match bytes.len() {
+        // SAFETY: the page is writable now; single naturally aligned atomic stores.
+        1 => unsafe { (*(addr as *const AtomicU8)).store(bytes[0], Ordering::Release) },
+        4 if addr % 4 == 0 => unsafe {
+            // SAFETY: as above, 4-aligned (checked).
+            (*(addr as *const AtomicU32)).store(u32::from_ne_bytes(bytes.try_into().expect("4 bytes")), Ordering::Release)
+        },
+        // SAFETY: the range is inside the mapping (checked) and writable now.
+        _ => unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) },
+    }
+    // Give the pages their protection back whatever happened above.
+    let restored = protect(start, len, m.prot, addr);
+    sync_icache(addr, bytes.len());
+    restored
+}
+
+/// Makes a code change visible to instruction fetch (aarch64: clean the data cache to
+/// the point of unification, invalidate the instruction cache, as `__clear_cache`;
+/// x86_64 keeps them coherent).
+pub(crate) fn sync_icache(addr: usize, len: usize) {
+    #[cfg(target_arch = "aarch64")]
+    {
+        let ctr: u64;
+        // SAFETY: CTR_EL0 is readable from EL0 on Linux (SCTLR_EL1.UCT).
+        unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack)) };
+        let dline = 4usize << ((ctr >> 16) & 0xf);
+        let iline = 4usize << (ctr & 0xf);
+        let end = addr + len;
+        let mut a = addr & !(dline - 1);
+        while a < end {
+            // SAFETY: cache maintenance by VA on mapped memory; allowed at EL0 (SCTLR_EL1.UCI).
+            unsafe { core::arch::asm!("dc cvau, {}", in(reg) a, options(nostack)) };
+            a += dline;
+        }
+        // SAFETY: barriers have no memory-safety preconditions.
+        unsafe { core::arch::asm!("dsb ish", options(nostack)) };
+        let mut a = addr & !(iline - 1);
+        while a < end {
+            // SAFETY: as for `dc cvau`.
+            unsafe { core::arch::asm!("ic ivau, {}", in(reg) a, options(nostack)) };
+            a += iline;
+        }
+        // SAFETY: barriers have no memory-safety preconditions.
+        unsafe { core::arch::asm!("dsb ish", "isb", options(nostack)) };
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    let _ = (addr, len);
+}
+
+/// A fresh executable page for out-of-line slots (read + execute; written through
+/// [`write_code`]).
+pub(crate) fn alloc_exec_page() -> Result<usize, Error> {
+    let ps = page_size();
+    // SAFETY: a new anonymous private mapping; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), ps, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::Os { addr: 0, call: "mmap", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
+    }
+    Ok(p as usize)
+}

@@ -1,0 +1,145 @@
+//! Breakpoint probes on functions of this test, executed (x86_64 natively, aarch64 under qemu).
+
+use probe_rt::{Error, Probe, PtRegs};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn bp_add(a: u64, b: u64) -> u64 {
+    a.wrapping_add(b)
+}
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn bp_mul(a: u64, b: u64) -> u64 {
+    a.wrapping_mul(b)
+}
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn bp_sub(a: u64, b: u64) -> u64 {
+    a.wrapping_sub(b)
+}
+
+fn set_arg0(r: &mut PtRegs, v: u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        r.rdi = v;
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        r.regs[0] = v;
+    }
+}
+
+fn code(addr: usize) -> [u8; 4] {
+    // SAFETY: reads the text of a function of this binary.
+    unsafe { *(addr as *const [u8; 4]) }
+}
+
+static PRE: AtomicU64 = AtomicU64::new(0);
+static POST: AtomicU64 = AtomicU64::new(0);
+static SEEN_PC: AtomicU64 = AtomicU64::new(0);
+
+fn add_100(r: &mut PtRegs) {
+    PRE.fetch_add(1, Ordering::Relaxed);
+    SEEN_PC.store(r.instruction_pointer(), Ordering::Relaxed);
+    let a = r.arg(0).unwrap_or(0);
+    set_arg0(r, a + 100);
+}
+
+fn count_post(_r: &mut PtRegs) {
+    POST.fetch_add(1, Ordering::Relaxed);
+}
+
+#[test]
+fn pre_and_post_handlers_see_and_change_registers() {
+    let f = bp_add as extern "C" fn(u64, u64) -> u64;
+    let before = code(f as usize);
+    let p = Probe::builder().function(f).pre(add_100).post(count_post).register().expect("probe registers");
+    assert_ne!(code(f as usize), before, "breakpoint written");
+    assert_eq!(black_box(f)(1, 2), 103, "the pre handler's write to arg0 reached the function");
+    assert_eq!(black_box(f)(5, 5), 110);
+    assert_eq!((p.nhit(), p.nmissed()), (2, 0));
+    assert_eq!((PRE.load(Ordering::Relaxed), POST.load(Ordering::Relaxed)), (2, 2));
+    assert_eq!(SEEN_PC.load(Ordering::Relaxed), f as usize as u64, "pc in the handler is the probed address");
+
+    p.disable().unwrap();
+    assert_eq!(code(f as usize), before, "disable restores the original bytes");
+    assert_eq!(black_box(f)(1, 2), 3);
+    assert_eq!(p.nhit(), 2);
+    p.enable().unwrap();
+    assert_eq!(black_box(f)(1, 2), 103);
+    assert_eq!(p.nhit(), 3);
+    drop(p);
+    assert_eq!(code(f as usize), before, "unregistering restores the original bytes");
+    assert_eq!(black_box(f)(1, 2), 3);
+}
+
+static REENTERED: AtomicU64 = AtomicU64::new(0);
+
+fn calls_the_probed_function(r: &mut PtRegs) {
+    // A probe hit inside a handler is not run again: counted in nmissed.
+    let f = bp_mul as extern "C" fn(u64, u64) -> u64;
+    REENTERED.store(black_box(f)(6, 7), Ordering::Relaxed);
+    let _ = r;
+}
+
+#[test]
+fn a_hit_inside_a_handler_counts_as_missed() {
+    let f = bp_mul as extern "C" fn(u64, u64) -> u64;
+    let p = Probe::builder().function(f).pre(calls_the_probed_function).register().unwrap();
+    assert_eq!(black_box(f)(2, 3), 6);
+    assert_eq!(REENTERED.load(Ordering::Relaxed), 42, "the inner call ran its instruction out of line");
+    assert_eq!((p.nhit(), p.nmissed()), (1, 1));
+}
+
+static THREAD_HITS: AtomicU64 = AtomicU64::new(0);
+
+fn count(_r: &mut PtRegs) {
+    THREAD_HITS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[test]
+fn threads_hammering_a_probe_count_every_hit() {
+    let f = bp_sub as extern "C" fn(u64, u64) -> u64;
+    let p = Probe::builder().function(f).pre(count).register().unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..500u64 {
+                    assert_eq!(black_box(f)(i + t, t), i);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(p.nhit(), 2000);
+    assert_eq!(THREAD_HITS.load(Ordering::Relaxed), 2000);
+}
+
+// A function that starts with a branch: it cannot run out of line (yet).
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(".globl bp_branchy", "bp_branchy:", "jmp 2f", "2:", "ret");
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(".globl bp_branchy", "bp_branchy:", "b 2f", "2:", "ret");
+extern "C" {
+    fn bp_branchy();
+}
+
+static NOT_CODE: u64 = 0;
+
+#[test]
+fn bad_targets_are_refused_with_typed_errors() {
+    let e = Probe::builder().function(bp_branchy as unsafe extern "C" fn()).register().unwrap_err();
+    assert!(matches!(&e, Error::UnsupportedInstruction { addr, .. } if *addr == bp_branchy as *const () as usize), "{e}");
+    let e = Probe::builder().address(&NOT_CODE as *const u64 as usize).register().unwrap_err();
+    assert!(matches!(e, Error::NotExecutable { .. }), "{e}");
+    assert!(matches!(Probe::builder().register().unwrap_err(), Error::NoTarget));
+    // Nothing was left armed: the function still runs.
+    // SAFETY: bp_branchy is `jmp/b` to a `ret`.
+    unsafe { bp_branchy() };
+}
