@@ -130,13 +130,13 @@ extern "C" {
     fn bp_branchy();
 }
 
-static NOT_CODE: u64 = 0;
-
 #[test]
 fn bad_targets_are_refused_with_typed_errors() {
     let e = Probe::builder().function(bp_branchy as unsafe extern "C" fn()).register().unwrap_err();
     assert!(matches!(&e, Error::UnsupportedInstruction { addr, .. } if *addr == bp_branchy as *const () as usize), "{e}");
-    let e = Probe::builder().address(&NOT_CODE as *const u64 as usize).register().unwrap_err();
+    // Heap memory is not executable (a `static` may share the text segment on aarch64).
+    let data = Box::new(0u64);
+    let e = Probe::builder().address(&*data as *const u64 as usize).register().unwrap_err();
     assert!(matches!(e, Error::NotExecutable { .. }), "{e}");
     assert!(matches!(Probe::builder().register().unwrap_err(), Error::NoTarget));
     // Nothing was left armed: the function still runs.

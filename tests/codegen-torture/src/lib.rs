@@ -9,7 +9,7 @@
 //! field, only its own `Ctx`, whose offsets enter as `const` operands.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 pub mod frames;
 pub mod macro_frames;
@@ -258,8 +258,8 @@ pub fn init_xsave() {
         let (lo, hi): (u32, u32);
         // SAFETY: xgetbv(0) is allowed in user space when OSXSAVE is set (checked above).
         unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi) };
-        XSAVE_SIZE.store(d.ebx as u64, Ordering::Relaxed);
-        XSAVE_MASK.store((hi as u64) << 32 | lo as u64, Ordering::Relaxed);
+        XSAVE_SIZE.store(d.ebx as u64, std::sync::atomic::Ordering::Relaxed);
+        XSAVE_MASK.store((hi as u64) << 32 | lo as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
