@@ -8,10 +8,38 @@ use crate::Error;
 pub(crate) struct Displaced {
     /// Length of the original instruction.
     pub len: usize,
-    /// The slot's bytes for its address: the relocated instruction and a breakpoint.
+    /// The slot's bytes for its address: the relocated instruction, then a jump back
+    /// to the next instruction (boosted) or a breakpoint (for the post handler).
     pub slot: Vec<u8>,
-    /// Offset of the trailing breakpoint in the slot.
-    pub slot_bp: usize,
+    /// Offset of the trailing breakpoint in the slot, if it ends with one.
+    pub slot_bp: Option<usize>,
+}
+
+/// Appends the slot's tail: a jump to `next` when `boost` and one can be encoded from
+/// `from` (the tail's address), else a breakpoint. Returns the breakpoint's offset.
+fn tail(slot: &mut Vec<u8>, from: usize, next: usize, boost: bool) -> Option<usize> {
+    if boost {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // jmp qword ptr [rip + 0]; .quad next: absolute, clobbers no register.
+            let _ = from;
+            slot.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+            slot.extend_from_slice(&(next as u64).to_le_bytes());
+            return None;
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // b next: ±128 MiB, clobbers no register.
+            let d = next as i64 - from as i64;
+            if (-(1 << 27)..(1 << 27)).contains(&d) {
+                slot.extend_from_slice(&(0x1400_0000u32 | ((d >> 2) as u32 & 0x03ff_ffff)).to_le_bytes());
+                return None;
+            }
+        }
+    }
+    let at = slot.len();
+    slot.extend_from_slice(BREAKPOINT);
+    Some(at)
 }
 
 /// Bytes written over the probed instruction, and how far the pc has moved past the
@@ -42,9 +70,13 @@ pub(crate) fn is_breakpoint_at(addr: usize) -> bool {
     }
 }
 
-/// Decodes the instruction at `addr` and builds its slot at `slot_addr`.
-pub(crate) fn displace(addr: usize, readable_end: usize, slot_addr: usize) -> Result<Displaced, Error> {
-    imp::displace(addr, readable_end, slot_addr)
+/// Decodes the instruction at `addr` and builds its slot at `slot_addr`, boosted
+/// (jumping straight back) if `boost` and the jump can be encoded.
+pub(crate) fn displace(addr: usize, readable_end: usize, slot_addr: usize, boost: bool) -> Result<Displaced, Error> {
+    let (len, mut slot) = imp::relocate(addr, readable_end, slot_addr)?;
+    let from = slot_addr + slot.len();
+    let slot_bp = tail(&mut slot, from, addr + len, boost);
+    Ok(Displaced { len, slot, slot_bp })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -52,7 +84,8 @@ mod imp {
     use super::*;
     use iced_x86::{BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, FlowControl, Formatter, InstructionBlock, IntelFormatter};
 
-    pub(super) fn displace(addr: usize, readable_end: usize, slot_addr: usize) -> Result<Displaced, Error> {
+    /// The instruction's length and its bytes relocated for `slot_addr`.
+    pub(super) fn relocate(addr: usize, readable_end: usize, slot_addr: usize) -> Result<(usize, Vec<u8>), Error> {
         let n = (readable_end - addr).min(15);
         // SAFETY: addr..addr+n lies in a readable, executable mapping (checked by the caller).
         let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, n) };
@@ -72,10 +105,7 @@ mod imp {
         let block = [insn];
         let encoded = BlockEncoder::encode(64, InstructionBlock::new(&block, slot_addr as u64), BlockEncoderOptions::NONE)
             .map_err(|_| Error::UnsupportedInstruction { addr, insn: format!("{text} (out of rel32 range of the slot)") })?;
-        let mut slot = encoded.code_buffer;
-        let slot_bp = slot.len();
-        slot.extend_from_slice(BREAKPOINT);
-        Ok(Displaced { len: insn.len(), slot, slot_bp })
+        Ok((insn.len(), encoded.code_buffer))
     }
 }
 
@@ -99,7 +129,8 @@ mod imp {
         (0xff00_0000, 0xd400_0000, "svc/hvc/smc/brk/hlt (exception generation)"),
     ];
 
-    pub(super) fn displace(addr: usize, _readable_end: usize, _slot_addr: usize) -> Result<Displaced, Error> {
+    /// The instruction's length and its bytes (nothing to relocate in what is accepted).
+    pub(super) fn relocate(addr: usize, _readable_end: usize, _slot_addr: usize) -> Result<(usize, Vec<u8>), Error> {
         if addr % 4 != 0 {
             return Err(Error::NotInstruction { addr });
         }
@@ -108,8 +139,6 @@ mod imp {
         if let Some((_, _, what)) = REFUSED.iter().find(|(mask, value, _)| w & mask == *value) {
             return Err(Error::UnsupportedInstruction { addr, insn: format!("{w:#010x}: {what}") });
         }
-        let mut slot = w.to_le_bytes().to_vec();
-        slot.extend_from_slice(BREAKPOINT);
-        Ok(Displaced { len: 4, slot, slot_bp: 4 })
+        Ok((4, w.to_le_bytes().to_vec()))
     }
 }

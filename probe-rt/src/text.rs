@@ -133,16 +133,38 @@ pub(crate) fn sync_icache(addr: usize, len: usize) {
     let _ = (addr, len);
 }
 
+fn map_exec(hint: usize, flags: libc::c_int) -> Option<usize> {
+    // SAFETY: a new anonymous private mapping; with MAP_FIXED_NOREPLACE (or none) no
+    // existing mapping is replaced.
+    let p = unsafe {
+        libc::mmap(hint as *mut libc::c_void, page_size(), libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags, -1, 0)
+    };
+    (p != libc::MAP_FAILED).then_some(p as usize)
+}
+
 /// A fresh executable page for out-of-line slots (read + execute; written through
 /// [`write_code`]).
 pub(crate) fn alloc_exec_page() -> Result<usize, Error> {
-    let ps = page_size();
-    // SAFETY: a new anonymous private mapping; no existing memory is affected.
-    let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), ps, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Error::Os { addr: 0, call: "mmap", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
+    map_exec(0, 0).ok_or_else(|| Error::Os { addr: 0, call: "mmap", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) })
+}
+
+/// A fresh executable page within `range` bytes of `addr` (for slots that branch back
+/// with a pc-relative jump), if one can be had: tries free addresses 1 MiB apart on
+/// both sides.
+pub(crate) fn alloc_exec_page_near(addr: usize, range: usize) -> Option<usize> {
+    let step = 1 << 20;
+    for k in 1..(range / step) {
+        for hint in [addr.checked_sub(k * step), addr.checked_add(k * step)].into_iter().flatten() {
+            let hint = hint & !(page_size() - 1);
+            if let Some(p) = map_exec(hint, libc::MAP_FIXED_NOREPLACE) {
+                if p.abs_diff(addr) < range {
+                    return Some(p);
+                }
+                // An old kernel took the flag as a hint only: give the page back.
+                // SAFETY: p is the page mmap just returned, unused.
+                unsafe { libc::munmap(p as *mut libc::c_void, page_size()) };
+            }
+        }
     }
-    Ok(p as usize)
+    None
 }
