@@ -32,3 +32,4 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 export CROSS_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 /usr/bin/cargo --version
 /usr/bin/cargo test --workspace --target aarch64-unknown-linux-gnu "$@"
+/usr/bin/cargo run --target aarch64-unknown-linux-gnu --example quickstart

@@ -8,6 +8,8 @@ use std::fmt;
 pub enum Error {
     /// No target was given to the builder.
     NoTarget,
+    /// No symbol of that name is visible to the dynamic linker.
+    SymbolNotFound { name: String },
     /// The address is in no executable mapping of the process.
     NotExecutable { addr: usize },
     /// The bytes at the address do not decode as an instruction.
@@ -27,7 +29,8 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::NoTarget => write!(f, "a probe needs a target: `.function(f)` or `.address(addr)`"),
+            Error::NoTarget => write!(f, "a probe needs a target: `.function(f)`, `.symbol(name)` or `.address(addr)`"),
+            Error::SymbolNotFound { name } => write!(f, "no symbol `{name}` in the process (dynamic symbol tables)"),
             Error::NotExecutable { addr } => write!(f, "{addr:#x} is not in an executable mapping"),
             Error::NotInstruction { addr } => write!(f, "{addr:#x} does not hold a valid instruction"),
             Error::UnsupportedInstruction { addr, insn } => {

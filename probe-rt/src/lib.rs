@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod events;
 pub mod frame;
 mod insn;
 pub mod probe;
@@ -14,6 +15,7 @@ mod regs;
 mod text;
 
 pub use error::Error;
+pub use events::EventBuffer;
 pub use frame::PtRegs;
 pub use probe::{FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle};
 

@@ -151,7 +151,7 @@ pub struct Probe;
 impl Probe {
     /// Starts describing a probe.
     pub fn builder() -> ProbeBuilder {
-        ProbeBuilder { target: None, offset: 0, pre: None, post: None }
+        ProbeBuilder { target: None, symbol: None, offset: 0, pre: None, post: None }
     }
 }
 
@@ -159,6 +159,7 @@ impl Probe {
 #[derive(Clone, Debug)]
 pub struct ProbeBuilder {
     target: Option<usize>,
+    symbol: Option<String>,
     offset: usize,
     pre: Option<Handler>,
     post: Option<Handler>,
@@ -168,6 +169,13 @@ impl ProbeBuilder {
     /// Probe a function (a function pointer: `my_fn as fn(u64) -> u64`).
     pub fn function(mut self, f: impl FnAddr) -> Self {
         self.target = Some(f.addr());
+        self
+    }
+
+    /// Probe a symbol of the process: an exported function of the executable or of a
+    /// loaded shared library (`getpid`), as the dynamic linker resolves it.
+    pub fn symbol(mut self, name: &str) -> Self {
+        self.symbol = Some(name.to_string());
         self
     }
 
@@ -198,7 +206,12 @@ impl ProbeBuilder {
     /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
     /// On error nothing is left armed or writable.
     pub fn register(self) -> Result<ProbeHandle, Error> {
-        let addr = self.target.ok_or(Error::NoTarget)? + self.offset;
+        let base = match (&self.symbol, self.target) {
+            (Some(name), _) => resolve(name)?,
+            (None, Some(t)) => t,
+            (None, None) => return Err(Error::NoTarget),
+        };
+        let addr = base + self.offset;
         install_handler()?;
         let mapping = text::executable(addr)?;
         let own = on_sigtrap as *const () as usize;
@@ -235,6 +248,15 @@ impl ProbeBuilder {
         drop(reg);
         Ok(handle)
     }
+}
+
+/// The address of `name` as the dynamic linker sees it (`dlsym(RTLD_DEFAULT)`).
+fn resolve(name: &str) -> Result<usize, Error> {
+    let not_found = || Error::SymbolNotFound { name: name.to_string() };
+    let c = std::ffi::CString::new(name).map_err(|_| not_found())?;
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks up symbols.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+    if p.is_null() { Err(not_found()) } else { Ok(p as usize) }
 }
 
 /// Arms (writes the breakpoint) or disarms (restores the original bytes). The entry is
