@@ -8,7 +8,7 @@ use std::fmt;
 pub enum Error {
     /// No target was given to the builder.
     NoTarget,
-    /// No symbol of that name is visible to the dynamic linker.
+    /// No function of that name in the process.
     SymbolNotFound { name: String },
     /// The address is in no executable mapping of the process.
     NotExecutable { addr: usize },
@@ -30,7 +30,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::NoTarget => write!(f, "a probe needs a target: `.function(f)`, `.symbol(name)` or `.address(addr)`"),
-            Error::SymbolNotFound { name } => write!(f, "no symbol `{name}` in the process (dynamic symbol tables)"),
+            Error::SymbolNotFound { name } => write!(f, "no function `{name}` in the symbol tables of the process"),
             Error::NotExecutable { addr } => write!(f, "{addr:#x} is not in an executable mapping"),
             Error::NotInstruction { addr } => write!(f, "{addr:#x} does not hold a valid instruction"),
             Error::UnsupportedInstruction { addr, insn } => {

@@ -56,7 +56,10 @@ struct Entry {
     target: AtomicUsize,
     /// The original bytes under the breakpoint.
     orig: AtomicU64,
+    /// Taken by a registration (never given back: see the module docs).
     used: AtomicBool,
+    /// Registered and not yet unregistered.
+    live: AtomicBool,
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // array initialiser only
@@ -72,6 +75,7 @@ const EMPTY: Entry = Entry {
     target: AtomicUsize::new(0),
     orig: AtomicU64::new(0),
     used: AtomicBool::new(false),
+    live: AtomicBool::new(false),
 };
 
 static ENTRIES: [Entry; MAX_PROBES] = [EMPTY; MAX_PROBES];
@@ -172,8 +176,8 @@ impl ProbeBuilder {
         self
     }
 
-    /// Probe a symbol of the process: an exported function of the executable or of a
-    /// loaded shared library (`getpid`), as the dynamic linker resolves it.
+    /// Probe a function of the process by name: of the executable or of a loaded shared
+    /// library (`getpid`), exported or not (ELF symbol tables through `/proc/self/maps`).
     pub fn symbol(mut self, name: &str) -> Self {
         self.symbol = Some(name.to_string());
         self
@@ -243,16 +247,20 @@ impl ProbeBuilder {
         e.resume_trap.store(displaced.slot_bp.map_or(0, |bp| slot + bp + TRAP_PC_ADVANCE as usize), Ordering::Relaxed);
         e.pre.store(self.pre.map_or(0, |h| h as usize), Ordering::Relaxed);
         e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
-        let handle = ProbeHandle { index };
         arm(e, true)?;
-        drop(reg);
-        Ok(handle)
+        e.live.store(true, Ordering::Relaxed);
+        Ok(ProbeHandle { index })
     }
 }
 
-/// The address of `name` as the dynamic linker sees it (`dlsym(RTLD_DEFAULT)`).
+/// The address of function `name`: from the ELF symbol tables of the executable and
+/// its libraries, or else as the dynamic linker resolves it (`dlsym(RTLD_DEFAULT)`,
+/// which also finds symbols of libraries opened later).
 fn resolve(name: &str) -> Result<usize, Error> {
     let not_found = || Error::SymbolNotFound { name: name.to_string() };
+    if let Some(a) = crate::symbols::address_of(name) {
+        return Ok(a);
+    }
     let c = std::ffi::CString::new(name).map_err(|_| not_found())?;
     // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks up symbols.
     let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
@@ -332,8 +340,16 @@ impl ProbeHandle {
 
     /// Disarms and retires the probe (what dropping the handle does, with the error).
     pub fn unregister(self) -> Result<(), Error> {
-        let r = self.disable();
+        let r = self.retire();
         std::mem::forget(self);
+        r
+    }
+
+    fn retire(&self) -> Result<(), Error> {
+        let r = self.disable();
+        if r.is_ok() {
+            self.entry().live.store(false, Ordering::Relaxed);
+        }
         r
     }
 }
@@ -341,29 +357,91 @@ impl ProbeHandle {
 impl Drop for ProbeHandle {
     fn drop(&mut self) {
         // The error cannot be returned from drop; `unregister` reports it.
-        let _ = self.disable();
+        let _ = self.retire();
     }
+}
+
+/// One registered probe, as [`list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeInfo {
+    /// The probed address.
+    pub addr: usize,
+    /// The function holding it (ELF symbol tables), and the offset into it.
+    pub symbol: Option<(String, usize)>,
+    /// Whether the breakpoint is in place.
+    pub enabled: bool,
+    /// Whether the code is gone (its library was unloaded).
+    pub gone: bool,
+    /// Hits whose handlers ran.
+    pub nhit: u64,
+    /// Hits whose handlers did not run.
+    pub nmissed: u64,
+}
+
+/// Every registered probe; `Display` prints them as the kernel's `kprobes/list`:
+/// `address  k  symbol+0xoff  [DISABLED][GONE]`.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeList(pub Vec<ProbeInfo>);
+
+impl std::fmt::Display for ProbeList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for p in &self.0 {
+            let place = match &p.symbol {
+                Some((name, off)) => format!("{name}+{off:#x}"),
+                None => format!("{:#x}", p.addr),
+            };
+            let flags = format!("{}{}", if p.enabled { "" } else { "[DISABLED]" }, if p.gone { "[GONE]" } else { "" });
+            writeln!(f, "{:016x}  k  {place}  {flags}", p.addr)?;
+        }
+        Ok(())
+    }
+}
+
+/// The registered probes (not for signal context: it allocates and reads `/proc`).
+pub fn list() -> ProbeList {
+    ProbeList(
+        ENTRIES
+            .iter()
+            .filter(|e| e.live.load(Ordering::Relaxed))
+            .map(|e| {
+                let addr = e.target.load(Ordering::Relaxed);
+                ProbeInfo {
+                    addr,
+                    symbol: crate::symbols::symbol_of(addr),
+                    enabled: e.addr.load(Ordering::Relaxed) != 0,
+                    gone: text::mapping_of(addr).is_none(),
+                    nhit: e.nhit.load(Ordering::Relaxed),
+                    nmissed: e.nmissed.load(Ordering::Relaxed),
+                }
+            })
+            .collect(),
+    )
 }
 
 fn install_handler() -> Result<(), Error> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
-        // SAFETY: sigaction with a zeroed struct filled field by field; the handler is
-        // an extern "C" fn of the SA_SIGINFO signature. PREVIOUS is written once,
-        // here, before any SIGTRAP can reach our handler.
+        // SAFETY: sigaction with zeroed structs filled field by field; the handler is an
+        // extern "C" fn of the SA_SIGINFO signature. PREVIOUS is written once, here,
+        // before our handler is installed (so before it can read it).
         unsafe {
+            // Read the previous disposition first, so that PREVIOUS is in place before
+            // our handler can run.
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut old) != 0 {
+                result = Err(Error::Os { addr: 0, call: "sigaction", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
+                return;
+            }
+            PREVIOUS = Some(old);
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_sigtrap as *const () as usize;
             // SA_NODEFER: a probe hit inside a handler traps inside this signal handler;
             // a blocked synchronous SIGTRAP would kill the process instead.
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART | libc::SA_NODEFER;
             libc::sigemptyset(&mut sa.sa_mask);
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGTRAP, &sa, &mut old) != 0 {
+            if libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) != 0 {
                 result = Err(Error::Os { addr: 0, call: "sigaction", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
-                return;
             }
-            PREVIOUS = Some(old);
         }
     });
     result

@@ -143,3 +143,30 @@ fn bad_targets_are_refused_with_typed_errors() {
     // SAFETY: bp_branchy is `jmp/b` to a `ret`.
     unsafe { bp_branchy() };
 }
+
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn bp_listed(a: u64) -> u64 {
+    a ^ 0x55
+}
+
+#[test]
+fn list_shows_probes_as_the_kernel_does() {
+    let f = bp_listed as extern "C" fn(u64) -> u64;
+    let p = Probe::builder().function(f).register().unwrap();
+    let line = |l: &probe_rt::ProbeList| l.to_string().lines().find(|l| l.contains("bp_listed")).map(String::from);
+    let l = probe_rt::list();
+    assert_eq!(line(&l), Some(format!("{:016x}  k  bp_listed+0x0  ", f as usize)), "{l}");
+    p.disable().unwrap();
+    assert_eq!(line(&probe_rt::list()), Some(format!("{:016x}  k  bp_listed+0x0  [DISABLED]", f as usize)));
+    drop(p);
+    assert_eq!(line(&probe_rt::list()), None, "unregistered probes are not listed");
+    // By name and offset, an unexported function of the executable too.
+    let p = Probe::builder().symbol("bp_listed").offset(0).register().unwrap();
+    assert_eq!(p.address(), f as usize);
+    assert_eq!(black_box(f)(0x55), 0);
+    assert_eq!(p.nhit(), 1);
+    drop(p);
+    let e = Probe::builder().symbol("no_such_function_anywhere").register().unwrap_err();
+    assert!(matches!(&e, Error::SymbolNotFound { name } if name == "no_such_function_anywhere"), "{e}");
+}

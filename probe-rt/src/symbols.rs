@@ -1,0 +1,73 @@
+//! Symbols of the process: the ELF symbol tables (`.symtab` and `.dynsym`) of the
+//! executable and every loaded library, found through `/proc/self/maps`, so that
+//! functions that are not exported resolve too. Registration and listing only: this
+//! reads files and allocates.
+
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+/// A file mapped into the process: its path, the address its file offset 0 is mapped
+/// at, and the ranges of its mappings.
+struct Image {
+    path: String,
+    start: usize,
+    ranges: Vec<(usize, usize)>,
+}
+
+fn images() -> Vec<Image> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut out: Vec<Image> = Vec::new();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(range), Some(off), Some(path)) = (f.first(), f.get(2), f.get(5)) else { continue };
+        if !path.starts_with('/') {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else { continue };
+        let (Ok(a), Ok(b), Ok(off)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16), usize::from_str_radix(off, 16)) else {
+            continue;
+        };
+        match out.iter_mut().find(|i| i.path == *path) {
+            Some(i) => {
+                i.ranges.push((a, b));
+                if off == 0 {
+                    i.start = i.start.min(a);
+                }
+            }
+            None => out.push(Image { path: path.to_string(), start: if off == 0 { a } else { usize::MAX }, ranges: vec![(a, b)] }),
+        }
+    }
+    out.retain(|i| i.start != usize::MAX);
+    out
+}
+
+/// The function symbols of an image, with its load bias applied: `(name, address, size)`.
+fn functions(image: &Image) -> Vec<(String, usize, usize)> {
+    let Ok(data) = std::fs::read(&image.path) else { return Vec::new() };
+    let Ok(file) = object::File::parse(&*data) else { return Vec::new() };
+    // The bias: where the segment holding file offset 0 landed, minus its link address.
+    let Some(base) = file.segments().find(|s| s.file_range().0 == 0).map(|s| s.address() as usize) else {
+        return Vec::new();
+    };
+    let bias = image.start.wrapping_sub(base);
+    file.symbols()
+        .chain(file.dynamic_symbols())
+        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
+        .filter_map(|s| Some((s.name().ok()?.to_string(), bias.wrapping_add(s.address() as usize), s.size() as usize)))
+        .collect()
+}
+
+/// The address of function `name` (the executable first, then the libraries).
+pub(crate) fn address_of(name: &str) -> Option<usize> {
+    images().iter().find_map(|i| functions(i).into_iter().find(|(n, ..)| n == name).map(|(_, a, _)| a))
+}
+
+/// The function containing `addr` and the offset into it.
+pub(crate) fn symbol_of(addr: usize) -> Option<(String, usize)> {
+    let images = images();
+    let image = images.iter().find(|i| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&addr)))?;
+    functions(image)
+        .into_iter()
+        .filter(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr))
+        .min_by_key(|(_, a, _)| addr - a)
+        .map(|(n, a, _)| (n, addr - a))
+}
