@@ -4,6 +4,7 @@
 
 use proc_macro::TokenStream;
 
+mod kprobe;
 mod pt_regs;
 
 /// Declares a register frame and generates its save/restore routines.
@@ -57,4 +58,40 @@ mod pt_regs;
 #[proc_macro_attribute]
 pub fn pt_regs(attr: TokenStream, item: TokenStream) -> TokenStream {
     pt_regs::expand(attr.into(), item.into()).into()
+}
+
+/// Makes a function the pre handler of a breakpoint probe and generates its
+/// registration.
+///
+/// # Syntax
+///
+/// ```text
+/// #[kprobe(function = path::to::f)]
+/// #[kprobe(symbol = "name", offset = 0x10)]
+/// #[kprobe(function = f, post = other_handler, crate = ::probekit)]
+/// ```
+///
+/// # Usage
+///
+/// On `fn handler(regs: &mut PtRegs)`. The function stays as written; next to it a
+/// module of the same name holds `register()`, which arms the probe and returns its
+/// `ProbeHandle` (unregistered on drop): `handler::register()?`.
+///
+/// # Safety
+///
+/// The handler runs in a signal handler on the thread that hit the probe: it must be
+/// async-signal-safe (no allocation, no locks, no printing; push to an `EventBuffer`).
+///
+/// # Examples
+///
+/// ```ignore
+/// #[probekit::kprobe(function = crate::parse)]
+/// fn on_parse(regs: &mut probekit::PtRegs) {
+///     EVENTS.push(regs.arg(0).unwrap_or(0));
+/// }
+/// let _probe = on_parse::register()?;
+/// ```
+#[proc_macro_attribute]
+pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
+    kprobe::expand(attr.into(), item.into()).into()
 }

@@ -1,0 +1,144 @@
+//! `#[kprobe]`: a breakpoint probe's handler and its registration.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+
+struct Options {
+    function: Option<syn::Path>,
+    symbol: Option<syn::LitStr>,
+    offset: Option<syn::LitInt>,
+    post: Option<syn::Path>,
+    krate: syn::Path,
+}
+
+fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
+    let mut o = Options { function: None, symbol: None, offset: None, post: None, krate: syn::parse_quote!(::probekit) };
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("function") {
+            o.function = Some(meta.value()?.parse()?);
+        } else if meta.path.is_ident("symbol") {
+            o.symbol = Some(meta.value()?.parse()?);
+        } else if meta.path.is_ident("offset") {
+            o.offset = Some(meta.value()?.parse()?);
+        } else if meta.path.is_ident("post") {
+            o.post = Some(meta.value()?.parse()?);
+        } else if meta.path.is_ident("crate") {
+            o.krate = meta.value()?.parse()?;
+        } else {
+            errors.push(meta.error(
+                "unknown option: must be `function = path`, `symbol = \"name\"`, `offset = N`, `post = path` or `crate = path`",
+            ));
+            if meta.input.peek(syn::Token![=]) {
+                let _: syn::Expr = meta.value()?.parse()?;
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = syn::parse::Parser::parse2(parser, attr) {
+        errors.push(e);
+    }
+    match (&o.function, &o.symbol) {
+        (Some(f), Some(_)) => errors.push(syn::Error::new(f.span(), "must have one target: `function = path` or `symbol = \"name\"`, not both")),
+        (None, None) => errors.push(syn::Error::new(
+            Span::call_site(),
+            "`#[kprobe]` must name its target: `#[kprobe(function = path::to::f)]` or `#[kprobe(symbol = \"name\", offset = 0x10)]`",
+        )),
+        _ => {}
+    }
+    o
+}
+
+/// Checks `fn h(regs: &mut PtRegs)`, one error per problem, each on its token.
+fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) {
+    const SHAPE: &str = "`#[kprobe]` handler must have signature `fn(regs: &mut PtRegs)`";
+    let s = &f.sig;
+    if let Some(t) = &s.asyncness {
+        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `async`")));
+    }
+    if let Some(t) = &s.constness {
+        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `const`")));
+    }
+    if let Some(t) = &s.unsafety {
+        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `unsafe`")));
+    }
+    if let Some(a) = &s.abi {
+        errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must use the Rust ABI")));
+    }
+    if !s.generics.params.is_empty() {
+        errors.push(syn::Error::new(s.generics.span(), format!("{SHAPE}: it must not be generic")));
+    }
+    if let Some(v) = &s.variadic {
+        errors.push(syn::Error::new(v.span(), format!("{SHAPE}: it must not be variadic")));
+    }
+    if let syn::ReturnType::Type(_, t) = &s.output {
+        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must return nothing")));
+    }
+    let is_regs = |t: &syn::Type| match t {
+        syn::Type::Reference(r) if r.mutability.is_some() => {
+            matches!(&*r.elem, syn::Type::Path(p) if p.path.segments.last().is_some_and(|l| l.ident == "PtRegs"))
+        }
+        _ => false,
+    };
+    match s.inputs.len() {
+        1 => {
+            if let Some(syn::FnArg::Typed(p)) = s.inputs.first() {
+                if !is_regs(&p.ty) {
+                    errors.push(syn::Error::new(p.ty.span(), format!("{SHAPE}: its argument must be `&mut PtRegs`")));
+                }
+            } else if let Some(a) = s.inputs.first() {
+                errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must not take `self`")));
+            }
+        }
+        _ => errors.push(syn::Error::new(
+            if s.inputs.is_empty() { s.ident.span() } else { s.inputs.span() },
+            format!("{SHAPE}: it must take exactly one argument"),
+        )),
+    }
+}
+
+pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let f: syn::ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(_) => {
+            let span = item.clone().into_iter().next().map(|t| t.span()).unwrap_or_else(Span::call_site);
+            let e = syn::Error::new(span, "`#[kprobe]` must be on a function: `fn handler(regs: &mut PtRegs)`").to_compile_error();
+            return quote! { #e #item };
+        }
+    };
+    let mut errors = Vec::new();
+    let o = parse_options(attr, &mut errors);
+    check_signature(&f, &mut errors);
+    if let Some(e) = errors.into_iter().reduce(|mut a, b| {
+        a.combine(b);
+        a
+    }) {
+        let e = e.to_compile_error();
+        return quote! { #e #f };
+    }
+    let krate = &o.krate;
+    let (ident, vis) = (&f.sig.ident, &f.vis);
+    let target = match (&o.function, &o.symbol) {
+        (Some(path), _) => quote_spanned! { path.span() => .address(#path as *const () as usize) },
+        (_, Some(name)) => quote! { .symbol(#name) },
+        _ => unreachable!("checked with the options"),
+    };
+    let offset = o.offset.as_ref().map(|n| quote! { .offset(#n) });
+    let post = o.post.as_ref().map(|p| quote_spanned! { p.span() => .post(#p) });
+    let doc = format!("Registers the breakpoint probe whose pre handler is [`fn@{ident}`].");
+    quote! {
+        #f
+
+        #[doc = concat!("The probe of [`fn@", stringify!(#ident), "`] (generated by `#[kprobe]`).")]
+        #[allow(non_snake_case)]
+        #vis mod #ident {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[doc = #doc]
+            pub fn register() -> ::core::result::Result<#krate::ProbeHandle, #krate::Error> {
+                #krate::Probe::builder() #target #offset .pre(super::#ident) #post .register()
+            }
+        }
+    }
+}

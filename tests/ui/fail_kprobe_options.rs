@@ -1,0 +1,14 @@
+use probekit::PtRegs;
+
+fn target() {}
+
+#[probekit::kprobe(function = target, symbol = "target")]
+fn both(_regs: &mut PtRegs) {}
+
+#[probekit::kprobe]
+fn neither(_regs: &mut PtRegs) {}
+
+#[probekit::kprobe(function = target, speed = 11)]
+fn unknown(_regs: &mut PtRegs) {}
+
+fn main() {}
