@@ -218,9 +218,8 @@ impl ProbeBuilder {
         let addr = base + self.offset;
         install_handler()?;
         let mapping = text::executable(addr)?;
-        let own = on_sigtrap as *const () as usize;
-        if (own..own + 4096).contains(&addr) {
-            return Err(Error::Blacklisted { addr, what: "probekit's SIGTRAP handler" });
+        if let Some(b) = blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr)) {
+            return Err(Error::Blacklisted { addr, what: b.name });
         }
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         if ENTRIES.iter().any(|e| e.target.load(Ordering::Relaxed) == addr && e.addr.load(Ordering::Relaxed) != 0) {
@@ -359,6 +358,44 @@ impl Drop for ProbeHandle {
         // The error cannot be returned from drop; `unregister` reports it.
         let _ = self.retire();
     }
+}
+
+/// A range of code probes must not touch: probekit's hit path, which a breakpoint
+/// there would make recurse, and the libc functions it calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blacklisted {
+    /// What it is.
+    pub name: &'static str,
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+}
+
+/// The code probes are refused in (as the kernel's `kprobes/blacklist`), found through
+/// the symbol tables once; a function whose size is unknown counts as one page.
+pub fn blacklist() -> Vec<Blacklisted> {
+    static LIST: std::sync::OnceLock<Vec<Blacklisted>> = std::sync::OnceLock::new();
+    LIST.get_or_init(find_blacklist).clone()
+}
+
+fn find_blacklist() -> Vec<Blacklisted> {
+    let hit_path: [(&'static str, usize); 7] = [
+        ("probekit's SIGTRAP handler", on_sigtrap as *const () as usize),
+        ("probekit's handler call", call_handler as *const () as usize),
+        ("probekit's trap chaining", chain as *const () as usize),
+        ("probekit's register reading", regs::read as *const () as usize),
+        ("probekit's register writing", regs::write as *const () as usize),
+        ("libc sigaction (trap chaining)", libc::sigaction as *const () as usize),
+        ("libc raise (trap chaining)", libc::raise as *const () as usize),
+    ];
+    hit_path
+        .into_iter()
+        .map(|(name, addr)| match crate::symbols::function_at(addr) {
+            Some((_, start, size)) if size > 0 => Blacklisted { name, start, end: start + size },
+            _ => Blacklisted { name, start: addr, end: addr + text::page_size() },
+        })
+        .collect()
 }
 
 /// One registered probe, as [`list`] reports it.

@@ -61,13 +61,14 @@ pub(crate) fn address_of(name: &str) -> Option<usize> {
     images().iter().find_map(|i| functions(i).into_iter().find(|(n, ..)| n == name).map(|(_, a, _)| a))
 }
 
-/// The function containing `addr` and the offset into it.
-pub(crate) fn symbol_of(addr: usize) -> Option<(String, usize)> {
+/// The function containing `addr`: `(name, start, size)`.
+pub(crate) fn function_at(addr: usize) -> Option<(String, usize, usize)> {
     let images = images();
     let image = images.iter().find(|i| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&addr)))?;
-    functions(image)
-        .into_iter()
-        .filter(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr))
-        .min_by_key(|(_, a, _)| addr - a)
-        .map(|(n, a, _)| (n, addr - a))
+    functions(image).into_iter().filter(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr)).min_by_key(|(_, a, _)| addr - a)
+}
+
+/// The function containing `addr` and the offset into it.
+pub(crate) fn symbol_of(addr: usize) -> Option<(String, usize)> {
+    function_at(addr).map(|(n, a, _)| (n, addr - a))
 }

@@ -139,6 +139,11 @@ fn bad_targets_are_refused_with_typed_errors() {
     let e = Probe::builder().address(&*data as *const u64 as usize).register().unwrap_err();
     assert!(matches!(e, Error::NotExecutable { .. }), "{e}");
     assert!(matches!(Probe::builder().register().unwrap_err(), Error::NoTarget));
+    // probekit's own hit path is refused, by the blacklist.
+    let bl = probe_rt::blacklist();
+    assert!(bl.iter().any(|b| b.name.contains("SIGTRAP handler")), "{bl:?}");
+    let e = Probe::builder().address(bl[0].start).register().unwrap_err();
+    assert!(matches!(e, Error::Blacklisted { .. }), "{e}");
     // Nothing was left armed: the function still runs.
     // SAFETY: bp_branchy is `jmp/b` to a `ret`.
     unsafe { bp_branchy() };
