@@ -24,7 +24,7 @@
 //! within the process (at most [`MAX_PROBES`] registrations). A grace period that
 //! lets them be reused is a later step.
 
-use crate::insn::{self, BREAKPOINT, TRAP_PC_ADVANCE};
+use crate::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
 use crate::{regs, text, Error, PtRegs};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -56,6 +56,10 @@ struct Entry {
     target: AtomicUsize,
     /// The original bytes under the breakpoint.
     orig: AtomicU64,
+    /// A simulated instruction (`kind` 0: it runs out of line in `slot`).
+    sim_kind: AtomicU64,
+    sim_a: AtomicU64,
+    sim_b: AtomicU64,
     /// Taken by a registration (never given back: see the module docs).
     used: AtomicBool,
     /// Registered and not yet unregistered.
@@ -74,6 +78,9 @@ const EMPTY: Entry = Entry {
     nmissed: AtomicU64::new(0),
     target: AtomicUsize::new(0),
     orig: AtomicU64::new(0),
+    sim_kind: AtomicU64::new(0),
+    sim_a: AtomicU64::new(0),
+    sim_b: AtomicU64::new(0),
     used: AtomicBool::new(false),
     live: AtomicBool::new(false),
 };
@@ -88,25 +95,23 @@ struct Slots {
     pages: Vec<(usize, usize)>,
 }
 
-/// How far a boosted slot may be from its probe: x86_64 jumps back absolutely;
-/// aarch64 `b` reaches ±128 MiB.
+/// How near its probe a slot is placed: x86_64 within rel32 (±2 GiB) so RIP-relative
+/// operands can be relocated; aarch64 within `b` range (±128 MiB) so it can jump back.
 #[cfg(target_arch = "aarch64")]
-const BOOST_RANGE: usize = 128 << 20;
+const NEAR: usize = 128 << 20;
 #[cfg(target_arch = "x86_64")]
-const BOOST_RANGE: usize = usize::MAX;
+const NEAR: usize = 1 << 31;
 
 impl Slots {
-    /// A free slot for a probe at `addr`, near it when `near` (within reach of a jump
-    /// back): `(page index, slot address)`. Taken only by [`Slots::commit`].
-    fn find(&mut self, addr: usize, near: bool) -> Result<(usize, usize), Error> {
-        let ok = |p: usize| !near || p.abs_diff(addr) < BOOST_RANGE - text::page_size();
+    /// A free slot for a probe at `addr`, near it if possible (see [`NEAR`]):
+    /// `(page index, slot address)`. Taken only by [`Slots::commit`].
+    fn find(&mut self, addr: usize) -> Result<(usize, usize), Error> {
+        let ok = |p: usize| p.abs_diff(addr) < NEAR - text::page_size();
         if let Some(i) = self.pages.iter().position(|(p, used)| ok(*p) && *used + SLOT <= text::page_size()) {
             return Ok((i, self.pages[i].0 + self.pages[i].1));
         }
-        let p = match near && BOOST_RANGE != usize::MAX {
-            true => text::alloc_exec_page_near(addr, BOOST_RANGE - text::page_size()).map_or_else(text::alloc_exec_page, Ok)?,
-            false => text::alloc_exec_page()?,
-        };
+        // Far, if nothing near can be had: boosting and relocation then fall back or refuse.
+        let p = text::alloc_exec_page_near(addr, NEAR - text::page_size()).map_or_else(text::alloc_exec_page, Ok)?;
         self.pages.push((p, 0));
         Ok((self.pages.len() - 1, p))
     }
@@ -228,10 +233,15 @@ impl ProbeBuilder {
         let index = ENTRIES.iter().position(|e| !e.used.load(Ordering::Relaxed)).ok_or(Error::TooManyProbes { max: MAX_PROBES })?;
         // Without a post handler the slot jumps straight back (boosted): one trap per hit.
         let boost = self.post.is_none();
-        let (page, slot) = reg.find(addr, boost)?;
-        let displaced = insn::displace(addr, mapping.end, slot, boost)?;
-        text::write_code(slot, &displaced.slot)?;
-        reg.commit(page);
+        let (page, slot) = reg.find(addr)?;
+        let (len, slot, slot_bp, sim) = match insn::prepare(addr, mapping.end, slot, boost)? {
+            Exec::Slot(d) => {
+                text::write_code(slot, &d.slot)?;
+                reg.commit(page);
+                (d.len, slot, d.slot_bp, Sim::default())
+            }
+            Exec::Simulate { len, sim } => (len, 0, None, sim),
+        };
 
         let e = &ENTRIES[index];
         // SAFETY: addr lies in a readable executable mapping (checked); at least
@@ -242,8 +252,11 @@ impl ProbeBuilder {
         e.target.store(addr, Ordering::Relaxed);
         e.orig.store(u64::from_ne_bytes(orig), Ordering::Relaxed);
         e.slot.store(slot, Ordering::Relaxed);
-        e.next.store(addr + displaced.len, Ordering::Relaxed);
-        e.resume_trap.store(displaced.slot_bp.map_or(0, |bp| slot + bp + TRAP_PC_ADVANCE as usize), Ordering::Relaxed);
+        e.next.store(addr + len, Ordering::Relaxed);
+        e.resume_trap.store(slot_bp.map_or(0, |bp| slot + bp + TRAP_PC_ADVANCE as usize), Ordering::Relaxed);
+        e.sim_kind.store(sim.kind, Ordering::Relaxed);
+        e.sim_a.store(sim.a, Ordering::Relaxed);
+        e.sim_b.store(sim.b, Ordering::Relaxed);
         e.pre.store(self.pre.map_or(0, |h| h as usize), Ordering::Relaxed);
         e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
         arm(e, true)?;
@@ -500,26 +513,39 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
 
     if let Some(e) = ENTRIES.iter().find(|e| e.addr.load(Ordering::Acquire) == bp) {
-        let slot = e.slot.load(Ordering::Relaxed) as u64;
-        if ACTIVE.get() {
-            // Hit inside a handler: count it, run the instruction, no handlers.
+        let active = ACTIVE.get();
+        if active {
+            // Hit inside a handler: count it, execute the instruction, no handlers.
             e.nmissed.fetch_add(1, Ordering::Relaxed);
-            regs::set_pc(uc, slot);
-            return;
-        }
-        e.nhit.fetch_add(1, Ordering::Relaxed);
-        let pre = e.pre.load(Ordering::Relaxed);
-        if pre != 0 {
-            let mut r = regs::read(uc, bp as u64);
-            ACTIVE.set(true);
-            call_handler(pre, &mut r);
-            ACTIVE.set(false);
-            regs::write(uc, &r);
-            if r_pc(&r) != bp as u64 {
-                return; // the handler redirected execution: the instruction is skipped
+        } else {
+            e.nhit.fetch_add(1, Ordering::Relaxed);
+            let pre = e.pre.load(Ordering::Relaxed);
+            if pre != 0 {
+                let mut r = regs::read(uc, bp as u64);
+                ACTIVE.set(true);
+                call_handler(pre, &mut r);
+                ACTIVE.set(false);
+                regs::write(uc, &r);
+                if r.instruction_pointer() != bp as u64 {
+                    return; // the handler redirected execution: the instruction is skipped
+                }
             }
         }
-        regs::set_pc(uc, slot);
+        let sim = Sim { kind: e.sim_kind.load(Ordering::Relaxed), a: e.sim_a.load(Ordering::Relaxed), b: e.sim_b.load(Ordering::Relaxed) };
+        if sim.kind == 0 {
+            regs::set_pc(uc, e.slot.load(Ordering::Relaxed) as u64);
+            return;
+        }
+        // Simulated: its effect is applied here, then the post handler sees the result.
+        insn::simulate(sim, bp, e.next.load(Ordering::Relaxed) - bp, uc);
+        let post = e.post.load(Ordering::Relaxed);
+        if post != 0 && !active {
+            let mut r = regs::read(uc, regs::pc(uc));
+            ACTIVE.set(true);
+            call_handler(post, &mut r);
+            ACTIVE.set(false);
+            regs::write(uc, &r);
+        }
         return;
     }
     let pc = regs::pc(uc) as usize;
@@ -545,10 +571,6 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         return;
     }
     chain(sig, info, ctx);
-}
-
-fn r_pc(r: &PtRegs) -> u64 {
-    r.instruction_pointer()
 }
 
 /// Passes a trap that is not ours to the previous disposition, unchanged.

@@ -121,19 +121,25 @@ fn threads_hammering_a_probe_count_every_hit() {
     assert_eq!(THREAD_HITS.load(Ordering::Relaxed), 2000);
 }
 
-// A function that starts with a branch: it cannot run out of line (yet).
+// A function with an instruction that can neither run out of line nor be simulated
+// (yet): an indirect jump; aarch64 a load-exclusive.
 #[cfg(target_arch = "x86_64")]
-std::arch::global_asm!(".globl bp_branchy", "bp_branchy:", "jmp 2f", "2:", "ret");
+std::arch::global_asm!(".globl bp_branchy", ".globl bp_unsupported_at", "bp_branchy:", "lea rax, [rip + 2f]", "bp_unsupported_at:", "jmp rax", "2:", "ret");
 #[cfg(target_arch = "aarch64")]
-std::arch::global_asm!(".globl bp_branchy", "bp_branchy:", "b 2f", "2:", "ret");
+std::arch::global_asm!(
+    ".globl bp_branchy", ".globl bp_unsupported_at", "bp_branchy:", "sub sp, sp, #16", "str xzr, [sp]",
+    "bp_unsupported_at:", "ldxr x1, [sp]", "clrex", "add sp, sp, #16", "ret"
+);
 extern "C" {
     fn bp_branchy();
+    fn bp_unsupported_at();
 }
 
 #[test]
 fn bad_targets_are_refused_with_typed_errors() {
-    let e = Probe::builder().function(bp_branchy as unsafe extern "C" fn()).register().unwrap_err();
-    assert!(matches!(&e, Error::UnsupportedInstruction { addr, .. } if *addr == bp_branchy as *const () as usize), "{e}");
+    let at = bp_unsupported_at as *const () as usize;
+    let e = Probe::builder().address(at).register().unwrap_err();
+    assert!(matches!(&e, Error::UnsupportedInstruction { addr, .. } if *addr == at), "{e}");
     // Heap memory is not executable (a `static` may share the text segment on aarch64).
     let data = Box::new(0u64);
     let e = Probe::builder().address(&*data as *const u64 as usize).register().unwrap_err();
@@ -145,7 +151,7 @@ fn bad_targets_are_refused_with_typed_errors() {
     let e = Probe::builder().address(bl[0].start).register().unwrap_err();
     assert!(matches!(e, Error::Blacklisted { .. }), "{e}");
     // Nothing was left armed: the function still runs.
-    // SAFETY: bp_branchy is `jmp/b` to a `ret`.
+    // SAFETY: bp_branchy clobbers only scratch registers and returns.
     unsafe { bp_branchy() };
 }
 
