@@ -14,6 +14,8 @@ pub enum Error {
     NotExecutable { addr: usize },
     /// The bytes at the address do not decode as an instruction.
     NotInstruction { addr: usize },
+    /// The address is inside an instruction (decoding from the function's start).
+    NotInstructionBoundary { addr: usize, function: usize },
     /// The instruction cannot run out of line, and is not simulated (yet): its text is given.
     UnsupportedInstruction { addr: usize, insn: String },
     /// The address is in probekit's own hit path, which a probe would make recurse.
@@ -33,6 +35,11 @@ impl fmt::Display for Error {
             Error::SymbolNotFound { name } => write!(f, "no function `{name}` in the symbol tables of the process"),
             Error::NotExecutable { addr } => write!(f, "{addr:#x} is not in an executable mapping"),
             Error::NotInstruction { addr } => write!(f, "{addr:#x} does not hold a valid instruction"),
+            Error::NotInstructionBoundary { addr, function } => write!(
+                f,
+                "{addr:#x} is not an instruction boundary of the function at {function:#x} (+{:#x})",
+                addr - function
+            ),
             Error::UnsupportedInstruction { addr, insn } => {
                 write!(f, "{addr:#x}: `{insn}` cannot be probed yet (it cannot run out of line)")
             }

@@ -111,6 +111,36 @@ enum Decoded {
 
 pub(crate) use imp::simulate;
 
+/// Checks that `addr` is an instruction boundary of the code starting at `start`
+/// (decoding forward from there; aarch64: 4-byte alignment).
+pub(crate) fn check_boundary(start: usize, addr: usize, readable_end: usize) -> Result<(), Error> {
+    let bad = Error::NotInstructionBoundary { addr, function: start };
+    #[cfg(target_arch = "x86_64")]
+    {
+        if addr < start || addr >= readable_end {
+            return Err(bad);
+        }
+        // SAFETY: start..readable_end lies in one readable mapping (the caller's).
+        let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, readable_end - start) };
+        let mut d = iced_x86::Decoder::with_ip(64, bytes, start as u64, iced_x86::DecoderOptions::NONE);
+        while d.can_decode() {
+            let ip = d.ip() as usize;
+            if ip >= addr {
+                return if ip == addr { Ok(()) } else { Err(bad) };
+            }
+            if d.decode().is_invalid() {
+                return Err(bad);
+            }
+        }
+        Err(bad)
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let _ = readable_end;
+        if addr >= start && (addr - start) % 4 == 0 { Ok(()) } else { Err(bad) }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use super::*;

@@ -34,7 +34,7 @@ use std::sync::{Mutex, Once};
 pub type Handler = fn(&mut PtRegs);
 
 /// How many probes a process can register in its lifetime (see the module docs).
-pub const MAX_PROBES: usize = 256;
+pub const MAX_PROBES: usize = 1024;
 
 /// Bytes of one out-of-line slot.
 const SLOT: usize = 32;
@@ -130,7 +130,14 @@ thread_local! {
     /// Whether this thread is running a probe handler (reentrancy guard). Const-initialised
     /// and without destructor, so reading it in a signal handler allocates nothing.
     static ACTIVE: Cell<bool> = const { Cell::new(false) };
+    /// `(address, count)` of this thread's consecutive back-ups over a breakpoint that is
+    /// a probe's but was not armed when the thread looked (see `on_sigtrap`).
+    static BACKUPS: Cell<(usize, u32)> = const { Cell::new((0, 0)) };
 }
+
+/// How many times in a row a thread re-runs a probe address whose breakpoint it keeps
+/// meeting disarmed before it treats the breakpoint as someone else's.
+const MAX_BACKUPS: u32 = 1000;
 
 /// Something whose address can be probed: a function pointer.
 pub trait FnAddr: Copy {
@@ -223,6 +230,15 @@ impl ProbeBuilder {
         let addr = base + self.offset;
         install_handler()?;
         let mapping = text::executable(addr)?;
+        // An instruction boundary, decoding from the start of the function: the one the
+        // caller named, or the one the symbol tables say contains the address.
+        let start = match (self.symbol.is_some() || self.target.is_some()) && self.offset > 0 {
+            true => Some(base),
+            false => crate::symbols::function_at(addr).map(|(_, start, _)| start).filter(|s| *s != addr),
+        };
+        if let Some(start) = start {
+            insn::check_boundary(start, addr, mapping.end)?;
+        }
         if let Some(b) = blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr)) {
             return Err(Error::Blacklisted { addr, what: b.name });
         }
@@ -513,6 +529,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
 
     if let Some(e) = ENTRIES.iter().find(|e| e.addr.load(Ordering::Acquire) == bp) {
+        BACKUPS.set((0, 0));
         let active = ACTIVE.get();
         if active {
             // Hit inside a handler: count it, execute the instruction, no handlers.
@@ -563,14 +580,27 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         regs::set_pc(uc, next);
         return;
     }
-    // Not ours. If the text is no breakpoint any more, one was removed after this
+    // Not armed now. If the text is no breakpoint any more, one was removed after this
     // thread hit it (ours while disarming, or a debugger's): back up and run the
-    // original instruction (seed 004).
-    if !insn::is_breakpoint_at(bp) {
+    // original instruction (seed 004). If it is a breakpoint at an address that is or
+    // was probed, a disarm and re-arm raced with this lookup (the breakpoint is written
+    // after the record is armed, and removed before it is disarmed, but the two reads
+    // here are not one): back up too, and the next trap finds it armed, or the text
+    // restored. Only a breakpoint nobody probes, or one that stays unarmed, is passed on.
+    let ours_once = ENTRIES.iter().any(|e| e.used.load(Ordering::Acquire) && e.target.load(Ordering::Relaxed) == bp);
+    if !insn::is_breakpoint_at(bp) || ours_once && backup_again(bp) {
         regs::set_pc(uc, bp as u64);
         return;
     }
     chain(sig, info, ctx);
+}
+
+/// Counts a back-up over `bp` on this thread; false once there were too many in a row.
+fn backup_again(bp: usize) -> bool {
+    let (at, n) = BACKUPS.get();
+    let n = if at == bp { n + 1 } else { 1 };
+    BACKUPS.set((bp, n));
+    n <= MAX_BACKUPS
 }
 
 /// Passes a trap that is not ours to the previous disposition, unchanged.

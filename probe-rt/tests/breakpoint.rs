@@ -145,6 +145,18 @@ fn bad_targets_are_refused_with_typed_errors() {
     let e = Probe::builder().address(&*data as *const u64 as usize).register().unwrap_err();
     assert!(matches!(e, Error::NotExecutable { .. }), "{e}");
     assert!(matches!(Probe::builder().register().unwrap_err(), Error::NoTarget));
+    // Inside an instruction: refused, decoding from the function's start.
+    #[cfg(target_arch = "x86_64")]
+    {
+        // `lea rax, [rip + 2f]` is 7 bytes: +1 is inside it, +7 is the `jmp rax`.
+        let e = Probe::builder().function(bp_branchy as unsafe extern "C" fn()).offset(1).register().unwrap_err();
+        assert!(matches!(e, Error::NotInstructionBoundary { .. }), "{e}");
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let e = Probe::builder().function(bp_branchy as unsafe extern "C" fn()).offset(2).register().unwrap_err();
+        assert!(matches!(e, Error::NotInstructionBoundary { .. }), "{e}");
+    }
     // probekit's own hit path is refused, by the blacklist.
     let bl = probe_rt::blacklist();
     assert!(bl.iter().any(|b| b.name.contains("SIGTRAP handler")), "{bl:?}");
