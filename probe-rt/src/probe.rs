@@ -260,9 +260,9 @@ impl ProbeBuilder {
         };
 
         let e = &ENTRIES[index];
+        let mut orig = [0u8; 8];
         // SAFETY: addr lies in a readable executable mapping (checked); at least
         // BREAKPOINT.len() bytes of it are the instruction (decoded above).
-        let mut orig = [0u8; 8];
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, orig.as_mut_ptr(), BREAKPOINT.len()) };
         e.used.store(true, Ordering::Relaxed);
         e.target.store(addr, Ordering::Relaxed);
