@@ -20,8 +20,6 @@ pub enum Error {
     UnsupportedInstruction { addr: usize, insn: String },
     /// The address is in probekit's own hit path, which a probe would make recurse.
     Blacklisted { addr: usize, what: &'static str },
-    /// Another probe already uses the address (aggregation is not supported yet).
-    AlreadyProbed { addr: usize },
     /// Every probe slot of the process is in use.
     TooManyProbes { max: usize },
     /// A system call failed.
@@ -44,7 +42,6 @@ impl fmt::Display for Error {
                 write!(f, "{addr:#x}: `{insn}` cannot be probed yet (it cannot run out of line)")
             }
             Error::Blacklisted { addr, what } => write!(f, "{addr:#x} is in {what}, which probekit cannot probe"),
-            Error::AlreadyProbed { addr } => write!(f, "{addr:#x} is already probed"),
             Error::TooManyProbes { max } => write!(f, "all {max} probe slots of the process are used"),
             Error::Os { addr, call, errno } => {
                 write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))

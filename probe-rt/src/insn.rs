@@ -90,10 +90,11 @@ pub(crate) enum Exec {
     Simulate { len: usize, sim: Sim },
 }
 
-/// Decodes the instruction at `addr` and decides how it runs: simulated, or out of line
-/// in a slot at `slot_addr` (boosted, jumping straight back, if `boost` and possible).
-pub(crate) fn prepare(addr: usize, readable_end: usize, slot_addr: usize, boost: bool) -> Result<Exec, Error> {
-    match imp::decode(addr, readable_end, slot_addr)? {
+/// Decodes the instruction at `addr`, whose original bytes (no breakpoints) start
+/// `code`, and decides how it runs: simulated, or out of line in a slot at `slot_addr`
+/// (boosted, jumping straight back, if `boost` and possible).
+pub(crate) fn prepare(addr: usize, code: &[u8], slot_addr: usize, boost: bool) -> Result<Exec, Error> {
+    match imp::decode(addr, code, slot_addr)? {
         Decoded::Simulate(len, sim) => Ok(Exec::Simulate { len, sim }),
         Decoded::Relocated(len, mut slot) => {
             let from = slot_addr + slot.len();
@@ -111,18 +112,17 @@ enum Decoded {
 
 pub(crate) use imp::simulate;
 
-/// Checks that `addr` is an instruction boundary of the code starting at `start`
-/// (decoding forward from there; aarch64: 4-byte alignment).
-pub(crate) fn check_boundary(start: usize, addr: usize, readable_end: usize) -> Result<(), Error> {
+/// Checks that `addr` is an instruction boundary of the code starting at `start`, whose
+/// original bytes (no breakpoints) are `code` (decoding forward from there; aarch64:
+/// 4-byte alignment).
+pub(crate) fn check_boundary(start: usize, addr: usize, code: &[u8]) -> Result<(), Error> {
     let bad = Error::NotInstructionBoundary { addr, function: start };
     #[cfg(target_arch = "x86_64")]
     {
-        if addr < start || addr >= readable_end {
+        if addr < start || addr >= start + code.len() {
             return Err(bad);
         }
-        // SAFETY: start..readable_end lies in one readable mapping (the caller's).
-        let bytes = unsafe { std::slice::from_raw_parts(start as *const u8, readable_end - start) };
-        let mut d = iced_x86::Decoder::with_ip(64, bytes, start as u64, iced_x86::DecoderOptions::NONE);
+        let mut d = iced_x86::Decoder::with_ip(64, code, start as u64, iced_x86::DecoderOptions::NONE);
         while d.can_decode() {
             let ip = d.ip() as usize;
             if ip >= addr {
@@ -136,7 +136,7 @@ pub(crate) fn check_boundary(start: usize, addr: usize, readable_end: usize) -> 
     }
     #[cfg(target_arch = "aarch64")]
     {
-        let _ = readable_end;
+        let _ = code;
         if addr >= start && (addr - start) % 4 == 0 { Ok(()) } else { Err(bad) }
     }
 }
@@ -152,11 +152,8 @@ mod imp {
     const LOOP: u64 = 4;
     const RET: u64 = 5;
 
-    pub(super) fn decode(addr: usize, readable_end: usize, slot_addr: usize) -> Result<Decoded, Error> {
-        let n = (readable_end - addr).min(15);
-        // SAFETY: addr..addr+n lies in a readable, executable mapping (checked by the caller).
-        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, n) };
-        let mut d = Decoder::with_ip(64, bytes, addr as u64, DecoderOptions::NONE);
+    pub(super) fn decode(addr: usize, code: &[u8], slot_addr: usize) -> Result<Decoded, Error> {
+        let mut d = Decoder::with_ip(64, code, addr as u64, DecoderOptions::NONE);
         let insn = d.decode();
         if insn.is_invalid() {
             return Err(Error::NotInstruction { addr });
@@ -285,12 +282,11 @@ mod imp {
         (0xffff_fc1f, 0xd65f_0000), // ret
     ];
 
-    pub(super) fn decode(addr: usize, _readable_end: usize, _slot_addr: usize) -> Result<Decoded, Error> {
-        if addr % 4 != 0 {
+    pub(super) fn decode(addr: usize, code: &[u8], _slot_addr: usize) -> Result<Decoded, Error> {
+        let Some(w) = code.get(..4).filter(|_| addr % 4 == 0) else {
             return Err(Error::NotInstruction { addr });
-        }
-        // SAFETY: addr is 4-aligned in a readable, executable mapping (checked by the caller).
-        let w = unsafe { (addr as *const u32).read() };
+        };
+        let w = u32::from_le_bytes(w.try_into().expect("4 bytes"));
         if let Some((_, _, what)) = REFUSED.iter().find(|(mask, value, _)| w & mask == *value) {
             return Err(Error::UnsupportedInstruction { addr, insn: format!("{w:#010x}: {what}") });
         }

@@ -229,6 +229,7 @@ impl ProbeBuilder {
         };
         let addr = base + self.offset;
         install_handler()?;
+        let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let mapping = text::executable(addr)?;
         // An instruction boundary, decoding from the start of the function: the one the
         // caller named, or the one the symbol tables say contains the address.
@@ -237,20 +238,17 @@ impl ProbeBuilder {
             false => crate::symbols::function_at(addr).map(|(_, start, _)| start).filter(|s| *s != addr),
         };
         if let Some(start) = start {
-            insn::check_boundary(start, addr, mapping.end)?;
+            insn::check_boundary(start, addr, &original_code(start, (addr + 15).min(mapping.end)))?;
         }
+        let code = original_code(addr, (addr + 15).min(mapping.end));
         if let Some(b) = blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr)) {
             return Err(Error::Blacklisted { addr, what: b.name });
-        }
-        let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        if ENTRIES.iter().any(|e| e.target.load(Ordering::Relaxed) == addr && e.addr.load(Ordering::Relaxed) != 0) {
-            return Err(Error::AlreadyProbed { addr });
         }
         let index = ENTRIES.iter().position(|e| !e.used.load(Ordering::Relaxed)).ok_or(Error::TooManyProbes { max: MAX_PROBES })?;
         // Without a post handler the slot jumps straight back (boosted): one trap per hit.
         let boost = self.post.is_none();
         let (page, slot) = reg.find(addr)?;
-        let (len, slot, slot_bp, sim) = match insn::prepare(addr, mapping.end, slot, boost)? {
+        let (len, slot, slot_bp, sim) = match insn::prepare(addr, &code, slot, boost)? {
             Exec::Slot(d) => {
                 text::write_code(slot, &d.slot)?;
                 reg.commit(page);
@@ -261,9 +259,7 @@ impl ProbeBuilder {
 
         let e = &ENTRIES[index];
         let mut orig = [0u8; 8];
-        // SAFETY: addr lies in a readable executable mapping (checked); at least
-        // BREAKPOINT.len() bytes of it are the instruction (decoded above).
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, orig.as_mut_ptr(), BREAKPOINT.len()) };
+        orig[..BREAKPOINT.len()].copy_from_slice(&code[..BREAKPOINT.len()]);
         e.used.store(true, Ordering::Relaxed);
         e.target.store(addr, Ordering::Relaxed);
         e.orig.store(u64::from_ne_bytes(orig), Ordering::Relaxed);
@@ -295,21 +291,45 @@ fn resolve(name: &str) -> Result<usize, Error> {
     if p.is_null() { Err(not_found()) } else { Ok(p as usize) }
 }
 
+/// Whether a probe other than `e` is armed at `target` (they share its breakpoint).
+fn shared(e: &Entry, target: usize) -> bool {
+    ENTRIES.iter().any(|o| !std::ptr::eq(o, e) && o.addr.load(Ordering::Relaxed) == target)
+}
+
+/// The original bytes of `from..to`: the text with every armed breakpoint taken out
+/// (registration path, under the registry lock).
+fn original_code(from: usize, to: usize) -> Vec<u8> {
+    // SAFETY: from..to lies in one readable, executable mapping (checked by the caller).
+    let mut code = unsafe { std::slice::from_raw_parts(from as *const u8, to - from) }.to_vec();
+    for e in ENTRIES.iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0) {
+        let (t, orig) = (e.target.load(Ordering::Relaxed), e.orig.load(Ordering::Relaxed).to_ne_bytes());
+        for (i, b) in orig[..BREAKPOINT.len()].iter().enumerate() {
+            if (from..to).contains(&(t + i)) {
+                code[t + i - from] = *b;
+            }
+        }
+    }
+    code
+}
+
 /// Arms (writes the breakpoint) or disarms (restores the original bytes). The entry is
 /// published before the breakpoint exists and unpublished after it is gone, so a
-/// trap always finds it (or finds the text restored, seed 004).
+/// trap always finds it (or finds the text restored, seed 004). Probes at one address
+/// share its breakpoint (aggregation): the first armed writes it, the last disarmed
+/// removes it. Called under the registry lock.
 fn arm(e: &Entry, on: bool) -> Result<(), Error> {
     let target = e.target.load(Ordering::Relaxed);
+    let shared = shared(e, target);
     if on {
         e.addr.store(target, Ordering::Release);
-        let r = text::write_code(target, BREAKPOINT);
+        let r = if shared { Ok(()) } else { text::write_code(target, BREAKPOINT) };
         if r.is_err() {
             e.addr.store(0, Ordering::Release);
         }
         r
     } else {
         let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
-        let r = text::write_code(target, &orig[..BREAKPOINT.len()]);
+        let r = if shared { Ok(()) } else { text::write_code(target, &orig[..BREAKPOINT.len()]) };
         if r.is_ok() {
             e.addr.store(0, Ordering::Release);
         }
@@ -528,13 +548,17 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
 
-    if let Some(e) = ENTRIES.iter().find(|e| e.addr.load(Ordering::Acquire) == bp) {
+    // Every probe armed at this address, in registration order (aggregation).
+    let at_bp = || ENTRIES.iter().filter(move |e| e.addr.load(Ordering::Acquire) == bp);
+    if let Some(first) = at_bp().next() {
         BACKUPS.set((0, 0));
         let active = ACTIVE.get();
-        if active {
-            // Hit inside a handler: count it, execute the instruction, no handlers.
-            e.nmissed.fetch_add(1, Ordering::Relaxed);
-        } else {
+        for e in at_bp() {
+            if active {
+                // Hit inside a handler: count it, execute the instruction, no handlers.
+                e.nmissed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             e.nhit.fetch_add(1, Ordering::Relaxed);
             let pre = e.pre.load(Ordering::Relaxed);
             if pre != 0 {
@@ -548,36 +572,28 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
                 }
             }
         }
-        let sim = Sim { kind: e.sim_kind.load(Ordering::Relaxed), a: e.sim_a.load(Ordering::Relaxed), b: e.sim_b.load(Ordering::Relaxed) };
+        let sim = Sim { kind: first.sim_kind.load(Ordering::Relaxed), a: first.sim_a.load(Ordering::Relaxed), b: first.sim_b.load(Ordering::Relaxed) };
         if sim.kind == 0 {
+            // Out of line: through a slot that ends in a breakpoint if any probe here has
+            // a post handler (its own slot does), else through any (boosted) slot.
+            let e = at_bp().find(|e| e.post.load(Ordering::Relaxed) != 0 && e.resume_trap.load(Ordering::Relaxed) != 0).unwrap_or(first);
             regs::set_pc(uc, e.slot.load(Ordering::Relaxed) as u64);
             return;
         }
-        // Simulated: its effect is applied here, then the post handler sees the result.
-        insn::simulate(sim, bp, e.next.load(Ordering::Relaxed) - bp, uc);
-        let post = e.post.load(Ordering::Relaxed);
-        if post != 0 && !active {
-            let mut r = regs::read(uc, regs::pc(uc));
-            ACTIVE.set(true);
-            call_handler(post, &mut r);
-            ACTIVE.set(false);
-            regs::write(uc, &r);
+        // Simulated: its effect is applied here, then the post handlers see the result.
+        insn::simulate(sim, bp, first.next.load(Ordering::Relaxed) - bp, uc);
+        if !active {
+            run_posts(bp, uc);
         }
         return;
     }
     let pc = regs::pc(uc) as usize;
     if let Some(e) = ENTRIES.iter().find(|e| e.resume_trap.load(Ordering::Acquire) == pc) {
         let next = e.next.load(Ordering::Relaxed) as u64;
-        let post = e.post.load(Ordering::Relaxed);
-        if post != 0 && !ACTIVE.get() && e.addr.load(Ordering::Acquire) != 0 {
-            let mut r = regs::read(uc, next);
-            ACTIVE.set(true);
-            call_handler(post, &mut r);
-            ACTIVE.set(false);
-            regs::write(uc, &r);
-            return;
-        }
         regs::set_pc(uc, next);
+        if !ACTIVE.get() {
+            run_posts(e.target.load(Ordering::Relaxed), uc);
+        }
         return;
     }
     // Not armed now. If the text is no breakpoint any more, one was removed after this
@@ -593,6 +609,21 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         return;
     }
     chain(sig, info, ctx);
+}
+
+/// Runs the post handlers of the probes armed at `target`, in registration order, on
+/// the context after the instruction (its pc is where execution continues).
+fn run_posts(target: usize, uc: &mut libc::ucontext_t) {
+    for e in ENTRIES.iter().filter(|e| e.addr.load(Ordering::Acquire) == target) {
+        let post = e.post.load(Ordering::Relaxed);
+        if post != 0 {
+            let mut r = regs::read(uc, regs::pc(uc));
+            ACTIVE.set(true);
+            call_handler(post, &mut r);
+            ACTIVE.set(false);
+            regs::write(uc, &r);
+        }
+    }
 }
 
 /// Counts a back-up over `bp` on this thread; false once there were too many in a row.

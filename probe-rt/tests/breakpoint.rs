@@ -193,3 +193,46 @@ fn list_shows_probes_as_the_kernel_does() {
     let e = Probe::builder().symbol("no_such_function_anywhere").register().unwrap_err();
     assert!(matches!(&e, Error::SymbolNotFound { name } if name == "no_such_function_anywhere"), "{e}");
 }
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn bp_shared(a: u64) -> u64 {
+    a.wrapping_add(7)
+}
+
+static ORDER: AtomicU64 = AtomicU64::new(0);
+
+fn first(r: &mut PtRegs) {
+    // Runs first: arg0 * 10.
+    ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + 1, Ordering::Relaxed);
+    let a = r.arg(0).unwrap_or(0);
+    set_arg0(r, a * 10);
+}
+
+fn second(r: &mut PtRegs) {
+    // Runs second, sees the first's change: + 1.
+    ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + 2, Ordering::Relaxed);
+    let a = r.arg(0).unwrap_or(0);
+    set_arg0(r, a + 1);
+}
+
+#[test]
+fn probes_at_one_address_share_the_breakpoint_in_registration_order() {
+    let f = bp_shared as extern "C" fn(u64) -> u64;
+    let before = code(f as usize);
+    let a = Probe::builder().function(f).pre(first).register().unwrap();
+    let b = Probe::builder().function(f).pre(second).post(|_| {}).register().unwrap();
+    assert_eq!(black_box(f)(4), 4 * 10 + 1 + 7, "both pre handlers ran, in order");
+    assert_eq!(ORDER.swap(0, Ordering::Relaxed), 12);
+    assert_eq!((a.nhit(), b.nhit()), (1, 1));
+    assert_eq!(probe_rt::list().0.iter().filter(|p| p.addr == f as usize).count(), 2);
+    a.disable().unwrap();
+    assert_ne!(code(f as usize), before, "the other probe keeps the breakpoint");
+    assert_eq!(black_box(f)(4), 4 + 1 + 7);
+    a.enable().unwrap();
+    drop(b);
+    assert_eq!(black_box(f)(4), 4 * 10 + 7);
+    drop(a);
+    assert_eq!(code(f as usize), before, "the last one out restores the bytes");
+    assert_eq!(black_box(f)(4), 11);
+}

@@ -13,6 +13,8 @@ std::arch::global_asm!(
     ".globl sim_jmp", ".globl sim_jmp_at", "sim_jmp:", "sim_jmp_at:", "jmp 2f", "ud2", "2:", "lea rax, [rdi + 1]", "ret",
     // jcc: 200 if rdi < 10 else 100
     ".globl sim_jcc", ".globl sim_jcc_at", "sim_jcc:", "cmp rdi, 10", "sim_jcc_at:", "jb 2f", "mov eax, 100", "ret", "2:", "mov eax, 200", "ret",
+    // the same, for the steering test (tests run at once; probes here are shared)
+    ".globl steer_jcc", ".globl steer_jcc_at", "steer_jcc:", "cmp rdi, 10", "steer_jcc_at:", "jb 2f", "mov eax, 100", "ret", "2:", "mov eax, 200", "ret",
     // call rel: rdi + 11
     ".globl sim_call", ".globl sim_call_at", "sim_call:", "sim_call_at:", "call 2f", "lea rax, [rax + 1]", "ret", "2:", "lea rax, [rdi + 10]", "ret",
     // ret
@@ -36,6 +38,8 @@ std::arch::global_asm!(
     ".globl sim_bl", ".globl sim_bl_at", "sim_bl:", "mov x9, x30", "sim_bl_at:", "bl 2f", "add x0, x0, #1", "mov x30, x9", "ret", "2:", "add x0, x0, #10", "ret",
     // b.cond: 200 if x0 < 10 else 100
     ".globl sim_bcond", ".globl sim_bcond_at", "sim_bcond:", "cmp x0, #10", "sim_bcond_at:", "b.lo 2f", "mov x0, #100", "ret", "2:", "mov x0, #200", "ret",
+    // the same, for the steering test (tests run at once; probes here are shared)
+    ".globl steer_bcond", ".globl steer_bcond_at", "steer_bcond:", "cmp x0, #10", "steer_bcond_at:", "b.lo 2f", "mov x0, #100", "ret", "2:", "mov x0, #200", "ret",
     ".globl sim_cbz", ".globl sim_cbz_at", "sim_cbz:", "sim_cbz_at:", "cbz x0, 2f", "mov x0, #1", "ret", "2:", "mov x0, #2", "ret",
     ".globl sim_cbnz", ".globl sim_cbnz_at", "sim_cbnz:", "sim_cbnz_at:", "cbnz w0, 2f", "mov x0, #1", "ret", "2:", "mov x0, #2", "ret",
     ".globl sim_tbz", ".globl sim_tbz_at", "sim_tbz:", "sim_tbz_at:", "tbnz x0, #3, 2f", "mov x0, #1", "ret", "2:", "mov x0, #2", "ret",
@@ -138,19 +142,19 @@ fn a_handler_steers_a_simulated_branch() {
     let (f, at): (extern "C" fn(u64) -> u64, usize) = {
         // SAFETY (declaration): as in `cases!`.
         unsafe extern "C" {
-            safe fn sim_jcc(x: u64) -> u64;
-            safe fn sim_jcc_at();
+            safe fn steer_jcc(x: u64) -> u64;
+            safe fn steer_jcc_at();
         }
-        (sim_jcc, sim_jcc_at as *const () as usize)
+        (steer_jcc, steer_jcc_at as *const () as usize)
     };
     #[cfg(target_arch = "aarch64")]
     let (f, at): (extern "C" fn(u64) -> u64, usize) = {
         // SAFETY (declaration): as in `cases!`.
         unsafe extern "C" {
-            safe fn sim_bcond(x: u64) -> u64;
-            safe fn sim_bcond_at();
+            safe fn steer_bcond(x: u64) -> u64;
+            safe fn steer_bcond_at();
         }
-        (sim_bcond, sim_bcond_at as *const () as usize)
+        (steer_bcond, steer_bcond_at as *const () as usize)
     };
     assert_eq!((f(3), f(30)), (200, 100));
     let p = Probe::builder().address(at).pre(flip_carry).register().unwrap();
