@@ -59,8 +59,8 @@ pub(crate) const TRAP_PC_ADVANCE: u64 = 0;
 /// Whether the text at `addr` is a breakpoint instruction (ours or anyone's).
 pub(crate) fn is_breakpoint_at(addr: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the trap was raised by executing `addr - 0` .. so the byte is mapped and readable
-    // (text is mapped readable on Linux).
+    // SAFETY: the thread trapped executing the instruction at `addr`, so the byte is
+    // mapped, and text is mapped readable on Linux.
     return unsafe { (addr as *const u8).read_volatile() } == 0xcc;
     #[cfg(target_arch = "aarch64")]
     {
