@@ -60,8 +60,6 @@ struct Entry {
     sim_kind: AtomicU64,
     sim_a: AtomicU64,
     sim_b: AtomicU64,
-    /// Taken by a registration (never given back: see the module docs).
-    used: AtomicBool,
     /// Registered and not yet unregistered.
     live: AtomicBool,
 }
@@ -81,11 +79,19 @@ const EMPTY: Entry = Entry {
     sim_kind: AtomicU64::new(0),
     sim_a: AtomicU64::new(0),
     sim_b: AtomicU64::new(0),
-    used: AtomicBool::new(false),
     live: AtomicBool::new(false),
 };
 
 static ENTRIES: [Entry; MAX_PROBES] = [EMPTY; MAX_PROBES];
+
+/// How many records registrations have taken: they are taken in order and never given
+/// back (see the module docs), so the hit path scans only `ENTRIES[..USED]`.
+static USED: AtomicUsize = AtomicUsize::new(0);
+
+/// The records taken so far, in registration order.
+fn entries() -> &'static [Entry] {
+    &ENTRIES[..USED.load(Ordering::Acquire)]
+}
 
 /// Registration, arming and disarming take this lock; the hit path never does.
 static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new() });
@@ -244,7 +250,10 @@ impl ProbeBuilder {
         if let Some(b) = blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr)) {
             return Err(Error::Blacklisted { addr, what: b.name });
         }
-        let index = ENTRIES.iter().position(|e| !e.used.load(Ordering::Relaxed)).ok_or(Error::TooManyProbes { max: MAX_PROBES })?;
+        let index = USED.load(Ordering::Relaxed);
+        if index == MAX_PROBES {
+            return Err(Error::TooManyProbes { max: MAX_PROBES });
+        }
         // Without a post handler the slot jumps straight back (boosted): one trap per hit.
         let boost = self.post.is_none();
         let (page, slot) = reg.find(addr)?;
@@ -260,7 +269,6 @@ impl ProbeBuilder {
         let e = &ENTRIES[index];
         let mut orig = [0u8; 8];
         orig[..BREAKPOINT.len()].copy_from_slice(&code[..BREAKPOINT.len()]);
-        e.used.store(true, Ordering::Relaxed);
         e.target.store(addr, Ordering::Relaxed);
         e.orig.store(u64::from_ne_bytes(orig), Ordering::Relaxed);
         e.slot.store(slot, Ordering::Relaxed);
@@ -269,6 +277,8 @@ impl ProbeBuilder {
         e.sim_kind.store(sim.kind, Ordering::Relaxed);
         e.sim_a.store(sim.a, Ordering::Relaxed);
         e.sim_b.store(sim.b, Ordering::Relaxed);
+        // Visible to the hit path (Release: with the fields above) before it is armed.
+        USED.store(index + 1, Ordering::Release);
         e.pre.store(self.pre.map_or(0, |h| h as usize), Ordering::Relaxed);
         e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
         arm(e, true)?;
@@ -293,7 +303,7 @@ fn resolve(name: &str) -> Result<usize, Error> {
 
 /// Whether a probe other than `e` is armed at `target` (they share its breakpoint).
 fn shared(e: &Entry, target: usize) -> bool {
-    ENTRIES.iter().any(|o| !std::ptr::eq(o, e) && o.addr.load(Ordering::Relaxed) == target)
+    entries().iter().any(|o| !std::ptr::eq(o, e) && o.addr.load(Ordering::Relaxed) == target)
 }
 
 /// The original bytes of `from..to`: the text with every armed breakpoint taken out
@@ -301,7 +311,7 @@ fn shared(e: &Entry, target: usize) -> bool {
 fn original_code(from: usize, to: usize) -> Vec<u8> {
     // SAFETY: from..to lies in one readable, executable mapping (checked by the caller).
     let mut code = unsafe { std::slice::from_raw_parts(from as *const u8, to - from) }.to_vec();
-    for e in ENTRIES.iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0) {
+    for e in entries().iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0) {
         let (t, orig) = (e.target.load(Ordering::Relaxed), e.orig.load(Ordering::Relaxed).to_ne_bytes());
         for (i, b) in orig[..BREAKPOINT.len()].iter().enumerate() {
             if (from..to).contains(&(t + i)) {
@@ -549,7 +559,8 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
 
     // Every probe armed at this address, in registration order (aggregation).
-    let at_bp = || ENTRIES.iter().filter(move |e| e.addr.load(Ordering::Acquire) == bp);
+    let all = entries();
+    let at_bp = || all.iter().filter(move |e| e.addr.load(Ordering::Acquire) == bp);
     if let Some(first) = at_bp().next() {
         BACKUPS.set((0, 0));
         let active = ACTIVE.get();
@@ -588,7 +599,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         return;
     }
     let pc = regs::pc(uc) as usize;
-    if let Some(e) = ENTRIES.iter().find(|e| e.resume_trap.load(Ordering::Acquire) == pc) {
+    if let Some(e) = all.iter().find(|e| e.resume_trap.load(Ordering::Acquire) == pc) {
         let next = e.next.load(Ordering::Relaxed) as u64;
         regs::set_pc(uc, next);
         if !ACTIVE.get() {
@@ -603,7 +614,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     // after the record is armed, and removed before it is disarmed, but the two reads
     // here are not one): back up too, and the next trap finds it armed, or the text
     // restored. Only a breakpoint nobody probes, or one that stays unarmed, is passed on.
-    let ours_once = ENTRIES.iter().any(|e| e.used.load(Ordering::Acquire) && e.target.load(Ordering::Relaxed) == bp);
+    let ours_once = all.iter().any(|e| e.target.load(Ordering::Relaxed) == bp);
     if !insn::is_breakpoint_at(bp) || ours_once && backup_again(bp) {
         regs::set_pc(uc, bp as u64);
         return;
@@ -614,7 +625,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 /// Runs the post handlers of the probes armed at `target`, in registration order, on
 /// the context after the instruction (its pc is where execution continues).
 fn run_posts(target: usize, uc: &mut libc::ucontext_t) {
-    for e in ENTRIES.iter().filter(|e| e.addr.load(Ordering::Acquire) == target) {
+    for e in entries().iter().filter(|e| e.addr.load(Ordering::Acquire) == target) {
         let post = e.post.load(Ordering::Relaxed);
         if post != 0 {
             let mut r = regs::read(uc, regs::pc(uc));
