@@ -18,30 +18,41 @@ pub(crate) struct Mapping {
     pub prot: libc::c_int,
 }
 
-/// The mapping holding `addr` (reads `/proc/self/maps`; registration path only).
+/// One parsed line of `/proc/self/maps`: `(start, end, prot)`.
+fn parse_line(line: &str) -> Option<(usize, usize, libc::c_int)> {
+    let mut it = line.split_whitespace();
+    let (range, perms) = (it.next()?, it.next()?);
+    let (a, b) = range.split_once('-')?;
+    let (start, end) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+    let p = perms.as_bytes();
+    let mut prot = 0;
+    if p.first() == Some(&b'r') {
+        prot |= libc::PROT_READ;
+    }
+    if p.get(1) == Some(&b'w') {
+        prot |= libc::PROT_WRITE;
+    }
+    if p.get(2) == Some(&b'x') {
+        prot |= libc::PROT_EXEC;
+    }
+    Some((start, end, prot))
+}
+
+/// The mapping holding `addr` (reads `/proc/self/maps`; registration path only). Its
+/// end extends over the mappings right after it with the same protection: patching a
+/// page splits a text mapping in the kernel's list (the written page gets its own
+/// private copy), and an instruction may straddle the split.
 pub(crate) fn mapping_of(addr: usize) -> Option<Mapping> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|line| {
-        let mut it = line.split_whitespace();
-        let (range, perms) = (it.next()?, it.next()?);
-        let (a, b) = range.split_once('-')?;
-        let (start, end) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
-        if !(start..end).contains(&addr) {
-            return None;
+    let mut lines = maps.lines().filter_map(parse_line).skip_while(|(start, end, _)| !(*start..*end).contains(&addr));
+    let (_, mut end, prot) = lines.next()?;
+    for (s, e, p) in lines {
+        if s != end || p != prot {
+            break;
         }
-        let p = perms.as_bytes();
-        let mut prot = 0;
-        if p.first() == Some(&b'r') {
-            prot |= libc::PROT_READ;
-        }
-        if p.get(1) == Some(&b'w') {
-            prot |= libc::PROT_WRITE;
-        }
-        if p.get(2) == Some(&b'x') {
-            prot |= libc::PROT_EXEC;
-        }
-        Some(Mapping { end, prot })
-    })
+        end = e;
+    }
+    Some(Mapping { end, prot })
 }
 
 /// The mapping of `addr` if it is executable.
