@@ -403,16 +403,3 @@ fn elements(frame: &FrameLayout) -> Vec<(u64, u64, String, Result<Reg, u64>)> {
     out.sort_by_key(|e| e.0);
     out
 }
-
-/// Splits a constant store of `size` bytes into power-of-two chunks of at most 8 bytes:
-/// `(offset within the element, chunk size)`.
-fn const_chunks(size: u64) -> Vec<(u64, u64)> {
-    let mut v = Vec::new();
-    let mut at = 0;
-    while at < size {
-        let c = [8, 4, 2, 1].into_iter().find(|c| size - at >= *c && (at % c) == 0).unwrap_or(1);
-        v.push((at, c));
-        at += c;
-    }
-    v
-}

@@ -496,7 +496,7 @@ impl std::fmt::Display for ProbeList {
 /// The registered probes (not for signal context: it allocates and reads `/proc`).
 pub fn list() -> ProbeList {
     ProbeList(
-        ENTRIES
+        entries()
             .iter()
             .filter(|e| e.live.load(Ordering::Relaxed))
             .map(|e| {

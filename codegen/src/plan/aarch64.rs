@@ -262,7 +262,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         let note = format!("{slot} @{off}");
         let mut step = Step::default();
         let chunks = match v {
-            Err(_) => const_chunks(size),
+            Err(_) => chunks(0, size).collect(),
             Ok(_) => vec![(0, 8)],
         };
         match v {

@@ -197,7 +197,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             }
             Ok(_) => continue,
             Err(c) => {
-                for (at, chunk) in const_chunks(*size) {
+                for (at, chunk) in chunks(0, *size) {
                     let (m, encoding) = mem(off + at);
                     let imm = if *c == 0 { 0 } else { -1 };
                     step.save.push(Op::mem(
