@@ -54,6 +54,13 @@ pub enum Shape {
     /// The return trampoline of seed 000: entered by the probed function's `ret`,
     /// it saves, calls the handler, which returns the real return address, installs
     /// it as the resume address, restores and returns there.
+    ///
+    /// It carries DWARF call-frame information (`.cfi_*`), so that an unwinder in the
+    /// handler (a backtrace, a panic) walks through it to the probed function's real
+    /// caller. At the handler call the return address is read from the frame's pc
+    /// field (or the hidden resume slot): **the handler must write the real return
+    /// address there before anything can unwind**. Elsewhere in the routine the
+    /// return address is marked undefined: a walk stops there rather than go astray.
     Kretprobe,
     /// Entered from a patched site by `call` (x86_64) or `mov x9, x30; bl` (aarch64,
     /// as the kernel's ftrace): steps over the x86_64 red zone, aligns, saves, calls,
@@ -294,6 +301,61 @@ impl Plan {
             epilogue: parts.epilogue,
             operands: parts.operands,
         }
+    }
+}
+
+/// The call-frame directives around a kretprobe routine's handler call: `(before,
+/// after)` the call instruction. Before: the CFA (`cfa`, a DWARF expression) and the
+/// return address, stored at `sp + ra_off`. After: the return address is undefined
+/// again (the unwinder looks up return address − 1, which is inside the call, so the
+/// rules before the call are the ones a walk from the handler uses).
+fn kretprobe_cfi(arch: Arch, cfa: &[u8], ra_off: u64) -> (Vec<Op>, Op) {
+    // DWARF register numbers (System V x86_64 psABI; AAPCS64 DWARF): sp, return address.
+    let (sp, ra, ra_name) = match arch {
+        Arch::X86_64 => (7u8, 16u8, "rip"),
+        Arch::Aarch64 => (31, 30, "x30"),
+    };
+    let escape = |bytes: Vec<u8>| bytes.iter().map(|b| format!("{b:#04x}")).collect::<Vec<_>>().join(", ");
+    // DW_CFA_def_cfa_expression (0x0f), then DW_CFA_expression (0x10) of the return
+    // address column: DW_OP_breg<sp> (0x70 + reg) ra_off.
+    let mut def_cfa = vec![0x0f];
+    uleb(&mut def_cfa, cfa.len() as u64);
+    def_cfa.extend_from_slice(cfa);
+    let mut ra_at = vec![0x70 + sp];
+    sleb(&mut ra_at, ra_off as i64);
+    let mut ra_rule = vec![0x10, ra];
+    uleb(&mut ra_rule, ra_at.len() as u64);
+    ra_rule.extend(ra_at);
+    let before = vec![
+        Op::new(format!(".cfi_escape {}", escape(def_cfa)), "unwind: the CFA (the probed context's sp)"),
+        Op::new(format!(".cfi_escape {}", escape(ra_rule)), format!("unwind: the return address is at [sp + {ra_off}]")),
+    ];
+    (before, Op::new(format!(".cfi_undefined {ra_name}"), "unwind: past the call the return address is not in the frame"))
+}
+
+/// DWARF unsigned LEB128.
+pub(crate) fn uleb(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// DWARF signed LEB128.
+pub(crate) fn sleb(out: &mut Vec<u8>, mut v: i64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if (v == 0 && b & 0x40 == 0) || (v == -1 && b & 0x40 != 0) {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
     }
 }
 

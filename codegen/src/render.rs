@@ -2,7 +2,7 @@
 
 use crate::arch::{Arch, Reg};
 use crate::layout::{FieldValue, FrameLayout};
-use crate::plan::{Op, Plan};
+use crate::plan::{Op, Plan, Shape};
 use std::fmt::Write;
 
 /// Where the `sym` operands of a routine point, for renderers that print symbol names.
@@ -40,18 +40,27 @@ impl Symbols {
 
 fn header_lines(plan: &Plan, name: &str) -> Vec<String> {
     let kind = if plan.arch() == Arch::Aarch64 { "%function" } else { "@function" };
-    vec![
+    let mut lines = vec![
         format!(".pushsection .text.{name}, \"ax\", {}progbits", if plan.arch() == Arch::Aarch64 { "%" } else { "@" }),
         ".balign 16".into(),
         format!(".globl {name}"),
         format!(".hidden {name}"),
         format!(".type {name}, {kind}"),
         format!("{name}:"),
-    ]
+    ];
+    if plan.shape == Shape::Kretprobe {
+        // Call-frame information (see `Shape::Kretprobe`): entered by a `ret`, the
+        // routine has no return address of its own until the handler provides one.
+        let ra = if plan.arch() == Arch::Aarch64 { "x30" } else { "rip" };
+        lines.extend([".cfi_startproc".into(), format!(".cfi_undefined {ra}")]);
+    }
+    lines
 }
 
-fn footer_lines(name: &str) -> Vec<String> {
-    vec![format!(".size {name}, . - {name}"), ".popsection".into()]
+fn footer_lines(plan: &Plan, name: &str) -> Vec<String> {
+    let mut lines = if plan.shape == Shape::Kretprobe { vec![".cfi_endproc".to_string()] } else { vec![] };
+    lines.extend([format!(".size {name}, . - {name}"), ".popsection".into()]);
+    lines
 }
 
 fn describe(plan: &Plan) -> String {
@@ -80,7 +89,7 @@ fn op_line(op: &Op, name: &str) -> String {
 pub fn rust_asm_template(plan: &Plan, name: &str) -> String {
     let mut lines = header_lines(plan, name);
     lines.extend(plan.ops().map(|op| op_line(op, name)));
-    lines.extend(footer_lines(name));
+    lines.extend(footer_lines(plan, name));
     let mut text = lines.join("\n").replace('{', "{{").replace('}', "}}");
     for operand in &plan.operands {
         text = text.replace(&format!("{{{{{operand}}}}}"), &format!("{{{operand}}}"));
@@ -120,7 +129,7 @@ pub fn gnu_asm(routines: &[(&Plan, &str)], symbols: &Symbols) -> String {
         let _ = writeln!(out, "/* {}: {} */", name, describe(plan));
         let mut body = header_lines(plan, name);
         body.extend(plan.ops().map(|op| op_line(op, name)));
-        body.extend(footer_lines(name));
+        body.extend(footer_lines(plan, name));
         for mut line in body {
             for operand in &plan.operands {
                 line = line.replace(&format!("{{{operand}}}"), symbols.get(operand));

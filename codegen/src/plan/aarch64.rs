@@ -384,10 +384,18 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         Some((at, _)) => call.extend(add_imm("x1", "sp", at, "argument 2: the FP/SIMD area")),
         None => call.push(Op::new("mov x1, xzr", "argument 2: no FP/SIMD area")),
     }
-    call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
     let pc_slot = xslots.iter().find(|s| s.off == pc_off).map(|s| s.slot.clone()).expect("pc slot");
     if shape == Shape::Kretprobe {
+        // CFA = sp + alloc: DW_OP_breg31 (sp) alloc.
+        let mut cfa = vec![0x8f];
+        super::sleb(&mut cfa, alloc as i64);
+        let (before, after) = super::kretprobe_cfi(Arch::Aarch64, &cfa, pc_off);
+        call.extend(before);
+        call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
+        call.push(after);
         call.extend(far_access("str", "x0", "x1", pc_off, &pc_slot, Dir::Store, "= the real return address the handler returned"));
+    } else {
+        call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
     }
     let mut epilogue = far_access("ldr", resume.name(), resume.name(), pc_off, &pc_slot, Dir::Load, "the resume address");
     let (hi, lo) = (alloc >> 12, alloc & 0xfff);

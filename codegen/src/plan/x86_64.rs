@@ -303,10 +303,20 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         Some((at, _)) => Op::new(format!("lea rsi, [rsp + {at}]"), "argument 2: the FP/SIMD area"),
         None => Op::new("xor esi, esi", "argument 2: no FP/SIMD area"),
     });
-    call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
     if shape == Shape::Kretprobe {
-        let (off, slot) = rip.expect("a kretprobe always has a resume slot");
+        let (off, slot) = rip.clone().expect("a kretprobe always has a resume slot");
+        // CFA = A + 24 (above rax, rflags and the hole), A read back from its slot:
+        // DW_OP_breg7 (rsp) anchor; DW_OP_deref; DW_OP_plus_uconst 24.
+        let mut cfa = vec![0x77];
+        super::sleb(&mut cfa, anchor as i64);
+        cfa.extend([0x06, 0x23, 24]);
+        let (before, after) = super::kretprobe_cfi(Arch::X86_64, &cfa, off);
+        call.extend(before);
+        call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
+        call.push(after);
         call.push(store("rax", off, slot.clone(), format!("{slot} @{off} = the real return address the handler returned")));
+    } else {
+        call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
     }
 
     let mut epilogue = vec![
