@@ -4,6 +4,7 @@
 //! reads files and allocates.
 
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use std::sync::{Arc, Mutex};
 
 /// A file mapped into the process: its path, the address its file offset 0 is mapped
 /// at, and the ranges of its mappings.
@@ -40,8 +41,26 @@ fn images() -> Vec<Image> {
     out
 }
 
-/// The function symbols of an image, with its load bias applied: `(name, address, size)`.
-fn functions(image: &Image) -> Vec<(String, usize, usize)> {
+/// The function symbols of an image, with its load bias applied: `(name, address,
+/// size)`. Parsed once per file and load address (and file identity: a library
+/// replaced on disk and loaded again is read again), as registering many probes
+/// would otherwise re-read the executable each time.
+fn functions(image: &Image) -> Arc<Vec<(String, usize, usize)>> {
+    type Cache = Vec<((String, usize, u64, i64), Arc<Vec<(String, usize, usize)>>)>;
+    static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(&image.path) else { return Arc::default() };
+    let key = (image.path.clone(), image.start, meta.ino(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, f)) = cache.iter().find(|(k, _)| *k == key) {
+        return f.clone();
+    }
+    let f = Arc::new(parse_functions(image));
+    cache.push((key, f.clone()));
+    f
+}
+
+fn parse_functions(image: &Image) -> Vec<(String, usize, usize)> {
     let Ok(data) = std::fs::read(&image.path) else { return Vec::new() };
     let Ok(file) = object::File::parse(&*data) else { return Vec::new() };
     // The bias: where the segment holding file offset 0 landed, minus its link address.
@@ -58,14 +77,14 @@ fn functions(image: &Image) -> Vec<(String, usize, usize)> {
 
 /// The address of function `name` (the executable first, then the libraries).
 pub(crate) fn address_of(name: &str) -> Option<usize> {
-    images().iter().find_map(|i| functions(i).into_iter().find(|(n, ..)| n == name).map(|(_, a, _)| a))
+    images().iter().find_map(|i| functions(i).iter().find(|(n, ..)| n == name).map(|(_, a, _)| *a))
 }
 
 /// The function containing `addr`: `(name, start, size)`.
 pub(crate) fn function_at(addr: usize) -> Option<(String, usize, usize)> {
     let images = images();
     let image = images.iter().find(|i| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&addr)))?;
-    functions(image).into_iter().filter(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr)).min_by_key(|(_, a, _)| addr - a)
+    functions(image).iter().filter(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr)).min_by_key(|(_, a, _)| addr - a).cloned()
 }
 
 /// The function containing `addr` and the offset into it.
