@@ -30,4 +30,19 @@ fn main() {
         None => String::new(),
     };
     std::fs::write(out, text).expect("OUT_DIR is writable");
+
+    // The return trampoline of return probes: the kretprobe shape over the built-in
+    // frame, every general register restored, the FP/SIMD argument registers kept
+    // (they include every FP return register: xmm0-xmm1, v0-v3 for HFAs).
+    let kret = match arch {
+        Some(arch) => {
+            let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Args, Shape::Kretprobe)
+                .expect("the built-in frame plans");
+            let symbols = render::Symbols { handler: "crate::retprobe::dispatch".into(), ..Default::default() };
+            render::rust_global_asm(&plan, "probekit_kretprobe_trampoline", &symbols)
+        }
+        None => String::new(),
+    };
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kretprobe.rs");
+    std::fs::write(out, kret).expect("OUT_DIR is writable");
 }

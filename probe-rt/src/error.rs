@@ -22,6 +22,11 @@ pub enum Error {
     Blacklisted { addr: usize, what: &'static str },
     /// Every probe slot of the process is in use.
     TooManyProbes { max: usize },
+    /// A return probe's target is not the first instruction of a function.
+    NotFunctionEntry { addr: usize, function: usize },
+    /// `ReturnProbeBuilder::data` was called after a handler was given (handlers are
+    /// typed by the data, so they were dropped): call `data` first.
+    HandlersBeforeData,
     /// A system call failed.
     Os { addr: usize, call: &'static str, errno: i32 },
 }
@@ -43,6 +48,14 @@ impl fmt::Display for Error {
             }
             Error::Blacklisted { addr, what } => write!(f, "{addr:#x} is in {what}, which probekit cannot probe"),
             Error::TooManyProbes { max } => write!(f, "all {max} probe slots of the process are used"),
+            Error::NotFunctionEntry { addr, function } => write!(
+                f,
+                "{addr:#x} is not a function entry (it is +{:#x} into the function at {function:#x}); return probes go on entries",
+                addr - function
+            ),
+            Error::HandlersBeforeData => {
+                write!(f, "`.data::<T>()` came after a handler, which it drops: call `.data::<T>()` first")
+            }
             Error::Os { addr, call, errno } => {
                 write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))
             }

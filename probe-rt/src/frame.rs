@@ -85,6 +85,32 @@ impl PtRegs {
             self.regs[0] = v;
         }
     }
+
+    /// The FP/SIMD return register (`xmm0` / `q0`) in a return probe's handler, where
+    /// the trampoline keeps the FP/SIMD argument and return registers; `None` elsewhere
+    /// (a breakpoint handler, a copy of the frame).
+    pub fn fp_return(&self) -> Option<VReg> {
+        let area = crate::retprobe::fp_area_of(self)?;
+        // SAFETY: the trampoline's FP area starts with xmm0 / q0, 16 bytes, 16-aligned,
+        // alive while its handler (which holds `self`) runs.
+        Some(VReg(unsafe { *(area as *const u128) }))
+    }
+}
+
+/// The 128 bits of an FP/SIMD register (`xmm` / `q`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VReg(pub u128);
+
+impl VReg {
+    /// The low 64 bits as an `f64` (a scalar `double` return value).
+    pub fn as_f64(self) -> f64 {
+        f64::from_bits(self.0 as u64)
+    }
+
+    /// The low 32 bits as an `f32` (a scalar `float` return value).
+    pub fn as_f32(self) -> f32 {
+        f32::from_bits(self.0 as u32)
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,9 @@ use std::sync::{Mutex, Once};
 /// A pre or post handler.
 pub type Handler = fn(&mut PtRegs);
 
+/// A pre handler of probekit's own (a return probe's entry), with its context.
+pub(crate) type InternalHandler = fn(&mut PtRegs, usize);
+
 /// How many probes a process can register in its lifetime (see the module docs).
 pub const MAX_PROBES: usize = 1024;
 
@@ -40,7 +43,7 @@ pub const MAX_PROBES: usize = 1024;
 const SLOT: usize = 32;
 
 /// The lock-free record of one probe, read by the signal handler.
-struct Entry {
+struct Record {
     /// The probed address while armed, else 0.
     addr: AtomicUsize,
     /// The address the slot's breakpoint reports (kept after retirement).
@@ -50,6 +53,8 @@ struct Entry {
     slot: AtomicUsize,
     pre: AtomicUsize,
     post: AtomicUsize,
+    /// Non-zero: `pre` is an [`InternalHandler`] called with this context.
+    ctx: AtomicUsize,
     nhit: AtomicU64,
     nmissed: AtomicU64,
     /// The probed address, for the handle, whether armed or not.
@@ -65,13 +70,14 @@ struct Entry {
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // array initialiser only
-const EMPTY: Entry = Entry {
+const EMPTY: Record = Record {
     addr: AtomicUsize::new(0),
     resume_trap: AtomicUsize::new(0),
     next: AtomicUsize::new(0),
     slot: AtomicUsize::new(0),
     pre: AtomicUsize::new(0),
     post: AtomicUsize::new(0),
+    ctx: AtomicUsize::new(0),
     nhit: AtomicU64::new(0),
     nmissed: AtomicU64::new(0),
     target: AtomicUsize::new(0),
@@ -82,15 +88,15 @@ const EMPTY: Entry = Entry {
     live: AtomicBool::new(false),
 };
 
-static ENTRIES: [Entry; MAX_PROBES] = [EMPTY; MAX_PROBES];
+static RECORDS: [Record; MAX_PROBES] = [EMPTY; MAX_PROBES];
 
 /// How many records registrations have taken: they are taken in order and never given
-/// back (see the module docs), so the hit path scans only `ENTRIES[..USED]`.
+/// back (see the module docs), so the hit path scans only `RECORDS[..USED]`.
 static USED: AtomicUsize = AtomicUsize::new(0);
 
 /// The records taken so far, in registration order.
-fn entries() -> &'static [Entry] {
-    &ENTRIES[..USED.load(Ordering::Acquire)]
+fn records() -> &'static [Record] {
+    &RECORDS[..USED.load(Ordering::Acquire)]
 }
 
 /// Registration, arming and disarming take this lock; the hit path never does.
@@ -173,7 +179,7 @@ pub struct Probe;
 impl Probe {
     /// Starts describing a probe.
     pub fn builder() -> ProbeBuilder {
-        ProbeBuilder { target: None, symbol: None, offset: 0, pre: None, post: None }
+        ProbeBuilder { target: None, symbol: None, offset: 0, pre: None, post: None, internal: None }
     }
 }
 
@@ -185,6 +191,7 @@ pub struct ProbeBuilder {
     offset: usize,
     pre: Option<Handler>,
     post: Option<Handler>,
+    internal: Option<(InternalHandler, usize)>,
 }
 
 impl ProbeBuilder {
@@ -225,24 +232,33 @@ impl ProbeBuilder {
         self
     }
 
-    /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
-    /// On error nothing is left armed or writable.
-    pub fn register(self) -> Result<ProbeHandle, Error> {
+    /// Runs probekit's own handler `h(regs, ctx)` instead of a pre handler.
+    pub(crate) fn internal_pre(mut self, h: InternalHandler, ctx: usize) -> Self {
+        self.internal = Some((h, ctx));
+        self
+    }
+
+    /// The address the builder names, and where its function starts when the caller
+    /// said (a symbol or function with an offset): `(address, start)`.
+    pub(crate) fn resolve_target(&self) -> Result<(usize, Option<usize>), Error> {
         let base = match (&self.symbol, self.target) {
             (Some(name), _) => resolve(name)?,
             (None, Some(t)) => t,
             (None, None) => return Err(Error::NoTarget),
         };
-        let addr = base + self.offset;
+        Ok((base + self.offset, (self.offset > 0).then_some(base)))
+    }
+
+    /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
+    /// On error nothing is left armed or writable.
+    pub fn register(self) -> Result<ProbeHandle, Error> {
+        let (addr, named_start) = self.resolve_target()?;
         install_handler()?;
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let mapping = text::executable(addr)?;
         // An instruction boundary, decoding from the start of the function: the one the
         // caller named, or the one the symbol tables say contains the address.
-        let start = match (self.symbol.is_some() || self.target.is_some()) && self.offset > 0 {
-            true => Some(base),
-            false => crate::symbols::function_at(addr).map(|(_, start, _)| start).filter(|s| *s != addr),
-        };
+        let start = named_start.or_else(|| crate::symbols::function_at(addr).map(|(_, start, _)| start).filter(|s| *s != addr));
         if let Some(start) = start {
             insn::check_boundary(start, addr, &original_code(start, (addr + 15).min(mapping.end)))?;
         }
@@ -266,7 +282,7 @@ impl ProbeBuilder {
             Exec::Simulate { len, sim } => (len, 0, None, sim),
         };
 
-        let e = &ENTRIES[index];
+        let e = &RECORDS[index];
         let mut orig = [0u8; 8];
         orig[..BREAKPOINT.len()].copy_from_slice(&code[..BREAKPOINT.len()]);
         e.target.store(addr, Ordering::Relaxed);
@@ -279,7 +295,12 @@ impl ProbeBuilder {
         e.sim_b.store(sim.b, Ordering::Relaxed);
         // Visible to the hit path (Release: with the fields above) before it is armed.
         USED.store(index + 1, Ordering::Release);
-        e.pre.store(self.pre.map_or(0, |h| h as usize), Ordering::Relaxed);
+        let (pre, ctx) = match self.internal {
+            Some((h, ctx)) => (h as usize, ctx),
+            None => (self.pre.map_or(0, |h| h as usize), 0),
+        };
+        e.pre.store(pre, Ordering::Relaxed);
+        e.ctx.store(ctx, Ordering::Relaxed);
         e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
         arm(e, true)?;
         e.live.store(true, Ordering::Relaxed);
@@ -302,8 +323,8 @@ fn resolve(name: &str) -> Result<usize, Error> {
 }
 
 /// Whether a probe other than `e` is armed at `target` (they share its breakpoint).
-fn shared(e: &Entry, target: usize) -> bool {
-    entries().iter().any(|o| !std::ptr::eq(o, e) && o.addr.load(Ordering::Relaxed) == target)
+fn shared(e: &Record, target: usize) -> bool {
+    records().iter().any(|o| !std::ptr::eq(o, e) && o.addr.load(Ordering::Relaxed) == target)
 }
 
 /// The original bytes of `from..to`: the text with every armed breakpoint taken out
@@ -311,7 +332,7 @@ fn shared(e: &Entry, target: usize) -> bool {
 fn original_code(from: usize, to: usize) -> Vec<u8> {
     // SAFETY: from..to lies in one readable, executable mapping (checked by the caller).
     let mut code = unsafe { std::slice::from_raw_parts(from as *const u8, to - from) }.to_vec();
-    for e in entries().iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0) {
+    for e in records().iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0) {
         let (t, orig) = (e.target.load(Ordering::Relaxed), e.orig.load(Ordering::Relaxed).to_ne_bytes());
         for (i, b) in orig[..BREAKPOINT.len()].iter().enumerate() {
             if (from..to).contains(&(t + i)) {
@@ -327,7 +348,7 @@ fn original_code(from: usize, to: usize) -> Vec<u8> {
 /// trap always finds it (or finds the text restored, seed 004). Probes at one address
 /// share its breakpoint (aggregation): the first armed writes it, the last disarmed
 /// removes it. Called under the registry lock.
-fn arm(e: &Entry, on: bool) -> Result<(), Error> {
+fn arm(e: &Record, on: bool) -> Result<(), Error> {
     let target = e.target.load(Ordering::Relaxed);
     let shared = shared(e, target);
     if on {
@@ -354,8 +375,8 @@ pub struct ProbeHandle {
 }
 
 impl ProbeHandle {
-    fn entry(&self) -> &'static Entry {
-        &ENTRIES[self.index]
+    fn entry(&self) -> &'static Record {
+        &RECORDS[self.index]
     }
 
     /// The probed address.
@@ -439,8 +460,11 @@ pub fn blacklist() -> Vec<Blacklisted> {
 }
 
 fn find_blacklist() -> Vec<Blacklisted> {
-    let hit_path: [(&'static str, usize); 7] = [
+    let hit_path: [(&'static str, usize); 10] = [
         ("probekit's SIGTRAP handler", on_sigtrap as *const () as usize),
+        ("probekit's return-probe entry", crate::retprobe::on_entry as *const () as usize),
+        ("probekit's return dispatcher", crate::retprobe::dispatch as *const () as usize),
+        ("probekit's return trampoline", crate::retprobe::trampoline()),
         ("probekit's handler call", call_handler as *const () as usize),
         ("probekit's trap chaining", chain as *const () as usize),
         ("probekit's register reading", regs::read as *const () as usize),
@@ -496,7 +520,7 @@ impl std::fmt::Display for ProbeList {
 /// The registered probes (not for signal context: it allocates and reads `/proc`).
 pub fn list() -> ProbeList {
     ProbeList(
-        entries()
+        records()
             .iter()
             .filter(|e| e.live.load(Ordering::Relaxed))
             .map(|e| {
@@ -545,10 +569,21 @@ fn install_handler() -> Result<(), Error> {
 
 /// Calls a handler; `extern "C"` so that a panic aborts instead of unwinding out of
 /// the signal handler.
-extern "C" fn call_handler(h: usize, regs: &mut PtRegs) {
+extern "C" fn call_handler(h: usize, ctx: usize, regs: &mut PtRegs) {
+    if ctx != 0 {
+        // SAFETY: with a context, `h` was stored from an `InternalHandler` at registration.
+        let h = unsafe { std::mem::transmute::<usize, InternalHandler>(h) };
+        return h(regs, ctx);
+    }
     // SAFETY: `h` was stored from a `Handler` (a fn pointer) at registration.
     let h: Handler = unsafe { std::mem::transmute::<usize, Handler>(h) };
     h(regs);
+}
+
+/// Marks this thread as running a handler (or not); returns what it was. Probes hit
+/// while it is set count as missed and run no handler.
+pub(crate) fn set_active(on: bool) -> bool {
+    ACTIVE.replace(on)
 }
 
 /// The SIGTRAP handler. Async-signal-safe: atomics, a const thread-local, no locks,
@@ -559,7 +594,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
 
     // Every probe armed at this address, in registration order (aggregation).
-    let all = entries();
+    let all = records();
     let at_bp = || all.iter().filter(move |e| e.addr.load(Ordering::Acquire) == bp);
     if let Some(first) = at_bp().next() {
         BACKUPS.set((0, 0));
@@ -575,7 +610,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             if pre != 0 {
                 let mut r = regs::read(uc, bp as u64);
                 ACTIVE.set(true);
-                call_handler(pre, &mut r);
+                call_handler(pre, e.ctx.load(Ordering::Relaxed), &mut r);
                 ACTIVE.set(false);
                 regs::write(uc, &r);
                 if r.instruction_pointer() != bp as u64 {
@@ -625,12 +660,12 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 /// Runs the post handlers of the probes armed at `target`, in registration order, on
 /// the context after the instruction (its pc is where execution continues).
 fn run_posts(target: usize, uc: &mut libc::ucontext_t) {
-    for e in entries().iter().filter(|e| e.addr.load(Ordering::Acquire) == target) {
+    for e in records().iter().filter(|e| e.addr.load(Ordering::Acquire) == target) {
         let post = e.post.load(Ordering::Relaxed);
         if post != 0 {
             let mut r = regs::read(uc, regs::pc(uc));
             ACTIVE.set(true);
-            call_handler(post, &mut r);
+            call_handler(post, 0, &mut r);
             ACTIVE.set(false);
             regs::write(uc, &r);
         }

@@ -38,12 +38,14 @@ mod imp {
         r
     }
 
-    /// Writes the handler's changes back: general registers, user flags, pc.
-    /// `rsp`, `cs`, `ss` and `orig_rax` are read-only.
+    /// Writes the handler's changes back: general registers, `rsp` (a return probe's
+    /// override pops the return address), user flags, pc. `cs`, `ss` and `orig_rax`
+    /// are read-only.
     pub(crate) fn write(uc: &mut ucontext_t, r: &PtRegs) {
         let g = &mut uc.uc_mcontext.gregs;
         macro_rules! wr { ($($f:ident $i:ident),*) => { $( g[$i as usize] = r.$f as i64; )* }; }
         gprs!(wr);
+        g[REG_RSP as usize] = r.rsp as i64;
         let flags = g[REG_EFL as usize] as u64;
         g[REG_EFL as usize] = ((flags & !USER_FLAGS) | (r.eflags & USER_FLAGS)) as i64;
         g[REG_RIP as usize] = r.rip as i64;
@@ -72,10 +74,11 @@ mod imp {
         PtRegs { regs: m.regs, sp: m.sp, pc, pstate: m.pstate & NZCV }
     }
 
-    /// Writes the handler's changes back: x0..x30, NZCV, pc. `sp` is read-only.
+    /// Writes the handler's changes back: x0..x30, sp, NZCV, pc.
     pub(crate) fn write(uc: &mut ucontext_t, r: &PtRegs) {
         let m = &mut uc.uc_mcontext;
         m.regs = r.regs;
+        m.sp = r.sp;
         m.pstate = (m.pstate & !NZCV) | (r.pstate & NZCV);
         m.pc = r.pc;
     }

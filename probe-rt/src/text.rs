@@ -179,3 +179,29 @@ pub(crate) fn alloc_exec_page_near(addr: usize, range: usize) -> Option<usize> {
     }
     None
 }
+
+/// Places `code` in fresh pages of its own and makes them executable (read + execute;
+/// never writable and executable at once): its address. For code that needs no
+/// particular address (return-probe stubs). The pages are never unmapped.
+pub(crate) fn alloc_code(code: &[u8]) -> Result<usize, Error> {
+    let len = code.len().max(1).next_multiple_of(page_size());
+    let os = |call| Error::Os { addr: 0, call, errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) };
+    // SAFETY: a new anonymous private read-write mapping; nothing is replaced.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if p == libc::MAP_FAILED {
+        return Err(os("mmap"));
+    }
+    // SAFETY: the mapping is `len >= code.len()` bytes, writable, and ours alone.
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len()) };
+    // SAFETY: mprotect of the mapping just made.
+    if unsafe { libc::mprotect(p, len, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
+        let e = os("mprotect");
+        // SAFETY: the mapping just made, which nothing refers to yet.
+        unsafe { libc::munmap(p, len) };
+        return Err(e);
+    }
+    sync_icache(p as usize, code.len());
+    Ok(p as usize)
+}

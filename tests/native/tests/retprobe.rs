@@ -1,0 +1,371 @@
+//! Return probes: values, instances, entry decisions, unwinding, longjmp.
+
+use probekit::{Entry, Error, PtRegs, ReturnProbe};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+#[inline(never)]
+fn add(a: u64, b: u64) -> u64 {
+    black_box(a) + black_box(b)
+}
+
+#[inline(never)]
+fn ptr_of(v: *const u64) -> *const u64 {
+    black_box(v)
+}
+
+#[inline(never)]
+fn halve(x: f64) -> f64 {
+    black_box(x) / 2.0
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+struct Pair {
+    a: u64,
+    b: u64,
+}
+
+#[inline(never)]
+extern "C" fn pair(a: u64) -> Pair {
+    Pair { a: black_box(a), b: black_box(a) * 3 }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+struct Big {
+    v: [u64; 6],
+}
+
+#[inline(never)]
+extern "C" fn big(a: u64) -> Big {
+    let mut v = [0; 6];
+    for (i, x) in v.iter_mut().enumerate() {
+        *x = black_box(a) + i as u64;
+    }
+    Big { v }
+}
+
+static RET_SEEN: AtomicU64 = AtomicU64::new(0);
+static F64_SEEN: AtomicU64 = AtomicU64::new(0);
+
+fn see_ret(regs: &mut PtRegs, _: &mut ()) {
+    RET_SEEN.store(regs.return_value(), Ordering::Relaxed);
+}
+
+fn see_f64(regs: &mut PtRegs, _: &mut ()) {
+    F64_SEEN.store(regs.fp_return().map_or(0, |v| v.as_f64().to_bits()), Ordering::Relaxed);
+}
+
+fn noop(_: &mut PtRegs, _: &mut ()) {}
+
+#[test]
+fn return_values_reach_the_caller_unchanged() {
+    let x = 41u64;
+    let unprobed = (add(2, 3), ptr_of(&x), halve(5.0), pair(7), big(9));
+    let probes = [
+        ReturnProbe::builder().function(add as fn(u64, u64) -> u64).handler(see_ret).register().unwrap(),
+        ReturnProbe::builder().function(ptr_of as fn(*const u64) -> *const u64).handler(noop).register().unwrap(),
+        ReturnProbe::builder().function(halve as fn(f64) -> f64).handler(see_f64).register().unwrap(),
+        ReturnProbe::builder().function(pair as extern "C" fn(u64) -> Pair).handler(noop).register().unwrap(),
+        ReturnProbe::builder().function(big as extern "C" fn(u64) -> Big).handler(noop).register().unwrap(),
+    ];
+    assert_eq!(add(2, 3), unprobed.0);
+    assert_eq!(RET_SEEN.load(Ordering::Relaxed), 5);
+    assert_eq!(ptr_of(&x), unprobed.1);
+    assert_eq!(halve(5.0), unprobed.2);
+    assert_eq!(f64::from_bits(F64_SEEN.load(Ordering::Relaxed)), 2.5, "the handler reads the FP return register");
+    assert_eq!(pair(7), unprobed.3);
+    assert_eq!(big(9), unprobed.4);
+    for p in &probes {
+        assert_eq!((p.nhit(), p.nmissed()), (1, 0), "probe at {:#x}", p.address());
+    }
+}
+
+#[inline(never)]
+fn triple(a: u64) -> u64 {
+    black_box(a) * 3
+}
+
+fn plus_one(regs: &mut PtRegs, _: &mut ()) {
+    regs.set_return_value(regs.return_value() + 1);
+}
+
+#[test]
+fn a_handler_changes_what_the_caller_sees() {
+    let p = ReturnProbe::builder().function(triple as fn(u64) -> u64).handler(plus_one).register().unwrap();
+    assert_eq!(triple(5), 16);
+    p.disable().unwrap();
+    assert_eq!(triple(5), 15);
+    p.enable().unwrap();
+    assert_eq!(triple(5), 16);
+    drop(p);
+    assert_eq!(triple(5), 15);
+}
+
+#[inline(never)]
+fn depth(n: u64) -> u64 {
+    if black_box(n) == 0 {
+        0
+    } else {
+        depth(n - 1) + 2
+    }
+}
+
+static DEPTH_RETURNS: AtomicU64 = AtomicU64::new(0);
+
+fn count_depth(_: &mut PtRegs, _: &mut ()) {
+    DEPTH_RETURNS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[test]
+fn recursion_deeper_than_maxactive_misses_exactly_the_excess() {
+    let p = ReturnProbe::builder().function(depth as fn(u64) -> u64).handler(count_depth).maxactive(8).register().unwrap();
+    assert_eq!(p.maxactive(), 8);
+    // 31 calls (n = 30 .. 0): the outer 8 are watched, the 23 below are not.
+    assert_eq!(depth(30), 60);
+    assert_eq!((p.nhit(), p.nmissed(), DEPTH_RETURNS.load(Ordering::Relaxed)), (8, 23, 8));
+    // Every instance came back: the next call is watched.
+    assert_eq!(depth(3), 6);
+    assert_eq!((p.nhit(), p.nmissed()), (8 + 4, 23));
+}
+
+#[inline(never)]
+fn scaled(a: u64) -> u64 {
+    black_box(a) * 10
+}
+
+#[derive(Default)]
+struct Arg(u64);
+
+fn skip_odd(regs: &mut PtRegs, d: &mut Arg) -> Entry {
+    d.0 = regs.arg(0).unwrap();
+    match d.0 {
+        7 => Entry::Override(700_000),
+        a if a % 2 == 1 => Entry::Skip,
+        _ => Entry::Continue,
+    }
+}
+
+static DATA_SEEN: AtomicU64 = AtomicU64::new(0);
+static DATA_CALLS: AtomicU64 = AtomicU64::new(0);
+
+fn check_data(regs: &mut PtRegs, d: &mut Arg) {
+    // The argument recorded at the entry, next to the result at the return.
+    DATA_SEEN.store(d.0 * 1000 + regs.return_value(), Ordering::Relaxed);
+    DATA_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[test]
+fn entry_handler_skips_overrides_and_passes_data() {
+    let p = ReturnProbe::builder()
+        .function(scaled as fn(u64) -> u64)
+        .data::<Arg>()
+        .entry_handler(skip_odd)
+        .handler(check_data)
+        .register()
+        .unwrap();
+    assert_eq!(scaled(4), 40);
+    assert_eq!((DATA_SEEN.load(Ordering::Relaxed), DATA_CALLS.load(Ordering::Relaxed)), (4040, 1));
+    assert_eq!(scaled(5), 50, "skipped: the function ran, the return handler did not");
+    assert_eq!(DATA_CALLS.load(Ordering::Relaxed), 1);
+    assert_eq!(scaled(7), 700_000, "overridden: the function did not run");
+    assert_eq!(DATA_CALLS.load(Ordering::Relaxed), 1);
+    assert_eq!(scaled(6), 60);
+    assert_eq!((DATA_SEEN.load(Ordering::Relaxed), DATA_CALLS.load(Ordering::Relaxed)), (6060, 2));
+    assert_eq!((p.nhit(), p.nmissed()), (4, 0));
+}
+
+#[inline(never)]
+fn thrower(n: u64) -> u64 {
+    if black_box(n) > 0 {
+        panic!("deep {n}");
+    }
+    n
+}
+
+#[inline(never)]
+fn middle(n: u64) -> u64 {
+    thrower(black_box(n)) + 1
+}
+
+#[inline(never)]
+fn probed_outer(n: u64) -> u64 {
+    middle(black_box(n)) + 1
+}
+
+#[inline(never)]
+fn real_caller_of_outer(n: u64) -> std::thread::Result<u64> {
+    std::panic::catch_unwind(|| probed_outer(n))
+}
+
+#[test]
+fn a_panic_unwinds_through_a_hijacked_frame() {
+    let p = ReturnProbe::builder().function(probed_outer as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = real_caller_of_outer(3);
+    std::panic::set_hook(hook);
+    let payload = r.expect_err("the panic reaches catch_unwind");
+    assert_eq!(payload.downcast_ref::<String>().map(String::as_str), Some("deep 3"));
+    // The instance left behind is reclaimed by the next entry (maxactive 1).
+    assert_eq!(real_caller_of_outer(0).unwrap(), 2);
+    assert_eq!((p.nhit(), p.nmissed()), (2, 0));
+}
+
+static TRACE: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+#[inline(never)]
+fn traced() -> u64 {
+    *TRACE.lock().unwrap() = std::backtrace::Backtrace::force_capture().to_string();
+    black_box(1)
+}
+
+#[inline(never)]
+fn caller_of_traced() -> u64 {
+    traced() + black_box(1)
+}
+
+#[test]
+fn a_backtrace_in_a_probed_function_names_the_real_caller() {
+    let _p = ReturnProbe::builder().function(traced as fn() -> u64).handler(noop).register().unwrap();
+    assert_eq!(caller_of_traced(), 2);
+    let trace = TRACE.lock().unwrap().clone();
+    assert!(trace.contains("caller_of_traced"), "the real caller is missing:\n{trace}");
+    assert!(trace.contains("a_backtrace_in_a_probed_function_names_the_real_caller"), "the walk stopped early:\n{trace}");
+}
+
+#[inline(never)]
+fn returns_to_handler_trace() -> u64 {
+    black_box(5)
+}
+
+#[inline(never)]
+fn caller_of_handler_trace() -> u64 {
+    returns_to_handler_trace() + black_box(1)
+}
+
+static HANDLER_FRAMES: AtomicUsize = AtomicUsize::new(0);
+static HANDLER_SAW_CALLER: AtomicUsize = AtomicUsize::new(0);
+
+fn walk_in_handler(_: &mut PtRegs, _: &mut ()) {
+    // No allocation here: the raw walk, with symbols resolved without allocating.
+    let mut frames = 0;
+    let target = caller_of_handler_trace as fn() -> u64 as usize;
+    backtrace_walk(|ip| {
+        frames += 1;
+        if ip > target && ip < target + 256 {
+            HANDLER_SAW_CALLER.store(1, Ordering::Relaxed);
+        }
+    });
+    HANDLER_FRAMES.store(frames, Ordering::Relaxed);
+}
+
+/// `_Unwind_Backtrace`, calling `f` with each frame's instruction pointer.
+fn backtrace_walk(mut f: impl FnMut(usize)) {
+    type Ctx = std::ffi::c_void;
+    extern "C" {
+        fn _Unwind_Backtrace(cb: extern "C" fn(*mut Ctx, *mut std::ffi::c_void) -> i32, arg: *mut std::ffi::c_void) -> i32;
+        fn _Unwind_GetIP(ctx: *mut Ctx) -> usize;
+    }
+    extern "C" fn cb<F: FnMut(usize)>(ctx: *mut Ctx, arg: *mut std::ffi::c_void) -> i32 {
+        // SAFETY: arg is the `&mut F` passed below, ctx the unwinder's context.
+        unsafe { (*(arg as *mut F))(_Unwind_GetIP(ctx)) };
+        0 // _URC_NO_REASON: go on
+    }
+    // SAFETY: the callback matches the unwinder's signature and `f` outlives the walk.
+    unsafe { _Unwind_Backtrace(cb::<&mut dyn FnMut(usize)>, &mut (&mut f as &mut dyn FnMut(usize)) as *mut _ as *mut _) };
+}
+
+#[test]
+fn a_walk_from_a_return_handler_reaches_the_real_caller() {
+    let _p = ReturnProbe::builder().function(returns_to_handler_trace as fn() -> u64).handler(walk_in_handler).register().unwrap();
+    assert_eq!(caller_of_handler_trace(), 6);
+    assert_eq!(HANDLER_SAW_CALLER.load(Ordering::Relaxed), 1, "{} frames, the real caller not among them", HANDLER_FRAMES.load(Ordering::Relaxed));
+}
+
+#[inline(never)]
+extern "C" fn jumps_out(_: *mut std::ffi::c_void) {
+    // Plain frames only between here and probekit_jump_run: nothing to drop.
+    unsafe { native_tests::probekit_jump_out() }
+}
+
+#[inline(never)]
+fn probed_jumper(n: u64) -> u64 {
+    if black_box(n) > 0 {
+        jumps_out(std::ptr::null_mut());
+    }
+    n + 1
+}
+
+extern "C" fn run_jumper(arg: *mut std::ffi::c_void) {
+    black_box(probed_jumper(arg as u64));
+}
+
+#[test]
+fn longjmp_past_a_probed_frame_leaves_no_stale_instance() {
+    let p = ReturnProbe::builder().function(probed_jumper as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
+    for _ in 0..5 {
+        // SAFETY: run_jumper's frames are plain; the jump lands in probekit_jump_run.
+        assert_eq!(unsafe { native_tests::probekit_jump_run(run_jumper, 1 as *mut _) }, 1);
+    }
+    // maxactive 1: every entry found the instance the previous longjmp left behind
+    // reclaimed, and so does a normal call now.
+    assert_eq!(probed_jumper(0), 1);
+    assert_eq!((p.nhit(), p.nmissed()), (6, 0));
+}
+
+#[inline(never)]
+fn busy(a: u64) -> u64 {
+    black_box(a).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(7)
+}
+
+#[inline(never)]
+fn busy2(a: u64) -> u64 {
+    busy(black_box(a)) ^ 1
+}
+
+#[test]
+fn threads_and_register_unregister_rounds_return_right() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let a = n * 4 + t;
+                    assert_eq!(busy2(a), busy(a) ^ 1);
+                    assert_eq!(busy(a), a.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(7));
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for round in 0..150 {
+        let p1 = ReturnProbe::builder().function(busy as fn(u64) -> u64).handler(noop).maxactive(4).register().unwrap();
+        let p2 = ReturnProbe::builder().function(busy2 as fn(u64) -> u64).handler(noop).register().unwrap();
+        if round % 3 == 0 {
+            p1.disable().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        drop(p1);
+        std::thread::sleep(std::time::Duration::from_micros(100));
+        p2.unregister().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().expect("no worker failed")).sum();
+    assert!(calls > 0);
+}
+
+#[test]
+fn bad_targets_are_refused() {
+    let inside = add as fn(u64, u64) -> u64 as usize + 1;
+    let e = ReturnProbe::builder().address(inside).handler(noop).register().unwrap_err();
+    assert!(matches!(e, Error::NotFunctionEntry { addr, .. } if addr == inside), "{e:?}");
+    let e = ReturnProbe::builder().function(add as fn(u64, u64) -> u64).handler(noop).data::<u64>().register().unwrap_err();
+    assert_eq!(e, Error::HandlersBeforeData);
+    let e = ReturnProbe::builder().symbol("probekit_no_such_function").register().unwrap_err();
+    assert!(matches!(e, Error::SymbolNotFound { .. }), "{e:?}");
+}
