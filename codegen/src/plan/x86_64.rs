@@ -21,6 +21,9 @@
 //! out the frame's rax, rflags and rip are copied to `A`, `A+8` and `P-8`, every other
 //! register is reloaded, and `mov rsp, rax; pop rax; popfq; lea rsp, [rsp+RZ]; ret`
 //! resumes at the (possibly changed) rip with the stack pointer of the probed context.
+//! Kretprobe ends in `lea rsp, [rsp+8]; jmp [rsp-8]` instead: its entry was a `ret`
+//! the return-stack buffer did not expect, and a second `ret` would desynchronise it
+//! for every return above.
 
 use super::*;
 
@@ -247,7 +250,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         step.restore.push(load("rcx", *off, slot.clone(), format!("{slot} @{off}")));
         step.restore.push(Op::new(
             format!("mov qword ptr [rax + {}], rcx", 16 + rz),
-            "the resume address `ret` will take",
+            "the resume address",
         ));
         steps.push(step);
     }
@@ -327,7 +330,17 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     if rz > 0 {
         epilogue.push(Op::new(format!("lea rsp, [rsp + {rz}]"), "back over the red zone"));
     }
-    epilogue.push(Op::new("ret", "resume at the frame's rip; rsp is the probed context's again"));
+    if shape == Shape::Kretprobe {
+        // Entered by a `ret` the return-stack buffer mispredicted (it expected the real
+        // return address); another `ret` here would pop the caller's own entry and make
+        // every return above mispredict too. An indirect jump leaves the buffer alone.
+        // [rsp - 8] is safe to read after the `lea`: the kernel delivers signals below
+        // the 128-byte red zone.
+        epilogue.push(Op::new("lea rsp, [rsp + 8]", "drop the resume address; rsp is the probed context's again"));
+        epilogue.push(Op::new("jmp qword ptr [rsp - 8]", "resume at the frame's rip (a jump: the return-stack buffer stays in step)"));
+    } else {
+        epilogue.push(Op::new("ret", "resume at the frame's rip; rsp is the probed context's again"));
+    }
 
     Ok(Plan::assemble(
         frame,
