@@ -5,11 +5,16 @@
 //!   whose SIGTRAP handler only steps over it: the floor of any trap-based probe.
 //! - `hit/breakpoint`: a probekit probe with an empty pre handler (boosted: one trap).
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
+//! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
+//!   return through the stub and the generated trampoline.
+//! - `hit/return_trampoline`: the return part alone: the entry hook is called
+//!   directly (as a patched site will call it, no trap), then the function returns
+//!   through the stub and the trampoline.
 //!
 //! `int3_floor` runs first, with its own SIGTRAP handler, before probekit installs its.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use probekit::{Probe, PtRegs};
+use probekit::{Probe, PtRegs, ReturnProbe, ReturnProbeHandle};
 use std::hint::black_box;
 
 #[inline(never)]
@@ -44,6 +49,91 @@ extern "C" fn step_over(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
 
 fn empty(_r: &mut PtRegs) {}
 
+fn empty_return(_r: &mut PtRegs, _: &mut ()) {}
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn hit_target_return(x: u64) -> u64 {
+    x.wrapping_add(1)
+}
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn hit_target_trampoline(x: u64) -> u64 {
+    x.wrapping_add(1)
+}
+
+// `hijacked_call(x, target, enter)`: calls `target(x)` through `hijack_thunk`, which
+// stands where a patched site's entry trampoline will: entered by a real `call` (so the
+// return-stack buffer is as in a real call), it lets `enter(entry sp, return address)`
+// replace the return address, as the entry hook does at a watched entry, and jumps to
+// the target, whose return then goes through the stub and the trampoline.
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".globl hijacked_call",
+    "hijacked_call:",
+    "sub rsp, 8",
+    "call 3f",
+    "add rsp, 8",
+    "ret",
+    "3:",                    // hijack_thunk: [rsp] = the return address
+    "push rdi",
+    "push rsi",
+    "lea rdi, [rsp + 16]",   // sp at the callee's entry
+    "mov rsi, [rsp + 16]",
+    "sub rsp, 8",            // 16-aligned for the call
+    "call rdx",
+    "add rsp, 8",
+    "mov [rsp + 16], rax",   // the return address to use
+    "pop rsi",
+    "pop rdi",
+    "jmp rsi",
+);
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".globl hijacked_call",
+    "hijacked_call:",
+    "stp x29, x30, [sp, #-16]!",
+    "bl 3f",
+    "ldp x29, x30, [sp], #16",
+    "ret",
+    "3:",                    // hijack_thunk: x30 = the return address
+    "stp x0, x1, [sp, #-32]!",
+    "str x30, [sp, #16]",
+    "add x0, sp, #32",       // sp at the callee's entry
+    "mov x1, x30",
+    "blr x2",
+    "mov x30, x0",           // the return address to use
+    "ldp x0, x1, [sp], #32",
+    "br x1",
+);
+extern "C" {
+    fn hijacked_call(x: u64, target: extern "C" fn(u64) -> u64, enter: extern "C" fn(usize, usize) -> usize) -> u64;
+}
+
+static TRAMPOLINE_PROBE: std::sync::OnceLock<ReturnProbeHandle> = std::sync::OnceLock::new();
+
+/// The entry hook of `TRAMPOLINE_PROBE` on a frame holding just the entry sp and the
+/// return address: returns the return address to use.
+extern "C" fn enter(sp: usize, ret: usize) -> usize {
+    let mut r = PtRegs::default();
+    #[cfg(target_arch = "x86_64")]
+    {
+        r.rsp = sp as u64; // the hook reads and replaces the word there
+        TRAMPOLINE_PROBE.get().expect("registered").__enter(&mut r);
+        let _ = ret;
+        // SAFETY: sp is the return address slot hijacked_call pushed.
+        unsafe { *(sp as *const usize) }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        r.sp = sp as u64;
+        r.regs[30] = ret as u64;
+        TRAMPOLINE_PROBE.get().expect("registered").__enter(&mut r);
+        r.regs[30] as usize
+    }
+}
+
 fn hit(c: &mut Criterion) {
     let mut g = c.benchmark_group("hit");
     g.bench_function("direct_call", |b| b.iter(|| black_box(hit_target as extern "C" fn(u64) -> u64)(black_box(1))));
@@ -62,13 +152,27 @@ fn hit(c: &mut Criterion) {
     let f = hit_target as extern "C" fn(u64) -> u64;
     let p = Probe::builder().function(f).pre(empty).register().expect("probe");
     g.bench_function("breakpoint", |b| b.iter(|| black_box(f)(black_box(1))));
-    assert!(p.nhit() > 0);
+    assert_eq!(p.nmissed(), 0);
     drop(p);
 
     let f = hit_target_post as extern "C" fn(u64) -> u64;
     let p = Probe::builder().function(f).pre(empty).post(empty).register().expect("probe");
     g.bench_function("breakpoint_post", |b| b.iter(|| black_box(f)(black_box(1))));
     drop(p);
+
+    let f = hit_target_return as extern "C" fn(u64) -> u64;
+    let p = ReturnProbe::builder().function(f).handler(empty_return).register().expect("return probe");
+    g.bench_function("return", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
+
+    // The entry breakpoint is disarmed: `enter` does its work, without a trap.
+    let f = hit_target_trampoline as extern "C" fn(u64) -> u64;
+    let p = TRAMPOLINE_PROBE.get_or_init(|| ReturnProbe::builder().function(f).handler(empty_return).register().expect("return probe"));
+    p.disable().expect("disarm the entry breakpoint");
+    // SAFETY: hijacked_call calls f(1) with a return address `enter` gave.
+    g.bench_function("return_trampoline", |b| b.iter(|| unsafe { hijacked_call(black_box(1), f, enter) }));
+    assert_eq!(p.nmissed(), 0);
     g.finish();
 }
 

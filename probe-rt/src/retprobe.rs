@@ -125,6 +125,9 @@ struct Inst {
     next: AtomicUsize,
     /// Taken by an entry, until its return or reclamation.
     busy: AtomicBool,
+    /// Entries that took this instance: written only by the thread holding it (no
+    /// read-modify-write on the hit path); [`ReturnProbeHandle::nhit`] sums them.
+    taken: AtomicU64,
     /// Where the hijacked return goes.
     stub: usize,
     /// This instance's `T`.
@@ -137,7 +140,6 @@ struct Inst {
 struct Core {
     /// Registered: the return handler runs. Cleared by unregistering.
     live: AtomicBool,
-    nhit: AtomicU64,
     nmissed: AtomicU64,
     /// The handlers as `usize` (0: none), typed again by `run_entry`/`run_return`.
     handler: usize,
@@ -153,13 +155,15 @@ impl Core {
     /// A free instance, taken (lock-free: one compare-and-swap per candidate).
     fn take(&self) -> Option<&'static Inst> {
         let n = self.insts.len();
-        let start = self.hint.load(Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find_map(|i| {
+        let start = self.hint.load(Ordering::Relaxed).min(n);
+        // start..n then 0..start: no division on the hit path.
+        (start..n).chain(0..start).find_map(|i| {
             let inst = &self.insts[i];
             let free = !inst.busy.load(Ordering::Relaxed)
                 && inst.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok();
             free.then(|| {
                 self.hint.store(i + 1, Ordering::Relaxed);
+                inst.taken.store(inst.taken.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                 inst
             })
         })
@@ -278,7 +282,6 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         core.nmissed.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    core.nhit.fetch_add(1, Ordering::Relaxed);
     // SAFETY: `run_entry` was made for the `T` of `inst.data`, and the instance is ours.
     match unsafe { (core.run_entry)(core, inst.data, regs) } {
         Entry::Continue => {}
@@ -464,6 +467,7 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
                     sp: AtomicUsize::new(0),
                     next: AtomicUsize::new(0),
                     busy: AtomicBool::new(false),
+                    taken: AtomicU64::new(0),
                     stub: base + i * STUB + STUB_ENTRY,
                     data: data[i].get() as usize,
                     core: AtomicUsize::new(0),
@@ -476,7 +480,6 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
         unwind::register_stubs(&frames)?;
         let core: &'static Core = Box::leak(Box::new(Core {
             live: AtomicBool::new(true),
-            nhit: AtomicU64::new(0),
             nmissed: AtomicU64::new(0),
             handler: self.handler.map_or(0, |h| h as usize),
             entry: self.entry.map_or(0, |h| h as usize),
@@ -545,13 +548,22 @@ impl ReturnProbeHandle {
 
     /// Calls whose entry took an instance (watched, skipped or overridden).
     pub fn nhit(&self) -> u64 {
-        self.core.0.nhit.load(Ordering::Relaxed)
+        self.core.0.insts.iter().map(|i| i.taken.load(Ordering::Relaxed)).sum()
     }
 
     /// Calls not watched: every instance was in use, or the entry was hit inside a
     /// handler.
     pub fn nmissed(&self) -> u64 {
         self.core.0.nmissed.load(Ordering::Relaxed) + self.entry.nmissed()
+    }
+
+    /// Runs the entry hook on `regs` as the breakpoint would, without a trap: `regs`
+    /// must be a function entry's (x86_64: `rsp` points at the return address, which
+    /// may be replaced there; aarch64: `regs[30]` is replaced). For benchmarks of the
+    /// return path alone, and site trampolines. Not API.
+    #[doc(hidden)]
+    pub fn __enter(&self, regs: &mut PtRegs) {
+        on_entry(regs, self.core.0 as *const Core as usize);
     }
 
     /// Disarms the entry and stops the handlers; calls in flight still return to their
