@@ -5,6 +5,7 @@
 use proc_macro::TokenStream;
 
 mod kprobe;
+mod kretprobe;
 mod pt_regs;
 
 /// Declares a register frame and generates its save/restore routines.
@@ -94,4 +95,65 @@ pub fn pt_regs(attr: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
     kprobe::expand(attr.into(), item.into()).into()
+}
+
+/// Makes a function the return handler of a return probe and generates its
+/// registration.
+///
+/// # Syntax
+///
+/// ```text
+/// #[kretprobe(function = path::to::f)]
+/// #[kretprobe(symbol = "name", maxactive = 64)]
+/// #[kretprobe(function = f, data = Type, entry = on_entry, maxactive = 64, crate = ::probekit)]
+/// ```
+///
+/// # Usage
+///
+/// On `fn handler(regs: &mut PtRegs)`, or with `data = T` on
+/// `fn handler(regs: &mut PtRegs, data: &mut T)`. The handler runs when the probed
+/// function returns, with the return value in `rax`/`x0` (it may change it). The
+/// entry handler, if any, runs at the function's entry and decides for this call:
+/// `fn on_entry(regs: &mut PtRegs) -> Entry`, or with `data = T`
+/// `fn on_entry(regs: &mut PtRegs, data: &mut T) -> Entry`. Each watched call gets a
+/// fresh `T::default()` (`T: Default + Send + 'static`) that both handlers see.
+/// `maxactive` is how many calls can be watched at once, on all threads (an integer
+/// literal; default max(10, 2 × CPUs)). There is no `offset`: a return probe goes on
+/// a function's entry.
+///
+/// The function stays as written; next to it a module of the same name holds
+/// `register()`, which arms the probe and returns its `ReturnProbeHandle`
+/// (unregistered on drop): `handler::register()?`. Paths in the options resolve where
+/// the attribute is written.
+///
+/// # Safety
+///
+/// The entry handler and `T::default()` run in a signal handler on the thread that
+/// called the function; the return handler runs on that thread's stack when the
+/// function returns, wherever that is. Both must be async-signal-safe (no allocation,
+/// no locks, no printing; push to an `EventBuffer`), and must not panic: a panic in
+/// the return handler aborts.
+///
+/// # Examples
+///
+/// ```ignore
+/// use probekit::{Entry, PtRegs};
+///
+/// #[derive(Default)]
+/// struct Call { arg: u64 }
+///
+/// fn on_entry(regs: &mut PtRegs, call: &mut Call) -> Entry {
+///     call.arg = regs.arg(0).unwrap_or(0);
+///     Entry::Continue
+/// }
+///
+/// #[probekit::kretprobe(function = crate::parse, data = Call, entry = on_entry, maxactive = 64)]
+/// fn on_parse_return(regs: &mut PtRegs, call: &mut Call) {
+///     EVENTS.push((call.arg, regs.return_value()));
+/// }
+/// let _probe = on_parse_return::register()?;
+/// ```
+#[proc_macro_attribute]
+pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
+    kretprobe::expand(attr.into(), item.into()).into()
 }
