@@ -1,0 +1,201 @@
+//! bcc's `funclatency` in a process: a return probe times every call of a function of
+//! this program, called from several threads at once, and `main` prints the latencies
+//! as a log2 histogram in bcc's format.
+//!
+//! The entry handler stores a timestamp in the call's own data (`.data::<Call>()`, a
+//! fresh `Call` per call, so concurrent calls do not share it); the return handler
+//! computes the latency and counts it in a static array of atomic log2 slots (no
+//! lock, no allocation: it may run anywhere the function returns). The example checks
+//! itself (every call counted once, none missed, each handler pair saw its own call),
+//! so running it is a test.
+//!
+//! ```text
+//! cargo run --release --example funclatency
+//! ```
+
+use probekit::{Entry, PtRegs, ReturnProbe};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Barrier;
+
+/// Threads calling the probed function at once.
+const THREADS: u64 = 3;
+/// Calls per thread.
+const CALLS_PER_THREAD: u64 = 128;
+/// Requested latencies are `[2^k, 2^(k+1))` ns for `k` in this range: 64 ns to 2 ms,
+/// about 0.2 ms per call on average, so ~30 ms per thread natively.
+const MIN_LOG2_NS: u64 = 6;
+const MAX_LOG2_NS: u64 = 20;
+
+/// Log2 slots as bcc's `bpf_log2l` numbers them: slot `i >= 1` holds
+/// `[2^(i-1), 2^i - 1]` and slot 1 also 0; slot 0 stays empty.
+static SLOTS: [AtomicU64; 65] = [const { AtomicU64::new(0) }; 65];
+/// Sum of all latencies, for bcc's `avg = …` line.
+static TOTAL_NS: AtomicU64 = AtomicU64::new(0);
+/// Returns whose value was not the request their entry recorded (per-call data mixed up).
+static MISMATCHED: AtomicU64 = AtomicU64::new(0);
+/// Calls that measured shorter than the time they were asked to spin.
+static TOO_SHORT: AtomicU64 = AtomicU64::new(0);
+/// Calls between their entry and return handlers now, and the most there ever were.
+static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+static MAX_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+
+/// One call's data: made by `Call::default()` at the entry, in the SIGTRAP handler
+/// (plain integers: no allocation), seen by both handlers of that call only.
+#[derive(Default)]
+struct Call {
+    /// `CLOCK_MONOTONIC` at the entry, in ns.
+    start_ns: u64,
+    /// The argument: how long the call was asked to take.
+    requested_ns: u64,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds.
+///
+/// The handlers call this, so it must be async-signal-safe: `clock_gettime` is on
+/// POSIX's list of async-signal-safe functions (signal-safety(7)), and on Linux it is a
+/// vDSO read without locks or allocation. `Instant::now` ends in the same call, but
+/// only as an undocumented detail of std, and an `Instant` is opaque, while the
+/// per-call data wants a plain `u64` with a `Default`.
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC exists on every Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The probed function: spins for `ns` nanoseconds and returns `ns`. `extern "C"`
+/// so that its argument and return value are where `PtRegs::arg(0)` and
+/// `return_value()` read them (rdi/rax, x0/x0).
+#[inline(never)]
+extern "C" fn spin(ns: u64) -> u64 {
+    let until = now_ns() + ns;
+    while now_ns() < until {
+        std::hint::spin_loop();
+    }
+    black_box(ns)
+}
+
+/// The entry handler: records what was asked and when.
+fn on_entry(regs: &mut PtRegs, call: &mut Call) -> Entry {
+    call.requested_ns = regs.arg(0).unwrap_or(0);
+    let now = IN_FLIGHT.fetch_add(1, Relaxed) + 1;
+    MAX_IN_FLIGHT.fetch_max(now, Relaxed);
+    call.start_ns = now_ns(); // last, so the handler's own work is not timed
+    Entry::Continue
+}
+
+/// The return handler: counts the latency in its log2 slot.
+fn on_return(regs: &mut PtRegs, call: &mut Call) {
+    let ns = now_ns().saturating_sub(call.start_ns);
+    SLOTS[log2_slot(ns)].fetch_add(1, Relaxed);
+    TOTAL_NS.fetch_add(ns, Relaxed);
+    IN_FLIGHT.fetch_sub(1, Relaxed);
+    if regs.return_value() != call.requested_ns {
+        MISMATCHED.fetch_add(1, Relaxed);
+    }
+    if ns < call.requested_ns {
+        TOO_SHORT.fetch_add(1, Relaxed);
+    }
+}
+
+/// bcc's `bpf_log2l(v)`: `floor(log2(v)) + 1`, with 0 in slot 1 like 1.
+fn log2_slot(v: u64) -> usize {
+    64 - (v | 1).leading_zeros() as usize
+}
+
+/// A xorshift64 step: deterministic pseudo-random requests, no dependency.
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// bcc's `print_log2_hist` (`stars_max = 40`, the wide format past slot 32).
+fn print_log2_hist(slots: &[u64], val_type: &str) {
+    let Some(idx_max) = slots.iter().rposition(|&c| c > 0) else { return };
+    let val_max = slots.iter().copied().max().unwrap_or(0);
+    let wide = idx_max > 32;
+    let stars_max = if wide { 20 } else { 40 };
+    if wide {
+        println!("               {val_type:<29} : count     distribution");
+    } else {
+        println!("     {val_type:<19} : count     distribution");
+    }
+    for (i, &val) in slots.iter().enumerate().take(idx_max + 1).skip(1) {
+        let (high, low) = ((1u128 << i) - 1, (1u128 << i) >> 1);
+        let low = if low == high { low - 1 } else { low };
+        let stars = "*".repeat((val * stars_max / val_max) as usize);
+        if wide {
+            println!("{low:>20} -> {high:<20} : {val:<8} |{stars:<20}|");
+        } else {
+            println!("{low:>10} -> {high:<10} : {val:<8} |{stars:<40}|");
+        }
+    }
+}
+
+fn main() -> Result<(), probekit::Error> {
+    let f = spin as extern "C" fn(u64) -> u64;
+    // The default maxactive, max(10, 2 × CPUs), covers three threads without recursion.
+    let probe = ReturnProbe::builder()
+        .function(f)
+        .data::<Call>()
+        .entry_handler(on_entry)
+        .handler(on_return)
+        .register()?;
+    println!("Tracing 1 function for \"spin\" at {:#x} ({THREADS} threads × {CALLS_PER_THREAD} calls)...", probe.address());
+
+    let start = std::time::Instant::now();
+    let barrier = Barrier::new(THREADS as usize);
+    let made: u64 = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (t + 1);
+                    barrier.wait();
+                    let mut calls = 0;
+                    for _ in 0..CALLS_PER_THREAD {
+                        let k = MIN_LOG2_NS + xorshift(&mut seed) % (MAX_LOG2_NS - MIN_LOG2_NS + 1);
+                        let ns = (1 << k) + xorshift(&mut seed) % (1 << k);
+                        // Through `black_box`, a real call the optimizer cannot see into.
+                        assert_eq!(black_box(f)(ns), ns);
+                        calls += 1;
+                    }
+                    calls
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("a caller thread panicked")).sum()
+    });
+    let elapsed = start.elapsed();
+
+    let slots: Vec<u64> = SLOTS.iter().map(|s| s.load(Relaxed)).collect();
+    let counted: u64 = slots.iter().sum();
+    let total = TOTAL_NS.load(Relaxed);
+    println!();
+    print_log2_hist(&slots, "nsecs");
+    println!();
+    println!("avg = {} nsecs, total: {total} nsecs, count: {counted}", total / counted.max(1));
+    println!(
+        "{made} calls in {:.0?}; probe: {} hits, {} missed; up to {} calls in flight at once",
+        elapsed,
+        probe.nhit(),
+        probe.nmissed(),
+        MAX_IN_FLIGHT.load(Relaxed)
+    );
+
+    // Running the example is a test.
+    assert_eq!(made, THREADS * CALLS_PER_THREAD);
+    assert_eq!(counted, made, "every call lands in exactly one slot");
+    assert_eq!(probe.nhit(), made);
+    assert_eq!(probe.nmissed(), 0);
+    assert_eq!(MISMATCHED.load(Relaxed), 0, "each return saw the request its own entry recorded");
+    assert_eq!(TOO_SHORT.load(Relaxed), 0, "no call returned before the time it spun");
+    assert_eq!(IN_FLIGHT.load(Relaxed), 0);
+    assert!(MAX_IN_FLIGHT.load(Relaxed) >= 2, "the threads' calls overlapped");
+    assert!(slots.iter().filter(|&&c| c > 0).count() >= 4, "latencies spread over several slots");
+    probe.unregister()
+}
