@@ -486,6 +486,8 @@ fn find_blacklist() -> Vec<Blacklisted> {
 pub struct ProbeInfo {
     /// The probed address.
     pub addr: usize,
+    /// A return probe's entry (`r` in the listing) rather than a breakpoint probe (`k`).
+    pub is_return: bool,
     /// The function holding it (ELF symbol tables), and the offset into it.
     pub symbol: Option<(String, usize)>,
     /// Whether the breakpoint is in place.
@@ -499,7 +501,7 @@ pub struct ProbeInfo {
 }
 
 /// Every registered probe; `Display` prints them as the kernel's `kprobes/list`:
-/// `address  k  symbol+0xoff  [DISABLED][GONE]`.
+/// `address  k  symbol+0xoff  [DISABLED][GONE]` (`r` for a return probe).
 #[derive(Clone, Debug, Default)]
 pub struct ProbeList(pub Vec<ProbeInfo>);
 
@@ -511,7 +513,7 @@ impl std::fmt::Display for ProbeList {
                 None => format!("{:#x}", p.addr),
             };
             let flags = format!("{}{}", if p.enabled { "" } else { "[DISABLED]" }, if p.gone { "[GONE]" } else { "" });
-            writeln!(f, "{:016x}  k  {place}  {flags}", p.addr)?;
+            writeln!(f, "{:016x}  {}  {place}  {flags}", p.addr, if p.is_return { 'r' } else { 'k' })?;
         }
         Ok(())
     }
@@ -527,6 +529,8 @@ pub fn list() -> ProbeList {
                 let addr = e.target.load(Ordering::Relaxed);
                 ProbeInfo {
                     addr,
+                    // Only return probes register a hook with a context.
+                    is_return: e.ctx.load(Ordering::Relaxed) != 0,
                     symbol: crate::symbols::symbol_of(addr),
                     enabled: e.addr.load(Ordering::Relaxed) != 0,
                     gone: text::mapping_of(addr).is_none(),
@@ -557,7 +561,12 @@ fn install_handler() -> Result<(), Error> {
             sa.sa_sigaction = on_sigtrap as *const () as usize;
             // SA_NODEFER: a probe hit inside a handler traps inside this signal handler;
             // a blocked synchronous SIGTRAP would kill the process instead.
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART | libc::SA_NODEFER;
+            // No SA_ONSTACK: the handler runs on the thread's own stack (below the
+            // x86_64 red zone, which the kernel skips). The alternate stack Rust gives
+            // each thread is 8 KiB, for its stack-overflow message; a signal frame is
+            // ~3.5 KiB on an AVX-512 machine, so a handler there, or a probe hit inside
+            // a handler (two frames), overflowed it: measured, SIGSEGV.
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NODEFER;
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) != 0 {
                 result = Err(Error::Os { addr: 0, call: "sigaction", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
