@@ -75,9 +75,19 @@ fn parse_functions(image: &Image) -> Vec<(String, usize, usize)> {
         .collect()
 }
 
-/// The address of function `name` (the executable first, then the libraries).
+/// The address of function `name` (the executable first, then the libraries): its
+/// symbol name, or for Rust a demangled path without the hash (`my_crate::parse`).
 pub(crate) fn address_of(name: &str) -> Option<usize> {
-    images().iter().find_map(|i| functions(i).iter().find(|(n, ..)| n == name).map(|(_, a, _)| *a))
+    let images = images();
+    let find = |matches: &dyn Fn(&str) -> bool| {
+        images.iter().find_map(|i| functions(i).iter().find(|(n, ..)| matches(n)).map(|(_, a, _)| *a))
+    };
+    find(&|n| n == name).or_else(|| find(&|n| (n.starts_with("_ZN") || n.starts_with("_R")) && demangled(n) == name))
+}
+
+/// A symbol name as people write it: Rust paths demangled without the hash.
+fn demangled(name: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(name))
 }
 
 /// The function containing `addr`: `(name, start, size)`.
@@ -87,7 +97,7 @@ pub(crate) fn function_at(addr: usize) -> Option<(String, usize, usize)> {
     functions(image).iter().filter(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr)).min_by_key(|(_, a, _)| addr - a).cloned()
 }
 
-/// The function containing `addr` and the offset into it.
+/// The function containing `addr` (demangled) and the offset into it.
 pub(crate) fn symbol_of(addr: usize) -> Option<(String, usize)> {
-    function_at(addr).map(|(n, a, _)| (n, addr - a))
+    function_at(addr).map(|(n, a, _)| (demangled(&n), addr - a))
 }

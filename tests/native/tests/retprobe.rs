@@ -369,3 +369,33 @@ fn bad_targets_are_refused() {
     let e = ReturnProbe::builder().symbol("probekit_no_such_function").register().unwrap_err();
     assert!(matches!(e, Error::SymbolNotFound { .. }), "{e:?}");
 }
+
+#[inline(never)]
+fn listed(a: u64) -> u64 {
+    black_box(a) + 7
+}
+
+#[test]
+fn the_listing_shows_return_probes_as_r() {
+    let p = ReturnProbe::builder().function(listed as fn(u64) -> u64).handler(noop).register().unwrap();
+    let line = |l: &probekit::ProbeList| l.to_string().lines().find(|s| s.contains("listed")).map(str::to_string);
+    let shown = line(&probekit::list()).expect("the probe is listed");
+    assert!(shown.starts_with(&format!("{:016x}  r  ", p.address())), "{shown}");
+    assert!(shown.contains("  retprobe::listed+0x0") && !shown.contains("[DISABLED]"), "{shown}");
+    p.disable().unwrap();
+    assert!(line(&probekit::list()).unwrap().ends_with("[DISABLED]"));
+    drop(p);
+    assert_eq!(line(&probekit::list()), None);
+}
+
+#[inline(never)]
+fn by_rust_path(a: u64) -> u64 {
+    black_box(a) * 5
+}
+
+#[test]
+fn a_rust_function_is_found_by_its_path() {
+    let p = ReturnProbe::builder().symbol("retprobe::by_rust_path").handler(plus_one).register().unwrap();
+    assert_eq!(p.address(), by_rust_path as fn(u64) -> u64 as usize);
+    assert_eq!(by_rust_path(2), 11);
+}
