@@ -12,5 +12,5 @@ pub use probe_rt::*;
 
 /// The names most programs need.
 pub mod prelude {
-    pub use probe_rt::{EventBuffer, Probe, ProbeHandle, PtRegs};
+    pub use probe_rt::{Entry, EventBuffer, Probe, ProbeHandle, PtRegs, ReturnProbe, ReturnProbeHandle};
 }

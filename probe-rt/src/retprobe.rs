@@ -38,9 +38,16 @@
 //! [`Probe`](crate::Probe) handlers; the return handler runs on the thread's own stack
 //! in the trampoline, and follows the same rules (no locks the program may hold, no
 //! allocation, no printing) because it may run anywhere the probed function returns.
-//! `T::default()` runs on each watched entry, in the SIGTRAP handler: it must not
-//! allocate. Changes to the instruction pointer in a return handler are ignored: the
-//! function returns to its caller.
+//! At each entry that takes an instance, in the SIGTRAP handler, the previous call's
+//! `T` is dropped and `T::default()` stored: use data that neither allocates in
+//! `default` nor frees in `drop` (integers, timestamps, arrays). Changes to the
+//! instruction pointer in a return handler are ignored: the function returns to its
+//! caller.
+//!
+//! [`Entry::Override`] and [`PtRegs::set_return_value`] write the raw return register:
+//! the value must be a valid value of the function's return type, returned in
+//! `rax`/`x0` (an integer, a pointer). For a function returning a reference, a
+//! `Box`, an FP value or a struct through memory, overriding breaks the caller.
 
 use crate::probe::{self, FnAddr, ProbeBuilder, ProbeHandle};
 use crate::unwind::{self, StubFrame};
@@ -284,8 +291,9 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
     };
     // SAFETY: `run_entry` was made for the `T` of `inst.data`, and the instance is ours.
     match unsafe { (core.run_entry)(core, inst.data, regs) } {
-        Entry::Continue => {}
-        Entry::Skip => return inst.busy.store(false, Ordering::Release),
+        // Without a return handler there is nothing to watch the return for.
+        Entry::Continue if core.handler != 0 => {}
+        Entry::Continue | Entry::Skip => return inst.busy.store(false, Ordering::Release),
         Entry::Override(v) => {
             inst.busy.store(false, Ordering::Release);
             return override_return(regs, v);
@@ -390,7 +398,7 @@ pub struct ReturnProbeBuilder<T> {
     lost_handlers: bool,
 }
 
-impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
+impl<T> ReturnProbeBuilder<T> {
     /// Probe the return of a function (a function pointer).
     pub fn function(mut self, f: impl FnAddr) -> Self {
         self.target = self.target.function(f);
@@ -424,9 +432,9 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
         self
     }
 
-    /// How many calls can be watched at once, on all threads together (default: the
-    /// kernel's, max(10, 2 × CPUs)). An entry that finds every instance in use is
-    /// not watched and counts in [`ReturnProbeHandle::nmissed`].
+    /// How many calls can be watched at once, on all threads together (default, and
+    /// for 0, as the kernel: max(10, 2 × CPUs)). An entry that finds every instance in
+    /// use is not watched and counts in [`ReturnProbeHandle::nmissed`].
     pub fn maxactive(mut self, n: usize) -> Self {
         self.maxactive = Some(n);
         self
@@ -440,7 +448,9 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
         let lost_handlers = self.lost_handlers || self.handler.is_some() || self.entry.is_some();
         ReturnProbeBuilder { target: self.target, handler: None, entry: None, maxactive: self.maxactive, lost_handlers }
     }
+}
 
+impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
     /// Checks the target (a function's first instruction), makes the instances and
     /// their stubs, and arms the entry. On error nothing is armed.
     pub fn register(self) -> Result<ReturnProbeHandle, Error> {
@@ -452,7 +462,7 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
         if let Some((_, start, _)) = crate::symbols::function_at(addr).filter(|(_, start, _)| *start != addr) {
             return Err(Error::NotFunctionEntry { addr, function: start });
         }
-        let n = self.maxactive.unwrap_or_else(default_maxactive);
+        let n = self.maxactive.filter(|n| *n > 0).unwrap_or_else(default_maxactive);
 
         // Stubs first, with their unwind information, then the instances that point
         // at them, then the probe: everything a hit can reach exists before it is
