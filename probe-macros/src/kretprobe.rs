@@ -280,9 +280,16 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let hidden = format_ident!("__probekit_register_{}", ident);
+    // The result type, named next to the handler too (as `#[kprobe]` does): `crate =
+    // ...` may be a path relative to the handler's module.
+    let alias = format_ident!("__probekit_Result_{}", ident);
     let doc = format!("Registers the return probe whose return handler is [`fn@{ident}`].");
     quote! {
         #f
+
+        #[doc(hidden)]
+        #[allow(non_camel_case_types)]
+        type #alias = #result;
 
         #[doc(hidden)]
         #[allow(non_snake_case)]
@@ -294,7 +301,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         #[allow(non_snake_case)]
         #vis mod #ident {
             #[doc = #doc]
-            pub fn register() -> #result {
+            pub fn register() -> super::#alias {
                 super::#hidden()
             }
         }

@@ -70,7 +70,9 @@ fn count(_regs: &mut PtRegs) {
 mod inner {
     use probekit::PtRegs;
 
-    #[probekit::kretprobe(function = super::krp_add, data = super::Call, crate = ::probekit)]
+    use probekit as pk;
+
+    #[probekit::kretprobe(function = super::krp_add, data = super::Call, crate = pk)]
     pub fn on_add(regs: &mut PtRegs, call: &mut super::Call) {
         call.first = 0;
         super::SEEN.store(regs.return_value(), Ordering::Relaxed);
