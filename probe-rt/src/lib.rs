@@ -9,6 +9,7 @@
 mod error;
 pub mod events;
 pub mod frame;
+mod grace;
 mod insn;
 pub mod probe;
 mod regs;

@@ -19,13 +19,17 @@
 //! again: it counts in [`ProbeHandle::nmissed`] and its instruction still executes.
 //!
 //! # Lifetime
-//! A probe's slot and bookkeeping outlive its unregistration, because a thread may be
-//! between the two breakpoints when the probe goes: they are retired, never reused,
-//! within the process (at most [`MAX_PROBES`] registrations). A grace period that
-//! lets them be reused is a later step.
+//! A probe's record and slot outlive its unregistration, because a thread may still be
+//! in its handler, on its way to the slot or in it when the probe goes: they are
+//! retired. Registration reuses retired records (and their slots, when near enough)
+//! only after a grace period has shown that no thread can be using them: every other
+//! thread is signalled and its interrupted pc read (see `grace`, the process analog of
+//! `synchronize_rcu_tasks`). It runs when [`RECLAIM_BATCH`] records are retired or all
+//! [`MAX_PROBES`] are taken; if it cannot complete (the program handles `SIGURG`, or a
+//! thread blocks it), retired records stay retired.
 
 use crate::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
-use crate::{regs, text, Error, PtRegs};
+use crate::{grace, regs, text, Error, PtRegs};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
@@ -36,7 +40,8 @@ pub type Handler = fn(&mut PtRegs);
 /// A pre handler of probekit's own (a return probe's entry), with its context.
 pub(crate) type InternalHandler = fn(&mut PtRegs, usize);
 
-/// How many probes a process can register in its lifetime (see the module docs).
+/// How many probe records a process has: registered probes plus retired ones a grace
+/// period has not yet freed (see the module docs).
 pub const MAX_PROBES: usize = 1024;
 
 /// Bytes of one out-of-line slot.
@@ -90,8 +95,8 @@ const EMPTY: Record = Record {
 
 static RECORDS: [Record; MAX_PROBES] = [EMPTY; MAX_PROBES];
 
-/// How many records registrations have taken: they are taken in order and never given
-/// back (see the module docs), so the hit path scans only `RECORDS[..USED]`.
+/// How many records registrations have taken so far: they are taken in order, and
+/// reused once freed, so the hit path scans only `RECORDS[..USED]`.
 static USED: AtomicUsize = AtomicUsize::new(0);
 
 /// The records taken so far, in registration order.
@@ -100,12 +105,21 @@ fn records() -> &'static [Record] {
 }
 
 /// Registration, arming and disarming take this lock; the hit path never does.
-static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new() });
+static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), free: Vec::new() });
 
-/// The out-of-line slot pages: `(page, bytes used)`.
+/// The out-of-line slot pages, and the records of unregistered probes.
 struct Slots {
+    /// `(page, bytes used)`.
     pages: Vec<(usize, usize)>,
+    /// Unregistered probes' records, which a thread may still be using.
+    retired: Vec<usize>,
+    /// Records a grace period showed nobody uses: reusable, with their slots.
+    free: Vec<usize>,
 }
+
+/// How many retired records make registration run a grace period to reuse them (it
+/// also runs when every record is taken).
+pub const RECLAIM_BATCH: usize = 64;
 
 /// How near its probe a slot is placed: x86_64 within rel32 (±2 GiB) so RIP-relative
 /// operands can be relocated; aarch64 within `b` range (±128 MiB) so it can jump back.
@@ -131,6 +145,36 @@ impl Slots {
     /// Marks the slot [`Slots::find`] gave as used.
     fn commit(&mut self, page: usize) {
         self.pages[page].1 += SLOT;
+    }
+
+    /// A record for a new probe at `addr`: a reused one if a grace period allows, else
+    /// the next never used. Probes at one address run in record order, so a reused
+    /// record must come after every live one there (registration order).
+    fn take_record(&mut self, addr: usize) -> Result<usize, Error> {
+        let last_here = records().iter().rposition(|e| e.live.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == addr);
+        let after = |i: &usize| last_here.is_none_or(|l| *i > l);
+        let used = USED.load(Ordering::Relaxed);
+        if !self.free.iter().any(after) && (self.retired.len() >= RECLAIM_BATCH || used == MAX_PROBES) {
+            let slots: Vec<(usize, usize)> =
+                self.retired.iter().map(|i| RECORDS[*i].slot.load(Ordering::Relaxed)).filter(|s| *s != 0).map(|s| (s, s + SLOT)).collect();
+            if grace::quiescent(&slots) {
+                self.free.append(&mut self.retired);
+            }
+        }
+        if let Some(k) = self.free.iter().position(after) {
+            return Ok(self.free.swap_remove(k));
+        }
+        if used < MAX_PROBES {
+            return Ok(used); // published by raising USED once it is filled in
+        }
+        Err(Error::TooManyProbes { max: MAX_PROBES })
+    }
+
+    /// Gives back a record `take_record` gave that was never armed.
+    fn untake(&mut self, index: usize) {
+        if index < USED.load(Ordering::Relaxed) {
+            self.free.push(index);
+        }
     }
 }
 
@@ -266,20 +310,13 @@ impl ProbeBuilder {
         if let Some(b) = blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr)) {
             return Err(Error::Blacklisted { addr, what: b.name });
         }
-        let index = USED.load(Ordering::Relaxed);
-        if index == MAX_PROBES {
-            return Err(Error::TooManyProbes { max: MAX_PROBES });
-        }
-        // Without a post handler the slot jumps straight back (boosted): one trap per hit.
-        let boost = self.post.is_none();
-        let (page, slot) = reg.find(addr)?;
-        let (len, slot, slot_bp, sim) = match insn::prepare(addr, &code, slot, boost)? {
-            Exec::Slot(d) => {
-                text::write_code(slot, &d.slot)?;
-                reg.commit(page);
-                (d.len, slot, d.slot_bp, Sim::default())
+        let index = reg.take_record(addr)?;
+        let (len, slot, slot_bp, sim) = match self.prepare(&mut reg, index, addr, &code) {
+            Ok(p) => p,
+            Err(err) => {
+                reg.untake(index);
+                return Err(err);
             }
-            Exec::Simulate { len, sim } => (len, 0, None, sim),
         };
 
         let e = &RECORDS[index];
@@ -293,8 +330,12 @@ impl ProbeBuilder {
         e.sim_kind.store(sim.kind, Ordering::Relaxed);
         e.sim_a.store(sim.a, Ordering::Relaxed);
         e.sim_b.store(sim.b, Ordering::Relaxed);
+        e.nhit.store(0, Ordering::Relaxed);
+        e.nmissed.store(0, Ordering::Relaxed);
         // Visible to the hit path (Release: with the fields above) before it is armed.
-        USED.store(index + 1, Ordering::Release);
+        if index == USED.load(Ordering::Relaxed) {
+            USED.store(index + 1, Ordering::Release);
+        }
         let (pre, ctx) = match self.internal {
             Some((h, ctx)) => (h as usize, ctx),
             None => (self.pre.map_or(0, |h| h as usize), 0),
@@ -302,9 +343,36 @@ impl ProbeBuilder {
         e.pre.store(pre, Ordering::Relaxed);
         e.ctx.store(ctx, Ordering::Relaxed);
         e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
-        arm(e, true)?;
+        if let Err(err) = arm(e, true) {
+            reg.untake(index);
+            return Err(err);
+        }
         e.live.store(true, Ordering::Relaxed);
         Ok(ProbeHandle { index })
+    }
+
+    /// Prepares how the instruction at `addr` (original bytes `code`) runs for record
+    /// `index`: out of line in a slot (the record's old one if it is near enough), or
+    /// simulated. `(length, slot, slot breakpoint offset, simulation)`.
+    fn prepare(&self, reg: &mut Slots, index: usize, addr: usize, code: &[u8]) -> Result<(usize, usize, Option<usize>, Sim), Error> {
+        // Without a post handler the slot jumps straight back (boosted): one trap per hit.
+        let boost = self.post.is_none();
+        let old = RECORDS[index].slot.load(Ordering::Relaxed);
+        let (page, slot) = match old {
+            s if s != 0 && s.abs_diff(addr) < NEAR - text::page_size() => (None, s),
+            _ => reg.find(addr).map(|(p, s)| (Some(p), s))?,
+        };
+        Ok(match insn::prepare(addr, code, slot, boost)? {
+            Exec::Slot(d) => {
+                text::write_code(slot, &d.slot)?;
+                if let Some(p) = page {
+                    reg.commit(p);
+                }
+                (d.len, slot, d.slot_bp, Sim::default())
+            }
+            // The record's old slot, if any, stays with it for a later reuse.
+            Exec::Simulate { len, sim } => (len, if page.is_none() { old } else { 0 }, None, sim),
+        })
     }
 }
 
@@ -425,11 +493,14 @@ impl ProbeHandle {
     }
 
     fn retire(&self) -> Result<(), Error> {
-        let r = self.disable();
-        if r.is_ok() {
-            self.entry().live.store(false, Ordering::Relaxed);
+        let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        let e = self.entry();
+        if e.addr.load(Ordering::Relaxed) != 0 {
+            arm(e, false)?;
         }
-        r
+        e.live.store(false, Ordering::Relaxed);
+        reg.retired.push(self.index);
+        Ok(())
     }
 }
 
@@ -460,8 +531,9 @@ pub fn blacklist() -> Vec<Blacklisted> {
 }
 
 fn find_blacklist() -> Vec<Blacklisted> {
-    let hit_path: [(&'static str, usize); 10] = [
+    let hit_path: [(&'static str, usize); 11] = [
         ("probekit's SIGTRAP handler", on_sigtrap as *const () as usize),
+        ("probekit's hit path", hit as *const () as usize),
         ("probekit's return-probe entry", crate::retprobe::on_entry as *const () as usize),
         ("probekit's return dispatcher", crate::retprobe::dispatch as *const () as usize),
         ("probekit's return trampoline", crate::retprobe::trampoline()),
@@ -600,6 +672,17 @@ pub(crate) fn set_active(on: bool) -> bool {
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
     let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+    // Grace periods see this thread as inside the hit path until `hit` is done.
+    grace::enter();
+    let ours = hit(uc);
+    grace::leave();
+    if !ours {
+        chain(sig, info, ctx);
+    }
+}
+
+/// Handles a trap at `uc`'s pc if it is probekit's: false if it is not.
+fn hit(uc: &mut libc::ucontext_t) -> bool {
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
 
     // Every probe armed at this address, in registration order (aggregation).
@@ -623,7 +706,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
                 ACTIVE.set(false);
                 regs::write(uc, &r);
                 if r.instruction_pointer() != bp as u64 {
-                    return; // the handler redirected execution: the instruction is skipped
+                    return true; // the handler redirected execution: the instruction is skipped
                 }
             }
         }
@@ -633,14 +716,14 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             // a post handler (its own slot does), else through any (boosted) slot.
             let e = at_bp().find(|e| e.post.load(Ordering::Relaxed) != 0 && e.resume_trap.load(Ordering::Relaxed) != 0).unwrap_or(first);
             regs::set_pc(uc, e.slot.load(Ordering::Relaxed) as u64);
-            return;
+            return true;
         }
         // Simulated: its effect is applied here, then the post handlers see the result.
         insn::simulate(sim, bp, first.next.load(Ordering::Relaxed) - bp, uc);
         if !active {
             run_posts(bp, uc);
         }
-        return;
+        return true;
     }
     let pc = regs::pc(uc) as usize;
     if let Some(e) = all.iter().find(|e| e.resume_trap.load(Ordering::Acquire) == pc) {
@@ -649,7 +732,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         if !ACTIVE.get() {
             run_posts(e.target.load(Ordering::Relaxed), uc);
         }
-        return;
+        return true;
     }
     // Not armed now. If the text is no breakpoint any more, one was removed after this
     // thread hit it (ours while disarming, or a debugger's): back up and run the
@@ -661,9 +744,9 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let ours_once = all.iter().any(|e| e.target.load(Ordering::Relaxed) == bp);
     if !insn::is_breakpoint_at(bp) || ours_once && backup_again(bp) {
         regs::set_pc(uc, bp as u64);
-        return;
+        return true;
     }
-    chain(sig, info, ctx);
+    false
 }
 
 /// Runs the post handlers of the probes armed at `target`, in registration order, on

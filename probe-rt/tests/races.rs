@@ -76,3 +76,62 @@ fn arming_and_disarming_under_fire() {
     // SAFETY: as above.
     assert_eq!(unsafe { *(f as usize as *const [u8; 4]) }, before, "original bytes restored");
 }
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn reuse_target(a: u64) -> u64 {
+    a.wrapping_mul(5).wrapping_sub(2)
+}
+
+#[inline(never)]
+#[no_mangle]
+extern "C" fn reuse_other(a: u64) -> u64 {
+    a ^ 0x3c
+}
+
+static REUSE_HANDLED: AtomicU64 = AtomicU64::new(0);
+
+fn count_reuse(_r: &mut PtRegs) {
+    REUSE_HANDLED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// More registrations than there are records: unregistered probes' records and slots
+/// come back after grace periods, while threads run through the probed functions (a
+/// reused slot rewritten under a thread still in it would return a wrong value).
+#[test]
+fn records_and_slots_are_reused_after_grace_periods() {
+    let (f, g) = (reuse_target as extern "C" fn(u64) -> u64, reuse_other as extern "C" fn(u64) -> u64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(black_box(f)(i), i.wrapping_mul(5).wrapping_sub(2));
+                    assert_eq!(black_box(g)(i), i ^ 0x3c);
+                    i += 1;
+                }
+                2 * (i - t)
+            })
+        })
+        .collect();
+    let rounds = probe_rt::probe::MAX_PROBES + 3 * probe_rt::probe::RECLAIM_BATCH;
+    let mut counted = 0;
+    for round in 0..rounds {
+        // Alternate targets, so a reused slot is rewritten with another instruction.
+        let target = if round % 2 == 0 { f } else { g };
+        let p = Probe::builder().function(target).pre(count_reuse).register().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        std::thread::yield_now();
+        p.disable().unwrap();
+        counted += p.nhit() + p.nmissed();
+        p.unregister().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().expect("every call returned the right value")).sum();
+    // Each count read right after disarming may miss a handler still running then (it
+    // cannot be read later: the record is reused), never the other way round.
+    let handled = REUSE_HANDLED.load(Ordering::Relaxed);
+    assert!(counted <= handled && handled <= calls, "{counted} counted, {handled} handled, {calls} calls");
+    assert!(probe_rt::list().0.iter().all(|p| p.addr != f as usize && p.addr != g as usize));
+}

@@ -1,0 +1,220 @@
+//! Grace periods: showing that no thread can still be using a retired probe's record
+//! or out-of-line slot, so that both can be reused (the process analog of the kernel's
+//! `synchronize_rcu_tasks`).
+//!
+//! A thread may be using a retired probe in three places: inside probekit's SIGTRAP
+//! handler (which read the record, and may be running a handler), between the handler
+//! and the slot (the kernel's sigreturn path), or in the slot. Each live thread is sent
+//! a signal, `SIGURG` (as Go's runtime uses it to preempt: its default action is to be
+//! ignored, and programs rarely handle it), whose handler reports the pc it interrupted
+//! and whether the thread is inside the SIGTRAP handler. A thread is quiescent when it
+//! is outside the handler and its pc is in no *busy* range: the retired slots, the hit
+//! path's code, the sigreturn trampoline (x86_64 glibc's `sa_restorer`, and the vDSO,
+//! where aarch64's lives). A synchronous SIGTRAP still pending is delivered before the
+//! sample (Linux delivers synchronous signals first), so the sample then interrupts the
+//! handler. Only threads that have ever entered the SIGTRAP handler are sampled (they
+//! record themselves there, lock-free): no other thread can be using a probe, and
+//! threads that never run probekit's code (helper threads of a runtime, of `io_uring`,
+//! of `qemu-user`) are neither disturbed nor waited for. A thread that first enters
+//! the handler after the probes were disarmed finds them disarmed.
+//!
+//! Costs and limits: only registration runs a grace period, and only when it needs a
+//! record (see `probe`). A sampled thread blocked in a system call that is not
+//! restarted (`nanosleep`, `epoll_wait`, …) sees `EINTR`, as with any signal. If the
+//! program has its own `SIGURG` handler, or a thread blocks the signal (no answer in
+//! 100 ms), no grace period completes and retired records are not reused.
+
+use crate::regs;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+const SIGNAL: libc::c_int = libc::SIGURG;
+
+/// How long a thread may take to answer a sample.
+const ANSWER: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// How deep this thread is in probekit's SIGTRAP handler. Const, no destructor.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// Whether this thread is in [`THREADS`].
+    static RECORDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// How many threads that entered the SIGTRAP handler are remembered (exited ones
+/// included); past that, every thread of the process is sampled.
+const MAX_THREADS: usize = 1024;
+
+/// The thread ids of threads that entered the SIGTRAP handler (0: a free entry).
+#[allow(clippy::declare_interior_mutable_const)] // array initialiser only
+const NO_THREAD: AtomicI32 = AtomicI32::new(0);
+static THREADS: [AtomicI32; MAX_THREADS] = [NO_THREAD; MAX_THREADS];
+/// A thread found no free entry in [`THREADS`].
+static OVERFLOW: AtomicBool = AtomicBool::new(false);
+
+/// Marks the start of the SIGTRAP handler on this thread (recording the thread on its
+/// first time). Async-signal-safe: atomics and a syscall.
+pub(crate) fn enter() {
+    if !RECORDED.get() {
+        RECORDED.set(true);
+        let tid = gettid();
+        let recorded = THREADS.iter().any(|t| t.load(Ordering::Relaxed) == 0 && t.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+        if !recorded {
+            OVERFLOW.store(true, Ordering::Release);
+        }
+    }
+    DEPTH.set(DEPTH.get() + 1);
+}
+
+/// Marks its end.
+pub(crate) fn leave() {
+    DEPTH.set(DEPTH.get().saturating_sub(1));
+}
+
+// The one sample in flight (grace periods run under the registry lock).
+static WANT: AtomicI32 = AtomicI32::new(0);
+static SEQ: AtomicU64 = AtomicU64::new(0);
+static ANSWERED: AtomicU64 = AtomicU64::new(0);
+static PC: AtomicUsize = AtomicUsize::new(0);
+static IN_HANDLER: AtomicU32 = AtomicU32::new(0);
+
+static INSTALL: Once = Once::new();
+/// The sampling handler is installed (the program had none of its own for SIGURG).
+static USABLE: AtomicBool = AtomicBool::new(false);
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+extern "C" fn on_sample(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes valid siginfo and ucontext to SA_SIGINFO handlers.
+    let (info, uc) = unsafe { (&*info, &*(ctx as *const libc::ucontext_t)) };
+    // SAFETY: si_pid is valid for SI_TKILL (checked first).
+    let ours = info.si_code == libc::SI_TKILL && unsafe { info.si_pid() } == std::process::id() as i32;
+    if !ours || WANT.load(Ordering::Acquire) != gettid() {
+        return; // not a sample: SIGURG's default action is to ignore it
+    }
+    PC.store(regs::pc(uc) as usize, Ordering::Relaxed);
+    IN_HANDLER.store(DEPTH.get(), Ordering::Relaxed);
+    ANSWERED.store(SEQ.load(Ordering::Relaxed), Ordering::Release);
+}
+
+/// Installs the sampling handler unless the program handles SIGURG itself.
+fn install() -> bool {
+    INSTALL.call_once(|| {
+        // SAFETY: sigaction with zeroed structs filled field by field; the handler has
+        // the SA_SIGINFO signature.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(SIGNAL, std::ptr::null(), &mut old) != 0 || !matches!(old.sa_sigaction, libc::SIG_DFL | libc::SIG_IGN) {
+                return;
+            }
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sample as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            USABLE.store(libc::sigaction(SIGNAL, &sa, std::ptr::null_mut()) == 0, Ordering::Relaxed);
+        }
+    });
+    USABLE.load(Ordering::Relaxed)
+}
+
+/// What a sample found.
+enum Sample {
+    /// The pc the thread was at, and whether it was in the SIGTRAP handler.
+    At(usize, bool),
+    /// The thread has exited.
+    Gone,
+    /// No answer (the signal is blocked or handled by someone else).
+    Silent,
+}
+
+fn sample(tid: i32) -> Sample {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed) + 1;
+    WANT.store(tid, Ordering::Release);
+    // SAFETY: tgkill to a thread of this process; the handler is installed.
+    let sent = unsafe { libc::syscall(libc::SYS_tgkill, std::process::id() as libc::c_long, tid as libc::c_long, SIGNAL as libc::c_long) };
+    let result = if sent != 0 {
+        Sample::Gone
+    } else {
+        let start = Instant::now();
+        loop {
+            if ANSWERED.load(Ordering::Acquire) == seq {
+                break Sample::At(PC.load(Ordering::Relaxed), IN_HANDLER.load(Ordering::Relaxed) > 0);
+            }
+            if start.elapsed() > ANSWER {
+                break Sample::Silent;
+            }
+            std::thread::yield_now();
+        }
+    };
+    WANT.store(0, Ordering::Release);
+    result
+}
+
+/// The threads that may be using a probe, but the calling one: those that entered the
+/// SIGTRAP handler, or every thread of the process if they were too many to remember.
+fn threads_to_sample() -> Vec<i32> {
+    let me = gettid();
+    let all: Vec<i32> = match OVERFLOW.load(Ordering::Acquire) {
+        false => THREADS.iter().map(|t| t.load(Ordering::Acquire)).filter(|t| *t != 0).collect(),
+        true => std::fs::read_dir("/proc/self/task")
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+            .unwrap_or_default(),
+    };
+    all.into_iter().filter(|t| *t != me).collect()
+}
+
+
+/// Code every thread must be out of for `busy` (retired slots) to be reusable: those,
+/// the hit path, the sigreturn trampolines.
+fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut busy = slots.to_vec();
+    busy.extend(crate::probe::blacklist().iter().map(|b| (b.start, b.end)));
+    #[cfg(target_arch = "x86_64")]
+    {
+        // glibc returns from handlers through its `__restore_rt` (sa_restorer).
+        // SAFETY: reading a disposition only.
+        let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } == 0 {
+            if let Some(r) = cur.sa_restorer {
+                busy.push((r as usize, r as usize + 16));
+            }
+        }
+    }
+    // The vDSO (the kernel's sigreturn trampoline on aarch64).
+    // SAFETY: getauxval has no preconditions.
+    let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    if let Some(m) = crate::text::mapping_of(vdso).filter(|_| vdso != 0) {
+        busy.push((vdso, m.end)); // the vDSO's ELF header is its first byte
+    }
+    busy
+}
+
+/// Whether every other thread is seen outside the SIGTRAP handler and outside the
+/// `slots` (and the code leading into them), so that nothing can still use probes
+/// disarmed before the call. Waits for threads that are inside (bounded).
+pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
+    if !install() {
+        return false;
+    }
+    let busy = busy_ranges(slots);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for tid in threads_to_sample() {
+        loop {
+            match sample(tid) {
+                // Exited. Its entry stays: clearing it could race with a new thread
+                // given the same id recording itself, which would then go unsampled.
+                Sample::Gone => break,
+                Sample::Silent => return false,
+                Sample::At(pc, in_handler) if !in_handler && !busy.iter().any(|(a, b)| (*a..*b).contains(&pc)) => break,
+                Sample::At(..) if Instant::now() > deadline => return false,
+                Sample::At(..) => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+    }
+    true
+}
