@@ -68,11 +68,14 @@ fn parse_functions(image: &Image) -> Vec<(String, usize, usize)> {
         return Vec::new();
     };
     let bias = image.start.wrapping_sub(base);
-    file.symbols()
+    let mut f: Vec<(String, usize, usize)> = file
+        .symbols()
         .chain(file.dynamic_symbols())
         .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
         .filter_map(|s| Some((s.name().ok()?.to_string(), bias.wrapping_add(s.address() as usize), s.size() as usize)))
-        .collect()
+        .collect();
+    f.sort_by_key(|(_, a, _)| *a); // for `function_at`'s binary search
+    f
 }
 
 /// The address of function `name` (the executable first, then the libraries): its
@@ -94,7 +97,11 @@ fn demangled(name: &str) -> String {
 pub(crate) fn function_at(addr: usize) -> Option<(String, usize, usize)> {
     let images = images();
     let image = images.iter().find(|i| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&addr)))?;
-    functions(image).iter().filter(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr)).min_by_key(|(_, a, _)| addr - a).cloned()
+    // The nearest start at or below `addr` whose function contains it: from the last
+    // start <= addr backwards, past a few sizeless or nested symbols at most.
+    let f = functions(image);
+    let below = f.partition_point(|(_, a, _)| *a <= addr);
+    f[..below].iter().rev().take(64).find(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr)).cloned()
 }
 
 /// The function containing `addr` (demangled) and the offset into it.
