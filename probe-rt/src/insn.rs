@@ -144,13 +144,55 @@ pub(crate) fn check_boundary(start: usize, addr: usize, code: &[u8]) -> Result<(
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use super::*;
-    use iced_x86::{BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Formatter, InstructionBlock, IntelFormatter, Mnemonic};
+    use iced_x86::{BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionBlock, IntelFormatter, Mnemonic, OpKind, Register};
 
     const JMP: u64 = 1;
     const JCC: u64 = 2;
     const CALL: u64 = 3;
     const LOOP: u64 = 4;
     const RET: u64 = 5;
+    /// `jmp`/`call` through a register or memory: the operand packed in `Sim::a` (see
+    /// [`operand`]), the displacement in `Sim::b`.
+    const JMP_IND: u64 = 6;
+    const CALL_IND: u64 = 7;
+
+    /// Register numbers in a packed operand: the encoding's 0..=15 (rax, rcx, …, r15),
+    /// and these two.
+    const RIP: u64 = 0x10;
+    const NO_REG: u64 = 0xff;
+    /// The operand is memory (read the target there), not the register itself.
+    const MEM: u64 = 1 << 24;
+    /// `gregs` index of each register number (SysV `ucontext_t`, glibc `sys/ucontext.h`).
+    const GREGS: [libc::c_int; 16] = [
+        libc::REG_RAX, libc::REG_RCX, libc::REG_RDX, libc::REG_RBX, libc::REG_RSP, libc::REG_RBP, libc::REG_RSI, libc::REG_RDI,
+        libc::REG_R8, libc::REG_R9, libc::REG_R10, libc::REG_R11, libc::REG_R12, libc::REG_R13, libc::REG_R14, libc::REG_R15,
+    ];
+
+    /// The operand of a 64-bit indirect `jmp`/`call`, packed for [`simulate`] as
+    /// `(base | index << 8 | scale << 16 | MEM, displacement)`: a register is `base`
+    /// alone; memory is `[base + index * scale + displacement]`, a RIP-relative
+    /// displacement counted from the next instruction, as the CPU does. None for what is
+    /// not simulated: fs/gs overrides (their bases are not in the signal context) and
+    /// 32-bit addresses.
+    fn operand(insn: &Instruction) -> Option<(u64, u64)> {
+        let gpr = |r: Register| match r {
+            Register::None => Some(NO_REG),
+            r if r.is_gpr64() => Some(r.number() as u64),
+            _ => None,
+        };
+        match insn.op0_kind() {
+            OpKind::Register => Some((gpr(insn.op0_register())?, 0)),
+            OpKind::Memory if !matches!(insn.segment_prefix(), Register::FS | Register::GS) => {
+                let (base, disp) = match insn.memory_base() {
+                    // iced reports the absolute address; keep the instruction's own field.
+                    Register::RIP => (RIP, insn.memory_displacement64().wrapping_sub(insn.next_ip())),
+                    r => (gpr(r)?, insn.memory_displacement64()),
+                };
+                Some((base | gpr(insn.memory_index())? << 8 | (insn.memory_index_scale() as u64) << 16 | MEM, disp))
+            }
+            _ => None,
+        }
+    }
 
     pub(super) fn decode(addr: usize, code: &[u8], slot_addr: usize) -> Result<Decoded, Error> {
         let mut d = Decoder::with_ip(64, code, addr as u64, DecoderOptions::NONE);
@@ -163,6 +205,7 @@ mod imp {
         let unsupported = |why: &str| Error::UnsupportedInstruction { addr, insn: format!("{text}{why}") };
         let len = insn.len();
         let sim = |kind, a, b| Ok(Decoded::Simulate(len, Sim { kind, a, b }));
+        let vendor = |options| Decoder::with_ip(64, code, addr as u64, options).decode().code();
         match insn.flow_control() {
             // Relocated for the slot: RIP-relative operands keep pointing at their data.
             FlowControl::Next => {
@@ -183,7 +226,15 @@ mod imp {
             FlowControl::Call if insn.is_call_near() => sim(CALL, insn.near_branch_target(), 0),
             FlowControl::Return if insn.code() == Code::Retnq => sim(RET, 0, 0),
             FlowControl::Return if insn.code() == Code::Retnq_imm16 => sim(RET, insn.immediate16() as u64, 0),
-            _ => Err(unsupported(" (indirect branches, far transfers and traps are not simulated yet)")),
+            // A 0x66 prefix makes these 16-bit on AMD, and is ignored on Intel: refused
+            // (`vendor` decodes as AMD does).
+            FlowControl::IndirectBranch | FlowControl::IndirectCall
+                if matches!(insn.code(), Code::Jmp_rm64 | Code::Call_rm64) && vendor(DecoderOptions::AMD) == insn.code() =>
+            {
+                let (a, b) = operand(&insn).ok_or_else(|| unsupported(" (an fs/gs-relative or 32-bit address is not simulated)"))?;
+                sim(if insn.code() == Code::Call_rm64 { CALL_IND } else { JMP_IND }, a, b)
+            }
+            _ => Err(unsupported(" (far transfers, 16-bit branches and traps are not simulated)")),
         }
     }
 
@@ -216,6 +267,16 @@ mod imp {
         let g = &mut uc.uc_mcontext.gregs;
         let next = (addr + len) as u64;
         let flags = g[REG_EFL as usize] as u64;
+        // Pushes the return address where `call` puts it: below rsp, inside the 128 bytes
+        // the kernel kept free (the red zone) when it built the signal frame, so it
+        // overwrites nothing live.
+        let push = |g: &mut [libc::greg_t], v: u64| {
+            let rsp = (g[REG_RSP as usize] as u64).wrapping_sub(8);
+            // SAFETY: rsp - 8 is the interrupted thread's own stack, writable, as it
+            // would be for the `call` itself.
+            unsafe { (rsp as *mut u64).write_unaligned(v) };
+            g[REG_RSP as usize] = rsp as i64;
+        };
         let rip = match sim.kind {
             JMP => sim.a,
             JCC => if holds(sim.b, flags) { sim.a } else { next },
@@ -233,15 +294,28 @@ mod imp {
                 if taken { sim.a } else { next }
             }
             CALL => {
-                // The return address goes where `call` puts it: below rsp, inside the
-                // 128 bytes the kernel kept free (the red zone) when it built the
-                // signal frame, so it overwrites nothing live.
-                let rsp = g[REG_RSP as usize] as u64 - 8;
-                // SAFETY: rsp - 8 is the interrupted thread's own stack, writable, as it
-                // would be for the `call` itself.
-                unsafe { (rsp as *mut u64).write(next) };
-                g[REG_RSP as usize] = rsp as i64;
+                push(g, next);
                 sim.a
+            }
+            JMP_IND | CALL_IND => {
+                // The target from the registers as they are before the instruction (a
+                // `call [rsp]` reads its operand before it pushes).
+                let reg = |n: u64| match n {
+                    RIP => next,
+                    n => GREGS.get(n as usize).map_or(0, |&i| g[i as usize] as u64),
+                };
+                let (a, mut to) = (sim.a, sim.b);
+                to = to.wrapping_add(reg(a & 0xff)).wrapping_add(reg(a >> 8 & 0xff).wrapping_mul(a >> 16 & 0xff));
+                if a & MEM != 0 {
+                    // SAFETY: the thread was about to read these 8 bytes itself: valid
+                    // for any operand the program means; a bad one faults here instead
+                    // of at the instruction (SIGSEGV either way).
+                    to = unsafe { (to as *const u64).read_unaligned() };
+                }
+                if sim.kind == CALL_IND {
+                    push(g, next);
+                }
+                to
             }
             _ => {
                 // RET (imm16): pop the return address, then imm16 more bytes.
@@ -266,7 +340,7 @@ mod imp {
     const REFUSED: &[(u32, u32, &str)] = &[
         (0x3f00_0000, 0x0800_0000, "load/store exclusive (its monitor does not survive a trap)"),
         (0xff00_0000, 0xd400_0000, "svc/hvc/smc/brk/hlt (exception generation)"),
-        (0x3b00_0000, 0x1c00_0000, "ldr (literal) into an FP/SIMD register"),
+        (0xff00_0000, 0xdc00_0000, "ldr (literal) into an FP/SIMD register with opc 0b11 (unallocated)"),
     ];
 
     /// Simulated classes: `(mask, value)`.
@@ -276,7 +350,9 @@ mod imp {
         (0x7e00_0000, 0x3400_0000), // cbz, cbnz
         (0x7e00_0000, 0x3600_0000), // tbz, tbnz
         (0x1f00_0000, 0x1000_0000), // adr, adrp
-        (0x3b00_0000, 0x1800_0000), // ldr (literal), ldrsw (literal), prfm (literal)
+        // Bit 26 (V) tells the two ldr (literal) forms apart: the mask must hold it.
+        (0x3f00_0000, 0x1800_0000), // ldr (literal), ldrsw (literal), prfm (literal)
+        (0x3f00_0000, 0x1c00_0000), // ldr (literal) into s, d, q
         (0xffff_fc1f, 0xd61f_0000), // br
         (0xffff_fc1f, 0xd63f_0000), // blr
         (0xffff_fc1f, 0xd65f_0000), // ret
@@ -297,6 +373,68 @@ mod imp {
             return Err(Error::UnsupportedInstruction { addr, insn: format!("{w:#010x}: branch to register with pointer authentication or eret") });
         }
         Ok(Decoded::Relocated(4, w.to_le_bytes().to_vec()))
+    }
+
+    /// Record magics of the signal frame's `__reserved` area (Linux
+    /// `arch/arm64/include/uapi/asm/sigcontext.h`): `fpsimd_context`, `sve_context`,
+    /// `extra_context` (records that did not fit, elsewhere in the frame).
+    const FPSIMD_MAGIC: u32 = 0x4650_8001;
+    const SVE_MAGIC: u32 = 0x5356_4501;
+    const EXTRA_MAGIC: u32 = 0x4558_5401;
+    /// Offset of `__reserved` in `mcontext_t` (private in libc): after `pstate`, 16-aligned.
+    const RESERVED: usize = (core::mem::offset_of!(libc::mcontext_t, pstate) + 8 + 15) & !15;
+    // Soundness: the record walk below stays inside the 4096 bytes the kernel's
+    // `struct sigcontext` gives `__reserved`, which must be all of the rest of libc's
+    // `mcontext_t`.
+    static_assertions::const_assert_eq!(core::mem::size_of::<libc::mcontext_t>() - RESERVED, 4096);
+
+    /// Writes `v` into vector register `n` of the interrupted context and zeroes its
+    /// bits above 128, as an FP/SIMD load does: into `fpsimd_context`, which sigreturn
+    /// loads back, and, if the frame also carries the SVE registers (`sve_context` with
+    /// register data: Linux when the thread's SVE state is live, qemu-user always on an
+    /// SVE cpu, and qemu restores Z from it after V), into Z`n`. No allocation; the walk
+    /// is bounded by the record sizes the kernel wrote.
+    fn set_vreg(m: &mut libc::mcontext_t, n: usize, v: u128) {
+        let base = m as *mut libc::mcontext_t as *mut u8;
+        // SAFETY: RESERVED..size_of::<mcontext_t>() is inside `m` (asserted above).
+        let (mut p, mut end) = unsafe { (base.add(RESERVED), base.add(core::mem::size_of::<libc::mcontext_t>())) };
+        let mut extra = false;
+        // SAFETY (every access below): `p..p + size` is a record inside `p..end`,
+        // checked before it is read or written, and `p..end` is the `__reserved` area
+        // of the kernel's signal frame or the extra area it points to, both in the
+        // frame, readable and writable, which sigreturn reads back.
+        unsafe {
+            let left = |p: *mut u8, end: *mut u8| (end as usize).saturating_sub(p as usize);
+            while left(p, end) >= 8 {
+                let (magic, size) = ((p as *const u32).read_unaligned(), (p.add(4) as *const u32).read_unaligned() as usize);
+                if magic == 0 || size < 8 || size > left(p, end) {
+                    break; // the terminator (or a malformed frame: leave it)
+                }
+                match magic {
+                    // head, fpsr, fpcr, then vregs[32]
+                    FPSIMD_MAGIC if size >= 16 + 32 * 16 => (p.add(16 + n * 16) as *mut u128).write_unaligned(v),
+                    // head, vl (bytes), flags, reserved; Z0..Z31 of vl bytes each from +16
+                    SVE_MAGIC if size > 16 => {
+                        let vl = (p.add(8) as *const u16).read_unaligned() as usize;
+                        if vl >= 16 && 16 + 32 * vl <= size {
+                            let z = p.add(16 + n * vl);
+                            (z as *mut u128).write_unaligned(v);
+                            z.add(16).write_bytes(0, vl - 16);
+                        }
+                    }
+                    // head, datap, size: the records that did not fit; follow once
+                    EXTRA_MAGIC if !extra && size >= 24 => {
+                        extra = true;
+                        let datap = (p.add(8) as *const u64).read_unaligned() as usize as *mut u8;
+                        let len = (p.add(16) as *const u32).read_unaligned() as usize;
+                        (p, end) = (datap, datap.wrapping_add(len));
+                        continue;
+                    }
+                    _ => {}
+                }
+                p = p.add(size);
+            }
+        }
     }
 
     fn sext(v: u64, bits: u32) -> i64 {
@@ -359,7 +497,7 @@ mod imp {
             let imm = sext(((w >> 5 & 0x7ffff) << 2 | (w >> 29 & 3)) as u64, 21);
             let v = if w >> 31 == 1 { (pc & !0xfff).wrapping_add_signed(imm << 12) } else { pc.wrapping_add_signed(imm) };
             set(m, rt, v);
-        } else if w & 0x3b00_0000 == 0x1800_0000 {
+        } else if w & 0x3f00_0000 == 0x1800_0000 {
             // ldr (literal): opc 00 w, 01 x, 10 sw, 11 prfm
             let at = pc.wrapping_add_signed(sext((w >> 5 & 0x7ffff) as u64, 19) * 4);
             // SAFETY: the literal is in the probed code's image, readable, as the
@@ -375,6 +513,18 @@ mod imp {
             if let Some(v) = v {
                 set(m, rt, v);
             }
+        } else if w & 0x3f00_0000 == 0x1c00_0000 {
+            // ldr (literal) into an FP/SIMD register: opc 00 s, 01 d, 10 q (11 refused)
+            let at = pc.wrapping_add_signed(sext((w >> 5 & 0x7ffff) as u64, 19) * 4);
+            // SAFETY: as for the integer literal.
+            let v = unsafe {
+                match w >> 30 {
+                    0 => (at as *const u32).read_unaligned() as u128,
+                    1 => (at as *const u64).read_unaligned() as u128,
+                    _ => (at as *const u128).read_unaligned(),
+                }
+            };
+            set_vreg(m, rt as usize, v);
         } else {
             // br, blr, ret
             let target = x(m, w >> 5 & 0x1f);

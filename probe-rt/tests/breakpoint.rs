@@ -122,9 +122,9 @@ fn threads_hammering_a_probe_count_every_hit() {
 }
 
 // A function with an instruction that can neither run out of line nor be simulated
-// (yet): an indirect jump; aarch64 a load-exclusive.
+// (yet): a system call (getpid; indirect jumps are simulated now); aarch64 a load-exclusive.
 #[cfg(target_arch = "x86_64")]
-std::arch::global_asm!(".globl bp_branchy", ".globl bp_unsupported_at", "bp_branchy:", "lea rax, [rip + 2f]", "bp_unsupported_at:", "jmp rax", "2:", "ret");
+std::arch::global_asm!(".globl bp_branchy", ".globl bp_unsupported_at", "bp_branchy:", "lea rax, [rip + 2f]", "mov eax, 39", "bp_unsupported_at:", "syscall", "2:", "ret");
 #[cfg(target_arch = "aarch64")]
 std::arch::global_asm!(
     ".globl bp_branchy", ".globl bp_unsupported_at", "bp_branchy:", "sub sp, sp, #16", "str xzr, [sp]",
@@ -148,7 +148,7 @@ fn bad_targets_are_refused_with_typed_errors() {
     // Inside an instruction: refused, decoding from the function's start.
     #[cfg(target_arch = "x86_64")]
     {
-        // `lea rax, [rip + 2f]` is 7 bytes: +1 is inside it, +7 is the `jmp rax`.
+        // `lea rax, [rip + 2f]` is 7 bytes: +1 is inside it, +7 is the `mov eax, 39`.
         let e = Probe::builder().function(bp_branchy as unsafe extern "C" fn()).offset(1).register().unwrap_err();
         assert!(matches!(e, Error::NotInstructionBoundary { .. }), "{e}");
     }

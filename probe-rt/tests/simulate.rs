@@ -26,7 +26,36 @@ std::arch::global_asm!(
     // push / pop: the slot runs them on the thread's own stack
     ".globl sim_push", ".globl sim_push_at", "sim_push:", "sim_push_at:", "push rdi", "pop rax", "ret",
     ".globl sim_pop", ".globl sim_pop_at", "sim_pop:", "push rdi", "sim_pop_at:", "pop rax", "ret",
+    // call rax: rdi + 21
+    ".globl sim_callr", ".globl sim_callr_at", "sim_callr:", "lea rax, [rip + 2f]", "sim_callr_at:", "call rax", "lea rax, [rax + 1]", "ret",
+    "2:", "lea rax, [rdi + 20]", "ret",
+    // call qword ptr [rip + x]: rdi + 31
+    ".globl sim_callm", ".globl sim_callm_at", "sim_callm:", "sim_callm_at:", "call qword ptr [rip + sim_ptrs]", "lea rax, [rax + 1]", "ret",
+    "sim_callm_to:", "lea rax, [rdi + 30]", "ret",
+    // jmp rax: rdi + 3
+    ".globl sim_jmpr", ".globl sim_jmpr_at", "sim_jmpr:", "lea rax, [rip + 2f]", "sim_jmpr_at:", "jmp rax", "ud2", "2:", "lea rax, [rdi + 3]", "ret",
+    // jmp qword ptr [rdi + 8] (the table in rdi, the argument moved to rsi): rsi + 4
+    ".globl sim_jmpm", ".globl sim_jmpm_at", "sim_jmpm:", "mov rsi, rdi", "lea rdi, [rip + sim_ptrs]", "sim_jmpm_at:", "jmp qword ptr [rdi + 8]", "ud2",
+    "sim_jmpm_to:", "lea rax, [rsi + 4]", "ret",
+    // base + index * scale + displacement: call qword ptr [rax + rcx * 8 + 8]: rdi + 41
+    ".globl sim_callx", ".globl sim_callx_at", "sim_callx:", "lea rax, [rip + sim_ptrs]", "mov ecx, 1",
+    "sim_callx_at:", "call qword ptr [rax + rcx * 8 + 8]", "lea rax, [rax + 1]", "ret", "sim_callx_to:", "lea rax, [rdi + 40]", "ret",
+    // call qword ptr [rsp]: the operand is read before the return address is pushed: rdi + 51
+    ".globl sim_callsp", ".globl sim_callsp_at", "sim_callsp:", "lea rax, [rip + 2f]", "push rax",
+    "sim_callsp_at:", "call qword ptr [rsp]", "pop rcx", "lea rax, [rax + 1]", "ret", "2:", "lea rax, [rdi + 50]", "ret",
+    // jmp rax, for the steering test: rdi + 3, or rdi + 300 at steer_jmpr_alt
+    ".globl steer_jmpr", ".globl steer_jmpr_at", ".globl steer_jmpr_alt", "steer_jmpr:", "lea rax, [rip + 2f]", "steer_jmpr_at:", "jmp rax", "ud2",
+    "2:", "lea rax, [rdi + 3]", "ret", "steer_jmpr_alt:", "lea rax, [rdi + 300]", "ret",
+    // refused, never run: fs-relative, 32-bit address, far indirect, 16-bit operand
+    ".globl sim_refused_fs", ".globl sim_refused_a32", ".globl sim_refused_far", ".globl sim_refused_16",
+    "sim_refused_fs:", "jmp qword ptr fs:[0x28]", "sim_refused_a32:", "call qword ptr [eax]",
+    "sim_refused_far:", "rex64 jmp fword ptr [rax]", "sim_refused_16:", ".byte 0x66, 0xff, 0xe0", "ud2", // jmp ax
     ".balign 8", "sim_data:", ".quad 1000",
+    ".popsection",
+    // The targets of the memory-indirect branches: data, relocated at load (.text is
+    // read-only in a PIE).
+    ".pushsection .data.sim_tests, \"aw\", @progbits",
+    ".balign 8", "sim_ptrs:", ".quad sim_callm_to", ".quad sim_jmpm_to", ".quad sim_callx_to",
     ".popsection",
 );
 
@@ -47,11 +76,24 @@ std::arch::global_asm!(
     ".globl sim_adrp", ".globl sim_adrp_at", "sim_adrp:", "sim_adrp_at:", "adrp x1, sim_data", "add x1, x1, :lo12:sim_data", "ldr x1, [x1]", "add x0, x0, x1", "ret",
     ".globl sim_ldr", ".globl sim_ldr_at", "sim_ldr:", "sim_ldr_at:", "ldr x1, sim_data", "add x0, x0, x1", "ret",
     ".globl sim_ldrsw", ".globl sim_ldrsw_at", "sim_ldrsw:", "sim_ldrsw_at:", "ldrsw x1, sim_neg", "add x0, x0, x1", "ret",
+    // prfm (literal): a hint, nothing to do but go on
+    ".globl sim_prfm", ".globl sim_prfm_at", "sim_prfm:", "sim_prfm_at:", "prfm pldl1keep, sim_data", "add x0, x0, #6", "ret",
+    // ldr (literal) into FP/SIMD registers: the register is all ones before, so the
+    // result shows whether the bits above the loaded size were zeroed
+    ".globl sim_ldrs", ".globl sim_ldrs_at", "sim_ldrs:", "movi v1.2d, #0xffffffffffffffff",
+    "sim_ldrs_at:", "ldr s1, sim_data", "fmov x1, d1", "mov x2, v1.d[1]", "add x0, x0, x1", "eor x0, x0, x2", "ret",
+    ".globl sim_ldrd", ".globl sim_ldrd_at", "sim_ldrd:", "movi v2.2d, #0xffffffffffffffff",
+    "sim_ldrd_at:", "ldr d2, sim_neg", "fmov x1, d2", "mov x2, v2.d[1]", "add x0, x0, x1", "eor x0, x0, x2", "ret",
+    ".globl sim_ldrq", ".globl sim_ldrq_at", "sim_ldrq:", "movi v31.2d, #0xffffffffffffffff",
+    "sim_ldrq_at:", "ldr q31, sim_quad", "mov x1, v31.d[0]", "mov x2, v31.d[1]", "add x0, x0, x1", "eor x0, x0, x2", "ret",
+    // refused, never run: ldr (literal) with opc 0b11 into v1 (unallocated)
+    ".globl sim_refused_ldr", "sim_refused_ldr:", ".inst 0xdc000041", "brk #9",
     ".globl sim_br", ".globl sim_br_at", "sim_br:", "adr x1, 2f", "sim_br_at:", "br x1", "brk #9", "2:", "add x0, x0, #5", "ret",
     ".globl sim_blr", ".globl sim_blr_at", "sim_blr:", "mov x9, x30", "adr x1, 2f", "sim_blr_at:", "blr x1", "mov x30, x9", "ret", "2:", "add x0, x0, #7", "ret",
     ".globl sim_ret", ".globl sim_ret_at", "sim_ret:", "add x0, x0, #3", "sim_ret_at:", "ret",
     // an ordinary instruction, run out of line
     ".globl sim_add", ".globl sim_add_at", "sim_add:", "sim_add_at:", "add x0, x0, #4", "ret",
+    ".balign 16", "sim_quad:", ".quad 0x0123456789abcdef", ".quad 0xfedcba9876543210",
     ".balign 8", "sim_data:", ".quad 1000", "sim_neg:", ".word -5", ".word 0",
     ".popsection",
 );
@@ -104,6 +146,12 @@ cases! {
     sim_riprel sim_riprel_at [0, 24];
     sim_push sim_push_at [77];
     sim_pop sim_pop_at [78];
+    sim_callr sim_callr_at [0, 31];
+    sim_callm sim_callm_at [0, 31];
+    sim_jmpr sim_jmpr_at [1, 41];
+    sim_jmpm sim_jmpm_at [2, 42];
+    sim_callx sim_callx_at [3, 43];
+    sim_callsp sim_callsp_at [4, 44];
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -118,6 +166,10 @@ cases! {
     sim_adrp sim_adrp_at [25];
     sim_ldr sim_ldr_at [26];
     sim_ldrsw sim_ldrsw_at [100];
+    sim_prfm sim_prfm_at [7];
+    sim_ldrs sim_ldrs_at [1];
+    sim_ldrd sim_ldrd_at [2];
+    sim_ldrq sim_ldrq_at [3];
     sim_br sim_br_at [2];
     sim_blr sim_blr_at [3];
     sim_ret sim_ret_at [4];
@@ -161,4 +213,63 @@ fn a_handler_steers_a_simulated_branch() {
     assert_eq!((std::hint::black_box(f)(3), std::hint::black_box(f)(30)), (100, 200), "the branch follows the handler's flags");
     drop(p);
     assert_eq!((f(3), f(30)), (200, 100));
+}
+
+/// A handler that sets rax changes where a simulated `jmp rax` goes.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_handler_steers_a_simulated_indirect_jump() {
+    // SAFETY (declaration): as in `cases!`.
+    unsafe extern "C" {
+        safe fn steer_jmpr(x: u64) -> u64;
+        safe fn steer_jmpr_at();
+        safe fn steer_jmpr_alt();
+    }
+    fn to_alt(r: &mut PtRegs) {
+        r.rax = steer_jmpr_alt as *const () as u64;
+    }
+    assert_eq!(steer_jmpr(5), 8);
+    let p = Probe::builder().address(steer_jmpr_at as *const () as usize).pre(to_alt).register().unwrap();
+    assert_eq!(std::hint::black_box(steer_jmpr)(5), 305, "the jump follows the handler's rax");
+    assert_eq!(p.nhit(), 1);
+    drop(p);
+    assert_eq!(steer_jmpr(5), 8);
+}
+
+/// What is not simulated is refused with a typed error naming the instruction.
+#[test]
+fn forms_not_simulated_are_refused() {
+    #[cfg(target_arch = "x86_64")]
+    let refused: [(&str, usize); 4] = {
+        // SAFETY (declaration): only their addresses are used; the code never runs.
+        unsafe extern "C" {
+            safe fn sim_refused_fs();
+            safe fn sim_refused_a32();
+            safe fn sim_refused_far();
+            safe fn sim_refused_16();
+        }
+        [
+            ("fs:", sim_refused_fs as *const () as usize),
+            ("[eax]", sim_refused_a32 as *const () as usize),
+            ("jmp", sim_refused_far as *const () as usize),
+            ("jmp", sim_refused_16 as *const () as usize),
+        ]
+    };
+    #[cfg(target_arch = "aarch64")]
+    let refused: [(&str, usize); 1] = {
+        // SAFETY (declaration): only its address is used; the code never runs.
+        unsafe extern "C" {
+            safe fn sim_refused_ldr();
+        }
+        [("unallocated", sim_refused_ldr as *const () as usize)]
+    };
+    for (what, at) in refused {
+        match Probe::builder().address(at).pre(observe).register() {
+            Err(probe_rt::Error::UnsupportedInstruction { addr, insn }) => {
+                assert_eq!(addr, at);
+                assert!(insn.contains(what), "{insn}");
+            }
+            other => panic!("{what} at {at:#x}: {other:?}"),
+        }
+    }
 }
