@@ -400,7 +400,7 @@ fn shared(e: &Record, target: usize) -> bool {
 fn original_code(from: usize, to: usize) -> Vec<u8> {
     // SAFETY: from..to lies in one readable, executable mapping (checked by the caller).
     let mut code = unsafe { std::slice::from_raw_parts(from as *const u8, to - from) }.to_vec();
-    for e in records().iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0) {
+    for e in records().iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0 && our_breakpoint_at(e.target.load(Ordering::Relaxed))) {
         let (t, orig) = (e.target.load(Ordering::Relaxed), e.orig.load(Ordering::Relaxed).to_ne_bytes());
         for (i, b) in orig[..BREAKPOINT.len()].iter().enumerate() {
             if (from..to).contains(&(t + i)) {
@@ -411,6 +411,13 @@ fn original_code(from: usize, to: usize) -> Vec<u8> {
     code
 }
 
+/// Whether probekit's breakpoint is in the text at `addr` (readable and mapped).
+fn our_breakpoint_at(addr: usize) -> bool {
+    let mapped = text::mapping_of(addr).is_some_and(|m| m.prot & libc::PROT_READ != 0 && addr + BREAKPOINT.len() <= m.end);
+    // SAFETY: the bytes are in a readable mapping (checked just above).
+    mapped && unsafe { std::slice::from_raw_parts(addr as *const u8, BREAKPOINT.len()) } == BREAKPOINT
+}
+
 /// Arms (writes the breakpoint) or disarms (restores the original bytes). The entry is
 /// published before the breakpoint exists and unpublished after it is gone, so a
 /// trap always finds it (or finds the text restored, seed 004). Probes at one address
@@ -418,6 +425,17 @@ fn original_code(from: usize, to: usize) -> Vec<u8> {
 /// removes it. Called under the registry lock.
 fn arm(e: &Record, on: bool) -> Result<(), Error> {
     let target = e.target.load(Ordering::Relaxed);
+    // Records armed here whose breakpoint is not in the text any more are stale: the
+    // code is gone (its library unloaded, maybe something else mapped there since).
+    // They are disarmed in place, with nothing to restore: writing their original
+    // bytes would corrupt whatever is there now, and sharing their breakpoint would
+    // share nothing.
+    let present = our_breakpoint_at(target);
+    if !present {
+        for o in records().iter().filter(|o| o.addr.load(Ordering::Relaxed) == target) {
+            o.addr.store(0, Ordering::Release);
+        }
+    }
     let shared = shared(e, target);
     if on {
         e.addr.store(target, Ordering::Release);
@@ -428,7 +446,7 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
         r
     } else {
         let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
-        let r = if shared { Ok(()) } else { text::write_code(target, &orig[..BREAKPOINT.len()]) };
+        let r = if shared || !present { Ok(()) } else { text::write_code(target, &orig[..BREAKPOINT.len()]) };
         if r.is_ok() {
             e.addr.store(0, Ordering::Release);
         }

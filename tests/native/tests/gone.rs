@@ -4,9 +4,7 @@
 //! where its code was.
 //!
 //! The tests share one process and one library: each takes `SERIAL`, so that none
-//! unloads the library under another. A probe whose unregistration failed stays armed
-//! at its address (see the ignored tests), which would capture a later load of the
-//! library at the same place: each test fences what it unloaded (`fence`).
+//! unloads the library under another.
 
 use native_tests::GONE_SO;
 use probekit::{Error, Probe, ProbeInfo, PtRegs};
@@ -77,32 +75,13 @@ fn mapped() -> Option<Vec<(usize, usize)>> {
     (!ranges.is_empty()).then_some(ranges)
 }
 
-/// Unloads the library, checks that it is really unmapped, and returns where it was.
-fn unload(lib: Lib) -> Vec<(usize, usize)> {
-    let ranges = mapped().expect("loaded");
+/// Unloads the library and checks that it is really unmapped.
+fn unload(lib: Lib) {
+    assert!(mapped().is_some(), "loaded");
     // SAFETY: the handle came from dlopen and is closed once (`lib` is consumed); no
     // pointer into the library is used after this.
     assert_eq!(unsafe { libc::dlclose(lib.handle) }, 0, "dlclose: {}", dlerror());
     assert_eq!(mapped(), None, "dlclose left {GONE_SO} mapped");
-    ranges
-}
-
-/// Keeps `ranges` from being mapped again (an inaccessible anonymous mapping over each,
-/// left in place): a probe that failed to unregister there stays armed at its address,
-/// and would take the probes of a later load of the library at the same place (see
-/// the ignored tests).
-fn fence(ranges: &[(usize, usize)]) {
-    for &(start, end) in ranges {
-        // SAFETY: a new anonymous mapping; MAP_FIXED_NOREPLACE replaces nothing (if the
-        // range is taken, mmap fails, or an old kernel maps elsewhere: given back).
-        unsafe {
-            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
-            let p = libc::mmap(start as *mut c_void, end - start, libc::PROT_NONE, flags, -1, 0);
-            if p != libc::MAP_FAILED && p as usize != start {
-                libc::munmap(p, end - start);
-            }
-        }
-    }
 }
 
 /// The listing of the probe at `addr`: its info and its line of `list()`'s text.
@@ -130,19 +109,16 @@ fn a_probe_in_an_unloaded_library_lists_as_gone_and_drops_safely() {
     assert_eq!(info.symbol, Some(("probekit_gone_add".to_string(), 0)), "{line}");
     assert!(line.contains("probekit_gone_add+0x0") && !line.contains("[GONE]"), "{line}");
 
-    let ranges = unload(lib);
+    unload(lib);
     let (info, line) = listed(addr).expect("a gone probe is still listed until unregistered");
     assert!(info.gone, "{line}");
     assert_eq!(info.symbol, None, "{line}");
     assert!(line.ends_with("[GONE]"), "{line}");
 
     // Disarming must not restore the original bytes: there is no code to restore them
-    // to. A write to the unmapped page would kill the test with SIGSEGV; the runtime
-    // checks the mapping first and fails the disarm instead (see the ignored test
-    // `unregistering_a_gone_probe_retires_it` for what that leaves behind).
+    // to (a write to the unmapped page would kill the test with SIGSEGV).
     drop(p);
     assert_eq!(mapped(), None, "nothing was mapped back");
-    fence(&ranges);
 }
 
 /// While the library is loaded, its function can be probed by name; once it is
@@ -162,45 +138,38 @@ fn a_library_function_is_probed_by_name_while_loaded() {
     assert_eq!(std::hint::black_box(lib.add)(1, 1), 2);
     let addr = lib.add as usize;
     assert!(listed(addr).is_none());
-    let ranges = unload(lib);
+    unload(lib);
     let e = Probe::builder().symbol("probekit_gone_add").pre(see_args).register().unwrap_err();
     assert!(matches!(&e, Error::SymbolNotFound { name } if name == "probekit_gone_add"), "{e}");
-    fence(&ranges);
 }
 
-// The three tests below state what unregistering a gone probe should do, and fail with
-// probe.rs as it is: `ProbeHandle::retire` disarms through `arm(e, false)`, which
-// restores the original bytes with `text::write_code`; that finds no executable mapping
-// at the address (`Error::NotExecutable`), so the disarm fails, `retire` returns early,
-// and the record stays live and armed (`addr` still set) for the rest of the process.
+// What unregistering a gone probe does: it succeeds, writes nothing, and leaves no
+// armed record behind to capture a later load at the same address.
 
 /// Unregistering a gone probe succeeds and takes it out of the list (as the kernel's
 /// `unregister_kprobe` of a `[GONE]` probe does).
 #[test]
-#[ignore = "probe.rs bug: retire() fails with NotExecutable for a gone probe and leaves it live and armed"]
 fn unregistering_a_gone_probe_retires_it() {
     let _s = serial();
     let lib = load();
     let addr = lib.add as usize;
     let p = Probe::builder().address(addr).pre(see_args).register().expect("probe the library");
-    let ranges = unload(lib);
+    unload(lib);
     let r = p.unregister();
-    fence(&ranges);
     assert_eq!(r, Ok(()), "unregistering a gone probe");
     assert!(listed(addr).is_none(), "an unregistered probe is not listed");
 }
 
-/// The library loaded again can be probed again after the gone probe was dropped. The
-/// bug shows when the reload lands at the old address: natively it does (the kernel
-/// hands out the same free range); under qemu-user it lands elsewhere and this passes.
+/// The library loaded again can be probed again after the gone probe was dropped. This
+/// matters when the reload lands at the old address: natively it does (the kernel
+/// hands out the same free range); under qemu-user it lands elsewhere.
 #[test]
-#[ignore = "probe.rs bug: the gone probe stays armed at its address, so a new probe there counts as sharing its breakpoint and writes none"]
 fn a_reloaded_library_can_be_probed_again() {
     let _s = serial();
     let lib = load();
     let first = lib.add as usize;
     let p = Probe::builder().address(first).pre(see_args).register().expect("probe the library");
-    let mut fences = unload(lib);
+    unload(lib);
     drop(p);
     let lib = load();
     let again = lib.add as usize;
@@ -208,8 +177,7 @@ fn a_reloaded_library_can_be_probed_again() {
     let r = std::hint::black_box(lib.add)(5, 6);
     let hits = p.nhit();
     drop(p);
-    fences.extend(unload(lib));
-    fence(&fences);
+    unload(lib);
     assert_eq!(r, 11);
     assert_eq!(hits, 1, "the reloaded function was probed (loaded at {again:#x}, first at {first:#x})");
 }
@@ -217,13 +185,12 @@ fn a_reloaded_library_can_be_probed_again() {
 /// Whatever is mapped at a gone probe's address later is not written by its
 /// unregistration: here an executable anonymous page.
 #[test]
-#[ignore = "probe.rs bug: arm(e, false) writes the gone code's original bytes into whatever executable mapping is at the address now"]
 fn a_gone_probe_writes_nothing_into_a_later_mapping() {
     let _s = serial();
     let lib = load();
     let addr = lib.add as usize;
     let p = Probe::builder().address(addr).pre(see_args).register().expect("probe the library");
-    let ranges = unload(lib);
+    unload(lib);
     // SAFETY: sysconf has no preconditions.
     let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
     let page = addr & !(ps - 1);
@@ -240,6 +207,5 @@ fn a_gone_probe_writes_nothing_into_a_later_mapping() {
     drop(p);
     // SAFETY: the page is mapped readable (above) and never unmapped.
     let bytes = unsafe { std::slice::from_raw_parts(mapped_at, ps) };
-    fence(&ranges);
     assert!(bytes.iter().all(|b| *b == 0x5a), "the page at {page:#x} was written: {:02x?}", &bytes[addr - page..addr - page + 4]);
 }
