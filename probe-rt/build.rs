@@ -31,18 +31,26 @@ fn main() {
     };
     std::fs::write(out, text).expect("OUT_DIR is writable");
 
-    // The return trampoline of return probes: the kretprobe shape over the built-in
-    // frame, every general register restored, the FP/SIMD argument registers kept
-    // (they include every FP return register: xmm0-xmm1, v0-v3 for HFAs).
-    let kret = match arch {
-        Some(arch) => {
-            let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Args, Shape::Kretprobe)
-                .expect("the built-in frame plans");
-            let symbols = render::Symbols { handler: "crate::retprobe::dispatch".into(), ..Default::default() };
-            render::rust_global_asm(&plan, "probekit_kretprobe_trampoline", &symbols)
-        }
-        None => String::new(),
-    };
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kretprobe.rs");
-    std::fs::write(out, kret).expect("OUT_DIR is writable");
+    // The runtime's trampolines, each a probe-codegen shape over the built-in frame with
+    // every general register restored and the FP/SIMD argument registers kept:
+    // - the return trampoline of return probes (kretprobe shape; the FP argument
+    //   registers include every FP return register: xmm0-xmm1, v0-v3 for HFAs);
+    // - the site trampoline of `#[traceable]` functions (entry shape, called from the
+    //   patched site; handlers may use floats and vector code).
+    let routines = [
+        ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
+        ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
+    ];
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for (file, shape, name, handler) in routines {
+        let text = match arch {
+            Some(arch) => {
+                let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Args, shape).expect("the built-in frame plans");
+                let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
+                render::rust_global_asm(&plan, name, &symbols)
+            }
+            None => String::new(),
+        };
+        std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
+    }
 }

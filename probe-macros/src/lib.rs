@@ -7,6 +7,7 @@ use proc_macro::TokenStream;
 mod kprobe;
 mod kretprobe;
 mod pt_regs;
+mod traceable;
 
 /// Declares a register frame and generates its save/restore routines.
 ///
@@ -156,4 +157,92 @@ pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
     kretprobe::expand(attr.into(), item.into()).into()
+}
+
+/// Gives a function a patchable entry (a site) that probes can switch on without a trap.
+///
+/// # Syntax
+///
+/// ```text
+/// #[traceable]
+/// #[traceable(associated)]
+/// ```
+///
+/// # Usage
+///
+/// On a free function or an inherent method, generic or not, `unsafe` or not:
+/// `[pub] [unsafe] fn name<G>(args) -> R where … { body }`. The function keeps its
+/// name, signature, visibility, attributes and behaviour; [`probekit::sites()`] lists it
+/// (as `module::path::name`, for a method `module::path::method`) and a `Probe` or
+/// `ReturnProbe` on it rides its site instead of a breakpoint. Refused, each with an
+/// error on its token: `async`, `const`, an `extern` ABI, `impl Trait` in argument or
+/// return position, variadics, `#[inline]`, anything but a function.
+///
+/// Inside an `impl` block a function that takes `self` or names `Self` is recognised as
+/// an associated function; one that does neither needs `#[traceable(associated)]`.
+/// Methods of trait impls cannot be traceable: the attribute adds items next to the
+/// function, and rustc refuses them ("method `__probekit_site_…` is not a member of
+/// trait"). Make the trait method call a traceable inherent method instead.
+///
+/// # What it generates, and why
+///
+/// `#[traceable] fn f(a: u64) -> u64 { body }` becomes:
+///
+/// ```ignore
+/// #[inline(never)]
+/// fn f(a: u64) -> u64 { __probekit_site_f(a) }   // users call it and take its address
+///
+/// #[doc(hidden)]
+/// #[unsafe(naked)]
+/// extern "C-unwind" fn __probekit_site_f(a: u64) -> u64 {
+///     // x86_64: `nopl 0x0(%rax,%rax,1)` (5 bytes), `jmp __probekit_body_f`
+///     // aarch64: `nop; nop; b __probekit_body_f`
+///     // and a 32-byte entry in the `probekit_sites` section: site, f, name
+///     naked_asm!(/* … */)
+/// }
+///
+/// #[doc(hidden)]
+/// extern "C-unwind" fn __probekit_body_f(a: u64) -> u64 { body }
+/// ```
+///
+/// Naked functions (stable since Rust 1.88) give a function whose first bytes are
+/// exactly the nops, with no prologue before them; they are stable for the `C` and
+/// `C-unwind` ABIs only, so the site and the body use `C-unwind` (a panic in the body
+/// still unwinds to the caller) and the Rust-ABI wrapper keeps the function's type as
+/// written. The cost when no probe is on: the wrapper's call or jump to the site, the
+/// nop, and the site's jump to the body.
+///
+/// The table is a linker section, like the kernel's `__mcount_loc`: nothing runs at
+/// start-up, and `--gc-sections` keeps it (`SHF_GNU_RETAIN`). Each instance of a
+/// generic function gets its own site and entry. In debug builds a generic function's
+/// wrapper can be instantiated once per codegen unit, so a pointer to it taken in
+/// another unit may differ from the one the table records: a probe on that pointer then
+/// falls back to a breakpoint. Non-generic functions have one wrapper.
+///
+/// # Safety
+///
+/// The attribute adds no obligation: the generated `unsafe` is the naked site, whose
+/// asm jumps to the body with every argument register untouched. An `unsafe fn` stays
+/// `unsafe` with the same contract. A crate with `#![forbid(unsafe_code)]` cannot use
+/// it (`#[unsafe(naked)]` counts as unsafe code).
+///
+/// # Examples
+///
+/// ```ignore
+/// #[probekit::traceable]
+/// pub fn parse(input: &[u8]) -> Option<u64> { /* … */ }
+///
+/// struct Parser<T>(T);
+/// impl<T: Clone> Parser<T> {
+///     #[probekit::traceable]
+///     fn step(&mut self, n: usize) -> usize { n + 1 }
+/// }
+///
+/// assert!(probekit::sites().iter().any(|s| s.name == "my_crate::parse"));
+/// ```
+///
+/// [`probekit::sites()`]: ../probekit/fn.sites.html
+#[proc_macro_attribute]
+pub fn traceable(attr: TokenStream, item: TokenStream) -> TokenStream {
+    traceable::expand(attr.into(), item.into()).into()
 }

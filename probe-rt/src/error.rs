@@ -22,6 +22,9 @@ pub enum Error {
     Blacklisted { addr: usize, what: &'static str },
     /// Every probe slot of the process is in use.
     TooManyProbes { max: usize },
+    /// The address is inside a `#[traceable]` function's patchable site (the kernel's
+    /// `-EILSEQ`): probe the function itself (its site) instead.
+    InsideSite { addr: usize, site: usize, function: String },
     /// A return probe's target is not the first instruction of a function.
     NotFunctionEntry { addr: usize, function: usize },
     /// `ReturnProbeBuilder::data` was called after a handler was given (handlers are
@@ -48,6 +51,11 @@ impl fmt::Display for Error {
             }
             Error::Blacklisted { addr, what } => write!(f, "{addr:#x} is in {what}, which probekit cannot probe"),
             Error::TooManyProbes { max } => write!(f, "all {max} probe slots of the process are used"),
+            Error::InsideSite { addr, site, function } => write!(
+                f,
+                "{addr:#x} is inside the patchable site of `{function}` at {site:#x} (+{:#x}): probe the function itself",
+                addr - site
+            ),
             Error::NotFunctionEntry { addr, function } => write!(
                 f,
                 "{addr:#x} is not a function entry (it is +{:#x} into the function at {function:#x}); return probes go on entries",

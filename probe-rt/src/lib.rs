@@ -14,6 +14,8 @@ mod insn;
 pub mod probe;
 mod regs;
 pub mod retprobe;
+mod site;
+pub mod sites;
 mod symbols;
 mod text;
 mod unwind;
@@ -22,6 +24,7 @@ pub use error::Error;
 pub use events::EventBuffer;
 pub use frame::{PtRegs, VReg};
 pub use probe::{blacklist, list, Blacklisted, FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle, ProbeInfo, ProbeList};
+pub use sites::{sites, SiteInfo};
 pub use retprobe::{Entry, EntryHandler, ReturnHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle};
 
 /// The built-in frame's offsets (`S_X0`, `S_PSTATE`, `S_RIP`, `S_FRAME_SIZE`, …),

@@ -72,6 +72,8 @@ struct Record {
     sim_b: AtomicU64,
     /// Registered and not yet unregistered.
     live: AtomicBool,
+    /// Rides a `#[traceable]` function's site instead of a breakpoint.
+    site: AtomicBool,
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // array initialiser only
@@ -91,6 +93,7 @@ const EMPTY: Record = Record {
     sim_a: AtomicU64::new(0),
     sim_b: AtomicU64::new(0),
     live: AtomicBool::new(false),
+    site: AtomicBool::new(false),
 };
 
 static RECORDS: [Record; MAX_PROBES] = [EMPTY; MAX_PROBES];
@@ -290,6 +293,8 @@ impl ProbeBuilder {
             (None, Some(t)) => t,
             (None, None) => return Err(Error::NoTarget),
         };
+        // A traceable function is entered through its site: offsets count from there.
+        let base = crate::sites::site_of(base).map_or(base, |s| s.site);
         Ok((base + self.offset, (self.offset > 0).then_some(base)))
     }
 
@@ -298,6 +303,12 @@ impl ProbeBuilder {
     pub fn register(self) -> Result<ProbeHandle, Error> {
         let (addr, named_start) = self.resolve_target()?;
         install_handler()?;
+        if let Some(s) = crate::sites::site_around(addr) {
+            return Err(Error::InsideSite { addr, site: s.site, function: s.name });
+        }
+        if crate::sites::site_of(addr).is_some_and(|s| s.site == addr) {
+            return self.register_site(addr);
+        }
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let mapping = text::executable(addr)?;
         // An instruction boundary, decoding from the start of the function: the one the
@@ -330,12 +341,43 @@ impl ProbeBuilder {
         e.sim_kind.store(sim.kind, Ordering::Relaxed);
         e.sim_a.store(sim.a, Ordering::Relaxed);
         e.sim_b.store(sim.b, Ordering::Relaxed);
+        e.site.store(false, Ordering::Relaxed);
+        self.publish(index);
+        if let Err(err) = arm(e, true) {
+            reg.untake(index);
+            return Err(err);
+        }
+        e.live.store(true, Ordering::Relaxed);
+        Ok(ProbeHandle { index })
+    }
+
+    /// Registers a probe on the site at `site`: no breakpoint, no slot; the first probe
+    /// there enables the site.
+    fn register_site(self, site: usize) -> Result<ProbeHandle, Error> {
+        let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        let index = reg.take_record(site)?;
+        let e = &RECORDS[index];
+        e.target.store(site, Ordering::Relaxed);
+        e.orig.store(0, Ordering::Relaxed);
+        e.next.store(site + crate::sites::SITE_LEN, Ordering::Relaxed);
+        e.resume_trap.store(0, Ordering::Relaxed);
+        e.sim_kind.store(0, Ordering::Relaxed);
+        e.site.store(true, Ordering::Relaxed);
+        self.publish(index);
+        if let Err(err) = arm(e, true) {
+            reg.untake(index);
+            return Err(err);
+        }
+        e.live.store(true, Ordering::Relaxed);
+        Ok(ProbeHandle { index })
+    }
+
+    /// Fills in record `index`'s handlers and counters and makes it visible to the hit
+    /// paths (still disarmed).
+    fn publish(&self, index: usize) {
+        let e = &RECORDS[index];
         e.nhit.store(0, Ordering::Relaxed);
         e.nmissed.store(0, Ordering::Relaxed);
-        // Visible to the hit path (Release: with the fields above) before it is armed.
-        if index == USED.load(Ordering::Relaxed) {
-            USED.store(index + 1, Ordering::Release);
-        }
         let (pre, ctx) = match self.internal {
             Some((h, ctx)) => (h as usize, ctx),
             None => (self.pre.map_or(0, |h| h as usize), 0),
@@ -343,12 +385,10 @@ impl ProbeBuilder {
         e.pre.store(pre, Ordering::Relaxed);
         e.ctx.store(ctx, Ordering::Relaxed);
         e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
-        if let Err(err) = arm(e, true) {
-            reg.untake(index);
-            return Err(err);
+        // Visible to the hit path (Release: with the fields above) before it is armed.
+        if index == USED.load(Ordering::Relaxed) {
+            USED.store(index + 1, Ordering::Release);
         }
-        e.live.store(true, Ordering::Relaxed);
-        Ok(ProbeHandle { index })
     }
 
     /// Prepares how the instruction at `addr` (original bytes `code`) runs for record
@@ -425,6 +465,9 @@ fn our_breakpoint_at(addr: usize) -> bool {
 /// removes it. Called under the registry lock.
 fn arm(e: &Record, on: bool) -> Result<(), Error> {
     let target = e.target.load(Ordering::Relaxed);
+    if e.site.load(Ordering::Relaxed) {
+        return arm_site(e, target, on);
+    }
     // Records armed here whose breakpoint is not in the text any more are stale: the
     // code is gone (its library unloaded, maybe something else mapped there since).
     // They are disarmed in place, with nothing to restore: writing their original
@@ -452,6 +495,63 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
         }
         r
     }
+}
+
+/// [`arm`] for a probe on a site: the first armed there enables it, the last disarmed
+/// disables it.
+fn arm_site(e: &Record, site: usize, on: bool) -> Result<(), Error> {
+    let shared = shared(e, site);
+    if on {
+        e.addr.store(site, Ordering::Release);
+        let r = if shared { Ok(()) } else { crate::site::patch(site, true) };
+        if r.is_err() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    } else {
+        let gone = text::mapping_of(site).is_none();
+        let r = if shared || gone { Ok(()) } else { crate::site::patch(site, false) };
+        if r.is_ok() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    }
+}
+
+/// Runs the probes armed on the site at `site`, in registration order, for the site
+/// trampoline's dispatcher: pre handlers, then (unless one redirected execution) post
+/// handlers, with `regs` as at the function's entry (pc = `site`). A site hit inside a
+/// handler is counted as missed.
+pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
+    grace::enter();
+    let active = ACTIVE.replace(true);
+    let here = || records().iter().filter(move |e| e.site.load(Ordering::Relaxed) && e.addr.load(Ordering::Acquire) == site);
+    let mut redirected = false;
+    for e in here() {
+        if active {
+            e.nmissed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        e.nhit.fetch_add(1, Ordering::Relaxed);
+        let pre = e.pre.load(Ordering::Relaxed);
+        if pre != 0 {
+            call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
+            if regs.instruction_pointer() != site as u64 {
+                redirected = true;
+                break;
+            }
+        }
+    }
+    if !active && !redirected {
+        for e in here() {
+            let post = e.post.load(Ordering::Relaxed);
+            if post != 0 {
+                call_handler(post, 0, regs);
+            }
+        }
+    }
+    ACTIVE.set(active);
+    grace::leave();
 }
 
 /// A registered probe; unregistered when dropped.
@@ -549,7 +649,10 @@ pub fn blacklist() -> Vec<Blacklisted> {
 }
 
 fn find_blacklist() -> Vec<Blacklisted> {
-    let hit_path: [(&'static str, usize); 11] = [
+    let hit_path: [(&'static str, usize); 14] = [
+        ("probekit's site dispatcher", crate::site::dispatch as *const () as usize),
+        ("probekit's site probes", run_site as *const () as usize),
+        ("probekit's site trampoline", crate::site::trampoline()),
         ("probekit's SIGTRAP handler", on_sigtrap as *const () as usize),
         ("probekit's hit path", hit as *const () as usize),
         ("probekit's return-probe entry", crate::retprobe::on_entry as *const () as usize),
@@ -584,6 +687,8 @@ pub struct ProbeInfo {
     pub enabled: bool,
     /// Whether the code is gone (its library was unloaded).
     pub gone: bool,
+    /// Rides a `#[traceable]` function's site (the kernel's `[FTRACE]`).
+    pub site: bool,
     /// Hits whose handlers ran.
     pub nhit: u64,
     /// Hits whose handlers did not run.
@@ -591,7 +696,7 @@ pub struct ProbeInfo {
 }
 
 /// Every registered probe; `Display` prints them as the kernel's `kprobes/list`:
-/// `address  k  symbol+0xoff  [DISABLED][GONE]` (`r` for a return probe).
+/// `address  k  symbol+0xoff  [DISABLED][GONE][SITE]` (`r` for a return probe).
 #[derive(Clone, Debug, Default)]
 pub struct ProbeList(pub Vec<ProbeInfo>);
 
@@ -602,7 +707,12 @@ impl std::fmt::Display for ProbeList {
                 Some((name, off)) => format!("{name}+{off:#x}"),
                 None => format!("{:#x}", p.addr),
             };
-            let flags = format!("{}{}", if p.enabled { "" } else { "[DISABLED]" }, if p.gone { "[GONE]" } else { "" });
+            let flags = format!(
+                "{}{}{}",
+                if p.enabled { "" } else { "[DISABLED]" },
+                if p.gone { "[GONE]" } else { "" },
+                if p.site { "[SITE]" } else { "" }
+            );
             writeln!(f, "{:016x}  {}  {place}  {flags}", p.addr, if p.is_return { 'r' } else { 'k' })?;
         }
         Ok(())
@@ -621,7 +731,12 @@ pub fn list() -> ProbeList {
                     addr,
                     // Only return probes register a hook with a context.
                     is_return: e.ctx.load(Ordering::Relaxed) != 0,
-                    symbol: crate::symbols::symbol_of(addr),
+                    // A site is named after its function, not the naked stub it is in.
+                    symbol: match e.site.load(Ordering::Relaxed) {
+                        true => crate::sites::site_of(addr).map(|s| (s.name, 0)),
+                        false => crate::symbols::symbol_of(addr),
+                    },
+                    site: e.site.load(Ordering::Relaxed),
                     enabled: e.addr.load(Ordering::Relaxed) != 0,
                     gone: text::mapping_of(addr).is_none(),
                     nhit: e.nhit.load(Ordering::Relaxed),
@@ -702,10 +817,15 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 /// Handles a trap at `uc`'s pc if it is probekit's: false if it is not.
 fn hit(uc: &mut libc::ucontext_t) -> bool {
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
+    if crate::site::poking(bp) {
+        // A site's temporary int3 while it is patched: on past the site, as if its nop ran.
+        regs::set_pc(uc, (bp + crate::sites::SITE_LEN) as u64);
+        return true;
+    }
 
     // Every probe armed at this address, in registration order (aggregation).
     let all = records();
-    let at_bp = || all.iter().filter(move |e| e.addr.load(Ordering::Acquire) == bp);
+    let at_bp = || all.iter().filter(move |e| e.addr.load(Ordering::Acquire) == bp && !e.site.load(Ordering::Relaxed));
     if let Some(first) = at_bp().next() {
         BACKUPS.set((0, 0));
         let active = ACTIVE.get();

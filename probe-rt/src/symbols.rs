@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 
 /// A file mapped into the process: its path, the address its file offset 0 is mapped
 /// at, and the ranges of its mappings.
-struct Image {
-    path: String,
-    start: usize,
-    ranges: Vec<(usize, usize)>,
+pub(crate) struct Image {
+    pub(crate) path: String,
+    pub(crate) start: usize,
+    pub(crate) ranges: Vec<(usize, usize)>,
 }
 
-fn images() -> Vec<Image> {
+pub(crate) fn images() -> Vec<Image> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let mut out: Vec<Image> = Vec::new();
     for line in maps.lines() {
@@ -63,11 +63,7 @@ fn functions(image: &Image) -> Arc<Vec<(String, usize, usize)>> {
 fn parse_functions(image: &Image) -> Vec<(String, usize, usize)> {
     let Ok(data) = std::fs::read(&image.path) else { return Vec::new() };
     let Ok(file) = object::File::parse(&*data) else { return Vec::new() };
-    // The bias: where the segment holding file offset 0 landed, minus its link address.
-    let Some(base) = file.segments().find(|s| s.file_range().0 == 0).map(|s| s.address() as usize) else {
-        return Vec::new();
-    };
-    let bias = image.start.wrapping_sub(base);
+    let Some(bias) = load_bias(&file, image) else { return Vec::new() };
     let mut f: Vec<(String, usize, usize)> = file
         .symbols()
         .chain(file.dynamic_symbols())
@@ -76,6 +72,13 @@ fn parse_functions(image: &Image) -> Vec<(String, usize, usize)> {
         .collect();
     f.sort_by_key(|(_, a, _)| *a); // for `function_at`'s binary search
     f
+}
+
+/// The load bias of `image` parsed as `file`: where the segment holding file offset 0
+/// landed, minus its link address.
+pub(crate) fn load_bias<'data, R: object::ReadRef<'data>>(file: &object::File<'data, R>, image: &Image) -> Option<usize> {
+    let base = file.segments().find(|s| s.file_range().0 == 0).map(|s| s.address() as usize)?;
+    Some(image.start.wrapping_sub(base))
 }
 
 /// The address of function `name` (the executable first, then the libraries): its

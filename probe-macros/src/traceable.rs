@@ -1,0 +1,360 @@
+//! `#[traceable]`: a function whose entry is a patchable site.
+//!
+//! `fn f(args) -> R { body }` becomes three functions:
+//!
+//! - `f`, the function users call and take pointers of: same signature, attributes and
+//!   visibility, `#[inline(never)]`, and all it does is call the site;
+//! - `__probekit_site_f`, a naked `extern "C-unwind"` function: the patchable nops, a jump
+//!   to the body, and the site's entry in the `probekit_sites` table;
+//! - `__probekit_body_f`, an `extern "C-unwind"` function holding the user's body and
+//!   patterns.
+//!
+//! Naked functions are stable since Rust 1.88 for the `C` and `C-unwind` ABIs only (not
+//! for `extern "Rust"`), which is why the site and the body use `C-unwind`: arguments
+//! reach the body in the registers the site received them in, and a panic in the body
+//! unwinds through the site and the wrapper to the caller as it would have without the
+//! attribute. `sym` operands may name generic instances, so each instance of a generic
+//! function gets its own site and its own table entry.
+
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::{format_ident, quote, ToTokens};
+use syn::spanned::Spanned;
+use syn::visit::Visit;
+
+/// The shape every refusal shows.
+const SHAPE: &str = "`#[traceable]` function must have signature `[pub] [unsafe] fn name<G>(args) -> R`";
+
+struct Options {
+    /// Generate the associated-function form (`Self::__probekit_site_f`) even though
+    /// the signature neither takes `self` nor names `Self`.
+    associated: bool,
+}
+
+fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
+    let mut o = Options { associated: false };
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("associated") {
+            o.associated = true;
+        } else {
+            errors.push(meta.error("unknown option: `#[traceable]` takes nothing, or `associated` on an associated function without `self`"));
+            if meta.input.peek(syn::Token![=]) {
+                let _: syn::Expr = meta.value()?.parse()?;
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = syn::parse::Parser::parse2(parser, attr) {
+        errors.push(e);
+    }
+    o
+}
+
+/// Finds every `impl Trait` in a type, however deep (`Box<impl Fn()>` too).
+struct ImplTraits<'a>(&'a mut Vec<syn::Error>, &'static str);
+
+impl<'ast> Visit<'ast> for ImplTraits<'_> {
+    fn visit_type_impl_trait(&mut self, t: &'ast syn::TypeImplTrait) {
+        self.0.push(syn::Error::new(t.impl_token.span, format!("{SHAPE}: {}", self.1)));
+    }
+}
+
+/// Checks the signature, one error per problem, each on its token.
+fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) {
+    let s = &f.sig;
+    if let Some(t) = &s.asyncness {
+        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `async` (the site is the entry of the function itself, not of its future)")));
+    }
+    if let Some(t) = &s.constness {
+        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `const` (a site is machine code)")));
+    }
+    if let Some(a) = &s.abi {
+        errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must use the Rust ABI (the site is `extern \"C-unwind\"` already)")));
+    }
+    if let Some(v) = &s.variadic {
+        errors.push(syn::Error::new_spanned(v.dots, format!("{SHAPE}: it must not be variadic")));
+    }
+    for input in &s.inputs {
+        if let syn::FnArg::Typed(p) = input {
+            ImplTraits(errors, "it must not take `impl Trait`: use a named type parameter").visit_type(&p.ty);
+        }
+    }
+    if let syn::ReturnType::Type(_, t) = &s.output {
+        ImplTraits(errors, "it must not return `impl Trait`: name the type").visit_type(t);
+    }
+    for a in &f.attrs {
+        if a.path().is_ident("inline") {
+            errors.push(syn::Error::new_spanned(
+                a,
+                format!("{SHAPE}: it must not be `#[inline]`: the function is `#[inline(never)]` so its address is its site's"),
+            ));
+        }
+    }
+}
+
+/// Whether `Self` appears anywhere in `tokens`: then the function is an associated
+/// function (a free function cannot name `Self`).
+fn names_self(tokens: TokenStream) -> bool {
+    tokens.into_iter().any(|t| match t {
+        TokenTree::Ident(i) => i == "Self",
+        TokenTree::Group(g) => names_self(g.stream()),
+        _ => false,
+    })
+}
+
+/// Reports that the attribute is not on a function, on the item's first token after
+/// its attributes and visibility (`struct`, `const`, …), and keeps the item.
+fn not_a_function(item: TokenStream) -> TokenStream {
+    let first_token = |input: syn::parse::ParseStream| -> syn::Result<Span> {
+        input.call(syn::Attribute::parse_outer)?;
+        input.parse::<syn::Visibility>()?;
+        let span = input.cursor().token_tree().map(|(t, _)| t.span()).unwrap_or_else(|| input.span());
+        input.parse::<TokenStream>()?;
+        Ok(span)
+    };
+    let span = syn::parse::Parser::parse2(first_token, item.clone()).unwrap_or_else(|_| Span::call_site());
+    let e = syn::Error::new(span, "`#[traceable]` must be on a function with a body: `[pub] [unsafe] fn name<G>(args) -> R { … }`").to_compile_error();
+    quote! { #e #item }
+}
+
+pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let f: syn::ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(_) => return not_a_function(item),
+    };
+    let mut errors = Vec::new();
+    let o = parse_options(attr, &mut errors);
+    check_signature(&f, &mut errors);
+    if let Some(e) = errors.into_iter().reduce(|mut a, b| {
+        a.combine(b);
+        a
+    }) {
+        // The item as written, so the errors above are the only ones; without its
+        // `...`, which rustc refuses on a Rust-ABI function.
+        let mut f = f;
+        f.sig.variadic = None;
+        let e = e.to_compile_error();
+        return quote! { #e #f };
+    }
+    generate(f, o)
+}
+
+/// Which attributes go where. Everything the user wrote stays on the function users
+/// see; lint levels also go to the body (which holds the user's code), `expect` only
+/// there (the wrapper would leave it unfulfilled); `cfg` goes on all three.
+fn split_attrs(attrs: &[syn::Attribute]) -> (Vec<&syn::Attribute>, Vec<&syn::Attribute>, Vec<&syn::Attribute>) {
+    let is = |a: &syn::Attribute, names: &[&str]| names.iter().any(|n| a.path().is_ident(n));
+    let wrapper = attrs.iter().filter(|a| !is(a, &["expect"])).collect();
+    let body = attrs.iter().filter(|a| is(a, &["allow", "warn", "deny", "forbid", "expect", "cfg"])).collect();
+    let site = attrs.iter().filter(|a| is(a, &["cfg"])).collect();
+    (wrapper, body, site)
+}
+
+fn generate(f: syn::ItemFn, o: Options) -> TokenStream {
+    let syn::ItemFn { attrs, vis, sig, block } = &f;
+    let ident = &sig.ident;
+    let site = format_ident!("__probekit_site_{}", ident);
+    let body = format_ident!("__probekit_body_{}", ident);
+    let name = ident.to_string();
+    let name = name.strip_prefix("r#").unwrap_or(&name);
+    let associated = o.associated || sig.receiver().is_some() || names_self(quote! { #sig });
+    let (wrapper_attrs, body_attrs, site_attrs) = split_attrs(attrs);
+
+    // The arguments under generated names: the wrapper forwards them, the naked site
+    // cannot use patterns, and only the body binds the user's patterns.
+    let mut forward = Vec::new();
+    let plain_inputs: Vec<syn::FnArg> = sig
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| match input {
+            syn::FnArg::Receiver(r) => {
+                let mut r = r.clone();
+                r.attrs.clear();
+                if r.reference.is_none() {
+                    r.mutability = None; // `mut self` binds mutably in the body only
+                }
+                forward.push(quote! { self });
+                syn::FnArg::Receiver(r)
+            }
+            syn::FnArg::Typed(p) => {
+                let arg = format_ident!("__probekit_arg{}", i);
+                forward.push(quote! { #arg });
+                let ty = &p.ty;
+                syn::parse_quote! { #arg: #ty }
+            }
+        })
+        .collect();
+    let mut plain = sig.clone();
+    plain.inputs = plain_inputs.into_iter().collect();
+
+    // Explicit generic arguments: the function's own type and const parameters (its
+    // lifetimes are inferred, and an impl's parameters come with `Self`).
+    let params: Vec<TokenStream> = sig
+        .generics
+        .params
+        .iter()
+        .filter_map(|p| match p {
+            syn::GenericParam::Type(t) => Some(t.ident.to_token_stream()),
+            syn::GenericParam::Const(c) => Some(c.ident.to_token_stream()),
+            syn::GenericParam::Lifetime(_) => None,
+        })
+        .collect();
+    let turbofish = (!params.is_empty()).then(|| quote! { ::<#(#params),*> });
+    let qualify = associated.then(|| quote! { Self:: });
+    let site_path = quote! { #qualify #site #turbofish };
+    let body_path = quote! { #qualify #body #turbofish };
+    let function_path = quote! { #qualify #ident #turbofish };
+
+    let unsafety = &sig.unsafety;
+    let (generics, where_clause, output) = (&sig.generics, &sig.generics.where_clause, &sig.output);
+    let site_inputs = &plain.inputs;
+    let body_inputs = &sig.inputs;
+    let call = match unsafety {
+        // SAFETY (of the generated block): the site of an `unsafe fn` runs its body, so
+        // its contract is the function's own, which the wrapper's caller upholds.
+        Some(_) => quote! { unsafe { #site_path(#(#forward),*) } },
+        None => quote! { #site_path(#(#forward),*) },
+    };
+
+    let naked = |arch: &str, site_insns: &[&str], progbits: &str| {
+        let cfg = quote! { #[cfg(target_arch = #arch)] };
+        let table = format!(".pushsection probekit_sites, \"awR\", {progbits}");
+        let names = format!(".pushsection .rodata.probekit_site_names, \"a\", {progbits}");
+        let tail = format!("::{name}\"");
+        // SAFETY (of `#[unsafe(naked)]`): the asm is the whole function. The nops leave
+        // every register and the stack as the caller set them, and the jump enters the
+        // body, which has the site's exact signature and ABI, so the body receives the
+        // arguments (registers and stack) and returns to the site's caller as if it had
+        // been called directly.
+        quote! {
+            #cfg
+            #(#site_attrs)*
+            #[doc(hidden)]
+            #[unsafe(naked)]
+            #[allow(improper_ctypes_definitions, dead_code, non_snake_case)]
+            #unsafety extern "C-unwind" fn #site #generics (#site_inputs) #output #where_clause {
+                ::core::arch::naked_asm!(
+                    #(#site_insns,)*
+                    // The table entry (32 bytes, read by `probekit::sites()`): the site,
+                    // the function users call, the name. `R` (SHF_GNU_RETAIN) keeps it
+                    // from `--gc-sections`; writable because PIEs and libraries relocate
+                    // the pointers at load time.
+                    #table,
+                    ".balign 8",
+                    ".quad {site}",
+                    ".quad {function}",
+                    ".quad 2f",
+                    ".quad 3f - 2f",
+                    ".popsection",
+                    #names,
+                    concat!("2: .ascii \"", module_path!(), #tail),
+                    "3:",
+                    ".popsection",
+                    site = sym #site_path,
+                    function = sym #function_path,
+                    body = sym #body_path,
+                )
+            }
+        }
+    };
+    // x86_64: one 5-byte nop (`nopl 0x0(%rax,%rax,1)`, the kernel's ideal nop), to
+    // become `call <trampoline>`.
+    let x86_64 = naked("x86_64", &[".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "jmp {body}"], "@progbits");
+    // aarch64: two nops, to become `mov x9, x30; bl <trampoline>` (seed 003, as the
+    // kernel's patchable-function-entry ftrace).
+    let aarch64 = naked("aarch64", &["nop", "nop", "b {body}"], "%progbits");
+    let elsewhere = format!("`#[traceable]` supports x86_64 and aarch64 only (`{name}`)");
+
+    quote! {
+        #(#wrapper_attrs)*
+        #[inline(never)]
+        #vis #plain {
+            #call
+        }
+
+        #x86_64
+        #aarch64
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        ::core::compile_error!(#elsewhere);
+
+        #(#body_attrs)*
+        #[doc(hidden)]
+        #[allow(improper_ctypes_definitions, dead_code, non_snake_case)]
+        #unsafety extern "C-unwind" fn #body #generics (#body_inputs) #output #where_clause #block
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand_str(attr: &str, item: &str) -> String {
+        expand(attr.parse().unwrap(), item.parse().unwrap()).to_string()
+    }
+
+    #[test]
+    fn a_free_function_becomes_wrapper_site_and_body() {
+        let out = expand_str("", "pub fn f((a, b): (u64, u64), mut c: u64) -> u64 { c += a; b + c }");
+        assert!(
+            out.contains("# [inline (never)] pub fn f (__probekit_arg0 : (u64 , u64) , __probekit_arg1 : u64) -> u64 { __probekit_site_f (__probekit_arg0 , __probekit_arg1) }"),
+            "{out}"
+        );
+        assert!(out.contains("extern \"C-unwind\" fn __probekit_site_f (__probekit_arg0 : (u64 , u64) , __probekit_arg1 : u64) -> u64"), "{out}");
+        assert!(out.contains("extern \"C-unwind\" fn __probekit_body_f ((a , b) : (u64 , u64) , mut c : u64) -> u64 { c += a ; b + c }"), "{out}");
+        assert!(out.contains("site = sym __probekit_site_f , function = sym f , body = sym __probekit_body_f"), "{out}");
+        assert_eq!(out.matches("# [unsafe (naked)]").count(), 2, "one per architecture: {out}");
+        assert!(out.contains("\".byte 0x0f, 0x1f, 0x44, 0x00, 0x00\" , \"jmp {body}\""), "{out}");
+        assert!(out.contains("\"nop\" , \"nop\" , \"b {body}\""), "{out}");
+        assert!(out.contains("concat ! (\"2: .ascii \\\"\" , module_path ! () , \"::f\\\"\")"), "{out}");
+    }
+
+    #[test]
+    fn methods_and_generics_go_through_self_and_turbofish() {
+        let out = expand_str("", "fn m<'a, U: Clone, const N: usize>(&'a self, u: U) -> &'a u8 where U: Copy { &self.0 }");
+        assert!(out.contains("{ Self :: __probekit_site_m :: < U , N > (self , __probekit_arg1) }"), "{out}");
+        assert!(
+            out.contains(
+                "site = sym Self :: __probekit_site_m :: < U , N > , function = sym Self :: m :: < U , N > , body = sym Self :: __probekit_body_m :: < U , N >"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("fn __probekit_site_m < 'a , U : Clone , const N : usize > (& 'a self , __probekit_arg1 : U) -> & 'a u8 where U : Copy"), "{out}");
+        // `mut self` is mutable in the body only; a signature naming `Self` is associated.
+        let out = expand_str("", "fn by_value(mut self) -> Self { self }");
+        assert!(out.contains("fn by_value (self) -> Self { Self :: __probekit_site_by_value (self) }"), "{out}");
+        assert!(out.contains("fn __probekit_body_by_value (mut self) -> Self { self }"), "{out}");
+        let out = expand_str("associated", "fn count() -> u64 { 0 }");
+        assert!(out.contains("{ Self :: __probekit_site_count () }"), "{out}");
+    }
+
+    #[test]
+    fn unsafe_stays_unsafe_and_attributes_are_split() {
+        let out =
+            expand_str("", "/// Doc.\n#[cfg(unix)] #[must_use] #[allow(unused_mut)] #[expect(unused_variables)] pub unsafe fn u(p: *const u8) -> u8 { *p }");
+        assert!(out.contains("pub unsafe fn u (__probekit_arg0 : * const u8) -> u8 { unsafe { __probekit_site_u (__probekit_arg0) } }"), "{out}");
+        assert!(out.contains("unsafe extern \"C-unwind\" fn __probekit_site_u"), "{out}");
+        assert!(out.contains("unsafe extern \"C-unwind\" fn __probekit_body_u"), "{out}");
+        let wrapper = &out[..out.find("pub unsafe fn u").unwrap()];
+        assert!(wrapper.contains("must_use") && wrapper.contains("doc") && !wrapper.contains("expect"), "{out}");
+        let body = &out[out.rfind("# [cfg (unix)]").unwrap()..];
+        assert!(body.contains("expect") && body.contains("allow (unused_mut)") && !body.contains("must_use"), "{out}");
+        assert_eq!(out.matches("# [cfg (unix)]").count(), 4, "wrapper, two sites, body: {out}");
+    }
+
+    #[test]
+    fn raw_identifiers_are_named_without_r_hash() {
+        let out = expand_str("", "fn r#match() {}");
+        assert!(out.contains("__probekit_site_match"), "{out}");
+        assert!(out.contains("\"::match\\\"\""), "{out}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_the_item() {
+        let out = expand_str("speed = 11", "#[inline] const async extern \"C\" fn h(a: impl Copy, ...) -> Box<impl Copy> { 0 }");
+        assert_eq!(out.matches("compile_error").count(), 8, "{out}");
+        assert!(out.contains("extern \"C\" fn h"), "the item is kept: {out}");
+        assert!(!out.contains("naked"), "{out}");
+        let out = expand_str("", "#[derive(Debug)] pub struct S;");
+        assert!(out.contains("compile_error") && out.contains("pub struct S"), "{out}");
+    }
+}

@@ -1,0 +1,259 @@
+//! The patchable sites of `#[traceable]` functions, found in the `probekit_sites`
+//! section of the executable and of every loaded library (the kernel's
+//! `__mcount_loc`).
+//!
+//! Each site emits, from its naked function's asm, one 32-byte entry into the
+//! `probekit_sites` section (`RawEntry`) and its name into
+//! `.rodata.probekit_site_names`. Nothing runs at start-up: [`sites()`] finds the
+//! tables when asked. The file of each image (found through `/proc/self/maps`, as
+//! symbol lookups do) tells where the section is; the entries are read from memory,
+//! where the dynamic loader has relocated their pointers. Memory is read only inside
+//! a `dl_iterate_phdr` callback, which holds the loader's lock so no library can be
+//! unloaded meanwhile, and only within the loaded segments of the object it belongs
+//! to: a table or an entry that does not fit them (a file replaced on disk since it
+//! was loaded) is skipped, never read.
+//!
+//! Registration and listing only: this reads files, takes a lock and allocates, so it
+//! must not be called from a probe handler or any signal context.
+
+use crate::symbols::{self, Image};
+use object::{Object, ObjectSection};
+use std::sync::Mutex;
+
+/// A `#[traceable]` function's patchable site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteInfo {
+    /// The first byte of the site (the patchable nops).
+    pub site: usize,
+    /// The function users call and take pointers of.
+    pub function: usize,
+    /// Its path (`module::function`).
+    pub name: String,
+}
+
+/// One entry of the `probekit_sites` section, as `#[traceable]`'s asm writes it
+/// (`probe-macros/src/traceable.rs`): four `.quad`s, 8-aligned.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawEntry {
+    /// `.quad {site}`: the naked site function.
+    site: u64,
+    /// `.quad {function}`: the Rust wrapper users call.
+    function: u64,
+    /// `.quad 2f`: the name's first byte, in `.rodata.probekit_site_names`.
+    name: u64,
+    /// `.quad 3f - 2f`: the name's length.
+    len: u64,
+}
+// The asm emits exactly 4 × 8 bytes per entry with nothing between entries (each
+// `.balign 8` is a no-op after a multiple of 8): the stride must match.
+static_assertions::const_assert_eq!(std::mem::size_of::<RawEntry>(), 32);
+
+/// Every site of the executable and the loaded libraries, each library's in its
+/// table's order (the link order).
+///
+/// Each instance of a generic function has its own site, listed under the same name.
+/// Not for signal context: it reads `/proc/self/maps` and the ELF files, and allocates.
+pub fn sites() -> Vec<SiteInfo> {
+    let objects = loaded_objects();
+    let tables: Vec<Table> = symbols::images()
+        .iter()
+        // Only files the dynamic loader loaded, not data mapped by hand (the locale
+        // archive, fonts), which could be large and hold no table.
+        .filter(|i| objects.iter().any(|o| o.overlaps(&i.ranges)))
+        .filter_map(table)
+        .collect();
+    if tables.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for_each_object(|object| {
+        for t in tables.iter().filter(|t| t.bias == object.bias) {
+            read_table(&object, t, &mut out);
+        }
+    });
+    out
+}
+
+/// Bytes of a site: x86_64 a 5-byte nop; aarch64 two nops.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const SITE_LEN: usize = 5;
+#[cfg(target_arch = "aarch64")]
+pub(crate) const SITE_LEN: usize = 8;
+
+/// The site whose first byte, or whose function, is at `addr`.
+pub(crate) fn site_of(addr: usize) -> Option<SiteInfo> {
+    sites().into_iter().find(|s| s.site == addr || s.function == addr)
+}
+
+/// The site `addr` is strictly inside of (not its first byte).
+pub(crate) fn site_around(addr: usize) -> Option<SiteInfo> {
+    sites().into_iter().find(|s| s.site < addr && addr < s.site + SITE_LEN)
+}
+
+/// Where an image's `probekit_sites` section is in memory.
+#[derive(Clone, Copy)]
+struct Table {
+    /// The image's load bias (`dl_phdr_info::dlpi_addr` of the object it belongs to).
+    bias: usize,
+    /// The section's first byte in memory.
+    start: usize,
+    /// Its size in bytes.
+    size: usize,
+}
+
+/// The table of an image, if it has one. Parsed once per file and load address (and
+/// file identity: a library replaced on disk and loaded again is read again); only
+/// the headers are read, not the whole file.
+fn table(image: &Image) -> Option<Table> {
+    type Cache = Vec<((String, usize, u64, i64), Option<Table>)>;
+    static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::open(&image.path).ok()?;
+    let meta = file.metadata().ok()?;
+    let key = (image.path.clone(), image.start, meta.ino(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
+        return *t;
+    }
+    let t = parse_table(image, file);
+    cache.push((key, t));
+    t
+}
+
+fn parse_table(image: &Image, file: std::fs::File) -> Option<Table> {
+    let data = object::ReadCache::new(file);
+    let file = object::File::parse(&data).ok()?;
+    let bias = symbols::load_bias(&file, image)?;
+    let section = file.section_by_name("probekit_sites")?;
+    Some(Table { bias, start: bias.wrapping_add(section.address() as usize), size: section.size() as usize })
+}
+
+/// An object the dynamic loader has loaded: its load bias and its `PT_LOAD` segments
+/// in memory, `(start, end, p_flags)`.
+struct Loaded {
+    bias: usize,
+    segments: Vec<(usize, usize, u32)>,
+}
+
+impl Loaded {
+    fn overlaps(&self, ranges: &[(usize, usize)]) -> bool {
+        self.segments.iter().any(|&(s, e, _)| ranges.iter().any(|&(a, b)| a < e && s < b))
+    }
+
+    /// Whether `[addr, addr + len)` lies inside one segment with all of `flags`.
+    fn holds(&self, addr: usize, len: usize, flags: u32) -> bool {
+        let Some(end) = addr.checked_add(len) else { return false };
+        self.segments.iter().any(|&(s, e, f)| s <= addr && end <= e && f & flags == flags)
+    }
+}
+
+/// The objects loaded now (executable, libraries, vDSO).
+fn loaded_objects() -> Vec<Loaded> {
+    let mut out = Vec::new();
+    for_each_object(|o| out.push(o));
+    out
+}
+
+/// Calls `f` with each loaded object while the loader's lock is held (so its
+/// segments stay mapped until `f` returns). `f` must not panic: it runs inside a C
+/// callback, where a panic aborts.
+fn for_each_object<F: FnMut(Loaded)>(mut f: F) {
+    /// `dl_iterate_phdr`'s callback: hands each object to the `F` behind `data`.
+    ///
+    /// # Safety
+    /// `info` must point to a valid `dl_phdr_info` and `data` to a live, unaliased `F`.
+    unsafe extern "C" fn callback<F: FnMut(Loaded)>(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `data` is the `&mut F` `for_each_object` passed to `dl_iterate_phdr`,
+        // which calls back synchronously, one call at a time, while that borrow lives.
+        let f = unsafe { &mut *(data as *mut F) };
+        // SAFETY: glibc passes a valid `dl_phdr_info` for the duration of the call.
+        let info = unsafe { &*info };
+        let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+            &[]
+        } else {
+            // SAFETY: `dlpi_phdr` points to the object's `dlpi_phnum` program headers,
+            // mapped for as long as the object is loaded, and the loader's lock held
+            // during the callback keeps it loaded.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+        };
+        let bias = info.dlpi_addr as usize;
+        let segments = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD)
+            .map(|p| {
+                let start = bias.wrapping_add(p.p_vaddr as usize);
+                (start, start.wrapping_add(p.p_memsz as usize), p.p_flags)
+            })
+            .collect();
+        f(Loaded { bias, segments });
+        0
+    }
+    // SAFETY: the callback matches the signature `dl_iterate_phdr` expects and only
+    // uses `data` as the `F` passed here, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(callback::<F>), &mut f as *mut F as *mut libc::c_void) };
+}
+
+/// Longest name read: a module path and a function name.
+const MAX_NAME: usize = 4096;
+
+/// Appends the entries of `table` in `object` to `out`, reading them from memory.
+/// Called with the loader's lock held, so `object`'s segments stay mapped; nothing
+/// outside them is read.
+fn read_table(object: &Loaded, table: &Table, out: &mut Vec<SiteInfo>) {
+    const ENTRY: usize = std::mem::size_of::<RawEntry>();
+    if !table.start.is_multiple_of(8) || !object.holds(table.start, table.size, libc::PF_R) {
+        return; // not this file's table: the file on disk is not what was loaded
+    }
+    for at in (table.start..table.start + table.size / ENTRY * ENTRY).step_by(ENTRY) {
+        // SAFETY: `[at, at + 32)` lies in a readable loaded segment of `object` (checked
+        // above for the whole table), kept mapped by the loader's lock; `RawEntry` is
+        // plain integers, valid for any bytes; `at` is 8-aligned, as `RawEntry`.
+        let e = unsafe { std::ptr::read(at as *const RawEntry) };
+        let (site, function, name, len) = (e.site as usize, e.function as usize, e.name as usize, e.len as usize);
+        let readable = len <= MAX_NAME && object.holds(name, len, libc::PF_R);
+        if !readable || !object.holds(site, SITE_LEN, libc::PF_X) || !object.holds(function, 1, libc::PF_X) {
+            continue;
+        }
+        // SAFETY: `[name, name + len)` lies in a readable loaded segment of `object`,
+        // kept mapped by the loader's lock, and is copied out before it is released.
+        let bytes = unsafe { std::slice::from_raw_parts(name as *const u8, len) };
+        out.push(SiteInfo { site, function, name: String::from_utf8_lossy(bytes).into_owned() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_site_found_is_in_loaded_code() {
+        // probe-rt's own tests may or may not hold `#[traceable]` functions; whatever
+        // is listed must be code of a loaded object, each site once.
+        let objects = loaded_objects();
+        let mut all = sites();
+        for s in &all {
+            assert!(objects.iter().any(|o| o.holds(s.site, SITE_LEN, libc::PF_X) && o.holds(s.function, 1, libc::PF_X)), "{s:?}");
+            assert!(!s.name.is_empty(), "{s:?}");
+        }
+        let n = all.len();
+        all.sort_by_key(|s| s.site);
+        all.dedup_by_key(|s| s.site);
+        assert_eq!(all.len(), n, "each site listed once");
+        assert_eq!(site_around(every_site_found_is_in_loaded_code as *const () as usize), None);
+    }
+
+    #[test]
+    fn every_loaded_object_is_seen_with_its_segments() {
+        let objects = loaded_objects();
+        let here = every_loaded_object_is_seen_with_its_segments as *const () as usize;
+        assert!(objects.iter().any(|o| o.holds(here, 1, libc::PF_X | libc::PF_R)), "this test's code is in an executable segment");
+        let images = symbols::images();
+        let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+        let image = images.iter().find(|i| std::path::Path::new(&i.path) == exe).expect("the executable is mapped");
+        let object = objects.iter().find(|o| o.overlaps(&image.ranges)).expect("the executable is a loaded object");
+        if let Some(t) = table(image) {
+            assert_eq!(t.bias, object.bias, "the file and the loader agree on the load bias");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Site probes: `#[traceable]` functions probed at their patchable entries, no trap.
+//! Seed 003's cases (+0 rides the site, inside the site is refused, the listing's
+//! flags), registers through the site trampoline, patching while threads run through
+//! the site, and return probes and overrides on sites.
+
+use probekit::{Entry, Error, Probe, PtRegs, ReturnProbe};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Bytes of a site (x86_64: a 5-byte nop; aarch64: two nops).
+#[cfg(target_arch = "x86_64")]
+const SITE_LEN: usize = 5;
+#[cfg(target_arch = "aarch64")]
+const SITE_LEN: usize = 8;
+
+fn site_bytes(site: usize) -> Vec<u8> {
+    // SAFETY: a site is in the text of this executable, mapped readable.
+    unsafe { std::slice::from_raw_parts(site as *const u8, SITE_LEN) }.to_vec()
+}
+
+fn is_nop(bytes: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return bytes == [0x0f, 0x1f, 0x44, 0x00, 0x00];
+    #[cfg(target_arch = "aarch64")]
+    return bytes == [0x1f, 0x20, 0x03, 0xd5, 0x1f, 0x20, 0x03, 0xd5];
+}
+
+/// The line of `probekit::list()` for the probe at `addr`.
+fn listed(addr: usize) -> Option<String> {
+    probekit::list().to_string().lines().find(|l| l.starts_with(&format!("{addr:016x} "))).map(str::to_string)
+}
+
+#[probekit::traceable]
+fn seed(a: u64) -> u64 {
+    black_box(a) * 2 + 1
+}
+
+static SEEN: AtomicU64 = AtomicU64::new(0);
+
+fn see_arg(regs: &mut PtRegs) {
+    SEEN.store(regs.arg(0).unwrap_or(0), Ordering::Relaxed);
+}
+
+#[test]
+fn plus_zero_rides_the_site_and_lists_as_site() {
+    let f = seed as fn(u64) -> u64;
+    let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::seed")).expect("the site is listed");
+    assert!(is_nop(&site_bytes(site.site)), "a disabled site is a nop");
+    let p = Probe::builder().function(f).pre(see_arg).register().unwrap();
+    assert_eq!(p.address(), site.site, "the probe is on the site (+0)");
+    assert!(!is_nop(&site_bytes(site.site)), "an enabled site is a call");
+    assert_eq!(seed(20), 41);
+    assert_eq!((SEEN.load(Ordering::Relaxed), p.nhit(), p.nmissed()), (20, 1, 0));
+    let line = listed(site.site).expect("listed");
+    assert!(line.ends_with(&format!("  k  {}+0x0  [SITE]", site.name)), "{line}");
+    p.disable().unwrap();
+    assert!(is_nop(&site_bytes(site.site)), "disabling writes the nop back");
+    assert!(listed(site.site).unwrap().ends_with("  [DISABLED][SITE]"));
+    assert_eq!(seed(3), 7);
+    assert_eq!(p.nhit(), 1);
+    p.enable().unwrap();
+    assert_eq!(seed(4), 9);
+    assert_eq!(p.nhit(), 2);
+    drop(p);
+    assert!(is_nop(&site_bytes(site.site)));
+    assert_eq!(listed(site.site), None);
+}
+
+#[probekit::traceable]
+fn inside(a: u64) -> u64 {
+    black_box(a) + 3
+}
+
+#[test]
+fn inside_the_site_is_refused() {
+    let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::inside")).expect("listed").site;
+    #[cfg(target_arch = "x86_64")]
+    let offsets = 1..SITE_LEN;
+    #[cfg(target_arch = "aarch64")]
+    let offsets = [4usize].into_iter();
+    for off in offsets {
+        let e = Probe::builder().address(site + off).pre(see_arg).register().unwrap_err();
+        assert!(matches!(&e, Error::InsideSite { addr, site: s, function } if *addr == site + off && *s == site && function.ends_with("::inside")), "{e}");
+        // Also counted from the function the program calls.
+        let e = Probe::builder().function(inside as fn(u64) -> u64).offset(off).pre(see_arg).register().unwrap_err();
+        assert!(matches!(e, Error::InsideSite { .. }), "{e}");
+    }
+    assert!(is_nop(&site_bytes(site)), "nothing was armed");
+    assert_eq!(inside(1), 4);
+}
+
+/// Every integer and FP argument register, in and out of the handler.
+#[probekit::traceable]
+#[allow(clippy::too_many_arguments)]
+fn many(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64, x0: f64, x1: f64, x2: f64, x3: f64, x4: f64, x5: f64, x6: f64, x7: f64) -> f64 {
+    (a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f) as f64 + x0 + 2.0 * x1 + 3.0 * x2 + 4.0 * x3 + 5.0 * x4 + 6.0 * x5 + 7.0 * x6 + 8.0 * x7
+}
+
+static FLOAT_WORK: AtomicU64 = AtomicU64::new(0);
+
+/// Does float and vector work (which uses the FP/SIMD registers the arguments are in)
+/// and changes the first integer argument.
+fn float_math(regs: &mut PtRegs) {
+    let mut acc = black_box(1.5f64);
+    for i in 0..16 {
+        acc = acc.mul_add(black_box(1.000_1), (i as f64).sqrt());
+    }
+    FLOAT_WORK.store(acc.to_bits(), Ordering::Relaxed);
+    #[cfg(target_arch = "x86_64")]
+    {
+        regs.rdi += 1000;
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        regs.regs[0] += 1000;
+    }
+}
+
+#[test]
+fn arguments_survive_a_handler_that_does_float_math_and_its_changes_reach_the_function() {
+    let args = (1, 2, 3, 4, 5, 6, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5);
+    let call = || many(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10, args.11, args.12, args.13);
+    let unprobed = call();
+    let p = Probe::builder().address(many as *const () as usize).pre(float_math).register().unwrap();
+    assert_eq!(call(), unprobed + 1000.0, "FP arguments intact, the changed first argument arrived");
+    assert_ne!(FLOAT_WORK.load(Ordering::Relaxed), 0);
+    assert_eq!(p.nhit(), 1);
+}
+
+#[probekit::traceable]
+fn hammered(a: u64) -> u64 {
+    black_box(a).wrapping_mul(7) ^ 0x55
+}
+
+static HAMMER_HITS: AtomicU64 = AtomicU64::new(0);
+
+fn count(_: &mut PtRegs) {
+    HAMMER_HITS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[test]
+fn patching_under_fire_keeps_every_call_right() {
+    let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::hammered")).expect("listed").site;
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let a = n * 2 + t;
+                    assert_eq!(hammered(a), a.wrapping_mul(7) ^ 0x55);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let p = Probe::builder().function(hammered as fn(u64) -> u64).pre(count).register().unwrap();
+    for _ in 0..300 {
+        p.disable().unwrap();
+        std::thread::yield_now();
+        p.enable().unwrap();
+        std::thread::yield_now();
+    }
+    p.disable().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().expect("every call returned the right value")).sum();
+    let hits = p.nhit();
+    drop(p);
+    assert!(is_nop(&site_bytes(site)), "the nop is back");
+    // Every hit ran its handler once; no call was hit twice.
+    assert_eq!(HAMMER_HITS.load(Ordering::Relaxed), hits);
+    assert!(hits > 0 && hits <= calls, "{hits} hits, {calls} calls");
+}
+
+#[probekit::traceable]
+fn divide(a: u64, b: u64) -> u64 {
+    black_box(a) / black_box(b).max(1)
+}
+
+static RETURNED: AtomicU64 = AtomicU64::new(0);
+
+fn on_return(regs: &mut PtRegs, _: &mut ()) {
+    RETURNED.store(regs.return_value(), Ordering::Relaxed);
+}
+
+fn refuse_zero(regs: &mut PtRegs, _: &mut ()) -> Entry {
+    if regs.arg(1) == Some(0) {
+        Entry::Override(u64::MAX)
+    } else {
+        Entry::Continue
+    }
+}
+
+#[test]
+fn return_probes_and_overrides_ride_the_site() {
+    let f = divide as fn(u64, u64) -> u64;
+    let p = ReturnProbe::builder().function(f).entry_handler(refuse_zero).handler(on_return).register().unwrap();
+    let line = listed(p.address()).expect("listed");
+    assert!(line.contains("  r  ") && line.ends_with("[SITE]"), "{line}");
+    assert_eq!(divide(42, 6), 7);
+    assert_eq!(RETURNED.load(Ordering::Relaxed), 7);
+    assert_eq!(divide(42, 0), u64::MAX, "overridden at the site: the function did not run");
+    assert_eq!(RETURNED.load(Ordering::Relaxed), 7, "an overridden call runs no return handler");
+    assert_eq!((p.nhit(), p.nmissed()), (2, 0));
+}

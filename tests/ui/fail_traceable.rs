@@ -1,0 +1,43 @@
+// Everything `#[traceable]` refuses, one error each, on the token that is wrong.
+use probekit::traceable;
+
+#[traceable]
+async fn not_async() {}
+
+#[traceable]
+const fn not_const() -> u64 {
+    0
+}
+
+#[traceable]
+extern "C" fn not_extern() {}
+
+#[traceable]
+fn impl_argument(f: impl Fn() -> u64) -> u64 {
+    f()
+}
+
+#[traceable]
+fn impl_in_return() -> Box<impl Fn() -> u64> {
+    Box::new(|| 0)
+}
+
+#[traceable]
+unsafe fn variadic(a: u64, _: ...) -> u64 {
+    a
+}
+
+#[traceable]
+#[inline]
+fn inlined() {}
+
+#[traceable(fast)]
+fn unknown_option() {}
+
+#[traceable]
+struct NotAFunction;
+
+#[traceable]
+pub static NOT_A_FUNCTION_EITHER: u64 = 0;
+
+fn main() {}
