@@ -64,7 +64,9 @@ pub enum Shape {
     Kretprobe,
     /// Entered from a patched site by `call` (x86_64) or `mov x9, x30; bl` (aarch64,
     /// as the kernel's ftrace): steps over the x86_64 red zone, aligns, saves, calls,
-    /// restores and resumes at the continuation (the frame's pc).
+    /// restores and resumes at the continuation (the frame's pc). The site is a
+    /// function's entry: on x86_64 the flags are saved but not restored (the ABI does
+    /// not preserve them across calls; DF leaves clear, as it came).
     ///
     /// On x86_64 the site's own `call` writes the return address at `[rsp-8]`, inside
     /// the probed code's red zone; the routine keeps the other 120 bytes of it (and
@@ -382,6 +384,12 @@ fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
         (Arch::X86_64, _) => None,
     };
     if Some(reg) == resume {
+        return false;
+    }
+    // x86_64 Entry runs at a function entry, where the status flags carry nothing (the
+    // SysV ABI does not preserve them across calls) and DF is clear (`cld` keeps it so):
+    // they are saved for the handler, not restored, which spares a `popfq` (~5 ns).
+    if (arch, shape, reg) == (Arch::X86_64, Shape::Entry, Reg::X86Eflags) {
         return false;
     }
     match reg.class() {

@@ -183,8 +183,10 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             Ok(Reg::X86Eflags) => {
                 step.save.push(Op::new("mov rcx, qword ptr [rax + 8]", "rflags saved by pushfq, from [A+8]"));
                 step.save.push(store("rcx", *off, slot(Some(Reg::X86Eflags)), note.clone()));
-                step.restore.push(load("rcx", *off, slot(Some(Reg::X86Eflags)), note));
-                step.restore.push(Op::new("mov qword ptr [rax + 8], rcx", "to [A+8], for `popfq`"));
+                if restores(Arch::X86_64, policy, shape, Reg::X86Eflags) {
+                    step.restore.push(load("rcx", *off, slot(Some(Reg::X86Eflags)), note));
+                    step.restore.push(Op::new("mov qword ptr [rax + 8], rcx", "to [A+8], for `popfq`"));
+                }
             }
             Ok(r @ Reg::X86Gpr(4)) => {
                 step.save.push(Op::new(
@@ -325,7 +327,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     let mut epilogue = vec![
         Op::new("mov rsp, rax", "back to the anchor"),
         Op::new("pop rax", "rax (the frame's, under either policy)"),
-        Op::new("popfq", "rflags (the frame's)"),
+        if restores(Arch::X86_64, policy, shape, Reg::X86Eflags) {
+            Op::new("popfq", "rflags (the frame's)")
+        } else {
+            Op::new("lea rsp, [rsp + 8]", "drop the saved rflags (not restored at a function entry)")
+        },
     ];
     if rz > 0 {
         epilogue.push(Op::new(format!("lea rsp, [rsp + {rz}]"), "back over the red zone"));
