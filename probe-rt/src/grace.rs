@@ -35,11 +35,26 @@ const SIGNAL: libc::c_int = libc::SIGURG;
 /// How long a thread may take to answer a sample.
 const ANSWER: Duration = Duration::from_millis(100);
 
+/// What the hit paths keep per thread, in one thread-local (each access of one is a
+/// call through `LocalKey`; a site hit makes one).
+pub(crate) struct Thread {
+    /// How deep this thread is in probekit's hit paths.
+    depth: Cell<u32>,
+    /// 0 until this thread is in [`THREADS`], then its index there + 1 (`u32::MAX` if
+    /// it found no room).
+    index: Cell<u32>,
+    /// Running a probe handler (reentrancy guard: probes hit meanwhile are missed).
+    pub(crate) active: Cell<bool>,
+}
+
 thread_local! {
-    /// How deep this thread is in probekit's SIGTRAP handler. Const, no destructor.
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
-    /// Whether this thread is in [`THREADS`].
-    static RECORDED: Cell<bool> = const { Cell::new(false) };
+    /// Const-initialised and without destructor: usable in a signal handler.
+    static THREAD: Thread = const { Thread { depth: Cell::new(0), index: Cell::new(0), active: Cell::new(false) } };
+}
+
+/// Runs `f` with this thread's state.
+pub(crate) fn with_thread<R>(f: impl FnOnce(&Thread) -> R) -> R {
+    THREAD.with(f)
 }
 
 /// How many threads that entered the SIGTRAP handler are remembered (exited ones
@@ -53,23 +68,44 @@ static THREADS: [AtomicI32; MAX_THREADS] = [NO_THREAD; MAX_THREADS];
 /// A thread found no free entry in [`THREADS`].
 static OVERFLOW: AtomicBool = AtomicBool::new(false);
 
-/// Marks the start of the SIGTRAP handler on this thread (recording the thread on its
-/// first time). Async-signal-safe: atomics and a syscall.
-pub(crate) fn enter() {
-    if !RECORDED.get() {
-        RECORDED.set(true);
-        let tid = gettid();
-        let recorded = THREADS.iter().any(|t| t.load(Ordering::Relaxed) == 0 && t.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok());
-        if !recorded {
-            OVERFLOW.store(true, Ordering::Release);
-        }
-    }
-    DEPTH.set(DEPTH.get() + 1);
+/// Marks the start of a hit path (the SIGTRAP handler, a site's dispatcher) on this
+/// thread, recording the thread on its first time. Returns the thread's index among
+/// the recorded threads, which is its alone for the life of the process (entries are
+/// never given back): callers use it for counters only this thread writes.
+/// Async-signal-safe: atomics and a syscall.
+pub(crate) fn enter() -> Option<usize> {
+    with_thread(Thread::enter)
 }
 
 /// Marks its end.
 pub(crate) fn leave() {
-    DEPTH.set(DEPTH.get().saturating_sub(1));
+    with_thread(Thread::leave)
+}
+
+impl Thread {
+    /// See [`enter`].
+    pub(crate) fn enter(&self) -> Option<usize> {
+        let mut index = self.index.get();
+        if index == 0 {
+            let tid = gettid();
+            let free = |t: &AtomicI32| t.load(Ordering::Relaxed) == 0 && t.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+            index = match THREADS.iter().position(free) {
+                Some(i) => i as u32 + 1,
+                None => {
+                    OVERFLOW.store(true, Ordering::Release);
+                    u32::MAX
+                }
+            };
+            self.index.set(index);
+        }
+        self.depth.set(self.depth.get() + 1);
+        (index != u32::MAX).then(|| index as usize - 1)
+    }
+
+    /// See [`leave`].
+    pub(crate) fn leave(&self) {
+        self.depth.set(self.depth.get().saturating_sub(1));
+    }
 }
 
 // The one sample in flight (grace periods run under the registry lock).
@@ -97,7 +133,7 @@ extern "C" fn on_sample(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         return; // not a sample: SIGURG's default action is to ignore it
     }
     PC.store(regs::pc(uc) as usize, Ordering::Relaxed);
-    IN_HANDLER.store(DEPTH.get(), Ordering::Relaxed);
+    IN_HANDLER.store(with_thread(|t| t.depth.get()), Ordering::Relaxed);
     ANSWERED.store(SEQ.load(Ordering::Relaxed), Ordering::Release);
 }
 

@@ -102,6 +102,23 @@ static RECORDS: [Record; MAX_PROBES] = [EMPTY; MAX_PROBES];
 /// reused once freed, so the hit path scans only `RECORDS[..USED]`.
 static USED: AtomicUsize = AtomicUsize::new(0);
 
+/// Site hits per thread (by its index among the threads that entered a hit path,
+/// see `grace::enter`) and record: each counter has one writer, so a hit costs a
+/// plain load and store instead of a locked add (the kernel's per-CPU `nhit`); a
+/// site probe's hit count is `nhit` plus its column here. Threads past the first
+/// [`HIT_SHARDS`] count with the locked add. Zero pages until used.
+const HIT_SHARDS: usize = 64;
+#[allow(clippy::declare_interior_mutable_const)] // array initialiser only
+const ZERO: AtomicU64 = AtomicU64::new(0);
+#[allow(clippy::declare_interior_mutable_const)] // array initialiser only
+const ZEROS: [AtomicU64; MAX_PROBES] = [ZERO; MAX_PROBES];
+static SITE_HITS: [[AtomicU64; MAX_PROBES]; HIT_SHARDS] = [ZEROS; HIT_SHARDS];
+
+/// Record `index`'s hits counted in [`SITE_HITS`].
+fn site_hits(index: usize) -> u64 {
+    SITE_HITS.iter().map(|s| s[index].load(Ordering::Relaxed)).sum()
+}
+
 /// The records taken so far, in registration order.
 fn records() -> &'static [Record] {
     &RECORDS[..USED.load(Ordering::Acquire)]
@@ -186,9 +203,6 @@ static mut PREVIOUS: Option<libc::sigaction> = None;
 static INSTALL: Once = Once::new();
 
 thread_local! {
-    /// Whether this thread is running a probe handler (reentrancy guard). Const-initialised
-    /// and without destructor, so reading it in a signal handler allocates nothing.
-    static ACTIVE: Cell<bool> = const { Cell::new(false) };
     /// `(address, count)` of this thread's consecutive back-ups over a breakpoint that is
     /// a probe's but was not armed when the thread looked (see `on_sigtrap`).
     static BACKUPS: Cell<(usize, u32)> = const { Cell::new((0, 0)) };
@@ -377,6 +391,9 @@ impl ProbeBuilder {
     fn publish(&self, index: usize) {
         let e = &RECORDS[index];
         e.nhit.store(0, Ordering::Relaxed);
+        for shard in &SITE_HITS {
+            shard[index].store(0, Ordering::Relaxed);
+        }
         e.nmissed.store(0, Ordering::Relaxed);
         let (pre, ctx) = match self.internal {
             Some((h, ctx)) => (h as usize, ctx),
@@ -523,16 +540,28 @@ fn arm_site(e: &Record, site: usize, on: bool) -> Result<(), Error> {
 /// handlers, with `regs` as at the function's entry (pc = `site`). A site hit inside a
 /// handler is counted as missed.
 pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
-    grace::enter();
-    let active = ACTIVE.replace(true);
-    let here = || records().iter().filter(move |e| e.site.load(Ordering::Relaxed) && e.addr.load(Ordering::Acquire) == site);
+    grace::with_thread(|t| run_site_on(t, site, regs));
+}
+
+fn run_site_on(t: &grace::Thread, site: usize, regs: &mut PtRegs) {
+    let shard = t.enter().filter(|s| *s < HIT_SHARDS);
+    let active = t.active.replace(true);
+    let here = || records().iter().enumerate().filter(move |(_, e)| e.site.load(Ordering::Relaxed) && e.addr.load(Ordering::Acquire) == site);
     let mut redirected = false;
-    for e in here() {
+    for (index, e) in here() {
         if active {
             e.nmissed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        e.nhit.fetch_add(1, Ordering::Relaxed);
+        match shard {
+            Some(s) => {
+                let c = &SITE_HITS[s][index];
+                c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
+            None => {
+                e.nhit.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let pre = e.pre.load(Ordering::Relaxed);
         if pre != 0 {
             call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
@@ -543,15 +572,15 @@ pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
         }
     }
     if !active && !redirected {
-        for e in here() {
+        for (_, e) in here() {
             let post = e.post.load(Ordering::Relaxed);
             if post != 0 {
                 call_handler(post, 0, regs);
             }
         }
     }
-    ACTIVE.set(active);
-    grace::leave();
+    t.active.set(active);
+    t.leave();
 }
 
 /// A registered probe; unregistered when dropped.
@@ -595,7 +624,7 @@ impl ProbeHandle {
 
     /// Hits whose handlers ran.
     pub fn nhit(&self) -> u64 {
-        self.entry().nhit.load(Ordering::Relaxed)
+        self.entry().nhit.load(Ordering::Relaxed) + site_hits(self.index)
     }
 
     /// Hits whose handlers did not run (the probe was hit inside a handler).
@@ -724,8 +753,9 @@ pub fn list() -> ProbeList {
     ProbeList(
         records()
             .iter()
-            .filter(|e| e.live.load(Ordering::Relaxed))
-            .map(|e| {
+            .enumerate()
+            .filter(|(_, e)| e.live.load(Ordering::Relaxed))
+            .map(|(index, e)| {
                 let addr = e.target.load(Ordering::Relaxed);
                 ProbeInfo {
                     addr,
@@ -739,7 +769,7 @@ pub fn list() -> ProbeList {
                     site: e.site.load(Ordering::Relaxed),
                     enabled: e.addr.load(Ordering::Relaxed) != 0,
                     gone: text::mapping_of(addr).is_none(),
-                    nhit: e.nhit.load(Ordering::Relaxed),
+                    nhit: e.nhit.load(Ordering::Relaxed) + site_hits(index),
                     nmissed: e.nmissed.load(Ordering::Relaxed),
                 }
             })
@@ -797,7 +827,7 @@ extern "C" fn call_handler(h: usize, ctx: usize, regs: &mut PtRegs) {
 /// Marks this thread as running a handler (or not); returns what it was. Probes hit
 /// while it is set count as missed and run no handler.
 pub(crate) fn set_active(on: bool) -> bool {
-    ACTIVE.replace(on)
+    grace::with_thread(|t| t.active.replace(on))
 }
 
 /// The SIGTRAP handler. Async-signal-safe: atomics, a const thread-local, no locks,
@@ -828,7 +858,7 @@ fn hit(uc: &mut libc::ucontext_t) -> bool {
     let at_bp = || all.iter().filter(move |e| e.addr.load(Ordering::Acquire) == bp && !e.site.load(Ordering::Relaxed));
     if let Some(first) = at_bp().next() {
         BACKUPS.set((0, 0));
-        let active = ACTIVE.get();
+        let active = grace::with_thread(|t| t.active.get());
         for e in at_bp() {
             if active {
                 // Hit inside a handler: count it, execute the instruction, no handlers.
@@ -839,9 +869,9 @@ fn hit(uc: &mut libc::ucontext_t) -> bool {
             let pre = e.pre.load(Ordering::Relaxed);
             if pre != 0 {
                 let mut r = regs::read(uc, bp as u64);
-                ACTIVE.set(true);
+                set_active(true);
                 call_handler(pre, e.ctx.load(Ordering::Relaxed), &mut r);
-                ACTIVE.set(false);
+                set_active(false);
                 regs::write(uc, &r);
                 if r.instruction_pointer() != bp as u64 {
                     return true; // the handler redirected execution: the instruction is skipped
@@ -867,7 +897,7 @@ fn hit(uc: &mut libc::ucontext_t) -> bool {
     if let Some(e) = all.iter().find(|e| e.resume_trap.load(Ordering::Acquire) == pc) {
         let next = e.next.load(Ordering::Relaxed) as u64;
         regs::set_pc(uc, next);
-        if !ACTIVE.get() {
+        if !grace::with_thread(|t| t.active.get()) {
             run_posts(e.target.load(Ordering::Relaxed), uc);
         }
         return true;
@@ -894,9 +924,9 @@ fn run_posts(target: usize, uc: &mut libc::ucontext_t) {
         let post = e.post.load(Ordering::Relaxed);
         if post != 0 {
             let mut r = regs::read(uc, regs::pc(uc));
-            ACTIVE.set(true);
+            set_active(true);
             call_handler(post, 0, &mut r);
-            ACTIVE.set(false);
+            set_active(false);
             regs::write(uc, &r);
         }
     }
