@@ -10,6 +10,13 @@
 //! - `hit/return_trampoline`: the return part alone: the entry hook is called
 //!   directly (as a patched site will call it, no trap), then the function returns
 //!   through the stub and the trampoline.
+//! - `hit/site`: a `#[traceable]` function whose site is enabled, empty pre handler: a
+//!   call of the generated site trampoline, no trap.
+//! - `hit/site_disabled`: the same function with its site a nop.
+//! - `hit/site_stub_floor`: the floor of any site probe: a function whose entry calls
+//!   a minimal stub that saves the caller-saved general registers and calls an empty
+//!   function (at a function entry the flags and callee-saved registers need nothing).
+//! - `hit/site_return`: a return probe on a site: entry and return, no trap at all.
 //!
 //! `int3_floor` runs first, with its own SIGTRAP handler, before probekit installs its.
 
@@ -50,6 +57,83 @@ extern "C" fn step_over(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
 fn empty(_r: &mut PtRegs) {}
 
 fn empty_return(_r: &mut PtRegs, _: &mut ()) {}
+
+#[probekit::traceable]
+fn hit_site(x: u64) -> u64 {
+    x.wrapping_add(1)
+}
+
+#[probekit::traceable]
+fn hit_site_disabled(x: u64) -> u64 {
+    x.wrapping_add(1)
+}
+
+#[probekit::traceable]
+fn hit_site_return(x: u64) -> u64 {
+    x.wrapping_add(1)
+}
+
+// The floor: `site_floor(x)` calls `site_floor_stub` at its entry, as an enabled site
+// calls the trampoline, then does hit_target's work. The stub keeps what a handler
+// call may clobber and a function entry still needs: the caller-saved general
+// registers (aarch64: and the return address, which the site moved to x9).
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".globl site_floor",
+    "site_floor:",
+    "call 4f",
+    "lea rax, [rdi + 1]",
+    "ret",
+    "4:",                     // site_floor_stub: rsp % 16 == 0 here
+    "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
+    "push r8", "push r9", "push r10", "push r11",
+    "sub rsp, 8",             // 16-aligned for the call
+    "call 5f",
+    "add rsp, 8",
+    "pop r11", "pop r10", "pop r9", "pop r8",
+    "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+    "ret",
+    "5:",                     // the empty handler
+    "ret",
+);
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".globl site_floor",
+    "site_floor:",
+    "mov x9, x30",
+    "bl 4f",
+    "add x0, x0, #1",
+    "ret",
+    "4:",                     // site_floor_stub: x30 = the site's continuation, x9 = the return address
+    "stp x0, x1, [sp, #-176]!",
+    "stp x2, x3, [sp, #16]",
+    "stp x4, x5, [sp, #32]",
+    "stp x6, x7, [sp, #48]",
+    "stp x8, x9, [sp, #64]",
+    "stp x10, x11, [sp, #80]",
+    "stp x12, x13, [sp, #96]",
+    "stp x14, x15, [sp, #112]",
+    "stp x16, x17, [sp, #128]",
+    "stp x18, x30, [sp, #144]",
+    "bl 5f",
+    "ldp x18, x16, [sp, #144]", // x16 = the continuation
+    "ldp x2, x3, [sp, #16]",
+    "ldp x4, x5, [sp, #32]",
+    "ldp x6, x7, [sp, #48]",
+    "ldp x8, x9, [sp, #64]",
+    "ldp x10, x11, [sp, #80]",
+    "ldp x12, x13, [sp, #96]",
+    "ldp x14, x15, [sp, #112]",
+    "ldr x17, [sp, #136]",
+    "ldp x0, x1, [sp], #176",
+    "mov x30, x9",            // the return address back where the function expects it
+    "br x16",
+    "5:",                     // the empty handler
+    "ret",
+);
+extern "C" {
+    fn site_floor(x: u64) -> u64;
+}
 
 #[inline(never)]
 #[no_mangle]
@@ -173,6 +257,21 @@ fn hit(c: &mut Criterion) {
     // SAFETY: hijacked_call calls f(1) with a return address `enter` gave.
     g.bench_function("return_trampoline", |b| b.iter(|| unsafe { hijacked_call(black_box(1), f, enter) }));
     assert_eq!(p.nmissed(), 0);
+
+    g.bench_function("site_disabled", |b| b.iter(|| black_box(hit_site_disabled as fn(u64) -> u64)(black_box(1))));
+    // SAFETY: site_floor calls its stub, which preserves what it must, and returns x + 1.
+    g.bench_function("site_stub_floor", |b| b.iter(|| unsafe { site_floor(black_box(1)) }));
+    let f = hit_site as fn(u64) -> u64;
+    let p = Probe::builder().function(f).pre(empty).register().expect("site probe");
+    assert!(probekit::list().0.iter().any(|i| i.addr == p.address() && i.site), "the probe rides the site");
+    g.bench_function("site", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
+    let f = hit_site_return as fn(u64) -> u64;
+    let p = ReturnProbe::builder().function(f).handler(empty_return).register().expect("return probe on a site");
+    g.bench_function("site_return", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
     g.finish();
 }
 
