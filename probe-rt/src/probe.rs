@@ -356,13 +356,7 @@ impl ProbeBuilder {
         e.sim_a.store(sim.a, Ordering::Relaxed);
         e.sim_b.store(sim.b, Ordering::Relaxed);
         e.site.store(false, Ordering::Relaxed);
-        self.publish(index);
-        if let Err(err) = arm(e, true) {
-            reg.untake(index);
-            return Err(err);
-        }
-        e.live.store(true, Ordering::Relaxed);
-        Ok(ProbeHandle { index })
+        self.publish_and_arm(&mut reg, index)
     }
 
     /// Registers a probe on the site at `site`: no breakpoint, no slot; the first probe
@@ -377,18 +371,12 @@ impl ProbeBuilder {
         e.resume_trap.store(0, Ordering::Relaxed);
         e.sim_kind.store(0, Ordering::Relaxed);
         e.site.store(true, Ordering::Relaxed);
-        self.publish(index);
-        if let Err(err) = arm(e, true) {
-            reg.untake(index);
-            return Err(err);
-        }
-        e.live.store(true, Ordering::Relaxed);
-        Ok(ProbeHandle { index })
+        self.publish_and_arm(&mut reg, index)
     }
 
-    /// Fills in record `index`'s handlers and counters and makes it visible to the hit
-    /// paths (still disarmed).
-    fn publish(&self, index: usize) {
+    /// Fills in record `index`'s handlers and counters, makes it visible to the hit
+    /// paths, and arms it (on error it goes back, unarmed).
+    fn publish_and_arm(&self, reg: &mut Slots, index: usize) -> Result<ProbeHandle, Error> {
         let e = &RECORDS[index];
         e.nhit.store(0, Ordering::Relaxed);
         for shard in &SITE_HITS {
@@ -406,6 +394,12 @@ impl ProbeBuilder {
         if index == USED.load(Ordering::Relaxed) {
             USED.store(index + 1, Ordering::Release);
         }
+        if let Err(err) = arm(e, true) {
+            reg.untake(index);
+            return Err(err);
+        }
+        e.live.store(true, Ordering::Relaxed);
+        Ok(ProbeHandle { index })
     }
 
     /// Prepares how the instruction at `addr` (original bytes `code`) runs for record
