@@ -493,14 +493,18 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
     let shared = shared(e, target);
     if on {
         e.addr.store(target, Ordering::Release);
-        let r = if shared { Ok(()) } else { text::write_code(target, BREAKPOINT) };
+        let r = if shared { Ok(()) } else { text::write_code(target, BREAKPOINT).map(|()| crate::site::sync_cores()) };
         if r.is_err() {
             e.addr.store(0, Ordering::Release);
         }
         r
     } else {
         let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
-        let r = if shared || !present { Ok(()) } else { text::write_code(target, &orig[..BREAKPOINT.len()]) };
+        let r = if shared || !present {
+            Ok(())
+        } else {
+            text::write_code(target, &orig[..BREAKPOINT.len()]).map(|()| crate::site::sync_cores())
+        };
         if r.is_ok() {
             e.addr.store(0, Ordering::Release);
         }

@@ -148,7 +148,6 @@ fn call_bytes(site: usize, to: usize) -> [u8; SITE_LEN] {
 /// Enables (`on`) or disables the site at `site` while threads may run through it.
 /// Called under the registry lock.
 pub(crate) fn patch(site: usize, on: bool) -> Result<(), Error> {
-    register_membarrier();
     let new = if on { call_bytes(site, call_target(site)?) } else { NOP };
     #[cfg(target_arch = "x86_64")]
     {
@@ -204,11 +203,14 @@ fn register_membarrier() {
 }
 
 /// Makes every thread of the process execute a core-serialising instruction before it
-/// runs further code, so none runs a stale copy of a patched site. Without kernel
-/// support (older kernels, qemu-user) the write path's own synchronisation is all
-/// there is: x86_64 keeps instruction fetch coherent with stores, aarch64 broadcasts
-/// the cache maintenance (`text::sync_icache`).
-fn sync_cores() {
+/// runs further code, so none runs a stale copy of patched text (sites, and
+/// breakpoints written or removed: the process analog of the kernel's
+/// `text_poke_sync`). Without kernel support (older kernels, qemu-user) the write
+/// path's own synchronisation is all there is: x86_64 keeps instruction fetch
+/// coherent with stores, aarch64 broadcasts the cache maintenance
+/// (`text::sync_icache`).
+pub(crate) fn sync_cores() {
+    register_membarrier();
     if SYNC_CORE.load(Ordering::Relaxed) {
         // SAFETY: membarrier has no memory-safety preconditions; registered above.
         unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) };

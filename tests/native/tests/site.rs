@@ -206,3 +206,44 @@ fn return_probes_and_overrides_ride_the_site() {
     assert_eq!(RETURNED.load(Ordering::Relaxed), 7, "an overridden call runs no return handler");
     assert_eq!((p.nhit(), p.nmissed()), (2, 0));
 }
+
+#[probekit::traceable]
+fn shared_site(a: u64) -> u64 {
+    black_box(a) + 100
+}
+
+static ORDER: AtomicU64 = AtomicU64::new(0);
+
+fn first(regs: &mut PtRegs) {
+    ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + 1, Ordering::Relaxed);
+    #[cfg(target_arch = "x86_64")]
+    {
+        regs.rdi *= 2;
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        regs.regs[0] *= 2;
+    }
+}
+
+fn second(regs: &mut PtRegs) {
+    // Runs after the first, and sees its change.
+    let digit = if regs.arg(0) == Some(10) { 2 } else { 9 };
+    ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + digit, Ordering::Relaxed);
+}
+
+#[test]
+fn probes_on_one_site_share_it_in_registration_order() {
+    let f = shared_site as fn(u64) -> u64;
+    let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::shared_site")).expect("listed").site;
+    let a = Probe::builder().function(f).pre(first).register().unwrap();
+    let b = Probe::builder().function(f).pre(second).register().unwrap();
+    assert_eq!(shared_site(5), 110, "the first handler's change reached the function");
+    assert_eq!(ORDER.load(Ordering::Relaxed), 12, "registration order");
+    drop(a);
+    assert!(!is_nop(&site_bytes(site)), "still enabled for the other probe");
+    assert_eq!(shared_site(5), 105);
+    assert_eq!(b.nhit(), 2);
+    drop(b);
+    assert!(is_nop(&site_bytes(site)), "the last one out writes the nop back");
+}
