@@ -196,7 +196,7 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// #[unsafe(naked)]
 /// extern "C-unwind" fn __probekit_site_f(a: u64) -> u64 {
 ///     // x86_64: `nopl 0x0(%rax,%rax,1)` (5 bytes), `jmp __probekit_body_f`
-///     // aarch64: `nop; nop; b __probekit_body_f`
+///     // aarch64: `mov x9, x30; nop; b __probekit_body_f`
 ///     // and a 32-byte entry in the `probekit_sites` section: site, f, name
 ///     naked_asm!(/* … */)
 /// }

@@ -260,9 +260,11 @@ fn generate(f: syn::ItemFn, o: Options) -> TokenStream {
     // x86_64: one 5-byte nop (`nopl 0x0(%rax,%rax,1)`, the kernel's ideal nop), to
     // become `call <trampoline>`.
     let x86_64 = naked("x86_64", &[".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "jmp {body}"], "@progbits");
-    // aarch64: two nops, to become `mov x9, x30; bl <trampoline>` (seed 003, as the
-    // kernel's patchable-function-entry ftrace).
-    let aarch64 = naked("aarch64", &["nop", "nop", "b {body}"], "%progbits");
+    // aarch64: `mov x9, x30; nop`, the nop to become `bl <trampoline>` (seed 003). The
+    // `mov` is there from the start, as the kernel's ftrace_init_nop writes it before
+    // any code runs: patching only the `bl` is one aligned store, and a thread stopped
+    // between the two words can never reach the `bl` without x9 set.
+    let aarch64 = naked("aarch64", &["mov x9, x30", "nop", "b {body}"], "%progbits");
     let elsewhere = format!("`#[traceable]` supports x86_64 and aarch64 only (`{name}`)");
 
     quote! {
@@ -304,7 +306,7 @@ mod tests {
         assert!(out.contains("site = sym __probekit_site_f , function = sym f , body = sym __probekit_body_f"), "{out}");
         assert_eq!(out.matches("# [unsafe (naked)]").count(), 2, "one per architecture: {out}");
         assert!(out.contains("\".byte 0x0f, 0x1f, 0x44, 0x00, 0x00\" , \"jmp {body}\""), "{out}");
-        assert!(out.contains("\"nop\" , \"nop\" , \"b {body}\""), "{out}");
+        assert!(out.contains("\"mov x9, x30\" , \"nop\" , \"b {body}\""), "{out}");
         assert!(out.contains("concat ! (\"2: .ascii \\\"\" , module_path ! () , \"::f\\\"\")"), "{out}");
     }
 

@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Bytes of a site (x86_64: a 5-byte nop; aarch64: two nops).
+/// Bytes of a site (x86_64: a 5-byte nop; aarch64: `mov x9, x30; nop`).
 #[cfg(target_arch = "x86_64")]
 const SITE_LEN: usize = 5;
 #[cfg(target_arch = "aarch64")]
@@ -23,7 +23,7 @@ fn is_nop(bytes: &[u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
     return bytes == [0x0f, 0x1f, 0x44, 0x00, 0x00];
     #[cfg(target_arch = "aarch64")]
-    return bytes == [0x1f, 0x20, 0x03, 0xd5, 0x1f, 0x20, 0x03, 0xd5];
+    return bytes == [0xe9, 0x03, 0x1e, 0xaa, 0x1f, 0x20, 0x03, 0xd5]; // mov x9, x30; nop
 }
 
 /// The line of `probekit::list()` for the probe at `addr`.

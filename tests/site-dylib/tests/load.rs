@@ -9,7 +9,7 @@ const NAMES: [&str; 4] = ["site_dylib::add", "site_dylib::scale", "site_dylib::f
 #[cfg(target_arch = "x86_64")]
 const NOPS: &[u8] = &[0x0f, 0x1f, 0x44, 0x00, 0x00];
 #[cfg(target_arch = "aarch64")]
-const NOPS: &[u8] = &[0x1f, 0x20, 0x03, 0xd5, 0x1f, 0x20, 0x03, 0xd5];
+const NOPS: &[u8] = &[0xe9, 0x03, 0x1e, 0xaa, 0x1f, 0x20, 0x03, 0xd5]; // mov x9, x30; nop
 
 /// The built `libsite_dylib.so`: cargo puts the cdylib next to the test executable,
 /// in `target/[<triple>/]debug/deps/`, and a copy one level up.
