@@ -204,7 +204,8 @@ extern "C" fn enter(sp: usize, ret: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         r.rsp = sp as u64; // the hook reads and replaces the word there
-        TRAMPOLINE_PROBE.get().expect("registered").__enter(&mut r);
+        // SAFETY: sp is the return-address slot hijacked_call's thunk was called with.
+        unsafe { TRAMPOLINE_PROBE.get().expect("registered").__enter(&mut r) };
         let _ = ret;
         // SAFETY: sp is the return address slot hijacked_call pushed.
         unsafe { *(sp as *const usize) }
@@ -213,7 +214,8 @@ extern "C" fn enter(sp: usize, ret: usize) -> usize {
     {
         r.sp = sp as u64;
         r.regs[30] = ret as u64;
-        TRAMPOLINE_PROBE.get().expect("registered").__enter(&mut r);
+        // SAFETY: sp and x30 are those the thunk's caller entered it with.
+        unsafe { TRAMPOLINE_PROBE.get().expect("registered").__enter(&mut r) };
         r.regs[30] as usize
     }
 }

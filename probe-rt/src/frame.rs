@@ -49,7 +49,23 @@ impl PtRegs {
         return self.pc;
     }
 
-    /// The stack pointer of the probed context (`rsp` / `sp`).
+    /// Sets where execution resumes (`rip` / `pc`): a handler that changes it
+    /// redirects execution (the probed instruction, or the function, is skipped).
+    pub fn set_instruction_pointer(&mut self, pc: u64) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.rip = pc;
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            self.pc = pc;
+        }
+    }
+
+    /// The stack pointer of the probed context (`rsp` / `sp`). A breakpoint handler's
+    /// change to it is applied; a site handler's only as part of returning from the
+    /// function (rsp + 8 with rip = the return address, what [`crate::Entry::Override`]
+    /// does); a return handler's is ignored.
     pub fn stack_pointer(&self) -> u64 {
         #[cfg(target_arch = "x86_64")]
         return self.rsp;

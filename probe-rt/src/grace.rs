@@ -26,7 +26,7 @@
 
 use crate::regs;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,16 @@ pub(crate) fn leave() {
 impl Thread {
     /// See [`enter`].
     pub(crate) fn enter(&self) -> Option<usize> {
+        let index = self.index();
+        self.depth.set(self.depth.get() + 1);
+        // The sampling signal handler reads `depth` on this thread: the increment must
+        // not move past the hit path's reads of the records.
+        compiler_fence(Ordering::SeqCst);
+        index
+    }
+
+    /// This thread's index among the recorded threads (recording it the first time).
+    pub(crate) fn index(&self) -> Option<usize> {
         let mut index = self.index.get();
         if index == 0 {
             let tid = gettid();
@@ -98,12 +108,12 @@ impl Thread {
             };
             self.index.set(index);
         }
-        self.depth.set(self.depth.get() + 1);
         (index != u32::MAX).then(|| index as usize - 1)
     }
 
     /// See [`leave`].
     pub(crate) fn leave(&self) {
+        compiler_fence(Ordering::SeqCst);
         self.depth.set(self.depth.get().saturating_sub(1));
     }
 }
@@ -119,9 +129,40 @@ static INSTALL: Once = Once::new();
 /// The sampling handler is installed (the program had none of its own for SIGURG).
 static USABLE: AtomicBool = AtomicBool::new(false);
 
-fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+/// A system call with up to three integer arguments and no memory operands, made
+/// directly: the hit paths use it, and going through libc's `syscall`, `gettid` or
+/// `getpid` would recurse if those functions were probed. Callers pass only calls
+/// that read and write no user memory (gettid, getpid, tgkill).
+fn raw_syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the callers' system calls touch no user memory (see above); the
+    // registers the kernel clobbers are declared.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") nr as isize => ret, in("rdi") a, in("rsi") b, in("rdx") c,
+            out("rcx") _, out("r11") _, options(nostack, nomem, preserves_flags));
+    }
+    // SAFETY: as above (aarch64: x8 the number, x0..x2 the arguments, x0 the result).
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        core::arch::asm!("svc #0", in("x8") nr, inlateout("x0") a => ret, in("x1") b, in("x2") c, options(nostack, nomem, preserves_flags));
+    }
+    ret
+}
+
+/// The calling thread's id (a raw system call, see [`raw_syscall3`]).
+pub(crate) fn gettid() -> i32 {
+    raw_syscall3(libc::SYS_gettid, 0, 0, 0) as i32
+}
+
+/// Whether the thread at `index` among the recorded ones (see [`enter`]) may still be
+/// alive: false only when the kernel says its id names no thread of this process.
+/// Async-signal-safe.
+pub(crate) fn thread_alive(index: usize) -> bool {
+    let Some(tid) = THREADS.get(index).map(|t| t.load(Ordering::Acquire)) else { return true };
+    let pid = raw_syscall3(libc::SYS_getpid, 0, 0, 0) as usize;
+    // tgkill with signal 0 checks that the thread exists and sends nothing.
+    raw_syscall3(libc::SYS_tgkill, pid, tid as usize, 0) != -(libc::ESRCH as isize)
 }
 
 extern "C" fn on_sample(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -155,6 +196,14 @@ fn install() -> bool {
         }
     });
     USABLE.load(Ordering::Relaxed)
+}
+
+/// Whether SIGURG still goes to the sampling handler (the program may have taken it).
+fn still_installed() -> bool {
+    // SAFETY: reading a disposition only.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::sigaction(SIGNAL, std::ptr::null(), &mut cur) == 0 && cur.sa_sigaction == on_sample as *const () as usize }
 }
 
 /// What a sample found.
@@ -234,7 +283,7 @@ fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
 /// `slots` (and the code leading into them), so that nothing can still use probes
 /// disarmed before the call. Waits for threads that are inside (bounded).
 pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
-    if !install() {
+    if !install() || !still_installed() {
         return false;
     }
     let busy = busy_ranges(slots);

@@ -125,7 +125,7 @@ fn records() -> &'static [Record] {
 }
 
 /// Registration, arming and disarming take this lock; the hit path never does.
-static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), free: Vec::new() });
+static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), free: Vec::new(), next_grace: RECLAIM_BATCH });
 
 /// The out-of-line slot pages, and the records of unregistered probes.
 struct Slots {
@@ -135,6 +135,9 @@ struct Slots {
     retired: Vec<usize>,
     /// Records a grace period showed nobody uses: reusable, with their slots.
     free: Vec<usize>,
+    /// How many retired records make the next grace period worth trying (raised after
+    /// one could not complete, which costs up to 100 ms, so as not to retry each time).
+    next_grace: usize,
 }
 
 /// How many retired records make registration run a grace period to reuse them (it
@@ -174,11 +177,15 @@ impl Slots {
         let last_here = records().iter().rposition(|e| e.live.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == addr);
         let after = |i: &usize| last_here.is_none_or(|l| *i > l);
         let used = USED.load(Ordering::Relaxed);
-        if !self.free.iter().any(after) && (self.retired.len() >= RECLAIM_BATCH || used == MAX_PROBES) {
+        let worth = self.retired.len() >= self.next_grace || used == MAX_PROBES && self.retired.len() > self.next_grace - RECLAIM_BATCH;
+        if !self.free.iter().any(after) && !self.retired.is_empty() && worth {
             let slots: Vec<(usize, usize)> =
                 self.retired.iter().map(|i| RECORDS[*i].slot.load(Ordering::Relaxed)).filter(|s| *s != 0).map(|s| (s, s + SLOT)).collect();
             if grace::quiescent(&slots) {
                 self.free.append(&mut self.retired);
+                self.next_grace = RECLAIM_BATCH;
+            } else {
+                self.next_grace = self.retired.len() + RECLAIM_BATCH;
             }
         }
         if let Some(k) = self.free.iter().position(after) {
@@ -518,14 +525,17 @@ fn arm_site(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     let shared = shared(e, site);
     if on {
         e.addr.store(site, Ordering::Release);
-        let r = if shared { Ok(()) } else { crate::site::patch(site, true) };
+        let r = match shared {
+            true => Ok(()),
+            false => crate::site::patch(site, true).and_then(|intact| if intact { Ok(()) } else { Err(Error::NotExecutable { addr: site }) }),
+        };
         if r.is_err() {
             e.addr.store(0, Ordering::Release);
         }
         r
     } else {
-        let gone = text::mapping_of(site).is_none();
-        let r = if shared || gone { Ok(()) } else { crate::site::patch(site, false) };
+        // A site whose code is gone is left alone (`patch` checks): disarmed in place.
+        let r = if shared { Ok(()) } else { crate::site::patch(site, false).map(|_| ()) };
         if r.is_ok() {
             e.addr.store(0, Ordering::Release);
         }
@@ -676,7 +686,10 @@ pub fn blacklist() -> Vec<Blacklisted> {
 }
 
 fn find_blacklist() -> Vec<Blacklisted> {
-    let hit_path: [(&'static str, usize); 14] = [
+    let hit_path: [(&'static str, usize); 17] = [
+        ("probekit's site probes (per thread)", run_site_on as *const () as usize),
+        ("probekit's hit-path bookkeeping", grace::enter as *const () as usize),
+        ("probekit's hit-path bookkeeping", grace::Thread::enter as *const () as usize),
         ("probekit's site dispatcher", crate::site::dispatch as *const () as usize),
         ("probekit's site probes", run_site as *const () as usize),
         ("probekit's site trampoline", crate::site::trampoline()),

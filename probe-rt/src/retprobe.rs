@@ -19,7 +19,10 @@
 //! pointer (a probed function tail-calling another, which returns through the first
 //! one's stub): the newer returns first. A probed function running on another stack
 //! than its caller (a signal handler on `sigaltstack`, coroutines) defeats this
-//! ordering, as it does for uretprobes.
+//! ordering, as it does for uretprobes: its live instances can look stale, and a return
+//! that then finds no instance aborts the process (there is nowhere right to go).
+//! Instances held by a thread that exited (a panic that ended it inside a probed
+//! function) are taken over when no instance is free.
 //!
 //! # Unwinding
 //! A panic unwinding out of a probed function, or a backtrace taken inside it or in a
@@ -135,12 +138,24 @@ struct Inst {
     /// Entries that took this instance: written only by the thread holding it (no
     /// read-modify-write on the hit path); [`ReturnProbeHandle::nhit`] sums them.
     taken: AtomicU64,
+    /// The holder's index among the threads of the hit paths + 1 (0: unknown), so an
+    /// instance whose thread exited while holding it can be reclaimed.
+    owner: AtomicUsize,
     /// Where the hijacked return goes.
     stub: usize,
     /// This instance's `T`.
     data: usize,
     /// The probe (`&'static Core`), set once before the probe is armed.
     core: AtomicUsize,
+}
+
+impl Inst {
+    /// Gives the instance back to the pool (its owner cleared first, so that a free
+    /// instance is never taken for one of an exited thread).
+    fn release(&self) {
+        self.owner.store(0, Ordering::Release);
+        self.busy.store(false, Ordering::Release);
+    }
 }
 
 /// The state of one return probe, shared by its entry hook and the dispatcher.
@@ -159,21 +174,31 @@ struct Core {
 }
 
 impl Core {
-    /// A free instance, taken (lock-free: one compare-and-swap per candidate).
-    fn take(&self) -> Option<&'static Inst> {
+    /// A free instance, taken for the thread `owner` (lock-free: one compare-and-swap
+    /// per candidate). When none is free, one held by a thread that has exited (its
+    /// list died with it) is taken over.
+    fn take(&self, owner: usize) -> Option<&'static Inst> {
         let n = self.insts.len();
         let start = self.hint.load(Ordering::Relaxed).min(n);
         // start..n then 0..start: no division on the hit path.
-        (start..n).chain(0..start).find_map(|i| {
-            let inst = &self.insts[i];
-            let free = !inst.busy.load(Ordering::Relaxed)
-                && inst.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok();
-            free.then(|| {
-                self.hint.store(i + 1, Ordering::Relaxed);
-                inst.taken.store(inst.taken.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-                inst
+        let free = (start..n).chain(0..start).find(|i| {
+            let inst = &self.insts[*i];
+            !inst.busy.load(Ordering::Relaxed) && inst.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        });
+        let i = free.or_else(|| {
+            self.insts.iter().position(|inst| {
+                let was = inst.owner.load(Ordering::Acquire);
+                was != 0
+                    && was != owner
+                    && !crate::grace::thread_alive(was - 1)
+                    && inst.owner.compare_exchange(was, owner, Ordering::AcqRel, Ordering::Relaxed).is_ok()
             })
-        })
+        })?;
+        let inst = &self.insts[i];
+        self.hint.store(i + 1, Ordering::Relaxed);
+        inst.owner.store(owner, Ordering::Release);
+        inst.taken.store(inst.taken.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        Some(inst)
     }
 }
 
@@ -224,7 +249,7 @@ fn drop_stale(stale: impl Fn(&Inst) -> bool) -> usize {
     while head != 0 && stale(inst_at(head)) {
         let inst = inst_at(head);
         head = inst.next.load(Ordering::Relaxed);
-        inst.busy.store(false, Ordering::Release);
+        inst.release();
     }
     HEAD.set(head);
     head
@@ -261,12 +286,8 @@ fn override_return(regs: &mut PtRegs, value: u64) {
     #[cfg(target_arch = "x86_64")]
     {
         regs.rsp += 8;
-        regs.rip = ret;
     }
-    #[cfg(target_arch = "aarch64")]
-    {
-        regs.pc = ret;
-    }
+    regs.set_instruction_pointer(ret);
 }
 
 /// The entry hook (a breakpoint probe's pre handler, in the SIGTRAP handler): takes an
@@ -285,7 +306,8 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         let at = i.sp.load(Ordering::Relaxed);
         at < sp || at == sp && i.stub != ret
     });
-    let Some(inst) = core.take() else {
+    let owner = crate::grace::with_thread(|t| t.index()).map_or(0, |i| i + 1);
+    let Some(inst) = core.take(owner) else {
         core.nmissed.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -293,9 +315,9 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
     match unsafe { (core.run_entry)(core, inst.data, regs) } {
         // Without a return handler there is nothing to watch the return for.
         Entry::Continue if core.handler != 0 => {}
-        Entry::Continue | Entry::Skip => return inst.busy.store(false, Ordering::Release),
+        Entry::Continue | Entry::Skip => return inst.release(),
         Entry::Override(v) => {
-            inst.busy.store(false, Ordering::Release);
+            inst.release();
             return override_return(regs, v);
         }
     }
@@ -328,14 +350,7 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, fp: *mut u8) -> usize {
     let ret = inst.ret.load(Ordering::Relaxed);
     // The handler sees the real return address, and so does an unwinder (the
     // trampoline's call-frame information reads it from the frame).
-    #[cfg(target_arch = "x86_64")]
-    {
-        regs.rip = ret as u64;
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        regs.pc = ret as u64;
-    }
+    regs.set_instruction_pointer(ret as u64);
     // SAFETY: `core` was set to a leaked `Core` before the probe was armed.
     let core = unsafe { &*(inst.core.load(Ordering::Relaxed) as *const Core) };
     if !was_active && core.live.load(Ordering::Relaxed) {
@@ -344,7 +359,7 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, fp: *mut u8) -> usize {
         unsafe { (core.run_return)(core, inst.data, regs) };
         FP_AREA.set((0, 0));
     }
-    inst.busy.store(false, Ordering::Release);
+    inst.release();
     probe::set_active(was_active);
     ret
 }
@@ -478,6 +493,7 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
                     next: AtomicUsize::new(0),
                     busy: AtomicBool::new(false),
                     taken: AtomicU64::new(0),
+                    owner: AtomicUsize::new(0),
                     stub: base + i * STUB + STUB_ENTRY,
                     data: data[i].get() as usize,
                     core: AtomicUsize::new(0),
@@ -571,8 +587,13 @@ impl ReturnProbeHandle {
     /// must be a function entry's (x86_64: `rsp` points at the return address, which
     /// may be replaced there; aarch64: `regs[30]` is replaced). For benchmarks of the
     /// return path alone, and site trampolines. Not API.
+    ///
+    /// # Safety
+    /// x86_64: `regs.rsp` must point at the live return-address slot of a call that
+    /// has just entered the probed function (it is read and replaced). aarch64:
+    /// `regs.sp` must be that call's stack pointer at the entry.
     #[doc(hidden)]
-    pub fn __enter(&self, regs: &mut PtRegs) {
+    pub unsafe fn __enter(&self, regs: &mut PtRegs) {
         on_entry(regs, self.core.0 as *const Core as usize);
     }
 

@@ -16,9 +16,11 @@
 
 use crate::Error;
 
+#[cfg(target_env = "gnu")]
 extern "C" {
     /// libgcc: registers the `.eh_frame` records starting at `begin`, up to a zero
     /// length word. The memory must stay valid while registered (here: forever).
+    /// (LLVM's libunwind, used on musl, takes one FDE per call instead.)
     fn __register_frame(begin: *const u8);
 }
 
@@ -51,7 +53,12 @@ pub(crate) fn register_stubs(stubs: &[StubFrame]) -> Result<(), Error> {
     }
     // SAFETY: `table` is a well-formed `.eh_frame` sequence ending in a zero length
     // word (built by `eh_frame`), 8-aligned, and never freed.
-    unsafe { __register_frame(table.as_ptr()) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        __register_frame(table.as_ptr())
+    };
+    // Elsewhere no unwinder is told: unwinding through a hijacked frame is not
+    // supported there (returns still work).
     Ok(())
 }
 

@@ -399,3 +399,26 @@ fn a_rust_function_is_found_by_its_path() {
     assert_eq!(p.address(), by_rust_path as fn(u64) -> u64 as usize);
     assert_eq!(by_rust_path(2), 11);
 }
+
+#[inline(never)]
+fn dies_inside(n: u64) -> u64 {
+    if black_box(n) == 13 {
+        panic!("the thread ends here");
+    }
+    n + 1
+}
+
+#[test]
+fn an_instance_held_by_an_exited_thread_is_reclaimed() {
+    let p = ReturnProbe::builder().function(dies_inside as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    // The panic unwinds through the hijacked frame and ends the thread, which still
+    // holds the only instance on its (now dead) list.
+    let r = std::thread::spawn(|| dies_inside(13)).join();
+    std::panic::set_hook(hook);
+    assert!(r.is_err());
+    // Another thread's call is still watched: the instance was taken over.
+    assert_eq!(dies_inside(1), 2);
+    assert_eq!((p.nhit(), p.nmissed()), (2, 0));
+}
