@@ -90,13 +90,28 @@ fn sites_of_a_library_loaded_at_run_time() {
     assert_eq!(add_site.function, add_address(), "the table records the library's own `add`");
     assert_ne!(add_site.function, site_dylib::add as fn(u64, u64) -> u64 as usize, "not this executable's copy");
 
-    // SAFETY: nothing of the library is used past this point.
+    // A probe on the library's site, from this executable's runtime: the library is
+    // usually mapped too far from the trampoline for a direct call, so through a veneer.
+    let probe = probekit::Probe::builder().address(add_site.site).pre(count).register().expect("probe the library's site");
+    assert_eq!(add(20, 22), 42);
+    assert_eq!(probe.nhit(), 1);
+    assert!(probekit::list().0.iter().any(|p| p.addr == add_site.site && p.site), "it rides the site");
+
+    // SAFETY: nothing of the library is used past this point but the probe, whose
+    // unregistration must write nothing if the library's code is gone.
     unsafe { libc::dlclose(handle) };
+    drop(probe);
     // A Rust library may stay loaded (glibc keeps objects with thread-local
     // destructors); if it went, so did its sites.
     if mappings(&path).is_empty() {
         assert!(probekit::sites().iter().all(|s| !inside(&ranges, s.site)), "no site of an unloaded library");
     }
+}
+
+static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count(_: &mut probekit::PtRegs) {
+    HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[test]
