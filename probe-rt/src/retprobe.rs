@@ -104,24 +104,13 @@ const STUB: usize = 24;
 #[cfg(target_arch = "aarch64")]
 const STUB_ENTRY: usize = 4;
 
-/// The stub's bytes: x86_64 `int3; jmp [rip]; .quad tramp; int3`; aarch64
-/// `udf #0; ldr x16, .+8; br x16; .quad tramp; udf #0` (x16, IP0, is free at a
-/// return: the AAPCS64 lets veneers clobber it).
+/// The stub's bytes: a pad (x86_64 `int3`, aarch64 `udf #0`), then a jump to the
+/// trampoline ([`text::abs_jump`]).
 fn stub_code(tramp: usize) -> [u8; STUB] {
     let mut s = [0u8; STUB];
     #[cfg(target_arch = "x86_64")]
-    {
-        s[0] = 0xcc;
-        s[1..7].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
-        s[7..15].copy_from_slice(&(tramp as u64).to_le_bytes());
-        s[15] = 0xcc;
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        s[4..8].copy_from_slice(&0x5800_0050u32.to_le_bytes()); // ldr x16, .+8
-        s[8..12].copy_from_slice(&0xd61f_0200u32.to_le_bytes()); // br x16
-        s[12..20].copy_from_slice(&(tramp as u64).to_le_bytes());
-    }
+    s.fill(0xcc);
+    s[STUB_ENTRY..STUB_ENTRY + text::ABS_JUMP].copy_from_slice(&text::abs_jump(tramp));
     s
 }
 

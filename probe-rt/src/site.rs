@@ -89,10 +89,7 @@ pub(crate) fn poking(bp: usize) -> bool {
 /// its reach.
 static VENEERS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
-/// Bytes of one veneer.
-#[cfg(target_arch = "x86_64")]
-const VENEER: usize = 16;
-#[cfg(target_arch = "aarch64")]
+/// Bytes of one veneer ([`text::abs_jump`], 16-aligned).
 const VENEER: usize = 16;
 
 /// What a site calls: the trampoline if it is in reach, else a veneer near the site.
@@ -115,18 +112,7 @@ fn call_target(site: usize) -> Result<usize, Error> {
         }
     };
     let v = veneers[i].1;
-    let mut code = [0u8; VENEER];
-    #[cfg(target_arch = "x86_64")]
-    {
-        code[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]); // jmp [rip]
-        code[6..14].copy_from_slice(&(tramp as u64).to_le_bytes());
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        code[..4].copy_from_slice(&0x5800_0050u32.to_le_bytes()); // ldr x16, .+8
-        code[4..8].copy_from_slice(&0xd61f_0200u32.to_le_bytes()); // br x16
-        code[8..16].copy_from_slice(&(tramp as u64).to_le_bytes());
-    }
+    let code = text::abs_jump(tramp);
     text::write_code(v, &code)?;
     veneers[i].1 += VENEER;
     Ok(v)
