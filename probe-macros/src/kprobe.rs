@@ -58,27 +58,7 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
 fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) {
     const SHAPE: &str = "`#[kprobe]` handler must have signature `fn(regs: &mut PtRegs)`";
     let s = &f.sig;
-    if let Some(t) = &s.asyncness {
-        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `async`")));
-    }
-    if let Some(t) = &s.constness {
-        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `const`")));
-    }
-    if let Some(t) = &s.unsafety {
-        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `unsafe`")));
-    }
-    if let Some(a) = &s.abi {
-        errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must use the Rust ABI")));
-    }
-    if !s.generics.params.is_empty() {
-        errors.push(syn::Error::new(s.generics.span(), format!("{SHAPE}: it must not be generic")));
-    }
-    if let Some(v) = &s.variadic {
-        errors.push(syn::Error::new(v.span(), format!("{SHAPE}: it must not be variadic")));
-    }
-    if let syn::ReturnType::Type(_, t) = &s.output {
-        errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must return nothing")));
-    }
+    crate::check_plain_fn(s, SHAPE, errors);
     let is_regs = |t: &syn::Type| match t {
         syn::Type::Reference(r) if r.mutability.is_some() => {
             matches!(&*r.elem, syn::Type::Path(p) if p.path.segments.last().is_some_and(|l| l.ident == "PtRegs"))

@@ -142,27 +142,7 @@ fn check_signature(f: &syn::ItemFn, data: Option<&syn::Type>, errors: &mut Vec<s
         }
     };
     let s = &f.sig;
-    if let Some(t) = &s.asyncness {
-        errors.push(syn::Error::new(t.span(), format!("{shape}: it must not be `async`")));
-    }
-    if let Some(t) = &s.constness {
-        errors.push(syn::Error::new(t.span(), format!("{shape}: it must not be `const`")));
-    }
-    if let Some(t) = &s.unsafety {
-        errors.push(syn::Error::new(t.span(), format!("{shape}: it must not be `unsafe`")));
-    }
-    if let Some(a) = &s.abi {
-        errors.push(syn::Error::new(a.span(), format!("{shape}: it must use the Rust ABI")));
-    }
-    if !s.generics.params.is_empty() {
-        errors.push(syn::Error::new(s.generics.span(), format!("{shape}: it must not be generic")));
-    }
-    if let Some(v) = &s.variadic {
-        errors.push(syn::Error::new(v.span(), format!("{shape}: it must not be variadic")));
-    }
-    if let syn::ReturnType::Type(_, t) = &s.output {
-        errors.push(syn::Error::new(t.span(), format!("{shape}: it must return nothing")));
-    }
+    crate::check_plain_fn(s, &shape, errors);
     fn mut_ref(t: &syn::Type) -> Option<&syn::Type> {
         match t {
             syn::Type::Reference(r) if r.mutability.is_some() => Some(&r.elem),

@@ -286,3 +286,32 @@ fn registration(
         }
     }
 }
+
+/// The checks every probe handler's signature shares: a plain, safe, non-generic Rust
+/// function that returns nothing. One error per problem, on its token; `shape` says
+/// what the signature must be.
+fn check_plain_fn(s: &syn::Signature, shape: &str, errors: &mut Vec<syn::Error>) {
+    use syn::spanned::Spanned;
+    let mut refuse = |span: proc_macro2::Span, why: &str| errors.push(syn::Error::new(span, format!("{shape}: {why}")));
+    if let Some(t) = &s.asyncness {
+        refuse(t.span(), "it must not be `async`");
+    }
+    if let Some(t) = &s.constness {
+        refuse(t.span(), "it must not be `const`");
+    }
+    if let Some(t) = &s.unsafety {
+        refuse(t.span(), "it must not be `unsafe`");
+    }
+    if let Some(a) = &s.abi {
+        refuse(a.span(), "it must use the Rust ABI");
+    }
+    if !s.generics.params.is_empty() {
+        refuse(s.generics.span(), "it must not be generic");
+    }
+    if let Some(v) = &s.variadic {
+        refuse(v.span(), "it must not be variadic");
+    }
+    if let syn::ReturnType::Type(_, t) = &s.output {
+        refuse(t.span(), "it must return nothing");
+    }
+}
