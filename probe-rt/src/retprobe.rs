@@ -37,11 +37,12 @@
 //! unregistered probe is not dropped.
 //!
 //! # What a handler may do
-//! The entry handler runs in the SIGTRAP handler, with the rules of
-//! [`Probe`](crate::Probe) handlers; the return handler runs on the thread's own stack
-//! in the trampoline, and follows the same rules (no locks the program may hold, no
-//! allocation, no printing) because it may run anywhere the probed function returns.
-//! At each entry that takes an instance, in the SIGTRAP handler, the previous call's
+//! The entry handler runs in the SIGTRAP handler (or, on a `#[traceable]` function's
+//! site, in the site dispatcher), with the rules of [`Probe`](crate::Probe) handlers;
+//! the return handler runs on the thread's own stack in the trampoline, and follows
+//! the same rules (no locks the program may hold, no allocation, no printing) because
+//! it may run anywhere the probed function returns. At each entry that takes an
+//! instance, in the entry handler's context, the previous call's
 //! `T` is dropped and `T::default()` stored: use data that neither allocates in
 //! `default` nor frees in `drop` (integers, timestamps, arrays). Changes to the
 //! instruction pointer in a return handler are ignored: the function returns to its
@@ -279,8 +280,9 @@ fn override_return(regs: &mut PtRegs, value: u64) {
     regs.set_instruction_pointer(ret);
 }
 
-/// The entry hook (a breakpoint probe's pre handler, in the SIGTRAP handler): takes an
-/// instance and hijacks the return. `ctx` is the `&'static Core`.
+/// The entry hook (the pre handler of the entry's breakpoint probe, in the SIGTRAP
+/// handler, or of its site probe, in the site dispatcher): takes an instance and
+/// hijacks the return. `ctx` is the `&'static Core`.
 pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
     // SAFETY: `ctx` was registered as the address of a leaked, never freed `Core`.
     let core = unsafe { &*(ctx as *const Core) };
