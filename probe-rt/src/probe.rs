@@ -555,8 +555,9 @@ fn run_site_on(t: &grace::Thread, site: usize, regs: &mut PtRegs) {
     let shard = t.enter().filter(|s| *s < HIT_SHARDS);
     let active = t.active.replace(true);
     let here = || records().iter().enumerate().filter(move |(_, e)| e.site.load(Ordering::Relaxed) && e.addr.load(Ordering::Acquire) == site);
-    let mut redirected = false;
+    let (mut redirected, mut posts) = (false, false);
     for (index, e) in here() {
+        posts |= e.post.load(Ordering::Relaxed) != 0;
         if active {
             e.nmissed.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -579,7 +580,8 @@ fn run_site_on(t: &grace::Thread, site: usize, regs: &mut PtRegs) {
             }
         }
     }
-    if !active && !redirected {
+    // A second pass only if a post handler is there (most sites have none).
+    if posts && !active && !redirected {
         for (_, e) in here() {
             let post = e.post.load(Ordering::Relaxed);
             if post != 0 {

@@ -416,9 +416,28 @@ fn an_instance_held_by_an_exited_thread_is_reclaimed() {
     std::panic::set_hook(Box::new(|_| {}));
     // The panic unwinds through the hijacked frame and ends the thread, which still
     // holds the only instance on its (now dead) list.
-    let r = std::thread::spawn(|| dies_inside(13)).join();
+    let tid = std::sync::Arc::new(AtomicU64::new(0));
+    let seen = tid.clone();
+    let r = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        seen.store(unsafe { libc::gettid() } as u64, Ordering::Relaxed);
+        dies_inside(13)
+    })
+    .join();
     std::panic::set_hook(hook);
     assert!(r.is_err());
+    // join returns once the thread cleared its id; the kernel thread may linger a
+    // moment (under qemu-user, longer): wait until it is gone.
+    let gone = || {
+        // SAFETY: tgkill with signal 0 sends nothing; it only checks the thread.
+        let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid.load(Ordering::Relaxed) as libc::pid_t, 0) };
+        r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    };
+    let start = std::time::Instant::now();
+    while !gone() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the thread never went");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // Another thread's call is still watched: the instance was taken over.
     assert_eq!(dies_inside(1), 2);
     assert_eq!((p.nhit(), p.nmissed()), (2, 0));
