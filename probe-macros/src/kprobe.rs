@@ -102,7 +102,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         return quote! { #e #f };
     }
     let krate = &o.krate;
-    let (ident, vis) = (&f.sig.ident, &f.vis);
+    let ident = &f.sig.ident;
     let target = match (&o.function, &o.symbol) {
         (Some(path), _) => quote_spanned! { path.span() => .address(#path as *const () as usize) },
         (_, Some(name)) => quote! { .symbol(#name) },
@@ -112,12 +112,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let post = o.post.as_ref().map(|p| quote_spanned! { p.span() => .post(#p) });
     let result = quote! { ::core::result::Result<#krate::ProbeHandle, #krate::Error> };
     let body = quote! { #krate::Probe::builder() #target #offset .pre(#ident) #post .register() };
-    let registration = crate::registration(&vis, ident, result, body, "probe", "breakpoint probe whose pre handler", "kprobe");
-    quote! {
-        #f
-
-        #registration
-    }
+    crate::registration(&f, result, body, "probe", "breakpoint probe whose pre handler", "kprobe")
 }
 
 #[cfg(test)]

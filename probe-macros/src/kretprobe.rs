@@ -201,7 +201,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         return quote! { #e #f };
     }
     let krate = o.krate.unwrap_or_else(|| syn::parse_quote!(::probekit));
-    let (ident, vis) = (&f.sig.ident, &f.vis);
+    let ident = &f.sig.ident;
     let target = match (&o.function, &o.symbol) {
         // Any function item or pointer, whatever its signature (`FnAddr` would need the
         // pointer type spelled out): its address, as `#[kprobe]` does.
@@ -259,12 +259,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
             }
         }
     };
-    let registration = crate::registration(&vis, ident, result, body, "return probe", "return probe whose return handler", "kretprobe");
-    quote! {
-        #f
-
-        #registration
-    }
+    crate::registration(&f, result, body, "return probe", "return probe whose return handler", "kretprobe")
 }
 
 #[cfg(test)]
