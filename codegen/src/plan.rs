@@ -63,10 +63,15 @@ pub enum Shape {
     /// return address is marked undefined: a walk stops there rather than go astray.
     Kretprobe,
     /// Entered from a patched site by `call` (x86_64) or `mov x9, x30; bl` (aarch64,
-    /// as the kernel's ftrace): steps over the x86_64 red zone, aligns, saves, calls,
+    /// as the kernel's ftrace): steps over the x86_64 red zone, saves, calls,
     /// restores and resumes at the continuation (the frame's pc). The site is a
     /// function's entry: on x86_64 the flags are saved but not restored (the ABI does
-    /// not preserve them across calls; DF leaves clear, as it came).
+    /// not preserve them across calls; DF leaves clear, as it came), and the stack has
+    /// the alignment the ABI gives every function entry (`rsp + 8` 16-aligned before the
+    /// site's `call`), so the frame sits at a fixed distance below it, with no run-time
+    /// alignment ([`Plan::probed_sp_offset`]; `Fp::Full`, whose xsave area is sized at
+    /// run time, and frames too large to allocate without probing the pages still align
+    /// at run time).
     ///
     /// On x86_64 the site's own `call` writes the return address at `[rsp-8]`, inside
     /// the probed code's red zone; the routine keeps the other 120 bytes of it (and
@@ -145,6 +150,8 @@ pub enum Encoding {
     X86Disp8,
     /// x86_64 `[rsp + disp32]`.
     X86Disp32,
+    /// x86_64 `pushfq` with rsp placed just above the slot (an 8-byte, 8-aligned word).
+    X86Push,
     /// A store loop over the slot (large reserved fields): x86_64 `[rsp + rdx*8 + end]`
     /// with a negative count, aarch64 post-indexed `str xzr, [x0], #8`.
     Loop,
@@ -278,6 +285,19 @@ impl Plan {
     /// Every instruction of the routine in order.
     pub fn ops(&self) -> impl Iterator<Item = &Op> {
         self.prologue.iter().chain(&self.save).chain(&self.call).chain(&self.restore).chain(&self.epilogue)
+    }
+
+    /// Where the probed context's stack pointer is while the handler runs, as an offset
+    /// from the frame base, if the routine allocates at a fixed distance below it: every
+    /// aarch64 routine (sp is 16-aligned everywhere), and x86_64 `Entry` without an
+    /// anchor. `None` when only the anchor knows (x86_64 alignment at run time). A
+    /// dispatcher can read it when the frame's own stack-pointer field may have been
+    /// changed by a handler.
+    pub fn probed_sp_offset(&self) -> Option<u64> {
+        match self.arch() {
+            Arch::Aarch64 => Some(self.alloc),
+            Arch::X86_64 => (!self.hidden.iter().any(|(s, _)| *s == Slot::Anchor)).then_some(self.alloc + self.red_zone + 8),
+        }
     }
 
     /// Whether `reg`, which has a field, is reloaded from it on the way out.

@@ -90,3 +90,24 @@ fn x86_64_pt_regs_offsets() {
     let a = FrameLayout::builtin(Arch::Aarch64);
     assert_eq!((a.size, a.fields.last().unwrap().offset), (272, 264));
 }
+
+/// x86_64 Entry at a function entry: no anchor, rflags pushed straight into its field,
+/// the frame at a fixed distance below the probed stack pointer (the site trampoline of
+/// probe-rt reads it there). With `Fp::Full` the run-time xsave size needs the anchor.
+#[test]
+fn x86_64_entry_is_anchored_only_when_it_must_be() {
+    let f = FrameLayout::builtin(Arch::X86_64);
+    let plan = Plan::new(&f, Policy::All, Fp::Args, Shape::Entry).unwrap();
+    let text: Vec<String> = plan.ops().map(|o| o.asm.clone()).collect();
+    assert_subsequence(
+        &text,
+        &["lea rsp, [rsp - 280]", "pushfq", "lea rsp, [rsp - 144]", "mov qword ptr [rsp + 80], rax", "cld", "call {handler}", "lea rsp, [rsp + 432]", "ret"],
+    );
+    assert!(!text.iter().any(|t| t.contains("and rsp") || t.contains("push rax")), "{}", text.join("\n"));
+    // alloc 304 + red zone 128 + the resume address 8.
+    assert_eq!(plan.probed_sp_offset(), Some(440));
+    let full = Plan::new(&f, Policy::All, Fp::Full, Shape::Entry).unwrap();
+    assert_eq!(full.probed_sp_offset(), None);
+    let a = Plan::new(&FrameLayout::builtin(Arch::Aarch64), Policy::All, Fp::Args, Shape::Entry).unwrap();
+    assert_eq!(a.probed_sp_offset(), Some(a.alloc));
+}

@@ -78,6 +78,7 @@ fn in_range(a: &Access, off: u64, size: u64) -> bool {
         }
         Encoding::X86Disp8 => off <= 127,
         Encoding::X86Disp32 => off <= i32::MAX as u64,
+        Encoding::X86Push => size == 8 && off % 8 == 0,
         Encoding::Loop => true,
     }
 }

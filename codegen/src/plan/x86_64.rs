@@ -24,6 +24,26 @@
 //! Kretprobe ends in `lea rsp, [rsp+8]; jmp [rsp-8]` instead: its entry was a `ret`
 //! the return-stack buffer did not expect, and a second `ret` would desynchronise it
 //! for every return above.
+//!
+//! Entry (but with `Fp::Full`, or a frame too large to allocate without probing the
+//! pages) needs no anchor: it runs at a function entry, where the ABI has `rsp + 8`
+//! 16-aligned, so after the site's `call` rsp is 16-aligned and the frame sits at a
+//! fixed distance below it. Every register, rax included, goes straight into its
+//! field, and rflags is pushed straight into its own (or not saved at all without
+//! one: Entry never restores the flags):
+//!
+//! ```text
+//!  P        ──────────────  stack of the probed context
+//!  P-8      resume address  pushed by the site's `call`; 16-aligned
+//!  P-8-RZ   red zone        128 bytes skipped
+//!  rsp+FP   FP/SIMD area
+//!  rsp+H    hidden spills
+//!  rsp+0    the frame       rflags pushed into its field by `pushfq` (rsp placed by `lea`)
+//! ```
+//!
+//! It leaves with `lea rsp, [rsp + alloc + RZ]; ret`. Against the anchored form that
+//! is four stores and four loads fewer (rax and rflags are not copied through the
+//! anchor words, and there is no anchor) and no alignment, on the path of every site hit.
 
 use super::*;
 
@@ -68,83 +88,87 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     }
     let rz = if shape == Shape::Entry { RED_ZONE } else { 0 };
     let elems = elements(frame);
+    // Entry at a known alignment (module docs): the allocation must fit in one page
+    // below the red zone, so that no guard page can be jumped over.
+    let fixed = shape == Shape::Entry && fp != Fp::Full && area(frame, fp, shape, false).alloc + rz <= 4096;
+    let Area { hidden, anchor, spills, rip, fp_area, alloc } = area(frame, fp, shape, !fixed);
 
-    // Hidden area: the anchor, caller-saved registers without a field (rax lives at A),
-    // and the resume address of a kretprobe frame without a rip field.
-    let mut next = frame.size.next_multiple_of(8);
-    let mut hidden = Vec::new();
-    let mut take = |slot: Slot| {
-        let off = next;
-        next += 8;
-        hidden.push((slot, off));
-        off
+    // Where the resume address the call pushed is, and the probed context's rsp: above
+    // the anchor A (after rax, rflags and the red zone), or at a fixed distance above
+    // the frame base.
+    let (resume_at, probed_sp) = match anchor {
+        Some(_) => (format!("rax + {}", 16 + rz), format!("rax + {}", 24 + rz)),
+        None => (format!("rsp + {}", alloc + rz), format!("rsp + {}", alloc + rz + 8)),
     };
-    let anchor = take(Slot::Anchor);
-    let spills: Vec<(Reg, u64)> = Reg::gprs(Arch::X86_64)
-        .into_iter()
-        .filter(|r| *r != RAX && r.class() == RegClass::CallerSaved && frame.offset_of(*r).is_none())
-        .map(|r| (r, take(Slot::Hidden(r))))
-        .collect();
-    let rip = match frame.offset_of(Reg::X86Rip) {
-        Some(off) => Some((off, Slot::Field { name: field_name(frame, Reg::X86Rip), reg: Some(Reg::X86Rip) })),
-        None if shape == Shape::Kretprobe => Some((take(Slot::Resume), Slot::Resume)),
-        None => None,
-    };
-    let (fp_area, alloc) = match fp {
-        Fp::None => (None, next.next_multiple_of(16)),
-        Fp::Args | Fp::Return => {
-            let n = if fp == Fp::Args { 8 } else { 2 };
-            let at = next.next_multiple_of(16);
-            (Some((at, 16 * n)), at + 16 * n)
-        }
-        // The xsave area must be 64-aligned; its size is known at run time only, so it
-        // sits on top of the static allocation, inside the `sub rsp, [xsave_size]`.
-        Fp::Full => {
-            let at = next.next_multiple_of(64);
-            (Some((at, 0)), at)
-        }
-    };
-    let alloc = alloc.next_multiple_of(16);
-
+    let eflags = elems.iter().find(|e| e.3 == Ok(Reg::X86Eflags)).map(|e| (e.0, e.2.clone()));
     let mut prologue = Vec::new();
-    match shape {
-        Shape::Entry => prologue.push(Op::new(
-            format!("lea rsp, [rsp - {rz}]"),
-            "step over the red zone of the probed code (lea: flags untouched)",
-        )),
-        Shape::Kretprobe => prologue.push(Op::new(
-            "lea rsp, [rsp - 8]",
-            "hole for the real return address the handler gives back (lea: flags untouched)",
-        )),
-        Shape::SaveRestore => {}
-    }
-    prologue.push(Op::new("pushfq", "save rflags before any instruction changes them: [A+8]"));
-    prologue.push(Op::new("push rax", "free rax: [A]"));
-    prologue.push(Op::new("mov rax, rsp", "rax = anchor A"));
-    if fp == Fp::Full {
-        prologue.push(Op::new(
-            "sub rsp, qword ptr [rip + {xsave_size}]",
-            "room for the xsave area (its size is known at run time)",
-        ));
-        prologue.push(Op::new("and rsp, -64", "xsave needs a 64-aligned area"));
-    } else {
-        prologue.push(Op::new("and rsp, -16", "align: the ABI wants rsp % 16 == 0 at a call"));
-    }
-    // Touch every 4 KiB page on the way down: a large frame must not jump a guard page.
-    let mut rest = alloc;
-    while rest > 4096 {
-        prologue.push(Op::new("sub rsp, 4096", "allocate one page"));
-        prologue.push(Op::new("or qword ptr [rsp], 0", "probe it: no jumping over a guard page"));
-        rest -= 4096;
-    }
-    prologue.push(Op::new(format!("sub rsp, {rest}"), format!("allocate frame {} + hidden + FP area", frame.name)));
-    prologue.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
-
     let mut steps = Vec::new();
-    // 1. General registers into their fields, in field order (rax and rsp come later).
+    match (anchor, &eflags) {
+        // A fixed Entry with a flags field: rsp is placed just above it (lea: flags
+        // untouched), `pushfq` writes it before any instruction changes the flags, then
+        // rsp drops to the frame base. `cld` waits until the call.
+        (None, Some((off, name))) => {
+            prologue.push(Op::new(
+                format!("lea rsp, [rsp - {}]", rz + alloc - off - 8),
+                format!("over the red zone, to just above the {name} field (lea: flags untouched)"),
+            ));
+            let slot = Slot::Field { name: name.clone(), reg: Some(Reg::X86Eflags) };
+            let mut save = vec![Op::mem(
+                "pushfq",
+                format!("{name} @{off}: rflags, before any instruction changes them"),
+                Access { dir: Dir::Store, slots: vec![(*off, 8, slot)], encoding: Encoding::X86Push },
+            )];
+            if *off > 0 {
+                save.push(Op::new(format!("lea rsp, [rsp - {off}]"), format!("allocate the rest of frame {} + hidden + FP area", frame.name)));
+            }
+            steps.push(Step { save, restore: vec![] });
+        }
+        // A fixed Entry without one: nothing to save (Entry does not restore the flags).
+        (None, None) => prologue.push(Op::new(
+            format!("lea rsp, [rsp - {}]", rz + alloc),
+            format!("over the red zone, allocate frame {} + hidden + FP area", frame.name),
+        )),
+        (Some(_), _) => {
+            match shape {
+                Shape::Entry => prologue.push(Op::new(
+                    format!("lea rsp, [rsp - {rz}]"),
+                    "step over the red zone of the probed code (lea: flags untouched)",
+                )),
+                Shape::Kretprobe => prologue.push(Op::new(
+                    "lea rsp, [rsp - 8]",
+                    "hole for the real return address the handler gives back (lea: flags untouched)",
+                )),
+                Shape::SaveRestore => {}
+            }
+            prologue.push(Op::new("pushfq", "save rflags before any instruction changes them: [A+8]"));
+            prologue.push(Op::new("push rax", "free rax: [A]"));
+            prologue.push(Op::new("mov rax, rsp", "rax = anchor A"));
+            if fp == Fp::Full {
+                prologue.push(Op::new(
+                    "sub rsp, qword ptr [rip + {xsave_size}]",
+                    "room for the xsave area (its size is known at run time)",
+                ));
+                prologue.push(Op::new("and rsp, -64", "xsave needs a 64-aligned area"));
+            } else {
+                prologue.push(Op::new("and rsp, -16", "align: the ABI wants rsp % 16 == 0 at a call"));
+            }
+            // Touch every 4 KiB page on the way down: a large frame must not jump a guard page.
+            let mut rest = alloc;
+            while rest > 4096 {
+                prologue.push(Op::new("sub rsp, 4096", "allocate one page"));
+                prologue.push(Op::new("or qword ptr [rsp], 0", "probe it: no jumping over a guard page"));
+                rest -= 4096;
+            }
+            prologue.push(Op::new(format!("sub rsp, {rest}"), format!("allocate frame {} + hidden + FP area", frame.name)));
+            prologue.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
+        }
+    }
+
+    // 1. General registers into their fields, in field order (rsp comes later, and so
+    //    does rax when it holds the anchor).
     for (off, _, name, v) in &elems {
         if let Ok(r @ Reg::X86Gpr(n)) = v {
-            if *n == 0 || *n == 4 {
+            if (*n == 0 && anchor.is_some()) || *n == 4 {
                 continue;
             }
             let slot = || Slot::Field { name: name.clone(), reg: Some(*r) };
@@ -172,6 +196,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         let note = format!("{name} @{off}");
         let mut step = Step::default();
         match v {
+            Ok(RAX | Reg::X86Eflags) if anchor.is_none() => continue, // stored above
             Ok(RAX) => {
                 step.save.push(Op::new("mov rcx, qword ptr [rax]", "rax of the probed context, from [A]"));
                 step.save.push(store("rcx", *off, slot(Some(RAX)), note.clone()));
@@ -189,10 +214,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 }
             }
             Ok(r @ Reg::X86Gpr(4)) => {
-                step.save.push(Op::new(
-                    format!("lea rcx, [rax + {}]", 24 + rz),
-                    "rsp of the probed context: above rax, rflags, red zone and resume address",
-                ));
+                step.save.push(Op::new(format!("lea rcx, [{probed_sp}]"), "rsp of the probed context: above the red zone and resume address"));
                 step.save.push(store("rcx", *off, slot(Some(*r)), format!("{note} (read-only)")));
             }
             Ok(Reg::X86Rip) => {} // below, with a hidden resume slot
@@ -243,24 +265,20 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         if shape == Shape::Kretprobe {
             step.save.push(Op::new("lea rcx, [rip + {self}]", "rip: the trampoline (the handler gives the real one)"));
         } else {
-            step.save.push(Op::new(
-                format!("mov rcx, qword ptr [rax + {}]", 16 + rz),
-                "rip: the resume address the call pushed",
-            ));
+            step.save.push(Op::new(format!("mov rcx, qword ptr [{resume_at}]"), "rip: the resume address the call pushed"));
         }
         step.save.push(store("rcx", *off, slot.clone(), format!("{slot} @{off}")));
         step.restore.push(load("rcx", *off, slot.clone(), format!("{slot} @{off}")));
-        step.restore.push(Op::new(
-            format!("mov qword ptr [rax + {}], rcx", 16 + rz),
-            "the resume address",
-        ));
+        step.restore.push(Op::new(format!("mov qword ptr [{resume_at}], rcx"), "the resume address"));
         steps.push(step);
     }
     // 4. The anchor, last of the general state: restore reloads it first.
-    steps.push(Step {
-        save: vec![store("rax", anchor, Slot::Anchor, format!("anchor A @{anchor}"))],
-        restore: vec![load("rax", anchor, Slot::Anchor, format!("rax = anchor A @{anchor}"))],
-    });
+    if let Some(anchor) = anchor {
+        steps.push(Step {
+            save: vec![store("rax", anchor, Slot::Anchor, format!("anchor A @{anchor}"))],
+            restore: vec![load("rax", anchor, Slot::Anchor, format!("rax = anchor A @{anchor}"))],
+        });
+    }
     // 5. FP/SIMD state.
     let mut operands = vec!["handler"];
     match (fp, fp_area) {
@@ -303,13 +321,18 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         _ => {}
     }
 
-    let mut call = vec![Op::new("mov rdi, rsp", "argument 1: the frame")];
+    let mut call = Vec::new();
+    if anchor.is_none() {
+        call.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
+    }
+    call.push(Op::new("mov rdi, rsp", "argument 1: the frame"));
     call.push(match fp_area {
         Some((at, _)) => Op::new(format!("lea rsi, [rsp + {at}]"), "argument 2: the FP/SIMD area"),
         None => Op::new("xor esi, esi", "argument 2: no FP/SIMD area"),
     });
     if shape == Shape::Kretprobe {
         let (off, slot) = rip.clone().expect("a kretprobe always has a resume slot");
+        let anchor = anchor.expect("a kretprobe has an anchor");
         // CFA = A + 24 (above rax, rflags and the hole), A read back from its slot:
         // DW_OP_breg7 (rsp) anchor; DW_OP_deref; DW_OP_plus_uconst 24.
         let mut cfa = vec![0x77];
@@ -324,16 +347,19 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
     }
 
-    let mut epilogue = vec![
-        Op::new("mov rsp, rax", "back to the anchor"),
-        Op::new("pop rax", "rax (the frame's, under either policy)"),
-        if restores(Arch::X86_64, policy, shape, Reg::X86Eflags) {
-            Op::new("popfq", "rflags (the frame's)")
-        } else {
-            Op::new("lea rsp, [rsp + 8]", "drop the saved rflags (not restored at a function entry)")
-        },
-    ];
-    if rz > 0 {
+    let mut epilogue = match anchor {
+        None => vec![Op::new(format!("lea rsp, [{resume_at}]"), "free the frame, back over the red zone")],
+        Some(_) => vec![
+            Op::new("mov rsp, rax", "back to the anchor"),
+            Op::new("pop rax", "rax (the frame's, under either policy)"),
+            if restores(Arch::X86_64, policy, shape, Reg::X86Eflags) {
+                Op::new("popfq", "rflags (the frame's)")
+            } else {
+                Op::new("lea rsp, [rsp + 8]", "drop the saved rflags (not restored at a function entry)")
+            },
+        ],
+    };
+    if rz > 0 && anchor.is_some() {
         epilogue.push(Op::new(format!("lea rsp, [rsp + {rz}]"), "back over the red zone"));
     }
     if shape == Shape::Kretprobe {
@@ -365,6 +391,62 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             operands,
         },
     ))
+}
+
+/// What a routine keeps past the frame, and its allocation.
+struct Area {
+    /// `(slot, offset)` of every hidden word.
+    hidden: Vec<(Slot, u64)>,
+    /// The anchor slot (every routine but a fixed Entry).
+    anchor: Option<u64>,
+    /// Caller-saved registers without a field, and their hidden slots.
+    spills: Vec<(Reg, u64)>,
+    /// Where the resume address is kept: the rip field, or a hidden slot (Kretprobe).
+    rip: Option<(u64, Slot)>,
+    /// Offset and static size of the FP/SIMD area.
+    fp_area: Option<(u64, u64)>,
+    /// Bytes allocated below the entry (16-aligned).
+    alloc: u64,
+}
+
+/// The hidden area past the frame: the anchor (if `anchored`), caller-saved registers
+/// without a field (rax lives at the anchor when there is one), the resume address of
+/// a kretprobe frame without a rip field; then the FP/SIMD area.
+fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
+    let mut next = frame.size.next_multiple_of(8);
+    let mut hidden = Vec::new();
+    let mut take = |slot: Slot| {
+        let off = next;
+        next += 8;
+        hidden.push((slot, off));
+        off
+    };
+    let anchor = anchored.then(|| take(Slot::Anchor));
+    let spills: Vec<(Reg, u64)> = Reg::gprs(Arch::X86_64)
+        .into_iter()
+        .filter(|r| (*r != RAX || !anchored) && r.class() == RegClass::CallerSaved && frame.offset_of(*r).is_none())
+        .map(|r| (r, take(Slot::Hidden(r))))
+        .collect();
+    let rip = match frame.offset_of(Reg::X86Rip) {
+        Some(off) => Some((off, Slot::Field { name: field_name(frame, Reg::X86Rip), reg: Some(Reg::X86Rip) })),
+        None if shape == Shape::Kretprobe => Some((take(Slot::Resume), Slot::Resume)),
+        None => None,
+    };
+    let (fp_area, alloc) = match fp {
+        Fp::None => (None, next.next_multiple_of(16)),
+        Fp::Args | Fp::Return => {
+            let n = if fp == Fp::Args { 8 } else { 2 };
+            let at = next.next_multiple_of(16);
+            (Some((at, 16 * n)), at + 16 * n)
+        }
+        // The xsave area must be 64-aligned; its size is known at run time only, so it
+        // sits on top of the static allocation, inside the `sub rsp, [xsave_size]`.
+        Fp::Full => {
+            let at = next.next_multiple_of(64);
+            (Some((at, 0)), at)
+        }
+    };
+    Area { hidden, anchor, spills, rip, fp_area, alloc: alloc.next_multiple_of(16) }
 }
 
 fn field_name(frame: &FrameLayout, reg: Reg) -> String {
