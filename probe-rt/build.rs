@@ -47,7 +47,12 @@ fn main() {
             Some(arch) => {
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Args, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
-                render::rust_global_asm(&plan, name, &symbols)
+                let mut text = render::rust_global_asm(&plan, name, &symbols);
+                if shape == Shape::Entry {
+                    let sp = plan.probed_sp_offset().expect("the site trampoline allocates at a fixed distance");
+                    text += &format!("/// Where the probed function's stack pointer is, from the site trampoline's frame.\npub(crate) const PROBED_SP: usize = {sp};\n");
+                }
+                text
             }
             None => String::new(),
         };

@@ -35,8 +35,8 @@ const SIGNAL: libc::c_int = libc::SIGURG;
 /// How long a thread may take to answer a sample.
 const ANSWER: Duration = Duration::from_millis(100);
 
-/// What the hit paths keep per thread, in one thread-local (each access of one is a
-/// call through `LocalKey`; a site hit makes one).
+/// What the hit paths keep per thread, in one thread-local (a site hit accesses it
+/// twice: on the way in and on the way out).
 pub(crate) struct Thread {
     /// How deep this thread is in probekit's hit paths.
     depth: Cell<u32>,
@@ -44,6 +44,8 @@ pub(crate) struct Thread {
     /// it found no room).
     index: Cell<u32>,
     /// Running a probe handler (reentrancy guard: probes hit meanwhile are missed).
+    /// A site's dispatcher sets it before it reads any record and clears it after the
+    /// last, instead of `depth`: a sample that finds it set counts as inside a hit path.
     pub(crate) active: Cell<bool>,
 }
 
@@ -68,8 +70,8 @@ static THREADS: [AtomicI32; MAX_THREADS] = [NO_THREAD; MAX_THREADS];
 /// A thread found no free entry in [`THREADS`].
 static OVERFLOW: AtomicBool = AtomicBool::new(false);
 
-/// Marks the start of a hit path (the SIGTRAP handler, a site's dispatcher) on this
-/// thread, recording the thread on its first time. Returns the thread's index among
+/// Marks the start of a hit path (the SIGTRAP handler) on this thread, recording the
+/// thread on its first time. Returns the thread's index among
 /// the recorded threads, which is its alone for the life of the process (entries are
 /// never given back): callers use it for counters only this thread writes.
 /// Async-signal-safe: atomics and a syscall.
@@ -94,21 +96,29 @@ impl Thread {
     }
 
     /// This thread's index among the recorded threads (recording it the first time).
+    #[inline]
     pub(crate) fn index(&self) -> Option<usize> {
         let mut index = self.index.get();
         if index == 0 {
-            let tid = gettid();
-            let free = |t: &AtomicI32| t.load(Ordering::Relaxed) == 0 && t.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok();
-            index = match THREADS.iter().position(free) {
-                Some(i) => i as u32 + 1,
-                None => {
-                    OVERFLOW.store(true, Ordering::Release);
-                    u32::MAX
-                }
-            };
-            self.index.set(index);
+            index = self.record();
         }
         (index != u32::MAX).then(|| index as usize - 1)
+    }
+
+    /// Records this thread in [`THREADS`] (its first time in a hit path).
+    #[cold]
+    pub(crate) fn record(&self) -> u32 {
+        let tid = gettid();
+        let free = |t: &AtomicI32| t.load(Ordering::Relaxed) == 0 && t.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        let index = match THREADS.iter().position(free) {
+            Some(i) => i as u32 + 1,
+            None => {
+                OVERFLOW.store(true, Ordering::Release);
+                u32::MAX
+            }
+        };
+        self.index.set(index);
+        index
     }
 
     /// See [`leave`].
@@ -174,7 +184,8 @@ extern "C" fn on_sample(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         return; // not a sample: SIGURG's default action is to ignore it
     }
     PC.store(regs::pc(uc) as usize, Ordering::Relaxed);
-    IN_HANDLER.store(with_thread(|t| t.depth.get()), Ordering::Relaxed);
+    // Inside the SIGTRAP handler (`depth`), or in a site's hit path (`active`).
+    IN_HANDLER.store(with_thread(|t| t.depth.get() + t.active.get() as u32), Ordering::Relaxed);
     ANSWERED.store(SEQ.load(Ordering::Relaxed), Ordering::Release);
 }
 

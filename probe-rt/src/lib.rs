@@ -15,6 +15,7 @@ pub mod probe;
 mod regs;
 pub mod retprobe;
 mod site;
+mod sitemap;
 pub mod sites;
 mod symbols;
 mod text;

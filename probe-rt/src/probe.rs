@@ -31,7 +31,7 @@
 use crate::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
 use crate::{grace, regs, text, Error, PtRegs};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
 /// A pre or post handler.
@@ -74,6 +74,10 @@ struct Record {
     live: AtomicBool,
     /// Rides a `#[traceable]` function's site instead of a breakpoint.
     site: AtomicBool,
+    /// On a site, from registration to unregistration: the index + 1 of the next
+    /// record on the same site, 0 for none (see `sitemap`). A retired record keeps its
+    /// link until it is reused, so a hit walking the chain through it goes on.
+    chain: AtomicU32,
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // array initialiser only
@@ -94,6 +98,7 @@ const EMPTY: Record = Record {
     sim_b: AtomicU64::new(0),
     live: AtomicBool::new(false),
     site: AtomicBool::new(false),
+    chain: AtomicU32::new(0),
 };
 
 static RECORDS: [Record; MAX_PROBES] = [EMPTY; MAX_PROBES];
@@ -401,7 +406,12 @@ impl ProbeBuilder {
         if index == USED.load(Ordering::Relaxed) {
             USED.store(index + 1, Ordering::Release);
         }
-        if let Err(err) = arm(e, true) {
+        let site = e.site.load(Ordering::Relaxed);
+        let r = match site {
+            true => link(index).and_then(|()| arm(e, true).inspect_err(|_| unlink(index))),
+            false => arm(e, true),
+        };
+        if let Err(err) = r {
             reg.untake(index);
             return Err(err);
         }
@@ -543,54 +553,129 @@ fn arm_site(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     }
 }
 
+/// The records linked from `first` (an index + 1) on: `(index, record)`.
+fn chain_from(first: u32) -> impl Iterator<Item = (usize, &'static Record)> {
+    let mut next = first;
+    std::iter::from_fn(move || {
+        let index = (next as usize).checked_sub(1)?;
+        let e = RECORDS.get(index)?;
+        next = e.chain.load(Ordering::Acquire);
+        Some((index, e))
+    })
+}
+
+/// Appends site record `index` to its site's chain, which therefore runs in
+/// registration order. Under the registry lock.
+fn link(index: usize) -> Result<(), Error> {
+    let site = RECORDS[index].target.load(Ordering::Relaxed);
+    RECORDS[index].chain.store(0, Ordering::Relaxed);
+    let me = index as u32 + 1;
+    match chain_from(crate::sitemap::head(site)).last() {
+        Some((_, tail)) => {
+            tail.chain.store(me, Ordering::Release);
+            Ok(())
+        }
+        None => crate::sitemap::set_head(site, me),
+    }
+}
+
+/// Takes site record `index` out of its site's chain. Its own link stays, for a hit
+/// walking through it (the record is reused only after a grace period). Under the
+/// registry lock.
+fn unlink(index: usize) {
+    let site = RECORDS[index].target.load(Ordering::Relaxed);
+    let (me, next) = (index as u32 + 1, RECORDS[index].chain.load(Ordering::Relaxed));
+    let head = crate::sitemap::head(site);
+    if head == me {
+        // The site has an entry (its head is `me`): this cannot fail.
+        let _ = crate::sitemap::set_head(site, next);
+    } else if let Some((_, before)) = chain_from(head).find(|(_, e)| e.chain.load(Ordering::Relaxed) == me) {
+        before.chain.store(next, Ordering::Release);
+    }
+}
+
 /// Runs the probes armed on the site at `site`, in registration order, for the site
 /// trampoline's dispatcher: pre handlers, then (unless one redirected execution) post
 /// handlers, with `regs` as at the function's entry (pc = `site`). A site hit inside a
 /// handler is counted as missed.
+///
+/// The hit path of every site call, inlined into the dispatcher: a table lookup, no
+/// scan, and a short path for the common case. The thread's `active` flag, set before any record is
+/// read, also tells a grace period that the thread is inside the hit path (the code
+/// before and after it is probekit's own, which a grace period treats as busy).
+#[inline(always)]
 pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
-    grace::with_thread(|t| run_site_on(t, site, regs));
+    let (active, shard) = grace::with_thread(|t| (t.active.replace(true), t.index()));
+    // The sampling handler reads `active` on this thread: the store must not move past
+    // the reads of the records.
+    compiler_fence(Ordering::SeqCst);
+    if active {
+        return missed_site(site);
+    }
+    let first = crate::sitemap::head(site);
+    match chain_from(first).next() {
+        // The common case, kept short: one probe on the site, without a post handler.
+        Some((index, e)) if e.chain.load(Ordering::Acquire) == 0 && e.addr.load(Ordering::Acquire) == site && e.post.load(Ordering::Relaxed) == 0 => {
+            count_site_hit(shard, index, e);
+            let pre = e.pre.load(Ordering::Relaxed);
+            if pre != 0 {
+                call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
+            }
+        }
+        _ => run_site_chain(site, first, shard, regs),
+    }
+    compiler_fence(Ordering::SeqCst);
+    grace::with_thread(|t| t.active.set(false));
 }
 
-fn run_site_on(t: &grace::Thread, site: usize, regs: &mut PtRegs) {
-    let shard = t.enter().filter(|s| *s < HIT_SHARDS);
-    let active = t.active.replace(true);
-    let here = || records().iter().enumerate().filter(move |(_, e)| e.site.load(Ordering::Relaxed) && e.addr.load(Ordering::Acquire) == site);
-    let (mut redirected, mut posts) = (false, false);
-    for (index, e) in here() {
+/// Counts a hit of record `index` on a site, in this thread's counter (`shard`) if
+/// it has one.
+#[inline(always)]
+fn count_site_hit(shard: Option<usize>, index: usize, e: &Record) {
+    match shard.and_then(|s| SITE_HITS.get(s)).and_then(|h| h.get(index)) {
+        Some(c) => c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed),
+        None => {
+            e.nhit.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// [`run_site`] for every record on the site's chain from `first` (an index + 1).
+fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs: &mut PtRegs) {
+    let mut posts = false;
+    for (index, e) in chain_from(first).filter(|(_, e)| e.addr.load(Ordering::Acquire) == site) {
         posts |= e.post.load(Ordering::Relaxed) != 0;
-        if active {
-            e.nmissed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        match shard {
-            Some(s) => {
-                let c = &SITE_HITS[s][index];
-                c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            }
-            None => {
-                e.nhit.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        count_site_hit(shard, index, e);
         let pre = e.pre.load(Ordering::Relaxed);
         if pre != 0 {
             call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
             if regs.instruction_pointer() != site as u64 {
-                redirected = true;
-                break;
+                return; // redirected: the rest does not run, nor do post handlers
             }
         }
     }
     // A second pass only if a post handler is there (most sites have none).
-    if posts && !active && !redirected {
-        for (_, e) in here() {
+    if posts {
+        for (_, e) in on_site(site) {
             let post = e.post.load(Ordering::Relaxed);
             if post != 0 {
                 call_handler(post, 0, regs);
             }
         }
     }
-    t.active.set(active);
-    t.leave();
+}
+
+/// The records armed on `site`, in registration order.
+fn on_site(site: usize) -> impl Iterator<Item = (usize, &'static Record)> {
+    chain_from(crate::sitemap::head(site)).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == site)
+}
+
+/// A site hit inside a handler: counted as missed, runs nothing.
+#[cold]
+fn missed_site(site: usize) {
+    for (_, e) in on_site(site) {
+        e.nmissed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A registered probe; unregistered when dropped.
@@ -655,6 +740,9 @@ impl ProbeHandle {
         if e.addr.load(Ordering::Relaxed) != 0 {
             arm(e, false)?;
         }
+        if e.site.load(Ordering::Relaxed) {
+            unlink(self.index);
+        }
         e.live.store(false, Ordering::Relaxed);
         reg.retired.push(self.index);
         Ok(())
@@ -688,12 +776,12 @@ pub fn blacklist() -> Vec<Blacklisted> {
 }
 
 fn find_blacklist() -> Vec<Blacklisted> {
-    let hit_path: [(&'static str, usize); 17] = [
-        ("probekit's site probes (per thread)", run_site_on as *const () as usize),
+    let hit_path = [
         ("probekit's hit-path bookkeeping", grace::enter as *const () as usize),
         ("probekit's hit-path bookkeeping", grace::Thread::enter as *const () as usize),
+        ("probekit's hit-path bookkeeping", grace::Thread::record as *const () as usize),
         ("probekit's site dispatcher", crate::site::dispatch as *const () as usize),
-        ("probekit's site probes", run_site as *const () as usize),
+        ("probekit's site lookup", crate::sitemap::head as *const () as usize),
         ("probekit's site trampoline", crate::site::trampoline()),
         ("probekit's SIGTRAP handler", on_sigtrap as *const () as usize),
         ("probekit's hit path", hit as *const () as usize),
@@ -701,12 +789,16 @@ fn find_blacklist() -> Vec<Blacklisted> {
         ("probekit's return dispatcher", crate::retprobe::dispatch as *const () as usize),
         ("probekit's return trampoline", crate::retprobe::trampoline()),
         ("probekit's handler call", call_handler as *const () as usize),
+        ("probekit's site probes", missed_site as *const () as usize),
+        ("probekit's site probes", run_site_chain as *const () as usize),
         ("probekit's trap chaining", chain as *const () as usize),
         ("probekit's register reading", regs::read as *const () as usize),
         ("probekit's register writing", regs::write as *const () as usize),
         ("libc sigaction (trap chaining)", libc::sigaction as *const () as usize),
         ("libc raise (trap chaining)", libc::raise as *const () as usize),
     ];
+    #[cfg(target_arch = "x86_64")]
+    let hit_path = hit_path.into_iter().chain([("probekit's site dispatcher", crate::site::redirected as *const () as usize)]);
     hit_path
         .into_iter()
         .map(|(name, addr)| match crate::symbols::function_at(addr) {

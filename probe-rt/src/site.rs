@@ -227,27 +227,32 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, _fp: *mut u8) -> usize {
     // SAFETY: the trampoline passes its frame, every field written by its save
     // sequence, used by nothing else until this returns.
     let regs = unsafe { &mut *frame };
-    // The trampoline's resume address is the end of the site.
-    let resume = regs.instruction_pointer() as usize;
-    let site = resume - SITE_LEN;
-    #[cfg(target_arch = "x86_64")]
-    let sp = regs.rsp;
+    // The trampoline's resume address is the end of the site. (Only `regs` and `site`
+    // live across the handler calls: fewer registers for this function to save.)
+    let site = regs.instruction_pointer() as usize - SITE_LEN;
     regs.set_instruction_pointer(site as u64);
     crate::probe::run_site(site, regs);
-    let pc = regs.instruction_pointer() as usize;
-    if pc == site {
-        regs.set_instruction_pointer(resume as u64); // not redirected: into the function
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        // The entry shape restores every register but rsp. A handler that returned
-        // from the function (an override: rsp + 8, rip = the return address) resumes
-        // at a `ret`, which pops it; other rsp changes cannot be honoured.
-        // SAFETY: rsp points at the return address the function was called with.
-        if regs.rsp == sp + 8 && pc as u64 == unsafe { *(sp as *const u64) } {
-            regs.set_instruction_pointer(probekit_site_return as *const () as u64);
-        }
-        regs.rsp = sp;
+    if regs.instruction_pointer() == site as u64 {
+        regs.set_instruction_pointer((site + SITE_LEN) as u64); // not redirected: into the function
+    } else {
+        #[cfg(target_arch = "x86_64")]
+        redirected(regs);
     }
     0
+}
+
+/// The entry shape restores every register but rsp. A handler that returned from the
+/// function (an override: rsp + 8, rip = the return address) resumes at a `ret`, which
+/// pops it; other rsp changes cannot be honoured.
+#[cfg(target_arch = "x86_64")]
+#[cold]
+pub(crate) fn redirected(regs: &mut PtRegs) {
+    // The function's rsp at its entry, which the frame's field may no longer hold: the
+    // trampoline's frame lies at a fixed distance below it.
+    let sp = (regs as *mut PtRegs as usize + PROBED_SP) as u64;
+    // SAFETY: sp points at the return address the function was called with.
+    if regs.rsp == sp + 8 && regs.rip == unsafe { *(sp as *const u64) } {
+        regs.set_instruction_pointer(probekit_site_return as *const () as u64);
+    }
+    regs.rsp = sp;
 }

@@ -232,18 +232,124 @@ fn second(regs: &mut PtRegs) {
     ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + digit, Ordering::Relaxed);
 }
 
+fn third(_: &mut PtRegs) {
+    ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + 3, Ordering::Relaxed);
+}
+
+/// `shared_site(5)`, and the digits its handlers wrote, in their order.
+fn order_of_call() -> (u64, u64) {
+    ORDER.store(0, Ordering::Relaxed);
+    let r = shared_site(5);
+    (r, ORDER.load(Ordering::Relaxed))
+}
+
 #[test]
 fn probes_on_one_site_share_it_in_registration_order() {
     let f = shared_site as fn(u64) -> u64;
     let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::shared_site")).expect("listed").site;
     let a = Probe::builder().function(f).pre(first).register().unwrap();
     let b = Probe::builder().function(f).pre(second).register().unwrap();
-    assert_eq!(shared_site(5), 110, "the first handler's change reached the function");
-    assert_eq!(ORDER.load(Ordering::Relaxed), 12, "registration order");
-    drop(a);
-    assert!(!is_nop(&site_bytes(site)), "still enabled for the other probe");
-    assert_eq!(shared_site(5), 105);
-    assert_eq!(b.nhit(), 2);
+    let c = Probe::builder().function(f).pre(third).register().unwrap();
+    assert_eq!(order_of_call(), (110, 123), "registration order; the first handler's change reached the others and the function");
+    // Disabling keeps a probe's place (the kernel's aggregated kprobes do the same).
+    b.disable().unwrap();
+    assert_eq!(order_of_call(), (110, 13));
+    b.enable().unwrap();
+    assert_eq!(order_of_call(), (110, 123));
+    // Unregistering one in the middle leaves the others in order; a new one comes last.
     drop(b);
+    assert_eq!(order_of_call(), (110, 13));
+    let d = Probe::builder().function(f).pre(second).register().unwrap();
+    assert_eq!(order_of_call(), (110, 132));
+    drop(a);
+    assert!(!is_nop(&site_bytes(site)), "still enabled for the other probes");
+    assert_eq!(order_of_call(), (105, 39));
+    assert_eq!((c.nhit(), d.nhit()), (6, 2));
+    drop((c, d));
     assert!(is_nop(&site_bytes(site)), "the last one out writes the nop back");
+}
+
+#[probekit::traceable]
+fn reused_a(a: u64) -> u64 {
+    black_box(a).wrapping_mul(5).wrapping_sub(2)
+}
+
+#[probekit::traceable]
+fn reused_b(a: u64) -> u64 {
+    black_box(a) ^ 0x3c
+}
+
+static REUSE_SITES: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static REUSE_HANDLED: AtomicU64 = AtomicU64::new(0);
+static REUSE_WRONG: AtomicU64 = AtomicU64::new(0);
+
+/// Counts, and checks it runs at the site its probe was registered on (`which`).
+fn on_reused(regs: &PtRegs, which: usize) {
+    REUSE_HANDLED.fetch_add(1, Ordering::Relaxed);
+    if regs.instruction_pointer() != REUSE_SITES[which].load(Ordering::Relaxed) {
+        REUSE_WRONG.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn on_reused_a(regs: &mut PtRegs) {
+    on_reused(regs, 0);
+}
+
+fn on_reused_b(regs: &mut PtRegs) {
+    on_reused(regs, 1);
+}
+
+/// More registrations than there are records, two probes at a time on alternating
+/// sites, unregistered in alternating order, while threads call both functions: the
+/// records come back after grace periods and are linked on the other site's chain,
+/// and no call ever runs a handler of the other site or returns a wrong value.
+#[test]
+fn site_records_are_reused_after_grace_periods() {
+    let sites = probekit::sites();
+    for (which, name) in ["::reused_a", "::reused_b"].iter().enumerate() {
+        let s = sites.iter().find(|s| s.name.ends_with(name)).expect("listed").site;
+        REUSE_SITES[which].store(s as u64, Ordering::Relaxed);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(reused_a(i), i.wrapping_mul(5).wrapping_sub(2));
+                    assert_eq!(reused_b(i), i ^ 0x3c);
+                    i += 1;
+                }
+                2 * (i - t)
+            })
+        })
+        .collect();
+    let registrations = probekit::probe::MAX_PROBES + 3 * probekit::probe::RECLAIM_BATCH;
+    let mut counted = 0;
+    for round in 0..registrations / 2 {
+        let (f, h): (fn(u64) -> u64, fn(&mut PtRegs)) = if round % 2 == 0 { (reused_a, on_reused_a) } else { (reused_b, on_reused_b) };
+        let p = Probe::builder().function(f).pre(h).register().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let q = Probe::builder().function(f).pre(h).register().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        std::thread::yield_now();
+        let (first, second) = if round % 3 == 0 { (q, p) } else { (p, q) };
+        first.disable().unwrap();
+        counted += first.nhit() + first.nmissed();
+        first.unregister().unwrap();
+        std::thread::yield_now();
+        second.disable().unwrap();
+        counted += second.nhit() + second.nmissed();
+        second.unregister().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let calls: u64 = workers.into_iter().map(|w| w.join().expect("every call returned the right value")).sum();
+    let handled = REUSE_HANDLED.load(Ordering::Relaxed);
+    assert_eq!(REUSE_WRONG.load(Ordering::Relaxed), 0, "a handler ran at the other site");
+    // Each count read right after disarming may miss a handler still running then (it
+    // cannot be read later: the record is reused), never the other way round; a call
+    // runs both probes of its round at most.
+    assert!(counted <= handled && handled <= 2 * calls, "{counted} counted, {handled} handled, {calls} calls");
+    for which in 0..2 {
+        assert!(is_nop(&site_bytes(REUSE_SITES[which].load(Ordering::Relaxed) as usize)), "the nop is back");
+    }
 }
