@@ -164,8 +164,8 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// # Syntax
 ///
 /// ```text
-/// #[traceable]
-/// #[traceable(associated)]
+/// #[traceable]                 // on a function, or on an impl block
+/// #[traceable(associated)]     // on an associated function without `self` or `Self`
 /// ```
 ///
 /// # Usage
@@ -176,13 +176,28 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// (as `module::path::name`, for a method `module::path::method`) and a `Probe` or
 /// `ReturnProbe` on it rides its site instead of a breakpoint. Refused, each with an
 /// error on its token: `async`, `const`, an `extern` ABI, `impl Trait` in argument or
-/// return position, variadics, `#[inline]`, anything but a function.
+/// return position, variadics, `#[inline]`, anything but a function or an impl.
 ///
 /// Inside an `impl` block a function that takes `self` or names `Self` is recognised as
 /// an associated function; one that does neither needs `#[traceable(associated)]`.
-/// Methods of trait impls cannot be traceable: the attribute adds items next to the
-/// function, and rustc refuses them ("method `__probekit_site_…` is not a member of
-/// trait"). Make the trait method call a traceable inherent method instead.
+///
+/// On an `impl` block, inherent or of a trait, generic or not, for a local or a foreign
+/// type: the methods marked `#[traceable]` inside it get sites, or all its methods if
+/// none is marked. This is the way for trait impls, whose methods cannot take the
+/// attribute themselves (it adds items next to the function, and rustc refuses items
+/// that are not members of the trait). There the extra functions go to a private
+/// helper trait, `__probekit_traceable_<hash>`, implemented for the same type with the
+/// trait as its supertrait (so `Self::Assoc` keeps resolving), and each method is
+/// listed as `module::path::<Type as Trait>::method`.
+///
+/// ```ignore
+/// #[probekit::traceable]
+/// impl Read for Wire {
+///     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> { /* … */ }
+/// }
+/// let read = <Wire as Read>::read as fn(&'static mut Wire, &'static mut [u8]) -> std::io::Result<usize>;
+/// let p = Probe::builder().function(read).pre(h).register()?;
+/// ```
 ///
 /// # What it generates, and why
 ///

@@ -15,6 +15,11 @@
 //! unwinds through the site and the wrapper to the caller as it would have without the
 //! attribute. `sym` operands may name generic instances, so each instance of a generic
 //! function gets its own site and its own table entry.
+//!
+//! On an `impl` block the attribute does the same for the methods marked in it (or all
+//! of them). A trait impl cannot hold the site and the body (they are not members of
+//! the trait), so they go to a private helper trait with the trait as supertrait,
+//! implemented for the same type: see `expand_impl`.
 
 use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, ToTokens};
@@ -101,8 +106,9 @@ fn names_self(tokens: TokenStream) -> bool {
     })
 }
 
-/// Reports that the attribute is not on a function, on the item's first token after
-/// its attributes and visibility (`struct`, `const`, …), and keeps the item.
+/// Reports that the attribute is neither on a function nor on an impl, on the item's
+/// first token after its attributes and visibility (`struct`, `const`, …), and keeps
+/// the item.
 fn not_a_function(item: TokenStream) -> TokenStream {
     let first_token = |input: syn::parse::ParseStream| -> syn::Result<Span> {
         input.call(syn::Attribute::parse_outer)?;
@@ -112,22 +118,25 @@ fn not_a_function(item: TokenStream) -> TokenStream {
         Ok(span)
     };
     let span = syn::parse::Parser::parse2(first_token, item.clone()).unwrap_or_else(|_| Span::call_site());
-    let e = syn::Error::new(span, "`#[traceable]` must be on a function with a body: `[pub] [unsafe] fn name<G>(args) -> R { … }`").to_compile_error();
+    let e = syn::Error::new(span, "`#[traceable]` must be on a function with a body, `[pub] [unsafe] fn name<G>(args) -> R { … }`, or on an `impl` block")
+        .to_compile_error();
     quote! { #e #item }
 }
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let f: syn::ItemFn = match syn::parse2(item.clone()) {
         Ok(f) => f,
-        Err(_) => return not_a_function(item),
+        Err(_) => {
+            return match syn::parse2::<syn::ItemImpl>(item.clone()) {
+                Ok(imp) => expand_impl(attr, imp),
+                Err(_) => not_a_function(item),
+            }
+        }
     };
     let mut errors = Vec::new();
     let o = parse_options(attr, &mut errors);
     check_signature(&f, &mut errors);
-    if let Some(e) = errors.into_iter().reduce(|mut a, b| {
-        a.combine(b);
-        a
-    }) {
+    if let Some(e) = combined(errors) {
         // The item as written, so the errors above are the only ones; without its
         // `...`, which rustc refuses on a Rust-ABI function.
         let mut f = f;
@@ -135,7 +144,123 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         let e = e.to_compile_error();
         return quote! { #e #f };
     }
-    generate(f, o)
+    let place = if o.associated || f.sig.receiver().is_some() || names_self(f.sig.to_token_stream()) { Place::Associated } else { Place::Free };
+    let Parts { wrapper, site, body, .. } = parts(&f, &place);
+    quote! { #wrapper #site #body }
+}
+
+fn combined(errors: Vec<syn::Error>) -> Option<syn::Error> {
+    errors.into_iter().reduce(|mut a, b| {
+        a.combine(b);
+        a
+    })
+}
+
+/// Whether `a` is a `#[traceable]` attribute (`#[traceable]`, `#[probekit::traceable]`, …).
+fn is_traceable(a: &syn::Attribute) -> bool {
+    a.path().segments.last().is_some_and(|s| s.ident == "traceable")
+}
+
+/// `#[traceable]` on an `impl` block: its methods marked `#[traceable]`, or all of them
+/// if none is marked. In an inherent impl each becomes what the attribute on it makes.
+/// A trait impl cannot take the extra functions, so they go to a private helper trait
+/// implemented for the same type (`__probekit_traceable_<hash>`, with the trait as its
+/// supertrait so that `Self::Assoc` still resolves), and the trait's method calls the
+/// site through it.
+fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
+    let mut errors = Vec::new();
+    if !attr.is_empty() {
+        errors.push(syn::Error::new_spanned(&attr, "`#[traceable]` on an `impl` block takes no options (its functions are associated)"));
+    }
+    if let Some((Some(bang), _, _)) = &imp.trait_ {
+        errors.push(syn::Error::new_spanned(bang, "`#[traceable]` cannot be on a negative impl"));
+    }
+    let marked = imp.items.iter().any(|i| matches!(i, syn::ImplItem::Fn(f) if f.attrs.iter().any(is_traceable)));
+    let mut chosen = Vec::new();
+    for (index, item) in imp.items.iter_mut().enumerate() {
+        if let syn::ImplItem::Fn(m) = item {
+            if marked && !m.attrs.iter().any(is_traceable) {
+                continue;
+            }
+            for a in m.attrs.iter().filter(|a| is_traceable(a)) {
+                if !matches!(a.meta, syn::Meta::Path(_)) && a.meta.require_list().map_or(true, |l| l.tokens.to_string() != "associated") {
+                    errors.push(syn::Error::new_spanned(a, "unknown option: inside a `#[traceable]` impl a function takes `#[traceable]` alone"));
+                }
+            }
+            m.attrs.retain(|a| !is_traceable(a));
+            let f = syn::ItemFn { attrs: m.attrs.clone(), vis: m.vis.clone(), sig: m.sig.clone(), block: Box::new(m.block.clone()) };
+            check_signature(&f, &mut errors);
+            chosen.push((index, f));
+        }
+    }
+    if let Some(e) = combined(errors) {
+        let e = e.to_compile_error();
+        return quote! { #e #imp };
+    }
+    let place = match &imp.trait_ {
+        None => Place::Associated,
+        Some((_, path, _)) => {
+            let (_, args, _) = imp.generics.split_for_impl();
+            let helper = format_ident!("__probekit_traceable_{:016x}", fnv1a(imp.to_token_stream().to_string().as_bytes()));
+            let label = format!("<{} as {}>", tidy(&imp.self_ty.to_token_stream().to_string()), tidy(&path.to_token_stream().to_string()));
+            Place::Helper { helper: quote! { #helper #args }, helper_ident: helper, trait_path: path.to_token_stream(), label }
+        }
+    };
+    let mut generated = Vec::new();
+    for (index, f) in &chosen {
+        let p = parts(f, &place);
+        imp.items[*index] = syn::ImplItem::Verbatim(p.wrapper.clone());
+        generated.push(p);
+    }
+    match &place {
+        Place::Helper { helper_ident, trait_path, .. } => {
+            let (impl_generics, args, where_clause) = imp.generics.split_for_impl();
+            let self_ty = &imp.self_ty;
+            // The helper exists where the impl does.
+            let cfgs: Vec<_> = imp.attrs.iter().filter(|a| a.path().is_ident("cfg")).collect();
+            let decls = generated.iter().map(|p| &p.decls);
+            let defs = generated.iter().map(|p| {
+                let (site, body) = (&p.site, &p.body);
+                quote! { #site #body }
+            });
+            quote! {
+                #imp
+
+                #(#cfgs)*
+                #[doc(hidden)]
+                #[allow(non_camel_case_types, improper_ctypes_definitions)]
+                trait #helper_ident #impl_generics: #trait_path #where_clause {
+                    #(#decls)*
+                }
+
+                #(#cfgs)*
+                #[allow(improper_ctypes_definitions)]
+                impl #impl_generics #helper_ident #args for #self_ty #where_clause {
+                    #(#defs)*
+                }
+            }
+        }
+        _ => {
+            for p in generated {
+                let (site, body) = (p.site, p.body);
+                imp.items.push(syn::ImplItem::Verbatim(quote! { #site #body }));
+            }
+            imp.into_token_stream()
+        }
+    }
+}
+
+/// Token text as it would be written (`Sq < T >` → `Sq<T>`), for a site's name.
+fn tidy(tokens: &str) -> String {
+    [(" < ", "<"), ("< ", "<"), (" >", ">"), (" :: ", "::"), (":: ", "::"), (" ,", ","), ("& ", "&"), ("' ", "'")]
+        .iter()
+        .fold(tokens.to_string(), |t, (a, b)| t.replace(a, b))
+}
+
+/// FNV-1a: a stable name for an impl's helper trait (two impls of one trait in a module
+/// differ in their tokens).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Which attributes go where. Everything the user wrote stays on the function users
@@ -149,14 +274,37 @@ fn split_attrs(attrs: &[syn::Attribute]) -> (Vec<&syn::Attribute>, Vec<&syn::Att
     (wrapper, body, site)
 }
 
-fn generate(f: syn::ItemFn, o: Options) -> TokenStream {
-    let syn::ItemFn { attrs, vis, sig, block } = &f;
+/// Where the generated functions live, and so how they are named.
+enum Place {
+    /// Next to a free function.
+    Free,
+    /// Next to an associated function, in its inherent impl (`Self::…`).
+    Associated,
+    /// In the helper trait of a trait impl (`<Self as helper>::…`); the function itself
+    /// is `<Self as trait_path>::…`, listed as `label::name`.
+    Helper { helper: TokenStream, helper_ident: syn::Ident, trait_path: TokenStream, label: String },
+}
+
+/// What a traceable function becomes: the function users call, the site (both
+/// architectures), the body, and (in a helper trait) the declarations of the last two.
+struct Parts {
+    wrapper: TokenStream,
+    site: TokenStream,
+    body: TokenStream,
+    decls: TokenStream,
+}
+
+fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
+    let syn::ItemFn { attrs, vis, sig, block } = f;
     let ident = &sig.ident;
     let site = format_ident!("__probekit_site_{}", ident);
     let body = format_ident!("__probekit_body_{}", ident);
     let name = ident.to_string();
     let name = name.strip_prefix("r#").unwrap_or(&name);
-    let associated = o.associated || sig.receiver().is_some() || names_self(quote! { #sig });
+    let name = match place {
+        Place::Helper { label, .. } => format!("{label}::{name}"),
+        _ => name.to_string(),
+    };
     let (wrapper_attrs, body_attrs, site_attrs) = split_attrs(attrs);
 
     // The arguments under generated names: the wrapper forwards them, the naked site
@@ -200,10 +348,13 @@ fn generate(f: syn::ItemFn, o: Options) -> TokenStream {
         })
         .collect();
     let turbofish = (!params.is_empty()).then(|| quote! { ::<#(#params),*> });
-    let qualify = associated.then(|| quote! { Self:: });
+    let (qualify, function_path) = match place {
+        Place::Free => (None, quote! { #ident #turbofish }),
+        Place::Associated => (Some(quote! { Self:: }), quote! { Self::#ident #turbofish }),
+        Place::Helper { helper, trait_path, .. } => (Some(quote! { <Self as #helper>:: }), quote! { <Self as #trait_path>::#ident #turbofish }),
+    };
     let site_path = quote! { #qualify #site #turbofish };
     let body_path = quote! { #qualify #body #turbofish };
-    let function_path = quote! { #qualify #ident #turbofish };
 
     let unsafety = &sig.unsafety;
     let (generics, where_clause, output) = (&sig.generics, &sig.generics.where_clause, &sig.output);
@@ -267,22 +418,32 @@ fn generate(f: syn::ItemFn, o: Options) -> TokenStream {
     let aarch64 = naked("aarch64", &["mov x9, x30", "nop", "b {body}"], "%progbits");
     let elsewhere = format!("`#[traceable]` supports x86_64 and aarch64 only (`{name}`)");
 
-    quote! {
-        #(#wrapper_attrs)*
-        #[inline(never)]
-        #vis #plain {
-            #call
-        }
-
-        #x86_64
-        #aarch64
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        ::core::compile_error!(#elsewhere);
-
-        #(#body_attrs)*
-        #[doc(hidden)]
-        #[allow(improper_ctypes_definitions, dead_code, non_snake_case)]
-        #unsafety extern "C-unwind" fn #body #generics (#body_inputs) #output #where_clause #block
+    Parts {
+        wrapper: quote! {
+            #(#wrapper_attrs)*
+            #[inline(never)]
+            #vis #plain {
+                #call
+            }
+        },
+        site: quote! {
+            #x86_64
+            #aarch64
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+            ::core::compile_error!(#elsewhere);
+        },
+        body: quote! {
+            #(#body_attrs)*
+            #[doc(hidden)]
+            #[allow(improper_ctypes_definitions, dead_code, non_snake_case)]
+            #unsafety extern "C-unwind" fn #body #generics (#body_inputs) #output #where_clause #block
+        },
+        decls: quote! {
+            #(#site_attrs)*
+            #unsafety extern "C-unwind" fn #site #generics (#site_inputs) #output #where_clause;
+            #(#site_attrs)*
+            #unsafety extern "C-unwind" fn #body #generics (#site_inputs) #output #where_clause;
+        },
     }
 }
 
@@ -341,6 +502,37 @@ mod tests {
         let body = &out[out.rfind("# [cfg (unix)]").unwrap()..];
         assert!(body.contains("expect") && body.contains("allow (unused_mut)") && !body.contains("must_use"), "{out}");
         assert_eq!(out.matches("# [cfg (unix)]").count(), 4, "wrapper, two sites, body: {out}");
+    }
+
+    #[test]
+    fn a_trait_impl_gets_a_helper_trait() {
+        let out = expand_str(
+            "",
+            "impl<T: Copy> Tr<T> for S<T> where T: Eq { type A = u8; fn m(&self, (a, b): (u64, u64)) -> Self::A { 0 } fn n() {} }",
+        );
+        let helper = &out[out.find("__probekit_traceable_").unwrap()..][..37];
+        assert!(out.contains(&format!("trait {helper} < T : Copy > : Tr < T > where T : Eq {{")), "{out}");
+        assert!(out.contains(&format!("impl < T : Copy > {helper} < T > for S < T > where T : Eq {{")), "{out}");
+        // Declared with plain arguments, defined with the user's patterns.
+        assert!(out.contains("extern \"C-unwind\" fn __probekit_body_m (& self , __probekit_arg1 : (u64 , u64)) -> Self :: A ;"), "{out}");
+        assert!(out.contains("extern \"C-unwind\" fn __probekit_body_m (& self , (a , b) : (u64 , u64)) -> Self :: A { 0 }"), "{out}");
+        // The trait impl keeps its other items; its methods call their sites.
+        assert!(out.contains("type A = u8 ;"), "{out}");
+        assert!(out.contains(&format!("fn m (& self , __probekit_arg1 : (u64 , u64)) -> Self :: A {{ < Self as {helper} < T > > :: __probekit_site_m (self , __probekit_arg1) }}")), "{out}");
+        assert!(out.contains(&format!("fn n () {{ < Self as {helper} < T > > :: __probekit_site_n () }}")), "{out}");
+        assert!(out.contains("function = sym < Self as Tr < T > > :: m ,"), "{out}");
+        assert!(out.contains("\"::<S<T> as Tr<T>>::m\\\"\""), "{out}");
+    }
+
+    #[test]
+    fn an_inherent_impl_instruments_its_marked_methods_or_all() {
+        let out = expand_str("", "impl S { #[traceable] fn a(&self) {} fn b(&self) {} }");
+        assert!(out.contains("__probekit_site_a") && !out.contains("__probekit_site_b"), "{out}");
+        assert!(!out.contains("# [traceable]"), "the inner attribute is consumed: {out}");
+        let out = expand_str("", "impl S { fn a(&self) {} fn b() {} }");
+        assert!(out.contains("fn b () { Self :: __probekit_site_b () }"), "associated without `self`: {out}");
+        let out = expand_str("associated", "impl S { #[traceable(fast)] fn a(&self) {} #[traceable] #[inline] fn b(&self) {} }");
+        assert_eq!(out.matches("compile_error").count(), 3, "{out}");
     }
 
     #[test]

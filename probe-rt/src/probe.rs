@@ -224,7 +224,13 @@ thread_local! {
 /// meeting disarmed before it treats the breakpoint as someone else's.
 const MAX_BACKUPS: u32 = 1000;
 
-/// Something whose address can be probed: a function pointer.
+/// Something whose address can be probed: a function pointer of up to six arguments.
+///
+/// A function taking a reference has a higher-ranked pointer type
+/// (`fn(&[u8]) -> u64` is `for<'a> fn(&'a [u8]) -> u64`), which these impls cannot cover
+/// without overlapping the plain ones (rustc's `coherence_leak_check`). Name a lifetime
+/// in the cast, `parse as fn(&'static [u8]) -> u64` (any function coerces to it), or
+/// give the address, `.address(parse as usize)`.
 pub trait FnAddr: Copy {
     /// The address of its first instruction.
     fn addr(self) -> usize;
@@ -268,7 +274,8 @@ pub struct ProbeBuilder {
 }
 
 impl ProbeBuilder {
-    /// Probe a function (a function pointer: `my_fn as fn(u64) -> u64`).
+    /// Probe a function (a function pointer: `my_fn as fn(u64) -> u64`; with reference
+    /// arguments, name a lifetime: `parse as fn(&'static [u8]) -> u64`, see [`FnAddr`]).
     pub fn function(mut self, f: impl FnAddr) -> Self {
         self.target = Some(f.addr());
         self

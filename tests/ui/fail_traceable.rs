@@ -40,4 +40,33 @@ struct NotAFunction;
 #[traceable]
 pub static NOT_A_FUNCTION_EITHER: u64 = 0;
 
+pub trait Tr {
+    fn m(&self) -> u64;
+}
+
+pub struct S;
+
+#[traceable(associated)]
+impl S {
+    fn a(&self) {}
+}
+
+#[traceable]
+impl Tr for S {
+    #[traceable(fast)]
+    fn m(&self) -> u64 {
+        0
+    }
+}
+
+pub struct U;
+
+#[traceable]
+impl Tr for U {
+    #[inline]
+    fn m(&self) -> u64 {
+        0
+    }
+}
+
 fn main() {}

@@ -353,3 +353,53 @@ fn site_records_are_reused_after_grace_periods() {
         assert!(is_nop(&site_bytes(REUSE_SITES[which].load(Ordering::Relaxed) as usize)), "the nop is back");
     }
 }
+
+pub trait Scale {
+    fn scaled(&self, k: u64) -> u64;
+}
+
+pub struct Factor(u64);
+
+#[probekit::traceable]
+impl Scale for Factor {
+    fn scaled(&self, k: u64) -> u64 {
+        black_box(self.0) * k
+    }
+}
+
+fn double_k(regs: &mut PtRegs) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        regs.rsi *= 2;
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        regs.regs[1] *= 2;
+    }
+}
+
+static SCALED: AtomicU64 = AtomicU64::new(0);
+
+fn on_scaled(regs: &mut PtRegs, _: &mut ()) {
+    SCALED.store(regs.return_value(), Ordering::Relaxed);
+}
+
+/// A method of a trait impl (`#[traceable]` on the impl) rides its site like any
+/// traceable function: its handler's change reaches the method, and its return is
+/// seen without a trap.
+#[test]
+fn trait_methods_ride_their_sites() {
+    let f = <Factor as Scale>::scaled as fn(&'static Factor, u64) -> u64;
+    let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::<Factor as Scale>::scaled")).expect("listed");
+    assert_eq!(site.function, f as usize);
+    let p = Probe::builder().function(f).pre(double_k).register().unwrap();
+    assert_eq!(p.address(), site.site, "the probe is on the site");
+    assert!(listed(site.site).expect("listed").ends_with("[SITE]"));
+    assert_eq!(Factor(3).scaled(5), 30, "the handler doubled k");
+    let r = ReturnProbe::builder().function(f).handler(on_scaled).register().unwrap();
+    assert_eq!(Factor(4).scaled(5), 40);
+    assert_eq!(SCALED.load(Ordering::Relaxed), 40);
+    drop((p, r));
+    assert!(is_nop(&site_bytes(site.site)));
+    assert_eq!(Factor(3).scaled(5), 15);
+}
