@@ -53,7 +53,9 @@ pub enum Shape {
     SaveRestore,
     /// The return trampoline of seed 000: entered by the probed function's `ret`,
     /// it saves, calls the handler, which returns the real return address, installs
-    /// it as the resume address, restores and returns there.
+    /// it as the resume address, restores and returns there. On x86_64 the flags are
+    /// saved but not restored: at a function return they carry nothing (SysV), and DF
+    /// leaves clear, as the ABI wants it there.
     ///
     /// It carries DWARF call-frame information (`.cfi_*`), so that an unwinder in the
     /// handler (a backtrace, a panic) walks through it to the probed function's real
@@ -406,10 +408,11 @@ fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     if Some(reg) == resume {
         return false;
     }
-    // x86_64 Entry runs at a function entry, where the status flags carry nothing (the
-    // SysV ABI does not preserve them across calls) and DF is clear (`cld` keeps it so):
-    // they are saved for the handler, not restored, which spares a `popfq` (~5 ns).
-    if (arch, shape, reg) == (Arch::X86_64, Shape::Entry, Reg::X86Eflags) {
+    // x86_64 Entry runs at a function entry and Kretprobe at a function return, where
+    // the status flags carry nothing (the SysV ABI does not preserve them across calls)
+    // and DF is clear (`cld` keeps it so): they are saved for the handler, not
+    // restored, which spares a `popfq` (~5 ns).
+    if arch == Arch::X86_64 && reg == Reg::X86Eflags && matches!(shape, Shape::Entry | Shape::Kretprobe) {
         return false;
     }
     match reg.class() {

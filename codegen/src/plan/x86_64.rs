@@ -21,6 +21,8 @@
 //! out the frame's rax, rflags and rip are copied to `A`, `A+8` and `P-8`, every other
 //! register is reloaded, and `mov rsp, rax; pop rax; popfq; lea rsp, [rsp+RZ]; ret`
 //! resumes at the (possibly changed) rip with the stack pointer of the probed context.
+//! (Entry and Kretprobe, at a function's entry and return, drop the flags instead of
+//! `popfq`: the ABI does not preserve them across calls.)
 //! Kretprobe ends in `lea rsp, [rsp+8]; jmp [rsp-8]` instead: its entry was a `ret`
 //! the return-stack buffer did not expect, and a second `ret` would desynchronise it
 //! for every return above.
@@ -355,7 +357,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             if restores(Arch::X86_64, policy, shape, Reg::X86Eflags) {
                 Op::new("popfq", "rflags (the frame's)")
             } else {
-                Op::new("lea rsp, [rsp + 8]", "drop the saved rflags (not restored at a function entry)")
+                Op::new("lea rsp, [rsp + 8]", "drop the saved rflags (not restored at a function entry or return)")
             },
         ],
     };

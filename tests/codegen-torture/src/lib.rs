@@ -441,9 +441,10 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     }
     check("stack pointer after".into(), ctx.out_sp, p as u64);
     let flags_field = r.elems.iter().any(|e| e.v == V::Flags);
-    if is_x86 && r.shape == Kind::Entry {
-        // A function entry: the status flags are not preserved across calls (SysV), so
-        // Entry does not restore them; DF must leave clear, as the ABI wants there.
+    if is_x86 && matches!(r.shape, Kind::Entry | Kind::Kretprobe) {
+        // A function entry or return: the status flags are not preserved across calls
+        // (SysV), so these shapes do not restore them; DF must leave clear, as the ABI
+        // wants there.
         check("DF after".into(), ctx.out_flags & 0x400, 0);
     } else {
         let want_flags = if flags_field { ctx.in_flags ^ FLAGS_XOR } else { ctx.in_flags };
