@@ -20,7 +20,9 @@ mod x86_64;
 pub enum Policy {
     /// Every register that has a field is restored from it: a handler's write to any
     /// general register (and to the flags and the resume address) takes effect. The
-    /// trampoline trusts no calling convention (the choice of seed 000's author).
+    /// trampoline trusts no calling convention (the choice of seed 000's author), except
+    /// for the x86_64 flags at a function's entry and return (`Entry`, `Kretprobe`),
+    /// which the ABI does not keep across calls: saved, not restored.
     All,
     /// Callee-saved registers (SysV: rbx, rbp, r12–r15; AAPCS64: x19–x29) are left to
     /// the ABI on the way out: the handler is a normal function that preserves them, so
@@ -79,8 +81,8 @@ pub enum Shape {
     /// the probed code's red zone; the routine keeps the other 120 bytes of it (and
     /// 8 more) untouched. A site is therefore placed where that word is dead: at a
     /// function entry, as `#[traceable]` sites are, the callee has not used its red
-    /// zone yet. (A site deeper in a leaf function needs a stub that skips the red
-    /// zone before its call.)
+    /// zone yet. (A site deeper in a function needs a stub that skips the red zone and
+    /// gives the stack the function-entry alignment before its call.)
     Entry,
 }
 
@@ -247,8 +249,9 @@ pub struct Plan {
     /// Routine shape.
     pub shape: Shape,
     /// Bytes the routine allocates statically below its entry stack pointer for the
-    /// frame, hidden spills and FP area (x86_64: after the anchor words and alignment;
-    /// with `Fp::Full` the run-time `xsave` area comes on top).
+    /// frame, hidden spills and FP area (x86_64: after the anchor words and alignment,
+    /// or, for `Entry` without an anchor, right below the red zone; with `Fp::Full` the
+    /// run-time `xsave` area comes on top).
     pub alloc: u64,
     /// Hidden slots: `(slot, offset)` past the frame.
     pub hidden: Vec<(Slot, u64)>,

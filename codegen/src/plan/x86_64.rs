@@ -17,15 +17,15 @@
 //! ```
 //!
 //! Only `lea` and `mov` run before `pushfq`, so the flags are saved untouched, and
-//! `cld` runs after it because the ABI wants DF clear at the handler call. On the way
+//! `cld` runs just before the handler call, where the ABI wants DF clear. On the way
 //! out the frame's rax, rflags and rip are copied to `A`, `A+8` and `P-8`, every other
 //! register is reloaded, and `mov rsp, rax; pop rax; popfq; lea rsp, [rsp+RZ]; ret`
 //! resumes at the (possibly changed) rip with the stack pointer of the probed context.
-//! (Entry and Kretprobe, at a function's entry and return, drop the flags instead of
-//! `popfq`: the ABI does not preserve them across calls.)
-//! Kretprobe ends in `lea rsp, [rsp+8]; jmp [rsp-8]` instead: its entry was a `ret`
-//! the return-stack buffer did not expect, and a second `ret` would desynchronise it
-//! for every return above.
+//! Entry and Kretprobe, at a function's entry and return, drop the flags word in that
+//! `lea` instead of `popfq`: the ABI does not preserve the flags across calls.
+//! Kretprobe also drops its resume address there and ends in `jmp [rsp-8]` instead of
+//! `ret`: its entry was a `ret` the return-stack buffer did not expect, and a second
+//! `ret` would desynchronise it for every return above.
 //!
 //! Entry (but with `Fp::Full`, or a frame too large to allocate without probing the
 //! pages) needs no anchor: it runs at a function entry, where the ABI has `rsp + 8`
@@ -108,7 +108,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     match (anchor, &eflags) {
         // A fixed Entry with a flags field: rsp is placed just above it (lea: flags
         // untouched), `pushfq` writes it before any instruction changes the flags, then
-        // rsp drops to the frame base. `cld` waits until the call.
+        // rsp drops to the frame base.
         (None, Some((off, name))) => {
             prologue.push(Op::new(
                 format!("lea rsp, [rsp - {}]", rz + alloc - off - 8),
@@ -162,7 +162,6 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 rest -= 4096;
             }
             prologue.push(Op::new(format!("sub rsp, {rest}"), format!("allocate frame {} + hidden + FP area", frame.name)));
-            prologue.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
         }
     }
 
@@ -323,10 +322,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         _ => {}
     }
 
-    let mut call = Vec::new();
-    if anchor.is_none() {
-        call.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
-    }
+    // After the save sequence (no string instruction there), so that a fixed Entry's
+    // `pushfq` saw the flags first.
+    let mut call = vec![Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)")];
     call.push(Op::new("mov rdi, rsp", "argument 1: the frame"));
     call.push(match fp_area {
         Some((at, _)) => Op::new(format!("lea rsi, [rsp + {at}]"), "argument 2: the FP/SIMD area"),
@@ -349,20 +347,32 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
     }
 
-    let mut epilogue = match anchor {
-        None => vec![Op::new(format!("lea rsp, [{resume_at}]"), "free the frame, back over the red zone")],
-        Some(_) => vec![
-            Op::new("mov rsp, rax", "back to the anchor"),
-            Op::new("pop rax", "rax (the frame's, under either policy)"),
-            if restores(Arch::X86_64, policy, shape, Reg::X86Eflags) {
-                Op::new("popfq", "rflags (the frame's)")
-            } else {
-                Op::new("lea rsp, [rsp + 8]", "drop the saved rflags (not restored at a function entry or return)")
-            },
-        ],
-    };
-    if rz > 0 && anchor.is_some() {
-        epilogue.push(Op::new(format!("lea rsp, [rsp + {rz}]"), "back over the red zone"));
+    // Back to the anchor (rax, then rflags if they are restored), then one `lea` over
+    // what is left above: the frame (fixed form), the rflags word, the red zone, and
+    // a kretprobe's resume address.
+    let restores_flags = restores(Arch::X86_64, policy, shape, Reg::X86Eflags);
+    let mut epilogue = Vec::new();
+    let mut skip = Vec::new();
+    match anchor {
+        None => skip.push((alloc, "the frame")),
+        Some(_) => {
+            epilogue.push(Op::new("mov rsp, rax", "back to the anchor"));
+            epilogue.push(Op::new("pop rax", "rax (the frame's, under either policy)"));
+            match restores_flags {
+                true => epilogue.push(Op::new("popfq", "rflags (the frame's)")),
+                false => skip.push((8, "the saved rflags (not restored at a function entry or return)")),
+            }
+        }
+    }
+    skip.push((rz, "the red zone"));
+    if shape == Shape::Kretprobe {
+        skip.push((8, "the resume address"));
+    }
+    skip.retain(|(n, _)| *n > 0);
+    if !skip.is_empty() {
+        let bytes: u64 = skip.iter().map(|(n, _)| n).sum();
+        let what: Vec<&str> = skip.iter().map(|(_, w)| *w).collect();
+        epilogue.push(Op::new(format!("lea rsp, [rsp + {bytes}]"), format!("drop {}", what.join(", "))));
     }
     if shape == Shape::Kretprobe {
         // Entered by a `ret` the return-stack buffer mispredicted (it expected the real
@@ -370,7 +380,6 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         // every return above mispredict too. An indirect jump leaves the buffer alone.
         // [rsp - 8] is safe to read after the `lea`: the kernel delivers signals below
         // the 128-byte red zone.
-        epilogue.push(Op::new("lea rsp, [rsp + 8]", "drop the resume address; rsp is the probed context's again"));
         epilogue.push(Op::new("jmp qword ptr [rsp - 8]", "resume at the frame's rip (a jump: the return-stack buffer stays in step)"));
     } else {
         epilogue.push(Op::new("ret", "resume at the frame's rip; rsp is the probed context's again"));
