@@ -48,7 +48,8 @@ fn main() {
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Args, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
                 let mut text = render::rust_global_asm(&plan, name, &symbols);
-                if shape == Shape::Entry {
+                // The x86_64 dispatcher finds the probed rsp there (`site::redirected`).
+                if shape == Shape::Entry && arch == Arch::X86_64 {
                     let sp = plan.probed_sp_offset().expect("the site trampoline allocates at a fixed distance");
                     text += &format!("/// Where the probed function's stack pointer is, from the site trampoline's frame.\npub(crate) const PROBED_SP: usize = {sp};\n");
                 }

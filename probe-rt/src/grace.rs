@@ -2,21 +2,24 @@
 //! or out-of-line slot, so that both can be reused (the process analog of the kernel's
 //! `synchronize_rcu_tasks`).
 //!
-//! A thread may be using a retired probe in three places: inside probekit's SIGTRAP
+//! A thread may be using a retired probe in four places: inside probekit's SIGTRAP
 //! handler (which read the record, and may be running a handler), between the handler
-//! and the slot (the kernel's sigreturn path), or in the slot. Each live thread is sent
-//! a signal, `SIGURG` (as Go's runtime uses it to preempt: its default action is to be
-//! ignored, and programs rarely handle it), whose handler reports the pc it interrupted
-//! and whether the thread is inside the SIGTRAP handler. A thread is quiescent when it
-//! is outside the handler and its pc is in no *busy* range: the retired slots, the hit
-//! path's code, the sigreturn trampoline (x86_64 glibc's `sa_restorer`, and the vDSO,
-//! where aarch64's lives). A synchronous SIGTRAP still pending is delivered before the
-//! sample (Linux delivers synchronous signals first), so the sample then interrupts the
-//! handler. Only threads that have ever entered the SIGTRAP handler are sampled (they
-//! record themselves there, lock-free): no other thread can be using a probe, and
-//! threads that never run probekit's code (helper threads of a runtime, of `io_uring`,
-//! of `qemu-user`) are neither disturbed nor waited for. A thread that first enters
-//! the handler after the probes were disarmed finds them disarmed.
+//! and the slot (the kernel's sigreturn path), in the slot, or in a site's hit path
+//! (which reads the records of the site's chain, and may be running a handler). Each
+//! live thread is sent a signal, `SIGURG` (as Go's runtime uses it to preempt: its
+//! default action is to be ignored, and programs rarely handle it), whose handler
+//! reports the pc it interrupted and whether the thread is inside the SIGTRAP handler
+//! (`depth`) or a site's hit path (`active`, set before the first record is read and
+//! cleared after the last). A thread is quiescent when it is in neither and its pc is
+//! in no *busy* range: the retired slots, the hit path's code, the sigreturn
+//! trampoline (x86_64 glibc's `sa_restorer`, and the vDSO, where aarch64's lives). A
+//! synchronous SIGTRAP still pending is delivered before the sample (Linux delivers
+//! synchronous signals first), so the sample then interrupts the handler. Only threads
+//! that have ever entered a hit path are sampled (they record themselves there,
+//! lock-free): no other thread can be using a probe, and threads that never run
+//! probekit's code (helper threads of a runtime, of `io_uring`, of `qemu-user`) are
+//! neither disturbed nor waited for. A thread that first enters a hit path after the
+//! probes were disarmed finds them disarmed.
 //!
 //! Costs and limits: only registration runs a grace period, and only when it needs a
 //! record (see `probe`). A sampled thread blocked in a system call that is not
@@ -26,7 +29,7 @@
 
 use crate::regs;
 use std::cell::Cell;
-use std::sync::atomic::{compiler_fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -71,7 +74,7 @@ static THREADS: [AtomicI32; MAX_THREADS] = [NO_THREAD; MAX_THREADS];
 static OVERFLOW: AtomicBool = AtomicBool::new(false);
 
 /// Marks the start of a hit path (the SIGTRAP handler) on this thread, recording the
-/// thread on its first time. Returns the thread's index among
+/// thread on its first time (a site's hit path records it through [`Thread::index`]). Returns the thread's index among
 /// the recorded threads, which is its alone for the life of the process (entries are
 /// never given back): callers use it for counters only this thread writes.
 /// Async-signal-safe: atomics and a syscall.
@@ -117,6 +120,10 @@ impl Thread {
                 u32::MAX
             }
         };
+        // Store-buffering pair with the fence in `threads_to_sample`: either a grace
+        // period's snapshot sees this thread, or this thread's reads of the records
+        // (after this fence) see every retirement made before that snapshot.
+        fence(Ordering::SeqCst);
         self.index.set(index);
         index
     }
@@ -254,6 +261,8 @@ fn sample(tid: i32) -> Sample {
 /// SIGTRAP handler, or every thread of the process if they were too many to remember.
 fn threads_to_sample() -> Vec<i32> {
     let me = gettid();
+    // Pairs with the fence in `Thread::record`.
+    fence(Ordering::SeqCst);
     let all: Vec<i32> = match OVERFLOW.load(Ordering::Acquire) {
         false => THREADS.iter().map(|t| t.load(Ordering::Acquire)).filter(|t| *t != 0).collect(),
         true => std::fs::read_dir("/proc/self/task")
@@ -262,7 +271,6 @@ fn threads_to_sample() -> Vec<i32> {
     };
     all.into_iter().filter(|t| *t != me).collect()
 }
-
 
 /// Code every thread must be out of for `busy` (retired slots) to be reusable: those,
 /// the hit path, the sigreturn trampolines.

@@ -108,7 +108,7 @@ static RECORDS: [Record; MAX_PROBES] = [EMPTY; MAX_PROBES];
 static USED: AtomicUsize = AtomicUsize::new(0);
 
 /// Site hits per thread (by its index among the threads that entered a hit path,
-/// see `grace::enter`) and record: each counter has one writer, so a hit costs a
+/// see `grace::Thread::index`) and record: each counter has one writer, so a hit costs a
 /// plain load and store instead of a locked add (the kernel's per-CPU `nhit`); a
 /// site probe's hit count is `nhit` plus its column here. Threads past the first
 /// [`HIT_SHARDS`] count with the locked add. Zero pages until used.
@@ -176,10 +176,14 @@ impl Slots {
     }
 
     /// A record for a new probe at `addr`: a reused one if a grace period allows, else
-    /// the next never used. Probes at one address run in record order, so a reused
-    /// record must come after every live one there (registration order).
-    fn take_record(&mut self, addr: usize) -> Result<usize, Error> {
-        let last_here = records().iter().rposition(|e| e.live.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == addr);
+    /// the next never used. Breakpoint probes at one address run in record order, so
+    /// a reused record must come after every live one there (registration order);
+    /// probes on a site run in the order of its chain, so any record will do (`site`).
+    fn take_record(&mut self, addr: usize, site: bool) -> Result<usize, Error> {
+        let last_here = match site {
+            true => None,
+            false => records().iter().rposition(|e| e.live.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == addr),
+        };
         let after = |i: &usize| last_here.is_none_or(|l| *i > l);
         let used = USED.load(Ordering::Relaxed);
         let worth = self.retired.len() >= self.next_grace || used == MAX_PROBES && self.retired.len() > self.next_grace - RECLAIM_BATCH;
@@ -354,7 +358,7 @@ impl ProbeBuilder {
         if let Some(b) = blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr)) {
             return Err(Error::Blacklisted { addr, what: b.name });
         }
-        let index = reg.take_record(addr)?;
+        let index = reg.take_record(addr, false)?;
         let (len, slot, slot_bp, sim) = match self.prepare(&mut reg, index, addr, &code) {
             Ok(p) => p,
             Err(err) => {
@@ -382,7 +386,7 @@ impl ProbeBuilder {
     /// there enables the site.
     fn register_site(self, site: usize) -> Result<ProbeHandle, Error> {
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        let index = reg.take_record(site)?;
+        let index = reg.take_record(site, true)?;
         let e = &RECORDS[index];
         e.target.store(site, Ordering::Relaxed);
         e.orig.store(0, Ordering::Relaxed);
@@ -414,12 +418,20 @@ impl ProbeBuilder {
             USED.store(index + 1, Ordering::Release);
         }
         let site = e.site.load(Ordering::Relaxed);
-        let r = match site {
-            true => link(index).and_then(|()| arm(e, true).inspect_err(|_| unlink(index))),
-            false => arm(e, true),
-        };
-        if let Err(err) = r {
+        if let Err(err) = if site { link(index) } else { Ok(()) } {
             reg.untake(index);
+            return Err(err);
+        }
+        if let Err(err) = arm(e, true) {
+            if site {
+                // Linked, the record was reachable: a thread still in the site's
+                // dispatcher from an earlier enabling may be reading it, so it is
+                // retired (reused after a grace period), not given back.
+                unlink(index);
+                reg.retired.push(index);
+            } else {
+                reg.untake(index);
+            }
             return Err(err);
         }
         e.live.store(true, Ordering::Relaxed);
@@ -607,9 +619,9 @@ fn unlink(index: usize) {
 /// handler is counted as missed.
 ///
 /// The hit path of every site call, inlined into the dispatcher: a table lookup, no
-/// scan, and a short path for the common case. The thread's `active` flag, set before any record is
-/// read, also tells a grace period that the thread is inside the hit path (the code
-/// before and after it is probekit's own, which a grace period treats as busy).
+/// scan, and a short path for the common case. Every record is read while the
+/// thread's `active` flag is set, which also tells a grace period that the thread is
+/// inside the hit path.
 #[inline(always)]
 pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
     let (active, shard) = grace::with_thread(|t| (t.active.replace(true), t.index()));
@@ -650,7 +662,7 @@ fn count_site_hit(shard: Option<usize>, index: usize, e: &Record) {
 /// [`run_site`] for every record on the site's chain from `first` (an index + 1).
 fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs: &mut PtRegs) {
     let mut posts = false;
-    for (index, e) in chain_from(first).filter(|(_, e)| e.addr.load(Ordering::Acquire) == site) {
+    for (index, e) in on_site_from(first, site) {
         posts |= e.post.load(Ordering::Relaxed) != 0;
         count_site_hit(shard, index, e);
         let pre = e.pre.load(Ordering::Relaxed);
@@ -674,7 +686,12 @@ fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs: &mut PtRe
 
 /// The records armed on `site`, in registration order.
 fn on_site(site: usize) -> impl Iterator<Item = (usize, &'static Record)> {
-    chain_from(crate::sitemap::head(site)).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == site)
+    on_site_from(crate::sitemap::head(site), site)
+}
+
+/// The records armed on `site` on its chain from `first` (an index + 1).
+fn on_site_from(first: u32, site: usize) -> impl Iterator<Item = (usize, &'static Record)> {
+    chain_from(first).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == site)
 }
 
 /// A site hit inside a handler: counted as missed, runs nothing.
@@ -786,6 +803,7 @@ fn find_blacklist() -> Vec<Blacklisted> {
     let hit_path = [
         ("probekit's hit-path bookkeeping", grace::enter as *const () as usize),
         ("probekit's hit-path bookkeeping", grace::Thread::enter as *const () as usize),
+        ("probekit's hit-path bookkeeping", grace::Thread::index as *const () as usize),
         ("probekit's hit-path bookkeeping", grace::Thread::record as *const () as usize),
         ("probekit's site dispatcher", crate::site::dispatch as *const () as usize),
         ("probekit's site lookup", crate::sitemap::head as *const () as usize),

@@ -236,7 +236,10 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, _fp: *mut u8) -> usize {
         regs.set_instruction_pointer((site + SITE_LEN) as u64); // not redirected: into the function
     } else {
         #[cfg(target_arch = "x86_64")]
-        redirected(regs);
+        // SAFETY: `frame` is the site trampoline's frame, as above.
+        unsafe {
+            redirected(frame)
+        };
     }
     0
 }
@@ -244,12 +247,19 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, _fp: *mut u8) -> usize {
 /// The entry shape restores every register but rsp. A handler that returned from the
 /// function (an override: rsp + 8, rip = the return address) resumes at a `ret`, which
 /// pops it; other rsp changes cannot be honoured.
+///
+/// # Safety
+/// `frame` is the frame of the site trampoline, which nothing else uses meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[cold]
-pub(crate) fn redirected(regs: &mut PtRegs) {
+pub(crate) unsafe fn redirected(frame: *mut PtRegs) {
     // The function's rsp at its entry, which the frame's field may no longer hold: the
-    // trampoline's frame lies at a fixed distance below it.
-    let sp = (regs as *mut PtRegs as usize + PROBED_SP) as u64;
+    // trampoline's frame lies PROBED_SP bytes below it (build.rs takes it from the plan
+    // of this trampoline, which it requires to be of the fixed form).
+    // SAFETY: `frame` is in the trampoline's stack allocation, below the probed stack.
+    let sp = unsafe { frame.byte_add(PROBED_SP) } as u64;
+    // SAFETY: the caller's guarantee.
+    let regs = unsafe { &mut *frame };
     // SAFETY: sp points at the return address the function was called with.
     if regs.rsp == sp + 8 && regs.rip == unsafe { *(sp as *const u64) } {
         regs.set_instruction_pointer(probekit_site_return as *const () as u64);
