@@ -187,8 +187,11 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// attribute themselves (it adds items next to the function, and rustc refuses items
 /// that are not members of the trait). There the extra functions go to a private
 /// helper trait, `__probekit_traceable_<hash>`, implemented for the same type with the
-/// trait as its supertrait (so `Self::Assoc` keeps resolving), and each method is
-/// listed as `module::path::<Type as Trait>::method`.
+/// trait as its supertrait (so `Self::Assoc` keeps resolving; lifetimes the trait
+/// path elides are named for it), and each method is listed as
+/// `module::path::<Type as Trait>::method`. The impl's lint levels cover the moved
+/// bodies. Provided methods the impl does not override keep the trait's body and get
+/// no site.
 ///
 /// ```ignore
 /// #[probekit::traceable]

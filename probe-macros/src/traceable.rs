@@ -25,6 +25,7 @@ use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, ToTokens};
 use syn::spanned::Spanned;
 use syn::visit::Visit;
+use syn::visit_mut::VisitMut;
 
 /// The shape every refusal shows.
 const SHAPE: &str = "`#[traceable]` function must have signature `[pub] [unsafe] fn name<G>(args) -> R`";
@@ -197,13 +198,28 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
         let e = e.to_compile_error();
         return quote! { #e #imp };
     }
+    // A trait impl's helper: its generics are the impl's, plus a name for each lifetime
+    // the trait path elides (`impl From<&str> for S`), which a supertrait must name.
+    let helper_ident = format_ident!("__probekit_traceable_{:016x}", fnv1a(imp.to_token_stream().to_string().as_bytes()));
+    let mut helper_generics = imp.generics.clone();
+    let mut trait_path = None;
     let place = match &imp.trait_ {
         None => Place::Associated,
         Some((_, path, _)) => {
-            let (_, args, _) = imp.generics.split_for_impl();
-            let helper = format_ident!("__probekit_traceable_{:016x}", fnv1a(imp.to_token_stream().to_string().as_bytes()));
             let label = format!("<{} as {}>", tidy(&imp.self_ty.to_token_stream().to_string()), tidy(&path.to_token_stream().to_string()));
-            Place::Helper { helper: quote! { #helper #args }, helper_ident: helper, trait_path: path.to_token_stream(), label }
+            let mut named = path.clone();
+            let mut elided = NameElided(Vec::new());
+            elided.visit_path_mut(&mut named);
+            for (i, l) in elided.0.iter().enumerate() {
+                helper_generics.params.insert(i, syn::GenericParam::Lifetime(syn::LifetimeParam::new(l.clone())));
+            }
+            let (_, args, _) = helper_generics.split_for_impl();
+            let helper = quote! { #helper_ident #args };
+            let mut outside: syn::Path = syn::parse_quote! { #helper };
+            let fresh: Vec<String> = elided.0.iter().map(|l| l.to_string()).collect();
+            AnonymiseLifetimes(&fresh).visit_path_mut(&mut outside);
+            trait_path = Some(named.to_token_stream());
+            Place::Helper { helper, outside: outside.to_token_stream(), trait_path: named.to_token_stream(), label }
         }
     };
     let mut generated = Vec::new();
@@ -212,12 +228,17 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
         imp.items[*index] = syn::ImplItem::Verbatim(p.wrapper.clone());
         generated.push(p);
     }
-    match &place {
-        Place::Helper { helper_ident, trait_path, .. } => {
-            let (impl_generics, args, where_clause) = imp.generics.split_for_impl();
+    match trait_path {
+        Some(trait_path) => {
+            let (impl_generics, args, where_clause) = helper_generics.split_for_impl();
             let self_ty = &imp.self_ty;
-            // The helper exists where the impl does.
-            let cfgs: Vec<_> = imp.attrs.iter().filter(|a| a.path().is_ident("cfg")).collect();
+            // The helper exists where the impl does; the impl's lint levels cover the
+            // bodies, which are in the helper impl now (`expect` only there, where what
+            // it expects can happen).
+            let is = |a: &syn::Attribute, names: &[&str]| names.iter().any(|n| a.path().is_ident(n));
+            let cfgs: Vec<_> = imp.attrs.iter().filter(|a| is(a, &["cfg"])).cloned().collect();
+            let lints: Vec<_> = imp.attrs.iter().filter(|a| is(a, &["allow", "warn", "deny", "forbid", "expect"])).cloned().collect();
+            imp.attrs.retain(|a| !is(a, &["expect"]));
             let decls = generated.iter().map(|p| &p.decls);
             let defs = generated.iter().map(|p| {
                 let (site, body) = (&p.site, &p.body);
@@ -234,18 +255,59 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
                 }
 
                 #(#cfgs)*
+                #(#lints)*
                 #[allow(improper_ctypes_definitions)]
                 impl #impl_generics #helper_ident #args for #self_ty #where_clause {
                     #(#defs)*
                 }
             }
         }
-        _ => {
+        None => {
             for p in generated {
                 let (site, body) = (p.site, p.body);
                 imp.items.push(syn::ImplItem::Verbatim(quote! { #site #body }));
             }
             imp.into_token_stream()
+        }
+    }
+}
+
+/// Names every lifetime a path elides (`&T`, `'_`) `'__probekit_lN`, collecting the
+/// names. Function pointer types and `Fn(..)` sugar are left alone: their elided
+/// lifetimes are their own (higher-ranked), not the impl's.
+struct NameElided(Vec<syn::Lifetime>);
+
+impl NameElided {
+    fn fresh(&mut self, span: Span) -> syn::Lifetime {
+        let l = syn::Lifetime::new(&format!("'__probekit_l{}", self.0.len()), span);
+        self.0.push(l.clone());
+        l
+    }
+}
+
+impl VisitMut for NameElided {
+    fn visit_type_reference_mut(&mut self, r: &mut syn::TypeReference) {
+        if r.lifetime.is_none() {
+            r.lifetime = Some(self.fresh(r.and_token.span));
+        }
+        syn::visit_mut::visit_type_reference_mut(self, r);
+    }
+    fn visit_lifetime_mut(&mut self, l: &mut syn::Lifetime) {
+        if l.ident == "_" {
+            *l = self.fresh(l.apostrophe);
+        }
+    }
+    fn visit_type_bare_fn_mut(&mut self, _: &mut syn::TypeBareFn) {}
+    fn visit_parenthesized_generic_arguments_mut(&mut self, _: &mut syn::ParenthesizedGenericArguments) {}
+}
+
+/// Turns the named lifetimes back into `'_`, for paths written where they are not in scope.
+struct AnonymiseLifetimes<'a>(&'a [String]);
+
+impl VisitMut for AnonymiseLifetimes<'_> {
+    fn visit_lifetime_mut(&mut self, l: &mut syn::Lifetime) {
+        if self.0.contains(&l.to_string()) {
+            *l = syn::Lifetime::new("'_", l.apostrophe);
         }
     }
 }
@@ -280,9 +342,11 @@ enum Place {
     Free,
     /// Next to an associated function, in its inherent impl (`Self::…`).
     Associated,
-    /// In the helper trait of a trait impl (`<Self as helper>::…`); the function itself
-    /// is `<Self as trait_path>::…`, listed as `label::name`.
-    Helper { helper: TokenStream, helper_ident: syn::Ident, trait_path: TokenStream, label: String },
+    /// In the helper trait of a trait impl: named `<Self as helper>::…` inside the
+    /// helper impl and `<Self as outside>::…` in the trait impl (the helper's lifetimes
+    /// that the trait impl does not have are `'_` there); the function itself is
+    /// `<Self as trait_path>::…`, listed as `label::name`.
+    Helper { helper: TokenStream, outside: TokenStream, trait_path: TokenStream, label: String },
 }
 
 /// What a traceable function becomes: the function users call, the site (both
@@ -355,6 +419,11 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
     };
     let site_path = quote! { #qualify #site #turbofish };
     let body_path = quote! { #qualify #body #turbofish };
+    // The wrapper's call, from the function's own impl.
+    let called = match place {
+        Place::Helper { outside, .. } => quote! { <Self as #outside>::#site #turbofish },
+        _ => site_path.clone(),
+    };
 
     let unsafety = &sig.unsafety;
     let (generics, where_clause, output) = (&sig.generics, &sig.generics.where_clause, &sig.output);
@@ -363,8 +432,8 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
     let call = match unsafety {
         // SAFETY (of the generated block): the site of an `unsafe fn` runs its body, so
         // its contract is the function's own, which the wrapper's caller upholds.
-        Some(_) => quote! { unsafe { #site_path(#(#forward),*) } },
-        None => quote! { #site_path(#(#forward),*) },
+        Some(_) => quote! { unsafe { #called(#(#forward),*) } },
+        None => quote! { #called(#(#forward),*) },
     };
 
     let naked = |arch: &str, site_insns: &[&str], progbits: &str| {
@@ -522,6 +591,22 @@ mod tests {
         assert!(out.contains(&format!("fn n () {{ < Self as {helper} < T > > :: __probekit_site_n () }}")), "{out}");
         assert!(out.contains("function = sym < Self as Tr < T > > :: m ,"), "{out}");
         assert!(out.contains("\"::<S<T> as Tr<T>>::m\\\"\""), "{out}");
+    }
+
+    #[test]
+    fn lifetimes_the_trait_path_elides_are_named_for_the_helper() {
+        let out = expand_str("", "#[allow(unused)] #[expect(dead_code)] impl PartialEq<&str> for S { fn eq(&self, o: &&str) -> bool { true } }");
+        let helper = &out[out.find("__probekit_traceable_").unwrap()..][..37];
+        assert!(out.contains(&format!("trait {helper} < '__probekit_l0 > : PartialEq < & '__probekit_l0 str >")), "{out}");
+        assert!(out.contains(&format!("impl < '__probekit_l0 > {helper} < '__probekit_l0 > for S")), "{out}");
+        // Named inside the helper impl, `'_` in the trait impl, where the name is unknown.
+        assert!(out.contains(&format!("body = sym < Self as {helper} < '__probekit_l0 > > :: __probekit_body_eq")), "{out}");
+        assert!(out.contains(&format!("{{ < Self as {helper} < '_ > > :: __probekit_site_eq (self , __probekit_arg1) }}")), "{out}");
+        // Lint levels go to the helper impl too; `expect` only there.
+        let trait_impl = &out[..out.find("# [doc (hidden)]").unwrap()];
+        assert!(trait_impl.contains("allow (unused)") && !trait_impl.contains("expect"), "{out}");
+        let helper_impl = &out[out.rfind("# [allow (unused)]").unwrap()..];
+        assert!(helper_impl.contains("expect (dead_code)"), "{out}");
     }
 
     #[test]

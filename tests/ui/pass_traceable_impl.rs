@@ -56,6 +56,16 @@ impl From<(u64, u64)> for Meters {
     }
 }
 
+// A trait path that elides a lifetime (the helper trait must name it), and a lint
+// level on the impl (it still covers the body, which moved to the helper impl).
+#[traceable]
+#[deny(unused_variables)]
+impl PartialEq<&str> for Meters {
+    fn eq(&self, other: &&str) -> bool {
+        other.parse() == Ok(self.0)
+    }
+}
+
 pub struct Counter {
     n: u64,
 }
@@ -86,6 +96,7 @@ fn main() {
     assert_eq!(sq.describe(), "square of 3");
     assert_eq!(black_box(21u64).twice(), 42);
     assert_eq!(Meters::from(black_box((2, 5))).0, 2005);
+    assert!(Meters(5) == black_box("5"));
     let mut c = Counter { n: 1 };
     assert_eq!(c.bump(black_box(2)), 3);
     assert_eq!(c.plain(), 3);
@@ -103,6 +114,7 @@ fn main() {
         one("pass_traceable_impl::<Square<T> as Shape>::describe", <Square<u32> as Shape>::describe as fn(&Square<u32>) -> String as usize),
         one("pass_traceable_impl::<u64 as Twice>::twice", <u64 as Twice>::twice as fn(u64) -> u64 as usize),
         one("pass_traceable_impl::<Meters as From<(u64, u64)>>::from", <Meters as From<(u64, u64)>>::from as fn((u64, u64)) -> Meters as usize),
+        one("pass_traceable_impl::<Meters as PartialEq<&str>>::eq", <Meters as PartialEq<&'static str>>::eq as fn(&Meters, &&'static str) -> bool as usize),
         one("pass_traceable_impl::bump", Counter::bump as fn(&mut Counter, u64) -> u64 as usize),
     ];
     assert!(!sites.iter().any(|s| s.name.ends_with("::plain") || s.name.ends_with("::sides")), "unmarked and default methods have no site");
