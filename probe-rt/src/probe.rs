@@ -624,7 +624,9 @@ fn unlink(index: usize) {
 /// inside the hit path.
 #[inline(always)]
 pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
-    let (active, shard) = grace::with_thread(|t| (t.active.replace(true), t.index()));
+    // The index first: its first-time path is a call, across which `active` would
+    // otherwise be kept in a register this function saves.
+    let (shard, active) = grace::with_thread(|t| (t.index(), t.active.replace(true)));
     // The sampling handler reads `active` on this thread: the store must not move past
     // the reads of the records.
     compiler_fence(Ordering::SeqCst);
