@@ -425,6 +425,27 @@ fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     }
 }
 
+/// The hidden words past the frame, handed out 8 bytes at a time.
+struct Hidden {
+    /// The next free offset.
+    next: u64,
+    /// `(slot, offset)` of every word handed out.
+    slots: Vec<(Slot, u64)>,
+}
+
+impl Hidden {
+    fn after(frame: &FrameLayout) -> Hidden {
+        Hidden { next: frame.size.next_multiple_of(8), slots: Vec::new() }
+    }
+
+    fn take(&mut self, slot: Slot) -> u64 {
+        let off = self.next;
+        self.next += 8;
+        self.slots.push((slot, off));
+        off
+    }
+}
+
 /// Constant fields of at least this many bytes are filled by a loop, not one store per element.
 const LOOP_MIN: u64 = 128;
 

@@ -146,14 +146,8 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     }
     // Hidden area: caller-saved registers without a field (not the resume register),
     // nzcv without a pstate field, the resume address without a pc field.
-    let mut next = frame.size.next_multiple_of(8);
-    let mut hidden = Vec::new();
-    let mut take = |slot: Slot| {
-        let off = next;
-        next += 8;
-        hidden.push((slot, off));
-        off
-    };
+    let mut h = Hidden::after(frame);
+    let mut take = |slot: Slot| h.take(slot);
     for r in Reg::gprs(Arch::Aarch64) {
         if r != resume && r.class() == RegClass::CallerSaved && frame.offset_of(r).is_none() {
             let off = take(Slot::Hidden(r));
@@ -175,6 +169,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         Fp::Return => 2,
         Fp::Full => 32,
     };
+    let Hidden { next, slots: hidden } = h;
     let fp_at = next.next_multiple_of(16);
     let fp_size = 16 * fp_regs + if fp == Fp::Full { 16 } else { 0 };
     let fp_area = (fp != Fp::None).then_some((fp_at, fp_size));

@@ -424,14 +424,8 @@ struct Area {
 /// without a field (rax lives at the anchor when there is one), the resume address of
 /// a kretprobe frame without a rip field; then the FP/SIMD area.
 fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
-    let mut next = frame.size.next_multiple_of(8);
-    let mut hidden = Vec::new();
-    let mut take = |slot: Slot| {
-        let off = next;
-        next += 8;
-        hidden.push((slot, off));
-        off
-    };
+    let mut h = Hidden::after(frame);
+    let mut take = |slot: Slot| h.take(slot);
     let anchor = anchored.then(|| take(Slot::Anchor));
     let spills: Vec<(Reg, u64)> = Reg::gprs(Arch::X86_64)
         .into_iter()
@@ -443,6 +437,7 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
         None if shape == Shape::Kretprobe => Some((take(Slot::Resume), Slot::Resume)),
         None => None,
     };
+    let Hidden { next, slots: hidden } = h;
     let (fp_area, alloc) = match fp {
         Fp::None => (None, next.next_multiple_of(16)),
         Fp::Args | Fp::Return => {
