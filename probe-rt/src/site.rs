@@ -256,8 +256,7 @@ pub(crate) unsafe fn redirected(frame: *mut PtRegs) {
     // The function's rsp at its entry, which the frame's field may no longer hold: the
     // trampoline's frame lies PROBED_SP bytes below it (build.rs takes it from the plan
     // of this trampoline, which it requires to be of the fixed form).
-    // SAFETY: `frame` is in the trampoline's stack allocation, below the probed stack.
-    let sp = unsafe { frame.byte_add(PROBED_SP) } as u64;
+    let sp = (frame as usize + PROBED_SP) as u64;
     // SAFETY: the caller's guarantee.
     let regs = unsafe { &mut *frame };
     // SAFETY: sp points at the return address the function was called with.
