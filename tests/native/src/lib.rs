@@ -1,4 +1,5 @@
-//! C helpers for probekit's tests (see `build.rs`).
+//! C helpers for probekit's tests (see `build.rs`), and the threads that call probed
+//! functions while a test arms and disarms them.
 
 use std::ffi::c_void;
 
@@ -13,3 +14,39 @@ extern "C" {
 
 /// The path of the shared library built from `c/gone.c` (exports `probekit_gone_add`).
 pub const GONE_SO: &str = env!("GONE_SO");
+
+/// Threads calling a probed function in a loop while a test arms and disarms probes on
+/// it: thread `t` of `n` runs `call(t)`, `call(t + n)`, `call(t + 2n)`, … (each call
+/// asserts its own result) until [`Callers::stop`].
+pub struct Callers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+/// Starts `n` [`Callers`] of `call`.
+pub fn callers(n: u64, call: fn(u64)) -> Callers {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads = (0..n)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut calls = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    call(calls * n + t);
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    Callers { stop, threads }
+}
+
+impl Callers {
+    /// Stops and joins the threads (a failed assertion in one fails the test here):
+    /// how many times `call` ran.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads.into_iter().map(|t| t.join().expect("every call returned the right value")).sum()
+    }
+}

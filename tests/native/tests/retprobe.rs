@@ -328,22 +328,10 @@ fn busy2(a: u64) -> u64 {
 
 #[test]
 fn threads_and_register_unregister_rounds_return_right() {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..3)
-        .map(|t| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let a = n * 4 + t;
-                    assert_eq!(busy2(a), busy(a) ^ 1);
-                    assert_eq!(busy(a), a.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(7));
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let callers = native_tests::callers(3, |a| {
+        assert_eq!(busy2(a), busy(a) ^ 1);
+        assert_eq!(busy(a), a.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(7));
+    });
     for round in 0..150 {
         let p1 = ReturnProbe::builder().function(busy as fn(u64) -> u64).handler(noop).maxactive(4).register().unwrap();
         let p2 = ReturnProbe::builder().function(busy2 as fn(u64) -> u64).handler(noop).register().unwrap();
@@ -355,9 +343,7 @@ fn threads_and_register_unregister_rounds_return_right() {
         std::thread::sleep(std::time::Duration::from_micros(100));
         p2.unregister().unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
-    let calls: u64 = workers.into_iter().map(|w| w.join().expect("no worker failed")).sum();
-    assert!(calls > 0);
+    assert!(callers.stop() > 0);
 }
 
 #[test]

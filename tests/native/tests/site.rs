@@ -5,8 +5,7 @@
 
 use probekit::{Entry, Error, Probe, PtRegs, ReturnProbe};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes of a site (x86_64: a 5-byte nop; aarch64: `mov x9, x30; nop`).
 #[cfg(target_arch = "x86_64")]
@@ -142,21 +141,7 @@ fn count(_: &mut PtRegs) {
 #[test]
 fn patching_under_fire_keeps_every_call_right() {
     let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::hammered")).expect("listed").site;
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..2)
-        .map(|t| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let a = n * 2 + t;
-                    assert_eq!(hammered(a), a.wrapping_mul(7) ^ 0x55);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let callers = native_tests::callers(2, |a| assert_eq!(hammered(a), a.wrapping_mul(7) ^ 0x55));
     let p = Probe::builder().function(hammered as fn(u64) -> u64).pre(count).register().unwrap();
     for _ in 0..300 {
         p.disable().unwrap();
@@ -165,8 +150,7 @@ fn patching_under_fire_keeps_every_call_right() {
         std::thread::yield_now();
     }
     p.disable().unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let calls: u64 = workers.into_iter().map(|w| w.join().expect("every call returned the right value")).sum();
+    let calls = callers.stop();
     let hits = p.nhit();
     drop(p);
     assert!(is_nop(&site_bytes(site)), "the nop is back");
@@ -310,21 +294,10 @@ fn site_records_are_reused_after_grace_periods() {
         let s = sites.iter().find(|s| s.name.ends_with(name)).expect("listed").site;
         REUSE_SITES[which].store(s as u64, Ordering::Relaxed);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..2)
-        .map(|t| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut i = t;
-                while !stop.load(Ordering::Relaxed) {
-                    assert_eq!(reused_a(i), i.wrapping_mul(5).wrapping_sub(2));
-                    assert_eq!(reused_b(i), i ^ 0x3c);
-                    i += 1;
-                }
-                2 * (i - t)
-            })
-        })
-        .collect();
+    let callers = native_tests::callers(2, |i| {
+        assert_eq!(reused_a(i), i.wrapping_mul(5).wrapping_sub(2));
+        assert_eq!(reused_b(i), i ^ 0x3c);
+    });
     let registrations = probekit::probe::MAX_PROBES + 3 * probekit::probe::RECLAIM_BATCH;
     let mut counted = 0;
     for round in 0..registrations / 2 {
@@ -341,8 +314,7 @@ fn site_records_are_reused_after_grace_periods() {
         counted += second.nhit() + second.nmissed();
         second.unregister().unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
-    let calls: u64 = workers.into_iter().map(|w| w.join().expect("every call returned the right value")).sum();
+    let calls = 2 * callers.stop(); // two calls each time
     let handled = REUSE_HANDLED.load(Ordering::Relaxed);
     assert_eq!(REUSE_WRONG.load(Ordering::Relaxed), 0, "a handler ran at the other site");
     // Each count read right after disarming may miss a handler still running then (it
