@@ -202,7 +202,6 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
     // the trait path elides (`impl From<&str> for S`), which a supertrait must name.
     let helper_ident = format_ident!("__probekit_traceable_{:016x}", fnv1a(imp.to_token_stream().to_string().as_bytes()));
     let mut helper_generics = imp.generics.clone();
-    let mut trait_path = None;
     let place = match &imp.trait_ {
         None => Place::Associated,
         Some((_, path, _)) => {
@@ -218,7 +217,6 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
             let mut outside: syn::Path = syn::parse_quote! { #helper };
             let fresh: Vec<String> = elided.0.iter().map(|l| l.to_string()).collect();
             AnonymiseLifetimes(&fresh).visit_path_mut(&mut outside);
-            trait_path = Some(named.to_token_stream());
             Place::Helper { helper, outside: outside.to_token_stream(), trait_path: named.to_token_stream(), label }
         }
     };
@@ -228,8 +226,8 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
         imp.items[*index] = syn::ImplItem::Verbatim(p.wrapper.clone());
         generated.push(p);
     }
-    match trait_path {
-        Some(trait_path) => {
+    match &place {
+        Place::Helper { trait_path, .. } => {
             let (impl_generics, args, where_clause) = helper_generics.split_for_impl();
             let self_ty = &imp.self_ty;
             // The helper exists where the impl does; the impl's lint levels cover the
@@ -262,7 +260,7 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
                 }
             }
         }
-        None => {
+        _ => {
             for p in generated {
                 let (site, body) = (p.site, p.body);
                 imp.items.push(syn::ImplItem::Verbatim(quote! { #site #body }));
