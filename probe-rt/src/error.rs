@@ -32,6 +32,30 @@ pub enum Error {
     HandlersBeforeData,
     /// A system call failed.
     Os { addr: usize, call: &'static str, errno: i32 },
+    /// No function symbol of the process starts at or before the address within its
+    /// image, so no instruction boundary can be proven there (the kernel refuses such
+    /// addresses too): name the function (`.function`, `.symbol`) and give `.offset`.
+    NoKnownStart { addr: usize },
+    /// `.offset(n)` lies outside the named function (`size` bytes from `function`).
+    OutsideFunction { addr: usize, function: usize, size: usize },
+    /// The target address plus `.offset(n)` overflows the address space.
+    AddressOverflow { base: usize, offset: usize },
+    /// The address is executable but not readable (`[vsyscall]`): its instruction
+    /// cannot be decoded or copied.
+    NotReadable { addr: usize },
+    /// The code the probe was registered on is gone: its mapping was unmapped or now
+    /// holds other code (another library loaded at the same address). The probe
+    /// never writes there again; unregister it.
+    CodeGone { addr: usize },
+    /// `maxactive` asks for more instances than a return probe may have.
+    MaxactiveTooLarge { requested: usize, max: usize },
+    /// Memory for the probe could not be allocated.
+    OutOfMemory { bytes: usize },
+    /// The program replaced probekit's SIGTRAP handler (`handler`, its address) after
+    /// probekit installed it: probekit's breakpoints would reach that handler. Install
+    /// your handler before the first probe is registered; probekit then passes it
+    /// every trap that is not its own.
+    SigtrapHandlerReplaced { handler: usize },
 }
 
 impl fmt::Display for Error {
@@ -44,7 +68,7 @@ impl fmt::Display for Error {
             Error::NotInstructionBoundary { addr, function } => write!(
                 f,
                 "{addr:#x} is not an instruction boundary of the function at {function:#x} (+{:#x})",
-                addr - function
+                addr.wrapping_sub(*function)
             ),
             Error::UnsupportedInstruction { addr, insn } => {
                 write!(f, "{addr:#x}: `{insn}` cannot be probed yet (it cannot run out of line)")
@@ -54,16 +78,39 @@ impl fmt::Display for Error {
             Error::InsideSite { addr, site, function } => write!(
                 f,
                 "{addr:#x} is inside the patchable site of `{function}` at {site:#x} (+{:#x}): probe the function itself",
-                addr - site
+                addr.wrapping_sub(*site)
             ),
             Error::NotFunctionEntry { addr, function } => write!(
                 f,
                 "{addr:#x} is not a function entry (it is +{:#x} into the function at {function:#x}); return probes go on entries",
-                addr - function
+                addr.wrapping_sub(*function)
             ),
             Error::HandlersBeforeData => {
                 write!(f, "`.data::<T>()` came after a handler, which it drops: call `.data::<T>()` first")
             }
+            Error::NoKnownStart { addr } => write!(
+                f,
+                "no function symbol starts at or before {addr:#x}, so it cannot be proven an instruction boundary: \
+                 name the function (`.function(f)` or `.symbol(name)`) and give `.offset(n)`"
+            ),
+            Error::OutsideFunction { addr, function, size } => write!(
+                f,
+                "{addr:#x} is outside the named function at {function:#x} (+{:#x}, but it has {size:#x} bytes)",
+                addr.wrapping_sub(*function)
+            ),
+            Error::AddressOverflow { base, offset } => write!(f, "{base:#x} + offset {offset:#x} overflows the address space"),
+            Error::NotReadable { addr } => write!(f, "{addr:#x} is in a mapping that cannot be read, so its instruction cannot be decoded"),
+            Error::CodeGone { addr } => write!(
+                f,
+                "the code probed at {addr:#x} is gone (unmapped, or other code is mapped there now): the probe will not write there again"
+            ),
+            Error::MaxactiveTooLarge { requested, max } => write!(f, "maxactive {requested} is more than the {max} instances a return probe may have"),
+            Error::OutOfMemory { bytes } => write!(f, "could not allocate {bytes} bytes for the probe"),
+            Error::SigtrapHandlerReplaced { handler } => write!(
+                f,
+                "the program replaced probekit's SIGTRAP handler (now {handler:#x}), which would receive probekit's breakpoints: \
+                 install your own SIGTRAP handler before the first probe is registered, and probekit passes it every trap that is not its own"
+            ),
             Error::Os { addr, call, errno } => {
                 write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))
             }
