@@ -276,7 +276,7 @@ fn threads_to_sample() -> Vec<i32> {
 /// the hit path, the sigreturn trampolines.
 fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
     let mut busy = slots.to_vec();
-    busy.extend(crate::probe::blacklist().iter().map(|b| (b.start, b.end)));
+    busy.extend(crate::blacklist::hit_path_roots());
     #[cfg(target_arch = "x86_64")]
     {
         // glibc returns from handlers through its `__restore_rt` (sa_restorer).

@@ -112,6 +112,78 @@ enum Decoded {
 
 pub(crate) use imp::simulate;
 
+/// Where the code at `addr` (bytes `code`) branches or calls directly, outside itself:
+/// `call`/`jmp`/`jcc` rel (x86_64), `bl`/`b` (aarch64), and calls or jumps through a
+/// pointer at a fixed address (x86_64 `call [rip + got]`, read now). For the
+/// blacklist's closure of the hit path: indirect calls through registers (handlers)
+/// are not followed.
+pub(crate) fn branch_targets(addr: usize, code: &[u8]) -> Vec<usize> {
+    let outside = |t: usize| t < addr || t >= addr + code.len();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
+        let mut out = Vec::new();
+        let mut d = Decoder::with_ip(64, code, addr as u64, DecoderOptions::NONE);
+        for i in &mut d {
+            match i.flow_control() {
+                FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+                    if matches!(i.op0_kind(), OpKind::NearBranch64) =>
+                {
+                    out.push(i.near_branch_target() as usize)
+                }
+                FlowControl::IndirectCall | FlowControl::IndirectBranch if i.is_ip_rel_memory_operand() => {
+                    let slot = i.ip_rel_memory_address() as usize;
+                    if let Some(t) = crate::text::read(slot, 8).and_then(|b| b.try_into().ok()).map(usize::from_le_bytes) {
+                        out.push(t);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.retain(|t| outside(*t));
+        out
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        code.chunks_exact(4)
+            .enumerate()
+            .filter_map(|(k, w)| {
+                let w = u32::from_le_bytes(w.try_into().ok()?);
+                // b / bl imm26
+                (w & 0x7c00_0000 == 0x1400_0000).then(|| (addr + 4 * k).wrapping_add(((((w & 0x03ff_ffff) << 6) as i32 >> 4) as isize) as usize))
+            })
+            .filter(|t| outside(*t))
+            .collect()
+    }
+}
+
+/// Where a PLT entry at `addr` (its first bytes `code`) jumps: the value of its GOT slot
+/// (x86_64 `[endbr64;] [bnd] jmp [rip + got]`; aarch64 `adrp x16; ldr x17, [x16, #off];
+/// add; br x17`). None if it is not one.
+pub(crate) fn plt_target(addr: usize, code: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    let slot = {
+        use iced_x86::{Decoder, DecoderOptions, FlowControl};
+        let mut d = Decoder::with_ip(64, code, addr as u64, DecoderOptions::NONE);
+        let first_jump = d.iter().take(3).find(|i| i.flow_control() != FlowControl::Next)?;
+        (first_jump.flow_control() == FlowControl::IndirectBranch && first_jump.is_ip_rel_memory_operand())
+            .then(|| first_jump.ip_rel_memory_address() as usize)?
+    };
+    #[cfg(target_arch = "aarch64")]
+    let slot = {
+        let w = |k: usize| Some(u32::from_le_bytes(code.get(4 * k..4 * k + 4)?.try_into().ok()?));
+        let (adrp, ldr) = (w(0)?, w(1)?);
+        // adrp x16, page; ldr x17, [x16, #imm12 * 8]
+        if adrp & 0x9f00_001f != 0x9000_0010 || ldr & 0xffc0_03ff != 0xf940_0211 {
+            return None;
+        }
+        let imm = (((adrp >> 29) & 3) | ((adrp >> 3) & 0x1f_fffc)) as i64;
+        let page = (addr & !0xfff).wrapping_add(((imm << 43 >> 43) << 12) as usize);
+        page + ((ldr >> 10) & 0xfff) as usize * 8
+    };
+    crate::text::read(slot, 8).and_then(|b| b.try_into().ok()).map(usize::from_le_bytes)
+}
+
 /// Checks that `addr` is an instruction boundary of the code starting at `start`, whose
 /// original bytes (no breakpoints) are `code` (decoding forward from there; aarch64:
 /// 4-byte alignment).

@@ -18,6 +18,23 @@
 //! out of a signal handler). A probe hit inside a handler on the same thread is not run
 //! again: it counts in [`ProbeHandle::nmissed`] and its instruction still executes.
 //!
+//! # Stack
+//! A breakpoint hit runs on the thread's own stack, below the probed stack pointer
+//! (and the x86_64 red zone): the kernel's signal frame (up to ~3.5 KiB with AVX-512
+//! state) and the handler. Measured on x86_64: about 3.4 KiB for a hit with a pre
+//! handler, 4.2 KiB with a post handler; a site hit about 1 KiB, a return about
+//! 0.6 KiB, plus what the handlers use. A thread with less left is killed by SIGSEGV
+//! (with a message on stderr), as a stack overflow is: never a wrong result.
+//!
+//! # Signals that are not probekit's
+//! Only traps from breakpoint instructions are looked at (`si_code`); a SIGTRAP sent
+//! with `kill`, `raise` or `sigqueue`, an `icebp`, or a breakpoint probekit never placed
+//! goes to the disposition the program had before the first registration: its
+//! handler, or the default action (the process is terminated, as without probekit).
+//! Install your own SIGTRAP handler before registering the first probe: one installed
+//! after would receive probekit's breakpoints, and the next registration fails with
+//! [`Error::SigtrapHandlerReplaced`].
+//!
 //! # Lifetime
 //! A probe's record and slot outlive its unregistration, because a thread may still be
 //! in its handler, on its way to the slot or in it when the probe goes: they are
@@ -32,7 +49,7 @@ use crate::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
 use crate::{grace, regs, text, Error, PtRegs};
 use std::cell::Cell;
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, Once, OnceLock};
 
 /// A pre or post handler.
 pub type Handler = fn(&mut PtRegs);
@@ -66,6 +83,11 @@ struct Record {
     target: AtomicUsize,
     /// The original bytes under the breakpoint.
     orig: AtomicU64,
+    /// The identity of the probed code: its file and offset (`text::Mapping::code_id`;
+    /// 0 for anonymous memory), checked before every write.
+    code_id: AtomicU64,
+    /// The probed code went away: nothing is ever written for this record again.
+    gone: AtomicBool,
     /// A simulated instruction (`kind` 0: it runs out of line in `slot`).
     sim_kind: AtomicU64,
     sim_a: AtomicU64,
@@ -93,6 +115,8 @@ const EMPTY: Record = Record {
     nmissed: AtomicU64::new(0),
     target: AtomicUsize::new(0),
     orig: AtomicU64::new(0),
+    code_id: AtomicU64::new(0),
+    gone: AtomicBool::new(false),
     sim_kind: AtomicU64::new(0),
     sim_a: AtomicU64::new(0),
     sim_b: AtomicU64::new(0),
@@ -214,8 +238,11 @@ impl Slots {
     }
 }
 
-/// The previous SIGTRAP disposition, for traps that are not ours.
-static mut PREVIOUS: Option<libc::sigaction> = None;
+/// The SIGTRAP disposition before probekit's, for traps that are not ours.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// x86_64: the SIGSEGV disposition before probekit's (see `on_sigsegv`).
+#[cfg(target_arch = "x86_64")]
+static PREVIOUS_SEGV: OnceLock<libc::sigaction> = OnceLock::new();
 static INSTALL: Once = Once::new();
 
 thread_local! {
@@ -262,15 +289,35 @@ pub struct Probe;
 impl Probe {
     /// Starts describing a probe.
     pub fn builder() -> ProbeBuilder {
-        ProbeBuilder { target: None, symbol: None, offset: 0, pre: None, post: None, internal: None }
+        ProbeBuilder { target: None, offset: 0, pre: None, post: None, internal: None }
     }
+}
+
+/// What a builder was told to probe.
+#[derive(Clone, Debug)]
+enum Target {
+    /// A function's first instruction (a function pointer).
+    Function(usize),
+    /// A function by name.
+    Symbol(String),
+    /// A raw address, whose instruction boundary must be proven from the symbols.
+    Address(usize),
+}
+
+/// Where a builder's target resolved to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Resolved {
+    /// The probed address.
+    pub(crate) addr: usize,
+    /// The start of the function the caller named (`.function`, `.symbol`), from which
+    /// the instruction boundary is decoded; None for a raw address.
+    pub(crate) start: Option<usize>,
 }
 
 /// Describes a probe: a target and handlers.
 #[derive(Clone, Debug)]
 pub struct ProbeBuilder {
-    target: Option<usize>,
-    symbol: Option<String>,
+    target: Option<Target>,
     offset: usize,
     pre: Option<Handler>,
     post: Option<Handler>,
@@ -281,24 +328,31 @@ impl ProbeBuilder {
     /// Probe a function (a function pointer: `my_fn as fn(u64) -> u64`; with reference
     /// arguments, name a lifetime: `parse as fn(&'static [u8]) -> u64`, see [`FnAddr`]).
     pub fn function(mut self, f: impl FnAddr) -> Self {
-        self.target = Some(f.addr());
+        self.target = Some(Target::Function(f.addr()));
         self
     }
 
     /// Probe a function of the process by name: of the executable or of a loaded shared
     /// library (`getpid`), exported or not (ELF symbol tables through `/proc/self/maps`).
+    /// An IFUNC symbol (glibc's `memcpy`, `strlen`, …) names the implementation the
+    /// process calls (what `dlsym` returns), not its resolver.
     pub fn symbol(mut self, name: &str) -> Self {
-        self.symbol = Some(name.to_string());
+        self.target = Some(Target::Symbol(name.to_string()));
         self
     }
 
-    /// Probe a raw address.
+    /// Probe a raw address. It must be an instruction boundary provable from the
+    /// symbol tables: inside a function whose symbol has a size, or after a sizeless
+    /// symbol (hand-written asm) from which the code decodes to it; else registration
+    /// fails with [`Error::NoKnownStart`].
     pub fn address(mut self, addr: usize) -> Self {
-        self.target = Some(addr);
+        self.target = Some(Target::Address(addr));
         self
     }
 
-    /// Bytes past the target (an instruction boundary).
+    /// Bytes past the target (an instruction boundary). With `.function` or `.symbol`
+    /// it must lie inside that function when its symbol gives its size
+    /// ([`Error::OutsideFunction`]).
     pub fn offset(mut self, offset: usize) -> Self {
         self.offset = offset;
         self
@@ -316,6 +370,12 @@ impl ProbeBuilder {
         self
     }
 
+    /// Probe the function starting at `addr` (already checked to be a function start).
+    pub(crate) fn function_start(mut self, addr: usize) -> Self {
+        self.target = Some(Target::Function(addr));
+        self
+    }
+
     /// Runs probekit's own handler `h(regs, ctx)` instead of a pre handler.
     pub(crate) fn internal_pre(mut self, h: InternalHandler, ctx: usize) -> Self {
         self.internal = Some((h, ctx));
@@ -323,22 +383,30 @@ impl ProbeBuilder {
     }
 
     /// The address the builder names, and where its function starts when the caller
-    /// said (a symbol or function with an offset): `(address, start)`.
-    pub(crate) fn resolve_target(&self) -> Result<(usize, Option<usize>), Error> {
-        let base = match (&self.symbol, self.target) {
-            (Some(name), _) => resolve(name)?,
-            (None, Some(t)) => t,
-            (None, None) => return Err(Error::NoTarget),
+    /// named one.
+    pub(crate) fn resolve_target(&self) -> Result<Resolved, Error> {
+        let (base, named) = match &self.target {
+            Some(Target::Symbol(name)) => (resolve(name)?, true),
+            Some(Target::Function(f)) => (*f, true),
+            Some(Target::Address(a)) => (*a, false),
+            None => return Err(Error::NoTarget),
         };
         // A traceable function is entered through its site: offsets count from there.
         let base = crate::sites::site_of(base).map_or(base, |s| s.site);
-        Ok((base + self.offset, (self.offset > 0).then_some(base)))
+        let addr = base.checked_add(self.offset).ok_or(Error::AddressOverflow { base, offset: self.offset })?;
+        if named && self.offset > 0 {
+            // Only where the symbol says how long the function is (sizeless: decoded).
+            if let Some(f) = crate::symbols::function_at(base).filter(|f| f.addr == base && f.size > 0 && self.offset >= f.size) {
+                return Err(Error::OutsideFunction { addr, function: base, size: f.size });
+            }
+        }
+        Ok(Resolved { addr, start: named.then_some(base) })
     }
 
     /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
     /// On error nothing is left armed or writable.
     pub fn register(self) -> Result<ProbeHandle, Error> {
-        let (addr, named_start) = self.resolve_target()?;
+        let Resolved { addr, start } = self.resolve_target()?;
         install_handler()?;
         if let Some(s) = crate::sites::site_around(addr) {
             return Err(Error::InsideSite { addr, site: s.site, function: s.name });
@@ -349,13 +417,17 @@ impl ProbeBuilder {
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let mapping = text::executable(addr)?;
         // An instruction boundary, decoding from the start of the function: the one the
-        // caller named, or the one the symbol tables say contains the address.
-        let start = named_start.or_else(|| crate::symbols::function_at(addr).map(|(_, start, _)| start).filter(|s| *s != addr));
-        if let Some(start) = start {
-            insn::check_boundary(start, addr, &original_code(start, (addr + 15).min(mapping.end)))?;
+        // caller named, or the one the symbol tables prove (see `known_start`).
+        let start = match start {
+            Some(start) => start,
+            None => known_start(addr)?,
+        };
+        let end = addr.saturating_add(15).min(mapping.end);
+        if start != addr {
+            insn::check_boundary(start, addr, &original_code(start, end).ok_or(Error::NotExecutable { addr: start })?)?;
         }
-        let code = original_code(addr, (addr + 15).min(mapping.end));
-        if let Some(b) = blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr)) {
+        let code = original_code(addr, end).ok_or(Error::NotExecutable { addr })?;
+        if let Some(b) = crate::blacklist::find_at(addr) {
             return Err(Error::Blacklisted { addr, what: b.name });
         }
         let index = reg.take_record(addr, false)?;
@@ -371,6 +443,7 @@ impl ProbeBuilder {
         let mut orig = [0u8; 8];
         orig[..BREAKPOINT.len()].copy_from_slice(&code[..BREAKPOINT.len()]);
         e.target.store(addr, Ordering::Relaxed);
+        e.code_id.store(mapping.code_id(addr), Ordering::Relaxed);
         e.orig.store(u64::from_ne_bytes(orig), Ordering::Relaxed);
         e.slot.store(slot, Ordering::Relaxed);
         e.next.store(addr + len, Ordering::Relaxed);
@@ -386,9 +459,11 @@ impl ProbeBuilder {
     /// there enables the site.
     fn register_site(self, site: usize) -> Result<ProbeHandle, Error> {
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        let code_id = text::executable(site)?.code_id(site);
         let index = reg.take_record(site, true)?;
         let e = &RECORDS[index];
         e.target.store(site, Ordering::Relaxed);
+        e.code_id.store(code_id, Ordering::Relaxed);
         e.orig.store(0, Ordering::Relaxed);
         e.next.store(site + crate::sites::SITE_LEN, Ordering::Relaxed);
         e.resume_trap.store(0, Ordering::Relaxed);
@@ -401,6 +476,7 @@ impl ProbeBuilder {
     /// paths, and arms it (on error it goes back, unarmed).
     fn publish_and_arm(&self, reg: &mut Slots, index: usize) -> Result<ProbeHandle, Error> {
         let e = &RECORDS[index];
+        e.gone.store(false, Ordering::Relaxed);
         e.nhit.store(0, Ordering::Relaxed);
         for shard in &SITE_HITS {
             shard[index].store(0, Ordering::Relaxed);
@@ -466,15 +542,27 @@ impl ProbeBuilder {
 /// The address of function `name`: from the ELF symbol tables of the executable and
 /// its libraries, or else as the dynamic linker resolves it (`dlsym(RTLD_DEFAULT)`,
 /// which also finds symbols of libraries opened later).
+/// An IFUNC symbol resolves as `dlsym` resolves it: to the implementation the process
+/// calls, not to the resolver the symbol table names.
 fn resolve(name: &str) -> Result<usize, Error> {
     let not_found = || Error::SymbolNotFound { name: name.to_string() };
-    if let Some(a) = crate::symbols::address_of(name) {
-        return Ok(a);
+    let dlsym = || {
+        let c = std::ffi::CString::new(name).ok()?;
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks up symbols
+        // (an IFUNC's resolver already ran when the library was relocated).
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+        (!p.is_null()).then_some(p as usize)
+    };
+    match crate::symbols::function_named(name) {
+        Some(f) if !f.ifunc => Ok(f.addr),
+        _ => dlsym().ok_or_else(not_found),
     }
-    let c = std::ffi::CString::new(name).map_err(|_| not_found())?;
-    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks up symbols.
-    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
-    if p.is_null() { Err(not_found()) } else { Ok(p as usize) }
+}
+
+/// The start of the function an instruction boundary at raw address `addr` is proven
+/// from (see `symbols::known_start`).
+pub(crate) fn known_start(addr: usize) -> Result<usize, Error> {
+    crate::symbols::known_start(addr).map(|f| f.addr).ok_or(Error::NoKnownStart { addr })
 }
 
 /// Whether a probe other than `e` is armed at `target` (they share its breakpoint).
@@ -483,10 +571,9 @@ fn shared(e: &Record, target: usize) -> bool {
 }
 
 /// The original bytes of `from..to`: the text with every armed breakpoint taken out
-/// (registration path, under the registry lock).
-fn original_code(from: usize, to: usize) -> Vec<u8> {
-    // SAFETY: from..to lies in one readable, executable mapping (checked by the caller).
-    let mut code = unsafe { std::slice::from_raw_parts(from as *const u8, to - from) }.to_vec();
+/// (registration path, under the registry lock); None if it is not readable (any more).
+fn original_code(from: usize, to: usize) -> Option<Vec<u8>> {
+    let mut code = text::read(from, to.checked_sub(from)?)?;
     for e in records().iter().filter(|e| e.addr.load(Ordering::Relaxed) != 0 && our_breakpoint_at(e.target.load(Ordering::Relaxed))) {
         let (t, orig) = (e.target.load(Ordering::Relaxed), e.orig.load(Ordering::Relaxed).to_ne_bytes());
         for (i, b) in orig[..BREAKPOINT.len()].iter().enumerate() {
@@ -495,14 +582,27 @@ fn original_code(from: usize, to: usize) -> Vec<u8> {
             }
         }
     }
-    code
+    Some(code)
+}
+
+/// Whether the code record `e` was registered on is still mapped at `target`: not
+/// marked gone, and the mapping there is the same file at the same offset (anonymous
+/// memory: the bytes are compared where they are written). Marks it gone if not.
+fn still_there(e: &Record, target: usize) -> bool {
+    if e.gone.load(Ordering::Relaxed) {
+        return false;
+    }
+    let id = e.code_id.load(Ordering::Relaxed);
+    let same = text::mapping_of(target).is_some_and(|m| m.prot & libc::PROT_EXEC != 0 && m.code_id(target) == id);
+    if !same {
+        e.gone.store(true, Ordering::Relaxed);
+    }
+    same
 }
 
 /// Whether probekit's breakpoint is in the text at `addr` (readable and mapped).
 fn our_breakpoint_at(addr: usize) -> bool {
-    let mapped = text::mapping_of(addr).is_some_and(|m| m.prot & libc::PROT_READ != 0 && addr + BREAKPOINT.len() <= m.end);
-    // SAFETY: the bytes are in a readable mapping (checked just above).
-    mapped && unsafe { std::slice::from_raw_parts(addr as *const u8, BREAKPOINT.len()) } == BREAKPOINT
+    text::read(addr, BREAKPOINT.len()).is_some_and(|b| b == BREAKPOINT)
 }
 
 /// Arms (writes the breakpoint) or disarms (restores the original bytes). The entry is
@@ -512,6 +612,13 @@ fn our_breakpoint_at(addr: usize) -> bool {
 /// removes it. Called under the registry lock.
 fn arm(e: &Record, on: bool) -> Result<(), Error> {
     let target = e.target.load(Ordering::Relaxed);
+    if !still_there(e, target) {
+        // Whatever lives at the address now is not the code that was probed: disarmed
+        // in place, for good, with nothing written (uprobes are tied to the file and
+        // offset, not to the address).
+        e.addr.store(0, Ordering::Release);
+        return if on { Err(Error::CodeGone { addr: target }) } else { Ok(()) };
+    }
     if e.site.load(Ordering::Relaxed) {
         return arm_site(e, target, on);
     }
@@ -527,6 +634,12 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
         }
     }
     let shared = shared(e, target);
+    let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
+    if on && !shared && text::read(target, BREAKPOINT.len()).is_none_or(|b| b != orig[..BREAKPOINT.len()]) {
+        // Not the bytes the probe was prepared for (mapped again with other contents).
+        e.gone.store(true, Ordering::Relaxed);
+        return Err(Error::CodeGone { addr: target });
+    }
     if on {
         e.addr.store(target, Ordering::Release);
         let r = if shared { Ok(()) } else { text::write_code(target, BREAKPOINT).map(|()| crate::site::sync_cores()) };
@@ -535,7 +648,6 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
         }
         r
     } else {
-        let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
         let r = if shared || !present {
             Ok(())
         } else {
@@ -782,28 +894,12 @@ impl Drop for ProbeHandle {
     }
 }
 
-/// A range of code probes must not touch: probekit's hit path, which a breakpoint
-/// there would make recurse, and the libc functions it calls.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Blacklisted {
-    /// What it is.
-    pub name: &'static str,
-    /// First byte.
-    pub start: usize,
-    /// One past the last byte.
-    pub end: usize,
-}
-
-/// The code probes are refused in (as the kernel's `kprobes/blacklist`), found through
-/// the symbol tables once; a function whose size is unknown counts as one page.
-pub fn blacklist() -> Vec<Blacklisted> {
-    static LIST: std::sync::OnceLock<Vec<Blacklisted>> = std::sync::OnceLock::new();
-    LIST.get_or_init(find_blacklist).clone()
-}
-
-fn find_blacklist() -> Vec<Blacklisted> {
-    let hit_path = [
+/// The entry points of probekit's hit paths, named: the roots of the blacklist's
+/// closure (see `blacklist`).
+pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
+    let mut roots = vec![
         ("probekit's hit-path bookkeeping", grace::enter as *const () as usize),
+        ("probekit's hit-path bookkeeping", grace::leave as *const () as usize),
         ("probekit's hit-path bookkeeping", grace::Thread::enter as *const () as usize),
         ("probekit's hit-path bookkeeping", grace::Thread::index as *const () as usize),
         ("probekit's hit-path bookkeeping", grace::Thread::record as *const () as usize),
@@ -821,18 +917,16 @@ fn find_blacklist() -> Vec<Blacklisted> {
         ("probekit's trap chaining", chain as *const () as usize),
         ("probekit's register reading", regs::read as *const () as usize),
         ("probekit's register writing", regs::write as *const () as usize),
+        ("probekit's reentrancy guard", set_active as *const () as usize),
         ("libc sigaction (trap chaining)", libc::sigaction as *const () as usize),
         ("libc raise (trap chaining)", libc::raise as *const () as usize),
     ];
     #[cfg(target_arch = "x86_64")]
-    let hit_path = hit_path.into_iter().chain([("probekit's site dispatcher", crate::site::redirected as *const () as usize)]);
-    hit_path
-        .into_iter()
-        .map(|(name, addr)| match crate::symbols::function_at(addr) {
-            Some((_, start, size)) if size > 0 => Blacklisted { name, start, end: start + size },
-            _ => Blacklisted { name, start: addr, end: addr + text::page_size() },
-        })
-        .collect()
+    roots.extend([
+        ("probekit's site dispatcher", crate::site::redirected as *const () as usize),
+        ("probekit's stack-exhaustion handler", on_sigsegv as *const () as usize),
+    ]);
+    roots
 }
 
 /// One registered probe, as [`list`] reports it.
@@ -889,18 +983,22 @@ pub fn list() -> ProbeList {
             .filter(|(_, e)| e.live.load(Ordering::Relaxed))
             .map(|(index, e)| {
                 let addr = e.target.load(Ordering::Relaxed);
+                let id = e.code_id.load(Ordering::Relaxed);
+                let gone = e.gone.load(Ordering::Relaxed) || text::mapping_of(addr).is_none_or(|m| m.code_id(addr) != id);
                 ProbeInfo {
                     addr,
                     // Only return probes register a hook with a context.
                     is_return: e.ctx.load(Ordering::Relaxed) != 0,
-                    // A site is named after its function, not the naked stub it is in.
-                    symbol: match e.site.load(Ordering::Relaxed) {
-                        true => crate::sites::site_of(addr).map(|s| (s.name, 0)),
-                        false => crate::symbols::symbol_of(addr),
+                    // A site is named after its function, not the naked stub it is in;
+                    // gone code by its address only (something else may be there now).
+                    symbol: match (gone, e.site.load(Ordering::Relaxed)) {
+                        (true, _) => None,
+                        (false, true) => crate::sites::site_of(addr).map(|s| (s.name, 0)),
+                        (false, false) => crate::symbols::symbol_of(addr),
                     },
                     site: e.site.load(Ordering::Relaxed),
                     enabled: e.addr.load(Ordering::Relaxed) != 0,
-                    gone: text::mapping_of(addr).is_none(),
+                    gone,
                     nhit: e.nhit.load(Ordering::Relaxed) + site_hits(index),
                     nmissed: e.nmissed.load(Ordering::Relaxed),
                 }
@@ -909,38 +1007,65 @@ pub fn list() -> ProbeList {
     )
 }
 
+/// The errno of the last failed call, as an [`Error::Os`].
+fn os_error(addr: usize, call: &'static str) -> Error {
+    Error::Os { addr, call, errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) }
+}
+
+/// Installs `handler` for `sig` (SA_SIGINFO, with `flags`), after keeping the previous
+/// disposition in `previous` (so that it is in place before the handler can run).
+fn take_signal(sig: libc::c_int, handler: usize, flags: libc::c_int, previous: &OnceLock<libc::sigaction>) -> Result<(), Error> {
+    // SAFETY: sigaction with zeroed structs filled field by field; `handler` is an
+    // extern "C" fn of the SA_SIGINFO signature (the callers pass one).
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+            return Err(os_error(0, "sigaction"));
+        }
+        let _ = previous.set(old);
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler;
+        sa.sa_flags = libc::SA_SIGINFO | flags;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+            return Err(os_error(0, "sigaction"));
+        }
+    }
+    Ok(())
+}
+
+/// Installs the SIGTRAP handler on the first registration; on later ones, checks that
+/// it is still installed: a handler the program installed over it would receive
+/// probekit's breakpoints ([`Error::SigtrapHandlerReplaced`]).
 fn install_handler() -> Result<(), Error> {
     let mut result = Ok(());
     INSTALL.call_once(|| {
-        // SAFETY: sigaction with zeroed structs filled field by field; the handler is an
-        // extern "C" fn of the SA_SIGINFO signature. PREVIOUS is written once, here,
-        // before our handler is installed (so before it can read it).
-        unsafe {
-            // Read the previous disposition first, so that PREVIOUS is in place before
-            // our handler can run.
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut old) != 0 {
-                result = Err(Error::Os { addr: 0, call: "sigaction", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
-                return;
-            }
-            PREVIOUS = Some(old);
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigtrap as *const () as usize;
-            // SA_NODEFER: a probe hit inside a handler traps inside this signal handler;
-            // a blocked synchronous SIGTRAP would kill the process instead.
-            // No SA_ONSTACK: the handler runs on the thread's own stack (below the
-            // x86_64 red zone, which the kernel skips). The alternate stack Rust gives
-            // each thread is 8 KiB, for its stack-overflow message; a signal frame is
-            // ~3.5 KiB on an AVX-512 machine, so a handler there, or a probe hit inside
-            // a handler (two frames), overflowed it: measured, SIGSEGV.
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NODEFER;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut()) != 0 {
-                result = Err(Error::Os { addr: 0, call: "sigaction", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
-            }
+        // SA_NODEFER: a probe hit inside a handler traps inside this signal handler;
+        // a blocked synchronous SIGTRAP would kill the process instead.
+        // No SA_ONSTACK: the handler runs on the thread's own stack (below the
+        // x86_64 red zone, which the kernel skips). The alternate stack Rust gives
+        // each thread is 8 KiB, for its stack-overflow message; a signal frame is
+        // ~3.5 KiB on an AVX-512 machine, so a handler there, or a probe hit inside
+        // a handler (two frames), overflowed it: measured, SIGSEGV.
+        result = take_signal(libc::SIGTRAP, on_sigtrap as *const () as usize, libc::SA_RESTART | libc::SA_NODEFER, &PREVIOUS);
+        // On the alternate stack, as the handler it chains to (Rust's stack-overflow
+        // handler) runs: it is called when the thread's stack is exhausted.
+        #[cfg(target_arch = "x86_64")]
+        if result.is_ok() {
+            result = take_signal(libc::SIGSEGV, on_sigsegv as *const () as usize, libc::SA_ONSTACK | libc::SA_NODEFER, &PREVIOUS_SEGV);
         }
     });
-    result
+    result?;
+    // SAFETY: reading a disposition only.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } != 0 {
+        return Err(os_error(0, "sigaction"));
+    }
+    match cur.sa_sigaction == on_sigtrap as *const () as usize {
+        true => Ok(()),
+        false => Err(Error::SigtrapHandlerReplaced { handler: cur.sa_sigaction }),
+    }
 }
 
 /// Calls a handler; `extern "C"` so that a panic aborts instead of unwinding out of
@@ -965,16 +1090,73 @@ pub(crate) fn set_active(on: bool) -> bool {
 /// The SIGTRAP handler. Async-signal-safe: atomics, a const thread-local, no locks,
 /// no allocation.
 extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+    // SAFETY: the kernel passes a valid siginfo_t and ucontext_t for SA_SIGINFO handlers.
+    let (code, uc) = unsafe { ((*info).si_code, &mut *(ctx as *mut libc::ucontext_t)) };
     // Grace periods see this thread as inside the hit path until `hit` is done.
-    grace::enter();
-    let ours = hit(uc);
-    grace::leave();
+    let ours = from_breakpoint(code) && {
+        grace::enter();
+        let ours = hit(uc);
+        grace::leave();
+        ours
+    };
     if !ours {
-        chain(sig, info, ctx);
+        chain(PREVIOUS.get(), sig, info, ctx);
     }
 }
+
+/// `si_code` values (asm-generic/siginfo.h): a signal the kernel raised for an
+/// exception with no siginfo of its own, and a breakpoint instruction's.
+const SI_KERNEL: libc::c_int = 0x80;
+#[cfg(target_arch = "aarch64")]
+const TRAP_BRKPT: libc::c_int = 1;
+
+/// Whether a SIGTRAP with this `si_code` came from a breakpoint instruction that can be
+/// probekit's: x86_64 `int3` raises SIGTRAP with `SI_KERNEL` (do_int3_user passes no
+/// siginfo), aarch64 `brk` with `TRAP_BRKPT`. A signal sent with `kill`, `raise`,
+/// `tgkill` or `sigqueue` (`si_code` <= 0: SI_USER, SI_TKILL, SI_QUEUE), an x86_64
+/// `icebp`, a single step or a hardware breakpoint (TRAP_BRKPT, TRAP_TRACE,
+/// TRAP_HWBKPT) never is: those go to the program's handler untouched.
+fn from_breakpoint(code: libc::c_int) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return code == SI_KERNEL;
+    #[cfg(target_arch = "aarch64")]
+    return code == TRAP_BRKPT;
+}
+
+/// x86_64: a probe hit on a thread with too little stack left for the SIGTRAP frame.
+/// The kernel cannot deliver SIGTRAP and raises SIGSEGV instead, with the pc already
+/// past the `int3`: a handler that returns (Rust's stack-overflow handler does, when
+/// the fault is not in its guard page) would resume inside the displaced instruction
+/// and compute a wrong result. So the pc is put back on the breakpoint and the process
+/// is told why it dies: the breakpoint traps again, the frame fails again, and the
+/// kernel kills the process with SIGSEGV, a crash anyone can see. (aarch64 `brk`
+/// leaves the pc on itself, so there the second attempt happens by itself.)
+#[cfg(target_arch = "x86_64")]
+extern "C" fn on_sigsegv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t and ucontext_t for SA_SIGINFO handlers.
+    let (code, uc) = unsafe { ((*info).si_code, &mut *(ctx as *mut libc::ucontext_t)) };
+    let pc = regs::pc(uc) as usize;
+    let bp = pc.wrapping_sub(TRAP_PC_ADVANCE as usize);
+    // Only records are read (no text, which may be what faulted).
+    let at_ours = || crate::site::poking(bp) || records().iter().any(|e| e.addr.load(Ordering::Acquire) == bp || e.resume_trap.load(Ordering::Acquire) == pc);
+    if code == SI_KERNEL && at_ours() {
+        let msg = b"probekit: a thread hit a probe with too little stack left for the signal frame (a breakpoint hit needs about 4 KiB below the stack pointer): killed by SIGSEGV\n";
+        // SAFETY: write(2) of a static buffer.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        regs::set_pc(uc, bp as u64);
+        // Default action from now on: the next attempt kills the process.
+        if let Some(prev) = PREVIOUS_SEGV.get() {
+            let mut dfl = *prev;
+            dfl.sa_sigaction = libc::SIG_DFL;
+            // SAFETY: sigaction is async-signal-safe; `dfl` is a valid disposition.
+            unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
+        }
+        return;
+    }
+    chain(PREVIOUS_SEGV.get(), sig, info, ctx);
+}
+
+
 
 /// Handles a trap at `uc`'s pc if it is probekit's: false if it is not.
 fn hit(uc: &mut libc::ucontext_t) -> bool {
@@ -1034,15 +1216,16 @@ fn hit(uc: &mut libc::ucontext_t) -> bool {
         }
         return true;
     }
-    // Not armed now. If the text is no breakpoint any more, one was removed after this
-    // thread hit it (ours while disarming, or a debugger's): back up and run the
-    // original instruction (seed 004). If it is a breakpoint at an address that is or
-    // was probed, a disarm and re-arm raced with this lookup (the breakpoint is written
-    // after the record is armed, and removed before it is disarmed, but the two reads
-    // here are not one): back up too, and the next trap finds it armed, or the text
-    // restored. Only a breakpoint nobody probes, or one that stays unarmed, is passed on.
+    // Not armed now, at an address that is or was probed. If the text is no breakpoint
+    // any more, ours was removed after this thread hit it: back up and run the original
+    // instruction (seed 004). If it is a breakpoint, a disarm and re-arm raced with this
+    // lookup (the breakpoint is written after the record is armed, and removed before
+    // it is disarmed, but the two reads here are not one): back up too, and the next
+    // trap finds it armed, or the text restored. A trap at an address probekit never
+    // probed (the program's own `int3`), or one that stays unarmed, is passed on: the
+    // pc is never moved for a trap that is not probekit's.
     let ours_once = all.iter().any(|e| e.target.load(Ordering::Relaxed) == bp);
-    if !insn::is_breakpoint_at(bp) || ours_once && backup_again(bp) {
+    if ours_once && (!insn::is_breakpoint_at(bp) || backup_again(bp)) {
         regs::set_pc(uc, bp as u64);
         return true;
     }
@@ -1072,20 +1255,21 @@ fn backup_again(bp: usize) -> bool {
     n <= MAX_BACKUPS
 }
 
-/// Passes a trap that is not ours to the previous disposition, unchanged.
-fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: PREVIOUS was written once before our handler was installed.
-    let prev = unsafe { (*std::ptr::addr_of!(PREVIOUS)).as_ref() };
+/// Passes a signal that is not ours to the disposition before probekit's, unchanged.
+fn chain(prev: Option<&libc::sigaction>, sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let Some(prev) = prev else { return };
     match prev.sa_sigaction {
         libc::SIG_IGN => {}
         libc::SIG_DFL => {
-            // The default action (terminate, core): restore it and re-raise; the signal
-            // is delivered as soon as this handler returns.
-            // SAFETY: sigaction/raise are async-signal-safe.
+            // The default action: restore it. A signal the kernel raised for the
+            // instruction (a fault) is raised again when it re-executes; one that was
+            // sent (si_code <= 0) is sent again, delivered as this handler returns.
+            // SAFETY: sigaction/raise are async-signal-safe; `info` is the kernel's.
             unsafe {
                 libc::sigaction(sig, prev, std::ptr::null_mut());
-                libc::raise(sig);
+                if sig != libc::SIGSEGV || (*info).si_code <= 0 {
+                    libc::raise(sig);
+                }
             }
         }
         h if prev.sa_flags & libc::SA_SIGINFO != 0 => {

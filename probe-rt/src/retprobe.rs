@@ -376,6 +376,12 @@ pub(crate) fn fp_area_of(regs: &PtRegs) -> Option<usize> {
     (frame == regs as *const PtRegs as usize && fp != 0).then_some(fp)
 }
 
+/// The most instances a return probe may have: calls watched at once on all threads
+/// (2,000 threads each 500 calls deep). Each costs a stub, an instance and a `T`, all
+/// allocated at registration: a larger request is an error, not an abort on a failed
+/// allocation.
+pub const MAX_MAXACTIVE: usize = 1 << 20;
+
 /// The kernel's default `maxactive`: max(10, 2 × the number of CPUs).
 fn default_maxactive() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -440,7 +446,8 @@ impl<T> ReturnProbeBuilder<T> {
 
     /// How many calls can be watched at once, on all threads together (default, and
     /// for 0, as the kernel: max(10, 2 × CPUs)). An entry that finds every instance in
-    /// use is not watched and counts in [`ReturnProbeHandle::nmissed`].
+    /// use is not watched and counts in [`ReturnProbeHandle::nmissed`]. At most
+    /// [`MAX_MAXACTIVE`] ([`Error::MaxactiveTooLarge`]).
     pub fn maxactive(mut self, n: usize) -> Self {
         self.maxactive = Some(n);
         self
@@ -463,12 +470,20 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
         if self.lost_handlers {
             return Err(Error::HandlersBeforeData);
         }
-        let (addr, _) = self.target.resolve_target()?;
+        let probe::Resolved { addr, start } = self.target.resolve_target()?;
         text::executable(addr)?;
-        if let Some((_, start, _)) = crate::symbols::function_at(addr).filter(|(_, start, _)| *start != addr) {
+        // The function the caller named, or the one the symbols prove for a raw address.
+        let start = match start {
+            Some(start) => start,
+            None => probe::known_start(addr)?,
+        };
+        if start != addr {
             return Err(Error::NotFunctionEntry { addr, function: start });
         }
         let n = self.maxactive.filter(|n| *n > 0).unwrap_or_else(default_maxactive);
+        if n > MAX_MAXACTIVE {
+            return Err(Error::MaxactiveTooLarge { requested: n, max: MAX_MAXACTIVE });
+        }
 
         // Stubs first, with their unwind information, then the instances that point
         // at them, then the probe: everything a hit can reach exists before it is
@@ -508,7 +523,7 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
         for inst in insts {
             inst.core.store(core as *const Core as usize, Ordering::Relaxed);
         }
-        let entry = probe::Probe::builder().address(addr).internal_pre(on_entry, core as *const Core as usize).register()?;
+        let entry = probe::Probe::builder().function_start(addr).internal_pre(on_entry, core as *const Core as usize).register()?;
         Ok(ReturnProbeHandle { entry, core: Live(core) })
     }
 }

@@ -138,9 +138,8 @@ fn call_bytes(site: usize, to: usize) -> [u8; SITE_LEN] {
 /// The site's bytes, if they are in a readable, executable mapping.
 fn read_site(site: usize) -> Option<[u8; SITE_LEN]> {
     let m = text::mapping_of(site)?;
-    let ok = m.prot & libc::PROT_READ != 0 && m.prot & libc::PROT_EXEC != 0 && site + SITE_LEN <= m.end;
-    // SAFETY: the bytes are in a readable mapping (checked just above).
-    ok.then(|| unsafe { *(site as *const [u8; SITE_LEN]) })
+    let ok = m.prot & libc::PROT_EXEC != 0 && site + SITE_LEN <= m.end;
+    ok.then(|| text::read(site, SITE_LEN)?.try_into().ok())?
 }
 
 /// Whether `bytes` are an enabled site: a call (x86_64) or `bl` (aarch64).

@@ -3,7 +3,7 @@
 //! functions that are not exported resolve too. Registration and listing only: this
 //! reads files and allocates.
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 use std::sync::{Arc, Mutex};
 
 /// A file mapped into the process: its path, the address its file offset 0 is mapped
@@ -41,12 +41,38 @@ pub(crate) fn images() -> Vec<Image> {
     out
 }
 
-/// The function symbols of an image, with its load bias applied: `(name, address,
-/// size)`. Parsed once per file and load address (and file identity: a library
-/// replaced on disk and loaded again is read again), as registering many probes
-/// would otherwise re-read the executable each time.
-fn functions(image: &Image) -> Arc<Vec<(String, usize, usize)>> {
-    type Cache = Vec<((String, usize, u64, i64), Arc<Vec<(String, usize, usize)>>)>;
+/// One function symbol of an image, with the load bias applied.
+#[derive(Clone, Debug)]
+pub(crate) struct Function {
+    /// Its symbol name (mangled).
+    pub(crate) name: String,
+    /// Its first byte.
+    pub(crate) addr: usize,
+    /// Its size in bytes (0: unknown, as for hand-written asm without `.size`).
+    pub(crate) size: usize,
+    /// An IFUNC (`STT_GNU_IFUNC`): the symbol is the resolver, which picks the
+    /// implementation calls really reach (glibc's `memcpy`, `strlen`, …).
+    pub(crate) ifunc: bool,
+}
+
+impl Function {
+    /// Whether `addr` is inside it (a sizeless function holds its first byte only).
+    fn holds(&self, addr: usize) -> bool {
+        (self.addr..self.addr + self.size.max(1)).contains(&addr)
+    }
+}
+
+/// `STT_GNU_IFUNC` (elf.h): a symbol whose value is a resolver function.
+const STT_GNU_IFUNC: u8 = 10;
+/// `STT_NOTYPE` (elf.h): a symbol of no declared type (an asm label).
+const STT_NOTYPE: u8 = 0;
+
+/// The function symbols of an image, sorted by address. Parsed once per file and
+/// load address (and file identity: a library replaced on disk and loaded again is
+/// read again), as registering many probes would otherwise re-read the executable
+/// each time.
+fn functions(image: &Image) -> Arc<Vec<Function>> {
+    type Cache = Vec<((String, usize, u64, i64), Arc<Vec<Function>>)>;
     static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(&image.path) else { return Arc::default() };
@@ -60,18 +86,29 @@ fn functions(image: &Image) -> Arc<Vec<(String, usize, usize)>> {
     f
 }
 
-fn parse_functions(image: &Image) -> Vec<(String, usize, usize)> {
+fn parse_functions(image: &Image) -> Vec<Function> {
     let Ok(data) = std::fs::read(&image.path) else { return Vec::new() };
     let Ok(file) = object::File::parse(&*data) else { return Vec::new() };
     let Some(bias) = load_bias(&file, image) else { return Vec::new() };
-    let mut f: Vec<(String, usize, usize)> = file
+    let mut f: Vec<Function> = file
         .symbols()
         .chain(file.dynamic_symbols())
-        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition())
-        .filter_map(|s| Some((s.name().ok()?.to_string(), bias.wrapping_add(s.address() as usize), s.size() as usize)))
+        .filter(|s| s.kind() == SymbolKind::Text && s.section_index().is_some() || is_code_label(&file, s))
+        .filter_map(|s| {
+            let ifunc = matches!(s.flags(), object::SymbolFlags::Elf { st_info, .. } if st_info & 0xf == STT_GNU_IFUNC);
+            Some(Function { name: s.name().ok()?.to_string(), addr: bias.wrapping_add(s.address() as usize), size: s.size() as usize, ifunc })
+        })
         .collect();
-    f.sort_by_key(|(_, a, _)| *a); // for `function_at`'s binary search
+    f.sort_by_key(|f| f.addr); // for the binary searches below
     f
+}
+
+/// A label in code (`STT_NOTYPE`: a hand-written asm symbol without `.type`), which
+/// starts code of unknown size; not the aarch64 mapping symbols (`$x`, `$d`).
+fn is_code_label<'data, R: object::ReadRef<'data>>(file: &object::File<'data, R>, s: &object::Symbol<'data, '_, R>) -> bool {
+    matches!(s.flags(), object::SymbolFlags::Elf { st_info, .. } if st_info & 0xf == STT_NOTYPE)
+        && s.name().is_ok_and(|n| !n.is_empty() && !n.starts_with('$') && !n.starts_with(".L"))
+        && s.section_index().and_then(|i| file.section_by_index(i).ok()).is_some_and(|sec| sec.kind() == object::SectionKind::Text)
 }
 
 /// The load bias of `image` parsed as `file`: where the segment holding file offset 0
@@ -81,13 +118,11 @@ pub(crate) fn load_bias<'data, R: object::ReadRef<'data>>(file: &object::File<'d
     Some(image.start.wrapping_sub(base))
 }
 
-/// The address of function `name` (the executable first, then the libraries): its
-/// symbol name, or for Rust a demangled path without the hash (`my_crate::parse`).
-pub(crate) fn address_of(name: &str) -> Option<usize> {
+/// The function named `name` (the executable first, then the libraries): its symbol
+/// name, or for Rust a demangled path without the hash (`my_crate::parse`).
+pub(crate) fn function_named(name: &str) -> Option<Function> {
     let images = images();
-    let find = |matches: &dyn Fn(&str) -> bool| {
-        images.iter().find_map(|i| functions(i).iter().find(|(n, ..)| matches(n)).map(|(_, a, _)| *a))
-    };
+    let find = |matches: &dyn Fn(&str) -> bool| images.iter().find_map(|i| functions(i).iter().find(|f| matches(&f.name)).cloned());
     find(&|n| n == name).or_else(|| find(&|n| (n.starts_with("_ZN") || n.starts_with("_R")) && demangled(n) == name))
 }
 
@@ -96,18 +131,37 @@ fn demangled(name: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(name))
 }
 
-/// The function containing `addr`: `(name, start, size)`.
-pub(crate) fn function_at(addr: usize) -> Option<(String, usize, usize)> {
+/// The functions of the image holding `addr`, and how many of them start at or below it.
+fn functions_below(addr: usize) -> Option<(Arc<Vec<Function>>, usize)> {
     let images = images();
     let image = images.iter().find(|i| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&addr)))?;
+    let f = functions(image);
+    let below = f.partition_point(|f| f.addr <= addr);
+    Some((f, below))
+}
+
+/// The function containing `addr`, by its symbol's size.
+pub(crate) fn function_at(addr: usize) -> Option<Function> {
     // The nearest start at or below `addr` whose function contains it: from the last
     // start <= addr backwards, past a few sizeless or nested symbols at most.
-    let f = functions(image);
-    let below = f.partition_point(|(_, a, _)| *a <= addr);
-    f[..below].iter().rev().take(64).find(|(_, a, size)| (*a..*a + (*size).max(1)).contains(&addr)).cloned()
+    let (f, below) = functions_below(addr)?;
+    f[..below].iter().rev().take(64).find(|f| f.holds(addr)).cloned()
+}
+
+/// The function an instruction boundary at `addr` can be proven from: the function
+/// containing it by its size, else the nearest sizeless symbol at or below it (code
+/// written in asm without `.size`, whose extent is unknown: decoding runs from there).
+/// None when no symbol of the image starts at or below `addr`, or the nearest one has
+/// a size and ends before it (code no symbol describes).
+pub(crate) fn known_start(addr: usize) -> Option<Function> {
+    let (f, below) = functions_below(addr)?;
+    if let Some(sized) = f[..below].iter().rev().take(64).find(|f| f.holds(addr)) {
+        return Some(sized.clone());
+    }
+    f[..below].last().filter(|f| f.size == 0).cloned()
 }
 
 /// The function containing `addr` (demangled) and the offset into it.
 pub(crate) fn symbol_of(addr: usize) -> Option<(String, usize)> {
-    function_at(addr).map(|(n, a, _)| (demangled(&n), addr - a))
+    function_at(addr).map(|f| (demangled(&f.name), addr - f.addr))
 }

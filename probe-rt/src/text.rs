@@ -11,19 +11,51 @@
 use crate::Error;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
-/// One line of `/proc/self/maps`.
+/// One mapping of `/proc/self/maps` (with the ones right after it of the same
+/// protection, see [`mapping_of`]).
 #[derive(Clone, Debug)]
 pub(crate) struct Mapping {
+    pub start: usize,
     pub end: usize,
     pub prot: libc::c_int,
+    /// The file mapped, as `(device, inode, file offset of start)`; None if anonymous.
+    pub file: Option<(u64, u64, u64)>,
 }
 
-/// One parsed line of `/proc/self/maps`: `(start, end, prot)`.
-fn parse_line(line: &str) -> Option<(usize, usize, libc::c_int)> {
+impl Mapping {
+    /// What identifies the code at `addr` in this mapping across unmapping and mapping
+    /// again (the kernel ties uprobes to the file and offset, not to the address): a
+    /// hash of the file's device, inode and the offset of `addr` in it; 0 for
+    /// anonymous memory, which has no identity beyond its bytes.
+    pub fn code_id(&self, addr: usize) -> u64 {
+        let Some((dev, ino, off)) = self.file else { return 0 };
+        // FNV-1a over the three words: a collision needs two files with equal hashes
+        // mapped at one address in turn, and the bytes compared as well.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for w in [dev, ino, off + (addr - self.start) as u64] {
+            for b in w.to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h | 1
+    }
+}
+
+/// One parsed line of `/proc/self/maps`.
+fn parse_line(line: &str) -> Option<Mapping> {
     let mut it = line.split_whitespace();
-    let (range, perms) = (it.next()?, it.next()?);
+    let (range, perms, off, dev, ino) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
     let (a, b) = range.split_once('-')?;
     let (start, end) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+    let ino: u64 = ino.parse().ok()?;
+    let file = match ino {
+        0 => None,
+        _ => {
+            let (major, minor) = dev.split_once(':')?;
+            let dev = u64::from_str_radix(major, 16).ok()? << 32 | u64::from_str_radix(minor, 16).ok()?;
+            Some((dev, ino, u64::from_str_radix(off, 16).ok()?))
+        }
+    };
     let p = perms.as_bytes();
     let mut prot = 0;
     if p.first() == Some(&b'r') {
@@ -35,7 +67,7 @@ fn parse_line(line: &str) -> Option<(usize, usize, libc::c_int)> {
     if p.get(2) == Some(&b'x') {
         prot |= libc::PROT_EXEC;
     }
-    Some((start, end, prot))
+    Some(Mapping { start, end, prot, file })
 }
 
 /// The mapping holding `addr` (reads `/proc/self/maps`; registration path only). Its
@@ -44,23 +76,53 @@ fn parse_line(line: &str) -> Option<(usize, usize, libc::c_int)> {
 /// private copy), and an instruction may straddle the split.
 pub(crate) fn mapping_of(addr: usize) -> Option<Mapping> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let mut lines = maps.lines().filter_map(parse_line).skip_while(|(start, end, _)| !(*start..*end).contains(&addr));
-    let (_, mut end, prot) = lines.next()?;
-    for (s, e, p) in lines {
-        if s != end || p != prot {
+    let mut lines = maps.lines().filter_map(parse_line).skip_while(|m| !(m.start..m.end).contains(&addr));
+    let mut first = lines.next()?;
+    for m in lines {
+        if m.start != first.end || m.prot != first.prot {
             break;
         }
-        end = e;
+        first.end = m.end;
     }
-    Some(Mapping { end, prot })
+    Some(first)
 }
 
-/// The mapping of `addr` if it is executable.
+/// The mapping of `addr` if it is executable and readable (code that cannot be read,
+/// as the `[vsyscall]` page, cannot be decoded or copied out of line).
 pub(crate) fn executable(addr: usize) -> Result<Mapping, Error> {
     match mapping_of(addr) {
+        Some(m) if m.prot & libc::PROT_EXEC != 0 && m.prot & libc::PROT_READ == 0 => Err(Error::NotReadable { addr }),
         Some(m) if m.prot & libc::PROT_EXEC != 0 => Ok(m),
         _ => Err(Error::NotExecutable { addr }),
     }
+}
+
+/// Copies `len` bytes of this process's memory at `addr`, or None if any of them is
+/// not mapped readable *now*: through the kernel (`process_vm_readv`), so that code
+/// unmapped by another thread after a `/proc/self/maps` check (a racing `dlclose`)
+/// gives an error instead of a SIGSEGV. Where the call is missing (qemu-user), after a
+/// check of the mappings, by a plain copy.
+pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
+    // SAFETY: the local iovec is `buf`, `len` bytes we own; the remote one is only read
+    // by the kernel, which checks it.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n == len as isize {
+        return Some(buf);
+    }
+    if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+        return None;
+    }
+    let m = mapping_of(addr)?;
+    if m.prot & libc::PROT_READ == 0 || addr.checked_add(len)? > m.end {
+        return None;
+    }
+    // SAFETY: the range lies in one readable mapping (checked just above); without
+    // process_vm_readv an unmapping racing this copy cannot be told from here.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), len) };
+    Some(buf)
 }
 
 /// The page size.

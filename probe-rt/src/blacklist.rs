@@ -1,0 +1,157 @@
+//! The code probes are refused in (the kernel's `kprobes/blacklist`): everything
+//! probekit's hit paths run before a handler is marked active, where a breakpoint would
+//! make the hit path recurse until the stack is gone, and the code signal delivery
+//! itself runs.
+//!
+//! The hit path's functions are the *closure* of a few roots (the SIGTRAP handler, the
+//! site and return dispatchers, …) under direct calls and jumps, decoded from the
+//! machine code once: in a debug build that takes in the dozens of small functions the
+//! optimiser would have inlined (`Cell::get`, `LocalKey::with`, atomics), and in any
+//! build the libc functions reached through the PLT (`memcpy`'s implementation, for a
+//! struct copy). Calls through pointers (the handlers) are not followed: a probe hit
+//! inside a handler is counted as missed, it does not recurse. Panic paths are not
+//! followed either (a panic in the hit path aborts the process anyway), so that
+//! `malloc` and the formatting machinery stay probeable.
+
+use crate::text;
+use std::collections::HashSet;
+
+/// A range of code probes must not touch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blacklisted {
+    /// What it is.
+    pub name: &'static str,
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+}
+
+/// The code probes are refused in, found once through the symbol tables and the hit
+/// path's machine code (see the module docs). A root whose size is unknown counts as
+/// one page; a function reached from the hit path whose size is unknown, as its first
+/// instruction.
+pub fn blacklist() -> Vec<Blacklisted> {
+    static LIST: std::sync::OnceLock<Vec<Blacklisted>> = std::sync::OnceLock::new();
+    LIST.get_or_init(find).clone()
+}
+
+/// The blacklist entry holding `addr`, if any.
+pub(crate) fn find_at(addr: usize) -> Option<Blacklisted> {
+    blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr))
+}
+
+/// The hit path's own entry points (not their closure), by their symbols' sizes: code
+/// a thread may be in outside the bookkeeping that tells grace periods it is inside.
+pub(crate) fn hit_path_roots() -> Vec<(usize, usize)> {
+    static ROOTS: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| crate::probe::hit_path_roots().into_iter().map(|(_, addr)| root_range(addr)).collect()).clone()
+}
+
+fn root_range(addr: usize) -> (usize, usize) {
+    match crate::symbols::function_at(addr) {
+        Some(f) if f.size > 0 => (f.addr, f.addr + f.size),
+        _ => (addr, addr + text::page_size()),
+    }
+}
+
+/// How many functions the closure takes at most (a debug build's hit path reaches a
+/// few hundred), and how many bytes of one function are decoded.
+const MAX_FUNCTIONS: usize = 4096;
+const MAX_FUNCTION_BYTES: usize = 1 << 20;
+
+/// Names of code only a panic reaches: not followed (see the module docs).
+fn panic_path(name: &str) -> bool {
+    ["panic", "_fail", "handle_alloc_error", "handle_error", "abort"].iter().any(|w| name.contains(w))
+}
+
+fn find() -> Vec<Blacklisted> {
+    let mut out: Vec<Blacklisted> = Vec::new();
+    let mut seen: HashSet<usize> = HashSet::new();
+    let mut todo: Vec<usize> = Vec::new();
+    for (name, addr) in crate::probe::hit_path_roots() {
+        let (start, end) = root_range(addr);
+        out.push(Blacklisted { name, start, end });
+        seen.insert(start);
+        todo.push(start);
+    }
+    while let Some(at) = todo.pop() {
+        if seen.len() > MAX_FUNCTIONS {
+            break;
+        }
+        let (start, len) = match crate::symbols::function_at(at) {
+            Some(f) if f.size > 0 => (f.addr, f.size.min(MAX_FUNCTION_BYTES)),
+            // A PLT entry, or code without a size: its first instruction only, and a
+            // PLT entry's target.
+            _ => {
+                if let Some(t) = text::read(at, 16).and_then(|code| crate::insn::plt_target(at, &code)) {
+                    visit(t, &mut seen, &mut todo, &mut out);
+                }
+                continue;
+            }
+        };
+        let Some(code) = text::read(start, len) else { continue };
+        for t in crate::insn::branch_targets(start, &code) {
+            visit(t, &mut seen, &mut todo, &mut out);
+        }
+    }
+    out.extend(signal_return());
+    out.extend(exec_family());
+    out
+}
+
+/// Adds the function at `t` (reached from the hit path) unless it was seen or is a
+/// panic path.
+fn visit(t: usize, seen: &mut HashSet<usize>, todo: &mut Vec<usize>, out: &mut Vec<Blacklisted>) {
+    let f = crate::symbols::function_at(t);
+    let start = f.as_ref().map_or(t, |f| f.addr);
+    if !seen.insert(start) || f.as_ref().and_then(|f| crate::symbols::symbol_of(f.addr)).is_some_and(|(n, _)| panic_path(&n)) {
+        return;
+    }
+    let end = match &f {
+        Some(f) if f.size > 0 => f.addr + f.size,
+        _ => start + 1,
+    };
+    out.push(Blacklisted { name: "code probekit's hit path runs", start, end });
+    todo.push(start);
+}
+
+/// The code a signal handler returns through: glibc's `__restore_rt` (x86_64, the
+/// `sa_restorer` of every handler it installs) and the vDSO (aarch64, where the
+/// kernel's sigreturn trampoline lives).
+fn signal_return() -> Vec<Blacklisted> {
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: reading a disposition only.
+        let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } == 0 {
+            if let Some(r) = cur.sa_restorer {
+                let r = r as usize;
+                let (start, end) = crate::symbols::function_at(r).filter(|f| f.size > 0).map_or((r, r + 16), |f| (f.addr, f.addr + f.size));
+                out.push(Blacklisted { name: "the signal return trampoline (sa_restorer)", start, end });
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // SAFETY: getauxval has no preconditions.
+        let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+        if let Some(m) = crate::text::mapping_of(vdso).filter(|_| vdso != 0) {
+            out.push(Blacklisted { name: "the vDSO (the signal return trampoline)", start: vdso, end: m.end });
+        }
+    }
+    out
+}
+
+/// The exec family: a child that `posix_spawn` or `vfork` starts resets its signal
+/// handlers and then calls one of them, so a breakpoint there would kill every such
+/// child (`std::process::Command` included) with SIGTRAP.
+fn exec_family() -> Vec<Blacklisted> {
+    ["execve", "execveat", "fexecve", "execv", "execvp", "execvpe", "execl", "execle", "execlp"]
+        .into_iter()
+        .filter_map(|n| crate::symbols::function_named(n))
+        .map(|f| Blacklisted { name: "the exec family (runs in spawned children after their signal handlers are reset)", start: f.addr, end: f.addr + f.size.max(1) })
+        .collect()
+}
