@@ -13,6 +13,7 @@
 //! followed either (a panic in the hit path aborts the process anyway), so that
 //! `malloc` and the formatting machinery stay probeable.
 
+use crate::symbols::{demangled, Snapshot};
 use crate::text;
 use std::collections::HashSet;
 
@@ -45,11 +46,16 @@ pub(crate) fn find_at(addr: usize) -> Option<Blacklisted> {
 /// a thread may be in outside the bookkeeping that tells grace periods it is inside.
 pub(crate) fn hit_path_roots() -> Vec<(usize, usize)> {
     static ROOTS: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
-    ROOTS.get_or_init(|| crate::probe::hit_path_roots().into_iter().map(|(_, addr)| root_range(addr)).collect()).clone()
+    ROOTS
+        .get_or_init(|| {
+            let symbols = Snapshot::now();
+            crate::probe::hit_path_roots().into_iter().map(|(_, addr)| root_range(&symbols, addr)).collect()
+        })
+        .clone()
 }
 
-fn root_range(addr: usize) -> (usize, usize) {
-    match crate::symbols::function_at(addr) {
+fn root_range(symbols: &Snapshot, addr: usize) -> (usize, usize) {
+    match symbols.function_at(addr) {
         Some(f) if f.size > 0 => (f.addr, f.addr + f.size),
         _ => (addr, addr + text::page_size()),
     }
@@ -66,11 +72,12 @@ fn panic_path(name: &str) -> bool {
 }
 
 fn find() -> Vec<Blacklisted> {
+    let symbols = Snapshot::now();
     let mut out: Vec<Blacklisted> = Vec::new();
     let mut seen: HashSet<usize> = HashSet::new();
     let mut todo: Vec<usize> = Vec::new();
     for (name, addr) in crate::probe::hit_path_roots() {
-        let (start, end) = root_range(addr);
+        let (start, end) = root_range(&symbols, addr);
         out.push(Blacklisted { name, start, end });
         seen.insert(start);
         todo.push(start);
@@ -79,33 +86,33 @@ fn find() -> Vec<Blacklisted> {
         if seen.len() > MAX_FUNCTIONS {
             break;
         }
-        let (start, len) = match crate::symbols::function_at(at) {
+        let (start, len) = match symbols.function_at(at) {
             Some(f) if f.size > 0 => (f.addr, f.size.min(MAX_FUNCTION_BYTES)),
             // A PLT entry, or code without a size: its first instruction only, and a
             // PLT entry's target.
             _ => {
                 if let Some(t) = text::read(at, 16).and_then(|code| crate::insn::plt_target(at, &code)) {
-                    visit(t, &mut seen, &mut todo, &mut out);
+                    visit(&symbols, t, &mut seen, &mut todo, &mut out);
                 }
                 continue;
             }
         };
         let Some(code) = text::read(start, len) else { continue };
         for t in crate::insn::branch_targets(start, &code) {
-            visit(t, &mut seen, &mut todo, &mut out);
+            visit(&symbols, t, &mut seen, &mut todo, &mut out);
         }
     }
-    out.extend(signal_return());
-    out.extend(exec_family());
+    out.extend(signal_return(&symbols));
+    out.extend(exec_family(&symbols));
     out
 }
 
 /// Adds the function at `t` (reached from the hit path) unless it was seen or is a
 /// panic path.
-fn visit(t: usize, seen: &mut HashSet<usize>, todo: &mut Vec<usize>, out: &mut Vec<Blacklisted>) {
-    let f = crate::symbols::function_at(t);
+fn visit(symbols: &Snapshot, t: usize, seen: &mut HashSet<usize>, todo: &mut Vec<usize>, out: &mut Vec<Blacklisted>) {
+    let f = symbols.function_at(t);
     let start = f.as_ref().map_or(t, |f| f.addr);
-    if !seen.insert(start) || f.as_ref().and_then(|f| crate::symbols::symbol_of(f.addr)).is_some_and(|(n, _)| panic_path(&n)) {
+    if !seen.insert(start) || f.as_ref().is_some_and(|f| panic_path(&demangled(&f.name))) {
         return;
     }
     let end = match &f {
@@ -119,7 +126,7 @@ fn visit(t: usize, seen: &mut HashSet<usize>, todo: &mut Vec<usize>, out: &mut V
 /// The code a signal handler returns through: glibc's `__restore_rt` (x86_64, the
 /// `sa_restorer` of every handler it installs) and the vDSO (aarch64, where the
 /// kernel's sigreturn trampoline lives).
-fn signal_return() -> Vec<Blacklisted> {
+fn signal_return(symbols: &Snapshot) -> Vec<Blacklisted> {
     let mut out = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
@@ -129,13 +136,14 @@ fn signal_return() -> Vec<Blacklisted> {
         if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } == 0 {
             if let Some(r) = cur.sa_restorer {
                 let r = r as usize;
-                let (start, end) = crate::symbols::function_at(r).filter(|f| f.size > 0).map_or((r, r + 16), |f| (f.addr, f.addr + f.size));
+                let (start, end) = symbols.function_at(r).filter(|f| f.size > 0).map_or((r, r + 16), |f| (f.addr, f.addr + f.size));
                 out.push(Blacklisted { name: "the signal return trampoline (sa_restorer)", start, end });
             }
         }
     }
     #[cfg(target_arch = "aarch64")]
     {
+        let _ = symbols;
         // SAFETY: getauxval has no preconditions.
         let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
         if let Some(m) = crate::text::mapping_of(vdso).filter(|_| vdso != 0) {
@@ -148,10 +156,10 @@ fn signal_return() -> Vec<Blacklisted> {
 /// The exec family: a child that `posix_spawn` or `vfork` starts resets its signal
 /// handlers and then calls one of them, so a breakpoint there would kill every such
 /// child (`std::process::Command` included) with SIGTRAP.
-fn exec_family() -> Vec<Blacklisted> {
+fn exec_family(symbols: &Snapshot) -> Vec<Blacklisted> {
     ["execve", "execveat", "fexecve", "execv", "execvp", "execvpe", "execl", "execle", "execlp"]
         .into_iter()
-        .filter_map(|n| crate::symbols::function_named(n))
+        .filter_map(|n| symbols.function_named(n))
         .map(|f| Blacklisted { name: "the exec family (runs in spawned children after their signal handlers are reset)", start: f.addr, end: f.addr + f.size.max(1) })
         .collect()
 }

@@ -46,6 +46,8 @@ pub(crate) struct Thread {
     /// 0 until this thread is in [`THREADS`], then its index there + 1 (`u32::MAX` if
     /// it found no room).
     index: Cell<u32>,
+    /// This thread's id, once asked for (0 before).
+    tid: Cell<i32>,
     /// Running a probe handler (reentrancy guard: probes hit meanwhile are missed).
     /// A site's dispatcher sets it before it reads any record and clears it after the
     /// last, instead of `depth`: a sample that finds it set counts as inside a hit path.
@@ -54,7 +56,7 @@ pub(crate) struct Thread {
 
 thread_local! {
     /// Const-initialised and without destructor: usable in a signal handler.
-    static THREAD: Thread = const { Thread { depth: Cell::new(0), index: Cell::new(0), active: Cell::new(false) } };
+    static THREAD: Thread = const { Thread { depth: Cell::new(0), index: Cell::new(0), tid: Cell::new(0), active: Cell::new(false) } };
 }
 
 /// Runs `f` with this thread's state.
@@ -108,10 +110,21 @@ impl Thread {
         (index != u32::MAX).then(|| index as usize - 1)
     }
 
+    /// This thread's id (a system call the first time only).
+    #[inline]
+    pub(crate) fn tid(&self) -> i32 {
+        let mut tid = self.tid.get();
+        if tid == 0 {
+            tid = gettid();
+            self.tid.set(tid);
+        }
+        tid
+    }
+
     /// Records this thread in [`THREADS`] (its first time in a hit path).
     #[cold]
     pub(crate) fn record(&self) -> u32 {
-        let tid = gettid();
+        let tid = self.tid();
         let free = |t: &AtomicI32| t.load(Ordering::Relaxed) == 0 && t.compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok();
         let index = match THREADS.iter().position(free) {
             Some(i) => i as u32 + 1,
@@ -172,11 +185,11 @@ pub(crate) fn gettid() -> i32 {
     raw_syscall3(libc::SYS_gettid, 0, 0, 0) as i32
 }
 
-/// Whether the thread at `index` among the recorded ones (see [`enter`]) may still be
-/// alive: false only when the kernel says its id names no thread of this process.
+/// Whether the thread `tid` of this process may still be alive: false only when the
+/// kernel says the id names no thread of it (an id reused by a new thread keeps
+/// looking alive: an instance it names is then reclaimed only once that one exits).
 /// Async-signal-safe.
-pub(crate) fn thread_alive(index: usize) -> bool {
-    let Some(tid) = THREADS.get(index).map(|t| t.load(Ordering::Acquire)) else { return true };
+pub(crate) fn thread_alive(tid: i32) -> bool {
     let pid = raw_syscall3(libc::SYS_getpid, 0, 0, 0) as usize;
     // tgkill with signal 0 checks that the thread exists and sends nothing.
     raw_syscall3(libc::SYS_tgkill, pid, tid as usize, 0) != -(libc::ESRCH as isize)

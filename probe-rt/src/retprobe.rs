@@ -128,8 +128,8 @@ struct Inst {
     /// Entries that took this instance: written only by the thread holding it (no
     /// read-modify-write on the hit path); [`ReturnProbeHandle::nhit`] sums them.
     taken: AtomicU64,
-    /// The holder's index among the threads of the hit paths + 1 (0: unknown), so an
-    /// instance whose thread exited while holding it can be reclaimed.
+    /// The holder's thread id (0: none), so an instance whose thread exited while
+    /// holding it can be reclaimed, however many threads the process has had.
     owner: AtomicUsize,
     /// Where the hijacked return goes.
     stub: usize,
@@ -180,7 +180,7 @@ impl Core {
                 let was = inst.owner.load(Ordering::Acquire);
                 was != 0
                     && was != owner
-                    && !crate::grace::thread_alive(was - 1)
+                    && !crate::grace::thread_alive(was as i32)
                     && inst.owner.compare_exchange(was, owner, Ordering::AcqRel, Ordering::Relaxed).is_ok()
             })
         })?;
@@ -297,7 +297,7 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         let at = i.sp.load(Ordering::Relaxed);
         at < sp || at == sp && i.stub != ret
     });
-    let owner = crate::grace::with_thread(|t| t.index()).map_or(0, |i| i + 1);
+    let owner = crate::grace::with_thread(|t| t.tid()) as usize;
     let Some(inst) = core.take(owner) else {
         core.nmissed.fetch_add(1, Ordering::Relaxed);
         return;

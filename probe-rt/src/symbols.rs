@@ -118,47 +118,72 @@ pub(crate) fn load_bias<'data, R: object::ReadRef<'data>>(file: &object::File<'d
     Some(image.start.wrapping_sub(base))
 }
 
-/// The function named `name` (the executable first, then the libraries): its symbol
-/// name, or for Rust a demangled path without the hash (`my_crate::parse`).
+/// The function symbols of every image mapped now, read once: for many look-ups in a
+/// row (each free function below reads `/proc/self/maps` again).
+pub(crate) struct Snapshot {
+    images: Vec<(Image, Arc<Vec<Function>>)>,
+}
+
+impl Snapshot {
+    /// The images mapped now, with their functions.
+    pub(crate) fn now() -> Snapshot {
+        Snapshot { images: images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() }
+    }
+
+    /// The function named `name` (the executable first, then the libraries): its
+    /// symbol name, or for Rust a demangled path without the hash (`my_crate::parse`).
+    pub(crate) fn function_named(&self, name: &str) -> Option<Function> {
+        let find = |matches: &dyn Fn(&str) -> bool| self.images.iter().find_map(|(_, f)| f.iter().find(|f| matches(&f.name)).cloned());
+        find(&|n| n == name).or_else(|| find(&|n| (n.starts_with("_ZN") || n.starts_with("_R")) && demangled(n) == name))
+    }
+
+    /// The functions of the image holding `addr`, and how many of them start at or
+    /// below it.
+    fn below(&self, addr: usize) -> Option<(&[Function], usize)> {
+        let (_, f) = self.images.iter().find(|(i, _)| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&addr)))?;
+        Some((f, f.partition_point(|f| f.addr <= addr)))
+    }
+
+    /// The function containing `addr`, by its symbol's size.
+    pub(crate) fn function_at(&self, addr: usize) -> Option<Function> {
+        // The nearest start at or below `addr` whose function contains it: from the
+        // last start <= addr backwards, past a few sizeless or nested symbols at most.
+        let (f, below) = self.below(addr)?;
+        f[..below].iter().rev().take(64).find(|f| f.holds(addr)).cloned()
+    }
+
+    /// The function an instruction boundary at `addr` can be proven from: the function
+    /// containing it by its size, else the nearest sizeless symbol at or below it (code
+    /// written in asm without `.size`, whose extent is unknown: decoding runs from
+    /// there). None when no symbol of the image starts at or below `addr`, or the
+    /// nearest one has a size and ends before it (code no symbol describes).
+    pub(crate) fn known_start(&self, addr: usize) -> Option<Function> {
+        let (f, below) = self.below(addr)?;
+        if let Some(sized) = f[..below].iter().rev().take(64).find(|f| f.holds(addr)) {
+            return Some(sized.clone());
+        }
+        f[..below].last().filter(|f| f.size == 0).cloned()
+    }
+}
+
+/// [`Snapshot::function_named`] of the images mapped now.
 pub(crate) fn function_named(name: &str) -> Option<Function> {
-    let images = images();
-    let find = |matches: &dyn Fn(&str) -> bool| images.iter().find_map(|i| functions(i).iter().find(|f| matches(&f.name)).cloned());
-    find(&|n| n == name).or_else(|| find(&|n| (n.starts_with("_ZN") || n.starts_with("_R")) && demangled(n) == name))
+    Snapshot::now().function_named(name)
 }
 
 /// A symbol name as people write it: Rust paths demangled without the hash.
-fn demangled(name: &str) -> String {
+pub(crate) fn demangled(name: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(name))
 }
 
-/// The functions of the image holding `addr`, and how many of them start at or below it.
-fn functions_below(addr: usize) -> Option<(Arc<Vec<Function>>, usize)> {
-    let images = images();
-    let image = images.iter().find(|i| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&addr)))?;
-    let f = functions(image);
-    let below = f.partition_point(|f| f.addr <= addr);
-    Some((f, below))
-}
-
-/// The function containing `addr`, by its symbol's size.
+/// [`Snapshot::function_at`] of the images mapped now.
 pub(crate) fn function_at(addr: usize) -> Option<Function> {
-    // The nearest start at or below `addr` whose function contains it: from the last
-    // start <= addr backwards, past a few sizeless or nested symbols at most.
-    let (f, below) = functions_below(addr)?;
-    f[..below].iter().rev().take(64).find(|f| f.holds(addr)).cloned()
+    Snapshot::now().function_at(addr)
 }
 
-/// The function an instruction boundary at `addr` can be proven from: the function
-/// containing it by its size, else the nearest sizeless symbol at or below it (code
-/// written in asm without `.size`, whose extent is unknown: decoding runs from there).
-/// None when no symbol of the image starts at or below `addr`, or the nearest one has
-/// a size and ends before it (code no symbol describes).
+/// [`Snapshot::known_start`] of the images mapped now.
 pub(crate) fn known_start(addr: usize) -> Option<Function> {
-    let (f, below) = functions_below(addr)?;
-    if let Some(sized) = f[..below].iter().rev().take(64).find(|f| f.holds(addr)) {
-        return Some(sized.clone());
-    }
-    f[..below].last().filter(|f| f.size == 0).cloned()
+    Snapshot::now().known_start(addr)
 }
 
 /// The function containing `addr` (demangled) and the offset into it.
