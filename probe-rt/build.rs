@@ -1,13 +1,25 @@
 //! Generates `offsets.rs` for the target: the built-in frame's `S_*` offsets and the
 //! compile-time assertions that probe-codegen's layout of `PtRegs` is the compiler's
-//! (both read the same file, `codegen/frames/<arch>.rs`; this proves they agree).
+//! (both read the same file, `codegen/frames/<arch>.rs`; this proves they agree), the
+//! frame's source itself (`frame.rs`), the site contract (`site_contract.rs`) and the
+//! runtime's trampolines.
 
 use probe_codegen::{render, Arch, Fp, FrameLayout, Plan, Policy, Shape};
 
 fn main() {
-    println!("cargo:rerun-if-changed=../codegen/frames");
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("offsets.rs");
+    println!("cargo:rerun-if-changed=build.rs");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let out = out_dir.join("offsets.rs");
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").ok().and_then(|a| Arch::from_name(&a));
+
+    // The built-in frame's source, from probe-codegen (which parses the same text), and
+    // the site contract: probe-rt compiles both from OUT_DIR, so it packages on its own.
+    let (frame, contract) = match arch {
+        Some(arch) => (probe_codegen::builtin_source(arch).to_string(), probe_codegen::site::runtime_consts(arch)),
+        None => (String::new(), String::new()),
+    };
+    std::fs::write(out_dir.join("frame.rs"), frame).expect("OUT_DIR is writable");
+    std::fs::write(out_dir.join("site_contract.rs"), contract).expect("OUT_DIR is writable");
     let text = match arch {
         Some(arch) => {
             let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::None, Shape::SaveRestore)
@@ -41,7 +53,6 @@ fn main() {
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
         ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
     ];
-    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for (file, shape, name, handler) in routines {
         let text = match arch {
             Some(arch) => {

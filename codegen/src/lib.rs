@@ -30,6 +30,7 @@ pub mod builder;
 pub mod layout;
 pub mod plan;
 pub mod render;
+pub mod site;
 
 pub use arch::{Arch, Reg, RegClass};
 pub use builder::{BuildError, Builder, Written};

@@ -434,10 +434,13 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
         None => quote! { #called(#(#forward),*) },
     };
 
-    let naked = |arch: &str, site_insns: &[&str], progbits: &str| {
-        let cfg = quote! { #[cfg(target_arch = #arch)] };
-        let table = format!(".pushsection probekit_sites, \"awR\", {progbits}");
-        let names = format!(".pushsection .rodata.probekit_site_names, \"a\", {progbits}");
+    // The site and its record, as probe-codegen's site contract spells them (the
+    // runtime reads them by the same definitions).
+    let naked = |arch: probe_codegen::Arch| {
+        let cfg_arch = arch.name();
+        let cfg = quote! { #[cfg(target_arch = #cfg_arch)] };
+        let site_insns = probe_codegen::site::site_asm(arch);
+        let probe_codegen::site::RecordAsm { before_name, after_name } = probe_codegen::site::record_asm(arch);
         let tail = format!("::{name}\"");
         // SAFETY (of `#[unsafe(naked)]`): the asm is the whole function. The nops leave
         // every register and the stack as the caller set them, and the jump enters the
@@ -453,21 +456,11 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
             #unsafety extern "C-unwind" fn #site #generics (#site_inputs) #output #where_clause {
                 ::core::arch::naked_asm!(
                     #(#site_insns,)*
-                    // The table entry (32 bytes, read by `probekit::sites()`): the site,
-                    // the function users call, the name. `R` (SHF_GNU_RETAIN) keeps it
-                    // from `--gc-sections`; writable because PIEs and libraries relocate
-                    // the pointers at load time.
-                    #table,
-                    ".balign 8",
-                    ".quad {site}",
-                    ".quad {function}",
-                    ".quad 2f",
-                    ".quad 3f - 2f",
-                    ".popsection",
-                    #names,
+                    // The record (read by `probekit::sites()`): the site, the function
+                    // users call, the name.
+                    #(#before_name,)*
                     concat!("2: .ascii \"", module_path!(), #tail),
-                    "3:",
-                    ".popsection",
+                    #(#after_name,)*
                     site = sym #site_path,
                     function = sym #function_path,
                     body = sym #body_path,
@@ -475,14 +468,8 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
             }
         }
     };
-    // x86_64: one 5-byte nop (`nopl 0x0(%rax,%rax,1)`, the kernel's ideal nop), to
-    // become `call <trampoline>`.
-    let x86_64 = naked("x86_64", &[".byte 0x0f, 0x1f, 0x44, 0x00, 0x00", "jmp {body}"], "@progbits");
-    // aarch64: `mov x9, x30; nop`, the nop to become `bl <trampoline>` (seed 003). The
-    // `mov` is there from the start, as the kernel's ftrace_init_nop writes it before
-    // any code runs: patching only the `bl` is one aligned store, and a thread stopped
-    // between the two words can never reach the `bl` without x9 set.
-    let aarch64 = naked("aarch64", &["mov x9, x30", "nop", "b {body}"], "%progbits");
+    let x86_64 = naked(probe_codegen::Arch::X86_64);
+    let aarch64 = naked(probe_codegen::Arch::Aarch64);
     let elsewhere = format!("`#[traceable]` supports x86_64 and aarch64 only (`{name}`)");
 
     Parts {
@@ -534,7 +521,7 @@ mod tests {
         assert!(out.contains("site = sym __probekit_site_f , function = sym f , body = sym __probekit_body_f"), "{out}");
         assert_eq!(out.matches("# [unsafe (naked)]").count(), 2, "one per architecture: {out}");
         assert!(out.contains("\".byte 0x0f, 0x1f, 0x44, 0x00, 0x00\" , \"jmp {body}\""), "{out}");
-        assert!(out.contains("\"mov x9, x30\" , \"nop\" , \"b {body}\""), "{out}");
+        assert!(out.contains("\".inst 0xaa1e03e9\" , \".inst 0xd503201f\" , \"b {body}\""), "{out}");
         assert!(out.contains("concat ! (\"2: .ascii \\\"\" , module_path ! () , \"::f\\\"\")"), "{out}");
     }
 

@@ -2,12 +2,11 @@
 //!
 //! The struct definitions live in `codegen/frames/<arch>.rs`, the one source of truth:
 //! probe-codegen parses that file to generate every save/restore sequence, and this
-//! module compiles the same file, so the two cannot drift (DESIGN.md rule 1).
+//! module compiles the same text, which probe-codegen hands to the build script
+//! (`builtin_source`), so the two cannot drift (DESIGN.md rule 1).
 
-#[cfg(target_arch = "x86_64")]
-include!("../../codegen/frames/x86_64.rs");
-#[cfg(target_arch = "aarch64")]
-include!("../../codegen/frames/aarch64.rs");
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+include!(concat!(env!("OUT_DIR"), "/frame.rs"));
 
 // The Linux ABI, pinned: user-space tools and the kernel's own offsets
 // (arch/x86/include/asm/ptrace.h; arch/arm64/include/uapi/asm/ptrace.h) agree on

@@ -60,14 +60,8 @@ extern "C" {
     fn probekit_site_return();
 }
 
-/// Bytes of a site.
-pub(crate) use crate::sites::SITE_LEN;
-
-/// The bytes of a disabled site.
-#[cfg(target_arch = "x86_64")]
-const NOP: [u8; SITE_LEN] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
-#[cfg(target_arch = "aarch64")]
-const NOP: [u8; SITE_LEN] = [0xe9, 0x03, 0x1e, 0xaa, 0x1f, 0x20, 0x03, 0xd5]; // mov x9, x30; nop
+/// Bytes of a site, and those of a disabled one (probe-codegen's site contract).
+pub(crate) use crate::sites::{SITE_LEN, SITE_NOP as NOP};
 
 /// How far a site's call reaches: x86_64 rel32, aarch64 `bl` (±128 MiB).
 #[cfg(target_arch = "x86_64")]

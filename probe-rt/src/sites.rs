@@ -31,11 +31,17 @@ pub struct SiteInfo {
     pub name: String,
 }
 
-/// One entry of the `probekit_sites` section, as `#[traceable]`'s asm writes it
-/// (`probe-macros/src/traceable.rs`): four `.quad`s, 8-aligned.
+// The site contract, from probe-codegen (`site::runtime_consts`): `SITE_LEN`,
+// `SITE_NOP`, `SITE_RECORD_VERSION`, `SITE_RECORD_SIZE`.
+include!(concat!(env!("OUT_DIR"), "/site_contract.rs"));
+
+/// One record of the `probekit_sites` section, as probe-codegen's site contract lays
+/// it out (`site::record_asm`, which `#[traceable]` emits): five `.quad`s, 8-aligned.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RawEntry {
+    /// `.quad SITE_RECORD_VERSION`: records of another layout are skipped.
+    version: u64,
     /// `.quad {site}`: the naked site function.
     site: u64,
     /// `.quad {function}`: the Rust wrapper users call.
@@ -45,9 +51,9 @@ struct RawEntry {
     /// `.quad 3f - 2f`: the name's length.
     len: u64,
 }
-// The asm emits exactly 4 × 8 bytes per entry with nothing between entries (each
-// `.balign 8` is a no-op after a multiple of 8): the stride must match.
-static_assertions::const_assert_eq!(std::mem::size_of::<RawEntry>(), 32);
+// The asm emits exactly SITE_RECORD_SIZE bytes per record with nothing between them
+// (each `.balign 8` is a no-op after a multiple of 8): the stride must match.
+static_assertions::const_assert_eq!(std::mem::size_of::<RawEntry>(), SITE_RECORD_SIZE);
 
 /// Every site of the executable and the loaded libraries, each library's in its
 /// table's order (the link order).
@@ -76,10 +82,6 @@ pub fn sites() -> Vec<SiteInfo> {
 }
 
 /// Bytes of a site: x86_64 a 5-byte nop; aarch64 two nops.
-#[cfg(target_arch = "x86_64")]
-pub(crate) const SITE_LEN: usize = 5;
-#[cfg(target_arch = "aarch64")]
-pub(crate) const SITE_LEN: usize = 8;
 
 /// The site whose first byte, or whose function, is at `addr`.
 pub(crate) fn site_of(addr: usize) -> Option<SiteInfo> {
@@ -210,6 +212,9 @@ fn read_table(object: &Loaded, table: &Table, out: &mut Vec<SiteInfo>) {
         // above for the whole table), kept mapped by the loader's lock; `RawEntry` is
         // plain integers, valid for any bytes; `at` is 8-aligned, as `RawEntry`.
         let e = unsafe { std::ptr::read(at as *const RawEntry) };
+        if e.version != SITE_RECORD_VERSION {
+            continue; // written by another probekit: its fields are not these
+        }
         let (site, function, name, len) = (e.site as usize, e.function as usize, e.name as usize, e.len as usize);
         let readable = len <= MAX_NAME && object.holds(name, len, libc::PF_R);
         if !readable || !object.holds(site, SITE_LEN, libc::PF_X) || !object.holds(function, 1, libc::PF_X) {
