@@ -32,6 +32,12 @@ fn timeout() -> Duration {
     }
 }
 
+/// Whether the tests run under a cross runner (qemu-user): then the child's RSS is
+/// qemu's, which also grows with qemu's translation cache.
+pub fn emulated() -> bool {
+    cross_runner().is_some()
+}
+
 fn cross_runner() -> Option<String> {
     std::env::var("CROSS_RUNNER").ok().filter(|r| !r.trim().is_empty())
 }

@@ -7,7 +7,8 @@
 //! The issue asks for 100,000 cycles; these run 1,000 (after 200 to warm up), which
 //! keeps each child under 5 s in a debug build (a registration costs ~2.5 ms there,
 //! a return probe's ~4 ms) and still shows a leak of the size the issue measured
-//! (5.6 KiB a return probe: 5.5 MiB here, against a bound of 2 MiB).
+//! (5.6 KiB a return probe: 5.5 MiB here, against a bound of 2 MiB; 6 MiB under
+//! qemu-user, see `rss_bound`).
 
 use hostile_tests::{is_child, maps_lines, report, rss_bytes, run_child};
 use probekit::{Probe, PtRegs, ReturnProbe};
@@ -35,8 +36,13 @@ fn cube() -> extern "C" fn(u64) -> u64 {
 
 const WARMUP: usize = 200;
 const CYCLES: usize = 1000;
-/// How much RSS may grow over [`CYCLES`] cycles after the warm-up.
-const RSS_BOUND: usize = 2 << 20;
+/// How much RSS may grow over [`CYCLES`] cycles after the warm-up. Under qemu-user
+/// the RSS is qemu's, which grows with its translation cache as patched code is
+/// translated again (2.5 MiB measured over 1000 breakpoint-probe cycles): a looser
+/// bound there, still well under the return-probe leak (11 MiB measured under qemu).
+fn rss_bound() -> usize {
+    if hostile_tests::emulated() { 6 << 20 } else { 2 << 20 }
+}
 /// How many mappings may be added over [`CYCLES`] cycles after the warm-up.
 const MAPS_BOUND: usize = 8;
 
@@ -62,7 +68,7 @@ fn assert_bounded(out: &hostile_tests::Outcome) {
     let d = out.describe();
     let (rss0, rss1) = (out.number("rss_before") as usize, out.number("rss_after") as usize);
     let (maps0, maps1) = (out.number("maps_before") as usize, out.number("maps_after") as usize);
-    assert!(rss1 <= rss0 + RSS_BOUND, "RSS grew by {} KiB over {CYCLES} cycles\n{d}", (rss1 - rss0) >> 10);
+    assert!(rss1 <= rss0 + rss_bound(), "RSS grew by {} KiB over {CYCLES} cycles\n{d}", (rss1 - rss0) >> 10);
     assert!(maps1 <= maps0 + MAPS_BOUND, "{} mappings added over {CYCLES} cycles\n{d}", maps1 - maps0);
     assert_eq!(out.number("hits"), (WARMUP + CYCLES) as u64, "every cycle's probe fired\n{d}");
 }
