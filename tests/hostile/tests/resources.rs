@@ -1,0 +1,174 @@
+//! Issue 17, "resources that never come back" (items 10 and 11): register/unregister
+//! cycles must not grow memory or mappings, and registration must recover once a
+//! thread that blocked grace periods has exited. Each scenario runs in a child process
+//! (see the crate docs). (Item 12, more than 1,024 threads hitting return probes, is
+//! not covered here.)
+//!
+//! The issue asks for 100,000 cycles; these run 1,000 (after 200 to warm up), which
+//! keeps each child under 5 s in a debug build (a registration costs ~2.5 ms there,
+//! a return probe's ~4 ms) and still shows a leak of the size the issue measured
+//! (5.6 KiB a return probe: 5.5 MiB here, against a bound of 2 MiB; 6 MiB under
+//! qemu-user, see `rss_bound`).
+
+use hostile_tests::{is_child, maps_lines, report, rss_bytes, run_child};
+use probekit::{Probe, PtRegs, ReturnProbe};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+fn count(_: &mut PtRegs) {
+    HITS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn count_return(_: &mut PtRegs, _: &mut ()) {
+    HITS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[inline(never)]
+extern "C" fn hostile_cube(x: u64) -> u64 {
+    black_box(x).wrapping_mul(x).wrapping_mul(x)
+}
+
+fn cube() -> extern "C" fn(u64) -> u64 {
+    hostile_cube as extern "C" fn(u64) -> u64
+}
+
+const WARMUP: usize = 200;
+const CYCLES: usize = 1000;
+/// How much RSS may grow over [`CYCLES`] cycles after the warm-up. Under qemu-user
+/// the RSS is qemu's, which grows with its translation cache as patched code is
+/// translated again (2.5 MiB measured over 1000 breakpoint-probe cycles): a looser
+/// bound there, still well under the return-probe leak (11 MiB measured under qemu).
+fn rss_bound() -> usize {
+    if hostile_tests::emulated() { 6 << 20 } else { 2 << 20 }
+}
+/// How many mappings may be added over [`CYCLES`] cycles after the warm-up.
+const MAPS_BOUND: usize = 8;
+
+/// Runs `cycle` [`WARMUP`] times, measures, runs it [`CYCLES`] times, measures, and
+/// reports both.
+fn measure(mut cycle: impl FnMut()) {
+    for _ in 0..WARMUP {
+        cycle();
+    }
+    let (rss, maps) = (rss_bytes(), maps_lines());
+    for _ in 0..CYCLES {
+        cycle();
+    }
+    report("rss_before", rss);
+    report("rss_after", rss_bytes());
+    report("maps_before", maps);
+    report("maps_after", maps_lines());
+    report("hits", HITS.load(Ordering::Relaxed));
+}
+
+fn assert_bounded(out: &hostile_tests::Outcome) {
+    out.assert_ok();
+    let d = out.describe();
+    let (rss0, rss1) = (out.number("rss_before") as usize, out.number("rss_after") as usize);
+    let (maps0, maps1) = (out.number("maps_before") as usize, out.number("maps_after") as usize);
+    assert!(rss1 <= rss0 + rss_bound(), "RSS grew by {} KiB over {CYCLES} cycles\n{d}", (rss1 - rss0) >> 10);
+    assert!(maps1 <= maps0 + MAPS_BOUND, "{} mappings added over {CYCLES} cycles\n{d}", maps1 - maps0);
+    assert_eq!(out.number("hits"), (WARMUP + CYCLES) as u64, "every cycle's probe fired\n{d}");
+}
+
+#[test]
+#[ignore = "a child scenario: its parent test runs it in a process of its own"]
+fn child_return_probe_cycles() {
+    if !is_child() {
+        return;
+    }
+    measure(|| {
+        let p = ReturnProbe::builder().function(cube()).handler(count_return).register().expect("register");
+        assert_eq!(black_box(cube())(3), 27);
+        p.unregister().expect("unregister");
+    });
+}
+
+/// Item 10: return probes.
+#[test]
+fn return_probe_cycles_do_not_leak() {
+    assert_bounded(&run_child("child_return_probe_cycles"));
+}
+
+#[test]
+#[ignore = "a child scenario: its parent test runs it in a process of its own"]
+fn child_probe_cycles() {
+    if !is_child() {
+        return;
+    }
+    measure(|| {
+        let p = Probe::builder().function(cube()).pre(count).register().expect("register");
+        assert_eq!(black_box(cube())(3), 27);
+        p.unregister().expect("unregister");
+    });
+}
+
+/// Item 10: breakpoint probes.
+#[test]
+fn probe_cycles_do_not_leak() {
+    assert_bounded(&run_child("child_probe_cycles"));
+}
+
+// ---------------------------------------------------------------------------------
+// Item 11: a thread that has hit a probe blocks SIGURG, so no grace period can finish
+// while it lives; registrations use up the records. Once it has exited, registration
+// must work again.
+
+#[test]
+#[ignore = "a child scenario: its parent test runs it in a process of its own"]
+fn child_grace_blocked_then_thread_exits() {
+    if !is_child() {
+        return;
+    }
+    let f = cube();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel::<()>();
+    let p = Probe::builder().function(f).pre(count).register().expect("register");
+    let blocker = std::thread::spawn(move || {
+        // A hit first: only threads that entered a hit path are waited for.
+        assert_eq!(black_box(f)(2), 8);
+        // SAFETY: blocks SIGURG for this thread only, from a sigset built here.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGURG);
+            assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()), 0);
+        }
+        ready_tx.send(()).expect("main waits");
+        let _ = exit_rx.recv();
+    });
+    ready_rx.recv().expect("the thread blocked SIGURG");
+    assert_eq!(HITS.load(Ordering::Relaxed), 1);
+    drop(p);
+    // Cycles until a registration fails (the records are used up), at most 3000.
+    let mut failed = None;
+    for i in 0..3000 {
+        match Probe::builder().function(f).pre(count).register() {
+            Ok(p) => drop(p),
+            Err(e) => {
+                failed = Some((i, e));
+                break;
+            }
+        }
+    }
+    report("failed_while_blocked", format!("{failed:?}"));
+    exit_tx.send(()).expect("the thread waits");
+    blocker.join().expect("the thread exits");
+    let r = Probe::builder().function(f).pre(count).register();
+    report("after_exit", format!("{:?}", r.as_ref().map(|_| ())));
+    let before = HITS.load(Ordering::Relaxed);
+    assert_eq!(black_box(f)(3), 27);
+    report("fires_after_exit", HITS.load(Ordering::Relaxed) == before + 1);
+}
+
+/// Item 11.
+#[test]
+fn registration_recovers_after_blocking_thread_exits() {
+    let out = run_child("child_grace_blocked_then_thread_exits");
+    out.assert_ok();
+    let d = out.describe();
+    assert_eq!(out.expect_value("after_exit"), "Ok(())", "registration must work again once the thread that blocked SIGURG has exited\n{d}");
+    assert_eq!(out.expect_value("fires_after_exit"), "true", "{d}");
+}
