@@ -130,11 +130,16 @@ fn signal_return(symbols: &Snapshot) -> Vec<Blacklisted> {
     let mut out = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: reading a disposition only.
-        let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } == 0 {
-            if let Some(r) = cur.sa_restorer {
+        // glibc gives every handler it installs the same restorer: read it from the
+        // first signal that has one (probekit's SIGTRAP, Rust's SIGSEGV, …).
+        let restorer = [libc::SIGTRAP, libc::SIGSEGV, libc::SIGBUS, libc::SIGURG].into_iter().find_map(|sig| {
+            // SAFETY: reading a disposition only.
+            let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            (unsafe { libc::sigaction(sig, std::ptr::null(), &mut cur) } == 0).then_some(cur.sa_restorer).flatten()
+        });
+        {
+            if let Some(r) = restorer {
                 let r = r as usize;
                 let (start, end) = symbols.function_at(r).filter(|f| f.size > 0).map_or((r, r + 16), |f| (f.addr, f.addr + f.size));
                 out.push(Blacklisted { name: "the signal return trampoline (sa_restorer)", start, end });

@@ -416,6 +416,9 @@ impl ProbeBuilder {
         }
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
         let mapping = text::executable(addr)?;
+        if let Some(b) = crate::blacklist::find_at(addr) {
+            return Err(Error::Blacklisted { addr, what: b.name });
+        }
         // An instruction boundary, decoding from the start of the function: the one the
         // caller named, or the one the symbol tables prove (see `known_start`).
         let start = match start {
@@ -427,9 +430,6 @@ impl ProbeBuilder {
             insn::check_boundary(start, addr, &original_code(start, end).ok_or(Error::NotExecutable { addr: start })?)?;
         }
         let code = original_code(addr, end).ok_or(Error::NotExecutable { addr })?;
-        if let Some(b) = crate::blacklist::find_at(addr) {
-            return Err(Error::Blacklisted { addr, what: b.name });
-        }
         let index = reg.take_record(addr, false)?;
         let (len, slot, slot_bp, sim) = match self.prepare(&mut reg, index, addr, &code) {
             Ok(p) => p,
