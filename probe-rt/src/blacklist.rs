@@ -151,7 +151,7 @@ fn signal_return(symbols: &Snapshot) -> Vec<Blacklisted> {
         let _ = symbols;
         // SAFETY: getauxval has no preconditions.
         let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
-        if let Some(m) = crate::text::mapping_of(vdso).filter(|_| vdso != 0) {
+        if let Some(m) = crate::maps::mapping_of(vdso).filter(|_| vdso != 0) {
             out.push(Blacklisted { name: "the vDSO (the signal return trampoline)", start: vdso, end: m.end });
         }
     }

@@ -305,7 +305,7 @@ fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
     // The vDSO (the kernel's sigreturn trampoline on aarch64).
     // SAFETY: getauxval has no preconditions.
     let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
-    if let Some(m) = crate::text::mapping_of(vdso).filter(|_| vdso != 0) {
+    if let Some(m) = crate::maps::mapping_of(vdso).filter(|_| vdso != 0) {
         busy.push((vdso, m.end)); // the vDSO's ELF header is its first byte
     }
     busy

@@ -12,6 +12,7 @@ pub mod events;
 pub mod frame;
 mod grace;
 mod insn;
+mod maps;
 pub mod probe;
 mod regs;
 pub mod retprobe;

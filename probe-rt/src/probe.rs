@@ -415,7 +415,7 @@ impl ProbeBuilder {
             return self.register_site(addr);
         }
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        let mapping = text::executable(addr)?;
+        let mapping = crate::maps::executable(addr)?;
         if let Some(b) = crate::blacklist::find_at(addr) {
             return Err(Error::Blacklisted { addr, what: b.name });
         }
@@ -459,7 +459,7 @@ impl ProbeBuilder {
     /// there enables the site.
     fn register_site(self, site: usize) -> Result<ProbeHandle, Error> {
         let mut reg = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        let code_id = text::executable(site)?.code_id(site);
+        let code_id = crate::maps::executable(site)?.code_id(site);
         let index = reg.take_record(site, true)?;
         let e = &RECORDS[index];
         e.target.store(site, Ordering::Relaxed);
@@ -593,7 +593,7 @@ fn still_there(e: &Record, target: usize) -> bool {
         return false;
     }
     let id = e.code_id.load(Ordering::Relaxed);
-    let same = text::mapping_of(target).is_some_and(|m| m.prot & libc::PROT_EXEC != 0 && m.code_id(target) == id);
+    let same = crate::maps::mapping_of(target).is_some_and(|m| m.prot & libc::PROT_EXEC != 0 && m.code_id(target) == id);
     if !same {
         e.gone.store(true, Ordering::Relaxed);
     }
@@ -984,7 +984,7 @@ pub fn list() -> ProbeList {
             .map(|(index, e)| {
                 let addr = e.target.load(Ordering::Relaxed);
                 let id = e.code_id.load(Ordering::Relaxed);
-                let gone = e.gone.load(Ordering::Relaxed) || text::mapping_of(addr).is_none_or(|m| m.code_id(addr) != id);
+                let gone = e.gone.load(Ordering::Relaxed) || crate::maps::mapping_of(addr).is_none_or(|m| m.code_id(addr) != id);
                 ProbeInfo {
                     addr,
                     // Only return probes register a hook with a context.

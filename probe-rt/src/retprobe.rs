@@ -471,7 +471,7 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
             return Err(Error::HandlersBeforeData);
         }
         let probe::Resolved { addr, start } = self.target.resolve_target()?;
-        text::executable(addr)?;
+        crate::maps::executable(addr)?;
         // The function the caller named, or the one the symbols prove for a raw address.
         let start = match start {
             Some(start) => start,

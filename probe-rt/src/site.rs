@@ -131,7 +131,7 @@ fn call_bytes(site: usize, to: usize) -> [u8; SITE_LEN] {
 
 /// The site's bytes, if they are in a readable, executable mapping.
 fn read_site(site: usize) -> Option<[u8; SITE_LEN]> {
-    let m = text::mapping_of(site)?;
+    let m = crate::maps::mapping_of(site)?;
     let ok = m.prot & libc::PROT_EXEC != 0 && site + SITE_LEN <= m.end;
     ok.then(|| text::read(site, SITE_LEN)?.try_into().ok())?
 }

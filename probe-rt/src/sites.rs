@@ -62,7 +62,7 @@ static_assertions::const_assert_eq!(std::mem::size_of::<RawEntry>(), SITE_RECORD
 /// Not for signal context: it reads `/proc/self/maps` and the ELF files, and allocates.
 pub fn sites() -> Vec<SiteInfo> {
     let objects = loaded_objects();
-    let tables: Vec<Table> = symbols::images()
+    let tables: Vec<Table> = crate::maps::images()
         .iter()
         // Only files the dynamic loader loaded, not data mapped by hand (the locale
         // archive, fonts), which could be large and hold no table.
@@ -253,7 +253,7 @@ mod tests {
         let objects = loaded_objects();
         let here = every_loaded_object_is_seen_with_its_segments as *const () as usize;
         assert!(objects.iter().any(|o| o.holds(here, 1, libc::PF_X | libc::PF_R)), "this test's code is in an executable segment");
-        let images = symbols::images();
+        let images = crate::maps::images();
         let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
         let image = images.iter().find(|i| std::path::Path::new(&i.path) == exe).expect("the executable is mapped");
         let object = objects.iter().find(|o| o.overlaps(&image.ranges)).expect("the executable is a loaded object");

@@ -14,33 +14,6 @@ pub(crate) struct Image {
     pub(crate) ranges: Vec<(usize, usize)>,
 }
 
-pub(crate) fn images() -> Vec<Image> {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut out: Vec<Image> = Vec::new();
-    for line in maps.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (Some(range), Some(off), Some(path)) = (f.first(), f.get(2), f.get(5)) else { continue };
-        if !path.starts_with('/') {
-            continue;
-        }
-        let Some((a, b)) = range.split_once('-') else { continue };
-        let (Ok(a), Ok(b), Ok(off)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16), usize::from_str_radix(off, 16)) else {
-            continue;
-        };
-        match out.iter_mut().find(|i| i.path == *path) {
-            Some(i) => {
-                i.ranges.push((a, b));
-                if off == 0 {
-                    i.start = i.start.min(a);
-                }
-            }
-            None => out.push(Image { path: path.to_string(), start: if off == 0 { a } else { usize::MAX }, ranges: vec![(a, b)] }),
-        }
-    }
-    out.retain(|i| i.start != usize::MAX);
-    out
-}
-
 /// One function symbol of an image, with the load bias applied.
 #[derive(Clone, Debug)]
 pub(crate) struct Function {
@@ -127,7 +100,7 @@ pub(crate) struct Snapshot {
 impl Snapshot {
     /// The images mapped now, with their functions.
     pub(crate) fn now() -> Snapshot {
-        Snapshot { images: images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() }
+        Snapshot { images: crate::maps::images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() }
     }
 
     /// The function named `name` (the executable first, then the libraries): its

@@ -1,4 +1,4 @@
-//! Writing code: the process's mappings, page protection, and instruction-cache sync.
+//! Writing code: page protection, stores, and instruction-cache sync.
 //!
 //! Code is changed by a plain store after `mprotect` makes its pages writable, and
 //! the pages get their original protection back right after, on success or error.
@@ -10,92 +10,6 @@
 
 use crate::Error;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-
-/// One mapping of `/proc/self/maps` (with the ones right after it of the same
-/// protection, see [`mapping_of`]).
-#[derive(Clone, Debug)]
-pub(crate) struct Mapping {
-    pub start: usize,
-    pub end: usize,
-    pub prot: libc::c_int,
-    /// The file mapped, as `(device, inode, file offset of start)`; None if anonymous.
-    pub file: Option<(u64, u64, u64)>,
-}
-
-impl Mapping {
-    /// What identifies the code at `addr` in this mapping across unmapping and mapping
-    /// again (the kernel ties uprobes to the file and offset, not to the address): a
-    /// hash of the file's device, inode and the offset of `addr` in it; 0 for
-    /// anonymous memory, which has no identity beyond its bytes.
-    pub fn code_id(&self, addr: usize) -> u64 {
-        let Some((dev, ino, off)) = self.file else { return 0 };
-        // FNV-1a over the three words: a collision needs two files with equal hashes
-        // mapped at one address in turn, and the bytes compared as well.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for w in [dev, ino, off + (addr - self.start) as u64] {
-            for b in w.to_le_bytes() {
-                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        h | 1
-    }
-}
-
-/// One parsed line of `/proc/self/maps`.
-fn parse_line(line: &str) -> Option<Mapping> {
-    let mut it = line.split_whitespace();
-    let (range, perms, off, dev, ino) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
-    let (a, b) = range.split_once('-')?;
-    let (start, end) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
-    let ino: u64 = ino.parse().ok()?;
-    let file = match ino {
-        0 => None,
-        _ => {
-            let (major, minor) = dev.split_once(':')?;
-            let dev = u64::from_str_radix(major, 16).ok()? << 32 | u64::from_str_radix(minor, 16).ok()?;
-            Some((dev, ino, u64::from_str_radix(off, 16).ok()?))
-        }
-    };
-    let p = perms.as_bytes();
-    let mut prot = 0;
-    if p.first() == Some(&b'r') {
-        prot |= libc::PROT_READ;
-    }
-    if p.get(1) == Some(&b'w') {
-        prot |= libc::PROT_WRITE;
-    }
-    if p.get(2) == Some(&b'x') {
-        prot |= libc::PROT_EXEC;
-    }
-    Some(Mapping { start, end, prot, file })
-}
-
-/// The mapping holding `addr` (reads `/proc/self/maps`; registration path only). Its
-/// end extends over the mappings right after it with the same protection: patching a
-/// page splits a text mapping in the kernel's list (the written page gets its own
-/// private copy), and an instruction may straddle the split.
-pub(crate) fn mapping_of(addr: usize) -> Option<Mapping> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let mut lines = maps.lines().filter_map(parse_line).skip_while(|m| !(m.start..m.end).contains(&addr));
-    let mut first = lines.next()?;
-    for m in lines {
-        if m.start != first.end || m.prot != first.prot {
-            break;
-        }
-        first.end = m.end;
-    }
-    Some(first)
-}
-
-/// The mapping of `addr` if it is executable and readable (code that cannot be read,
-/// as the `[vsyscall]` page, cannot be decoded or copied out of line).
-pub(crate) fn executable(addr: usize) -> Result<Mapping, Error> {
-    match mapping_of(addr) {
-        Some(m) if m.prot & libc::PROT_EXEC != 0 && m.prot & libc::PROT_READ == 0 => Err(Error::NotReadable { addr }),
-        Some(m) if m.prot & libc::PROT_EXEC != 0 => Ok(m),
-        _ => Err(Error::NotExecutable { addr }),
-    }
-}
 
 /// Copies `len` bytes of this process's memory at `addr`, or None if any of them is
 /// not mapped readable *now*: through the kernel (`process_vm_readv`), so that code
@@ -115,7 +29,7 @@ pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
     if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
         return None;
     }
-    let m = mapping_of(addr)?;
+    let m = crate::maps::mapping_of(addr)?;
     if m.prot & libc::PROT_READ == 0 || addr.checked_add(len)? > m.end {
         return None;
     }
@@ -149,7 +63,7 @@ fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(
 /// the old or the new instruction; longer writes are for code no thread runs yet
 /// (fresh out-of-line slots).
 pub(crate) fn write_code(addr: usize, bytes: &[u8]) -> Result<(), Error> {
-    let m = executable(addr)?;
+    let m = crate::maps::executable(addr)?;
     if addr + bytes.len() > m.end {
         return Err(Error::NotExecutable { addr: m.end });
     }
