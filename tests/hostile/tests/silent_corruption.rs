@@ -380,9 +380,15 @@ fn child_stack_nearly_exhausted() {
 }
 
 /// Item 3.
+///
+/// The aarch64 lane runs under qemu-user, which hangs (any program, C included) when a
+/// signal frame does not fit the stack instead of raising SIGSEGV as the kernel does;
+/// there only margins the frame fits in are run, and their results must be right. The
+/// exhausted cases are run natively (x86_64), where the kernel's behaviour is real.
 #[test]
 fn stack_nearly_exhausted_is_a_crash_or_correct() {
-    for margin in [1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144] {
+    let margins: &[usize] = if cfg!(target_arch = "aarch64") { &[16384] } else { &[1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144] };
+    for &margin in margins {
         let m = margin.to_string();
         let out = run_child_with("child_stack_nearly_exhausted", &[("HOSTILE_STACK_MARGIN", &m)]);
         let d = out.describe();
