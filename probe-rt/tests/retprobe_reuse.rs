@@ -14,8 +14,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Cycles measured (after the warm-up). The issue's bound is for 100,000; CI runs
-/// fewer (`PROBEKIT_REUSE_CYCLES` overrides).
+/// fewer, and fewer again under emulation (~40 ms a cycle there);
+/// `PROBEKIT_REUSE_CYCLES` overrides.
 const CYCLES: usize = 5_000;
+const CYCLES_EMULATED: usize = 1_000;
 const WARM_UP: usize = 300;
 const MAXACTIVE: usize = 12;
 
@@ -71,6 +73,20 @@ fn status_kib(field: &str) -> usize {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Bytes of the heap in use (glibc's `mallinfo2`), in KiB.
+fn heap_kib() -> usize {
+    // SAFETY: mallinfo2 has no preconditions.
+    unsafe { libc::mallinfo2() }.uordblks / 1024
+}
+
+/// Running under `qemu-user` (the aarch64 lane): the process's resident memory is
+/// then the emulator's, whose translation cache grows with every code write
+/// (breakpoint probes alone do that), so only the guest's heap and mappings count.
+fn emulated() -> bool {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines().any(|l| l.starts_with("Name:") && l.contains("qemu"))
+}
+
 fn maps_lines() -> usize {
     std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
 }
@@ -88,7 +104,7 @@ fn panic_cost() -> Duration {
 
 #[test]
 fn register_unregister_cycles_leave_memory_mappings_and_unwinding_as_they_were() {
-    let cycles = std::env::var("PROBEKIT_REUSE_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(CYCLES);
+    let cycles = std::env::var("PROBEKIT_REUSE_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(if emulated() { CYCLES_EMULATED } else { CYCLES });
     std::panic::set_hook(Box::new(|_| {}));
     // A second thread that has hit a probe: every grace period samples it.
     let (stop, stopped) = mpsc::channel::<()>();
@@ -104,26 +120,28 @@ fn register_unregister_cycles_leave_memory_mappings_and_unwinding_as_they_were()
     for _ in 0..WARM_UP {
         cycle();
     }
-    let (rss0, maps0, drops0) = (status_kib("VmRSS:"), maps_lines(), DROPS.load(Ordering::Relaxed));
+    let (rss0, heap0, maps0, drops0) = (status_kib("VmRSS:"), heap_kib(), maps_lines(), DROPS.load(Ordering::Relaxed));
     let returns0 = RETURNS.load(Ordering::Relaxed);
     let start = Instant::now();
     for _ in 0..cycles {
         cycle();
     }
     let took = start.elapsed();
-    let (rss1, maps1, drops1) = (status_kib("VmRSS:"), maps_lines(), DROPS.load(Ordering::Relaxed));
+    let (rss1, heap1, maps1, drops1) = (status_kib("VmRSS:"), heap_kib(), maps_lines(), DROPS.load(Ordering::Relaxed));
     let panic_after = panic_cost();
     let _ = stop.send(());
     helper.join().unwrap();
     eprintln!(
-        "{cycles} cycles in {took:?}: RSS {rss0} -> {rss1} KiB, maps {maps0} -> {maps1} lines, \
-         panic {panic_before:?} -> {panic_after:?}, {} data dropped",
+        "{cycles} cycles in {took:?}: RSS {rss0} -> {rss1} KiB{}, heap {heap0} -> {heap1} KiB, \
+         maps {maps0} -> {maps1} lines, panic {panic_before:?} -> {panic_after:?}, {} data dropped",
+        if emulated() { " (the emulator's)" } else { "" },
         drops1 - drops0
     );
 
     // Every watched call ran its handler.
     assert_eq!(RETURNS.load(Ordering::Relaxed) - returns0, cycles as u64);
-    assert!(rss1 < rss0 + 2048, "RSS grew from {rss0} to {rss1} KiB over {cycles} cycles");
+    assert!(emulated() || rss1 < rss0 + 2048, "RSS grew from {rss0} to {rss1} KiB over {cycles} cycles");
+    assert!(heap1 < heap0 + 256, "the heap grew from {heap0} to {heap1} KiB over {cycles} cycles");
     assert!(maps1.abs_diff(maps0) <= 2, "/proc/self/maps went from {maps0} to {maps1} lines over {cycles} cycles");
     // Each reused block drops its retired probe's data (MAXACTIVE per cycle, but for
     // the few retired blocks that wait for a grace period at the end).
