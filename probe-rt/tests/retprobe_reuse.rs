@@ -95,17 +95,20 @@ fn maps_lines() -> usize {
 fn panic_cost() -> Duration {
     let _p = ReturnProbe::builder().function(panics_inside as fn(u64) -> u64).handler(noop).register().unwrap();
     let rounds = 200;
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let start = Instant::now();
     for _ in 0..rounds {
         assert!(std::panic::catch_unwind(|| panics_inside(7)).is_err());
     }
-    start.elapsed() / rounds
+    let took = start.elapsed() / rounds;
+    std::panic::set_hook(hook);
+    took
 }
 
 #[test]
 fn register_unregister_cycles_leave_memory_mappings_and_unwinding_as_they_were() {
     let cycles = std::env::var("PROBEKIT_REUSE_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(if emulated() { CYCLES_EMULATED } else { CYCLES });
-    std::panic::set_hook(Box::new(|_| {}));
     // A second thread that has hit a probe: every grace period samples it.
     let (stop, stopped) = mpsc::channel::<()>();
     let helper = std::thread::spawn(move || {
