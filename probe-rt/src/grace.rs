@@ -22,21 +22,49 @@
 //! probes were disarmed finds them disarmed.
 //!
 //! Costs and limits: only registration runs a grace period, and only when it needs a
-//! record (see `probe`). A sampled thread blocked in a system call that is not
-//! restarted (`nanosleep`, `epoll_wait`, …) sees `EINTR`, as with any signal. If the
-//! program has its own `SIGURG` handler, or a thread blocks the signal (no answer in
-//! 100 ms), no grace period completes and retired records are not reused.
+//! record (see `probe`) or a return probe's stubs (see `retprobe::pool`). A sampled
+//! thread blocked in a system call that is not restarted (`nanosleep`, `epoll_wait`, …)
+//! sees `EINTR`, as with any signal. If the program has its own `SIGURG` handler, or a
+//! thread blocks the signal (no answer in 100 ms), no grace period completes and
+//! retired records are not reused; registration tries again at most every 100 ms
+//! ([`Retry`]), and succeeds once the blocking thread unblocks or exits.
 
 use crate::regs;
 use std::cell::Cell;
 use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 const SIGNAL: libc::c_int = libc::SIGURG;
 
 /// How long a thread may take to answer a sample.
 const ANSWER: Duration = Duration::from_millis(100);
+
+/// When the next grace period is worth trying, for a caller that wants one now and
+/// then. A try that cannot complete costs up to [`ANSWER`] (a thread blocking the
+/// signal), so after a failure the next try waits as long; counting failures instead
+/// would stop trying for good once nothing more is retired, though the thread that
+/// blocked may have exited since (it then answers `Gone`).
+pub(crate) struct Retry(Option<Instant>);
+
+impl Retry {
+    /// Due at once.
+    pub(crate) const fn new() -> Self {
+        Retry(None)
+    }
+
+    /// Whether a grace period may be tried now.
+    pub(crate) fn due(&self) -> bool {
+        self.0.is_none_or(|at| Instant::now() >= at)
+    }
+
+    /// Runs [`quiescent`] for `slots` and remembers when to try again if it failed.
+    pub(crate) fn quiescent(&mut self, slots: &[(usize, usize)]) -> bool {
+        let done = quiescent(slots);
+        self.0 = (!done).then(|| Instant::now() + ANSWER);
+        done
+    }
+}
 
 /// What the hit paths keep per thread, in one thread-local (a site hit accesses it
 /// twice: on the way in and on the way out).
@@ -148,7 +176,7 @@ impl Thread {
     }
 }
 
-// The one sample in flight (grace periods run under the registry lock).
+// The one sample in flight (`quiescent` runs one grace period at a time).
 static WANT: AtomicI32 = AtomicI32::new(0);
 static SEQ: AtomicU64 = AtomicU64::new(0);
 static ANSWERED: AtomicU64 = AtomicU64::new(0);
@@ -315,6 +343,10 @@ fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
 /// `slots` (and the code leading into them), so that nothing can still use probes
 /// disarmed before the call. Waits for threads that are inside (bounded).
 pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
+    // One sample in flight (`WANT`, `SEQ`, `ANSWERED` are shared): callers holding
+    // different locks (the registry's, the return-probe stub pool's) take turns.
+    static SAMPLING: Mutex<()> = Mutex::new(());
+    let _one = SAMPLING.lock().unwrap_or_else(|p| p.into_inner());
     if !install() || !still_installed() {
         return false;
     }

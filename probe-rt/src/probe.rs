@@ -43,7 +43,8 @@
 //! thread is signalled and its interrupted pc read (see `grace`, the process analog of
 //! `synchronize_rcu_tasks`). It runs when [`RECLAIM_BATCH`] records are retired or all
 //! [`MAX_PROBES`] are taken; if it cannot complete (the program handles `SIGURG`, or a
-//! thread blocks it), retired records stay retired.
+//! thread blocks it), retired records stay retired until a later try completes (tried
+//! at most every 100 ms).
 
 use crate::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
 use crate::{grace, regs, text, Error, PtRegs};
@@ -154,7 +155,7 @@ fn records() -> &'static [Record] {
 }
 
 /// Registration, arming and disarming take this lock; the hit path never does.
-static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), free: Vec::new(), next_grace: RECLAIM_BATCH });
+static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), free: Vec::new(), retry: grace::Retry::new() });
 
 /// The out-of-line slot pages, and the records of unregistered probes.
 struct Slots {
@@ -164,9 +165,10 @@ struct Slots {
     retired: Vec<usize>,
     /// Records a grace period showed nobody uses: reusable, with their slots.
     free: Vec<usize>,
-    /// How many retired records make the next grace period worth trying (raised after
-    /// one could not complete, which costs up to 100 ms, so as not to retry each time).
-    next_grace: usize,
+    /// When a grace period is worth trying again after one could not complete (which
+    /// costs up to 100 ms): by time, so that it is tried again even when nothing more
+    /// is retired (every record taken), and succeeds once the blocking thread is gone.
+    retry: grace::Retry,
 }
 
 /// How many retired records make registration run a grace period to reuse them (it
@@ -210,15 +212,14 @@ impl Slots {
         };
         let after = |i: &usize| last_here.is_none_or(|l| *i > l);
         let used = USED.load(Ordering::Relaxed);
-        let worth = self.retired.len() >= self.next_grace || used == MAX_PROBES && self.retired.len() > self.next_grace - RECLAIM_BATCH;
+        // Every record taken: a grace period is the only way to succeed, so it is tried
+        // whatever the last one did (a thread that blocked SIGURG may have exited since).
+        let worth = self.retired.len() >= RECLAIM_BATCH && self.retry.due() || used == MAX_PROBES;
         if !self.free.iter().any(after) && !self.retired.is_empty() && worth {
             let slots: Vec<(usize, usize)> =
                 self.retired.iter().map(|i| RECORDS[*i].slot.load(Ordering::Relaxed)).filter(|s| *s != 0).map(|s| (s, s + SLOT)).collect();
-            if grace::quiescent(&slots) {
+            if self.retry.quiescent(&slots) {
                 self.free.append(&mut self.retired);
-                self.next_grace = RECLAIM_BATCH;
-            } else {
-                self.next_grace = self.retired.len() + RECLAIM_BATCH;
             }
         }
         if let Some(k) = self.free.iter().position(after) {

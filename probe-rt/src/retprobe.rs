@@ -32,9 +32,16 @@
 //!
 //! # Lifetime
 //! Unregistering disarms the entry at once; instances still live return through their
-//! stubs to the right place without running the handler. Stubs, instances and their
-//! data are never freed (a return must never land in freed memory), so the data of an
-//! unregistered probe is not dropped.
+//! stubs to the right place without running the handler. A probe's stubs, their unwind
+//! entries and its instances (a *block*) are never freed, since a return must never
+//! land in freed memory: they are reused by a later return probe with the same
+//! `maxactive`, after a grace period has shown that no thread can still be in the old
+//! probe's entry hook, stubs or dispatcher, and once no call it watched is still in
+//! flight (see `pool`). The unregistered probe's per-call data is dropped then, on the
+//! registering thread. A call abandoned by a `longjmp` or a caught panic holds its
+//! instance until its thread next enters or returns from a return-probed function, or
+//! exits; meanwhile its block is not reused. If disarming the entry fails, the block
+//! and data stay with the (still armed) entry and are never reused.
 //!
 //! # What a handler may do
 //! The entry handler runs in the SIGTRAP handler (or, on a `#[traceable]` function's
@@ -53,8 +60,9 @@
 //! `rax`/`x0` (an integer, a pointer). For a function returning a reference, a
 //! `Box`, an FP value or a struct through memory, overriding breaks the caller.
 
+mod pool;
+
 use crate::probe::{self, FnAddr, ProbeBuilder, ProbeHandle};
-use crate::unwind::{self, StubFrame};
 use crate::{text, Error, PtRegs};
 use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -133,9 +141,10 @@ struct Inst {
     owner: AtomicUsize,
     /// Where the hijacked return goes.
     stub: usize,
-    /// This instance's `T`.
-    data: usize,
-    /// The probe (`&'static Core`), set once before the probe is armed.
+    /// This instance's `T` (in the probe's data), set before the probe is armed.
+    data: AtomicUsize,
+    /// The probe (a `&Core`), set before the probe is armed; the block it belongs to
+    /// is reused only when no thread can reach it (see `pool`).
     core: AtomicUsize,
 }
 
@@ -158,9 +167,35 @@ struct Core {
     entry: usize,
     run_entry: unsafe fn(&Core, usize, &mut PtRegs) -> Entry,
     run_return: unsafe fn(&Core, usize, &mut PtRegs),
+    /// The instances of this probe's block.
     insts: &'static [Inst],
     /// Where the next search for a free instance starts.
     hint: AtomicUsize,
+    /// The per-call data, `insts.len()` `T`s (from `Box::into_raw`), and what drops
+    /// and frees them.
+    data: usize,
+    drop_data: unsafe fn(usize, usize),
+}
+
+/// # Safety
+/// `data` must be a `Box<[UnsafeCell<T>]>` of `n` elements turned into a pointer,
+/// which nothing uses any more; it is freed.
+unsafe fn drop_data<T>(data: usize, n: usize) {
+    // SAFETY: by the caller's contract.
+    drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(data as *mut UnsafeCell<T>, n)) });
+}
+
+/// Frees a retired probe's `Core` and drops its data.
+///
+/// # Safety
+/// `core` must come from `Box::into_raw` in [`ReturnProbeBuilder::register`], be freed
+/// once, and be unreachable by every thread (see `pool`).
+unsafe fn free_core(core: usize) {
+    // SAFETY: by the caller's contract.
+    let core = unsafe { Box::from_raw(core as *mut Core) };
+    // SAFETY: `data` and `drop_data` were made together for the probe's `T`, with
+    // `insts.len()` elements; unreachable with the core.
+    unsafe { (core.drop_data)(core.data, core.insts.len()) };
 }
 
 impl Core {
@@ -228,7 +263,7 @@ thread_local! {
 
 /// The instance at `addr` (from `HEAD` or `next`).
 fn inst_at(addr: usize) -> &'static Inst {
-    // SAFETY: only addresses of instances (leaked, never freed) are stored there.
+    // SAFETY: only addresses of instances (in blocks, leaked, never freed) are stored there.
     unsafe { &*(addr as *const Inst) }
 }
 
@@ -284,7 +319,9 @@ fn override_return(regs: &mut PtRegs, value: u64) {
 /// handler, or of its site probe, in the site dispatcher): takes an instance and
 /// hijacks the return. `ctx` is the `&'static Core`.
 pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
-    // SAFETY: `ctx` was registered as the address of a leaked, never freed `Core`.
+    // SAFETY: `ctx` was registered as the address of a `Core`, which is freed only
+    // after a grace period that began after this entry was disarmed (see `pool`): this
+    // hook, running in the hit path (which the grace period waits out), still has it.
     let core = unsafe { &*(ctx as *const Core) };
     if !core.live.load(Ordering::Relaxed) {
         return;
@@ -303,7 +340,7 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         return;
     };
     // SAFETY: `run_entry` was made for the `T` of `inst.data`, and the instance is ours.
-    match unsafe { (core.run_entry)(core, inst.data, regs) } {
+    match unsafe { (core.run_entry)(core, inst.data.load(Ordering::Relaxed), regs) } {
         // Without a return handler there is nothing to watch the return for.
         Entry::Continue if core.handler != 0 => {}
         Entry::Continue | Entry::Skip => return inst.release(),
@@ -342,14 +379,17 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, fp: *mut u8) -> usize {
     // The handler sees the real return address, and so does an unwinder (the
     // trampoline's call-frame information reads it from the frame).
     regs.set_instruction_pointer(ret as u64);
-    // SAFETY: `core` was set to a leaked `Core` before the probe was armed.
+    // SAFETY: `core` was set to the probe's `Core` before the probe was armed; it is
+    // freed only once this instance is released (see `pool`), below.
     let core = unsafe { &*(inst.core.load(Ordering::Relaxed) as *const Core) };
     if !was_active && core.live.load(Ordering::Relaxed) {
         FP_AREA.set((frame as usize, fp as usize));
         // SAFETY: `run_return` was made for the `T` of `inst.data`; the instance is ours.
-        unsafe { (core.run_return)(core, inst.data, regs) };
+        unsafe { (core.run_return)(core, inst.data.load(Ordering::Relaxed), regs) };
         FP_AREA.set((0, 0));
     }
+    // The last use of the instance, its probe and data: from here on its block may be
+    // reused (see `pool`).
     inst.release();
     probe::set_active(was_active);
     ret
@@ -485,63 +525,60 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
             return Err(Error::MaxactiveTooLarge { requested: n, max: MAX_MAXACTIVE });
         }
 
-        // Stubs first, with their unwind information, then the instances that point
-        // at them, then the probe: everything a hit can reach exists before it is
-        // armed. (If arming fails, these few pages stay allocated, unreachable.)
-        let code: Vec<u8> = (0..n).flat_map(|_| stub_code(trampoline())).collect();
-        let base = text::alloc_code(&code)?;
-        let data: &'static [UnsafeCell<T>] = Box::leak((0..n).map(|_| UnsafeCell::new(T::default())).collect());
-        let insts: &'static [Inst] = Box::leak(
-            (0..n)
-                .map(|i| Inst {
-                    ret: AtomicUsize::new(0),
-                    sp: AtomicUsize::new(0),
-                    next: AtomicUsize::new(0),
-                    busy: AtomicBool::new(false),
-                    taken: AtomicU64::new(0),
-                    owner: AtomicUsize::new(0),
-                    stub: base + i * STUB + STUB_ENTRY,
-                    data: data[i].get() as usize,
-                    core: AtomicUsize::new(0),
-                })
-                .collect(),
-        );
-        let frames: Vec<StubFrame> = (0..n)
-            .map(|i| StubFrame { begin: base + i * STUB, end: base + (i + 1) * STUB, slot: &insts[i].ret as *const AtomicUsize as usize })
-            .collect();
-        unwind::register_stubs(&frames)?;
-        let core: &'static Core = Box::leak(Box::new(Core {
+        // The data first (`T::default` may panic), then a block of stubs with their
+        // unwind information and instances, reused or new (see `pool`), pointed at the
+        // probe: everything a hit can reach exists before it is armed.
+        let data: Box<[UnsafeCell<T>]> = (0..n).map(|_| UnsafeCell::new(T::default())).collect();
+        let block = pool::take(n)?;
+        let data = Box::into_raw(data) as *mut UnsafeCell<T> as usize;
+        let core = Box::into_raw(Box::new(Core {
             live: AtomicBool::new(true),
             nmissed: AtomicU64::new(0),
             handler: self.handler.map_or(0, |h| h as usize),
             entry: self.entry.map_or(0, |h| h as usize),
             run_entry: run_entry::<T>,
             run_return: run_return::<T>,
-            insts,
+            insts: block.insts,
             hint: AtomicUsize::new(0),
+            data,
+            drop_data: drop_data::<T>,
         }));
-        for inst in insts {
-            inst.core.store(core as *const Core as usize, Ordering::Relaxed);
+        block.assign(core, data, std::mem::size_of::<T>());
+        match probe::Probe::builder().function_start(addr).internal_pre(on_entry, core as usize).register() {
+            Ok(entry) => Ok(ReturnProbeHandle { entry: Some(entry), core, block }),
+            Err(e) => {
+                // Unarmed, but a site's chain may have shown the entry to a thread for
+                // a moment: retired like an unregistered probe's (freed after a grace
+                // period), not freed here.
+                pool::retire(block, core as usize);
+                Err(e)
+            }
         }
-        let entry = probe::Probe::builder().function_start(addr).internal_pre(on_entry, core as *const Core as usize).register()?;
-        Ok(ReturnProbeHandle { entry, core: Live(core) })
     }
 }
 
 /// A registered return probe; unregistered when dropped.
 pub struct ReturnProbeHandle {
-    // Dropped in this order: the entry is disarmed, then the handlers stop.
-    entry: ProbeHandle,
-    core: Live,
+    /// The entry's probe (`None` once unregistered).
+    entry: Option<ProbeHandle>,
+    /// The probe's state (from `Box::into_raw`), valid until [`Self::close`] retires
+    /// it with the block: a pointer, not a reference, since it may be freed before the
+    /// handle's memory is.
+    core: *const Core,
+    block: &'static pool::Block,
 }
 
-/// Clears the probe's `live` flag when dropped: calls in flight then return without
-/// running the handler.
-struct Live(&'static Core);
+// SAFETY: the handle only reads the `Core` (atomics, and fields fixed at
+// registration), from any thread; the per-call data it owns is `Send` (the builder's
+// bound) and touched only by the hit paths.
+unsafe impl Send for ReturnProbeHandle {}
+// SAFETY: as above: every method takes `&self` and reads atomics or fixed fields.
+unsafe impl Sync for ReturnProbeHandle {}
 
-impl Drop for Live {
+impl Drop for ReturnProbeHandle {
     fn drop(&mut self) {
-        self.0.live.store(false, Ordering::Relaxed);
+        // The error cannot be returned from drop; `unregister` reports it.
+        let _ = self.close();
     }
 }
 
@@ -554,39 +591,39 @@ impl std::fmt::Debug for ReturnProbeHandle {
 impl ReturnProbeHandle {
     /// The probed function's address.
     pub fn address(&self) -> usize {
-        self.entry.address()
+        self.entry().address()
     }
 
     /// How many calls can be watched at once.
     pub fn maxactive(&self) -> usize {
-        self.core.0.insts.len()
+        self.core().insts.len()
     }
 
     /// Re-arms a disabled probe.
     pub fn enable(&self) -> Result<(), Error> {
-        self.entry.enable()
+        self.entry().enable()
     }
 
     /// Disarms the entry: new calls are not watched; calls already watched still run
     /// the return handler.
     pub fn disable(&self) -> Result<(), Error> {
-        self.entry.disable()
+        self.entry().disable()
     }
 
     /// Whether the entry is armed.
     pub fn is_enabled(&self) -> bool {
-        self.entry.is_enabled()
+        self.entry().is_enabled()
     }
 
     /// Calls whose entry took an instance (watched, skipped or overridden).
     pub fn nhit(&self) -> u64 {
-        self.core.0.insts.iter().map(|i| i.taken.load(Ordering::Relaxed)).sum()
+        self.core().insts.iter().map(|i| i.taken.load(Ordering::Relaxed)).sum()
     }
 
     /// Calls not watched: every instance was in use, or the entry was hit inside a
     /// handler.
     pub fn nmissed(&self) -> u64 {
-        self.core.0.nmissed.load(Ordering::Relaxed) + self.entry.nmissed()
+        self.core().nmissed.load(Ordering::Relaxed) + self.entry().nmissed()
     }
 
     /// Runs the entry hook on `regs` as the breakpoint would, without a trap: `regs`
@@ -600,15 +637,38 @@ impl ReturnProbeHandle {
     /// `regs.sp` must be that call's stack pointer at the entry.
     #[doc(hidden)]
     pub unsafe fn __enter(&self, regs: &mut PtRegs) {
-        on_entry(regs, self.core.0 as *const Core as usize);
+        on_entry(regs, self.core as usize);
     }
 
     /// Disarms the entry and stops the handlers; calls in flight still return to their
     /// callers (what dropping the handle does, with the error).
-    pub fn unregister(self) -> Result<(), Error> {
-        let Self { entry, core } = self;
+    pub fn unregister(mut self) -> Result<(), Error> {
+        self.close()
+    }
+
+    /// The probe's state.
+    fn core(&self) -> &Core {
+        // SAFETY: retired (then freed after a grace period) only by `close`, which
+        // consumes or ends the handle: until then it is the live `Core` made at
+        // registration.
+        unsafe { &*self.core }
+    }
+
+    /// The entry's probe.
+    fn entry(&self) -> &ProbeHandle {
+        self.entry.as_ref().expect("unregistered only when the handle goes")
+    }
+
+    /// Disarms the entry, then stops the handlers (`live`), then retires the block and
+    /// the `Core` (freed after a grace period, see `pool`), unless disarming failed: the
+    /// entry may then still run `on_entry` with this `Core`, which stays forever.
+    fn close(&mut self) -> Result<(), Error> {
+        let Some(entry) = self.entry.take() else { return Ok(()) };
         let r = entry.unregister();
-        drop(core);
+        self.core().live.store(false, Ordering::Relaxed);
+        if r.is_ok() {
+            pool::retire(self.block, self.core as usize);
+        }
         r
     }
 }

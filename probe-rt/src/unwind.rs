@@ -44,6 +44,8 @@ pub(crate) struct StubFrame {
 }
 
 /// Builds one CIE and an FDE per stub and registers them for the life of the process.
+/// Called once per block of stubs, which is then reused (`retprobe::pool`): libgcc
+/// looks through every registered table on each unwind, so tables must not pile up.
 pub(crate) fn register_stubs(stubs: &[StubFrame]) -> Result<(), Error> {
     let table = eh_frame(stubs);
     // Registered memory must outlive every lookup: leaked, as the stubs are.

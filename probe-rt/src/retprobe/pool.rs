@@ -1,0 +1,197 @@
+//! The process's return-probe stub blocks, reused after a grace period.
+//!
+//! A *block* is what a return probe with `maxactive = n` needs that only code made at
+//! run time can give: `n` stubs in executable pages of their own, an FDE per stub
+//! registered with the unwinder (see `unwind`), and the `n` instances the stubs and
+//! FDEs point at. Making one costs a mapping and a `__register_frame` table, which
+//! libgcc then searches on every unwind; neither can be given back while any thread
+//! may return through a stub or unwind through it. So blocks are made once and never
+//! freed: an unregistered probe's block is *retired*, and becomes free for the next
+//! probe with the same `n` once
+//!
+//! 1. a grace period that began after the probe's entry was disarmed has completed
+//!    (`grace::quiescent` with the block's stubs as busy ranges): no thread is still
+//!    in the entry hook with the old probe (it could take an instance yet), in a stub,
+//!    or in the return dispatcher, and none can enter the entry hook with it again;
+//! 2. then no instance is busy: every call the probe watched has returned through its
+//!    stub (the dispatcher releases the instance after its last read of it, of the
+//!    probe and of the data), or its thread has exited (the kernel says its id names
+//!    no thread). A live thread's instance abandoned by a `longjmp` or a caught panic
+//!    stays busy until that thread next enters or returns from a return-probed
+//!    function (which drops its stale instances); until then the block stays retired,
+//!    and a new probe gets another block.
+//!
+//! A block's stubs and FDEs never change (every stub jumps to the one trampoline, each
+//! FDE reads its own instance's return-address slot), so a reused block needs no code
+//! write and no new unwind table: only its instances are pointed at the new probe.
+//! Grace periods run for [`RECLAIM_BATCH`] retired blocks at once (as `probe` does
+//! for records), and after one fails at most every 100 ms (`grace::Retry`).
+//! When a block is freed, its old probe's `Core` and per-call data go with it (the `T`s
+//! are dropped then, on the registering thread). The memory held is that of the most
+//! blocks ever registered or retired at once, per `n`.
+
+use super::{free_core, stub_code, trampoline, Core, Inst, STUB, STUB_ENTRY};
+use crate::unwind::{self, StubFrame};
+use crate::{grace, text, Error};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// One block: `insts[i]`'s stub is at `code + i * STUB + STUB_ENTRY`.
+pub(crate) struct Block {
+    pub(crate) insts: &'static [Inst],
+    /// The stubs' bytes: `[code, code + insts.len() * STUB)`.
+    code: usize,
+}
+
+impl Block {
+    /// Makes the stubs, their instances and FDEs (registered with the unwinder once,
+    /// for the life of the process).
+    fn new(n: usize) -> Result<&'static Block, Error> {
+        let stubs: Vec<u8> = (0..n).flat_map(|_| stub_code(trampoline())).collect();
+        let code = text::alloc_code(&stubs)?;
+        let insts: &'static [Inst] = Box::leak(
+            (0..n)
+                .map(|i| Inst {
+                    ret: AtomicUsize::new(0),
+                    sp: AtomicUsize::new(0),
+                    next: AtomicUsize::new(0),
+                    busy: AtomicBool::new(false),
+                    taken: AtomicU64::new(0),
+                    owner: AtomicUsize::new(0),
+                    stub: code + i * STUB + STUB_ENTRY,
+                    data: AtomicUsize::new(0),
+                    core: AtomicUsize::new(0),
+                })
+                .collect(),
+        );
+        let frames: Vec<StubFrame> = (0..n)
+            .map(|i| StubFrame { begin: code + i * STUB, end: code + (i + 1) * STUB, slot: &insts[i].ret as *const AtomicUsize as usize })
+            .collect();
+        // If this fails, the pages and instances stay allocated, unreachable (once).
+        unwind::register_stubs(&frames)?;
+        Ok(Box::leak(Box::new(Block { insts, code })))
+    }
+
+    /// Points the instances at a new probe: its `Core`, and instance `i` at the `T`
+    /// at `data + i * size`. Before the probe is armed.
+    pub(crate) fn assign(&self, core: *const Core, data: usize, size: usize) {
+        for (i, inst) in self.insts.iter().enumerate() {
+            inst.data.store(data + i * size, Ordering::Relaxed);
+            inst.core.store(core as usize, Ordering::Release);
+        }
+    }
+
+    /// The stubs' code, for a grace period's busy ranges.
+    fn range(&self) -> (usize, usize) {
+        (self.code, self.code + self.insts.len() * STUB)
+    }
+
+    /// Whether no instance can be in use (see the module docs, 2): each is free, or
+    /// held by a thread that has exited. Only after a grace period (1): then no
+    /// instance can be taken any more, and a free one stays free.
+    fn idle(&self) -> bool {
+        self.insts.iter().all(|i| {
+            let owner = i.owner.load(Ordering::Acquire);
+            !i.busy.load(Ordering::Acquire) || owner != 0 && !grace::thread_alive(owner as i32)
+        })
+    }
+}
+
+/// An unregistered probe's block, and its probe.
+struct Retired {
+    block: &'static Block,
+    /// The `Core` (from `Box::into_raw`), freed with the block.
+    core: usize,
+    /// A grace period completed since it was retired.
+    graced: bool,
+}
+
+struct Pool {
+    /// Blocks no probe uses; any `n`.
+    free: Vec<&'static Block>,
+    retired: Vec<Retired>,
+    retry: grace::Retry,
+}
+
+/// How many retired blocks make registration run a grace period to reuse them (a new
+/// block is made meanwhile): one grace period, which signals every thread that has
+/// hit a probe, serves them all.
+const RECLAIM_BATCH: usize = 8;
+
+/// Registration and unregistration take it; the hit paths never do.
+static POOL: Mutex<Pool> = Mutex::new(Pool { free: Vec::new(), retired: Vec::new(), retry: grace::Retry::new() });
+
+impl Pool {
+    /// Frees the retired blocks that can be freed (see the module docs), running a
+    /// grace period if [`RECLAIM_BATCH`] blocks wait for one and one of them has `n`
+    /// instances. Returns their probes'
+    /// cores, to be freed once the lock is let go (dropping a `T` may do anything).
+    fn reclaim(&mut self, n: usize) -> Vec<usize> {
+        let fits = |r: &Retired| r.block.insts.len() == n;
+        let waiting = self.retired.iter().filter(|r| !r.graced).count();
+        if waiting >= RECLAIM_BATCH && self.retired.iter().any(|r| fits(r) && !r.graced) && self.retry.due() {
+            // Every block retired so far at once: one grace period serves them all.
+            let busy: Vec<(usize, usize)> = self.retired.iter().filter(|r| !r.graced).map(|r| r.block.range()).collect();
+            if self.retry.quiescent(&busy) {
+                self.retired.iter_mut().for_each(|r| r.graced = true);
+            }
+        }
+        let mut cores = Vec::new();
+        let mut k = 0;
+        while k < self.retired.len() {
+            let r = &self.retired[k];
+            if r.graced && r.block.idle() {
+                let r = self.retired.swap_remove(k);
+                self.free.push(r.block);
+                cores.push(r.core);
+            } else {
+                k += 1;
+            }
+        }
+        cores
+    }
+}
+
+/// A block of `n` free instances for a new probe, reset: nothing of an earlier probe
+/// remains reachable through it. The caller points them at its probe
+/// ([`Block::assign`]) before arming it.
+pub(crate) fn take(n: usize) -> Result<&'static Block, Error> {
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut found = pool.free.iter().position(|b| b.insts.len() == n);
+    let mut cores = Vec::new();
+    if found.is_none() {
+        cores = pool.reclaim(n);
+        found = pool.free.iter().position(|b| b.insts.len() == n);
+    }
+    let block = match found {
+        Some(k) => Ok(pool.free.swap_remove(k)),
+        None => Block::new(n),
+    };
+    drop(pool);
+    for c in cores {
+        // SAFETY: retired with `retire`, which got it from `Box::into_raw`; reclaimed
+        // once (taken out of the retired list under the lock) after a grace period
+        // and with its block idle: no thread can reach it (module docs).
+        unsafe { free_core(c) };
+    }
+    let block = block?;
+    for inst in block.insts {
+        inst.ret.store(0, Ordering::Relaxed);
+        inst.sp.store(0, Ordering::Relaxed);
+        inst.next.store(0, Ordering::Relaxed);
+        inst.taken.store(0, Ordering::Relaxed);
+        inst.data.store(0, Ordering::Relaxed);
+        inst.core.store(0, Ordering::Relaxed);
+        // Free or held by an exited thread (`Block::idle`): free from here on.
+        inst.owner.store(0, Ordering::Relaxed);
+        inst.busy.store(false, Ordering::Release);
+    }
+    Ok(block)
+}
+
+/// Retires the block of an unregistered probe (entry disarmed, `live` cleared), with
+/// its `Core` (from `Box::into_raw`), to be freed with it (see the module docs).
+pub(crate) fn retire(block: &'static Block, core: usize) {
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    pool.retired.push(Retired { block, core, graced: false });
+}
