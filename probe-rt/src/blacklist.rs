@@ -13,8 +13,8 @@
 //! followed either (a panic in the hit path aborts the process anyway), so that
 //! `malloc` and the formatting machinery stay probeable.
 
-use crate::symbols::{demangled, Snapshot};
-use crate::text;
+use crate::sys::symbols::{demangled, Snapshot};
+use crate::sys::code as text;
 use std::collections::HashSet;
 
 /// A range of code probes must not touch.
@@ -42,14 +42,14 @@ pub(crate) fn find_at(addr: usize) -> Option<Blacklisted> {
     blacklist().into_iter().find(|b| (b.start..b.end).contains(&addr))
 }
 
-/// The hit path's own entry points (not their closure), by their symbols' sizes: code
+/// The hit path's own entry points' ranges (not their closure), by their symbols' sizes: code
 /// a thread may be in outside the bookkeeping that tells grace periods it is inside.
-pub(crate) fn hit_path_roots() -> Vec<(usize, usize)> {
+pub(crate) fn hit_path_ranges() -> Vec<(usize, usize)> {
     static ROOTS: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
     ROOTS
         .get_or_init(|| {
             let symbols = Snapshot::now();
-            crate::probe::hit_path_roots().into_iter().map(|(_, addr)| root_range(&symbols, addr)).collect()
+            hit_path_roots().into_iter().map(|(_, addr)| root_range(&symbols, addr)).collect()
         })
         .clone()
 }
@@ -76,7 +76,7 @@ fn find() -> Vec<Blacklisted> {
     let mut out: Vec<Blacklisted> = Vec::new();
     let mut seen: HashSet<usize> = HashSet::new();
     let mut todo: Vec<usize> = Vec::new();
-    for (name, addr) in crate::probe::hit_path_roots() {
+    for (name, addr) in hit_path_roots() {
         let (start, end) = root_range(&symbols, addr);
         out.push(Blacklisted { name, start, end });
         seen.insert(start);
@@ -91,14 +91,14 @@ fn find() -> Vec<Blacklisted> {
             // A PLT entry, or code without a size: its first instruction only, and a
             // PLT entry's target.
             _ => {
-                if let Some(t) = text::read(at, 16).and_then(|code| crate::insn::plt_target(at, &code)) {
+                if let Some(t) = text::read(at, 16).and_then(|code| crate::arch::insn::plt_target(at, &code)) {
                     visit(&symbols, t, &mut seen, &mut todo, &mut out);
                 }
                 continue;
             }
         };
         let Some(code) = text::read(start, len) else { continue };
-        for t in crate::insn::branch_targets(start, &code) {
+        for t in crate::arch::insn::branch_targets(start, &code) {
             visit(&symbols, t, &mut seen, &mut todo, &mut out);
         }
     }
@@ -151,7 +151,7 @@ fn signal_return(symbols: &Snapshot) -> Vec<Blacklisted> {
         let _ = symbols;
         // SAFETY: getauxval has no preconditions.
         let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
-        if let Some(m) = crate::maps::mapping_of(vdso).filter(|_| vdso != 0) {
+        if let Some(m) = crate::sys::maps::mapping_of(vdso).filter(|_| vdso != 0) {
             out.push(Blacklisted { name: "the vDSO (the signal return trampoline)", start: vdso, end: m.end });
         }
     }
@@ -168,3 +168,39 @@ fn exec_family(symbols: &Snapshot) -> Vec<Blacklisted> {
         .map(|f| Blacklisted { name: "the exec family (runs in spawned children after their signal handlers are reset)", start: f.addr, end: f.addr + f.size.max(1) })
         .collect()
 }
+
+/// The entry points of probekit's hit paths, named: the roots of the blacklist's
+/// closure (see `blacklist`).
+pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
+    let mut roots = vec![
+        ("probekit's hit-path bookkeeping", crate::grace::enter as *const () as usize),
+        ("probekit's hit-path bookkeeping", crate::grace::leave as *const () as usize),
+        ("probekit's hit-path bookkeeping", crate::grace::Thread::enter as *const () as usize),
+        ("probekit's hit-path bookkeeping", crate::grace::Thread::index as *const () as usize),
+        ("probekit's hit-path bookkeeping", crate::grace::Thread::record as *const () as usize),
+        ("probekit's site dispatcher", crate::site::patch::dispatch as *const () as usize),
+        ("probekit's site lookup", crate::registry::addrmap::AddrMap::head as *const () as usize),
+        ("probekit's site trampoline", crate::site::patch::trampoline()),
+        ("probekit's SIGTRAP handler", crate::breakpoint::trap::on_sigtrap as *const () as usize),
+        ("probekit's hit path", crate::breakpoint::trap::hit as *const () as usize),
+        ("probekit's return-probe entry", crate::retprobe::on_entry as *const () as usize),
+        ("probekit's return dispatcher", crate::retprobe::dispatch as *const () as usize),
+        ("probekit's return trampoline", crate::retprobe::trampoline()),
+        ("probekit's handler call", crate::registry::call_handler as *const () as usize),
+        ("probekit's site probes", crate::site::missed_site as *const () as usize),
+        ("probekit's site probes", crate::site::run_site_chain as *const () as usize),
+        ("probekit's trap chaining", crate::sys::signal::chain as *const () as usize),
+        ("probekit's register reading", crate::sys::regs::read as *const () as usize),
+        ("probekit's register writing", crate::sys::regs::write as *const () as usize),
+        ("probekit's reentrancy guard", crate::registry::set_active as *const () as usize),
+        ("libc sigaction (trap chaining)", libc::sigaction as *const () as usize),
+        ("libc raise (trap chaining)", libc::raise as *const () as usize),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    roots.extend([
+        ("probekit's site dispatcher", crate::site::patch::redirected as *const () as usize),
+        ("probekit's stack-exhaustion handler", crate::breakpoint::trap::on_sigsegv as *const () as usize),
+    ]);
+    roots
+}
+

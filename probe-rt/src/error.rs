@@ -119,3 +119,10 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+impl Error {
+    /// The errno of the last failed system call, as an [`Error::Os`].
+    pub(crate) fn last_os(addr: usize, call: &'static str) -> Error {
+        Error::Os { addr, call, errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) }
+    }
+}

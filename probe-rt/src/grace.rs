@@ -29,7 +29,7 @@
 //! retired records are not reused; registration tries again at most every 100 ms
 //! ([`Retry`]), and succeeds once the blocking thread unblocks or exits.
 
-use crate::regs;
+use crate::sys::regs;
 use std::cell::Cell;
 use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
@@ -313,11 +313,21 @@ fn threads_to_sample() -> Vec<i32> {
     all.into_iter().filter(|t| *t != me).collect()
 }
 
+/// The code of the hit paths, outside the bookkeeping that tells a sample the thread
+/// is inside one: given by the crate's top layer (which knows every mechanism's entry
+/// points) through [`set_hit_path`], so that this layer depends on none of them.
+static HIT_PATH: std::sync::OnceLock<fn() -> Vec<(usize, usize)>> = std::sync::OnceLock::new();
+
+/// Tells grace periods where the hit paths' code is (see [`HIT_PATH`]).
+pub(crate) fn set_hit_path(ranges: fn() -> Vec<(usize, usize)>) {
+    let _ = HIT_PATH.set(ranges);
+}
+
 /// Code every thread must be out of for `busy` (retired slots) to be reusable: those,
 /// the hit path, the sigreturn trampolines.
 fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
     let mut busy = slots.to_vec();
-    busy.extend(crate::blacklist::hit_path_roots());
+    busy.extend(HIT_PATH.get().map(|f| f()).unwrap_or_default());
     #[cfg(target_arch = "x86_64")]
     {
         // glibc returns from handlers through its `__restore_rt` (sa_restorer).
@@ -333,7 +343,7 @@ fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
     // The vDSO (the kernel's sigreturn trampoline on aarch64).
     // SAFETY: getauxval has no preconditions.
     let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
-    if let Some(m) = crate::maps::mapping_of(vdso).filter(|_| vdso != 0) {
+    if let Some(m) = crate::sys::maps::mapping_of(vdso).filter(|_| vdso != 0) {
         busy.push((vdso, m.end)); // the vDSO's ELF header is its first byte
     }
     busy

@@ -31,8 +31,9 @@
 //! blocks ever registered or retired at once, per `n`.
 
 use super::{free_core, stub_code, trampoline, Core, Inst, STUB, STUB_ENTRY};
-use crate::unwind::{self, StubFrame};
-use crate::{grace, text, Error};
+use crate::retprobe::unwind::{self, StubFrame};
+use crate::sys::code as text;
+use crate::{grace, Error};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 

@@ -298,7 +298,8 @@ fn site_records_are_reused_after_grace_periods() {
         assert_eq!(reused_a(i), i.wrapping_mul(5).wrapping_sub(2));
         assert_eq!(reused_b(i), i ^ 0x3c);
     });
-    let registrations = probekit::probe::MAX_PROBES + 3 * probekit::probe::RECLAIM_BATCH;
+    // Enough registrations that records are retired and reused many times over.
+    let registrations = 19 * probekit::probe::RECLAIM_BATCH;
     let mut counted = 0;
     for round in 0..registrations / 2 {
         let (f, h): (fn(u64) -> u64, fn(&mut PtRegs)) = if round % 2 == 0 { (reused_a, on_reused_a) } else { (reused_b, on_reused_b) };

@@ -61,9 +61,11 @@
 //! `Box`, an FP value or a struct through memory, overriding breaks the caller.
 
 mod pool;
+pub(crate) mod unwind;
 
-use crate::probe::{self, FnAddr, ProbeBuilder, ProbeHandle};
-use crate::{text, Error, PtRegs};
+use crate::breakpoint::{self as probe, FnAddr, ProbeBuilder, ProbeHandle};
+use crate::registry;
+use crate::{Error, PtRegs};
 use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -114,12 +116,12 @@ const STUB: usize = 24;
 const STUB_ENTRY: usize = 4;
 
 /// The stub's bytes: a pad (x86_64 `int3`, aarch64 `udf #0`), then a jump to the
-/// trampoline ([`text::abs_jump`]).
+/// trampoline ([`crate::arch::abs_jump`]).
 fn stub_code(tramp: usize) -> [u8; STUB] {
     let mut s = [0u8; STUB];
     #[cfg(target_arch = "x86_64")]
     s.fill(0xcc);
-    s[STUB_ENTRY..STUB_ENTRY + text::ABS_JUMP].copy_from_slice(&text::abs_jump(tramp));
+    s[STUB_ENTRY..STUB_ENTRY + crate::arch::ABS_JUMP].copy_from_slice(&crate::arch::abs_jump(tramp));
     s
 }
 
@@ -363,7 +365,7 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, fp: *mut u8) -> usize {
     // SAFETY: the trampoline passes its frame, every field written by its save
     // sequence, used by nothing else until this returns.
     let regs = unsafe { &mut *frame };
-    let was_active = probe::set_active(true);
+    let was_active = registry::set_active(true);
     // The entry stack pointer: x86_64 `ret` popped the return address.
     #[cfg(target_arch = "x86_64")]
     let sp = regs.rsp as usize - 8;
@@ -391,7 +393,7 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, fp: *mut u8) -> usize {
     // The last use of the instance, its probe and data: from here on its block may be
     // reused (see `pool`).
     inst.release();
-    probe::set_active(was_active);
+    registry::set_active(was_active);
     ret
 }
 
@@ -511,7 +513,7 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
             return Err(Error::HandlersBeforeData);
         }
         let probe::Resolved { addr, start } = self.target.resolve_target()?;
-        crate::maps::executable(addr)?;
+        crate::sys::maps::executable(addr)?;
         // The function the caller named, or the one the symbols prove for a raw address.
         let start = match start {
             Some(start) => start,

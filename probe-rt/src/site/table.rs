@@ -16,7 +16,7 @@
 //! Registration and listing only: this reads files, takes a lock and allocates, so it
 //! must not be called from a probe handler or any signal context.
 
-use crate::symbols::{self, Image};
+use crate::sys::symbols::Image;
 use object::{Object, ObjectSection};
 use std::sync::Mutex;
 
@@ -62,7 +62,7 @@ static_assertions::const_assert_eq!(std::mem::size_of::<RawEntry>(), SITE_RECORD
 /// Not for signal context: it reads `/proc/self/maps` and the ELF files, and allocates.
 pub fn sites() -> Vec<SiteInfo> {
     let objects = loaded_objects();
-    let tables: Vec<Table> = crate::maps::images()
+    let tables: Vec<Table> = crate::sys::maps::images()
         .iter()
         // Only files the dynamic loader loaded, not data mapped by hand (the locale
         // archive, fonts), which could be large and hold no table.
@@ -126,7 +126,7 @@ fn table(image: &Image) -> Option<Table> {
 fn parse_table(image: &Image, file: std::fs::File) -> Option<Table> {
     let data = object::ReadCache::new(file);
     let file = object::File::parse(&data).ok()?;
-    let bias = symbols::load_bias(&file, image)?;
+    let bias = crate::sys::symbols::load_bias(&file, image)?;
     let section = file.section_by_name("probekit_sites")?;
     Some(Table { bias, start: bias.wrapping_add(section.address() as usize), size: section.size() as usize })
 }
@@ -253,7 +253,7 @@ mod tests {
         let objects = loaded_objects();
         let here = every_loaded_object_is_seen_with_its_segments as *const () as usize;
         assert!(objects.iter().any(|o| o.holds(here, 1, libc::PF_X | libc::PF_R)), "this test's code is in an executable segment");
-        let images = crate::maps::images();
+        let images = crate::sys::maps::images();
         let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
         let image = images.iter().find(|i| std::path::Path::new(&i.path) == exe).expect("the executable is mapped");
         let object = objects.iter().find(|o| o.overlaps(&image.ranges)).expect("the executable is a loaded object");

@@ -133,7 +133,7 @@ pub(crate) fn branch_targets(addr: usize, code: &[u8]) -> Vec<usize> {
                 }
                 FlowControl::IndirectCall | FlowControl::IndirectBranch if i.is_ip_rel_memory_operand() => {
                     let slot = i.ip_rel_memory_address() as usize;
-                    if let Some(t) = crate::text::read(slot, 8).and_then(|b| b.try_into().ok()).map(usize::from_le_bytes) {
+                    if let Some(t) = crate::sys::code::read(slot, 8).and_then(|b| b.try_into().ok()).map(usize::from_le_bytes) {
                         out.push(t);
                     }
                 }
@@ -181,7 +181,7 @@ pub(crate) fn plt_target(addr: usize, code: &[u8]) -> Option<usize> {
         let page = (addr & !0xfff).wrapping_add(((imm << 43 >> 43) << 12) as usize);
         page + ((ldr >> 10) & 0xfff) as usize * 8
     };
-    crate::text::read(slot, 8).and_then(|b| b.try_into().ok()).map(usize::from_le_bytes)
+    crate::sys::code::read(slot, 8).and_then(|b| b.try_into().ok()).map(usize::from_le_bytes)
 }
 
 /// Checks that `addr` is an instruction boundary of the code starting at `start`, whose

@@ -9,7 +9,7 @@
 //! aarch64: the aligned 4-byte word), so they see the old or the new instruction.
 
 use crate::Error;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 /// Copies `len` bytes of this process's memory at `addr`, or None if any of them is
 /// not mapped readable *now*: through the kernel (`process_vm_readv`), so that code
@@ -29,7 +29,7 @@ pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
     if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
         return None;
     }
-    let m = crate::maps::mapping_of(addr)?;
+    let m = crate::sys::maps::mapping_of(addr)?;
     if m.prot & libc::PROT_READ == 0 || addr.checked_add(len)? > m.end {
         return None;
     }
@@ -63,7 +63,7 @@ fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(
 /// the old or the new instruction; longer writes are for code no thread runs yet
 /// (fresh out-of-line slots).
 pub(crate) fn write_code(addr: usize, bytes: &[u8]) -> Result<(), Error> {
-    let m = crate::maps::executable(addr)?;
+    let m = crate::sys::maps::executable(addr)?;
     if addr + bytes.len() > m.end {
         return Err(Error::NotExecutable { addr: m.end });
     }
@@ -182,24 +182,34 @@ pub(crate) fn alloc_code(code: &[u8]) -> Result<usize, Error> {
     Ok(p as usize)
 }
 
-/// Bytes of [`abs_jump`]'s code.
-#[cfg(target_arch = "x86_64")]
-pub(crate) const ABS_JUMP: usize = 14;
-#[cfg(target_arch = "aarch64")]
-pub(crate) const ABS_JUMP: usize = 16;
+/// `membarrier` commands (linux/membarrier.h).
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
 
-/// A jump to `to` from anywhere, position-independent: x86_64 `jmp [rip]; .quad to`;
-/// aarch64 `ldr x16, .+8; br x16; .quad to` (x16, IP0, is free at a call boundary:
-/// the AAPCS64 lets veneers clobber it).
-pub(crate) fn abs_jump(to: usize) -> [u8; ABS_JUMP] {
-    let mut code = [0u8; ABS_JUMP];
-    #[cfg(target_arch = "x86_64")]
-    code[..6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
-    #[cfg(target_arch = "aarch64")]
-    {
-        code[..4].copy_from_slice(&0x5800_0050u32.to_le_bytes());
-        code[4..8].copy_from_slice(&0xd61f_0200u32.to_le_bytes());
-    }
-    code[ABS_JUMP - 8..].copy_from_slice(&(to as u64).to_le_bytes());
-    code
+/// Whether this process registered for core-syncing membarriers.
+static SYNC_CORE: AtomicBool = AtomicBool::new(false);
+
+fn register_membarrier() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: membarrier registration has no memory-safety preconditions.
+        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) };
+        SYNC_CORE.store(r == 0, Ordering::Relaxed);
+    });
 }
+
+/// Makes every thread of the process execute a core-serialising instruction before it
+/// runs further code, so none runs a stale copy of patched text (sites, and
+/// breakpoints written or removed: the process analog of the kernel's
+/// `text_poke_sync`). Without kernel support (older kernels, qemu-user) the write
+/// path's own synchronisation is all there is: x86_64 keeps instruction fetch
+/// coherent with stores, aarch64 broadcasts the cache maintenance
+/// (`text::sync_icache`).
+pub(crate) fn sync_cores() {
+    register_membarrier();
+    if SYNC_CORE.load(Ordering::Relaxed) {
+        // SAFETY: membarrier has no memory-safety preconditions; registered above.
+        unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) };
+    }
+}
+

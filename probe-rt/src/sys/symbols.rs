@@ -100,7 +100,7 @@ pub(crate) struct Snapshot {
 impl Snapshot {
     /// The images mapped now, with their functions.
     pub(crate) fn now() -> Snapshot {
-        Snapshot { images: crate::maps::images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() }
+        Snapshot { images: crate::sys::maps::images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() }
     }
 
     /// The function named `name` (the executable first, then the libraries): its

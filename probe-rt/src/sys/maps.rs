@@ -127,8 +127,8 @@ pub(crate) fn lines(fresh: bool) -> Arc<Vec<Line>> {
 
 /// The mappings of files, by path: the address file offset 0 is mapped at and every
 /// range, for the images whose offset 0 is mapped.
-pub(crate) fn images() -> Vec<crate::symbols::Image> {
-    let mut out: Vec<crate::symbols::Image> = Vec::new();
+pub(crate) fn images() -> Vec<crate::sys::symbols::Image> {
+    let mut out: Vec<crate::sys::symbols::Image> = Vec::new();
     for l in lines(false).iter() {
         let (Some(path), Some((_, _, off))) = (&l.path, l.file) else { continue };
         if !path.starts_with('/') {
@@ -141,7 +141,7 @@ pub(crate) fn images() -> Vec<crate::symbols::Image> {
                     i.start = i.start.min(l.start);
                 }
             }
-            None => out.push(crate::symbols::Image {
+            None => out.push(crate::sys::symbols::Image {
                 path: path.to_string(),
                 start: if off == 0 { l.start } else { usize::MAX },
                 ranges: vec![(l.start, l.end)],

@@ -1,0 +1,542 @@
+//! Breakpoint probes: the kprobe of a process.
+//!
+//! Registering writes a breakpoint (`int3`; aarch64 `brk #0x4b50`) over the target
+//! instruction and copies that instruction, relocated, into an out-of-line slot. A hit
+//! raises SIGTRAP; the handler builds a [`PtRegs`] from the signal context, runs the
+//! pre handler, writes the registers back and sends the thread to the slot. Without a
+//! post handler the slot jumps straight back to the next instruction (boosted: x86_64
+//! an absolute `jmp [rip]`, aarch64 a `b` from a slot page within ±128 MiB); with one,
+//! the slot ends in a second breakpoint that runs the post handler and resumes at the
+//! next instruction. The trap flag is never used (single-stepping costs ~15 µs on
+//! virtual machines).
+//!
+//! # What a handler may do
+//! Handlers run in a signal handler on the thread that hit the probe: they may read and
+//! change the registers, and do what is async-signal-safe. They must not allocate, take
+//! locks the interrupted code may hold, or print (`println!` locks stdout); push to a
+//! lock-free buffer instead. A panic in a handler aborts the process (it cannot unwind
+//! out of a signal handler). A probe hit inside a handler on the same thread is not run
+//! again: it counts in [`ProbeHandle::nmissed`] and its instruction still executes.
+//!
+//! # Stack
+//! A breakpoint hit runs on the thread's own stack, below the probed stack pointer
+//! (and the x86_64 red zone): the kernel's signal frame (up to ~3.5 KiB with AVX-512
+//! state) and the handler. Measured on x86_64: about 3.4 KiB for a hit with a pre
+//! handler, 4.2 KiB with a post handler; a site hit about 1 KiB, a return about
+//! 0.6 KiB, plus what the handlers use. A thread with less left is killed by SIGSEGV
+//! (with a message on stderr), as a stack overflow is: never a wrong result.
+//!
+//! # Signals that are not probekit's
+//! Only traps from breakpoint instructions are looked at (`si_code`); a SIGTRAP sent
+//! with `kill`, `raise` or `sigqueue`, an `icebp`, or a breakpoint probekit never placed
+//! goes to the disposition the program had before the first registration: its
+//! handler, or the default action (the process is terminated, as without probekit).
+//! Install your own SIGTRAP handler before registering the first probe: one installed
+//! after would receive probekit's breakpoints, and the next registration fails with
+//! [`Error::SigtrapHandlerReplaced`].
+//!
+//! # Lifetime
+//! A probe's record and slot outlive its unregistration, because a thread may still be
+//! in its handler, on its way to the slot or in it when the probe goes: they are
+//! retired. Registration reuses retired records (and their slots, when near enough)
+//! only after a grace period has shown that no thread can be using them: every other
+//! thread is signalled and its interrupted pc read (see `grace`, the process analog of
+//! `synchronize_rcu_tasks`). It runs when [`RECLAIM_BATCH`] records are retired; if it
+//! cannot complete (the program handles `SIGURG`, or a thread blocks it), retired
+//! records stay retired until a later try completes (tried at most every 100 ms), and
+//! new registrations take new records meanwhile: there is no fixed limit on probes.
+
+pub(crate) mod trap;
+
+use crate::arch::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
+use crate::registry::{self, record, InternalHandler, Record, Slots, NEAR, TRAPS};
+use crate::sys::{code, maps};
+use crate::Error;
+use std::sync::atomic::Ordering;
+
+pub use crate::registry::{Handler, RECLAIM_BATCH};
+pub(crate) use trap::install_handler;
+
+/// Something whose address can be probed: a function pointer of up to six arguments.
+///
+/// A function taking a reference has a higher-ranked pointer type
+/// (`fn(&[u8]) -> u64` is `for<'a> fn(&'a [u8]) -> u64`), which these impls cannot cover
+/// without overlapping the plain ones (rustc's `coherence_leak_check`). Name a lifetime
+/// in the cast, `parse as fn(&'static [u8]) -> u64` (any function coerces to it), or
+/// give the address, `.address(parse as usize)`.
+pub trait FnAddr: Copy {
+    /// The address of its first instruction.
+    fn addr(self) -> usize;
+}
+
+macro_rules! fn_addr {
+    ($($a:ident),*) => {
+        impl<R, $($a),*> FnAddr for fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+        impl<R, $($a),*> FnAddr for extern "C" fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+        impl<R, $($a),*> FnAddr for unsafe fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+        impl<R, $($a),*> FnAddr for unsafe extern "C" fn($($a),*) -> R { fn addr(self) -> usize { self as usize } }
+    };
+}
+fn_addr!();
+fn_addr!(A);
+fn_addr!(A, B);
+fn_addr!(A, B, C);
+fn_addr!(A, B, C, D);
+fn_addr!(A, B, C, D, E);
+fn_addr!(A, B, C, D, E, F);
+
+/// A breakpoint probe. See the [module docs](self).
+pub struct Probe;
+
+impl Probe {
+    /// Starts describing a probe.
+    pub fn builder() -> ProbeBuilder {
+        ProbeBuilder { target: None, offset: 0, pre: None, post: None, internal: None }
+    }
+}
+
+/// What a builder was told to probe.
+#[derive(Clone, Debug)]
+enum Target {
+    /// A function's first instruction (a function pointer).
+    Function(usize),
+    /// A function by name.
+    Symbol(String),
+    /// A raw address, whose instruction boundary must be proven from the symbols.
+    Address(usize),
+}
+
+/// Where a builder's target resolved to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Resolved {
+    /// The probed address.
+    pub(crate) addr: usize,
+    /// The start of the function the caller named (`.function`, `.symbol`), from which
+    /// the instruction boundary is decoded; None for a raw address.
+    pub(crate) start: Option<usize>,
+}
+
+/// Describes a probe: a target and handlers.
+#[derive(Clone, Debug)]
+pub struct ProbeBuilder {
+    target: Option<Target>,
+    offset: usize,
+    pre: Option<Handler>,
+    post: Option<Handler>,
+    internal: Option<(InternalHandler, usize)>,
+}
+
+impl ProbeBuilder {
+    /// Probe a function (a function pointer: `my_fn as fn(u64) -> u64`; with reference
+    /// arguments, name a lifetime: `parse as fn(&'static [u8]) -> u64`, see [`FnAddr`]).
+    pub fn function(mut self, f: impl FnAddr) -> Self {
+        self.target = Some(Target::Function(f.addr()));
+        self
+    }
+
+    /// Probe a function of the process by name: of the executable or of a loaded shared
+    /// library (`getpid`), exported or not (ELF symbol tables through `/proc/self/maps`).
+    /// An IFUNC symbol (glibc's `memcpy`, `strlen`, …) names the implementation the
+    /// process calls (what `dlsym` returns), not its resolver.
+    pub fn symbol(mut self, name: &str) -> Self {
+        self.target = Some(Target::Symbol(name.to_string()));
+        self
+    }
+
+    /// Probe a raw address. It must be an instruction boundary provable from the
+    /// symbol tables: inside a function whose symbol has a size, or after a sizeless
+    /// symbol (hand-written asm) from which the code decodes to it; else registration
+    /// fails with [`Error::NoKnownStart`].
+    pub fn address(mut self, addr: usize) -> Self {
+        self.target = Some(Target::Address(addr));
+        self
+    }
+
+    /// Bytes past the target (an instruction boundary). With `.function` or `.symbol`
+    /// it must lie inside that function when its symbol gives its size
+    /// ([`Error::OutsideFunction`]).
+    pub fn offset(mut self, offset: usize) -> Self {
+        self.offset = offset;
+        self
+    }
+
+    /// Runs before the probed instruction, with the registers as they are there.
+    pub fn pre(mut self, h: Handler) -> Self {
+        self.pre = Some(h);
+        self
+    }
+
+    /// Runs after the probed instruction executed (out of line).
+    pub fn post(mut self, h: Handler) -> Self {
+        self.post = Some(h);
+        self
+    }
+
+    /// Probe the function starting at `addr` (already checked to be a function start).
+    pub(crate) fn function_start(mut self, addr: usize) -> Self {
+        self.target = Some(Target::Function(addr));
+        self
+    }
+
+    /// Runs probekit's own handler `h(regs, ctx)` instead of a pre handler.
+    pub(crate) fn internal_pre(mut self, h: InternalHandler, ctx: usize) -> Self {
+        self.internal = Some((h, ctx));
+        self
+    }
+
+    /// The address the builder names, and where its function starts when the caller
+    /// named one.
+    pub(crate) fn resolve_target(&self) -> Result<Resolved, Error> {
+        let (base, named) = match &self.target {
+            Some(Target::Symbol(name)) => (resolve(name)?, true),
+            Some(Target::Function(f)) => (*f, true),
+            Some(Target::Address(a)) => (*a, false),
+            None => return Err(Error::NoTarget),
+        };
+        // A traceable function is entered through its site: offsets count from there.
+        let base = crate::site::table::site_of(base).map_or(base, |s| s.site);
+        let addr = base.checked_add(self.offset).ok_or(Error::AddressOverflow { base, offset: self.offset })?;
+        if named && self.offset > 0 {
+            // Only where the symbol says how long the function is (sizeless: decoded).
+            if let Some(f) = crate::sys::symbols::function_at(base).filter(|f| f.addr == base && f.size > 0 && self.offset >= f.size) {
+                return Err(Error::OutsideFunction { addr, function: base, size: f.size });
+            }
+        }
+        Ok(Resolved { addr, start: named.then_some(base) })
+    }
+
+    /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
+    /// On error nothing is left armed or writable.
+    pub fn register(self) -> Result<ProbeHandle, Error> {
+        let Resolved { addr, start } = self.resolve_target()?;
+        install_handler()?;
+        if let Some(s) = crate::site::table::site_around(addr) {
+            return Err(Error::InsideSite { addr, site: s.site, function: s.name });
+        }
+        if crate::site::table::site_of(addr).is_some_and(|s| s.site == addr) {
+            return self.register_site(addr);
+        }
+        let mut reg = registry::lock();
+        let mapping = maps::executable(addr)?;
+        if let Some(b) = crate::blacklist::find_at(addr) {
+            return Err(Error::Blacklisted { addr, what: b.name });
+        }
+        // An instruction boundary, decoding from the start of the function: the one the
+        // caller named, or the one the symbol tables prove (see `known_start`).
+        let start = match start {
+            Some(start) => start,
+            None => known_start(addr)?,
+        };
+        let end = addr.saturating_add(15).min(mapping.end);
+        if start != addr {
+            insn::check_boundary(start, addr, &original_code(start, end).ok_or(Error::NotExecutable { addr: start })?)?;
+        }
+        let code = original_code(addr, end).ok_or(Error::NotExecutable { addr })?;
+        let index = reg.take_record()?;
+        let (len, slot, slot_bp, sim) = match self.prepare(&mut reg, index, addr, &code) {
+            Ok(p) => p,
+            Err(err) => {
+                reg.untake(index);
+                return Err(err);
+            }
+        };
+
+        let e = record(index);
+        let mut orig = [0u8; 8];
+        orig[..BREAKPOINT.len()].copy_from_slice(&code[..BREAKPOINT.len()]);
+        e.target.store(addr, Ordering::Relaxed);
+        e.code_id.store(mapping.code_id(addr), Ordering::Relaxed);
+        e.orig.store(u64::from_ne_bytes(orig), Ordering::Relaxed);
+        e.slot.store(slot, Ordering::Relaxed);
+        e.next.store(addr + len, Ordering::Relaxed);
+        // The slot's breakpoint, if it has one (a post handler), is found by its address.
+        let (old_trap, trap) = (e.resume_trap.load(Ordering::Relaxed), slot_bp.map_or(0, |bp| slot + bp + TRAP_PC_ADVANCE as usize));
+        if old_trap != 0 && old_trap != trap {
+            TRAPS.set(old_trap, 0)?;
+        }
+        if trap != 0 {
+            if let Err(err) = TRAPS.set(trap, index as u32 + 1) {
+                reg.untake(index);
+                return Err(err);
+            }
+        }
+        e.resume_trap.store(trap, Ordering::Relaxed);
+        e.sim_kind.store(sim.kind, Ordering::Relaxed);
+        e.sim_a.store(sim.a, Ordering::Relaxed);
+        e.sim_b.store(sim.b, Ordering::Relaxed);
+        e.site.store(false, Ordering::Relaxed);
+        self.publish_and_arm(&mut reg, index)
+    }
+
+    /// Registers a probe on the site at `site`: no breakpoint, no slot; the first probe
+    /// there enables the site.
+    fn register_site(self, site: usize) -> Result<ProbeHandle, Error> {
+        let mut reg = registry::lock();
+        let code_id = maps::executable(site)?.code_id(site);
+        let index = reg.take_record()?;
+        let e = record(index);
+        e.target.store(site, Ordering::Relaxed);
+        e.code_id.store(code_id, Ordering::Relaxed);
+        e.orig.store(0, Ordering::Relaxed);
+        e.next.store(site + crate::site::table::SITE_LEN, Ordering::Relaxed);
+        e.sim_kind.store(0, Ordering::Relaxed);
+        e.site.store(true, Ordering::Relaxed);
+        self.publish_and_arm(&mut reg, index)
+    }
+
+    /// Fills in record `index`'s handlers and counters, makes it visible to the hit
+    /// paths, and arms it (on error it goes back, unarmed).
+    fn publish_and_arm(&self, reg: &mut Slots, index: usize) -> Result<ProbeHandle, Error> {
+        let e = record(index);
+        e.gone.store(false, Ordering::Relaxed);
+        e.nhit.store(0, Ordering::Relaxed);
+        registry::reset_site_hits(index);
+        e.nmissed.store(0, Ordering::Relaxed);
+        let (pre, ctx) = match self.internal {
+            Some((h, ctx)) => (h as usize, ctx),
+            None => (self.pre.map_or(0, |h| h as usize), 0),
+        };
+        e.pre.store(pre, Ordering::Relaxed);
+        e.ctx.store(ctx, Ordering::Relaxed);
+        e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
+        // Visible to the hit paths (Release: with the fields above) before it is armed:
+        // by index, and on its address's chain.
+        registry::publish(index);
+        if let Err(err) = registry::link(index) {
+            reg.untake(index);
+            return Err(err);
+        }
+        if let Err(err) = arm(e, true) {
+            // Linked, the record was reachable: a thread still in a hit path from an
+            // earlier arming at the address may be reading it, so it is retired (reused
+            // after a grace period), not given back.
+            registry::unlink(index);
+            reg.retire(index);
+            return Err(err);
+        }
+        e.live.store(true, Ordering::Relaxed);
+        Ok(ProbeHandle { index })
+    }
+
+    /// Prepares how the instruction at `addr` (original bytes `code`) runs for record
+    /// `index`: out of line in a slot (the record's old one if it is near enough), or
+    /// simulated. `(length, slot, slot breakpoint offset, simulation)`.
+    fn prepare(&self, reg: &mut Slots, index: usize, addr: usize, code: &[u8]) -> Result<(usize, usize, Option<usize>, Sim), Error> {
+        // Without a post handler the slot jumps straight back (boosted): one trap per hit.
+        let boost = self.post.is_none();
+        let old = record(index).slot.load(Ordering::Relaxed);
+        let (page, slot) = match old {
+            s if s != 0 && s.abs_diff(addr) < NEAR - code::page_size() => (None, s),
+            _ => reg.find(addr).map(|(p, s)| (Some(p), s))?,
+        };
+        Ok(match insn::prepare(addr, code, slot, boost)? {
+            Exec::Slot(d) => {
+                code::write_code(slot, &d.slot)?;
+                if let Some(p) = page {
+                    reg.commit(p);
+                }
+                (d.len, slot, d.slot_bp, Sim::default())
+            }
+            // The record's old slot, if any, stays with it for a later reuse.
+            Exec::Simulate { len, sim } => (len, if page.is_none() { old } else { 0 }, None, sim),
+        })
+    }
+}
+
+/// The address of function `name`: from the ELF symbol tables of the executable and
+/// its libraries, or else as the dynamic linker resolves it (`dlsym(RTLD_DEFAULT)`,
+/// which also finds symbols of libraries opened later).
+/// An IFUNC symbol resolves as `dlsym` resolves it: to the implementation the process
+/// calls, not to the resolver the symbol table names.
+fn resolve(name: &str) -> Result<usize, Error> {
+    let not_found = || Error::SymbolNotFound { name: name.to_string() };
+    let dlsym = || {
+        let c = std::ffi::CString::new(name).ok()?;
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks up symbols
+        // (an IFUNC's resolver already ran when the library was relocated).
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+        (!p.is_null()).then_some(p as usize)
+    };
+    match crate::sys::symbols::function_named(name) {
+        Some(f) if !f.ifunc => Ok(f.addr),
+        _ => dlsym().ok_or_else(not_found),
+    }
+}
+
+/// The start of the function an instruction boundary at raw address `addr` is proven
+/// from (see `symbols::known_start`).
+pub(crate) fn known_start(addr: usize) -> Result<usize, Error> {
+    crate::sys::symbols::known_start(addr).map(|f| f.addr).ok_or(Error::NoKnownStart { addr })
+}
+
+/// The original bytes of `from..to`: the text with every armed breakpoint taken out
+/// (registration path, under the registry lock); None if it is not readable (any more).
+fn original_code(from: usize, to: usize) -> Option<Vec<u8>> {
+    let mut code = code::read(from, to.checked_sub(from)?)?;
+    // Where the text holds a breakpoint, the record armed there (if any) knows what it
+    // replaced: a lookup per breakpoint, not a scan of every probe.
+    let step = if cfg!(target_arch = "aarch64") { 4 } else { 1 };
+    let mut at = from.next_multiple_of(step);
+    while at + BREAKPOINT.len() <= to {
+        let i = at - from;
+        if code[i..i + BREAKPOINT.len()] == *BREAKPOINT {
+            if let Some((_, e)) = registry::armed_at(at).find(|(_, e)| !e.site.load(Ordering::Relaxed)) {
+                code[i..i + BREAKPOINT.len()].copy_from_slice(&e.orig.load(Ordering::Relaxed).to_ne_bytes()[..BREAKPOINT.len()]);
+            }
+        }
+        at += step;
+    }
+    Some(code)
+}
+
+/// Whether the code record `e` was registered on is still mapped at `target`: not
+/// marked gone, and the mapping there is the same file at the same offset (anonymous
+/// memory: the bytes are compared where they are written). Marks it gone if not.
+fn still_there(e: &Record, target: usize) -> bool {
+    if e.gone.load(Ordering::Relaxed) {
+        return false;
+    }
+    let id = e.code_id.load(Ordering::Relaxed);
+    let same = maps::mapping_of(target).is_some_and(|m| m.prot & libc::PROT_EXEC != 0 && m.code_id(target) == id);
+    if !same {
+        e.gone.store(true, Ordering::Relaxed);
+    }
+    same
+}
+
+/// Whether probekit's breakpoint is in the text at `addr` (readable and mapped).
+fn our_breakpoint_at(addr: usize) -> bool {
+    code::read(addr, BREAKPOINT.len()).is_some_and(|b| b == BREAKPOINT)
+}
+
+/// Arms (writes the breakpoint) or disarms (restores the original bytes). The entry is
+/// published before the breakpoint exists and unpublished after it is gone, so a
+/// trap always finds it (or finds the text restored, seed 004). Probes at one address
+/// share its breakpoint (aggregation): the first armed writes it, the last disarmed
+/// removes it. Called under the registry lock.
+fn arm(e: &Record, on: bool) -> Result<(), Error> {
+    let target = e.target.load(Ordering::Relaxed);
+    if !still_there(e, target) {
+        // Whatever lives at the address now is not the code that was probed: disarmed
+        // in place, for good, with nothing written (uprobes are tied to the file and
+        // offset, not to the address).
+        e.addr.store(0, Ordering::Release);
+        return if on { Err(Error::CodeGone { addr: target }) } else { Ok(()) };
+    }
+    if e.site.load(Ordering::Relaxed) {
+        return crate::site::arm(e, target, on);
+    }
+    // Records armed here whose breakpoint is not in the text any more are stale: the
+    // code is gone (its library unloaded, maybe something else mapped there since).
+    // They are disarmed in place, with nothing to restore: writing their original
+    // bytes would corrupt whatever is there now, and sharing their breakpoint would
+    // share nothing.
+    let present = our_breakpoint_at(target);
+    if !present {
+        for (_, o) in registry::armed_at(target) {
+            o.addr.store(0, Ordering::Release);
+        }
+    }
+    let shared = registry::others_armed(e, target);
+    let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
+    if on && !shared && code::read(target, BREAKPOINT.len()).is_none_or(|b| b != orig[..BREAKPOINT.len()]) {
+        // Not the bytes the probe was prepared for (mapped again with other contents).
+        e.gone.store(true, Ordering::Relaxed);
+        return Err(Error::CodeGone { addr: target });
+    }
+    if on {
+        e.addr.store(target, Ordering::Release);
+        let r = if shared { Ok(()) } else { code::write_code(target, BREAKPOINT).map(|()| code::sync_cores()) };
+        if r.is_err() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    } else {
+        let r = if shared || !present {
+            Ok(())
+        } else {
+            code::write_code(target, &orig[..BREAKPOINT.len()]).map(|()| code::sync_cores())
+        };
+        if r.is_ok() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    }
+}
+
+/// A registered probe; unregistered when dropped.
+#[derive(Debug)]
+pub struct ProbeHandle {
+    index: usize,
+}
+
+impl ProbeHandle {
+    fn entry(&self) -> &'static Record {
+        record(self.index)
+    }
+
+    /// The probed address.
+    pub fn address(&self) -> usize {
+        self.entry().target.load(Ordering::Relaxed)
+    }
+
+    /// Re-arms a disabled probe.
+    pub fn enable(&self) -> Result<(), Error> {
+        let _reg = registry::lock();
+        if self.entry().addr.load(Ordering::Relaxed) != 0 {
+            return Ok(());
+        }
+        arm(self.entry(), true)
+    }
+
+    /// Disarms the probe: the original instruction is back, handlers stop running.
+    pub fn disable(&self) -> Result<(), Error> {
+        let _reg = registry::lock();
+        if self.entry().addr.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        arm(self.entry(), false)
+    }
+
+    /// Whether the breakpoint is in place.
+    pub fn is_enabled(&self) -> bool {
+        self.entry().addr.load(Ordering::Relaxed) != 0
+    }
+
+    /// Hits whose handlers ran.
+    pub fn nhit(&self) -> u64 {
+        self.entry().nhit.load(Ordering::Relaxed) + registry::site_hits(self.index)
+    }
+
+    /// Hits whose handlers did not run (the probe was hit inside a handler).
+    pub fn nmissed(&self) -> u64 {
+        self.entry().nmissed.load(Ordering::Relaxed)
+    }
+
+    /// Disarms and retires the probe (what dropping the handle does, with the error).
+    pub fn unregister(self) -> Result<(), Error> {
+        let r = self.retire();
+        std::mem::forget(self);
+        r
+    }
+
+    fn retire(&self) -> Result<(), Error> {
+        let mut reg = registry::lock();
+        let e = self.entry();
+        if e.addr.load(Ordering::Relaxed) != 0 {
+            arm(e, false)?;
+        }
+        registry::unlink(self.index);
+        e.live.store(false, Ordering::Relaxed);
+        reg.retire(self.index);
+        Ok(())
+    }
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        // The error cannot be returned from drop; `unregister` reports it.
+        let _ = self.retire();
+    }
+}
+

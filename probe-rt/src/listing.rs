@@ -1,0 +1,82 @@
+//! The listing of registered probes, as the kernel's `kprobes/list`.
+
+use crate::registry;
+use crate::sys::maps;
+use std::sync::atomic::Ordering;
+
+/// One registered probe, as [`list`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeInfo {
+    /// The probed address.
+    pub addr: usize,
+    /// A return probe's entry (`r` in the listing) rather than a breakpoint probe (`k`).
+    pub is_return: bool,
+    /// The function holding it (ELF symbol tables), and the offset into it.
+    pub symbol: Option<(String, usize)>,
+    /// Whether the breakpoint is in place.
+    pub enabled: bool,
+    /// Whether the code is gone (its library was unloaded).
+    pub gone: bool,
+    /// Rides a `#[traceable]` function's site (the kernel's `[FTRACE]`).
+    pub site: bool,
+    /// Hits whose handlers ran.
+    pub nhit: u64,
+    /// Hits whose handlers did not run.
+    pub nmissed: u64,
+}
+
+/// Every registered probe; `Display` prints them as the kernel's `kprobes/list`:
+/// `address  k  symbol+0xoff  [DISABLED][GONE][SITE]` (`r` for a return probe).
+#[derive(Clone, Debug, Default)]
+pub struct ProbeList(pub Vec<ProbeInfo>);
+
+impl std::fmt::Display for ProbeList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for p in &self.0 {
+            let place = match &p.symbol {
+                Some((name, off)) => format!("{name}+{off:#x}"),
+                None => format!("{:#x}", p.addr),
+            };
+            let flags = format!(
+                "{}{}{}",
+                if p.enabled { "" } else { "[DISABLED]" },
+                if p.gone { "[GONE]" } else { "" },
+                if p.site { "[SITE]" } else { "" }
+            );
+            writeln!(f, "{:016x}  {}  {place}  {flags}", p.addr, if p.is_return { 'r' } else { 'k' })?;
+        }
+        Ok(())
+    }
+}
+
+/// The registered probes (not for signal context: it allocates and reads `/proc`).
+pub fn list() -> ProbeList {
+    ProbeList(
+        registry::records()
+            .filter(|(_, e)| e.live.load(Ordering::Relaxed))
+            .map(|(index, e)| {
+                let addr = e.target.load(Ordering::Relaxed);
+                let id = e.code_id.load(Ordering::Relaxed);
+                let gone = e.gone.load(Ordering::Relaxed) || maps::mapping_of(addr).is_none_or(|m| m.code_id(addr) != id);
+                ProbeInfo {
+                    addr,
+                    // Only return probes register a hook with a context.
+                    is_return: e.ctx.load(Ordering::Relaxed) != 0,
+                    // A site is named after its function, not the naked stub it is in;
+                    // gone code by its address only (something else may be there now).
+                    symbol: match (gone, e.site.load(Ordering::Relaxed)) {
+                        (true, _) => None,
+                        (false, true) => crate::site::table::site_of(addr).map(|s| (s.name, 0)),
+                        (false, false) => crate::sys::symbols::symbol_of(addr),
+                    },
+                    site: e.site.load(Ordering::Relaxed),
+                    enabled: e.addr.load(Ordering::Relaxed) != 0,
+                    gone,
+                    nhit: e.nhit.load(Ordering::Relaxed) + registry::site_hits(index),
+                    nmissed: e.nmissed.load(Ordering::Relaxed),
+                }
+            })
+            .collect(),
+    )
+}
+

@@ -1,0 +1,364 @@
+//! The probe records: one lock-free record per registered probe, read by every hit
+//! path; their allocation (no fixed cap: chunks of records are added as needed and
+//! never move), the chains of records that share an address (the kernel's aggregated
+//! kprobes), the lookup of a chain by address ([`addrmap`]), and the out-of-line slot
+//! pages.
+//!
+//! Written under [`REGISTRY`]'s lock by registration, arming and disarming; read
+//! without a lock by the hit paths, which must see every field of a record they reach
+//! filled in: a record is reached only through a chain link or a table entry stored
+//! with `Release` after it was filled in, or through [`record`] for an index below
+//! [`used`] (raised with `Release`).
+
+pub(crate) mod addrmap;
+
+use crate::{grace, Error, PtRegs};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// A pre or post handler.
+pub type Handler = fn(&mut PtRegs);
+
+/// A pre handler of probekit's own (a return probe's entry), with its context.
+pub(crate) type InternalHandler = fn(&mut PtRegs, usize);
+
+/// The lock-free record of one probe, read by the hit paths. Every field is an atomic
+/// whose all-zero bits are its initial value: chunks of records are allocated zeroed.
+pub(crate) struct Record {
+    /// The probed address while armed, else 0.
+    pub addr: AtomicUsize,
+    /// The address the slot's breakpoint reports (kept after retirement).
+    pub resume_trap: AtomicUsize,
+    /// Where execution continues after the slot: the probed address + its length.
+    pub next: AtomicUsize,
+    pub slot: AtomicUsize,
+    pub pre: AtomicUsize,
+    pub post: AtomicUsize,
+    /// Non-zero: `pre` is an [`InternalHandler`] called with this context.
+    pub ctx: AtomicUsize,
+    pub nhit: AtomicU64,
+    pub nmissed: AtomicU64,
+    /// The probed address, for the handle, whether armed or not.
+    pub target: AtomicUsize,
+    /// The original bytes under the breakpoint.
+    pub orig: AtomicU64,
+    /// The identity of the probed code: its file and offset (`sys::maps::Mapping::code_id`;
+    /// 0 for anonymous memory), checked before every write.
+    pub code_id: AtomicU64,
+    /// The probed code went away: nothing is ever written for this record again.
+    pub gone: AtomicBool,
+    /// A simulated instruction (`kind` 0: it runs out of line in `slot`).
+    pub sim_kind: AtomicU64,
+    pub sim_a: AtomicU64,
+    pub sim_b: AtomicU64,
+    /// Registered and not yet unregistered.
+    pub live: AtomicBool,
+    /// Rides a `#[traceable]` function's site instead of a breakpoint.
+    pub site: AtomicBool,
+    /// From registration to unregistration: the index + 1 of the next record at the
+    /// same address, 0 for none. A retired record keeps its link until it is reused,
+    /// so a hit walking the chain through it goes on.
+    pub chain: AtomicU32,
+}
+
+/// Records per chunk, and chunks at most (16 Mi records: memory runs out first).
+const CHUNK_BITS: usize = 10;
+const CHUNK: usize = 1 << CHUNK_BITS;
+const MAX_CHUNKS: usize = 1 << 14;
+
+/// Site hits are counted per thread, for the first [`HIT_SHARDS`] threads that entered
+/// a hit path (see `grace::Thread::index`): each counter has one writer, so a hit
+/// costs a plain load and store instead of a locked add (the kernel's per-CPU
+/// `nhit`); a site probe's hit count is `nhit` plus its counters here. Later threads
+/// count with the locked add.
+const HIT_SHARDS: usize = 8;
+
+/// A chunk of records and their per-thread hit counters.
+struct Chunk {
+    records: [Record; CHUNK],
+    hits: [[AtomicU64; CHUNK]; HIT_SHARDS],
+}
+
+/// The chunks taken so far (null: not yet), filled in order.
+static CHUNKS: [AtomicPtr<Chunk>; MAX_CHUNKS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_CHUNKS];
+
+/// How many records registrations have taken so far: they are taken in order, and
+/// reused once freed.
+static USED: AtomicUsize = AtomicUsize::new(0);
+
+/// A record no index reaches (what [`record`] gives for an index whose chunk is not
+/// there, which no caller passes).
+static NONE: Record = Record {
+    addr: AtomicUsize::new(0),
+    resume_trap: AtomicUsize::new(0),
+    next: AtomicUsize::new(0),
+    slot: AtomicUsize::new(0),
+    pre: AtomicUsize::new(0),
+    post: AtomicUsize::new(0),
+    ctx: AtomicUsize::new(0),
+    nhit: AtomicU64::new(0),
+    nmissed: AtomicU64::new(0),
+    target: AtomicUsize::new(0),
+    orig: AtomicU64::new(0),
+    code_id: AtomicU64::new(0),
+    gone: AtomicBool::new(false),
+    sim_kind: AtomicU64::new(0),
+    sim_a: AtomicU64::new(0),
+    sim_b: AtomicU64::new(0),
+    live: AtomicBool::new(false),
+    site: AtomicBool::new(false),
+    chain: AtomicU32::new(0),
+};
+
+/// The chunk holding record `index`, if it was allocated.
+#[inline(always)]
+fn chunk(index: usize) -> Option<&'static Chunk> {
+    let p = CHUNKS.get(index >> CHUNK_BITS)?.load(Ordering::Acquire);
+    // SAFETY: a non-null chunk pointer was stored (Release, loaded Acquire) from a
+    // zero-initialised allocation of a `Chunk` that is never freed (see `grow`).
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// Record `index`. Lock-free, for the hit paths.
+#[inline(always)]
+pub(crate) fn record(index: usize) -> &'static Record {
+    chunk(index).map_or(&NONE, |c| &c.records[index & (CHUNK - 1)])
+}
+
+/// How many records were taken so far.
+pub(crate) fn used() -> usize {
+    USED.load(Ordering::Acquire)
+}
+
+/// The records taken so far, with their indices, in index order (registration and
+/// listing; the hit paths reach records through chains).
+pub(crate) fn records() -> impl Iterator<Item = (usize, &'static Record)> {
+    (0..used()).map(|i| (i, record(i)))
+}
+
+/// Record `index`'s hits counted per thread.
+pub(crate) fn site_hits(index: usize) -> u64 {
+    chunk(index).map_or(0, |c| c.hits.iter().map(|s| s[index & (CHUNK - 1)].load(Ordering::Relaxed)).sum())
+}
+
+/// Zeroes record `index`'s per-thread hit counters (before it is reused).
+pub(crate) fn reset_site_hits(index: usize) {
+    if let Some(c) = chunk(index) {
+        for s in &c.hits {
+            s[index & (CHUNK - 1)].store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a hit of record `index` on a site, in this thread's counter (`shard`) if it
+/// has one.
+#[inline(always)]
+pub(crate) fn count_site_hit(shard: Option<usize>, index: usize, e: &Record) {
+    match (shard.filter(|s| *s < HIT_SHARDS), chunk(index)) {
+        (Some(s), Some(c)) => {
+            let h = &c.hits[s][index & (CHUNK - 1)];
+            h.store(h.load(Ordering::Relaxed) + 1, Ordering::Relaxed)
+        }
+        _ => {
+            e.nhit.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Makes sure the chunk of record `index` exists (under the registry lock).
+fn grow(index: usize) -> Result<(), Error> {
+    let c = index >> CHUNK_BITS;
+    if c >= MAX_CHUNKS {
+        return Err(Error::TooManyProbes { max: MAX_CHUNKS * CHUNK });
+    }
+    if CHUNKS[c].load(Ordering::Relaxed).is_null() {
+        let layout = std::alloc::Layout::new::<Chunk>();
+        // SAFETY: `Chunk` has a non-zero size. Every field of it is an atomic integer
+        // or bool, for which all-zero bits are a valid value (0 / false), so the zeroed
+        // allocation is a valid `Chunk`. It is never freed: the hit paths may hold
+        // references to its records at any time.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut Chunk;
+        if p.is_null() {
+            return Err(Error::OutOfMemory { bytes: layout.size() });
+        }
+        CHUNKS[c].store(p, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Bytes of one out-of-line slot.
+pub(crate) const SLOT: usize = 32;
+
+/// How many retired records make registration run a grace period to reuse them.
+pub const RECLAIM_BATCH: usize = 64;
+
+/// Registration, arming and disarming take this lock; the hit paths never do.
+static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), free: Vec::new(), retry: grace::Retry::new() });
+
+/// Takes the registry lock (a panic while it was held leaves the data consistent:
+/// every change under it is a few stores).
+pub(crate) fn lock() -> MutexGuard<'static, Slots> {
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The out-of-line slot pages, and the records of unregistered probes.
+pub(crate) struct Slots {
+    /// `(page, bytes used)`.
+    pages: Vec<(usize, usize)>,
+    /// Unregistered probes' records, which a thread may still be using.
+    pub(crate) retired: Vec<usize>,
+    /// Records a grace period showed nobody uses: reusable, with their slots.
+    free: Vec<usize>,
+    /// When a grace period is worth trying again after one could not complete (which
+    /// costs up to 100 ms): by time, not by count.
+    retry: grace::Retry,
+}
+
+/// How near its probe a slot is placed: x86_64 within rel32 (±2 GiB) so RIP-relative
+/// operands can be relocated; aarch64 within `b` range (±128 MiB) so it can jump back.
+#[cfg(target_arch = "aarch64")]
+pub(crate) const NEAR: usize = 128 << 20;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const NEAR: usize = 1 << 31;
+
+impl Slots {
+    /// A free slot for a probe at `addr`, near it if possible (see [`NEAR`]):
+    /// `(page index, slot address)`. Taken only by [`Slots::commit`].
+    pub(crate) fn find(&mut self, addr: usize) -> Result<(usize, usize), Error> {
+        use crate::sys::code;
+        let ok = |p: usize| p.abs_diff(addr) < NEAR - code::page_size();
+        if let Some(i) = self.pages.iter().position(|(p, used)| ok(*p) && *used + SLOT <= code::page_size()) {
+            return Ok((i, self.pages[i].0 + self.pages[i].1));
+        }
+        // Far, if nothing near can be had: boosting and relocation then fall back or refuse.
+        let p = code::alloc_exec_page_near(addr, NEAR - code::page_size()).map_or_else(code::alloc_exec_page, Ok)?;
+        self.pages.push((p, 0));
+        Ok((self.pages.len() - 1, p))
+    }
+
+    /// Marks the slot [`Slots::find`] gave as used.
+    pub(crate) fn commit(&mut self, page: usize) {
+        self.pages[page].1 += SLOT;
+    }
+
+    /// A record for a new probe: a reused one if a grace period has shown nobody uses
+    /// it any more, else a new one. Probes at one address run in the order of their
+    /// chain, so any record will do.
+    pub(crate) fn take_record(&mut self) -> Result<usize, Error> {
+        if self.free.is_empty() && self.retired.len() >= RECLAIM_BATCH && self.retry.due() {
+            let slots: Vec<(usize, usize)> =
+                self.retired.iter().map(|i| record(*i).slot.load(Ordering::Relaxed)).filter(|s| *s != 0).map(|s| (s, s + SLOT)).collect();
+            if self.retry.quiescent(&slots) {
+                self.free.append(&mut self.retired);
+            }
+        }
+        if let Some(i) = self.free.pop() {
+            return Ok(i);
+        }
+        let index = USED.load(Ordering::Relaxed);
+        grow(index)?;
+        Ok(index) // published by `publish` once it is filled in
+    }
+
+    /// Gives back a record `take_record` gave that was never reachable.
+    pub(crate) fn untake(&mut self, index: usize) {
+        if index < USED.load(Ordering::Relaxed) {
+            self.free.push(index);
+        }
+    }
+
+    /// Retires record `index` (it may have been reachable): reused after a grace period.
+    pub(crate) fn retire(&mut self, index: usize) {
+        self.retired.push(index);
+    }
+}
+
+/// How many records were ever taken, are retired (waiting for a grace period) and
+/// free for reuse: `(taken, retired, free)`.
+pub(crate) fn counts() -> (usize, usize, usize) {
+    let reg = lock();
+    (USED.load(Ordering::Relaxed), reg.retired.len(), reg.free.len())
+}
+
+/// Makes record `index` (filled in) reachable by index: raises [`used`] past it.
+pub(crate) fn publish(index: usize) {
+    if index >= USED.load(Ordering::Relaxed) {
+        USED.store(index + 1, Ordering::Release);
+    }
+}
+
+/// The records linked from `first` (an index + 1) on: `(index, record)`.
+#[inline(always)]
+pub(crate) fn chain_from(first: u32) -> impl Iterator<Item = (usize, &'static Record)> {
+    let mut next = first;
+    std::iter::from_fn(move || {
+        let index = (next as usize).checked_sub(1)?;
+        let e = record(index);
+        next = e.chain.load(Ordering::Acquire);
+        Some((index, e))
+    })
+}
+
+/// The records armed at `addr`, in registration order (breakpoint probes; sites use
+/// their own filter).
+#[inline(always)]
+pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = (usize, &'static Record)> {
+    chain_from(ADDRS.head(addr)).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == addr)
+}
+
+pub(crate) use addrmap::{ADDRS, TRAPS};
+
+/// Whether a probe other than `e` is armed at `at` (they share its breakpoint or site).
+pub(crate) fn others_armed(e: &Record, at: usize) -> bool {
+    armed_at(at).any(|(_, o)| !std::ptr::eq(o, e))
+}
+
+/// Appends record `index` to the chain of its address, which therefore runs in
+/// registration order. Under the registry lock.
+pub(crate) fn link(index: usize) -> Result<(), Error> {
+    let e = record(index);
+    let target = e.target.load(Ordering::Relaxed);
+    e.chain.store(0, Ordering::Relaxed);
+    let me = index as u32 + 1;
+    match chain_from(ADDRS.head(target)).last() {
+        Some((_, tail)) => {
+            tail.chain.store(me, Ordering::Release);
+            Ok(())
+        }
+        None => ADDRS.set(target, me),
+    }
+}
+
+/// Takes record `index` out of its address's chain. Its own link stays, for a hit
+/// walking through it (the record is reused only after a grace period). Under the
+/// registry lock.
+pub(crate) fn unlink(index: usize) {
+    let target = record(index).target.load(Ordering::Relaxed);
+    let (me, next) = (index as u32 + 1, record(index).chain.load(Ordering::Relaxed));
+    let head = ADDRS.head(target);
+    if head == me {
+        // The address has an entry (its head is `me`): this cannot fail.
+        let _ = ADDRS.set(target, next);
+    } else if let Some((_, before)) = chain_from(head).find(|(_, e)| e.chain.load(Ordering::Relaxed) == me) {
+        before.chain.store(next, Ordering::Release);
+    }
+}
+
+/// Calls a handler; `extern "C"` so that a panic aborts instead of unwinding out of
+/// the signal handler or trampoline.
+pub(crate) extern "C" fn call_handler(h: usize, ctx: usize, regs: &mut PtRegs) {
+    if ctx != 0 {
+        // SAFETY: with a context, `h` was stored from an `InternalHandler` at registration.
+        let h = unsafe { std::mem::transmute::<usize, InternalHandler>(h) };
+        return h(regs, ctx);
+    }
+    // SAFETY: `h` was stored from a `Handler` (a fn pointer) at registration.
+    let h: Handler = unsafe { std::mem::transmute::<usize, Handler>(h) };
+    h(regs);
+}
+
+/// Marks this thread as running a handler (or not); returns what it was. Probes hit
+/// while it is set count as missed and run no handler.
+pub(crate) fn set_active(on: bool) -> bool {
+    grace::with_thread(|t| t.active.replace(on))
+}

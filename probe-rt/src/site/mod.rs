@@ -1,0 +1,117 @@
+//! Site probes: the patchable entries of `#[traceable]` functions (the kernel's
+//! KPROBES_ON_FTRACE, seed 003). [`table`] finds the sites, [`patch`] enables and
+//! disables them and holds the trampoline's dispatcher; this module arms site probes
+//! and runs their hit path.
+
+pub(crate) mod patch;
+pub(crate) use patch::dispatch;
+pub mod table;
+
+use crate::registry::{self, call_handler, chain_from, count_site_hit, Record, ADDRS};
+use crate::{grace, Error, PtRegs};
+use std::sync::atomic::{compiler_fence, Ordering};
+
+/// Arms (`on`) or disarms a probe on the site at `site`: the first armed there enables
+/// the site, the last disarmed disables it. Under the registry lock.
+pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
+    let shared = registry::others_armed(e, site);
+    if on {
+        e.addr.store(site, Ordering::Release);
+        let r = match shared {
+            true => Ok(()),
+            false => patch::patch(site, true).and_then(|intact| if intact { Ok(()) } else { Err(Error::NotExecutable { addr: site }) }),
+        };
+        if r.is_err() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    } else {
+        // A site whose code is gone is left alone (`patch` checks): disarmed in place.
+        let r = if shared { Ok(()) } else { patch::patch(site, false).map(|_| ()) };
+        if r.is_ok() {
+            e.addr.store(0, Ordering::Release);
+        }
+        r
+    }
+}
+
+
+/// Runs the probes armed on the site at `site`, in registration order, for the site
+/// trampoline's dispatcher: pre handlers, then (unless one redirected execution) post
+/// handlers, with `regs` as at the function's entry (pc = `site`). A site hit inside a
+/// handler is counted as missed.
+///
+/// The hit path of every site call, inlined into the dispatcher: a table lookup, no
+/// scan, and a short path for the common case. Every record is read while the
+/// thread's `active` flag is set, which also tells a grace period that the thread is
+/// inside the hit path.
+#[inline(always)]
+pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
+    // The index first: its first-time path is a call, across which `active` would
+    // otherwise be kept in a register this function saves.
+    let (shard, active) = grace::with_thread(|t| (t.index(), t.active.replace(true)));
+    // The sampling handler reads `active` on this thread: the store must not move past
+    // the reads of the records.
+    compiler_fence(Ordering::SeqCst);
+    if active {
+        return missed_site(site);
+    }
+    let first = ADDRS.head(site);
+    match chain_from(first).next() {
+        // The common case, kept short: one probe on the site, without a post handler.
+        Some((index, e)) if e.chain.load(Ordering::Acquire) == 0 && e.addr.load(Ordering::Acquire) == site && e.post.load(Ordering::Relaxed) == 0 => {
+            count_site_hit(shard, index, e);
+            let pre = e.pre.load(Ordering::Relaxed);
+            if pre != 0 {
+                call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
+            }
+        }
+        _ => run_site_chain(site, first, shard, regs),
+    }
+    compiler_fence(Ordering::SeqCst);
+    grace::with_thread(|t| t.active.set(false));
+}
+
+/// [`run_site`] for every record on the site's chain from `first` (an index + 1).
+pub(crate) fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs: &mut PtRegs) {
+    let mut posts = false;
+    for (index, e) in on_site_from(first, site) {
+        posts |= e.post.load(Ordering::Relaxed) != 0;
+        count_site_hit(shard, index, e);
+        let pre = e.pre.load(Ordering::Relaxed);
+        if pre != 0 {
+            call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
+            if regs.instruction_pointer() != site as u64 {
+                return; // redirected: the rest does not run, nor do post handlers
+            }
+        }
+    }
+    // A second pass only if a post handler is there (most sites have none).
+    if posts {
+        for (_, e) in on_site(site) {
+            let post = e.post.load(Ordering::Relaxed);
+            if post != 0 {
+                call_handler(post, 0, regs);
+            }
+        }
+    }
+}
+
+/// The records armed on `site`, in registration order.
+fn on_site(site: usize) -> impl Iterator<Item = (usize, &'static Record)> {
+    on_site_from(ADDRS.head(site), site)
+}
+
+/// The records armed on `site` on its chain from `first` (an index + 1).
+fn on_site_from(first: u32, site: usize) -> impl Iterator<Item = (usize, &'static Record)> {
+    chain_from(first).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == site)
+}
+
+/// A site hit inside a handler: counted as missed, runs nothing.
+#[cold]
+pub(crate) fn missed_site(site: usize) {
+    for (_, e) in on_site(site) {
+        e.nmissed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
