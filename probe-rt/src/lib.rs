@@ -38,9 +38,11 @@ pub use retprobe::{Entry, EntryHandler, ReturnHandler, ReturnProbe, ReturnProbeB
 pub use site::table::{sites, SiteInfo};
 
 /// Runs before `main` (and before any constructor could register a probe): tells the
-/// grace periods where the hit paths are, which only this layer knows.
+/// grace periods where the hit paths are, and registration what the blacklist refuses,
+/// which only this layer knows.
 extern "C" fn init_layers() {
     grace::set_hit_path(blacklist::hit_path_ranges);
+    registry::set_blacklist(|addr| blacklist::find_at(addr).map(|b| b.name));
 }
 #[used]
 #[link_section = ".init_array"]

@@ -218,8 +218,8 @@ impl ProbeBuilder {
         }
         let mut reg = registry::lock();
         let mapping = maps::executable(addr)?;
-        if let Some(b) = crate::blacklist::find_at(addr) {
-            return Err(Error::Blacklisted { addr, what: b.name });
+        if let Some(what) = registry::blacklisted(addr) {
+            return Err(Error::Blacklisted { addr, what });
         }
         // An instruction boundary, decoding from the start of the function: the one the
         // caller named, or the one the symbol tables prove (see `known_start`).

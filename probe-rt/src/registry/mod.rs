@@ -344,6 +344,21 @@ pub(crate) fn unlink(index: usize) {
     }
 }
 
+/// What the blacklist (the crate's top layer, which knows every mechanism's hit path)
+/// says of an address: the name of the code it is in, if probes are refused there.
+/// Set before `main` through [`set_blacklist`], so that no mechanism depends on it.
+static BLACKLIST: std::sync::OnceLock<fn(usize) -> Option<&'static str>> = std::sync::OnceLock::new();
+
+/// See [`BLACKLIST`].
+pub(crate) fn set_blacklist(f: fn(usize) -> Option<&'static str>) {
+    let _ = BLACKLIST.set(f);
+}
+
+/// Why probes are refused at `addr`, if they are (see [`BLACKLIST`]).
+pub(crate) fn blacklisted(addr: usize) -> Option<&'static str> {
+    BLACKLIST.get().and_then(|f| f(addr))
+}
+
 /// Calls a handler; `extern "C"` so that a panic aborts instead of unwinding out of
 /// the signal handler or trampoline.
 pub(crate) extern "C" fn call_handler(h: usize, ctx: usize, regs: &mut PtRegs) {

@@ -16,7 +16,7 @@
 //! Registration and listing only: this reads files, takes a lock and allocates, so it
 //! must not be called from a probe handler or any signal context.
 
-use crate::sys::symbols::Image;
+use crate::sys::maps::Image;
 use object::{Object, ObjectSection};
 use std::sync::Mutex;
 

@@ -85,6 +85,14 @@ fn parse_line(line: &str) -> Option<Line> {
     Some(Line { start, end, prot, file, path })
 }
 
+/// A file mapped into the process: its path, the address its file offset 0 is mapped
+/// at, and the ranges of its mappings.
+pub(crate) struct Image {
+    pub(crate) path: String,
+    pub(crate) start: usize,
+    pub(crate) ranges: Vec<(usize, usize)>,
+}
+
 /// The copy of the mappings, and the loader's generation it was read at.
 static MAPS: Mutex<(u64, Option<Arc<Vec<Line>>>)> = Mutex::new((0, None));
 
@@ -127,8 +135,8 @@ pub(crate) fn lines(fresh: bool) -> Arc<Vec<Line>> {
 
 /// The mappings of files, by path: the address file offset 0 is mapped at and every
 /// range, for the images whose offset 0 is mapped.
-pub(crate) fn images() -> Vec<crate::sys::symbols::Image> {
-    let mut out: Vec<crate::sys::symbols::Image> = Vec::new();
+pub(crate) fn images() -> Vec<Image> {
+    let mut out: Vec<Image> = Vec::new();
     for l in lines(false).iter() {
         let (Some(path), Some((_, _, off))) = (&l.path, l.file) else { continue };
         if !path.starts_with('/') {
@@ -141,7 +149,7 @@ pub(crate) fn images() -> Vec<crate::sys::symbols::Image> {
                     i.start = i.start.min(l.start);
                 }
             }
-            None => out.push(crate::sys::symbols::Image {
+            None => out.push(Image {
                 path: path.to_string(),
                 start: if off == 0 { l.start } else { usize::MAX },
                 ranges: vec![(l.start, l.end)],

@@ -4,15 +4,9 @@
 //! reads files and allocates.
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
+use crate::sys::maps::Image;
 use std::sync::{Arc, Mutex};
 
-/// A file mapped into the process: its path, the address its file offset 0 is mapped
-/// at, and the ranges of its mappings.
-pub(crate) struct Image {
-    pub(crate) path: String,
-    pub(crate) start: usize,
-    pub(crate) ranges: Vec<(usize, usize)>,
-}
 
 /// One function symbol of an image, with the load bias applied.
 #[derive(Clone, Debug)]
