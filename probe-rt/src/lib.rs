@@ -29,7 +29,7 @@ mod site;
 mod sys;
 
 pub use blacklist::{blacklist, Blacklisted};
-pub use breakpoint::{FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle};
+pub use breakpoint::{register_batch, unregister_batch, BatchError, FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle};
 pub use error::Error;
 pub use events::EventBuffer;
 pub use frame::{PtRegs, VReg};
@@ -50,7 +50,7 @@ static INIT_LAYERS: extern "C" fn() = init_layers;
 
 /// Breakpoint probes: the kprobe of a process (see [`Probe`]).
 pub mod probe {
-    pub use crate::breakpoint::{FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
+    pub use crate::breakpoint::{register_batch, unregister_batch, BatchError, FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
     pub use crate::listing::{list, ProbeInfo, ProbeList};
     pub use crate::blacklist::{blacklist, Blacklisted};
 }

@@ -208,15 +208,28 @@ impl ProbeBuilder {
     /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
     /// On error nothing is left armed or writable.
     pub fn register(self) -> Result<ProbeHandle, Error> {
-        let Resolved { addr, start } = self.resolve_target()?;
         install_handler()?;
+        let mut reg = registry::lock();
+        let index = self.stage(&mut reg)?;
+        if let Err(err) = arm(record(index), true) {
+            unstage(&mut reg, &[index]);
+            return Err(err);
+        }
+        record(index).live.store(true, Ordering::Relaxed);
+        Ok(ProbeHandle { index })
+    }
+
+    /// Everything registration does but arming: the target checked, the record taken,
+    /// filled in, published and linked (a slot written for a breakpoint probe). Its
+    /// index. Under the registry lock; nothing of the program's text is written.
+    fn stage(&self, reg: &mut Slots) -> Result<usize, Error> {
+        let Resolved { addr, start } = self.resolve_target()?;
         if let Some(s) = crate::site::table::site_around(addr) {
             return Err(Error::InsideSite { addr, site: s.site, function: s.name });
         }
         if crate::site::table::site_of(addr).is_some_and(|s| s.site == addr) {
-            return self.register_site(addr);
+            return self.stage_site(reg, addr);
         }
-        let mut reg = registry::lock();
         let mapping = maps::executable(addr)?;
         if let Some(what) = registry::blacklisted(addr) {
             return Err(Error::Blacklisted { addr, what });
@@ -233,7 +246,7 @@ impl ProbeBuilder {
         }
         let code = original_code(addr, end).ok_or(Error::NotExecutable { addr })?;
         let index = reg.take_record()?;
-        let (len, slot, slot_bp, sim) = match self.prepare(&mut reg, index, addr, &code) {
+        let (len, slot, slot_bp, sim) = match self.prepare(reg, index, addr, &code) {
             Ok(p) => p,
             Err(err) => {
                 reg.untake(index);
@@ -265,13 +278,12 @@ impl ProbeBuilder {
         e.sim_a.store(sim.a, Ordering::Relaxed);
         e.sim_b.store(sim.b, Ordering::Relaxed);
         e.site.store(false, Ordering::Relaxed);
-        self.publish_and_arm(&mut reg, index)
+        self.publish_and_link(reg, index)
     }
 
-    /// Registers a probe on the site at `site`: no breakpoint, no slot; the first probe
-    /// there enables the site.
-    fn register_site(self, site: usize) -> Result<ProbeHandle, Error> {
-        let mut reg = registry::lock();
+    /// [`Self::stage`] for a probe on the site at `site`: no breakpoint, no slot; the
+    /// first probe armed there enables the site.
+    fn stage_site(&self, reg: &mut Slots, site: usize) -> Result<usize, Error> {
         let code_id = maps::executable(site)?.code_id(site);
         let index = reg.take_record()?;
         let e = record(index);
@@ -281,12 +293,12 @@ impl ProbeBuilder {
         e.next.store(site + crate::site::table::SITE_LEN, Ordering::Relaxed);
         e.sim_kind.store(0, Ordering::Relaxed);
         e.site.store(true, Ordering::Relaxed);
-        self.publish_and_arm(&mut reg, index)
+        self.publish_and_link(reg, index)
     }
 
-    /// Fills in record `index`'s handlers and counters, makes it visible to the hit
-    /// paths, and arms it (on error it goes back, unarmed).
-    fn publish_and_arm(&self, reg: &mut Slots, index: usize) -> Result<ProbeHandle, Error> {
+    /// Fills in record `index`'s handlers and counters and makes it visible to the hit
+    /// paths, unarmed (on error it goes back).
+    fn publish_and_link(&self, reg: &mut Slots, index: usize) -> Result<usize, Error> {
         let e = record(index);
         e.gone.store(false, Ordering::Relaxed);
         e.nhit.store(0, Ordering::Relaxed);
@@ -306,16 +318,7 @@ impl ProbeBuilder {
             reg.untake(index);
             return Err(err);
         }
-        if let Err(err) = arm(e, true) {
-            // Linked, the record was reachable: a thread still in a hit path from an
-            // earlier arming at the address may be reading it, so it is retired (reused
-            // after a grace period), not given back.
-            registry::unlink(index);
-            reg.retire(index);
-            return Err(err);
-        }
-        e.live.store(true, Ordering::Relaxed);
-        Ok(ProbeHandle { index })
+        Ok(index)
     }
 
     /// Prepares how the instruction at `addr` (original bytes `code`) runs for record
@@ -462,6 +465,206 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
         }
         r
     }
+}
+
+/// Takes staged (linked, unarmed) records back out: unlinked and retired, since a hit
+/// path may have reached them through their chains (reused after a grace period).
+fn unstage(reg: &mut Slots, indices: &[usize]) {
+    for &index in indices {
+        registry::unlink(index);
+        reg.retire(index);
+    }
+}
+
+/// Why a batch was refused: the member (its position in the batch) and its error.
+/// Nothing of the batch is armed and no byte of the program's text was changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchError {
+    /// The position of the member that failed.
+    pub index: usize,
+    /// What was wrong with it.
+    pub error: Error,
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "member {} of the batch: {}", self.index, self.error)
+    }
+}
+
+impl std::error::Error for BatchError {}
+
+/// Registers a set of probes together, all or nothing (the kernel's
+/// `register_kprobes`): either every one is live, or none is and no byte of text
+/// changed. The code writes are batched as the kernel's `text_poke_bp_batch` does:
+/// every breakpoint, then one core sync; sites every `int3`, one sync, every tail, one
+/// sync, every head, one sync. So enabling N probes costs a few `membarrier` calls, not
+/// one or three per probe. The handles come back in the order of the builders.
+pub fn register_batch(probes: impl IntoIterator<Item = ProbeBuilder>) -> Result<Vec<ProbeHandle>, BatchError> {
+    install_handler().map_err(|error| BatchError { index: 0, error })?;
+    let mut reg = registry::lock();
+    let mut staged = Vec::new();
+    for (i, b) in probes.into_iter().enumerate() {
+        match b.stage(&mut reg) {
+            Ok(index) => staged.push(index),
+            Err(error) => {
+                unstage(&mut reg, &staged);
+                return Err(BatchError { index: i, error });
+            }
+        }
+    }
+    if let Err((i, error)) = arm_many(&staged) {
+        unstage(&mut reg, &staged);
+        return Err(BatchError { index: i, error });
+    }
+    Ok(staged
+        .into_iter()
+        .map(|index| {
+            record(index).live.store(true, Ordering::Relaxed);
+            ProbeHandle { index }
+        })
+        .collect())
+}
+
+/// Unregisters a set of probes together, with the code writes batched as in
+/// [`register_batch`]. On error, the probes whose text could not be restored stay
+/// registered (their handles are dropped without another try).
+pub fn unregister_batch(handles: impl IntoIterator<Item = ProbeHandle>) -> Result<(), Error> {
+    let handles: Vec<ProbeHandle> = handles.into_iter().collect();
+    let indices: Vec<usize> = handles.iter().map(|h| h.index).collect();
+    // The handles no longer own their probes: this function unregisters them.
+    handles.into_iter().for_each(std::mem::forget);
+    let mut reg = registry::lock();
+    let r = disarm_many(&indices);
+    for &index in &indices {
+        let e = record(index);
+        if e.addr.load(Ordering::Relaxed) != 0 {
+            continue; // still armed: left registered (see the docs)
+        }
+        registry::unlink(index);
+        e.live.store(false, Ordering::Relaxed);
+        reg.retire(index);
+    }
+    r
+}
+
+/// Arms staged records together (see [`register_batch`]); on error every one is left
+/// unarmed with the text as it was, and the position of the member that failed.
+fn arm_many(indices: &[usize]) -> Result<(), (usize, Error)> {
+    // Which member's code is where it was registered, and which addresses need a write
+    // (no probe armed there yet): breakpoints and sites apart.
+    let mut writes: Vec<(usize, usize)> = Vec::new(); // (member, breakpoint address)
+    let mut sites: Vec<(usize, usize)> = Vec::new(); // (member, site)
+    for (i, &index) in indices.iter().enumerate() {
+        let e = record(index);
+        let target = e.target.load(Ordering::Relaxed);
+        if !still_there(e, target) {
+            return Err((i, Error::CodeGone { addr: target }));
+        }
+        let new_here = registry::armed_at(target).next().is_none();
+        let seen = |v: &[(usize, usize)]| v.iter().any(|(_, t)| *t == target);
+        if e.site.load(Ordering::Relaxed) {
+            if new_here && !seen(&sites) {
+                sites.push((i, target));
+            }
+        } else if new_here && !seen(&writes) {
+            let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
+            if code::read(target, BREAKPOINT.len()).is_none_or(|b| b != orig[..BREAKPOINT.len()]) {
+                return Err((i, Error::CodeGone { addr: target }));
+            }
+            writes.push((i, target));
+        }
+    }
+    // Published before the breakpoints exist, so a trap always finds its probe.
+    let set_addr = |on: bool| {
+        for &index in indices {
+            let e = record(index);
+            e.addr.store(if on { e.target.load(Ordering::Relaxed) } else { 0 }, Ordering::Release);
+        }
+    };
+    set_addr(true);
+    let restore = |upto: usize| {
+        for &(i, t) in &writes[..upto] {
+            let orig = record(indices[i]).orig.load(Ordering::Relaxed).to_ne_bytes();
+            let _ = code::write_code(t, &orig[..BREAKPOINT.len()]);
+        }
+        code::sync_cores();
+    };
+    if let Some((k, (i, e))) = writes.iter().enumerate().find_map(|(k, &(i, t))| code::write_code(t, BREAKPOINT).err().map(|e| (k, (i, e)))) {
+        restore(k);
+        set_addr(false);
+        return Err((i, e));
+    }
+    code::sync_cores();
+    let targets: Vec<usize> = sites.iter().map(|(_, t)| *t).collect();
+    if let Err((k, e)) = crate::site::patch::patch_many(&targets, true) {
+        restore(writes.len());
+        set_addr(false);
+        return Err((sites[k].0, e));
+    }
+    Ok(())
+}
+
+/// Disarms records together (see [`unregister_batch`]): the text restored where no
+/// other armed probe needs it, every record's `addr` cleared after.
+fn disarm_many(indices: &[usize]) -> Result<(), Error> {
+    let ours = |o: &Record| indices.iter().any(|&i| std::ptr::eq(record(i), o));
+    let mut writes: Vec<(usize, usize)> = Vec::new(); // (record, breakpoint address)
+    let mut sites: Vec<usize> = Vec::new();
+    for &index in indices {
+        let e = record(index);
+        let target = e.target.load(Ordering::Relaxed);
+        if e.addr.load(Ordering::Relaxed) == 0 || !still_there(e, target) {
+            continue; // not armed, or its code is gone: nothing to restore
+        }
+        let last = registry::armed_at(target).all(|(_, o)| ours(o));
+        if !last {
+            continue;
+        }
+        if e.site.load(Ordering::Relaxed) {
+            if !sites.contains(&target) {
+                sites.push(target);
+            }
+        } else if !writes.iter().any(|(_, t)| *t == target) && our_breakpoint_at(target) {
+            writes.push((index, target));
+        }
+    }
+    let mut result = Ok(());
+    for &(index, t) in &writes {
+        let orig = record(index).orig.load(Ordering::Relaxed).to_ne_bytes();
+        if let Err(e) = code::write_code(t, &orig[..BREAKPOINT.len()]) {
+            result = result.and(Err(e));
+        }
+    }
+    code::sync_cores();
+    // Sites whose code is gone are left alone (`patch_many` names them: dropped, and
+    // the others patched again); on another error every site stays enabled.
+    let mut failed_sites: Vec<usize> = Vec::new();
+    loop {
+        match crate::site::patch::patch_many(&sites, false) {
+            Ok(()) => break,
+            Err((k, Error::CodeGone { .. })) => {
+                sites.remove(k);
+            }
+            Err((_, e)) => {
+                result = result.and(Err(e));
+                failed_sites = sites;
+                break;
+            }
+        }
+    }
+    for &index in indices {
+        let e = record(index);
+        let target = e.target.load(Ordering::Relaxed);
+        let restored = match e.site.load(Ordering::Relaxed) {
+            true => !failed_sites.contains(&target),
+            false => !writes.iter().any(|(_, t)| *t == target) || !our_breakpoint_at(target),
+        };
+        if restored {
+            e.addr.store(0, Ordering::Release);
+        }
+    }
+    result
 }
 
 /// A registered probe; unregistered when dropped.
