@@ -56,6 +56,11 @@ pub fn bp_expected(n: usize) -> u32 {
     BP_BASE + n as u32
 }
 
+/// Calls `scale_site_n(x)`.
+pub fn call_site(n: usize, x: u64) -> u64 {
+    SITE_TABLE[n](x)
+}
+
 /// What `scale_site_n(x)` returns.
 pub fn site_expected(n: usize, x: u64) -> u64 {
     x.wrapping_add(n as u64)

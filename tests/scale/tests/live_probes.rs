@@ -101,8 +101,8 @@ fn live(total: usize) {
     let site_time = start.elapsed();
     measure("register site probe", per(site_time, site_probes));
     let start = Instant::now();
-    for func in 0..rets {
-        let handle = ReturnProbe::builder().function(BP_TABLE[func]).handler(count_return).register().unwrap_or_else(|e| {
+    for (func, f) in BP_TABLE.iter().enumerate().take(rets) {
+        let handle = ReturnProbe::builder().function(*f).handler(count_return).register().unwrap_or_else(|e| {
             panic!("return probe {func} of {rets} (scale_bp_{func}), with {} probes live: {e}", probes.len())
         });
         probes.push(Live::Return { func, handle });
@@ -133,7 +133,7 @@ fn live(total: usize) {
             assert_eq!(call_bp(n), bp_expected(n), "scale_bp_{n}() with probes live");
         }
         for n in 0..SITE_FUNCTIONS {
-            assert_eq!(SITE_TABLE[n](round), site_expected(n, round), "scale_site_{n}({round}) with probes live");
+            assert_eq!(call_site(n, round), site_expected(n, round), "scale_site_{n}({round}) with probes live");
         }
     }
     measure("call every function", format!("{:.3} s for {} calls", start.elapsed().as_secs_f64(), CALLS as usize * (BP_FUNCTIONS + SITE_FUNCTIONS)));
@@ -181,7 +181,7 @@ fn live(total: usize) {
         assert_eq!(call_bp(n), bp_expected(n));
     }
     for n in 0..SITE_FUNCTIONS {
-        assert_eq!(SITE_TABLE[n](7), site_expected(n, 7));
+        assert_eq!(call_site(n, 7), site_expected(n, 7));
     }
     assert_eq!(stray_hits(), 0);
     for (n, a) in bp_addrs.iter().enumerate() {
