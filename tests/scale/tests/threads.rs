@@ -17,7 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Threads alive at once. The issue asks for at least 2,000 on both lanes; kept on
-/// aarch64 (qemu-user runs each guest thread as a host thread).
+/// aarch64 (qemu-user runs each guest thread as a host thread). Measured today
+/// (2026-12, before the runtime's rewrite): natively all 2,000 pass through the
+/// sample-every-thread path; under qemu-aarch64, 1,000 threads pass and 1,100 do not
+/// (no grace period completes, retired records are never reused, and round 255's
+/// registration is refused with `TooManyProbes`).
 const THREADS: usize = 2_000;
 /// Rounds of four registrations and four unregistrations: 4,800 cycles, well past the
 /// 1,024 records a process has today (and past the 1,100 the issue's reuse needs).
@@ -25,16 +29,17 @@ const ROUNDS: usize = 1_200;
 /// Each thread's stack: small, so that 2,000 of them are cheap (a breakpoint hit needs
 /// about 3.4 KiB of it, see probe-rt's `probe` docs).
 const STACK: usize = 64 << 10;
-/// How long a thread sleeps between two rounds of calls. The threads are there to be
+/// How long a thread sleeps between two rounds of calls (longer under qemu, whose traps
+/// cost ~10 times more). The threads are there to be
 /// alive and in the hit paths, not to saturate the machine: with 20 ms, 2,000 threads
 /// kept two cores busy (load ~1,400), every grace period waited for 2,000 runnable
 /// threads to be scheduled, single registrations took up to 12 s and the rounds did
 /// not finish in 10 minutes. With 100 ms they make ~20,000 rounds of calls a second.
-const PAUSE: Duration = Duration::from_millis(100);
+const PAUSE: Duration = Duration::from_millis(if SLOW_LANE { 500 } else { 100 });
 
 #[test]
 fn two_thousand_threads() {
-    run_child("child_two_thousand_threads", timeout(600));
+    run_child("child_two_thousand_threads", timeout(300));
 }
 
 #[test]
