@@ -1,0 +1,189 @@
+//! Many threads alive at once, each hitting probes (issue 12, "Any number of
+//! threads"): while [`THREADS`] threads call probed functions in a loop, the main thread
+//! registers and unregisters probes for [`ROUNDS`] rounds, on the functions they call,
+//! four per round. That is more register/unregister cycles than the runtime's records
+//! (1,024 today), so records must be reused, which needs grace periods that complete
+//! with every thread of the process in them. Every call's result must be right, every
+//! registration must succeed, and the two probes live throughout must count every call.
+//!
+//! Today the runtime remembers 1,024 threads; past that, a grace period samples every
+//! thread of the process. Times per registration and unregistration (a grace period
+//! runs inside a registration now and then) are printed, not asserted.
+
+use probekit::{Probe, ProbeHandle, PtRegs};
+use scale_tests::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Threads alive at once. The issue asks for at least 2,000 on both lanes; kept on
+/// aarch64 (qemu-user runs each guest thread as a host thread). Measured today
+/// (2026-12, before the runtime's rewrite): natively all 2,000 pass through the
+/// sample-every-thread path; under qemu-aarch64, 1,000 threads pass and 1,100 do not
+/// (no grace period completes, retired records are never reused, and round 255's
+/// registration is refused with `TooManyProbes`).
+const THREADS: usize = 2_000;
+/// Rounds of four registrations and four unregistrations: 4,800 cycles, well past the
+/// 1,024 records a process has today (and past the 1,100 the issue's reuse needs).
+const ROUNDS: usize = 1_200;
+/// Each thread's stack: small, so that 2,000 of them are cheap (a breakpoint hit needs
+/// about 3.4 KiB of it, see probe-rt's `probe` docs).
+const STACK: usize = 64 << 10;
+/// How long a thread sleeps between two rounds of calls (longer under qemu, whose traps
+/// cost ~10 times more). The threads are there to be
+/// alive and in the hit paths, not to saturate the machine: with 20 ms, 2,000 threads
+/// kept two cores busy (load ~1,400), every grace period waited for 2,000 runnable
+/// threads to be scheduled, single registrations took up to 12 s and the rounds did
+/// not finish in 10 minutes. With 100 ms they make ~20,000 rounds of calls a second.
+const PAUSE: Duration = Duration::from_millis(if SLOW_LANE { 500 } else { 100 });
+
+#[test]
+fn two_thousand_threads() {
+    run_child("child_two_thousand_threads", timeout(300));
+}
+
+#[test]
+#[ignore = "child of two_thousand_threads"]
+fn child_two_thousand_threads() {
+    if is_child() {
+        threads();
+    }
+}
+
+/// Hits of the probes registered and unregistered during the rounds.
+static CHURN_HITS: AtomicU64 = AtomicU64::new(0);
+
+fn churn(_: &mut PtRegs) {
+    CHURN_HITS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What the threads share.
+struct Shared {
+    stop: AtomicBool,
+    /// Threads that made their first calls.
+    ready: AtomicUsize,
+    /// Calls with a wrong result.
+    wrong: AtomicU64,
+}
+
+/// One thread's loop: `scale_bp_0` and `scale_site_0` (probed throughout), and a
+/// plain and a traceable function that the rounds probe in turn, until told to stop.
+/// Returns how many times it called each of the first two.
+fn worker(id: usize, shared: &Shared) -> u64 {
+    let mut calls = 0u64;
+    loop {
+        let k = 1 + (id + calls as usize) % (BP_FUNCTIONS - 1);
+        let j = 1 + (id + calls as usize) % (SITE_FUNCTIONS - 1);
+        let x = id as u64 * 1_000_003 + calls;
+        let ok = call_bp(0) == bp_expected(0)
+            && call_site(0, x) == site_expected(0, x)
+            && call_bp(k) == bp_expected(k)
+            && call_site(j, x) == site_expected(j, x);
+        if !ok {
+            shared.wrong.fetch_add(1, Ordering::Relaxed);
+        }
+        calls += 1;
+        if calls == 1 {
+            shared.ready.fetch_add(1, Ordering::Release);
+        }
+        if shared.stop.load(Ordering::Acquire) {
+            return calls;
+        }
+        std::thread::sleep(PAUSE);
+    }
+}
+
+/// A generated function, by index.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Bp(usize),
+    Site(usize),
+}
+
+impl Target {
+    /// Registers a probe on it that counts into [`CHURN_HITS`].
+    fn register(self) -> Result<ProbeHandle, probekit::Error> {
+        match self {
+            Target::Bp(n) => Probe::builder().function(BP_TABLE[n]).pre(churn).register(),
+            Target::Site(n) => Probe::builder().function(SITE_TABLE[n]).pre(churn).register(),
+        }
+    }
+}
+
+fn threads() {
+    // A knob for investigating (`PROBEKIT_SCALE_THREADS=500`): how the time depends on
+    // the thread count. The test asserts with the default.
+    let threads = std::env::var("PROBEKIT_SCALE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(THREADS);
+    let site_addrs = site_addresses();
+    let bp_addrs: Vec<usize> = (0..BP_FUNCTIONS).map(bp_address).collect();
+    let before: Vec<_> = bp_addrs.iter().chain(&site_addrs).map(|a| text_at(*a)).collect();
+    set_hit_table(vec![bp_addrs[0], site_addrs[0]]);
+    let fixed_bp = Probe::builder().function(BP_TABLE[0]).pre(count_hit).register().expect("the breakpoint probe threads hit");
+    let fixed_site = Probe::builder().function(SITE_TABLE[0]).pre(count_hit).register().expect("the site probe threads hit");
+
+    let shared = Arc::new(Shared { stop: AtomicBool::new(false), ready: AtomicUsize::new(0), wrong: AtomicU64::new(0) });
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|id| {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("scale-{id}"))
+                .stack_size(STACK)
+                .spawn(move || worker(id, &shared))
+                .unwrap_or_else(|e| panic!("start thread {id} of {threads}: {e}"))
+        })
+        .collect();
+    while shared.ready.load(Ordering::Acquire) < threads {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    measure("threads", format!("{threads} alive, each made its first calls, after {:.2} s", start.elapsed().as_secs_f64()));
+
+    // The rounds: four probes registered, then unregistered, while every thread calls.
+    let (mut reg_time, mut unreg_time, mut slowest) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let rounds_start = Instant::now();
+    for r in 0..ROUNDS {
+        let k = 1 + r % (BP_FUNCTIONS - 1);
+        let j = 1 + r % (SITE_FUNCTIONS - 1);
+        let mut live = Vec::with_capacity(4);
+        for (what, f) in [("scale_bp_0", Target::Bp(0)), ("scale_site_0", Target::Site(0)), ("scale_bp_k", Target::Bp(k)), ("scale_site_j", Target::Site(j))] {
+            let t = Instant::now();
+            let p = f
+                .register()
+                .unwrap_or_else(|e| panic!("round {r} of {ROUNDS}: a probe on {what} ({f:?}) was refused, with {threads} threads running: {e}"));
+            let d = t.elapsed();
+            reg_time += d;
+            slowest = slowest.max(d);
+            live.push(p);
+        }
+        let t = Instant::now();
+        for p in live {
+            p.unregister().unwrap_or_else(|e| panic!("round {r}: unregister: {e}"));
+        }
+        unreg_time += t.elapsed();
+        if (r + 1) % 100 == 0 {
+            measure("progress", format!("{} rounds after {:.2} s, slowest registration so far {}", r + 1, rounds_start.elapsed().as_secs_f64(), per(slowest, 1)));
+        }
+    }
+    let cycles = 4 * ROUNDS;
+    measure(
+        "rounds",
+        format!("{ROUNDS} rounds, {cycles} register/unregister cycles in {:.2} s, {} probe hits meanwhile", rounds_start.elapsed().as_secs_f64(), CHURN_HITS.load(Ordering::Relaxed)),
+    );
+    measure("register (threads running)", format!("{} per probe, slowest {}", per(reg_time, cycles), per(slowest, 1)));
+    measure("unregister (threads running)", per(unreg_time, cycles));
+
+    shared.stop.store(true, Ordering::Release);
+    let calls: Vec<u64> = handles.into_iter().map(|h| h.join().expect("a worker thread panicked")).collect();
+    let total: u64 = calls.iter().sum();
+    measure("calls", format!("{total} per probed function, {} per thread at least", calls.iter().min().unwrap_or(&0)));
+
+    assert_eq!(shared.wrong.load(Ordering::Relaxed), 0, "calls with a wrong result");
+    assert_eq!(stray_hits(), 0, "no handler ran at an address that is no probed function");
+    assert_eq!((fixed_bp.nhit(), fixed_bp.nmissed()), (total, 0), "(nhit, nmissed) of the breakpoint probe every thread hit");
+    assert_eq!((fixed_site.nhit(), fixed_site.nmissed()), (total, 0), "(nhit, nmissed) of the site probe every thread hit");
+    assert_eq!((hits_at(bp_addrs[0]), hits_at(site_addrs[0])), (total, total), "hits counted at each function's own address");
+    fixed_bp.unregister().expect("unregister");
+    fixed_site.unregister().expect("unregister");
+    let after: Vec<_> = bp_addrs.iter().chain(&site_addrs).map(|a| text_at(*a)).collect();
+    assert!(before == after, "the text of every generated function is restored byte for byte");
+}
