@@ -608,7 +608,8 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error)> {
 /// Disarms records together (see [`unregister_batch`]): the text restored where no
 /// other armed probe needs it, every record's `addr` cleared after.
 fn disarm_many(indices: &[usize]) -> Result<(), Error> {
-    let ours = |o: &Record| indices.iter().any(|&i| std::ptr::eq(record(i), o));
+    let batch: std::collections::HashSet<usize> = indices.iter().map(|&i| record(i) as *const Record as usize).collect();
+    let ours = |o: &Record| batch.contains(&(o as *const Record as usize));
     let mut writes: Vec<(usize, usize)> = Vec::new(); // (record, breakpoint address)
     let mut sites: Vec<usize> = Vec::new();
     for &index in indices {

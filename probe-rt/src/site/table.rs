@@ -61,6 +61,43 @@ static_assertions::const_assert_eq!(std::mem::size_of::<RawEntry>(), SITE_RECORD
 /// Each instance of a generic function has its own site, listed under the same name.
 /// Not for signal context: it reads `/proc/self/maps` and the ELF files, and allocates.
 pub fn sites() -> Vec<SiteInfo> {
+    index().list.clone()
+}
+
+/// The sites, with look-ups by address: read once per set of loaded objects (the
+/// loader's generation, see `sys::maps`), since registration asks several times per
+/// probe and the tables of loaded objects do not change.
+struct Index {
+    list: Vec<SiteInfo>,
+    /// Position in `list` of the site whose first byte, or whose function, is the key.
+    by_addr: std::collections::HashMap<usize, usize>,
+    /// `(site, position in list)`, sorted: for the site an address is inside of.
+    sorted: Vec<(usize, usize)>,
+}
+
+fn index() -> std::sync::Arc<Index> {
+    static CACHE: Mutex<Option<(u64, std::sync::Arc<Index>)>> = Mutex::new(None);
+    let generation = crate::sys::maps::loader_generation();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((g, index)) = &*cache {
+        if *g == generation && generation != u64::MAX {
+            return index.clone();
+        }
+    }
+    let list = read_sites();
+    let mut by_addr = std::collections::HashMap::with_capacity(2 * list.len());
+    for (i, s) in list.iter().enumerate().rev() {
+        by_addr.insert(s.function, i);
+        by_addr.insert(s.site, i);
+    }
+    let mut sorted: Vec<(usize, usize)> = list.iter().enumerate().map(|(i, s)| (s.site, i)).collect();
+    sorted.sort_unstable();
+    let index = std::sync::Arc::new(Index { list, by_addr, sorted });
+    *cache = Some((generation, index.clone()));
+    index
+}
+
+fn read_sites() -> Vec<SiteInfo> {
     let objects = loaded_objects();
     let tables: Vec<Table> = crate::sys::maps::images()
         .iter()
@@ -85,12 +122,16 @@ pub fn sites() -> Vec<SiteInfo> {
 
 /// The site whose first byte, or whose function, is at `addr`.
 pub(crate) fn site_of(addr: usize) -> Option<SiteInfo> {
-    sites().into_iter().find(|s| s.site == addr || s.function == addr)
+    let index = index();
+    index.by_addr.get(&addr).map(|i| index.list[*i].clone())
 }
 
 /// The site `addr` is strictly inside of (not its first byte).
 pub(crate) fn site_around(addr: usize) -> Option<SiteInfo> {
-    sites().into_iter().find(|s| s.site < addr && addr < s.site + SITE_LEN)
+    let index = index();
+    let below = index.sorted.partition_point(|(site, _)| *site < addr);
+    let (site, i) = *index.sorted[..below].last()?;
+    (addr < site + SITE_LEN).then(|| index.list[i].clone())
 }
 
 /// Where an image's `probekit_sites` section is in memory.

@@ -98,7 +98,7 @@ static MAPS: Mutex<(u64, Option<Arc<Vec<Line>>>)> = Mutex::new((0, None));
 
 /// How many objects the dynamic loader has loaded plus unloaded so far: changes with
 /// every `dlopen` and `dlclose` that maps or unmaps something.
-fn loader_generation() -> u64 {
+pub(crate) fn loader_generation() -> u64 {
     /// # Safety
     /// `info` must point to a valid `dl_phdr_info` and `data` to a `u64`.
     unsafe extern "C" fn first(info: *mut libc::dl_phdr_info, size: usize, data: *mut libc::c_void) -> libc::c_int {

@@ -92,9 +92,20 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
-    /// The images mapped now, with their functions.
-    pub(crate) fn now() -> Snapshot {
-        Snapshot { images: crate::sys::maps::images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() }
+    /// The images mapped now, with their functions: read again only when the loader
+    /// has loaded or unloaded something since (see `sys::maps`).
+    pub(crate) fn now() -> Arc<Snapshot> {
+        static CACHE: Mutex<Option<(u64, Arc<Snapshot>)>> = Mutex::new(None);
+        let generation = crate::sys::maps::loader_generation();
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, s)) = &*cache {
+            if *g == generation && generation != u64::MAX {
+                return s.clone();
+            }
+        }
+        let s = Arc::new(Snapshot { images: crate::sys::maps::images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() });
+        *cache = Some((generation, s.clone()));
+        s
     }
 
     /// The function named `name` (the executable first, then the libraries): its

@@ -48,6 +48,10 @@ fn child_hundred_thousand_live_probes() {
     }
 }
 
+/// Probes registered one by one before the rest go in batches of [`BATCH`].
+const SINGLES: usize = 500;
+const BATCH: usize = 5_000;
+
 /// One probe of the scenario.
 enum Live {
     Breakpoint { func: usize, handle: ProbeHandle },
@@ -77,7 +81,9 @@ fn live(total: usize) {
 
     let mut probes: Vec<Live> = Vec::with_capacity(total);
     let start = Instant::now();
-    for i in 0..bps {
+    // The first ones one by one, the rest in batches (the kernel's register_kprobes).
+    let singles = |n: usize| n.min(SINGLES);
+    for i in 0..singles(bps) {
         let func = i % BP_FUNCTIONS;
         let handle = Probe::builder().function(BP_TABLE[func]).pre(count_hit).register().unwrap_or_else(|e| {
             panic!("breakpoint probe {i} of {bps} (scale_bp_{func}), with {} probes live: {e}", probes.len())
@@ -86,10 +92,23 @@ fn live(total: usize) {
         bp_count[func] += 1;
         probes.push(Live::Breakpoint { func, handle });
     }
+    measure("register breakpoint probe, one by one", per(start.elapsed(), singles(bps)));
+    let batch_start = Instant::now();
+    for chunk in (singles(bps)..bps).collect::<Vec<_>>().chunks(BATCH) {
+        let builders = chunk.iter().map(|i| Probe::builder().function(BP_TABLE[i % BP_FUNCTIONS]).pre(count_hit));
+        let handles = probekit::register_batch(builders).unwrap_or_else(|e| panic!("a batch of breakpoint probes, with {} probes live: {e}", probes.len()));
+        for (i, handle) in chunk.iter().zip(handles) {
+            let func = i % BP_FUNCTIONS;
+            assert_eq!(handle.address(), bp_addrs[func], "the probe is on scale_bp_{func}");
+            bp_count[func] += 1;
+            probes.push(Live::Breakpoint { func, handle });
+        }
+    }
+    measure("register breakpoint probe, in batches", per(batch_start.elapsed(), bps - singles(bps)));
     let bp_time = start.elapsed();
     measure("register breakpoint probe", per(bp_time, bps));
     let start = Instant::now();
-    for i in 0..site_probes {
+    for i in 0..singles(site_probes) {
         let func = i % SITE_FUNCTIONS;
         let handle = Probe::builder().function(SITE_TABLE[func]).pre(count_hit).register().unwrap_or_else(|e| {
             panic!("site probe {i} of {site_probes} (scale_site_{func}), with {} probes live: {e}", probes.len())
@@ -98,6 +117,19 @@ fn live(total: usize) {
         site_count[func] += 1;
         probes.push(Live::Site { func, handle });
     }
+    measure("register site probe, one by one", per(start.elapsed(), singles(site_probes)));
+    let batch_start = Instant::now();
+    for chunk in (singles(site_probes)..site_probes).collect::<Vec<_>>().chunks(BATCH) {
+        let builders = chunk.iter().map(|i| Probe::builder().function(SITE_TABLE[i % SITE_FUNCTIONS]).pre(count_hit));
+        let handles = probekit::register_batch(builders).unwrap_or_else(|e| panic!("a batch of site probes, with {} probes live: {e}", probes.len()));
+        for (i, handle) in chunk.iter().zip(handles) {
+            let func = i % SITE_FUNCTIONS;
+            assert_eq!(handle.address(), site_addrs[func], "the probe is on the site of scale_site_{func}");
+            site_count[func] += 1;
+            probes.push(Live::Site { func, handle });
+        }
+    }
+    measure("register site probe, in batches", per(batch_start.elapsed(), site_probes - singles(site_probes)));
     let site_time = start.elapsed();
     measure("register site probe", per(site_time, site_probes));
     let start = Instant::now();
@@ -158,12 +190,19 @@ fn live(total: usize) {
 
     // Unregister every one: the text comes back byte for byte.
     let start = Instant::now();
+    let (mut plain, mut rets_live) = (Vec::new(), Vec::new());
     for p in probes {
-        let r = match p {
-            Live::Breakpoint { handle, .. } | Live::Site { handle, .. } => handle.unregister(),
-            Live::Return { handle, .. } => handle.unregister(),
-        };
-        r.expect("unregister");
+        match p {
+            Live::Breakpoint { handle, .. } | Live::Site { handle, .. } => plain.push(handle),
+            Live::Return { handle, .. } => rets_live.push(handle),
+        }
+    }
+    for h in rets_live {
+        h.unregister().expect("unregister a return probe");
+    }
+    while !plain.is_empty() {
+        let rest = plain.split_off(plain.len().saturating_sub(BATCH));
+        probekit::unregister_batch(rest).expect("unregister a batch");
     }
     let t = start.elapsed();
     measure("unregister", format!("{:.3} s, {} per probe", t.as_secs_f64(), per(t, total)));
