@@ -1,12 +1,22 @@
-//! Writing code: page protection, stores, and instruction-cache sync.
+//! Writing code: through the kernel or through page protections, and instruction-cache
+//! sync.
 //!
-//! Code is changed by a plain store after `mprotect` makes its pages writable, and
-//! the pages get their original protection back right after, on success or error.
-//! A store, not a write through `/proc/self/mem`: under `qemu-aarch64` (the aarch64
-//! test lane) only a store is seen by already-translated code (DESIGN.md). The page
-//! keeps `PROT_EXEC` while it is writable, so threads running through it go on; the
-//! store itself is one aligned naturally-atomic write (x86_64: the one `int3` byte;
-//! aarch64: the aligned 4-byte word), so they see the old or the new instruction.
+//! Two ways to write code ([`WriteMode`]), chosen once by a self-test:
+//! - [`WriteMode::Kernel`], the default: `pwrite` on `/proc/self/mem`, as the kernel's
+//!   own `text_poke` writes through an alias. No page is ever writable and executable,
+//!   not even for a moment, and a page unmapped by another thread meanwhile (a racing
+//!   `dlclose`) gives an error, not a SIGSEGV. The kernel breaks copy-on-write and
+//!   copies the bytes with one `memcpy` of the length asked: a 1-byte write (the x86_64
+//!   `int3`, the only write a running thread can meet outside the `text_poke_bp`
+//!   protocol) is one byte store.
+//! - [`WriteMode::Mprotect`], the fallback: a plain store while `mprotect` makes the
+//!   pages writable (and executable: threads running through them go on), their
+//!   protection given back right after. Used where the self-test shows that a write
+//!   through the kernel is not seen by code that already ran: qemu-user (the aarch64
+//!   lane) keeps its translation of the old instruction (DESIGN.md). Kernels that
+//!   refuse `/proc/self/mem` writes (`PROC_MEM_NO_FORCE`) also land here.
+//!
+//! `PROBEKIT_TEXT_WRITE=kernel` or `=mprotect` forces a mode (for tests of both).
 
 use crate::Error;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
@@ -57,15 +67,79 @@ fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(
     }
 }
 
+/// How code is written (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Through the kernel (`/proc/self/mem`): no page is ever writable and executable.
+    Kernel,
+    /// A store while `mprotect` makes the page writable (qemu-user, kernels that
+    /// refuse `/proc/self/mem` writes).
+    Mprotect,
+}
+
+/// The mode in use: forced by `PROBEKIT_TEXT_WRITE`, else the kernel's if the
+/// self-test shows it works here.
+pub fn write_mode() -> WriteMode {
+    static MODE: std::sync::OnceLock<WriteMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("PROBEKIT_TEXT_WRITE").as_deref() {
+        Ok("kernel") => WriteMode::Kernel,
+        Ok("mprotect") => WriteMode::Mprotect,
+        _ if kernel_write_works() => WriteMode::Kernel,
+        _ => WriteMode::Mprotect,
+    })
+}
+
+/// `/proc/self/mem`, opened once for writing.
+fn proc_mem() -> Option<&'static std::fs::File> {
+    static MEM: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    MEM.get_or_init(|| std::fs::OpenOptions::new().read(true).write(true).open("/proc/self/mem").ok()).as_ref()
+}
+
+/// Writes `bytes` at `addr` through `/proc/self/mem`.
+fn kernel_write(addr: usize, bytes: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::FileExt;
+    let mem = proc_mem().ok_or_else(|| Error::last_os(addr, "open /proc/self/mem"))?;
+    match mem.write_at(bytes, addr as u64) {
+        Ok(n) if n == bytes.len() => Ok(()),
+        Ok(_) => Err(Error::Os { addr, call: "pwrite /proc/self/mem", errno: libc::EIO }),
+        Err(e) => Err(Error::Os { addr, call: "pwrite /proc/self/mem", errno: e.raw_os_error().unwrap_or(0) }),
+    }
+}
+
+/// The self-test: a probekit-owned function is run, rewritten through the kernel and
+/// run again; the write works here if the second run returns the new value.
+fn kernel_write_works() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let (before, after): (&[u8], &[u8]) = (&[0xb8, 1, 0, 0, 0, 0xc3], &[0xb8, 42, 0, 0, 0, 0xc3]); // mov eax, imm32; ret
+    #[cfg(target_arch = "aarch64")]
+    let (before, after): (&[u8], &[u8]) = (&[0x20, 0x00, 0x80, 0x52, 0xc0, 0x03, 0x5f, 0xd6], &[0x40, 0x05, 0x80, 0x52, 0xc0, 0x03, 0x5f, 0xd6]); // mov w0, #imm; ret
+    let Ok(f) = alloc_code(before) else { return false };
+    // SAFETY: `f` is a fresh read+execute page holding `mov eax/w0, 1; ret`, a function
+    // of the C ABI taking nothing and returning an int.
+    let run = || unsafe { std::mem::transmute::<usize, extern "C" fn() -> u32>(f)() };
+    let works = run() == 1 && kernel_write(f, after).is_ok() && {
+        sync_icache(f, after.len());
+        run() == 42
+    };
+    // The page stays mapped (never freed, one page for the life of the process): a
+    // thread cannot be in it, but freeing it gains nothing.
+    works
+}
+
 /// Writes `bytes` at `addr` in executable memory, then synchronises the instruction
-/// cache; the pages are writable only for the store. A breakpoint (x86_64: 1 byte,
-/// aarch64: an aligned 4-byte word) is one atomic store, so threads executing it see
-/// the old or the new instruction; longer writes are for code no thread runs yet
-/// (fresh out-of-line slots).
+/// cache, in the [`write_mode`]. A breakpoint (x86_64: 1 byte, aarch64: an aligned
+/// 4-byte word) is one atomic store, so threads executing it see the old or the new
+/// instruction; longer writes are for code no thread runs yet (fresh out-of-line
+/// slots) or guarded by the `text_poke_bp` protocol.
 pub(crate) fn write_code(addr: usize, bytes: &[u8]) -> Result<(), Error> {
     let m = crate::sys::maps::executable(addr)?;
     if addr + bytes.len() > m.end {
         return Err(Error::NotExecutable { addr: m.end });
+    }
+    if write_mode() == WriteMode::Kernel {
+        kernel_write(addr, bytes)?;
+        sync_icache(addr, bytes.len());
+        return Ok(());
     }
     let ps = page_size();
     let start = addr & !(ps - 1);

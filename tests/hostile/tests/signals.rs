@@ -92,7 +92,9 @@ fn external_sigtrap_reaches_the_programs_handler() {
     out.assert_ok();
     let d = out.describe();
     assert!(out.number("own_kill") >= 1, "a SIGTRAP sent to the process reaches the program's handler\n{d}");
-    assert_eq!(out.number("own"), 200, "every SIGTRAP sent to the thread reaches the program's handler\n{d}");
+    // One more at most: a SIGTRAP sent to the process still pending (standard signals
+    // do not queue) may be delivered during the thread's 200.
+    assert!((200..=201).contains(&out.number("own")), "every SIGTRAP sent to the thread reaches the program's handler\n{d}");
     assert_eq!(out.number("value"), 15, "{d}");
     assert_eq!(out.number("nhit"), 2, "the probe still works\n{d}");
 }
