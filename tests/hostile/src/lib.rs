@@ -38,7 +38,8 @@ pub fn emulated() -> bool {
     cross_runner().is_some()
 }
 
-fn cross_runner() -> Option<String> {
+/// The cross runner (the aarch64 lane's qemu command line), if any.
+pub fn cross_runner() -> Option<String> {
     std::env::var("CROSS_RUNNER").ok().filter(|r| !r.trim().is_empty())
 }
 
@@ -143,6 +144,12 @@ pub fn signal_name(sig: i32) -> &'static str {
 /// Runs child test `name` of this test binary in a process of its own, with extra
 /// environment `env`, and waits for it (at most the timeout: then it is killed).
 pub fn run_child_with(name: &str, env: &[(&str, &str)]) -> Outcome {
+    spawn_child(name, env, timeout())
+}
+
+/// [`run_child_with`] with a timeout of the caller's (the scale tests' scenarios run
+/// longer): the harness other test crates of the workspace share.
+pub fn spawn_child(name: &str, env: &[(&str, &str)], timeout: Duration) -> Outcome {
     let exe = std::env::current_exe().expect("the test binary's path");
     let mut cmd = match cross_runner() {
         Some(runner) => {
@@ -173,7 +180,7 @@ pub fn run_child_with(name: &str, env: &[(&str, &str)]) -> Outcome {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + timeout();
+    let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait().expect("wait for the child") {
             Some(s) => break Some(s),

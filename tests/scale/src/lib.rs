@@ -16,12 +16,9 @@
 //! aarch64 lane the child is started through `CROSS_RUNNER` (qemu-user).
 
 use probekit::PtRegs;
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 include!(concat!(env!("OUT_DIR"), "/bp_functions.rs"));
 
@@ -174,21 +171,10 @@ pub fn measure(what: &str, value: impl std::fmt::Display) {
     let _ = out.flush();
 }
 
-// ---- the child-process harness (after tests/hostile) ----
+// ---- the child-process harness: tests/hostile's ----
 
-/// The environment variable that tells a child test it was started by its parent.
-const CHILD_ENV: &str = "PROBEKIT_SCALE_CHILD";
-
-/// The cross runner (the aarch64 lane's qemu command line), if any.
-fn cross_runner() -> Option<String> {
-    std::env::var("CROSS_RUNNER").ok().filter(|r| !r.trim().is_empty())
-}
-
-/// Whether this process is a child started by [`run_child`]: child tests return at once
-/// otherwise (so `cargo test -- --ignored` does not run them all in one process).
-pub fn is_child() -> bool {
-    std::env::var_os(CHILD_ENV).is_some()
-}
+pub use hostile_tests::is_child;
+use hostile_tests::cross_runner;
 
 /// One scenario at a time per test binary: scenarios measure time, and two at once on a
 /// two-core machine would measure each other.
@@ -199,60 +185,9 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// `timeout`.
 pub fn run_child(name: &str, timeout: Duration) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let mut cmd = match cross_runner() {
-        Some(runner) => {
-            let mut words = runner.split_whitespace();
-            let mut c = Command::new(words.next().expect("a runner command"));
-            c.args(words).arg(&exe);
-            c
-        }
-        None => Command::new(&exe),
-    };
-    cmd.args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1", "-q"])
-        .env(CHILD_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().expect("start the child test");
-    // Drained on threads of their own, so that a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        match child.try_wait().expect("wait for the child") {
-            Some(s) => break Some(s),
-            None if start.elapsed() >= timeout => {
-                // The child is ours, killed by its own id.
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
-    let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
-    println!("--- child `{name}` ({:.1} s)\n{stdout}{stderr}---", start.elapsed().as_secs_f64());
-    let how = match status {
-        None => format!("HUNG (killed after {} s)", timeout.as_secs()),
-        Some(s) if s.success() => return,
-        Some(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => format!("exited with {c}"),
-            (_, Some(sig)) => format!("killed by signal {sig}"),
-            _ => format!("{s}"),
-        },
-    };
-    panic!("child `{name}` {how} (its output is above)");
+    let out = hostile_tests::spawn_child(name, &[], timeout);
+    println!("{}", out.describe());
+    assert!(out.exited_ok(), "child `{name}` failed (its output is above)");
 }
 
 /// The time a scenario may take before it counts as hung: qemu-user is slower (the
