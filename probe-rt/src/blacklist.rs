@@ -172,7 +172,7 @@ fn exec_family(symbols: &Snapshot) -> Vec<Blacklisted> {
 /// The entry points of probekit's hit paths, named: the roots of the blacklist's
 /// closure (see `blacklist`).
 pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
-    let mut roots = vec![
+    let roots = vec![
         ("probekit's hit-path bookkeeping", crate::grace::enter as *const () as usize),
         ("probekit's hit-path bookkeeping", crate::grace::leave as *const () as usize),
         ("probekit's hit-path bookkeeping", crate::grace::Thread::enter as *const () as usize),
@@ -197,10 +197,14 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         ("libc raise (trap chaining)", libc::raise as *const () as usize),
     ];
     #[cfg(target_arch = "x86_64")]
-    roots.extend([
-        ("probekit's site dispatcher", crate::site::patch::redirected as *const () as usize),
-        ("probekit's stack-exhaustion handler", crate::breakpoint::trap::on_sigsegv as *const () as usize),
-    ]);
+    let roots = {
+        let mut roots = roots;
+        roots.extend([
+            ("probekit's site dispatcher", crate::site::patch::redirected as *const () as usize),
+            ("probekit's stack-exhaustion handler", crate::breakpoint::trap::on_sigsegv as *const () as usize),
+        ]);
+        roots
+    };
     roots
 }
 

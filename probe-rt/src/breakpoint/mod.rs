@@ -555,19 +555,30 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error)> {
     // (no probe armed there yet): breakpoints and sites apart.
     let mut writes: Vec<(usize, usize)> = Vec::new(); // (member, breakpoint address)
     let mut sites: Vec<(usize, usize)> = Vec::new(); // (member, site)
+    let mut seen = std::collections::HashSet::new();
     for (i, &index) in indices.iter().enumerate() {
         let e = record(index);
         let target = e.target.load(Ordering::Relaxed);
         if !still_there(e, target) {
             return Err((i, Error::CodeGone { addr: target }));
         }
-        let new_here = registry::armed_at(target).next().is_none();
-        let seen = |v: &[(usize, usize)]| v.iter().any(|(_, t)| *t == target);
-        if e.site.load(Ordering::Relaxed) {
-            if new_here && !seen(&sites) {
-                sites.push((i, target));
+        let site = e.site.load(Ordering::Relaxed);
+        // Armed records whose breakpoint or call is not in the text are stale (the code
+        // was unloaded and loaded again at the same address): disarmed in place, as
+        // `arm` does, so the address counts as new.
+        let present = if site { crate::site::patch::enabled_in_text(target) } else { our_breakpoint_at(target) };
+        if !present {
+            for (_, o) in registry::armed_at(target) {
+                o.addr.store(0, Ordering::Release);
             }
-        } else if new_here && !seen(&writes) {
+        }
+        let new_here = registry::armed_at(target).next().is_none();
+        if !new_here || !seen.insert(target) {
+            continue;
+        }
+        if site {
+            sites.push((i, target));
+        } else {
             let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
             if code::read(target, BREAKPOINT.len()).is_none_or(|b| b != orig[..BREAKPOINT.len()]) {
                 return Err((i, Error::CodeGone { addr: target }));
@@ -612,6 +623,7 @@ fn disarm_many(indices: &[usize]) -> Result<(), Error> {
     let ours = |o: &Record| batch.contains(&(o as *const Record as usize));
     let mut writes: Vec<(usize, usize)> = Vec::new(); // (record, breakpoint address)
     let mut sites: Vec<usize> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for &index in indices {
         let e = record(index);
         let target = e.target.load(Ordering::Relaxed);
@@ -622,11 +634,12 @@ fn disarm_many(indices: &[usize]) -> Result<(), Error> {
         if !last {
             continue;
         }
+        if !seen.insert(target) {
+            continue;
+        }
         if e.site.load(Ordering::Relaxed) {
-            if !sites.contains(&target) {
-                sites.push(target);
-            }
-        } else if !writes.iter().any(|(_, t)| *t == target) && our_breakpoint_at(target) {
+            sites.push(target);
+        } else if our_breakpoint_at(target) {
             writes.push((index, target));
         }
     }
@@ -654,12 +667,13 @@ fn disarm_many(indices: &[usize]) -> Result<(), Error> {
             }
         }
     }
+    let written: std::collections::HashSet<usize> = writes.iter().map(|(_, t)| *t).collect();
     for &index in indices {
         let e = record(index);
         let target = e.target.load(Ordering::Relaxed);
         let restored = match e.site.load(Ordering::Relaxed) {
             true => !failed_sites.contains(&target),
-            false => !writes.iter().any(|(_, t)| *t == target) || !our_breakpoint_at(target),
+            false => !written.contains(&target) || !our_breakpoint_at(target),
         };
         if restored {
             e.addr.store(0, Ordering::Release);

@@ -81,6 +81,7 @@ pub(crate) extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t
 
 /// `si_code` values (asm-generic/siginfo.h): a signal the kernel raised for an
 /// exception with no siginfo of its own, and a breakpoint instruction's.
+#[cfg(target_arch = "x86_64")]
 const SI_KERNEL: libc::c_int = 0x80;
 #[cfg(target_arch = "aarch64")]
 const TRAP_BRKPT: libc::c_int = 1;
@@ -114,7 +115,10 @@ pub(crate) extern "C" fn on_sigsegv(sig: libc::c_int, info: *mut libc::siginfo_t
     let bp = pc.wrapping_sub(TRAP_PC_ADVANCE as usize);
     // Only records are read (no text, which may be what faulted).
     let at_ours = || crate::site::patch::poking(bp) || registry::armed_at(bp).next().is_some() || TRAPS.head(pc) != 0;
-    if code == SI_KERNEL && at_ours() {
+    // The trap number tells a failed SIGTRAP frame (the #BP the kernel was delivering,
+    // 3) from a general-protection fault (13) right after a 1-byte probed instruction.
+    let trapno = uc.uc_mcontext.gregs[libc::REG_TRAPNO as usize];
+    if code == SI_KERNEL && trapno == 3 && at_ours() {
         let msg = b"probekit: a thread hit a probe with too little stack left for the signal frame (a breakpoint hit needs about 4 KiB below the stack pointer): killed by SIGSEGV\n";
         // SAFETY: write(2) of a static buffer.
         unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };

@@ -14,6 +14,13 @@ use std::sync::atomic::{compiler_fence, Ordering};
 /// Arms (`on`) or disarms a probe on the site at `site`: the first armed there enables
 /// the site, the last disarmed disables it. Under the registry lock.
 pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
+    // Records armed here whose site is not enabled in the text are stale (the library
+    // was unloaded and loaded again at the same address): disarmed in place.
+    if !patch::enabled_in_text(site) {
+        for (_, o) in registry::armed_at(site) {
+            o.addr.store(0, Ordering::Release);
+        }
+    }
     let shared = registry::others_armed(e, site);
     if on {
         e.addr.store(site, Ordering::Release);

@@ -138,6 +138,11 @@ fn read_site(site: usize) -> Option<[u8; SITE_LEN]> {
     ok.then(|| code::read(site, SITE_LEN)?.try_into().ok())?
 }
 
+/// Whether the site at `site` is enabled in the text now (its bytes are a call).
+pub(crate) fn enabled_in_text(site: usize) -> bool {
+    read_site(site).is_some_and(|b| is_call(&b))
+}
+
 /// Whether `bytes` are an enabled site: a call (x86_64) or `bl` (aarch64).
 fn is_call(bytes: &[u8; SITE_LEN]) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -162,8 +167,9 @@ pub(crate) fn patch(site: usize, on: bool) -> Result<bool, Error> {
 /// every `int3`, one sync, every tail, one sync, every head, one sync (three syncs
 /// for any number of sites); aarch64 every word, one sync. Called under the registry
 /// lock. On error, the index of the site concerned: `CodeGone` if its bytes are not
-/// what probekit left there (nothing was written), else the failed write (every site
-/// is back as it was).
+/// what probekit left there (nothing was written), else the first failed write (every
+/// site is then put back as it was, best effort: a site whose page went away meanwhile
+/// cannot be written, the others are).
 pub(crate) fn patch_many(sites: &[usize], on: bool) -> Result<(), (usize, Error)> {
     for (i, site) in sites.iter().enumerate() {
         if !read_site(*site).is_some_and(|b| if on { b == NOP } else { is_call(&b) }) {
@@ -178,35 +184,36 @@ pub(crate) fn patch_many(sites: &[usize], on: bool) -> Result<(), (usize, Error)
     let olds: Vec<[u8; SITE_LEN]> = sites.iter().map(|s| read_site(*s).unwrap_or(NOP)).collect();
     #[cfg(target_arch = "x86_64")]
     {
-        // Writes `bytes(k)[range]` at every site from `range.start`, one sync after:
-        // on a failed write, the sites written so far get `back(k)[range]`.
-        let phase = |range: std::ops::Range<usize>, bytes: &dyn Fn(usize) -> [u8; SITE_LEN], back: &dyn Fn(usize) -> [u8; SITE_LEN]| {
-            let failed = sites.iter().enumerate().find_map(|(k, site)| code::write_code(site + range.start, &bytes(k)[range.clone()]).err().map(|e| (k, e)));
-            if let Some((k, e)) = failed {
-                for (j, site) in sites.iter().enumerate().take(k) {
-                    let _ = code::write_code(site + range.start, &back(j)[range.clone()]);
+        // Writes `bytes(k)[range]` at every site from `range.start`, one sync after;
+        // the first failure, if any (the other sites are still written).
+        let phase = |range: std::ops::Range<usize>, bytes: &dyn Fn(usize) -> [u8; SITE_LEN]| {
+            let mut failed = None;
+            for (k, site) in sites.iter().enumerate() {
+                if let Err(e) = code::write_code(site + range.start, &bytes(k)[range.clone()]) {
+                    failed = failed.or(Some((k, e)));
                 }
-                code::sync_cores();
-                return Err((k, e));
             }
             code::sync_cores();
-            Ok(())
+            failed.map_or(Ok(()), Err)
         };
         let int3 = |_: usize| {
             let mut b = [0u8; SITE_LEN];
             b[0] = 0xcc;
             b
         };
+        // Puts every site back as it was, best effort over all of them: the tails
+        // behind the int3 heads first, then the heads.
+        let roll_back = || {
+            let _ = phase(0..1, &int3);
+            let _ = phase(1..SITE_LEN, &|k| olds[k]);
+            let _ = phase(0..1, &|k| olds[k]);
+        };
         POKING.store(true, Ordering::Release);
         // int3 everywhere, then the tails, then the heads (text_poke_bp_batch).
-        let r = phase(0..1, &int3, &|k| olds[k]).and_then(|()| {
-            phase(1..SITE_LEN, &|k| new[k], &|k| olds[k]).map_err(|e| {
-                // The heads hold int3: give every site its old head back.
-                let _ = phase(0..1, &|k| olds[k], &|k| olds[k]);
-                e
-            })
-        });
-        let r = r.and_then(|()| phase(0..1, &|k| new[k], &int3));
+        let r = phase(0..1, &int3).and_then(|()| phase(1..SITE_LEN, &|k| new[k])).and_then(|()| phase(0..1, &|k| new[k]));
+        if r.is_err() {
+            roll_back();
+        }
         POKING.store(false, Ordering::Release);
         r
     }
@@ -215,6 +222,7 @@ pub(crate) fn patch_many(sites: &[usize], on: bool) -> Result<(), (usize, Error)
         // One aligned word each: nop <-> bl (the mov x9, x30 before it never changes).
         let failed = sites.iter().enumerate().find_map(|(k, site)| code::write_code(site + 4, &new[k][4..]).err().map(|e| (k, e)));
         if let Some((k, e)) = failed {
+            // Best effort over every site written before the failure.
             for (j, site) in sites[..k].iter().enumerate() {
                 let _ = code::write_code(site + 4, &olds[j][4..]);
             }
