@@ -407,6 +407,13 @@ fn still_there(e: &Record, target: usize) -> bool {
     same
 }
 
+/// Whether the text at `target` holds the bytes record `e` will put its breakpoint over
+/// (not so if other contents were mapped there since it was prepared).
+fn orig_in_text(e: &Record, target: usize) -> bool {
+    let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
+    code::read(target, BREAKPOINT.len()).is_some_and(|b| b == orig[..BREAKPOINT.len()])
+}
+
 /// Whether probekit's breakpoint is in the text at `addr` (readable and mapped).
 fn our_breakpoint_at(addr: usize) -> bool {
     code::read(addr, BREAKPOINT.len()).is_some_and(|b| b == BREAKPOINT)
@@ -436,13 +443,10 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
     // share nothing.
     let present = our_breakpoint_at(target);
     if !present {
-        for (_, o) in registry::armed_at(target) {
-            o.addr.store(0, Ordering::Release);
-        }
+        registry::disarm_in_place(target);
     }
     let shared = registry::others_armed(e, target);
-    let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
-    if on && !shared && code::read(target, BREAKPOINT.len()).is_none_or(|b| b != orig[..BREAKPOINT.len()]) {
+    if on && !shared && !orig_in_text(e, target) {
         // Not the bytes the probe was prepared for (mapped again with other contents).
         e.gone.store(true, Ordering::Relaxed);
         return Err(Error::CodeGone { addr: target });
@@ -458,6 +462,7 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
         let r = if shared || !present {
             Ok(())
         } else {
+            let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
             code::write_code(target, &orig[..BREAKPOINT.len()]).map(|()| code::sync_cores())
         };
         if r.is_ok() {
@@ -568,9 +573,7 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error)> {
         // `arm` does, so the address counts as new.
         let present = if site { crate::site::patch::enabled_in_text(target) } else { our_breakpoint_at(target) };
         if !present {
-            for (_, o) in registry::armed_at(target) {
-                o.addr.store(0, Ordering::Release);
-            }
+            registry::disarm_in_place(target);
         }
         let new_here = registry::armed_at(target).next().is_none();
         if !new_here || !seen.insert(target) {
@@ -579,8 +582,7 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error)> {
         if site {
             sites.push((i, target));
         } else {
-            let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
-            if code::read(target, BREAKPOINT.len()).is_none_or(|b| b != orig[..BREAKPOINT.len()]) {
+            if !orig_in_text(e, target) {
                 return Err((i, Error::CodeGone { addr: target }));
             }
             writes.push((i, target));

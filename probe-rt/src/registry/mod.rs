@@ -308,6 +308,15 @@ pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = (usize, &'static Rec
 
 pub(crate) use addrmap::{ADDRS, TRAPS};
 
+/// Disarms every record armed at `at` in place, writing nothing: their breakpoint or
+/// site call is not in the text any more (the code was unloaded, maybe loaded again
+/// at the same address), so there is nothing to restore and nothing to share.
+pub(crate) fn disarm_in_place(at: usize) {
+    for (_, o) in armed_at(at) {
+        o.addr.store(0, Ordering::Release);
+    }
+}
+
 /// Whether a probe other than `e` is armed at `at` (they share its breakpoint or site).
 pub(crate) fn others_armed(e: &Record, at: usize) -> bool {
     armed_at(at).any(|(_, o)| !std::ptr::eq(o, e))

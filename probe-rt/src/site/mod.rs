@@ -17,9 +17,7 @@ pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     // Records armed here whose site is not enabled in the text are stale (the library
     // was unloaded and loaded again at the same address): disarmed in place.
     if !patch::enabled_in_text(site) {
-        for (_, o) in registry::armed_at(site) {
-            o.addr.store(0, Ordering::Release);
-        }
+        registry::disarm_in_place(site);
     }
     let shared = registry::others_armed(e, site);
     if on {
