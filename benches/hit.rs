@@ -84,16 +84,30 @@ std::arch::global_asm!(
     "call 4f",
     "lea rax, [rdi + 1]",
     "ret",
-    "4:",                     // site_floor_stub: rsp % 16 == 0 here
-    "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
-    "push r8", "push r9", "push r10", "push r11",
-    "sub rsp, 8",             // 16-aligned for the call
+    "4:", // site_floor_stub: rsp % 16 == 0 here
+    "push rax",
+    "push rcx",
+    "push rdx",
+    "push rsi",
+    "push rdi",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "sub rsp, 8", // 16-aligned for the call
     "call 5f",
     "add rsp, 8",
-    "pop r11", "pop r10", "pop r9", "pop r8",
-    "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+    "pop r11",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rdi",
+    "pop rsi",
+    "pop rdx",
+    "pop rcx",
+    "pop rax",
     "ret",
-    "5:",                     // the empty handler
+    "5:", // the empty handler
     "ret",
 );
 #[cfg(target_arch = "aarch64")]
@@ -104,7 +118,7 @@ std::arch::global_asm!(
     "bl 4f",
     "add x0, x0, #1",
     "ret",
-    "4:",                     // site_floor_stub: x30 = the site's continuation, x9 = the return address
+    "4:", // site_floor_stub: x30 = the site's continuation, x9 = the return address
     "stp x0, x1, [sp, #-176]!",
     "stp x2, x3, [sp, #16]",
     "stp x4, x5, [sp, #32]",
@@ -126,9 +140,9 @@ std::arch::global_asm!(
     "ldp x14, x15, [sp, #112]",
     "ldr x17, [sp, #136]",
     "ldp x0, x1, [sp], #176",
-    "mov x30, x9",            // the return address back where the function expects it
+    "mov x30, x9", // the return address back where the function expects it
     "br x16",
-    "5:",                     // the empty handler
+    "5:", // the empty handler
     "ret",
 );
 extern "C" {
@@ -160,15 +174,15 @@ std::arch::global_asm!(
     "call 3f",
     "add rsp, 8",
     "ret",
-    "3:",                    // hijack_thunk: [rsp] = the return address
+    "3:", // hijack_thunk: [rsp] = the return address
     "push rdi",
     "push rsi",
-    "lea rdi, [rsp + 16]",   // sp at the callee's entry
+    "lea rdi, [rsp + 16]", // sp at the callee's entry
     "mov rsi, [rsp + 16]",
-    "sub rsp, 8",            // 16-aligned for the call
+    "sub rsp, 8", // 16-aligned for the call
     "call rdx",
     "add rsp, 8",
-    "mov [rsp + 16], rax",   // the return address to use
+    "mov [rsp + 16], rax", // the return address to use
     "pop rsi",
     "pop rdi",
     "jmp rsi",
@@ -181,13 +195,13 @@ std::arch::global_asm!(
     "bl 3f",
     "ldp x29, x30, [sp], #16",
     "ret",
-    "3:",                    // hijack_thunk: x30 = the return address
+    "3:", // hijack_thunk: x30 = the return address
     "stp x0, x1, [sp, #-32]!",
     "str x30, [sp, #16]",
-    "add x0, sp, #32",       // sp at the callee's entry
+    "add x0, sp, #32", // sp at the callee's entry
     "mov x1, x30",
     "blr x2",
-    "mov x30, x0",           // the return address to use
+    "mov x30, x0", // the return address to use
     "ldp x0, x1, [sp], #32",
     "br x1",
 );
@@ -204,7 +218,7 @@ extern "C" fn enter(sp: usize, ret: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         r.rsp = sp as u64; // the hook reads and replaces the word there
-        // SAFETY: sp is the return-address slot hijacked_call's thunk was called with.
+                           // SAFETY: sp is the return-address slot hijacked_call's thunk was called with.
         unsafe { TRAMPOLINE_PROBE.get().expect("registered").__enter(&mut r) };
         let _ = ret;
         // SAFETY: sp is the return address slot hijacked_call pushed.

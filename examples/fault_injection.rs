@@ -96,10 +96,7 @@ fn run_ops(first_id: u64) -> u64 {
 }
 
 fn main() -> Result<(), probekit::Error> {
-    let probe = ReturnProbe::builder()
-        .function(fetch as extern "C" fn(u64) -> i64)
-        .entry_handler(every_third_fails)
-        .register()?;
+    let probe = ReturnProbe::builder().function(fetch as extern "C" fn(u64) -> i64).entry_handler(every_third_fails).register()?;
     println!("injecting -EIO into every third call of fetch at {:#x}", probe.address());
     let retried = run_ops(1);
 

@@ -139,12 +139,7 @@ fn print_log2_hist(slots: &[u64], val_type: &str) {
 fn main() -> Result<(), probekit::Error> {
     let f = spin as extern "C" fn(u64) -> u64;
     // The default maxactive, max(10, 2 × CPUs), covers three threads without recursion.
-    let probe = ReturnProbe::builder()
-        .function(f)
-        .data::<Call>()
-        .entry_handler(on_entry)
-        .handler(on_return)
-        .register()?;
+    let probe = ReturnProbe::builder().function(f).data::<Call>().entry_handler(on_entry).handler(on_return).register()?;
     println!("Tracing 1 function for \"spin\" at {:#x} ({THREADS} threads × {CALLS_PER_THREAD} calls)...", probe.address());
 
     let start = std::time::Instant::now();

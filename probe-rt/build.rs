@@ -22,14 +22,10 @@ fn main() {
     std::fs::write(out_dir.join("site_contract.rs"), contract).expect("OUT_DIR is writable");
     let text = match arch {
         Some(arch) => {
-            let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::None, Shape::SaveRestore)
-                .expect("the built-in frame plans");
+            let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::None, Shape::SaveRestore).expect("the built-in frame plans");
             let frame = &plan.frame;
-            let fields: String = frame
-                .fields
-                .iter()
-                .map(|f| format!("crate::FrameField {{ name: {:?}, offset: {}, size: {} }}, ", f.name, f.offset, f.size))
-                .collect();
+            let fields: String =
+                frame.fields.iter().map(|f| format!("crate::FrameField {{ name: {:?}, offset: {}, size: {} }}, ", f.name, f.offset, f.size)).collect();
             format!(
                 "{}\n// SAFETY: FIELDS and SIZE are the layout asserted against offset_of!/size_of! above;\n\
                  // every field is a u64 or an array of them.\n\
@@ -62,7 +58,9 @@ fn main() {
                 // The x86_64 dispatcher finds the probed rsp there (`site::redirected`).
                 if shape == Shape::Entry && arch == Arch::X86_64 {
                     let sp = plan.probed_sp_offset().expect("the site trampoline allocates at a fixed distance");
-                    text += &format!("/// Where the probed function's stack pointer is, from the site trampoline's frame.\npub(crate) const PROBED_SP: usize = {sp};\n");
+                    text += &format!(
+                        "/// Where the probed function's stack pointer is, from the site trampoline's frame.\npub(crate) const PROBED_SP: usize = {sp};\n"
+                    );
                 }
                 text
             }

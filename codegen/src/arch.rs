@@ -52,9 +52,7 @@ impl std::str::FromStr for Arch {
 }
 
 /// x86_64 general registers in encoding order (the order `r8`..`r15` continue).
-const X86_GPR: [&str; 16] = [
-    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-];
+const X86_GPR: [&str; 16] = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
 
 /// x86_64 segment registers a frame may record (read-only).
 const X86_SEG: [&str; 6] = ["es", "cs", "ss", "ds", "fs", "gs"];
@@ -141,8 +139,8 @@ impl Reg {
     /// The assembler name (64-bit view).
     pub fn name(self) -> &'static str {
         const A64: [&str; 31] = [
-            "x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8", "x9", "x10", "x11", "x12", "x13", "x14", "x15",
-            "x16", "x17", "x18", "x19", "x20", "x21", "x22", "x23", "x24", "x25", "x26", "x27", "x28", "x29", "x30",
+            "x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8", "x9", "x10", "x11", "x12", "x13", "x14", "x15", "x16", "x17", "x18", "x19", "x20", "x21",
+            "x22", "x23", "x24", "x25", "x26", "x27", "x28", "x29", "x30",
         ];
         match self {
             Reg::X86Gpr(n) => X86_GPR[n as usize],

@@ -156,13 +156,9 @@ impl Builder {
         match std::env::var("CARGO_CFG_TARGET_ARCH") {
             Ok(a) => match Arch::from_name(&a) {
                 Some(arch) => self.arch = Some(arch),
-                None => {
-                    self.env_error = Some(("CARGO_CFG_TARGET_ARCH", format!("`{a}` is not supported: must be x86_64 or aarch64")))
-                }
+                None => self.env_error = Some(("CARGO_CFG_TARGET_ARCH", format!("`{a}` is not supported: must be x86_64 or aarch64"))),
             },
-            Err(_) => {
-                self.env_error = Some(("CARGO_CFG_TARGET_ARCH", "not set (not in a build script?)".into()))
-            }
+            Err(_) => self.env_error = Some(("CARGO_CFG_TARGET_ARCH", "not set (not in a build script?)".into())),
         }
         self
     }
@@ -216,12 +212,7 @@ impl Builder {
         println!("cargo:rerun-if-changed={}", path.display());
         let frame = FrameLayout::from_file(&path, &struct_name, arch).map_err(BuildError::Frame)?;
         let name = self.name.unwrap_or_else(|| snake_case(&struct_name));
-        let plans = self
-            .shapes
-            .iter()
-            .map(|&s| Plan::new(&frame, self.policy, self.fp, s))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(BuildError::Plan)?;
+        let plans = self.shapes.iter().map(|&s| Plan::new(&frame, self.policy, self.fp, s)).collect::<Result<Vec<_>, _>>().map_err(BuildError::Plan)?;
         let symbols: Vec<String> = plans.iter().map(|p| format!("{name}_{}", p.shape.name().replace('-', "_"))).collect();
         let refs: Vec<&Plan> = plans.iter().collect();
         let routines: Vec<(&Plan, &str)> = plans.iter().zip(&symbols).map(|(p, s)| (p, s.as_str())).collect();

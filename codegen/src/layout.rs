@@ -122,13 +122,9 @@ impl FrameError {
             NotReprC { .. } | Packed { .. } | OverAligned { .. } => Spot::Repr,
             Generic { .. } => Spot::Generics,
             NotNamedFields { .. } | StructNotFound { .. } | Parse { .. } => Spot::Struct,
-            UnknownRegister { index, .. } | RegisterBoundTwice { index, .. } | ArrayLength { index, .. } => {
-                Spot::Field(*index)
-            }
+            UnknownRegister { index, .. } | RegisterBoundTwice { index, .. } | ArrayLength { index, .. } => Spot::Field(*index),
             BadAttribute { index, .. } => Spot::RegAttr(*index),
-            FieldTooSmall { index, .. } | FieldTooLarge { index, .. } | UnknownLayout { index, .. } => {
-                Spot::FieldType(*index)
-            }
+            FieldTooSmall { index, .. } | FieldTooLarge { index, .. } | UnknownLayout { index, .. } => Spot::FieldType(*index),
         }
     }
 
@@ -152,42 +148,29 @@ impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use FrameError::*;
         match self {
-            NotReprC { frame } => write!(
-                f,
-                "frame `{frame}` must be `#[repr(C)]`: its field order must be its memory order"
-            ),
+            NotReprC { frame } => write!(f, "frame `{frame}` must be `#[repr(C)]`: its field order must be its memory order"),
             Packed { frame } => write!(f, "frame `{frame}` must not be `#[repr(packed)]`: registers are stored aligned"),
-            OverAligned { frame, align } => write!(
-                f,
-                "frame `{frame}` must be aligned to at most 16 bytes (it is {align}): it lives on the stack, which is 16-aligned"
-            ),
+            OverAligned { frame, align } => {
+                write!(f, "frame `{frame}` must be aligned to at most 16 bytes (it is {align}): it lives on the stack, which is 16-aligned")
+            }
             Generic { frame } => write!(f, "frame `{frame}` must not be generic: its layout must be known"),
-            NotNamedFields { frame } => write!(
-                f,
-                "frame `{frame}` must have named fields: `struct {frame} {{ rax: u64, .. }}`"
-            ),
+            NotNamedFields { frame } => write!(f, "frame `{frame}` must have named fields: `struct {frame} {{ rax: u64, .. }}`"),
             UnknownRegister { frame, field, register, arch, .. } => write!(
                 f,
                 "field `{frame}.{field}`: `{register}` is not an {arch} register; name the field after one \
                  (e.g. `{}`), bind it with `#[reg(...)]`, or start its name with `_` to reserve it (zeroed)",
                 if *arch == Arch::X86_64 { "rax" } else { "x0" }
             ),
-            RegisterBoundTwice { frame, field, register, first, .. } => write!(
-                f,
-                "field `{frame}.{field}`: register `{register}` is already bound to field `{first}`; each register must be bound once"
-            ),
-            FieldTooSmall { frame, field, register, size, needed, .. } => write!(
-                f,
-                "field `{frame}.{field}` is {size} byte(s) but register `{register}` needs {needed}: it must be `u64`"
-            ),
-            FieldTooLarge { frame, field, register, size, .. } => write!(
-                f,
-                "field `{frame}.{field}` is {size} bytes but register `{register}` has 8: it must be `u64`"
-            ),
-            ArrayLength { frame, field, len, expected, .. } => write!(
-                f,
-                "field `{frame}.{field}`: array of {len} does not fit the register range: {expected}"
-            ),
+            RegisterBoundTwice { frame, field, register, first, .. } => {
+                write!(f, "field `{frame}.{field}`: register `{register}` is already bound to field `{first}`; each register must be bound once")
+            }
+            FieldTooSmall { frame, field, register, size, needed, .. } => {
+                write!(f, "field `{frame}.{field}` is {size} byte(s) but register `{register}` needs {needed}: it must be `u64`")
+            }
+            FieldTooLarge { frame, field, register, size, .. } => {
+                write!(f, "field `{frame}.{field}` is {size} bytes but register `{register}` has 8: it must be `u64`")
+            }
+            ArrayLength { frame, field, len, expected, .. } => write!(f, "field `{frame}.{field}`: array of {len} does not fit the register range: {expected}"),
             UnknownLayout { frame, field, ty, .. } => write!(
                 f,
                 "field `{frame}.{field}`: the layout of `{ty}` cannot be known; fields must be integers, \
@@ -206,7 +189,10 @@ impl std::error::Error for FrameError {}
 #[derive(Clone, Debug)]
 enum Binding {
     /// Registers starting at `start`; `count` when the attribute spelled a range.
-    Regs { start: Reg, count: Option<usize> },
+    Regs {
+        start: Reg,
+        count: Option<usize>,
+    },
     Const(u64),
 }
 
@@ -260,12 +246,7 @@ impl FrameLayout {
             let ty = match type_layout(&f.ty) {
                 Some(t) => t,
                 None => {
-                    errors.push(FrameError::UnknownLayout {
-                        frame: frame.clone(),
-                        field: name,
-                        ty: type_text(&f.ty),
-                        index,
-                    });
+                    errors.push(FrameError::UnknownLayout { frame: frame.clone(), field: name, ty: type_text(&f.ty), index });
                     continue;
                 }
             };
@@ -305,9 +286,7 @@ impl FrameLayout {
                                 frame: frame.clone(),
                                 field: name,
                                 len: elems,
-                                expected: format!(
-                                    "the range starting at `{start}` has {count} register(s), so the field must be `[u64; {count}]`"
-                                ),
+                                expected: format!("the range starting at `{start}` has {count} register(s), so the field must be `[u64; {count}]`"),
                                 index,
                             });
                             continue;
@@ -338,26 +317,14 @@ impl FrameLayout {
                         continue;
                     }
                     if ty.elem_size > reg.size() {
-                        errors.push(FrameError::FieldTooLarge {
-                            frame: frame.clone(),
-                            field: name,
-                            register: reg,
-                            size: ty.elem_size,
-                            index,
-                        });
+                        errors.push(FrameError::FieldTooLarge { frame: frame.clone(), field: name, register: reg, size: ty.elem_size, index });
                         continue;
                     }
                     let mut twice = false;
                     for (i, &r) in regs.iter().enumerate() {
                         let elem = if ty.len.is_some() { format!("{name}[{i}]") } else { name.clone() };
                         if let Some((_, first)) = bound.iter().find(|(b, _)| *b == r) {
-                            errors.push(FrameError::RegisterBoundTwice {
-                                frame: frame.clone(),
-                                field: elem,
-                                register: r,
-                                first: first.clone(),
-                                index,
-                            });
+                            errors.push(FrameError::RegisterBoundTwice { frame: frame.clone(), field: elem, register: r, first: first.clone(), index });
                             twice = true;
                             break;
                         }
@@ -369,14 +336,7 @@ impl FrameLayout {
                     FieldValue::Regs(regs)
                 }
             };
-            fields.push(Field {
-                name,
-                offset: field_offset,
-                size: ty.size,
-                elem_size: ty.elem_size,
-                len: ty.len,
-                value,
-            });
+            fields.push(Field { name, offset: field_offset, size: ty.size, elem_size: ty.elem_size, len: ty.len, value });
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -404,8 +364,7 @@ impl FrameLayout {
     /// The built-in frame of `arch`: Linux `pt_regs` (x86_64) or `user_pt_regs` (aarch64),
     /// parsed from the same file probe-rt compiles as its `PtRegs`.
     pub fn builtin(arch: Arch) -> FrameLayout {
-        FrameLayout::from_source(crate::builtin_source(arch), "PtRegs", arch)
-            .expect("the built-in frames are valid (checked by this crate's tests)")
+        FrameLayout::from_source(crate::builtin_source(arch), "PtRegs", arch).expect("the built-in frames are valid (checked by this crate's tests)")
     }
 
     /// The field holding `reg`, with the element index, if any.
@@ -444,9 +403,7 @@ fn type_layout(ty: &syn::Type) -> Option<TypeLayout> {
             // Accept `u64`, `core::primitive::u64`, `std::primitive::u64`.
             if p.path.segments.len() > 1 {
                 let first = p.path.segments.first()?.ident.to_string();
-                if !(p.path.segments.len() == 3 && (first == "core" || first == "std"))
-                    || p.path.segments[1].ident != "primitive"
-                {
+                if !(p.path.segments.len() == 3 && (first == "core" || first == "std")) || p.path.segments[1].ident != "primitive" {
                     return None;
                 }
             }
@@ -534,10 +491,7 @@ fn reg_attr_spec(attr: &syn::Attribute, arch: Arch) -> Result<Option<String>, St
     let list = attr.meta.require_list().map_err(|_| SHAPE.to_string())?;
     let tokens = list.tokens.clone();
     // Per-arch form: a comma-separated list of `arch = "spec"`.
-    if let Ok(pairs) = syn::parse::Parser::parse2(
-        syn::punctuated::Punctuated::<syn::MetaNameValue, syn::Token![,]>::parse_terminated,
-        tokens.clone(),
-    ) {
+    if let Ok(pairs) = syn::parse::Parser::parse2(syn::punctuated::Punctuated::<syn::MetaNameValue, syn::Token![,]>::parse_terminated, tokens.clone()) {
         if !pairs.is_empty() {
             let mut found = None;
             for p in &pairs {
@@ -579,12 +533,10 @@ fn parse_spec(spec: &str, arch: Arch) -> Result<Binding, AttrError> {
         };
         let start = Reg::from_name(arch, a).ok_or_else(|| unknown(a))?;
         let end = Reg::from_name(arch, b).ok_or_else(|| unknown(b))?;
-        let n = (0..).map_while(|i| start.nth_after(i)).position(|r| r == end).ok_or_else(|| {
-            AttrError::Bad(format!(
-                "`{a}..{}{b}` must be an ascending range of numbered registers",
-                if inclusive { "=" } else { "" }
-            ))
-        })?;
+        let n = (0..)
+            .map_while(|i| start.nth_after(i))
+            .position(|r| r == end)
+            .ok_or_else(|| AttrError::Bad(format!("`{a}..{}{b}` must be an ascending range of numbered registers", if inclusive { "=" } else { "" })))?;
         let count = if inclusive { n + 1 } else { n };
         if count == 0 {
             return Err(AttrError::Bad(format!("`{spec}` is an empty register range")));

@@ -19,11 +19,7 @@ pub struct Symbols {
 
 impl Default for Symbols {
     fn default() -> Self {
-        Symbols {
-            handler: "probe_handler".into(),
-            xsave_size: "probekit_xsave_size".into(),
-            xsave_mask: "probekit_xsave_mask".into(),
-        }
+        Symbols { handler: "probe_handler".into(), xsave_size: "probekit_xsave_size".into(), xsave_mask: "probekit_xsave_mask".into() }
     }
 }
 
@@ -64,14 +60,7 @@ fn footer_lines(plan: &Plan, name: &str) -> Vec<String> {
 }
 
 fn describe(plan: &Plan) -> String {
-    format!(
-        "{} ({}), shape {}, policy {}, fp {}",
-        plan.frame.name,
-        plan.arch(),
-        plan.shape,
-        plan.policy,
-        plan.fp
-    )
+    format!("{} ({}), shape {}, policy {}, fp {}", plan.frame.name, plan.arch(), plan.shape, plan.policy, plan.fp)
 }
 
 fn op_line(op: &Op, name: &str) -> String {
@@ -229,7 +218,8 @@ pub fn rust_consts(plans: &[&Plan], ty: &str, support: &str) -> String {
     }
     let _ = writeln!(out, "/// `size_of::<{}>()`.\npub const S_FRAME_SIZE: usize = {};", f.name, f.size);
     for (sfx, p) in per_plan(plans) {
-        let _ = writeln!(out, "/// Bytes the {} routine allocates for frame, hidden spills and FP area.\npub const S_ALLOC{sfx}: usize = {};", p.shape, p.alloc);
+        let _ =
+            writeln!(out, "/// Bytes the {} routine allocates for frame, hidden spills and FP area.\npub const S_ALLOC{sfx}: usize = {};", p.shape, p.alloc);
     }
     let _ = writeln!(out, "// Soundness: the generated asm stores each register at these offsets; if the");
     let _ = writeln!(out, "// struct changed without regenerating, it would write the wrong fields, so the");
@@ -238,16 +228,8 @@ pub fn rust_consts(plans: &[&Plan], ty: &str, support: &str) -> String {
     let _ = writeln!(out, "    #[allow(dead_code)]");
     let _ = writeln!(out, "    const fn field_size<T, F>(_: fn(&T) -> &F) -> usize {{ ::core::mem::size_of::<F>() }}");
     for field in &f.fields {
-        let _ = writeln!(
-            out,
-            "    {sa}::const_assert_eq!({mo}::offset_of!({ty}, {}), {});",
-            field.name, field.offset
-        );
-        let _ = writeln!(
-            out,
-            "    {sa}::const_assert_eq!(field_size(|s: &{ty}| &s.{}), {});",
-            field.name, field.size
-        );
+        let _ = writeln!(out, "    {sa}::const_assert_eq!({mo}::offset_of!({ty}, {}), {});", field.name, field.offset);
+        let _ = writeln!(out, "    {sa}::const_assert_eq!(field_size(|s: &{ty}| &s.{}), {});", field.name, field.size);
     }
     let _ = writeln!(out, "    {sa}::const_assert_eq!(::core::mem::size_of::<{ty}>(), {});", f.size);
     let _ = writeln!(out, "}};");
@@ -288,13 +270,8 @@ pub fn listing(plan: &Plan, name: &str) -> String {
         let _ = writeln!(out, "# {:<12} {:>6} {:>5}  {slot}", "(hidden)", off, 8);
     }
     let _ = writeln!(out, "\n{name}:");
-    let sections: [(&str, &[Op]); 5] = [
-        ("prologue", &plan.prologue),
-        ("save", &plan.save),
-        ("call", &plan.call),
-        ("restore", &plan.restore),
-        ("epilogue", &plan.epilogue),
-    ];
+    let sections: [(&str, &[Op]); 5] =
+        [("prologue", &plan.prologue), ("save", &plan.save), ("call", &plan.call), ("restore", &plan.restore), ("epilogue", &plan.epilogue)];
     for (title, ops) in sections {
         let _ = writeln!(out, "  ; -- {title}");
         for op in ops {

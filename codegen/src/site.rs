@@ -59,8 +59,7 @@ pub fn site_asm(arch: Arch) -> Vec<String> {
             vec![format!(".byte {}", list.join(", ")), "jmp {body}".into()]
         }
         Arch::Aarch64 => {
-            let mut lines: Vec<String> =
-                bytes.chunks_exact(4).map(|w| format!(".inst {:#010x}", u32::from_le_bytes([w[0], w[1], w[2], w[3]]))).collect();
+            let mut lines: Vec<String> = bytes.chunks_exact(4).map(|w| format!(".inst {:#010x}", u32::from_le_bytes([w[0], w[1], w[2], w[3]]))).collect();
             lines.push("b {body}".into());
             lines
         }

@@ -29,11 +29,7 @@ const SEED_SAVE: &[&str] = &[
 /// RESTORE_REGS_STRING of the seed (its `ldr x30` becomes the resume load from `pc`,
 /// where the trampoline put the address the handler returned, as the seed's
 /// `str x0, [sp, #16 * 15]` put it in the x30 slot).
-const SEED_RESTORE: &[&str] = &[
-    "ldr x0, [sp, #264]",
-    "msr nzcv, x0",
-    "ldp x0, x1, [sp, #0]",
-];
+const SEED_RESTORE: &[&str] = &["ldr x0, [sp, #264]", "msr nzcv, x0", "ldp x0, x1, [sp, #0]"];
 
 /// Checks that `want` occurs in `have` in order (other instructions may come between).
 fn assert_subsequence(have: &[String], want: &[&str]) {

@@ -19,21 +19,11 @@ fn frame_source() -> impl Strategy<Value = (Arch, String)> {
     let arch = prop_oneof![Just(Arch::X86_64), Just(Arch::Aarch64)];
     arch.prop_flat_map(|arch| {
         let names: Vec<String> = match arch {
-            Arch::X86_64 => "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip eflags cs ss orig_rax"
-                .split(' ')
-                .map(String::from)
-                .collect(),
+            Arch::X86_64 => "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip eflags cs ss orig_rax".split(' ').map(String::from).collect(),
             Arch::Aarch64 => (0..=30).map(|i| format!("x{i}")).chain(["sp", "pc", "pstate", "orig_x0"].map(String::from)).collect(),
         };
         let n = names.len();
-        (
-            Just(arch),
-            Just(names).prop_shuffle(),
-            0..=n,
-            proptest::collection::vec((0usize..8, 0usize..40), 0..6),
-            0usize..32,
-            0usize..5,
-        )
+        (Just(arch), Just(names).prop_shuffle(), 0..=n, proptest::collection::vec((0usize..8, 0usize..40), 0..6), 0usize..32, 0usize..5)
     })
     .prop_map(|(arch, names, keep, pads, regs, big)| {
         let mut fields: Vec<String> = Vec::new();
@@ -135,12 +125,8 @@ fn check(frame: &FrameLayout, plan: &Plan) -> Result<(), TestCaseError> {
     prop_assert_eq!(written, frame.size, "not every byte of the frame is written");
     // Restore mirrors save: each slot loaded was stored, and loads come in the
     // reverse order of the stores of the same slots.
-    let load_order: Vec<u64> = plan
-        .restore
-        .iter()
-        .filter_map(|o| o.access.as_ref().filter(|a| a.dir == Dir::Load))
-        .flat_map(|a| a.slots.iter().map(|s| s.0))
-        .collect();
+    let load_order: Vec<u64> =
+        plan.restore.iter().filter_map(|o| o.access.as_ref().filter(|a| a.dir == Dir::Load)).flat_map(|a| a.slots.iter().map(|s| s.0)).collect();
     let store_index = |off: u64| stores.iter().find(|(_, s)| s.0 == off).map(|(i, _)| *i);
     let mut last = usize::MAX;
     for off in &load_order {

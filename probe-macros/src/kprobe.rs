@@ -31,9 +31,7 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
         } else if meta.path.is_ident("crate") {
             o.krate = meta.value()?.parse()?;
         } else {
-            errors.push(meta.error(
-                "unknown option: must be `function = path`, `symbol = \"name\"`, `offset = N`, `post = path` or `crate = path`",
-            ));
+            errors.push(meta.error("unknown option: must be `function = path`, `symbol = \"name\"`, `offset = N`, `post = path` or `crate = path`"));
             if meta.input.peek(syn::Token![=]) {
                 let _: syn::Expr = meta.value()?.parse()?;
             }
@@ -75,10 +73,8 @@ fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) {
                 errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must not take `self`")));
             }
         }
-        _ => errors.push(syn::Error::new(
-            if s.inputs.is_empty() { s.ident.span() } else { s.inputs.span() },
-            format!("{SHAPE}: it must take exactly one argument"),
-        )),
+        _ => errors
+            .push(syn::Error::new(if s.inputs.is_empty() { s.ident.span() } else { s.inputs.span() }, format!("{SHAPE}: it must take exactly one argument"))),
     }
 }
 
@@ -133,15 +129,9 @@ mod tests {
             ),
             "{out}"
         );
-        assert!(
-            out.contains("type __probekit_Result_h = :: core :: result :: Result < :: probekit :: ProbeHandle , :: probekit :: Error > ;"),
-            "{out}"
-        );
+        assert!(out.contains("type __probekit_Result_h = :: core :: result :: Result < :: probekit :: ProbeHandle , :: probekit :: Error > ;"), "{out}");
         let module = &out[out.find("mod h").expect("the module")..];
-        assert!(
-            module.contains("pub fn register () -> super :: __probekit_Result_h { super :: __probekit_register_h () }"),
-            "{out}"
-        );
+        assert!(module.contains("pub fn register () -> super :: __probekit_Result_h { super :: __probekit_register_h () }"), "{out}");
         assert!(!module.contains("use super"), "the module only forwards: {out}");
         assert!(!module.contains("builder"), "the module only forwards: {out}");
     }

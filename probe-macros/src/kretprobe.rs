@@ -82,9 +82,7 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
         errors.push(e);
     }
     match (&o.function, &o.symbol) {
-        (Some(f), Some(_)) => {
-            errors.push(syn::Error::new(f.span(), "must have one target: `function = path` or `symbol = \"name\"`, not both"))
-        }
+        (Some(f), Some(_)) => errors.push(syn::Error::new(f.span(), "must have one target: `function = path` or `symbol = \"name\"`, not both")),
         // A target given but not valid is reported where it is written.
         (None, None) if seen.iter().any(|k| k == "function" || k == "symbol") => {}
         (None, None) => errors.push(syn::Error::new(
@@ -149,9 +147,7 @@ fn check_signature(f: &syn::ItemFn, data: Option<&syn::Type>, errors: &mut Vec<s
             _ => None,
         }
     }
-    let is_regs = |t: &syn::Type| {
-        mut_ref(t).is_some_and(|e| matches!(e, syn::Type::Path(p) if p.path.segments.last().is_some_and(|l| l.ident == "PtRegs")))
-    };
+    let is_regs = |t: &syn::Type| mut_ref(t).is_some_and(|e| matches!(e, syn::Type::Path(p) if p.path.segments.last().is_some_and(|l| l.ident == "PtRegs")));
     // The whole `(...)`: a group's span covers it even where spans cannot be joined.
     let parens = s.paren_token.span.join();
     let args: Vec<_> = s.inputs.iter().collect();
@@ -161,21 +157,18 @@ fn check_signature(f: &syn::ItemFn, data: Option<&syn::Type>, errors: &mut Vec<s
             syn::FnArg::Typed(p) if i == 0 && !is_regs(&p.ty) => {
                 errors.push(syn::Error::new(p.ty.span(), format!("{shape}: its first argument must be `&mut PtRegs`")))
             }
-            syn::FnArg::Typed(p) if i == 1 && data.is_none() => errors.push(syn::Error::new(
-                p.span(),
-                format!("{shape}: a second argument, the per-call data, must come with `data = T` in the attribute"),
-            )),
-            syn::FnArg::Typed(p) if i == 1 && mut_ref(&p.ty).is_none() => errors.push(syn::Error::new(
-                p.ty.span(),
-                format!("{shape}: its second argument must be `&mut {}`", data.map(type_text).unwrap_or_default()),
-            )),
+            syn::FnArg::Typed(p) if i == 1 && data.is_none() => {
+                errors.push(syn::Error::new(p.span(), format!("{shape}: a second argument, the per-call data, must come with `data = T` in the attribute")))
+            }
+            syn::FnArg::Typed(p) if i == 1 && mut_ref(&p.ty).is_none() => {
+                errors.push(syn::Error::new(p.ty.span(), format!("{shape}: its second argument must be `&mut {}`", data.map(type_text).unwrap_or_default())))
+            }
             _ => {}
         }
     }
     match (args.len(), data) {
         (1, None) | (2, Some(_)) | (2, None) => {} // (2, None): reported on the argument
-        (1, Some(t)) => errors
-            .push(syn::Error::new(parens, format!("{shape}: it must take the data as its second argument, `data: &mut {}`", type_text(t)))),
+        (1, Some(t)) => errors.push(syn::Error::new(parens, format!("{shape}: it must take the data as its second argument, `data: &mut {}`", type_text(t)))),
         (_, None) => errors.push(syn::Error::new(parens, format!("{shape}: it must take exactly one argument"))),
         (_, Some(_)) => errors.push(syn::Error::new(parens, format!("{shape}: it must take exactly two arguments"))),
     }
@@ -272,8 +265,7 @@ mod tests {
 
     #[test]
     fn data_types_the_handlers() {
-        let out =
-            expand_str("function = f, maxactive = 64, entry = on_entry, data = MyData", "fn h(regs: &mut PtRegs, data: &mut MyData) {}");
+        let out = expand_str("function = f, maxactive = 64, entry = on_entry, data = MyData", "fn h(regs: &mut PtRegs, data: &mut MyData) {}");
         assert!(out.contains(". data :: < T > () . handler (handler)"), "{out}");
         assert!(
             out.contains(

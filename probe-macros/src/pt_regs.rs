@@ -16,13 +16,7 @@ struct Options {
 }
 
 fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
-    let mut o = Options {
-        shapes: Vec::new(),
-        policy: Policy::All,
-        fp: Fp::None,
-        handler: None,
-        krate: syn::parse_quote!(::probekit),
-    };
+    let mut o = Options { shapes: Vec::new(), policy: Policy::All, fp: Fp::None, handler: None, krate: syn::parse_quote!(::probekit) };
     let mut errors: Option<syn::Error> = None;
     let mut push = |e: syn::Error| match &mut errors {
         Some(all) => all.combine(e),
@@ -35,10 +29,7 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
                 let name = m.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
                 match Shape::ALL.iter().find(|s| s.name().replace('-', "_") == name) {
                     Some(s) => o.shapes.push((*s, m.path.span())),
-                    None => push(syn::Error::new(
-                        m.path.span(),
-                        "unknown shape: must be one of `save_restore`, `kretprobe`, `entry`",
-                    )),
+                    None => push(syn::Error::new(m.path.span(), "unknown shape: must be one of `save_restore`, `kretprobe`, `entry`")),
                 }
                 Ok(())
             })
@@ -65,9 +56,7 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
             o.krate = meta.value()?.parse()?;
             Ok(())
         } else {
-            push(meta.error(
-                "unknown option: must be `shapes(...)`, `policy = ...`, `fp = ...`, `handler = path` or `crate = path`",
-            ));
+            push(meta.error("unknown option: must be `shapes(...)`, `policy = ...`, `fp = ...`, `handler = path` or `crate = path`"));
             // Skip the option's value, if any, to go on to the next one.
             if meta.input.peek(syn::Token![=]) {
                 let _: syn::Expr = meta.value()?.parse()?;
@@ -159,14 +148,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         Ok(i) => i,
         Err(_) => {
             let span = item.clone().into_iter().next().map(|t| t.span()).unwrap_or_else(Span::call_site);
-            let e = syn::Error::new(span, "`#[pt_regs]` must be on a struct: `#[repr(C)] struct Frame { rax: u64, .. }`")
-                .to_compile_error();
+            let e = syn::Error::new(span, "`#[pt_regs]` must be on a struct: `#[repr(C)] struct Frame { rax: u64, .. }`").to_compile_error();
             return quote! { #e #item };
         }
     };
     let options = parse_options(attr);
-    let layouts: Vec<(Arch, Result<FrameLayout, Vec<FrameError>>)> =
-        Arch::ALL.iter().map(|&a| (a, FrameLayout::from_item(&item, a))).collect();
+    let layouts: Vec<(Arch, Result<FrameLayout, Vec<FrameError>>)> = Arch::ALL.iter().map(|&a| (a, FrameLayout::from_item(&item, a))).collect();
 
     // Errors: arch-independent ones once, the others under their architecture's cfg.
     let mut errors = TokenStream::new();
@@ -321,4 +308,3 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         #routines
     }
 }
-

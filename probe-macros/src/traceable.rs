@@ -560,10 +560,7 @@ mod tests {
 
     #[test]
     fn a_trait_impl_gets_a_helper_trait() {
-        let out = expand_str(
-            "",
-            "impl<T: Copy> Tr<T> for S<T> where T: Eq { type A = u8; fn m(&self, (a, b): (u64, u64)) -> Self::A { 0 } fn n() {} }",
-        );
+        let out = expand_str("", "impl<T: Copy> Tr<T> for S<T> where T: Eq { type A = u8; fn m(&self, (a, b): (u64, u64)) -> Self::A { 0 } fn n() {} }");
         let helper = &out[out.find("__probekit_traceable_").unwrap()..][..37];
         assert!(out.contains(&format!("trait {helper} < T : Copy > : Tr < T > where T : Eq {{")), "{out}");
         assert!(out.contains(&format!("impl < T : Copy > {helper} < T > for S < T > where T : Eq {{")), "{out}");
@@ -572,7 +569,12 @@ mod tests {
         assert!(out.contains("extern \"C-unwind\" fn __probekit_body_m (& self , (a , b) : (u64 , u64)) -> Self :: A { 0 }"), "{out}");
         // The trait impl keeps its other items; its methods call their sites.
         assert!(out.contains("type A = u8 ;"), "{out}");
-        assert!(out.contains(&format!("fn m (& self , __probekit_arg1 : (u64 , u64)) -> Self :: A {{ < Self as {helper} < T > > :: __probekit_site_m (self , __probekit_arg1) }}")), "{out}");
+        assert!(
+            out.contains(&format!(
+                "fn m (& self , __probekit_arg1 : (u64 , u64)) -> Self :: A {{ < Self as {helper} < T > > :: __probekit_site_m (self , __probekit_arg1) }}"
+            )),
+            "{out}"
+        );
         assert!(out.contains(&format!("fn n () {{ < Self as {helper} < T > > :: __probekit_site_n () }}")), "{out}");
         assert!(out.contains("function = sym < Self as Tr < T > > :: m ,"), "{out}");
         assert!(out.contains("\"::<S<T> as Tr<T>>::m\\\"\""), "{out}");

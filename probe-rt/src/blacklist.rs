@@ -13,8 +13,8 @@
 //! followed either (a panic in the hit path aborts the process anyway), so that
 //! `malloc` and the formatting machinery stay probeable.
 
-use crate::sys::symbols::{demangled, Snapshot};
 use crate::sys::code as text;
+use crate::sys::symbols::{demangled, Snapshot};
 use std::collections::HashSet;
 
 /// A range of code probes must not touch.
@@ -165,7 +165,11 @@ fn exec_family(symbols: &Snapshot) -> Vec<Blacklisted> {
     ["execve", "execveat", "fexecve", "execv", "execvp", "execvpe", "execl", "execle", "execlp"]
         .into_iter()
         .filter_map(|n| symbols.function_named(n))
-        .map(|f| Blacklisted { name: "the exec family (runs in spawned children after their signal handlers are reset)", start: f.addr, end: f.addr + f.size.max(1) })
+        .map(|f| Blacklisted {
+            name: "the exec family (runs in spawned children after their signal handlers are reset)",
+            start: f.addr,
+            end: f.addr + f.size.max(1),
+        })
         .collect()
 }
 
@@ -207,4 +211,3 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
     };
     roots
 }
-

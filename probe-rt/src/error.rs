@@ -65,21 +65,17 @@ impl fmt::Display for Error {
             Error::SymbolNotFound { name } => write!(f, "no function `{name}` in the symbol tables of the process"),
             Error::NotExecutable { addr } => write!(f, "{addr:#x} is not in an executable mapping"),
             Error::NotInstruction { addr } => write!(f, "{addr:#x} does not hold a valid instruction"),
-            Error::NotInstructionBoundary { addr, function } => write!(
-                f,
-                "{addr:#x} is not an instruction boundary of the function at {function:#x} (+{:#x})",
-                addr.wrapping_sub(*function)
-            ),
+            Error::NotInstructionBoundary { addr, function } => {
+                write!(f, "{addr:#x} is not an instruction boundary of the function at {function:#x} (+{:#x})", addr.wrapping_sub(*function))
+            }
             Error::UnsupportedInstruction { addr, insn } => {
                 write!(f, "{addr:#x}: `{insn}` cannot be probed yet (it cannot run out of line)")
             }
             Error::Blacklisted { addr, what } => write!(f, "{addr:#x} is in {what}, which probekit cannot probe"),
             Error::TooManyProbes { max } => write!(f, "all {max} probe slots of the process are used"),
-            Error::InsideSite { addr, site, function } => write!(
-                f,
-                "{addr:#x} is inside the patchable site of `{function}` at {site:#x} (+{:#x}): probe the function itself",
-                addr.wrapping_sub(*site)
-            ),
+            Error::InsideSite { addr, site, function } => {
+                write!(f, "{addr:#x} is inside the patchable site of `{function}` at {site:#x} (+{:#x}): probe the function itself", addr.wrapping_sub(*site))
+            }
             Error::NotFunctionEntry { addr, function } => write!(
                 f,
                 "{addr:#x} is not a function entry (it is +{:#x} into the function at {function:#x}); return probes go on entries",
@@ -93,17 +89,14 @@ impl fmt::Display for Error {
                 "no function symbol starts at or before {addr:#x}, so it cannot be proven an instruction boundary: \
                  name the function (`.function(f)` or `.symbol(name)`) and give `.offset(n)`"
             ),
-            Error::OutsideFunction { addr, function, size } => write!(
-                f,
-                "{addr:#x} is outside the named function at {function:#x} (+{:#x}, but it has {size:#x} bytes)",
-                addr.wrapping_sub(*function)
-            ),
+            Error::OutsideFunction { addr, function, size } => {
+                write!(f, "{addr:#x} is outside the named function at {function:#x} (+{:#x}, but it has {size:#x} bytes)", addr.wrapping_sub(*function))
+            }
             Error::AddressOverflow { base, offset } => write!(f, "{base:#x} + offset {offset:#x} overflows the address space"),
             Error::NotReadable { addr } => write!(f, "{addr:#x} is in a mapping that cannot be read, so its instruction cannot be decoded"),
-            Error::CodeGone { addr } => write!(
-                f,
-                "the code probed at {addr:#x} is gone (unmapped, or other code is mapped there now): the probe will not write there again"
-            ),
+            Error::CodeGone { addr } => {
+                write!(f, "the code probed at {addr:#x} is gone (unmapped, or other code is mapped there now): the probe will not write there again")
+            }
             Error::MaxactiveTooLarge { requested, max } => write!(f, "maxactive {requested} is more than the {max} instances a return probe may have"),
             Error::OutOfMemory { bytes } => write!(f, "could not allocate {bytes} bytes for the probe"),
             Error::SigtrapHandlerReplaced { handler } => write!(

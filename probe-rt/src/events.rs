@@ -139,9 +139,7 @@ mod tests {
     #[test]
     fn many_producers_one_consumer_lose_nothing() {
         static B: EventBuffer<u64, 1024> = EventBuffer::new();
-        let producers: Vec<_> = (0..4u64)
-            .map(|t| std::thread::spawn(move || (0..10_000u64).filter(|i| B.push(t << 32 | i)).count() as u64))
-            .collect();
+        let producers: Vec<_> = (0..4u64).map(|t| std::thread::spawn(move || (0..10_000u64).filter(|i| B.push(t << 32 | i)).count() as u64)).collect();
         let mut got = Vec::new();
         while got.len() < 40_000 - B.dropped() as usize || producers.iter().any(|p| !p.is_finished()) {
             got.extend(B.drain());

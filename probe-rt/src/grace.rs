@@ -306,9 +306,7 @@ fn threads_to_sample() -> Vec<i32> {
     fence(Ordering::SeqCst);
     let all: Vec<i32> = match OVERFLOW.load(Ordering::Acquire) {
         false => THREADS.iter().map(|t| t.load(Ordering::Acquire)).filter(|t| *t != 0).collect(),
-        true => std::fs::read_dir("/proc/self/task")
-            .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-            .unwrap_or_default(),
+        true => std::fs::read_dir("/proc/self/task").map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default(),
     };
     all.into_iter().filter(|t| *t != me).collect()
 }

@@ -51,9 +51,9 @@ static INIT_LAYERS: extern "C" fn() = init_layers;
 
 /// Breakpoint probes: the kprobe of a process (see [`Probe`]).
 pub mod probe {
+    pub use crate::blacklist::{blacklist, Blacklisted};
     pub use crate::breakpoint::{register_batch, unregister_batch, BatchError, FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
     pub use crate::listing::{list, ProbeInfo, ProbeList};
-    pub use crate::blacklist::{blacklist, Blacklisted};
 }
 
 /// The patchable sites of `#[traceable]` functions (see [`sites()`]).

@@ -37,12 +37,7 @@ impl std::fmt::Display for ProbeList {
                 Some((name, off)) => format!("{name}+{off:#x}"),
                 None => format!("{:#x}", p.addr),
             };
-            let flags = format!(
-                "{}{}{}",
-                if p.enabled { "" } else { "[DISABLED]" },
-                if p.gone { "[GONE]" } else { "" },
-                if p.site { "[SITE]" } else { "" }
-            );
+            let flags = format!("{}{}{}", if p.enabled { "" } else { "[DISABLED]" }, if p.gone { "[GONE]" } else { "" }, if p.site { "[SITE]" } else { "" });
             writeln!(f, "{:016x}  {}  {place}  {flags}", p.addr, if p.is_return { 'r' } else { 'k' })?;
         }
         Ok(())
@@ -79,4 +74,3 @@ pub fn list() -> ProbeList {
             .collect(),
     )
 }
-

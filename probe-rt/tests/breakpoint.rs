@@ -124,11 +124,29 @@ fn threads_hammering_a_probe_count_every_hit() {
 // A function with an instruction that can neither run out of line nor be simulated
 // (yet): a system call (getpid; indirect jumps are simulated now); aarch64 a load-exclusive.
 #[cfg(target_arch = "x86_64")]
-std::arch::global_asm!(".globl bp_branchy", ".globl bp_unsupported_at", "bp_branchy:", "lea rax, [rip + 2f]", "mov eax, 39", "bp_unsupported_at:", "syscall", "2:", "ret");
+std::arch::global_asm!(
+    ".globl bp_branchy",
+    ".globl bp_unsupported_at",
+    "bp_branchy:",
+    "lea rax, [rip + 2f]",
+    "mov eax, 39",
+    "bp_unsupported_at:",
+    "syscall",
+    "2:",
+    "ret"
+);
 #[cfg(target_arch = "aarch64")]
 std::arch::global_asm!(
-    ".globl bp_branchy", ".globl bp_unsupported_at", "bp_branchy:", "sub sp, sp, #16", "str xzr, [sp]",
-    "bp_unsupported_at:", "ldxr x1, [sp]", "clrex", "add sp, sp, #16", "ret"
+    ".globl bp_branchy",
+    ".globl bp_unsupported_at",
+    "bp_branchy:",
+    "sub sp, sp, #16",
+    "str xzr, [sp]",
+    "bp_unsupported_at:",
+    "ldxr x1, [sp]",
+    "clrex",
+    "add sp, sp, #16",
+    "ret"
 );
 extern "C" {
     fn bp_branchy();

@@ -56,13 +56,7 @@ fn noop(_r: &mut PtRegs, _d: &mut ()) {}
 
 /// One register/call/unregister cycle.
 fn cycle() {
-    let p = ReturnProbe::builder()
-        .function(cycled as fn(u64) -> u64)
-        .data::<Counted>()
-        .handler(on_return)
-        .maxactive(MAXACTIVE)
-        .register()
-        .unwrap();
+    let p = ReturnProbe::builder().function(cycled as fn(u64) -> u64).data::<Counted>().handler(on_return).maxactive(MAXACTIVE).register().unwrap();
     assert_eq!(cycled(5), 16);
     p.unregister().unwrap();
 }
@@ -152,8 +146,5 @@ fn register_unregister_cycles_leave_memory_mappings_and_unwinding_as_they_were()
     assert!(drops1 - drops0 >= reclaimed, "only {} of the retired probes' data dropped", drops1 - drops0);
     // A leaked unwind table per cycle made this ~0.2 µs × cycles (libgcc looks through
     // every registered table): bounded by the cost before, with room for noise.
-    assert!(
-        panic_after < panic_before * 4 + Duration::from_micros(200),
-        "a caught panic cost {panic_before:?} before the cycles, {panic_after:?} after"
-    );
+    assert!(panic_after < panic_before * 4 + Duration::from_micros(200), "a caught panic cost {panic_before:?} before the cycles, {panic_after:?} after");
 }

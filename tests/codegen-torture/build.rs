@@ -74,11 +74,7 @@ fn main() {
         routines.push((layout, format!("crate::generated::rf{n}::{name}"), frames.len() + n, policy, fp, shape));
     }
 
-    let symbols = render::Symbols {
-        handler: "crate::torture_handler".into(),
-        xsave_size: "crate::XSAVE_SIZE".into(),
-        xsave_mask: "crate::XSAVE_MASK".into(),
-    };
+    let symbols = render::Symbols { handler: "crate::torture_handler".into(), xsave_size: "crate::XSAVE_SIZE".into(), xsave_mask: "crate::XSAVE_MASK".into() };
     let mut table = String::from("pub static ROUTINES: &[crate::Routine] = &[\n");
     let mut asserted = std::collections::HashSet::new();
     for (k, (frame, ty, fi, policy, fp, shape)) in routines.iter().enumerate() {
@@ -145,10 +141,13 @@ fn value(r: Reg) -> String {
 /// Source of a random `#[repr(C)]` frame bound by field names only (it must compile as plain Rust).
 fn random_frame(rng: &mut Rng, arch: Arch, n: usize) -> (String, String) {
     let mut names: Vec<String> = match arch {
-        Arch::X86_64 => ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "eflags", "cs", "ss", "orig_rax"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        Arch::X86_64 => [
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "eflags", "cs", "ss",
+            "orig_rax",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         Arch::Aarch64 => (0..=30).map(|i| format!("x{i}")).chain(["sp", "pc", "pstate", "orig_x0"].map(String::from)).collect(),
     };
     let mut fields = Vec::new();

@@ -11,13 +11,7 @@ fn main() {
     // cc builds static archives only; its compiler (the target's: aarch64-linux-gnu-gcc
     // when cross-compiling) links the shared object.
     let compiler = cc::Build::new().get_compiler();
-    let status = compiler
-        .to_command()
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&so)
-        .arg("c/gone.c")
-        .status()
-        .expect("the C compiler runs");
+    let status = compiler.to_command().args(["-shared", "-fPIC", "-O1", "-o"]).arg(&so).arg("c/gone.c").status().expect("the C compiler runs");
     assert!(status.success(), "building {} failed", so.display());
     println!("cargo:rustc-env=GONE_SO={}", so.display());
 }

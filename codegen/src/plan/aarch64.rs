@@ -180,12 +180,8 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     // slot saved directly whose register is reloaded on the way out (so clobbering it
     // in between is invisible), is no scratch (x0..x2) and carries no other value
     // (x9, x30). Slots are in offset order, so it is saved before any far access.
-    let addr = Addr {
-        base: xslots
-            .iter()
-            .find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && s.into == Some(s.src) && unsigned_ok(s.off, 8))
-            .map(|s| s.src),
-    };
+    let addr =
+        Addr { base: xslots.iter().find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && s.into == Some(s.src) && unsigned_ok(s.off, 8)).map(|s| s.src) };
     let too_large = |field: &str, off: u64| PlanError::FrameTooLarge { frame: frame.name.clone(), field: field.to_string(), offset: off };
     if alloc > 0xff_ffff {
         return Err(too_large("(allocation)", alloc));
@@ -203,19 +199,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             let slots = vec![(a.off, 8, a.slot.clone()), (b.off, 8, b.slot.clone())];
             let note = format!("{} @{}, {} @{}", a.slot, a.off, b.slot, b.off);
             let mut step = Step {
-                save: vec![Op::mem(
-                    format!("stp {}, {}, {m}", a.src, b.src),
-                    note.clone(),
-                    Access { dir: Dir::Store, slots: slots.clone(), encoding: enc },
-                )],
+                save: vec![Op::mem(format!("stp {}, {}, {m}", a.src, b.src), note.clone(), Access { dir: Dir::Store, slots: slots.clone(), encoding: enc })],
                 restore: vec![],
             };
             match (a.into, b.into) {
-                (Some(ra), Some(rb)) => step.restore.push(Op::mem(
-                    format!("ldp {ra}, {rb}, {m}"),
-                    note,
-                    Access { dir: Dir::Load, slots, encoding: enc },
-                )),
+                (Some(ra), Some(rb)) => step.restore.push(Op::mem(format!("ldp {ra}, {rb}, {m}"), note, Access { dir: Dir::Load, slots, encoding: enc })),
                 (Some(r), None) | (None, Some(r)) => {
                     let s = if a.into.is_some() { &a } else { &b };
                     let (_, m, enc) = addr.get(s.off, 8, false).expect("pair range is in unsigned range");
@@ -248,8 +236,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     }
 
     // 2. Values not held in a register of their own name, through scratch x0 (saved by now).
-    let mut specials: Vec<(u64, u64, Slot, Result<Reg, u64>)> =
-        elems.iter().filter(|e| matches!(e.3, Ok(Reg::A64Sp | Reg::A64Pstate) | Err(_))).map(|e| (e.0, e.1, Slot::Field { name: e.2.clone(), reg: e.3.ok() }, e.3)).collect();
+    let mut specials: Vec<(u64, u64, Slot, Result<Reg, u64>)> = elems
+        .iter()
+        .filter(|e| matches!(e.3, Ok(Reg::A64Sp | Reg::A64Pstate) | Err(_)))
+        .map(|e| (e.0, e.1, Slot::Field { name: e.2.clone(), reg: e.3.ok() }, e.3))
+        .collect();
     if let Some(off) = nzcv_hidden {
         specials.push((off, 8, Slot::Hidden(Reg::A64Pstate), Ok(Reg::A64Pstate)));
     }
@@ -304,11 +295,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         save.push(Op::mem(
             format!("str {}, [x0], #8", if c == 0 { "xzr" } else { "x2" }),
             format!("{} @{}..{}: defined value {c:#x}", f.name, f.start, f.start + f.len),
-            Access {
-                dir: Dir::Store,
-                slots: vec![(f.start, f.len, Slot::Field { name: f.name.clone(), reg: None })],
-                encoding: Encoding::Loop,
-            },
+            Access { dir: Dir::Store, slots: vec![(f.start, f.len, Slot::Field { name: f.name.clone(), reg: None })], encoding: Encoding::Loop },
         ));
         save.push(Op::new("sub x1, x1, #1", ""));
         save.push(Op::new("cbnz x1, 2b", ""));
@@ -341,10 +328,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         if fp == Fp::Full {
             let off = at + 16 * 32;
             let slots = [(off, "fpcr", "x0"), (off + 8, "fpsr", "x1")];
-            let mut step = Step {
-                save: vec![Op::new("mrs x0, fpcr", "FP control"), Op::new("mrs x1, fpsr", "FP status")],
-                restore: vec![],
-            };
+            let mut step = Step { save: vec![Op::new("mrs x0, fpcr", "FP control"), Op::new("mrs x1, fpsr", "FP status")], restore: vec![] };
             let mut stores = Vec::new();
             let mut loads = Vec::new();
             if let Some((_, m, enc)) = addr.get(off, 8, true) {
@@ -400,27 +384,14 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     if lo > 0 || hi == 0 {
         epilogue.push(Op::new(format!("add sp, sp, #{lo}"), "free: sp is the probed context's again"));
     }
-    epilogue.push(Op::new(
-        if resume == X30 { "ret".to_string() } else { format!("ret {resume}") },
-        "resume at the frame's pc",
-    ));
+    epilogue.push(Op::new(if resume == X30 { "ret".to_string() } else { format!("ret {resume}") }, "resume at the frame's pc"));
 
     Ok(Plan::assemble(
         frame,
         policy,
         fp,
         shape,
-        Parts {
-            alloc,
-            hidden,
-            fp_area,
-            red_zone: 0,
-            prologue: sub_sp(alloc),
-            steps,
-            call,
-            epilogue,
-            operands: vec!["handler"],
-        },
+        Parts { alloc, hidden, fp_area, red_zone: 0, prologue: sub_sp(alloc), steps, call, epilogue, operands: vec!["handler"] },
     ))
 }
 

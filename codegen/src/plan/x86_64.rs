@@ -68,20 +68,12 @@ fn ptr(size: u64) -> &'static str {
 
 fn store(reg: &str, off: u64, slot: Slot, note: String) -> Op {
     let (m, encoding) = mem(off);
-    Op::mem(
-        format!("mov qword ptr {m}, {reg}"),
-        note,
-        Access { dir: Dir::Store, slots: vec![(off, 8, slot)], encoding },
-    )
+    Op::mem(format!("mov qword ptr {m}, {reg}"), note, Access { dir: Dir::Store, slots: vec![(off, 8, slot)], encoding })
 }
 
 fn load(reg: &str, off: u64, slot: Slot, note: String) -> Op {
     let (m, encoding) = mem(off);
-    Op::mem(
-        format!("mov {reg}, qword ptr {m}"),
-        note,
-        Access { dir: Dir::Load, slots: vec![(off, 8, slot)], encoding },
-    )
+    Op::mem(format!("mov {reg}, qword ptr {m}"), note, Access { dir: Dir::Load, slots: vec![(off, 8, slot)], encoding })
 }
 
 pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) -> Result<Plan, PlanError> {
@@ -126,30 +118,22 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             steps.push(Step { save, restore: vec![] });
         }
         // A fixed Entry without one: nothing to save (Entry does not restore the flags).
-        (None, None) => prologue.push(Op::new(
-            format!("lea rsp, [rsp - {}]", rz + alloc),
-            format!("over the red zone, allocate frame {} + hidden + FP area", frame.name),
-        )),
+        (None, None) => {
+            prologue.push(Op::new(format!("lea rsp, [rsp - {}]", rz + alloc), format!("over the red zone, allocate frame {} + hidden + FP area", frame.name)))
+        }
         (Some(_), _) => {
             match shape {
-                Shape::Entry => prologue.push(Op::new(
-                    format!("lea rsp, [rsp - {rz}]"),
-                    "step over the red zone of the probed code (lea: flags untouched)",
-                )),
-                Shape::Kretprobe => prologue.push(Op::new(
-                    "lea rsp, [rsp - 8]",
-                    "hole for the real return address the handler gives back (lea: flags untouched)",
-                )),
+                Shape::Entry => prologue.push(Op::new(format!("lea rsp, [rsp - {rz}]"), "step over the red zone of the probed code (lea: flags untouched)")),
+                Shape::Kretprobe => {
+                    prologue.push(Op::new("lea rsp, [rsp - 8]", "hole for the real return address the handler gives back (lea: flags untouched)"))
+                }
                 Shape::SaveRestore => {}
             }
             prologue.push(Op::new("pushfq", "save rflags before any instruction changes them: [A+8]"));
             prologue.push(Op::new("push rax", "free rax: [A]"));
             prologue.push(Op::new("mov rax, rsp", "rax = anchor A"));
             if fp == Fp::Full {
-                prologue.push(Op::new(
-                    "sub rsp, qword ptr [rip + {xsave_size}]",
-                    "room for the xsave area (its size is known at run time)",
-                ));
+                prologue.push(Op::new("sub rsp, qword ptr [rip + {xsave_size}]", "room for the xsave area (its size is known at run time)"));
                 prologue.push(Op::new("and rsp, -64", "xsave needs a 64-aligned area"));
             } else {
                 prologue.push(Op::new("and rsp, -16", "align: the ABI wants rsp % 16 == 0 at a call"));
@@ -174,21 +158,14 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             }
             let slot = || Slot::Field { name: name.clone(), reg: Some(*r) };
             let note = format!("{name} @{off}");
-            let restore = if restores(Arch::X86_64, policy, shape, *r) {
-                vec![load(r.name(), *off, slot(), note.clone())]
-            } else {
-                vec![]
-            };
+            let restore = if restores(Arch::X86_64, policy, shape, *r) { vec![load(r.name(), *off, slot(), note.clone())] } else { vec![] };
             steps.push(Step { save: vec![store(r.name(), *off, slot(), note)], restore });
         }
     }
     // 2. Hidden spills of caller-saved registers without a field.
     for (r, off) in &spills {
         let note = format!("hidden spill of {r} (no field) @{off}");
-        steps.push(Step {
-            save: vec![store(r.name(), *off, Slot::Hidden(*r), note.clone())],
-            restore: vec![load(r.name(), *off, Slot::Hidden(*r), note)],
-        });
+        steps.push(Step { save: vec![store(r.name(), *off, Slot::Hidden(*r), note.clone())], restore: vec![load(r.name(), *off, Slot::Hidden(*r), note)] });
     }
     // 3. Values that are not in a register at their own name: copied through rcx
     //    (saved by now) from the anchor words, or computed.
@@ -249,11 +226,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 Op::mem(
                     format!("mov qword ptr [rsp + rdx*8 + {end}], {imm}"),
                     format!("{} @{}..{end}: defined value {:#x}", f.name, f.start, f.value),
-                    Access {
-                        dir: Dir::Store,
-                        slots: vec![(f.start, f.len, Slot::Field { name: f.name.clone(), reg: None })],
-                        encoding: Encoding::Loop,
-                    },
+                    Access { dir: Dir::Store, slots: vec![(f.start, f.len, Slot::Field { name: f.name.clone(), reg: None })], encoding: Encoding::Loop },
                 ),
                 Op::new("inc rdx", ""),
                 Op::new("jnz 2b", ""),
@@ -385,23 +358,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         epilogue.push(Op::new("ret", "resume at the frame's rip; rsp is the probed context's again"));
     }
 
-    Ok(Plan::assemble(
-        frame,
-        policy,
-        fp,
-        shape,
-        Parts {
-            alloc,
-            hidden,
-            fp_area,
-            red_zone: rz,
-            prologue,
-            steps,
-            call,
-            epilogue,
-            operands,
-        },
-    ))
+    Ok(Plan::assemble(frame, policy, fp, shape, Parts { alloc, hidden, fp_area, red_zone: rz, prologue, steps, call, epilogue, operands }))
 }
 
 /// What a routine keeps past the frame, and its allocation.

@@ -126,9 +126,7 @@ pub(crate) fn branch_targets(addr: usize, code: &[u8]) -> Vec<usize> {
         let mut d = Decoder::with_ip(64, code, addr as u64, DecoderOptions::NONE);
         for i in &mut d {
             match i.flow_control() {
-                FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-                    if matches!(i.op0_kind(), OpKind::NearBranch64) =>
-                {
+                FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch if matches!(i.op0_kind(), OpKind::NearBranch64) => {
                     out.push(i.near_branch_target() as usize)
                 }
                 FlowControl::IndirectCall | FlowControl::IndirectBranch if i.is_ip_rel_memory_operand() => {
@@ -209,14 +207,21 @@ pub(crate) fn check_boundary(start: usize, addr: usize, code: &[u8]) -> Result<(
     #[cfg(target_arch = "aarch64")]
     {
         let _ = code;
-        if addr >= start && (addr - start) % 4 == 0 { Ok(()) } else { Err(bad) }
+        if addr >= start && (addr - start) % 4 == 0 {
+            Ok(())
+        } else {
+            Err(bad)
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use super::*;
-    use iced_x86::{BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionBlock, IntelFormatter, Mnemonic, OpKind, Register};
+    use iced_x86::{
+        BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, InstructionBlock, IntelFormatter,
+        Mnemonic, OpKind, Register,
+    };
 
     const JMP: u64 = 1;
     const JCC: u64 = 2;
@@ -236,8 +241,22 @@ mod imp {
     const MEM: u64 = 1 << 24;
     /// `gregs` index of each register number (SysV `ucontext_t`, glibc `sys/ucontext.h`).
     const GREGS: [libc::c_int; 16] = [
-        libc::REG_RAX, libc::REG_RCX, libc::REG_RDX, libc::REG_RBX, libc::REG_RSP, libc::REG_RBP, libc::REG_RSI, libc::REG_RDI,
-        libc::REG_R8, libc::REG_R9, libc::REG_R10, libc::REG_R11, libc::REG_R12, libc::REG_R13, libc::REG_R14, libc::REG_R15,
+        libc::REG_RAX,
+        libc::REG_RCX,
+        libc::REG_RDX,
+        libc::REG_RBX,
+        libc::REG_RSP,
+        libc::REG_RBP,
+        libc::REG_RSI,
+        libc::REG_RDI,
+        libc::REG_R8,
+        libc::REG_R9,
+        libc::REG_R10,
+        libc::REG_R11,
+        libc::REG_R12,
+        libc::REG_R13,
+        libc::REG_R14,
+        libc::REG_R15,
     ];
 
     /// The operand of a 64-bit indirect `jmp`/`call`, packed for [`simulate`] as
@@ -351,7 +370,13 @@ mod imp {
         };
         let rip = match sim.kind {
             JMP => sim.a,
-            JCC => if holds(sim.b, flags) { sim.a } else { next },
+            JCC => {
+                if holds(sim.b, flags) {
+                    sim.a
+                } else {
+                    next
+                }
+            }
             LOOP => {
                 let zf = flags & 0x40 != 0;
                 let rcx = g[REG_RCX as usize] as u64;
@@ -363,7 +388,11 @@ mod imp {
                         rcx != 0 && (v == 0 || (v == 1) == zf)
                     }
                 };
-                if taken { sim.a } else { next }
+                if taken {
+                    sim.a
+                } else {
+                    next
+                }
             }
             CALL => {
                 push(g, next);
@@ -526,7 +555,11 @@ mod imp {
             _ => true,
         };
         // Odd codes negate, except 0b1111 (NV), which is "always" too.
-        if cond & 1 == 1 && cond != 0xf { !r } else { r }
+        if cond & 1 == 1 && cond != 0xf {
+            !r
+        } else {
+            r
+        }
     }
 
     /// Applies the instruction word in `sim.a` at `addr` to the interrupted context.

@@ -26,7 +26,6 @@ pub(crate) fn abs_jump(to: usize) -> [u8; ABS_JUMP] {
     code
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -759,4 +759,3 @@ impl Drop for ProbeHandle {
         let _ = self.retire();
     }
 }
-

@@ -135,8 +135,6 @@ pub(crate) extern "C" fn on_sigsegv(sig: libc::c_int, info: *mut libc::siginfo_t
     chain(PREVIOUS_SEGV.get(), sig, info, ctx);
 }
 
-
-
 /// Handles a trap at `uc`'s pc if it is probekit's: false if it is not.
 pub(crate) fn hit(uc: &mut libc::ucontext_t) -> bool {
     let bp = (regs::pc(uc) - TRAP_PC_ADVANCE) as usize;
@@ -235,4 +233,3 @@ fn backup_again(bp: usize) -> bool {
     BACKUPS.set((bp, n));
     n <= MAX_BACKUPS
 }
-

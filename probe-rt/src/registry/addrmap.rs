@@ -133,12 +133,8 @@ impl AddrMap {
     /// A table twice as large (or as large, if most entries are dead) with the live
     /// entries of `old`, published.
     fn grow(&self, old: &Table) -> Result<&'static Table, Error> {
-        let live: Vec<(usize, u32)> = old
-            .entries
-            .iter()
-            .map(|e| (e.key.load(Ordering::Relaxed), e.head.load(Ordering::Relaxed)))
-            .filter(|(k, h)| *k != 0 && *h != 0)
-            .collect();
+        let live: Vec<(usize, u32)> =
+            old.entries.iter().map(|e| (e.key.load(Ordering::Relaxed), e.head.load(Ordering::Relaxed))).filter(|(k, h)| *k != 0 && *h != 0).collect();
         let mut len = old.mask + 1;
         while (live.len() + 1) * 4 > len {
             len = len.checked_mul(2).ok_or(Error::OutOfMemory { bytes: usize::MAX })?;

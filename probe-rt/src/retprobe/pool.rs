@@ -65,9 +65,8 @@ impl Block {
                 })
                 .collect(),
         );
-        let frames: Vec<StubFrame> = (0..n)
-            .map(|i| StubFrame { begin: code + i * STUB, end: code + (i + 1) * STUB, slot: &insts[i].ret as *const AtomicUsize as usize })
-            .collect();
+        let frames: Vec<StubFrame> =
+            (0..n).map(|i| StubFrame { begin: code + i * STUB, end: code + (i + 1) * STUB, slot: &insts[i].ret as *const AtomicUsize as usize }).collect();
         // If this fails, the pages and instances stay allocated, unreachable (once).
         unwind::register_stubs(&frames)?;
         Ok(Box::leak(Box::new(Block { insts, code })))

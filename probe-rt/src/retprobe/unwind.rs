@@ -79,7 +79,7 @@ fn eh_frame(stubs: &[StubFrame]) -> Vec<u8> {
         fde.extend_from_slice(&(s.begin as u64).to_ne_bytes());
         fde.extend_from_slice(&((s.end - s.begin) as u64).to_ne_bytes());
         fde.push(0); // augmentation data length
-        // DW_CFA_def_cfa sp, 0
+                     // DW_CFA_def_cfa sp, 0
         fde.extend([0x0c, SP, 0]);
         // DW_CFA_val_expression RA, 10 bytes: DW_OP_addr <slot>; DW_OP_deref
         fde.extend([0x16, RA, 10, 0x03]);

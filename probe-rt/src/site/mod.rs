@@ -40,7 +40,6 @@ pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     }
 }
 
-
 /// Runs the probes armed on the site at `site`, in registration order, for the site
 /// trampoline's dispatcher: pre handlers, then (unless one redirected execution) post
 /// handlers, with `regs` as at the function's entry (pc = `site`). A site hit inside a
@@ -119,4 +118,3 @@ pub(crate) fn missed_site(site: usize) {
         e.nmissed.fetch_add(1, Ordering::Relaxed);
     }
 }
-

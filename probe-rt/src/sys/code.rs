@@ -53,7 +53,11 @@ pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
 pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 { p as usize } else { 4096 }
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
 }
 
 fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(), Error> {
@@ -237,9 +241,7 @@ pub(crate) fn alloc_code(code: &[u8]) -> Result<usize, Error> {
     let len = code.len().max(1).next_multiple_of(page_size());
     let os = |call| Error::Os { addr: 0, call, errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) };
     // SAFETY: a new anonymous private read-write mapping; nothing is replaced.
-    let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-    };
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     if p == libc::MAP_FAILED {
         return Err(os("mmap"));
     }
@@ -286,4 +288,3 @@ pub(crate) fn sync_cores() {
         unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) };
     }
 }
-

@@ -149,11 +149,7 @@ pub(crate) fn images() -> Vec<Image> {
                     i.start = i.start.min(l.start);
                 }
             }
-            None => out.push(Image {
-                path: path.to_string(),
-                start: if off == 0 { l.start } else { usize::MAX },
-                ranges: vec![(l.start, l.end)],
-            }),
+            None => out.push(Image { path: path.to_string(), start: if off == 0 { l.start } else { usize::MAX }, ranges: vec![(l.start, l.end)] }),
         }
     }
     out.retain(|i| i.start != usize::MAX);
@@ -190,4 +186,3 @@ pub(crate) fn executable(addr: usize) -> Result<Mapping, Error> {
         _ => Err(Error::NotExecutable { addr }),
     }
 }
-

@@ -6,8 +6,8 @@ use crate::PtRegs;
 mod imp {
     use super::PtRegs;
     use libc::{
-        ucontext_t, REG_EFL, REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15, REG_R8, REG_R9, REG_RAX, REG_RBP,
-        REG_RBX, REG_RCX, REG_RDI, REG_RDX, REG_RIP, REG_RSI, REG_RSP,
+        ucontext_t, REG_EFL, REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15, REG_R8, REG_R9, REG_RAX, REG_RBP, REG_RBX, REG_RCX, REG_RDI, REG_RDX,
+        REG_RIP, REG_RSI, REG_RSP,
     };
 
     /// Flags a handler may change: the status flags and DF (not TF, IF, …).

@@ -3,10 +3,9 @@
 //! functions that are not exported resolve too. Registration and listing only: this
 //! reads files and allocates.
 
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 use crate::sys::maps::Image;
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 use std::sync::{Arc, Mutex};
-
 
 /// One function symbol of an image, with the load bias applied.
 #[derive(Clone, Debug)]
@@ -103,7 +102,15 @@ impl Snapshot {
                 return s.clone();
             }
         }
-        let s = Arc::new(Snapshot { images: crate::sys::maps::images().into_iter().map(|i| { let f = functions(&i); (i, f) }).collect() });
+        let s = Arc::new(Snapshot {
+            images: crate::sys::maps::images()
+                .into_iter()
+                .map(|i| {
+                    let f = functions(&i);
+                    (i, f)
+                })
+                .collect(),
+        });
         *cache = Some((generation, s.clone()));
         s
     }

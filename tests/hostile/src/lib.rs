@@ -193,12 +193,7 @@ pub fn spawn_child(name: &str, env: &[(&str, &str)], timeout: Duration) -> Outco
             None => std::thread::sleep(Duration::from_millis(10)),
         }
     };
-    Outcome {
-        name: name.to_string(),
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
+    Outcome { name: name.to_string(), status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() }
 }
 
 /// [`run_child_with`] without extra environment.

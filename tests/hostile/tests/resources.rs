@@ -37,7 +37,11 @@ const WARMUP: usize = 200;
 /// The cycles measured: the 100,000 natively; 1,000 under qemu-user, where a
 /// cycle costs ten times as much.
 fn cycles() -> usize {
-    if hostile_tests::emulated() { 1_000 } else { 100_000 }
+    if hostile_tests::emulated() {
+        1_000
+    } else {
+        100_000
+    }
 }
 /// How much RSS may grow over [`cycles`] cycles after the warm-up. Under qemu-user
 /// the RSS is qemu's, which grows with its translation cache as patched code is

@@ -12,7 +12,6 @@ use std::ffi::c_void;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-
 static HITS: AtomicU64 = AtomicU64::new(0);
 
 fn count(_: &mut PtRegs) {
@@ -43,7 +42,11 @@ fn dlerror() -> String {
     // this thread's next dl call (none before it is copied).
     unsafe {
         let e = libc::dlerror();
-        if e.is_null() { String::new() } else { std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned() }
+        if e.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
     }
 }
 
@@ -253,7 +256,11 @@ fn sizeless_function_return_probe_off_entry_is_refused() {
     let out = run_child("child_sizeless_return_probe_not_entry");
     out.assert_ok();
     let d = out.describe();
-    assert_eq!(out.expect_value("verdict"), "refused", "a return probe at f+{NOT_ENTRY} must be refused (NotFunctionEntry / NotInstructionBoundary / NoKnownStart)\n{d}");
+    assert_eq!(
+        out.expect_value("verdict"),
+        "refused",
+        "a return probe at f+{NOT_ENTRY} must be refused (NotFunctionEntry / NotInstructionBoundary / NoKnownStart)\n{d}"
+    );
     assert_eq!(out.number("value"), SIZELESS_VALUE, "the function's result changed\n{d}");
 }
 
@@ -368,10 +375,7 @@ fn child_stack_nearly_exhausted() {
     let x = 0x1000;
     assert_eq!(black_box(f)(x), x + DEEP_ADD);
     let p = Probe::builder().function(f).pre(count).register().expect("probe hostile_deep");
-    let t = std::thread::Builder::new()
-        .stack_size(256 << 10)
-        .spawn(move || descend(stack_low(), margin, x))
-        .expect("spawn a thread");
+    let t = std::thread::Builder::new().stack_size(256 << 10).spawn(move || descend(stack_low(), margin, x)).expect("spawn a thread");
     let (value, left) = t.join().expect("the thread returns");
     report("left", left);
     report("value", format!("{value:#x}"));

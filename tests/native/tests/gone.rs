@@ -41,7 +41,11 @@ fn dlerror() -> String {
     // this thread's next dl call (none before it is copied).
     unsafe {
         let e = libc::dlerror();
-        if e.is_null() { String::new() } else { std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned() }
+        if e.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
     }
 }
 

@@ -158,13 +158,7 @@ fn check_data(regs: &mut PtRegs, d: &mut Arg) {
 
 #[test]
 fn entry_handler_skips_overrides_and_passes_data() {
-    let p = ReturnProbe::builder()
-        .function(scaled as fn(u64) -> u64)
-        .data::<Arg>()
-        .entry_handler(skip_odd)
-        .handler(check_data)
-        .register()
-        .unwrap();
+    let p = ReturnProbe::builder().function(scaled as fn(u64) -> u64).data::<Arg>().entry_handler(skip_odd).handler(check_data).register().unwrap();
     assert_eq!(scaled(4), 40);
     assert_eq!((DATA_SEEN.load(Ordering::Relaxed), DATA_CALLS.load(Ordering::Relaxed)), (4040, 1));
     assert_eq!(scaled(5), 50, "skipped: the function ran, the return handler did not");

@@ -31,7 +31,8 @@ fn count_return(_: &mut PtRegs, _: &mut ()) {
 
 /// Whether qemu-user runs this process (its RSS and code writes behave otherwise).
 fn emulated() -> bool {
-    std::env::var("CROSS_RUNNER").is_ok_and(|r| !r.trim().is_empty()) || cfg!(target_arch = "aarch64") && std::fs::read_link("/proc/self/exe").is_ok_and(|p| p.to_string_lossy().contains("qemu"))
+    std::env::var("CROSS_RUNNER").is_ok_and(|r| !r.trim().is_empty())
+        || cfg!(target_arch = "aarch64") && std::fs::read_link("/proc/self/exe").is_ok_and(|p| p.to_string_lossy().contains("qemu"))
 }
 
 #[test]

@@ -173,8 +173,8 @@ pub fn measure(what: &str, value: impl std::fmt::Display) {
 
 // ---- the child-process harness: tests/hostile's ----
 
-pub use hostile_tests::is_child;
 use hostile_tests::cross_runner;
+pub use hostile_tests::is_child;
 
 /// One scenario at a time per test binary: scenarios measure time, and two at once on a
 /// two-core machine would measure each other.

@@ -85,9 +85,11 @@ fn live(total: usize) {
     let singles = |n: usize| n.min(SINGLES);
     for i in 0..singles(bps) {
         let func = i % BP_FUNCTIONS;
-        let handle = Probe::builder().function(BP_TABLE[func]).pre(count_hit).register().unwrap_or_else(|e| {
-            panic!("breakpoint probe {i} of {bps} (scale_bp_{func}), with {} probes live: {e}", probes.len())
-        });
+        let handle = Probe::builder()
+            .function(BP_TABLE[func])
+            .pre(count_hit)
+            .register()
+            .unwrap_or_else(|e| panic!("breakpoint probe {i} of {bps} (scale_bp_{func}), with {} probes live: {e}", probes.len()));
         assert_eq!(handle.address(), bp_addrs[func], "the probe is on scale_bp_{func}");
         bp_count[func] += 1;
         probes.push(Live::Breakpoint { func, handle });
@@ -110,9 +112,11 @@ fn live(total: usize) {
     let start = Instant::now();
     for i in 0..singles(site_probes) {
         let func = i % SITE_FUNCTIONS;
-        let handle = Probe::builder().function(SITE_TABLE[func]).pre(count_hit).register().unwrap_or_else(|e| {
-            panic!("site probe {i} of {site_probes} (scale_site_{func}), with {} probes live: {e}", probes.len())
-        });
+        let handle = Probe::builder()
+            .function(SITE_TABLE[func])
+            .pre(count_hit)
+            .register()
+            .unwrap_or_else(|e| panic!("site probe {i} of {site_probes} (scale_site_{func}), with {} probes live: {e}", probes.len()));
         assert_eq!(handle.address(), site_addrs[func], "the probe is on the site of scale_site_{func}");
         site_count[func] += 1;
         probes.push(Live::Site { func, handle });
@@ -134,9 +138,11 @@ fn live(total: usize) {
     measure("register site probe", per(site_time, site_probes));
     let start = Instant::now();
     for (func, f) in BP_TABLE.iter().enumerate().take(rets) {
-        let handle = ReturnProbe::builder().function(*f).handler(count_return).register().unwrap_or_else(|e| {
-            panic!("return probe {func} of {rets} (scale_bp_{func}), with {} probes live: {e}", probes.len())
-        });
+        let handle = ReturnProbe::builder()
+            .function(*f)
+            .handler(count_return)
+            .register()
+            .unwrap_or_else(|e| panic!("return probe {func} of {rets} (scale_bp_{func}), with {} probes live: {e}", probes.len()));
         probes.push(Live::Return { func, handle });
     }
     let ret_time = start.elapsed();

@@ -75,10 +75,8 @@ fn worker(id: usize, shared: &Shared) -> u64 {
         let k = 1 + (id + calls as usize) % (BP_FUNCTIONS - 1);
         let j = 1 + (id + calls as usize) % (SITE_FUNCTIONS - 1);
         let x = id as u64 * 1_000_003 + calls;
-        let ok = call_bp(0) == bp_expected(0)
-            && call_site(0, x) == site_expected(0, x)
-            && call_bp(k) == bp_expected(k)
-            && call_site(j, x) == site_expected(j, x);
+        let ok =
+            call_bp(0) == bp_expected(0) && call_site(0, x) == site_expected(0, x) && call_bp(k) == bp_expected(k) && call_site(j, x) == site_expected(j, x);
         if !ok {
             shared.wrong.fetch_add(1, Ordering::Relaxed);
         }
@@ -147,9 +145,8 @@ fn threads() {
         let mut live = Vec::with_capacity(4);
         for (what, f) in [("scale_bp_0", Target::Bp(0)), ("scale_site_0", Target::Site(0)), ("scale_bp_k", Target::Bp(k)), ("scale_site_j", Target::Site(j))] {
             let t = Instant::now();
-            let p = f
-                .register()
-                .unwrap_or_else(|e| panic!("round {r} of {ROUNDS}: a probe on {what} ({f:?}) was refused, with {threads} threads running: {e}"));
+            let p =
+                f.register().unwrap_or_else(|e| panic!("round {r} of {ROUNDS}: a probe on {what} ({f:?}) was refused, with {threads} threads running: {e}"));
             let d = t.elapsed();
             reg_time += d;
             slowest = slowest.max(d);
@@ -161,13 +158,20 @@ fn threads() {
         }
         unreg_time += t.elapsed();
         if (r + 1) % 100 == 0 {
-            measure("progress", format!("{} rounds after {:.2} s, slowest registration so far {}", r + 1, rounds_start.elapsed().as_secs_f64(), per(slowest, 1)));
+            measure(
+                "progress",
+                format!("{} rounds after {:.2} s, slowest registration so far {}", r + 1, rounds_start.elapsed().as_secs_f64(), per(slowest, 1)),
+            );
         }
     }
     let cycles = 4 * ROUNDS;
     measure(
         "rounds",
-        format!("{ROUNDS} rounds, {cycles} register/unregister cycles in {:.2} s, {} probe hits meanwhile", rounds_start.elapsed().as_secs_f64(), CHURN_HITS.load(Ordering::Relaxed)),
+        format!(
+            "{ROUNDS} rounds, {cycles} register/unregister cycles in {:.2} s, {} probe hits meanwhile",
+            rounds_start.elapsed().as_secs_f64(),
+            CHURN_HITS.load(Ordering::Relaxed)
+        ),
     );
     measure("register (threads running)", format!("{} per probe, slowest {}", per(reg_time, cycles), per(slowest, 1)));
     measure("unregister (threads running)", per(unreg_time, cycles));
