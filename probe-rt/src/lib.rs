@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod arch;
+mod batch;
 mod blacklist;
 mod breakpoint;
 mod error;
@@ -28,8 +29,9 @@ pub mod retprobe;
 mod site;
 mod sys;
 
+pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};
 pub use blacklist::{blacklist, Blacklisted};
-pub use breakpoint::{register_batch, unregister_batch, BatchError, FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle};
+pub use breakpoint::{FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle};
 pub use error::Error;
 pub use events::EventBuffer;
 pub use frame::{PtRegs, VReg};
@@ -51,8 +53,9 @@ static INIT_LAYERS: extern "C" fn() = init_layers;
 
 /// Breakpoint probes: the kprobe of a process (see [`Probe`]).
 pub mod probe {
+    pub use crate::batch::{register_batch, unregister_batch, BatchError};
     pub use crate::blacklist::{blacklist, Blacklisted};
-    pub use crate::breakpoint::{register_batch, unregister_batch, BatchError, FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
+    pub use crate::breakpoint::{FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
     pub use crate::listing::{list, ProbeInfo, ProbeList};
 }
 

@@ -46,6 +46,7 @@
 //! records stay retired until a later try completes (tried at most every 100 ms), and
 //! new registrations take new records meanwhile: there is no fixed limit on probes.
 
+pub(crate) mod batch;
 pub(crate) mod trap;
 
 use crate::arch::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
@@ -222,7 +223,7 @@ impl ProbeBuilder {
     /// Everything registration does but arming: the target checked, the record taken,
     /// filled in, published and linked (a slot written for a breakpoint probe). Its
     /// index. Under the registry lock; nothing of the program's text is written.
-    fn stage(&self, reg: &mut Slots) -> Result<usize, Error> {
+    pub(super) fn stage(&self, reg: &mut Slots) -> Result<usize, Error> {
         let Resolved { addr, start } = self.resolve_target()?;
         if let Some(s) = crate::site::table::site_around(addr) {
             return Err(Error::InsideSite { addr, site: s.site, function: s.name });
@@ -351,7 +352,7 @@ impl ProbeBuilder {
 /// which also finds symbols of libraries opened later).
 /// An IFUNC symbol resolves as `dlsym` resolves it: to the implementation the process
 /// calls, not to the resolver the symbol table names.
-fn resolve(name: &str) -> Result<usize, Error> {
+pub(crate) fn resolve(name: &str) -> Result<usize, Error> {
     let not_found = || Error::SymbolNotFound { name: name.to_string() };
     let dlsym = || {
         let c = std::ffi::CString::new(name).ok()?;
@@ -395,7 +396,7 @@ fn original_code(from: usize, to: usize) -> Option<Vec<u8>> {
 /// Whether the code record `e` was registered on is still mapped at `target`: not
 /// marked gone, and the mapping there is the same file at the same offset (anonymous
 /// memory: the bytes are compared where they are written). Marks it gone if not.
-fn still_there(e: &Record, target: usize) -> bool {
+pub(super) fn still_there(e: &Record, target: usize) -> bool {
     if e.gone.load(Ordering::Relaxed) {
         return false;
     }
@@ -409,13 +410,13 @@ fn still_there(e: &Record, target: usize) -> bool {
 
 /// Whether the text at `target` holds the bytes record `e` will put its breakpoint over
 /// (not so if other contents were mapped there since it was prepared).
-fn orig_in_text(e: &Record, target: usize) -> bool {
+pub(super) fn orig_in_text(e: &Record, target: usize) -> bool {
     let orig = e.orig.load(Ordering::Relaxed).to_ne_bytes();
     code::read(target, BREAKPOINT.len()).is_some_and(|b| b == orig[..BREAKPOINT.len()])
 }
 
 /// Whether probekit's breakpoint is in the text at `addr` (readable and mapped).
-fn our_breakpoint_at(addr: usize) -> bool {
+pub(super) fn our_breakpoint_at(addr: usize) -> bool {
     code::read(addr, BREAKPOINT.len()).is_some_and(|b| b == BREAKPOINT)
 }
 
@@ -474,214 +475,11 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
 
 /// Takes staged (linked, unarmed) records back out: unlinked and retired, since a hit
 /// path may have reached them through their chains (reused after a grace period).
-fn unstage(reg: &mut Slots, indices: &[usize]) {
+pub(super) fn unstage(reg: &mut Slots, indices: &[usize]) {
     for &index in indices {
         registry::unlink(index);
         reg.retire(index);
     }
-}
-
-/// Why a batch was refused: the member (its position in the batch) and its error.
-/// Nothing of the batch is armed and no byte of the program's text was changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BatchError {
-    /// The position of the member that failed.
-    pub index: usize,
-    /// What was wrong with it.
-    pub error: Error,
-}
-
-impl std::fmt::Display for BatchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "member {} of the batch: {}", self.index, self.error)
-    }
-}
-
-impl std::error::Error for BatchError {}
-
-/// Registers a set of probes together, all or nothing (the kernel's
-/// `register_kprobes`): either every one is live, or none is and no byte of text
-/// changed. The code writes are batched as the kernel's `text_poke_bp_batch` does:
-/// every breakpoint, then one core sync; sites every `int3`, one sync, every tail, one
-/// sync, every head, one sync. So enabling N probes costs a few `membarrier` calls, not
-/// one or three per probe. The handles come back in the order of the builders.
-pub fn register_batch(probes: impl IntoIterator<Item = ProbeBuilder>) -> Result<Vec<ProbeHandle>, BatchError> {
-    install_handler().map_err(|error| BatchError { index: 0, error })?;
-    let mut reg = registry::lock();
-    let mut staged = Vec::new();
-    for (i, b) in probes.into_iter().enumerate() {
-        match b.stage(&mut reg) {
-            Ok(index) => staged.push(index),
-            Err(error) => {
-                unstage(&mut reg, &staged);
-                return Err(BatchError { index: i, error });
-            }
-        }
-    }
-    if let Err((i, error)) = arm_many(&staged) {
-        unstage(&mut reg, &staged);
-        return Err(BatchError { index: i, error });
-    }
-    Ok(staged
-        .into_iter()
-        .map(|index| {
-            record(index).live.store(true, Ordering::Relaxed);
-            ProbeHandle { index }
-        })
-        .collect())
-}
-
-/// Unregisters a set of probes together, with the code writes batched as in
-/// [`register_batch`]. On error, the probes whose text could not be restored stay
-/// registered (their handles are dropped without another try).
-pub fn unregister_batch(handles: impl IntoIterator<Item = ProbeHandle>) -> Result<(), Error> {
-    let handles: Vec<ProbeHandle> = handles.into_iter().collect();
-    let indices: Vec<usize> = handles.iter().map(|h| h.index).collect();
-    // The handles no longer own their probes: this function unregisters them.
-    handles.into_iter().for_each(std::mem::forget);
-    let mut reg = registry::lock();
-    let r = disarm_many(&indices);
-    for &index in &indices {
-        let e = record(index);
-        if e.addr.load(Ordering::Relaxed) != 0 {
-            continue; // still armed: left registered (see the docs)
-        }
-        registry::unlink(index);
-        e.live.store(false, Ordering::Relaxed);
-        reg.retire(index);
-    }
-    r
-}
-
-/// Arms staged records together (see [`register_batch`]); on error every one is left
-/// unarmed with the text as it was, and the position of the member that failed.
-fn arm_many(indices: &[usize]) -> Result<(), (usize, Error)> {
-    // Which member's code is where it was registered, and which addresses need a write
-    // (no probe armed there yet): breakpoints and sites apart.
-    let mut writes: Vec<(usize, usize)> = Vec::new(); // (member, breakpoint address)
-    let mut sites: Vec<(usize, usize)> = Vec::new(); // (member, site)
-    let mut seen = std::collections::HashSet::new();
-    for (i, &index) in indices.iter().enumerate() {
-        let e = record(index);
-        let target = e.target.load(Ordering::Relaxed);
-        if !still_there(e, target) {
-            return Err((i, Error::CodeGone { addr: target }));
-        }
-        let site = e.site.load(Ordering::Relaxed);
-        // Armed records whose breakpoint or call is not in the text are stale (the code
-        // was unloaded and loaded again at the same address): disarmed in place, as
-        // `arm` does, so the address counts as new.
-        let present = if site { crate::site::patch::enabled_in_text(target) } else { our_breakpoint_at(target) };
-        if !present {
-            registry::disarm_in_place(target);
-        }
-        let new_here = registry::armed_at(target).next().is_none();
-        if !new_here || !seen.insert(target) {
-            continue;
-        }
-        if site {
-            sites.push((i, target));
-        } else {
-            if !orig_in_text(e, target) {
-                return Err((i, Error::CodeGone { addr: target }));
-            }
-            writes.push((i, target));
-        }
-    }
-    // Published before the breakpoints exist, so a trap always finds its probe.
-    let set_addr = |on: bool| {
-        for &index in indices {
-            let e = record(index);
-            e.addr.store(if on { e.target.load(Ordering::Relaxed) } else { 0 }, Ordering::Release);
-        }
-    };
-    set_addr(true);
-    let restore = |upto: usize| {
-        for &(i, t) in &writes[..upto] {
-            let orig = record(indices[i]).orig.load(Ordering::Relaxed).to_ne_bytes();
-            let _ = code::write_code(t, &orig[..BREAKPOINT.len()]);
-        }
-        code::sync_cores();
-    };
-    if let Some((k, (i, e))) = writes.iter().enumerate().find_map(|(k, &(i, t))| code::write_code(t, BREAKPOINT).err().map(|e| (k, (i, e)))) {
-        restore(k);
-        set_addr(false);
-        return Err((i, e));
-    }
-    code::sync_cores();
-    let targets: Vec<usize> = sites.iter().map(|(_, t)| *t).collect();
-    if let Err((k, e)) = crate::site::patch::patch_many(&targets, true) {
-        restore(writes.len());
-        set_addr(false);
-        return Err((sites[k].0, e));
-    }
-    Ok(())
-}
-
-/// Disarms records together (see [`unregister_batch`]): the text restored where no
-/// other armed probe needs it, every record's `addr` cleared after.
-fn disarm_many(indices: &[usize]) -> Result<(), Error> {
-    let batch: std::collections::HashSet<usize> = indices.iter().map(|&i| record(i) as *const Record as usize).collect();
-    let ours = |o: &Record| batch.contains(&(o as *const Record as usize));
-    let mut writes: Vec<(usize, usize)> = Vec::new(); // (record, breakpoint address)
-    let mut sites: Vec<usize> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for &index in indices {
-        let e = record(index);
-        let target = e.target.load(Ordering::Relaxed);
-        if e.addr.load(Ordering::Relaxed) == 0 || !still_there(e, target) {
-            continue; // not armed, or its code is gone: nothing to restore
-        }
-        let last = registry::armed_at(target).all(|(_, o)| ours(o));
-        if !last {
-            continue;
-        }
-        if !seen.insert(target) {
-            continue;
-        }
-        if e.site.load(Ordering::Relaxed) {
-            sites.push(target);
-        } else if our_breakpoint_at(target) {
-            writes.push((index, target));
-        }
-    }
-    let mut result = Ok(());
-    for &(index, t) in &writes {
-        let orig = record(index).orig.load(Ordering::Relaxed).to_ne_bytes();
-        if let Err(e) = code::write_code(t, &orig[..BREAKPOINT.len()]) {
-            result = result.and(Err(e));
-        }
-    }
-    code::sync_cores();
-    // Sites whose code is gone are left alone (`patch_many` names them: dropped, and
-    // the others patched again); on another error every site stays enabled.
-    let mut failed_sites: Vec<usize> = Vec::new();
-    loop {
-        match crate::site::patch::patch_many(&sites, false) {
-            Ok(()) => break,
-            Err((k, Error::CodeGone { .. })) => {
-                sites.remove(k);
-            }
-            Err((_, e)) => {
-                result = result.and(Err(e));
-                failed_sites = sites;
-                break;
-            }
-        }
-    }
-    let written: std::collections::HashSet<usize> = writes.iter().map(|(_, t)| *t).collect();
-    for &index in indices {
-        let e = record(index);
-        let target = e.target.load(Ordering::Relaxed);
-        let restored = match e.site.load(Ordering::Relaxed) {
-            true => !failed_sites.contains(&target),
-            false => !written.contains(&target) || !our_breakpoint_at(target),
-        };
-        if restored {
-            e.addr.store(0, Ordering::Release);
-        }
-    }
-    result
 }
 
 /// A registered probe; unregistered when dropped.

@@ -160,15 +160,17 @@ impl Inst {
 }
 
 /// The state of one return probe, shared by its entry hook and the dispatcher.
-struct Core {
+pub(crate) struct Core {
     /// Registered: the return handler runs. Cleared by unregistering.
     live: AtomicBool,
     nmissed: AtomicU64,
     /// The handlers as `usize` (0: none), typed again by `run_entry`/`run_return`.
-    handler: usize,
-    entry: usize,
+    pub(crate) handler: usize,
+    pub(crate) entry: usize,
     run_entry: unsafe fn(&Core, usize, &mut PtRegs) -> Entry,
     run_return: unsafe fn(&Core, usize, &mut PtRegs),
+    /// What the run functions pass the handlers besides the registers and data (0: none).
+    pub(crate) ctx: usize,
     /// The instances of this probe's block.
     insts: &'static [Inst],
     /// Where the next search for a free instance starts.
@@ -307,7 +309,7 @@ fn set_return_address(regs: &mut PtRegs, to: usize) {
 
 /// Returns `value` to the caller without running the function: the return address is
 /// popped (x86_64) or taken from `x30` (aarch64) as a `ret` would.
-fn override_return(regs: &mut PtRegs, value: u64) {
+pub(crate) fn override_return(regs: &mut PtRegs, value: u64) {
     let ret = return_address(regs) as u64;
     regs.set_return_value(value);
     #[cfg(target_arch = "x86_64")]
@@ -509,53 +511,119 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
     /// Checks the target (a function's first instruction), makes the instances and
     /// their stubs, and arms the entry. On error nothing is armed.
     pub fn register(self) -> Result<ReturnProbeHandle, Error> {
+        let (entry, pending) = self.prepare()?;
+        pending.finish(entry.register())
+    }
+
+    /// Everything registration does before the entry's probe is registered: the
+    /// target checked, the data, stubs and instances made and pointed at the probe's
+    /// `Core`. The entry's probe to register, and what becomes the handle.
+    pub(crate) fn prepare(self) -> Result<(ProbeBuilder, Pending), Error> {
         if self.lost_handlers {
             return Err(Error::HandlersBeforeData);
         }
-        let probe::Resolved { addr, start } = self.target.resolve_target()?;
-        crate::sys::maps::executable(addr)?;
-        // The function the caller named, or the one the symbols prove for a raw address.
-        let start = match start {
-            Some(start) => start,
-            None => probe::known_start(addr)?,
-        };
-        if start != addr {
-            return Err(Error::NotFunctionEntry { addr, function: start });
-        }
-        let n = self.maxactive.filter(|n| *n > 0).unwrap_or_else(default_maxactive);
-        if n > MAX_MAXACTIVE {
-            return Err(Error::MaxactiveTooLarge { requested: n, max: MAX_MAXACTIVE });
-        }
-
-        // The data first (`T::default` may panic), then a block of stubs with their
-        // unwind information and instances, reused or new (see `pool`), pointed at the
-        // probe: everything a hit can reach exists before it is armed.
-        let data: Box<[UnsafeCell<T>]> = (0..n).map(|_| UnsafeCell::new(T::default())).collect();
-        let block = pool::take(n)?;
-        let data = Box::into_raw(data) as *mut UnsafeCell<T> as usize;
-        let core = Box::into_raw(Box::new(Core {
-            live: AtomicBool::new(true),
-            nmissed: AtomicU64::new(0),
+        let hooks = Hooks {
             handler: self.handler.map_or(0, |h| h as usize),
             entry: self.entry.map_or(0, |h| h as usize),
             run_entry: run_entry::<T>,
             run_return: run_return::<T>,
-            insts: block.insts,
-            hint: AtomicUsize::new(0),
-            data,
-            drop_data: drop_data::<T>,
-        }));
-        block.assign(core, data, std::mem::size_of::<T>());
-        match probe::Probe::builder().function_start(addr).internal_pre(on_entry, core as usize).register() {
-            Ok(entry) => Ok(ReturnProbeHandle { entry: Some(entry), core, block }),
-            Err(e) => {
-                // Unarmed, but a site's chain may have shown the entry to a thread for
-                // a moment: retired like an unregistered probe's (freed after a grace
-                // period), not freed here.
-                pool::retire(block, core as usize);
-                Err(e)
-            }
+            ctx: 0,
+        };
+        prepare::<T>(&self.target, self.maxactive, hooks)
+    }
+}
+
+/// A return probe's handlers as its `Core` keeps them: `handler` and `entry` as
+/// `usize` (0: none), typed again by `run_entry`/`run_return`, which also receive the
+/// context `ctx` through the `Core` (multi-function probes: the function).
+pub(crate) struct Hooks {
+    pub(crate) handler: usize,
+    pub(crate) entry: usize,
+    pub(crate) run_entry: unsafe fn(&Core, usize, &mut PtRegs) -> Entry,
+    pub(crate) run_return: unsafe fn(&Core, usize, &mut PtRegs),
+    pub(crate) ctx: usize,
+}
+
+/// Prepares a return probe on `target` (see [`ReturnProbeBuilder::prepare`]) with
+/// per-call data `T` and the handlers `hooks`, whose run functions must be made for `T`.
+pub(crate) fn prepare<T: Default + Send + 'static>(target: &ProbeBuilder, maxactive: Option<usize>, hooks: Hooks) -> Result<(ProbeBuilder, Pending), Error> {
+    let probe::Resolved { addr, start } = target.resolve_target()?;
+    crate::sys::maps::executable(addr)?;
+    // The function the caller named, or the one the symbols prove for a raw address.
+    let start = match start {
+        Some(start) => start,
+        None => probe::known_start(addr)?,
+    };
+    if start != addr {
+        return Err(Error::NotFunctionEntry { addr, function: start });
+    }
+    let n = maxactive.filter(|n| *n > 0).unwrap_or_else(default_maxactive);
+    if n > MAX_MAXACTIVE {
+        return Err(Error::MaxactiveTooLarge { requested: n, max: MAX_MAXACTIVE });
+    }
+
+    // The data first (`T::default` may panic), then a block of stubs with their
+    // unwind information and instances, reused or new (see `pool`), pointed at the
+    // probe: everything a hit can reach exists before it is armed.
+    let data: Box<[UnsafeCell<T>]> = (0..n).map(|_| UnsafeCell::new(T::default())).collect();
+    let block = pool::take(n)?;
+    let data = Box::into_raw(data) as *mut UnsafeCell<T> as usize;
+    let core = Box::into_raw(Box::new(Core {
+        live: AtomicBool::new(true),
+        nmissed: AtomicU64::new(0),
+        handler: hooks.handler,
+        entry: hooks.entry,
+        run_entry: hooks.run_entry,
+        run_return: hooks.run_return,
+        ctx: hooks.ctx,
+        insts: block.insts,
+        hint: AtomicUsize::new(0),
+        data,
+        drop_data: drop_data::<T>,
+    }));
+    block.assign(core, data, std::mem::size_of::<T>());
+    let entry = probe::Probe::builder().function_start(addr).internal_pre(on_entry, core as usize);
+    Ok((entry, Pending { core, block }))
+}
+
+/// A return probe's `Core` and block while its entry probe is being registered or
+/// unregistered. Dropped, it stops the handlers and retires both (freed after a grace
+/// period: a site's chain may have shown the entry to a thread, see `pool`).
+pub(crate) struct Pending {
+    core: *const Core,
+    block: &'static pool::Block,
+}
+
+impl Pending {
+    /// The handle, once the entry's probe is registered; on error the `Core` and
+    /// block are retired.
+    pub(crate) fn finish(self, entry: Result<ProbeHandle, Error>) -> Result<ReturnProbeHandle, Error> {
+        Ok(self.handle(entry?))
+    }
+
+    /// The handle, with the entry's probe registered.
+    pub(crate) fn handle(self, entry: ProbeHandle) -> ReturnProbeHandle {
+        let this = std::mem::ManuallyDrop::new(self);
+        ReturnProbeHandle { entry: Some(entry), core: this.core, block: this.block }
+    }
+
+    /// After the entry's probe was unregistered (`retire`) or could not be (its
+    /// breakpoint may still run `on_entry` with this `Core`, which then stays forever):
+    /// the handlers stop either way.
+    pub(crate) fn close(self, retire: bool) {
+        if !retire {
+            // SAFETY: `core` is live until retired, and this is not retiring it.
+            unsafe { &*self.core }.live.store(false, Ordering::Relaxed);
+            std::mem::forget(self);
         }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // SAFETY: `core` is live until retired, below.
+        unsafe { &*self.core }.live.store(false, Ordering::Relaxed);
+        pool::retire(self.block, self.core as usize);
     }
 }
 
@@ -665,12 +733,15 @@ impl ReturnProbeHandle {
     /// the `Core` (freed after a grace period, see `pool`), unless disarming failed: the
     /// entry may then still run `on_entry` with this `Core`, which stays forever.
     fn close(&mut self) -> Result<(), Error> {
-        let Some(entry) = self.entry.take() else { return Ok(()) };
+        let Some((entry, pending)) = self.split() else { return Ok(()) };
         let r = entry.unregister();
-        self.core().live.store(false, Ordering::Relaxed);
-        if r.is_ok() {
-            pool::retire(self.block, self.core as usize);
-        }
+        pending.close(r.is_ok());
         r
+    }
+
+    /// The entry's probe and the rest, to unregister (once: `None` after).
+    pub(crate) fn split(&mut self) -> Option<(ProbeHandle, Pending)> {
+        let entry = self.entry.take()?;
+        Some((entry, Pending { core: self.core, block: self.block }))
     }
 }

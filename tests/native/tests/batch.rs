@@ -2,7 +2,7 @@
 //! writes batched; and batches registered and unregistered while threads call the
 //! targets.
 
-use probekit::{register_batch, unregister_batch, Probe, ProbeBuilder, PtRegs};
+use probekit::{register_batch, unregister_batch, AnyHandle, AnyProbe, Probe, ProbeBuilder, PtRegs, ReturnProbe, ReturnProbeHandle};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -115,4 +115,67 @@ fn batches_come_and_go_while_threads_call_the_targets() {
     let ran = HANDLED.load(Ordering::Relaxed) - handled;
     assert!(hits > 0 && ran >= hits, "{ran} handler runs, {hits} hits counted");
     assert!(calls > 0);
+}
+
+static RETURNED: AtomicU64 = AtomicU64::new(0);
+
+fn count_return(r: &mut PtRegs, calls: &mut u64) {
+    *calls += 1;
+    RETURNED.fetch_add(r.return_value(), Ordering::Relaxed);
+}
+
+/// Return probes and probes of the other kinds, in one batch.
+fn mixed() -> Vec<AnyProbe> {
+    vec![
+        ReturnProbe::builder().data::<u64>().function(plain_a as fn(u64) -> u64).handler(count_return).into(),
+        Probe::builder().function(plain_b as fn(u64) -> u64).pre(count).into(),
+        ReturnProbe::builder().data::<u64>().function(traced_b as fn(u64) -> u64).handler(count_return).into(),
+        Probe::builder().function(traced_a as fn(u64) -> u64).pre(count).into(),
+    ]
+}
+
+#[test]
+fn return_probes_register_in_batches_all_or_nothing() {
+    let _s = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let sites: Vec<usize> = probekit::sites().iter().filter(|s| s.name.ends_with("::traced_a") || s.name.ends_with("::traced_b")).map(|s| s.site).collect();
+    let addrs = [vec![plain_a as fn(u64) -> u64 as usize, plain_b as fn(u64) -> u64 as usize], sites].concat();
+    let before = text(&addrs);
+    let listed = probekit::list().0.len();
+
+    // A return probe that is not on a function entry: refused, and nothing of the
+    // members before it stays.
+    let mut batch = mixed();
+    batch.push(ReturnProbe::builder().address(plain_b as fn(u64) -> u64 as usize + 1).handler(|_, _| {}).into());
+    let err = register_batch(batch).unwrap_err();
+    assert_eq!(err.index, 4, "{err}");
+    assert!(matches!(err.error, probekit::Error::NotFunctionEntry { .. } | probekit::Error::NotInstructionBoundary { .. }), "{err}");
+    assert_eq!(text(&addrs), before, "no byte of text changed");
+    assert_eq!(probekit::list().0.len(), listed, "nothing registered");
+
+    // The same batch without it: every member live, the return handlers see the
+    // return values.
+    let (handled, returned) = (HANDLED.load(Ordering::Relaxed), RETURNED.load(Ordering::Relaxed));
+    let handles = register_batch(mixed()).unwrap();
+    assert!(matches!(handles[0], AnyHandle::Return(_)) && matches!(handles[1], AnyHandle::Probe(_)));
+    assert_eq!(probekit::list().0.iter().filter(|p| p.is_return).count(), 2, "{}", probekit::list());
+    call_all(7);
+    assert_eq!(HANDLED.load(Ordering::Relaxed) - handled, 2, "two entry probes ran");
+    assert_eq!(RETURNED.load(Ordering::Relaxed) - returned, (7 * 3 + 1) + 7u64.rotate_left(7), "return values (computed, not called: the probes are live)");
+    assert!(handles.iter().all(|h| h.nhit() == 1), "{:?}", handles.iter().map(|h| h.nhit()).collect::<Vec<_>>());
+    unregister_batch(handles).unwrap();
+    assert_eq!(text(&addrs), before, "the text is restored");
+    let returned = RETURNED.load(Ordering::Relaxed);
+    call_all(8);
+    assert_eq!(RETURNED.load(Ordering::Relaxed), returned, "no return handler runs after the batch is gone");
+
+    // A batch of return probes alone gives return-probe handles.
+    let handles: Vec<ReturnProbeHandle> = register_batch(vec![
+        ReturnProbe::builder().data::<u64>().function(plain_a as fn(u64) -> u64).handler(count_return),
+        ReturnProbe::builder().data::<u64>().function(plain_b as fn(u64) -> u64).handler(count_return),
+    ])
+    .unwrap();
+    call_all(9);
+    assert_eq!(RETURNED.load(Ordering::Relaxed) - returned, (9 * 3 + 1) + (9 ^ 0x5a5a));
+    unregister_batch(handles).unwrap();
+    assert_eq!(text(&addrs), before, "the text is restored");
 }

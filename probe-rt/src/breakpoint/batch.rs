@@ -1,0 +1,236 @@
+//! Batches of probes (the kernel's `register_kprobes`/`unregister_kprobes`): staged
+//! one by one under the registry lock, then armed or disarmed with their code writes
+//! and core syncs batched as `text_poke_bp_batch` batches them.
+
+use super::{install_handler, orig_in_text, our_breakpoint_at, still_there, unstage, ProbeBuilder, ProbeHandle};
+use crate::arch::insn::BREAKPOINT;
+use crate::registry::{self, record, Record};
+use crate::sys::code;
+use crate::Error;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+/// Why a batch was refused: the member (its position in the batch) and its error.
+/// Nothing of the batch is armed and no byte of the program's text was changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchError {
+    /// The position of the member that failed.
+    pub index: usize,
+    /// What was wrong with it.
+    pub error: Error,
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "member {} of the batch: {}", self.index, self.error)
+    }
+}
+
+impl std::error::Error for BatchError {}
+
+/// Registers probes together, all or nothing for every member that staged (see
+/// `crate::batch::register_batch`). A member whose checks fail is left out when
+/// `skip(position, &error)` says so (the member's slot in the result is `None`), else
+/// the whole batch fails with it. Arming failures always fail the whole batch.
+pub(crate) fn register_many(
+    probes: impl IntoIterator<Item = ProbeBuilder>,
+    mut skip: impl FnMut(usize, &Error) -> bool,
+) -> Result<Vec<Option<ProbeHandle>>, BatchError> {
+    install_handler().map_err(|error| BatchError { index: 0, error })?;
+    let mut reg = registry::lock();
+    let mut staged = Vec::new(); // (position, record)
+    let mut positions = 0;
+    for (i, b) in probes.into_iter().enumerate() {
+        positions = i + 1;
+        match b.stage(&mut reg) {
+            Ok(index) => staged.push((i, index)),
+            Err(error) if skip(i, &error) => {}
+            Err(error) => {
+                unstage(&mut reg, &staged.iter().map(|s| s.1).collect::<Vec<_>>());
+                return Err(BatchError { index: i, error });
+            }
+        }
+    }
+    let indices: Vec<usize> = staged.iter().map(|s| s.1).collect();
+    if let Err((k, error, stuck)) = arm_many(&indices) {
+        // Records whose breakpoint could not be taken out again stay armed (and linked,
+        // so their traps still find them) with no handle: as a failed disarm leaves them.
+        let back: Vec<usize> = indices.iter().copied().filter(|i| !stuck.contains(i)).collect();
+        unstage(&mut reg, &back);
+        return Err(BatchError { index: staged[k].0, error });
+    }
+    let mut out: Vec<Option<ProbeHandle>> = (0..positions).map(|_| None).collect();
+    for (i, index) in staged {
+        record(index).live.store(true, Ordering::Relaxed);
+        out[i] = Some(ProbeHandle { index });
+    }
+    Ok(out)
+}
+
+/// Unregisters probes together, with the code writes batched. Returns the first error
+/// and, per handle, whether it was unregistered: a probe whose text could not be
+/// restored stays registered and armed (its handle is dropped without another try).
+pub(crate) fn unregister_many(handles: Vec<ProbeHandle>) -> (Result<(), Error>, Vec<bool>) {
+    let indices: Vec<usize> = handles.iter().map(|h| h.index).collect();
+    // The handles no longer own their probes: this function unregisters them.
+    handles.into_iter().for_each(std::mem::forget);
+    let mut reg = registry::lock();
+    let r = disarm_many(&indices);
+    let done = indices
+        .iter()
+        .map(|&index| {
+            let e = record(index);
+            if e.addr.load(Ordering::Relaxed) != 0 {
+                return false; // still armed: left registered
+            }
+            registry::unlink(index);
+            e.live.store(false, Ordering::Relaxed);
+            reg.retire(index);
+            true
+        })
+        .collect();
+    (r, done)
+}
+
+/// Arms staged records together; on error every one is left unarmed with the text as
+/// it was, and the position of the member that failed. Should a breakpoint just
+/// written fail to come out again (its page unmapped meanwhile), the records at its
+/// address are the third part of the error: they stay armed.
+fn arm_many(indices: &[usize]) -> Result<(), (usize, Error, Vec<usize>)> {
+    // Which member's code is where it was registered, and which addresses need a write
+    // (no probe armed there yet): breakpoints and sites apart.
+    let mut writes: Vec<(usize, usize)> = Vec::new(); // (member, breakpoint address)
+    let mut sites: Vec<(usize, usize)> = Vec::new(); // (member, site)
+    let mut seen = HashSet::new();
+    for (i, &index) in indices.iter().enumerate() {
+        let e = record(index);
+        let target = e.target.load(Ordering::Relaxed);
+        if !still_there(e, target) {
+            return Err((i, Error::CodeGone { addr: target }, Vec::new()));
+        }
+        let site = e.site.load(Ordering::Relaxed);
+        // Armed records whose breakpoint or call is not in the text are stale (the code
+        // was unloaded and loaded again at the same address): disarmed in place, as
+        // `arm` does, so the address counts as new.
+        let present = if site { crate::site::patch::enabled_in_text(target) } else { our_breakpoint_at(target) };
+        if !present {
+            registry::disarm_in_place(target);
+        }
+        let new_here = registry::armed_at(target).next().is_none();
+        if !new_here || !seen.insert(target) {
+            continue;
+        }
+        if site {
+            sites.push((i, target));
+        } else {
+            if !orig_in_text(e, target) {
+                return Err((i, Error::CodeGone { addr: target }, Vec::new()));
+            }
+            writes.push((i, target));
+        }
+    }
+    // Published before the breakpoints exist, so a trap always finds its probe.
+    for &index in indices {
+        let e = record(index);
+        e.addr.store(e.target.load(Ordering::Relaxed), Ordering::Release);
+    }
+    // On failure: the breakpoints written so far taken out again, then every record
+    // unpublished but those at an address whose original bytes could not be written
+    // back (their breakpoint is in the text: a trap must still find them).
+    let undo = |written: usize| {
+        let stuck: HashSet<usize> = writes[..written]
+            .iter()
+            .filter(|&&(i, t)| {
+                let orig = record(indices[i]).orig.load(Ordering::Relaxed).to_ne_bytes();
+                code::write_code(t, &orig[..BREAKPOINT.len()]).is_err()
+            })
+            .map(|&(_, t)| t)
+            .collect();
+        code::sync_cores();
+        let mut armed = Vec::new();
+        for &index in indices {
+            let e = record(index);
+            if stuck.contains(&e.target.load(Ordering::Relaxed)) {
+                armed.push(index);
+            } else {
+                e.addr.store(0, Ordering::Release);
+            }
+        }
+        armed
+    };
+    if let Some((k, (i, e))) = writes.iter().enumerate().find_map(|(k, &(i, t))| code::write_code(t, BREAKPOINT).err().map(|e| (k, (i, e)))) {
+        return Err((i, e, undo(k)));
+    }
+    code::sync_cores();
+    let targets: Vec<usize> = sites.iter().map(|(_, t)| *t).collect();
+    if let Err((k, e)) = crate::site::patch::patch_many(&targets, true) {
+        return Err((sites[k].0, e, undo(writes.len())));
+    }
+    Ok(())
+}
+
+/// Disarms records together (see [`unregister_many`]): the text restored where no
+/// other armed probe needs it, every record's `addr` cleared after.
+fn disarm_many(indices: &[usize]) -> Result<(), Error> {
+    let batch: HashSet<usize> = indices.iter().map(|&i| record(i) as *const Record as usize).collect();
+    let ours = |o: &Record| batch.contains(&(o as *const Record as usize));
+    let mut writes: Vec<(usize, usize)> = Vec::new(); // (record, breakpoint address)
+    let mut sites: Vec<usize> = Vec::new();
+    let mut seen = HashSet::new();
+    for &index in indices {
+        let e = record(index);
+        let target = e.target.load(Ordering::Relaxed);
+        if e.addr.load(Ordering::Relaxed) == 0 || !still_there(e, target) {
+            continue; // not armed, or its code is gone: nothing to restore
+        }
+        let last = registry::armed_at(target).all(|(_, o)| ours(o));
+        if !last {
+            continue;
+        }
+        if !seen.insert(target) {
+            continue;
+        }
+        if e.site.load(Ordering::Relaxed) {
+            sites.push(target);
+        } else if our_breakpoint_at(target) {
+            writes.push((index, target));
+        }
+    }
+    let mut result = Ok(());
+    for &(index, t) in &writes {
+        let orig = record(index).orig.load(Ordering::Relaxed).to_ne_bytes();
+        if let Err(e) = code::write_code(t, &orig[..BREAKPOINT.len()]) {
+            result = result.and(Err(e));
+        }
+    }
+    code::sync_cores();
+    // Sites whose code is gone are left alone (`patch_many` names them: dropped, and
+    // the others patched again); on another error every site stays enabled.
+    let mut failed_sites: Vec<usize> = Vec::new();
+    loop {
+        match crate::site::patch::patch_many(&sites, false) {
+            Ok(()) => break,
+            Err((k, Error::CodeGone { .. })) => {
+                sites.remove(k);
+            }
+            Err((_, e)) => {
+                result = result.and(Err(e));
+                failed_sites = sites;
+                break;
+            }
+        }
+    }
+    let written: HashSet<usize> = writes.iter().map(|(_, t)| *t).collect();
+    for &index in indices {
+        let e = record(index);
+        let target = e.target.load(Ordering::Relaxed);
+        let restored = match e.site.load(Ordering::Relaxed) {
+            true => !failed_sites.contains(&target),
+            false => !written.contains(&target) || !our_breakpoint_at(target),
+        };
+        if restored {
+            e.addr.store(0, Ordering::Release);
+        }
+    }
+    result
+}
