@@ -56,6 +56,14 @@ pub enum Error {
     /// your handler before the first probe is registered; probekit then passes it
     /// every trap that is not its own.
     SigtrapHandlerReplaced { handler: usize },
+    /// A multi-function probe's glob does not parse.
+    BadPattern { pattern: String, reason: String },
+    /// A multi-function probe chose no function: no symbol matched its globs
+    /// (`patterns`), and it was given no (`names`: 0) names or function pointers.
+    NoMatch { patterns: Vec<String>, names: usize },
+    /// A multi-function probe could not attach to `function` (at `addr`; 0 if the
+    /// name did not resolve), for the reason `error`.
+    Attach { function: String, addr: usize, error: Box<Error> },
 }
 
 impl fmt::Display for Error {
@@ -104,6 +112,15 @@ impl fmt::Display for Error {
                 "the program replaced probekit's SIGTRAP handler (now {handler:#x}), which would receive probekit's breakpoints: \
                  install your own SIGTRAP handler before the first probe is registered, and probekit passes it every trap that is not its own"
             ),
+            Error::BadPattern { pattern, reason } => write!(f, "bad glob `{pattern}`: {reason}"),
+            Error::NoMatch { patterns, names } => {
+                write!(f, "no function of the process matches {patterns:?}")?;
+                if *names == 0 {
+                    write!(f, " (and no function was named)")?;
+                }
+                Ok(())
+            }
+            Error::Attach { function, addr, error } => write!(f, "cannot attach to `{function}` at {addr:#x}: {error}"),
             Error::Os { addr, call, errno } => {
                 write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))
             }

@@ -55,8 +55,8 @@ pub fn list() -> ProbeList {
                 let gone = e.gone.load(Ordering::Relaxed) || maps::mapping_of(addr).is_none_or(|m| m.code_id(addr) != id);
                 ProbeInfo {
                     addr,
-                    // Only return probes register a hook with a context.
-                    is_return: e.ctx.load(Ordering::Relaxed) != 0,
+                    // A return probe's entry runs its hook.
+                    is_return: e.pre.load(Ordering::Relaxed) == crate::retprobe::on_entry as *const () as usize,
                     // A site is named after its function, not the naked stub it is in;
                     // gone code by its address only (something else may be there now).
                     symbol: match (gone, e.site.load(Ordering::Relaxed)) {

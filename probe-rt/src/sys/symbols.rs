@@ -19,6 +19,9 @@ pub(crate) struct Function {
     /// An IFUNC (`STT_GNU_IFUNC`): the symbol is the resolver, which picks the
     /// implementation calls really reach (glibc's `memcpy`, `strlen`, …).
     pub(crate) ifunc: bool,
+    /// A label (`STT_NOTYPE`) rather than a function symbol: code starts there, but it
+    /// may be the middle of a function.
+    pub(crate) label: bool,
 }
 
 impl Function {
@@ -59,10 +62,15 @@ fn parse_functions(image: &Image) -> Vec<Function> {
     let mut f: Vec<Function> = file
         .symbols()
         .chain(file.dynamic_symbols())
-        .filter(|s| s.kind() == SymbolKind::Text && s.section_index().is_some() || is_code_label(&file, s))
         .filter_map(|s| {
+            let label = match s.kind() == SymbolKind::Text && s.section_index().is_some() {
+                true => false,
+                false if is_code_label(&file, &s) => true,
+                false => return None,
+            };
             let ifunc = matches!(s.flags(), object::SymbolFlags::Elf { st_info, .. } if st_info & 0xf == STT_GNU_IFUNC);
-            Some(Function { name: s.name().ok()?.to_string(), addr: bias.wrapping_add(s.address() as usize), size: s.size() as usize, ifunc })
+            let (addr, size) = (bias.wrapping_add(s.address() as usize), s.size() as usize);
+            Some(Function { name: s.name().ok()?.to_string(), addr, size, ifunc, label })
         })
         .collect();
     f.sort_by_key(|f| f.addr); // for the binary searches below
@@ -120,6 +128,11 @@ impl Snapshot {
     pub(crate) fn function_named(&self, name: &str) -> Option<Function> {
         let find = |matches: &dyn Fn(&str) -> bool| self.images.iter().find_map(|(_, f)| f.iter().find(|f| matches(&f.name)).cloned());
         find(&|n| n == name).or_else(|| find(&|n| (n.starts_with("_ZN") || n.starts_with("_R")) && demangled(n) == name))
+    }
+
+    /// Every function symbol of every image, with its image.
+    pub(crate) fn functions(&self) -> impl Iterator<Item = (&Image, &Function)> {
+        self.images.iter().flat_map(|(i, f)| f.iter().map(move |f| (i, f)))
     }
 
     /// The functions of the image holding `addr`, and how many of them start at or
