@@ -17,7 +17,6 @@
 //! must not be called from a probe handler or any signal context.
 
 use crate::sys::maps::Image;
-use object::{Object, ObjectSection};
 use std::sync::Mutex;
 
 /// A `#[traceable]` function's patchable site.
@@ -145,31 +144,11 @@ struct Table {
     size: usize,
 }
 
-/// The table of an image, if it has one. Parsed once per file and load address (and
-/// file identity: a library replaced on disk and loaded again is read again); only
-/// the headers are read, not the whole file.
+/// The table of an image, if it has one (from the image's parsed file, `sys::image`).
 fn table(image: &Image) -> Option<Table> {
-    type Cache = Vec<((String, usize, u64, i64), Option<Table>)>;
-    static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
-    use std::os::unix::fs::MetadataExt;
-    let file = std::fs::File::open(&image.path).ok()?;
-    let meta = file.metadata().ok()?;
-    let key = (image.path.clone(), image.start, meta.ino(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
-        return *t;
-    }
-    let t = parse_table(image, file);
-    cache.push((key, t));
-    t
-}
-
-fn parse_table(image: &Image, file: std::fs::File) -> Option<Table> {
-    let data = object::ReadCache::new(file);
-    let file = object::File::parse(&data).ok()?;
-    let bias = crate::sys::symbols::load_bias(&file, image)?;
-    let section = file.section_by_name("probekit_sites")?;
-    Some(Table { bias, start: bias.wrapping_add(section.address() as usize), size: section.size() as usize })
+    let parsed = crate::sys::image::parsed(image);
+    let ((start, size), bias) = (parsed.site_table?, parsed.bias?);
+    Some(Table { bias, start, size })
 }
 
 /// An object the dynamic loader has loaded: its load bias and its `PT_LOAD` segments

@@ -3,6 +3,7 @@
 //! context as a [`PtRegs`](crate::PtRegs). Uses nothing else of probekit.
 
 pub(crate) mod code;
+pub(crate) mod image;
 pub(crate) mod maps;
 pub(crate) mod regs;
 pub(crate) mod signal;
