@@ -86,6 +86,31 @@ pub mod __private {
         crate::registry::counts()
     }
 
+    /// What one probe costs in memory, statically (bytes): for the attach bench's
+    /// report of an idle probe's memory.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Footprint {
+        /// One probe record (allocated in chunks of 1,024, never freed, reused).
+        pub record: usize,
+        /// The record's per-thread site-hit counters, allocated beside it.
+        pub hit_counters: usize,
+        /// One entry of the address map: per probed address, not per probe; the table
+        /// is kept at most half full, and the tables it outgrew are kept.
+        pub addr_entry: usize,
+        /// One out-of-line slot (breakpoint probes; site probes have none).
+        pub slot: usize,
+    }
+
+    /// See [`Footprint`].
+    pub fn footprint() -> Footprint {
+        Footprint {
+            record: core::mem::size_of::<crate::registry::Record>(),
+            hit_counters: crate::registry::HIT_SHARDS * core::mem::size_of::<u64>(),
+            addr_entry: crate::registry::addrmap::ENTRY_BYTES,
+            slot: crate::registry::SLOT,
+        }
+    }
+
     use core::sync::atomic::AtomicU64;
 
     /// Size of the `xsave` area the x86_64 `fp = full` routines allocate

@@ -25,6 +25,9 @@ struct Entry {
     head: AtomicU32,
 }
 
+/// Bytes of one entry (the attach bench's memory report).
+pub(crate) const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+
 struct Table {
     /// Entries - 1 (a power of two minus one).
     mask: usize,

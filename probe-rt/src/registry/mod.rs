@@ -71,7 +71,7 @@ const MAX_CHUNKS: usize = 1 << 14;
 /// costs a plain load and store instead of a locked add (the kernel's per-CPU
 /// `nhit`); a site probe's hit count is `nhit` plus its counters here. Later threads
 /// count with the locked add.
-const HIT_SHARDS: usize = 8;
+pub(crate) const HIT_SHARDS: usize = 8;
 
 /// A chunk of records and their per-thread hit counters.
 struct Chunk {
