@@ -103,7 +103,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-fn empty(_r: &mut PtRegs) {}
+fn empty(_r: &PtRegs) {}
 
 #[probekit::traceable]
 fn hit_site(x: u64) -> u64 {

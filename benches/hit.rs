@@ -54,9 +54,9 @@ extern "C" fn step_over(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *m
     }
 }
 
-fn empty(_r: &mut PtRegs) {}
+fn empty(_r: &PtRegs) {}
 
-fn empty_return(_r: &mut PtRegs, _: &mut ()) {}
+fn empty_return(_r: &PtRegs, _: &mut ()) {}
 
 #[probekit::traceable]
 fn hit_site(x: u64) -> u64 {

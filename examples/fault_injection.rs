@@ -96,7 +96,9 @@ fn run_ops(first_id: u64) -> u64 {
 }
 
 fn main() -> Result<(), probekit::Error> {
-    let probe = ReturnProbe::builder().function(fetch as extern "C" fn(u64) -> i64).entry_handler(every_third_fails).register()?;
+    // SAFETY: `fetch` returns an `i64`, and -EIO is a value its callers handle; skipping
+    // it skips only a counter the example reads to show that it was skipped.
+    let probe = unsafe { ReturnProbe::builder().function(fetch as extern "C" fn(u64) -> i64).entry_handler_mut(every_third_fails) }.register()?;
     println!("injecting -EIO into every third call of fetch at {:#x}", probe.address());
     let retried = run_ops(1);
 

@@ -13,7 +13,7 @@
 //! cargo run --release --example funclatency
 //! ```
 
-use probekit::{Entry, PtRegs, ReturnProbe};
+use probekit::{PtRegs, ReturnProbe};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
@@ -78,16 +78,16 @@ extern "C" fn spin(ns: u64) -> u64 {
 }
 
 /// The entry handler: records what was asked and when.
-fn on_entry(regs: &mut PtRegs, call: &mut Call) -> Entry {
+fn on_entry(regs: &PtRegs, call: &mut Call) -> bool {
     call.requested_ns = regs.arg(0).unwrap_or(0);
     let now = IN_FLIGHT.fetch_add(1, Relaxed) + 1;
     MAX_IN_FLIGHT.fetch_max(now, Relaxed);
     call.start_ns = now_ns(); // last, so the handler's own work is not timed
-    Entry::Continue
+    true // watch this call
 }
 
 /// The return handler: counts the latency in its log2 slot.
-fn on_return(regs: &mut PtRegs, call: &mut Call) {
+fn on_return(regs: &PtRegs, call: &mut Call) {
     let ns = now_ns().saturating_sub(call.start_ns);
     SLOTS[log2_slot(ns)].fetch_add(1, Relaxed);
     TOTAL_NS.fetch_add(ns, Relaxed);

@@ -29,12 +29,12 @@ extern "C" fn checksum(data: *const u8, len: usize) -> u32 {
     bytes.iter().fold(0u32, |a, b| a.rotate_left(5) ^ *b as u32)
 }
 
-fn on_checksum(regs: &mut PtRegs) {
+fn on_checksum(regs: &PtRegs) {
     let (data, len) = (regs.arg(0).unwrap_or(0), regs.arg(1).unwrap_or(0));
     EVENTS.push(Event::Checksum { data, len });
 }
 
-fn on_getpid(regs: &mut PtRegs) {
+fn on_getpid(regs: &PtRegs) {
     EVENTS.push(Event::Getpid { caller_sp: regs.stack_pointer() });
 }
 

@@ -14,11 +14,12 @@ struct Options {
     symbol: Option<syn::LitStr>,
     offset: Option<syn::LitInt>,
     post: Option<syn::Path>,
+    post_mut: Option<syn::Path>,
     krate: syn::Path,
 }
 
 fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
-    let mut o = Options { function: None, symbol: None, offset: None, post: None, krate: syn::parse_quote!(::probekit) };
+    let mut o = Options { function: None, symbol: None, offset: None, post: None, post_mut: None, krate: syn::parse_quote!(::probekit) };
     let parser = syn::meta::parser(|meta| {
         if meta.path.is_ident("function") {
             o.function = Some(meta.value()?.parse()?);
@@ -28,10 +29,14 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
             o.offset = Some(meta.value()?.parse()?);
         } else if meta.path.is_ident("post") {
             o.post = Some(meta.value()?.parse()?);
+        } else if meta.path.is_ident("post_mut") {
+            o.post_mut = Some(meta.value()?.parse()?);
         } else if meta.path.is_ident("crate") {
             o.krate = meta.value()?.parse()?;
         } else {
-            errors.push(meta.error("unknown option: must be `function = path`, `symbol = \"name\"`, `offset = N`, `post = path` or `crate = path`"));
+            errors.push(
+                meta.error("unknown option: must be `function = path`, `symbol = \"name\"`, `offset = N`, `post = path`, `post_mut = path` or `crate = path`"),
+            );
             if meta.input.peek(syn::Token![=]) {
                 let _: syn::Expr = meta.value()?.parse()?;
             }
@@ -40,6 +45,9 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
     });
     if let Err(e) = syn::parse::Parser::parse2(parser, attr) {
         errors.push(e);
+    }
+    if let (Some(_), Some(p)) = (&o.post, &o.post_mut) {
+        errors.push(syn::Error::new(p.span(), "one post handler: `post = path` (it reads the registers) or `post_mut = path` (it may change them)"));
     }
     match (&o.function, &o.symbol) {
         (Some(f), Some(_)) => errors.push(syn::Error::new(f.span(), "must have one target: `function = path` or `symbol = \"name\"`, not both")),
@@ -52,30 +60,26 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
     o
 }
 
-/// Checks `fn h(regs: &mut PtRegs)`, one error per problem, each on its token.
-fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) {
-    const SHAPE: &str = "`#[kprobe]` handler must have signature `fn(regs: &mut PtRegs)`";
+/// Checks `fn h(regs: &PtRegs)` (it observes) or `fn h(regs: &mut PtRegs)` (it may
+/// change the registers: registering it is `unsafe`), one error per problem, each on
+/// its token. Whether the handler changes the registers.
+fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) -> bool {
+    const SHAPE: &str = "`#[kprobe]` handler must have signature `fn(regs: &PtRegs)` or `fn(regs: &mut PtRegs)`";
     let s = &f.sig;
     crate::check_plain_fn(s, SHAPE, errors);
-    let is_regs = |t: &syn::Type| match t {
-        syn::Type::Reference(r) if r.mutability.is_some() => {
-            matches!(&*r.elem, syn::Type::Path(p) if p.path.segments.last().is_some_and(|l| l.ident == "PtRegs"))
-        }
-        _ => false,
-    };
     match s.inputs.len() {
-        1 => {
-            if let Some(syn::FnArg::Typed(p)) = s.inputs.first() {
-                if !is_regs(&p.ty) {
-                    errors.push(syn::Error::new(p.ty.span(), format!("{SHAPE}: its argument must be `&mut PtRegs`")));
-                }
-            } else if let Some(a) = s.inputs.first() {
-                errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must not take `self`")));
-            }
-        }
+        1 => match s.inputs.first() {
+            Some(syn::FnArg::Typed(p)) => match crate::regs_ref(&p.ty) {
+                Some(mutable) => return mutable,
+                None => errors.push(syn::Error::new(p.ty.span(), format!("{SHAPE}: its argument must be `&PtRegs` or `&mut PtRegs`"))),
+            },
+            Some(a) => errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must not take `self`"))),
+            None => {}
+        },
         _ => errors
             .push(syn::Error::new(if s.inputs.is_empty() { s.ident.span() } else { s.inputs.span() }, format!("{SHAPE}: it must take exactly one argument"))),
     }
+    false
 }
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -89,7 +93,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     };
     let mut errors = Vec::new();
     let o = parse_options(attr, &mut errors);
-    check_signature(&f, &mut errors);
+    let mutates = check_signature(&f, &mut errors);
     if let Some(e) = errors.into_iter().reduce(|mut a, b| {
         a.combine(b);
         a
@@ -100,15 +104,26 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let krate = &o.krate;
     let ident = &f.sig.ident;
     let target = match (&o.function, &o.symbol) {
-        (Some(path), _) => quote_spanned! { path.span() => .address(#path as *const () as usize) },
+        (Some(path), _) => crate::function_item(krate, path),
         (_, Some(name)) => quote! { .symbol(#name) },
         _ => unreachable!("checked with the options"),
     };
     let offset = o.offset.as_ref().map(|n| quote! { .offset(#n) });
-    let post = o.post.as_ref().map(|p| quote_spanned! { p.span() => .post(#p) });
+    let pre = if mutates {
+        quote! { .pre_mut(#ident) }
+    } else {
+        quote! { .pre(#ident) }
+    };
+    let post = match (&o.post, &o.post_mut) {
+        (Some(p), _) => Some(quote_spanned! { p.span() => .post(#p) }),
+        (_, Some(p)) => Some(quote_spanned! { p.span() => .post_mut(#p) }),
+        _ => None,
+    };
     let result = quote! { ::core::result::Result<#krate::ProbeHandle, #krate::Error> };
-    let body = quote! { #krate::Probe::builder() #target #offset .pre(#ident) #post .register() };
-    crate::registration(&f, result, body, "probe", "breakpoint probe whose pre handler", "kprobe")
+    let chain = quote! { #krate::Probe::builder() #target #offset #pre #post .register() };
+    let unsafe_register = mutates || o.post_mut.is_some();
+    let body = crate::unsafe_if(unsafe_register, chain);
+    crate::registration(&f, result, body, unsafe_register, "probe", "breakpoint probe whose pre handler", "kprobe")
 }
 
 #[cfg(test)]
@@ -121,11 +136,12 @@ mod tests {
 
     #[test]
     fn the_chain_is_next_to_the_handler() {
-        let out = expand_str("function = super::f, offset = 4, post = self::after", "fn h(regs: &mut PtRegs) {}");
+        let out = expand_str("function = super::f, offset = 4, post = self::after", "fn h(regs: &PtRegs) {}");
         assert!(
             out.contains(
                 "fn __probekit_register_h () -> __probekit_Result_h { :: probekit :: Probe :: builder () \
-                 . address (super :: f as * const () as usize) . offset (4) . pre (h) . post (self :: after) . register () }"
+                 . __function_item (unsafe { :: probekit :: __private :: FnItem :: new (& super :: f , super :: f as * const () as usize) }) \
+                 . offset (4) . pre (h) . post (self :: after) . register () }"
             ),
             "{out}"
         );
@@ -138,16 +154,27 @@ mod tests {
 
     #[test]
     fn crate_is_used_next_to_the_handler() {
-        let out = expand_str("symbol = \"f\", crate = self::pk", "pub fn h(regs: &mut PtRegs) {}");
+        let out = expand_str("symbol = \"f\", crate = self::pk", "pub fn h(regs: &PtRegs) {}");
         assert!(out.contains("Result < self :: pk :: ProbeHandle , self :: pk :: Error >"), "{out}");
         assert!(out.contains("self :: pk :: Probe :: builder () . symbol (\"f\") . pre (h) . register ()"), "{out}");
         assert!(out.contains("pub mod h"), "{out}");
     }
 
     #[test]
+    fn a_handler_that_changes_registers_makes_register_unsafe() {
+        let out = expand_str("symbol = \"f\", post = g", "fn h(regs: &mut PtRegs) {}");
+        assert!(out.contains("unsafe fn __probekit_register_h () -> __probekit_Result_h { unsafe { :: probekit :: Probe :: builder () . symbol (\"f\") . pre_mut (h) . post (g) . register () } }"), "{out}");
+        let module = &out[out.find("mod h").expect("the module")..];
+        assert!(module.contains("pub unsafe fn register () -> super :: __probekit_Result_h { unsafe { super :: __probekit_register_h () } }"), "{out}");
+        assert!(module.contains("# Safety"), "{out}");
+        let out = expand_str("symbol = \"f\", post_mut = g", "fn h(regs: &PtRegs) {}");
+        assert!(out.contains(". pre (h) . post_mut (g)") && out.contains("pub unsafe fn register"), "{out}");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_the_item() {
         let out = expand_str("function = f, symbol = \"f\", speed = 11", "async fn h(regs: &PtRegs) -> u8 { 0 }");
-        assert_eq!(out.matches("compile_error").count(), 5, "{out}");
+        assert_eq!(out.matches("compile_error").count(), 4, "{out}");
         assert!(out.contains("async fn h"), "the item is kept: {out}");
         assert!(!out.contains("mod h"), "{out}");
     }

@@ -9,13 +9,14 @@ use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 
-const OPTIONS: &str = "`function = path`, `symbol = \"name\"`, `data = Type`, `entry = path`, `maxactive = N` or `crate = path`";
+const OPTIONS: &str = "`function = path`, `symbol = \"name\"`, `data = Type`, `entry = path`, `entry_mut = path`, `maxactive = N` or `crate = path`";
 
 struct Options {
     function: Option<syn::Path>,
     symbol: Option<syn::LitStr>,
     data: Option<syn::Type>,
     entry: Option<syn::Path>,
+    entry_mut: Option<syn::Path>,
     maxactive: Option<syn::LitInt>,
     krate: Option<syn::Path>,
 }
@@ -29,7 +30,7 @@ fn path_of(e: syn::Expr, what: &str) -> Result<syn::Path, syn::Error> {
 }
 
 fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
-    let mut o = Options { function: None, symbol: None, data: None, entry: None, maxactive: None, krate: None };
+    let mut o = Options { function: None, symbol: None, data: None, entry: None, entry_mut: None, maxactive: None, krate: None };
     let mut seen: Vec<String> = Vec::new();
     let parser = syn::meta::parser(|meta| {
         let Some(key) = meta.path.get_ident().map(|i| i.to_string()) else {
@@ -59,6 +60,10 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
                 Ok(p) => o.entry = Some(p),
                 Err(e) => errors.push(e),
             },
+            "entry_mut" => match path_of(meta.value()?.parse()?, "`entry_mut` must be a path to the entry handler: `entry_mut = on_entry`") {
+                Ok(p) => o.entry_mut = Some(p),
+                Err(e) => errors.push(e),
+            },
             "maxactive" => match check_maxactive(meta.value()?.parse()?) {
                 Ok(n) => o.maxactive = Some(n),
                 Err(e) => errors.push(e),
@@ -80,6 +85,13 @@ fn parse_options(attr: TokenStream, errors: &mut Vec<syn::Error>) -> Options {
     });
     if let Err(e) = syn::parse::Parser::parse2(parser, attr) {
         errors.push(e);
+    }
+    if let (Some(_), Some(p)) = (&o.entry, &o.entry_mut) {
+        errors.push(syn::Error::new(
+            p.span(),
+            "one entry handler: `entry = path` (it reads the registers and returns whether to watch the call) \
+             or `entry_mut = path` (it may change them, or skip the function)",
+        ));
     }
     match (&o.function, &o.symbol) {
         (Some(f), Some(_)) => errors.push(syn::Error::new(f.span(), "must have one target: `function = path` or `symbol = \"name\"`, not both")),
@@ -128,50 +140,36 @@ fn type_text(t: &syn::Type) -> String {
         .fold(s, |s, (from, to)| s.replace(from, to))
 }
 
-/// Checks `fn h(regs: &mut PtRegs)`, or `fn h(regs: &mut PtRegs, data: &mut T)` with
-/// `data = T`; one error per problem, each on its token. Whether the second argument
-/// is `&mut T` for this `T` is left to rustc (see `expand`).
-fn check_signature(f: &syn::ItemFn, data: Option<&syn::Type>, errors: &mut Vec<syn::Error>) {
-    let shape = match data {
-        None => "`#[kretprobe]` handler must have signature `fn(regs: &mut PtRegs)`".to_string(),
-        Some(t) => {
-            let t = type_text(t);
-            format!("`#[kretprobe(data = {t})]` handler must have signature `fn(regs: &mut PtRegs, data: &mut {t})`")
-        }
-    };
+/// Checks `fn h(regs: &PtRegs, data: &mut T)` (it observes) or `fn h(regs: &mut PtRegs,
+/// data: &mut T)` (it may change the registers: registering it is `unsafe`), with `T`
+/// from `data = T` or `()`: the signature of `ReturnProbeBuilder::handler`. One error
+/// per problem, each on its token; whether the second argument is `&mut T` for this
+/// `T` is left to rustc (see `expand`). Whether the handler changes the registers.
+fn check_signature(f: &syn::ItemFn, data: Option<&syn::Type>, errors: &mut Vec<syn::Error>) -> bool {
+    let t = data.map_or_else(|| "()".to_string(), type_text);
+    let shape = format!("`#[kretprobe]` handler must have signature `fn(regs: &PtRegs, data: &mut {t})` (or `&mut PtRegs`)");
     let s = &f.sig;
     crate::check_plain_fn(s, &shape, errors);
-    fn mut_ref(t: &syn::Type) -> Option<&syn::Type> {
-        match t {
-            syn::Type::Reference(r) if r.mutability.is_some() => Some(&r.elem),
-            _ => None,
-        }
-    }
-    let is_regs = |t: &syn::Type| mut_ref(t).is_some_and(|e| matches!(e, syn::Type::Path(p) if p.path.segments.last().is_some_and(|l| l.ident == "PtRegs")));
     // The whole `(...)`: a group's span covers it even where spans cannot be joined.
     let parens = s.paren_token.span.join();
-    let args: Vec<_> = s.inputs.iter().collect();
-    for (i, a) in args.iter().enumerate() {
+    let mut mutates = false;
+    for (i, a) in s.inputs.iter().enumerate() {
         match a {
             syn::FnArg::Receiver(r) => errors.push(syn::Error::new(r.span(), format!("{shape}: it must not take `self`"))),
-            syn::FnArg::Typed(p) if i == 0 && !is_regs(&p.ty) => {
-                errors.push(syn::Error::new(p.ty.span(), format!("{shape}: its first argument must be `&mut PtRegs`")))
-            }
-            syn::FnArg::Typed(p) if i == 1 && data.is_none() => {
-                errors.push(syn::Error::new(p.span(), format!("{shape}: a second argument, the per-call data, must come with `data = T` in the attribute")))
-            }
-            syn::FnArg::Typed(p) if i == 1 && mut_ref(&p.ty).is_none() => {
-                errors.push(syn::Error::new(p.ty.span(), format!("{shape}: its second argument must be `&mut {}`", data.map(type_text).unwrap_or_default())))
+            syn::FnArg::Typed(p) if i == 0 => match crate::regs_ref(&p.ty) {
+                Some(m) => mutates = m,
+                None => errors.push(syn::Error::new(p.ty.span(), format!("{shape}: its first argument must be `&PtRegs` or `&mut PtRegs`"))),
+            },
+            syn::FnArg::Typed(p) if i == 1 && !matches!(&*p.ty, syn::Type::Reference(r) if r.mutability.is_some()) => {
+                errors.push(syn::Error::new(p.ty.span(), format!("{shape}: its second argument must be `&mut {t}`")))
             }
             _ => {}
         }
     }
-    match (args.len(), data) {
-        (1, None) | (2, Some(_)) | (2, None) => {} // (2, None): reported on the argument
-        (1, Some(t)) => errors.push(syn::Error::new(parens, format!("{shape}: it must take the data as its second argument, `data: &mut {}`", type_text(t)))),
-        (_, None) => errors.push(syn::Error::new(parens, format!("{shape}: it must take exactly one argument"))),
-        (_, Some(_)) => errors.push(syn::Error::new(parens, format!("{shape}: it must take exactly two arguments"))),
+    if s.inputs.len() != 2 {
+        errors.push(syn::Error::new(parens, format!("{shape}: it must take exactly two arguments, the registers and this call's data")));
     }
+    mutates
 }
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -185,7 +183,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     };
     let mut errors = Vec::new();
     let o = parse_options(attr, &mut errors);
-    check_signature(&f, o.data.as_ref(), &mut errors);
+    let mutates = check_signature(&f, o.data.as_ref(), &mut errors);
     if let Some(e) = errors.into_iter().reduce(|mut a, b| {
         a.combine(b);
         a
@@ -196,63 +194,33 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let krate = o.krate.unwrap_or_else(|| syn::parse_quote!(::probekit));
     let ident = &f.sig.ident;
     let target = match (&o.function, &o.symbol) {
-        // Any function item or pointer, whatever its signature (`FnAddr` would need the
-        // pointer type spelled out): its address, as `#[kprobe]` does.
-        (Some(path), _) => quote_spanned! { path.span() => .address(#path as *const () as usize) },
+        (Some(path), _) => crate::function_item(&krate, path),
         (_, Some(name)) => quote! { .symbol(#name) },
         _ => unreachable!("checked with the options"),
     };
     let maxactive = o.maxactive.as_ref().map(|n| quote! { .maxactive(#n) });
     let result = quote! { ::core::result::Result<#krate::ReturnProbeHandle, #krate::Error> };
-    let body = match &o.data {
-        // The builder is typed by the data from `.data::<T>()` on, and each of its
-        // methods needs `T: Default + Send + 'static`: called from a function generic
-        // over `T`, a `T` without them is one error, on the `data = T` token, not one
-        // per method. A handler of another `T` is rustc's "expected fn pointer" on its
-        // name.
-        Some(t) => {
-            let entry = match &o.entry {
-                Some(p) => quote_spanned! { p.span() => ::core::option::Option::Some(#p) },
-                None => quote! { ::core::option::Option::None },
-            };
-            let data = quote_spanned! { t.span() => __probekit_with_data::<#t> };
-            quote! {
-                fn __probekit_with_data<T: ::core::default::Default + ::core::marker::Send + 'static>(
-                    b: #krate::ReturnProbeBuilder<()>,
-                    handler: #krate::ReturnHandler<T>,
-                    entry: ::core::option::Option<#krate::EntryHandler<T>>,
-                ) -> #result {
-                    let b = b.data::<T>().handler(handler);
-                    match entry {
-                        ::core::option::Option::Some(e) => b.entry_handler(e),
-                        ::core::option::Option::None => b,
-                    }
-                    .register()
-                }
-                #data(#krate::ReturnProbe::builder() #target #maxactive, #ident, #entry)
-            }
-        }
-        // Without data the handlers take only the registers. Adapters that take the
-        // `&mut ()` call them through constants (a closure that captured a pointer
-        // would not be a `fn`), so a handler of another shape is one "expected fn
-        // pointer" error on its name.
-        None => {
-            let entry = o.entry.as_ref().map(|p| {
-                quote! {
-                    const __PROBEKIT_ENTRY: fn(&mut #krate::PtRegs) -> #krate::Entry = #p;
-                }
-            });
-            let entry_call = o.entry.as_ref().map(|_| quote! { .entry_handler(|regs, _| __PROBEKIT_ENTRY(regs)) });
-            quote! {
-                const __PROBEKIT_HANDLER: fn(&mut #krate::PtRegs) = #ident;
-                #entry
-                #krate::ReturnProbe::builder() #target #maxactive #entry_call
-                    .handler(|regs, _| __PROBEKIT_HANDLER(regs))
-                    .register()
-            }
-        }
+    // The builder is typed by the data from `.data::<T>()` on, which needs
+    // `T: Default + Send + 'static`: a `T` without them is one error, on the `data = T`
+    // token. A handler of another shape is rustc's error on its name.
+    let data = match &o.data {
+        Some(t) => quote_spanned! { t.span() => .data::<#t>() },
+        None => quote! {},
     };
-    crate::registration(&f, result, body, "return probe", "return probe whose return handler", "kretprobe")
+    let entry = match (&o.entry, &o.entry_mut) {
+        (Some(p), _) => Some(quote_spanned! { p.span() => .entry_handler(#p) }),
+        (_, Some(p)) => Some(quote_spanned! { p.span() => .entry_handler_mut(#p) }),
+        _ => None,
+    };
+    let handler = if mutates {
+        quote! { .handler_mut(#ident) }
+    } else {
+        quote! { .handler(#ident) }
+    };
+    let chain = quote! { #krate::ReturnProbe::builder() #data #target #maxactive #entry #handler .register() };
+    let unsafe_register = mutates || o.entry_mut.is_some();
+    let body = crate::unsafe_if(unsafe_register, chain);
+    crate::registration(&f, result, body, unsafe_register, "return probe", "return probe whose return handler", "kretprobe")
 }
 
 #[cfg(test)]
@@ -265,25 +233,30 @@ mod tests {
 
     #[test]
     fn data_types_the_handlers() {
-        let out = expand_str("function = f, maxactive = 64, entry = on_entry, data = MyData", "fn h(regs: &mut PtRegs, data: &mut MyData) {}");
-        assert!(out.contains(". data :: < T > () . handler (handler)"), "{out}");
+        let out = expand_str("function = f, maxactive = 64, entry = on_entry, data = MyData", "fn h(regs: &PtRegs, data: &mut MyData) {}");
         assert!(
             out.contains(
-                "__probekit_with_data :: < MyData > (:: probekit :: ReturnProbe :: builder () \
-                 . address (f as * const () as usize) . maxactive (64) , h , :: core :: option :: Option :: Some (on_entry))"
+                ":: probekit :: ReturnProbe :: builder () . data :: < MyData > () \
+                 . __function_item (unsafe { :: probekit :: __private :: FnItem :: new (& f , f as * const () as usize) }) \
+                 . maxactive (64) . entry_handler (on_entry) . handler (h) . register ()"
             ),
             "{out}"
         );
+        assert!(out.contains("pub fn register ()"), "observing handlers: a safe `register`: {out}");
         assert!(!out.contains("compile_error"), "{out}");
     }
 
     #[test]
-    fn without_data_the_handlers_are_adapted() {
-        let out = expand_str("symbol = \"f\", entry = e", "fn h(regs: &mut PtRegs) {}");
-        assert!(out.contains("const __PROBEKIT_HANDLER : fn (& mut :: probekit :: PtRegs) = h ;"), "{out}");
-        assert!(out.contains(". entry_handler (| regs , _ | __PROBEKIT_ENTRY (regs))"), "{out}");
-        assert!(out.contains(". handler (| regs , _ | __PROBEKIT_HANDLER (regs))"), "{out}");
-        assert!(!out.contains(". data"), "{out}");
+    fn changing_handlers_make_register_unsafe() {
+        let out = expand_str("symbol = \"f\", entry_mut = e", "fn h(regs: &PtRegs, _: &mut ()) {}");
+        assert!(
+            out.contains("unsafe { :: probekit :: ReturnProbe :: builder () . symbol (\"f\") . entry_handler_mut (e) . handler (h) . register () }"),
+            "{out}"
+        );
+        assert!(out.contains("pub unsafe fn register ()"), "{out}");
+        assert!(!out.contains(". data"), "without `data`, the data is `()`: {out}");
+        let out = expand_str("symbol = \"f\"", "fn h(regs: &mut PtRegs, _: &mut ()) {}");
+        assert!(out.contains(". handler_mut (h)") && out.contains("pub unsafe fn register ()"), "{out}");
     }
 
     #[test]

@@ -71,24 +71,32 @@ pub fn pt_regs(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// #[kprobe(function = path::to::f)]
 /// #[kprobe(symbol = "name", offset = 0x10)]
 /// #[kprobe(function = f, post = other_handler, crate = ::probekit)]
+/// #[kprobe(function = f, post_mut = other_handler)]
 /// ```
 ///
 /// # Usage
 ///
-/// On `fn handler(regs: &mut PtRegs)`. The function stays as written; next to it a
-/// module of the same name holds `register()`, which arms the probe and returns its
-/// `ProbeHandle` (unregistered on drop): `handler::register()?`.
+/// On `fn handler(regs: &PtRegs)`, which observes, or `fn handler(regs: &mut PtRegs)`,
+/// which may change the registers. The function stays as written; next to it a module
+/// of the same name holds `register()`, which arms the probe and returns its
+/// `ProbeHandle` (unregistered on drop): `handler::register()?`. `function` names a
+/// function item (its address is the probe's target); `symbol` a function by name, as
+/// `ProbeBuilder::symbol` does. `post` takes a `fn(&PtRegs)`, `post_mut` a
+/// `fn(&mut PtRegs)`.
 ///
 /// # Safety
 ///
-/// The handler runs in a signal handler on the thread that hit the probe: it must be
-/// async-signal-safe (no allocation, no locks, no printing; push to an `EventBuffer`).
+/// With a `&mut PtRegs` handler or `post_mut`, `register` is an `unsafe fn`: its caller
+/// promises what `ProbeBuilder::pre_mut` asks (every change the handlers make is one the
+/// probed code is correct with). Handlers run in a signal handler on the thread that
+/// hit the probe: they must be async-signal-safe (no allocation, no locks, no printing;
+/// push to an `EventBuffer`).
 ///
 /// # Examples
 ///
 /// ```ignore
 /// #[probekit::kprobe(function = crate::parse)]
-/// fn on_parse(regs: &mut probekit::PtRegs) {
+/// fn on_parse(regs: &probekit::PtRegs) {
 ///     EVENTS.push(regs.arg(0).unwrap_or(0));
 /// }
 /// let _probe = on_parse::register()?;
@@ -107,17 +115,21 @@ pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// #[kretprobe(function = path::to::f)]
 /// #[kretprobe(symbol = "name", maxactive = 64)]
 /// #[kretprobe(function = f, data = Type, entry = on_entry, maxactive = 64, crate = ::probekit)]
+/// #[kretprobe(function = f, entry_mut = on_entry)]
 /// ```
 ///
 /// # Usage
 ///
-/// On `fn handler(regs: &mut PtRegs)`, or with `data = T` on
-/// `fn handler(regs: &mut PtRegs, data: &mut T)`. The handler runs when the probed
-/// function returns, with the return value in `rax`/`x0` (it may change it). The
-/// entry handler, if any, runs at the function's entry and decides for this call:
-/// `fn on_entry(regs: &mut PtRegs) -> Entry`, or with `data = T`
-/// `fn on_entry(regs: &mut PtRegs, data: &mut T) -> Entry`. Each watched call gets a
-/// fresh `T::default()` (`T: Default + Send + 'static`) that both handlers see.
+/// On `fn handler(regs: &PtRegs, data: &mut T)`, the signature of
+/// `ReturnProbeBuilder::handler`, with `T` from `data = T` or `()`; with
+/// `regs: &mut PtRegs` it may change the registers, the return value included. The
+/// handler runs when the probed function returns, with the return value in
+/// `rax`/`x0`. The entry handler, if any, runs at the function's entry:
+/// `entry = f` with `fn f(regs: &PtRegs, data: &mut T) -> bool` says whether to watch
+/// this call; `entry_mut = f` with `fn f(regs: &mut PtRegs, data: &mut T) -> Entry` may
+/// also change the registers or skip the function (`Entry::Override`). Each watched
+/// call gets a fresh `T::default()` (`T: Default + Send + 'static`) that both handlers
+/// see.
 /// `maxactive` is how many calls can be watched at once, on all threads (an integer
 /// literal; default max(10, 2 × CPUs)). There is no `offset`: a return probe goes on
 /// a function's entry.
@@ -129,6 +141,11 @@ pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # Safety
 ///
+/// With a `&mut PtRegs` handler or `entry_mut`, `register` is an `unsafe fn`: its
+/// caller promises what `ReturnProbeBuilder::handler_mut` and `entry_handler_mut` ask
+/// (a return value written or overridden is a valid value of the function's return
+/// type; skipping the function leaves the program correct).
+///
 /// The entry handler and `T::default()` run in a signal handler on the thread that
 /// called the function; the return handler runs on that thread's stack when the
 /// function returns, wherever that is. Both must be async-signal-safe (no allocation,
@@ -138,18 +155,18 @@ pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// # Examples
 ///
 /// ```ignore
-/// use probekit::{Entry, PtRegs};
+/// use probekit::PtRegs;
 ///
 /// #[derive(Default)]
 /// struct Call { arg: u64 }
 ///
-/// fn on_entry(regs: &mut PtRegs, call: &mut Call) -> Entry {
+/// fn on_entry(regs: &PtRegs, call: &mut Call) -> bool {
 ///     call.arg = regs.arg(0).unwrap_or(0);
-///     Entry::Continue
+///     true
 /// }
 ///
 /// #[probekit::kretprobe(function = crate::parse, data = Call, entry = on_entry, maxactive = 64)]
-/// fn on_parse_return(regs: &mut PtRegs, call: &mut Call) {
+/// fn on_parse_return(regs: &PtRegs, call: &mut Call) {
 ///     EVENTS.push((call.arg, regs.return_value()));
 /// }
 /// let _probe = on_parse_return::register()?;
@@ -274,6 +291,7 @@ fn registration(
     f: &syn::ItemFn,
     result: proc_macro2::TokenStream,
     body: proc_macro2::TokenStream,
+    unsafe_register: bool,
     noun: &str,
     handler_of: &str,
     attribute: &str,
@@ -283,6 +301,23 @@ fn registration(
     let alias = quote::format_ident!("__probekit_Result_{}", ident);
     let module_doc = format!("The {noun} of [`fn@{ident}`] (generated by `#[{attribute}]`).");
     let doc = format!("Registers the {handler_of} is [`fn@{ident}`].");
+    // A handler that may change the registers (`&mut PtRegs`) is registered through
+    // `unsafe` builder methods: `register` passes the obligation on to its caller.
+    let (unsafety, safety_doc, call) = if unsafe_register {
+        (
+            quote::quote! { unsafe },
+            quote::quote! {
+                #[doc = ""]
+                #[doc = "# Safety"]
+                #[doc = "The handlers may change the registers (they take `&mut PtRegs`): the caller promises"]
+                #[doc = "that every change they make is one the probed code is correct with, as"]
+                #[doc = "`ProbeBuilder::pre_mut` and `ReturnProbeBuilder::handler_mut` say."]
+            },
+            quote::quote! { unsafe { super::#hidden() } },
+        )
+    } else {
+        (quote::quote! {}, quote::quote! {}, quote::quote! { super::#hidden() })
+    };
     quote::quote! {
         #f
 
@@ -292,7 +327,7 @@ fn registration(
 
         #[doc(hidden)]
         #[allow(non_snake_case)]
-        fn #hidden() -> #alias {
+        #unsafety fn #hidden() -> #alias {
             #body
         }
 
@@ -300,10 +335,48 @@ fn registration(
         #[allow(non_snake_case)]
         #vis mod #ident {
             #[doc = #doc]
-            pub fn register() -> super::#alias {
-                super::#hidden()
+            #safety_doc
+            pub #unsafety fn register() -> super::#alias {
+                // SAFETY: the caller's promise, when this function is `unsafe`.
+                #call
             }
         }
+    }
+}
+
+/// `chain` in an `unsafe` block when `unsafe_chain` (it calls `unsafe` builder methods,
+/// whose obligation the generated `register` passes on to its caller).
+fn unsafe_if(unsafe_chain: bool, chain: proc_macro2::TokenStream) -> proc_macro2::TokenStream {
+    if unsafe_chain {
+        quote::quote! {
+            // SAFETY: this function is `unsafe`; its caller promises what the builder's
+            // `unsafe` methods ask (see `register`'s docs).
+            unsafe { #chain }
+        }
+    } else {
+        chain
+    }
+}
+
+/// The target `function = path`: the address of a function item of any signature,
+/// which the builder trusts as a function's start. `FnItem::new` checks at compile
+/// time that `path` names a function item (a zero-sized value that casts to a
+/// pointer), not an integer constant.
+fn function_item(krate: &syn::Path, path: &syn::Path) -> proc_macro2::TokenStream {
+    use syn::spanned::Spanned;
+    quote::quote_spanned! { path.span() =>
+        // SAFETY: the address is that of the function item `#path` itself.
+        .__function_item(unsafe { #krate::__private::FnItem::new(&#path, #path as *const () as usize) })
+    }
+}
+
+/// Whether `t` is `&PtRegs` (`Some(false)`) or `&mut PtRegs` (`Some(true)`).
+fn regs_ref(t: &syn::Type) -> Option<bool> {
+    match t {
+        syn::Type::Reference(r) if matches!(&*r.elem, syn::Type::Path(p) if p.path.segments.last().is_some_and(|l| l.ident == "PtRegs")) => {
+            Some(r.mutability.is_some())
+        }
+        _ => None,
     }
 }
 

@@ -48,8 +48,8 @@ impl From<ProbeBuilder> for AnyProbe {
     }
 }
 
-impl<T: Default + Send + 'static> From<ReturnProbeBuilder<T>> for AnyProbe {
-    fn from(b: ReturnProbeBuilder<T>) -> Self {
+impl<T: Default + Send + 'static, S: 'static> From<ReturnProbeBuilder<T, S>> for AnyProbe {
+    fn from(b: ReturnProbeBuilder<T, S>) -> Self {
         AnyProbe::Return(Box::new(b))
     }
 }
@@ -107,14 +107,14 @@ mod sealed {
         fn prepare_boxed(self: Box<Self>) -> Result<(ProbeBuilder, ReturnRest), Error>;
     }
 
-    impl<T: Default + Send + 'static> PrepareReturn for ReturnProbeBuilder<T> {
+    impl<T: Default + Send + 'static, S: 'static> PrepareReturn for ReturnProbeBuilder<T, S> {
         fn prepare_boxed(self: Box<Self>) -> Result<(ProbeBuilder, ReturnRest), Error> {
             BatchMember::prepare(*self)
         }
     }
 
     impl Sealed for ProbeBuilder {}
-    impl<T> Sealed for ReturnProbeBuilder<T> {}
+    impl<T, S> Sealed for ReturnProbeBuilder<T, S> {}
     impl Sealed for AnyProbe {}
     impl Sealed for ProbeHandle {}
     impl Sealed for ReturnProbeHandle {}
@@ -129,7 +129,7 @@ impl BatchMember for ProbeBuilder {
     }
 }
 
-impl<T: Default + Send + 'static> BatchMember for ReturnProbeBuilder<T> {
+impl<T: Default + Send + 'static, S: 'static> BatchMember for ReturnProbeBuilder<T, S> {
     type Handle = ReturnProbeHandle;
     fn prepare(self) -> Result<(ProbeBuilder, ReturnRest), Error> {
         ReturnProbeBuilder::prepare(self).map(|(b, p)| (b, ReturnRest(p)))

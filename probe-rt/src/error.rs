@@ -27,9 +27,6 @@ pub enum Error {
     InsideSite { addr: usize, site: usize, function: String },
     /// A return probe's target is not the first instruction of a function.
     NotFunctionEntry { addr: usize, function: usize },
-    /// `ReturnProbeBuilder::data` was called after a handler was given (handlers are
-    /// typed by the data, so they were dropped): call `data` first.
-    HandlersBeforeData,
     /// A system call failed.
     Os { addr: usize, call: &'static str, errno: i32 },
     /// No function symbol of the process starts at or before the address within its
@@ -89,9 +86,6 @@ impl fmt::Display for Error {
                 "{addr:#x} is not a function entry (it is +{:#x} into the function at {function:#x}); return probes go on entries",
                 addr.wrapping_sub(*function)
             ),
-            Error::HandlersBeforeData => {
-                write!(f, "`.data::<T>()` came after a handler, which it drops: call `.data::<T>()` first")
-            }
             Error::NoKnownStart { addr } => write!(
                 f,
                 "no function symbol starts at or before {addr:#x}, so it cannot be proven an instruction boundary: \

@@ -5,6 +5,30 @@
 //! ([`offsets`]), breakpoint probes ([`Probe`]) and return probes ([`ReturnProbe`]).
 //! Site probes build on them.
 //!
+//! # Observing is safe, changing is `unsafe`
+//! A probe can make the program do anything a debugger can: write a register the
+//! compiler keeps a pointer in, return a value no function of that type could, skip
+//! a function's effects. Rust cannot check any of that, so it is `unsafe` (DESIGN rule
+//! 9), as retour marks every hook and the kernel lets only root do it; everything else
+//! is safe. The types draw the line:
+//!
+//! - safe: handlers that see the registers read-only (`Fn(&PtRegs)`:
+//!   [`ProbeBuilder::pre`], [`ProbeBuilder::post`], [`ReturnProbeBuilder::handler`],
+//!   [`ReturnProbeBuilder::entry_handler`], which returns whether to watch the call,
+//!   [`MultiProbeBuilder::entry`] and `exit`), targets named by a function pointer, a
+//!   symbol or a traceable site, and everything about a handle;
+//! - `unsafe`, each with a `# Safety` section saying what the caller promises: handlers
+//!   that get `&mut PtRegs` (`pre_mut`, `post_mut`, `handler_mut`,
+//!   `entry_handler_mut`, which may also return [`Entry::Override`], `entry_mut`,
+//!   `exit_mut`), and a raw address ([`ProbeBuilder::address`]).
+//!
+//! The attribute macros follow the handler's signature: with `&mut PtRegs` the
+//! generated `register` is an `unsafe fn`. Handlers are closures that may capture
+//! state (`Send + Sync + 'static`, no allocation on the hit path, one indirect call
+//! per hit); what they capture is dropped after the probe is unregistered and a grace
+//! period has passed ([`synchronize`]). Every probe of a shared handler has its own
+//! closure, so two probes tell each other apart by what they captured.
+//!
 //! # Layout
 //! Layers whose dependencies point one way (DESIGN.md, "The runtime's layout"):
 //! `sys` (maps, symbols, code writes, signals, the signal context) uses nothing of
@@ -32,15 +56,31 @@ mod sys;
 
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};
 pub use blacklist::{blacklist, Blacklisted};
-pub use breakpoint::{FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle};
+pub use breakpoint::{FnAddr, Probe, ProbeBuilder, ProbeHandle};
 pub use error::Error;
 pub use events::EventBuffer;
 pub use frame::{PtRegs, VReg};
 pub use listing::{list, ProbeInfo, ProbeList};
-pub use multi::{Attached, MultiEntryHandler, MultiExitHandler, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
-pub use retprobe::{Entry, EntryHandler, ReturnHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle, MAX_MAXACTIVE};
+pub use multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
+pub use retprobe::{Entry, HasHandler, NoHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle, MAX_MAXACTIVE};
 pub use site::table::{sites, SiteInfo};
 pub use sys::code::{write_mode, WriteMode};
+
+/// Waits for a grace period, as the kernel's `synchronize_rcu` after unregistering
+/// kprobes: when it returns `true`, no thread is running a handler of a probe
+/// unregistered before the call any more, and those handlers (the closures and what
+/// they captured) have been dropped, a return probe's once every call it watched has
+/// returned. Unregistering alone retires handlers, which are dropped with a later
+/// grace period. `false` if no grace period could complete (a thread blocks the
+/// signal probekit samples threads with: see the module docs of breakpoint probes,
+/// "Lifetime"); try again later.
+///
+/// Handlers' captured state is dropped under probekit's registry lock: its `Drop`
+/// must not register or unregister probes.
+pub fn synchronize() -> bool {
+    let records = registry::lock().reclaim();
+    retprobe::synchronize() && records
+}
 
 /// Runs before `main` (and before any constructor could register a probe): tells the
 /// grace periods where the hit paths are, and registration what the blacklist refuses,
@@ -57,7 +97,7 @@ static INIT_LAYERS: extern "C" fn() = init_layers;
 pub mod probe {
     pub use crate::batch::{register_batch, unregister_batch, BatchError};
     pub use crate::blacklist::{blacklist, Blacklisted};
-    pub use crate::breakpoint::{FnAddr, Handler, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
+    pub use crate::breakpoint::{FnAddr, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
     pub use crate::listing::{list, ProbeInfo, ProbeList};
 }
 
@@ -79,6 +119,24 @@ pub mod offsets {
 pub mod __private {
     pub use memoffset;
     pub use static_assertions;
+
+    /// The address of a function item, for `#[kprobe(function = path)]` and
+    /// `#[kretprobe(function = path)]`, which cannot spell the function's pointer type.
+    #[derive(Clone, Copy, Debug)]
+    pub struct FnItem(pub(crate) usize);
+
+    impl FnItem {
+        /// `f`'s address, given as `addr`. Fails to compile unless `F` is zero-sized,
+        /// as function items are (an integer constant is not).
+        ///
+        /// # Safety
+        /// `addr` must be `f as *const () as usize`.
+        pub unsafe fn new<F: Copy>(f: &F, addr: usize) -> FnItem {
+            let _ = f;
+            const { assert!(std::mem::size_of::<F>() == 0, "`function = path` must name a function") };
+            FnItem(addr)
+        }
+    }
 
     /// Probe records ever taken, retired (waiting for a grace period) and free for
     /// reuse: `(taken, retired, free)`. For tests of reuse.

@@ -49,7 +49,7 @@ fn add_100(r: &mut PtRegs) {
     set_arg0(r, a + 100);
 }
 
-fn count_post(_r: &mut PtRegs) {
+fn count_post(_r: &PtRegs) {
     POST.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -57,7 +57,8 @@ fn count_post(_r: &mut PtRegs) {
 fn pre_and_post_handlers_see_and_change_registers() {
     let f = bp_add as extern "C" fn(u64, u64) -> u64;
     let before = code(f as usize);
-    let p = Probe::builder().function(f).pre(add_100).post(count_post).register().expect("probe registers");
+    // SAFETY: `bp_add` is correct with any first argument.
+    let p = unsafe { Probe::builder().function(f).pre_mut(add_100) }.post(count_post).register().expect("probe registers");
     assert_ne!(code(f as usize), before, "breakpoint written");
     assert_eq!(black_box(f)(1, 2), 103, "the pre handler's write to arg0 reached the function");
     assert_eq!(black_box(f)(5, 5), 110);
@@ -79,7 +80,7 @@ fn pre_and_post_handlers_see_and_change_registers() {
 
 static REENTERED: AtomicU64 = AtomicU64::new(0);
 
-fn calls_the_probed_function(r: &mut PtRegs) {
+fn calls_the_probed_function(r: &PtRegs) {
     // A probe hit inside a handler is not run again: counted in nmissed.
     let f = bp_mul as extern "C" fn(u64, u64) -> u64;
     REENTERED.store(black_box(f)(6, 7), Ordering::Relaxed);
@@ -97,7 +98,7 @@ fn a_hit_inside_a_handler_counts_as_missed() {
 
 static THREAD_HITS: AtomicU64 = AtomicU64::new(0);
 
-fn count(_r: &mut PtRegs) {
+fn count(_r: &PtRegs) {
     THREAD_HITS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -156,11 +157,13 @@ extern "C" {
 #[test]
 fn bad_targets_are_refused_with_typed_errors() {
     let at = bp_unsupported_at as *const () as usize;
-    let e = Probe::builder().address(at).register().unwrap_err();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let e = unsafe { Probe::builder().address(at) }.register().unwrap_err();
     assert!(matches!(&e, Error::UnsupportedInstruction { addr, .. } if *addr == at), "{e}");
     // Heap memory is not executable (a `static` may share the text segment on aarch64).
     let data = Box::new(0u64);
-    let e = Probe::builder().address(&*data as *const u64 as usize).register().unwrap_err();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let e = unsafe { Probe::builder().address(&*data as *const u64 as usize) }.register().unwrap_err();
     assert!(matches!(e, Error::NotExecutable { .. }), "{e}");
     assert!(matches!(Probe::builder().register().unwrap_err(), Error::NoTarget));
     // Inside an instruction: refused, decoding from the function's start.
@@ -178,7 +181,8 @@ fn bad_targets_are_refused_with_typed_errors() {
     // probekit's own hit path is refused, by the blacklist.
     let bl = probe_rt::blacklist();
     assert!(bl.iter().any(|b| b.name.contains("SIGTRAP handler")), "{bl:?}");
-    let e = Probe::builder().address(bl[0].start).register().unwrap_err();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let e = unsafe { Probe::builder().address(bl[0].start) }.register().unwrap_err();
     assert!(matches!(e, Error::Blacklisted { .. }), "{e}");
     // Nothing was left armed: the function still runs.
     // SAFETY: bp_branchy clobbers only scratch registers and returns.
@@ -238,8 +242,10 @@ fn second(r: &mut PtRegs) {
 fn probes_at_one_address_share_the_breakpoint_in_registration_order() {
     let f = bp_shared as extern "C" fn(u64) -> u64;
     let before = code(f as usize);
-    let a = Probe::builder().function(f).pre(first).register().unwrap();
-    let b = Probe::builder().function(f).pre(second).post(|_| {}).register().unwrap();
+    // SAFETY: `bp_shared` is correct with any argument.
+    let a = unsafe { Probe::builder().function(f).pre_mut(first) }.register().unwrap();
+    // SAFETY: as above.
+    let b = unsafe { Probe::builder().function(f).pre_mut(second) }.post(|_| {}).register().unwrap();
     assert_eq!(black_box(f)(4), 4 * 10 + 1 + 7, "both pre handlers ran, in order");
     assert_eq!(ORDER.swap(0, Ordering::Relaxed), 12);
     assert_eq!((a.nhit(), b.nhit()), (1, 1));

@@ -26,7 +26,7 @@ extern "C" fn ft_double(a: u64) -> u64 {
 
 static PROBED: AtomicU64 = AtomicU64::new(0);
 
-fn on_hit(_r: &mut PtRegs) {
+fn on_hit(_r: &PtRegs) {
     PROBED.fetch_add(1, Ordering::Relaxed);
 }
 

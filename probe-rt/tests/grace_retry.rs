@@ -17,7 +17,7 @@ extern "C" fn gr_target(a: u64) -> u64 {
     black_box(a).wrapping_add(7)
 }
 
-fn noop(_r: &mut PtRegs) {}
+fn noop(_r: &PtRegs) {}
 
 fn cycle() -> Result<(), Error> {
     Probe::builder().function(gr_target as extern "C" fn(u64) -> u64).pre(noop).register()?.unregister()

@@ -16,7 +16,7 @@ extern "C" fn race_target(a: u64) -> u64 {
 
 static HANDLED: AtomicU64 = AtomicU64::new(0);
 
-fn count(_r: &mut PtRegs) {
+fn count(_r: &PtRegs) {
     HANDLED.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -91,7 +91,7 @@ extern "C" fn reuse_other(a: u64) -> u64 {
 
 static REUSE_HANDLED: AtomicU64 = AtomicU64::new(0);
 
-fn count_reuse(_r: &mut PtRegs) {
+fn count_reuse(_r: &PtRegs) {
     REUSE_HANDLED.fetch_add(1, Ordering::Relaxed);
 }
 

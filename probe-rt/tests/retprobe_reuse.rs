@@ -47,12 +47,12 @@ impl Drop for Counted {
     }
 }
 
-fn on_return(r: &mut PtRegs, d: &mut Counted) {
+fn on_return(r: &PtRegs, d: &mut Counted) {
     d.0 = r.return_value();
     RETURNS.fetch_add(1, Ordering::Relaxed);
 }
 
-fn noop(_r: &mut PtRegs, _d: &mut ()) {}
+fn noop(_r: &PtRegs, _d: &mut ()) {}
 
 /// One register/call/unregister cycle.
 fn cycle() {

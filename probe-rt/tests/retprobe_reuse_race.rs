@@ -78,25 +78,25 @@ fn check(ok: bool) {
     CHECKED.fetch_add(1, Ordering::Relaxed);
 }
 
-fn enter_a(r: &mut PtRegs, d: &mut A) -> probe_rt::Entry {
+fn enter_a(r: &PtRegs, d: &mut A) -> bool {
     d.arg = r.arg(0).unwrap();
-    probe_rt::Entry::Continue
+    true
 }
 
-fn return_a(r: &mut PtRegs, d: &mut A) {
+fn return_a(r: &PtRegs, d: &mut A) {
     check(d.magic == MAGIC_A && r.return_value() == d.arg.wrapping_mul(3).wrapping_add(1));
 }
 
-fn enter_b(r: &mut PtRegs, d: &mut B) -> probe_rt::Entry {
+fn enter_b(r: &PtRegs, d: &mut B) -> bool {
     d.args = [r.arg(0).unwrap(); 5];
-    probe_rt::Entry::Continue
+    true
 }
 
-fn return_b(r: &mut PtRegs, d: &mut B) {
+fn return_b(r: &PtRegs, d: &mut B) {
     check(d.magic == MAGIC_B && d.args.iter().all(|a| *a == d.args[0]) && r.return_value() == d.args[0].wrapping_mul(3).wrapping_add(1));
 }
 
-fn on_panicky(_r: &mut PtRegs, d: &mut A) {
+fn on_panicky(_r: &PtRegs, d: &mut A) {
     check(d.magic == MAGIC_A);
 }
 

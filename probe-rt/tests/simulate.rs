@@ -421,7 +421,7 @@ std::arch::global_asm!(
 static HITS: AtomicU64 = AtomicU64::new(0);
 static SEEN: AtomicU64 = AtomicU64::new(0);
 
-fn observe(r: &mut PtRegs) {
+fn observe(r: &PtRegs) {
     HITS.fetch_add(1, Ordering::Relaxed);
     SEEN.store(r.arg(0).unwrap_or(0), Ordering::Relaxed);
 }
@@ -430,7 +430,8 @@ fn observe(r: &mut PtRegs) {
 fn check(name: &str, f: extern "C" fn(u64) -> u64, at: usize, inputs: &[u64]) {
     for with_post in [false, true] {
         let expected: Vec<u64> = inputs.iter().map(|&x| f(x)).collect();
-        let mut b = Probe::builder().address(at).pre(observe);
+        // SAFETY: the address is an instruction of this test's code, not data.
+        let mut b = unsafe { Probe::builder().address(at) }.pre(observe);
         if with_post {
             b = b.post(observe);
         }
@@ -529,7 +530,9 @@ fn a_handler_steers_a_simulated_branch() {
         (steer_bcond, steer_bcond_at as *const () as usize)
     };
     assert_eq!((f(3), f(30)), (200, 100));
-    let p = Probe::builder().address(at).pre(flip_carry).register().unwrap();
+    // SAFETY: `at` is the conditional branch of `steer_bcond`, whose result either way
+    // is one of the two this test expects.
+    let p = unsafe { Probe::builder().address(at).pre_mut(flip_carry) }.register().unwrap();
     assert_eq!((std::hint::black_box(f)(3), std::hint::black_box(f)(30)), (100, 200), "the branch follows the handler's flags");
     drop(p);
     assert_eq!((f(3), f(30)), (200, 100));
@@ -549,7 +552,9 @@ fn a_handler_steers_a_simulated_indirect_jump() {
         r.rax = steer_jmpr_alt as *const () as u64;
     }
     assert_eq!(steer_jmpr(5), 8);
-    let p = Probe::builder().address(steer_jmpr_at as *const () as usize).pre(to_alt).register().unwrap();
+    // SAFETY: the `jmp rax` of `steer_jmpr`, sent to `steer_jmpr_alt`, written to be
+    // jumped to from there.
+    let p = unsafe { Probe::builder().address(steer_jmpr_at as *const () as usize).pre_mut(to_alt) }.register().unwrap();
     assert_eq!(std::hint::black_box(steer_jmpr)(5), 305, "the jump follows the handler's rax");
     assert_eq!(p.nhit(), 1);
     drop(p);
@@ -584,7 +589,8 @@ fn forms_not_simulated_are_refused() {
         [("unallocated", sim_refused_ldr as *const () as usize)]
     };
     for (what, at) in refused {
-        match Probe::builder().address(at).pre(observe).register() {
+        // SAFETY: the address is an instruction of this test's code, not data.
+        match unsafe { Probe::builder().address(at) }.pre(observe).register() {
             Err(probe_rt::Error::UnsupportedInstruction { addr, insn }) => {
                 assert_eq!(addr, at);
                 assert!(insn.contains(what), "{insn}");

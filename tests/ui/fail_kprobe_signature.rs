@@ -4,20 +4,20 @@ use probekit::PtRegs;
 fn target() {}
 
 #[probekit::kprobe(function = target)]
-async fn not_async(_regs: &mut PtRegs) {}
+async fn not_async(_regs: &PtRegs) {}
 
 #[probekit::kprobe(function = target)]
-fn generic<T>(_regs: &mut PtRegs) {}
+fn generic<T>(_regs: &PtRegs) {}
 
 #[probekit::kprobe(function = target)]
 fn wrong_argument(_regs: &PtRegs) {}
 
 #[probekit::kprobe(function = target)]
-fn returns(_regs: &mut PtRegs) -> u64 {
+fn returns(_regs: &PtRegs) -> u64 {
     0
 }
 
 #[probekit::kprobe(function = target)]
-fn two(_regs: &mut PtRegs, _extra: u64) {}
+fn two(_regs: &PtRegs, _extra: u64) {}
 
 fn main() {}

@@ -7,19 +7,19 @@ fn target() {}
 struct Data;
 
 #[probekit::kretprobe(function = target)]
-async fn not_async(_regs: &mut PtRegs) {}
+async fn not_async(_regs: &PtRegs, _: &mut ()) {}
 
 #[probekit::kretprobe(function = target)]
-const fn not_const(_regs: &mut PtRegs) {}
+const fn not_const(_regs: &PtRegs, _: &mut ()) {}
 
 #[probekit::kretprobe(function = target)]
-fn generic<T>(_regs: &mut PtRegs) {}
+fn generic<T>(_regs: &PtRegs, _: &mut ()) {}
 
 #[probekit::kretprobe(function = target)]
-fn wrong_argument(_regs: &PtRegs) {}
+fn wrong_argument(_regs: u64, _: &mut ()) {}
 
 #[probekit::kretprobe(function = target)]
-fn returns(_regs: &mut PtRegs) -> u64 {
+fn returns(_regs: &PtRegs, _: &mut ()) -> u64 {
     0
 }
 
@@ -27,13 +27,13 @@ fn returns(_regs: &mut PtRegs) -> u64 {
 fn none() {}
 
 #[probekit::kretprobe(function = target)]
-fn data_without_option(_regs: &mut PtRegs, _data: &mut ()) {}
+fn only_registers(_regs: &PtRegs) {}
 
 #[probekit::kretprobe(function = target, data = Data)]
-fn data_not_mut(_regs: &mut PtRegs, _data: &Data) {}
+fn data_not_mut(_regs: &PtRegs, _data: &Data) {}
 
 #[probekit::kretprobe(function = target, data = Data)]
-fn three(_regs: &mut PtRegs, _data: &mut Data, _extra: u64) {}
+fn three(_regs: &PtRegs, _data: &mut Data, _extra: u64) {}
 
 #[probekit::kretprobe(function = target)]
 struct NotAFunction;

@@ -10,27 +10,35 @@ struct Data;
 struct NotDefault;
 
 #[probekit::kretprobe(function = target, data = Data)]
-fn other_data(_regs: &mut PtRegs, _data: &mut u64) {}
+fn other_data(_regs: &PtRegs, _data: &mut u64) {}
 
 #[probekit::kretprobe(function = target, data = NotDefault)]
-fn not_default(_regs: &mut PtRegs, _data: &mut NotDefault) {}
+fn not_default(_regs: &PtRegs, _data: &mut NotDefault) {}
 
-fn entry_without_result(_regs: &mut PtRegs) {}
+fn entry_without_result(_regs: &PtRegs, _: &mut ()) {}
 
 #[probekit::kretprobe(function = target, entry = entry_without_result)]
-fn bad_entry(_regs: &mut PtRegs) {}
+fn bad_entry(_regs: &PtRegs, _: &mut ()) {}
 
-fn entry_with_data(_regs: &mut PtRegs, _data: &mut Data) -> Entry {
-    Entry::Continue
+fn entry_with_data(_regs: &PtRegs, _data: &mut Data) -> bool {
+    true
 }
 
 #[probekit::kretprobe(function = target, entry = entry_with_data)]
-fn entry_takes_data_without_option(_regs: &mut PtRegs) {}
+fn entry_takes_data_without_option(_regs: &PtRegs, _: &mut ()) {}
 
 #[probekit::kretprobe(function = target, data = u32, entry = entry_with_data)]
-fn entry_with_other_data(_regs: &mut PtRegs, _data: &mut u32) {}
+fn entry_with_other_data(_regs: &PtRegs, _data: &mut u32) {}
+
+fn skips(_regs: &mut PtRegs, _: &mut ()) -> Entry {
+    Entry::Override(0)
+}
+
+// An entry handler that may skip the function is `entry_mut`, not `entry`.
+#[probekit::kretprobe(function = target, entry = skips)]
+fn skipping_entry_is_not_safe(_regs: &PtRegs, _: &mut ()) {}
 
 #[probekit::kretprobe(function = target, data = std::rc::Rc<u8>)]
-fn not_send(_regs: &mut PtRegs, _data: &mut std::rc::Rc<u8>) {}
+fn not_send(_regs: &PtRegs, _data: &mut std::rc::Rc<u8>) {}
 
 fn main() {}

@@ -10,14 +10,14 @@ pub extern "C" fn kp_target(x: u64) -> u64 {
 }
 
 #[probekit::kprobe(function = kp_target)]
-fn on_target(_regs: &mut PtRegs) {
+fn on_target(_regs: &PtRegs) {
     HITS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[probekit::kprobe(symbol = "kp_target", offset = 0, post = after)]
-pub fn by_name(_regs: &mut probekit::PtRegs) {}
+pub fn by_name(_regs: &probekit::PtRegs) {}
 
-fn after(_regs: &mut PtRegs) {}
+fn after(_regs: &PtRegs) {}
 
 // Paths in the options resolve where the attribute is written: `super::`, `self::`,
 // a name of the handler's module, and `crate` too.
@@ -29,7 +29,7 @@ pub extern "C" fn kp_outer(x: u64) -> u64 {
 
 static POSTS: AtomicU64 = AtomicU64::new(0);
 
-fn outer_post(_regs: &mut PtRegs) {
+fn outer_post(_regs: &PtRegs) {
     POSTS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -41,7 +41,7 @@ mod inner {
     pub static LOCAL: AtomicU64 = AtomicU64::new(0);
 
     #[probekit::kprobe(function = super::kp_outer, post = super::outer_post)]
-    pub fn on_outer(_regs: &mut pk::PtRegs) {
+    pub fn on_outer(_regs: &pk::PtRegs) {
         PRES.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -55,7 +55,8 @@ mod inner {
         LOCAL.fetch_add(10, Ordering::Relaxed);
     }
 
-    #[probekit::kprobe(function = self::kp_inner, post = local_post, crate = self::pk)]
+    // Handlers that may change the registers: `register` is `unsafe`.
+    #[probekit::kprobe(function = self::kp_inner, post_mut = local_post, crate = self::pk)]
     pub fn on_inner(_regs: &mut pk::PtRegs) {
         LOCAL.fetch_add(1, Ordering::Relaxed);
     }
@@ -77,7 +78,8 @@ fn main() {
     assert_eq!((r.nhit(), inner::PRES.load(Ordering::Relaxed), POSTS.load(Ordering::Relaxed)), (1, 1, 1));
     drop(r);
 
-    let s = inner::on_inner::register().unwrap();
+    // SAFETY: the handlers change no register.
+    let s = unsafe { inner::on_inner::register() }.unwrap();
     assert_eq!(s.address(), inner::kp_inner as *const () as usize);
     assert_eq!(std::hint::black_box(inner::kp_inner as extern "C" fn(u64) -> u64)(5), 15);
     assert_eq!((s.nhit(), inner::LOCAL.load(Ordering::Relaxed)), (1, 11), "the pre and the post handler ran");

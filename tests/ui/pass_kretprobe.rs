@@ -31,28 +31,24 @@ struct Call {
 
 static SEEN: AtomicU64 = AtomicU64::new(0);
 
-fn keep_first(regs: &mut PtRegs, call: &mut Call) -> Entry {
+fn keep_first(regs: &PtRegs, call: &mut Call) -> bool {
     call.first = regs.arg(0).unwrap_or(0);
-    if call.first == 99 {
-        Entry::Skip
-    } else {
-        Entry::Continue
-    }
+    call.first != 99 // watch every call but those of 99
 }
 
 #[probekit::kretprobe(function = krp_add, maxactive = 4, entry = keep_first, data = Call)]
-fn on_add(regs: &mut PtRegs, call: &mut Call) {
+fn on_add(regs: &PtRegs, call: &mut Call) {
     SEEN.store(call.first * 1000 + regs.return_value(), Ordering::Relaxed);
 }
 
-// By name, no data: the handler takes only the registers, and changes the result.
+// By name, no data (`()`), and the handler changes the result: `register` is `unsafe`.
 #[probekit::kretprobe(symbol = "krp_triple")]
-pub fn plus_one(regs: &mut probekit::PtRegs) {
+pub fn plus_one(regs: &mut probekit::PtRegs, _: &mut ()) {
     regs.set_return_value(regs.return_value() + 1);
 }
 
-// No data, an entry handler that takes only the registers too.
-fn zero_is_seven(regs: &mut PtRegs) -> Entry {
+// An entry handler that skips the function (`entry_mut`): `register` is `unsafe`.
+fn zero_is_seven(regs: &mut PtRegs, _: &mut ()) -> Entry {
     match regs.arg(0) {
         Some(0) => Entry::Override(7),
         _ => Entry::Continue,
@@ -61,8 +57,8 @@ fn zero_is_seven(regs: &mut PtRegs) -> Entry {
 
 static RETURNS: AtomicU64 = AtomicU64::new(0);
 
-#[probekit::kretprobe(function = krp_triple, entry = zero_is_seven, maxactive = 1usize)]
-fn count(_regs: &mut PtRegs) {
+#[probekit::kretprobe(function = krp_triple, entry_mut = zero_is_seven, maxactive = 1usize)]
+fn count(_regs: &PtRegs, _: &mut ()) {
     RETURNS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -73,7 +69,7 @@ mod inner {
     use probekit as pk;
 
     #[probekit::kretprobe(function = super::krp_add, data = super::Call, crate = pk)]
-    pub fn on_add(regs: &mut PtRegs, call: &mut super::Call) {
+    pub fn on_add(regs: &PtRegs, call: &mut super::Call) {
         call.first = 0;
         super::SEEN.store(regs.return_value(), Ordering::Relaxed);
     }
@@ -91,13 +87,15 @@ fn main() {
     assert_eq!((p.nhit(), p.nmissed()), (2, 0));
     drop(p);
 
-    let q = plus_one::register().unwrap();
+    // SAFETY: `krp_triple` returns a `u64`: any value is one.
+    let q = unsafe { plus_one::register() }.unwrap();
     assert_eq!(q.address(), krp_triple as *const () as usize);
     assert_eq!(triple(5), 16);
     drop(q);
     assert_eq!(triple(5), 15);
 
-    let r = count::register().unwrap();
+    // SAFETY: as above; skipping `krp_triple` skips no effect.
+    let r = unsafe { count::register() }.unwrap();
     assert_eq!(r.maxactive(), 1);
     assert_eq!((triple(0), triple(2)), (7, 6), "an entry handler overrides the call");
     assert_eq!(RETURNS.load(Ordering::Relaxed), 1, "an overridden call runs no return handler");

@@ -40,13 +40,18 @@ pub(crate) fn register_many(
     let mut reg = registry::lock();
     let mut staged = Vec::new(); // (position, record)
     let mut positions = 0;
+    let mut owners = Vec::new(); // of each staged member
     for (i, b) in probes.into_iter().enumerate() {
         positions = i + 1;
         match b.stage(&mut reg) {
-            Ok(index) => staged.push((i, index)),
+            Ok(index) => {
+                staged.push((i, index));
+                owners.push(b.owners());
+            }
             Err(error) if skip(i, &error) => {}
             Err(error) => {
                 unstage(&mut reg, &staged.iter().map(|s| s.1).collect::<Vec<_>>());
+                reg.bury(owners.into_iter().flatten().flatten());
                 return Err(BatchError { index: i, error });
             }
         }
@@ -57,12 +62,19 @@ pub(crate) fn register_many(
         // so their traps still find them) with no handle: as a failed disarm leaves them.
         let back: Vec<usize> = indices.iter().copied().filter(|i| !stuck.contains(i)).collect();
         unstage(&mut reg, &back);
+        for (&index, owners) in indices.iter().zip(owners) {
+            match stuck.contains(&index) {
+                // Still armed: its handlers may run at any time from now on.
+                true => std::mem::forget(owners),
+                false => reg.bury(owners.into_iter().flatten()),
+            }
+        }
         return Err(BatchError { index: staged[k].0, error });
     }
     let mut out: Vec<Option<ProbeHandle>> = (0..positions).map(|_| None).collect();
-    for (i, index) in staged {
+    for ((i, index), owners) in staged.into_iter().zip(owners) {
         record(index).live.store(true, Ordering::Relaxed);
-        out[i] = Some(ProbeHandle { index });
+        out[i] = Some(ProbeHandle { index, owners });
     }
     Ok(out)
 }
@@ -71,21 +83,30 @@ pub(crate) fn register_many(
 /// and, per handle, whether it was unregistered: a probe whose text could not be
 /// restored stays registered and armed (its handle is dropped without another try).
 pub(crate) fn unregister_many(handles: Vec<ProbeHandle>) -> (Result<(), Error>, Vec<bool>) {
-    let indices: Vec<usize> = handles.iter().map(|h| h.index).collect();
     // The handles no longer own their probes: this function unregisters them.
-    handles.into_iter().for_each(std::mem::forget);
+    let (indices, owners): (Vec<usize>, Vec<_>) = handles
+        .into_iter()
+        .map(|h| {
+            let mut h = std::mem::ManuallyDrop::new(h);
+            (h.index, std::mem::take(&mut h.owners))
+        })
+        .unzip();
     let mut reg = registry::lock();
     let r = disarm_many(&indices);
     let done = indices
         .iter()
-        .map(|&index| {
+        .zip(owners)
+        .map(|(&index, owners)| {
             let e = record(index);
             if e.addr.load(Ordering::Relaxed) != 0 {
-                return false; // still armed: left registered
+                // Still armed: left registered, its handlers may run at any time.
+                std::mem::forget(owners);
+                return false;
             }
             registry::unlink(index);
             e.live.store(false, Ordering::Relaxed);
             reg.retire(index);
+            reg.bury(owners.into_iter().flatten());
             true
         })
         .collect();

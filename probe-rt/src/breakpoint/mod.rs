@@ -11,8 +11,9 @@
 //! virtual machines).
 //!
 //! # What a handler may do
-//! Handlers run in a signal handler on the thread that hit the probe: they may read and
-//! change the registers, and do what is async-signal-safe. They must not allocate, take
+//! Handlers run in a signal handler on the thread that hit the probe: they read the
+//! registers (and change them, registered with the `unsafe` `pre_mut`/`post_mut`), and
+//! do what is async-signal-safe. They must not allocate, take
 //! locks the interrupted code may hold, or print (`println!` locks stdout); push to a
 //! lock-free buffer instead. A panic in a handler aborts the process (it cannot unwind
 //! out of a signal handler). A probe hit inside a handler on the same thread is not run
@@ -50,12 +51,13 @@ pub(crate) mod batch;
 pub(crate) mod trap;
 
 use crate::arch::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
-use crate::registry::{self, record, InternalHandler, Record, Slots, NEAR, TRAPS};
+use crate::registry::{self, record, Call, Handler, Owner, Record, Slots, NEAR, TRAPS};
 use crate::sys::{code, maps};
 use crate::Error;
+use crate::PtRegs;
 use std::sync::atomic::Ordering;
 
-pub use crate::registry::{Handler, RECLAIM_BATCH};
+pub use crate::registry::RECLAIM_BATCH;
 pub(crate) use trap::install_handler;
 
 /// Something whose address can be probed: a function pointer of up to six arguments.
@@ -92,7 +94,7 @@ pub struct Probe;
 impl Probe {
     /// Starts describing a probe.
     pub fn builder() -> ProbeBuilder {
-        ProbeBuilder { target: None, offset: 0, pre: None, post: None, internal: None }
+        ProbeBuilder { target: None, offset: 0, pre: None, post: None }
     }
 }
 
@@ -124,7 +126,6 @@ pub struct ProbeBuilder {
     offset: usize,
     pre: Option<Handler>,
     post: Option<Handler>,
-    internal: Option<(InternalHandler, usize)>,
 }
 
 impl ProbeBuilder {
@@ -132,6 +133,13 @@ impl ProbeBuilder {
     /// arguments, name a lifetime: `parse as fn(&'static [u8]) -> u64`, see [`FnAddr`]).
     pub fn function(mut self, f: impl FnAddr) -> Self {
         self.target = Some(Target::Function(f.addr()));
+        self
+    }
+
+    /// Probe a function item (generated code: see `__private::FnItem`).
+    #[doc(hidden)]
+    pub fn __function_item(mut self, f: crate::__private::FnItem) -> Self {
+        self.target = Some(Target::Function(f.0));
         self
     }
 
@@ -148,7 +156,13 @@ impl ProbeBuilder {
     /// symbol tables: inside a function whose symbol has a size, or after a sizeless
     /// symbol (hand-written asm) from which the code decodes to it; else registration
     /// fails with [`Error::NoKnownStart`].
-    pub fn address(mut self, addr: usize) -> Self {
+    ///
+    /// # Safety
+    /// `addr` must be an instruction that runs as code, not data that lives in the
+    /// text (a literal pool, a jump table, padding read as data): the symbol tables
+    /// cannot tell them apart, and a breakpoint written over data changes what the
+    /// program reads.
+    pub unsafe fn address(mut self, addr: usize) -> Self {
         self.target = Some(Target::Address(addr));
         self
     }
@@ -161,16 +175,52 @@ impl ProbeBuilder {
         self
     }
 
-    /// Runs before the probed instruction, with the registers as they are there.
-    pub fn pre(mut self, h: Handler) -> Self {
-        self.pre = Some(h);
+    /// Runs before the probed instruction, with the registers as they are there. It
+    /// observes: it cannot change them (see [`Self::pre_mut`]). A closure may capture
+    /// state (two probes sharing a handler tell each other apart by what each captured);
+    /// it is dropped after the probe is unregistered and a grace period has passed
+    /// (see [`crate::synchronize`]).
+    pub fn pre(mut self, h: impl Fn(&PtRegs) + Send + Sync + 'static) -> Self {
+        self.pre = Some(Handler::new(move |r: &mut PtRegs| h(r)));
         self
     }
 
-    /// Runs after the probed instruction executed (out of line).
-    pub fn post(mut self, h: Handler) -> Self {
-        self.post = Some(h);
+    /// Runs after the probed instruction executed (out of line), with the registers as
+    /// they are then. It observes (see [`Self::post_mut`]).
+    pub fn post(mut self, h: impl Fn(&PtRegs) + Send + Sync + 'static) -> Self {
+        self.post = Some(Handler::new(move |r: &mut PtRegs| h(r)));
         self
+    }
+
+    /// A pre handler that may change the registers: they are written back before the
+    /// probed instruction runs; a changed instruction pointer is followed (execution
+    /// resumes there, the probed instruction does not run).
+    ///
+    /// # Safety
+    /// Whatever the handler writes must keep the program's invariants: the compiler
+    /// assumed the registers hold what its code put there, so a wrong value (a pointer
+    /// register, the stack pointer, a return address, the instruction pointer) is
+    /// undefined behaviour in the probed code. The caller promises that every change
+    /// the handler makes is one the probed code is correct with (as a debugger user
+    /// promises when setting a register).
+    pub unsafe fn pre_mut(mut self, h: impl Fn(&mut PtRegs) + Send + Sync + 'static) -> Self {
+        self.pre = Some(Handler::new(h));
+        self
+    }
+
+    /// A post handler that may change the registers, written back before execution
+    /// continues after the probed instruction.
+    ///
+    /// # Safety
+    /// As [`Self::pre_mut`].
+    pub unsafe fn post_mut(mut self, h: impl Fn(&mut PtRegs) + Send + Sync + 'static) -> Self {
+        self.post = Some(Handler::new(h));
+        self
+    }
+
+    /// What keeps the handlers alive (the handle holds it while the probe is registered).
+    fn owners(&self) -> [Option<Owner>; 2] {
+        [self.pre.as_ref().and_then(Handler::owner), self.post.as_ref().and_then(Handler::owner)]
     }
 
     /// Probe the function starting at `addr` (already checked to be a function start).
@@ -179,9 +229,10 @@ impl ProbeBuilder {
         self
     }
 
-    /// Runs probekit's own handler `h(regs, ctx)` instead of a pre handler.
-    pub(crate) fn internal_pre(mut self, h: InternalHandler, ctx: usize) -> Self {
-        self.internal = Some((h, ctx));
+    /// Runs probekit's own handler `h(regs, ctx)` as the pre handler (`ctx` outlives
+    /// the probe).
+    pub(crate) fn internal_pre(mut self, h: Call, ctx: usize) -> Self {
+        self.pre = Some(Handler::internal(h, ctx));
         self
     }
 
@@ -214,10 +265,11 @@ impl ProbeBuilder {
         let index = self.stage(&mut reg)?;
         if let Err(err) = arm(record(index), true) {
             unstage(&mut reg, &[index]);
+            reg.bury(self.owners().into_iter().flatten());
             return Err(err);
         }
         record(index).live.store(true, Ordering::Relaxed);
-        Ok(ProbeHandle { index })
+        Ok(ProbeHandle { index, owners: self.owners() })
     }
 
     /// Everything registration does but arming: the target checked, the record taken,
@@ -305,13 +357,12 @@ impl ProbeBuilder {
         e.nhit.store(0, Ordering::Relaxed);
         registry::reset_site_hits(index);
         e.nmissed.store(0, Ordering::Relaxed);
-        let (pre, ctx) = match self.internal {
-            Some((h, ctx)) => (h as usize, ctx),
-            None => (self.pre.map_or(0, |h| h as usize), 0),
-        };
+        let parts = |h: &Option<Handler>| h.as_ref().map_or((0, 0), |h| (h.call as usize, h.ctx));
+        let ((pre, ctx), (post, post_ctx)) = (parts(&self.pre), parts(&self.post));
         e.pre.store(pre, Ordering::Relaxed);
         e.ctx.store(ctx, Ordering::Relaxed);
-        e.post.store(self.post.map_or(0, |h| h as usize), Ordering::Relaxed);
+        e.post.store(post, Ordering::Relaxed);
+        e.post_ctx.store(post_ctx, Ordering::Relaxed);
         // Visible to the hit paths (Release: with the fields above) before it is armed:
         // by index, and on its address's chain.
         registry::publish(index);
@@ -483,9 +534,16 @@ pub(super) fn unstage(reg: &mut Slots, indices: &[usize]) {
 }
 
 /// A registered probe; unregistered when dropped.
-#[derive(Debug)]
 pub struct ProbeHandle {
-    index: usize,
+    pub(crate) index: usize,
+    /// What keeps its handlers alive: buried with the record when it is unregistered.
+    pub(crate) owners: [Option<Owner>; 2],
+}
+
+impl std::fmt::Debug for ProbeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeHandle").field("address", &self.address()).field("enabled", &self.is_enabled()).finish()
+    }
 }
 
 impl ProbeHandle {
@@ -532,21 +590,31 @@ impl ProbeHandle {
     }
 
     /// Disarms and retires the probe (what dropping the handle does, with the error).
-    pub fn unregister(self) -> Result<(), Error> {
+    /// Its handlers are dropped after a grace period. If the original instruction
+    /// cannot be written back, the probe stays armed, with no handle to remove it, and
+    /// its handlers are never dropped.
+    pub fn unregister(mut self) -> Result<(), Error> {
         let r = self.retire();
+        // Retired (or left armed) once: not again when dropped. Its owners were taken.
         std::mem::forget(self);
         r
     }
 
-    fn retire(&self) -> Result<(), Error> {
+    fn retire(&mut self) -> Result<(), Error> {
+        let owners = std::mem::take(&mut self.owners);
         let mut reg = registry::lock();
         let e = self.entry();
         if e.addr.load(Ordering::Relaxed) != 0 {
-            arm(e, false)?;
+            if let Err(err) = arm(e, false) {
+                // Still armed: its handlers may run at any time from now on.
+                std::mem::forget(owners);
+                return Err(err);
+            }
         }
         registry::unlink(self.index);
         e.live.store(false, Ordering::Relaxed);
         reg.retire(self.index);
+        reg.bury(owners.into_iter().flatten());
         Ok(())
     }
 }

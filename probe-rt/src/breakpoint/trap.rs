@@ -219,7 +219,7 @@ fn run_posts(target: usize, uc: &mut libc::ucontext_t) {
         if post != 0 {
             let mut r = regs::read(uc, regs::pc(uc));
             set_active(true);
-            call_handler(post, 0, &mut r);
+            call_handler(post, e.post_ctx.load(Ordering::Relaxed), &mut r);
             set_active(false);
             regs::write(uc, &r);
         }

@@ -19,11 +19,11 @@
 //! itself (a `#[traceable]` function's `__probekit_site_*` and `__probekit_body_*`)
 //! are not candidates: their function is.
 //!
-//! # Memory
-//! The `Attached` of a function, and the pairing of a function with an entry handler,
-//! are kept for the life of the process (a handler may still be running when its probe
-//! goes): one per function and handler ever attached, a few dozen bytes and the name.
-//! Attaching the same functions again reuses them.
+//! # Safety
+//! As for single probes ([`ProbeBuilder::pre_mut`](crate::ProbeBuilder::pre_mut)):
+//! handlers that only read registers are safe; [`MultiProbeBuilder::entry_mut`] and
+//! [`MultiProbeBuilder::exit_mut`], which may change them or skip functions, are
+//! `unsafe`.
 //!
 //! [`register_batch`]: crate::register_batch
 
@@ -31,33 +31,28 @@ mod targets;
 
 use crate::batch::AnyHandle;
 use crate::breakpoint::batch::register_many;
-use crate::breakpoint::{FnAddr, Probe};
-use crate::retprobe::{self, Core, Entry, Hooks};
+use crate::breakpoint::{FnAddr, Probe, ProbeBuilder};
+use crate::retprobe::{self, Entry, ReturnProbe};
 use crate::{Error, PtRegs};
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Arc;
 
 /// A function a [`MultiProbe`] attached to, as its handlers see it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Attached {
-    /// A number for the function, the same for every attachment in the process (an
-    /// index into a table of your own, say).
+    /// A number for the function, unique within its probe (0, 1, …, in the order of
+    /// [`MultiProbeHandle::functions`]): an index into a table of your own, say.
     pub id: u32,
     /// Its first instruction (a `#[traceable]` function: the address callers call).
     pub addr: usize,
     /// Its name: a Rust path without the hash (`myapp::parser::parse`), or the symbol.
-    pub name: &'static str,
+    pub name: String,
 }
 
-/// A multi-function entry handler: the registers at the entry (the arguments), the
-/// function, and this call's data, fresh from `T::default()`. What it returns matters
-/// as for a return probe's entry handler ([`Entry`]); without a return handler,
-/// `Continue` and `Skip` are the same.
-pub type MultiEntryHandler<T> = fn(&mut PtRegs, &Attached, &mut T) -> Entry;
-
-/// A multi-function return handler: the registers at the return (the return value in
-/// `rax`/`x0`), the function, and this call's data as the entry handler left it.
-pub type MultiExitHandler<T> = fn(&mut PtRegs, &Attached, &mut T);
+/// An entry handler as the builder keeps it: may change the registers; what it returns
+/// matters as for [`ReturnProbeBuilder::entry_handler_mut`](crate::ReturnProbeBuilder::entry_handler_mut).
+type EntryFn<T> = dyn Fn(&mut PtRegs, &Attached, &mut T) -> Entry + Send + Sync;
+/// A return handler as the builder keeps it.
+type ExitFn<T> = dyn Fn(&mut PtRegs, &Attached, &mut T) + Send + Sync;
 
 /// A function that matched but could not be attached, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,8 +84,8 @@ impl MultiProbe {
 /// Describes a multi-function probe: which functions, which handlers.
 pub struct MultiProbeBuilder<T> {
     choose: targets::Choice,
-    entry: Option<MultiEntryHandler<T>>,
-    exit: Option<MultiExitHandler<T>>,
+    entry: Option<Arc<EntryFn<T>>>,
+    exit: Option<Arc<ExitFn<T>>>,
     maxactive: Option<usize>,
     strict: bool,
 }
@@ -130,15 +125,43 @@ impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
         self
     }
 
-    /// Runs at the entry of every attached function.
-    pub fn entry(mut self, h: MultiEntryHandler<T>) -> Self {
-        self.entry = Some(h);
+    /// Runs at the entry of every attached function, with the registers there (the
+    /// arguments), the function, and this call's data, fresh from `T::default()`;
+    /// returns whether to watch this call (run the return handler when it returns;
+    /// without one it does not matter). It observes (see [`Self::entry_mut`]).
+    pub fn entry(self, h: impl Fn(&PtRegs, &Attached, &mut T) -> bool + Send + Sync + 'static) -> Self {
+        // SAFETY: the handler gets the registers read-only, and returns `Continue` or
+        // `Skip`, which only decide whether this probe watches the call.
+        unsafe { self.entry_mut(move |r: &mut PtRegs, f: &Attached, d: &mut T| if h(r, f, d) { Entry::Continue } else { Entry::Skip }) }
+    }
+
+    /// An entry handler that may change the registers, or skip a function
+    /// ([`Entry::Override`]).
+    ///
+    /// # Safety
+    /// As [`ReturnProbeBuilder::entry_handler_mut`](crate::ReturnProbeBuilder::entry_handler_mut),
+    /// for every function attached to.
+    pub unsafe fn entry_mut(mut self, h: impl Fn(&mut PtRegs, &Attached, &mut T) -> Entry + Send + Sync + 'static) -> Self {
+        self.entry = Some(Arc::new(h));
         self
     }
 
-    /// Runs when an attached function returns (each function gets a return probe).
-    pub fn exit(mut self, h: MultiExitHandler<T>) -> Self {
-        self.exit = Some(h);
+    /// Runs when an attached function returns (each function gets a return probe),
+    /// with the registers there (the return value in `rax`/`x0`), the function, and
+    /// this call's data as the entry handler left it. It observes (see
+    /// [`Self::exit_mut`]).
+    pub fn exit(self, h: impl Fn(&PtRegs, &Attached, &mut T) + Send + Sync + 'static) -> Self {
+        // SAFETY: the handler gets the registers read-only: it changes nothing.
+        unsafe { self.exit_mut(move |r: &mut PtRegs, f: &Attached, d: &mut T| h(r, f, d)) }
+    }
+
+    /// A return handler that may change the registers, the return value included.
+    ///
+    /// # Safety
+    /// As [`ReturnProbeBuilder::handler_mut`](crate::ReturnProbeBuilder::handler_mut),
+    /// for every function attached to.
+    pub unsafe fn exit_mut(mut self, h: impl Fn(&mut PtRegs, &Attached, &mut T) + Send + Sync + 'static) -> Self {
+        self.exit = Some(Arc::new(h));
         self
     }
 
@@ -171,11 +194,11 @@ impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
         // Each function's probe, and for a return probe the rest of it.
         let mut members = Vec::with_capacity(chosen.len());
         for (name, addr) in chosen {
-            let attached = intern(&name, addr);
-            match self.member(attached) {
+            let attached = Arc::new(Attached { id: members.len() as u32, addr, name });
+            match self.member(attached.clone()) {
                 Ok((probe, rest)) => members.push((attached, probe, rest)),
-                Err(error) if self.strict => return Err(attach_error(&name, addr, error)),
-                Err(error) => skipped.push(Skipped { name, addr, error }),
+                Err(error) if self.strict => return Err(attach_error(&attached.name, addr, error)),
+                Err(error) => skipped.push(Skipped { name: attached.name.clone(), addr, error }),
             }
         }
         let (attached, (probes, rests)): (Vec<_>, (Vec<_>, Vec<_>)) = members.into_iter().map(|(a, p, r)| (a, (p, r))).unzip();
@@ -184,12 +207,12 @@ impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
             refused.push((i, e.clone()));
             !self.strict
         })
-        .map_err(|e| attach_error(attached[e.index].name, attached[e.index].addr, e.error))?;
+        .map_err(|e| attach_error(&attached[e.index].name, attached[e.index].addr, e.error))?;
         for (i, error) in refused {
             skipped.push(Skipped { name: attached[i].name.to_string(), addr: attached[i].addr, error });
         }
         // A member left out drops its rest: a return probe's is retired.
-        let probes: Vec<(&'static Attached, AnyHandle)> = handles
+        let probes: Vec<(Arc<Attached>, AnyHandle)> = handles
             .into_iter()
             .zip(rests)
             .zip(attached)
@@ -212,23 +235,37 @@ impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
     }
 
     /// The probe for `attached`: a return probe when there is a return handler, else a
-    /// probe whose pre handler calls the entry handler.
-    fn member(&self, attached: &'static Attached) -> Result<(crate::ProbeBuilder, Option<retprobe::Pending>), Error> {
+    /// probe whose pre handler calls the entry handler. Their closures hold the
+    /// function's `Attached` and the shared handlers.
+    fn member(&self, attached: Arc<Attached>) -> Result<(ProbeBuilder, Option<retprobe::Pending>), Error> {
         let target = Probe::builder().function_start(attached.addr);
-        match self.exit {
+        let entry = self.entry.clone();
+        match self.exit.clone() {
             None => {
-                let hook = intern_hook(attached, self.entry.map_or(0, |h| h as usize));
-                Ok((target.internal_pre(run_entry_only::<T>, hook as *const Hook as usize), None))
+                let pre = move |regs: &mut PtRegs| {
+                    let Some(h) = &entry else { return };
+                    if let Entry::Override(v) = h(regs, &attached, &mut T::default()) {
+                        // At a function entry (multi-function probes go on entries only).
+                        retprobe::override_return(regs, v);
+                    }
+                };
+                // SAFETY: the handler changes registers only as the entry handler does,
+                // which the caller of `entry_mut` vouched for (`entry` is safe: it
+                // changes nothing).
+                Ok((unsafe { target.pre_mut(pre) }, None))
             }
             Some(exit) => {
-                let hooks = Hooks {
-                    handler: exit as usize,
-                    entry: self.entry.map_or(0, |h| h as usize),
-                    run_entry: run_entry::<T>,
-                    run_return: run_return::<T>,
-                    ctx: attached as *const Attached as usize,
+                let a = attached.clone();
+                let builder = ReturnProbe::builder().data::<T>().function_start(attached.addr).maxactive(self.maxactive.unwrap_or(0));
+                // SAFETY: the handlers change registers only as the user's handlers do,
+                // which the caller of `entry_mut`/`exit_mut` vouched for (`entry` and
+                // `exit` change nothing).
+                let builder = unsafe {
+                    builder
+                        .entry_handler_mut(move |r: &mut PtRegs, d: &mut T| entry.as_ref().map_or(Entry::Continue, |h| h(r, &a, d)))
+                        .handler_mut(move |r: &mut PtRegs, d: &mut T| exit(r, &attached, d))
                 };
-                let (probe, rest) = retprobe::prepare::<T>(&target, self.maxactive, hooks)?;
+                let (probe, rest) = builder.prepare()?;
                 Ok((probe, Some(rest)))
             }
         }
@@ -239,91 +276,17 @@ fn attach_error(name: &str, addr: usize, error: Error) -> Error {
     Error::Attach { function: name.to_string(), addr, error: Box::new(error) }
 }
 
-/// A function with an entry handler, as an entry-only probe's context.
-struct Hook {
-    attached: &'static Attached,
-    /// A `MultiEntryHandler<T>` (0: none), typed again by `run_entry_only::<T>`.
-    entry: usize,
-}
-
-/// The `Attached` of the function `name` at `addr` (its code's identity included, so
-/// other code loaded there later gets its own), made once.
-fn intern(name: &str, addr: usize) -> &'static Attached {
-    static TABLE: LazyLock<Mutex<HashMap<(usize, u64, String), &'static Attached>>> = LazyLock::new(Default::default);
-    let code = crate::sys::maps::mapping_of(addr).map_or(0, |m| m.code_id(addr));
-    let mut table = TABLE.lock().unwrap_or_else(|p| p.into_inner());
-    let id = table.len() as u32;
-    table.entry((addr, code, name.to_string())).or_insert_with(|| {
-        // Leaked on purpose: hit paths may read it at any time after (see the module docs).
-        Box::leak(Box::new(Attached { id, addr, name: Box::leak(name.into()) }))
-    })
-}
-
-/// The `Hook` of `attached` with the entry handler `entry`, made once.
-fn intern_hook(attached: &'static Attached, entry: usize) -> &'static Hook {
-    static TABLE: LazyLock<Mutex<HashMap<(usize, usize), &'static Hook>>> = LazyLock::new(Default::default);
-    let mut table = TABLE.lock().unwrap_or_else(|p| p.into_inner());
-    // Leaked on purpose, as `Attached`.
-    table.entry((attached as *const Attached as usize, entry)).or_insert_with(|| Box::leak(Box::new(Hook { attached, entry })))
-}
-
-/// The pre handler of an entry-only function's probe (`ctx`: its `&'static Hook`).
-fn run_entry_only<T: Default>(regs: &mut PtRegs, ctx: usize) {
-    // SAFETY: `ctx` was registered as the address of an interned `Hook`, never freed.
-    let hook = unsafe { &*(ctx as *const Hook) };
-    if hook.entry == 0 {
-        return;
-    }
-    // SAFETY: stored from a `MultiEntryHandler<T>` for the `T` this function was made
-    // for (`member` pairs them).
-    let h = unsafe { std::mem::transmute::<usize, MultiEntryHandler<T>>(hook.entry) };
-    if let Entry::Override(v) = h(regs, hook.attached, &mut T::default()) {
-        // At a function entry (multi-function probes go on entries only).
-        retprobe::override_return(regs, v);
-    }
-}
-
-/// A multi-function return probe's entry: as `retprobe::run_entry`, with the function.
-///
-/// # Safety
-/// `data` must point to a `T` used by this thread only (its instance is busy),
-/// `core.entry` be 0 or a `MultiEntryHandler<T>`, `core.ctx` an interned `Attached`.
-unsafe fn run_entry<T: Default>(core: &Core, data: usize, regs: &mut PtRegs) -> Entry {
-    // SAFETY: by the caller's contract.
-    let d = unsafe { &mut *(data as *mut T) };
-    *d = T::default();
-    if core.entry == 0 {
-        return Entry::Continue;
-    }
-    // SAFETY: by the caller's contract (`member` made the `Core` so).
-    let (h, f) = unsafe { (std::mem::transmute::<usize, MultiEntryHandler<T>>(core.entry), &*(core.ctx as *const Attached)) };
-    h(regs, f, d)
-}
-
-/// A multi-function return probe's return: as `retprobe::run_return`, with the function.
-///
-/// # Safety
-/// As [`run_entry`], with `core.handler` a `MultiExitHandler<T>`.
-unsafe fn run_return<T>(core: &Core, data: usize, regs: &mut PtRegs) {
-    if core.handler == 0 {
-        return;
-    }
-    // SAFETY: by the caller's contract (`member` made the `Core` so).
-    let (h, f, d) = unsafe { (std::mem::transmute::<usize, MultiExitHandler<T>>(core.handler), &*(core.ctx as *const Attached), &mut *(data as *mut T)) };
-    h(regs, f, d)
-}
-
 /// A registered multi-function probe; every function is detached when it drops.
 #[derive(Debug)]
 pub struct MultiProbeHandle {
-    probes: Vec<(&'static Attached, AnyHandle)>,
+    probes: Vec<(Arc<Attached>, AnyHandle)>,
     skipped: Vec<Skipped>,
 }
 
 impl MultiProbeHandle {
     /// The functions attached to.
-    pub fn functions(&self) -> impl Iterator<Item = &'static Attached> + '_ {
-        self.probes.iter().map(|(a, _)| *a)
+    pub fn functions(&self) -> impl Iterator<Item = &Attached> + '_ {
+        self.probes.iter().map(|(a, _)| &**a)
     }
 
     /// The functions chosen that could not be attached, and why.
@@ -332,8 +295,8 @@ impl MultiProbeHandle {
     }
 
     /// Each attached function with its hits (calls whose entry handler ran).
-    pub fn hits(&self) -> impl Iterator<Item = (&'static Attached, u64)> + '_ {
-        self.probes.iter().map(|(a, h)| (*a, h.nhit()))
+    pub fn hits(&self) -> impl Iterator<Item = (&Attached, u64)> + '_ {
+        self.probes.iter().map(|(a, h)| (&**a, h.nhit()))
     }
 
     /// Hits over all functions.

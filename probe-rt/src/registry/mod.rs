@@ -11,16 +11,13 @@
 //! [`used`] (raised with `Release`).
 
 pub(crate) mod addrmap;
+pub(crate) mod handler;
 
 use crate::{grace, Error, PtRegs};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-/// A pre or post handler.
-pub type Handler = fn(&mut PtRegs);
-
-/// A pre handler of probekit's own (a return probe's entry), with its context.
-pub(crate) type InternalHandler = fn(&mut PtRegs, usize);
+pub(crate) use handler::{Call, Handler, Owner};
 
 /// The lock-free record of one probe, read by the hit paths. Every field is an atomic
 /// whose all-zero bits are its initial value: chunks of records are allocated zeroed.
@@ -32,10 +29,11 @@ pub(crate) struct Record {
     /// Where execution continues after the slot: the probed address + its length.
     pub next: AtomicUsize,
     pub slot: AtomicUsize,
+    /// The pre and post handlers: a [`Call`] (0: none) and its context each.
     pub pre: AtomicUsize,
     pub post: AtomicUsize,
-    /// Non-zero: `pre` is an [`InternalHandler`] called with this context.
     pub ctx: AtomicUsize,
+    pub post_ctx: AtomicUsize,
     pub nhit: AtomicU64,
     pub nmissed: AtomicU64,
     /// The probed address, for the handle, whether armed or not.
@@ -96,6 +94,7 @@ static NONE: Record = Record {
     pre: AtomicUsize::new(0),
     post: AtomicUsize::new(0),
     ctx: AtomicUsize::new(0),
+    post_ctx: AtomicUsize::new(0),
     nhit: AtomicU64::new(0),
     nmissed: AtomicU64::new(0),
     target: AtomicUsize::new(0),
@@ -193,7 +192,7 @@ pub(crate) const SLOT: usize = 32;
 pub const RECLAIM_BATCH: usize = 64;
 
 /// Registration, arming and disarming take this lock; the hit paths never do.
-static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), free: Vec::new(), retry: grace::Retry::new() });
+static REGISTRY: Mutex<Slots> = Mutex::new(Slots { pages: Vec::new(), retired: Vec::new(), buried: Vec::new(), free: Vec::new(), retry: grace::Retry::new() });
 
 /// Takes the registry lock (a panic while it was held leaves the data consistent:
 /// every change under it is a few stores).
@@ -207,6 +206,9 @@ pub(crate) struct Slots {
     pages: Vec<(usize, usize)>,
     /// Unregistered probes' records, which a thread may still be using.
     pub(crate) retired: Vec<usize>,
+    /// The handlers of unregistered probes, which a thread may still be running:
+    /// dropped with the next grace period.
+    buried: Vec<Owner>,
     /// Records a grace period showed nobody uses: reusable, with their slots.
     free: Vec<usize>,
     /// When a grace period is worth trying again after one could not complete (which
@@ -246,11 +248,7 @@ impl Slots {
     /// chain, so any record will do.
     pub(crate) fn take_record(&mut self) -> Result<usize, Error> {
         if self.free.is_empty() && self.retired.len() >= RECLAIM_BATCH && self.retry.due() {
-            let slots: Vec<(usize, usize)> =
-                self.retired.iter().map(|i| record(*i).slot.load(Ordering::Relaxed)).filter(|s| *s != 0).map(|s| (s, s + SLOT)).collect();
-            if self.retry.quiescent(&slots) {
-                self.free.append(&mut self.retired);
-            }
+            self.reclaim();
         }
         if let Some(i) = self.free.pop() {
             return Ok(i);
@@ -270,6 +268,29 @@ impl Slots {
     /// Retires record `index` (it may have been reachable): reused after a grace period.
     pub(crate) fn retire(&mut self, index: usize) {
         self.retired.push(index);
+    }
+
+    /// Keeps an unregistered probe's handlers until a grace period (they may be running).
+    pub(crate) fn bury(&mut self, owners: impl IntoIterator<Item = Owner>) {
+        self.buried.extend(owners);
+    }
+
+    /// Runs a grace period for the retired records and buried handlers: if it
+    /// completes, the records become free and the handlers are dropped (here, under
+    /// the registry lock: a handler's captured state must not register or unregister
+    /// probes when dropped). Whether it completed, or there was nothing to wait for.
+    pub(crate) fn reclaim(&mut self) -> bool {
+        if self.retired.is_empty() && self.buried.is_empty() {
+            return true;
+        }
+        let slots: Vec<(usize, usize)> =
+            self.retired.iter().map(|i| record(*i).slot.load(Ordering::Relaxed)).filter(|s| *s != 0).map(|s| (s, s + SLOT)).collect();
+        if !self.retry.quiescent(&slots) {
+            return false;
+        }
+        self.free.append(&mut self.retired);
+        self.buried.clear();
+        true
     }
 }
 
@@ -371,14 +392,9 @@ pub(crate) fn blacklisted(addr: usize) -> Option<&'static str> {
 /// Calls a handler; `extern "C"` so that a panic aborts instead of unwinding out of
 /// the signal handler or trampoline.
 pub(crate) extern "C" fn call_handler(h: usize, ctx: usize, regs: &mut PtRegs) {
-    if ctx != 0 {
-        // SAFETY: with a context, `h` was stored from an `InternalHandler` at registration.
-        let h = unsafe { std::mem::transmute::<usize, InternalHandler>(h) };
-        return h(regs, ctx);
-    }
-    // SAFETY: `h` was stored from a `Handler` (a fn pointer) at registration.
-    let h: Handler = unsafe { std::mem::transmute::<usize, Handler>(h) };
-    h(regs);
+    // SAFETY: `h` was stored from a `Call` at registration, with its context `ctx`.
+    let h = unsafe { std::mem::transmute::<usize, Call>(h) };
+    h(regs, ctx)
 }
 
 /// Marks this thread as running a handler (or not); returns what it was. Probes hit

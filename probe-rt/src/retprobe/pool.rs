@@ -189,6 +189,34 @@ pub(crate) fn take(n: usize) -> Result<&'static Block, Error> {
     Ok(block)
 }
 
+/// Runs a grace period for every retired block now, and frees the probes (their
+/// `Core`, data and handlers) whose blocks are idle. Whether the grace period
+/// completed (or none was needed).
+pub(crate) fn synchronize() -> bool {
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let busy: Vec<(usize, usize)> = pool.retired.iter().filter(|r| !r.graced).map(|r| r.block.range()).collect();
+    let done = busy.is_empty() || pool.retry.quiescent(&busy);
+    if done {
+        pool.retired.iter_mut().for_each(|r| r.graced = true);
+    }
+    let mut cores = Vec::new();
+    pool.retired.retain(|r| {
+        let idle = r.graced && r.block.idle();
+        if idle {
+            cores.push((r.block, r.core));
+        }
+        !idle
+    });
+    pool.free.extend(cores.iter().map(|(b, _)| *b));
+    drop(pool);
+    for (_, c) in cores {
+        // SAFETY: as in `take`: retired once, reclaimed once after a grace period with
+        // its block idle.
+        unsafe { free_core(c) };
+    }
+    done
+}
+
 /// Retires the block of an unregistered probe (entry disarmed, `live` cleared), with
 /// its `Core` (from `Box::into_raw`), to be freed with it (see the module docs).
 pub(crate) fn retire(block: &'static Block, core: usize) {

@@ -95,7 +95,7 @@ pub(crate) fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs
         for (_, e) in on_site(site) {
             let post = e.post.load(Ordering::Relaxed);
             if post != 0 {
-                call_handler(post, 0, regs);
+                call_handler(post, e.post_ctx.load(Ordering::Relaxed), regs);
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-fn count(_: &mut PtRegs) {
+fn count(_: &PtRegs) {
     HITS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -40,7 +40,8 @@ fn child_probe_on_sa_restorer() {
     let restorer = sigtrap_disposition().sa_restorer.map_or(0, |f| f as usize);
     report("restorer", format!("{restorer:#x}"));
     assert_ne!(restorer, 0, "glibc sets sa_restorer on x86_64");
-    let r = Probe::builder().address(restorer).pre(count).register();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let r = unsafe { Probe::builder().address(restorer) }.pre(count).register();
     report("register", format!("{:?}", r.as_ref().map(|_| ())));
     report("blacklisted", matches!(r, Err(Error::Blacklisted { .. })));
     // Accepted: the next hit returns from the signal handler through the probed
@@ -69,7 +70,8 @@ fn child_probe_on_vsyscall() {
     if !is_child() {
         return;
     }
-    let r = Probe::builder().address(VSYSCALL).pre(count).register();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let r = unsafe { Probe::builder().address(VSYSCALL) }.pre(count).register();
     report("register", format!("{:?}", r.as_ref().map(|_| ())));
     report("refused", matches!(r, Err(Error::NotReadable { addr } | Error::NotExecutable { addr }) if addr == VSYSCALL));
 }

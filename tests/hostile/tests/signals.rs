@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-fn count(_: &mut PtRegs) {
+fn count(_: &PtRegs) {
     HITS.fetch_add(1, Ordering::Relaxed);
 }
 

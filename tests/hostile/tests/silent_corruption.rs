@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-fn count(_: &mut PtRegs) {
+fn count(_: &PtRegs) {
     HITS.fetch_add(1, Ordering::Relaxed);
 }
 
 static RETURNED: AtomicU64 = AtomicU64::new(0);
 
-fn see_return(r: &mut PtRegs, _: &mut ()) {
+fn see_return(r: &PtRegs, _: &mut ()) {
     RETURNED.store(r.return_value(), Ordering::Relaxed);
 }
 
@@ -88,7 +88,8 @@ fn child_stale_probe_enable_over_new_library() {
     let (a, a_fn) = load_twin(a_path);
     let a_addr = a_fn as usize;
     assert_eq!(black_box(a_fn)(), TWIN_A_VALUE);
-    let p = Probe::builder().address(a_addr).pre(count).register().expect("probe A's function");
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let p = unsafe { Probe::builder().address(a_addr) }.pre(count).register().expect("probe A's function");
     assert_eq!(black_box(a_fn)(), TWIN_A_VALUE);
     assert_eq!(p.nhit(), 1, "the probe on A fires");
     p.disable().expect("disable while A is loaded");
@@ -196,7 +197,8 @@ fn child_sizeless_inside_instruction() {
     }
     let f = sizeless();
     let start = f as usize;
-    let r = Probe::builder().address(start + 2).pre(count).register();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let r = unsafe { Probe::builder().address(start + 2) }.pre(count).register();
     report("register", format!("{r:?}"));
     let verdict = match &r {
         Err(Error::NotInstructionBoundary { function, .. }) if *function == start => "refused",
@@ -239,7 +241,8 @@ fn child_sizeless_return_probe_not_entry() {
     }
     let f = sizeless();
     let start = f as usize;
-    let r = ReturnProbe::builder().address(start + NOT_ENTRY).handler(see_return).register();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let r = unsafe { ReturnProbe::builder().address(start + NOT_ENTRY) }.handler(see_return).register();
     report("register", format!("{r:?}"));
     let verdict = match &r {
         Err(Error::NotFunctionEntry { .. } | Error::NotInstructionBoundary { .. } | Error::NoKnownStart { .. }) => "refused",
@@ -271,12 +274,14 @@ fn child_sizeless_entry_still_works() {
         return;
     }
     let f = sizeless();
-    let p = Probe::builder().address(f as usize).pre(count).register();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let p = unsafe { Probe::builder().address(f as usize) }.pre(count).register();
     report("probe", format!("{:?}", p.as_ref().map(|_| ())));
     report("probe_value", format!("{:#x}", black_box(f)()));
     report("probe_nhit", HITS.load(Ordering::Relaxed));
     drop(p);
-    let r = ReturnProbe::builder().address(f as usize).handler(see_return).register();
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let r = unsafe { ReturnProbe::builder().address(f as usize) }.handler(see_return).register();
     report("retprobe", format!("{:?}", r.as_ref().map(|_| ())));
     report("retprobe_value", format!("{:#x}", black_box(f)()));
     report("retprobe_seen", format!("{:#x}", RETURNED.load(Ordering::Relaxed)));

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-fn count(_: &mut PtRegs) {
+fn count(_: &PtRegs) {
     HITS.fetch_add(1, Ordering::Relaxed);
 }
 

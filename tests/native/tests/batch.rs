@@ -28,7 +28,7 @@ fn traced_b(x: u64) -> u64 {
 
 static HANDLED: AtomicU64 = AtomicU64::new(0);
 
-fn count(_r: &mut PtRegs) {
+fn count(_r: &PtRegs) {
     HANDLED.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -70,7 +70,8 @@ fn a_bad_member_leaves_nothing_armed_and_no_text_changed() {
     let listed = probekit::list().0.len();
     let heap = Box::new(0u64);
     let mut batch = builders();
-    batch.insert(3, Probe::builder().address(&*heap as *const u64 as usize).pre(count));
+    // SAFETY: heap memory, which registration refuses before writing anything.
+    batch.insert(3, unsafe { Probe::builder().address(&*heap as *const u64 as usize) }.pre(count));
     let err = register_batch(batch).unwrap_err();
     assert_eq!(err.index, 3, "{err}");
     assert!(matches!(err.error, probekit::Error::NotExecutable { .. }), "{err}");
@@ -119,7 +120,7 @@ fn batches_come_and_go_while_threads_call_the_targets() {
 
 static RETURNED: AtomicU64 = AtomicU64::new(0);
 
-fn count_return(r: &mut PtRegs, calls: &mut u64) {
+fn count_return(r: &PtRegs, calls: &mut u64) {
     *calls += 1;
     RETURNED.fetch_add(r.return_value(), Ordering::Relaxed);
 }
@@ -145,7 +146,8 @@ fn return_probes_register_in_batches_all_or_nothing() {
     // A return probe that is not on a function entry: refused, and nothing of the
     // members before it stays.
     let mut batch = mixed();
-    batch.push(ReturnProbe::builder().address(plain_b as fn(u64) -> u64 as usize + 1).handler(|_, _| {}).into());
+    // SAFETY: an instruction of `plain_b` (refused: not its entry).
+    batch.push(unsafe { ReturnProbe::builder().address(plain_b as fn(u64) -> u64 as usize + 1) }.handler(|_, _| {}).into());
     let err = register_batch(batch).unwrap_err();
     assert_eq!(err.index, 4, "{err}");
     assert!(matches!(err.error, probekit::Error::NotFunctionEntry { .. } | probekit::Error::NotInstructionBoundary { .. }), "{err}");

@@ -21,7 +21,7 @@ fn serial() -> MutexGuard<'static, ()> {
 /// The arguments the pre handler saw last: `a << 32 | b`.
 static SEEN: AtomicU64 = AtomicU64::new(0);
 
-fn see_args(r: &mut PtRegs) {
+fn see_args(r: &PtRegs) {
     let (a, b) = (r.arg(0).unwrap_or(0) & 0xffff_ffff, r.arg(1).unwrap_or(0) & 0xffff_ffff);
     SEEN.store(a << 32 | b, Ordering::Relaxed);
 }
@@ -103,7 +103,8 @@ fn a_probe_in_an_unloaded_library_lists_as_gone_and_drops_safely() {
     let _s = serial();
     let lib = load();
     let addr = lib.add as usize;
-    let p = Probe::builder().address(addr).pre(see_args).register().expect("probe the library");
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let p = unsafe { Probe::builder().address(addr) }.pre(see_args).register().expect("probe the library");
     assert_eq!(std::hint::black_box(lib.add)(2, 3), 5);
     assert_eq!(p.nhit(), 1);
     assert_eq!(SEEN.load(Ordering::Relaxed), 2 << 32 | 3, "the handler saw the arguments");
@@ -157,7 +158,8 @@ fn unregistering_a_gone_probe_retires_it() {
     let _s = serial();
     let lib = load();
     let addr = lib.add as usize;
-    let p = Probe::builder().address(addr).pre(see_args).register().expect("probe the library");
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let p = unsafe { Probe::builder().address(addr) }.pre(see_args).register().expect("probe the library");
     unload(lib);
     let r = p.unregister();
     assert_eq!(r, Ok(()), "unregistering a gone probe");
@@ -172,12 +174,14 @@ fn a_reloaded_library_can_be_probed_again() {
     let _s = serial();
     let lib = load();
     let first = lib.add as usize;
-    let p = Probe::builder().address(first).pre(see_args).register().expect("probe the library");
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let p = unsafe { Probe::builder().address(first) }.pre(see_args).register().expect("probe the library");
     unload(lib);
     drop(p);
     let lib = load();
     let again = lib.add as usize;
-    let p = Probe::builder().address(again).pre(see_args).register().expect("probe the reloaded library");
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let p = unsafe { Probe::builder().address(again) }.pre(see_args).register().expect("probe the reloaded library");
     let r = std::hint::black_box(lib.add)(5, 6);
     let hits = p.nhit();
     drop(p);
@@ -193,7 +197,8 @@ fn a_gone_probe_writes_nothing_into_a_later_mapping() {
     let _s = serial();
     let lib = load();
     let addr = lib.add as usize;
-    let p = Probe::builder().address(addr).pre(see_args).register().expect("probe the library");
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let p = unsafe { Probe::builder().address(addr) }.pre(see_args).register().expect("probe the library");
     unload(lib);
     // SAFETY: sysconf has no preconditions.
     let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;

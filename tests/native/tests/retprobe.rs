@@ -49,15 +49,15 @@ extern "C" fn big(a: u64) -> Big {
 static RET_SEEN: AtomicU64 = AtomicU64::new(0);
 static F64_SEEN: AtomicU64 = AtomicU64::new(0);
 
-fn see_ret(regs: &mut PtRegs, _: &mut ()) {
+fn see_ret(regs: &PtRegs, _: &mut ()) {
     RET_SEEN.store(regs.return_value(), Ordering::Relaxed);
 }
 
-fn see_f64(regs: &mut PtRegs, _: &mut ()) {
+fn see_f64(regs: &PtRegs, _: &mut ()) {
     F64_SEEN.store(regs.fp_return().map_or(0, |v| v.as_f64().to_bits()), Ordering::Relaxed);
 }
 
-fn noop(_: &mut PtRegs, _: &mut ()) {}
+fn noop(_: &PtRegs, _: &mut ()) {}
 
 #[test]
 fn return_values_reach_the_caller_unchanged() {
@@ -93,7 +93,8 @@ fn plus_one(regs: &mut PtRegs, _: &mut ()) {
 
 #[test]
 fn a_handler_changes_what_the_caller_sees() {
-    let p = ReturnProbe::builder().function(triple as fn(u64) -> u64).handler(plus_one).register().unwrap();
+    // SAFETY: `triple` returns a `u64`: any value is one.
+    let p = unsafe { ReturnProbe::builder().function(triple as fn(u64) -> u64).handler_mut(plus_one) }.register().unwrap();
     assert_eq!(triple(5), 16);
     p.disable().unwrap();
     assert_eq!(triple(5), 15);
@@ -114,7 +115,7 @@ fn depth(n: u64) -> u64 {
 
 static DEPTH_RETURNS: AtomicU64 = AtomicU64::new(0);
 
-fn count_depth(_: &mut PtRegs, _: &mut ()) {
+fn count_depth(_: &PtRegs, _: &mut ()) {
     DEPTH_RETURNS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -150,7 +151,7 @@ fn skip_odd(regs: &mut PtRegs, d: &mut Arg) -> Entry {
 static DATA_SEEN: AtomicU64 = AtomicU64::new(0);
 static DATA_CALLS: AtomicU64 = AtomicU64::new(0);
 
-fn check_data(regs: &mut PtRegs, d: &mut Arg) {
+fn check_data(regs: &PtRegs, d: &mut Arg) {
     // The argument recorded at the entry, next to the result at the return.
     DATA_SEEN.store(d.0 * 1000 + regs.return_value(), Ordering::Relaxed);
     DATA_CALLS.fetch_add(1, Ordering::Relaxed);
@@ -158,7 +159,9 @@ fn check_data(regs: &mut PtRegs, d: &mut Arg) {
 
 #[test]
 fn entry_handler_skips_overrides_and_passes_data() {
-    let p = ReturnProbe::builder().function(scaled as fn(u64) -> u64).data::<Arg>().entry_handler(skip_odd).handler(check_data).register().unwrap();
+    // SAFETY: `scaled` returns a `u64` and has no effect to skip.
+    let p =
+        unsafe { ReturnProbe::builder().function(scaled as fn(u64) -> u64).data::<Arg>().entry_handler_mut(skip_odd) }.handler(check_data).register().unwrap();
     assert_eq!(scaled(4), 40);
     assert_eq!((DATA_SEEN.load(Ordering::Relaxed), DATA_CALLS.load(Ordering::Relaxed)), (4040, 1));
     assert_eq!(scaled(5), 50, "skipped: the function ran, the return handler did not");
@@ -242,7 +245,7 @@ fn caller_of_handler_trace() -> u64 {
 static HANDLER_FRAMES: AtomicUsize = AtomicUsize::new(0);
 static HANDLER_SAW_CALLER: AtomicUsize = AtomicUsize::new(0);
 
-fn walk_in_handler(_: &mut PtRegs, _: &mut ()) {
+fn walk_in_handler(_: &PtRegs, _: &mut ()) {
     // No allocation here: the raw walk, with symbols resolved without allocating.
     let mut frames = 0;
     let target = caller_of_handler_trace as fn() -> u64 as usize;
@@ -343,10 +346,10 @@ fn threads_and_register_unregister_rounds_return_right() {
 #[test]
 fn bad_targets_are_refused() {
     let inside = add as fn(u64, u64) -> u64 as usize + 1;
-    let e = ReturnProbe::builder().address(inside).handler(noop).register().unwrap_err();
+    // SAFETY: an instruction of `add` (refused: not its entry).
+    let e = unsafe { ReturnProbe::builder().address(inside) }.handler(noop).register().unwrap_err();
     assert!(matches!(e, Error::NotFunctionEntry { addr, .. } if addr == inside), "{e:?}");
-    let e = ReturnProbe::builder().function(add as fn(u64, u64) -> u64).handler(noop).data::<u64>().register().unwrap_err();
-    assert_eq!(e, Error::HandlersBeforeData);
+    // `.data::<T>()` after a handler does not compile (tests/ui).
     let e = ReturnProbe::builder().symbol("probekit_no_such_function").register().unwrap_err();
     assert!(matches!(e, Error::SymbolNotFound { .. }), "{e:?}");
 }
@@ -376,7 +379,8 @@ fn by_rust_path(a: u64) -> u64 {
 
 #[test]
 fn a_rust_function_is_found_by_its_path() {
-    let p = ReturnProbe::builder().symbol("retprobe::by_rust_path").handler(plus_one).register().unwrap();
+    // SAFETY: `by_rust_path` returns a `u64`: any value is one.
+    let p = unsafe { ReturnProbe::builder().symbol("retprobe::by_rust_path").handler_mut(plus_one) }.register().unwrap();
     assert_eq!(p.address(), by_rust_path as fn(u64) -> u64 as usize);
     assert_eq!(by_rust_path(2), 11);
 }

@@ -37,7 +37,7 @@ fn seed(a: u64) -> u64 {
 
 static SEEN: AtomicU64 = AtomicU64::new(0);
 
-fn see_arg(regs: &mut PtRegs) {
+fn see_arg(regs: &PtRegs) {
     SEEN.store(regs.arg(0).unwrap_or(0), Ordering::Relaxed);
 }
 
@@ -79,7 +79,8 @@ fn inside_the_site_is_refused() {
     #[cfg(target_arch = "aarch64")]
     let offsets = [4usize].into_iter();
     for off in offsets {
-        let e = Probe::builder().address(site + off).pre(see_arg).register().unwrap_err();
+        // SAFETY: the address is an instruction of this test's code, not data.
+        let e = unsafe { Probe::builder().address(site + off) }.pre(see_arg).register().unwrap_err();
         assert!(matches!(&e, Error::InsideSite { addr, site: s, function } if *addr == site + off && *s == site && function.ends_with("::inside")), "{e}");
         // Also counted from the function the program calls.
         let e = Probe::builder().function(inside as fn(u64) -> u64).offset(off).pre(see_arg).register().unwrap_err();
@@ -121,7 +122,8 @@ fn arguments_survive_a_handler_that_does_float_math_and_its_changes_reach_the_fu
     let args = (1, 2, 3, 4, 5, 6, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5);
     let call = || many(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10, args.11, args.12, args.13);
     let unprobed = call();
-    let p = Probe::builder().address(many as *const () as usize).pre(float_math).register().unwrap();
+    // SAFETY: `many`'s first instruction; `many` is correct with any first argument.
+    let p = unsafe { Probe::builder().address(many as *const () as usize).pre_mut(float_math) }.register().unwrap();
     assert_eq!(call(), unprobed + 1000.0, "FP arguments intact, the changed first argument arrived");
     assert_ne!(FLOAT_WORK.load(Ordering::Relaxed), 0);
     assert_eq!(p.nhit(), 1);
@@ -134,7 +136,7 @@ fn hammered(a: u64) -> u64 {
 
 static HAMMER_HITS: AtomicU64 = AtomicU64::new(0);
 
-fn count(_: &mut PtRegs) {
+fn count(_: &PtRegs) {
     HAMMER_HITS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -166,7 +168,7 @@ fn divide(a: u64, b: u64) -> u64 {
 
 static RETURNED: AtomicU64 = AtomicU64::new(0);
 
-fn on_return(regs: &mut PtRegs, _: &mut ()) {
+fn on_return(regs: &PtRegs, _: &mut ()) {
     RETURNED.store(regs.return_value(), Ordering::Relaxed);
 }
 
@@ -181,7 +183,8 @@ fn refuse_zero(regs: &mut PtRegs, _: &mut ()) -> Entry {
 #[test]
 fn return_probes_and_overrides_ride_the_site() {
     let f = divide as fn(u64, u64) -> u64;
-    let p = ReturnProbe::builder().function(f).entry_handler(refuse_zero).handler(on_return).register().unwrap();
+    // SAFETY: `divide` returns a `u64`, any value of which its callers here accept.
+    let p = unsafe { ReturnProbe::builder().function(f).entry_handler_mut(refuse_zero) }.handler(on_return).register().unwrap();
     let line = listed(p.address()).expect("listed");
     assert!(line.contains("  r  ") && line.ends_with("[SITE]"), "{line}");
     assert_eq!(divide(42, 6), 7);
@@ -210,13 +213,13 @@ fn first(regs: &mut PtRegs) {
     }
 }
 
-fn second(regs: &mut PtRegs) {
+fn second(regs: &PtRegs) {
     // Runs after the first, and sees its change.
     let digit = if regs.arg(0) == Some(10) { 2 } else { 9 };
     ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + digit, Ordering::Relaxed);
 }
 
-fn third(_: &mut PtRegs) {
+fn third(_: &PtRegs) {
     ORDER.store(ORDER.load(Ordering::Relaxed) * 10 + 3, Ordering::Relaxed);
 }
 
@@ -231,7 +234,8 @@ fn order_of_call() -> (u64, u64) {
 fn probes_on_one_site_share_it_in_registration_order() {
     let f = shared_site as fn(u64) -> u64;
     let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::shared_site")).expect("listed").site;
-    let a = Probe::builder().function(f).pre(first).register().unwrap();
+    // SAFETY: `shared_site` is correct with any argument.
+    let a = unsafe { Probe::builder().function(f).pre_mut(first) }.register().unwrap();
     let b = Probe::builder().function(f).pre(second).register().unwrap();
     let c = Probe::builder().function(f).pre(third).register().unwrap();
     assert_eq!(order_of_call(), (110, 123), "registration order; the first handler's change reached the others and the function");
@@ -275,11 +279,11 @@ fn on_reused(regs: &PtRegs, which: usize) {
     }
 }
 
-fn on_reused_a(regs: &mut PtRegs) {
+fn on_reused_a(regs: &PtRegs) {
     on_reused(regs, 0);
 }
 
-fn on_reused_b(regs: &mut PtRegs) {
+fn on_reused_b(regs: &PtRegs) {
     on_reused(regs, 1);
 }
 
@@ -302,7 +306,7 @@ fn site_records_are_reused_after_grace_periods() {
     let registrations = 19 * probekit::probe::RECLAIM_BATCH;
     let mut counted = 0;
     for round in 0..registrations / 2 {
-        let (f, h): (fn(u64) -> u64, fn(&mut PtRegs)) = if round % 2 == 0 { (reused_a, on_reused_a) } else { (reused_b, on_reused_b) };
+        let (f, h): (fn(u64) -> u64, fn(&PtRegs)) = if round % 2 == 0 { (reused_a, on_reused_a) } else { (reused_b, on_reused_b) };
         let p = Probe::builder().function(f).pre(h).register().unwrap_or_else(|e| panic!("round {round}: {e}"));
         let q = Probe::builder().function(f).pre(h).register().unwrap_or_else(|e| panic!("round {round}: {e}"));
         std::thread::yield_now();
@@ -353,7 +357,7 @@ fn double_k(regs: &mut PtRegs) {
 
 static SCALED: AtomicU64 = AtomicU64::new(0);
 
-fn on_scaled(regs: &mut PtRegs, _: &mut ()) {
+fn on_scaled(regs: &PtRegs, _: &mut ()) {
     SCALED.store(regs.return_value(), Ordering::Relaxed);
 }
 
@@ -365,7 +369,8 @@ fn trait_methods_ride_their_sites() {
     let f = <Factor as Scale>::scaled as fn(&'static Factor, u64) -> u64;
     let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::<Factor as Scale>::scaled")).expect("listed");
     assert_eq!(site.function, f as usize);
-    let p = Probe::builder().function(f).pre(double_k).register().unwrap();
+    // SAFETY: `scaled` is correct with any `k`.
+    let p = unsafe { Probe::builder().function(f).pre_mut(double_k) }.register().unwrap();
     assert_eq!(p.address(), site.site, "the probe is on the site");
     assert!(listed(site.site).expect("listed").ends_with("[SITE]"));
     assert_eq!(Factor(3).scaled(5), 30, "the handler doubled k");

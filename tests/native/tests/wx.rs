@@ -21,11 +21,11 @@ fn wx_traced(x: u64) -> u64 {
 
 static HITS: AtomicU64 = AtomicU64::new(0);
 
-fn count(_: &mut PtRegs) {
+fn count(_: &PtRegs) {
     HITS.fetch_add(1, Ordering::Relaxed);
 }
 
-fn count_return(_: &mut PtRegs, _: &mut ()) {
+fn count_return(_: &PtRegs, _: &mut ()) {
     HITS.fetch_add(1, Ordering::Relaxed);
 }
 

@@ -129,7 +129,7 @@ pub fn stray_hits() -> u64 {
 
 /// A pre handler: counts the hit at its pc. Async-signal-safe (a lock-free read of an
 /// initialised `OnceLock`, a binary search, atomics).
-pub fn count_hit(regs: &mut PtRegs) {
+pub fn count_hit(regs: &PtRegs) {
     let pc = regs.instruction_pointer() as usize;
     match HITS.get().and_then(|t| t.addrs.binary_search(&pc).ok().map(|i| &t.hits[i])) {
         Some(h) => h.fetch_add(1, Ordering::Relaxed),
@@ -139,7 +139,7 @@ pub fn count_hit(regs: &mut PtRegs) {
 
 /// A return handler: counts the return and checks that the value is one a generated
 /// plain function returns.
-pub fn count_return(regs: &mut PtRegs, _: &mut ()) {
+pub fn count_return(regs: &PtRegs, _: &mut ()) {
     RETURNS.fetch_add(1, Ordering::Relaxed);
     let v = regs.return_value();
     if !(u64::from(BP_BASE)..u64::from(BP_BASE) + BP_FUNCTIONS as u64).contains(&v) {

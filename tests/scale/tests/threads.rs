@@ -53,7 +53,7 @@ fn child_two_thousand_threads() {
 /// Hits of the probes registered and unregistered during the rounds.
 static CHURN_HITS: AtomicU64 = AtomicU64::new(0);
 
-fn churn(_: &mut PtRegs) {
+fn churn(_: &PtRegs) {
     CHURN_HITS.fetch_add(1, Ordering::Relaxed);
 }
 

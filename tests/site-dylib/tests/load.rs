@@ -92,7 +92,8 @@ fn sites_of_a_library_loaded_at_run_time() {
 
     // A probe on the library's site, from this executable's runtime: the library is
     // usually mapped too far from the trampoline for a direct call, so through a veneer.
-    let probe = probekit::Probe::builder().address(add_site.site).pre(count).register().expect("probe the library's site");
+    // SAFETY: the address is an instruction of this test's code, not data.
+    let probe = unsafe { probekit::Probe::builder().address(add_site.site) }.pre(count).register().expect("probe the library's site");
     assert_eq!(add(20, 22), 42);
     assert_eq!(probe.nhit(), 1);
     assert!(probekit::list().0.iter().any(|p| p.addr == add_site.site && p.site), "it rides the site");
@@ -110,7 +111,7 @@ fn sites_of_a_library_loaded_at_run_time() {
 
 static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn count(_: &mut probekit::PtRegs) {
+fn count(_: &probekit::PtRegs) {
     HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
