@@ -14,7 +14,7 @@
 //! `malloc` and the formatting machinery stay probeable.
 
 use crate::sys::code as text;
-use crate::sys::symbols::{demangled, Snapshot};
+use crate::sys::symbols::Snapshot;
 use std::collections::HashSet;
 
 /// A range of code probes must not touch.
@@ -112,7 +112,7 @@ fn find() -> Vec<Blacklisted> {
 fn visit(symbols: &Snapshot, t: usize, seen: &mut HashSet<usize>, todo: &mut Vec<usize>, out: &mut Vec<Blacklisted>) {
     let f = symbols.function_at(t);
     let start = f.as_ref().map_or(t, |f| f.addr);
-    if !seen.insert(start) || f.as_ref().is_some_and(|f| panic_path(&demangled(&f.name))) {
+    if !seen.insert(start) || f.as_ref().is_some_and(|f| panic_path(f.display_name())) {
         return;
     }
     let end = match &f {

@@ -10,6 +10,9 @@ pub enum Error {
     NoTarget,
     /// No function of that name in the process.
     SymbolNotFound { name: String },
+    /// The name is the end of several functions' Rust paths (`parse` for
+    /// `a::parse` and `b::parse`): give more of the path, one of the `candidates`.
+    AmbiguousSymbol { name: String, candidates: Vec<String> },
     /// The address is in no executable mapping of the process.
     NotExecutable { addr: usize },
     /// The bytes at the address do not decode as an instruction.
@@ -68,6 +71,9 @@ impl fmt::Display for Error {
         match self {
             Error::NoTarget => write!(f, "a probe needs a target: `.function(f)`, `.symbol(name)` or `.address(addr)`"),
             Error::SymbolNotFound { name } => write!(f, "no function `{name}` in the symbol tables of the process"),
+            Error::AmbiguousSymbol { name, candidates } => {
+                write!(f, "`{name}` names {} functions, give one of their paths: {}", candidates.len(), candidates.join(", "))
+            }
             Error::NotExecutable { addr } => write!(f, "{addr:#x} is not in an executable mapping"),
             Error::NotInstruction { addr } => write!(f, "{addr:#x} does not hold a valid instruction"),
             Error::NotInstructionBoundary { addr, function } => {

@@ -144,7 +144,13 @@ impl ProbeBuilder {
     }
 
     /// Probe a function of the process by name: of the executable or of a loaded shared
-    /// library (`getpid`), exported or not (ELF symbol tables through `/proc/self/maps`).
+    /// library, exported or not (ELF symbol tables through `/proc/self/maps`). The name
+    /// is a symbol (a C function, `getpid`; a mangled Rust symbol), a Rust path without
+    /// the hash as `std::any::type_name` spells it (`my_crate::parser::number`, generic
+    /// instances included), or the end of one (`number`, `parser::number`) when it
+    /// names one function of the process only: else [`Error::AmbiguousSymbol`] lists
+    /// the candidates. A name no symbol table has is looked up with `dlsym` (a library
+    /// opened later).
     /// An IFUNC symbol (glibc's `memcpy`, `strlen`, …) names the implementation the
     /// process calls (what `dlsym` returns), not its resolver.
     pub fn symbol(mut self, name: &str) -> Self {
@@ -412,9 +418,10 @@ pub(crate) fn resolve(name: &str) -> Result<usize, Error> {
         let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
         (!p.is_null()).then_some(p as usize)
     };
-    match crate::sys::symbols::function_named(name) {
-        Some(f) if !f.ifunc => Ok(f.addr),
-        _ => dlsym().ok_or_else(not_found),
+    match crate::sys::symbols::resolve_name(name) {
+        Ok(Some(f)) if !f.ifunc => Ok(f.addr),
+        Ok(_) => dlsym().ok_or_else(not_found),
+        Err(candidates) => Err(Error::AmbiguousSymbol { name: name.to_string(), candidates }),
     }
 }
 

@@ -2,7 +2,8 @@
 //! function pointers.
 
 use super::Skipped;
-use crate::sys::symbols::{demangled, Snapshot};
+use crate::sys::image::generated;
+use crate::sys::symbols::Snapshot;
 use crate::Error;
 use std::collections::HashSet;
 
@@ -18,12 +19,6 @@ pub(super) struct Choice {
 
 fn compile(globs: &[String]) -> Result<Vec<glob::Pattern>, Error> {
     globs.iter().map(|g| glob::Pattern::new(g).map_err(|e| Error::BadPattern { pattern: g.clone(), reason: e.msg.to_string() })).collect()
-}
-
-/// Whether a Rust path or symbol is one probekit generated for a `#[traceable]`
-/// function (its site or its body): the function itself is the one to attach to.
-fn generated(path: &str) -> bool {
-    path.rsplit("::").next().is_some_and(|last| last.starts_with("__probekit_"))
 }
 
 impl Choice {
@@ -42,7 +37,7 @@ impl Choice {
                 if f.label || self.object.as_ref().is_some_and(|o| !image.path.contains(o.as_str())) {
                     continue;
                 }
-                let path = demangled(&f.name);
+                let path = f.display_name().to_string();
                 let names = [path.as_str(), f.name.as_str()];
                 if generated(&path) || !names.iter().any(|n| patterns.iter().any(|p| p.matches(n))) || excluded(&names) {
                     continue;

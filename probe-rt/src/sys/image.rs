@@ -9,6 +9,12 @@ use crate::sys::maps::Image;
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 use std::sync::{Arc, Mutex};
 
+/// Whether a Rust path is one probekit generated for a `#[traceable]` function (its
+/// site or its body): the function itself is the one to name.
+pub(crate) fn generated(path: &str) -> bool {
+    path.rsplit("::").next().is_some_and(|last| last.starts_with("__probekit_"))
+}
+
 /// What an image's file says.
 #[derive(Default)]
 pub(crate) struct Parsed {
@@ -53,7 +59,12 @@ fn parse(image: &Image, file: std::fs::File) -> Parsed {
             };
             let ifunc = matches!(s.flags(), object::SymbolFlags::Elf { st_info, .. } if st_info & 0xf == STT_GNU_IFUNC);
             let (addr, size) = (bias.wrapping_add(s.address() as usize), s.size() as usize);
-            Some(Function { name: s.name().ok()?.to_string(), addr, size, ifunc, label })
+            let name = s.name().ok()?.to_string();
+            let path = match name.starts_with("_ZN") || name.starts_with("_R") {
+                true => format!("{:#}", rustc_demangle::demangle(&name)),
+                false => String::new(),
+            };
+            Some(Function { name, path, addr, size, ifunc, label })
         })
         .collect();
     functions.sort_by_key(|f| f.addr); // for the binary searches of `symbols`
@@ -65,6 +76,9 @@ fn parse(image: &Image, file: std::fs::File) -> Parsed {
 pub(crate) struct Function {
     /// Its symbol name (mangled).
     pub(crate) name: String,
+    /// A Rust symbol's path, demangled without the hash (`my_crate::parse`); empty for
+    /// other symbols. Demangled once, when the image is read.
+    pub(crate) path: String,
     /// Its first byte.
     pub(crate) addr: usize,
     /// Its size in bytes (0: unknown, as for hand-written asm without `.size`).
@@ -78,6 +92,15 @@ pub(crate) struct Function {
 }
 
 impl Function {
+    /// Its name as people write it: the Rust path, or the symbol.
+    pub(crate) fn display_name(&self) -> &str {
+        if self.path.is_empty() {
+            &self.name
+        } else {
+            &self.path
+        }
+    }
+
     /// Whether `addr` is inside it (a sizeless function holds its first byte only).
     pub(crate) fn holds(&self, addr: usize) -> bool {
         (self.addr..self.addr + self.size.max(1)).contains(&addr)

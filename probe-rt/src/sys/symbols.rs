@@ -40,10 +40,35 @@ impl Snapshot {
     }
 
     /// The function named `name` (the executable first, then the libraries): its
-    /// symbol name, or for Rust a demangled path without the hash (`my_crate::parse`).
+    /// symbol name (a C symbol, a mangled Rust one), a Rust path without the hash
+    /// (`my_crate::parse::number`), or the end of one (`number`, `parse::number`) when
+    /// it names one function of the process only. `Err` with the candidates (their
+    /// paths, sorted) when it names several.
+    pub(crate) fn resolve_name(&self, name: &str) -> Result<Option<Function>, Vec<String>> {
+        let all = || self.images.iter().flat_map(|(_, p)| p.functions.iter()).filter(|f| !f.label);
+        if let Some(f) = all().find(|f| f.name == name).or_else(|| all().find(|f| f.path == name)) {
+            return Ok(Some(f.clone()));
+        }
+        let suffix = format!("::{name}");
+        let mut found: Vec<&Function> = all().filter(|f| f.path.ends_with(&suffix) && !super::image::generated(&f.path)).collect();
+        // Aliases of one function (and one function listed in .symtab and .dynsym) are one.
+        found.sort_by_key(|f| f.addr);
+        found.dedup_by_key(|f| f.addr);
+        match found.as_slice() {
+            [] => Ok(None),
+            [f] => Ok(Some((*f).clone())),
+            many => {
+                let mut names: Vec<String> = many.iter().map(|f| f.path.clone()).collect();
+                names.sort();
+                names.dedup();
+                Err(names)
+            }
+        }
+    }
+
+    /// [`Self::resolve_name`], an ambiguous name counting as not found.
     pub(crate) fn function_named(&self, name: &str) -> Option<Function> {
-        let find = |matches: &dyn Fn(&str) -> bool| self.images.iter().find_map(|(_, p)| p.functions.iter().find(|f| matches(&f.name)).cloned());
-        find(&|n| n == name).or_else(|| find(&|n| (n.starts_with("_ZN") || n.starts_with("_R")) && demangled(n) == name))
+        self.resolve_name(name).ok().flatten()
     }
 
     /// Every function symbol of every image, with its image.
@@ -80,14 +105,9 @@ impl Snapshot {
     }
 }
 
-/// [`Snapshot::function_named`] of the images mapped now.
-pub(crate) fn function_named(name: &str) -> Option<Function> {
-    Snapshot::now().function_named(name)
-}
-
-/// A symbol name as people write it: Rust paths demangled without the hash.
-pub(crate) fn demangled(name: &str) -> String {
-    format!("{:#}", rustc_demangle::demangle(name))
+/// [`Snapshot::resolve_name`] of the images mapped now.
+pub(crate) fn resolve_name(name: &str) -> Result<Option<Function>, Vec<String>> {
+    Snapshot::now().resolve_name(name)
 }
 
 /// [`Snapshot::function_at`] of the images mapped now.
@@ -102,5 +122,5 @@ pub(crate) fn known_start(addr: usize) -> Option<Function> {
 
 /// The function containing `addr` (demangled) and the offset into it.
 pub(crate) fn symbol_of(addr: usize) -> Option<(String, usize)> {
-    function_at(addr).map(|f| (demangled(&f.name), addr - f.addr))
+    function_at(addr).map(|f| (f.display_name().to_string(), addr - f.addr))
 }
