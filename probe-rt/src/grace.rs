@@ -311,6 +311,12 @@ fn threads_to_sample() -> Vec<i32> {
     all.into_iter().filter(|t| *t != me).collect()
 }
 
+/// What the table holds now (`__private::thread_table`).
+pub(crate) fn table_state() -> crate::__private::ThreadTable {
+    let taken = THREADS.iter().filter(|t| t.load(Ordering::Relaxed) != 0).count();
+    crate::__private::ThreadTable { entries: MAX_THREADS, taken, fallback: OVERFLOW.load(Ordering::Relaxed) }
+}
+
 /// The code of the hit paths, outside the bookkeeping that tells a sample the thread
 /// is inside one: given by the crate's top layer (which knows every mechanism's entry
 /// points) through [`set_hit_path`], so that this layer depends on none of them.
