@@ -327,7 +327,7 @@ fn take_entry(tid: i32) -> Option<usize> {
     if n > 0 {
         let start = SWEEP.fetch_add(LOOK, Ordering::Relaxed);
         for k in 0..LOOK.min(n) {
-            let i = (start + k) % n;
+            let i = start.wrapping_add(k) % n;
             if entry(i).is_some_and(|e| e.take(tid)) {
                 return Some(i);
             }
@@ -447,10 +447,13 @@ extern "C" fn on_sample(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let (info, uc) = unsafe { (&*info, &*(ctx as *const libc::ucontext_t)) };
     // SAFETY: si_pid and si_value are valid for SI_QUEUE (checked first).
     let named = (info.si_code == libc::SI_QUEUE && unsafe { info.si_pid() } == getpid()).then(|| unsafe { info.si_value() }.sival_ptr as usize);
-    let (tid, own) = with_thread(|t| (t.tid(), t.index.get().wrapping_sub(1) as usize));
+    // The thread-local read directly, not through `with_thread`: every instance of that
+    // is the hit path's (the blacklist's tests find it by name).
+    let (tid, own, inside) = THREAD.with(|t| {
+        // Inside the SIGTRAP handler (`depth`), or in a site's hit path (`active`).
+        (t.tid(), t.index.get().wrapping_sub(1) as usize, t.depth.get() + t.active.get() as u32)
+    });
     let pc = regs::pc(uc) as usize;
-    // Inside the SIGTRAP handler (`depth`), or in a site's hit path (`active`).
-    let inside = with_thread(|t| t.depth.get() + t.active.get() as u32);
     // The entry the sample names, and this thread's own (the sample may have lost its
     // information: see the module docs). Anything else was not a sample: SIGURG's
     // default action is to ignore it.
@@ -715,7 +718,7 @@ pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
 /// In a child made by `fork`: the forking thread got a new id, so its entry (the
 /// parent's id) no longer reaches it; it records itself again at its next hit.
 extern "C" fn after_fork_in_child() {
-    with_thread(|t| {
+    THREAD.with(|t| {
         t.tid.set(0);
         t.index.set(0);
     });
@@ -822,6 +825,27 @@ mod tests {
         assert!(answered != 0 && answered as u32 as i32 == tid, "thread {tid} answered in entry {index}: {answered:#x}");
         drop(stop);
         h.join().expect("the thread");
+    }
+
+    /// A child made by `fork` runs the forking thread under a new id: its cached id
+    /// and entry (the parent's id) are dropped, so that it records itself again.
+    #[test]
+    fn a_forked_child_forgets_the_forking_threads_id_and_entry() {
+        let (tid, index) = with_thread(|t| (t.tid(), t.index()));
+        assert!(tid == gettid() && index.is_some(), "recorded: {tid}, {index:?}");
+        // SAFETY: the child runs only raw system calls and thread-local reads (no
+        // allocation, no locks another thread of this process could hold), then _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let ok = with_thread(|t| t.index.get() == 0 && t.tid.get() == 0 && t.tid() == gettid() && t.tid() != tid);
+            // SAFETY: ends the child at once, without running the parent's destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child, into a local.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child saw the parent's id or entry (status {status:#x})");
     }
 
     /// Once a thread found no entry, a grace period lists every thread of the process
