@@ -36,3 +36,4 @@ for example in quickstart funclatency fault_injection; do
     /usr/bin/cargo run --target aarch64-unknown-linux-gnu --example "$example"
 done
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench hit -- --test
+/usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench grace -- --test
