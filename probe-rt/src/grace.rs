@@ -51,17 +51,18 @@
 //! `rt_tgsigqueueinfo` and carries the index of the entry it asks through, which also
 //! reaches a thread that is not that entry's owner but got its id (the entry of an
 //! exited thread not taken back yet), or that has no entry yet. The handler answers
-//! into that entry, or into its own if the signal's information was lost (the kernel
-//! drops it for a non-real-time signal past `RLIMIT_SIGPENDING`), and only if the
-//! entry's current request names its own thread id: a request left over from an
-//! earlier grace period is never answered for another thread. A thread found inside a
+//! into that entry, or into its own if the signal carries none (its information was
+//! lost: the kernel drops it for a non-real-time signal past `RLIMIT_SIGPENDING`; or
+//! it was sent with `tgkill`, the fallback where `rt_tgsigqueueinfo` is refused), and
+//! only if the entry's current request names its own thread id: a request left over
+//! from an earlier grace period is never answered for another thread. A thread found inside a
 //! hit path or a busy range is asked again, 50 µs later, until it is out (for up to one
-//! second). A thread that answers nothing for 100 ms ([`ANSWER`]) while nothing else
-//! answers either makes the grace period fail, unless the kernel no longer finds it (it
-//! was exiting when asked: `Gone`, as is a thread the signal cannot reach at all). The
-//! budget is overall, not per thread: a grace period with thousands of threads takes
-//! about as long as it takes them all to be scheduled once, and one with a silent
-//! thread 100 ms more.
+//! second). A thread the kernel no longer finds has exited (`Gone`): its entry is
+//! freed. A thread that answers nothing for 100 ms ([`ANSWER`]) while nothing else
+//! answers either makes the grace period fail, unless by then it is gone too (it was
+//! exiting when asked). The budget is overall, not per thread: a grace period with
+//! thousands of threads takes about as long as it takes them all to be scheduled once,
+//! and one with a silent thread 100 ms more.
 //!
 //! Costs and limits: only registration runs a grace period, and only when it needs a
 //! record (see `probe`) or a return probe's stubs (see `retprobe::pool`). A sampled
@@ -533,15 +534,22 @@ impl Sampled {
         // SAFETY: rt_tgsigqueueinfo to a thread of this process, which reads the
         // 128-byte `info` (a live local of `siginfo_t`'s size); SI_QUEUE is a code a
         // process may send; the handler is installed.
-        let sent = unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid as libc::c_long, self.tid as libc::c_long, SIGNAL as libc::c_long, &info) };
-        if sent == 0 {
-            return Asked::Sent;
+        let mut sent = unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid as libc::c_long, self.tid as libc::c_long, SIGNAL as libc::c_long, &info) };
+        let error = || std::io::Error::last_os_error().raw_os_error();
+        if sent != 0 && error() != Some(libc::ESRCH) {
+            // Refused (a seccomp filter may allow tgkill only): the plain signal, which
+            // a thread answers in its own entry.
+            // SAFETY: tgkill to a thread of this process; the handler is installed.
+            sent = unsafe { libc::syscall(libc::SYS_tgkill, pid as libc::c_long, self.tid as libc::c_long, SIGNAL as libc::c_long) };
         }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
-            return Asked::Failed;
+        match sent {
+            0 => Asked::Sent,
+            _ if error() == Some(libc::ESRCH) => {
+                self.gone(entry);
+                Asked::Gone
+            }
+            _ => Asked::Failed,
         }
-        self.gone(entry);
-        Asked::Gone
     }
 
     /// The thread has exited: its entry is freed, unless it changed hands since the
@@ -619,15 +627,16 @@ fn busy_ranges(slots: &[(usize, usize)]) -> Vec<(usize, usize)> {
     busy
 }
 
+/// One grace period at a time: callers holding different locks (the registry's, the
+/// return-probe stub pool's) take turns, and a request in an entry is one grace
+/// period's. It holds the round of the last wave of requests.
+static SAMPLING: Mutex<u32> = Mutex::new(0);
+
 /// Whether every other thread is seen outside the SIGTRAP handler and outside the
 /// `slots` (and the code leading into them), so that nothing can still use probes
 /// disarmed before the call. Waits for threads that are inside (bounded): see the
 /// module docs, "Sampling in parallel".
 pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
-    // One grace period at a time: callers holding different locks (the registry's, the
-    // return-probe stub pool's) take turns, and a request in an entry is one grace
-    // period's.
-    static SAMPLING: Mutex<u32> = Mutex::new(0);
     let mut round = SAMPLING.lock().unwrap_or_else(|p| p.into_inner());
     if !install() || !still_installed() {
         return false;
@@ -824,6 +833,35 @@ mod tests {
         let answered = e.answered.load(Ordering::Acquire);
         assert!(answered != 0 && answered as u32 as i32 == tid, "thread {tid} answered in entry {index}: {answered:#x}");
         drop(stop);
+        h.join().expect("the thread");
+    }
+
+    /// A sample that carries no entry (sent with `tgkill`, or its information lost) is
+    /// answered in the thread's own entry.
+    #[test]
+    fn a_plain_signal_is_answered_in_the_threads_own_entry() {
+        let (tx, rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            tx.send((gettid(), with_thread(|t| t.index()))).expect("the test waits");
+            let _ = stop_rx.recv();
+        });
+        let (tid, index) = rx.recv().expect("the thread's id and entry");
+        let e = entry(index.expect("recorded")).expect("mapped");
+        // No grace period meanwhile: it would put its own request in the entry.
+        let _one = SAMPLING.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(install(), "the sampling handler is installed");
+        let ask = 0xffff_fff0 << 32 | u64::from(tid as u32);
+        e.ask.store(ask, Ordering::Release);
+        // SAFETY: tgkill to a thread of this process, whose SIGURG handler is installed.
+        assert_eq!(unsafe { libc::syscall(libc::SYS_tgkill, getpid() as libc::c_long, tid as libc::c_long, SIGNAL as libc::c_long) }, 0);
+        let start = Instant::now();
+        while e.answered.load(Ordering::Acquire) != ask {
+            assert!(start.elapsed() < Duration::from_secs(10), "no answer in 10 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(e.inside.load(Ordering::Relaxed), 0, "the thread was outside every hit path");
+        drop(stop_tx);
         h.join().expect("the thread");
     }
 
