@@ -43,7 +43,8 @@
 //! for a new chunk, inside a hit path, where nothing can wait or report) cannot be
 //! found through the table, so from then on a grace period also lists every thread of
 //! the process (`/proc/self/task`) and enters those the table lacks itself, outside
-//! any signal handler.
+//! any signal handler. Under qemu-user that list also holds qemu's own threads, which
+//! answer no guest signal: there, after such a failure, no grace period completes.
 //!
 //! # Sampling in parallel
 //! A grace period signals every thread of its snapshot first, then collects the
@@ -55,10 +56,10 @@
 //! lost: the kernel drops it for a non-real-time signal past `RLIMIT_SIGPENDING`; or
 //! it was sent with `tgkill`, the fallback where `rt_tgsigqueueinfo` is refused), and
 //! only if the entry's current request names its own thread id: a request left over
-//! from an earlier grace period is never answered for another thread. A thread found inside a
-//! hit path or a busy range is asked again, 50 µs later, until it is out (for up to one
-//! second). A thread the kernel no longer finds has exited (`Gone`): its entry is
-//! freed. A thread that answers nothing for 100 ms ([`ANSWER`]) while nothing else
+//! from an earlier grace period is never answered for another thread. A thread found
+//! inside a hit path or a busy range is asked again, 50 µs later, until it is out (for
+//! up to one second). A thread the kernel no longer finds has exited (`Gone`): its
+//! entry is freed. A thread that answers nothing for 100 ms ([`ANSWER`]) while nothing else
 //! answers either makes the grace period fail, unless by then it is gone too (it was
 //! exiting when asked). The budget is overall, not per thread: a grace period with
 //! thousands of threads takes about as long as it takes them all to be scheduled once,
