@@ -37,3 +37,4 @@ for example in quickstart funclatency fault_injection; do
 done
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench hit -- --test
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench attach -- --test
+/usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench grace -- --test

@@ -169,6 +169,30 @@ pub mod __private {
         }
     }
 
+    /// Runs one grace period now, with no retired slots (only the hit paths' own code
+    /// counts as busy), and says whether it completed: what every reuse of a record
+    /// waits for. For benches and tests of grace periods.
+    pub fn grace_period() -> bool {
+        crate::grace::quiescent(&[])
+    }
+
+    /// What the grace periods' thread table holds now (see [`thread_table`]).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ThreadTable {
+        /// Entries the table has room for without growing.
+        pub entries: usize,
+        /// Entries holding a thread id (threads that entered a hit path, and exited
+        /// threads whose entry was not taken back yet).
+        pub taken: usize,
+        /// A thread found no entry: grace periods sample every thread of the process.
+        pub fallback: bool,
+    }
+
+    /// The grace periods' thread table now. For tests of it.
+    pub fn thread_table() -> ThreadTable {
+        crate::grace::table_state()
+    }
+
     use core::sync::atomic::AtomicU64;
 
     /// Size of the `xsave` area the x86_64 `fp = full` routines allocate

@@ -64,11 +64,12 @@ const CHUNK_BITS: usize = 10;
 const CHUNK: usize = 1 << CHUNK_BITS;
 const MAX_CHUNKS: usize = 1 << 14;
 
-/// Site hits are counted per thread, for the first [`HIT_SHARDS`] threads that entered
-/// a hit path (see `grace::Thread::index`): each counter has one writer, so a hit
-/// costs a plain load and store instead of a locked add (the kernel's per-CPU
-/// `nhit`); a site probe's hit count is `nhit` plus its counters here. Later threads
-/// count with the locked add.
+/// Site hits are counted per thread, for the threads holding the first [`HIT_SHARDS`]
+/// entries of the grace periods' thread table (see `grace::Thread::index`): each
+/// counter has one writer at a time (an entry passes to another thread only once its
+/// owner has exited), so a hit costs a plain load and store instead of a locked add
+/// (the kernel's per-CPU `nhit`); a site probe's hit count is `nhit` plus its counters
+/// here. Other threads count with the locked add.
 pub(crate) const HIT_SHARDS: usize = 8;
 
 /// A chunk of records and their per-thread hit counters.
