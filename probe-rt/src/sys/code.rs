@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 /// Copies `len` bytes of this process's memory at `addr`, or None if any of them is
 /// not mapped readable *now*: through the kernel (`process_vm_readv`), so that code
 /// unmapped by another thread after a `/proc/self/maps` check (a racing `dlclose`)
-/// gives an error instead of a SIGSEGV. Where the call is missing (qemu-user), after a
-/// check of the mappings, by a plain copy.
+/// gives an error instead of a SIGSEGV. Where the call is missing (qemu-user), through
+/// a pipe, whose `write` fails with `EFAULT` on memory that is not readable: the same
+/// guarantee (qemu checks the guest's pages for every system call's buffers).
 pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
@@ -39,14 +40,45 @@ pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
     if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
         return None;
     }
-    let m = crate::sys::maps::mapping_of(addr)?;
-    if m.prot & libc::PROT_READ == 0 || addr.checked_add(len)? > m.end {
-        return None;
+    read_through_pipe(addr, &mut buf).then_some(buf)
+}
+
+/// Fills `buf` from this process's memory at `addr` through a pipe: the kernel copies
+/// (or refuses with `EFAULT`), never a load of ours that could fault. One pipe for the
+/// process, used under its lock; chunks of a page, well within a pipe's capacity.
+fn read_through_pipe(addr: usize, buf: &mut [u8]) -> bool {
+    static PIPE: std::sync::Mutex<Option<[libc::c_int; 2]>> = std::sync::Mutex::new(None);
+    let mut pipe = PIPE.lock().unwrap_or_else(|p| p.into_inner());
+    if pipe.is_none() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into `fds`, which has room for two.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return false;
+        }
+        *pipe = Some(fds);
     }
-    // SAFETY: the range lies in one readable mapping (checked just above); without
-    // process_vm_readv an unmapping racing this copy cannot be told from here.
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), len) };
-    Some(buf)
+    let Some([r, w]) = *pipe else { return false };
+    for (k, chunk) in buf.chunks_mut(4096).enumerate() {
+        let from = addr.wrapping_add(k * 4096);
+        // SAFETY: the kernel reads `chunk.len()` bytes at `from` for the pipe, checking
+        // every page (EFAULT, nothing read, if one is not readable); nothing of ours
+        // touches that memory.
+        let n = unsafe { libc::write(w, from as *const libc::c_void, chunk.len()) };
+        let mut got = 0;
+        while got < n.max(0) as usize {
+            // SAFETY: reads into the rest of `chunk`, memory we own, at most what the
+            // pipe holds (the write above).
+            let m = unsafe { libc::read(r, chunk[got..].as_mut_ptr().cast(), n as usize - got) };
+            if m <= 0 {
+                return false; // cannot happen: the bytes are in the pipe
+            }
+            got += m as usize;
+        }
+        if n != chunk.len() as isize {
+            return false; // a page of the range is not readable (the pipe is drained)
+        }
+    }
+    true
 }
 
 /// The page size.
@@ -286,5 +318,33 @@ pub(crate) fn sync_cores() {
     if SYNC_CORE.load(Ordering::Relaxed) {
         // SAFETY: membarrier has no memory-safety preconditions; registered above.
         unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pipe_reads_what_is_mapped_and_refuses_what_is_not() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut buf = vec![0u8; data.len()];
+        assert!(read_through_pipe(data.as_ptr() as usize, &mut buf));
+        assert_eq!(buf, data);
+        // A page mapped, then unmapped: refused, and the pipe is left empty (the next
+        // read is right).
+        let page = page_size();
+        // SAFETY: a fresh anonymous mapping of one page, unmapped at once: only its
+        // address is used after, by the kernel (which refuses it).
+        let gone = unsafe {
+            let p = libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            libc::munmap(p, page);
+            p as usize
+        };
+        assert!(!read_through_pipe(gone, &mut [0u8; 16]));
+        let mut again = vec![0u8; 64];
+        assert!(read_through_pipe(data.as_ptr() as usize + 100, &mut again));
+        assert_eq!(again, data[100..164]);
     }
 }
