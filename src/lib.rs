@@ -6,11 +6,171 @@
 //! the frame struct and checked against the compiler's layout at compile time.
 //!
 //! This crate re-exports the runtime (`probe-rt`) and the macros (`probe-macros`).
+//! Every example below is a doc test that runs.
+//!
+//! # Three kinds of probes
+//!
+//! A **breakpoint probe** ([`Probe`], the kernel's kprobe) goes on any instruction: a
+//! breakpoint replaces it, and the pre handler runs in the SIGTRAP handler. Handlers
+//! are closures; one that only reads the registers is safe:
+//!
+//! ```
+//! use probekit::{Probe, PtRegs};
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
+//!
+//! #[inline(never)]
+//! fn checksum(x: u64) -> u64 {
+//!     std::hint::black_box(x).wrapping_mul(31)
+//! }
+//!
+//! # fn main() -> Result<(), probekit::Error> {
+//! let seen = Arc::new(AtomicU64::new(0));
+//! let s = seen.clone();
+//! let probe = Probe::builder()
+//!     .function(checksum as fn(u64) -> u64)
+//!     .pre(move |regs: &PtRegs| s.store(regs.arg(0).unwrap_or(0), Ordering::Relaxed))
+//!     .register()?;
+//! assert_eq!(checksum(7), 217);
+//! assert_eq!((seen.load(Ordering::Relaxed), probe.nhit()), (7, 1));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Changing what the program does is `unsafe`: the caller promises the change is one
+//! the probed code is correct with (see `probe_rt`'s crate docs, "Observing is safe,
+//! changing is unsafe"):
+//!
+//! ```
+//! # use probekit::{Probe, PtRegs};
+//! #[inline(never)]
+//! fn double(x: u64) -> u64 {
+//!     std::hint::black_box(x) * 2
+//! }
+//!
+//! # fn main() -> Result<(), probekit::Error> {
+//! // SAFETY: `double` is correct with any argument.
+//! let probe = unsafe {
+//!     Probe::builder().function(double as fn(u64) -> u64).pre_mut(|regs: &mut PtRegs| {
+//!         let x = regs.arg(0).unwrap_or(0);
+//!         regs.set_arg(0, x + 1);
+//!     })
+//! }
+//! .register()?;
+//! assert_eq!(double(5), 12, "the handler's change reached the function");
+//! drop(probe);
+//! assert_eq!(double(5), 10);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A **return probe** ([`ReturnProbe`], the kernel's kretprobe) runs a handler when a
+//! function returns, with per-call data its entry handler filled in:
+//!
+//! ```
+//! use probekit::{PtRegs, ReturnProbe};
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! #[inline(never)]
+//! fn square(x: u64) -> u64 {
+//!     std::hint::black_box(x) * x
+//! }
+//!
+//! static LAST: AtomicU64 = AtomicU64::new(0);
+//!
+//! # fn main() -> Result<(), probekit::Error> {
+//! let probe = ReturnProbe::builder()
+//!     .function(square as fn(u64) -> u64)
+//!     .data::<u64>()
+//!     .entry_handler(|regs: &PtRegs, arg: &mut u64| {
+//!         *arg = regs.arg(0).unwrap_or(0);
+//!         true // watch this call
+//!     })
+//!     .handler(|regs: &PtRegs, arg: &mut u64| LAST.store(*arg * 1000 + regs.return_value(), Ordering::Relaxed))
+//!     .register()?;
+//! assert_eq!(square(9), 81);
+//! assert_eq!(LAST.load(Ordering::Relaxed), 9081);
+//! # drop(probe);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A **site probe** needs no trap: a `#[traceable]` function starts with a patchable
+//! nop, and a `Probe` or `ReturnProbe` on it becomes a call of a generated trampoline
+//! (tens of nanoseconds instead of microseconds):
+//!
+//! ```
+//! # use probekit::{Probe, PtRegs};
+//! #[probekit::traceable]
+//! fn parse(input: &[u8]) -> usize {
+//!     input.iter().filter(|b| b.is_ascii_digit()).count()
+//! }
+//!
+//! # fn main() -> Result<(), probekit::Error> {
+//! let probe = Probe::builder().function(parse as fn(&'static [u8]) -> usize).pre(|_: &PtRegs| {}).register()?;
+//! assert_eq!(parse(b"a1b2c3"), 3);
+//! assert_eq!(probe.nhit(), 1);
+//! assert!(probekit::list().to_string().contains("[SITE]"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`MultiProbe`] puts one handler on every function a glob or a list chooses (the
+//! kernel's fprobe), and [`register_batch`] registers probes of any kinds together.
+//!
+//! # Three ways in
+//!
+//! **Attribute macros** declare a handler and generate its registration beside it
+//! ([`kprobe`], [`kretprobe`]; `register` is an `unsafe fn` when the handler takes
+//! `&mut PtRegs`):
+//!
+//! ```
+//! use probekit::PtRegs;
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! #[inline(never)]
+//! fn area(w: u64, h: u64) -> u64 {
+//!     std::hint::black_box(w) * h
+//! }
+//!
+//! static AREAS: AtomicU64 = AtomicU64::new(0);
+//!
+//! #[probekit::kretprobe(function = area)]
+//! fn on_area(regs: &PtRegs, _: &mut ()) {
+//!     AREAS.fetch_add(regs.return_value(), Ordering::Relaxed);
+//! }
+//!
+//! # fn main() -> Result<(), probekit::Error> {
+//! let probe = on_area::register()?;
+//! assert_eq!(area(3, 4) + area(5, 6), 42);
+//! assert_eq!(AREAS.load(Ordering::Relaxed), 42);
+//! # drop(probe);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **A build script** generates the routines of a frame struct of your own with
+//! `probe_codegen::Builder` (into `OUT_DIR`: a `.S`, a C header, Rust consts and
+//! compile-time assertions); [`pt_regs`] does the same from the struct's definition.
+//!
+//! **Inspecting the generated asm**: every routine comes with an annotated listing,
+//! also from the command line (`cargo run -p probe-codegen -- listing --arch aarch64
+//! --shape kretprobe`):
+//!
+//! ```
+//! use probe_codegen::{render, Arch, Fp, FrameLayout, Plan, Policy, Shape};
+//!
+//! let frame = FrameLayout::builtin(Arch::Aarch64);
+//! let plan = Plan::new(&frame, Policy::All, Fp::None, Shape::Kretprobe).unwrap();
+//! let listing = render::listing(&plan, "kretprobe_trampoline");
+//! assert!(listing.contains("stp x0, x1"));
+//! ```
+#![deny(missing_docs)]
 
 pub use probe_macros::*;
 pub use probe_rt::*;
 
 /// The names most programs need.
 pub mod prelude {
-    pub use probe_rt::{Entry, EventBuffer, Probe, ProbeHandle, PtRegs, ReturnProbe, ReturnProbeHandle};
+    pub use probe_rt::{Entry, EventBuffer, MultiProbe, Probe, ProbeHandle, PtRegs, ReturnProbe, ReturnProbeHandle};
 }

@@ -81,6 +81,16 @@ impl PtRegs {
         return self.regs[..8].get(n).copied();
     }
 
+    /// Sets integer argument `n` at a function entry (the registers of [`Self::arg`]);
+    /// false past the registers.
+    pub fn set_arg(&mut self, n: usize, v: u64) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        let r = [&mut self.rdi, &mut self.rsi, &mut self.rdx, &mut self.rcx, &mut self.r8, &mut self.r9].into_iter().nth(n);
+        #[cfg(target_arch = "aarch64")]
+        let r = self.regs[..8].get_mut(n);
+        r.map(|r| *r = v).is_some()
+    }
+
     /// The integer return value at a function return (`rax` / `x0`).
     pub fn return_value(&self) -> u64 {
         #[cfg(target_arch = "x86_64")]
