@@ -1,5 +1,6 @@
 //! Typed errors of the runtime: each names the problem and the address.
 
+use crate::sys::code::WriteFailure;
 use std::fmt;
 
 /// Why a probe could not be registered or changed.
@@ -56,6 +57,11 @@ pub enum Error {
     /// your handler before the first probe is registered; probekit then passes it
     /// every trap that is not its own.
     SigtrapHandlerReplaced { handler: usize },
+    /// This process can write code in no way: `/proc/self/mem` is refused (or not
+    /// seen, or forced off) and so is making text writable with `mprotect` (W^X
+    /// enforced). Returned by every registration before anything is written (see
+    /// [`crate::text_writes`]).
+    TextNotWritable { kernel: WriteFailure, mprotect: WriteFailure },
 }
 
 impl fmt::Display for Error {
@@ -103,6 +109,11 @@ impl fmt::Display for Error {
                 f,
                 "the program replaced probekit's SIGTRAP handler (now {handler:#x}), which would receive probekit's breakpoints: \
                  install your own SIGTRAP handler before the first probe is registered, and probekit passes it every trap that is not its own"
+            ),
+            Error::TextNotWritable { kernel, mprotect } => write!(
+                f,
+                "this process cannot write code, so no probe can be armed: through /proc/self/mem, {kernel}; \
+                 with mprotect (writable and executable), {mprotect}"
             ),
             Error::Os { addr, call, errno } => {
                 write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))

@@ -36,7 +36,7 @@ pub use frame::{PtRegs, VReg};
 pub use listing::{list, ProbeInfo, ProbeList};
 pub use retprobe::{Entry, EntryHandler, ReturnHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle, MAX_MAXACTIVE};
 pub use site::table::{sites, SiteInfo};
-pub use sys::code::{write_mode, WriteMode};
+pub use sys::code::{text_writes, write_mode, TextWrites, WriteFailure, WriteMode};
 
 /// Runs before `main` (and before any constructor could register a probe): tells the
 /// grace periods where the hit paths are, and registration what the blacklist refuses,

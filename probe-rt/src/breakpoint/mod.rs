@@ -208,6 +208,8 @@ impl ProbeBuilder {
     /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
     /// On error nothing is left armed or writable.
     pub fn register(self) -> Result<ProbeHandle, Error> {
+        // Before anything is taken or written: where no code can be written, say why.
+        code::writable()?;
         install_handler()?;
         let mut reg = registry::lock();
         let index = self.stage(&mut reg)?;
@@ -506,7 +508,7 @@ impl std::error::Error for BatchError {}
 /// sync, every head, one sync. So enabling N probes costs a few `membarrier` calls, not
 /// one or three per probe. The handles come back in the order of the builders.
 pub fn register_batch(probes: impl IntoIterator<Item = ProbeBuilder>) -> Result<Vec<ProbeHandle>, BatchError> {
-    install_handler().map_err(|error| BatchError { index: 0, error })?;
+    code::writable().and_then(|_| install_handler()).map_err(|error| BatchError { index: 0, error })?;
     let mut reg = registry::lock();
     let mut staged = Vec::new();
     for (i, b) in probes.into_iter().enumerate() {

@@ -512,6 +512,8 @@ impl<T: Default + Send + 'static> ReturnProbeBuilder<T> {
         if self.lost_handlers {
             return Err(Error::HandlersBeforeData);
         }
+        // Before the stubs and instances are taken: where no code can be written, say why.
+        crate::sys::code::writable()?;
         let probe::Resolved { addr, start } = self.target.resolve_target()?;
         crate::sys::maps::executable(addr)?;
         // The function the caller named, or the one the symbols prove for a raw address.
