@@ -327,8 +327,8 @@ const SELF_TEST_LEN: usize = 8;
 fn kernel_copy_may_tear() -> bool {
     const HWCAP2_MOPS: libc::c_ulong = 1 << 43;
     // SAFETY: getauxval has no preconditions.
-    unsafe { libc::getauxval(libc::AT_HWCAP2) }
-    &HWCAP2_MOPS != 0
+    let hwcap2 = unsafe { libc::getauxval(libc::AT_HWCAP2) };
+    hwcap2 & HWCAP2_MOPS != 0
 }
 
 /// x86_64: the kernel's one-byte copies cannot tear (see the module docs).

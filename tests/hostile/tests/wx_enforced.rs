@@ -110,6 +110,12 @@ fn install_wx_filter(refuse_mem_writes: bool) -> Result<(), std::io::Error> {
     Ok(())
 }
 
+/// Why the scenario cannot run here: no seccomp filter could be installed.
+fn no_filter_here(e: std::io::Error) -> String {
+    let why = if hostile_tests::emulated() { "qemu-user refuses PR_SET_SECCOMP" } else { "this kernel has no seccomp filters (CONFIG_SECCOMP_FILTER)?" };
+    format!("no seccomp filter could be installed here ({e}): {why}")
+}
+
 /// The first 32 bytes of code at `addr`.
 fn text_at(addr: usize) -> Vec<u8> {
     // SAFETY: `addr` is the entry of a function of this test binary, in its read+execute
@@ -137,7 +143,7 @@ fn child_register_where_no_code_can_be_written() {
     let before: Vec<Vec<u8>> = targets.iter().map(|&t| text_at(t)).collect();
     let refuse_mem_writes = std::env::var(FILTER_ENV).as_deref() == Ok("mprotect+pwrite");
     if let Err(e) = install_wx_filter(refuse_mem_writes) {
-        report("SKIP", format!("no seccomp filter could be installed here ({e}): qemu-user refuses PR_SET_SECCOMP"));
+        report("SKIP", no_filter_here(e));
         return;
     }
     // The self-test runs now, under the filter; then nothing registration does may map
@@ -223,7 +229,7 @@ fn child_register_under_wx_with_the_kernel_path() {
         return;
     }
     if let Err(e) = install_wx_filter(false) {
-        report("SKIP", format!("no seccomp filter could be installed here ({e}): qemu-user refuses PR_SET_SECCOMP"));
+        report("SKIP", no_filter_here(e));
         return;
     }
     report("writes", format!("{:?}", probekit::text_writes()));
