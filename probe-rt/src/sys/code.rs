@@ -75,7 +75,9 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, O
 /// not mapped readable *now*: through the kernel (`process_vm_readv`), so that code
 /// unmapped by another thread after a `/proc/self/maps` check (a racing `dlclose`)
 /// gives an error instead of a SIGSEGV. Where the call is missing (qemu-user), after a
-/// check of the mappings, by a plain copy.
+/// check of the mappings, through the kernel all the same (`pread` on
+/// `/proc/self/mem`) where that reads this process's memory at the addresses it sees
+/// ([`proc_mem_reads_here`]), else by a plain copy.
 pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
@@ -93,10 +95,29 @@ pub(crate) fn read(addr: usize, len: usize) -> Option<Vec<u8>> {
     if m.prot & libc::PROT_READ == 0 || addr.checked_add(len)? > m.end {
         return None;
     }
+    if proc_mem_reads_here() {
+        use std::os::unix::fs::FileExt;
+        // The kernel checks the mapping as it reads: unmapped since the check above, EIO.
+        return proc_mem().ok()?.read_exact_at(&mut buf, addr as u64).ok().map(|()| buf);
+    }
     // SAFETY: the range lies in one readable mapping (checked just above); without
     // process_vm_readv an unmapping racing this copy cannot be told from here.
     unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), len) };
     Some(buf)
+}
+
+/// Whether `pread` on `/proc/self/mem` reads this process's memory at the addresses it
+/// sees: under qemu-user it reads qemu's, which is the same only where qemu maps the
+/// guest at its own addresses (a guest base of 0). Checked once on a known static.
+fn proc_mem_reads_here() -> bool {
+    static KNOWN: [u8; 16] = *b"probekit sys/mem";
+    static HERE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HERE.get_or_init(|| {
+        use std::os::unix::fs::FileExt;
+        let mut got = [0u8; 16];
+        let at = std::hint::black_box(&KNOWN) as *const [u8; 16] as u64;
+        proc_mem().is_ok_and(|m| m.read_exact_at(&mut got, at).is_ok()) && got == KNOWN
+    })
 }
 
 /// The page size.
