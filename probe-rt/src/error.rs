@@ -60,7 +60,9 @@ pub enum Error {
     /// This process can write code in no way: `/proc/self/mem` is refused (or not
     /// seen, or forced off) and so is making text writable with `mprotect` (W^X
     /// enforced). Returned by every registration before anything is written (see
-    /// [`crate::text_writes`]).
+    /// [`crate::text_writes`]); also by a write whose `mprotect` alone is refused (a
+    /// policy that let the self-test's anonymous page become writable but protects
+    /// file-backed text), before that text is written.
     TextNotWritable { kernel: WriteFailure, mprotect: WriteFailure },
 }
 
