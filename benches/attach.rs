@@ -279,7 +279,10 @@ fn other(m: WriteMode) -> WriteMode {
 fn main() {
     let child = std::env::var_os(CHILD).is_some();
     let listing = std::env::args().any(|a| a == "--list");
-    let mode = probekit::write_mode();
+    let Some(mode) = probekit::write_mode() else {
+        eprintln!("attach: this process can write no code ({}): nothing to measure", probekit::text_writes());
+        return;
+    };
     let mut c = Criterion::default().configure_from_args();
     if !child && !listing {
         memory(mode);

@@ -1,5 +1,6 @@
 //! Typed errors of the runtime: each names the problem and the address.
 
+use crate::sys::code::WriteFailure;
 use std::fmt;
 
 /// Why a probe could not be registered or changed.
@@ -64,6 +65,13 @@ pub enum Error {
     /// A multi-function probe could not attach to `function` (at `addr`; 0 if the
     /// name did not resolve), for the reason `error`.
     Attach { function: String, addr: usize, error: Box<Error> },
+    /// This process can write code in no way: `/proc/self/mem` is refused (or not
+    /// seen, or forced off) and so is making text writable with `mprotect` (W^X
+    /// enforced). Returned by every registration before anything is written (see
+    /// [`crate::text_writes`]); also by a write whose `mprotect` alone is refused (a
+    /// policy that let the self-test's anonymous page become writable but protects
+    /// file-backed text), before that text is written.
+    TextNotWritable { kernel: WriteFailure, mprotect: WriteFailure },
 }
 
 impl fmt::Display for Error {
@@ -121,6 +129,11 @@ impl fmt::Display for Error {
                 Ok(())
             }
             Error::Attach { function, addr, error } => write!(f, "cannot attach to `{function}` at {addr:#x}: {error}"),
+            Error::TextNotWritable { kernel, mprotect } => write!(
+                f,
+                "this process cannot write code, so no probe can be armed: through /proc/self/mem, {kernel}; \
+                 with mprotect (writable and executable), {mprotect}"
+            ),
             Error::Os { addr, call, errno } => {
                 write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))
             }

@@ -64,7 +64,7 @@ pub use listing::{list, ProbeInfo, ProbeList};
 pub use multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
 pub use retprobe::{Entry, HasHandler, NoHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle, MAX_MAXACTIVE};
 pub use site::table::{sites, SiteInfo};
-pub use sys::code::{write_mode, WriteMode};
+pub use sys::code::{text_writes, write_mode, TextWrites, WriteFailure, WriteMode};
 
 /// Waits for a grace period, as the kernel's `synchronize_rcu` after unregistering
 /// kprobes: when it returns `true`, no thread is running a handler of a probe

@@ -26,12 +26,16 @@ pub struct ProbeInfo {
 }
 
 /// Every registered probe; `Display` prints them as the kernel's `kprobes/list`:
-/// `address  k  symbol+0xoff  [DISABLED][GONE][SITE]` (`r` for a return probe).
+/// `address  k  symbol+0xoff  [DISABLED][GONE][SITE]` (`r` for a return probe), after
+/// a header line naming how this process writes code, as [`crate::text_writes`] says
+/// it (`# text writes: /proc/self/mem (kernel)`, `# text writes: mprotect (fallback: …)`):
+/// one choice for the life of the process, so `Display` reads it when it prints.
 #[derive(Clone, Debug, Default)]
 pub struct ProbeList(pub Vec<ProbeInfo>);
 
 impl std::fmt::Display for ProbeList {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "# text writes: {}", crate::sys::code::text_writes())?;
         for p in &self.0 {
             let place = match &p.symbol {
                 Some((name, off)) => format!("{name}+{off:#x}"),

@@ -36,7 +36,7 @@ pub(crate) fn register_many(
     probes: impl IntoIterator<Item = ProbeBuilder>,
     mut skip: impl FnMut(usize, &Error) -> bool,
 ) -> Result<Vec<Option<ProbeHandle>>, BatchError> {
-    install_handler().map_err(|error| BatchError { index: 0, error })?;
+    code::writable().and_then(|_| install_handler()).map_err(|error| BatchError { index: 0, error })?;
     let mut reg = registry::lock();
     let mut staged = Vec::new(); // (position, record)
     let mut positions = 0;

@@ -266,6 +266,8 @@ impl ProbeBuilder {
     /// Checks the target, prepares the out-of-line slot and arms the breakpoint.
     /// On error nothing is left armed or writable.
     pub fn register(self) -> Result<ProbeHandle, Error> {
+        // Before anything is taken or written: where no code can be written, say why.
+        code::writable()?;
         install_handler()?;
         let mut reg = registry::lock();
         let index = self.stage(&mut reg)?;

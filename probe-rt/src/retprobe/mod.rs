@@ -612,6 +612,8 @@ impl<T: Default + Send + 'static, S> ReturnProbeBuilder<T, S> {
     /// target checked, the data, stubs and instances made and pointed at the probe's
     /// `Core`. The entry's probe to register, and what becomes the handle.
     pub(crate) fn prepare(self) -> Result<(ProbeBuilder, Pending), Error> {
+        // Before the stubs and instances are taken: where no code can be written, say why.
+        crate::sys::code::writable()?;
         let probe::Resolved { addr, start } = self.target.resolve_target()?;
         crate::sys::maps::executable(addr)?;
         // The function the caller named, or the one the symbols prove for a raw address.

@@ -1,25 +1,75 @@
 //! Writing code: through the kernel or through page protections, and instruction-cache
 //! sync.
 //!
-//! Two ways to write code ([`WriteMode`]), chosen once by a self-test:
+//! Two ways to write code ([`WriteMode`]), chosen once by a self-test ([`text_writes`]):
 //! - [`WriteMode::Kernel`], the default: `pwrite` on `/proc/self/mem`, as the kernel's
 //!   own `text_poke` writes through an alias. No page is ever writable and executable,
 //!   not even for a moment, and a page unmapped by another thread meanwhile (a racing
-//!   `dlclose`) gives an error, not a SIGSEGV. The kernel breaks copy-on-write and
-//!   copies the bytes with one `memcpy` of the length asked: a 1-byte write (the x86_64
-//!   `int3`, the only write a running thread can meet outside the `text_poke_bp`
-//!   protocol) is one byte store.
-//! - [`WriteMode::Mprotect`], the fallback: a plain store while `mprotect` makes the
-//!   pages writable (and executable: threads running through them go on), their
-//!   protection given back right after. Used where the self-test shows that a write
-//!   through the kernel is not seen by code that already ran: qemu-user (the aarch64
-//!   lane) keeps its translation of the old instruction (DESIGN.md). Kernels that
-//!   refuse `/proc/self/mem` writes (`PROC_MEM_NO_FORCE`) also land here.
+//!   `dlclose`) gives an error, not a SIGSEGV.
+//! - [`WriteMode::Mprotect`], the fallback: one store while `mprotect` makes the pages
+//!   writable (and executable: threads running through them go on), their protection
+//!   given back right after. Used where the self-test shows that a write through the
+//!   kernel is refused (`PROC_MEM_NO_FORCE`, `proc_mem.force_override=never`, a
+//!   seccomp filter), not seen by code that already ran (qemu-user, the aarch64 lane,
+//!   keeps its translation of the old instruction: DESIGN.md), or not provably atomic
+//!   (aarch64 with FEAT_MOPS, below).
 //!
-//! `PROBEKIT_TEXT_WRITE=kernel` or `=mprotect` forces a mode (for tests of both).
+//! Where neither works (the kernel's write refused *and* W^X enforced: SELinux without
+//! `execmem`/`execmod`, PaX MPROTECT, a seccomp filter on `mprotect`), every
+//! registration fails with [`Error::TextNotWritable`], naming both failures, before
+//! anything is allocated or written. `PROBEKIT_TEXT_WRITE=kernel` or `=mprotect` forces
+//! a mode (for tests of both; any other value, e.g. `auto`, leaves the choice to the
+//! self-test); the self-test then only checks that the forced mode can write at all
+//! (a forced kernel mode is taken even where qemu-user does not see its writes, never
+//! where they may tear).
+//!
+//! # Single-copy atomicity
+//! The `text_poke_bp` protocol (DESIGN.md rule 6) needs every write that a running
+//! thread may meet to be single-copy atomic: one byte on x86_64 (the `int3` of a
+//! breakpoint, and the first byte of a site; a site's other bytes are written only
+//! behind an `int3`), one aligned 4-byte word on aarch64 (`brk`, and a site's
+//! `nop` <-> `bl`). Longer writes go only to code no thread runs yet (fresh slots,
+//! veneers). How each path keeps that:
+//! - **mprotect**: [`store`] writes 1, 2, 4 and 8 bytes at an address aligned to their
+//!   size with *one* atomic store of that width (`AtomicU8`/`AtomicU32`…: x86_64 `mov`,
+//!   aarch64 `stlrb`/`stlr`, single-copy atomic by the Intel SDM vol. 3A ("Guaranteed Atomic Operations") and
+//!   the Arm ARM B2.2.1), never a byte-wise copy; only other lengths are copied.
+//! - **kernel**, traced through Linux: `mem_rw()` (fs/proc/base.c) copies the buffer
+//!   into a bounce page and calls `access_remote_vm(mm, addr, page, this_len, flags)`
+//!   with `FOLL_FORCE | FOLL_WRITE`, at most a page at a time; `__access_remote_vm()`
+//!   (mm/memory.c) takes the page with `get_user_page_vma_remote()` (breaking
+//!   copy-on-write first: the new private copy holds the old bytes before the process's
+//!   page table points at it) and writes through the kernel's alias with
+//!   `copy_to_user_page(vma, page, addr, maddr + offset, buf, bytes)`.
+//!   - x86_64: `copy_to_user_page` is include/asm-generic/cacheflush.h's
+//!     `memcpy(dst, src, len)` plus an empty `flush_icache_user_page`. For one byte,
+//!     arch/x86/lib/memcpy_64.S stores one byte: `rep movsb` with `rcx = 1` (ERMS/FSRM),
+//!     or `movzbl (%rsi), %ecx` … `.Lstore_1byte: movb %cl, (%rdi)` (`memcpy_orig`).
+//!     A one-byte store cannot tear: atomic.
+//!   - aarch64: arch/arm64/mm/flush.c's `copy_to_user_page()` is
+//!     `memcpy(dst, src, len); flush_ptrace_access(…)`. arch/arm64/lib/memcpy.S
+//!     (`__pi_memcpy_generic`, the optimized-routines import) copies 4 bytes in
+//!     `L(copy8)`: `ldr A_lw, [src]; ldr B_lw, [srcend, -4]; str A_lw, [dstin];
+//!     str B_lw, [dstend, -4]`, two 32-bit stores of the same word to the same address
+//!     (`dstend - 4 == dstin`), each aligned because the alias keeps the offset in the
+//!     page, so each single-copy atomic (Arm ARM B2.2.1): a thread sees the old word,
+//!     then the new one. Older kernels' copy_template.S (`.Ltiny15`: `tbz count, #2`;
+//!     `ldr1 tmp1w, src, #4; str1 tmp1w, dst, #4`; copies under 16 bytes skip the
+//!     alignment prologue) make one 32-bit store. **But** kernels with the MOPS
+//!     `__pi_memcpy` (`alternative_if_not ARM64_HAS_MOPS; b __pi_memcpy_generic`, else
+//!     `cpyp; cpym; cpye`) copy with FEAT_MOPS instructions, each of which copies an
+//!     IMPLEMENTATION DEFINED part of the bytes and may be interrupted between them: the
+//!     Arm ARM promises no single-copy atomicity for the word. So on aarch64 the kernel
+//!     path is taken only when `AT_HWCAP2` lacks `HWCAP2_MOPS` (the kernel's
+//!     `ARM64_HAS_MOPS` and that hwcap both follow `ID_AA64ISAR2_EL1.MOPS`,
+//!     arch/arm64/kernel/cpufeature.c); with it the self-test reports
+//!     [`WriteFailure::NotAtomic`] and the fallback is used.
+//!
+//! After either write, [`sync_icache`] (aarch64) and, for text a thread may run,
+//! [`sync_cores`] make the new instruction the one fetched.
 
 use crate::Error;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 /// Copies `len` bytes of this process's memory at `addr`, or None if any of them is
 /// not mapped readable *now*: through the kernel (`process_vm_readv`), so that code
@@ -92,17 +142,6 @@ pub(crate) fn page_size() -> usize {
     }
 }
 
-fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(), Error> {
-    // SAFETY: changes the protection of pages of an existing mapping of this process
-    // (callers pass pages of a mapping found in /proc/self/maps); no memory is freed.
-    let r = unsafe { libc::mprotect(start as *mut libc::c_void, len, prot) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(Error::Os { addr, call: "mprotect", errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) })
-    }
-}
-
 /// How code is written (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteMode {
@@ -113,28 +152,130 @@ pub enum WriteMode {
     Mprotect,
 }
 
+/// Why one way of writing code is not used in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// A system call was refused: its name and errno (`pwrite /proc/self/mem` refused
+    /// by the kernel or a filter; `mprotect` to writable and executable refused by a
+    /// W^X policy).
+    Os {
+        /// The call.
+        call: &'static str,
+        /// Its errno.
+        errno: i32,
+    },
+    /// The write went through, but code that had run before kept running the old
+    /// instruction (qemu-user translates code once and does not see the kernel's write).
+    NotSeen,
+    /// The write is not provably single-copy atomic: on aarch64 with FEAT_MOPS the
+    /// kernel may copy a 4-byte instruction in parts (see the module docs).
+    NotAtomic,
+    /// `PROBEKIT_TEXT_WRITE` forced the other mode.
+    Forced,
+}
+
+impl std::fmt::Display for WriteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteFailure::Os { call, errno } => write!(f, "{call} failed: {}", std::io::Error::from_raw_os_error(*errno)),
+            WriteFailure::NotSeen => write!(f, "written, but code that had run kept running the old instruction (as under qemu-user)"),
+            WriteFailure::NotAtomic => {
+                write!(f, "the kernel copies with FEAT_MOPS instructions, which may tear a 4-byte instruction seen by a running thread")
+            }
+            WriteFailure::Forced => write!(f, "not used (PROBEKIT_TEXT_WRITE forces the other mode)"),
+        }
+    }
+}
+
+/// How this process writes code, and why: what the self-test found (or the setting
+/// forced) at first use. [`crate::list`]'s listing prints it as its first line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextWrites {
+    /// Through `/proc/self/mem`; `forced` by `PROBEKIT_TEXT_WRITE=kernel` rather than
+    /// chosen by the self-test.
+    Kernel {
+        /// Set by `PROBEKIT_TEXT_WRITE`.
+        forced: bool,
+    },
+    /// With `mprotect`, because of what stopped the kernel's way
+    /// ([`WriteFailure::Forced`] when `PROBEKIT_TEXT_WRITE=mprotect`).
+    Mprotect {
+        /// Why not through `/proc/self/mem`.
+        kernel: WriteFailure,
+    },
+    /// Not at all: every registration fails with [`Error::TextNotWritable`].
+    Neither {
+        /// Why not through `/proc/self/mem`.
+        kernel: WriteFailure,
+        /// Why not with `mprotect`.
+        mprotect: WriteFailure,
+    },
+}
+
+impl TextWrites {
+    /// The mode in use, if any.
+    pub fn mode(&self) -> Option<WriteMode> {
+        match self {
+            TextWrites::Kernel { .. } => Some(WriteMode::Kernel),
+            TextWrites::Mprotect { .. } => Some(WriteMode::Mprotect),
+            TextWrites::Neither { .. } => None,
+        }
+    }
+}
+
+/// As the listing's header says it: `/proc/self/mem (kernel)`,
+/// `mprotect (fallback: …why…)`, `none (…both whys…)`.
+impl std::fmt::Display for TextWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TextWrites::Kernel { forced: false } => write!(f, "/proc/self/mem (kernel)"),
+            TextWrites::Kernel { forced: true } => write!(f, "/proc/self/mem (kernel, forced by PROBEKIT_TEXT_WRITE)"),
+            TextWrites::Mprotect { kernel: WriteFailure::Forced } => write!(f, "mprotect (forced by PROBEKIT_TEXT_WRITE)"),
+            TextWrites::Mprotect { kernel } => write!(f, "mprotect (fallback: /proc/self/mem {kernel})"),
+            TextWrites::Neither { kernel, mprotect } => {
+                write!(f, "none, no probe can be registered (/proc/self/mem: {kernel}; mprotect: {mprotect})")
+            }
+        }
+    }
+}
+
+/// How this process writes code: forced by `PROBEKIT_TEXT_WRITE`, else what the
+/// self-test found at first use (see the module docs).
+pub fn text_writes() -> TextWrites {
+    static CHOICE: std::sync::OnceLock<TextWrites> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(self_test)
+}
+
 /// The mode in use: forced by `PROBEKIT_TEXT_WRITE`, else the kernel's if the
-/// self-test shows it works here.
-pub fn write_mode() -> WriteMode {
-    static MODE: std::sync::OnceLock<WriteMode> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("PROBEKIT_TEXT_WRITE").as_deref() {
-        Ok("kernel") => WriteMode::Kernel,
-        Ok("mprotect") => WriteMode::Mprotect,
-        _ if kernel_write_works() => WriteMode::Kernel,
-        _ => WriteMode::Mprotect,
-    })
+/// self-test shows it works here, else `mprotect` if that does. `None` where neither
+/// works ([`text_writes`] says why; registration fails with [`Error::TextNotWritable`]).
+pub fn write_mode() -> Option<WriteMode> {
+    text_writes().mode()
 }
 
-/// `/proc/self/mem`, opened once for writing.
-fn proc_mem() -> Option<&'static std::fs::File> {
-    static MEM: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
-    MEM.get_or_init(|| std::fs::OpenOptions::new().read(true).write(true).open("/proc/self/mem").ok()).as_ref()
+/// The mode in use, or the error every registration gets where there is none: called
+/// first by registration, so that nothing is allocated or written before it fails.
+pub(crate) fn writable() -> Result<WriteMode, Error> {
+    match text_writes() {
+        TextWrites::Kernel { .. } => Ok(WriteMode::Kernel),
+        TextWrites::Mprotect { .. } => Ok(WriteMode::Mprotect),
+        TextWrites::Neither { kernel, mprotect } => Err(Error::TextNotWritable { kernel, mprotect }),
+    }
 }
 
-/// Writes `bytes` at `addr` through `/proc/self/mem`.
+/// `/proc/self/mem`, opened once for writing (or the errno of the open).
+fn proc_mem() -> Result<&'static std::fs::File, i32> {
+    static MEM: std::sync::OnceLock<Result<std::fs::File, i32>> = std::sync::OnceLock::new();
+    MEM.get_or_init(|| std::fs::OpenOptions::new().read(true).write(true).open("/proc/self/mem").map_err(|e| e.raw_os_error().unwrap_or(0)))
+        .as_ref()
+        .map_err(|e| *e)
+}
+
+/// Writes `bytes` at `addr` through `/proc/self/mem`, with one `pwrite` (one
+/// `memcpy` of `bytes.len()` in the kernel: see the module docs).
 fn kernel_write(addr: usize, bytes: &[u8]) -> Result<(), Error> {
     use std::os::unix::fs::FileExt;
-    let mem = proc_mem().ok_or_else(|| Error::last_os(addr, "open /proc/self/mem"))?;
+    let mem = proc_mem().map_err(|errno| Error::Os { addr, call: "open /proc/self/mem", errno })?;
     match mem.write_at(bytes, addr as u64) {
         Ok(n) if n == bytes.len() => Ok(()),
         Ok(_) => Err(Error::Os { addr, call: "pwrite /proc/self/mem", errno: libc::EIO }),
@@ -142,59 +283,190 @@ fn kernel_write(addr: usize, bytes: &[u8]) -> Result<(), Error> {
     }
 }
 
-/// The self-test: a probekit-owned function is run, rewritten through the kernel and
-/// run again; the write works here if the second run returns the new value.
-fn kernel_write_works() -> bool {
+fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(), Error> {
+    // SAFETY: changes the protection of pages of an existing mapping of this process
+    // (callers pass pages of a mapping found in /proc/self/maps, or the self-test's
+    // own page); no memory is freed.
+    let r = unsafe { libc::mprotect(start as *mut libc::c_void, len, prot) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::last_os(addr, "mprotect"))
+    }
+}
+
+/// Writes `bytes` at `addr` with a store while `mprotect` makes its pages (of a
+/// mapping whose protection is `prot`) writable too; gives them `prot` back.
+fn mprotect_write(addr: usize, bytes: &[u8], prot: libc::c_int) -> Result<(), Error> {
+    let ps = page_size();
+    let start = addr & !(ps - 1);
+    let len = (addr + bytes.len()).next_multiple_of(ps) - start;
+    protect(start, len, prot | libc::PROT_WRITE, addr)?;
+    // SAFETY: [addr, addr + len) lies in pages of one mapping of this process (the
+    // caller's check, or the self-test's own page), writable now.
+    unsafe { store(addr, bytes) };
+    // Give the pages their protection back whatever happened above.
+    protect(start, len, prot, addr)
+}
+
+/// Stores `bytes` at `addr`: 1, 2, 4 or 8 bytes at an address aligned to their size
+/// with one single-copy atomic store of that width, so a thread executing there sees
+/// the old or the new instruction; other lengths (code no thread runs yet, or behind
+/// an `int3`) with a copy.
+///
+/// # Safety
+/// `[addr, addr + bytes.len())` is writable memory of this process that no Rust
+/// reference covers (code, or the self-test's page).
+unsafe fn store(addr: usize, bytes: &[u8]) {
+    let p = addr as *mut u8;
+    match *bytes {
+        // SAFETY: the caller's guarantee; a byte has no alignment to keep.
+        [b] => unsafe { AtomicU8::from_ptr(p) }.store(b, Ordering::Release),
+        // SAFETY: the caller's guarantee; 2-aligned (checked).
+        [a, b] if addr.is_multiple_of(2) => unsafe { AtomicU16::from_ptr(p.cast()) }.store(u16::from_ne_bytes([a, b]), Ordering::Release),
+        // SAFETY: the caller's guarantee; 4-aligned (checked).
+        [a, b, c, d] if addr.is_multiple_of(4) => unsafe { AtomicU32::from_ptr(p.cast()) }.store(u32::from_ne_bytes([a, b, c, d]), Ordering::Release),
+        // SAFETY: the caller's guarantee; 8-aligned (checked).
+        [a, b, c, d, e, f, g, h] if addr.is_multiple_of(8) => {
+            unsafe { AtomicU64::from_ptr(p.cast()) }.store(u64::from_ne_bytes([a, b, c, d, e, f, g, h]), Ordering::Release)
+        }
+        // SAFETY: the caller's guarantee; `bytes` is ours and does not overlap it.
+        _ => unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) },
+    }
+}
+
+/// `mov eax, imm8; ret` (x86_64) or `mov w0, #imm8; ret` (aarch64): the self-test's
+/// function, a C-ABI `fn() -> u32` returning `imm`.
+fn ret_imm(imm: u8) -> [u8; SELF_TEST_LEN] {
     #[cfg(target_arch = "x86_64")]
-    let (before, after): (&[u8], &[u8]) = (&[0xb8, 1, 0, 0, 0, 0xc3], &[0xb8, 42, 0, 0, 0, 0xc3]); // mov eax, imm32; ret
+    return [0xb8, imm, 0, 0, 0, 0xc3];
     #[cfg(target_arch = "aarch64")]
-    let (before, after): (&[u8], &[u8]) = (&[0x20, 0x00, 0x80, 0x52, 0xc0, 0x03, 0x5f, 0xd6], &[0x40, 0x05, 0x80, 0x52, 0xc0, 0x03, 0x5f, 0xd6]); // mov w0, #imm; ret
-    let Ok(f) = alloc_code(before) else { return false };
-    // SAFETY: `f` is a fresh read+execute page holding `mov eax/w0, 1; ret`, a function
-    // of the C ABI taking nothing and returning an int.
-    let run = || unsafe { std::mem::transmute::<usize, extern "C" fn() -> u32>(f)() };
-    let works = run() == 1 && kernel_write(f, after).is_ok() && {
-        sync_icache(f, after.len());
-        run() == 42
+    {
+        let movz = 0x5280_0000u32 | (imm as u32) << 5; // movz w0, #imm
+        let [a, b, c, d] = movz.to_le_bytes();
+        [a, b, c, d, 0xc0, 0x03, 0x5f, 0xd6] // ret
+    }
+}
+#[cfg(target_arch = "x86_64")]
+const SELF_TEST_LEN: usize = 6;
+#[cfg(target_arch = "aarch64")]
+const SELF_TEST_LEN: usize = 8;
+
+/// aarch64: whether the kernel may copy with FEAT_MOPS instructions (`HWCAP2_MOPS`,
+/// bit 43 of `AT_HWCAP2`, arch/arm64/include/uapi/asm/hwcap.h), which makes its
+/// 4-byte writes not provably atomic (see the module docs).
+#[cfg(target_arch = "aarch64")]
+fn kernel_copy_may_tear() -> bool {
+    const HWCAP2_MOPS: libc::c_ulong = 1 << 43;
+    // SAFETY: getauxval has no preconditions.
+    let hwcap2 = unsafe { libc::getauxval(libc::AT_HWCAP2) };
+    hwcap2 & HWCAP2_MOPS != 0
+}
+
+/// x86_64: the kernel's one-byte copies cannot tear (see the module docs).
+#[cfg(not(target_arch = "aarch64"))]
+fn kernel_copy_may_tear() -> bool {
+    false
+}
+
+/// The self-test: a probekit-owned function is run, rewritten through the kernel and
+/// run again; the kernel's way works here if the second run returns the new value.
+/// Where it does not, the same function is rewritten with `mprotect` and run again.
+/// `PROBEKIT_TEXT_WRITE` skips the other way (and, forcing the kernel's, accepts a
+/// write qemu-user does not see).
+fn self_test() -> TextWrites {
+    let forced = match std::env::var("PROBEKIT_TEXT_WRITE").as_deref() {
+        Ok("kernel") => Some(WriteMode::Kernel),
+        Ok("mprotect") => Some(WriteMode::Mprotect),
+        _ => None,
     };
-    // The page stays mapped (never freed, one page for the life of the process): a
-    // thread cannot be in it, but freeing it gains nothing.
-    works
+    // A fresh read+execute page (mapped writable, filled, then made executable: never
+    // both). It stays mapped, one page for the life of the process: nothing gains by
+    // freeing it.
+    let f = match alloc_code(&ret_imm(1)) {
+        Ok(f) => f,
+        Err(e) => {
+            let why = match e {
+                Error::Os { call, errno, .. } => WriteFailure::Os { call, errno },
+                _ => WriteFailure::Os { call: "mmap", errno: 0 },
+            };
+            return TextWrites::Neither { kernel: why, mprotect: why };
+        }
+    };
+    // SAFETY: `f` is a read+execute page holding `mov eax/w0, imm; ret`, a function of
+    // the C ABI taking nothing and returning an int; only this function rewrites it,
+    // always with another such function.
+    let run = || unsafe { std::mem::transmute::<usize, extern "C" fn() -> u32>(f)() };
+    // Run once before any write, so that qemu-user translates the old code.
+    let first = run();
+    let kernel = match forced {
+        Some(WriteMode::Mprotect) => Err(WriteFailure::Forced),
+        _ if kernel_copy_may_tear() => Err(WriteFailure::NotAtomic),
+        _ => match kernel_write(f, &ret_imm(42)) {
+            Err(Error::Os { call, errno, .. }) => Err(WriteFailure::Os { call, errno }),
+            Err(_) => Err(WriteFailure::Os { call: "pwrite /proc/self/mem", errno: 0 }),
+            Ok(()) => {
+                sync_icache(f, SELF_TEST_LEN);
+                match (first, run()) {
+                    (1, 42) => Ok(()),
+                    _ if forced == Some(WriteMode::Kernel) => Ok(()),
+                    _ => Err(WriteFailure::NotSeen),
+                }
+            }
+        },
+    };
+    let kernel = match kernel {
+        Ok(()) => return TextWrites::Kernel { forced: forced.is_some() },
+        Err(why) => why,
+    };
+    let mprotect = match forced {
+        Some(WriteMode::Kernel) => Err(WriteFailure::Forced),
+        _ => match mprotect_write(f, &ret_imm(43), libc::PROT_READ | libc::PROT_EXEC) {
+            Err(Error::Os { call, errno, .. }) => Err(WriteFailure::Os { call, errno }),
+            Err(_) => Err(WriteFailure::Os { call: "mprotect", errno: 0 }),
+            Ok(()) => {
+                sync_icache(f, SELF_TEST_LEN);
+                if run() == 43 {
+                    Ok(())
+                } else {
+                    Err(WriteFailure::NotSeen)
+                }
+            }
+        },
+    };
+    match mprotect {
+        Ok(()) => TextWrites::Mprotect { kernel },
+        Err(mprotect) => TextWrites::Neither { kernel, mprotect },
+    }
 }
 
 /// Writes `bytes` at `addr` in executable memory, then synchronises the instruction
-/// cache, in the [`write_mode`]. A breakpoint (x86_64: 1 byte, aarch64: an aligned
-/// 4-byte word) is one atomic store, so threads executing it see the old or the new
-/// instruction; longer writes are for code no thread runs yet (fresh out-of-line
-/// slots) or guarded by the `text_poke_bp` protocol.
+/// cache, in the [`write_mode`]. A write a running thread may meet (x86_64: 1 byte,
+/// aarch64: an aligned 4-byte word) is single-copy atomic on both paths (see the
+/// module docs), so such threads see the old or the new instruction; longer writes are
+/// for code no thread runs yet (fresh out-of-line slots) or guarded by the
+/// `text_poke_bp` protocol.
 pub(crate) fn write_code(addr: usize, bytes: &[u8]) -> Result<(), Error> {
+    let mode = writable()?;
     let m = crate::sys::maps::executable(addr)?;
     if addr + bytes.len() > m.end {
         return Err(Error::NotExecutable { addr: m.end });
     }
-    if write_mode() == WriteMode::Kernel {
+    if mode == WriteMode::Kernel {
         kernel_write(addr, bytes)?;
         sync_icache(addr, bytes.len());
         return Ok(());
     }
-    let ps = page_size();
-    let start = addr & !(ps - 1);
-    let len = (addr + bytes.len() + ps - 1) / ps * ps - start;
-    protect(start, len, m.prot | libc::PROT_WRITE, addr)?;
-    match bytes.len() {
-        // SAFETY: the page is writable now; single naturally aligned atomic stores.
-        1 => unsafe { (*(addr as *const AtomicU8)).store(bytes[0], Ordering::Release) },
-        4 if addr % 4 == 0 => unsafe {
-            // SAFETY: as above, 4-aligned (checked).
-            (*(addr as *const AtomicU32)).store(u32::from_ne_bytes(bytes.try_into().expect("4 bytes")), Ordering::Release)
-        },
-        // SAFETY: the range is inside the mapping (checked) and writable now.
-        _ => unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) },
-    }
-    // Give the pages their protection back whatever happened above.
-    let restored = protect(start, len, m.prot, addr);
+    let r = mprotect_write(addr, bytes, m.prot);
     sync_icache(addr, bytes.len());
-    restored
+    match (r, text_writes()) {
+        // The self-test's anonymous page could be made writable, this mapping cannot
+        // (SELinux allows `execmem` but not `execmod` on file-backed text): say why.
+        (Err(Error::Os { call: "mprotect", errno, .. }), TextWrites::Mprotect { kernel }) if errno == libc::EACCES || errno == libc::EPERM => {
+            Err(Error::TextNotWritable { kernel, mprotect: WriteFailure::Os { call: "mprotect", errno } })
+        }
+        (r, _) => r,
+    }
 }
 
 /// Makes a code change visible to instruction fetch (aarch64: clean the data cache to
@@ -346,5 +618,38 @@ mod tests {
         let mut again = vec![0u8; 64];
         assert!(read_through_pipe(data.as_ptr() as usize + 100, &mut again));
         assert_eq!(again, data[100..164]);
+    }
+
+    /// `store` writes exactly the bytes asked, at every width and alignment (the
+    /// atomic arms and the copy).
+    #[test]
+    fn store_writes_exactly_the_bytes() {
+        for len in 1..=9 {
+            for at in 0..8 {
+                let mut buf = [0xeeu8; 24];
+                let bytes: Vec<u8> = (1..=len as u8).collect();
+                // 8-aligned base: `at` decides the alignment of the store.
+                let base = buf.as_mut_ptr() as usize;
+                let addr = base.next_multiple_of(8) + at;
+                let off = addr - base;
+                // SAFETY: [addr, addr + len) lies inside `buf` (off + len <= 7 + 8 + 9),
+                // which no reference covers during the call.
+                unsafe { store(addr, &bytes) };
+                let mut want = [0xeeu8; 24];
+                want[off..off + len].copy_from_slice(&bytes);
+                assert_eq!(buf, want, "len {len} at +{at}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_header_names_each_choice() {
+        let eperm = WriteFailure::Os { call: "mprotect", errno: libc::EPERM };
+        assert_eq!(TextWrites::Kernel { forced: false }.to_string(), "/proc/self/mem (kernel)");
+        assert_eq!(TextWrites::Mprotect { kernel: WriteFailure::Forced }.to_string(), "mprotect (forced by PROBEKIT_TEXT_WRITE)");
+        assert!(TextWrites::Mprotect { kernel: WriteFailure::NotSeen }.to_string().starts_with("mprotect (fallback: /proc/self/mem written, but"));
+        let neither = TextWrites::Neither { kernel: WriteFailure::Forced, mprotect: eperm };
+        assert_eq!(neither.mode(), None);
+        assert!(neither.to_string().starts_with("none, no probe can be registered (/proc/self/mem: not used"), "{neither}");
     }
 }

@@ -2,9 +2,10 @@
 //! `/proc/self/maps` without pause while probes of every kind are registered, hit,
 //! disabled, enabled and unregistered; in the default mode (code written through the
 //! kernel) no sample shows an `rwx` mapping. Under qemu-user (the aarch64 lane) the
-//! self-test picks the `mprotect` fallback, which the test checks instead.
+//! self-test picks the `mprotect` fallback, which the test checks instead. The
+//! listing's header names the mode on both lanes.
 
-use probekit::{Probe, PtRegs, ReturnProbe, WriteMode};
+use probekit::{Probe, PtRegs, ReturnProbe, TextWrites, WriteFailure, WriteMode};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,13 +40,13 @@ fn emulated() -> bool {
 fn no_mapping_is_ever_writable_and_executable() {
     let mode = probekit::write_mode();
     if emulated() {
-        assert_eq!(mode, WriteMode::Mprotect, "qemu-user does not see code written through the kernel: the fallback");
+        assert_eq!(mode, Some(WriteMode::Mprotect), "qemu-user does not see code written through the kernel: the fallback");
         return;
     }
-    if std::env::var("PROBEKIT_TEXT_WRITE").is_ok() {
+    if matches!(std::env::var("PROBEKIT_TEXT_WRITE").as_deref(), Ok("kernel" | "mprotect")) {
         return; // a forced mode: the sampler's promise is the default mode's
     }
-    assert_eq!(mode, WriteMode::Kernel, "this kernel allows writes through /proc/self/mem");
+    assert_eq!(mode, Some(WriteMode::Kernel), "this kernel allows writes through /proc/self/mem");
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
@@ -85,4 +86,39 @@ fn no_mapping_is_ever_writable_and_executable() {
     assert!(samples > 0 && HITS.load(Ordering::Relaxed) > 0);
     assert!(rwx.is_empty(), "{} of {samples} samples showed rwx mappings, e.g. {:?}", rwx.len(), rwx.first());
     eprintln!("{samples} samples of /proc/self/maps, none rwx");
+}
+
+/// The listing's first line names the write mode, as the kernel's listings carry a
+/// header: the kernel's by default on the host lane, the fallback under qemu-user
+/// (which does not see writes through /proc/self/mem), the forced one when forced.
+#[test]
+fn listing_header_names_the_write_mode() {
+    let p = Probe::builder().function(wx_plain as fn(u64) -> u64).pre(count).register().unwrap();
+    let listing = probekit::list().to_string();
+    let header = listing.lines().next().expect("a header line");
+    let writes = probekit::text_writes();
+    assert_eq!(header, format!("# text writes: {writes}"), "{listing}");
+    assert!(listing.lines().skip(1).any(|l| l.contains("wx_plain")), "the probes follow the header\n{listing}");
+    let forced = std::env::var("PROBEKIT_TEXT_WRITE").ok();
+    match forced.as_deref() {
+        Some("mprotect") => {
+            assert_eq!(writes, TextWrites::Mprotect { kernel: WriteFailure::Forced });
+            assert_eq!(header, "# text writes: mprotect (forced by PROBEKIT_TEXT_WRITE)");
+        }
+        Some("kernel") => {
+            assert_eq!(writes, TextWrites::Kernel { forced: true });
+            assert_eq!(header, "# text writes: /proc/self/mem (kernel, forced by PROBEKIT_TEXT_WRITE)");
+        }
+        _ if emulated() => {
+            // qemu-user: the kernel's write goes through, but the translated code stays.
+            assert_eq!(writes, TextWrites::Mprotect { kernel: WriteFailure::NotSeen }, "{header}");
+            assert!(header.starts_with("# text writes: mprotect (fallback: /proc/self/mem written, but code that had run"), "{header}");
+        }
+        _ => {
+            assert_eq!(writes, TextWrites::Kernel { forced: false });
+            assert_eq!(header, "# text writes: /proc/self/mem (kernel)");
+        }
+    }
+    eprintln!("{header}");
+    p.unregister().unwrap();
 }
