@@ -296,17 +296,58 @@ fn protect(start: usize, len: usize, prot: libc::c_int, addr: usize) -> Result<(
 }
 
 /// Writes `bytes` at `addr` with a store while `mprotect` makes its pages (of a
-/// mapping whose protection is `prot`) writable too; gives them `prot` back.
+/// mapping whose protection is `prot`) writable too; gives them `prot` back, and
+/// synchronises the instruction cache. All of it with the dynamic loader's lock held
+/// (see [`with_loader_lock`]): a `dlclose` on another thread cannot unmap the pages
+/// between the `mprotect` and the store (which would fault), only before, when the
+/// `mprotect` fails.
 fn mprotect_write(addr: usize, bytes: &[u8], prot: libc::c_int) -> Result<(), Error> {
     let ps = page_size();
     let start = addr & !(ps - 1);
     let len = (addr + bytes.len()).next_multiple_of(ps) - start;
-    protect(start, len, prot | libc::PROT_WRITE, addr)?;
-    // SAFETY: [addr, addr + len) lies in pages of one mapping of this process (the
-    // caller's check, or the self-test's own page), writable now.
-    unsafe { store(addr, bytes) };
-    // Give the pages their protection back whatever happened above.
-    protect(start, len, prot, addr)
+    with_loader_lock(|| {
+        protect(start, len, prot | libc::PROT_WRITE, addr)?;
+        // SAFETY: [addr, addr + len) lies in pages of one mapping of this process (the
+        // caller's check, or the self-test's own page), writable now, and stays mapped
+        // while the loader's lock is held.
+        unsafe { store(addr, bytes) };
+        sync_icache(addr, bytes.len());
+        // Give the pages their protection back whatever happened above.
+        protect(start, len, prot, addr)
+    })
+}
+
+/// Runs `f` with the dynamic loader's lock held: inside the first callback of
+/// `dl_iterate_phdr`, which holds glibc's `dl_load_write_lock`, the lock `dlclose`
+/// holds while it unmaps an object (glibc elf/dl-close.c, `_dl_close_worker`: the
+/// `DL_UNMAP` of each object is inside it). `f` must not panic (it runs in a C
+/// callback, where a panic aborts) nor wait for another thread that loads or unloads.
+fn with_loader_lock<R, F: FnOnce() -> R>(f: F) -> R {
+    struct Call<F, R> {
+        f: Option<F>,
+        r: Option<R>,
+    }
+    /// # Safety
+    /// `data` must point to a live, unaliased `Call<F, R>`.
+    unsafe extern "C" fn first<F: FnOnce() -> R, R>(_info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `data` is the `&mut Call` passed to `dl_iterate_phdr` below, which
+        // calls back synchronously while that borrow lives.
+        let call = unsafe { &mut *(data as *mut Call<F, R>) };
+        if let Some(f) = call.f.take() {
+            call.r = Some(f());
+        }
+        1 // stop: `f` ran
+    }
+    let mut call = Call { f: Some(f), r: None };
+    // SAFETY: the callback matches what `dl_iterate_phdr` expects and uses `data` only
+    // as the `Call` passed here, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(first::<F, R>), &mut call as *mut Call<F, R> as *mut libc::c_void) };
+    match (call.r, call.f) {
+        (Some(r), _) => r,
+        // No loaded object at all (cannot happen in a process that runs this code).
+        (None, Some(f)) => f(),
+        (None, None) => unreachable!("`f` ran, or it is still here"),
+    }
 }
 
 /// Stores `bytes` at `addr`: 1, 2, 4 or 8 bytes at an address aligned to their size
@@ -425,7 +466,6 @@ fn self_test() -> TextWrites {
             Err(Error::Os { call, errno, .. }) => Err(WriteFailure::Os { call, errno }),
             Err(_) => Err(WriteFailure::Os { call: "mprotect", errno: 0 }),
             Ok(()) => {
-                sync_icache(f, SELF_TEST_LEN);
                 if run() == 43 {
                     Ok(())
                 } else {
@@ -458,7 +498,6 @@ pub(crate) fn write_code(addr: usize, bytes: &[u8]) -> Result<(), Error> {
         return Ok(());
     }
     let r = mprotect_write(addr, bytes, m.prot);
-    sync_icache(addr, bytes.len());
     match (r, text_writes()) {
         // The self-test's anonymous page could be made writable, this mapping cannot
         // (SELinux allows `execmem` but not `execmod` on file-backed text): say why.
