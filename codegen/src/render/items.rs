@@ -1,30 +1,4 @@
-//! The Rust items of a frame: one renderer for every front end.
-//!
-//! `#[pt_regs]`, the [`Builder`](crate::Builder)'s `<name>.rs`, the CLI's `rust` and
-//! probe-rt's build script all call [`RustItems`], so a frame gets the same items
-//! whichever made them:
-//!
-//! - an offset constant per name of [`names`](super::names) (`S_PSTATE`, `S_REGS`,
-//!   `S_X0` … `S_X30`, `S_FP`, `S_LR`), `S_FRAME_SIZE`, and per routine
-//!   `S_ALLOC_<SHAPE>` and `S_FPSIMD_<SHAPE>`;
-//! - the routine itself as a constant, `<SHAPE>: unsafe extern "C" fn()`
-//!   (`SAVE_RESTORE`, `KRETPROBE`, `ENTRY`), and its asm: a `global_asm!` whose frame
-//!   offsets are `const` operands from `offset_of!`, or nothing when it is assembled
-//!   from a `.S` ([`RoutineAsm::External`]);
-//! - `unsafe impl Frame` (`NAME`, `FIELDS`, `SIZE`);
-//! - compile-time assertions, one per field offset, field size and the frame's size,
-//!   each failing with a message that names the field.
-//!
-//! With [`Place::Type`] the constants are associated (`PtRegs::S_PSTATE`), in an
-//! inherent impl of the frame type, which must therefore be local, and the `Frame`
-//! impl comes with them. With [`Place::Module`] they are free constants wherever the
-//! text is `include!`d (`offsets::S_PSTATE`), for a frame type of another crate or one
-//! whose type items `#[pt_regs]` already made; there is no `Frame` impl then.
-//!
-//! Items that differ by architecture (the element names follow the registers bound,
-//! allocations and routines follow the plans) go under `#[cfg(target_arch = "...")]`
-//! when several architectures are rendered at once, as `#[pt_regs]` does (a proc macro
-//! runs on the host and cannot know the target).
+//! The Rust items of a frame: one renderer for every front end (see [`RustItems`]).
 
 use super::names::{self, OffsetKind};
 use super::{rust_global_asm, Symbols};
@@ -68,7 +42,33 @@ pub struct Routine<'a> {
     pub asm: RoutineAsm,
 }
 
-/// The Rust items of one frame type: see the [module docs](self).
+/// The Rust items of one frame type: one renderer for every front end.
+///
+/// `#[pt_regs]`, the [`Builder`](crate::Builder)'s `<name>.rs`, the CLI's `rust` and
+/// probe-rt's build script all call [`RustItems`], so a frame gets the same items
+/// whichever made them:
+///
+/// - an offset constant per name of [`names`](super::names) (`S_PSTATE`, `S_REGS`,
+///   `S_X0` … `S_X30`, `S_FP`, `S_LR`), `S_FRAME_SIZE`, and per routine
+///   `S_ALLOC_<SHAPE>` and `S_FPSIMD_<SHAPE>`;
+/// - the routine itself as a constant, `<SHAPE>: unsafe extern "C" fn()`
+///   (`SAVE_RESTORE`, `KRETPROBE`, `ENTRY`), and its asm: a `global_asm!` whose frame
+///   offsets are `const` operands from `offset_of!`, or nothing when it is assembled
+///   from a `.S` ([`RoutineAsm::External`]);
+/// - `unsafe impl Frame` (`NAME`, `FIELDS`, `SIZE`);
+/// - compile-time assertions, one per field offset, field size and the frame's size,
+///   each failing with a message that names the field.
+///
+/// With [`Place::Type`] the constants are associated (`PtRegs::S_PSTATE`), in an
+/// inherent impl of the frame type, which must therefore be local, and the `Frame`
+/// impl comes with them. With [`Place::Module`] they are free constants wherever the
+/// text is `include!`d (`offsets::S_PSTATE`), for a frame type of another crate or one
+/// whose type items `#[pt_regs]` already made; there is no `Frame` impl then.
+///
+/// Items that differ by architecture (the element names follow the registers bound,
+/// allocations and routines follow the plans) go under `#[cfg(target_arch = "...")]`
+/// when several architectures are rendered at once, as `#[pt_regs]` does (a proc macro
+/// runs on the host and cannot know the target).
 ///
 /// ```
 /// use probe_codegen::{render::{Place, RustItems}, Arch, FrameLayout};
