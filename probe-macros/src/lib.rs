@@ -187,13 +187,23 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # Usage
 ///
-/// On a free function or an inherent method, generic or not, `unsafe` or not:
-/// `[pub] [unsafe] fn name<G>(args) -> R where … { body }`. The function keeps its
-/// name, signature, visibility, attributes and behaviour; [`probekit::sites()`] lists it
-/// (as `module::path::name`, for a method `module::path::method`) and a `Probe` or
-/// `ReturnProbe` on it rides its site instead of a breakpoint. Refused, each with an
-/// error on its token: `async`, `const`, an `extern` ABI, `impl Trait` in argument or
-/// return position, variadics, `#[inline]`, anything but a function or an impl.
+/// On a free function or an inherent method, generic or not, `unsafe` or not, with the
+/// Rust ABI or the C one: `[pub] [unsafe] [extern "C"] fn name<G>(args) -> R where … { body }`.
+/// The function keeps its name, signature (ABI included), visibility, attributes and
+/// behaviour; [`probekit::sites()`] lists it (as `module::path::name`, for a method
+/// `module::path::method`) and a `Probe` or `ReturnProbe` on it rides its site instead
+/// of a breakpoint.
+///
+/// An `extern "C"` (or `"C-unwind"`, `"system"`) function is what asm and C callers
+/// need: with `#[unsafe(no_mangle)]` its C name is the function that enters the site,
+/// so a call from C, or through an `extern "C" fn` pointer, is probed like any other.
+/// A panic in its body ends at its `extern "C"` boundary (an abort), as without the
+/// attribute. `#[inline(never)]` may be written: the function is never inlined anyway,
+/// so that every call passes its site.
+///
+/// Refused, each with an error on its token: `async`, `const`, another ABI
+/// (`extern "sysv64"`, …), `impl Trait` in argument or return position, variadics,
+/// `#[inline]` and `#[inline(always)]`, anything but a function or an impl.
 ///
 /// Inside an `impl` block a function that takes `self` or names `Self` is recognised as
 /// an associated function; one that does neither needs `#[traceable(associated)]`.
@@ -221,7 +231,8 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # What it generates, and why
 ///
-/// `#[traceable] fn f(a: u64) -> u64 { body }` becomes:
+/// `#[traceable] fn f(a: u64) -> u64 { body }` becomes (an `extern "C" fn f` keeps its
+/// ABI; the site and the body are `extern "C-unwind"` whatever it is):
 ///
 /// ```ignore
 /// #[inline(never)]
@@ -273,7 +284,13 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///     fn step(&mut self, n: usize) -> usize { n + 1 }
 /// }
 ///
+/// // Called from C (`uint64_t checksum(const uint8_t *, size_t);`) and asm.
+/// #[probekit::traceable]
+/// #[unsafe(no_mangle)]
+/// pub unsafe extern "C" fn checksum(p: *const u8, len: usize) -> u64 { /* … */ }
+///
 /// assert!(probekit::sites().iter().any(|s| s.name == "my_crate::parse"));
+/// let p = Probe::builder().function(checksum as unsafe extern "C" fn(*const u8, usize) -> u64).pre(h).register()?;
 /// ```
 ///
 /// [`probekit::sites()`]: ../probekit/fn.sites.html
