@@ -1,10 +1,14 @@
-//! Generates `offsets.rs` for the target: the built-in frame's `S_*` offsets and the
-//! compile-time assertions that probe-codegen's layout of `PtRegs` is the compiler's
-//! (both read the same file, `codegen/frames/<arch>.rs`; this proves they agree), the
-//! frame's source itself (`frame.rs`), the site contract (`site_contract.rs`) and the
-//! runtime's trampolines.
+//! Generates for the target: the built-in frame's source (`frame.rs`); its Rust items
+//! (`offsets.rs`): the `PtRegs::S_*` offsets, `unsafe impl Frame` and the compile-time
+//! assertions that probe-codegen's layout of `PtRegs` is the compiler's (both read the
+//! same file, `codegen/frames/<arch>.rs`; this proves they agree), rendered by the one
+//! renderer `#[pt_regs]` uses, and the same offsets as free constants of
+//! `probe_rt::offsets`; the site contract (`site_contract.rs`); and the runtime's
+//! trampolines.
 
-use probe_codegen::{render, Arch, Fp, FrameLayout, Plan, Policy, Shape};
+use probe_codegen::render::{self, names, Place, RustItems};
+use probe_codegen::{Arch, Fp, FrameLayout, Plan, Policy, Shape};
+use std::fmt::Write;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -22,18 +26,17 @@ fn main() {
     std::fs::write(out_dir.join("site_contract.rs"), contract).expect("OUT_DIR is writable");
     let text = match arch {
         Some(arch) => {
-            let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::None, Shape::SaveRestore).expect("the built-in frame plans");
-            let frame = &plan.frame;
-            let fields: String =
-                frame.fields.iter().map(|f| format!("crate::FrameField {{ name: {:?}, offset: {}, size: {} }}, ", f.name, f.offset, f.size)).collect();
-            format!(
-                "{}\n// SAFETY: FIELDS and SIZE are the layout asserted against offset_of!/size_of! above;\n\
-                 // every field is a u64 or an array of them.\n\
-                 unsafe impl crate::Frame for crate::PtRegs {{\n    const NAME: &'static str = \"PtRegs\";\n    \
-                 const FIELDS: &'static [crate::FrameField] = &[{fields}];\n    const SIZE: usize = {};\n}}\n",
-                render::rust_consts(&[&plan], "crate::PtRegs", "crate::__private"),
-                frame.size
-            )
+            let frame = FrameLayout::builtin(arch);
+            // `PtRegs::S_PSTATE` …, as `#[pt_regs]` would give the type, with its `Frame` impl.
+            let mut text = RustItems::new("crate::PtRegs").place(Place::Type).krate("crate").arch(&frame, Vec::new()).render();
+            // `probe_rt::offsets::S_PSTATE` …, the names asm-offsets users know, free.
+            for o in names::offsets(&frame) {
+                let _ = writeln!(text, "/// Offset of `{}` in [`PtRegs`](crate::PtRegs): [`PtRegs::{1}`](crate::PtRegs::{1}).", o.describe(), o.name);
+                let _ = writeln!(text, "pub const {0}: usize = crate::PtRegs::{0};", o.name);
+            }
+            let _ = writeln!(text, "/// `size_of::<PtRegs>()`: [`PtRegs::S_FRAME_SIZE`](crate::PtRegs::S_FRAME_SIZE).");
+            let _ = writeln!(text, "pub const S_FRAME_SIZE: usize = crate::PtRegs::S_FRAME_SIZE;");
+            text
         }
         None => String::new(),
     };
@@ -54,7 +57,7 @@ fn main() {
             Some(arch) => {
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Args, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
-                let mut text = render::rust_global_asm(&plan, name, &symbols);
+                let mut text = render::rust_global_asm(&plan, name, "crate::PtRegs", &symbols);
                 // The x86_64 dispatcher finds the probed rsp there (`site::redirected`).
                 if shape == Shape::Entry && arch == Arch::X86_64 {
                     let sp = plan.probed_sp_offset().expect("the site trampoline allocates at a fixed distance");

@@ -17,10 +17,18 @@
 //!         .write()
 //!         .unwrap_or_else(|e| panic!("{e}"));
 //!     // out.asm: my_regs.S (for `cc` or `global_asm!(include_str!(..))`),
-//!     // out.header: my_regs.h (S_* for C), out.rust: my_regs.rs (consts + assertions).
+//!     // out.header: my_regs.h (S_* for C), out.rust: my_regs.rs (the Rust items).
 //! }
 //! ```
+//!
+//! The four files read in the same names ([`render::names`]): `my_regs.h` defines
+//! `S_ARG0`, `my_regs.S` defines it with `.equ` and stores to `[sp, #S_ARG0]`, and
+//! `my_regs.rs` holds the items `#[pt_regs]` would give the frame ([`render::RustItems`]):
+//! `MyRegs::S_ARG0`, `MyRegs::S_ALLOC_KRETPROBE`, the routines as
+//! `MyRegs::SAVE_RESTORE` …, `unsafe impl Frame for MyRegs` and the layout assertions,
+//! or, with [`Place::Module`], the same constants free wherever it is `include!`d.
 
+use crate::render::{Place, Routine, RoutineAsm, RustItems};
 use crate::{render, Arch, FileError, Fp, FrameLayout, Plan, PlanError, Policy, Shape};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,7 +45,8 @@ pub struct Builder {
     name: Option<String>,
     handler: String,
     type_path: Option<String>,
-    support: String,
+    place: Option<Place>,
+    krate: String,
     /// A `*_from_env` failure, reported by `write`.
     env_error: Option<(&'static str, String)>,
 }
@@ -55,7 +64,8 @@ pub struct Written {
     pub asm: PathBuf,
     /// `<name>.h`: `#define S_<FIELD> <offset>`, `S_FRAME_SIZE`, `S_ALLOC_<SHAPE>`.
     pub header: PathBuf,
-    /// `<name>.rs`: `pub const` offsets and the compile-time assertions, to `include!`.
+    /// `<name>.rs`: the frame's Rust items ([`RustItems`]: offsets, routines as
+    /// constants, `Frame` impl, layout assertions), to `include!`.
     pub rust: PathBuf,
     /// `<name>.txt`: the annotated listing of every routine.
     pub listing: PathBuf,
@@ -74,6 +84,9 @@ pub enum BuildError {
     Env { var: &'static str, message: String },
     /// The frame file could not be read, or its struct is no valid frame.
     Frame(FileError),
+    /// [`Place::Type`] was asked for a struct declared with `#[pt_regs]`, which gives
+    /// the type the same items: the two would conflict.
+    TypeItemsTwice { path: PathBuf, frame: String },
     /// No plan could be made.
     Plan(PlanError),
     /// An output file could not be written.
@@ -86,6 +99,12 @@ impl fmt::Display for BuildError {
             BuildError::Missing(what) => write!(f, "probe-codegen Builder: {what} must be set"),
             BuildError::Env { var, message } => write!(f, "probe-codegen Builder: ${var}: {message}"),
             BuildError::Frame(e) => write!(f, "{e}"),
+            BuildError::TypeItemsTwice { path, frame } => write!(
+                f,
+                "{}: `{frame}` is declared with `#[pt_regs]`, which gives the type its constants and `Frame` impl: \
+                 the Builder's items must then be free constants, `.place(Place::Module)` (the default for such a struct)",
+                path.display()
+            ),
             BuildError::Plan(e) => write!(f, "{e}"),
             BuildError::Write { path, error } => write!(f, "{}: {error}", path.display()),
         }
@@ -107,7 +126,8 @@ impl Builder {
             name: None,
             handler: "probe_handler".into(),
             type_path: None,
-            support: "::probekit::__private".into(),
+            place: None,
+            krate: "::probekit".into(),
             env_error: None,
         }
     }
@@ -190,10 +210,19 @@ impl Builder {
         self
     }
 
-    /// Where `<name>.rs` finds the `static_assertions` and `memoffset` crates (default
-    /// `::probekit::__private`; `""` for crates that depend on them directly).
-    pub fn support_path(mut self, path: &str) -> Builder {
-        self.support = path.to_string();
+    /// Where `<name>.rs` puts the frame's constants ([`Place`]). By default
+    /// [`Place::Type`], the items `#[pt_regs]` gives a frame (`MyRegs::S_ARG0` and
+    /// `unsafe impl Frame`), unless the struct is declared with `#[pt_regs]`, which
+    /// gives it those already: then [`Place::Module`], free constants in the module
+    /// that `include!`s the file. A frame type of another crate needs `Place::Module`.
+    pub fn place(mut self, place: Place) -> Builder {
+        self.place = Some(place);
+        self
+    }
+
+    /// The path of the crate that defines `Frame` in `<name>.rs` (default `::probekit`).
+    pub fn crate_path(mut self, path: &str) -> Builder {
+        self.krate = path.to_string();
         self
     }
 
@@ -211,6 +240,13 @@ impl Builder {
         }
         println!("cargo:rerun-if-changed={}", path.display());
         let frame = FrameLayout::from_file(&path, &struct_name, arch).map_err(BuildError::Frame)?;
+        let declared = declared_with_pt_regs(&path, &struct_name);
+        let place = match self.place {
+            Some(Place::Type) if declared => return Err(BuildError::TypeItemsTwice { path, frame: struct_name }),
+            Some(p) => p,
+            None if declared => Place::Module,
+            None => Place::Type,
+        };
         let name = self.name.unwrap_or_else(|| snake_case(&struct_name));
         let plans = self.shapes.iter().map(|&s| Plan::new(&frame, self.policy, self.fp, s)).collect::<Result<Vec<_>, _>>().map_err(BuildError::Plan)?;
         let symbols: Vec<String> = plans.iter().map(|p| format!("{name}_{}", p.shape.name().replace('-', "_"))).collect();
@@ -219,10 +255,12 @@ impl Builder {
         let syms = render::Symbols { handler: self.handler, ..Default::default() };
         let ty = self.type_path.unwrap_or(struct_name);
         let listing: String = routines.iter().map(|(p, s)| render::listing(p, s) + "\n").collect();
+        let items = routines.iter().map(|(plan, symbol)| Routine { plan, symbol: symbol.to_string(), asm: RoutineAsm::External }).collect();
+        let items = RustItems::new(&ty).place(place).krate(&self.krate).arch(&frame, items).render();
         let files = [
             (format!("{name}.S"), render::gnu_asm(&routines, &syms)),
             (format!("{name}.h"), render::c_header(&refs)),
-            (format!("{name}.rs"), render::rust_consts(&refs, &ty, &self.support)),
+            (format!("{name}.rs"), items),
             (format!("{name}.txt"), listing),
         ];
         let mut paths = Vec::new();
@@ -235,6 +273,17 @@ impl Builder {
         let mut next = || it.next().expect("four files");
         Ok(Written { asm: next(), header: next(), rust: next(), listing: next(), symbols })
     }
+}
+
+/// Whether struct `name` in the file carries `#[pt_regs]` (`#[probekit::pt_regs(...)]`).
+/// The file was read and parsed by `FrameLayout::from_file` already; on any failure
+/// here the answer is no.
+fn declared_with_pt_regs(path: &Path, name: &str) -> bool {
+    let Ok(file) = std::fs::read_to_string(path).map_err(drop).and_then(|t| syn::parse_file(&t).map_err(drop)) else { return false };
+    file.items.iter().any(|i| match i {
+        syn::Item::Struct(s) if s.ident == name => s.attrs.iter().any(|a| a.path().segments.last().is_some_and(|seg| seg.ident == "pt_regs")),
+        _ => false,
+    })
 }
 
 fn snake_case(s: &str) -> String {
@@ -273,7 +322,20 @@ mod tests {
         assert!(h.contains("#define S_RIP 8") && h.contains("#define S_ALLOC_KRETPROBE"), "{h}");
         let s = std::fs::read_to_string(&w.asm).unwrap();
         assert!(s.contains("my_regs_kretprobe:") && s.contains("call probe_handler") && !s.contains('{'), "{s}");
-        assert!(std::fs::read_to_string(&w.rust).unwrap().contains("pub const S_RDI: usize = 0;"));
+        assert!(s.contains(".equ S_RIP, 8") && s.contains("mov qword ptr [rsp + S_RIP], rcx"), "{s}");
+        let rs = std::fs::read_to_string(&w.rust).unwrap();
+        assert!(
+            rs.contains("impl MyRegs {") && rs.contains("    pub const S_RDI: usize = 0;") && rs.contains("unsafe impl ::probekit::Frame for MyRegs"),
+            "{rs}"
+        );
+        assert!(rs.contains("pub const KRETPROBE: unsafe extern \"C\" fn()") && rs.contains("#[link_name = \"my_regs_kretprobe\"]"), "{rs}");
+        // A struct declared with `#[pt_regs]` has its type items: the Builder's are free constants.
+        std::fs::write(&frame, "#[probekit::pt_regs]\n#[repr(C)] pub struct MyRegs { pub rdi: u64, pub rip: u64 }").unwrap();
+        let b = Builder::new().frame_file(&frame, "MyRegs").shape(Shape::SaveRestore).out_dir(&dir).arch(Arch::X86_64);
+        let rs = std::fs::read_to_string(b.clone().write().unwrap().rust).unwrap();
+        assert!(rs.contains("\npub const S_RDI: usize = 0;") && !rs.contains("impl"), "{rs}");
+        let e = b.place(Place::Type).write().unwrap_err().to_string();
+        assert!(e.contains("frame.rs") && e.contains("#[pt_regs]") && e.contains("Place::Module"), "{e}");
         assert!(matches!(Builder::new().write(), Err(BuildError::Missing(_))));
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -4,7 +4,7 @@
 //! name, or a built-in frame) for one [`Arch`]. Offsets follow the `#[repr(C)]` rules:
 //! fields in declaration order, each at the next multiple of its alignment, the size
 //! rounded up to the largest alignment. The layout is checked against the compiler's
-//! own `offset_of!` by the assertions [`crate::render::rust_consts`] emits.
+//! own `offset_of!` by the assertions [`crate::render::RustItems`] emits.
 
 use crate::arch::{Arch, Reg};
 use std::fmt;
@@ -45,6 +45,13 @@ impl Field {
             None => self.name.clone(),
         }
     }
+
+    /// The name of the field's offset constant in every output: `S_` and the field's
+    /// name in upper case (`S_PSTATE`, `S_REGS`, `S__RESERVED`; a raw identifier
+    /// `r#type` gives `S_TYPE`). See [`crate::render::names`] for the whole scheme.
+    pub fn const_name(&self) -> String {
+        const_name(&self.name)
+    }
 }
 
 /// The layout of a frame struct for one architecture.
@@ -71,8 +78,10 @@ pub enum Spot {
     Repr,
     /// The generic parameters.
     Generics,
-    /// Field number `n` (its name).
+    /// Field number `n`: its `#[reg(...)]` binding if it has one, else its name.
     Field(usize),
+    /// The name of field number `n`, however it is bound.
+    FieldName(usize),
     /// The type of field number `n`.
     FieldType(usize),
     /// The `#[reg(...)]` attribute of field number `n`.
@@ -108,6 +117,10 @@ pub enum FrameError {
     UnknownLayout { frame: String, field: String, ty: String, index: usize },
     /// A `#[reg(...)]` attribute probe-codegen cannot read.
     BadAttribute { frame: String, field: String, message: String, index: usize },
+    /// The field's offset constant (`S_<FIELD>`) would have the name of another
+    /// field's constant (`rax` and `RAX`) or of a constant the generator reserves
+    /// (`S_FRAME_SIZE`, `S_ALLOC_<SHAPE>`, `S_FPSIMD_<SHAPE>`).
+    NameClash { frame: String, field: String, name: String, with: String, index: usize },
     /// The source has no struct of that name.
     StructNotFound { name: String },
     /// The source is not valid Rust.
@@ -123,6 +136,7 @@ impl FrameError {
             Generic { .. } => Spot::Generics,
             NotNamedFields { .. } | StructNotFound { .. } | Parse { .. } => Spot::Struct,
             UnknownRegister { index, .. } | RegisterBoundTwice { index, .. } | ArrayLength { index, .. } => Spot::Field(*index),
+            NameClash { index, .. } => Spot::FieldName(*index),
             BadAttribute { index, .. } => Spot::RegAttr(*index),
             FieldTooSmall { index, .. } | FieldTooLarge { index, .. } | UnknownLayout { index, .. } => Spot::FieldType(*index),
         }
@@ -138,7 +152,8 @@ impl FrameError {
             | FieldTooLarge { field, .. }
             | ArrayLength { field, .. }
             | UnknownLayout { field, .. }
-            | BadAttribute { field, .. } => Some(field),
+            | BadAttribute { field, .. }
+            | NameClash { field, .. } => Some(field),
             _ => None,
         }
     }
@@ -177,6 +192,9 @@ impl fmt::Display for FrameError {
                  floats or arrays of them (`u64`, `[u64; 8]`)"
             ),
             BadAttribute { frame, field, message, .. } => write!(f, "field `{frame}.{field}`: {message}"),
+            NameClash { frame, field, name, with, .. } => {
+                write!(f, "field `{frame}.{field}`: its offset constant would be `{name}`, the name of {with}; the field must be renamed")
+            }
             StructNotFound { name } => write!(f, "no struct named `{name}` in the frame source"),
             Parse { message, line, column } => write!(f, "{line}:{column}: cannot parse frame source: {message}"),
         }
@@ -338,6 +356,7 @@ impl FrameLayout {
             };
             fields.push(Field { name, offset: field_offset, size: ty.size, elem_size: ty.elem_size, len: ty.len, value });
         }
+        errors.extend(name_clashes(&frame, named));
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -379,6 +398,41 @@ impl FrameLayout {
     pub fn offset_of(&self, reg: Reg) -> Option<u64> {
         self.field_of(reg).map(|(f, i)| f.offset + i as u64 * f.elem_size)
     }
+}
+
+/// See [`Field::const_name`].
+fn const_name(field: &str) -> String {
+    format!("S_{}", field.strip_prefix("r#").unwrap_or(field).to_uppercase())
+}
+
+/// Fields whose offset constant would clash with another field's or a reserved name
+/// (`S_FRAME_SIZE`, and the per-routine `S_ALLOC_<SHAPE>` and `S_FPSIMD_<SHAPE>`): the
+/// outputs would define one name twice, which the C preprocessor, the assembler and
+/// rustc would each report differently, far from the field.
+fn name_clashes(frame: &str, named: &syn::FieldsNamed) -> Vec<FrameError> {
+    let mut reserved = vec![("S_FRAME_SIZE".to_string(), "the frame's size constant".to_string())];
+    for shape in crate::Shape::ALL {
+        let sfx = crate::render::names::shape_suffix(*shape);
+        reserved.push((format!("S_ALLOC_{sfx}"), format!("the `{shape}` routine's allocation constant")));
+        reserved.push((format!("S_FPSIMD_{sfx}"), format!("the `{shape}` routine's FP/SIMD area constant")));
+    }
+    let mut errors = Vec::new();
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for (index, f) in named.named.iter().enumerate() {
+        let Some(ident) = &f.ident else { continue };
+        let field = ident.to_string();
+        let name = const_name(&field);
+        let with = reserved
+            .iter()
+            .find(|(r, _)| *r == name)
+            .map(|(_, what)| what.clone())
+            .or_else(|| seen.iter().find(|(n, _)| *n == name).map(|(_, other)| format!("field `{other}`'s constant")));
+        match with {
+            Some(with) => errors.push(FrameError::NameClash { frame: frame.to_string(), field, name, with, index }),
+            None => seen.push((name, field)),
+        }
+    }
+    errors
 }
 
 fn count_range(start: Reg, last: Reg) -> usize {

@@ -8,15 +8,27 @@
 //!
 //! ```text
 //! #[repr(C)] struct ──► FrameLayout ──► Plan (arch × policy × fp × shape) ──► asm, .S, C header,
-//!                                                                              Rust consts + asserts,
+//!                                                                              Rust items,
 //!                                                                              listing
 //! ```
+//!
+//! Every output names the frame's offsets alike ([`render::names`]: `S_PSTATE`,
+//! `S_REGS`, `S_X0` … `S_X30`, `S_FRAME_SIZE`), and the asm reads in those names, as
+//! the kernel's entry code reads with asm-offsets: the `.S` defines `.equ S_PSTATE, 264`
+//! and stores to `[sp, #S_PSTATE]`; a `global_asm!` takes `S_PSTATE` as a `const`
+//! operand from `offset_of!`. The Rust items of a frame (constants, `Frame` impl,
+//! assertions naming the field, routines) come from one renderer,
+//! [`render::RustItems`], whether `#[pt_regs]`, the [`Builder`], the CLI or probe-rt's
+//! build script asks.
 //!
 //! ```
 //! use probe_codegen::{Arch, FrameLayout, Plan, Policy, Fp, Shape, render};
 //! let frame = FrameLayout::builtin(Arch::Aarch64);
 //! let plan = Plan::new(&frame, Policy::All, Fp::None, Shape::Kretprobe).unwrap();
 //! assert!(render::c_header(&[&plan]).contains("#define S_PSTATE 264"));
+//! let s = render::gnu_asm(&[(&plan, "my_kretprobe")], &render::Symbols::default());
+//! assert!(s.contains(".equ S_PSTATE, 264") && s.contains("str x0, [sp, #S_PSTATE]"));
+//! // The plan itself holds the instructions as the assembler sees them.
 //! assert!(plan.save.iter().any(|op| op.asm == "stp x0, x1, [sp, #0]"));
 //! ```
 //!

@@ -6,6 +6,7 @@
 //! ```
 
 use clap::{Parser, Subcommand, ValueEnum};
+use probe_codegen::render::{Place, Routine, RoutineAsm, RustItems};
 use probe_codegen::{render, Arch, Fp, FrameLayout, Plan, Policy, Shape};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,13 +20,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum What {
-    /// C header of offsets: S_<FIELD>, S_FRAME_SIZE, S_ALLOC (the kernel's asm-offsets).
+    /// C header of offsets: S_<FIELD>, S_<REG>, S_FRAME_SIZE, S_ALLOC_<SHAPE> (the kernel's asm-offsets).
     Header(Common),
-    /// GNU assembler text (.S) of the routine.
+    /// GNU assembler text (.S) of the routine: `.equ` of the offsets, instructions that read them by name.
     Asm(Common),
-    /// Rust: `global_asm!` of the routine, `pub const` offsets and compile-time assertions.
+    /// Rust: the frame's items (offset consts, the routine, `Frame` impl, assertions), as `#[pt_regs]` gives them.
     Rust(Common),
-    /// Annotated listing: each instruction with the field and offset it touches.
+    /// Annotated listing: each instruction with the field, name and offset it touches.
     Listing(Common),
 }
 
@@ -55,9 +56,15 @@ struct Common {
     /// Symbol (asm) or Rust path (rust) of the handler the routine calls.
     #[arg(long, default_value = "probe_handler")]
     handler: String,
-    /// Rust path of the frame type in the assertions (rust; default: the struct name).
+    /// Rust path of the frame type in the items (rust; default: the struct name).
     #[arg(long = "type")]
     ty: Option<String>,
+    /// Where the constants go (rust): associated with the type, with its `Frame` impl, or free in a module.
+    #[arg(long, value_enum, default_value_t = PlaceArg::Type)]
+    place: PlaceArg,
+    /// Path of the crate that defines `Frame` (rust).
+    #[arg(long = "crate", default_value = "::probekit")]
+    krate: String,
 }
 
 macro_rules! value_enum {
@@ -70,6 +77,7 @@ macro_rules! value_enum {
 value_enum!(PolicyArg => Policy { All, CallerSaved });
 value_enum!(FpArg => Fp { None, Args, Return, Full });
 value_enum!(ShapeArg => Shape { SaveRestore, Kretprobe, Entry });
+value_enum!(PlaceArg => Place { Type, Module });
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ArchArg {
@@ -120,7 +128,8 @@ fn run(what: &What) -> Result<String, String> {
         What::Asm(..) => render::gnu_asm(&[(&plan, &c.name)], &symbols),
         What::Rust(..) => {
             let ty = c.ty.clone().unwrap_or_else(|| frame.name.clone());
-            format!("{}\n{}", render::rust_global_asm(&plan, &c.name, &symbols), render::rust_consts(&[&plan], &ty, ""))
+            let routine = Routine { plan: &plan, symbol: c.name.clone(), asm: RoutineAsm::Inline(symbols) };
+            RustItems::new(&ty).place(c.place.into()).krate(&c.krate).arch(&frame, vec![routine]).render()
         }
         What::Listing(..) => render::listing(&plan, &c.name),
     })

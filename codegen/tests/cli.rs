@@ -65,3 +65,33 @@ fn bad_frame_is_a_typed_error_with_file_and_field() {
     assert!(!ok && err.contains("/nonexistent/frame.rs"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn asm_and_listing_read_in_names() {
+    let (ok, out, err) = run(&["asm", "--arch", "aarch64", "--shape", "kretprobe"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(".equ S_PSTATE, 264") && out.contains(".equ S_X0, 0") && out.contains(".equ S_ALLOC_KRETPROBE, 272"), "{out}");
+    assert!(out.contains("stp x0, x1, [sp, #S_X0]") && out.contains("str x0, [sp, #S_PSTATE]") && !out.contains("[sp, #264]"), "{out}");
+    let (ok, out, _) = run(&["listing", "--arch", "x86_64", "--shape", "entry"]);
+    assert!(ok && out.contains("mov qword ptr [rsp + S_RAX], rax") && out.contains("S_RAX"), "{out}");
+}
+
+#[test]
+fn rust_is_the_items_pt_regs_gives() {
+    let (ok, out, err) = run(&["rust", "--arch", "aarch64", "--shape", "entry", "--name", "my_entry", "--handler", "crate::on_hit"]);
+    assert!(ok, "{err}");
+    for want in [
+        "impl PtRegs {",
+        "pub const S_REGS: usize = 0;",
+        "pub const S_X0: usize = 0;",
+        "pub const ENTRY: unsafe extern \"C\" fn() = {",
+        "unsafe impl ::probekit::Frame for PtRegs {",
+        "\"`PtRegs.pstate` must be at offset 264: the generated code stores and reads it there\"",
+        "handler = sym crate::on_hit,",
+        "S_PSTATE = const ::core::mem::offset_of!(PtRegs, pstate),",
+    ] {
+        assert!(out.contains(want), "{want} missing from\n{out}");
+    }
+    let (ok, out, _) = run(&["rust", "--arch", "x86_64", "--place", "module", "--type", "::probekit::PtRegs"]);
+    assert!(ok && out.contains("\npub const S_RIP: usize = 128;") && !out.contains("unsafe impl"), "{out}");
+}

@@ -116,6 +116,20 @@ fn bad_attribute() {
 }
 
 #[test]
+fn names_that_would_clash() {
+    let src = "#[repr(C)] struct F { rax: u64, #[reg(rbx)] RAX: u64, #[reg(zero)] frame_size: u64, _fpsimd_kretprobe: u64 }";
+    let e = errors(src, Arch::X86_64);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(matches!(&e[0], FrameError::NameClash { field, name, index: 1, .. } if field == "RAX" && name == "S_RAX"), "{e:?}");
+    assert_eq!(e[0].spot(), Spot::FieldName(1));
+    assert!(matches!(&e[1], FrameError::NameClash { name, .. } if name == "S_FRAME_SIZE"), "{e:?}");
+    assert!(e[1].to_string().contains("the frame's size constant"), "{}", e[1]);
+    // `S__FPSIMD_KRETPROBE` is not reserved; `r#type` is `S_TYPE`.
+    let f = parse("#[repr(C)] struct F { _fpsimd_kretprobe: u64, #[reg(zero)] r#type: u64 }", Arch::X86_64).unwrap();
+    assert_eq!(f.fields[1].const_name(), "S_TYPE");
+}
+
+#[test]
 fn from_source_errors() {
     assert!(matches!(&FrameLayout::from_source("struct", "F", Arch::X86_64).unwrap_err()[..], [FrameError::Parse { line: 1, .. }]));
     assert!(matches!(&FrameLayout::from_source("struct G;", "F", Arch::X86_64).unwrap_err()[..], [FrameError::StructNotFound { .. }]));

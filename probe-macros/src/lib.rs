@@ -28,13 +28,29 @@ mod traceable;
 /// architecture only holds 0 on the other). Fields named `_…` hold 0, `orig_rax` and
 /// `orig_x0` hold `u64::MAX`.
 ///
-/// The macro emits the struct (without the `#[reg]` attributes), `unsafe impl Frame`,
-/// `pub const` offsets `T::S_<FIELD>` and `T::S_FRAME_SIZE`, and a block of
-/// compile-time assertions, one per field and the size, that fail the build naming the
-/// field if the struct and the generated asm ever disagree. For each shape it emits
-/// the routine for x86_64 and for aarch64 under `#[cfg(target_arch)]` (the macro runs on
-/// the host and cannot know the target), and `T::SAVE_RESTORE`, `T::KRETPROBE`,
-/// `T::ENTRY`: the routines as `unsafe extern "C" fn()`.
+/// The macro emits the struct (without the `#[reg]` attributes) and the items
+/// probe-codegen renders for a frame, the same whether this macro, a build script's
+/// `probe_codegen::Builder` or the `probe-codegen rust` command made them:
+///
+/// - offsets, in the names of the kernel's asm-offsets: `T::S_<FIELD>` for every field
+///   (`S_PSTATE`, `S_REGS`, `S__RESERVED`), `T::S_<REG>` for each element of an array
+///   that binds registers (`S_X0` … `S_X30` of `regs: [u64; 31]`, `S_R8` … of
+///   `#[reg(r8..=r11)] range: [u64; 4]`), on aarch64 `T::S_FP` and `T::S_LR`, and
+///   `T::S_FRAME_SIZE`; elements of arrays of constants have no names of their own
+///   (`S__RESERVED + 8`). A field name whose constant would clash with another's (`rax`
+///   and `RAX`) or with a generated one (`frame_size`) is refused;
+/// - `unsafe impl Frame`, and compile-time assertions, one per field offset and size
+///   and one for the size, that fail the build naming the field if the struct and the
+///   generated asm ever disagree;
+/// - for each shape, the routine for x86_64 and for aarch64 under `#[cfg(target_arch)]`
+///   (the macro runs on the host and cannot know the target), whose asm reads the frame
+///   by those names as `const` operands taken from `offset_of!`, and `T::SAVE_RESTORE`,
+///   `T::KRETPROBE`, `T::ENTRY`: the routines as `unsafe extern "C" fn()`, with
+///   `T::S_ALLOC_<SHAPE>` (the bytes each allocates) and, with an FP mode,
+///   `T::S_FPSIMD_<SHAPE>` (where its FP/SIMD area starts).
+///
+/// The names that depend on the registers bound, and the routines, exist under the
+/// architecture's `cfg` only.
 ///
 /// # Safety
 ///
@@ -56,6 +72,7 @@ mod traceable;
 ///     pub ip: u64,
 /// }
 /// unsafe extern "C" fn on_frame(f: *mut Args, _fp: *mut u8) -> usize { 0 }
+/// // Args::S_FIRST, Args::S_IP, Args::S_FRAME_SIZE, Args::S_ALLOC_SAVE_RESTORE, Args::SAVE_RESTORE
 /// ```
 #[proc_macro_attribute]
 pub fn pt_regs(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -187,13 +204,23 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # Usage
 ///
-/// On a free function or an inherent method, generic or not, `unsafe` or not:
-/// `[pub] [unsafe] fn name<G>(args) -> R where … { body }`. The function keeps its
-/// name, signature, visibility, attributes and behaviour; [`probekit::sites()`] lists it
-/// (as `module::path::name`, for a method `module::path::method`) and a `Probe` or
-/// `ReturnProbe` on it rides its site instead of a breakpoint. Refused, each with an
-/// error on its token: `async`, `const`, an `extern` ABI, `impl Trait` in argument or
-/// return position, variadics, `#[inline]`, anything but a function or an impl.
+/// On a free function or an inherent method, generic or not, `unsafe` or not, with the
+/// Rust ABI or the C one: `[pub] [unsafe] [extern "C"] fn name<G>(args) -> R where … { body }`.
+/// The function keeps its name, signature (ABI included), visibility, attributes and
+/// behaviour; [`probekit::sites()`] lists it (as `module::path::name`, for a method
+/// `module::path::method`) and a `Probe` or `ReturnProbe` on it rides its site instead
+/// of a breakpoint.
+///
+/// An `extern "C"` (or `"C-unwind"`, `"system"`) function is what asm and C callers
+/// need: with `#[unsafe(no_mangle)]` its C name is the function that enters the site,
+/// so a call from C, or through an `extern "C" fn` pointer, is probed like any other.
+/// A panic in its body ends at its `extern "C"` boundary (an abort), as without the
+/// attribute. `#[inline(never)]` may be written: the function is never inlined anyway,
+/// so that every call passes its site.
+///
+/// Refused, each with an error on its token: `async`, `const`, another ABI
+/// (`extern "sysv64"`, …), `impl Trait` in argument or return position, variadics,
+/// `#[inline]` and `#[inline(always)]`, anything but a function or an impl.
 ///
 /// Inside an `impl` block a function that takes `self` or names `Self` is recognised as
 /// an associated function; one that does neither needs `#[traceable(associated)]`.
@@ -221,7 +248,8 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # What it generates, and why
 ///
-/// `#[traceable] fn f(a: u64) -> u64 { body }` becomes:
+/// `#[traceable] fn f(a: u64) -> u64 { body }` becomes (an `extern "C" fn f` keeps its
+/// ABI; the site and the body are `extern "C-unwind"` whatever it is):
 ///
 /// ```ignore
 /// #[inline(never)]
@@ -273,7 +301,13 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///     fn step(&mut self, n: usize) -> usize { n + 1 }
 /// }
 ///
+/// // Called from C (`uint64_t checksum(const uint8_t *, size_t);`) and asm.
+/// #[probekit::traceable]
+/// #[unsafe(no_mangle)]
+/// pub unsafe extern "C" fn checksum(p: *const u8, len: usize) -> u64 { /* … */ }
+///
 /// assert!(probekit::sites().iter().any(|s| s.name == "my_crate::parse"));
+/// let p = Probe::builder().function(checksum as unsafe extern "C" fn(*const u8, usize) -> u64).pre(h).register()?;
 /// ```
 ///
 /// [`probekit::sites()`]: ../probekit/fn.sites.html

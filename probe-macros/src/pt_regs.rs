@@ -1,8 +1,9 @@
 //! `#[pt_regs]`: frame declaration, offsets, assertions and routines.
 
-use probe_codegen::{render, Arch, Fp, FrameError, FrameLayout, Plan, Policy, Shape, Spot};
+use probe_codegen::render::{self, Place, Routine, RoutineAsm, RustItems};
+use probe_codegen::{Arch, Fp, FrameError, FrameLayout, Plan, Policy, Shape, Spot};
 use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned};
+use quote::{quote, quote_spanned, ToTokens};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use syn::spanned::Spanned;
 
@@ -114,7 +115,7 @@ fn spot_span(item: &syn::ItemStruct, e: &FrameError) -> Span {
         // A binding written in `#[reg(...)]` is wrong where it was written.
         Spot::Field(i) if reg_attr_span(item, i).is_some() => reg_attr_span(item, i).unwrap_or(item.ident.span()),
         Spot::Generics => item.generics.span(),
-        Spot::Field(i) => field(i).and_then(|f| f.ident.as_ref()).map(|i| i.span()).unwrap_or(item.ident.span()),
+        Spot::Field(i) | Spot::FieldName(i) => field(i).and_then(|f| f.ident.as_ref()).map(|i| i.span()).unwrap_or(item.ident.span()),
         Spot::FieldType(i) => field(i).map(|f| f.ty.span()).unwrap_or(item.ident.span()),
         Spot::RegAttr(i) => reg_attr_span(item, i).unwrap_or(item.ident.span()),
     }
@@ -130,6 +131,7 @@ fn arch_independent(e: &FrameError) -> bool {
             | FrameError::Generic { .. }
             | FrameError::NotNamedFields { .. }
             | FrameError::UnknownLayout { .. }
+            | FrameError::NameClash { .. }
     )
 }
 
@@ -197,114 +199,58 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let ident = &item.ident;
     let name = ident.to_string();
 
-    // Offsets and assertions come from the first layout that worked (offsets do not
-    // depend on the architecture; only the register bindings do).
-    let Some(layout) = layouts.iter().find_map(|(_, l)| l.as_ref().ok()) else {
-        return quote! { #errors #item };
-    };
-    let mut consts = TokenStream::new();
-    let mut asserts = TokenStream::new();
-    let mut fields = TokenStream::new();
-    for f in &layout.fields {
-        let c = format_ident!("S_{}", f.name.to_uppercase());
-        let field = format_ident!("{}", f.name);
-        let (off, size) = (f.offset as usize, f.size as usize);
-        let doc = format!("Offset of `{}` in `{name}`.", f.name);
-        let msg_off = format!("`{name}.{}` must be at offset {off}: the generated asm stores it there", f.name);
-        let msg_size = format!("`{name}.{}` must be {size} bytes: the generated asm stores that many", f.name);
-        consts.extend(quote! { #[doc = #doc] pub const #c: usize = #off; });
-        asserts.extend(quote! {
-            assert!(#krate::__private::memoffset::offset_of!(#ident, #field) == #off, #msg_off);
-            assert!(field_size(|s: &#ident| &s.#field) == #size, #msg_size);
-        });
-        let fname = &f.name;
-        fields.extend(quote! { #krate::FrameField { name: #fname, offset: #off, size: #size }, });
-    }
-    let size = layout.size as usize;
-    let msg_size = format!("`{name}` must be {size} bytes: the generated asm allocates that much");
-
-    // Routines per architecture and shape.
-    let mut routines = TokenStream::new();
-    let mut fn_consts = TokenStream::new();
-    if let Some(handler) = &options.handler {
-        // The handler's type, checked where the user wrote it.
-        routines.extend(quote_spanned! { handler.span() =>
-            const _: unsafe extern "C" fn(*mut #ident, *mut u8) -> usize = #handler;
-        });
-    }
-    for (shape, shape_span) in &options.shapes {
-        let sym = symbol(&item, *shape);
-        let sym_ident = format_ident!("{}", sym);
-        let konst = format_ident!("{}", shape.name().replace('-', "_").to_uppercase());
-        let doc = format!("The `{}` routine of `{name}` (not a Rust function: see `#[pt_regs]`).", shape.name());
-        let mut arches = Vec::new();
-        for (arch, layout) in &layouts {
-            let Ok(layout) = layout else { continue };
-            let a = arch.name();
-            let plan = match Plan::new(layout, options.policy, options.fp, *shape) {
-                Ok(p) => p,
+    // The items come from probe-codegen's one renderer (the Builder, the CLI and
+    // probe-rt's build script use it too): offsets, `Frame` impl, assertions naming the
+    // field, and per architecture the element names and the routines.
+    let k = krate.to_token_stream().to_string();
+    let symbols = options.handler.as_ref().map(|h| render::Symbols {
+        handler: h.to_token_stream().to_string(),
+        xsave_size: format!("{k}::__private::XSAVE_SIZE"),
+        xsave_mask: format!("{k}::__private::XSAVE_MASK"),
+    });
+    let mut plans: Vec<(&FrameLayout, Vec<(Plan, String)>)> = Vec::new();
+    let mut plan_errors = TokenStream::new();
+    for (arch, layout) in &layouts {
+        let Ok(layout) = layout else { continue };
+        let mut routines = Vec::new();
+        for (shape, shape_span) in &options.shapes {
+            match Plan::new(layout, options.policy, options.fp, *shape) {
+                Ok(p) => routines.push((p, symbol(&item, *shape))),
                 Err(e) => {
-                    let err = syn::Error::new(*shape_span, e.to_string()).to_compile_error();
-                    routines.extend(quote! { #[cfg(target_arch = #a)] #err });
-                    continue;
+                    let (a, err) = (arch.name(), syn::Error::new(*shape_span, e.to_string()).to_compile_error());
+                    plan_errors.extend(quote! { #[cfg(target_arch = #a)] #err });
                 }
-            };
-            arches.push(a);
-            let template = render::rust_asm_template(&plan, &sym);
-            let handler = options.handler.as_ref().expect("checked with the options");
-            let mut operands = quote! { handler = sym #handler, };
-            if plan.operands.contains(&"xsave_size") {
-                operands.extend(quote! {
-                    xsave_size = sym #krate::__private::XSAVE_SIZE,
-                    xsave_mask = sym #krate::__private::XSAVE_MASK,
-                });
             }
-            routines.extend(quote! {
-                #[cfg(target_arch = #a)]
-                ::core::arch::global_asm!(#template, #operands);
-            });
         }
-        fn_consts.extend(quote! {
-            #[doc = #doc]
-            #[cfg(any(#(target_arch = #arches),*))]
-            pub const #konst: unsafe extern "C" fn() = {
-                extern "C" {
-                    #[link_name = #sym]
-                    fn #sym_ident();
-                }
-                #sym_ident
-            };
-        });
+        plans.push((layout, routines));
     }
+    let mut items = RustItems::new(&name).place(Place::Type).krate(&k);
+    for (layout, routines) in &plans {
+        let routines =
+            routines.iter().filter_map(|(plan, sym)| Some(Routine { plan, symbol: sym.clone(), asm: RoutineAsm::Inline(symbols.clone()?) })).collect();
+        items = items.arch(layout, routines);
+    }
+    let text = items.render();
+    let generated: TokenStream = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = format!("probekit bug: `#[pt_regs]` generated text rustc cannot read ({e}); please report it");
+            syn::Error::new(item.ident.span(), msg).to_compile_error()
+        }
+    };
+
+    // The handler's type, checked where the user wrote it.
+    let handler_check = options.handler.as_ref().map(|handler| {
+        quote_spanned! { handler.span() =>
+            const _: unsafe extern "C" fn(*mut #ident, *mut u8) -> usize = #handler;
+        }
+    });
 
     quote! {
         #errors
+        #plan_errors
         #item
-
-        // SAFETY: FIELDS and SIZE are asserted against offset_of!/size_of! below, and
-        // probe-codegen accepted every field as an integer or array of integers.
-        unsafe impl #krate::Frame for #ident {
-            const NAME: &'static str = #name;
-            const FIELDS: &'static [#krate::FrameField] = &[#fields];
-            const SIZE: usize = #size;
-        }
-
-        impl #ident {
-            #consts
-            /// `size_of::<Self>()`.
-            pub const S_FRAME_SIZE: usize = #size;
-            #fn_consts
-        }
-
-        // Soundness: the generated asm stores each register at these offsets; a struct
-        // changed without the asm seeing it must fail the build, naming the field.
-        const _: () = {
-            #[allow(dead_code)]
-            const fn field_size<T, F>(_: fn(&T) -> &F) -> usize { ::core::mem::size_of::<F>() }
-            #asserts
-            assert!(::core::mem::size_of::<#ident>() == #size, #msg_size);
-        };
-
-        #routines
+        #handler_check
+        #generated
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! `fn f(args) -> R { body }` becomes three functions:
 //!
-//! - `f`, the function users call and take pointers of: same signature, attributes and
-//!   visibility, `#[inline(never)]`, and all it does is call the site;
+//! - `f`, the function users call and take pointers of: same signature (its ABI
+//!   included: Rust, or `extern "C"` for C and asm callers), attributes and visibility,
+//!   `#[inline(never)]`, and all it does is call the site;
 //! - `__probekit_site_f`, a naked `extern "C-unwind"` function: the patchable nops, a jump
 //!   to the body, and the site's entry in the `probekit_sites` table;
 //! - `__probekit_body_f`, an `extern "C-unwind"` function holding the user's body and
@@ -28,7 +29,17 @@ use syn::visit::Visit;
 use syn::visit_mut::VisitMut;
 
 /// The shape every refusal shows.
-const SHAPE: &str = "`#[traceable]` function must have signature `[pub] [unsafe] fn name<G>(args) -> R`";
+const SHAPE: &str = "`#[traceable]` function must have signature `[pub] [unsafe] [extern \"C\"] fn name<G>(args) -> R`";
+
+/// The ABIs a traceable function may have: Rust's, and the C calling convention under
+/// each of its names (on Linux x86_64 and aarch64 `system` is `C`). The wrapper keeps
+/// the ABI; the site and the body are `extern "C-unwind"` whatever it is.
+const ABIS: [&str; 5] = ["Rust", "C", "C-unwind", "system", "system-unwind"];
+
+/// Whether `a` is `#[inline(never)]`, which a traceable function has anyway.
+fn is_inline_never(a: &syn::Attribute) -> bool {
+    a.path().is_ident("inline") && matches!(&a.meta, syn::Meta::List(l) if l.tokens.to_string() == "never")
+}
 
 struct Options {
     /// Generate the associated-function form (`Self::__probekit_site_f`) even though
@@ -74,7 +85,14 @@ fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) {
         errors.push(syn::Error::new(t.span(), format!("{SHAPE}: it must not be `const` (a site is machine code)")));
     }
     if let Some(a) = &s.abi {
-        errors.push(syn::Error::new(a.span(), format!("{SHAPE}: it must use the Rust ABI (the site is `extern \"C-unwind\"` already)")));
+        // `extern` alone is `extern "C"`.
+        let name = a.name.as_ref().map_or("C".to_string(), |n| n.value());
+        if !ABIS.contains(&name.as_str()) {
+            errors.push(syn::Error::new(
+                a.span(),
+                format!("{SHAPE}: it must use the Rust or the C ABI (`extern \"C\"`, `extern \"C-unwind\"`), not `extern \"{name}\"`: the site, a naked `extern \"C-unwind\"` function, passes the arguments on as it received them"),
+            ));
+        }
     }
     if let Some(v) = &s.variadic {
         errors.push(syn::Error::new_spanned(v.dots, format!("{SHAPE}: it must not be variadic")));
@@ -87,13 +105,14 @@ fn check_signature(f: &syn::ItemFn, errors: &mut Vec<syn::Error>) {
     if let syn::ReturnType::Type(_, t) = &s.output {
         ImplTraits(errors, "it must not return `impl Trait`: name the type").visit_type(t);
     }
-    for a in &f.attrs {
-        if a.path().is_ident("inline") {
-            errors.push(syn::Error::new_spanned(
-                a,
-                format!("{SHAPE}: it must not be `#[inline]`: the function is `#[inline(never)]` so its address is its site's"),
-            ));
-        }
+    for a in f.attrs.iter().filter(|a| a.path().is_ident("inline") && !is_inline_never(a)) {
+        errors.push(syn::Error::new_spanned(
+            a,
+            format!(
+                "{SHAPE}: it must not be `#[inline]` or `#[inline(always)]`: every call must pass its site, so a traceable function \
+                 is never inlined (`#[inline(never)]` is allowed, and implied)"
+            ),
+        ));
     }
 }
 
@@ -119,8 +138,11 @@ fn not_a_function(item: TokenStream) -> TokenStream {
         Ok(span)
     };
     let span = syn::parse::Parser::parse2(first_token, item.clone()).unwrap_or_else(|_| Span::call_site());
-    let e = syn::Error::new(span, "`#[traceable]` must be on a function with a body, `[pub] [unsafe] fn name<G>(args) -> R { … }`, or on an `impl` block")
-        .to_compile_error();
+    let e = syn::Error::new(
+        span,
+        "`#[traceable]` must be on a function with a body, `[pub] [unsafe] [extern \"C\"] fn name<G>(args) -> R { … }`, or on an `impl` block",
+    )
+    .to_compile_error();
     quote! { #e #item }
 }
 
@@ -328,7 +350,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// there (the wrapper would leave it unfulfilled); `cfg` goes on all three.
 fn split_attrs(attrs: &[syn::Attribute]) -> (Vec<&syn::Attribute>, Vec<&syn::Attribute>, Vec<&syn::Attribute>) {
     let is = |a: &syn::Attribute, names: &[&str]| names.iter().any(|n| a.path().is_ident(n));
-    let wrapper = attrs.iter().filter(|a| !is(a, &["expect"])).collect();
+    // The wrapper is `#[inline(never)]` anyway: the user's, if written, is not repeated.
+    let wrapper = attrs.iter().filter(|a| !is(a, &["expect"]) && !is_inline_never(a)).collect();
     let body = attrs.iter().filter(|a| is(a, &["allow", "warn", "deny", "forbid", "expect", "cfg"])).collect();
     let site = attrs.iter().filter(|a| is(a, &["cfg"])).collect();
     (wrapper, body, site)
@@ -608,6 +631,25 @@ mod tests {
     }
 
     #[test]
+    fn extern_c_and_inline_never_are_accepted() {
+        // The C ABI stays on the function C and asm call; site and body are `C-unwind`.
+        let out = expand_str("", "#[no_mangle] #[inline(never)] pub unsafe extern \"C\" fn c(a: u64) -> u64 { a }");
+        // (Only the other-architectures guard: `compile_error ! (...)`, no error `{ ... }`.)
+        assert!(!out.contains("compile_error ! {"), "{out}");
+        let wrapper = &out[..out.find("__probekit_site_c (__probekit_arg0)").unwrap()];
+        assert_eq!(wrapper.matches("inline").count(), 1, "one `#[inline(never)]`: {out}");
+        assert!(wrapper.contains("# [no_mangle] # [inline (never)] pub unsafe extern \"C\" fn c (__probekit_arg0 : u64) -> u64"), "{out}");
+        assert!(out.contains("unsafe extern \"C-unwind\" fn __probekit_body_c (a : u64) -> u64 { a }"), "{out}");
+        assert_eq!(out.matches("no_mangle").count(), 1, "the C name is the wrapper's only: {out}");
+        for abi in ["extern", "extern \"C-unwind\"", "extern \"system\"", "extern \"Rust\""] {
+            assert!(!expand_str("", &format!("{abi} fn f() {{}}")).contains("compile_error ! {"), "{abi}");
+        }
+        let out = expand_str("", "#[inline(always)] extern \"efiapi\" fn f() {}");
+        assert_eq!(out.matches("compile_error ! {").count(), 2, "{out}");
+        assert!(out.contains("not `extern \\\"efiapi\\\"`") && out.contains("`#[inline(never)]` is allowed"), "{out}");
+    }
+
+    #[test]
     fn raw_identifiers_are_named_without_r_hash() {
         let out = expand_str("", "fn r#match() {}");
         assert!(out.contains("__probekit_site_match"), "{out}");
@@ -616,10 +658,10 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_with_the_item() {
-        let out = expand_str("speed = 11", "#[inline] const async extern \"C\" fn h(a: impl Copy, ...) -> Box<impl Copy> { 0 }");
+        let out = expand_str("speed = 11", "#[inline] const async extern \"sysv64\" fn h(a: impl Copy, ...) -> Box<impl Copy> { 0 }");
         assert_eq!(out.matches("compile_error").count(), 8, "{out}");
-        assert!(out.contains("extern \"C\" fn h"), "the item is kept: {out}");
-        assert!(!out.contains("naked"), "{out}");
+        assert!(out.contains("extern \"sysv64\" fn h"), "the item is kept: {out}");
+        assert!(!out.contains("# [unsafe (naked)]"), "{out}");
         let out = expand_str("", "#[derive(Debug)] pub struct S;");
         assert!(out.contains("compile_error") && out.contains("pub struct S"), "{out}");
     }

@@ -3,7 +3,8 @@
 //! mode × shape, plus seeded random frames (struct source, routine and offset
 //! assertions), and a table describing each routine to the checker.
 
-use probe_codegen::{render, Arch, FieldValue, Fp, FrameLayout, Plan, Policy, Reg, Shape};
+use probe_codegen::render::{self, names, Place, RustItems};
+use probe_codegen::{Arch, FieldValue, Fp, FrameLayout, Plan, Policy, Reg, Shape};
 use std::fmt::Write;
 
 /// A small deterministic generator (xorshift64*): the same frames on every build
@@ -80,11 +81,15 @@ fn main() {
     for (k, (frame, ty, fi, policy, fp, shape)) in routines.iter().enumerate() {
         let plan = Plan::new(frame, *policy, *fp, *shape).unwrap_or_else(|e| panic!("{e}"));
         let sym = format!("torture_r{k}_{}_{}_{}_{}", frame.name.to_lowercase(), shape.name(), policy.name(), fp.name()).replace('-', "_");
-        out.push_str(&render::rust_global_asm(&plan, &sym, &symbols));
+        out.push_str(&render::rust_global_asm(&plan, &sym, ty, &symbols));
         let _ = writeln!(out, "extern \"C\" {{ fn {sym}(); }}");
         if asserted.insert(*fi) {
-            // One module of offsets + assertions per frame: the compiler checks the plan's layout.
-            let _ = writeln!(out, "#[allow(dead_code)] pub mod offsets{fi} {{\n{}}}", render::rust_consts(&[&plan], ty, ""));
+            // One module of items per frame, as `#[pt_regs]` makes them: the compiler
+            // checks the plan's layout, names and `Frame` impl. The built-in `PtRegs` is
+            // probe-rt's (it has its type items): its constants go in the module.
+            let place = if *fi == 0 { Place::Module } else { Place::Type };
+            let items = RustItems::new(ty).place(place).krate("::probe_rt").arch(frame, Vec::new()).render();
+            let _ = writeln!(out, "#[allow(dead_code)] pub mod offsets{fi} {{\n{items}}}");
         }
         table.push_str(&table_entry(&sym, &sym, frame, &plan, *policy, *fp, *shape));
     }
@@ -92,7 +97,7 @@ fn main() {
         let frame = FrameLayout::from_file("src/macro_frames.rs", name, arch).unwrap_or_else(|e| panic!("{e}"));
         for &shape in Shape::ALL {
             let plan = Plan::new(&frame, *policy, *fp, shape).unwrap_or_else(|e| panic!("{e}"));
-            let konst = shape.name().replace('-', "_").to_uppercase();
+            let konst = names::shape_suffix(shape);
             let label = format!("torture_macro_{}_{}", name.to_lowercase(), shape.name()).replace('-', "_");
             table.push_str(&table_entry(&label, &format!("crate::macro_frames::{name}::{konst}"), &frame, &plan, *policy, *fp, shape));
         }
@@ -110,7 +115,8 @@ fn main() {
         .fp(Fp::Full)
         .handler("torture_handler")
         .type_path("::probe_rt::PtRegs")
-        .support_path("")
+        .place(Place::Module)
+        .crate_path("::probe_rt")
         .arch(arch)
         .out_dir(&out_dir)
         .write()
@@ -120,8 +126,9 @@ fn main() {
     let frame = FrameLayout::builtin(arch);
     for (sym, &shape) in written.symbols.iter().zip(Shape::ALL) {
         let plan = Plan::new(&frame, Policy::CallerSaved, Fp::Full, shape).unwrap_or_else(|e| panic!("{e}"));
-        let _ = writeln!(out, "extern \"C\" {{ fn {sym}(); }}");
-        table.push_str(&table_entry(&format!("torture_{sym}"), sym, &frame, &plan, Policy::CallerSaved, Fp::Full, shape));
+        // Entered through the routine constant of the Builder's items (`builder_offsets::ENTRY` …).
+        let entry = format!("crate::generated::builder_offsets::{}", names::shape_suffix(shape));
+        table.push_str(&table_entry(&format!("torture_{sym}"), &entry, &frame, &plan, Policy::CallerSaved, Fp::Full, shape));
     }
     table.push_str("];\n");
     out.push_str(&table);

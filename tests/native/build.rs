@@ -1,10 +1,13 @@
 //! Builds the C test helpers for the target: `c/jump.c` linked in (setjmp/longjmp,
-//! which Rust cannot call), and `c/gone.c` as a shared library the tests `dlopen` and
+//! which Rust cannot call), `c/callers.c` linked in (C callers of a `#[traceable]
+//! extern "C"` function, an archive of its own: only the test that defines the
+//! function pulls it in), and `c/gone.c` as a shared library the tests `dlopen` and
 //! `dlclose`, its path given to the crate as `env!("GONE_SO")`.
 
 fn main() {
     println!("cargo:rerun-if-changed=c");
     cc::Build::new().file("c/jump.c").warnings(true).compile("probekit_jump");
+    cc::Build::new().file("c/callers.c").warnings(true).compile("probekit_callers");
 
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let so = out.join("libprobekit_gone.so");

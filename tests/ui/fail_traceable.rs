@@ -9,8 +9,9 @@ const fn not_const() -> u64 {
     0
 }
 
+// The C ABI is fine (`extern "C"`, `extern "C-unwind"`); another is not.
 #[traceable]
-extern "C" fn not_extern() {}
+extern "sysv64" fn not_the_c_abi() {}
 
 #[traceable]
 fn impl_argument(f: impl Fn() -> u64) -> u64 {
@@ -30,6 +31,10 @@ unsafe fn variadic(a: u64, _: ...) -> u64 {
 #[traceable]
 #[inline]
 fn inlined() {}
+
+#[traceable]
+#[inline(always)]
+fn always_inlined() {}
 
 #[traceable(fast)]
 fn unknown_option() {}

@@ -99,6 +99,29 @@ mod inner {
     }
 }
 
+// The C ABI, for C and asm callers: the function keeps it (and its C name), the site
+// and the body are `C-unwind` behind it.
+#[traceable]
+#[unsafe(no_mangle)]
+pub extern "C" fn pass_traceable_c(a: u64, b: u32) -> u64 {
+    a * 10 + b as u64
+}
+
+#[traceable]
+extern "C-unwind" fn c_unwind(x: u64) -> u64 {
+    if x == 9 {
+        panic!("nine");
+    }
+    x
+}
+
+// `#[inline(never)]` is what a traceable function is anyway.
+#[traceable]
+#[inline(never)]
+fn never_inlined(x: u64) -> u64 {
+    x + 1
+}
+
 #[cfg(target_arch = "x86_64")]
 const NOPS: &[u8] = &[0x0f, 0x1f, 0x44, 0x00, 0x00];
 #[cfg(target_arch = "aarch64")]
@@ -122,14 +145,21 @@ fn main() {
     assert_eq!(borrow(black_box("hello"), 2), "he");
     assert_eq!(r#match(black_box(8)), 8);
     assert_eq!(inner::nested(), "nested");
+    assert_eq!(pass_traceable_c(black_box(4), 2), 42);
+    let through_a_pointer: extern "C" fn(u64, u32) -> u64 = black_box(pass_traceable_c);
+    assert_eq!(through_a_pointer(5, 3), 53);
+    assert_eq!(never_inlined(black_box(1)), 2);
 
     // A panic in the body unwinds through the site and the wrapper to the caller.
     assert_eq!(std::panic::catch_unwind(|| panics(black_box(1))).ok(), Some(1));
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {})); // quiet: this panic is expected
     let err = std::panic::catch_unwind(|| panics(black_box(7))).unwrap_err();
-    std::panic::set_hook(hook);
     assert_eq!(err.downcast_ref::<&str>(), Some(&"seven"));
+    // Through an `extern "C-unwind"` function too.
+    let err = std::panic::catch_unwind(|| c_unwind(black_box(9))).unwrap_err();
+    std::panic::set_hook(hook);
+    assert_eq!(err.downcast_ref::<&str>(), Some(&"nine"));
 
     let sites = probekit::sites();
     // Names are `module_path!()::name`; trybuild names this crate, so compare below it.
@@ -154,6 +184,9 @@ fn main() {
         one("pass_traceable::inner::nested", inner::nested as fn() -> &'static str as usize),
         one("pass_traceable::answer", Acc::<u8>::answer as fn() -> u64 as usize),
         one("pass_traceable::borrow", borrow as for<'a> fn(&'a str, usize) -> &'a str as usize),
+        one("pass_traceable::pass_traceable_c", pass_traceable_c as extern "C" fn(u64, u32) -> u64 as usize),
+        one("pass_traceable::c_unwind", c_unwind as extern "C-unwind" fn(u64) -> u64 as usize),
+        one("pass_traceable::never_inlined", never_inlined as fn(u64) -> u64 as usize),
     ];
     // Generic instances: one site each, all under one name.
     let g = find("pass_traceable::generic");
@@ -172,7 +205,7 @@ fn main() {
     // Each site is its own code, and starts with the patchable nop(s).
     all.sort();
     all.dedup();
-    assert_eq!(all.len(), 16);
+    assert_eq!(all.len(), 19);
     for site in all {
         // SAFETY: a site is the first byte of a naked function at least as long as the
         // nops and the jump after them, in mapped code.

@@ -12,6 +12,14 @@ extern "C" {
     pub fn probekit_jump_out() -> !;
 }
 
+extern "C" {
+    /// C calling `probekit_traceable_c_scale(a, b)` by that name, plus 1. The test that
+    /// calls it defines the function (`#[traceable] #[unsafe(no_mangle)] extern "C"`).
+    pub fn probekit_c_calls_by_name(a: u64, b: u64) -> u64;
+    /// C calling `f(a, b)` through the pointer, plus 1.
+    pub fn probekit_c_calls_through(f: extern "C" fn(u64, u64) -> u64, a: u64, b: u64) -> u64;
+}
+
 /// The path of the shared library built from `c/gone.c` (exports `probekit_gone_add`).
 pub const GONE_SO: &str = env!("GONE_SO");
 
