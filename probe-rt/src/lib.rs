@@ -42,7 +42,7 @@
 mod arch;
 mod batch;
 mod blacklist;
-mod breakpoint;
+pub mod breakpoint;
 mod error;
 pub mod events;
 pub mod frame;

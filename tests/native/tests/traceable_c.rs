@@ -31,7 +31,7 @@ fn see_and_bump(regs: &mut PtRegs) {
     }
 }
 
-fn on_return(regs: &mut PtRegs, _: &mut ()) {
+fn on_return(regs: &PtRegs, _: &mut ()) {
     RETURNED.store(regs.return_value(), Ordering::Relaxed);
 }
 
@@ -52,7 +52,8 @@ fn a_site_probe_on_an_extern_c_function_works_from_c_and_through_pointers() {
     assert_eq!(site.function, f as usize, "the function C calls is the one the site table records");
     assert_eq!((by_name(4, 2), through(f, 4, 2), black_box(f)(4, 2)), (403, 403, 402), "unprobed");
 
-    let p = Probe::builder().function(f).pre(see_and_bump).register().unwrap();
+    // SAFETY: the traced function adds its arguments: any second argument is fine.
+    let p = unsafe { Probe::builder().function(f).pre_mut(see_and_bump) }.register().unwrap();
     assert_eq!(p.address(), site.site, "the probe rides the site (no trap)");
     assert_eq!(by_name(5, 3), 1504, "C by name: the handler saw the call and its change reached the body");
     assert_eq!(SEEN.load(Ordering::Relaxed), 50_003);
