@@ -60,15 +60,15 @@ fn frame_source() -> impl Strategy<Value = (Arch, String)> {
 fn in_range(a: &Access, off: u64, size: u64) -> bool {
     let pair = a.slots.len() == 2;
     match a.encoding {
-        Encoding::A64Pair => pair && off % size == 0 && off <= 63 * size,
-        Encoding::A64Unsigned => !pair && off % size == 0 && off / size <= 4095,
+        Encoding::A64Pair => pair && off.is_multiple_of(size) && off <= 63 * size,
+        Encoding::A64Unsigned => !pair && off.is_multiple_of(size) && off / size <= 4095,
         Encoding::A64Base { base_offset, .. } => {
             let d = off - base_offset;
-            d % size == 0 && if pair { d <= 63 * size } else { d / size <= 4095 }
+            d.is_multiple_of(size) && if pair { d <= 63 * size } else { d / size <= 4095 }
         }
         Encoding::X86Disp8 => off <= 127,
         Encoding::X86Disp32 => off <= i32::MAX as u64,
-        Encoding::X86Push => size == 8 && off % 8 == 0,
+        Encoding::X86Push => size == 8 && off.is_multiple_of(8),
         Encoding::Loop => true,
     }
 }

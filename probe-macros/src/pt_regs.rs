@@ -45,7 +45,7 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
         } else if meta.path.is_ident("fp") {
             // `return` is a keyword: accept it through Ident::parse_any.
             let v: syn::Ident = syn::ext::IdentExt::parse_any(meta.value()?)?;
-            match Fp::ALL.iter().find(|f| f.name() == v.to_string()) {
+            match Fp::ALL.iter().find(|f| v == f.name()) {
                 Some(f) => o.fp = *f,
                 None => push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return` or `full`")),
             }

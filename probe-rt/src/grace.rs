@@ -595,7 +595,10 @@ fn snapshot() -> Option<Vec<Sampled>> {
 /// The code of the hit paths, outside the bookkeeping that tells a sample the thread
 /// is inside one: given by the crate's top layer (which knows every mechanism's entry
 /// points) through [`set_hit_path`], so that this layer depends on none of them.
-static HIT_PATH: std::sync::OnceLock<fn() -> Vec<(usize, usize)>> = std::sync::OnceLock::new();
+static HIT_PATH: std::sync::OnceLock<fn() -> Ranges> = std::sync::OnceLock::new();
+
+/// Address ranges, `[start, end)` each.
+type Ranges = Vec<(usize, usize)>;
 
 /// Tells grace periods where the hit paths' code is (see [`HIT_PATH`]).
 pub(crate) fn set_hit_path(ranges: fn() -> Vec<(usize, usize)>) {

@@ -21,11 +21,14 @@ fn compile(globs: &[String]) -> Result<Vec<glob::Pattern>, Error> {
     globs.iter().map(|g| glob::Pattern::new(g).map_err(|e| Error::BadPattern { pattern: g.clone(), reason: e.msg.to_string() })).collect()
 }
 
+/// The functions chosen, `(name, address)`, and those that could not be.
+type Chosen = (Vec<(String, usize)>, Vec<Skipped>);
+
 impl Choice {
     /// The functions chosen, `(name, address)` each once (by address, in the order
     /// found: patterns over each image's symbols, then names, then pointers), and the
     /// names that did not resolve. [`Error::NoMatch`] if nothing was chosen.
-    pub(super) fn resolve(&self) -> Result<(Vec<(String, usize)>, Vec<Skipped>), Error> {
+    pub(super) fn resolve(&self) -> Result<Chosen, Error> {
         let (patterns, excludes) = (compile(&self.patterns)?, compile(&self.excludes)?);
         let excluded = |names: &[&str]| names.iter().any(|n| excludes.iter().any(|p| p.matches(n)));
         let mut chosen = Vec::new();

@@ -111,7 +111,8 @@ impl AddrMap {
             return Ok(()); // nothing at an address that has no entry
         }
         if let Some(e) = dead {
-            return Ok(Self::fill(e, key, head));
+            Self::fill(e, key, head);
+            return Ok(());
         }
         let t = if (t.used.load(Ordering::Relaxed) + 1) * 2 > t.mask + 1 { self.grow(t)? } else { t };
         let e = t.probe_sequence(key).find(|e| e.key.load(Ordering::Relaxed) == 0).ok_or(Error::OutOfMemory { bytes: 0 })?;

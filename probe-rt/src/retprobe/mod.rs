@@ -465,6 +465,10 @@ impl ReturnProbe {
     }
 }
 
+/// What runs a return probe's handlers, typed for its data and closures.
+type RunEntry = unsafe fn(&Core, usize, &mut PtRegs) -> Entry;
+type RunReturn = unsafe fn(&Core, usize, &mut PtRegs);
+
 /// A return handler as a `Core` keeps it: the closure's address, its run function,
 /// and what keeps it alive.
 type Erased<R> = (usize, R, Owner);
@@ -479,8 +483,8 @@ fn erase<F: Send + Sync + 'static, R>(f: F, run: R) -> Erased<R> {
 /// can only be chosen before (the handlers are typed by it), which the compiler checks.
 pub struct ReturnProbeBuilder<T, S = NoHandler> {
     target: ProbeBuilder,
-    handler: Option<Erased<unsafe fn(&Core, usize, &mut PtRegs)>>,
-    entry: Option<Erased<unsafe fn(&Core, usize, &mut PtRegs) -> Entry>>,
+    handler: Option<Erased<RunReturn>>,
+    entry: Option<Erased<RunEntry>>,
     maxactive: Option<usize>,
     _state: PhantomData<fn(T, S)>,
 }

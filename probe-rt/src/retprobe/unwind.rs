@@ -50,7 +50,7 @@ pub(crate) fn register_stubs(stubs: &[StubFrame]) -> Result<(), Error> {
     let table = eh_frame(stubs);
     // Registered memory must outlive every lookup: leaked, as the stubs are.
     let table: &'static [u8] = Box::leak(table.into_boxed_slice());
-    if table.as_ptr() as usize % 8 != 0 {
+    if !(table.as_ptr() as usize).is_multiple_of(8) {
         return Err(Error::Os { addr: table.as_ptr() as usize, call: "__register_frame (misaligned table)", errno: libc::EINVAL });
     }
     // SAFETY: `table` is a well-formed `.eh_frame` sequence ending in a zero length
@@ -94,7 +94,7 @@ fn eh_frame(stubs: &[StubFrame]) -> Vec<u8> {
 
 /// Pads a record body with DW_CFA_nop so that length word + body is a multiple of 8.
 fn pad(body: &mut Vec<u8>) {
-    while (body.len() + 4) % 8 != 0 {
+    while !(body.len() + 4).is_multiple_of(8) {
         body.push(0);
     }
 }

@@ -117,8 +117,6 @@ fn read_sites() -> Vec<SiteInfo> {
     out
 }
 
-/// Bytes of a site: x86_64 a 5-byte nop; aarch64 two nops.
-
 /// The site whose first byte, or whose function, is at `addr`.
 pub(crate) fn site_of(addr: usize) -> Option<SiteInfo> {
     let index = index();

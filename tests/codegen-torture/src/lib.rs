@@ -268,7 +268,7 @@ pub fn init_xsave() {
 /// A tiny deterministic generator for register values.
 pub struct Rng(pub u64);
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -298,14 +298,14 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         out_vec: [[0; 16]; 32],
     });
     for g in ctx.in_gpr.iter_mut() {
-        *g = rng.next();
+        *g = rng.next_u64();
     }
     for v in ctx.in_vec.iter_mut() {
         for c in v.chunks_mut(8) {
-            c.copy_from_slice(&rng.next().to_ne_bytes());
+            c.copy_from_slice(&rng.next_u64().to_ne_bytes());
         }
     }
-    let flags = rng.next();
+    let flags = rng.next_u64();
     ctx.in_flags = if is_x86 {
         0x202 | (flags & 0xcd5) | if set_df { 0x400 } else { 0 } // IF, reserved bit 1, status flags
     } else {

@@ -305,7 +305,7 @@ fn longjmp_past_a_probed_frame_leaves_no_stale_instance() {
     let p = ReturnProbe::builder().function(probed_jumper as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
     for _ in 0..5 {
         // SAFETY: run_jumper's frames are plain; the jump lands in probekit_jump_run.
-        assert_eq!(unsafe { native_tests::probekit_jump_run(run_jumper, 1 as *mut _) }, 1);
+        assert_eq!(unsafe { native_tests::probekit_jump_run(run_jumper, std::ptr::dangling_mut()) }, 1);
     }
     // maxactive 1: every entry found the instance the previous longjmp left behind
     // reclaimed, and so does a normal call now.

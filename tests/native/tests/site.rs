@@ -306,7 +306,8 @@ fn site_records_are_reused_after_grace_periods() {
     let registrations = 19 * probekit::probe::RECLAIM_BATCH;
     let mut counted = 0;
     for round in 0..registrations / 2 {
-        let (f, h): (fn(u64) -> u64, fn(&PtRegs)) = if round % 2 == 0 { (reused_a, on_reused_a) } else { (reused_b, on_reused_b) };
+        type Pair = (fn(u64) -> u64, fn(&PtRegs));
+        let (f, h): Pair = if round % 2 == 0 { (reused_a, on_reused_a) } else { (reused_b, on_reused_b) };
         let p = Probe::builder().function(f).pre(h).register().unwrap_or_else(|e| panic!("round {round}: {e}"));
         let q = Probe::builder().function(f).pre(h).register().unwrap_or_else(|e| panic!("round {round}: {e}"));
         std::thread::yield_now();
@@ -326,8 +327,8 @@ fn site_records_are_reused_after_grace_periods() {
     // cannot be read later: the record is reused), never the other way round; a call
     // runs both probes of its round at most.
     assert!(counted <= handled && handled <= 2 * calls, "{counted} counted, {handled} handled, {calls} calls");
-    for which in 0..2 {
-        assert!(is_nop(&site_bytes(REUSE_SITES[which].load(Ordering::Relaxed) as usize)), "the nop is back");
+    for site in &REUSE_SITES {
+        assert!(is_nop(&site_bytes(site.load(Ordering::Relaxed) as usize)), "the nop is back");
     }
 }
 
