@@ -47,7 +47,7 @@ extern "C" fn fetch(id: u64) -> i64 {
 /// Other calls are not watched (`Skip`): there is no return handler to run, so their
 /// return is not hijacked.
 fn every_third_fails(_: &mut PtRegs, _: &mut ()) -> Entry {
-    if (CALLS.fetch_add(1, Relaxed) + 1) % 3 == 0 {
+    if (CALLS.fetch_add(1, Relaxed) + 1).is_multiple_of(3) {
         INJECTED.fetch_add(1, Relaxed);
         // -EIO as a 64-bit two's complement (the i32 sign-extends): what `fetch` would return.
         Entry::Override(i64::from(-libc::EIO) as u64)

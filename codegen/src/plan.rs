@@ -480,7 +480,7 @@ fn chunks(from: u64, to: u64) -> impl Iterator<Item = (u64, u64)> {
     let mut at = from;
     std::iter::from_fn(move || {
         (at < to).then(|| {
-            let size = [8, 4, 2, 1].into_iter().find(|c| at % c == 0 && at + c <= to).unwrap_or(1);
+            let size = [8, 4, 2, 1].into_iter().find(|c| at.is_multiple_of(*c) && at + c <= to).unwrap_or(1);
             at += size;
             (at - size, size)
         })

@@ -30,7 +30,7 @@ fn pair_max(size: u64) -> u64 {
 
 /// Whether `off` is reachable by an unsigned scaled 12-bit immediate for `size`-byte access.
 fn unsigned_ok(off: u64, size: u64) -> bool {
-    off % size == 0 && off / size <= 4095
+    off.is_multiple_of(size) && off / size <= 4095
 }
 
 /// `add dst, src, #imm` for any imm below 2^24, in one or two instructions.
@@ -89,7 +89,7 @@ impl Addr {
     /// stp/ldp of two registers, only ever direct).
     fn get(&self, off: u64, size: u64, pair: bool) -> Option<(Vec<Op>, String, Encoding)> {
         if pair {
-            return (off % size == 0 && off <= pair_max(size)).then(|| (vec![], format!("[sp, #{off}]"), Encoding::A64Pair));
+            return (off.is_multiple_of(size) && off <= pair_max(size)).then(|| (vec![], format!("[sp, #{off}]"), Encoding::A64Pair));
         }
         if unsigned_ok(off, size) {
             return Some((vec![], format!("[sp, #{off}]"), Encoding::A64Unsigned));
@@ -194,7 +194,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     while i < xslots.len() {
         let a = xslots[i].clone();
         let b = xslots.get(i + 1).filter(|b| b.off == a.off + 8).cloned();
-        if let Some(b) = b.filter(|_| a.off % 8 == 0 && a.off <= pair_max(8)) {
+        if let Some(b) = b.filter(|_| a.off.is_multiple_of(8) && a.off <= pair_max(8)) {
             let (_, m, enc) = addr.get(a.off, 8, true).expect("in pair range");
             let slots = vec![(a.off, 8, a.slot.clone()), (b.off, 8, b.slot.clone())];
             let note = format!("{} @{}, {} @{}", a.slot, a.off, b.slot, b.off);
