@@ -62,7 +62,7 @@ mod traceable;
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// #[probekit::pt_regs(shapes(save_restore), policy = caller_saved, handler = on_frame)]
 /// #[repr(C)]
 /// pub struct Args {
@@ -71,8 +71,13 @@ mod traceable;
 ///     #[reg(x86_64 = "rip", aarch64 = "pc")]
 ///     pub ip: u64,
 /// }
-/// unsafe extern "C" fn on_frame(f: *mut Args, _fp: *mut u8) -> usize { 0 }
-/// // Args::S_FIRST, Args::S_IP, Args::S_FRAME_SIZE, Args::S_ALLOC_SAVE_RESTORE, Args::SAVE_RESTORE
+/// unsafe extern "C" fn on_frame(_f: *mut Args, _fp: *mut u8) -> usize { 0 }
+///
+/// fn main() {
+///     // The offsets, checked against the compiler's layout at compile time, and the routine.
+///     assert_eq!((Args::S_FIRST, Args::S_IP, Args::S_FRAME_SIZE), (0, 8, 16));
+///     let _routine: unsafe extern "C" fn() = Args::SAVE_RESTORE;
+/// }
 /// ```
 #[proc_macro_attribute]
 pub fn pt_regs(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -111,12 +116,27 @@ pub fn pt_regs(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # Examples
 ///
-/// ```ignore
-/// #[probekit::kprobe(function = crate::parse)]
-/// fn on_parse(regs: &probekit::PtRegs) {
+/// ```
+/// use probekit::{EventBuffer, PtRegs};
+///
+/// #[inline(never)]
+/// fn parse(n: u64) -> u64 {
+///     std::hint::black_box(n) + 1
+/// }
+///
+/// static EVENTS: EventBuffer<u64, 16> = EventBuffer::new();
+///
+/// #[probekit::kprobe(function = parse)]
+/// fn on_parse(regs: &PtRegs) {
 ///     EVENTS.push(regs.arg(0).unwrap_or(0));
 /// }
-/// let _probe = on_parse::register()?;
+///
+/// # fn main() -> Result<(), probekit::Error> {
+/// let probe = on_parse::register()?;
+/// parse(41);
+/// assert_eq!(probe.nhit(), 1);
+/// # Ok(())
+/// # }
 /// ```
 #[proc_macro_attribute]
 pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -171,8 +191,15 @@ pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # Examples
 ///
-/// ```ignore
-/// use probekit::PtRegs;
+/// ```
+/// use probekit::{EventBuffer, PtRegs};
+///
+/// #[inline(never)]
+/// fn parse(n: u64) -> u64 {
+///     std::hint::black_box(n) * 2
+/// }
+///
+/// static EVENTS: EventBuffer<(u64, u64), 16> = EventBuffer::new();
 ///
 /// #[derive(Default)]
 /// struct Call { arg: u64 }
@@ -182,11 +209,17 @@ pub fn kprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///     true
 /// }
 ///
-/// #[probekit::kretprobe(function = crate::parse, data = Call, entry = on_entry, maxactive = 64)]
+/// #[probekit::kretprobe(function = parse, data = Call, entry = on_entry, maxactive = 64)]
 /// fn on_parse_return(regs: &PtRegs, call: &mut Call) {
 ///     EVENTS.push((call.arg, regs.return_value()));
 /// }
-/// let _probe = on_parse_return::register()?;
+///
+/// # fn main() -> Result<(), probekit::Error> {
+/// let probe = on_parse_return::register()?;
+/// assert_eq!(parse(21), 42);
+/// assert_eq!(probe.nhit(), 1);
+/// # Ok(())
+/// # }
 /// ```
 #[proc_macro_attribute]
 pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -237,13 +270,27 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// bodies. Provided methods the impl does not override keep the trait's body and get
 /// no site.
 ///
-/// ```ignore
+/// ```
+/// use probekit::{Probe, PtRegs};
+/// use std::io::Read;
+///
+/// struct Wire(u8);
+///
 /// #[probekit::traceable]
 /// impl Read for Wire {
-///     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> { /* … */ }
+///     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+///         buf.fill(self.0);
+///         Ok(buf.len())
+///     }
 /// }
+///
+/// # fn main() -> Result<(), probekit::Error> {
 /// let read = <Wire as Read>::read as fn(&'static mut Wire, &'static mut [u8]) -> std::io::Result<usize>;
-/// let p = Probe::builder().function(read).pre(h).register()?;
+/// let p = Probe::builder().function(read).pre(|_: &PtRegs| {}).register()?;
+/// assert_eq!(Wire(7).read(&mut [0; 4]).unwrap(), 4);
+/// assert_eq!(p.nhit(), 1);
+/// # Ok(())
+/// # }
 /// ```
 ///
 /// # What it generates, and why
@@ -251,7 +298,7 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// `#[traceable] fn f(a: u64) -> u64 { body }` becomes (an `extern "C" fn f` keeps its
 /// ABI; the site and the body are `extern "C-unwind"` whatever it is):
 ///
-/// ```ignore
+/// ```text
 /// #[inline(never)]
 /// fn f(a: u64) -> u64 { __probekit_site_f(a) }   // users call it and take its address
 ///
@@ -291,9 +338,13 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
+/// use probekit::{Probe, PtRegs};
+///
 /// #[probekit::traceable]
-/// pub fn parse(input: &[u8]) -> Option<u64> { /* … */ }
+/// pub fn parse(input: &[u8]) -> Option<u64> {
+///     std::str::from_utf8(input).ok()?.parse().ok()
+/// }
 ///
 /// struct Parser<T>(T);
 /// impl<T: Clone> Parser<T> {
@@ -304,10 +355,20 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// // Called from C (`uint64_t checksum(const uint8_t *, size_t);`) and asm.
 /// #[probekit::traceable]
 /// #[unsafe(no_mangle)]
-/// pub unsafe extern "C" fn checksum(p: *const u8, len: usize) -> u64 { /* … */ }
+/// pub unsafe extern "C" fn checksum(p: *const u8, len: usize) -> u64 {
+///     // SAFETY: the caller passes `len` readable bytes at `p`.
+///     unsafe { std::slice::from_raw_parts(p, len) }.iter().map(|b| *b as u64).sum()
+/// }
 ///
-/// assert!(probekit::sites().iter().any(|s| s.name == "my_crate::parse"));
-/// let p = Probe::builder().function(checksum as unsafe extern "C" fn(*const u8, usize) -> u64).pre(h).register()?;
+/// # fn main() -> Result<(), probekit::Error> {
+/// assert!(probekit::sites().iter().any(|s| s.name.ends_with("::parse")));
+/// let f = checksum as unsafe extern "C" fn(*const u8, usize) -> u64;
+/// let p = Probe::builder().function(f).pre(|_: &PtRegs| {}).register()?;
+/// // SAFETY: three readable bytes.
+/// assert_eq!(unsafe { checksum(b"abc".as_ptr(), 3) }, 294);
+/// assert_eq!((parse(b"42"), Parser(()).step(1), p.nhit()), (Some(42), 2, 1));
+/// # Ok(())
+/// # }
 /// ```
 ///
 /// [`probekit::sites()`]: ../probekit/fn.sites.html
