@@ -35,7 +35,7 @@
 //! The library does no I/O except [`FrameLayout::from_file`], uses no `unsafe` and
 //! builds for any host.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod arch;
 pub mod builder;

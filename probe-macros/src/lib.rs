@@ -1,6 +1,6 @@
 //! probekit's procedural macros. Thin: they parse with `syn`, ask `probe-codegen`
 //! and emit with `quote`.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 use proc_macro::TokenStream;
 

@@ -37,7 +37,7 @@
 //! periods) use `sys`; the mechanisms — `site` (site patching and hit path),
 //! `breakpoint` (the `Probe` API, arming, the SIGTRAP path), `retprobe` — use the
 //! layers above them; this file, the listing and the blacklist use everything.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 mod arch;
 mod batch;
