@@ -411,8 +411,8 @@ fn const_name(field: &str) -> String {
 /// rustc would each report differently, far from the field.
 fn name_clashes(frame: &str, named: &syn::FieldsNamed) -> Vec<FrameError> {
     let mut reserved = vec![("S_FRAME_SIZE".to_string(), "the frame's size constant".to_string())];
-    for shape in crate::Shape::ALL {
-        let sfx = crate::render::names::shape_suffix(*shape);
+    for shape in crate::options::Shape::ALL {
+        let sfx = shape.const_suffix();
         reserved.push((format!("S_ALLOC_{sfx}"), format!("the `{shape}` routine's allocation constant")));
         reserved.push((format!("S_FPSIMD_{sfx}"), format!("the `{shape}` routine's FP/SIMD area constant")));
     }

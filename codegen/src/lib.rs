@@ -40,6 +40,7 @@
 pub mod arch;
 pub mod builder;
 pub mod layout;
+pub mod options;
 pub mod plan;
 pub mod render;
 pub mod site;

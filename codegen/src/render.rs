@@ -146,7 +146,7 @@ fn constants(plans: &[&Plan]) -> Vec<(String, u64, String)> {
     let mut v: Vec<(String, u64, String)> = names::offsets(f).into_iter().map(|o| (o.describe(), o)).map(|(d, o)| (o.name, o.offset, d)).collect();
     v.push(("S_FRAME_SIZE".into(), f.size, format!("sizeof({})", f.name)));
     for p in plans {
-        let sfx = names::shape_suffix(p.shape);
+        let sfx = p.shape.const_suffix();
         v.push((format!("S_ALLOC_{sfx}"), p.alloc, format!("bytes the {} routine allocates: frame, hidden spills, FP/SIMD area", p.shape)));
         if let Some((at, _)) = p.fp_area {
             v.push((format!("S_FPSIMD_{sfx}"), at, format!("the {} routine's FP/SIMD area, from the frame", p.shape)));

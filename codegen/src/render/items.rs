@@ -149,7 +149,7 @@ impl<'a> RustItems<'a> {
             }
             let mut asm = Vec::new();
             for r in routines {
-                let sfx = names::shape_suffix(r.plan.shape);
+                let sfx = r.plan.shape.const_suffix();
                 let shape = r.plan.shape;
                 consts.push(konst(
                     &format!("Bytes the `{shape}` routine allocates below the stack pointer: the frame, hidden spills and the FP/SIMD area."),

@@ -20,7 +20,7 @@
 
 use crate::arch::{Arch, Reg};
 use crate::layout::{FieldValue, FrameLayout};
-use crate::plan::{Encoding, Op, Shape};
+use crate::plan::{Encoding, Op};
 
 /// What an [`Offset`] names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,12 +112,6 @@ fn reg_const(r: Reg) -> String {
     format!("S_{}", r.name().to_uppercase())
 }
 
-/// `SAVE_RESTORE`, `KRETPROBE`, `ENTRY`: a shape in constant names (the routine's own
-/// constant, and the suffix of `S_ALLOC_<SHAPE>` and `S_FPSIMD_<SHAPE>`).
-pub fn shape_suffix(shape: Shape) -> String {
-    shape.name().replace('-', "_").to_uppercase()
-}
-
 /// How the asm text spells a frame offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Spelling {
@@ -187,7 +181,7 @@ impl<'a> Names<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Fp, Plan, Policy};
+    use crate::{Fp, Plan, Policy, Shape};
 
     fn names(frame: &FrameLayout) -> Vec<(String, u64)> {
         offsets(frame).into_iter().map(|o| (o.name, o.offset)).collect()

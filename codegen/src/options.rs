@@ -1,0 +1,114 @@
+//! The options of a plan: which registers are restored ([`Policy`]), which FP/SIMD
+//! state is kept ([`Fp`]), which kind of routine ([`Shape`]). A module of their own,
+//! which depends on nothing, so that the frame layout (which reserves the names the
+//! routines' constants take) and the plans both use them without depending on each
+//! other.
+
+use std::fmt;
+
+/// Which general registers the trampoline restores from the frame.
+///
+/// Under both policies every register that has a field is *saved* into it, so the
+/// frame is complete, and every caller-saved register without a field is spilled to a
+/// hidden area and restored, so the probed code never sees a handler's scratch values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// Every register that has a field is restored from it: a handler's write to any
+    /// general register (and to the flags and the resume address) takes effect. The
+    /// trampoline trusts no calling convention (the choice of seed 000's author), except
+    /// for the x86_64 flags at a function's entry and return (`Entry`, `Kretprobe`),
+    /// which the ABI does not keep across calls: saved, not restored.
+    All,
+    /// Callee-saved registers (SysV: rbx, rbp, r12–r15; AAPCS64: x19–x29) are left to
+    /// the ABI on the way out: the handler is a normal function that preserves them, so
+    /// they are not reloaded. A handler's write to one of their fields has **no effect**.
+    /// Caller-saved registers, flags and the resume address are restored as under `All`.
+    CallerSaved,
+}
+
+/// Which FP/SIMD state the trampoline preserves around the handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp {
+    /// None: the handler must not touch FP/SIMD registers (e.g. `-C target-feature=-sse`
+    /// code), or the probed point must have none live.
+    None,
+    /// Argument registers: x86_64 `xmm0`–`xmm7`, aarch64 `q0`–`q7` (what is live at a function entry).
+    Args,
+    /// Return registers: x86_64 `xmm0`–`xmm1`, aarch64 `q0`–`q1` (what is live at a function return).
+    Return,
+    /// Everything: x86_64 `xsave64`/`xrstor64` of the components in a run-time mask into
+    /// an area of run-time size (operands `xsave_mask` and `xsave_size`); aarch64
+    /// `q0`–`q31`, `fpcr` and `fpsr`. What is live mid-function.
+    Full,
+}
+
+/// The kind of routine a plan generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// A routine called like a function (`call` / `bl`): allocate, save, call the
+    /// handler, restore, resume at the frame's pc. The bare save/restore pair.
+    SaveRestore,
+    /// The return trampoline of seed 000: entered by the probed function's `ret`,
+    /// it saves, calls the handler, which returns the real return address, installs
+    /// it as the resume address, restores and returns there. On x86_64 the flags are
+    /// saved but not restored: at a function return they carry nothing (SysV), and DF
+    /// leaves clear, as the ABI wants it there.
+    ///
+    /// It carries DWARF call-frame information (`.cfi_*`), so that an unwinder in the
+    /// handler (a backtrace, a panic) walks through it to the probed function's real
+    /// caller. At the handler call the return address is read from the frame's pc
+    /// field (or the hidden resume slot): **the handler must write the real return
+    /// address there before anything can unwind**. Elsewhere in the routine the
+    /// return address is marked undefined: a walk stops there rather than go astray.
+    Kretprobe,
+    /// Entered from a patched site by `call` (x86_64) or `mov x9, x30; bl` (aarch64,
+    /// as the kernel's ftrace): steps over the x86_64 red zone, saves, calls,
+    /// restores and resumes at the continuation (the frame's pc). The site is a
+    /// function's entry: on x86_64 the flags are saved but not restored (the ABI does
+    /// not preserve them across calls; DF leaves clear, as it came), and the stack has
+    /// the alignment the ABI gives every function entry (`rsp + 8` 16-aligned before the
+    /// site's `call`), so the frame sits at a fixed distance below it, with no run-time
+    /// alignment ([`Plan::probed_sp_offset`]; `Fp::Full`, whose xsave area is sized at
+    /// run time, and frames too large to allocate without probing the pages still align
+    /// at run time).
+    ///
+    /// On x86_64 the site's own `call` writes the return address at `[rsp-8]`, inside
+    /// the probed code's red zone; the routine keeps the other 120 bytes of it (and
+    /// 8 more) untouched. A site is therefore placed where that word is dead: at a
+    /// function entry, as `#[traceable]` sites are, the callee has not used its red
+    /// zone yet. (A site deeper in a function needs a stub that skips the red zone and
+    /// gives the stack the function-entry alignment before its call.)
+    Entry,
+}
+
+macro_rules! names {
+    ($t:ty { $($v:ident = $s:literal),* $(,)? }) => {
+        impl $t {
+            /// Every value.
+            pub const ALL: &'static [$t] = &[$(<$t>::$v),*];
+            /// The CLI spelling.
+            pub fn name(self) -> &'static str { match self { $(<$t>::$v => $s),* } }
+        }
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s { $($s => Ok(<$t>::$v),)* _ => Err(format!(
+                    "unknown {} `{}`: must be one of {}", stringify!($t).to_lowercase(), s,
+                    [$(concat!("`", $s, "`")),*].join(", "))) }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.name()) }
+        }
+    };
+}
+names!(Policy { All = "all", CallerSaved = "caller-saved" });
+names!(Fp { None = "none", Args = "args", Return = "return", Full = "full" });
+names!(Shape { SaveRestore = "save-restore", Kretprobe = "kretprobe", Entry = "entry" });
+
+impl Shape {
+    /// The shape in the names of its constants: `SAVE_RESTORE` (`S_ALLOC_SAVE_RESTORE`).
+    pub fn const_suffix(self) -> String {
+        self.name().replace('-', "_").to_uppercase()
+    }
+}
