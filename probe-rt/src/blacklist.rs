@@ -117,7 +117,9 @@ fn visit(symbols: &Snapshot, t: usize, seen: &mut HashSet<usize>, todo: &mut Vec
     }
     let end = match &f {
         Some(f) if f.size > 0 => f.addr + f.size,
-        _ => start + 1,
+        // Code of unknown size (hand-written asm, a PLT entry): up to the next symbol,
+        // which is where it can end at the latest, within a bound.
+        _ => symbols.next_start(start).map_or(start + 1, |next| next.min(start + MAX_FUNCTION_BYTES)),
     };
     out.push(Blacklisted { name: "code probekit's hit path runs", start, end });
     todo.push(start);

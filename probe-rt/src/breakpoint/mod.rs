@@ -461,7 +461,9 @@ pub(super) fn still_there(e: &Record, target: usize) -> bool {
         return false;
     }
     let id = e.code_id.load(Ordering::Relaxed);
-    let same = maps::mapping_of(target).is_some_and(|m| m.prot & libc::PROT_EXEC != 0 && m.code_id(target) == id);
+    // The file and offset say whose code it is; the protection does not (a program may
+    // make its text writable and not executable for a moment).
+    let same = maps::mapping_of(target).is_some_and(|m| m.code_id(target) == id);
     if !same {
         e.gone.store(true, Ordering::Relaxed);
     }

@@ -83,6 +83,12 @@ impl Snapshot {
         Some((&p.functions, p.functions.partition_point(|f| f.addr <= addr)))
     }
 
+    /// The first symbol of the image holding `addr` that starts after it.
+    pub(crate) fn next_start(&self, addr: usize) -> Option<usize> {
+        let (f, below) = self.below(addr)?;
+        f[below..].iter().map(|f| f.addr).find(|a| *a > addr)
+    }
+
     /// The function containing `addr`, by its symbol's size.
     pub(crate) fn function_at(&self, addr: usize) -> Option<Function> {
         // The nearest start at or below `addr` whose function contains it: from the
