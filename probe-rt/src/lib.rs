@@ -40,6 +40,7 @@
 #![deny(missing_docs)]
 
 mod arch;
+pub mod backtrace;
 mod batch;
 mod blacklist;
 pub mod breakpoint;
@@ -49,11 +50,13 @@ pub mod frame;
 mod grace;
 mod listing;
 pub mod multi;
+pub mod perfmap;
 mod registry;
 pub mod retprobe;
 mod site;
 mod sys;
 
+pub use backtrace::{backtrace, stack_trace};
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};
 pub use blacklist::{blacklist, Blacklisted};
 pub use breakpoint::{FnAddr, Probe, ProbeBuilder, ProbeHandle};
@@ -62,6 +65,7 @@ pub use events::EventBuffer;
 pub use frame::{PtRegs, VReg};
 pub use listing::{list, ProbeInfo, ProbeList};
 pub use multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
+pub use perfmap::{perf_map, perf_map_path};
 pub use retprobe::{Entry, HasHandler, NoHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle, MAX_MAXACTIVE};
 pub use site::table::{sites, SiteInfo};
 pub use sys::code::{text_writes, write_mode, TextWrites, WriteFailure, WriteMode};
@@ -87,7 +91,11 @@ pub fn synchronize() -> bool {
 /// which only this layer knows.
 extern "C" fn init_layers() {
     grace::set_hit_path(blacklist::hit_path_ranges);
-    registry::set_blacklist(|addr| blacklist::find_at(addr).map(|b| b.name));
+    // Every registration asks the blacklist first: the perf map catches up then.
+    registry::set_blacklist(|addr| {
+        perfmap::on_register();
+        blacklist::find_at(addr).map(|b| b.name)
+    });
 }
 #[used]
 #[link_section = ".init_array"]
@@ -136,6 +144,12 @@ pub mod __private {
             const { assert!(std::mem::size_of::<F>() == 0, "`function = path` must name a function") };
             FnItem(addr)
         }
+    }
+
+    /// The function holding `addr` (a Rust path without the hash, or a C symbol) and
+    /// the offset into it, from the symbol tables: for tests that check stack traces.
+    pub fn symbol_of(addr: usize) -> Option<(String, usize)> {
+        crate::sys::symbols::symbol_of(addr)
     }
 
     /// Probe records ever taken, retired (waiting for a grace period) and free for

@@ -430,6 +430,33 @@ fn lost(sp: usize) -> ! {
     }
 }
 
+/// The real return address hidden behind `addr`, if `addr` is the stub of one of this
+/// thread's live instances (a hijacked return address read from the stack or `x30`),
+/// else `addr`: what Frida's `gum_invocation_stack_translate` does. Lock-free and
+/// without allocation: the thread's own list of instances, newest first.
+pub(crate) fn translate(addr: usize) -> usize {
+    let mut at = HEAD.get();
+    while at != 0 {
+        let inst = inst_at(at);
+        if inst.stub == addr {
+            return inst.ret.load(Ordering::Relaxed);
+        }
+        at = inst.next.load(Ordering::Relaxed);
+    }
+    addr
+}
+
+/// Every block of stubs made so far: `(first stub's page, stubs)`, for the perf map.
+pub(crate) fn stub_blocks() -> Vec<(usize, usize)> {
+    pool::blocks()
+}
+
+/// `(bytes per stub, offset of its entry)`: stub `i` of a block at `code` spans
+/// `code + i * STUB ..` and is entered `STUB_ENTRY` bytes in.
+pub(crate) fn stub_layout() -> (usize, usize) {
+    (STUB, STUB_ENTRY)
+}
+
 /// The FP/SIMD area of the return handler running on this thread, if `regs` is its frame.
 pub(crate) fn fp_area_of(regs: &PtRegs) -> Option<usize> {
     let (frame, fp) = FP_AREA.get();
@@ -686,7 +713,10 @@ impl Pending {
     /// The handle, once the entry's probe is registered; on error the `Core` and
     /// block are retired.
     pub(crate) fn finish(self, entry: Result<ProbeHandle, Error>) -> Result<ReturnProbeHandle, Error> {
-        Ok(self.handle(entry?))
+        let handle = self.handle(entry?);
+        // The entry's slot, if it has one, gets its name now.
+        crate::perfmap::on_register();
+        Ok(handle)
     }
 
     /// The handle, with the entry's probe registered.

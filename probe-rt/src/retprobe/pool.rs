@@ -69,6 +69,8 @@ impl Block {
             (0..n).map(|i| StubFrame { begin: code + i * STUB, end: code + (i + 1) * STUB, slot: &insts[i].ret as *const AtomicUsize as usize }).collect();
         // If this fails, the pages and instances stay allocated, unreachable (once).
         unwind::register_stubs(&frames)?;
+        ALL.lock().unwrap_or_else(|p| p.into_inner()).push((code, n));
+        crate::perfmap::stubs_made();
         Ok(Box::leak(Box::new(Block { insts, code })))
     }
 
@@ -117,6 +119,14 @@ struct Pool {
 /// block is made meanwhile): one grace period, which signals every thread that has
 /// hit a probe, serves them all.
 const RECLAIM_BATCH: usize = 8;
+
+/// Every block ever made, `(code, n)`: for the perf map. Registration takes it.
+static ALL: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+/// Every block ever made: where its stubs start and how many there are.
+pub(crate) fn blocks() -> Vec<(usize, usize)> {
+    ALL.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// Registration and unregistration take it; the hit paths never do.
 static POOL: Mutex<Pool> = Mutex::new(Pool { free: Vec::new(), retired: Vec::new(), retry: grace::Retry::new() });

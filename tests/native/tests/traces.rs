@@ -1,0 +1,424 @@
+//! Stack traces through probekit (issue 14, "Backtraces"): `probekit::backtrace()` and
+//! `probekit::stack_trace(regs)` with return probes nested three deep, from the
+//! innermost return handler, from an entry handler and from a function the probed
+//! one calls; `stack_trace` from a breakpoint pre handler, a site handler and a return
+//! handler; what libgcc's walk (the one `std::backtrace` uses) shows instead; the
+//! perf map.
+//!
+//! Handlers store raw addresses in statics (no allocation in a handler); names are
+//! looked up afterwards, outside the handlers.
+
+use probekit::{Probe, PtRegs, ReturnProbe};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// The tests probe shared functions: one at a time.
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const DEPTH: usize = 64;
+
+/// A trace a handler stores without allocating.
+struct Trace {
+    len: AtomicUsize,
+    at: [AtomicUsize; DEPTH],
+}
+
+impl Trace {
+    const fn new() -> Trace {
+        Trace { len: AtomicUsize::new(0), at: [const { AtomicUsize::new(0) }; DEPTH] }
+    }
+
+    fn store(&self, t: &[usize]) {
+        for (slot, a) in self.at.iter().zip(t) {
+            slot.store(*a, Ordering::Relaxed);
+        }
+        self.len.store(t.len(), Ordering::Release);
+    }
+
+    fn take(&self) -> Vec<usize> {
+        let n = self.len.swap(0, Ordering::Acquire);
+        self.at[..n].iter().map(|a| a.load(Ordering::Relaxed)).collect()
+    }
+
+    /// `probekit::backtrace()` here.
+    fn backtrace(&self) {
+        let mut buf = [0usize; DEPTH];
+        let n = probekit::backtrace(&mut buf);
+        self.store(&buf[..n]);
+    }
+
+    /// `probekit::stack_trace(regs)`.
+    fn stack_trace(&self, regs: &PtRegs) {
+        let mut buf = [0usize; DEPTH];
+        let n = probekit::stack_trace(regs, &mut buf);
+        self.store(&buf[..n]);
+    }
+}
+
+/// The function each address is in: the first is a pc (`exact`) or, like all the
+/// others, a return address, looked up one byte back where its call is.
+fn names(trace: &[usize], exact: bool) -> Vec<String> {
+    trace
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let at = if i == 0 && exact { *a } else { a.wrapping_sub(1) };
+            probekit::__private::symbol_of(at).map_or_else(|| format!("<unknown {a:#x}>"), |(name, _)| name)
+        })
+        .collect()
+}
+
+/// Whether `addr` is in a mapping of a file (an image), not in memory made at run time.
+fn in_an_image(addr: usize) -> bool {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (range, path) = (f.next().unwrap(), f.nth(4));
+        let (lo, hi) = range.split_once('-').unwrap();
+        let (lo, hi) = (usize::from_str_radix(lo, 16).unwrap(), usize::from_str_radix(hi, 16).unwrap());
+        (lo..hi).contains(&addr) && path.is_some_and(|p| p.starts_with('/'))
+    })
+}
+
+/// Every address of the trace is in an image (no stub, slot or other code made at run
+/// time), none in probekit's functions, and the walk got past the test's own function
+/// into the test harness.
+fn assert_clean(trace: &[usize], exact: bool, test: &str) {
+    let names = names(trace, exact);
+    for (n, a) in names.iter().zip(trace) {
+        assert!(in_an_image(*a) && !n.starts_with("probe_rt::") && !n.starts_with("probekit_"), "a runtime frame {n} in {names:#?}");
+    }
+    let at = names.iter().position(|n| n.ends_with(test)).unwrap_or_else(|| panic!("{test} is missing from {names:#?}"));
+    assert!(names.len() > at + 1, "the walk stopped at the test: {names:#?}");
+}
+
+/// The return address of a function at its entry (x86_64: the word at `rsp`; aarch64: `x30`).
+fn return_address(regs: &PtRegs) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: at a function's entry rsp points at the return address the call pushed.
+    return unsafe { *(regs.rsp as *const usize) };
+    #[cfg(target_arch = "aarch64")]
+    return regs.regs[30] as usize;
+}
+
+// ---- Return probes nested three deep: outer → middle → inner → leaf ----
+
+static LEAF_TRACES: AtomicBool = AtomicBool::new(false);
+static FROM_LEAF: Trace = Trace::new();
+
+#[inline(never)]
+fn leaf(x: u64) -> u64 {
+    if LEAF_TRACES.load(Ordering::Relaxed) {
+        FROM_LEAF.backtrace();
+    }
+    black_box(x)
+}
+
+#[inline(never)]
+fn inner(x: u64) -> u64 {
+    leaf(black_box(x)) + 1
+}
+
+#[inline(never)]
+fn middle(x: u64) -> u64 {
+    inner(black_box(x)) + 1
+}
+
+#[inline(never)]
+fn outer(x: u64) -> u64 {
+    middle(black_box(x)) + 1
+}
+
+/// The real return addresses of outer, middle and inner, from their entry handlers.
+static RA: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
+
+/// What inner's handlers capture.
+static RET_BACKTRACE: Trace = Trace::new();
+static RET_REGS: Trace = Trace::new();
+static RAW: Trace = Trace::new();
+static ENTRY_BACKTRACE: Trace = Trace::new();
+static ENTRY_REGS: Trace = Trace::new();
+
+/// Return probes on outer, middle and inner, each recording its real return address
+/// at the entry; `at_entry` and `at_return` run in inner's handlers.
+fn nest(at_entry: fn(&PtRegs), at_return: fn(&PtRegs)) -> Vec<probekit::ReturnProbeHandle> {
+    let fns: [fn(u64) -> u64; 3] = [outer, middle, inner];
+    fns.into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            ReturnProbe::builder()
+                .function(f)
+                .entry_handler(move |regs: &PtRegs, _: &mut ()| {
+                    RA[i].store(return_address(regs), Ordering::Relaxed);
+                    if i == 2 {
+                        at_entry(regs);
+                    }
+                    true
+                })
+                .handler(move |regs: &PtRegs, _: &mut ()| {
+                    if i == 2 {
+                        at_return(regs);
+                    }
+                })
+                .register()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn real_return_addresses() -> Vec<usize> {
+    // Innermost first: inner's, middle's, outer's.
+    RA.iter().rev().map(|a| a.load(Ordering::Relaxed)).collect()
+}
+
+#[test]
+fn from_the_innermost_return_handler() {
+    let _g = serial();
+    let probes = nest(
+        |_| {},
+        |regs| {
+            RET_BACKTRACE.backtrace();
+            RET_REGS.stack_trace(regs);
+        },
+    );
+    assert_eq!(outer(1), 4);
+    drop(probes);
+    let real = real_return_addresses();
+    let (bt, st) = (RET_BACKTRACE.take(), RET_REGS.take());
+    // In a return handler both start at the probed context: inner's real return
+    // address, then middle's and outer's (both still hijacked on the stack).
+    assert_eq!(bt[..3], real[..], "backtrace(): {:#?}", names(&bt, false));
+    assert_eq!(st[..3], real[..], "stack_trace(regs): {:#?}", names(&st, false));
+    assert_eq!(bt, st, "one walk");
+    assert_eq!(names(&bt[..3], false), ["traces::middle", "traces::outer", "traces::from_the_innermost_return_handler"].map(String::from));
+    assert_clean(&bt, false, "::from_the_innermost_return_handler");
+}
+
+#[test]
+fn from_an_entry_handler() {
+    let _g = serial();
+    let probes = nest(
+        |regs| {
+            ENTRY_BACKTRACE.backtrace();
+            ENTRY_REGS.stack_trace(regs);
+        },
+        |_| {},
+    );
+    assert_eq!(outer(1), 4);
+    drop(probes);
+    let real = real_return_addresses();
+    let (bt, st) = (ENTRY_BACKTRACE.take(), ENTRY_REGS.take());
+    // At inner's entry: inner itself, its return address (not hijacked yet), then
+    // middle's and outer's real ones (their stubs translated).
+    let want: Vec<usize> = std::iter::once(inner as fn(u64) -> u64 as usize).chain(real).collect();
+    assert_eq!(bt[..4], want[..], "backtrace(): {:#?}", names(&bt, true));
+    assert_eq!(st[..4], want[..], "stack_trace(regs): {:#?}", names(&st, true));
+    assert_eq!(bt, st, "one walk");
+    assert_clean(&bt, true, "::from_an_entry_handler");
+}
+
+#[test]
+fn from_a_function_the_probed_one_calls() {
+    let _g = serial();
+    let probes = nest(|_| {}, |_| {});
+    LEAF_TRACES.store(true, Ordering::Relaxed);
+    assert_eq!(outer(1), 4);
+    LEAF_TRACES.store(false, Ordering::Relaxed);
+    drop(probes);
+    let real = real_return_addresses();
+    let bt = FROM_LEAF.take();
+    // From where backtrace() was called (in a debug build `Trace::backtrace`, else
+    // inlined into leaf): leaf, inner (leaf's caller), then the three real return
+    // addresses.
+    let all = names(&bt, false);
+    let at = all.iter().position(|n| n == "traces::leaf").unwrap_or_else(|| panic!("{all:#?}"));
+    assert!(at <= 1 && all[..at].iter().all(|n| n == "traces::Trace::backtrace"), "{all:#?}");
+    assert_eq!(all[at + 1], "traces::inner", "{all:#?}");
+    assert_eq!(bt[at + 2..at + 5], real[..], "{all:#?}");
+    assert_clean(&bt, false, "::from_a_function_the_probed_one_calls");
+}
+
+/// libgcc's walk (`_Unwind_Backtrace`, what `std::backtrace` and the `backtrace`
+/// crate use), calling `f` with each frame's instruction pointer.
+fn libgcc_walk(mut f: impl FnMut(usize)) {
+    type Ctx = std::ffi::c_void;
+    extern "C" {
+        fn _Unwind_Backtrace(cb: extern "C" fn(*mut Ctx, *mut std::ffi::c_void) -> i32, arg: *mut std::ffi::c_void) -> i32;
+        fn _Unwind_GetIP(ctx: *mut Ctx) -> usize;
+    }
+    extern "C" fn cb<F: FnMut(usize)>(ctx: *mut Ctx, arg: *mut std::ffi::c_void) -> i32 {
+        // SAFETY: arg is the `&mut F` passed below, ctx the unwinder's context.
+        unsafe { (*(arg as *mut F))(_Unwind_GetIP(ctx)) };
+        0 // _URC_NO_REASON: go on
+    }
+    // SAFETY: the callback matches the unwinder's signature and `f` outlives the walk.
+    unsafe { _Unwind_Backtrace(cb::<&mut dyn FnMut(usize)>, &mut (&mut f as &mut dyn FnMut(usize)) as *mut _ as *mut _) };
+}
+
+#[test]
+fn libgcc_shows_one_stub_frame_per_hijacked_return_on_the_stack() {
+    // The documented difference of std::backtrace (crate docs of probekit::backtrace):
+    // the walk is right, with one extra frame at a stub before each real return
+    // address still hijacked on the stack. (libgcc's unwinder may allocate the first
+    // time it searches probekit's registered unwind tables: done once before the
+    // probes are armed.)
+    let _g = serial();
+    libgcc_walk(|_| {});
+    let probes = nest(
+        |_| {},
+        |_| {
+            let mut buf = [0usize; DEPTH];
+            let mut n = 0;
+            libgcc_walk(|ip| {
+                if n < DEPTH {
+                    buf[n] = ip;
+                    n += 1;
+                }
+            });
+            RAW.store(&buf[..n]);
+        },
+    );
+    assert_eq!(outer(1), 4);
+    drop(probes);
+    let real = real_return_addresses();
+    let raw = RAW.take();
+    let at = raw.iter().position(|ip| *ip == real[0]).unwrap_or_else(|| panic!("inner's real return address is missing: {:#?}", names(&raw, false)));
+    let names = names(&raw, false);
+    assert_eq!(names[at - 1], "probekit_kretprobe_trampoline", "the trampoline's CFI leads to inner's caller");
+    // middle's stub, middle's real return address, outer's stub, outer's.
+    assert!(names[at + 1].starts_with("<unknown"), "{names:#?}");
+    assert_eq!(raw[at + 2], real[1], "{names:#?}");
+    assert!(names[at + 3].starts_with("<unknown"), "{names:#?}");
+    assert_eq!(raw[at + 4], real[2], "{names:#?}");
+}
+
+// ---- stack_trace from a breakpoint pre handler and a site handler ----
+
+static BP_REGS: Trace = Trace::new();
+static BP_BACKTRACE: Trace = Trace::new();
+
+#[inline(never)]
+fn bp_target(x: u64) -> u64 {
+    black_box(x) * 3
+}
+
+#[inline(never)]
+fn bp_caller(x: u64) -> u64 {
+    bp_target(black_box(x)) + 1
+}
+
+#[test]
+fn from_a_breakpoint_pre_handler() {
+    let _g = serial();
+    let p = Probe::builder()
+        .function(bp_target as fn(u64) -> u64)
+        .pre(|regs: &PtRegs| {
+            BP_REGS.stack_trace(regs);
+            BP_BACKTRACE.backtrace();
+        })
+        .register()
+        .unwrap();
+    assert_eq!(bp_caller(2), 7);
+    drop(p);
+    let (st, bt) = (BP_REGS.take(), BP_BACKTRACE.take());
+    assert_eq!(st[0], bp_target as fn(u64) -> u64 as usize);
+    let want = ["traces::bp_target", "traces::bp_caller", "traces::from_a_breakpoint_pre_handler"].map(String::from);
+    assert_eq!(names(&st[..3], true), want, "{:#?}", names(&st, true));
+    assert_eq!(bt, st, "backtrace() in the handler starts at the probed context: {:#?}", names(&bt, true));
+    assert_clean(&st, true, "::from_a_breakpoint_pre_handler");
+}
+
+static SITE_REGS: Trace = Trace::new();
+static SITE_BACKTRACE: Trace = Trace::new();
+
+#[probekit::traceable]
+fn site_target(x: u64) -> u64 {
+    black_box(x) * 5
+}
+
+#[inline(never)]
+fn site_caller(x: u64) -> u64 {
+    site_target(black_box(x)) + 1
+}
+
+#[test]
+fn from_a_site_handler() {
+    let _g = serial();
+    let p = Probe::builder()
+        .function(site_target as fn(u64) -> u64)
+        .pre(|regs: &PtRegs| {
+            SITE_REGS.stack_trace(regs);
+            SITE_BACKTRACE.backtrace();
+        })
+        .register()
+        .unwrap();
+    let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::site_target")).expect("the site is listed");
+    assert_eq!(p.address(), site.site, "a site probe");
+    assert_eq!(site_caller(2), 11);
+    drop(p);
+    let (st, bt) = (SITE_REGS.take(), SITE_BACKTRACE.take());
+    assert_eq!(st[0], site.site);
+    // The site is the naked function `__probekit_site_site_target`, which the wrapper
+    // `site_target` calls (unless the wrapper was inlined into the caller).
+    let all = names(&st, true);
+    assert_eq!(all[0], "traces::__probekit_site_site_target", "{all:#?}");
+    let at = if all[1] == "traces::site_target" { 2 } else { 1 };
+    assert_eq!(all[at..at + 2], ["traces::site_caller", "traces::from_a_site_handler"].map(String::from), "{all:#?}");
+    assert_eq!(bt, st, "backtrace() in the handler starts at the probed context: {:#?}", names(&bt, true));
+    assert_clean(&st, true, "::from_a_site_handler");
+}
+
+// ---- the perf map ----
+
+#[inline(never)]
+fn mapped(x: u64) -> u64 {
+    black_box(x) ^ 7
+}
+
+#[inline(never)]
+fn slotted(x: u64) -> u64 {
+    black_box(x).wrapping_mul(9)
+}
+
+#[test]
+fn the_perf_map_names_trampolines_stubs_and_slots() {
+    let _g = serial();
+    probekit::perf_map(true).unwrap();
+    let r = ReturnProbe::builder().function(mapped as fn(u64) -> u64).handler(|_: &PtRegs, _: &mut ()| {}).maxactive(3).register().unwrap();
+    let b = Probe::builder().function(slotted as fn(u64) -> u64).pre(|_: &PtRegs| {}).register().unwrap();
+    // A slot is named at the next registration, or when the map is turned on again.
+    probekit::perf_map(true).unwrap();
+    assert_eq!(mapped(1), 6);
+    assert_eq!(slotted(1), 9);
+    let text = std::fs::read_to_string(probekit::perf_map_path()).unwrap();
+    let lines: Vec<(usize, usize, &str)> = text
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(3, ' ');
+            let mut hex = || usize::from_str_radix(f.next().unwrap(), 16).unwrap_or_else(|_| panic!("not `START SIZE name`: {l}"));
+            (hex(), hex(), f.next().unwrap_or_else(|| panic!("no name: {l}")))
+        })
+        .collect();
+    for name in ["probekit_kretprobe_trampoline", "probekit_site_trampoline"] {
+        assert!(lines.iter().any(|(_, size, n)| *n == name && *size > 1), "{name} missing:\n{text}");
+    }
+    // The block of 3 stubs: three adjacent entries of one block.
+    let stubs: Vec<_> = lines.iter().filter(|(_, _, n)| n.starts_with("probekit_return_stub[")).collect();
+    let block_of = |n: &str| n.rsplit_once('.').map(|(b, _)| b.to_string());
+    let three = stubs.iter().filter_map(|(_, _, n)| block_of(n)).any(|b| stubs.iter().filter(|(_, _, n)| block_of(n).as_ref() == Some(&b)).count() == 3);
+    assert!(three, "no block of three stubs:\n{text}");
+    assert!(stubs.iter().all(|(_, size, _)| *size > 0));
+    // The breakpoint on `slotted` runs its first instruction (a stack adjustment or a
+    // store) out of line, in a slot.
+    let target = slotted as fn(u64) -> u64 as usize;
+    let slot_named = lines.iter().any(|(_, size, n)| *n == format!("probekit_slot[{target:x}]") && *size > 0);
+    assert!(slot_named, "the slot of `slotted` ({target:#x}) is not named:\n{text}");
+    drop((r, b));
+    probekit::perf_map(false).unwrap();
+    // The map outlives the process on purpose (perf reads it afterwards); a test's need not.
+    let _ = std::fs::remove_file(probekit::perf_map_path());
+}
