@@ -133,6 +133,13 @@ fn outer(x: u64) -> u64 {
     middle(black_box(x)) + 1
 }
 
+/// Calls outer: a frame of known name below the probed ones (a test's own function
+/// is inlined into the harness's `FnOnce::call_once` in a release build).
+#[inline(never)]
+fn run_outer() -> u64 {
+    outer(black_box(1))
+}
+
 /// The real return addresses of outer, middle and inner, from their entry handlers.
 static RA: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
 
@@ -146,7 +153,11 @@ static ENTRY_REGS: Trace = Trace::new();
 /// Return probes on outer, middle and inner, each recording its real return address
 /// at the entry; `at_entry` and `at_return` run in inner's handlers.
 fn nest(at_entry: fn(&PtRegs), at_return: fn(&PtRegs)) -> Vec<probekit::ReturnProbeHandle> {
-    let fns: [fn(u64) -> u64; 3] = [outer, middle, inner];
+    nest_on([outer, middle, inner], at_entry, at_return)
+}
+
+/// [`nest`] on three other functions, outermost first.
+fn nest_on(fns: [fn(u64) -> u64; 3], at_entry: fn(&PtRegs), at_return: fn(&PtRegs)) -> Vec<probekit::ReturnProbeHandle> {
     fns.into_iter()
         .enumerate()
         .map(|(i, f)| {
@@ -185,7 +196,7 @@ fn from_the_innermost_return_handler() {
             RET_REGS.stack_trace(regs);
         },
     );
-    assert_eq!(outer(1), 4);
+    assert_eq!(run_outer(), 4);
     drop(probes);
     let real = real_return_addresses();
     let (bt, st) = (RET_BACKTRACE.take(), RET_REGS.take());
@@ -194,8 +205,8 @@ fn from_the_innermost_return_handler() {
     assert_eq!(bt[..3], real[..], "backtrace(): {:#?}", names(&bt, false));
     assert_eq!(st[..3], real[..], "stack_trace(regs): {:#?}", names(&st, false));
     assert_eq!(bt, st, "one walk");
-    assert_eq!(names(&bt[..3], false), ["traces::middle", "traces::outer", "traces::from_the_innermost_return_handler"].map(String::from));
-    assert_clean(&bt, false, "::from_the_innermost_return_handler");
+    assert_eq!(names(&bt[..3], false), ["traces::middle", "traces::outer", "traces::run_outer"].map(String::from));
+    assert_clean(&bt, false, "::run_outer");
 }
 
 #[test]
@@ -208,7 +219,7 @@ fn from_an_entry_handler() {
         },
         |_| {},
     );
-    assert_eq!(outer(1), 4);
+    assert_eq!(run_outer(), 4);
     drop(probes);
     let real = real_return_addresses();
     let (bt, st) = (ENTRY_BACKTRACE.take(), ENTRY_REGS.take());
@@ -218,7 +229,7 @@ fn from_an_entry_handler() {
     assert_eq!(bt[..4], want[..], "backtrace(): {:#?}", names(&bt, true));
     assert_eq!(st[..4], want[..], "stack_trace(regs): {:#?}", names(&st, true));
     assert_eq!(bt, st, "one walk");
-    assert_clean(&bt, true, "::from_an_entry_handler");
+    assert_clean(&bt, true, "::run_outer");
 }
 
 #[test]
@@ -226,7 +237,7 @@ fn from_a_function_the_probed_one_calls() {
     let _g = serial();
     let probes = nest(|_| {}, |_| {});
     LEAF_TRACES.store(true, Ordering::Relaxed);
-    assert_eq!(outer(1), 4);
+    assert_eq!(run_outer(), 4);
     LEAF_TRACES.store(false, Ordering::Relaxed);
     drop(probes);
     let real = real_return_addresses();
@@ -239,7 +250,63 @@ fn from_a_function_the_probed_one_calls() {
     assert!(at <= 1 && all[..at].iter().all(|n| n == "traces::Trace::backtrace"), "{all:#?}");
     assert_eq!(all[at + 1], "traces::inner", "{all:#?}");
     assert_eq!(bt[at + 2..at + 5], real[..], "{all:#?}");
-    assert_clean(&bt, false, "::from_a_function_the_probed_one_calls");
+    assert_clean(&bt, false, "::run_outer");
+}
+
+// The same nest on `#[traceable]` functions: entries through their sites (the site
+// dispatcher, no trap), returns through the stubs.
+
+#[probekit::traceable]
+fn site_inner(x: u64) -> u64 {
+    black_box(x) + 1
+}
+
+#[probekit::traceable]
+fn site_middle(x: u64) -> u64 {
+    site_inner(black_box(x)) + 1
+}
+
+#[probekit::traceable]
+fn site_outer(x: u64) -> u64 {
+    site_middle(black_box(x)) + 1
+}
+
+#[inline(never)]
+fn run_site_outer() -> u64 {
+    site_outer(black_box(1))
+}
+
+static SITE_RET: Trace = Trace::new();
+static SITE_ENTRY: Trace = Trace::new();
+
+#[test]
+fn through_sites_nested_three_deep() {
+    let _g = serial();
+    let probes = nest_on([site_outer, site_middle, site_inner], |regs| SITE_ENTRY.stack_trace(regs), |_| SITE_RET.backtrace());
+    assert_eq!(run_site_outer(), 4);
+    drop(probes);
+    let real = real_return_addresses();
+    let (ret, entry) = (SITE_RET.take(), SITE_ENTRY.take());
+    // A traceable function is a wrapper that calls its naked site, which jumps to the
+    // body (the wrapper may be inlined): the real return addresses come in order, and
+    // only the traceable functions' own parts stand between them.
+    let in_order = |t: &[usize], exact| {
+        let all = names(t, exact);
+        let mut at = 0;
+        for (i, ra) in real.iter().enumerate() {
+            let found = t[at..].iter().position(|a| a == ra).unwrap_or_else(|| panic!("real return address {i} missing: {all:#?}"));
+            assert!(all[at..at + found].iter().all(|n| n.starts_with("traces::__probekit_") || n.starts_with("traces::site_")), "{all:#?}");
+            at += found + 1;
+        }
+    };
+    assert_eq!(ret[0], real[0], "from the return handler: {:#?}", names(&ret, false));
+    in_order(&ret, false);
+    assert_clean(&ret, false, "::run_site_outer");
+    // From the entry handler: the site, then the same.
+    assert_eq!(names(&entry[..1], true), ["traces::__probekit_site_site_inner"]);
+    assert_eq!(entry[1], real[0], "from the entry handler: {:#?}", names(&entry, true));
+    in_order(&entry, true);
+    assert_clean(&entry, true, "::run_site_outer");
 }
 
 /// libgcc's walk (`_Unwind_Backtrace`, what `std::backtrace` and the `backtrace`
@@ -282,7 +349,7 @@ fn libgcc_shows_one_stub_frame_per_hijacked_return_on_the_stack() {
             RAW.store(&buf[..n]);
         },
     );
-    assert_eq!(outer(1), 4);
+    assert_eq!(run_outer(), 4);
     drop(probes);
     let real = real_return_addresses();
     let raw = RAW.take();
@@ -311,6 +378,11 @@ fn bp_caller(x: u64) -> u64 {
     bp_target(black_box(x)) + 1
 }
 
+#[inline(never)]
+fn run_bp() -> u64 {
+    bp_caller(black_box(2))
+}
+
 #[test]
 fn from_a_breakpoint_pre_handler() {
     let _g = serial();
@@ -322,14 +394,14 @@ fn from_a_breakpoint_pre_handler() {
         })
         .register()
         .unwrap();
-    assert_eq!(bp_caller(2), 7);
+    assert_eq!(run_bp(), 7);
     drop(p);
     let (st, bt) = (BP_REGS.take(), BP_BACKTRACE.take());
     assert_eq!(st[0], bp_target as fn(u64) -> u64 as usize);
-    let want = ["traces::bp_target", "traces::bp_caller", "traces::from_a_breakpoint_pre_handler"].map(String::from);
+    let want = ["traces::bp_target", "traces::bp_caller", "traces::run_bp"].map(String::from);
     assert_eq!(names(&st[..3], true), want, "{:#?}", names(&st, true));
     assert_eq!(bt, st, "backtrace() in the handler starts at the probed context: {:#?}", names(&bt, true));
-    assert_clean(&st, true, "::from_a_breakpoint_pre_handler");
+    assert_clean(&st, true, "::run_bp");
 }
 
 static SITE_REGS: Trace = Trace::new();
@@ -345,6 +417,11 @@ fn site_caller(x: u64) -> u64 {
     site_target(black_box(x)) + 1
 }
 
+#[inline(never)]
+fn run_site() -> u64 {
+    site_caller(black_box(2))
+}
+
 #[test]
 fn from_a_site_handler() {
     let _g = serial();
@@ -358,7 +435,7 @@ fn from_a_site_handler() {
         .unwrap();
     let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::site_target")).expect("the site is listed");
     assert_eq!(p.address(), site.site, "a site probe");
-    assert_eq!(site_caller(2), 11);
+    assert_eq!(run_site(), 11);
     drop(p);
     let (st, bt) = (SITE_REGS.take(), SITE_BACKTRACE.take());
     assert_eq!(st[0], site.site);
@@ -367,9 +444,9 @@ fn from_a_site_handler() {
     let all = names(&st, true);
     assert_eq!(all[0], "traces::__probekit_site_site_target", "{all:#?}");
     let at = if all[1] == "traces::site_target" { 2 } else { 1 };
-    assert_eq!(all[at..at + 2], ["traces::site_caller", "traces::from_a_site_handler"].map(String::from), "{all:#?}");
+    assert_eq!(all[at..at + 2], ["traces::site_caller", "traces::run_site"].map(String::from), "{all:#?}");
     assert_eq!(bt, st, "backtrace() in the handler starts at the probed context: {:#?}", names(&bt, true));
-    assert_clean(&st, true, "::from_a_site_handler");
+    assert_clean(&st, true, "::run_site");
 }
 
 // ---- the perf map ----
