@@ -29,6 +29,14 @@
 //! period has passed ([`synchronize`]). Every probe of a shared handler has its own
 //! closure, so two probes tell each other apart by what they captured.
 //!
+//! # Stack traces and `perf`
+//! [`backtrace()`] and [`stack_trace`] (from a handler's [`PtRegs`], the kernel's
+//! `stack_trace_save_regs`) walk the stack without allocating, leave probekit's frames
+//! out and put the real return address where a return probe hijacked one; in a handler
+//! they start at the probed context. `std::backtrace` differs as the [`backtrace`](mod@backtrace)
+//! module docs say. [`perf_map`]`(true)` (or `PROBEKIT_PERF_MAP=1`) names probekit's
+//! run-time code for `perf` in `/tmp/perf-<pid>.map`.
+//!
 //! # Layout
 //! Layers whose dependencies point one way (DESIGN.md, "The runtime's layout"):
 //! `sys` (maps, symbols, code writes, signals, the signal context) uses nothing of

@@ -60,7 +60,8 @@
 //!    before the frame of its real return address; the frames themselves are right;
 //! 2. in a handler, the handler's frames and probekit's (`dispatch`, the trampoline,
 //!    the SIGTRAP handler and its signal frame) are listed; in a site probe's handler
-//!    the walk stops at `probekit_site_trampoline` (it has no CFI yet).
+//!    the walk stops at `probekit_site_trampoline`, which has no CFI yet (nor have the
+//!    naked `#[traceable]` sites: [`stack_trace`] knows a site is a function's entry).
 
 mod cfi;
 mod stack;
@@ -376,4 +377,70 @@ fn probed_context(start: usize, cfa: usize, stack: &Stack) -> Option<Regs> {
         return Some(Regs::of(&crate::sys::regs::read(uc, pc)));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn third(out: &mut [usize]) -> usize {
+        let n = backtrace(out);
+        std::hint::black_box(n)
+    }
+
+    #[inline(never)]
+    fn second(out: &mut [usize]) -> usize {
+        std::hint::black_box(third(out))
+    }
+
+    #[inline(never)]
+    fn first(out: &mut [usize]) -> usize {
+        std::hint::black_box(second(out))
+    }
+
+    fn name(ret: usize) -> String {
+        crate::sys::symbols::symbol_of(ret - 1).map_or_else(|| format!("{ret:#x}"), |(n, _)| n)
+    }
+
+    #[test]
+    fn a_backtrace_without_probes_is_the_call_chain() {
+        let mut out = [0usize; 64];
+        let n = first(&mut out);
+        let names: Vec<String> = out[..n].iter().map(|a| name(*a)).collect();
+        assert_eq!(names[..3], ["probe_rt::backtrace::tests::third", "probe_rt::backtrace::tests::second", "probe_rt::backtrace::tests::first"], "{names:#?}");
+        assert!(names.iter().any(|n| n.ends_with("a_backtrace_without_probes_is_the_call_chain")), "{names:#?}");
+        // The walk goes on to the thread's start.
+        assert!(n > 6, "{names:#?}");
+    }
+
+    #[test]
+    fn a_short_buffer_holds_the_innermost_frames() {
+        let (mut long, mut short) = ([0usize; 64], [0usize; 2]);
+        let n = first(&mut long);
+        assert_eq!(first(&mut short), 2);
+        assert_eq!(short[1], long[1], "the same caller of `third`");
+        assert!(n > 2);
+        assert_eq!(first(&mut []), 0);
+    }
+
+    #[test]
+    fn the_stack_mapping_holds_a_local() {
+        let local = 0u64;
+        let at = &local as *const u64 as usize;
+        let stack = Stack::of(at).expect("a mapping holds the stack");
+        assert!(stack.holds(at, 8));
+        assert_eq!(stack.word(at), Some(0));
+        assert_eq!(stack.word(at + 1), None, "unaligned");
+        assert!(Stack::of(8).is_none(), "page zero is not mapped");
+    }
+
+    #[test]
+    fn fdes_are_found_with_their_function() {
+        let mut ctx = cfi::Context::new_in();
+        let f = walk as *const () as usize;
+        let start = cfi::with_row(&mut ctx, f + 1, |start, _| start);
+        assert_eq!(start, Some(f), "walk's FDE starts at walk");
+        assert!(cfi::with_row(&mut ctx, 8, |s, _| s).is_none(), "no image at page zero");
+    }
 }

@@ -28,7 +28,12 @@
 //! A panic unwinding out of a probed function, or a backtrace taken inside it or in a
 //! handler, walks through the hijacked frame to the real caller: every stub has an FDE
 //! that reads the return address from its instance (see `unwind`), and the trampoline
-//! carries call-frame information for its handler call.
+//! carries call-frame information for its handler call. libgcc's unwinder (a panic,
+//! `std::backtrace`, the `backtrace` crate) still reports a frame at the stub's
+//! address for each hijacked return address between the capture point and the
+//! stack's base, just before the frame of the real one: it reports every pc it
+//! reaches, and the stack holds the stub's. [`crate::backtrace()`] and
+//! [`crate::stack_trace`] replace it by the real one (see [`crate::backtrace`](mod@crate::backtrace)).
 //!
 //! # Lifetime
 //! Unregistering disarms the entry at once; instances still live return through their

@@ -11,6 +11,10 @@
 //! `*-linux-gnu`). Unwinders look up `return address - 1`, so each FDE also covers the
 //! byte before its stub (a pad the stub layout leaves for that).
 //!
+//! The FDE puts the walk back on the real path, but cannot hide the stub: libgcc has
+//! already reported a frame at the stub's address (the return address the stack
+//! holds) when it looks the FDE up. `crate::backtrace` translates instead.
+//!
 //! Written by hand: no crate builds `.eh_frame` records for the in-process unwinder
 //! (gimli's writer would do, at the cost of a large dependency, for ~40 lines here).
 
