@@ -404,6 +404,46 @@ fn from_a_breakpoint_pre_handler() {
     assert_clean(&st, true, "::run_bp");
 }
 
+static MID_REGS: Trace = Trace::new();
+static POST_REGS: Trace = Trace::new();
+static POST_BACKTRACE: Trace = Trace::new();
+
+#[test]
+fn from_the_middle_of_a_function_and_a_post_handler() {
+    // The unwind rules hold at every instruction: a breakpoint past the prologue, on
+    // the last instruction boundary in the first 16 bytes (registration refuses the
+    // others), walks as one at the entry does; so does its post handler.
+    let _g = serial();
+    let f = bp_target as fn(u64) -> u64;
+    let p = (1..16)
+        .rev()
+        .find_map(|off| {
+            Probe::builder()
+                .function(f)
+                .offset(off)
+                .pre(|regs: &PtRegs| MID_REGS.stack_trace(regs))
+                .post(|regs: &PtRegs| {
+                    POST_REGS.stack_trace(regs);
+                    POST_BACKTRACE.backtrace();
+                })
+                .register()
+                .ok()
+        })
+        .expect("an instruction boundary in the first 16 bytes");
+    let at = p.address();
+    assert_eq!(run_bp(), 7);
+    drop(p);
+    let (mid, post, post_bt) = (MID_REGS.take(), POST_REGS.take(), POST_BACKTRACE.take());
+    assert_eq!(mid[0], at);
+    let want = ["traces::bp_target", "traces::bp_caller", "traces::run_bp"].map(String::from);
+    assert_eq!(names(&mid[..3], true), want, "{:#?}", names(&mid, true));
+    assert_clean(&mid, true, "::run_bp");
+    assert!(post[0] > at, "the post handler's pc is past the probed instruction");
+    assert_eq!(names(&post[..3], true), want, "{:#?}", names(&post, true));
+    assert_eq!(post_bt, post, "backtrace() in the post handler starts at its context");
+    assert_eq!(post[1..], mid[1..], "the same callers");
+}
+
 static SITE_REGS: Trace = Trace::new();
 static SITE_BACKTRACE: Trace = Trace::new();
 
