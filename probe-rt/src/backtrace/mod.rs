@@ -121,8 +121,10 @@ impl Regs {
 /// and returns how many addresses it wrote: `regs`' pc, then the return address of
 /// each caller, hijacked ones replaced by the real ones (see the [module docs](self)).
 ///
-/// `regs` must be a context of the calling thread: the frame a handler received, or
-/// one a handler built from it. Async-signal-safe: no allocation, no lock.
+/// `regs` must be a context of the calling thread, on the stack it runs on: the frame
+/// a handler received, or one a handler built from it; for any other (another
+/// thread's, one on `sigaltstack`) the trace is empty. Async-signal-safe: no
+/// allocation, no lock.
 pub fn stack_trace(regs: &PtRegs, out: &mut [usize]) -> usize {
     walk(Regs::of(regs), out, 0)
 }
@@ -348,7 +350,7 @@ fn probed_context(start: usize, cfa: usize, stack: &Stack) -> Option<Regs> {
         return None;
     }
     if start == crate::retprobe::dispatch as *const () as usize || start == crate::site::patch::dispatch as *const () as usize {
-        if !stack.holds(cfa, std::mem::size_of::<PtRegs>()) {
+        if !stack.holds(cfa, std::mem::size_of::<PtRegs>()) || !cfa.is_multiple_of(std::mem::align_of::<PtRegs>()) {
             return None;
         }
         // SAFETY: the trampoline's frame, in the stack (checked), every field written
@@ -425,6 +427,20 @@ mod tests {
     }
 
     #[test]
+    fn a_context_off_this_stack_has_no_trace() {
+        let mut regs = PtRegs::default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            regs.rsp = 0x1000;
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            regs.sp = 0x1000;
+        }
+        assert_eq!(stack_trace(&regs, &mut [0; 8]), 0);
+    }
+
+    #[test]
     fn the_stack_mapping_holds_a_local() {
         let local = 0u64;
         let at = &local as *const u64 as usize;
@@ -433,6 +449,8 @@ mod tests {
         assert_eq!(stack.word(at), Some(0));
         assert_eq!(stack.word(at + 1), None, "unaligned");
         assert!(Stack::of(8).is_none(), "page zero is not mapped");
+        let heap = Box::new(0u64);
+        assert!(Stack::of(&*heap as *const u64 as usize).is_none(), "not the thread's stack");
     }
 
     #[test]

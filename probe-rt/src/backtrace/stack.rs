@@ -23,15 +23,17 @@ pub(super) struct Stack {
 }
 
 impl Stack {
-    /// The stack holding `sp`, or `None` if no mapping holds it.
+    /// The part above `sp` of the stack the calling thread runs on, or `None` if `sp`
+    /// is not in that stack's mapping (a context of another thread, or of another
+    /// stack: such memory could be unmapped while it is read).
     pub(super) fn of(sp: usize) -> Option<Stack> {
-        let (start, end) = LAST.get();
-        if start <= sp && sp < end {
-            return Some(Stack { lo: sp, hi: end });
+        let here = &sp as *const usize as usize;
+        let (mut start, mut end) = LAST.get();
+        if !(start <= here && here < end) {
+            (start, end) = mapping_of(here)?;
+            LAST.set((start, end));
         }
-        let (start, end) = mapping_of(sp)?;
-        LAST.set((start, end));
-        Some(Stack { lo: sp, hi: end })
+        (start <= sp && sp < end).then_some(Stack { lo: sp, hi: end })
     }
 
     /// Whether `[at, at + len)` lies in the stack.
@@ -51,7 +53,7 @@ impl Stack {
     }
 }
 
-/// The `(start, end)` of the mapping holding `addr`, from `/proc/self/maps`.
+/// The `(start, end)` of the readable mapping holding `addr`, from `/proc/self/maps`.
 fn mapping_of(addr: usize) -> Option<(usize, usize)> {
     // SAFETY: a NUL-terminated path; the descriptor is closed below.
     let fd = unsafe { libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
@@ -59,8 +61,8 @@ fn mapping_of(addr: usize) -> Option<(usize, usize)> {
         return None;
     }
     let mut buf = [0u8; 1024];
-    // Each line starts `start-end `: parsed byte by byte across reads.
-    let (mut start, mut end, mut field) = (0usize, 0usize, 0u8);
+    // Each line starts `start-end perms `: parsed byte by byte across reads.
+    let (mut start, mut end, mut field, mut readable) = (0usize, 0usize, 0u8, false);
     let mut found = None;
     'read: loop {
         // SAFETY: `buf` is ours and `buf.len()` bytes long.
@@ -71,14 +73,18 @@ fn mapping_of(addr: usize) -> Option<(usize, usize)> {
         for &b in &buf[..n as usize] {
             match (field, b) {
                 (_, b'\n') => {
-                    if field >= 2 && start <= addr && addr < end {
+                    if field >= 2 && readable && start <= addr && addr < end {
                         found = Some((start, end));
                         break 'read;
                     }
-                    (start, end, field) = (0, 0, 0);
+                    (start, end, field, readable) = (0, 0, 0, false);
                 }
                 (0, b'-') => field = 1,
                 (1, b' ') => field = 2,
+                (2, b) => {
+                    readable = b == b'r';
+                    field = 3;
+                }
                 (0, _) => start = start.wrapping_mul(16).wrapping_add(hex(b)),
                 (1, _) => end = end.wrapping_mul(16).wrapping_add(hex(b)),
                 _ => {}
