@@ -253,6 +253,37 @@ fn from_a_function_the_probed_one_calls() {
     assert_clean(&bt, false, "::run_outer");
 }
 
+static THREAD_TRACES: AtomicUsize = AtomicUsize::new(0);
+static THREAD_WRONG: AtomicUsize = AtomicUsize::new(0);
+
+#[test]
+fn from_return_handlers_on_several_threads_at_once() {
+    // Each thread's walk translates its own stubs (its own live instances): the real
+    // return addresses are the same on every thread, the stubs are not.
+    let _g = serial();
+    let probes = nest_on(
+        [outer, middle, inner],
+        |_| {},
+        |_| {
+            let mut buf = [0usize; 8];
+            let n = probekit::backtrace(&mut buf);
+            let real = [&RA[2], &RA[1], &RA[0]].map(|a| a.load(Ordering::Relaxed));
+            if n < 3 || buf[..3] != real {
+                THREAD_WRONG.fetch_add(1, Ordering::Relaxed);
+            }
+            THREAD_TRACES.fetch_add(1, Ordering::Relaxed);
+        },
+    );
+    assert_eq!(run_outer(), 4, "one call first: the return addresses are recorded");
+    let callers = native_tests::callers(3, |_| assert_eq!(run_outer(), 4));
+    while THREAD_TRACES.load(Ordering::Relaxed) < 600 {
+        std::thread::yield_now();
+    }
+    callers.stop();
+    drop(probes);
+    assert_eq!(THREAD_WRONG.load(Ordering::Relaxed), 0, "of {} traces", THREAD_TRACES.load(Ordering::Relaxed));
+}
+
 // The same nest on `#[traceable]` functions: entries through their sites (the site
 // dispatcher, no trap), returns through the stubs.
 
