@@ -7,16 +7,21 @@
 //! Without it, samples in a return probe's stub or a breakpoint probe's out-of-line
 //! slot show as `[unknown]`.
 //!
-//! Opt-in: [`perf_map`]`(true)`, or the environment variable `PROBEKIT_PERF_MAP=1` at
-//! the first registration. The file is written outside every hit path: when it is
-//! turned on (everything made so far), when a block of return stubs is made, and at
-//! each registration (the out-of-line slots made since the last one: a slot is named
-//! at the registration after its own, or at the next `perf_map(true)`). It names
+//! Opt-in: [`perf_map`]`(true)`, or the environment variable `PROBEKIT_PERF_MAP=1`
+//! (read before `main`). The file is written outside every hit path: when it is
+//! turned on (everything made so far), when a block of return stubs is made, and when
+//! a breakpoint or return probe is registered (the out-of-line slots made since the
+//! last time: a breakpoint probe's slot is named when the next registration begins, a
+//! return probe's when its own ends, or at the next `perf_map(true)`). It names
 //! - `probekit_kretprobe_trampoline` and `probekit_site_trampoline` (also in the
 //!   executable's symbol table; listed so that the map alone tells the whole story),
 //! - every return stub: `probekit_return_stub[<block>.<index>]`, one per instance of a
 //!   return probe, reused by a later probe with the same `maxactive`,
-//! - every out-of-line slot: `probekit_slot[<probed address>]`.
+//! - every out-of-line slot: `probekit_slot[<probed address>]`, for the probe it was
+//!   made for (a slot reused by a later probe keeps that name).
+//!
+//! `gdb` does not read perf maps (it would need the JIT interface's in-memory ELF
+//! objects); it shows these addresses unnamed.
 //!
 //! The file belongs to the process: it is truncated when first opened (a file left by
 //! an earlier process with the same pid would name the wrong code) and kept at exit,
@@ -80,15 +85,19 @@ pub fn perf_map(on: bool) -> Result<(), Error> {
     write(&mut map, &text)
 }
 
-/// Checks `PROBEKIT_PERF_MAP` (once) and names the slots made since the last call:
-/// run at each registration, outside the hit paths.
+/// `PROBEKIT_PERF_MAP=1` turns the map on before `main` (names only: no probe exists yet).
+extern "C" fn from_env() {
+    if std::env::var_os("PROBEKIT_PERF_MAP").is_some_and(|v| v == "1") {
+        let _ = perf_map(true);
+    }
+}
+#[used]
+#[link_section = ".init_array"]
+static FROM_ENV: extern "C" fn() = from_env;
+
+/// Names the slots made since the last call: run at each registration, outside the
+/// hit paths.
 pub(crate) fn on_register() {
-    static ENV: std::sync::Once = std::sync::Once::new();
-    ENV.call_once(|| {
-        if std::env::var_os("PROBEKIT_PERF_MAP").is_some_and(|v| v == "1") {
-            let _ = perf_map(true);
-        }
-    });
     if !ON.load(Ordering::Relaxed) {
         return;
     }

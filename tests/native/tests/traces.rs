@@ -570,3 +570,36 @@ fn the_perf_map_names_trampolines_stubs_and_slots() {
     // The map outlives the process on purpose (perf reads it afterwards); a test's need not.
     let _ = std::fs::remove_file(probekit::perf_map_path());
 }
+
+/// The perf map turned on by the environment: a child process (this test binary again,
+/// through the lane's `CROSS_RUNNER` under qemu-user) with `PROBEKIT_PERF_MAP=1`.
+#[test]
+fn the_perf_map_from_the_environment() {
+    let exe = std::env::current_exe().unwrap();
+    let runner = std::env::var("CROSS_RUNNER").ok().filter(|r| !r.trim().is_empty());
+    let mut cmd = match &runner {
+        Some(r) => {
+            let mut words = r.split_whitespace();
+            let mut c = std::process::Command::new(words.next().unwrap());
+            c.args(words).arg(&exe);
+            c
+        }
+        None => std::process::Command::new(&exe),
+    };
+    let out = cmd.args(["--ignored", "--exact", "perf_map_child", "--test-threads", "1"]).env("PROBEKIT_PERF_MAP", "1").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+#[ignore = "run by the_perf_map_from_the_environment in a process of its own"]
+fn perf_map_child() {
+    assert_eq!(std::env::var("PROBEKIT_PERF_MAP").as_deref(), Ok("1"));
+    let path = probekit::perf_map_path();
+    let r = ReturnProbe::builder().function(mapped as fn(u64) -> u64).handler(|_: &PtRegs, _: &mut ()| {}).maxactive(2).register().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    drop(r);
+    assert!(text.contains(" probekit_kretprobe_trampoline\n"), "{text}");
+    assert!(text.contains(".1]\n") && text.contains(" probekit_return_stub["), "{text}");
+}
