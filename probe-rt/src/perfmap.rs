@@ -11,7 +11,7 @@
 //! (read before `main`). The file is written outside every hit path: when it is
 //! turned on (everything made so far), when a block of return stubs is made, and when
 //! a breakpoint or return probe is registered (the out-of-line slots made since the
-//! last time: a breakpoint probe's slot is named when the next registration begins, a
+//! last time: a breakpoint probe's slot is named when the next breakpoint probe's registration begins, a
 //! return probe's when its own ends, or at the next `perf_map(true)`). It names
 //! - `probekit_kretprobe_trampoline` and `probekit_site_trampoline` (also in the
 //!   executable's symbol table; listed so that the map alone tells the whole story),
