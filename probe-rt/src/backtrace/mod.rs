@@ -16,7 +16,8 @@
 //!   the handler's own frames, probekit's hit path, the SIGTRAP signal frame and the
 //!   trampolines are left out. In a breakpoint or entry handler the first address is
 //!   the probed instruction (a site probe: the function's first byte); in a return
-//!   handler it is the real return address of the returning function.
+//!   handler it is the real return address of the returning function. (If the walk
+//!   cannot get there from a handler, the trace is empty rather than the handler's.)
 //!
 //! # How: call-frame information, async-signal-safe
 //! Both walk the DWARF call-frame information (`.eh_frame`) of the images the stack
@@ -126,7 +127,7 @@ impl Regs {
 /// thread's, one on `sigaltstack`) the trace is empty. Async-signal-safe: no
 /// allocation, no lock.
 pub fn stack_trace(regs: &PtRegs, out: &mut [usize]) -> usize {
-    walk(Regs::of(regs), out, 0)
+    walk(Regs::of(regs), out, 0, false)
 }
 
 /// Fills `out` with the stack trace of the calling thread, from the function that
@@ -137,8 +138,10 @@ pub fn stack_trace(regs: &PtRegs, out: &mut [usize]) -> usize {
 #[inline(never)]
 pub fn backtrace(out: &mut [usize]) -> usize {
     let here = current();
-    // The first frame is this function's own.
-    walk(here, out, 1)
+    // The first frame is this function's own. In a handler (probekit marks the thread
+    // active while one runs) every frame before the probed context is left out.
+    let in_handler = crate::grace::with_thread(|t| t.active.get());
+    walk(here, out, 1, in_handler)
 }
 
 /// The registers of the caller at this point: the pc, the stack pointer and every
@@ -200,8 +203,11 @@ static INIT: extern "C" fn() = init;
 const MAX_STEPS: usize = 4096;
 
 /// The walk: steps from `regs` outwards, writing each frame's address into `out`
-/// after the first `skip` ones.
-fn walk(mut regs: Regs, out: &mut [usize], skip: usize) -> usize {
+/// after the first `skip` ones. `in_handler`: the walk starts in a handler, whose
+/// frames and probekit's are not written (nor do they fill `out`) until it steps out
+/// of the dispatcher into the probed context; a walk that does not get there writes
+/// nothing.
+fn walk(mut regs: Regs, out: &mut [usize], skip: usize, mut in_handler: bool) -> usize {
     let Some(stack) = Stack::of(regs.r[SP]) else { return 0 };
     let mut ctx = cfi::Context::new_in();
     let (mut n, mut seen) = (0, 0);
@@ -209,10 +215,10 @@ fn walk(mut regs: Regs, out: &mut [usize], skip: usize) -> usize {
     // return handler resumes at), not a return address: its own rule applies.
     let mut exact = true;
     for _ in 0..MAX_STEPS {
-        if n == out.len() {
+        if n == out.len() && !in_handler {
             break;
         }
-        if seen >= skip {
+        if seen >= skip && !in_handler {
             out[n] = regs.pc;
             n += 1;
         }
@@ -238,6 +244,7 @@ fn walk(mut regs: Regs, out: &mut [usize], skip: usize) -> usize {
             exact = true;
             n = 0;
             seen = skip;
+            in_handler = false;
         }
         next.pc = crate::retprobe::translate(next.pc);
         if next.pc == 0 {

@@ -435,6 +435,27 @@ fn from_a_breakpoint_pre_handler() {
     assert_clean(&st, true, "::run_bp");
 }
 
+static TINY: Trace = Trace::new();
+
+#[test]
+fn a_short_buffer_in_a_handler_holds_the_probed_context() {
+    // The handler's own frames and probekit's do not fill the buffer: one address is
+    // the probed function's.
+    let _g = serial();
+    let p = Probe::builder()
+        .function(bp_target as fn(u64) -> u64)
+        .pre(|_: &PtRegs| {
+            let mut one = [0usize; 1];
+            let n = probekit::backtrace(&mut one);
+            TINY.store(&one[..n]);
+        })
+        .register()
+        .unwrap();
+    assert_eq!(run_bp(), 7);
+    drop(p);
+    assert_eq!(TINY.take(), [bp_target as fn(u64) -> u64 as usize]);
+}
+
 static MID_REGS: Trace = Trace::new();
 static POST_REGS: Trace = Trace::new();
 static POST_BACKTRACE: Trace = Trace::new();
