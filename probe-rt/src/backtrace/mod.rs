@@ -14,9 +14,10 @@
 //! - in a handler, the trace starts at the probed context (as Frida's
 //!   `Thread.backtrace(this.context)` and the kernel's `stack_trace_save_regs(regs)`):
 //!   the handler's own frames, probekit's hit path, the SIGTRAP signal frame and the
-//!   trampolines are left out. In a breakpoint or entry handler the first address is
-//!   the probed instruction (a site probe: the function's first byte); in a return
-//!   handler it is the real return address of the returning function. (If the walk
+//!   trampolines are left out. In a pre or entry handler the first address is the
+//!   probed instruction (a site probe: the site, the function's first byte); in a
+//!   post handler the pc after it; in a return handler the real return address of
+//!   the returning function. (If the walk
 //!   cannot get there from a handler, the trace is empty rather than the handler's.)
 //!
 //! # How: call-frame information, async-signal-safe
