@@ -3,7 +3,7 @@
 //! mode × shape, plus seeded random frames (struct source, routine and offset
 //! assertions), and a table describing each routine to the checker.
 
-use probe_codegen::render::{self, names, Place, RustItems};
+use probe_codegen::render::{self, Place, RustItems};
 use probe_codegen::{Arch, FieldValue, Fp, FrameLayout, Plan, Policy, Reg, Shape};
 use std::fmt::Write;
 
@@ -97,7 +97,7 @@ fn main() {
         let frame = FrameLayout::from_file("src/macro_frames.rs", name, arch).unwrap_or_else(|e| panic!("{e}"));
         for &shape in Shape::ALL {
             let plan = Plan::new(&frame, *policy, *fp, shape).unwrap_or_else(|e| panic!("{e}"));
-            let konst = names::shape_suffix(shape);
+            let konst = shape.const_suffix();
             let label = format!("torture_macro_{}_{}", name.to_lowercase(), shape.name()).replace('-', "_");
             table.push_str(&table_entry(&label, &format!("crate::macro_frames::{name}::{konst}"), &frame, &plan, *policy, *fp, shape));
         }
@@ -127,7 +127,7 @@ fn main() {
     for (sym, &shape) in written.symbols.iter().zip(Shape::ALL) {
         let plan = Plan::new(&frame, Policy::CallerSaved, Fp::Full, shape).unwrap_or_else(|e| panic!("{e}"));
         // Entered through the routine constant of the Builder's items (`builder_offsets::ENTRY` …).
-        let entry = format!("crate::generated::builder_offsets::{}", names::shape_suffix(shape));
+        let entry = format!("crate::generated::builder_offsets::{}", shape.const_suffix());
         table.push_str(&table_entry(&format!("torture_{sym}"), &entry, &frame, &plan, Policy::CallerSaved, Fp::Full, shape));
     }
     table.push_str("];\n");
