@@ -53,6 +53,8 @@ mod registry;
 pub mod retprobe;
 mod site;
 mod sys;
+#[cfg(feature = "trace")]
+pub mod trace;
 
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};
 pub use blacklist::{blacklist, Blacklisted};
