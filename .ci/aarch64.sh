@@ -38,3 +38,4 @@ done
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench hit -- --test
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench attach -- --test
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench grace -- --test
+/usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench trace -- --test

@@ -37,6 +37,7 @@
 //! periods) use `sys`; the mechanisms — `site` (site patching and hit path),
 //! `breakpoint` (the `Probe` API, arming, the SIGTRAP path), `retprobe` — use the
 //! layers above them; this file, the listing and the blacklist use everything.
+//! `trace` (cargo feature `trace`), the function-graph tracer, is built on `multi`.
 #![warn(missing_docs)]
 
 mod arch;

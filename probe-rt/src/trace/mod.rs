@@ -10,8 +10,8 @@
 //! lost.
 //!
 //! ```no_run
-//! # fn main() -> Result<(), probekit::Error> {
-//! use probekit::trace::{EventStyle, Tracer, Weight};
+//! # fn main() -> Result<(), probe_rt::Error> {
+//! use probe_rt::trace::{EventStyle, Tracer, Weight}; // probekit::trace in the facade
 //! let tracer = Tracer::builder().pattern("myapp::parser::*").args(2).retval().register()?;
 //! tracer.start();
 //! // ... the workload ...
