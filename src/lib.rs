@@ -6,6 +6,8 @@
 //! the frame struct and checked against the compiler's layout at compile time.
 //!
 //! This crate re-exports the runtime (`probe-rt`) and the macros (`probe-macros`).
+//! With the cargo feature `trace`, `probekit::trace` is the function-graph tracer
+//! (per-thread rings of calls, Chrome trace JSON for Perfetto, flame graphs).
 
 pub use probe_macros::*;
 pub use probe_rt::*;
