@@ -32,9 +32,10 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 export CROSS_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 /usr/bin/cargo --version
 /usr/bin/cargo test --workspace --target aarch64-unknown-linux-gnu "$@"
-for example in quickstart funclatency fault_injection; do
+for example in quickstart funclatency fault_injection funccount funcslower argdist stackcount trace trace_miniz; do
     /usr/bin/cargo run --target aarch64-unknown-linux-gnu --example "$example"
 done
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench hit -- --test
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench attach -- --test
 /usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench grace -- --test
+/usr/bin/cargo bench --target aarch64-unknown-linux-gnu --bench trace -- --test

@@ -9,11 +9,18 @@
 //! itself (every call counted once, none missed, each handler pair saw its own call),
 //! so running it is a test.
 //!
+//! Then bcc's `funclatency -F 'funclatency::nested::*'`: a glob attaches one
+//! [`MultiProbe`] to every function of a module, recursive ones included, and prints
+//! one histogram per function. bcc's man page says funclatency "does not currently
+//! handle nested or recursive functions properly" (it keeps one start time per thread);
+//! here every call has its own start time in its per-call data, so a recursive call's
+//! latency includes its callees' and no more, which the example checks.
+//!
 //! ```text
 //! cargo run --release --example funclatency
 //! ```
 
-use probekit::{PtRegs, ReturnProbe};
+use probekit::{MultiProbe, PtRegs, ReturnProbe};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
@@ -192,5 +199,89 @@ fn main() -> Result<(), probekit::Error> {
     assert_eq!(IN_FLIGHT.load(Relaxed), 0);
     assert!(MAX_IN_FLIGHT.load(Relaxed) >= 2, "the threads' calls overlapped");
     assert!(slots.iter().filter(|&&c| c > 0).count() >= 4, "latencies spread over several slots");
+    probe.unregister()?;
+    nested_by_glob()
+}
+
+/// The functions the glob attaches to: a recursion and the leaf it ends in.
+mod nested {
+    use super::spin;
+    use std::hint::black_box;
+
+    /// Spins `ns`, then recurses `levels` deep; a call at `levels = k` takes at least
+    /// `(k + 1) * ns` (its own spin and its callees').
+    #[inline(never)]
+    pub extern "C" fn descend(levels: u64, ns: u64) -> u64 {
+        spin(ns);
+        black_box(if levels == 0 { leaf(ns) } else { descend(levels - 1, ns) + 1 })
+    }
+
+    /// The recursion's end: spins `ns` once more.
+    #[inline(never)]
+    pub extern "C" fn leaf(ns: u64) -> u64 {
+        spin(ns);
+        black_box(0)
+    }
+}
+
+/// One call's data for the glob: when it began and how long it must take at least.
+#[derive(Default)]
+struct Nested {
+    start_ns: u64,
+    at_least_ns: u64,
+}
+
+/// Per-function histograms over a glob, recursion included (bcc's `-F`).
+fn nested_by_glob() -> Result<(), probekit::Error> {
+    const LEVELS: u64 = 6;
+    const SPIN_NS: u64 = 20_000;
+    const RUNS: u64 = 8;
+    let pattern = "funclatency::nested::*";
+    let hists: std::sync::Arc<Vec<[AtomicU64; 65]>> = std::sync::Arc::new((0..2).map(|_| [const { AtomicU64::new(0) }; 65]).collect());
+    let short = std::sync::Arc::new(AtomicU64::new(0));
+    let (h, s) = (hists.clone(), short.clone());
+    let probe = MultiProbe::with_data::<Nested>()
+        .pattern(pattern)
+        .maxactive(64)
+        .entry(|regs, f, call| {
+            // descend(levels, ns) takes (levels + 2) spins: its own, its callees', the leaf's.
+            let spins = if f.name.ends_with("::leaf") { 1 } else { regs.arg(0).unwrap_or(0) + 2 };
+            call.at_least_ns = spins * if f.name.ends_with("::leaf") { regs.arg(0).unwrap_or(0) } else { regs.arg(1).unwrap_or(0) };
+            call.start_ns = now_ns();
+            true
+        })
+        .exit(move |_regs, f, call| {
+            let ns = now_ns().saturating_sub(call.start_ns);
+            if let Some(slots) = h.get(f.id as usize) {
+                slots[log2_slot(ns)].fetch_add(1, Relaxed);
+            }
+            if ns < call.at_least_ns {
+                s.fetch_add(1, Relaxed);
+            }
+        })
+        .register()?;
+    println!();
+    println!("Tracing {} functions for \"{pattern}\"... Hit Ctrl-C to end.", probe.functions().count());
+    let descend = black_box(nested::descend as extern "C" fn(u64, u64) -> u64);
+    for _ in 0..RUNS {
+        assert_eq!(descend(LEVELS, SPIN_NS), LEVELS);
+    }
+    for f in probe.functions() {
+        println!();
+        println!("Function = {}", f.name);
+        let slots: Vec<u64> = hists[f.id as usize].iter().map(|s| s.load(Relaxed)).collect();
+        print_log2_hist(&slots, "nsecs");
+    }
+
+    // Running the example is a test: every call counted under its function, and no
+    // call measured shorter than the spins it and its callees made.
+    for (f, hits) in probe.hits() {
+        let want = if f.name.ends_with("::leaf") { RUNS } else { RUNS * (LEVELS + 1) };
+        assert_eq!(hits, want, "{}", f.name);
+        assert_eq!(hists[f.id as usize].iter().map(|s| s.load(Relaxed)).sum::<u64>(), want);
+    }
+    assert_eq!(probe.functions().count(), 2);
+    assert_eq!(probe.nmissed(), 0);
+    assert_eq!(short.load(Relaxed), 0, "each call timed from its own entry, nested calls included");
     probe.unregister()
 }

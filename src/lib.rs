@@ -166,6 +166,9 @@
 //! assert!(listing.contains("stp x0, x1"));
 //! ```
 #![deny(missing_docs)]
+//!
+//! With the cargo feature `trace`, `probekit::trace` is the function-graph tracer
+//! (per-thread rings of calls, Chrome trace JSON for Perfetto, flame graphs).
 
 pub use probe_macros::*;
 pub use probe_rt::*;

@@ -45,6 +45,7 @@
 //! periods) use `sys`; the mechanisms — `site` (site patching and hit path),
 //! `breakpoint` (the `Probe` API, arming, the SIGTRAP path), `retprobe` — use the
 //! layers above them; this file, the listing and the blacklist use everything.
+//! `trace` (cargo feature `trace`), the function-graph tracer, is built on `multi`.
 #![deny(missing_docs)]
 
 mod arch;
@@ -63,6 +64,8 @@ mod registry;
 pub mod retprobe;
 mod site;
 mod sys;
+#[cfg(feature = "trace")]
+pub mod trace;
 
 pub use backtrace::{backtrace, stack_trace};
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};

@@ -305,6 +305,23 @@ fn drop_stale(stale: impl Fn(&Inst) -> bool) -> usize {
     head
 }
 
+/// Whether one of this thread's live instances holds the per-call data at `data`: the
+/// tracer asks, at an entry, whether a call it recorded at the entry's stack pointer
+/// is still watched, which this module decided just before (`drop_stale` in
+/// [`on_entry`], whose tail-call rule only the stub addresses can tell).
+#[cfg(feature = "trace")]
+pub(crate) fn watching(data: usize) -> bool {
+    let mut at = HEAD.get();
+    while at != 0 {
+        let inst = inst_at(at);
+        if inst.data.load(Ordering::Relaxed) == data {
+            return true;
+        }
+        at = inst.next.load(Ordering::Relaxed);
+    }
+    false
+}
+
 /// The return address of a function at its entry, and where it is kept.
 #[cfg(target_arch = "x86_64")]
 fn return_address(regs: &PtRegs) -> usize {

@@ -1,0 +1,445 @@
+//! A function-graph tracer: ftrace's `function_graph`, or LLVM XRay's flight-data
+//! recorder, in a process (cargo feature `trace`).
+//!
+//! A [`Tracer`] attaches an entry and a return handler to every function a glob or a
+//! list chooses (through a [`MultiProbe`]) and records, per thread, one record per
+//! call: the function, its depth, the enter and exit times, and optionally the first
+//! arguments and the return value. Records go to per-thread rings allocated when the
+//! tracer is registered: the hit path takes no lock and allocates nothing. A full ring
+//! overwrites its oldest record or drops the new one ([`Full`]), and counts what it
+//! lost.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), probe_rt::Error> {
+//! use probe_rt::trace::{EventStyle, Tracer, Weight}; // probekit::trace in the facade
+//! let tracer = Tracer::builder().pattern("myapp::parser::*").args(2).retval().register()?;
+//! tracer.start();
+//! // ... the workload ...
+//! tracer.stop();
+//! let snap = tracer.snapshot(); // also while running
+//! snap.write_chrome_json(std::fs::File::create("trace.json").unwrap(), EventStyle::Complete).unwrap();
+//! snap.write_flamegraph(std::fs::File::create("flame.svg").unwrap(), Weight::Time, "parser").unwrap();
+//! # Ok(()) }
+//! ```
+//!
+//! # Nesting
+//! Each call's record is written when it returns, with its depth on its thread's stack
+//! of traced calls, so a snapshot holds whole calls that nest: recursion, threads and
+//! calls that overlap in time on different threads all come out right (bcc's
+//! `funclatency` says it cannot do this for recursive functions; per-call data can).
+//! A call that never returns because a panic or a `longjmp` went past it is recorded
+//! with the flag `unwound` and an exit time when its thread's next traced entry or
+//! return shows that its frame is gone, which is how the return probe underneath
+//! finds out (see [`retprobe`](crate::retprobe), "Finding the instance").
+//!
+//! Calls still running when a snapshot is taken are not in it (their records are
+//! written when they return); a call whose caller's record is missing (lost, or
+//! still running) still nests under the right depth, and flame graphs name the
+//! missing frames `[not recorded]`.
+//!
+//! # Costs and limits
+//! Each traced call costs its probe hit (a trap, or a trampoline on `#[traceable]`
+//! functions), two clock reads and a few stores. The rings are allocated up front:
+//! [`TracerBuilder::threads`] rings of [`TracerBuilder::capacity`] records each; a
+//! thread that finds none free is not traced (counted in [`Snapshot::no_ring`]). A
+//! ring stays with its thread for the tracer's life. The calls each function can
+//! have in flight at once, over all threads, are its return probe's `maxactive`
+//! ([`TracerBuilder::maxactive`]); calls beyond it are not traced (counted in
+//! [`Snapshot::missed`]).
+
+mod chrome;
+mod flame;
+mod ring;
+mod snapshot;
+
+pub use chrome::EventStyle;
+pub use flame::Weight;
+pub use ring::{Full, MAX_ARGS};
+pub use snapshot::{Call, Function, Snapshot, ThreadTrace};
+
+use crate::multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
+use crate::{Error, FnAddr, PtRegs};
+use ring::Ring;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The per-call data of the tracer's return probes: where the call's frame is on its
+/// thread's stack (its depth + 1; 0: not traced). Not zero-sized, so its address
+/// tells the return probe's instances apart.
+#[derive(Default)]
+struct Slot(u32);
+
+/// `CLOCK_MONOTONIC` in nanoseconds: a vDSO read, async-signal-safe (signal-safety(7)).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Distinguishes tracers in a thread's cache of its ring (never reused, unlike addresses).
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+/// Numbers threads for ring ownership (never reused, unlike thread ids).
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's serial (0 until its first traced call). Const, no destructor:
+    /// usable in a signal handler.
+    static SERIAL: Cell<u64> = const { Cell::new(0) };
+    /// The tracer generation this thread last traced for, and its ring there.
+    static CACHE: Cell<(u64, usize)> = const { Cell::new((0, 0)) };
+}
+
+/// What the handlers share with the handle.
+struct State {
+    generation: u64,
+    running: AtomicBool,
+    retval: bool,
+    nargs: usize,
+    rings: Box<[Ring]>,
+    /// Calls on threads that found no free ring.
+    no_ring: AtomicU64,
+}
+
+impl State {
+    /// This thread's ring, claimed at its first call (lock-free: a scan and a CAS).
+    fn ring(&self) -> Option<&Ring> {
+        let (generation, index) = CACHE.get();
+        if generation == self.generation {
+            return Some(&self.rings[index]);
+        }
+        let mut me = SERIAL.get();
+        if me == 0 {
+            me = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
+            SERIAL.set(me);
+        }
+        // Mine already (another tracer took the cache meanwhile), else a free one.
+        let index = self.rings.iter().position(|r| r.owner.load(Ordering::Relaxed) == me).or_else(|| {
+            let i = self
+                .rings
+                .iter()
+                .position(|r| r.owner.load(Ordering::Relaxed) == 0 && r.owner.compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed).is_ok())?;
+            let r = &self.rings[i];
+            r.tid.store(crate::grace::with_thread(|t| t.tid()), Ordering::Relaxed);
+            let mut name = [0u8; 16];
+            // SAFETY: PR_GET_NAME writes at most 16 bytes (with the NUL) into the buffer.
+            unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
+            r.name[0].store(u64::from_ne_bytes(name[..8].try_into().unwrap_or_default()), Ordering::Relaxed);
+            r.name[1].store(u64::from_ne_bytes(name[8..].try_into().unwrap_or_default()), Ordering::Relaxed);
+            r.ready.store(true, Ordering::Release);
+            Some(i)
+        });
+        let Some(index) = index else {
+            self.no_ring.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        CACHE.set((self.generation, index));
+        Some(&self.rings[index])
+    }
+
+    /// The entry handler: records that a call began (if tracing), after ending the
+    /// calls on this thread's stack whose frames are gone.
+    fn enter(&self, regs: &PtRegs, f: &Attached, slot: &mut Slot) -> bool {
+        if !self.running.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(ring) = self.ring() else { return false };
+        let now = now_ns();
+        let sp = regs.stack_pointer() as usize;
+        // The return probe underneath dropped its instances of frames deeper than this
+        // entry, and at the same depth those that are not its caller (a tail call from a
+        // traced function returns through that function's stub and keeps it): the
+        // frames of this thread's stack that it dropped are gone.
+        while ring.depth() > 0 {
+            let top = ring.frame(ring.depth() - 1);
+            if top.sp > sp || top.sp == sp && crate::retprobe::watching(top.data) {
+                break;
+            }
+            ring.pop(now, None);
+        }
+        let data = slot as *mut Slot as usize;
+        match ring.push(f.id, sp, data, now, |a| regs.arg(a).unwrap_or(0)) {
+            Some(depth) => {
+                slot.0 = depth as u32 + 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The return handler: records the call, after ending the calls above it on the
+    /// stack (a panic or `longjmp` left them: they never returned).
+    fn exit(&self, regs: &PtRegs, slot: &mut Slot) {
+        let Some(depth) = (slot.0 as usize).checked_sub(1) else { return };
+        let now = now_ns();
+        let Some(ring) = self.ring() else { return };
+        if depth >= ring.depth() || ring.frame(depth).data != slot as *mut Slot as usize {
+            return; // not this call's frame: cannot happen while the stack mirrors the instances
+        }
+        while ring.depth() > depth + 1 {
+            ring.pop(now, None);
+        }
+        ring.pop(now, Some(if self.retval { regs.return_value() } else { 0 }));
+    }
+}
+
+/// The function-graph tracer. See the [module docs](self).
+pub struct Tracer {
+    probe: MultiProbeHandle,
+    state: Arc<State>,
+    functions: Arc<[Function]>,
+    /// Serialises readers (`snapshot`, `drain`): a ring has one reader at a time.
+    reader: Mutex<()>,
+    /// When the first `start` happened (the time zero of exports).
+    t0: AtomicU64,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer").field("functions", &self.functions.len()).field("running", &self.is_running()).finish_non_exhaustive()
+    }
+}
+
+impl Tracer {
+    /// Starts describing a tracer.
+    pub fn builder() -> TracerBuilder {
+        TracerBuilder {
+            probe: MultiProbe::with_data::<Slot>(),
+            nargs: 0,
+            retval: false,
+            capacity: 1 << 14,
+            threads: 64,
+            max_depth: 256,
+            maxactive: 256,
+            full: Full::Overwrite,
+        }
+    }
+
+    /// Starts recording (again). Calls that began while stopped are not recorded.
+    pub fn start(&self) {
+        let _ = self.t0.compare_exchange(0, now_ns(), Ordering::Relaxed, Ordering::Relaxed);
+        self.state.running.store(true, Ordering::Release);
+    }
+
+    /// Stops recording new calls; calls already in flight are still recorded when
+    /// they return.
+    pub fn stop(&self) {
+        self.state.running.store(false, Ordering::Release);
+    }
+
+    /// Whether new calls are being recorded.
+    pub fn is_running(&self) -> bool {
+        self.state.running.load(Ordering::Relaxed)
+    }
+
+    /// The functions traced, indexed by [`Call::function`] (a function that matched
+    /// but could not be attached has address 0 and is in [`Self::skipped`]).
+    pub fn functions(&self) -> &[Function] {
+        &self.functions
+    }
+
+    /// The functions chosen that could not be attached, and why.
+    pub fn skipped(&self) -> &[Skipped] {
+        self.probe.skipped()
+    }
+
+    /// Every finished call recorded and still in the rings, without consuming them
+    /// (also while running).
+    pub fn snapshot(&self) -> Snapshot {
+        self.read(false)
+    }
+
+    /// Every finished call recorded since the last `drain`, consuming them: for long
+    /// traces that are written out piece by piece (see [`Snapshot::append`]).
+    pub fn drain(&self) -> Snapshot {
+        self.read(true)
+    }
+
+    fn read(&self, consume: bool) -> Snapshot {
+        let _reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut threads = Vec::new();
+        let mut recorded = 0;
+        for (index, ring) in self.state.rings.iter().enumerate() {
+            if !ring.ready.load(Ordering::Acquire) {
+                continue;
+            }
+            let tail = ring.tail.load(Ordering::Relaxed);
+            let (raws, first) = ring.read(tail);
+            let head = first + raws.len() as u64;
+            recorded += ring.head.load(Ordering::Relaxed);
+            let overwritten = first - tail;
+            if consume {
+                ring.tail.store(head, Ordering::Release);
+            }
+            let name_bytes: Vec<u8> = ring.name.iter().flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes()).take_while(|b| *b != 0).collect();
+            threads.push(ThreadTrace::new(
+                index,
+                ring.tid.load(Ordering::Relaxed),
+                String::from_utf8_lossy(&name_bytes).into_owned(),
+                raws,
+                self.state.nargs,
+                self.state.retval,
+                overwritten,
+                ring.dropped.load(Ordering::Relaxed),
+                ring.too_deep.load(Ordering::Relaxed),
+            ));
+        }
+        Snapshot::new(
+            self.functions.clone(),
+            threads,
+            self.probe.nmissed(),
+            self.state.no_ring.load(Ordering::Relaxed),
+            recorded,
+            self.t0.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Calls not traced because they were hit inside a handler, or every instance of
+    /// their function's return probe was in use (see [`TracerBuilder::maxactive`]).
+    pub fn nmissed(&self) -> u64 {
+        self.probe.nmissed()
+    }
+
+    /// Detaches from every function (what dropping the tracer does, with the error).
+    pub fn unregister(self) -> Result<(), Error> {
+        self.stop();
+        self.probe.unregister()
+    }
+}
+
+/// Describes a [`Tracer`]: which functions, what to record, how much.
+pub struct TracerBuilder {
+    probe: MultiProbeBuilder<Slot>,
+    nargs: usize,
+    retval: bool,
+    capacity: usize,
+    threads: usize,
+    max_depth: usize,
+    maxactive: usize,
+    full: Full,
+}
+
+impl std::fmt::Debug for TracerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TracerBuilder")
+            .field("args", &self.nargs)
+            .field("retval", &self.retval)
+            .field("capacity", &self.capacity)
+            .field("threads", &self.threads)
+            .field("max_depth", &self.max_depth)
+            .field("maxactive", &self.maxactive)
+            .field("full", &self.full)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TracerBuilder {
+    /// Trace every function whose name matches the glob (see [`MultiProbeBuilder::pattern`]).
+    pub fn pattern(mut self, glob: &str) -> Self {
+        self.probe = self.probe.pattern(glob);
+        self
+    }
+
+    /// Leave out the functions whose name matches the glob.
+    pub fn exclude(mut self, glob: &str) -> Self {
+        self.probe = self.probe.exclude(glob);
+        self
+    }
+
+    /// Only functions of objects whose path contains `part` (see [`MultiProbeBuilder::object`]).
+    pub fn object(mut self, part: &str) -> Self {
+        self.probe = self.probe.object(part);
+        self
+    }
+
+    /// Trace functions by name.
+    pub fn names<S: AsRef<str>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.probe = self.probe.names(names);
+        self
+    }
+
+    /// Trace a function given by pointer.
+    pub fn function(mut self, f: impl FnAddr) -> Self {
+        self.probe = self.probe.function(f);
+        self
+    }
+
+    /// Record the first `n` integer arguments of each call (at most [`MAX_ARGS`]).
+    pub fn args(mut self, n: usize) -> Self {
+        self.nargs = n.min(MAX_ARGS);
+        self
+    }
+
+    /// Record each call's integer return value (`rax`/`x0`).
+    pub fn retval(mut self) -> Self {
+        self.retval = true;
+        self
+    }
+
+    /// Records each thread's ring holds (rounded up to a power of two; default 16,384).
+    pub fn capacity(mut self, records: usize) -> Self {
+        self.capacity = records.max(1).next_power_of_two();
+        self
+    }
+
+    /// How many threads can be traced (one ring each; default 64).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n.max(1);
+        self
+    }
+
+    /// How deep a thread's traced calls may nest (default 256); deeper calls are not
+    /// traced and are counted in [`ThreadTrace::too_deep`].
+    pub fn max_depth(mut self, n: usize) -> Self {
+        self.max_depth = n.clamp(1, 1 << 24);
+        self
+    }
+
+    /// How many calls of each function can be in flight at once, over all threads
+    /// (its return probe's `maxactive`; default 256).
+    pub fn maxactive(mut self, n: usize) -> Self {
+        self.maxactive = n.max(1);
+        self
+    }
+
+    /// What a full ring does (default [`Full::Overwrite`]).
+    pub fn when_full(mut self, full: Full) -> Self {
+        self.full = full;
+        self
+    }
+
+    /// Allocates the rings and attaches to every chosen function (as one batch);
+    /// recording starts with [`Tracer::start`]. Errors as
+    /// [`MultiProbeBuilder::register`].
+    pub fn register(self) -> Result<Tracer, Error> {
+        let rings = (0..self.threads).map(|_| Ring::new(self.capacity, self.max_depth, self.nargs, self.retval, self.full)).collect();
+        let state = Arc::new(State {
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            running: AtomicBool::new(false),
+            retval: self.retval,
+            nargs: self.nargs,
+            rings,
+            no_ring: AtomicU64::new(0),
+        });
+        let (on_entry, on_exit) = (state.clone(), state.clone());
+        let probe = self
+            .probe
+            .maxactive(self.maxactive)
+            .entry(move |regs, f, slot| on_entry.enter(regs, f, slot))
+            .exit(move |regs, _f, slot| on_exit.exit(regs, slot))
+            .register()?;
+        // Indexed by id; a function that matched but could not be attached keeps its
+        // id (see `MultiProbeHandle::functions`) with address 0.
+        let mut functions = Vec::new();
+        for a in probe.functions() {
+            let id = a.id as usize;
+            if functions.len() <= id {
+                functions.resize_with(id + 1, || Function { name: "[not attached]".to_string(), addr: 0 });
+            }
+            functions[id] = Function { name: a.name.clone(), addr: a.addr };
+        }
+        let functions: Arc<[Function]> = functions.into();
+        Ok(Tracer { probe, state, functions, reader: Mutex::new(()), t0: AtomicU64::new(0) })
+    }
+}

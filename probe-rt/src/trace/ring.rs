@@ -1,0 +1,256 @@
+//! One thread's buffers: the ring of finished calls and the stack of calls in flight.
+//!
+//! A [`Ring`] belongs to one thread, which claims it at its first traced call and is
+//! its only writer: the hit paths run with probekit's reentrancy guard set, so a
+//! thread's handlers never interrupt each other (a probe hit inside one is missed).
+//! Everything in it is an atomic, so a reader on another thread (a snapshot) never
+//! races in the language's sense; it checks what it copied against the writer's
+//! counters as a seqlock reader does, and keeps only records no write overlapped.
+//!
+//! The ring holds one record per *finished* call (function, depth, enter and exit
+//! time, arguments, return value), written when the call returns or is found
+//! abandoned. A record is whole or absent, so overwriting the oldest, or dropping
+//! the newest when full, never leaves a begin without its end.
+
+use std::alloc::{alloc_zeroed, Layout};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+
+/// What a full ring does with the next record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Full {
+    /// Overwrite the oldest record (a flight recorder: the last calls survive).
+    #[default]
+    Overwrite,
+    /// Drop the new record (the first calls survive).
+    Drop,
+}
+
+/// The most arguments a call's record keeps (the integer argument registers of
+/// AAPCS64; System V has 6, and `arg(6..)` reads as 0 there).
+pub const MAX_ARGS: usize = 8;
+
+/// Flags of a record (the top byte of its first word).
+pub(super) const UNWOUND: u64 = 1;
+/// The record carries a return value.
+pub(super) const HAS_RET: u64 = 2;
+
+/// A record as the ring keeps it, decoded (see `Ring::emit`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Raw {
+    pub(super) func: u32,
+    pub(super) depth: u32,
+    pub(super) flags: u64,
+    pub(super) enter: u64,
+    pub(super) exit: u64,
+    pub(super) args: [u64; MAX_ARGS],
+    pub(super) ret: u64,
+}
+
+/// `n` zeroed atomics, allocated with `calloc` semantics: large buffers come from
+/// fresh anonymous pages, which the kernel commits only when first written, so rings
+/// for threads that never trace cost address space, not memory.
+pub(super) fn zeroed(n: usize) -> Box<[AtomicU64]> {
+    if n == 0 {
+        return Box::new([]);
+    }
+    let layout = Layout::array::<AtomicU64>(n).expect("ring size fits in memory");
+    // SAFETY: the layout has a non-zero size (n > 0).
+    let p = unsafe { alloc_zeroed(layout) } as *mut AtomicU64;
+    if p.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `p` is a fresh allocation of `n` `AtomicU64`s from the global allocator
+    // with their array layout, which is what a `Box<[AtomicU64]>` frees; all-zero bytes
+    // are a valid `AtomicU64` (0).
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) }
+}
+
+/// One thread's ring of finished calls and stack of calls in flight.
+pub(super) struct Ring {
+    /// The claiming thread's serial (see `Tracer`), 0 while free.
+    pub(super) owner: AtomicU64,
+    /// Set once `tid` and `name` are written (a reader skips the ring before).
+    pub(super) ready: AtomicBool,
+    pub(super) tid: AtomicI32,
+    /// The thread's name (`PR_GET_NAME`, 15 bytes and a NUL), as two words.
+    pub(super) name: [AtomicU64; 2],
+
+    /// Records claimed for writing (the next is number `claim`): a reader discards
+    /// any record a claim after its copy may have overwritten.
+    claim: AtomicU64,
+    /// Records written (published with Release).
+    pub(super) head: AtomicU64,
+    /// Records consumed by `drain`: below it, the writer may overwrite (`Full::Drop`
+    /// never writes past `tail + capacity`).
+    pub(super) tail: AtomicU64,
+    /// Records dropped because the ring was full (`Full::Drop`).
+    pub(super) dropped: AtomicU64,
+    /// Calls not traced because the stack of calls in flight was full.
+    pub(super) too_deep: AtomicU64,
+    records: Box<[AtomicU64]>,
+    /// Capacity in records minus 1 (a power of two minus 1).
+    mask: u64,
+    /// Words per record: 3 + args (+ 1 with return values).
+    stride: usize,
+    nargs: usize,
+    full: Full,
+
+    /// Calls in flight, oldest first, `FRAME + nargs` words each; only the owner
+    /// touches them.
+    stack: Box<[AtomicU64]>,
+    depth: AtomicUsize,
+    max_depth: usize,
+}
+
+/// Words of a stack frame before its arguments: function id, stack pointer, the
+/// address of the call's per-call data, enter time.
+const FRAME: usize = 4;
+
+/// What the hit path reads of a frame of the stack.
+pub(super) struct Frame {
+    pub(super) sp: usize,
+    pub(super) data: usize,
+}
+
+impl Ring {
+    /// A free ring of `capacity` records (a power of two) and a stack `max_depth` deep.
+    pub(super) fn new(capacity: usize, max_depth: usize, nargs: usize, retval: bool, full: Full) -> Ring {
+        debug_assert!(capacity.is_power_of_two() && nargs <= MAX_ARGS);
+        let stride = 3 + nargs + retval as usize;
+        Ring {
+            owner: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            tid: AtomicI32::new(0),
+            name: [AtomicU64::new(0), AtomicU64::new(0)],
+            claim: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            tail: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            too_deep: AtomicU64::new(0),
+            records: zeroed(capacity * stride),
+            mask: capacity as u64 - 1,
+            stride,
+            nargs,
+            full,
+            stack: zeroed(max_depth * (FRAME + nargs)),
+            depth: AtomicUsize::new(0),
+            max_depth,
+        }
+    }
+
+    /// Capacity in records.
+    pub(super) fn capacity(&self) -> u64 {
+        self.mask + 1
+    }
+
+    /// Calls in flight on the owner's stack.
+    pub(super) fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    fn word(&self, frame: usize, k: usize) -> &AtomicU64 {
+        &self.stack[frame * (FRAME + self.nargs) + k]
+    }
+
+    /// Frame `i` of the stack (owner only).
+    pub(super) fn frame(&self, i: usize) -> Frame {
+        Frame { sp: self.word(i, 1).load(Ordering::Relaxed) as usize, data: self.word(i, 2).load(Ordering::Relaxed) as usize }
+    }
+
+    /// Pushes a call entered at `enter` (owner only); its depth, or `None` (counted)
+    /// if the stack is full.
+    pub(super) fn push(&self, func: u32, sp: usize, data: usize, enter: u64, args: impl Fn(usize) -> u64) -> Option<usize> {
+        let d = self.depth();
+        if d == self.max_depth {
+            self.too_deep.store(self.too_deep.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return None;
+        }
+        self.word(d, 0).store(func as u64, Ordering::Relaxed);
+        self.word(d, 1).store(sp as u64, Ordering::Relaxed);
+        self.word(d, 2).store(data as u64, Ordering::Relaxed);
+        self.word(d, 3).store(enter, Ordering::Relaxed);
+        for a in 0..self.nargs {
+            self.word(d, FRAME + a).store(args(a), Ordering::Relaxed);
+        }
+        self.depth.store(d + 1, Ordering::Relaxed);
+        Some(d)
+    }
+
+    /// Pops the top frame (owner only) and records its call as ended at `exit`:
+    /// returned with `ret`, or abandoned (`None`: a panic or `longjmp` left it).
+    pub(super) fn pop(&self, exit: u64, ret: Option<u64>) {
+        let d = self.depth() - 1;
+        self.depth.store(d, Ordering::Relaxed);
+        let w = |k| self.word(d, k).load(Ordering::Relaxed);
+        let flags = match ret {
+            Some(_) => HAS_RET,
+            None => UNWOUND,
+        };
+        self.emit(w(0) as u32, d as u32, flags, w(3), exit, |a| w(FRAME + a), ret.unwrap_or(0));
+    }
+
+    /// Appends a record (owner only): a claim announced before the words are
+    /// written (so a reader can tell which records a write may have overlapped), the
+    /// words, then the head published.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(&self, func: u32, depth: u32, flags: u64, enter: u64, exit: u64, args: impl Fn(usize) -> u64, ret: u64) {
+        let h = self.head.load(Ordering::Relaxed);
+        if self.full == Full::Drop && h - self.tail.load(Ordering::Acquire) > self.mask {
+            self.dropped.store(self.dropped.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return;
+        }
+        self.claim.store(h + 1, Ordering::Relaxed);
+        // Orders the claim before the writes below for a reader whose Acquire fence
+        // follows its reads of these words (the seqlock writer's fence).
+        fence(Ordering::Release);
+        let base = (h & self.mask) as usize * self.stride;
+        let r = &self.records[base..base + self.stride];
+        r[0].store(func as u64 | (depth as u64 & 0xff_ffff) << 32 | flags << 56, Ordering::Relaxed);
+        r[1].store(enter, Ordering::Relaxed);
+        r[2].store(exit, Ordering::Relaxed);
+        for a in 0..self.nargs {
+            r[3 + a].store(args(a), Ordering::Relaxed);
+        }
+        if self.stride > 3 + self.nargs {
+            r[3 + self.nargs].store(ret, Ordering::Relaxed);
+        }
+        self.head.store(h + 1, Ordering::Release);
+    }
+
+    /// Copies the records written since `tail` that are still whole, oldest first
+    /// (any thread). Returns them with the number of the first one copied (records
+    /// `tail..first` were overwritten before they could be read).
+    pub(super) fn read(&self, tail: u64) -> (Vec<Raw>, u64) {
+        let head = self.head.load(Ordering::Acquire);
+        let start = tail.max(head.saturating_sub(self.capacity()));
+        let mut out = Vec::with_capacity((head - start) as usize);
+        for n in start..head {
+            let base = (n & self.mask) as usize * self.stride;
+            let r = &self.records[base..base + self.stride];
+            let w0 = r[0].load(Ordering::Relaxed);
+            let mut args = [0; MAX_ARGS];
+            for (a, v) in args.iter_mut().enumerate().take(self.nargs) {
+                *v = r[3 + a].load(Ordering::Relaxed);
+            }
+            let ret = if self.stride > 3 + self.nargs { r[3 + self.nargs].load(Ordering::Relaxed) } else { 0 };
+            out.push(Raw {
+                func: w0 as u32,
+                depth: (w0 >> 32) as u32 & 0xff_ffff,
+                flags: w0 >> 56,
+                enter: r[1].load(Ordering::Relaxed),
+                exit: r[2].load(Ordering::Relaxed),
+                args,
+                ret,
+            });
+        }
+        // Pairs with the writer's Release fence: a claim that overwrote a word read
+        // above is seen here.
+        fence(Ordering::Acquire);
+        let claim = self.claim.load(Ordering::Relaxed);
+        // Record `n` is overwritten by the write of record `n + capacity`, claimed as
+        // `n + capacity + 1`: whole if that claim was not made yet.
+        let first = start.max(claim.saturating_sub(self.capacity()));
+        out.drain(..(first - start) as usize);
+        (out, first)
+    }
+}

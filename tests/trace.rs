@@ -1,0 +1,384 @@
+//! The function-graph tracer (issue 15): what it records and what it writes.
+//!
+//! Each test traces functions of its own module (tests run in parallel, each with its
+//! own tracer), makes a known number of calls, and checks the snapshot, the Chrome
+//! trace JSON read back with serde_json (every thread's events nest: each begin has
+//! its end, in order), the folded stacks and the flame graph against those calls.
+
+use probekit::trace::{Call, EventStyle, Full, Snapshot, Tracer, Weight};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::hint::black_box;
+
+/// The functions of a module, as the tracer's glob names them.
+fn glob(module: &str) -> String {
+    format!("trace::{module}::*")
+}
+
+/// A timestamp of the JSON (µs) in ns, as Perfetto reads it: `llround(ts * 1000)`.
+fn ns(v: &Value) -> i64 {
+    (v.as_f64().expect("a number") * 1000.0).round() as i64
+}
+
+/// Reads the Chrome trace JSON back and checks its events nest on every thread.
+/// Returns the call events (`X`, or `B` with their `E`) per thread: `(name, begin ns, end ns, depth)`.
+fn read_chrome(snap: &Snapshot, style: EventStyle) -> HashMap<i64, Vec<(String, i64, i64, usize)>> {
+    let mut json = Vec::new();
+    snap.write_chrome_json(&mut json, style).unwrap();
+    let v: Value = serde_json::from_slice(&json).expect("the trace is JSON");
+    let events = v["traceEvents"].as_array().expect("traceEvents is an array");
+    let mut names = HashMap::new();
+    let mut out: HashMap<i64, Vec<(String, i64, i64, usize)>> = HashMap::new();
+    let mut open: HashMap<i64, Vec<(String, i64)>> = HashMap::new();
+    for e in events {
+        let tid = e["tid"].as_i64().unwrap_or(0);
+        let name = e["name"].as_str().unwrap().to_string();
+        match e["ph"].as_str().unwrap() {
+            "M" => {
+                if name == "thread_name" {
+                    names.insert(tid, e["args"]["name"].as_str().unwrap().to_string());
+                }
+            }
+            "X" => {
+                let (ts, dur) = (ns(&e["ts"]), ns(&e["dur"]));
+                assert!(dur >= 0);
+                out.entry(tid).or_default().push((name, ts, ts + dur, 0));
+            }
+            "B" => {
+                let ts = ns(&e["ts"]);
+                let stack = open.entry(tid).or_default();
+                if let Some((_, parent)) = stack.last() {
+                    assert!(*parent <= ts, "a begin before its parent's");
+                }
+                stack.push((name, ts));
+            }
+            "E" => {
+                let ts = ns(&e["ts"]);
+                let stack = open.entry(tid).or_default();
+                let depth = stack.len() - 1;
+                let (begun, at) = stack.pop().expect("every end has a begin");
+                assert_eq!(begun, name, "an end matches the latest open begin");
+                assert!(at <= ts, "an end after its begin");
+                out.entry(tid).or_default().push((name, at, ts, depth));
+            }
+            ph => panic!("unexpected phase {ph}"),
+        }
+    }
+    assert!(open.values().all(Vec::is_empty), "every begin has its end");
+    for tid in out.keys() {
+        assert!(names.contains_key(tid), "every thread with calls is named");
+    }
+    if style == EventStyle::Complete {
+        // Complete events nest: sorted by begin, each lies inside the last open one it
+        // overlaps, or after it.
+        for calls in out.values_mut() {
+            let mut stack: Vec<(i64, i64)> = Vec::new();
+            for c in calls.iter_mut() {
+                while stack.last().is_some_and(|&(_, end)| end <= c.1 && !(end == c.1 && c.2 == c.1)) {
+                    stack.pop();
+                }
+                if let Some(&(b, e)) = stack.last() {
+                    assert!(b <= c.1 && c.2 <= e, "complete events nest: {c:?} in ({b}, {e})");
+                }
+                c.3 = stack.len();
+                stack.push((c.1, c.2));
+            }
+        }
+    }
+    out
+}
+
+/// Checks the folded stacks by calls add up to the calls, and the SVG is drawn.
+fn check_folded_and_svg(snap: &Snapshot) -> HashMap<String, u64> {
+    let folded: HashMap<String, u64> = snap
+        .folded(Weight::Calls)
+        .iter()
+        .map(|l| {
+            let (stack, n) = l.rsplit_once(' ').unwrap();
+            (stack.to_string(), n.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(folded.values().sum::<u64>(), snap.calls() as u64, "folded counts equal the calls");
+    let mut svg = Vec::new();
+    snap.write_flamegraph(&mut svg, Weight::Time, "test").unwrap();
+    let svg = String::from_utf8(svg).unwrap();
+    assert!(svg.len() > 1000 && svg.contains("<svg") && svg.trim_end().ends_with("</svg>"), "an SVG flame graph");
+    folded
+}
+
+/// Short names of a thread's calls' functions.
+fn short<'a>(snap: &'a Snapshot, c: &Call) -> &'a str {
+    snap.name(c).rsplit("::").next().unwrap()
+}
+
+mod threads {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn leaf(x: u64) -> u64 {
+        black_box(x * 2 + 1)
+    }
+    #[inline(never)]
+    pub extern "C" fn middle(x: u64) -> u64 {
+        black_box(leaf(x) + leaf(x + 1))
+    }
+    #[inline(never)]
+    pub extern "C" fn outer(x: u64) -> u64 {
+        black_box(middle(x) + middle(x + 2))
+    }
+}
+
+#[test]
+fn eight_threads_nest_and_add_up() {
+    const THREADS: u64 = 8;
+    const CALLS: u64 = 40;
+    let tracer = Tracer::builder().pattern(&glob("threads")).args(1).retval().register().unwrap();
+    assert_eq!(tracer.functions().len(), 3, "{:?}", tracer.skipped());
+    tracer.start();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            std::thread::Builder::new()
+                .name(format!("worker-{t}"))
+                .spawn_scoped(s, move || {
+                    for i in 0..CALLS {
+                        black_box(black_box(threads::outer as extern "C" fn(u64) -> u64)(t * 1000 + i));
+                    }
+                })
+                .unwrap();
+        }
+    });
+    tracer.stop();
+    let snap = tracer.snapshot();
+    assert_eq!(snap.lost(), 0);
+    assert_eq!(snap.missed, 0);
+    let per_outer = 1 + 2 + 4;
+    assert_eq!(snap.calls() as u64, THREADS * CALLS * per_outer, "every call recorded once");
+    let workers: Vec<_> = snap.threads.iter().filter(|t| t.name.starts_with("worker-")).collect();
+    assert_eq!(workers.len(), THREADS as usize, "one ring per thread, named");
+    for t in &workers {
+        assert_eq!(t.calls.len() as u64, CALLS * per_outer);
+        for c in &t.calls {
+            assert!(!c.unwound && c.exit_ns >= c.enter_ns);
+            let expected_depth = match short(&snap, c) {
+                "outer" => 0,
+                "middle" => 1,
+                "leaf" => 2,
+                n => panic!("{n}"),
+            };
+            assert_eq!(c.depth, expected_depth);
+            if short(&snap, c) == "leaf" {
+                assert_eq!(c.ret, Some(c.args()[0] * 2 + 1), "each record whole: its argument and its return");
+            }
+        }
+    }
+    for style in [EventStyle::Complete, EventStyle::BeginEnd] {
+        let chrome = read_chrome(&snap, style);
+        assert_eq!(chrome.values().map(Vec::len).sum::<usize>(), snap.calls());
+        if style == EventStyle::BeginEnd {
+            for calls in chrome.values() {
+                for (name, _, _, depth) in calls {
+                    let want = if name.ends_with("outer") {
+                        0
+                    } else if name.ends_with("middle") {
+                        1
+                    } else {
+                        2
+                    };
+                    assert_eq!(*depth, want, "{name} nested at its depth");
+                }
+            }
+        }
+    }
+    let folded = check_folded_and_svg(&snap);
+    let f = |s: &str| folded.get(&s.split(';').map(|n| format!("trace::threads::{n}")).collect::<Vec<_>>().join(";")).copied();
+    assert_eq!(f("outer"), Some(THREADS * CALLS));
+    assert_eq!(f("outer;middle"), Some(THREADS * CALLS * 2));
+    assert_eq!(f("outer;middle;leaf"), Some(THREADS * CALLS * 4));
+    tracer.unregister().unwrap();
+}
+
+mod recursion {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn rec(n: u64) -> u64 {
+        if n == 0 {
+            return black_box(0);
+        }
+        black_box(rec(black_box(n - 1)) + 1)
+    }
+}
+
+#[test]
+fn recursion_fifty_deep() {
+    const DEPTH: u64 = 50;
+    const RUNS: u64 = 5;
+    let tracer = Tracer::builder().pattern(&glob("recursion")).args(1).retval().register().unwrap();
+    tracer.start();
+    for _ in 0..RUNS {
+        assert_eq!(black_box(recursion::rec as extern "C" fn(u64) -> u64)(DEPTH), DEPTH);
+    }
+    tracer.stop();
+    let snap = tracer.snapshot();
+    assert_eq!(snap.calls() as u64, RUNS * (DEPTH + 1));
+    let t = snap.threads.iter().find(|t| !t.calls.is_empty()).unwrap();
+    for run in t.calls.chunks((DEPTH + 1) as usize) {
+        for (d, c) in run.iter().enumerate() {
+            // Sorted by entry: depth d is the call rec(DEPTH - d), returning DEPTH - d.
+            assert_eq!((c.depth as u64, c.args()[0], c.ret), (d as u64, DEPTH - d as u64, Some(DEPTH - d as u64)));
+            if d > 0 {
+                let p = &run[d - 1];
+                assert!(p.enter_ns <= c.enter_ns && c.exit_ns <= p.exit_ns, "each call inside its caller");
+            }
+        }
+    }
+    for style in [EventStyle::Complete, EventStyle::BeginEnd] {
+        let chrome = read_chrome(&snap, style);
+        let depths: Vec<usize> = chrome.values().flatten().map(|c| c.3).collect();
+        assert_eq!(depths.iter().max(), Some(&(DEPTH as usize)));
+    }
+    let folded = check_folded_and_svg(&snap);
+    let deepest = vec!["trace::recursion::rec"; DEPTH as usize + 1].join(";");
+    assert_eq!(folded.get(&deepest), Some(&RUNS));
+    assert_eq!(folded.len() as u64, DEPTH + 1);
+}
+
+mod panics {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C-unwind" fn leaf(x: u64) -> u64 {
+        if black_box(x) == 7 {
+            panic!("leaf panics on 7 (expected by the test)");
+        }
+        x
+    }
+    #[inline(never)]
+    pub extern "C-unwind" fn middle(x: u64) -> u64 {
+        black_box(leaf(x) + 1)
+    }
+    #[inline(never)]
+    pub extern "C" fn after(x: u64) -> u64 {
+        black_box(x)
+    }
+    /// Catches the panic of `middle(7)` → `leaf(7)`; then calls `after` if asked.
+    #[inline(never)]
+    pub extern "C" fn outer(x: u64, then: u64) -> u64 {
+        let caught = std::panic::catch_unwind(|| black_box(middle as extern "C-unwind" fn(u64) -> u64)(x));
+        let r = caught.unwrap_or(99);
+        if then != 0 {
+            black_box(after(r));
+        }
+        r
+    }
+}
+
+#[test]
+fn panic_caught_above_a_traced_frame() {
+    let tracer = Tracer::builder().pattern(&glob("panics")).exclude("*{{closure}}*").retval().register().unwrap();
+    tracer.start();
+    let outer = black_box(panics::outer as extern "C" fn(u64, u64) -> u64);
+    assert_eq!(outer(3, 1), 4); // no panic: outer, middle, leaf, after
+    assert_eq!(outer(7, 1), 99); // middle and leaf unwound; `after`'s entry finds them gone
+    assert_eq!(outer(7, 0), 99); // middle and leaf unwound; `outer`'s return finds them gone
+    assert_eq!(outer(5, 0), 6); // and tracing goes on as before
+    tracer.stop();
+    let snap = tracer.snapshot();
+    let t = snap.threads.iter().find(|t| !t.calls.is_empty()).unwrap();
+    let seen: Vec<(&str, u32, bool)> = t.calls.iter().map(|c| (short(&snap, c), c.depth, c.unwound)).collect();
+    #[rustfmt::skip]
+    let want = vec![
+        ("outer", 0, false), ("middle", 1, false), ("leaf", 2, false), ("after", 1, false),
+        ("outer", 0, false), ("middle", 1, true), ("leaf", 2, true), ("after", 1, false),
+        ("outer", 0, false), ("middle", 1, true), ("leaf", 2, true),
+        ("outer", 0, false), ("middle", 1, false), ("leaf", 2, false),
+    ];
+    assert_eq!(seen, want);
+    let calls = &t.calls;
+    // The unwound frames end where their end was found: at `after`'s entry, then at
+    // `outer`'s return; inside their caller either way.
+    assert_eq!(calls[5].exit_ns, calls[7].enter_ns);
+    assert_eq!(calls[6].exit_ns, calls[7].enter_ns);
+    assert_eq!(calls[9].exit_ns, calls[8].exit_ns);
+    assert!(calls[5].ret.is_none() && calls[4].ret == Some(99));
+    for style in [EventStyle::Complete, EventStyle::BeginEnd] {
+        assert_eq!(read_chrome(&snap, style).values().map(Vec::len).sum::<usize>(), 14);
+    }
+    check_folded_and_svg(&snap);
+}
+
+mod overflow {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn f(x: u64) -> u64 {
+        black_box(x ^ 0x5555)
+    }
+}
+
+#[test]
+fn a_ring_that_overflows() {
+    const CAPACITY: usize = 64;
+    const CALLS: u64 = 1000;
+    let f = black_box(overflow::f as extern "C" fn(u64) -> u64);
+    for full in [Full::Overwrite, Full::Drop] {
+        let tracer = Tracer::builder().pattern(&glob("overflow")).args(1).retval().capacity(CAPACITY).when_full(full).register().unwrap();
+        tracer.start();
+        for i in 0..CALLS {
+            f(i);
+        }
+        tracer.stop();
+        let snap = tracer.snapshot();
+        let t = snap.threads.iter().find(|t| !t.calls.is_empty()).unwrap();
+        assert_eq!(t.calls.len(), CAPACITY);
+        assert_eq!(snap.lost(), CALLS - CAPACITY as u64, "{full:?}: losses counted");
+        assert_eq!(snap.recorded, if full == Full::Overwrite { CALLS } else { CAPACITY as u64 });
+        let first = if full == Full::Overwrite { CALLS - CAPACITY as u64 } else { 0 };
+        for (k, c) in t.calls.iter().enumerate() {
+            assert_eq!((c.args()[0], c.ret), (first + k as u64, Some((first + k as u64) ^ 0x5555)), "{full:?}: nothing corrupt");
+        }
+        read_chrome(&snap, EventStyle::BeginEnd);
+        check_folded_and_svg(&snap);
+        // A drain consumes: the ring takes new records after it, in both modes.
+        assert_eq!(tracer.drain().calls(), CAPACITY);
+        tracer.start();
+        f(1);
+        tracer.stop();
+        let again = tracer.drain();
+        assert_eq!(again.calls(), 1);
+        assert_eq!(again.threads.iter().map(|t| t.overwritten).sum::<u64>(), 0);
+    }
+}
+
+mod live {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn g(x: u64) -> u64 {
+        black_box(x.wrapping_mul(3))
+    }
+}
+
+#[test]
+fn snapshots_while_running_hold_whole_records() {
+    let tracer = Tracer::builder().pattern(&glob("live")).args(1).retval().capacity(256).register().unwrap();
+    tracer.start();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let g = black_box(live::g as extern "C" fn(u64) -> u64);
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                g(i);
+                i += 1;
+            }
+        });
+        let mut seen = 0;
+        for _ in 0..200 {
+            let snap = tracer.snapshot();
+            for c in snap.threads.iter().flat_map(|t| &t.calls) {
+                assert_eq!(c.ret, Some(c.args()[0].wrapping_mul(3)), "a record torn by a concurrent write");
+                assert!(c.exit_ns >= c.enter_ns);
+            }
+            seen += snap.calls();
+            std::thread::yield_now();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(seen > 0);
+    });
+}
