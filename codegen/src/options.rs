@@ -68,7 +68,7 @@ pub enum Shape {
     /// not preserve them across calls; DF leaves clear, as it came), and the stack has
     /// the alignment the ABI gives every function entry (`rsp + 8` 16-aligned before the
     /// site's `call`), so the frame sits at a fixed distance below it, with no run-time
-    /// alignment ([`Plan::probed_sp_offset`]; `Fp::Full`, whose xsave area is sized at
+    /// alignment ([`Plan::probed_sp_offset`](crate::Plan::probed_sp_offset); `Fp::Full`, whose xsave area is sized at
     /// run time, and frames too large to allocate without probing the pages still align
     /// at run time).
     ///
