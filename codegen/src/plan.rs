@@ -22,7 +22,9 @@ pub enum Policy {
     /// general register (and to the flags and the resume address) takes effect. The
     /// trampoline trusts no calling convention (the choice of seed 000's author), except
     /// for the x86_64 flags at a function's entry and return (`Entry`, `Kretprobe`),
-    /// which the ABI does not keep across calls: saved, not restored.
+    /// which the ABI does not keep across calls: saved, not restored; and except for
+    /// the aarch64 register the routine resumes through (`x30`; `x16` for `Entry`),
+    /// which gets the frame's pc.
     All,
     /// Callee-saved registers (SysV: rbx, rbp, r12–r15; AAPCS64: x19–x29) are left to
     /// the ABI on the way out: the handler is a normal function that preserves them, so
@@ -83,6 +85,13 @@ pub enum Shape {
     /// function entry, as `#[traceable]` sites are, the callee has not used its red
     /// zone yet. (A site deeper in a function needs a stub that skips the red zone and
     /// gives the stack the function-entry alignment before its call.)
+    ///
+    /// On aarch64 the routine reloads `x9` (the link register the site moved there,
+    /// as the unprobed function has it) and `x30` from their fields and resumes with
+    /// `ret x16`: x16 (IP0) is free at a function entry, since AAPCS64 lets veneers
+    /// and PLT stubs overwrite it between caller and callee. It is the one register
+    /// that leaves with another value than it came (the resume address), and a
+    /// handler's write to its field has no effect.
     Entry,
 }
 
@@ -400,11 +409,12 @@ struct Parts {
 }
 
 /// Whether a register that has a field is reloaded from it on the way out, before
-/// shape-specific resume rules (the register that carries the resume address is
-/// loaded from the pc field instead; see the per-arch planners).
+/// shape-specific resume rules (the register that carries the resume address, aarch64
+/// `x16` for `Entry` and `x30` for the other shapes, is loaded from the pc field
+/// instead; see the per-arch planners).
 fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     let resume = match (arch, shape) {
-        (Arch::Aarch64, Shape::Entry) => Some(Reg::A64X(9)),
+        (Arch::Aarch64, Shape::Entry) => Some(Reg::A64X(16)),
         (Arch::Aarch64, _) => Some(Reg::A64X(30)),
         (Arch::X86_64, _) => None,
     };
