@@ -17,7 +17,9 @@ pub enum Policy {
     /// general register (and to the flags and the resume address) takes effect. The
     /// trampoline trusts no calling convention (the choice of seed 000's author), except
     /// for the x86_64 flags at a function's entry and return (`Entry`, `Kretprobe`),
-    /// which the ABI does not keep across calls: saved, not restored.
+    /// which the ABI does not keep across calls: saved, not restored; and except for
+    /// the aarch64 register the routine resumes through (`x30`; `x16` for `Entry`),
+    /// which gets the frame's pc.
     All,
     /// Callee-saved registers (SysV: rbx, rbp, r12–r15; AAPCS64: x19–x29) are left to
     /// the ABI on the way out: the handler is a normal function that preserves them, so
@@ -78,6 +80,13 @@ pub enum Shape {
     /// function entry, as `#[traceable]` sites are, the callee has not used its red
     /// zone yet. (A site deeper in a function needs a stub that skips the red zone and
     /// gives the stack the function-entry alignment before its call.)
+    ///
+    /// On aarch64 the routine reloads `x9` (the link register the site moved there,
+    /// as the unprobed function has it) and `x30` from their fields and resumes with
+    /// `ret x16`: x16 (IP0) is free at a function entry, since AAPCS64 lets veneers
+    /// and PLT stubs overwrite it between caller and callee. It is the one register
+    /// that leaves with another value than it came (the resume address), and a
+    /// handler's write to its field has no effect.
     Entry,
 }
 

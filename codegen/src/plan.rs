@@ -302,11 +302,12 @@ struct Parts {
 }
 
 /// Whether a register that has a field is reloaded from it on the way out, before
-/// shape-specific resume rules (the register that carries the resume address is
-/// loaded from the pc field instead; see the per-arch planners).
+/// shape-specific resume rules (the register that carries the resume address, aarch64
+/// `x16` for `Entry` and `x30` for the other shapes, is loaded from the pc field
+/// instead; see the per-arch planners).
 fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     let resume = match (arch, shape) {
-        (Arch::Aarch64, Shape::Entry) => Some(Reg::A64X(9)),
+        (Arch::Aarch64, Shape::Entry) => Some(Reg::A64X(16)),
         (Arch::Aarch64, _) => Some(Reg::A64X(30)),
         (Arch::X86_64, _) => None,
     };

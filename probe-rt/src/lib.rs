@@ -37,6 +37,51 @@
 //! module docs say. [`perf_map`]`(true)` (or `PROBEKIT_PERF_MAP=1`) names probekit's
 //! run-time code for `perf` in `/tmp/perf-<pid>.map`.
 //!
+//! # Registers after a probed call
+//! A probed call leaves every general register, the flags and the stack pointer as the
+//! unprobed call does, when the handlers only observe, with the exceptions below. Each
+//! is a register no code may count on across a call: the status flags (System V AMD64
+//! ABI 1.0, §3.2.1: not preserved across calls; DF is clear at a function's entry and
+//! return, and a probe leaves it clear) and x16 (AAPCS64 2023Q3, §6.1.1: IP0, which
+//! veneers and PLT stubs may overwrite between a caller and its callee).
+//! `tests/native/tests/clobber.rs` asserts exactly these differences, per kind and
+//! architecture, natively and under qemu-aarch64.
+//!
+//! | probe kind | x86_64 | aarch64 |
+//! | --- | --- | --- |
+//! | breakpoint ([`Probe`], pre handler) | none | none |
+//! | breakpoint with a post handler | none | none |
+//! | site ([`Probe`] on a `#[traceable]` function) | status flags (CF PF AF ZF SF OF): as the site dispatcher left them | `x16`: the site's continuation, site + 8 |
+//! | return ([`ReturnProbe`]) | status flags: as the return dispatcher left them | `x16`: the address of the return trampoline |
+//! | return on a `#[traceable]` function (entry on the site) | status flags, as a return probe | `x16`, as a return probe |
+//!
+//! A site probe's difference is made at the function's entry: the caller sees it only
+//! where the function's body leaves that register alone (x16 and the flags are scratch
+//! to any function). A return probe's is made at the return, so the caller sees it.
+//! Breakpoint probes restore every register from the signal context, the flags
+//! included. Why the differences stay:
+//!
+//! - x86_64 status flags (site and return trampolines): restoring them takes a
+//!   `popfq`, which costs about 9 ns on the development machine (`pushfq; popfq`
+//!   10 ns against `pushfq; lea` 1 ns), half again a whole site hit and a fifth of a
+//!   return (README, `hit/site` and `hit/return_trampoline`); the ABI
+//!   gives the flags no meaning at a function's entry or return. (The kernel's ftrace
+//!   and rethook trampolines do pay it.)
+//! - aarch64 `x16` after a site probe: the trampoline must jump back into the function
+//!   with every other register restored, so it resumes through x16 (`ret x16`). The
+//!   kernel's ftrace resumes through x9 instead, which then holds the continuation;
+//!   here x9 keeps the link register the site's `mov x9, x30` put there, as unprobed.
+//! - aarch64 `x16` after a return probe: the instance's stub reaches the trampoline
+//!   with `ldr x16, <address>; br x16` (stubs may lie anywhere, out of `b` range), so
+//!   what x16 held at the function's `ret` is gone before anything can save it.
+//!
+//! A handler's writes to the frame (the `unsafe` handlers, [`ProbeBuilder::pre_mut`]
+//! and the like) take effect, except to what the mechanism owns: at a site the x86_64
+//! `eflags`, the aarch64 `regs[16]` (x16 gets the pc) and the stack pointer (but for
+//! an x86_64 override that returns from the function); in a return handler the x86_64
+//! `eflags`, the stack pointer, the pc and the aarch64 `regs[30]` (the function
+//! returns to its caller, with x30 holding the real return address).
+//!
 //! # Layout
 //! Layers whose dependencies point one way (DESIGN.md, "The runtime's layout"):
 //! `sys` (maps, symbols, code writes, signals, the signal context) uses nothing of

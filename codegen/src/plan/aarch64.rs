@@ -10,17 +10,30 @@
 //! ```
 //!
 //! `sub sp, sp, #ALLOC` changes no flags, so the registers and `nzcv` are saved as they
-//! were. The resume address travels in a link register: `x30` for SaveRestore (`bl`)
-//! and Kretprobe (the probed function's `ret`), `x9` for Entry, whose site is the
+//! were. The resume address travels in a register: `x30` for SaveRestore (`bl`) and
+//! Kretprobe (the probed function's `ret`), `x16` for Entry. Entry's site is the
 //! kernel's `mov x9, x30; bl <trampoline>` (arch/arm64/kernel/entry-ftrace.S): there
-//! `x30` is the continuation and `x9` the original link register. The frame's `pc`
-//! field gets the continuation and is loaded into the resume register last, so a
-//! handler's write to `pc` redirects execution; the resume register's own field is
-//! therefore not reloaded (after `bl`/`ret` it holds the resume address, as any call).
+//! `x30` is the continuation and `x9` the original link register, which the function
+//! finds in `x9` unprobed. The kernel resumes with `ret x9`, which leaves the
+//! continuation in `x9`; this routine reloads `x9` (and `x30`) from their fields and
+//! resumes with `ret x16` instead: x16 (IP0) carries nothing at a function entry, since
+//! AAPCS64 (§6.1.1, 2023Q3) lets the veneers and PLT stubs between a caller and its
+//! callee overwrite x16 and x17, so no function can count on what it holds there.
+//! `ret`, not `br`: the routine was entered by `bl`, so the return-stack predictor
+//! expects this return (a `br` would leave its entry behind and every return above
+//! would mispredict), and a `ret` is exempt from BTI's landing-pad check, which a `br`
+//! into the function's body would fail in a guarded page.
+//!
+//! The frame's `pc` field gets the continuation and is loaded into the resume register
+//! last, so a handler's write to `pc` redirects execution; the resume register's own
+//! field is therefore not reloaded (a handler's write to it has no effect). After a
+//! routine it holds the resume address: `x30` as after any call; Entry's `x16`, the
+//! one register whose value differs from the unprobed run.
 
 use super::*;
 
 const X9: Reg = Reg::A64X(9);
+const X16: Reg = Reg::A64X(16);
 const X30: Reg = Reg::A64X(30);
 
 /// Largest offset an `stp`/`ldp` of `size`-byte registers reaches from its base.
@@ -65,6 +78,14 @@ fn sub_sp(imm: u64) -> Vec<Op> {
         v.push(Op::new(format!("sub sp, sp, #{lo}"), "allocate the frame, hidden spills and FP area (sub: flags untouched)"));
     }
     v
+}
+
+/// The register the routine resumes through (see the module docs).
+fn resume(shape: Shape) -> Reg {
+    match shape {
+        Shape::Entry => X16,
+        Shape::SaveRestore | Shape::Kretprobe => X30,
+    }
 }
 
 /// The register that holds `reg`'s value on entry to the routine.
@@ -130,7 +151,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     if frame.arch != Arch::Aarch64 {
         return Err(PlanError::ArchMismatch { frame: frame.arch, wanted: Arch::Aarch64 });
     }
-    let resume = if shape == Shape::Entry { X9 } else { X30 };
+    let resume = resume(shape);
     let elems = elements(frame);
 
     // General-register slots of the frame.
@@ -177,11 +198,16 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     xslots.sort_by_key(|s| s.off);
 
     // Base register for offsets out of direct range (frames past 32 KiB): the first
-    // slot saved directly whose register is reloaded on the way out (so clobbering it
-    // in between is invisible), is no scratch (x0..x2) and carries no other value
-    // (x9, x30). Slots are in offset order, so it is saved before any far access.
-    let addr =
-        Addr { base: xslots.iter().find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && s.into == Some(s.src) && unsigned_ok(s.off, 8)).map(|s| s.src) };
+    // slot saved directly whose register is reloaded on the way out, or is the resume
+    // register, loaded last (so clobbering it in between is invisible), is no scratch
+    // (x0..x2) and carries no other value (x9, x30). Slots are in offset order, so it
+    // is saved before any far access.
+    let addr = Addr {
+        base: xslots
+            .iter()
+            .find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && (s.into == Some(s.src) || s.src == resume) && unsigned_ok(s.off, 8))
+            .map(|s| s.src),
+    };
     let too_large = |field: &str, off: u64| PlanError::FrameTooLarge { frame: frame.name.clone(), field: field.to_string(), offset: off };
     if alloc > 0xff_ffff {
         return Err(too_large("(allocation)", alloc));

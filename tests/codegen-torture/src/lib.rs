@@ -426,7 +426,8 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         let elem = r.elems.iter().find(|e| e.v == V::Gpr(n as u8));
         let input = match (is_x86, r.shape, n) {
             (false, Kind::SaveRestore, 30) => cont as u64,
-            (false, Kind::Entry, 30) => x30_in,
+            // The site's `mov x9, x30` put the link register in x9.
+            (false, Kind::Entry, 9 | 30) => x30_in,
             _ => ctx.in_gpr[n],
         };
         // What the policies promise, stated independently of probe-codegen: callee-saved
@@ -434,8 +435,10 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         // frame only under `All`, every other register that has a field always.
         let callee_saved = if is_x86 { matches!(n, 3 | 5 | 12..=15) } else { (19..=29).contains(&n) };
         let want = match (is_x86, r.shape, n) {
-            // The resume register holds the resume address, as after any call.
-            (false, Kind::Entry, 9) | (false, Kind::SaveRestore | Kind::Kretprobe, 30) => resumed,
+            // The resume register holds the resume address: x30 as after any call;
+            // Entry's x16 (IP0, free at a function entry), so that x9 keeps the link
+            // register the site put there.
+            (false, Kind::Entry, 16) | (false, Kind::SaveRestore | Kind::Kretprobe, 30) => resumed,
             _ if elem.is_some() && (r.all || !callee_saved) => modified(input, n as u8),
             _ => input,
         };

@@ -160,18 +160,18 @@ pt_regs_entry:
     ldp x22, x23, [sp, #S_X22]                   /* regs[22] @176, regs[23] @184 */
     ldp x20, x21, [sp, #S_X20]                   /* regs[20] @160, regs[21] @168 */
     ldp x18, x19, [sp, #S_X18]                   /* regs[18] @144, regs[19] @152 */
-    ldp x16, x17, [sp, #S_X16]                   /* regs[16] @128, regs[17] @136 */
+    ldr x17, [sp, #S_X17]                        /* regs[17] @136 */
     ldp x14, x15, [sp, #S_X14]                   /* regs[14] @112, regs[15] @120 */
     ldp x12, x13, [sp, #S_X12]                   /* regs[12] @96, regs[13] @104 */
     ldp x10, x11, [sp, #S_X10]                   /* regs[10] @80, regs[11] @88 */
-    ldr x8, [sp, #S_X8]                          /* regs[8] @64 */
+    ldp x8, x9, [sp, #S_X8]                      /* regs[8] @64, regs[9] @72 */
     ldp x6, x7, [sp, #S_X6]                      /* regs[6] @48, regs[7] @56 */
     ldp x4, x5, [sp, #S_X4]                      /* regs[4] @32, regs[5] @40 */
     ldp x2, x3, [sp, #S_X2]                      /* regs[2] @16, regs[3] @24 */
     ldp x0, x1, [sp, #S_X0]                      /* regs[0] @0, regs[1] @8 */
-    ldr x9, [sp, #S_PC]                          /* pc @256 the resume address */
+    ldr x16, [sp, #S_PC]                         /* pc @256 the resume address */
     add sp, sp, #400                             /* free: sp is the probed context's again */
-    ret x9                                       /* resume at the frame's pc */
+    ret x16                                      /* resume at the frame's pc */
 .size pt_regs_entry, . - pt_regs_entry
 .popsection
 .pushsection .note.GNU-stack, "", %progbits
