@@ -68,4 +68,24 @@ fn main() {
         };
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
     }
+
+    // The trampoline of optimized probes' detours (see probe-rt's `arch::detour`): a
+    // SaveRestore routine (called like a function, from the detour, with the stack
+    // already past the probed code's red zone) that saves and restores every general
+    // register and the flags, and, since it runs at any instruction of a function, all
+    // of the FP/SIMD state (x86_64 xsave of every enabled component; aarch64 q0-q31,
+    // fpcr, fpsr): what is live mid-function is anything.
+    let text = match arch {
+        Some(arch) => {
+            let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Full, Shape::SaveRestore).expect("the built-in frame plans");
+            let symbols = render::Symbols {
+                handler: "crate::optprobe::dispatch".into(),
+                xsave_size: "crate::__private::XSAVE_SIZE".into(),
+                xsave_mask: "crate::__private::XSAVE_MASK".into(),
+            };
+            render::rust_global_asm(&plan, "probekit_opt_trampoline", &symbols)
+        }
+        None => String::new(),
+    };
+    std::fs::write(out_dir.join("opt.rs"), text).expect("OUT_DIR is writable");
 }

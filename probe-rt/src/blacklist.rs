@@ -185,6 +185,8 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         ("probekit's site dispatcher", crate::site::patch::dispatch as *const () as usize),
         ("probekit's site lookup", crate::registry::addrmap::AddrMap::head as *const () as usize),
         ("probekit's site trampoline", crate::site::patch::trampoline()),
+        ("probekit's detour dispatcher", crate::optprobe::dispatch as *const () as usize),
+        ("probekit's detour trampoline", crate::optprobe::trampoline()),
         ("probekit's SIGTRAP handler", crate::breakpoint::trap::on_sigtrap as *const () as usize),
         ("probekit's hit path", crate::breakpoint::trap::hit as *const () as usize),
         ("probekit's return-probe entry", crate::retprobe::on_entry as *const () as usize),

@@ -35,8 +35,8 @@
 //! probekit; `arch` (encodings, decoding, relocation, simulation) uses `sys`;
 //! `registry` (probe records, their chains and lookup, slots) and `grace` (grace
 //! periods) use `sys`; the mechanisms — `site` (site patching and hit path),
-//! `breakpoint` (the `Probe` API, arming, the SIGTRAP path), `retprobe` — use the
-//! layers above them; this file, the listing and the blacklist use everything.
+//! `breakpoint` (the `Probe` API, arming, the SIGTRAP path), `optprobe` (breakpoint
+//! probes switched to jumps to detours), `retprobe` — use the layers above them; this file, the listing and the blacklist use everything.
 #![warn(missing_docs)]
 
 mod arch;
@@ -49,6 +49,7 @@ pub mod frame;
 mod grace;
 mod listing;
 pub mod multi;
+mod optprobe;
 mod registry;
 pub mod retprobe;
 mod site;
@@ -57,11 +58,12 @@ mod sys;
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};
 pub use blacklist::{blacklist, Blacklisted};
 pub use breakpoint::{FnAddr, Probe, ProbeBuilder, ProbeHandle};
-pub use error::Error;
+pub use error::{Error, NotOptimized};
 pub use events::EventBuffer;
 pub use frame::{PtRegs, VReg};
 pub use listing::{list, ProbeInfo, ProbeList};
 pub use multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
+pub use optprobe::Optimize;
 pub use retprobe::{Entry, HasHandler, NoHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle, MAX_MAXACTIVE};
 pub use site::table::{sites, SiteInfo};
 pub use sys::code::{write_mode, WriteMode};
@@ -98,7 +100,9 @@ pub mod probe {
     pub use crate::batch::{register_batch, unregister_batch, BatchError};
     pub use crate::blacklist::{blacklist, Blacklisted};
     pub use crate::breakpoint::{FnAddr, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
+    pub use crate::error::NotOptimized;
     pub use crate::listing::{list, ProbeInfo, ProbeList};
+    pub use crate::optprobe::Optimize;
 }
 
 /// The patchable sites of `#[traceable]` functions (see [`sites()`]).
