@@ -535,7 +535,7 @@ mod a64 {
             assert_eq!(code[0], 0x3718_0041, "tbnz w1, #3, +8");
             assert_eq!(code[2], branch(AT + 8, A + 12, false).unwrap());
             // A target out of reach of the detour is refused.
-            assert!(relocate(0x1400_0000 | 0x01ff_ffff, A, A + (100 << 20), A + (100 << 20) + 0x40).is_err());
+            assert!(relocate(0x1400_0000 | 0x0200_0000, A, A + (100 << 20), A + (100 << 20) + 0x40).is_err(), "b A - 128 MiB from A + 100 MiB");
         }
 
         #[test]
