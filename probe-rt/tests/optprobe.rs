@@ -203,6 +203,51 @@ std::arch::global_asm!(
     "add rax, rdi",
     "ret",
     ".size opt_retp, . - opt_retp",
+    // a function that does not decode past its `ret` (data in the text)
+    ".globl opt_data_in_text",
+    ".type opt_data_in_text, @function",
+    "opt_data_in_text:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".byte 0x06",
+    ".size opt_data_in_text, . - opt_data_in_text",
+    // batch and multi-function probes
+    ".globl opt_batch1",
+    ".type opt_batch1, @function",
+    "opt_batch1:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".size opt_batch1, . - opt_batch1",
+    ".globl opt_batch2",
+    ".type opt_batch2, @function",
+    "opt_batch2:",
+    "mov rax, rdi",
+    "add rax, 2",
+    "ret",
+    ".size opt_batch2, . - opt_batch2",
+    ".globl opt_batch3",
+    ".type opt_batch3, @function",
+    "opt_batch3:",
+    "mov rax, rdi",
+    "add rax, 3",
+    "ret",
+    ".size opt_batch3, . - opt_batch3",
+    ".globl opt_multi1",
+    ".type opt_multi1, @function",
+    "opt_multi1:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".size opt_multi1, . - opt_multi1",
+    ".globl opt_multi2",
+    ".type opt_multi2, @function",
+    "opt_multi2:",
+    "mov rax, rdi",
+    "add rax, 2",
+    "ret",
+    ".size opt_multi2, . - opt_multi2",
     ".popsection",
     ".pushsection .rodata.opt_tests, \"a\", @progbits",
     ".balign 8",
@@ -422,6 +467,30 @@ std::arch::global_asm!(
     "mul x2, x2, x1",
     "add x0, x2, #2",
     "ret",
+    ".globl opt_batch1",
+    "opt_batch1:",
+    "add x0, x0, #1",
+    "ret",
+    ".globl opt_batch2",
+    "opt_batch2:",
+    "add x0, x0, #2",
+    "ret",
+    ".globl opt_batch3",
+    "opt_batch3:",
+    "add x0, x0, #3",
+    "ret",
+    ".globl opt_multi1",
+    ".type opt_multi1, %function",
+    "opt_multi1:",
+    "add x0, x0, #1",
+    "ret",
+    ".size opt_multi1, . - opt_multi1",
+    ".globl opt_multi2",
+    ".type opt_multi2, %function",
+    "opt_multi2:",
+    "add x0, x0, #2",
+    "ret",
+    ".size opt_multi2, . - opt_multi2",
     ".globl opt_retp",
     "opt_retp:",
     "adr x2, 1f",
@@ -457,6 +526,11 @@ unsafe extern "C" {
     safe fn opt_win(x: u64, y: u64) -> u64;
     safe fn opt_win_at();
     safe fn opt_retp(x: u64) -> u64;
+    safe fn opt_batch1(x: u64) -> u64;
+    safe fn opt_batch2(x: u64) -> u64;
+    safe fn opt_batch3(x: u64) -> u64;
+    safe fn opt_multi1(x: u64) -> u64;
+    safe fn opt_multi2(x: u64) -> u64;
 }
 
 fn addr(f: unsafe extern "C" fn()) -> usize {
@@ -805,6 +879,10 @@ fn what_cannot_be_optimized_is_refused_with_the_reason() {
         assert!(matches!(jump, NotOptimized::JumpIntoWindow { to, .. } if to == addr(opt_loop_in)), "{jump:?}");
         assert!(matches!(refused(Probe::builder().address_safe(addr(opt_table))), NotOptimized::IndirectJumpInFunction { .. }));
         assert!(matches!(refused(Probe::builder().address_safe(addr(opt_call_at))), NotOptimized::UnrelocatableInstruction { .. }));
+        unsafe extern "C" {
+            safe fn opt_data_in_text();
+        }
+        assert!(matches!(refused(Probe::builder().address_safe(addr(opt_data_in_text))), NotOptimized::UndecodableFunction { .. }));
         // The same probes when possible: breakpoints, that say why.
         let p = Probe::builder().address_safe(addr(opt_call_at)).register().unwrap();
         assert!(matches!(p.why_not_optimized(), Some(NotOptimized::UnrelocatableInstruction { .. })));
@@ -885,4 +963,57 @@ fn every_pc_relative_class_runs_in_the_detour() {
         assert_eq!(got, expected, "{name}");
         assert_eq!(p.nhit(), inputs.len() as u64, "{name}");
     }
+}
+
+static BATCH_HITS: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn batches_are_optimized_together_and_a_required_member_that_cannot_be_fails_them() {
+    let fs: [extern "C" fn(u64) -> u64; 3] = [opt_batch1, opt_batch2, opt_batch3];
+    let count = |_: &PtRegs| {
+        BATCH_HITS.fetch_add(1, Ordering::Relaxed);
+    };
+    let handles = probe_rt::register_batch(fs.iter().map(|f| Probe::builder().function(*f).pre(count).optimize(Optimize::Required))).expect("a batch");
+    for (k, (f, h)) in fs.iter().zip(&handles).enumerate() {
+        assert!(h.is_optimized(), "member {k}: {:?}", h.why_not_optimized());
+        assert_eq!(black_box(f)(10), 11 + k as u64);
+    }
+    assert_eq!(BATCH_HITS.load(Ordering::Relaxed), 3);
+    probe_rt::unregister_batch(handles).expect("unregistered");
+    for f in fs {
+        assert!(!jump_in_text(f as usize), "the jumps are out");
+    }
+    // A member that requires optimization and has a post handler: nothing is armed.
+    let members = [
+        Probe::builder().function(opt_batch1 as extern "C" fn(u64) -> u64).pre(count),
+        Probe::builder().function(opt_batch2 as extern "C" fn(u64) -> u64).post(|_: &PtRegs| {}).optimize(Optimize::Required),
+    ];
+    let e = probe_rt::register_batch(members).expect_err("refused");
+    assert_eq!(e.index, 1);
+    assert!(matches!(e.error, Error::NotOptimized { reason: NotOptimized::PostHandler, .. }), "{e}");
+    assert!(!probe_rt::list().0.iter().any(|i| i.addr == opt_batch1 as usize), "nothing of the batch is left");
+    assert_eq!(black_box(opt_batch1 as extern "C" fn(u64) -> u64)(10), 11);
+    assert_eq!(BATCH_HITS.load(Ordering::Relaxed), 3);
+}
+
+static MULTI_HITS: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn multi_function_probes_take_optimized_entries() {
+    let m = probe_rt::MultiProbe::builder()
+        .function(opt_multi1 as extern "C" fn(u64) -> u64)
+        .function(opt_multi2 as extern "C" fn(u64) -> u64)
+        .entry(|_: &PtRegs, _, _: &mut ()| {
+            MULTI_HITS.fetch_add(1, Ordering::Relaxed);
+            false
+        })
+        .register()
+        .expect("attached");
+    let list = probe_rt::list();
+    for f in [opt_multi1 as extern "C" fn(u64) -> u64, opt_multi2] {
+        assert!(list.0.iter().any(|i| i.addr == f as usize && i.optimized), "{list}");
+    }
+    assert_eq!(black_box(opt_multi1 as extern "C" fn(u64) -> u64)(1) + black_box(opt_multi2 as extern "C" fn(u64) -> u64)(1), 5);
+    assert_eq!(MULTI_HITS.load(Ordering::Relaxed), 2);
+    drop(m);
 }

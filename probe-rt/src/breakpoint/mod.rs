@@ -666,7 +666,6 @@ impl ProbeHandle {
     /// Why the probe is not optimized (None if it is): the kernel's `can_optimize`
     /// reasons, and [`NotOptimized::Off`], [`NotOptimized::Disabled`], [`NotOptimized::Site`], ….
     pub fn why_not_optimized(&self) -> Option<NotOptimized> {
-        let _reg = registry::lock();
         optprobe::why_not(self.entry())
     }
 
