@@ -87,8 +87,8 @@ fn main() {
         Some(arch) => {
             let symbols = render::Symbols {
                 handler: "crate::optprobe::dispatch".into(),
-                xsave_size: "crate::__private::XSAVE_SIZE".into(),
-                xsave_mask: "crate::__private::XSAVE_MASK".into(),
+                xsave_size: "crate::optprobe::XSAVE_SIZE".into(),
+                xsave_mask: "crate::optprobe::XSAVE_MASK".into(),
             };
             let plan = |fp| Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, Shape::SaveRestore).expect("the built-in frame plans");
             let full = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full", &symbols);

@@ -926,6 +926,10 @@ fn what_cannot_be_optimized_is_refused_with_the_reason() {
         assert!(inside.is_optimized(), "{:?}", inside.why_not_optimized());
         assert_eq!(black_box(opt_win as extern "C" fn(u64, u64) -> u64)(4, 3), 17);
         assert_eq!((outer.nhit(), inside.nhit()), (1, 1));
+        drop(inside);
+        assert!(outer.is_optimized(), "optimized again once the probe inside is gone: {:?}", outer.why_not_optimized());
+        assert_eq!(black_box(opt_win as extern "C" fn(u64, u64) -> u64)(4, 3), 17);
+        assert_eq!(outer.nhit(), 2);
     }
     #[cfg(target_arch = "aarch64")]
     {

@@ -48,6 +48,8 @@ use crate::registry::{self, call_handler, chain_from, count_site_hit, record, Re
 use crate::sys::code;
 use crate::{grace, Error, NotOptimized, PtRegs};
 use std::collections::BTreeMap;
+#[cfg(target_arch = "x86_64")]
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -68,10 +70,22 @@ extern "C" {
     fn probekit_opt_trampoline_entry();
 }
 
+/// The `xsave` area size and requested-feature bitmap the x86_64 trampolines read
+/// (`__private::XSAVE_SIZE` and `XSAVE_MASK`, set before `main`): copies that are not
+/// exported, so that the trampolines' RIP-relative reads of them link into a shared
+/// object too (an exported symbol there may be preempted, and needs the GOT).
+#[cfg(target_arch = "x86_64")]
+static XSAVE_SIZE: AtomicU64 = AtomicU64::new(512 + 64);
+#[cfg(target_arch = "x86_64")]
+static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+
 /// The trampoline a detour calls: at a function's entry (`entry`), or anywhere else.
 pub(crate) fn trampoline(entry: bool) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
+        // Before any detour calls a trampoline (and `init_xsave` ran before `main`).
+        XSAVE_SIZE.store(crate::__private::XSAVE_SIZE.load(Ordering::Relaxed), Ordering::Relaxed);
+        XSAVE_MASK.store(crate::__private::XSAVE_MASK.load(Ordering::Relaxed), Ordering::Relaxed);
         if entry {
             return probekit_opt_trampoline_entry as *const () as usize;
         }
@@ -282,11 +296,19 @@ pub(crate) fn required(e: &Record) -> bool {
 pub(crate) fn settle(addrs: &[usize]) {
     let mut st = state();
     let mut todo = Vec::new();
+    // Tried again: addresses a grace period failed for, once worth it, and those a
+    // probe inside their range kept breakpoints, when that probe's address changes.
     let due = st.retry.is_none_or(|at| Instant::now() >= at);
-    let waiting: Vec<usize> = match due {
-        true => st.reasons.iter().filter(|(_, r)| **r == NotOptimized::ThreadsInWindow).map(|(a, _)| *a).collect(),
-        false => Vec::new(),
-    };
+    let waiting: Vec<usize> = st
+        .reasons
+        .iter()
+        .filter(|(_, r)| match r {
+            NotOptimized::ThreadsInWindow => due,
+            NotOptimized::ProbeInWindow { at } => addrs.contains(at),
+            _ => false,
+        })
+        .map(|(a, _)| *a)
+        .collect();
     for &a in addrs.iter().chain(&waiting) {
         if st.windows.contains_key(&a) || todo.contains(&a) {
             continue;
