@@ -1020,7 +1020,7 @@ fn batches_are_optimized_together_and_a_required_member_that_cannot_be_fails_the
     let e = probe_rt::register_batch(members).expect_err("refused");
     assert_eq!(e.index, 1);
     assert!(matches!(e.error, Error::NotOptimized { reason: NotOptimized::PostHandler, .. }), "{e}");
-    assert!(!probe_rt::list().0.iter().any(|i| i.addr == opt_batch1 as usize), "nothing of the batch is left");
+    assert!(!probe_rt::list().0.iter().any(|i| i.addr == opt_batch1 as *const () as usize), "nothing of the batch is left");
     assert_eq!(black_box(opt_batch1 as extern "C" fn(u64) -> u64)(10), 11);
     assert_eq!(BATCH_HITS.load(Ordering::Relaxed), 3);
 }
