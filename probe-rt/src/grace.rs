@@ -593,7 +593,9 @@ impl Sampled {
 /// The threads that may be using a probe, but the calling one, one entry each: those
 /// in the table, and if a thread found no entry (or `every`), every thread of the
 /// process (entered into the table here). `None` if one of those could not be entered.
-fn snapshot(every: bool) -> Option<Vec<Sampled>> {
+/// With `every`, the entries taken here too (`(index, owner word)`), to give back.
+#[allow(clippy::type_complexity)]
+fn snapshot(every: bool) -> Option<(Vec<Sampled>, Vec<(usize, u64)>)> {
     let me = gettid();
     // Pairs with the fence in `Thread::record`.
     fence(Ordering::SeqCst);
@@ -608,6 +610,7 @@ fn snapshot(every: bool) -> Option<Vec<Sampled>> {
     all.sort_unstable_by_key(|s| s.tid);
     // An id in several entries (exited threads' not taken back yet) is one thread.
     all.dedup_by_key(|s| s.tid);
+    let mut taken = Vec::new();
     if every || OVERFLOW.load(Ordering::Acquire) {
         let listed: Vec<i32> = std::fs::read_dir("/proc/self/task").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
         let mut entered = Vec::new();
@@ -616,9 +619,12 @@ fn snapshot(every: bool) -> Option<Vec<Sampled>> {
             let owner = entry(index)?.owner.load(Ordering::Acquire);
             entered.push(Sampled { index, tid, owner, ask: 0, at: now });
         }
+        if every {
+            taken = entered.iter().map(|s| (s.index, s.owner)).collect();
+        }
         all.append(&mut entered);
     }
-    Some(all)
+    Some((all, taken))
 }
 
 /// The code of the hit paths, outside the bookkeeping that tells a sample the thread
@@ -699,7 +705,22 @@ fn sample(slots: &[(usize, usize)], every: bool, traps: Option<&[usize]>) -> boo
         return false;
     }
     let busy = busy_ranges(slots);
-    let Some(mut pending) = snapshot(every) else { return false };
+    let Some((pending, entered)) = snapshot(every) else { return false };
+    let done = wait_out(&mut round, pending, &busy, traps);
+    // Entries taken only for this grace period (threads listed because of `every`
+    // that never entered a hit path) are given back, unless they changed hands since:
+    // a thread that never answers (qemu-user's own) must not stay in the table, where
+    // every later grace period would wait for it.
+    for (index, owner) in entered {
+        if let Some(e) = entry(index) {
+            let _ = e.owner.compare_exchange(owner, next_owner(owner, 0), Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+    done
+}
+
+/// Samples the threads of `pending` until each is seen outside (see [`sample`]).
+fn wait_out(round: &mut u32, mut pending: Vec<Sampled>, busy: &[(usize, usize)], traps: Option<&[usize]>) -> bool {
     // SAFETY: getuid has no preconditions.
     let sender = (getpid(), unsafe { libc::getuid() });
     let start = Instant::now();
