@@ -107,7 +107,27 @@ pub(crate) fn trampolines() -> Vec<usize> {
     all
 }
 
-/// Whether a probe may be optimized into a jump (see the [module docs](self)).
+/// Whether a probe may be optimized: switched from a breakpoint (a trap and a signal
+/// per hit, microseconds) to a jump to a *detour* that calls a generated trampoline
+/// (tens of nanoseconds), as the kernel's optimized kprobes are.
+///
+/// A probe is registered as a breakpoint, then switched when its address allows:
+/// x86_64, the whole instructions the 5-byte `jmp` displaces fall through, relocate,
+/// end inside the function (its symbol must have a size), and nothing in the function
+/// jumps into them or through a jump table; aarch64, the one instruction a `b`
+/// replaces relocates (every pc-relative form does, but `blr x30`). Handlers see and
+/// change the same registers as a breakpoint's, a changed pc is followed, and probes
+/// at one address share one detour. A probe with a post handler stays a breakpoint,
+/// and so do the other probes at its address; a probe on a `#[traceable]` site rides
+/// the site. [`crate::ProbeHandle::why_not_optimized`] says why a probe is not
+/// optimized ([`crate::NotOptimized`]); the listing flags optimized probes
+/// `[OPTIMIZED]`.
+///
+/// On x86_64 a displaced range of several instructions is written only once a grace
+/// period that samples every thread of the process (a signal each) shows that none is
+/// inside it; a thread that blocks the signal keeps such probes breakpoints
+/// ([`crate::NotOptimized::ThreadsInWindow`]) until it unblocks or exits (tried again
+/// by later registrations, at growing intervals).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Optimize {
     /// Always a breakpoint (a trap and a signal per hit).
