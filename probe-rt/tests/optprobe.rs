@@ -699,6 +699,7 @@ fn probes_at_one_address_share_one_detour() {
     assert_eq!(post.why_not_optimized(), Some(NotOptimized::PostHandler));
     assert_eq!(a.why_not_optimized(), Some(NotOptimized::SharedWithBreakpoint));
     assert!(!jump_in_text(f as usize));
+    assert_eq!(refused(Probe::builder().function(f)), NotOptimized::SharedWithBreakpoint, "nor can one that requires it join");
     assert_eq!(black_box(f)(2), 7);
     assert_eq!((a.nhit(), b.nhit(), post.nhit()), (2, 2, 1));
     drop(post);
