@@ -3,7 +3,12 @@
 //! - `hit/direct_call`: the probed function called plainly.
 //! - `hit/int3_floor`: the same work behind a raw breakpoint (`int3`; aarch64 `brk`)
 //!   whose SIGTRAP handler only steps over it: the floor of any trap-based probe.
-//! - `hit/breakpoint`: a probekit probe with an empty pre handler (boosted: one trap).
+//! - `hit/breakpoint`: a probekit probe with an empty pre handler (boosted: one trap),
+//!   optimization off.
+//! - `hit/optimized`: the same probe optimized (the default where it can be): a jump to
+//!   a detour that calls the generated trampoline, no trap; at a plain function's entry.
+//! - `hit/opt_mid`: an optimized probe on an instruction inside a function.
+//! - `hit/opt_return`: a return probe with empty handlers whose entry is optimized.
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
 //! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
 //!   return through the stub and the generated trampoline.
@@ -21,7 +26,7 @@
 //! `int3_floor` runs first, with its own SIGTRAP handler, before probekit installs its.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use probekit::{Probe, PtRegs, ReturnProbe, ReturnProbeHandle};
+use probekit::{Optimize, Probe, PtRegs, ReturnProbe, ReturnProbeHandle};
 use std::hint::black_box;
 
 #[inline(never)]
@@ -43,6 +48,69 @@ std::arch::global_asm!(".globl hit_int3", "hit_int3:", "int3", "lea rax, [rdi + 
 std::arch::global_asm!(".globl hit_int3", "hit_int3:", "brk #1", "add x0, x0, #1", "ret");
 extern "C" {
     fn hit_int3(x: u64) -> u64;
+}
+
+// Targets of optimized probes: a plain entry whose first instructions can take the
+// 5-byte jump (x86_64), and the same work with the probe inside the function (at
+// `hit_opt_mid_at`). Sized symbols: x86_64 optimization decodes the whole function.
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".globl hit_opt",
+    ".type hit_opt, @function",
+    "hit_opt:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".size hit_opt, . - hit_opt",
+    ".globl hit_opt_return",
+    ".type hit_opt_return, @function",
+    "hit_opt_return:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".size hit_opt_return, . - hit_opt_return",
+    ".globl hit_opt_mid",
+    ".globl hit_opt_mid_at",
+    ".type hit_opt_mid, @function",
+    "hit_opt_mid:",
+    "mov rax, rdi",
+    "hit_opt_mid_at:",
+    "add rax, 2",
+    "sub rax, 1",
+    "ret",
+    ".size hit_opt_mid, . - hit_opt_mid",
+);
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".globl hit_opt",
+    ".type hit_opt, %function",
+    "hit_opt:",
+    "add x0, x0, #1",
+    "ret",
+    ".size hit_opt, . - hit_opt",
+    ".globl hit_opt_return",
+    ".type hit_opt_return, %function",
+    "hit_opt_return:",
+    "add x0, x0, #1",
+    "ret",
+    ".size hit_opt_return, . - hit_opt_return",
+    ".globl hit_opt_mid",
+    ".globl hit_opt_mid_at",
+    ".type hit_opt_mid, %function",
+    "hit_opt_mid:",
+    "mov x2, x0",
+    "hit_opt_mid_at:",
+    "add x2, x2, #2",
+    "sub x0, x2, #1",
+    "ret",
+    ".size hit_opt_mid, . - hit_opt_mid",
+);
+// x + 1 each, touching only scratch registers: safe to call.
+unsafe extern "C" {
+    safe fn hit_opt(x: u64) -> u64;
+    safe fn hit_opt_return(x: u64) -> u64;
+    safe fn hit_opt_mid(x: u64) -> u64;
+    safe fn hit_opt_mid_at();
 }
 
 extern "C" fn step_over(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -250,8 +318,28 @@ fn hit(c: &mut Criterion) {
     g.bench_function("int3_floor", |b| b.iter(|| unsafe { hit_int3(black_box(1)) }));
 
     let f = hit_target as extern "C" fn(u64) -> u64;
-    let p = Probe::builder().function(f).pre(empty).register().expect("probe");
+    let p = Probe::builder().function(f).pre(empty).optimize(Optimize::Never).register().expect("probe");
     g.bench_function("breakpoint", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
+
+    let f = hit_opt as extern "C" fn(u64) -> u64;
+    let p = Probe::builder().function(f).pre(empty).optimize(Optimize::Required).register().expect("optimized probe");
+    g.bench_function("optimized", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
+
+    let f = hit_opt_mid as extern "C" fn(u64) -> u64;
+    // SAFETY: hit_opt_mid_at is an instruction of hit_opt_mid, not data.
+    let p =
+        unsafe { Probe::builder().address(hit_opt_mid_at as *const () as usize) }.pre(empty).optimize(Optimize::Required).register().expect("optimized probe");
+    g.bench_function("opt_mid", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
+
+    let f = hit_opt_return as extern "C" fn(u64) -> u64;
+    let p = ReturnProbe::builder().function(f).optimize(Optimize::Required).handler(empty_return).register().expect("optimized return probe");
+    g.bench_function("opt_return", |b| b.iter(|| black_box(f)(black_box(1))));
     assert_eq!(p.nmissed(), 0);
     drop(p);
 
@@ -261,14 +349,15 @@ fn hit(c: &mut Criterion) {
     drop(p);
 
     let f = hit_target_return as extern "C" fn(u64) -> u64;
-    let p = ReturnProbe::builder().function(f).handler(empty_return).register().expect("return probe");
+    let p = ReturnProbe::builder().function(f).optimize(Optimize::Never).handler(empty_return).register().expect("return probe");
     g.bench_function("return", |b| b.iter(|| black_box(f)(black_box(1))));
     assert_eq!(p.nmissed(), 0);
     drop(p);
 
     // The entry breakpoint is disarmed: `enter` does its work, without a trap.
     let f = hit_target_trampoline as extern "C" fn(u64) -> u64;
-    let p = TRAMPOLINE_PROBE.get_or_init(|| ReturnProbe::builder().function(f).handler(empty_return).register().expect("return probe"));
+    let p =
+        TRAMPOLINE_PROBE.get_or_init(|| ReturnProbe::builder().function(f).optimize(Optimize::Never).handler(empty_return).register().expect("return probe"));
     p.disable().expect("disarm the entry breakpoint");
     // SAFETY: hijacked_call calls f(1) with a return address `enter` gave.
     g.bench_function("return_trampoline", |b| b.iter(|| unsafe { hijacked_call(black_box(1), f, enter) }));

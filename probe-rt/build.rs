@@ -71,4 +71,42 @@ fn main() {
         };
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
     }
+
+    // The trampolines of optimized probes' detours (see probe-rt's `arch::detour`):
+    // SaveRestore routines (called like a function, from the detour, with the stack
+    // already past the probed code's red zone) that save and restore every general
+    // register and the flags, over the built-in frame. FP/SIMD state:
+    // - mid-function anything may be live: all of it (Fp::Full: x86_64 xsave of every
+    //   enabled component, aarch64 q0-q31, fpcr, fpsr);
+    // - x86_64, at a function's entry, where the ABI leaves nothing live in the vector
+    //   registers but arguments (as at a site): the argument registers (Fp::Args). The
+    //   full state costs ~180 ns a hit on an AVX-512 machine (xsave writes 2.7 KiB),
+    //   the argument registers ~1 ns.
+    // x86_64 Full comes twice: as probe-codegen renders it (xsave64), and with xsavec64,
+    // which leaves out the components in their initial state (the AVX-512 upper halves
+    // after vzeroupper), and which xrstor64 reads back (the compacted format): ~80 ns a
+    // hit, used where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]).
+    let text = match arch {
+        Some(arch) => {
+            let symbols = render::Symbols {
+                handler: "crate::optprobe::dispatch".into(),
+                xsave_size: "crate::optprobe::XSAVE_SIZE".into(),
+                xsave_mask: "crate::optprobe::XSAVE_MASK".into(),
+            };
+            let plan = |fp| Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, Shape::SaveRestore).expect("the built-in frame plans");
+            let full = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full", "crate::PtRegs", &symbols);
+            match arch {
+                Arch::X86_64 => {
+                    let compacted = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full_c", "crate::PtRegs", &symbols);
+                    assert_eq!(compacted.matches("xsave64 ").count(), 1, "the Fp::Full routine saves with one xsave64");
+                    let compacted = compacted.replace("xsave64 ", "xsavec64 ");
+                    let entry = render::rust_global_asm(&plan(Fp::Args), "probekit_opt_trampoline_entry", "crate::PtRegs", &symbols);
+                    format!("{entry}\n{full}\n{compacted}")
+                }
+                Arch::Aarch64 => full,
+            }
+        }
+        None => String::new(),
+    };
+    std::fs::write(out_dir.join("opt.rs"), text).expect("OUT_DIR is writable");
 }

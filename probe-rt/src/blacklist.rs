@@ -187,6 +187,7 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         ("probekit's site dispatcher", crate::site::patch::dispatch as *const () as usize),
         ("probekit's site lookup", crate::registry::addrmap::AddrMap::head as *const () as usize),
         ("probekit's site trampoline", crate::site::patch::trampoline()),
+        ("probekit's detour dispatcher", crate::optprobe::dispatch as *const () as usize),
         ("probekit's SIGTRAP handler", crate::breakpoint::trap::on_sigtrap as *const () as usize),
         ("probekit's hit path", crate::breakpoint::trap::hit as *const () as usize),
         ("probekit's return-probe entry", crate::retprobe::on_entry as *const () as usize),
@@ -202,6 +203,11 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         ("libc sigaction (trap chaining)", libc::sigaction as *const () as usize),
         ("libc raise (trap chaining)", libc::raise as *const () as usize),
     ];
+    let roots = {
+        let mut roots = roots;
+        roots.extend(crate::optprobe::trampolines().into_iter().map(|t| ("probekit's detour trampoline", t)));
+        roots
+    };
     #[cfg(target_arch = "x86_64")]
     let roots = {
         let mut roots = roots;

@@ -72,6 +72,84 @@ pub enum Error {
     /// policy that let the self-test's anonymous page become writable but protects
     /// file-backed text), before that text is written.
     TextNotWritable { kernel: WriteFailure, mprotect: WriteFailure },
+    /// The probe was registered with [`crate::Optimize::Required`] and cannot be
+    /// optimized (turned into a jump), for the reason given.
+    NotOptimized { addr: usize, reason: NotOptimized },
+}
+
+/// Why a probe is a breakpoint (a trap per hit) rather than a jump to a detour (see
+/// [`crate::Optimize`]): the kernel's `can_optimize` reasons, each a variant, and the
+/// few of a process.
+#[allow(missing_docs)] // fields: `addr`/`at` the address concerned, others as named
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotOptimized {
+    /// The probe was registered with [`crate::Optimize::Never`].
+    Off,
+    /// The probe is disabled (not armed): it is optimized again when enabled, if it can be.
+    Disabled,
+    /// The probe rides a `#[traceable]` function's site: a call already, never a trap.
+    Site,
+    /// The probe has a post handler, which runs after the displaced instruction: it
+    /// stays a breakpoint (as the kernel's optimized kprobes, which never have one).
+    PostHandler,
+    /// Another probe armed at the same address cannot be optimized (a post handler,
+    /// or [`crate::Optimize::Never`]): probes at one address share one mechanism.
+    SharedWithBreakpoint,
+    /// The function holding the address has no known size (no `.size` on its symbol),
+    /// so no instruction of it can be shown not to jump into the displaced range.
+    FunctionSizeUnknown,
+    /// The whole instructions the jump displaces (5 bytes at least) run past the end of
+    /// the function (the kernel's "too short").
+    CrossesFunctionEnd { window_end: usize, function_end: usize },
+    /// An instruction of the function (at `from`) jumps into the displaced range past
+    /// its first byte (to `to`): that jump would land inside the jump.
+    JumpIntoWindow { from: usize, to: usize },
+    /// The function has an indirect jump (a jump table, at `at`) whose targets cannot
+    /// be bounded.
+    IndirectJumpInFunction { at: usize },
+    /// An instruction of the displaced range (at `at`, its text given) cannot run in
+    /// the detour: a branch, call or return, or data out of reach of the detour.
+    UnrelocatableInstruction { at: usize, insn: String },
+    /// The function does not decode as instructions at `at` (data in the text).
+    UndecodableFunction { at: usize },
+    /// Another probe, or a site, is inside the displaced range (at `at`).
+    ProbeInWindow { at: usize },
+    /// No memory for the detour could be had within jump range of the address.
+    NoNearMemory,
+    /// No grace period could show that no thread is inside the displaced range (a
+    /// thread stayed there, or did not answer the sampling signal).
+    ThreadsInWindow,
+    /// Writing the detour or the jump failed.
+    Write(Box<Error>),
+}
+
+impl fmt::Display for NotOptimized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotOptimized::Off => write!(f, "optimization is off for this probe (`Optimize::Never`)"),
+            NotOptimized::Disabled => write!(f, "the probe is disabled"),
+            NotOptimized::Site => write!(f, "the probe rides a `#[traceable]` site (a call already, no trap)"),
+            NotOptimized::PostHandler => write!(f, "the probe has a post handler, which only a breakpoint probe runs"),
+            NotOptimized::SharedWithBreakpoint => {
+                write!(f, "another probe at the address has a post handler or `Optimize::Never`, and probes at one address share one mechanism")
+            }
+            NotOptimized::FunctionSizeUnknown => write!(f, "the function's size is unknown, so jumps into the displaced range cannot be ruled out"),
+            NotOptimized::CrossesFunctionEnd { window_end, function_end } => {
+                write!(f, "the displaced instructions end at {window_end:#x}, past the function's end at {function_end:#x}")
+            }
+            NotOptimized::JumpIntoWindow { from, to } => write!(f, "the instruction at {from:#x} jumps into the displaced range, to {to:#x}"),
+            NotOptimized::IndirectJumpInFunction { at } => {
+                write!(f, "the function has an indirect jump at {at:#x} (a jump table?) whose targets cannot be checked")
+            }
+            NotOptimized::UnrelocatableInstruction { at, insn } => write!(f, "`{insn}` at {at:#x} cannot run in the detour"),
+            NotOptimized::UndecodableFunction { at } => write!(f, "the function does not decode at {at:#x}"),
+            NotOptimized::ProbeInWindow { at } => write!(f, "another probe or a site is inside the displaced range, at {at:#x}"),
+            NotOptimized::NoNearMemory => write!(f, "no memory within jump range of the address for the detour"),
+            NotOptimized::ThreadsInWindow => write!(f, "no grace period could show that no thread is inside the displaced range"),
+            NotOptimized::Write(e) => write!(f, "writing the detour or the jump failed: {e}"),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -134,6 +212,7 @@ impl fmt::Display for Error {
                 "this process cannot write code, so no probe can be armed: through /proc/self/mem, {kernel}; \
                  with mprotect (writable and executable), {mprotect}"
             ),
+            Error::NotOptimized { addr, reason } => write!(f, "the probe at {addr:#x} cannot be optimized: {reason}"),
             Error::Os { addr, call, errno } => {
                 write!(f, "{call} for {addr:#x} failed: {}", std::io::Error::from_raw_os_error(*errno))
             }

@@ -131,11 +131,37 @@ pub(crate) struct Thread {
     /// A site's dispatcher sets it before it reads any record and clears it after the
     /// last, instead of `depth`: a sample that finds it set counts as inside a hit path.
     pub(crate) active: Cell<bool>,
+    /// The breakpoint address this thread's SIGTRAP handler is resolving (0: none):
+    /// a grace period before a jump is written over that address waits for it, one for
+    /// another address does not (see [`window_clear`]).
+    trap: Cell<usize>,
 }
 
 thread_local! {
     /// Const-initialised and without destructor: usable in a signal handler.
-    static THREAD: Thread = const { Thread { depth: Cell::new(0), index: Cell::new(0), tid: Cell::new(0), active: Cell::new(false) } };
+    static THREAD: Thread = const { Thread { depth: Cell::new(0), index: Cell::new(0), tid: Cell::new(0), active: Cell::new(false), trap: Cell::new(0) } };
+}
+
+/// Marks this thread's SIGTRAP handler as resolving the breakpoint at `bp` (until
+/// [`untrapping`] with what this returns, the address it resolved before: traps nest).
+/// Async-signal-safe.
+#[inline(always)]
+pub(crate) fn trapping(bp: usize) -> usize {
+    with_thread(|t| {
+        let before = t.trap.replace(bp);
+        // Read by the sampling handler on this thread: before the records are read.
+        compiler_fence(Ordering::SeqCst);
+        before
+    })
+}
+
+/// See [`trapping`].
+#[inline(always)]
+pub(crate) fn untrapping(before: usize) {
+    with_thread(|t| {
+        compiler_fence(Ordering::SeqCst);
+        t.trap.set(before)
+    })
 }
 
 /// Runs `f` with this thread's state.
@@ -234,6 +260,8 @@ struct Entry {
     pc: AtomicUsize,
     /// How deep the sampled thread was in hit paths (`depth` + `active`).
     inside: AtomicU32,
+    /// The breakpoint its SIGTRAP handler was resolving (0: none).
+    trap: AtomicUsize,
 }
 
 /// Entries per chunk (40 KiB: ten pages).
@@ -451,9 +479,9 @@ extern "C" fn on_sample(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let named = (info.si_code == libc::SI_QUEUE && unsafe { info.si_pid() } == getpid()).then(|| unsafe { info.si_value() }.sival_ptr as usize);
     // The thread-local read directly, not through `with_thread`: every instance of that
     // is the hit path's (the blacklist's tests find it by name).
-    let (tid, own, inside) = THREAD.with(|t| {
+    let (tid, own, inside, trap) = THREAD.with(|t| {
         // Inside the SIGTRAP handler (`depth`), or in a site's hit path (`active`).
-        (t.tid(), t.index.get().wrapping_sub(1) as usize, t.depth.get() + t.active.get() as u32)
+        (t.tid(), t.index.get().wrapping_sub(1) as usize, t.depth.get() + t.active.get() as u32, t.trap.get())
     });
     let pc = regs::pc(uc) as usize;
     // The entry the sample names, and this thread's own (the sample may have lost its
@@ -465,6 +493,7 @@ extern "C" fn on_sample(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             if ask != 0 && ask as u32 as i32 == tid {
                 e.pc.store(pc, Ordering::Relaxed);
                 e.inside.store(inside, Ordering::Relaxed);
+                e.trap.store(trap, Ordering::Relaxed);
                 e.answered.store(ask, Ordering::Release);
             }
         }
@@ -562,9 +591,11 @@ impl Sampled {
 }
 
 /// The threads that may be using a probe, but the calling one, one entry each: those
-/// in the table, and if a thread found no entry, every thread of the process (entered
-/// into the table here). `None` if one of those could not be entered.
-fn snapshot() -> Option<Vec<Sampled>> {
+/// in the table, and if a thread found no entry (or `every`), every thread of the
+/// process (entered into the table here). `None` if one of those could not be entered.
+/// With `every`, the entries taken here too (`(index, owner word)`), to give back.
+#[allow(clippy::type_complexity)]
+fn snapshot(every: bool) -> Option<(Vec<Sampled>, Vec<(usize, u64)>)> {
     let me = gettid();
     // Pairs with the fence in `Thread::record`.
     fence(Ordering::SeqCst);
@@ -579,7 +610,8 @@ fn snapshot() -> Option<Vec<Sampled>> {
     all.sort_unstable_by_key(|s| s.tid);
     // An id in several entries (exited threads' not taken back yet) is one thread.
     all.dedup_by_key(|s| s.tid);
-    if OVERFLOW.load(Ordering::Acquire) {
+    let mut taken = Vec::new();
+    if every || OVERFLOW.load(Ordering::Acquire) {
         let listed: Vec<i32> = std::fs::read_dir("/proc/self/task").ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
         let mut entered = Vec::new();
         for tid in listed.into_iter().filter(|t| *t != me && all.binary_search_by_key(t, |s| s.tid).is_err()) {
@@ -587,9 +619,12 @@ fn snapshot() -> Option<Vec<Sampled>> {
             let owner = entry(index)?.owner.load(Ordering::Acquire);
             entered.push(Sampled { index, tid, owner, ask: 0, at: now });
         }
+        if every {
+            taken = entered.iter().map(|s| (s.index, s.owner)).collect();
+        }
         all.append(&mut entered);
     }
-    Some(all)
+    Some((all, taken))
 }
 
 /// The code of the hit paths, outside the bookkeeping that tells a sample the thread
@@ -641,12 +676,54 @@ static SAMPLING: Mutex<u32> = Mutex::new(0);
 /// disarmed before the call. Waits for threads that are inside (bounded): see the
 /// module docs, "Sampling in parallel".
 pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
+    sample(slots, false, None)
+}
+
+/// [`quiescent`] for every thread of the process, not only those that entered a hit
+/// path (listed from `/proc/self/task`, entered into the table as the fallback of the
+/// module docs does): for code any thread may be running without ever having entered
+/// a hit path, as the instructions a jump is about to displace (optimized probes).
+/// Under qemu-user the list holds qemu's own threads, which answer no guest signal:
+/// there it never completes.
+pub(crate) fn quiescent_every_thread(ranges: &[(usize, usize)]) -> bool {
+    sample(ranges, true, None)
+}
+
+/// Whether every thread of the process (as [`quiescent_every_thread`]) is seen with its
+/// pc outside `ranges` (and the code leading into them: the sigreturn trampolines and
+/// the hit paths' own code, which may be about to send a thread there) and not
+/// resolving a breakpoint at one of `traps`: before a jump is written over code any
+/// thread may be running (optimized probes), where only those places matter. A thread
+/// inside a hit path for another address (a hot breakpoint elsewhere, a handler) is
+/// not waited for.
+pub(crate) fn window_clear(ranges: &[(usize, usize)], traps: &[usize]) -> bool {
+    sample(ranges, true, Some(traps))
+}
+
+/// [`quiescent`], of every thread of the process if `every`; with `traps`, a thread
+/// counts as inside only while it resolves a breakpoint at one of them.
+fn sample(slots: &[(usize, usize)], every: bool, traps: Option<&[usize]>) -> bool {
     let mut round = SAMPLING.lock().unwrap_or_else(|p| p.into_inner());
     if !install() || !still_installed() {
         return false;
     }
     let busy = busy_ranges(slots);
-    let Some(mut pending) = snapshot() else { return false };
+    let Some((pending, entered)) = snapshot(every) else { return false };
+    let done = wait_out(&mut round, pending, &busy, traps);
+    // Entries taken only for this grace period (threads listed because of `every`
+    // that never entered a hit path) are given back, unless they changed hands since:
+    // a thread that never answers (qemu-user's own) must not stay in the table, where
+    // every later grace period would wait for it.
+    for (index, owner) in entered {
+        if let Some(e) = entry(index) {
+            let _ = e.owner.compare_exchange(owner, next_owner(owner, 0), Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+    done
+}
+
+/// Samples the threads of `pending` until each is seen outside (see [`sample`]).
+fn wait_out(round: &mut u32, mut pending: Vec<Sampled>, busy: &[(usize, usize)], traps: Option<&[usize]>) -> bool {
     // SAFETY: getuid has no preconditions.
     let sender = (getpid(), unsafe { libc::getuid() });
     let start = Instant::now();
@@ -684,8 +761,12 @@ pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
                 return true; // no answer yet
             }
             heard = now;
-            let (pc, inside) = (e.pc.load(Ordering::Relaxed), e.inside.load(Ordering::Relaxed));
-            if inside == 0 && !busy.iter().any(|(a, b)| (*a..*b).contains(&pc)) {
+            let (pc, inside, trap) = (e.pc.load(Ordering::Relaxed), e.inside.load(Ordering::Relaxed), e.trap.load(Ordering::Relaxed));
+            let out = match traps {
+                None => inside == 0,
+                Some(traps) => !traps.contains(&trap),
+            };
+            if out && !busy.iter().any(|(a, b)| (*a..*b).contains(&pc)) {
                 return false; // quiescent
             }
             if now > start + INSIDE {
@@ -781,7 +862,14 @@ mod tests {
 
     #[test]
     fn an_entry_is_taken_when_free_or_left_by_an_exited_thread_never_from_a_live_one() {
-        let e = Entry { owner: AtomicU64::new(0), ask: AtomicU64::new(0), answered: AtomicU64::new(0), pc: AtomicUsize::new(0), inside: AtomicU32::new(0) };
+        let e = Entry {
+            owner: AtomicU64::new(0),
+            ask: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            pc: AtomicUsize::new(0),
+            inside: AtomicU32::new(0),
+            trap: AtomicUsize::new(0),
+        };
         let (me, dead) = (gettid(), dead_tid());
         assert!(e.take(me), "a free entry");
         assert_eq!((owner_tid(&e), e.owner.load(Ordering::Relaxed) >> 32), (me, 1), "owner and generation");
@@ -803,6 +891,7 @@ mod tests {
             answered: AtomicU64::new(0),
             pc: AtomicUsize::new(0),
             inside: AtomicU32::new(0),
+            trap: AtomicUsize::new(0),
         };
         let seen = Sampled { index: 0, tid: dead, owner: e.owner.load(Ordering::Relaxed), ask: 0, at: Instant::now() };
         // A new thread takes it back, and (ids are reused) even the same id comes back.

@@ -88,7 +88,8 @@
 //! probekit; `arch` (encodings, decoding, relocation, simulation) uses `sys`;
 //! `registry` (probe records, their chains and lookup, slots) and `grace` (grace
 //! periods) use `sys`; the mechanisms — `site` (site patching and hit path),
-//! `breakpoint` (the `Probe` API, arming, the SIGTRAP path), `retprobe` — use the
+//! `breakpoint` (the `Probe` API, arming, the SIGTRAP path), `optprobe` (breakpoint
+//! probes switched to jumps to detours), `retprobe` — use the
 //! layers above them; this file, the listing and the blacklist use everything.
 //! `trace` (cargo feature `trace`), the function-graph tracer, is built on `multi`.
 #![deny(missing_docs)]
@@ -104,6 +105,7 @@ pub mod frame;
 mod grace;
 mod listing;
 pub mod multi;
+mod optprobe;
 pub mod perfmap;
 mod registry;
 pub mod retprobe;
@@ -116,11 +118,12 @@ pub use backtrace::{backtrace, stack_trace};
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};
 pub use blacklist::{blacklist, Blacklisted};
 pub use breakpoint::{FnAddr, Probe, ProbeBuilder, ProbeHandle};
-pub use error::Error;
+pub use error::{Error, NotOptimized};
 pub use events::EventBuffer;
 pub use frame::{PtRegs, VReg};
 pub use listing::{list, ProbeInfo, ProbeList};
 pub use multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
+pub use optprobe::Optimize;
 pub use perfmap::{perf_map, perf_map_path};
 pub use retprobe::{Entry, HasHandler, NoHandler, ReturnProbe, ReturnProbeBuilder, ReturnProbeHandle, MAX_MAXACTIVE};
 pub use site::table::{sites, SiteInfo};
@@ -162,7 +165,9 @@ pub mod probe {
     pub use crate::batch::{register_batch, unregister_batch, BatchError};
     pub use crate::blacklist::{blacklist, Blacklisted};
     pub use crate::breakpoint::{FnAddr, Probe, ProbeBuilder, ProbeHandle, RECLAIM_BATCH};
+    pub use crate::error::NotOptimized;
     pub use crate::listing::{list, ProbeInfo, ProbeList};
+    pub use crate::optprobe::Optimize;
 }
 
 /// The patchable sites of `#[traceable]` functions (see [`sites()`]).

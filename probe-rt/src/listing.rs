@@ -19,6 +19,8 @@ pub struct ProbeInfo {
     pub gone: bool,
     /// Rides a `#[traceable]` function's site (the kernel's `[FTRACE]`).
     pub site: bool,
+    /// A jump to a detour, not a breakpoint (the kernel's `[OPTIMIZED]`).
+    pub optimized: bool,
     /// Hits whose handlers ran.
     pub nhit: u64,
     /// Hits whose handlers did not run.
@@ -26,7 +28,7 @@ pub struct ProbeInfo {
 }
 
 /// Every registered probe; `Display` prints them as the kernel's `kprobes/list`:
-/// `address  k  symbol+0xoff  [DISABLED][GONE][SITE]` (`r` for a return probe), after
+/// `address  k  symbol+0xoff  [DISABLED][GONE][SITE][OPTIMIZED]` (`r` for a return probe), after
 /// a header line naming how this process writes code, as [`crate::text_writes`] says
 /// it (`# text writes: /proc/self/mem (kernel)`, `# text writes: mprotect (fallback: …)`):
 /// one choice for the life of the process, so `Display` reads it when it prints.
@@ -41,7 +43,13 @@ impl std::fmt::Display for ProbeList {
                 Some((name, off)) => format!("{name}+{off:#x}"),
                 None => format!("{:#x}", p.addr),
             };
-            let flags = format!("{}{}{}", if p.enabled { "" } else { "[DISABLED]" }, if p.gone { "[GONE]" } else { "" }, if p.site { "[SITE]" } else { "" });
+            let flags = format!(
+                "{}{}{}{}",
+                if p.enabled { "" } else { "[DISABLED]" },
+                if p.gone { "[GONE]" } else { "" },
+                if p.site { "[SITE]" } else { "" },
+                if p.optimized { "[OPTIMIZED]" } else { "" }
+            );
             writeln!(f, "{:016x}  {}  {place}  {flags}", p.addr, if p.is_return { 'r' } else { 'k' })?;
         }
         Ok(())
@@ -69,6 +77,7 @@ pub fn list() -> ProbeList {
                         (false, false) => crate::sys::symbols::symbol_of(addr),
                     },
                     site: e.site.load(Ordering::Relaxed),
+                    optimized: !gone && e.addr.load(Ordering::Relaxed) != 0 && !e.site.load(Ordering::Relaxed) && crate::optprobe::is_live(addr),
                     enabled: e.addr.load(Ordering::Relaxed) != 0,
                     gone,
                     nhit: e.nhit.load(Ordering::Relaxed) + registry::site_hits(index),

@@ -1,7 +1,8 @@
 //! Every machine-code encoding the runtime writes, per architecture, and the
 //! instruction decoding, relocation and simulation of the displaced instruction
-//! ([`insn`]).
+//! ([`insn`]), and the detour blocks of optimized probes ([`detour`]).
 
+pub(crate) mod detour;
 pub(crate) mod insn;
 
 /// Bytes of [`abs_jump`]'s code.

@@ -357,7 +357,10 @@ fn probed_context(start: usize, cfa: usize, stack: &Stack) -> Option<Regs> {
     if start == 0 {
         return None;
     }
-    if start == crate::retprobe::dispatch as *const () as usize || start == crate::site::patch::dispatch as *const () as usize {
+    if start == crate::retprobe::dispatch as *const () as usize
+        || start == crate::site::patch::dispatch as *const () as usize
+        || start == crate::optprobe::dispatch as *const () as usize
+    {
         if !stack.holds(cfa, std::mem::size_of::<PtRegs>()) || !cfa.is_multiple_of(std::mem::align_of::<PtRegs>()) {
             return None;
         }

@@ -4,9 +4,10 @@
 
 use super::{install_handler, orig_in_text, our_breakpoint_at, still_there, unstage, ProbeBuilder, ProbeHandle};
 use crate::arch::insn::BREAKPOINT;
+use crate::optprobe::{self, Optimize};
 use crate::registry::{self, record, Record};
 use crate::sys::code;
-use crate::Error;
+use crate::{Error, NotOptimized};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
@@ -31,7 +32,10 @@ impl std::error::Error for BatchError {}
 /// Registers probes together, all or nothing for every member that staged (see
 /// `crate::batch::register_batch`). A member whose checks fail is left out when
 /// `skip(position, &error)` says so (the member's slot in the result is `None`), else
-/// the whole batch fails with it. Arming failures always fail the whole batch.
+/// the whole batch fails with it. Arming failures always fail the whole batch, and so
+/// does a member registered with [`Optimize::Required`] that cannot be optimized.
+/// Armed, the batch's addresses are optimized together (one grace period, one
+/// `text_poke_bp` sequence).
 pub(crate) fn register_many(
     probes: impl IntoIterator<Item = ProbeBuilder>,
     mut skip: impl FnMut(usize, &Error) -> bool,
@@ -43,7 +47,16 @@ pub(crate) fn register_many(
     let mut owners = Vec::new(); // of each staged member
     for (i, b) in probes.into_iter().enumerate() {
         positions = i + 1;
-        match b.stage(&mut reg) {
+        // Required, and a post handler: refused as a check that failed.
+        let member = b.stage(&mut reg).and_then(|index| {
+            let e = record(index);
+            if b.optimization() == Optimize::Required && b.post.is_some() && !e.site.load(Ordering::Relaxed) {
+                unstage(&mut reg, &[index]);
+                return Err(Error::NotOptimized { addr: e.target.load(Ordering::Relaxed), reason: NotOptimized::PostHandler });
+            }
+            Ok(index)
+        });
+        match member {
             Ok(index) => {
                 staged.push((i, index));
                 owners.push(b.owners());
@@ -71,6 +84,29 @@ pub(crate) fn register_many(
         }
         return Err(BatchError { index: staged[k].0, error });
     }
+    let targets: Vec<usize> = indices.iter().map(|&i| record(i).target.load(Ordering::Relaxed)).collect();
+    optprobe::settle(&targets);
+    // A member that required optimization and did not get it fails the batch: every
+    // member is taken out again, as if arming had failed.
+    let refused = staged.iter().find_map(|&(i, index)| {
+        let e = record(index);
+        let required = optprobe::required(e) && !e.site.load(Ordering::Relaxed);
+        required.then(|| optprobe::why_not(e)).flatten().map(|reason| (i, Error::NotOptimized { addr: e.target.load(Ordering::Relaxed), reason }))
+    });
+    if let Some((i, error)) = refused {
+        let _ = disarm_many(&indices);
+        let back: Vec<usize> = indices.iter().copied().filter(|&i| record(i).addr.load(Ordering::Relaxed) == 0).collect();
+        unstage(&mut reg, &back);
+        for (&index, owners) in indices.iter().zip(owners) {
+            match back.contains(&index) {
+                true => reg.bury(owners.into_iter().flatten()),
+                // Still armed: its handlers may run at any time from now on.
+                false => std::mem::forget(owners),
+            }
+        }
+        optprobe::settle(&targets);
+        return Err(BatchError { index: i, error });
+    }
     let mut out: Vec<Option<ProbeHandle>> = (0..positions).map(|_| None).collect();
     for ((i, index), owners) in staged.into_iter().zip(owners) {
         record(index).live.store(true, Ordering::Relaxed);
@@ -93,6 +129,7 @@ pub(crate) fn unregister_many(handles: Vec<ProbeHandle>) -> (Result<(), Error>, 
         .unzip();
     let mut reg = registry::lock();
     let r = disarm_many(&indices);
+    let targets: Vec<usize> = indices.iter().map(|&i| record(i).target.load(Ordering::Relaxed)).collect();
     let done = indices
         .iter()
         .zip(owners)
@@ -110,6 +147,8 @@ pub(crate) fn unregister_many(handles: Vec<ProbeHandle>) -> (Result<(), Error>, 
             true
         })
         .collect();
+    // The probes left at those addresses may be optimizable now.
+    optprobe::settle(&targets);
     (r, done)
 }
 
@@ -133,9 +172,10 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error, Vec<usize>)> {
         // Armed records whose breakpoint or call is not in the text are stale (the code
         // was unloaded and loaded again at the same address): disarmed in place, as
         // `arm` does, so the address counts as new.
-        let present = if site { crate::site::patch::enabled_in_text(target) } else { our_breakpoint_at(target) };
+        let present = if site { crate::site::patch::enabled_in_text(target) } else { our_breakpoint_at(target) || optprobe::jump_in_text(target) };
         if !present {
             registry::disarm_in_place(target);
+            optprobe::forget(target);
         }
         let new_here = registry::armed_at(target).next().is_none();
         if !new_here || !seen.insert(target) {
@@ -149,6 +189,12 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error, Vec<usize>)> {
             }
             writes.push((i, target));
         }
+    }
+    // An optimized address goes back to its breakpoint before a probe that cannot be
+    // optimized is armed there.
+    let back: Vec<usize> = indices.iter().map(|&i| record(i)).filter(|e| !optprobe::allows(e)).map(|e| e.target.load(Ordering::Relaxed)).collect();
+    if let Err(e) = optprobe::unoptimize(&back) {
+        return Err((0, e, Vec::new()));
     }
     // Published before the breakpoints exist, so a trap always finds its probe.
     for &index in indices {
@@ -197,12 +243,17 @@ fn disarm_many(indices: &[usize]) -> Result<(), Error> {
     let ours = |o: &Record| batch.contains(&(o as *const Record as usize));
     let mut writes: Vec<(usize, usize)> = Vec::new(); // (record, breakpoint address)
     let mut sites: Vec<usize> = Vec::new();
+    let mut lasts: Vec<usize> = Vec::new(); // optimized
     let mut seen = HashSet::new();
     for &index in indices {
         let e = record(index);
         let target = e.target.load(Ordering::Relaxed);
-        if e.addr.load(Ordering::Relaxed) == 0 || !still_there(e, target) {
-            continue; // not armed, or its code is gone: nothing to restore
+        if e.addr.load(Ordering::Relaxed) == 0 {
+            continue; // not armed: nothing to restore
+        }
+        if !still_there(e, target) {
+            optprobe::forget(target);
+            continue; // its code is gone: nothing to restore
         }
         let last = registry::armed_at(target).all(|(_, o)| ours(o));
         if !last {
@@ -213,11 +264,16 @@ fn disarm_many(indices: &[usize]) -> Result<(), Error> {
         }
         if e.site.load(Ordering::Relaxed) {
             sites.push(target);
+        } else if optprobe::is_live(target) {
+            lasts.push(target);
+            writes.push((index, target));
         } else if our_breakpoint_at(target) {
             writes.push((index, target));
         }
     }
-    let mut result = Ok(());
+    // Optimized addresses go back to their breakpoints first (batched).
+    let mut result = optprobe::unoptimize(&lasts);
+    let writes: Vec<(usize, usize)> = writes.into_iter().filter(|&(_, t)| !optprobe::is_live(t)).collect();
     for &(index, t) in &writes {
         let orig = record(index).orig.load(Ordering::Relaxed).to_ne_bytes();
         if let Err(e) = code::write_code(t, &orig[..BREAKPOINT.len()]) {

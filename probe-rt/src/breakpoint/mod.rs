@@ -10,6 +10,14 @@
 //! next instruction. The trap flag is never used (single-stepping costs ~15 µs on
 //! virtual machines).
 //!
+//! # Optimized probes
+//! A probe is then switched to a jump to a detour when it can be (the kernel's
+//! optprobes, see [`Optimize`] and `optprobe`): the same handlers with the same
+//! registers, without the trap (tens of nanoseconds instead of microseconds). What
+//! this page says of the SIGTRAP path holds for a probe's breakpoint, and for the
+//! breakpoint the jump replaces and goes back to; [`ProbeHandle::is_optimized`] says
+//! which a probe is, [`ProbeHandle::why_not_optimized`] why not.
+//!
 //! # What a handler may do
 //! Handlers run in a signal handler on the thread that hit the probe: they read the
 //! registers (and change them, registered with the `unsafe` `pre_mut`/`post_mut`), and
@@ -51,10 +59,11 @@ pub(crate) mod batch;
 pub(crate) mod trap;
 
 use crate::arch::insn::{self, Exec, Sim, BREAKPOINT, TRAP_PC_ADVANCE};
+use crate::optprobe::{self, Optimize};
 use crate::registry::{self, record, Call, Handler, Owner, Record, Slots, NEAR, TRAPS};
 use crate::sys::{code, maps};
 use crate::Error;
-use crate::PtRegs;
+use crate::{NotOptimized, PtRegs};
 use std::sync::atomic::Ordering;
 
 pub use crate::registry::RECLAIM_BATCH;
@@ -94,7 +103,7 @@ pub struct Probe;
 impl Probe {
     /// Starts describing a probe.
     pub fn builder() -> ProbeBuilder {
-        ProbeBuilder { target: None, offset: 0, pre: None, post: None }
+        ProbeBuilder { target: None, offset: 0, pre: None, post: None, optimize: Optimize::WhenPossible }
     }
 }
 
@@ -126,9 +135,22 @@ pub struct ProbeBuilder {
     offset: usize,
     pre: Option<Handler>,
     post: Option<Handler>,
+    optimize: Optimize,
 }
 
 impl ProbeBuilder {
+    /// Whether the probe may be optimized into a jump to a detour instead of a
+    /// breakpoint: [`Optimize::WhenPossible`] by default (see [`Optimize`]).
+    pub fn optimize(mut self, optimize: Optimize) -> Self {
+        self.optimize = optimize;
+        self
+    }
+
+    /// The optimization the builder asks for.
+    pub(crate) fn optimization(&self) -> Optimize {
+        self.optimize
+    }
+
     /// Probe a function (a function pointer: `my_fn as fn(u64) -> u64`; with reference
     /// arguments, name a lifetime: `parse as fn(&'static [u8]) -> u64`, see [`FnAddr`]).
     pub fn function(mut self, f: impl FnAddr) -> Self {
@@ -271,13 +293,33 @@ impl ProbeBuilder {
         install_handler()?;
         let mut reg = registry::lock();
         let index = self.stage(&mut reg)?;
-        if let Err(err) = arm(record(index), true) {
+        let e = record(index);
+        let addr = e.target.load(Ordering::Relaxed);
+        // Required, and a post handler: refused before anything is armed.
+        if self.optimize == Optimize::Required && !e.site.load(Ordering::Relaxed) && self.post.is_some() {
+            unstage(&mut reg, &[index]);
+            reg.bury(self.owners().into_iter().flatten());
+            return Err(Error::NotOptimized { addr, reason: NotOptimized::PostHandler });
+        }
+        if let Err(err) = arm(e, true) {
             unstage(&mut reg, &[index]);
             reg.bury(self.owners().into_iter().flatten());
             return Err(err);
         }
-        record(index).live.store(true, Ordering::Relaxed);
-        Ok(ProbeHandle { index, owners: self.owners() })
+        e.live.store(true, Ordering::Relaxed);
+        optprobe::settle(&[addr]);
+        let handle = ProbeHandle { index, owners: self.owners() };
+        if self.optimize == Optimize::Required && !e.site.load(Ordering::Relaxed) {
+            if let Some(reason) = optprobe::why_not(e) {
+                // Unregistered as a handle would be, under the same lock.
+                let mut handle = handle;
+                let undone = handle.retire_locked(&mut reg);
+                std::mem::forget(handle);
+                undone?;
+                return Err(Error::NotOptimized { addr, reason });
+            }
+        }
+        Ok(handle)
     }
 
     /// Everything registration does but arming: the target checked, the record taken,
@@ -294,6 +336,12 @@ impl ProbeBuilder {
         let mapping = maps::executable(addr)?;
         if let Some(what) = registry::blacklisted(addr) {
             return Err(Error::Blacklisted { addr, what });
+        }
+        // Inside the range an optimized probe's jump displaced: that probe goes back to
+        // its breakpoint (and stays one while this probe is there).
+        if let Some(a) = optprobe::window_around(addr) {
+            optprobe::unoptimize(&[a])?;
+            optprobe::refuse(a, NotOptimized::ProbeInWindow { at: addr });
         }
         // An instruction boundary, decoding from the start of the function: the one the
         // caller named, or the one the symbol tables prove (see `known_start`).
@@ -371,6 +419,8 @@ impl ProbeBuilder {
         e.ctx.store(ctx, Ordering::Relaxed);
         e.post.store(post, Ordering::Relaxed);
         e.post_ctx.store(post_ctx, Ordering::Relaxed);
+        e.opt_mode.store(self.optimize.byte(), Ordering::Relaxed);
+        e.detour.store(0, Ordering::Relaxed);
         // Visible to the hit paths (Release: with the fields above) before it is armed:
         // by index, and on its address's chain.
         registry::publish(index);
@@ -378,6 +428,7 @@ impl ProbeBuilder {
             reg.untake(index);
             return Err(err);
         }
+        optprobe::linked(index);
         Ok(index)
     }
 
@@ -433,9 +484,17 @@ pub(crate) fn known_start(addr: usize) -> Result<usize, Error> {
     crate::sys::symbols::known_start(addr).map(|f| f.addr).ok_or(Error::NoKnownStart { addr })
 }
 
-/// The original bytes of `from..to`: the text with every armed breakpoint taken out
-/// (registration path, under the registry lock); None if it is not readable (any more).
-fn original_code(from: usize, to: usize) -> Option<Vec<u8>> {
+/// The original bytes of `from..to`: the text with every armed breakpoint and every
+/// optimized probe's jump taken out (registration path, under the registry lock); None
+/// if it is not readable (any more).
+pub(crate) fn original_code(from: usize, to: usize) -> Option<Vec<u8>> {
+    let mut code = without_breakpoints(from, to)?;
+    optprobe::original(from, &mut code);
+    Some(code)
+}
+
+/// The bytes of `from..to` with every armed breakpoint taken out (see [`original_code`]).
+pub(crate) fn without_breakpoints(from: usize, to: usize) -> Option<Vec<u8>> {
     let mut code = code::read(from, to.checked_sub(from)?)?;
     // Where the text holds a breakpoint, the record armed there (if any) knows what it
     // replaced: a lookup per breakpoint, not a scan of every probe.
@@ -494,6 +553,7 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
         // in place, for good, with nothing written (uprobes are tied to the file and
         // offset, not to the address).
         e.addr.store(0, Ordering::Release);
+        optprobe::forget(target);
         return if on { Err(Error::CodeGone { addr: target }) } else { Ok(()) };
     }
     if e.site.load(Ordering::Relaxed) {
@@ -504,11 +564,17 @@ fn arm(e: &Record, on: bool) -> Result<(), Error> {
     // They are disarmed in place, with nothing to restore: writing their original
     // bytes would corrupt whatever is there now, and sharing their breakpoint would
     // share nothing.
-    let present = our_breakpoint_at(target);
+    let present = our_breakpoint_at(target) || optprobe::jump_in_text(target);
     if !present {
         registry::disarm_in_place(target);
+        optprobe::forget(target);
     }
     let shared = registry::others_armed(e, target);
+    // An optimized address goes back to its breakpoint before a probe that cannot be
+    // optimized is armed there, and before its last probe is disarmed.
+    if (on && !optprobe::allows(e)) || (!on && !shared) {
+        optprobe::unoptimize(&[target])?;
+    }
     if on && !shared && !orig_in_text(e, target) {
         // Not the bytes the probe was prepared for (mapped again with other contents).
         e.gone.store(true, Ordering::Relaxed);
@@ -567,13 +633,15 @@ impl ProbeHandle {
         self.entry().target.load(Ordering::Relaxed)
     }
 
-    /// Re-arms a disabled probe.
+    /// Re-arms a disabled probe (optimized again if it was, and still can be).
     pub fn enable(&self) -> Result<(), Error> {
         let _reg = registry::lock();
         if self.entry().addr.load(Ordering::Relaxed) != 0 {
             return Ok(());
         }
-        arm(self.entry(), true)
+        arm(self.entry(), true)?;
+        optprobe::settle(&[self.address()]);
+        Ok(())
     }
 
     /// Disarms the probe: the original instruction is back, handlers stop running.
@@ -582,12 +650,27 @@ impl ProbeHandle {
         if self.entry().addr.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
-        arm(self.entry(), false)
+        arm(self.entry(), false)?;
+        // The probes left at the address may be optimizable now.
+        optprobe::settle(&[self.address()]);
+        Ok(())
     }
 
-    /// Whether the breakpoint is in place.
+    /// Whether the probe is armed (its breakpoint, jump or site call is in place).
     pub fn is_enabled(&self) -> bool {
         self.entry().addr.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the probe is optimized: a jump to a detour, not a breakpoint (see
+    /// [`Optimize`]).
+    pub fn is_optimized(&self) -> bool {
+        self.why_not_optimized().is_none()
+    }
+
+    /// Why the probe is not optimized (None if it is): the kernel's `can_optimize`
+    /// reasons, and [`NotOptimized::Off`], [`NotOptimized::Disabled`], [`NotOptimized::Site`], ….
+    pub fn why_not_optimized(&self) -> Option<NotOptimized> {
+        optprobe::why_not(self.entry())
     }
 
     /// Hits whose handlers ran.
@@ -612,8 +695,13 @@ impl ProbeHandle {
     }
 
     fn retire(&mut self) -> Result<(), Error> {
-        let owners = std::mem::take(&mut self.owners);
         let mut reg = registry::lock();
+        self.retire_locked(&mut reg)
+    }
+
+    /// [`Self::retire`] under the registry lock.
+    fn retire_locked(&mut self, reg: &mut Slots) -> Result<(), Error> {
+        let owners = std::mem::take(&mut self.owners);
         let e = self.entry();
         if e.addr.load(Ordering::Relaxed) != 0 {
             if let Err(err) = arm(e, false) {
@@ -626,6 +714,8 @@ impl ProbeHandle {
         e.live.store(false, Ordering::Relaxed);
         reg.retire(self.index);
         reg.bury(owners.into_iter().flatten());
+        // The probes left at the address may be optimizable now.
+        optprobe::settle(&[e.target.load(Ordering::Relaxed)]);
         Ok(())
     }
 }

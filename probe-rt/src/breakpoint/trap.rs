@@ -70,7 +70,9 @@ pub(crate) extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t
     // Grace periods see this thread as inside the hit path until `hit` is done.
     let ours = from_breakpoint(code) && {
         grace::enter();
+        let before = grace::trapping((regs::pc(uc) - TRAP_PC_ADVANCE) as usize);
         let ours = hit(uc);
+        grace::untrapping(before);
         grace::leave();
         ours
     };
@@ -143,6 +145,11 @@ pub(crate) fn hit(uc: &mut libc::ucontext_t) -> bool {
         regs::set_pc(uc, (bp + crate::site::table::SITE_LEN) as u64);
         return true;
     }
+    // A detour block's resume breakpoint: a handler of an optimized probe moved the pc
+    // or the stack pointer, which only a trap can set with every other register as is.
+    if crate::optprobe::resume_trap(bp, uc) {
+        return true;
+    }
 
     // Every probe armed at this address, in registration order (aggregation).
     // Found through the address's chain, not a scan: as fast with 100,000 probes as with one.
@@ -168,6 +175,14 @@ pub(crate) fn hit(uc: &mut libc::ucontext_t) -> bool {
                     return true; // the handler redirected execution: the instruction is skipped
                 }
             }
+        }
+        // The address is optimized, or being optimized or unoptimized (this breakpoint
+        // is the jump's first byte meanwhile): on to the detour's relocated copy of the
+        // displaced instructions, past the range the jump covers (the kernel's
+        // `setup_detour_execution`), never into it.
+        if let Some(copy) = at_bp().map(|e| e.detour.load(Ordering::Acquire)).find(|d| *d != 0) {
+            regs::set_pc(uc, copy as u64);
+            return true;
         }
         let sim = Sim { kind: first.sim_kind.load(Ordering::Relaxed), a: first.sim_a.load(Ordering::Relaxed), b: first.sim_b.load(Ordering::Relaxed) };
         if sim.kind == 0 {

@@ -60,6 +60,9 @@ pub(crate) struct AddrMap {
 pub(crate) static ADDRS: AddrMap = AddrMap { table: AtomicPtr::new(std::ptr::null_mut()) };
 /// The addresses of out-of-line slots' breakpoints (probes with a post handler).
 pub(crate) static TRAPS: AddrMap = AddrMap { table: AtomicPtr::new(std::ptr::null_mut()) };
+/// The breakpoints of detour blocks that resume a redirected optimized probe (see
+/// `arch::detour`): head 1 for every one ever written (blocks are never unmapped).
+pub(crate) static REDIRECTS: AddrMap = AddrMap { table: AtomicPtr::new(std::ptr::null_mut()) };
 
 /// Entries of the first table.
 const FIRST: usize = 1024;

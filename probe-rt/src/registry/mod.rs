@@ -14,7 +14,7 @@ pub(crate) mod addrmap;
 pub(crate) mod handler;
 
 use crate::{grace, Error, PtRegs};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 pub(crate) use handler::{Call, Handler, Owner};
@@ -57,6 +57,14 @@ pub(crate) struct Record {
     /// same address, 0 for none. A retired record keeps its link until it is reused,
     /// so a hit walking the chain through it goes on.
     pub chain: AtomicU32,
+    /// Whether the probe may be optimized into a jump (`optprobe::Mode` as a byte; 0,
+    /// the zeroed value, is the default: when possible).
+    pub opt_mode: AtomicU8,
+    /// While its address is optimized: where a thread that hit the address's
+    /// breakpoint (still there while the jump is written or taken out) continues after
+    /// the pre handlers, the detour's relocated copy of the displaced instructions,
+    /// instead of the slot. 0 otherwise.
+    pub detour: AtomicUsize,
 }
 
 /// Records per chunk, and chunks at most (16 Mi records: memory runs out first).
@@ -108,6 +116,8 @@ static NONE: Record = Record {
     live: AtomicBool::new(false),
     site: AtomicBool::new(false),
     chain: AtomicU32::new(0),
+    opt_mode: AtomicU8::new(0),
+    detour: AtomicUsize::new(0),
 };
 
 /// The chunk holding record `index`, if it was allocated.
@@ -328,7 +338,7 @@ pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = (usize, &'static Rec
     chain_from(ADDRS.head(addr)).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == addr)
 }
 
-pub(crate) use addrmap::{ADDRS, TRAPS};
+pub(crate) use addrmap::{ADDRS, REDIRECTS, TRAPS};
 
 /// Disarms every record armed at `at` in place, writing nothing: their breakpoint or
 /// site call is not in the text any more (the code was unloaded, maybe loaded again

@@ -584,6 +584,14 @@ impl<T, S> ReturnProbeBuilder<T, S> {
         self
     }
 
+    /// Whether the entry's probe may be optimized into a jump (see
+    /// [`crate::Optimize`]; when possible by default): entry and return then cost tens
+    /// of nanoseconds, no trap.
+    pub fn optimize(mut self, optimize: crate::Optimize) -> Self {
+        self.target = self.target.optimize(optimize);
+        self
+    }
+
     /// Probe the return of the function starting at `addr` (known to be a start).
     pub(crate) fn function_start(mut self, addr: usize) -> Self {
         self.target = self.target.function_start(addr);
@@ -710,7 +718,7 @@ impl<T: Default + Send + 'static, S> ReturnProbeBuilder<T, S> {
             drop_data: drop_data::<T>,
         }));
         block.assign(core, data, std::mem::size_of::<T>());
-        let entry = probe::Probe::builder().function_start(addr).internal_pre(on_entry, core as usize);
+        let entry = probe::Probe::builder().function_start(addr).internal_pre(on_entry, core as usize).optimize(self.target.optimization());
         Ok((entry, Pending { core, block }))
     }
 }
@@ -823,6 +831,16 @@ impl ReturnProbeHandle {
     /// Whether the entry is armed.
     pub fn is_enabled(&self) -> bool {
         self.entry().is_enabled()
+    }
+
+    /// Whether the entry is optimized (a jump, not a breakpoint; see [`crate::Optimize`]).
+    pub fn is_optimized(&self) -> bool {
+        self.entry().is_optimized()
+    }
+
+    /// Why the entry is not optimized (None if it is).
+    pub fn why_not_optimized(&self) -> Option<crate::NotOptimized> {
+        self.entry().why_not_optimized()
     }
 
     /// Calls whose entry took an instance (watched, skipped or overridden).

@@ -11,7 +11,7 @@ mod imp {
     };
 
     /// Flags a handler may change: the status flags and DF (not TF, IF, …).
-    const USER_FLAGS: u64 = 0xcd5 | 0x400;
+    pub(crate) const USER_FLAGS: u64 = 0xcd5 | 0x400;
 
     /// (field accessor, gregs index) of every general register.
     macro_rules! gprs {
@@ -92,4 +92,6 @@ mod imp {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use imp::USER_FLAGS;
 pub(crate) use imp::{pc, read, set_pc, write};

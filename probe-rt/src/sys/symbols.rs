@@ -97,6 +97,13 @@ impl Snapshot {
         f[..below].iter().rev().take(64).find(|f| f.holds(addr)).cloned()
     }
 
+    /// The function containing `addr` by its symbol's size, past labels and sizeless
+    /// symbols inside it (a label in the middle of a function holds its first byte).
+    pub(crate) fn sized_function_at(&self, addr: usize) -> Option<Function> {
+        let (f, below) = self.below(addr)?;
+        f[..below].iter().rev().take(64).find(|f| f.size > 0 && f.holds(addr)).cloned()
+    }
+
     /// The function an instruction boundary at `addr` can be proven from: the function
     /// containing it by its size, else the nearest sizeless symbol at or below it (code
     /// written in asm without `.size`, whose extent is unknown: decoding runs from
@@ -119,6 +126,11 @@ pub(crate) fn resolve_name(name: &str) -> Result<Option<Function>, Vec<String>> 
 /// [`Snapshot::function_at`] of the images mapped now.
 pub(crate) fn function_at(addr: usize) -> Option<Function> {
     Snapshot::now().function_at(addr)
+}
+
+/// [`Snapshot::sized_function_at`] of the images mapped now.
+pub(crate) fn sized_function_at(addr: usize) -> Option<Function> {
+    Snapshot::now().sized_function_at(addr)
 }
 
 /// [`Snapshot::known_start`] of the images mapped now.
