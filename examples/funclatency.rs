@@ -20,10 +20,14 @@
 //! cargo run --release --example funclatency
 //! ```
 
+use bcc::{log2_slot, print_log2_hist};
 use probekit::{MultiProbe, PtRegs, ReturnProbe};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Barrier;
+
+#[path = "common/bcc.rs"]
+mod bcc;
 
 /// Threads calling the probed function at once.
 const THREADS: u64 = 3;
@@ -107,40 +111,12 @@ fn on_return(regs: &PtRegs, call: &mut Call) {
     }
 }
 
-/// bcc's `bpf_log2l(v)`: `floor(log2(v)) + 1`, with 0 in slot 1 like 1.
-fn log2_slot(v: u64) -> usize {
-    64 - (v | 1).leading_zeros() as usize
-}
-
 /// A xorshift64 step: deterministic pseudo-random requests, no dependency.
 fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s << 13;
     *s ^= *s >> 7;
     *s ^= *s << 17;
     *s
-}
-
-/// bcc's `print_log2_hist` (`stars_max = 40`, the wide format past slot 32).
-fn print_log2_hist(slots: &[u64], val_type: &str) {
-    let Some(idx_max) = slots.iter().rposition(|&c| c > 0) else { return };
-    let val_max = slots.iter().copied().max().unwrap_or(0);
-    let wide = idx_max > 32;
-    let stars_max = if wide { 20 } else { 40 };
-    if wide {
-        println!("               {val_type:<29} : count     distribution");
-    } else {
-        println!("     {val_type:<19} : count     distribution");
-    }
-    for (i, &val) in slots.iter().enumerate().take(idx_max + 1).skip(1) {
-        let (high, low) = ((1u128 << i) - 1, (1u128 << i) >> 1);
-        let low = if low == high { low - 1 } else { low };
-        let stars = "*".repeat((val * stars_max / val_max) as usize);
-        if wide {
-            println!("{low:>20} -> {high:<20} : {val:<8} |{stars:<20}|");
-        } else {
-            println!("{low:>10} -> {high:<10} : {val:<8} |{stars:<40}|");
-        }
-    }
 }
 
 fn main() -> Result<(), probekit::Error> {
