@@ -107,15 +107,10 @@ pub(crate) fn on_register() {
     let _ = write(&mut map, &text);
 }
 
-/// Names a new block of return stubs (registration, outside the hit paths).
+/// Names a new block of return stubs (registration, outside the hit paths): the same
+/// catching up as [`on_register`].
 pub(crate) fn stubs_made() {
-    if !ON.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut map = MAP.lock().unwrap_or_else(|p| p.into_inner());
-    let mut text = String::new();
-    catch_up(&mut map, &mut text);
-    let _ = write(&mut map, &text);
+    on_register();
 }
 
 /// Names the stub blocks and slots made since the last time.

@@ -624,13 +624,8 @@ impl<T: Default + Send + 'static, S> ReturnProbeBuilder<T, S> {
     /// valid for what the type says); for a function returning a reference, a `Box`, an
     /// FP value or a struct through memory, writing it is undefined behaviour. Other
     /// registers: callee-saved ones must keep their values.
-    pub unsafe fn handler_mut(mut self, h: impl Fn(&mut PtRegs, &mut T) + Send + Sync + 'static) -> ReturnProbeBuilder<T, HasHandler> {
-        fn run<T, R: Fn(&mut PtRegs, &mut T)>(h: &R) -> unsafe fn(&Core, usize, &mut PtRegs) {
-            let _ = h;
-            run_return::<T, R>
-        }
-        let run = run::<T, _>(&h);
-        self.handler = Some(erase(h, run));
+    pub unsafe fn handler_mut<R: Fn(&mut PtRegs, &mut T) + Send + Sync + 'static>(mut self, h: R) -> ReturnProbeBuilder<T, HasHandler> {
+        self.handler = Some(erase(h, run_return::<T, R> as RunReturn));
         self.typed()
     }
 
@@ -652,13 +647,8 @@ impl<T: Default + Send + 'static, S> ReturnProbeBuilder<T, S> {
     /// As [`ProbeBuilder::pre_mut`] for the registers; and an [`Entry::Override`] value
     /// must be a valid return value of the function, as for [`Self::handler_mut`], and
     /// skipping the function's effects must leave the program correct.
-    pub unsafe fn entry_handler_mut(mut self, h: impl Fn(&mut PtRegs, &mut T) -> Entry + Send + Sync + 'static) -> ReturnProbeBuilder<T, HasHandler> {
-        fn run<T: Default, E: Fn(&mut PtRegs, &mut T) -> Entry>(h: &E) -> unsafe fn(&Core, usize, &mut PtRegs) -> Entry {
-            let _ = h;
-            run_entry::<T, E>
-        }
-        let run = run::<T, _>(&h);
-        self.entry = Some(erase(h, run));
+    pub unsafe fn entry_handler_mut<E: Fn(&mut PtRegs, &mut T) -> Entry + Send + Sync + 'static>(mut self, h: E) -> ReturnProbeBuilder<T, HasHandler> {
+        self.entry = Some(erase(h, run_entry::<T, E> as RunEntry));
         self.typed()
     }
 
