@@ -356,29 +356,44 @@ mod live {
 
 #[test]
 fn snapshots_while_running_hold_whole_records() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     let tracer = Tracer::builder().pattern(&glob("live")).args(1).retval().capacity(256).register().unwrap();
     tracer.start();
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let calls = AtomicU64::new(0);
     std::thread::scope(|s| {
         s.spawn(|| {
             let g = black_box(live::g as extern "C" fn(u64) -> u64);
             let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Relaxed) {
                 g(i);
                 i += 1;
+                calls.store(i, Relaxed);
             }
         });
+        // Snapshots race the writer for as long as it takes it to make calls: under
+        // qemu the writer may not have started before 200 snapshots are done. The
+        // stop is stored whatever happens, so a failed assertion cannot leave the
+        // writer spinning and the scope waiting for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut snapshots = 0;
         let mut seen = 0;
-        for _ in 0..200 {
-            let snap = tracer.snapshot();
-            for c in snap.threads.iter().flat_map(|t| &t.calls) {
-                assert_eq!(c.ret, Some(c.args()[0].wrapping_mul(3)), "a record torn by a concurrent write");
-                assert!(c.exit_ns >= c.enter_ns);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            while snapshots < 200 || (calls.load(Relaxed) < 10_000 && std::time::Instant::now() < deadline) {
+                let snap = tracer.snapshot();
+                for c in snap.threads.iter().flat_map(|t| &t.calls) {
+                    assert_eq!(c.ret, Some(c.args()[0].wrapping_mul(3)), "a record torn by a concurrent write");
+                    assert!(c.exit_ns >= c.enter_ns);
+                }
+                seen += snap.calls();
+                snapshots += 1;
+                std::thread::yield_now();
             }
-            seen += snap.calls();
-            std::thread::yield_now();
+        }));
+        stop.store(true, Relaxed);
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(seen > 0);
+        assert!(seen > 0, "{snapshots} snapshots over {} calls saw none", calls.load(Relaxed));
     });
 }

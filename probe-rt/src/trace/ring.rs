@@ -247,10 +247,32 @@ impl Ring {
         // above is seen here.
         fence(Ordering::Acquire);
         let claim = self.claim.load(Ordering::Relaxed);
-        // Record `n` is overwritten by the write of record `n + capacity`, claimed as
-        // `n + capacity + 1`: whole if that claim was not made yet.
-        let first = start.max(claim.saturating_sub(self.capacity()));
+        let first = first_whole(start, head, claim, self.capacity());
         out.drain(..(first - start) as usize);
         (out, first)
+    }
+}
+
+/// The first of records `start..head`, copied by a reader, that no write overlapped,
+/// given the writer's `claim` after the copy (`head` if none is).
+fn first_whole(start: u64, head: u64, claim: u64, capacity: u64) -> u64 {
+    // Record `n` is overwritten by the write of record `n + capacity`, claimed as
+    // `n + capacity + 1`: whole if that claim was not made yet. A writer that went a
+    // whole ring past `head` meanwhile overwrote every record copied.
+    start.max(claim.saturating_sub(capacity)).min(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_whole;
+
+    #[test]
+    fn records_a_later_claim_overwrote_are_dropped() {
+        // Ring of 4, records 6..10 copied (head 10).
+        assert_eq!(first_whole(6, 10, 10, 4), 6, "no write since: all whole");
+        assert_eq!(first_whole(6, 10, 11, 4), 7, "record 10 claimed: record 6 overwritten");
+        assert_eq!(first_whole(6, 10, 14, 4), 10, "records 10..14 claimed: every copy overwritten");
+        assert_eq!(first_whole(6, 10, 70, 4), 10, "a writer far past head: nothing whole, and no index past head");
+        assert_eq!(first_whole(0, 2, 2, 4), 0);
     }
 }
