@@ -4,7 +4,8 @@
 //! - `hit/direct_call`: a plain call of a `#[traceable]` function whose site is a nop.
 //! - `hit/site_return`: a return probe on a site with empty handlers: entry and return,
 //!   no trap (what every traced call rides).
-//! - `hit/clock`: one `CLOCK_MONOTONIC` read (a traced call makes two).
+//! - `hit/clock`: one `CLOCK_MONOTONIC` read (`clock_gettime`; a traced call reads the
+//!   cycle counter instead, twice).
 //! - `hit/trace_record`: the tracer on a site: entry and return, two timestamps, a
 //!   frame pushed and a record written to the thread's ring.
 //! - `hit/trace_record_args`: the same with two arguments and the return value kept.

@@ -39,7 +39,10 @@
 //!
 //! # Costs and limits
 //! Each traced call costs its probe hit (a trap, or a trampoline on `#[traceable]`
-//! functions), two clock reads and a few stores. The rings are allocated up front:
+//! functions), two reads of the cycle counter (converted to `CLOCK_MONOTONIC`
+//! nanoseconds when read out; a CPU without an invariant TSC reads `clock_gettime`
+//! instead; the first tracer of a process measures the counter's rate for 10 ms) and
+//! a few stores. The rings are allocated up front:
 //! [`TracerBuilder::threads`] rings of [`TracerBuilder::capacity`] records each; a
 //! thread that finds none free is not traced (counted in [`Snapshot::no_ring`]). A
 //! ring stays with its thread for the tracer's life. The calls each function can
@@ -48,6 +51,7 @@
 //! [`Snapshot::missed`]).
 
 mod chrome;
+mod clock;
 mod flame;
 mod ring;
 mod snapshot;
@@ -59,6 +63,8 @@ pub use snapshot::{Call, Function, Snapshot, ThreadTrace};
 
 use crate::multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
 use crate::{Error, FnAddr, PtRegs};
+pub use clock::now_ns;
+use clock::Clock;
 use ring::Ring;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -69,14 +75,6 @@ use std::sync::{Arc, Mutex};
 /// tells the return probe's instances apart.
 #[derive(Default)]
 struct Slot(u32);
-
-/// `CLOCK_MONOTONIC` in nanoseconds: a vDSO read, async-signal-safe (signal-safety(7)).
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC exists on every Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Distinguishes tracers in a thread's cache of its ring (never reused, unlike addresses).
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -94,6 +92,8 @@ thread_local! {
 /// What the handlers share with the handle.
 struct State {
     generation: u64,
+    /// The clock of the records (cycle counter ticks, converted when read).
+    clock: Clock,
     running: AtomicBool,
     retval: bool,
     nargs: usize,
@@ -145,7 +145,7 @@ impl State {
             return false;
         }
         let Some(ring) = self.ring() else { return false };
-        let now = now_ns();
+        let now = self.clock.ticks();
         let sp = regs.stack_pointer() as usize;
         // The return probe underneath dropped its instances of frames deeper than this
         // entry, and at the same depth those that are not its caller (a tail call from a
@@ -172,7 +172,7 @@ impl State {
     /// stack (a panic or `longjmp` left them: they never returned).
     fn exit(&self, regs: &PtRegs, slot: &mut Slot) {
         let Some(depth) = (slot.0 as usize).checked_sub(1) else { return };
-        let now = now_ns();
+        let now = self.clock.ticks();
         let Some(ring) = self.ring() else { return };
         if depth >= ring.depth() || ring.frame(depth).data != slot as *mut Slot as usize {
             return; // not this call's frame: cannot happen while the stack mirrors the instances
@@ -265,7 +265,10 @@ impl Tracer {
                 continue;
             }
             let tail = ring.tail.load(Ordering::Relaxed);
-            let (raws, first) = ring.read(tail);
+            let (mut raws, first) = ring.read(tail);
+            for r in &mut raws {
+                (r.enter, r.exit) = (self.state.clock.ns(r.enter), self.state.clock.ns(r.exit));
+            }
             let head = first + raws.len() as u64;
             recorded += ring.head.load(Ordering::Relaxed);
             let overwritten = first - tail;
@@ -416,6 +419,7 @@ impl TracerBuilder {
         let rings = (0..self.threads).map(|_| Ring::new(self.capacity, self.max_depth, self.nargs, self.retval, self.full)).collect();
         let state = Arc::new(State {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            clock: Clock::new(),
             running: AtomicBool::new(false),
             retval: self.retval,
             nargs: self.nargs,

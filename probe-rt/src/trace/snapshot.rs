@@ -19,7 +19,7 @@ pub struct Call {
     pub function: u32,
     /// How many traced calls of its thread were in flight when it began (0: none).
     pub depth: u32,
-    /// `CLOCK_MONOTONIC` at the entry, in ns.
+    /// `CLOCK_MONOTONIC` at the entry, in ns (read from the cycle counter, converted).
     pub enter_ns: u64,
     /// `CLOCK_MONOTONIC` at the return, in ns; for an unwound call, when its thread's
     /// next traced entry or return found its frame gone.
