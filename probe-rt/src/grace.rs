@@ -696,6 +696,7 @@ pub(crate) fn quiescent_every_thread(ranges: &[(usize, usize)]) -> bool {
 /// thread may be running (optimized probes), where only those places matter. A thread
 /// inside a hit path for another address (a hot breakpoint elsewhere, a handler) is
 /// not waited for.
+#[cfg(target_arch = "x86_64")] // aarch64 optimizes one instruction: no window
 pub(crate) fn window_clear(ranges: &[(usize, usize)], traps: &[usize]) -> bool {
     sample(ranges, true, Some(traps))
 }

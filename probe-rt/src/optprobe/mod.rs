@@ -101,10 +101,11 @@ pub(crate) fn trampoline(entry: bool) -> usize {
 
 /// Every detour trampoline (the blacklist's roots).
 pub(crate) fn trampolines() -> Vec<usize> {
-    let mut all = vec![probekit_opt_trampoline_full as *const () as usize];
     #[cfg(target_arch = "x86_64")]
-    all.extend([probekit_opt_trampoline_full_c as *const () as usize, probekit_opt_trampoline_entry as *const () as usize]);
-    all
+    let all = [probekit_opt_trampoline_full, probekit_opt_trampoline_full_c, probekit_opt_trampoline_entry];
+    #[cfg(target_arch = "aarch64")]
+    let all = [probekit_opt_trampoline_full];
+    all.iter().map(|f| *f as *const () as usize).collect()
 }
 
 /// Whether a probe may be optimized: switched from a breakpoint (a trap and a signal
@@ -185,12 +186,15 @@ struct State {
     /// refused meanwhile ([`NotOptimized::ThreadsInWindow`]) are tried again by later
     /// registrations once it is due.
     retry: Option<Instant>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // aarch64 needs no grace period
     backoff: Duration,
 }
 
 /// Grace periods tried in a row before an optimization is given up (until [`State::retry`]).
+#[cfg(target_arch = "x86_64")]
 const TRIES: usize = 3;
 /// The longest wait between grace periods over every thread that keep failing.
+#[cfg(target_arch = "x86_64")]
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The first wait after a failure (the sampling's own silence budget).
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);

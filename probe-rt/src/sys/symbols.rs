@@ -99,6 +99,7 @@ impl Snapshot {
 
     /// The function containing `addr` by its symbol's size, past labels and sizeless
     /// symbols inside it (a label in the middle of a function holds its first byte).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // optprobes' x86_64 window checks
     pub(crate) fn sized_function_at(&self, addr: usize) -> Option<Function> {
         let (f, below) = self.below(addr)?;
         f[..below].iter().rev().take(64).find(|f| f.size > 0 && f.holds(addr)).cloned()
@@ -129,6 +130,7 @@ pub(crate) fn function_at(addr: usize) -> Option<Function> {
 }
 
 /// [`Snapshot::sized_function_at`] of the images mapped now.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn sized_function_at(addr: usize) -> Option<Function> {
     Snapshot::now().sized_function_at(addr)
 }
