@@ -32,6 +32,11 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 export CROSS_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 /usr/bin/cargo --version
 /usr/bin/cargo test --workspace --target aarch64-unknown-linux-gnu "$@"
+# The breakpoint suites again with every probe a breakpoint (by default a probe that
+# can take a jump is optimized).
+PROBEKIT_OPTIMIZE=never /usr/bin/cargo test --target aarch64-unknown-linux-gnu -p probe-rt --test breakpoint --test races --test simulate --test foreign_trap
+PROBEKIT_OPTIMIZE=never /usr/bin/cargo test --target aarch64-unknown-linux-gnu -p hostile-tests
+PROBEKIT_OPTIMIZE=never /usr/bin/cargo test --target aarch64-unknown-linux-gnu -p native-tests --test retprobe --test batch --test multi
 for example in quickstart funclatency fault_injection funccount funcslower argdist stackcount trace trace_miniz; do
     /usr/bin/cargo run --target aarch64-unknown-linux-gnu --example "$example"
 done

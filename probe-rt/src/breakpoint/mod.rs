@@ -103,7 +103,7 @@ pub struct Probe;
 impl Probe {
     /// Starts describing a probe.
     pub fn builder() -> ProbeBuilder {
-        ProbeBuilder { target: None, offset: 0, pre: None, post: None, optimize: Optimize::WhenPossible }
+        ProbeBuilder { target: None, offset: 0, pre: None, post: None, optimize: Optimize::by_default() }
     }
 }
 
@@ -140,7 +140,8 @@ pub struct ProbeBuilder {
 
 impl ProbeBuilder {
     /// Whether the probe may be optimized into a jump to a detour instead of a
-    /// breakpoint: [`Optimize::WhenPossible`] by default (see [`Optimize`]).
+    /// breakpoint: [`Optimize::WhenPossible`] by default (`PROBEKIT_OPTIMIZE=never`
+    /// changes the default; see [`Optimize`]).
     pub fn optimize(mut self, optimize: Optimize) -> Self {
         self.optimize = optimize;
         self

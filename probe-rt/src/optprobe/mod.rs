@@ -129,6 +129,11 @@ pub(crate) fn trampolines() -> Vec<usize> {
 /// inside it; a thread that blocks the signal keeps such probes breakpoints
 /// ([`crate::NotOptimized::ThreadsInWindow`]) until it unblocks or exits (tried again
 /// by later registrations, at growing intervals).
+///
+/// A builder starts from [`Optimize::WhenPossible`], or from [`Optimize::Never`] when
+/// the environment variable `PROBEKIT_OPTIMIZE` is `never` at the first registration:
+/// a way to run a program, or a test suite, with every probe a breakpoint, to tell
+/// the mechanisms apart (CI runs the breakpoint suites both ways).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Optimize {
     /// Always a breakpoint (a trap and a signal per hit).
@@ -144,6 +149,16 @@ pub enum Optimize {
 }
 
 impl Optimize {
+    /// What a builder asks for unless told: [`Optimize::WhenPossible`], or
+    /// [`Optimize::Never`] if `PROBEKIT_OPTIMIZE=never` (read once).
+    pub(crate) fn by_default() -> Optimize {
+        static DEFAULT: std::sync::OnceLock<Optimize> = std::sync::OnceLock::new();
+        *DEFAULT.get_or_init(|| match std::env::var("PROBEKIT_OPTIMIZE").as_deref() {
+            Ok("never") => Optimize::Never,
+            _ => Optimize::WhenPossible,
+        })
+    }
+
     /// The byte a record keeps (0, a zeroed record's, is the default).
     pub(crate) fn byte(self) -> u8 {
         match self {
