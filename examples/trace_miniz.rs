@@ -141,7 +141,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         called.dedup();
         called.len()
     });
-    println!("  lost      {} (rings overwritten or too deep), missed {}, threads without a ring {}", snap.lost(), snap.missed, snap.no_ring);
+    println!(
+        "  lost      {} (rings overwritten, too deep, or of exited threads), missed {}, calls of threads without a ring {}",
+        snap.lost(),
+        snap.missed,
+        snap.no_ring
+    );
     println!("  deepest   {} nested calls", snap.threads.iter().flat_map(|t| &t.calls).map(|c| c.depth + 1).max().unwrap_or(0));
     println!("  {:<40} {:>10} bytes  (open in https://ui.perfetto.dev or chrome://tracing)", json.display(), size(&json));
     println!("  {:<40} {:>10} bytes  (open in a browser)", svg.display(), size(&svg));

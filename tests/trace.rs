@@ -397,3 +397,71 @@ fn snapshots_while_running_hold_whole_records() {
         assert!(seen > 0, "{snapshots} snapshots over {} calls saw none", calls.load(Relaxed));
     });
 }
+
+mod churn {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn h(x: u64) -> u64 {
+        black_box(x + 1)
+    }
+}
+
+/// Runs `calls` traced calls on a new thread, which then exits; its thread id.
+fn on_a_thread_that_exits(calls: u64) -> i32 {
+    std::thread::spawn(move || {
+        let h = black_box(churn::h as extern "C" fn(u64) -> u64);
+        for i in 0..calls {
+            h(i);
+        }
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() }
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn rings_of_exited_threads_are_taken_over_and_live_ones_are_not() {
+    let tracer = Tracer::builder().pattern(&glob("churn")).threads(2).capacity(64).register().unwrap();
+    tracer.start();
+    let (a, b) = (on_a_thread_that_exits(3), on_a_thread_that_exits(4));
+    let snap = tracer.snapshot();
+    let per_tid = |s: &Snapshot| s.threads.iter().map(|t| (t.tid, t.calls.len())).collect::<HashMap<_, _>>();
+    assert_eq!(per_tid(&snap), HashMap::from([(a, 3), (b, 4)]));
+    // Both rings have owners, both exited: a third thread takes one over, and the
+    // unread records there are given up (and counted).
+    let c = on_a_thread_that_exits(5);
+    let snap = tracer.snapshot();
+    let seen = per_tid(&snap);
+    assert_eq!(seen.get(&c), Some(&5), "{seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let kept = seen.iter().find(|(t, _)| **t != c).map(|(t, n)| (*t, *n)).unwrap();
+    assert!(kept == (a, 3) || kept == (b, 4), "{kept:?}");
+    assert_eq!(snap.exited_lost, 7 - kept.1 as u64);
+    assert_eq!(snap.calls() as u64 + snap.exited_lost, 12);
+    assert_eq!(snap.no_ring, 0);
+    // Drained first, nothing is given up.
+    let drained = tracer.drain();
+    assert_eq!(drained.calls(), 5 + kept.1);
+    let d = on_a_thread_that_exits(6);
+    let snap = tracer.snapshot();
+    assert_eq!(per_tid(&snap).get(&d), Some(&6));
+    assert_eq!(snap.exited_lost, 7 - kept.1 as u64, "nothing more given up");
+    // Live threads keep their rings: once this thread and another live one hold the
+    // two (taken over from exited ones), a new thread is not traced.
+    let h = black_box(churn::h as extern "C" fn(u64) -> u64);
+    h(0);
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (ready, started) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        h(0);
+        ready.send(()).unwrap();
+        wait.recv().unwrap();
+    });
+    started.recv().unwrap();
+    let before = tracer.snapshot().no_ring;
+    on_a_thread_that_exits(8);
+    assert_eq!(tracer.snapshot().no_ring, before + 8, "both rings' threads are alive: not traced");
+    go.send(()).unwrap();
+    holder.join().unwrap();
+}

@@ -44,8 +44,9 @@
 //! instead; the first tracer of a process measures the counter's rate for 10 ms) and
 //! a few stores. The rings are allocated up front:
 //! [`TracerBuilder::threads`] rings of [`TracerBuilder::capacity`] records each; a
-//! thread that finds none free is not traced (counted in [`Snapshot::no_ring`]). A
-//! ring stays with its thread for the tracer's life. The calls each function can
+//! thread that finds none free takes over the ring of a thread that exited, if there
+//! is one (that thread's unread records are given up: [`Snapshot::exited_lost`]),
+//! else it is not traced (counted in [`Snapshot::no_ring`]). The calls each function can
 //! have in flight at once, over all threads, are its return probe's `maxactive`
 //! ([`TracerBuilder::maxactive`]); calls beyond it are not traced (counted in
 //! [`Snapshot::missed`]).
@@ -67,7 +68,7 @@ pub use clock::now_ns;
 use clock::Clock;
 use ring::Ring;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The per-call data of the tracer's return probes: where the call's frame is on its
@@ -87,6 +88,9 @@ thread_local! {
     static SERIAL: Cell<u64> = const { Cell::new(0) };
     /// The tracer generation this thread last traced for, and its ring there.
     static CACHE: Cell<(u64, usize)> = const { Cell::new((0, 0)) };
+    /// The tracer generation this thread found no ring for, and the calls to wait
+    /// before it looks for an exited thread's again.
+    static RETRY: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
 }
 
 /// What the handlers share with the handle.
@@ -100,10 +104,17 @@ struct State {
     rings: Box<[Ring]>,
     /// Calls on threads that found no free ring.
     no_ring: AtomicU64,
+    /// Records of exited threads given up unread when their ring was taken over.
+    exited_lost: AtomicU64,
 }
 
+/// Calls a thread without a ring makes between two tries to take over one of an
+/// exited thread.
+const RETRY_EVERY: u32 = 1024;
+
 impl State {
-    /// This thread's ring, claimed at its first call (lock-free: a scan and a CAS).
+    /// This thread's ring, claimed at its first call (lock-free: a scan and a CAS): a
+    /// free one, or else one whose thread exited.
     fn ring(&self) -> Option<&Ring> {
         let (generation, index) = CACHE.get();
         if generation == self.generation {
@@ -120,22 +131,41 @@ impl State {
                 .rings
                 .iter()
                 .position(|r| r.owner.load(Ordering::Relaxed) == 0 && r.owner.compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed).is_ok())?;
-            let r = &self.rings[i];
-            r.tid.store(crate::grace::with_thread(|t| t.tid()), Ordering::Relaxed);
-            let mut name = [0u8; 16];
-            // SAFETY: PR_GET_NAME writes at most 16 bytes (with the NUL) into the buffer.
-            unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
-            r.name[0].store(u64::from_ne_bytes(name[..8].try_into().unwrap_or_default()), Ordering::Relaxed);
-            r.name[1].store(u64::from_ne_bytes(name[8..].try_into().unwrap_or_default()), Ordering::Relaxed);
-            r.ready.store(true, Ordering::Release);
+            self.rings[i].name_thread();
+            self.rings[i].ready.store(true, Ordering::Release);
             Some(i)
         });
-        let Some(index) = index else {
+        let Some(index) = index.or_else(|| self.take_over(me)) else {
             self.no_ring.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         CACHE.set((self.generation, index));
         Some(&self.rings[index])
+    }
+
+    /// A ring whose thread exited, taken over for this thread (`me`), when every ring
+    /// has an owner. A thread without a ring tries once in [`RETRY_EVERY`] calls: each
+    /// try asks the kernel about every ring's thread.
+    #[cold]
+    fn take_over(&self, me: u64) -> Option<usize> {
+        match RETRY.get() {
+            (generation, wait) if generation == self.generation && wait > 0 => {
+                RETRY.set((generation, wait - 1));
+                return None;
+            }
+            _ => RETRY.set((self.generation, RETRY_EVERY - 1)),
+        }
+        self.rings.iter().position(|r| {
+            let owner = r.owner.load(Ordering::Acquire);
+            if owner == 0 || !r.ready.load(Ordering::Acquire) || crate::grace::thread_alive(r.tid.load(Ordering::Relaxed)) {
+                return false;
+            }
+            let Some(unread) = r.take_over(owner, me) else { return false };
+            self.exited_lost.fetch_add(unread, Ordering::Relaxed);
+            r.name_thread();
+            r.handed_over();
+            true
+        })
     }
 
     /// The entry handler: records that a call began (if tracing), after ending the
@@ -264,8 +294,22 @@ impl Tracer {
             if !ring.ready.load(Ordering::Acquire) {
                 continue;
             }
-            let tail = ring.tail.load(Ordering::Relaxed);
+            // A seqlock reader of take-overs: what was read while the ring changed
+            // hands is not kept (the ring is read again by the next snapshot).
+            let version = ring.version.load(Ordering::Acquire);
+            if version & 1 == 1 {
+                continue;
+            }
+            let owner = ring.owner.load(Ordering::Relaxed);
+            let tail = ring.tail.load(Ordering::Relaxed).max(ring.start.load(Ordering::Relaxed));
             let (mut raws, first) = ring.read(tail);
+            let tid = ring.tid.load(Ordering::Relaxed);
+            let name: Vec<u8> = ring.name.iter().flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes()).take_while(|b| *b != 0).collect();
+            let (dropped, too_deep) = (ring.dropped.load(Ordering::Relaxed), ring.too_deep.load(Ordering::Relaxed));
+            fence(Ordering::Acquire);
+            if ring.version.load(Ordering::Relaxed) != version {
+                continue;
+            }
             for r in &mut raws {
                 (r.enter, r.exit) = (self.state.clock.ns(r.enter), self.state.clock.ns(r.exit));
             }
@@ -273,26 +317,17 @@ impl Tracer {
             recorded += ring.head.load(Ordering::Relaxed);
             let overwritten = first - tail;
             if consume {
-                ring.tail.store(head, Ordering::Release);
+                ring.tail.fetch_max(head, Ordering::Release);
             }
-            let name_bytes: Vec<u8> = ring.name.iter().flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes()).take_while(|b| *b != 0).collect();
-            threads.push(ThreadTrace::new(
-                index,
-                ring.tid.load(Ordering::Relaxed),
-                String::from_utf8_lossy(&name_bytes).into_owned(),
-                raws,
-                self.state.nargs,
-                self.state.retval,
-                overwritten,
-                ring.dropped.load(Ordering::Relaxed),
-                ring.too_deep.load(Ordering::Relaxed),
-            ));
+            let thread = ThreadTrace::new((index, owner), tid, String::from_utf8_lossy(&name).into_owned(), raws, self.state.nargs, self.state.retval);
+            threads.push(thread.with_losses(overwritten, dropped, too_deep));
         }
         Snapshot::new(
             self.functions.clone(),
             threads,
             self.probe.nmissed(),
             self.state.no_ring.load(Ordering::Relaxed),
+            self.state.exited_lost.load(Ordering::Relaxed),
             recorded,
             self.t0.load(Ordering::Relaxed),
         )
@@ -386,7 +421,9 @@ impl TracerBuilder {
         self
     }
 
-    /// How many threads can be traced (one ring each; default 64).
+    /// How many threads can be traced at once (one ring each; default 64). When every
+    /// ring has an owner, a new thread takes over the ring of one that exited, whose
+    /// unread records are given up ([`Snapshot::exited_lost`]).
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
         self
@@ -425,6 +462,7 @@ impl TracerBuilder {
             nargs: self.nargs,
             rings,
             no_ring: AtomicU64::new(0),
+            exited_lost: AtomicU64::new(0),
         });
         let (on_entry, on_exit) = (state.clone(), state.clone());
         let probe = self

@@ -71,6 +71,12 @@ pub(super) struct Ring {
     pub(super) owner: AtomicU64,
     /// Set once `tid` and `name` are written (a reader skips the ring before).
     pub(super) ready: AtomicBool,
+    /// Odd while the ring passes from an exited thread to a new one (see
+    /// [`Ring::take_over`]): a reader keeps what it read only if this did not change.
+    pub(super) version: AtomicU64,
+    /// The number of the owner's first record: records before it were an exited
+    /// thread's.
+    pub(super) start: AtomicU64,
     pub(super) tid: AtomicI32,
     /// The thread's name (`PR_GET_NAME`, 15 bytes and a NUL), as two words.
     pub(super) name: [AtomicU64; 2],
@@ -80,8 +86,9 @@ pub(super) struct Ring {
     claim: AtomicU64,
     /// Records written (published with Release).
     pub(super) head: AtomicU64,
-    /// Records consumed by `drain`: below it, the writer may overwrite (`Full::Drop`
-    /// never writes past `tail + capacity`).
+    /// Records consumed by `drain` (or given up by a take-over): below it, the writer
+    /// may overwrite (`Full::Drop` never writes past `tail + capacity`). Only moves
+    /// forward.
     pub(super) tail: AtomicU64,
     /// Records dropped because the ring was full (`Full::Drop`).
     pub(super) dropped: AtomicU64,
@@ -120,6 +127,8 @@ impl Ring {
         Ring {
             owner: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            version: AtomicU64::new(0),
+            start: AtomicU64::new(0),
             tid: AtomicI32::new(0),
             name: [AtomicU64::new(0), AtomicU64::new(0)],
             claim: AtomicU64::new(0),
@@ -135,6 +144,43 @@ impl Ring {
             stack: zeroed(max_depth * (FRAME + nargs)),
             depth: AtomicUsize::new(0),
             max_depth,
+        }
+    }
+
+    /// Takes the ring over for the thread `me` from `from`, a thread that exited
+    /// (tells the caller whether it won the ring; the caller then writes its `tid` and
+    /// `name` and calls [`Ring::handed_over`]). The records the exited thread left
+    /// unread are given up: their number is returned with the win. Its calls in flight
+    /// never returned (it exited inside them) and are dropped too.
+    pub(super) fn take_over(&self, from: u64, me: u64) -> Option<u64> {
+        self.owner.compare_exchange(from, me, Ordering::AcqRel, Ordering::Relaxed).ok()?;
+        // Seqlock writer: odd, then the changes, then even (`handed_over`).
+        self.version.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let head = self.head.load(Ordering::Relaxed);
+        let unread = head - self.tail.load(Ordering::Acquire).max(self.start.load(Ordering::Relaxed)).max(head.saturating_sub(self.capacity()));
+        self.start.store(head, Ordering::Relaxed);
+        // Consumed, as far as `Full::Drop` is concerned (`drain` only moves it forward).
+        self.tail.fetch_max(head, Ordering::Release);
+        self.depth.store(0, Ordering::Relaxed);
+        self.dropped.store(0, Ordering::Relaxed);
+        self.too_deep.store(0, Ordering::Relaxed);
+        Some(unread)
+    }
+
+    /// Ends a [`Ring::take_over`]: the new owner's `tid` and `name` are written.
+    pub(super) fn handed_over(&self) {
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Writes the calling thread's id and name (its owner's, once it claimed it).
+    pub(super) fn name_thread(&self) {
+        self.tid.store(crate::grace::with_thread(|t| t.tid()), Ordering::Relaxed);
+        let mut name = [0u8; 16];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes (with the NUL) into the buffer.
+        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
+        for (word, bytes) in self.name.iter().zip(name.chunks_exact(8)) {
+            word.store(u64::from_ne_bytes(bytes.try_into().unwrap_or_default()), Ordering::Relaxed);
         }
     }
 

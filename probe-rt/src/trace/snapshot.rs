@@ -53,8 +53,9 @@ impl Call {
 /// One thread's calls.
 #[derive(Clone, Debug)]
 pub struct ThreadTrace {
-    /// Its ring in the tracer (for `append`).
-    ring: usize,
+    /// Its ring in the tracer and its serial there (for `append`: a ring passes to
+    /// another thread when its thread exits).
+    ring: (usize, u64),
     /// Its thread id (Linux `gettid`).
     pub tid: i32,
     /// Its name when it first traced a call (`PR_GET_NAME`: 15 bytes at most).
@@ -73,8 +74,7 @@ pub struct ThreadTrace {
 }
 
 impl ThreadTrace {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(ring: usize, tid: i32, name: String, raws: Vec<Raw>, nargs: usize, retval: bool, overwritten: u64, dropped: u64, too_deep: u64) -> Self {
+    pub(super) fn new(ring: (usize, u64), tid: i32, name: String, raws: Vec<Raw>, nargs: usize, retval: bool) -> Self {
         let mut calls: Vec<Call> = raws
             .into_iter()
             .map(|r| Call {
@@ -89,7 +89,12 @@ impl ThreadTrace {
             })
             .collect();
         sort(&mut calls);
-        ThreadTrace { ring, tid, name, calls, overwritten, dropped, too_deep }
+        ThreadTrace { ring, tid, name, calls, overwritten: 0, dropped: 0, too_deep: 0 }
+    }
+
+    /// With its counts of calls not recorded.
+    pub(super) fn with_losses(self, overwritten: u64, dropped: u64, too_deep: u64) -> Self {
+        ThreadTrace { overwritten, dropped, too_deep, ..self }
     }
 
     /// Calls this thread made that are not here: overwritten, dropped, or too deep.
@@ -138,6 +143,10 @@ pub struct Snapshot {
     /// Calls not traced because their thread found no free ring, since the tracer
     /// was registered.
     pub no_ring: u64,
+    /// Records of threads that exited, not read before their ring was given to a new
+    /// thread (when every ring has an owner, a thread without one takes over the ring
+    /// of one that exited), since the tracer was registered.
+    pub exited_lost: u64,
     /// Records written since the tracer was registered (in this snapshot, consumed by
     /// earlier drains, or lost).
     pub recorded: u64,
@@ -146,8 +155,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub(super) fn new(functions: Arc<[Function]>, threads: Vec<ThreadTrace>, missed: u64, no_ring: u64, recorded: u64, t0_ns: u64) -> Self {
-        Snapshot { functions, threads, missed, no_ring, recorded, t0_ns }
+    pub(super) fn new(functions: Arc<[Function]>, threads: Vec<ThreadTrace>, missed: u64, no_ring: u64, exited_lost: u64, recorded: u64, t0_ns: u64) -> Self {
+        Snapshot { functions, threads, missed, no_ring, exited_lost, recorded, t0_ns }
     }
 
     /// Calls in the snapshot, over all threads.
@@ -156,9 +165,10 @@ impl Snapshot {
     }
 
     /// Calls made while tracing that are not in the snapshot (overwritten, dropped,
-    /// too deep), over all threads; see also [`Self::missed`] and [`Self::no_ring`].
+    /// too deep, or of exited threads given up), over all threads; see also
+    /// [`Self::missed`] and [`Self::no_ring`].
     pub fn lost(&self) -> u64 {
-        self.threads.iter().map(ThreadTrace::lost).sum()
+        self.threads.iter().map(ThreadTrace::lost).sum::<u64>() + self.exited_lost
     }
 
     /// The name of a call's function.
@@ -184,6 +194,7 @@ impl Snapshot {
         }
         self.missed = later.missed;
         self.no_ring = later.no_ring;
+        self.exited_lost = later.exited_lost;
         self.recorded = later.recorded;
         if self.t0_ns == 0 {
             self.t0_ns = later.t0_ns;
