@@ -370,8 +370,8 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         // vector registers.
         let tramp = trampoline(f.addr == addr && !f.label);
         let make = move |block: usize| {
-            let copy = window.relocate(block + detour::COPY, addr + len)?;
-            Ok(detour::block(block, addr, tramp, &copy))
+            let (copy, rows) = window.relocate(block + detour::COPY, addr + len)?;
+            Ok((detour::block(block, addr, tramp, &copy), detour::unwind(block, addr, &rows, copy.len())))
         };
         (len, orig, make)
     };
@@ -382,8 +382,8 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         let w = u32::from_le_bytes(orig[..4].try_into().map_err(|_| NotOptimized::UndecodableFunction { at: addr })?);
         let tramp = trampoline(false);
         let make = move |block: usize| {
-            let (copy, pool) = detour::relocate(w, addr, block + detour::COPY, block + detour::POOL)?;
-            Ok(detour::block(block, addr, tramp, &copy, &pool))
+            let (copy, pool, rows) = detour::relocate(w, addr, block + detour::COPY, block + detour::POOL)?;
+            Ok((detour::block(block, addr, tramp, &copy, &pool), detour::unwind(block, addr, &rows)))
         };
         (4, orig, make)
     };
