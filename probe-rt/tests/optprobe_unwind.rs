@@ -151,6 +151,56 @@ macro_rules! probed {
     };
 }
 
+// `x -> [x] + 1`, whose load (the probed instruction) is run in the detour's copy and
+// faults for a bad `x`: a signal taken with the pc in the block.
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".pushsection .text.opt_unwind_fault, \"ax\", @progbits",
+    ".globl unw_fault",
+    ".globl unw_fault_at",
+    ".type unw_fault, @function",
+    "unw_fault:",
+    ".cfi_startproc",
+    "push rbx",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset rbx, -16",
+    "unw_fault_at:",
+    "mov rax, qword ptr [rdi]",
+    "mov ecx, 0",
+    "pop rbx",
+    ".cfi_def_cfa_offset 8",
+    "add rax, 1",
+    "ret",
+    ".cfi_endproc",
+    ".size unw_fault, . - unw_fault",
+    ".popsection",
+);
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".pushsection .text.opt_unwind_fault, \"ax\", %progbits",
+    ".globl unw_fault",
+    ".globl unw_fault_at",
+    ".type unw_fault, %function",
+    "unw_fault:",
+    ".cfi_startproc",
+    "stp x29, x30, [sp, #-16]!",
+    ".cfi_def_cfa_offset 16",
+    ".cfi_offset x29, -16",
+    ".cfi_offset x30, -8",
+    "mov x29, sp",
+    "unw_fault_at:",
+    "ldr x0, [x0]",
+    "add x0, x0, #1",
+    "ldp x29, x30, [sp], #16",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_restore x29",
+    ".cfi_restore x30",
+    "ret",
+    ".cfi_endproc",
+    ".size unw_fault, . - unw_fault",
+    ".popsection",
+);
+
 std::arch::global_asm!(
     ".pushsection .text.opt_unwind_tests, \"ax\"",
     probed!("unw_entry"),
@@ -170,6 +220,12 @@ unsafe extern "C-unwind" {
     safe fn unw_trace_entry(x: u64) -> u64;
     safe fn unw_trace_mid(x: u64) -> u64;
     safe fn unw_trace_mid_at();
+    safe fn unw_fault_at();
+}
+
+unsafe extern "C" {
+    /// Reads the word at `x`: only for a readable `x`, or while `on_fault` is installed.
+    fn unw_fault(x: *const u64) -> u64;
 }
 
 /// Registers an optimized probe at `at` that counts and, with `trace`, records both
@@ -267,4 +323,80 @@ fn backtraces_at_an_optimized_mid_function_probe_name_the_real_frames() {
     let p = optimized(unw_trace_mid_at as *const () as usize, &TRACE_MID_HITS, true);
     traces_name_the_real_frames(unw_trace_mid, "unw_trace_mid", "::backtraces_at_an_optimized_mid_function_probe_name_the_real_frames");
     assert_eq!(p.nhit(), 1);
+}
+
+/// The address `unw_fault` is given to fault on (page zero).
+const BAD: usize = 0x10;
+/// The value `on_fault` loads instead.
+const LOADED: u64 = 41;
+/// `std::backtrace`'s text as `on_fault` took it.
+static IN_SIGNAL: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// The SIGSEGV handler of the fault test: records a backtrace (libgcc walks from the
+/// signal frame into the interrupted pc, in the detour's copy), then completes the
+/// faulting load with [`LOADED`] and resumes after it.
+extern "C" fn on_fault(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    if addr != BAD {
+        std::process::abort(); // a fault the test did not plan
+    }
+    // A synchronous fault at a known point of the test's own code, not inside the
+    // allocator: allocating here is fine for a test.
+    if let Ok(mut t) = IN_SIGNAL.lock() {
+        *t = Backtrace::force_capture().to_string();
+    }
+    // SAFETY: the ucontext of the thread the kernel interrupted, ours to change.
+    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+    #[cfg(target_arch = "x86_64")]
+    {
+        // mov rax, qword ptr [rdi]: 3 bytes
+        uc.uc_mcontext.gregs[libc::REG_RAX as usize] = LOADED as i64;
+        uc.uc_mcontext.gregs[libc::REG_RIP as usize] += 3;
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // ldr x0, [x0]
+        uc.uc_mcontext.regs[0] = LOADED;
+        uc.uc_mcontext.pc += 4;
+    }
+}
+
+static FAULT_HITS: AtomicU64 = AtomicU64::new(0);
+
+#[inline(never)]
+fn fault_in_the_copy() -> u64 {
+    // SAFETY: `on_fault` completes the load from BAD.
+    black_box(unsafe { unw_fault(black_box(BAD as *const u64)) })
+}
+
+#[test]
+fn a_signal_in_the_detour_copy_unwinds_to_the_real_frames() {
+    let word = 7u64;
+    // SAFETY: a readable word.
+    assert_eq!(unsafe { unw_fault(&word) }, 8);
+    let p = optimized(unw_fault_at as *const () as usize, &FAULT_HITS, false);
+    // SAFETY: a handler for SIGSEGV in this process (the test's only), restored below;
+    // the sigaction structs are zeroed and then filled.
+    let old = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_fault as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        let mut old: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(libc::SIGSEGV, &sa, &mut old), 0);
+        old
+    };
+    let r = fault_in_the_copy();
+    // SAFETY: puts back the disposition saved above.
+    unsafe { libc::sigaction(libc::SIGSEGV, &old, std::ptr::null_mut()) };
+    assert_eq!(r, LOADED + 1, "the load was completed in the detour, and the function went on");
+    assert_eq!(p.nhit(), 1);
+    let t = IN_SIGNAL.lock().unwrap().clone();
+    if std::env::var_os("SHOW_TRACES").is_some() {
+        eprintln!("{t}");
+    }
+    let at = |what: &str| t.find(what).unwrap_or_else(|| panic!("std::backtrace from the signal names {what}:\n{t}"));
+    assert!(at("unw_fault") < at("fault_in_the_copy"), "{t}");
+    assert!(at("fault_in_the_copy") < at("::a_signal_in_the_detour_copy_unwinds_to_the_real_frames"), "{t}");
 }
