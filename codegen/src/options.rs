@@ -49,6 +49,16 @@ pub enum Fp {
 pub enum Shape {
     /// A routine called like a function (`call` / `bl`): allocate, save, call the
     /// handler, restore, resume at the frame's pc. The bare save/restore pair.
+    ///
+    /// Over a frame with stack pointer and pc fields it carries DWARF call-frame
+    /// information (`.cfi_*`) saying that at the handler call the caller is the frame's
+    /// context, as a signal frame's is: the stack pointer, the pc (exactly: the
+    /// return-address column holds pc + 1, because unwinders look up return address
+    /// − 1) and every general register read from their fields, so that an unwinder in
+    /// the handler (a backtrace, a panic) walks on from the context the routine resumes
+    /// (aarch64: in the return-address column libgcc keeps for signal frames, 96, as
+    /// `x30` has a field of its own). Elsewhere in the routine the return address is
+    /// undefined: a walk stops there rather than go astray.
     SaveRestore,
     /// The return trampoline of seed 000: entered by the probed function's `ret`,
     /// it saves, calls the handler, which returns the real return address, installs

@@ -189,6 +189,19 @@ impl Plan {
         self.frame.arch
     }
 
+    /// Whether the routine carries call-frame information (`.cfi_*` around its handler
+    /// call: a Kretprobe routine, and a SaveRestore routine over a frame with stack
+    /// pointer and pc fields), and so needs `.cfi_startproc` … `.cfi_endproc` around it.
+    pub fn has_cfi(&self) -> bool {
+        self.call.iter().any(|op| op.asm.starts_with(".cfi_"))
+    }
+
+    /// The return-address column of the routine's call-frame information, if it is not
+    /// the arch's usual one (aarch64 SaveRestore: see `context_cfi`).
+    pub fn cfi_return_column(&self) -> Option<u8> {
+        (self.shape == Shape::SaveRestore && self.arch() == Arch::Aarch64).then(|| context_ra_column(Arch::Aarch64))
+    }
+
     /// Every instruction of the routine in order.
     pub fn ops(&self) -> impl Iterator<Item = &Op> {
         self.prologue.iter().chain(&self.save).chain(&self.call).chain(&self.restore).chain(&self.epilogue)
@@ -260,6 +273,82 @@ fn kretprobe_cfi(arch: Arch, cfa: &[u8], ra_off: u64) -> (Vec<Op>, Op) {
         Op::new(format!(".cfi_escape {}", escape(ra_rule)), format!("unwind: the return address is at [sp + {ra_off}]")),
     ];
     (before, Op::new(format!(".cfi_undefined {ra_name}"), "unwind: past the call the return address is not in the frame"))
+}
+
+/// The return-address column of a SaveRestore routine's call-frame information: x86_64
+/// `rip` (16, a column of its own); aarch64 the column GCC's unwinder keeps for the pc
+/// of signal frames (`DWARF_ALT_FRAME_RETURN_COLUMN`, 96, libgcc's aarch64
+/// linux-unwind.h), because `x30` is a register of the frame with a value of its own.
+pub(crate) fn context_ra_column(arch: Arch) -> u8 {
+    match arch {
+        Arch::X86_64 => 16,
+        Arch::Aarch64 => 96,
+    }
+}
+
+/// DWARF register number of a general register (System V AMD64 psABI 1.0, 3.6.2,
+/// Figure 3.36; "DWARF for the Arm 64-bit Architecture", 4.1), or `None`.
+fn dwarf_number(r: Reg) -> Option<u8> {
+    const X86: [u8; 16] = [0, 2, 1, 3, 7, 6, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15];
+    match r {
+        Reg::X86Gpr(n) => X86.get(n as usize).copied(),
+        Reg::A64X(n) if n <= 30 => Some(n),
+        Reg::A64Sp => Some(31),
+        _ => None,
+    }
+}
+
+/// The call-frame directives around a SaveRestore routine's handler call, `(before,
+/// after)` the call, or `None` if the frame has no stack pointer or pc field.
+///
+/// A SaveRestore routine resumes the frame's context, so an unwinder in the handler
+/// is told that the caller *is* that context, as for a signal frame: its stack pointer
+/// (the CFA) and every general register are read from their fields (through the
+/// frame base in the stack pointer, `sp_base`), its pc from the pc field, exactly.
+/// Unwinders look a caller's rules up at return address − 1, so the return-address
+/// column is the pc + 1: the lookup lands on the pc itself, as a signal frame's does
+/// (`.cfi_signal_frame` would do that too, but then backtraces symbolize the pc − 1:
+/// the function before, for a context at a function's first instruction). After the
+/// call the return address is undefined: a walk from elsewhere in the routine stops.
+fn context_cfi(arch: Arch, frame: &FrameLayout) -> Option<(Vec<Op>, Op)> {
+    let (sp_reg, pc_reg) = match arch {
+        Arch::X86_64 => (Reg::X86Gpr(4), Reg::X86Rip),
+        Arch::Aarch64 => (Reg::A64Sp, Reg::A64Pc),
+    };
+    let (sp_off, pc_off) = (frame.offset_of(sp_reg)?, frame.offset_of(pc_reg)?);
+    let base = 0x70 + dwarf_number(sp_reg)?; // DW_OP_breg<sp>
+    let ra = context_ra_column(arch);
+    let escape = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:#04x}")).collect::<Vec<_>>().join(", ");
+    // `DW_OP_breg<sp> off`: the address of a field.
+    let at = |off: u64| {
+        let mut e = vec![base];
+        sleb(&mut e, off as i64);
+        e
+    };
+    // DW_CFA_def_cfa_expression (0x0f), DW_CFA_expression (0x10), DW_CFA_val_expression
+    // (0x16): the expression after its ULEB128 length.
+    let rule = |op: u8, reg: Option<u8>, expr: Vec<u8>| {
+        let mut r = vec![op];
+        r.extend(reg);
+        uleb(&mut r, expr.len() as u64);
+        r.extend(expr);
+        r
+    };
+    let mut cfa = at(sp_off);
+    cfa.push(0x06); // DW_OP_deref
+    let mut pc = at(pc_off);
+    pc.extend([0x06, 0x23, 1]); // DW_OP_deref; DW_OP_plus_uconst 1
+    let mut before = vec![
+        Op::new(format!(".cfi_escape {}", escape(&rule(0x0f, None, cfa))), "unwind: the CFA is the frame's stack pointer"),
+        Op::new(format!(".cfi_escape {}", escape(&rule(0x16, Some(ra), pc))), "unwind: the caller's pc is the frame's (+ 1: looked up at - 1)"),
+    ];
+    let mut regs: Vec<(Reg, u64)> = Reg::gprs(arch).into_iter().filter(|r| *r != sp_reg).filter_map(|r| Some((r, frame.offset_of(r)?))).collect();
+    regs.sort_by_key(|(_, off)| *off);
+    for (r, off) in regs {
+        let Some(n) = dwarf_number(r) else { continue };
+        before.push(Op::new(format!(".cfi_escape {}", escape(&rule(0x10, Some(n), at(off)))), format!("unwind: the caller's {} is in its field", r.name())));
+    }
+    Some((before, Op::new(format!(".cfi_undefined {ra}"), "unwind: past the call the caller is not known")))
 }
 
 /// DWARF unsigned LEB128.

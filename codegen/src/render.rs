@@ -13,7 +13,7 @@
 
 use crate::arch::Arch;
 use crate::layout::FieldValue;
-use crate::plan::{Op, Plan, Shape};
+use crate::plan::{Op, Plan};
 use std::fmt::Write;
 
 mod items;
@@ -61,17 +61,27 @@ fn header_lines(plan: &Plan, name: &str) -> Vec<String> {
         format!(".type {name}, {kind}"),
         format!("{name}:"),
     ];
-    if plan.shape == Shape::Kretprobe {
-        // Call-frame information (see `Shape::Kretprobe`): entered by a `ret`, the
-        // routine has no return address of its own until the handler provides one.
-        let ra = if plan.arch() == Arch::Aarch64 { "x30" } else { "rip" };
-        lines.extend([".cfi_startproc".into(), format!(".cfi_undefined {ra}")]);
+    if plan.has_cfi() {
+        // Call-frame information (see `Shape::Kretprobe`, `Shape::SaveRestore`): the
+        // routine has a caller an unwinder can find only at its handler call (a
+        // Kretprobe routine, entered by a `ret`, has no return address of its own
+        // until the handler provides one).
+        lines.push(".cfi_startproc".into());
+        let ra = match plan.cfi_return_column() {
+            Some(column) => {
+                lines.push(format!(".cfi_return_column {column}"));
+                column.to_string()
+            }
+            None if plan.arch() == Arch::Aarch64 => "x30".into(),
+            None => "rip".into(),
+        };
+        lines.push(format!(".cfi_undefined {ra}"));
     }
     lines
 }
 
 fn footer_lines(plan: &Plan, name: &str) -> Vec<String> {
-    let mut lines = if plan.shape == Shape::Kretprobe { vec![".cfi_endproc".to_string()] } else { vec![] };
+    let mut lines = if plan.has_cfi() { vec![".cfi_endproc".to_string()] } else { vec![] };
     lines.extend([format!(".size {name}, . - {name}"), ".popsection".into()]);
     lines
 }

@@ -113,6 +113,7 @@ mod site;
 mod sys;
 #[cfg(feature = "trace")]
 pub mod trace;
+mod unwind;
 
 pub use backtrace::{backtrace, stack_trace};
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};

@@ -37,6 +37,16 @@
 //! the new values in the hole: `ret 136` pops the new rip and drops the hole and the
 //! red zone at once; `lea; ret` pops it from the probed stack (a return, rsp + 8);
 //! otherwise a breakpoint whose trap sets every register from the hole.
+//!
+//! # Unwind rules
+//! [`unwind`] describes every instruction of a block where a thread can stand (a
+//! signal taken there, the trampoline's caller while it dispatches) as the probed
+//! code's own frame, so that an unwinder walks on from the right place: at the entry,
+//! before and after the trampoline call, the probed pc with the stack pointer above
+//! the hole (aarch64: x30 saved in it); in the copy, the original instruction each
+//! relocated one stands for (aarch64: past the link of a relocated `bl`/`blr`, the
+//! callee's entry, and a pushed x16 accounted for); in a resume stub, the pc (and
+//! stack pointer) the dispatcher left in the hole or on the stack.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::*;
@@ -52,9 +62,43 @@ pub(crate) const PROBE: usize = 0;
 /// Offset of the trampoline's address in a block.
 pub(crate) const TRAMP: usize = 8;
 
+/// What a thread at one instruction of the relocated copy stands for, for the block's
+/// unwind rules: the probed code at an original instruction (every register as there,
+/// the stack pointer `below` bytes lower while the copy has something pushed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CopyRow {
+    /// Offset of the instruction in the copy.
+    pub at: usize,
+    pub pc: CopyPc,
+    pub below: usize,
+}
+
+/// The pc a thread in the copy stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CopyPc {
+    /// An instruction of the probed code, not yet run.
+    At(usize),
+    /// aarch64: the `br` of a relocated `blr`, past the link: the callee's first
+    /// instruction, whose address is in this register.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    InReg(u8),
+}
+
+impl CopyPc {
+    /// The rule of the pc column: the instruction's address + 1 (unwinders look it up
+    /// at − 1, see `crate::unwind`).
+    fn rule(self) -> crate::unwind::Expr {
+        match self {
+            CopyPc::At(a) => crate::unwind::Expr::addr(a + 1),
+            CopyPc::InReg(r) => crate::unwind::Expr::breg(r, 1),
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK, PROBE, TRAMP};
+    use super::{CopyPc, CopyRow, BLOCK, PROBE, TRAMP};
+    use crate::unwind::{Expr, Fde, Program, PC, SP};
     use crate::NotOptimized;
     use iced_x86::{
         BlockEncoder, BlockEncoderOptions, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, Instruction, InstructionBlock, IntelFormatter,
@@ -126,6 +170,30 @@ mod x86 {
     /// The most bytes the relocated copy may take (with its jump back).
     pub(crate) const COPY_MAX: usize = BLOCK - COPY;
 
+    /// The unwind rules of the block at `block` for the probe at `probe`, whose copy
+    /// is `copy_len` bytes laid out as `rows` says (see the module docs).
+    pub(crate) fn unwind(block: usize, probe: usize, rows: &[CopyRow], copy_len: usize) -> Fde {
+        let start = RESUME_SAME_SP;
+        let mut p = Program::default();
+        let hole = HOLE as u64;
+        // `ret 136`: the new rip at [rsp], the probed rsp above the hole (and `int3`:
+        // the new rsp at [rsp + 8]). The pc is an instruction's: + 1.
+        p.cfa(SP, hole).val_expr(PC, Expr::breg(SP, 0).deref().plus(1));
+        p.row(RESUME_TRAP - start).cfa_expr(Expr::breg(SP, 8).deref());
+        // `lea; ret`: a return from the probed function, to the word at the probed rsp;
+        // after the `lea`, the usual rule of a `ret`.
+        p.row(RESUME_POP - start).cfa(SP, hole + 8).val_expr(PC, Expr::breg(SP, HOLE as i64).deref());
+        p.row(RESUME_POP + 8 - start).cfa(SP, 8).val_expr(PC, Expr::breg(SP, 0).deref());
+        // The entry, before and after the red zone is stepped over; the trampoline's
+        // return address (the continuation) is looked up here too.
+        p.row(ENTRY - start).cfa(SP, 0).val_expr(PC, Expr::addr(probe + 1));
+        p.row(ENTRY + 8 - start).cfa(SP, hole);
+        for r in rows {
+            p.row(COPY + r.at - start).cfa(SP, r.below as u64).val_expr(PC, r.pc.rule());
+        }
+        Fde { begin: block + start, end: block + COPY + copy_len, program: p }
+    }
+
     /// The instructions a jump at an address displaces.
     pub(crate) struct Window {
         /// Bytes displaced (whole instructions, at least [`JUMP`]).
@@ -186,19 +254,29 @@ mod x86 {
     impl Window {
         /// The displaced instructions relocated for `at` (RIP-relative operands keep
         /// pointing at their data), then a jump back to `next`.
-        pub(crate) fn relocate(&self, at: usize, next: usize) -> Result<Vec<u8>, NotOptimized> {
+        /// With the bytes, where each relocated instruction (and the jump back) is in
+        /// them and which original instruction it stands for (see [`CopyRow`]).
+        pub(crate) fn relocate(&self, at: usize, next: usize) -> Result<(Vec<u8>, Vec<CopyRow>), NotOptimized> {
             let first = &self.insns[0];
             let unrelocatable = || {
                 let i = self.insns.iter().find(|i| i.is_ip_rel_memory_operand()).unwrap_or(first);
                 NotOptimized::UnrelocatableInstruction { at: i.ip() as usize, insn: format!("{} (its data is out of rel32 range of the detour)", text(i)) }
             };
-            let mut code =
-                BlockEncoder::encode(64, InstructionBlock::new(&self.insns, at as u64), BlockEncoderOptions::NONE).map_err(|_| unrelocatable())?.code_buffer;
+            let encoded = BlockEncoder::encode(64, InstructionBlock::new(&self.insns, at as u64), BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+                .map_err(|_| unrelocatable())?;
+            let mut rows = Vec::new();
+            for (i, off) in self.insns.iter().zip(&encoded.new_instruction_offsets) {
+                if *off != u32::MAX {
+                    rows.push(CopyRow { at: *off as usize, pc: CopyPc::At(i.ip() as usize), below: 0 });
+                }
+            }
+            let mut code = encoded.code_buffer;
+            rows.push(CopyRow { at: code.len(), pc: CopyPc::At(next), below: 0 });
             code.extend_from_slice(&jump(at + code.len(), next).ok_or_else(unrelocatable)?);
             if code.len() > COPY_MAX {
                 return Err(unrelocatable());
             }
-            Ok(code)
+            Ok((code, rows))
         }
     }
 
@@ -275,7 +353,8 @@ mod x86 {
             let f = [0x48, 0x8d, 0x05, 0x00, 0x01, 0x00, 0x00, 0x90, 0xc3];
             let w = window(0x1000, 0x1000, &f).expect("optimizable");
             assert_eq!(w.len, 7);
-            let code = w.relocate(0x2000, 0x1007).expect("in range");
+            let (code, rows) = w.relocate(0x2000, 0x1007).expect("in range");
+            assert_eq!(rows, [CopyRow { at: 0, pc: CopyPc::At(0x1000), below: 0 }, CopyRow { at: 7, pc: CopyPc::At(0x1007), below: 0 }]);
             let mut d = Decoder::with_ip(64, &code, 0x2000, DecoderOptions::NONE);
             let lea = d.decode();
             assert_eq!(lea.ip_rel_memory_address(), 0x1107, "the same data from the copy");
@@ -287,7 +366,8 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 mod a64 {
-    use super::{BLOCK, PROBE, TRAMP};
+    use super::{CopyPc, CopyRow, BLOCK, PROBE, TRAMP};
+    use crate::unwind::{Expr, Fde, Program, PC, RA, SP};
     use crate::NotOptimized;
 
     /// Bytes of the `b` written at the probed address.
@@ -370,6 +450,46 @@ mod a64 {
         b
     }
 
+    /// The unwind rules of the block at `block` for the probe at `probe`, whose copy
+    /// is the words `rows` describes (see the module docs). The pc is in its own
+    /// column ([`PC`]): x30 has rules of its own.
+    pub(crate) fn unwind(block: usize, probe: usize, rows: &[CopyRow]) -> Fde {
+        let start = RESUME_TRAP;
+        let mut p = Program::default();
+        let hole = HOLE as u64;
+        // `brk`: x30, pc and sp in the hole.
+        p.cfa_expr(Expr::breg(SP, 16).deref()).saved_at(RA, Expr::breg(SP, 0)).val_expr(PC, Expr::breg(SP, 8).deref().plus(1));
+        // `ldr x30, [sp], #32; ret`: a return to the x30 in the hole, then in x30.
+        p.row(RESUME_X30 - start).cfa(SP, hole).val_expr(PC, Expr::breg(SP, 0).deref());
+        p.row(RESUME_X30 + 4 - start).cfa(SP, 0).same(RA).in_reg(PC, RA);
+        // The entry, then x30 in the hole until the continuation takes it back.
+        p.row(ENTRY - start).val_expr(PC, Expr::addr(probe + 1));
+        p.row(ENTRY + 4 - start).cfa(SP, hole).saved_at(RA, Expr::breg(SP, 0));
+        for r in rows {
+            p.row(COPY + r.at - start).cfa(SP, r.below as u64).same(RA).val_expr(PC, r.pc.rule());
+        }
+        let end = rows.last().map_or(COPY, |r| COPY + r.at + 4);
+        Fde { begin: block + start, end: block + end, program: p }
+    }
+
+    /// What each word of a relocated copy stands for: the original instruction at
+    /// `addr` (not yet run), but where `pcs` says otherwise (by index), with a pushed x16
+    /// accounted for.
+    fn copy_rows(code: &[u32], addr: usize, pcs: &[(usize, CopyPc)]) -> Vec<CopyRow> {
+        let mut below = 0;
+        let mut rows = Vec::new();
+        for (k, w) in code.iter().enumerate() {
+            let pc = pcs.iter().find(|(i, _)| *i == k).map_or(CopyPc::At(addr), |(_, pc)| *pc);
+            rows.push(CopyRow { at: 4 * k, pc, below });
+            match *w {
+                PUSH_X16 => below += 16,
+                POP_X16 => below -= 16,
+                _ => {}
+            }
+        }
+        rows
+    }
+
     fn sext(v: u64, bits: u32) -> i64 {
         ((v << (64 - bits)) as i64) >> (64 - bits)
     }
@@ -379,7 +499,10 @@ mod a64 {
     /// pc-relative form the breakpoint path simulates rewritten into an equivalent
     /// sequence that clobbers nothing the instruction does not write (x16 is saved
     /// around the one that needs a register), the rest copied as they are.
-    pub(crate) fn relocate(w: u32, addr: usize, at: usize, pool: usize) -> Result<(Vec<u32>, Vec<u64>), NotOptimized> {
+    ///
+    /// Also says what each word of the copy stands for (see [`CopyRow`]).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn relocate(w: u32, addr: usize, at: usize, pool: usize) -> Result<(Vec<u32>, Vec<u64>, Vec<CopyRow>), NotOptimized> {
         let refuse = |why: &str| NotOptimized::UnrelocatableInstruction { at: addr, insn: format!("{w:#010x}: {why}") };
         let pc = addr as u64;
         let next = addr + 4;
@@ -399,12 +522,16 @@ mod a64 {
         if w & 0x7c00_0000 == 0x1400_0000 {
             // b, bl: the link register as the original sets it
             let to = pc.wrapping_add_signed(sext((w & 0x03ff_ffff) as u64, 26) * 4) as usize;
-            if w >> 31 == 1 {
+            let link = w >> 31 == 1;
+            if link {
                 ldr_value(30, next as u64, &mut code, &mut lits)?;
             }
             let b = branch_at(&code, to, false)?;
             code.push(b);
-            return Ok((code, lits));
+            // Past the link, the state is the callee's entry.
+            let pcs = if link { vec![(1, CopyPc::At(to))] } else { vec![] };
+            let rows = copy_rows(&code, addr, &pcs);
+            return Ok((code, lits, rows));
         }
         // b.cond, cbz/cbnz, tbz/tbnz: the same test over two instructions, to a `b`
         // to the target; falling through goes back.
@@ -420,8 +547,11 @@ mod a64 {
             code.push(test); // taken: +8
             code.push(branch_at(&code, next, false)?);
             code.push(branch_at(&code, to, false)?);
-            return Ok((code, lits));
+            let rows = copy_rows(&code, addr, &[]);
+            return Ok((code, lits, rows));
         }
+        // The `br` of a relocated `blr` (past the link: the callee's entry).
+        let mut linked = None;
         if w & 0x1f00_0000 == 0x1000_0000 {
             // adr, adrp: the value, loaded
             let imm = sext(((w >> 5 & 0x7ffff) << 2 | (w >> 29 & 3)) as u64, 21);
@@ -463,6 +593,7 @@ mod a64 {
                 return Err(refuse("blr x30 (the target is the link register it sets)"));
             }
             ldr_value(30, next as u64, &mut code, &mut lits)?;
+            linked = Some((code.len(), CopyPc::InReg(rn as u8)));
             code.push(0xd61f_0000 | rn << 5);
         } else if w & 0xffff_fc1f == 0xd61f_0000 || w & 0xffff_fc1f == 0xd65f_0000 {
             code.push(w); // br, ret: position-independent
@@ -475,8 +606,11 @@ mod a64 {
         } else {
             code.push(w); // position-independent
         }
+        // Past the instruction's effect: the next one.
+        let pcs: Vec<(usize, CopyPc)> = linked.into_iter().chain([(code.len(), CopyPc::At(next))]).collect();
         code.push(branch_at(&code, next, false)?);
-        Ok((code, lits))
+        let rows = copy_rows(&code, addr, &pcs);
+        Ok((code, lits, rows))
     }
 
     #[cfg(test)]
@@ -511,7 +645,7 @@ mod a64 {
         #[test]
         fn plain_instructions_are_copied() {
             let stp = 0xa9bf7bfd; // stp x29, x30, [sp, #-16]!
-            let (code, lits) = relocate(stp, A, AT, POOLA).unwrap();
+            let (code, lits, _) = relocate(stp, A, AT, POOLA).unwrap();
             assert_eq!(code, vec![stp, branch(AT + 4, A + 4, false).unwrap()]);
             assert!(lits.is_empty());
         }
@@ -519,19 +653,21 @@ mod a64 {
         #[test]
         fn branches_are_rewritten_for_the_detour() {
             // bl A + 0x100
-            let (code, lits) = relocate(0x9400_0040, A, AT, POOLA).unwrap();
+            let (code, lits, rows) = relocate(0x9400_0040, A, AT, POOLA).unwrap();
+            let pcs: Vec<CopyPc> = rows.iter().map(|r| r.pc).collect();
+            assert_eq!(pcs, [CopyPc::At(A), CopyPc::At(A + 0x100)], "past the link: the callee's entry");
             assert_eq!(lits, vec![A as u64 + 4], "x30 = the original return address");
             assert_eq!(code[0], ldr_literal(30, AT, POOLA).unwrap());
             assert_eq!(code[1], branch(AT + 4, A + 0x100, false).unwrap());
             // b.eq A + 8 (imm19 = 2): b.eq +8; b back; b target
-            let (code, _) = relocate(0x5400_0040, A, AT, POOLA).unwrap();
+            let (code, _, _) = relocate(0x5400_0040, A, AT, POOLA).unwrap();
             assert_eq!(code, vec![0x5400_0040, branch(AT + 4, A + 4, false).unwrap(), branch(AT + 8, A + 8, false).unwrap()]);
             // cbz x3, A - 4 (imm19 = -1)
-            let (code, _) = relocate(0xb4ff_ffe3, A, AT, POOLA).unwrap();
+            let (code, _, _) = relocate(0xb4ff_ffe3, A, AT, POOLA).unwrap();
             assert_eq!(code[0], 0xb400_0043, "cbz x3, +8");
             assert_eq!(code[2], branch(AT + 8, A - 4, false).unwrap());
             // tbnz w1, #3, A + 12 (imm14 = 3)
-            let (code, _) = relocate(0x3718_0061, A, AT, POOLA).unwrap();
+            let (code, _, _) = relocate(0x3718_0061, A, AT, POOLA).unwrap();
             assert_eq!(code[0], 0x3718_0041, "tbnz w1, #3, +8");
             assert_eq!(code[2], branch(AT + 8, A + 12, false).unwrap());
             // A target out of reach of the detour is refused.
@@ -541,25 +677,30 @@ mod a64 {
         #[test]
         fn pc_relative_values_and_loads_are_rewritten() {
             // adrp x5, A + 0x3000 (immlo = 3, immhi = 0)
-            let (code, lits) = relocate(0xf000_0005, A, AT, POOLA).unwrap();
+            let (code, lits, _) = relocate(0xf000_0005, A, AT, POOLA).unwrap();
             assert_eq!(lits, vec![(A as u64 & !0xfff) + 0x3000]);
             assert_eq!(code[0], ldr_literal(5, AT, POOLA).unwrap());
             // ldr x2, A + 0x20 (literal): address, then ldr x2, [x2]
-            let (code, lits) = relocate(0x5800_0102, A, AT, POOLA).unwrap();
+            let (code, lits, _) = relocate(0x5800_0102, A, AT, POOLA).unwrap();
             assert_eq!(lits, vec![A as u64 + 0x20]);
             assert_eq!(code[1], 0xf940_0042, "ldr x2, [x2]");
             // ldrsw x7, literal
-            let (code, _) = relocate(0x9800_0107, A, AT, POOLA).unwrap();
+            let (code, _, _) = relocate(0x9800_0107, A, AT, POOLA).unwrap();
             assert_eq!(code[1], 0xb980_00e7, "ldrsw x7, [x7]");
             // ldr q1, literal: through x16, saved around
-            let (code, lits) = relocate(0x9c00_0101, A, AT, POOLA).unwrap();
+            let (code, lits, rows) = relocate(0x9c00_0101, A, AT, POOLA).unwrap();
+            let below: Vec<usize> = rows.iter().map(|r| r.below).collect();
+            assert_eq!(below, [0, 16, 16, 16, 0], "x16 pushed below the probed sp in between");
+            assert_eq!(rows[4].pc, CopyPc::At(A + 4));
             assert_eq!(lits, vec![A as u64 + 0x20]);
             assert_eq!(code[0], PUSH_X16);
             assert_eq!(code[1], ldr_literal(16, AT + 4, POOLA).unwrap());
             assert_eq!(code[2], 0x3dc0_0201, "ldr q1, [x16]");
             assert_eq!(code[3], POP_X16);
             // blr x3: x30 = A + 4, then br x3
-            let (code, lits) = relocate(0xd63f_0060, A, AT, POOLA).unwrap();
+            let (code, lits, rows) = relocate(0xd63f_0060, A, AT, POOLA).unwrap();
+            let pcs: Vec<CopyPc> = rows.iter().map(|r| r.pc).collect();
+            assert_eq!(pcs, [CopyPc::At(A), CopyPc::InReg(3), CopyPc::At(A + 4)], "the br of blr x3 enters the callee at x3");
             assert_eq!((code[1], lits), (0xd61f_0060, vec![A as u64 + 4]));
             assert!(relocate(0xd63f_03c0, A, AT, POOLA).is_err(), "blr x30");
             assert!(relocate(0xc85f_7c20, A, AT, POOLA).is_err(), "ldxr");

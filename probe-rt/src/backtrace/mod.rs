@@ -64,6 +64,9 @@
 //!    the SIGTRAP handler and its signal frame) are listed; in a site probe's handler
 //!    the walk stops at `probekit_site_trampoline`, which has no CFI yet (nor have the
 //!    naked `#[traceable]` sites: [`stack_trace`] knows a site is a function's entry).
+//!    An optimized probe's trampoline reads the probed context from its frame, as
+//!    [`stack_trace`] does, and goes on to the probed function (see the optprobe
+//!    module's "Unwinding").
 
 mod cfi;
 mod stack;

@@ -8,11 +8,17 @@
 //! only for the same address with the same bytes (re-optimizing the probe after a
 //! disable, nothing to write), or for anything once a grace period that samples every
 //! thread of the process has passed. Blocks are never unmapped.
+//!
+//! Each written block's unwind rules (`arch::detour::unwind`) are registered with the
+//! unwinder when it is written, and deregistered only when it becomes free: while it is
+//! parked a thread may still be in it, or unwinding through it.
 
 use crate::arch::detour::BLOCK;
 use crate::registry::NEAR;
 use crate::sys::code;
+use crate::unwind::{Fde, Table, PC};
 use crate::NotOptimized;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Parked blocks at which a grace period is tried to make them free.
@@ -33,6 +39,8 @@ pub(super) struct Blocks {
     /// Blocks no thread can be in.
     free: Vec<usize>,
     parked: Vec<Parked>,
+    /// The registered unwind rules of every block written and not free again.
+    tables: BTreeMap<usize, Table>,
     /// When a grace period for the parked blocks is worth trying again, and how long to
     /// wait after the next failure (it doubles: under qemu-user no grace period over
     /// every thread completes, see `grace::quiescent_every_thread`).
@@ -47,16 +55,16 @@ fn near(block: usize, addr: usize) -> bool {
 
 impl Blocks {
     pub(super) const fn new() -> Blocks {
-        Blocks { pages: Vec::new(), free: Vec::new(), parked: Vec::new(), retry: None, backoff: Duration::from_millis(100) }
+        Blocks { pages: Vec::new(), free: Vec::new(), parked: Vec::new(), tables: BTreeMap::new(), retry: None, backoff: Duration::from_millis(100) }
     }
 
-    /// A block holding `make(block)`'s bytes for the probe at `addr`, written: the
-    /// address's parked block if its bytes are the same (nothing written), else a free
-    /// or new one near `addr`. `make` may refuse (the relocation depends on where the
-    /// block is).
-    pub(super) fn place(&mut self, addr: usize, make: impl Fn(usize) -> Result<Vec<u8>, NotOptimized>) -> Result<(usize, Vec<u8>), NotOptimized> {
+    /// A block holding `make(block)`'s bytes for the probe at `addr`, written, with
+    /// its unwind rules registered: the address's parked block if its bytes are the same
+    /// (nothing written, its rules registered still), else a free or new one near
+    /// `addr`. `make` may refuse (the relocation depends on where the block is).
+    pub(super) fn place(&mut self, addr: usize, make: impl Fn(usize) -> Result<(Vec<u8>, Fde), NotOptimized>) -> Result<(usize, Vec<u8>), NotOptimized> {
         if let Some(k) = self.parked.iter().position(|p| p.probe == addr) {
-            let bytes = make(self.parked[k].block)?;
+            let (bytes, _) = make(self.parked[k].block)?;
             if bytes == self.parked[k].bytes {
                 let p = self.parked.swap_remove(k);
                 return Ok((p.block, p.bytes));
@@ -69,12 +77,16 @@ impl Blocks {
             Some(k) => self.free.swap_remove(k),
             None => self.fresh(addr)?,
         };
-        let placed = make(block).and_then(|bytes| match code::write_code(block, &bytes) {
-            Ok(()) => Ok(bytes),
+        let placed = make(block).and_then(|(bytes, fde)| match code::write_code(block, &bytes) {
+            Ok(()) => Ok((bytes, fde)),
             Err(e) => Err(NotOptimized::Write(Box::new(e))),
         });
         match placed {
-            Ok(bytes) => Ok((block, bytes)),
+            Ok((bytes, fde)) => {
+                // Before anything can jump to the block (a free block has no rules).
+                self.tables.insert(block, Table::register(PC, &[fde]));
+                Ok((block, bytes))
+            }
             Err(e) => {
                 // Never reachable (nothing jumps there yet): free at once.
                 self.free.push(block);
@@ -109,7 +121,11 @@ impl Blocks {
         }
         let ranges: Vec<(usize, usize)> = self.parked.iter().map(|p| (p.block, p.block + BLOCK)).collect();
         if crate::grace::quiescent_every_thread(&ranges) {
-            self.free.extend(self.parked.drain(..).map(|p| p.block));
+            for p in self.parked.drain(..) {
+                // No thread is in the block, nor unwinding through it: its rules go.
+                self.tables.remove(&p.block);
+                self.free.push(p.block);
+            }
             self.retry = None;
             self.backoff = Duration::from_millis(100);
         } else {

@@ -39,6 +39,34 @@
 //! Residual risk (x86_64): the grace period sees the pc each thread is interrupted at.
 //! A thread that was inside the displaced range when a signal handler started, and is
 //! still in that handler, is seen in the handler, not in the range.
+//!
+//! # Unwinding
+//! A panic raised in a function called from a probed region unwinds to the probed
+//! function's caller, and backtraces name the real frames. No callee returns into a
+//! detour: x86_64 never displaces a `call` (the window stops before it), and aarch64
+//! relocates a displaced `bl`/`blr` with x30 set to the original next instruction, so
+//! the callee returns to the probed code and the unwinder walks its own FDE. Where a
+//! thread can stand in probekit's code, unwind information says where the probed
+//! context is:
+//!
+//! - in a pre handler, the trampoline's call of the dispatcher carries CFI (probe-codegen's
+//!   SaveRestore shape) that reads the probed context from the `PtRegs` frame: stack
+//!   pointer, every register, and the probed pc (given + 1, so that the lookup at return
+//!   address − 1 lands on it, and the probed function's name, not the one before, is
+//!   shown). libgcc's walk (a backtrace in a handler) goes from `dispatch` through the
+//!   trampoline straight to the probed function and its callers;
+//! - in the block itself (a signal taken in its entry, its relocated copy or a resume
+//!   stub; the trampoline's return address before the dispatcher rewrote the frame),
+//!   an FDE per block (`arch::detour::unwind`, built by `crate::unwind`) describes each
+//!   instruction as the probed code's frame at the original instruction it stands for.
+//!   It is registered with libgcc's `__register_frame` when the block is written (never
+//!   on a hit path), and deregistered only when a grace period frees the block.
+//!
+//! [`crate::backtrace()`] and [`crate::stack_trace`] see through the dispatcher from the
+//! same frame (see [`crate::backtrace`](mod@crate::backtrace)); they do not read the
+//! blocks' FDEs: a walk that starts at a pc inside a block (a signal handler's
+//! `stack_trace` of the interrupted context) ends there. libgcc shows one frame at
+//! the block's address (`<unknown>`) when a signal interrupted a thread in it.
 
 mod block;
 
@@ -389,8 +417,8 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         // vector registers.
         let tramp = trampoline(f.addr == addr && !f.label);
         let make = move |block: usize| {
-            let copy = window.relocate(block + detour::COPY, addr + len)?;
-            Ok(detour::block(block, addr, tramp, &copy))
+            let (copy, rows) = window.relocate(block + detour::COPY, addr + len)?;
+            Ok((detour::block(block, addr, tramp, &copy), detour::unwind(block, addr, &rows, copy.len())))
         };
         (len, orig, make)
     };
@@ -401,8 +429,8 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         let w = u32::from_le_bytes(orig[..4].try_into().map_err(|_| NotOptimized::UndecodableFunction { at: addr })?);
         let tramp = trampoline(false);
         let make = move |block: usize| {
-            let (copy, pool) = detour::relocate(w, addr, block + detour::COPY, block + detour::POOL)?;
-            Ok(detour::block(block, addr, tramp, &copy, &pool))
+            let (copy, pool, rows) = detour::relocate(w, addr, block + detour::COPY, block + detour::POOL)?;
+            Ok((detour::block(block, addr, tramp, &copy, &pool), detour::unwind(block, addr, &rows)))
         };
         (4, orig, make)
     };

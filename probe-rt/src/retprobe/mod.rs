@@ -27,7 +27,7 @@
 //! # Unwinding
 //! A panic unwinding out of a probed function, or a backtrace taken inside it or in a
 //! handler, walks through the hijacked frame to the real caller: every stub has an FDE
-//! that reads the return address from its instance (see `unwind`), and the trampoline
+//! that reads the return address from its instance (see `pool` and `crate::unwind`), and the trampoline
 //! carries call-frame information for its handler call. libgcc's unwinder (a panic,
 //! `std::backtrace`, the `backtrace` crate) still reports a frame at the stub's
 //! address for each hijacked return address between the capture point and the
@@ -74,7 +74,6 @@
 //! registered hijacked the return last, so its stub is reached first.
 
 mod pool;
-pub(crate) mod unwind;
 
 use crate::breakpoint::{self as probe, FnAddr, ProbeBuilder, ProbeHandle};
 use crate::registry::{self, Owner};

@@ -2,7 +2,7 @@
 //!
 //! A *block* is what a return probe with `maxactive = n` needs that only code made at
 //! run time can give: `n` stubs in executable pages of their own, an FDE per stub
-//! registered with the unwinder (see `unwind`), and the `n` instances the stubs and
+//! registered with the unwinder (see `crate::unwind`), and the `n` instances the stubs and
 //! FDEs point at. Making one costs a mapping and a `__register_frame` table, which
 //! libgcc then searches on every unwind; neither can be given back while any thread
 //! may return through a stub or unwind through it. So blocks are made once and never
@@ -31,8 +31,8 @@
 //! blocks ever registered or retired at once, per `n`.
 
 use super::{free_core, stub_code, trampoline, Core, Inst, STUB, STUB_ENTRY};
-use crate::retprobe::unwind::{self, StubFrame};
 use crate::sys::code as text;
+use crate::unwind::{Expr, Fde, Program, Table, RA, SP};
 use crate::{grace, Error};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -65,10 +65,19 @@ impl Block {
                 })
                 .collect(),
         );
-        let frames: Vec<StubFrame> =
-            (0..n).map(|i| StubFrame { begin: code + i * STUB, end: code + (i + 1) * STUB, slot: &insts[i].ret as *const AtomicUsize as usize }).collect();
-        // If this fails, the pages and instances stay allocated, unreachable (once).
-        unwind::register_stubs(&frames)?;
+        // Each stub's FDE (see `retprobe`'s module docs, "Unwinding"): the stub has no
+        // frame of its own, the stack pointer is already the real caller's (CFA = sp),
+        // and the real return address is the word in its instance's slot. Unwinders
+        // look up `return address - 1`: each FDE covers the pad before its stub's entry.
+        // Registered once, for good: blocks are reused, never freed.
+        let fdes: Vec<Fde> = (0..n)
+            .map(|i| {
+                let mut program = Program::default();
+                program.cfa(SP, 0).val_expr(RA, Expr::addr(&insts[i].ret as *const AtomicUsize as usize).deref());
+                Fde { begin: code + i * STUB, end: code + (i + 1) * STUB, program }
+            })
+            .collect();
+        Table::register(RA, &fdes).leak();
         ALL.lock().unwrap_or_else(|p| p.into_inner()).push((code, n));
         crate::perfmap::stubs_made();
         Ok(Box::leak(Box::new(Block { insts, code })))

@@ -20,6 +20,9 @@
 .hidden mixed_save_restore
 .type mixed_save_restore, %function
 mixed_save_restore:
+.cfi_startproc
+.cfi_return_column 96
+.cfi_undefined 96
     sub sp, sp, #240                             /* allocate the frame, hidden spills and FP area (sub: flags untouched) */
     str x30, [sp, #S_IP]                         /* ip @0 */
     stp x19, x20, [sp, #S_X19]                   /* range[0] @16, range[1] @24 */
@@ -47,7 +50,15 @@ mixed_save_restore:
     str x0, [sp, #S_STACK]                       /* stack @80 */
     mov x0, sp                                   /* argument 1: the frame */
     mov x1, xzr                                  /* argument 2: no FP/SIMD area */
+    .cfi_escape 0x0f, 0x04, 0x8f, 0xd0, 0x00, 0x06 /* unwind: the CFA is the frame's stack pointer */
+    .cfi_escape 0x16, 0x60, 0x05, 0x8f, 0x00, 0x06, 0x23, 0x01 /* unwind: the caller's pc is the frame's (+ 1: looked up at - 1) */
+    .cfi_escape 0x10, 0x13, 0x02, 0x8f, 0x10     /* unwind: the caller's x19 is in its field */
+    .cfi_escape 0x10, 0x14, 0x02, 0x8f, 0x18     /* unwind: the caller's x20 is in its field */
+    .cfi_escape 0x10, 0x15, 0x02, 0x8f, 0x20     /* unwind: the caller's x21 is in its field */
+    .cfi_escape 0x10, 0x16, 0x02, 0x8f, 0x28     /* unwind: the caller's x22 is in its field */
+    .cfi_escape 0x10, 0x00, 0x02, 0x8f, 0x30     /* unwind: the caller's x0 is in its field */
     bl probe_handler                             /* the handler; sp is 16-aligned */
+    .cfi_undefined 96                            /* unwind: past the call the caller is not known */
     ldr x0, [sp, #S_FLAGS]                       /* flags @72 */
     msr nzcv, x0                                 /* condition flags (the frame's) */
     ldp x17, x18, [sp, #216]                     /* (hidden x17) @216, (hidden x18) @224 */
@@ -63,6 +74,7 @@ mixed_save_restore:
     ldr x30, [sp, #S_IP]                         /* ip @0 the resume address */
     add sp, sp, #240                             /* free: sp is the probed context's again */
     ret                                          /* resume at the frame's pc */
+.cfi_endproc
 .size mixed_save_restore, . - mixed_save_restore
 .popsection
 .pushsection .note.GNU-stack, "", %progbits

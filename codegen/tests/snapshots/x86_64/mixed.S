@@ -21,6 +21,8 @@
 .hidden mixed_save_restore
 .type mixed_save_restore, @function
 mixed_save_restore:
+.cfi_startproc
+.cfi_undefined rip
     pushfq                                       /* save rflags before any instruction changes them: [A+8] */
     push rax                                     /* free rax: [A] */
     mov rax, rsp                                 /* rax = anchor A */
@@ -51,7 +53,15 @@ mixed_save_restore:
     cld                                          /* the ABI wants DF clear at a call (the original rflags are saved) */
     mov rdi, rsp                                 /* argument 1: the frame */
     xor esi, esi                                 /* argument 2: no FP/SIMD area */
+    .cfi_escape 0x0f, 0x04, 0x77, 0xd0, 0x00, 0x06 /* unwind: the CFA is the frame's stack pointer */
+    .cfi_escape 0x16, 0x10, 0x05, 0x77, 0x00, 0x06, 0x23, 0x01 /* unwind: the caller's pc is the frame's (+ 1: looked up at - 1) */
+    .cfi_escape 0x10, 0x08, 0x02, 0x77, 0x10     /* unwind: the caller's r8 is in its field */
+    .cfi_escape 0x10, 0x09, 0x02, 0x77, 0x18     /* unwind: the caller's r9 is in its field */
+    .cfi_escape 0x10, 0x0a, 0x02, 0x77, 0x20     /* unwind: the caller's r10 is in its field */
+    .cfi_escape 0x10, 0x0b, 0x02, 0x77, 0x28     /* unwind: the caller's r11 is in its field */
+    .cfi_escape 0x10, 0x05, 0x02, 0x77, 0x30     /* unwind: the caller's rdi is in its field */
     call probe_handler                           /* the handler; rsp is 16-aligned here */
+    .cfi_undefined 16                            /* unwind: past the call the caller is not known */
     mov rax, qword ptr [rsp + 88]                /* rax = anchor A @88 */
     mov rcx, qword ptr [rsp + S_IP]              /* ip @0 */
     mov qword ptr [rax + 16], rcx                /* the resume address */
@@ -69,6 +79,7 @@ mixed_save_restore:
     pop rax                                      /* rax (the frame's, under either policy) */
     popfq                                        /* rflags (the frame's) */
     ret                                          /* resume at the frame's rip; rsp is the probed context's again */
+.cfi_endproc
 .size mixed_save_restore, . - mixed_save_restore
 .popsection
 .att_syntax prefix

@@ -1,0 +1,343 @@
+//! Unwind information for code made at run time: the return-probe stubs and the
+//! detour blocks of optimized probes.
+//!
+//! Code probekit writes at run time has no `.eh_frame` of an image, yet threads stand in
+//! it: a return address into a stub or a block on the stack, a signal taken inside a
+//! block. An unwinder (a panic, `std::backtrace`) must still walk through to the real
+//! frames. So each such piece of code gets FDEs built here, in `.eh_frame` format (LSB
+//! Core 5.0, "The .eh_frame section"), and registered with libgcc's
+//! `__register_frame` (the unwinder Rust uses on `*-linux-gnu`); `.cfi_escape` cannot
+//! carry an address known only at run time.
+//!
+//! Every rule describes the probed code's own frame, as if the stub or block were not
+//! there: its CFA is the probed stack pointer, its return-address column the probed pc.
+//! A pc that stands for an *instruction* (not a return address) is given + 1: unwinders
+//! look the next frame's rules up at return address − 1, and backtraces symbolize it.
+//!
+//! Written by hand: gimli's `write` feature would do, at the cost of three more
+//! dependencies of the runtime (fnv, hashbrown, indexmap) for the few opcodes here;
+//! the opcodes themselves are gimli's constants.
+
+use gimli::constants::*;
+
+#[cfg(target_env = "gnu")]
+extern "C" {
+    /// libgcc: registers the `.eh_frame` records starting at `begin`, up to a zero
+    /// length word. The memory must stay valid while registered.
+    /// (LLVM's libunwind, used on musl, takes one FDE per call instead.)
+    fn __register_frame(begin: *const u8);
+    /// libgcc: forgets the records registered at `begin` (it aborts if none are).
+    fn __deregister_frame(begin: *const u8);
+}
+
+/// DWARF register numbers (System V AMD64 psABI 1.0, 3.6.2, Figure 3.36; "DWARF for
+/// the Arm 64-bit Architecture", 4.1): the stack pointer and the return-address
+/// column of a function's CIE.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const SP: u8 = 7;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const RA: u8 = 16;
+#[cfg(target_arch = "aarch64")]
+pub(crate) const SP: u8 = 31;
+#[cfg(target_arch = "aarch64")]
+pub(crate) const RA: u8 = 30;
+/// The column that holds the pc where it is not the link register: x86_64 `rip` (the
+/// return-address column), aarch64 the column GCC's unwinder keeps for the pc of
+/// signal frames (`DWARF_ALT_FRAME_RETURN_COLUMN`, 96), so that `x30` keeps a rule
+/// of its own (probe-codegen's SaveRestore routines use it too).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const PC: u8 = 16;
+#[cfg(target_arch = "aarch64")]
+pub(crate) const PC: u8 = 96;
+
+/// A DWARF expression (DWARF 5, 2.5).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Expr(Vec<u8>);
+
+impl Expr {
+    /// `DW_OP_breg<reg> off`: the register's value plus `off`.
+    pub(crate) fn breg(reg: u8, off: i64) -> Expr {
+        let mut e = vec![DW_OP_breg0.0 + reg];
+        sleb(&mut e, off);
+        Expr(e)
+    }
+
+    /// `DW_OP_addr a`: a constant address.
+    pub(crate) fn addr(a: usize) -> Expr {
+        let mut e = vec![DW_OP_addr.0];
+        e.extend_from_slice(&(a as u64).to_ne_bytes());
+        Expr(e)
+    }
+
+    /// `… DW_OP_deref`: the word at the address.
+    pub(crate) fn deref(mut self) -> Expr {
+        self.0.push(DW_OP_deref.0);
+        self
+    }
+
+    /// `… DW_OP_plus_uconst n`.
+    pub(crate) fn plus(mut self, n: u64) -> Expr {
+        self.0.push(DW_OP_plus_uconst.0);
+        uleb(&mut self.0, n);
+        self
+    }
+}
+
+/// The call-frame program of one FDE: rows of rules, each from a code offset on.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Program {
+    bytes: Vec<u8>,
+    /// The code offset of the current row.
+    at: usize,
+}
+
+impl Program {
+    /// Starts a new row at `offset` from the FDE's first address (not before the
+    /// current one); the rules so far carry over.
+    pub(crate) fn row(&mut self, offset: usize) -> &mut Program {
+        let delta = offset - self.at;
+        match delta {
+            0 => {}
+            1..0x40 => self.bytes.push(DW_CFA_advance_loc.0 | delta as u8),
+            0x40..0x100 => self.bytes.extend([DW_CFA_advance_loc1.0, delta as u8]),
+            _ => {
+                self.bytes.push(DW_CFA_advance_loc2.0);
+                self.bytes.extend_from_slice(&(delta as u16).to_ne_bytes());
+            }
+        }
+        self.at = offset;
+        self
+    }
+
+    /// CFA = `reg` + `off`.
+    pub(crate) fn cfa(&mut self, reg: u8, off: u64) -> &mut Program {
+        self.bytes.extend([DW_CFA_def_cfa.0, reg]);
+        uleb(&mut self.bytes, off);
+        self
+    }
+
+    /// CFA = the value of `e`.
+    pub(crate) fn cfa_expr(&mut self, e: Expr) -> &mut Program {
+        self.bytes.push(DW_CFA_def_cfa_expression.0);
+        self.block(e)
+    }
+
+    /// `reg` of the caller is the value of `e` (evaluated with the CFA pushed).
+    pub(crate) fn val_expr(&mut self, reg: u8, e: Expr) -> &mut Program {
+        self.bytes.extend([DW_CFA_val_expression.0, reg]);
+        self.block(e)
+    }
+
+    /// `reg` of the caller is saved at the address `e` computes.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub(crate) fn saved_at(&mut self, reg: u8, e: Expr) -> &mut Program {
+        self.bytes.extend([DW_CFA_expression.0, reg]);
+        self.block(e)
+    }
+
+    /// `reg` of the caller is in `from`.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub(crate) fn in_reg(&mut self, reg: u8, from: u8) -> &mut Program {
+        self.bytes.extend([DW_CFA_register.0, reg, from]);
+        self
+    }
+
+    /// `reg` of the caller is its value here.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub(crate) fn same(&mut self, reg: u8) -> &mut Program {
+        self.bytes.extend([DW_CFA_same_value.0, reg]);
+        self
+    }
+
+    fn block(&mut self, e: Expr) -> &mut Program {
+        uleb(&mut self.bytes, e.0.len() as u64);
+        self.bytes.extend(e.0);
+        self
+    }
+}
+
+/// One FDE: the code `[begin, end)` and its rules.
+#[derive(Clone, Debug)]
+pub(crate) struct Fde {
+    pub begin: usize,
+    pub end: usize,
+    pub program: Program,
+}
+
+/// A table of FDEs registered with the unwinder until it is dropped.
+#[derive(Debug)]
+pub(crate) struct Table {
+    /// The `.eh_frame` bytes, in words: 8-aligned, as libgcc reads them.
+    words: Box<[u64]>,
+}
+
+impl Table {
+    /// Builds one CIE (return-address column `ra`) and `fdes`, and registers them.
+    /// Not async-signal-safe (libgcc allocates and locks): registration paths only.
+    pub(crate) fn register(ra: u8, fdes: &[Fde]) -> Table {
+        let bytes = eh_frame(ra, fdes);
+        let mut words = vec![0u64; bytes.len().div_ceil(8)].into_boxed_slice();
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(b);
+        }
+        // SAFETY: `words` holds a well-formed `.eh_frame` sequence ending in a zero
+        // length word (built by `eh_frame`), 8-aligned, and is neither moved (a boxed
+        // slice) nor freed before `drop` deregisters it.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            __register_frame(words.as_ptr().cast())
+        };
+        // Elsewhere no unwinder is told: unwinding through such code is not supported
+        // there (the code itself still works).
+        Table { words }
+    }
+
+    /// Keeps the table registered for the life of the process.
+    pub(crate) fn leak(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Table {
+    /// Deregisters the table. Its code must be out of use: no thread may be unwinding
+    /// through it (libgcc reads an FDE it found after letting go of its lock).
+    fn drop(&mut self) {
+        // SAFETY: registered by `register` at this very address, not deregistered yet.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            __deregister_frame(self.words.as_ptr().cast())
+        };
+    }
+}
+
+/// The `.eh_frame` bytes: CIE, FDEs, terminator. Every record is padded to 8 bytes.
+fn eh_frame(ra: u8, fdes: &[Fde]) -> Vec<u8> {
+    let mut out = Vec::new();
+    // CIE: id 0, version 1, augmentation "zR" (pointer encoding follows: absolute, 8
+    // bytes), code alignment 1, data alignment -8, the return-address column, no
+    // instructions.
+    let mut cie = vec![0, 0, 0, 0, 1, b'z', b'R', 0, 1, 0x78];
+    uleb(&mut cie, ra.into());
+    cie.extend([1, DW_EH_PE_absptr.0]);
+    pad(&mut cie);
+    push_record(&mut out, &cie);
+    for f in fdes {
+        // The CIE pointer: from this field back to the CIE at 0.
+        let cie_ptr = (out.len() + 4) as u32;
+        let mut fde = cie_ptr.to_ne_bytes().to_vec();
+        fde.extend_from_slice(&(f.begin as u64).to_ne_bytes());
+        fde.extend_from_slice(&((f.end - f.begin) as u64).to_ne_bytes());
+        fde.push(0); // augmentation data length
+        fde.extend_from_slice(&f.program.bytes);
+        pad(&mut fde);
+        push_record(&mut out, &fde);
+    }
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out
+}
+
+/// Pads a record body with DW_CFA_nop so that length word + body is a multiple of 8.
+fn pad(body: &mut Vec<u8>) {
+    while !(body.len() + 4).is_multiple_of(8) {
+        body.push(DW_CFA_nop.0);
+    }
+}
+
+fn push_record(out: &mut Vec<u8>, body: &[u8]) {
+    out.extend_from_slice(&(body.len() as u32).to_ne_bytes());
+    out.extend_from_slice(body);
+}
+
+/// DWARF unsigned LEB128.
+fn uleb(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// DWARF signed LEB128.
+fn sleb(out: &mut Vec<u8>, mut v: i64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if (v == 0 && b & 0x40 == 0) || (v == -1 && b & 0x40 != 0) {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gimli::{BaseAddresses, CfaRule, EhFrame, NativeEndian, RegisterRule, UnwindContext, UnwindContextStorage, UnwindSection, UnwindTableRow};
+
+    /// gimli's storage in line (the runtime reads `.eh_frame` without `alloc`).
+    struct InLine;
+
+    impl<T: gimli::ReaderOffset> UnwindContextStorage<T> for InLine {
+        type Rules = [(gimli::Register, RegisterRule<T>); 8];
+        type Stack = [UnwindTableRow<T, Self>; 2];
+    }
+
+    #[test]
+    fn records_are_aligned_and_linked_to_the_cie() {
+        let mut p = Program::default();
+        p.cfa(SP, 0);
+        let f = |begin| Fde { begin, end: begin + 16, program: p.clone() };
+        let t = eh_frame(RA, &[f(0x1000), f(0x1010)]);
+        let word = |at: usize| u32::from_ne_bytes(t[at..at + 4].try_into().unwrap()) as usize;
+        let mut at = 0;
+        let mut fdes = 0;
+        while word(at) != 0 {
+            assert_eq!(at % 8, 0);
+            if at > 0 {
+                assert_eq!(at + 4 - word(at + 4), 0, "the FDE points back to the CIE");
+                fdes += 1;
+            }
+            at += 4 + word(at);
+        }
+        assert_eq!((fdes, at + 4), (2, t.len()));
+    }
+
+    #[test]
+    fn gimli_reads_the_rows_back() {
+        let mut p = Program::default();
+        p.cfa(SP, 0).val_expr(PC, Expr::addr(0x5001));
+        p.row(8).cfa(SP, 144);
+        p.row(100).cfa_expr(Expr::breg(SP, 8).deref()).saved_at(3, Expr::breg(SP, 0)).same(6).in_reg(PC, 3);
+        let t = eh_frame(PC, &[Fde { begin: 0x4000, end: 0x4080, program: p }]);
+        let section = EhFrame::new(&t, NativeEndian);
+        let bases = BaseAddresses::default();
+        let mut entries = section.entries(&bases);
+        let mut ctx = Box::new(UnwindContext::<usize, InLine>::new_in());
+        let mut seen = 0;
+        while let Some(e) = entries.next().unwrap() {
+            let gimli::CieOrFde::Fde(partial) = e else { continue };
+            let fde = partial.parse(EhFrame::cie_from_offset).unwrap();
+            assert_eq!((fde.initial_address(), fde.len()), (0x4000, 0x80));
+            assert_eq!(fde.cie().return_address_register(), gimli::Register(PC.into()));
+            let row = fde.unwind_info_for_address(&section, &bases, &mut ctx, 0x4000).unwrap();
+            assert_eq!(*row.cfa(), CfaRule::RegisterAndOffset { register: gimli::Register(SP.into()), offset: 0 });
+            assert!(matches!(row.register(gimli::Register(PC.into())), Some(RegisterRule::ValExpression(_))));
+            let row = fde.unwind_info_for_address(&section, &bases, &mut ctx, 0x4008).unwrap();
+            assert_eq!(*row.cfa(), CfaRule::RegisterAndOffset { register: gimli::Register(SP.into()), offset: 144 });
+            let row = fde.unwind_info_for_address(&section, &bases, &mut ctx, 0x4070).unwrap();
+            assert!(matches!(row.cfa(), CfaRule::Expression(_)));
+            assert_eq!(row.register(gimli::Register(PC.into())), Some(RegisterRule::Register(gimli::Register(3))));
+            assert_eq!(row.register(gimli::Register(6)), Some(RegisterRule::SameValue));
+            assert!(matches!(row.register(gimli::Register(3)), Some(RegisterRule::Expression(_))));
+            seen += 1;
+        }
+        assert_eq!(seen, 1);
+    }
+}
