@@ -48,7 +48,10 @@ pub enum Fp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shape {
     /// A routine called like a function (`call` / `bl`): allocate, save, call the
-    /// handler, restore, resume at the frame's pc. The bare save/restore pair.
+    /// handler, restore, resume at the frame's pc. The bare save/restore pair. On
+    /// x86_64 it restores the flags (the status flags and DF) with `sahf` and an
+    /// addition rather than `popfq`: the CPU needs LAHF/SAHF in 64-bit mode
+    /// (CPUID.80000001H:ECX[0]), as every x86_64 CPU since 2006 has.
     ///
     /// Over a frame with stack pointer and pc fields it carries DWARF call-frame
     /// information (`.cfi_*`) saying that at the handler call the caller is the frame's

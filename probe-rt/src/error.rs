@@ -122,6 +122,9 @@ pub enum NotOptimized {
     ThreadsInWindow,
     /// Writing the detour or the jump failed.
     Write(Box<Error>),
+    /// The CPU lacks an instruction the detour's trampoline needs (x86_64: LAHF/SAHF
+    /// in 64-bit mode, which restore the flags; every x86_64 CPU since 2006 has them).
+    CpuLacks { feature: &'static str },
 }
 
 impl fmt::Display for NotOptimized {
@@ -148,6 +151,7 @@ impl fmt::Display for NotOptimized {
             NotOptimized::NoNearMemory => write!(f, "no memory within jump range of the address for the detour"),
             NotOptimized::ThreadsInWindow => write!(f, "no grace period could show that no thread is inside the displaced range"),
             NotOptimized::Write(e) => write!(f, "writing the detour or the jump failed: {e}"),
+            NotOptimized::CpuLacks { feature } => write!(f, "the CPU lacks {feature}, which the detour's trampoline needs"),
         }
     }
 }

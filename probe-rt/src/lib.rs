@@ -61,12 +61,12 @@
 //! Breakpoint probes restore every register from the signal context, the flags
 //! included. Why the differences stay:
 //!
-//! - x86_64 status flags (site and return trampolines): restoring them takes a
-//!   `popfq`, which costs about 9 ns on the development machine (`pushfq; popfq`
-//!   10 ns against `pushfq; lea` 1 ns), half again a whole site hit and a fifth of a
-//!   return (README, `hit/site` and `hit/return_trampoline`); the ABI
-//!   gives the flags no meaning at a function's entry or return. (The kernel's ftrace
-//!   and rethook trampolines do pay it.)
+//! - x86_64 status flags (site and return trampolines): the ABI gives them no meaning
+//!   at a function's entry or return, and these paths run on every call of a traced
+//!   function. (The kernel's ftrace and rethook trampolines restore them with `popfq`,
+//!   which costs about 10 ns on the development machine; the detours of optimized
+//!   probes, which run mid-function, restore them with `sahf` and an addition, a few
+//!   cycles.)
 //! - aarch64 `x16` after a site probe: the trampoline must jump back into the function
 //!   with every other register restored, so it resumes through x16 (`ret x16`). The
 //!   kernel's ftrace resumes through x9 instead, which then holds the continuation;

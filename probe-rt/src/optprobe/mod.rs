@@ -407,6 +407,11 @@ struct Prepared {
 fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
     #[cfg(target_arch = "x86_64")]
     let (len, orig, make) = {
+        // CPUID.80000001H:ECX[0]: LAHF/SAHF in 64-bit mode, which the trampolines'
+        // flags restore uses (see probe-codegen's x86_64 planner).
+        if core::arch::x86_64::__cpuid(0x8000_0000).eax < 0x8000_0001 || core::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 == 0 {
+            return Err(NotOptimized::CpuLacks { feature: "LAHF/SAHF in 64-bit mode" });
+        }
         let f = crate::sys::symbols::sized_function_at(addr).ok_or(NotOptimized::FunctionSizeUnknown)?;
         let mut func = crate::breakpoint::without_breakpoints(f.addr, f.addr + f.size).ok_or(NotOptimized::UndecodableFunction { at: f.addr })?;
         overlay(st, f.addr, &mut func);

@@ -66,7 +66,7 @@ mixed_save_restore:
     mov rcx, qword ptr [rsp + S_IP]              /* ip @0 */
     mov qword ptr [rax + 16], rcx                /* the resume address */
     mov rcx, qword ptr [rsp + S_FLAGS]           /* flags @72 */
-    mov qword ptr [rax + 8], rcx                 /* to [A+8], for `popfq` */
+    mov qword ptr [rax + 8], rcx                 /* to [A+8], for the flags' restore */
     mov rsi, qword ptr [rsp + 112]               /* hidden spill of rsi (no field) @112 */
     mov rdx, qword ptr [rsp + 104]               /* hidden spill of rdx (no field) @104 */
     mov rcx, qword ptr [rsp + 96]                /* hidden spill of rcx (no field) @96 */
@@ -76,8 +76,19 @@ mixed_save_restore:
     mov r9, qword ptr [rsp + S_R9]               /* range[1] @24 */
     mov r8, qword ptr [rsp + S_R8]               /* range[0] @16 */
     mov rsp, rax                                 /* back to the anchor */
+    mov rax, qword ptr [rsp + 8]                 /* the frame's rflags, from [A+8] */
+    test ah, 4                                   /* DF (bit 10) */
+    jz 2f                                        /* clear, as `cld` left it */
+    std                                          /* set in the frame */
+    2:                                           /* DF is the frame's */
+    mov al, ah                                   /* bits 8-15 */
+    shr al, 3                                    /* OF (bit 11) to bit 0 */
+    and al, 1                                    /* al = OF */
+    add al, 127                                  /* OF = al: 1 + 127 overflows a signed byte, 0 + 127 does not */
+    mov ah, byte ptr [rsp + 8]                   /* SF ZF AF PF CF: bits 7 6 4 2 0, as `sahf` reads them */
+    sahf                                         /* the status flags but OF, which it leaves */
     pop rax                                      /* rax (the frame's, under either policy) */
-    popfq                                        /* rflags (the frame's) */
+    lea rsp, [rsp + 8]                           /* drop the rflags word (restored above) */
     ret                                          /* resume at the frame's rip; rsp is the probed context's again */
 .cfi_endproc
 .size mixed_save_restore, . - mixed_save_restore
