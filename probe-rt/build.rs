@@ -82,10 +82,9 @@ fn main() {
     //   registers but arguments (as at a site): the argument registers (Fp::Args). The
     //   full state costs ~180 ns a hit on an AVX-512 machine (xsave writes 2.7 KiB),
     //   the argument registers ~1 ns.
-    // x86_64 Full comes twice: as probe-codegen renders it (xsave64), and with xsavec64,
-    // which leaves out the components in their initial state (the AVX-512 upper halves
-    // after vzeroupper), and which xrstor64 reads back (the compacted format): ~80 ns a
-    // hit, used where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]).
+    // x86_64 Full comes twice: with xsave64, and Fp::FullCompact's xsavec64, which
+    // leaves out the components in their initial state (the AVX-512 upper halves after
+    // vzeroupper): ~80 ns a hit, used where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]).
     let text = match arch {
         Some(arch) => {
             let symbols = render::Symbols {
@@ -97,9 +96,7 @@ fn main() {
             let full = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full", "crate::PtRegs", &symbols);
             match arch {
                 Arch::X86_64 => {
-                    let compacted = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full_c", "crate::PtRegs", &symbols);
-                    assert_eq!(compacted.matches("xsave64 ").count(), 1, "the Fp::Full routine saves with one xsave64");
-                    let compacted = compacted.replace("xsave64 ", "xsavec64 ");
+                    let compacted = render::rust_global_asm(&plan(Fp::FullCompact), "probekit_opt_trampoline_full_c", "crate::PtRegs", &symbols);
                     let entry = render::rust_global_asm(&plan(Fp::Args), "probekit_opt_trampoline_entry", "crate::PtRegs", &symbols);
                     format!("{entry}\n{full}\n{compacted}")
                 }

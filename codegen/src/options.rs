@@ -42,6 +42,19 @@ pub enum Fp {
     /// an area of run-time size (operands `xsave_mask` and `xsave_size`); aarch64
     /// `q0`–`q31`, `fpcr` and `fpsr`. What is live mid-function.
     Full,
+    /// Everything, as `Full`, but x86_64 saves with `xsavec64`: the compacted form,
+    /// which leaves out the components in their initial state (the AVX upper halves
+    /// after `vzeroupper`, unused AVX-512 state) and which `xrstor64` reads back. Faster
+    /// where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1], Skylake and Zen on); the
+    /// caller checks. aarch64: as `Full`.
+    FullCompact,
+}
+
+impl Fp {
+    /// `Full` or `FullCompact`: all of the FP/SIMD state.
+    pub fn is_full(self) -> bool {
+        matches!(self, Fp::Full | Fp::FullCompact)
+    }
 }
 
 /// The kind of routine a plan generates.
@@ -125,7 +138,7 @@ macro_rules! names {
     };
 }
 names!(Policy { All = "all", CallerSaved = "caller-saved" });
-names!(Fp { None = "none", Args = "args", Return = "return", Full = "full" });
+names!(Fp { None = "none", Args = "args", Return = "return", Full = "full", FullCompact = "full-compact" });
 names!(Shape { SaveRestore = "save-restore", Kretprobe = "kretprobe", Entry = "entry" });
 
 impl Shape {

@@ -47,7 +47,7 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
             let v: syn::Ident = syn::ext::IdentExt::parse_any(meta.value()?)?;
             match Fp::ALL.iter().find(|f| v == f.name()) {
                 Some(f) => o.fp = *f,
-                None => push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return` or `full`")),
+                None => push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return`, `full` or `full-compact`")),
             }
             Ok(())
         } else if meta.path.is_ident("handler") {

@@ -70,7 +70,7 @@ fn main() {
         let layout = FrameLayout::from_source(&src, &name, arch).unwrap_or_else(|e| panic!("{e:?}\n{src}"));
         let _ = writeln!(out, "pub mod rf{n} {{\n{src}\n}}");
         let policy = Policy::ALL[rng.below(2) as usize];
-        let fp = Fp::ALL[rng.below(4) as usize];
+        let fp = Fp::ALL[rng.below(Fp::ALL.len() as u64) as usize];
         let shape = Shape::ALL[rng.below(3) as usize];
         routines.push((layout, format!("crate::generated::rf{n}::{name}"), frames.len() + n, policy, fp, shape));
     }

@@ -188,11 +188,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         Fp::None => 0,
         Fp::Args => 8,
         Fp::Return => 2,
-        Fp::Full => 32,
+        Fp::Full | Fp::FullCompact => 32,
     };
     let Hidden { next, slots: hidden } = h;
     let fp_at = next.next_multiple_of(16);
-    let fp_size = 16 * fp_regs + if fp == Fp::Full { 16 } else { 0 };
+    let fp_size = 16 * fp_regs + if fp.is_full() { 16 } else { 0 };
     let fp_area = (fp != Fp::None).then_some((fp_at, fp_size));
     let alloc = (fp_at + fp_size).next_multiple_of(16);
     xslots.sort_by_key(|s| s.off);
@@ -351,7 +351,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             steps.push(Step { save, restore });
             q += if pair { 2 } else { 1 };
         }
-        if fp == Fp::Full {
+        if fp.is_full() {
             let off = at + 16 * 32;
             let slots = [(off, "fpcr", "x0"), (off + 8, "fpsr", "x1")];
             let mut step = Step { save: vec![Op::new("mrs x0, fpcr", "FP control"), Op::new("mrs x1, fpsr", "FP status")], restore: vec![] };

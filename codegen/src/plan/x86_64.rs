@@ -85,7 +85,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     let elems = elements(frame);
     // Entry at a known alignment (module docs): the allocation must fit in one page
     // below the red zone, so that no guard page can be jumped over.
-    let fixed = shape == Shape::Entry && fp != Fp::Full && area(frame, fp, shape, false).alloc + rz <= 4096;
+    let fixed = shape == Shape::Entry && !fp.is_full() && area(frame, fp, shape, false).alloc + rz <= 4096;
     let Area { hidden, anchor, spills, rip, fp_area, alloc } = area(frame, fp, shape, !fixed);
 
     // Where the resume address the call pushed is, and the probed context's rsp: above
@@ -133,7 +133,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             prologue.push(Op::new("pushfq", "save rflags before any instruction changes them: [A+8]"));
             prologue.push(Op::new("push rax", "free rax: [A]"));
             prologue.push(Op::new("mov rax, rsp", "rax = anchor A"));
-            if fp == Fp::Full {
+            if fp.is_full() {
                 prologue.push(Op::new("sub rsp, qword ptr [rip + {xsave_size}]", "room for the xsave area (its size is known at run time)"));
                 prologue.push(Op::new("and rsp, -64", "xsave needs a 64-aligned area"));
             } else {
@@ -269,7 +269,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 });
             }
         }
-        (Fp::Full, Some((at, _))) => {
+        (Fp::Full | Fp::FullCompact, Some((at, _))) => {
             operands.extend(["xsave_size", "xsave_mask"]);
             let mut save = Vec::new();
             for i in 0..8 {
@@ -288,7 +288,10 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             let (m, encoding) = mem(at);
             let acc = |dir| Access { dir, slots: vec![(at, 512, Slot::Fp("xsave".into()))], encoding };
             save.extend(mask.clone());
-            save.push(Op::mem(format!("xsave64 {m}"), "all FP/SIMD state of the mask", acc(Dir::Store)));
+            save.push(match fp {
+                Fp::FullCompact => Op::mem(format!("xsavec64 {m}"), "all FP/SIMD state of the mask but components in their initial state", acc(Dir::Store)),
+                _ => Op::mem(format!("xsave64 {m}"), "all FP/SIMD state of the mask", acc(Dir::Store)),
+            });
             let mut restore = mask.to_vec();
             restore.push(Op::mem(format!("xrstor64 {m}"), "all FP/SIMD state of the mask", acc(Dir::Load)));
             steps.push(Step { save, restore });
@@ -435,7 +438,7 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
         }
         // The xsave area must be 64-aligned; its size is known at run time only, so it
         // sits on top of the static allocation, inside the `sub rsp, [xsave_size]`.
-        Fp::Full => {
+        Fp::Full | Fp::FullCompact => {
             let at = next.next_multiple_of(64);
             (Some((at, 0)), at)
         }

@@ -54,6 +54,7 @@ pub enum FpMode {
     Args,
     Return,
     Full,
+    FullCompact,
 }
 
 /// A generated routine and what the checker needs to know of it.
@@ -191,8 +192,8 @@ fn fp_vector_span(r: &Routine) -> (usize, usize) {
         (FpMode::None, _) => (0, 0),
         (FpMode::Args, _) => (0, 8 * 16),
         (FpMode::Return, _) => (0, 2 * 16),
-        (FpMode::Full, true) => (160, 16 * 16), // xmm0..15 in the xsave legacy region
-        (FpMode::Full, false) => (0, 32 * 16),
+        (FpMode::Full | FpMode::FullCompact, true) => (160, 16 * 16), // xmm0..15 in the xsave legacy region (first in both forms)
+        (FpMode::Full | FpMode::FullCompact, false) => (0, 32 * 16),
     }
 }
 
@@ -256,6 +257,7 @@ pub fn init_xsave() {
     {
         let leaf1 = core::arch::x86_64::__cpuid(1);
         assert!(leaf1.ecx & (1 << 27) != 0, "OSXSAVE required for the Fp::Full torture");
+        assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 2 != 0, "XSAVEC required for the Fp::FullCompact torture");
         let d = core::arch::x86_64::__cpuid_count(0xd, 0);
         let (lo, hi): (u32, u32);
         // SAFETY: xgetbv(0) is allowed in user space when OSXSAVE is set (checked above).
@@ -364,7 +366,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     check("DF clear in handler".into(), run.df_clear as u64, 1);
     // The frame is the stack pointer at the handler call: the ABIs want it 16-aligned.
     check("frame alignment".into(), (run.frame_at % 16) as u64, 0);
-    let fp_align = if is_x86 && r.fp == FpMode::Full { 64 } else { 16 };
+    let fp_align = if is_x86 && matches!(r.fp, FpMode::Full | FpMode::FullCompact) { 64 } else { 16 };
     match r.fp_area {
         Some((off, _)) => {
             check("FP area address".into(), run.fp_at as u64, (run.frame_at + off) as u64);
