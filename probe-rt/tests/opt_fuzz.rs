@@ -248,8 +248,8 @@ std::arch::global_asm!(
     "ldr x1, [x0, #{target}]",
     "stp x0, x1, [sp, #160]",
     "add x1, x0, #{in_vec}",
-    ".irp k, 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30",
-    "ldp q\\k, q\\k+1, [x1, #16 * \\k]",
+    ".irp k, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "ldr q\\k, [x1, #16 * \\k]",
     ".endr",
     "ldr x1, [x0, #{in_fpcr}]",
     "msr fpcr, x1",
@@ -305,8 +305,8 @@ std::arch::global_asm!(
     "mrs x2, fpsr",
     "str x2, [x0, #{out_fpsr}]",
     "add x1, x0, #{out_vec}",
-    ".irp k, 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30",
-    "stp q\\k, q\\k+1, [x1, #16 * \\k]",
+    ".irp k, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "str q\\k, [x1, #16 * \\k]",
     ".endr",
     "msr fpcr, xzr",                       // the host's FPCR back (Rust's default, 0)
     "msr fpsr, xzr",
@@ -1293,8 +1293,12 @@ fn case(seed: u64, index: u64, region: &Region, scratch: &mut Scratch, stats: &m
 #[test]
 fn probed_runs_equal_unprobed_runs() {
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.strip_prefix("0x").map_or_else(|| v.parse().ok(), |h| u64::from_str_radix(h, 16).ok()));
-    // Under qemu-aarch64 (the CI lane) a probed run costs about a hundred times more.
-    let default_cases = if cfg!(target_arch = "x86_64") { 64 } else { 24 };
+    // About 10 ms a case natively, 130 ms under qemu-aarch64 (the CI lane). Under qemu,
+    // detour blocks are never reused (no grace period over every thread completes
+    // there: see probe-rt's optprobe::block), and those within branch range of the
+    // code page run out after some 8,000 optimizations (`NoNearMemory`): about 160
+    // cases.
+    let default_cases = if cfg!(target_arch = "x86_64") { 256 } else { 96 };
     let cases = env("PROBEKIT_FUZZ_CASES").unwrap_or(default_cases);
     let seed = env("PROBEKIT_FUZZ_SEED").unwrap_or(0x13_f022);
     let only = env("PROBEKIT_FUZZ_ONLY");
