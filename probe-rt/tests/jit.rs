@@ -95,7 +95,7 @@ fn bad_declarations_are_refused_with_the_reason() {
         let page_end = f + 4096;
         assert_eq!(jit::declare("probekit_jit_long", f, 4097).err(), Some(JitError::NotExecutable { addr: page_end }));
         // A writable, not executable buffer.
-        let data = vec![0u8; 64];
+        let data = [0u8; 64];
         let at = data.as_ptr() as usize;
         assert_eq!(jit::declare("probekit_jit_data", at, 64).err(), Some(JitError::NotExecutable { addr: at }));
 

@@ -474,7 +474,7 @@ mod gen {
         let (x, y) = (XMM[r.below(16) as usize], XMM[r.below(16) as usize]);
         let imm = r.value() as i32;
         match r.below(if body { 30 } else { 24 }) {
-            0 | 1 | 2 => vec![ins!(r.pick(&ALU_RR), GPR[a], GPR[b])],
+            0..=2 => vec![ins!(r.pick(&ALU_RR), GPR[a], GPR[b])],
             3 => vec![ins!(r.pick(&ALU_RI32), GPR[a], imm)],
             4 => vec![ins!(r.pick(&ALU_RI8), GPR[a], imm as i8 as i32)],
             5 => vec![ins!(Code::Add_rm32_r32, GPR32[a], GPR32[b])],
