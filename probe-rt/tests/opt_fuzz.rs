@@ -637,7 +637,9 @@ mod gen {
     //! aarch64: items of one or two instructions, encoded here (Arm ARM A64 encodings);
     //! pc-relative ones (branches, `adr`/`adrp`, literal loads) are encoded once every
     //! item's address is known. The function saves its return address in x27 first and
-    //! returns with `ret x27`, so that it may call its helper with `bl`/`blr`.
+    //! returns with `ret x27`, so that it may call its helper with `bl`/`blr`. A push
+    //! and pop pair (`stp` pre-index, `ldp` post-index on sp, around one instruction) is
+    //! one item, so no branch leaves one unbalanced.
 
     use super::{Generated, Rng, DATA, SCRATCH};
 
@@ -881,6 +883,23 @@ mod gen {
                     vec![Op::Adr { rd: x, page: false, to: Target::Item(helper) }, Op::Word(0xd63f_0000 | x << 5)]
                 }
                 16 => vec![Op::Adr { rd: reg(r, false), page: false, to: Target::Item(to) }],
+                17..=19 => {
+                    // stp xa, xb, [sp, #-16]!; one instruction; ldp xc, xd, [sp], #16
+                    let (a, b, c) = (src(r), src(r), reg(r, false));
+                    let d = loop {
+                        let k = reg(r, false);
+                        if k != c {
+                            break k;
+                        }
+                    };
+                    let mid = loop {
+                        let p = plain(r, false, data);
+                        if p.len() == 1 {
+                            break p[0];
+                        }
+                    };
+                    vec![Op::Word(0xa9bf_0000 | b << 10 | 31 << 5 | a), mid, Op::Word(0xa8c1_0000 | d << 10 | 31 << 5 | c)]
+                }
                 _ => plain(r, false, data),
             };
             items.push(item);
