@@ -11,18 +11,25 @@ const ANSWER: (&[u8], usize) = (&[0xb8, 42, 0, 0, 0, 0xc3], 5);
 #[cfg(target_arch = "aarch64")]
 const ANSWER: (&[u8], usize) = (&[0x40, 0x05, 0x80, 0x52, 0xc0, 0x03, 0x5f, 0xd6], 4);
 
-/// A fresh page holding `code`, written while read-write, then made read+execute.
+/// A fresh page holding `code`, written while read-write, then made read+execute; the
+/// page after it stays read-write (not executable), whatever gets mapped near.
 fn code_page(code: &[u8]) -> usize {
-    // SAFETY: a fresh anonymous mapping of one page, ours alone (never unmapped);
-    // `code` fits in it.
+    let page = page_size();
+    // SAFETY: a fresh anonymous mapping of two pages, ours alone (never unmapped);
+    // `code` fits in the first.
     unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        let p = libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
         assert_ne!(p, libc::MAP_FAILED);
         std::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len());
-        assert_eq!(libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC), 0);
+        assert_eq!(libc::mprotect(p, page, libc::PROT_READ | libc::PROT_EXEC), 0);
         sync_icache(p as usize, code.len());
         p as usize
     }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
 /// Makes freshly written code visible to instruction fetch (aarch64: `dc cvau`,
@@ -91,9 +98,9 @@ fn bad_declarations_are_refused_with_the_reason() {
     unsafe {
         assert_eq!(jit::declare("probekit_jit_empty", f, 0).err(), Some(JitError::Empty { addr: f }));
         assert_eq!(jit::declare("probekit_jit_overflow", usize::MAX - 1, 4).err(), Some(JitError::Overflow { addr: usize::MAX - 1, len: 4 }));
-        // Past the page: the next one is not ours (or not executable).
-        let page_end = f + 4096;
-        assert_eq!(jit::declare("probekit_jit_long", f, 4097).err(), Some(JitError::NotExecutable { addr: page_end }));
+        // Past the page: the next one is not executable.
+        let page = page_size();
+        assert_eq!(jit::declare("probekit_jit_long", f, page + 1).err(), Some(JitError::NotExecutable { addr: f + page }));
         // A writable, not executable buffer.
         let data = [0u8; 64];
         let at = data.as_ptr() as usize;
