@@ -82,6 +82,11 @@
 //! `eflags`, the stack pointer, the pc and the aarch64 `regs[30]` (the function
 //! returns to its caller, with x30 holding the real return address).
 //!
+//! # Code generated at run time
+//! Code in anonymous memory (a JIT's) has no symbol: [`jit::declare`] gives probekit
+//! a function's name and bounds, so that it can be probed by name or address and its
+//! probes optimized.
+//!
 //! # Layout
 //! Layers whose dependencies point one way (DESIGN.md, "The runtime's layout"):
 //! `sys` (maps, symbols, code writes, signals, the signal context) uses nothing of
@@ -103,6 +108,7 @@ mod error;
 pub mod events;
 pub mod frame;
 mod grace;
+pub mod jit;
 mod listing;
 pub mod multi;
 mod optprobe;

@@ -6,7 +6,54 @@
 pub(crate) use crate::sys::image::Function;
 use crate::sys::image::{parsed, Parsed};
 use crate::sys::maps::Image;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+
+/// Functions declared at run time (`crate::jit`): code no symbol table describes, by
+/// first byte. Consulted before the images' symbols, for address and name look-ups.
+static JIT: Mutex<BTreeMap<usize, Function>> = Mutex::new(BTreeMap::new());
+
+fn jit() -> std::sync::MutexGuard<'static, BTreeMap<usize, Function>> {
+    JIT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a run-time function could not be declared (see [`declare_jit`]).
+pub(crate) enum JitClash {
+    /// Its range overlaps this declared function's.
+    Range(Function),
+    /// This declared function has its name.
+    Name(Function),
+}
+
+/// Declares the function `f` (a sized one, the caller checked) for the look-ups, unless
+/// its range or name is another declared function's.
+pub(crate) fn declare_jit(f: Function) -> Result<(), JitClash> {
+    let mut t = jit();
+    let end = f.addr + f.size;
+    if let Some((_, g)) = t.range(..end).next_back().filter(|(_, g)| g.addr + g.size > f.addr) {
+        return Err(JitClash::Range(g.clone()));
+    }
+    if let Some(g) = t.values().find(|g| g.name == f.name) {
+        return Err(JitClash::Name(g.clone()));
+    }
+    t.insert(f.addr, f);
+    Ok(())
+}
+
+/// Takes the declared function starting at `addr` out of the look-ups.
+pub(crate) fn undeclare_jit(addr: usize) {
+    jit().remove(&addr);
+}
+
+/// The declared function containing `addr`.
+fn jit_at(addr: usize) -> Option<Function> {
+    jit().range(..=addr).next_back().map(|(_, f)| f).filter(|f| f.holds(addr)).cloned()
+}
+
+/// The declared function named `name`.
+fn jit_named(name: &str) -> Option<Function> {
+    jit().values().find(|f| f.name == name).cloned()
+}
 
 /// The function symbols of every image mapped now, read once: for many look-ups in a
 /// row (each free function below reads `/proc/self/maps` again).
@@ -45,6 +92,9 @@ impl Snapshot {
     /// it names one function of the process only. `Err` with the candidates (their
     /// paths, sorted) when it names several.
     pub(crate) fn resolve_name(&self, name: &str) -> Result<Option<Function>, Vec<String>> {
+        if let Some(f) = jit_named(name) {
+            return Ok(Some(f));
+        }
         let all = || self.images.iter().flat_map(|(_, p)| p.functions.iter()).filter(|f| !f.label);
         if let Some(f) = all().find(|f| f.name == name).or_else(|| all().find(|f| f.path == name)) {
             return Ok(Some(f.clone()));
@@ -89,8 +139,12 @@ impl Snapshot {
         f[below..].iter().map(|f| f.addr).find(|a| *a > addr)
     }
 
-    /// The function containing `addr`, by its symbol's size.
+    /// The function containing `addr`, by its symbol's size (a declared run-time
+    /// function first: see `crate::jit`).
     pub(crate) fn function_at(&self, addr: usize) -> Option<Function> {
+        if let Some(f) = jit_at(addr) {
+            return Some(f);
+        }
         // The nearest start at or below `addr` whose function contains it: from the
         // last start <= addr backwards, past a few sizeless or nested symbols at most.
         let (f, below) = self.below(addr)?;
@@ -101,6 +155,9 @@ impl Snapshot {
     /// symbols inside it (a label in the middle of a function holds its first byte).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // optprobes' x86_64 window checks
     pub(crate) fn sized_function_at(&self, addr: usize) -> Option<Function> {
+        if let Some(f) = jit_at(addr) {
+            return Some(f);
+        }
         let (f, below) = self.below(addr)?;
         f[..below].iter().rev().take(64).find(|f| f.size > 0 && f.holds(addr)).cloned()
     }
@@ -111,6 +168,9 @@ impl Snapshot {
     /// there). None when no symbol of the image starts at or below `addr`, or the
     /// nearest one has a size and ends before it (code no symbol describes).
     pub(crate) fn known_start(&self, addr: usize) -> Option<Function> {
+        if let Some(f) = jit_at(addr) {
+            return Some(f);
+        }
         let (f, below) = self.below(addr)?;
         if let Some(sized) = f[..below].iter().rev().take(64).find(|f| f.holds(addr)) {
             return Some(sized.clone());
