@@ -45,7 +45,7 @@ pub enum Fp {
     /// Everything, as `Full`, but x86_64 saves with `xsavec64`: the compacted form,
     /// which leaves out the components in their initial state (the AVX upper halves
     /// after `vzeroupper`, unused AVX-512 state) and which `xrstor64` reads back. Faster
-    /// where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1], Skylake and Zen on); the
+    /// where the CPU has it (`CPUID.(EAX=0DH,ECX=1):EAX[1]`, Skylake and Zen on); the
     /// caller checks. aarch64: as `Full`.
     FullCompact,
 }
@@ -64,7 +64,7 @@ pub enum Shape {
     /// handler, restore, resume at the frame's pc. The bare save/restore pair. On
     /// x86_64 it restores the flags (the status flags and DF) with `sahf` and an
     /// addition rather than `popfq`: the CPU needs LAHF/SAHF in 64-bit mode
-    /// (CPUID.80000001H:ECX[0]), as every x86_64 CPU since 2006 has.
+    /// (`CPUID.80000001H:ECX[0]`), as every x86_64 CPU since 2006 has.
     ///
     /// Over a frame with stack pointer and pc fields it carries DWARF call-frame
     /// information (`.cfi_*`) saying that at the handler call the caller is the frame's

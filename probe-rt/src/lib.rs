@@ -54,6 +54,17 @@
 //! | site ([`Probe`] on a `#[traceable]` function) | status flags (CF PF AF ZF SF OF): as the site dispatcher left them | `x16`: the site's continuation, site + 8 |
 //! | return ([`ReturnProbe`]) | status flags: as the return dispatcher left them | `x16`: the address of the return trampoline |
 //! | return on a `#[traceable]` function (entry on the site) | status flags, as a return probe | `x16`, as a return probe |
+//! | optimized ([`Optimize`], a jump to a detour) mid-function | none | none |
+//! | optimized at a function's entry | none but the FP status bits (below) | none |
+//!
+//! FP/SIMD registers are kept by every kind where they can carry anything: the
+//! argument registers at an entry, the return registers at a return, all of the state
+//! mid-function. At an entry or a return (sites, return probes, x86_64 optimized
+//! entries) the FP *status* bits are not: x86_64 MXCSR's exception flags, aarch64
+//! FPSR's cumulative flags, are as the handlers' float math left them (MXCSR's status
+//! bits are caller-saved, System V AMD64 ABI §3.2.1; only its control bits are
+//! callee-saved). The differential fuzzer (`probe-rt/tests/opt_fuzz.rs`) compares
+//! every other register of breakpoint and optimized probes at every instruction.
 //!
 //! A site probe's difference is made at the function's entry: the caller sees it only
 //! where the function's body leaves that register alone (x16 and the flags are scratch

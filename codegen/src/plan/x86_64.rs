@@ -377,7 +377,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
 /// and CF with `sahf`. Not `popfq`, which costs 10–20 cycles (serialising; ~11 ns on a
 /// virtual CPU), against a few here. These are the flags a handler may change and the
 /// only ones the routine changes (`cld`, and its arithmetic); the others (TF, AC, ...)
-/// keep their values. Needs LAHF/SAHF in 64-bit mode (CPUID.80000001H:ECX[0], every
+/// keep their values. Needs LAHF/SAHF in 64-bit mode (`CPUID.80000001H:ECX[0]`, every
 /// x86_64 CPU since 2006).
 fn restore_flags() -> Vec<Op> {
     vec![
