@@ -113,6 +113,11 @@ pub enum Shape {
     /// and PLT stubs overwrite it between caller and callee. It is the one register
     /// that leaves with another value than it came (the resume address), and a
     /// handler's write to its field has no effect.
+    ///
+    /// Over a frame with stack pointer and pc fields it carries the call-frame
+    /// information of [`Shape::SaveRestore`]: at the handler call the caller is the
+    /// probed function at its entry (x86_64: the stack pointer above the return
+    /// address; aarch64: the link register, in `x9` at the site, is the `x30` field).
     Entry,
 }
 

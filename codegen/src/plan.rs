@@ -190,8 +190,9 @@ impl Plan {
     }
 
     /// Whether the routine carries call-frame information (`.cfi_*` around its handler
-    /// call: a Kretprobe routine, and a SaveRestore routine over a frame with stack
-    /// pointer and pc fields), and so needs `.cfi_startproc` … `.cfi_endproc` around it.
+    /// call: a Kretprobe routine, and a SaveRestore or Entry routine over a frame with
+    /// stack pointer and pc fields), and so needs `.cfi_startproc` … `.cfi_endproc`
+    /// around it.
     pub fn has_cfi(&self) -> bool {
         self.call.iter().any(|op| op.asm.starts_with(".cfi_"))
     }
@@ -199,7 +200,7 @@ impl Plan {
     /// The return-address column of the routine's call-frame information, if it is not
     /// the arch's usual one (aarch64 SaveRestore: see `context_cfi`).
     pub fn cfi_return_column(&self) -> Option<u8> {
-        (self.shape == Shape::SaveRestore && self.arch() == Arch::Aarch64).then(|| context_ra_column(Arch::Aarch64))
+        (matches!(self.shape, Shape::SaveRestore | Shape::Entry) && self.arch() == Arch::Aarch64).then(|| context_ra_column(Arch::Aarch64))
     }
 
     /// Every instruction of the routine in order.
@@ -275,7 +276,7 @@ fn kretprobe_cfi(arch: Arch, cfa: &[u8], ra_off: u64) -> (Vec<Op>, Op) {
     (before, Op::new(format!(".cfi_undefined {ra_name}"), "unwind: past the call the return address is not in the frame"))
 }
 
-/// The return-address column of a SaveRestore routine's call-frame information: x86_64
+/// The return-address column of a SaveRestore or Entry routine's call-frame information: x86_64
 /// `rip` (16, a column of its own); aarch64 the column GCC's unwinder keeps for the pc
 /// of signal frames (`DWARF_ALT_FRAME_RETURN_COLUMN`, 96, libgcc's aarch64
 /// linux-unwind.h), because `x30` is a register of the frame with a value of its own.
@@ -298,10 +299,12 @@ fn dwarf_number(r: Reg) -> Option<u8> {
     }
 }
 
-/// The call-frame directives around a SaveRestore routine's handler call, `(before,
-/// after)` the call, or `None` if the frame has no stack pointer or pc field.
+/// The call-frame directives around a SaveRestore or Entry routine's handler call,
+/// `(before, after)` the call, or `None` if the frame has no stack pointer or pc field.
 ///
-/// A SaveRestore routine resumes the frame's context, so an unwinder in the handler
+/// Such a routine resumes the frame's context (an Entry routine's is the probed
+/// function at its entry: its stack pointer above the return address, x86_64; its link
+/// register in the `x30` field, aarch64), so an unwinder in the handler
 /// is told that the caller *is* that context, as for a signal frame: its stack pointer
 /// (the CFA) and every general register are read from their fields (through the
 /// frame base in the stack pointer, `sp_base`), its pc from the pc field, exactly.

@@ -478,7 +478,13 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
             #[allow(improper_ctypes_definitions, dead_code, non_snake_case)]
             #unsafety extern "C-unwind" fn #site #generics (#site_inputs) #output #where_clause {
                 ::core::arch::naked_asm!(
+                    // Call-frame information, the entry's default (CFA = the stack
+                    // pointer at the call, the return address where the call left it):
+                    // the site changes neither, so an unwinder that reaches a context
+                    // stopped here (a site probe's handler) walks on to the caller.
+                    ".cfi_startproc",
                     #(#site_insns,)*
+                    ".cfi_endproc",
                     // The record (read by `probekit::sites()`): the site, the function
                     // users call, the name.
                     #(#before_name,)*

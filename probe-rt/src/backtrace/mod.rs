@@ -61,12 +61,10 @@
 //!    (`<unknown>`, or `probekit_return_stub[…]` in `perf` with the perf map), just
 //!    before the frame of its real return address; the frames themselves are right;
 //! 2. in a handler, the handler's frames and probekit's (`dispatch`, the trampoline,
-//!    the SIGTRAP handler and its signal frame) are listed; in a site probe's handler
-//!    the walk stops at `probekit_site_trampoline`, which has no CFI yet (nor have the
-//!    naked `#[traceable]` sites: [`stack_trace`] knows a site is a function's entry).
-//!    An optimized probe's trampoline reads the probed context from its frame, as
-//!    [`stack_trace`] does, and goes on to the probed function (see the optprobe
-//!    module's "Unwinding").
+//!    the SIGTRAP handler and its signal frame) are listed. The site and optimized
+//!    probes' trampolines read the probed context from their frame, as [`stack_trace`]
+//!    does, and go on to the probed function (a `#[traceable]` site has the rules of a
+//!    function's entry; see also the optprobe module's "Unwinding").
 
 mod cfi;
 mod stack;

@@ -394,6 +394,40 @@ fn libgcc_shows_one_stub_frame_per_hijacked_return_on_the_stack() {
     assert_eq!(raw[at + 4], real[2], "{names:#?}");
 }
 
+static SITE_LIBGCC: Trace = Trace::new();
+
+#[test]
+fn libgcc_walks_from_a_site_handler_to_the_callers() {
+    // The site trampoline's call-frame information gives the probed function at its
+    // entry as the handler's caller, and the naked site has the entry's rules: the walk
+    // std::backtrace takes goes on to the real callers.
+    let _g = serial();
+    libgcc_walk(|_| {});
+    let p = Probe::builder()
+        .function(site_inner as fn(u64) -> u64)
+        .pre(|_: &PtRegs| {
+            let mut buf = [0usize; DEPTH];
+            let mut n = 0;
+            libgcc_walk(|ip| {
+                if n < DEPTH {
+                    buf[n] = ip;
+                    n += 1;
+                }
+            });
+            SITE_LIBGCC.store(&buf[..n]);
+        })
+        .register()
+        .unwrap();
+    assert_eq!(run_site_outer(), 4);
+    drop(p);
+    let names = names(&SITE_LIBGCC.take(), false);
+    let tramp = names.iter().position(|n| n == "probekit_site_trampoline").unwrap_or_else(|| panic!("{names:#?}"));
+    assert_eq!(names.get(tramp + 1).map(String::as_str), Some("traces::__probekit_site_site_inner"), "the site, at the probed function's entry: {names:#?}");
+    let outer = names.iter().position(|n| n.ends_with("::run_site_outer")).unwrap_or_else(|| panic!("the walk stops before the callers: {names:#?}"));
+    assert!(names[tramp + 2..outer].iter().any(|n| n.contains("site_middle")), "{names:#?}");
+    assert!(names[outer + 1..].iter().any(|n| n.ends_with("::libgcc_walks_from_a_site_handler_to_the_callers")), "{names:#?}");
+}
+
 // ---- stack_trace from a breakpoint pre handler and a site handler ----
 
 static BP_REGS: Trace = Trace::new();

@@ -118,6 +118,9 @@ pt_regs_kretprobe:
 .hidden pt_regs_entry
 .type pt_regs_entry, %function
 pt_regs_entry:
+.cfi_startproc
+.cfi_return_column 96
+.cfi_undefined 96
     sub sp, sp, #400                             /* allocate the frame, hidden spills and FP area (sub: flags untouched) */
     stp x0, x1, [sp, #S_X0]                      /* regs[0] @0, regs[1] @8 */
     stp x2, x3, [sp, #S_X2]                      /* regs[2] @16, regs[3] @24 */
@@ -146,7 +149,41 @@ pt_regs_entry:
     stp q6, q7, [sp, #368]                       /* (fp q6) @368, (fp q7) @384 */
     mov x0, sp                                   /* argument 1: the frame */
     add x1, sp, #272                             /* argument 2: the FP/SIMD area */
+    .cfi_escape 0x0f, 0x04, 0x8f, 0xf8, 0x01, 0x06 /* unwind: the CFA is the frame's stack pointer */
+    .cfi_escape 0x16, 0x60, 0x06, 0x8f, 0x80, 0x02, 0x06, 0x23, 0x01 /* unwind: the caller's pc is the frame's (+ 1: looked up at - 1) */
+    .cfi_escape 0x10, 0x00, 0x02, 0x8f, 0x00     /* unwind: the caller's x0 is in its field */
+    .cfi_escape 0x10, 0x01, 0x02, 0x8f, 0x08     /* unwind: the caller's x1 is in its field */
+    .cfi_escape 0x10, 0x02, 0x02, 0x8f, 0x10     /* unwind: the caller's x2 is in its field */
+    .cfi_escape 0x10, 0x03, 0x02, 0x8f, 0x18     /* unwind: the caller's x3 is in its field */
+    .cfi_escape 0x10, 0x04, 0x02, 0x8f, 0x20     /* unwind: the caller's x4 is in its field */
+    .cfi_escape 0x10, 0x05, 0x02, 0x8f, 0x28     /* unwind: the caller's x5 is in its field */
+    .cfi_escape 0x10, 0x06, 0x02, 0x8f, 0x30     /* unwind: the caller's x6 is in its field */
+    .cfi_escape 0x10, 0x07, 0x02, 0x8f, 0x38     /* unwind: the caller's x7 is in its field */
+    .cfi_escape 0x10, 0x08, 0x03, 0x8f, 0xc0, 0x00 /* unwind: the caller's x8 is in its field */
+    .cfi_escape 0x10, 0x09, 0x03, 0x8f, 0xc8, 0x00 /* unwind: the caller's x9 is in its field */
+    .cfi_escape 0x10, 0x0a, 0x03, 0x8f, 0xd0, 0x00 /* unwind: the caller's x10 is in its field */
+    .cfi_escape 0x10, 0x0b, 0x03, 0x8f, 0xd8, 0x00 /* unwind: the caller's x11 is in its field */
+    .cfi_escape 0x10, 0x0c, 0x03, 0x8f, 0xe0, 0x00 /* unwind: the caller's x12 is in its field */
+    .cfi_escape 0x10, 0x0d, 0x03, 0x8f, 0xe8, 0x00 /* unwind: the caller's x13 is in its field */
+    .cfi_escape 0x10, 0x0e, 0x03, 0x8f, 0xf0, 0x00 /* unwind: the caller's x14 is in its field */
+    .cfi_escape 0x10, 0x0f, 0x03, 0x8f, 0xf8, 0x00 /* unwind: the caller's x15 is in its field */
+    .cfi_escape 0x10, 0x10, 0x03, 0x8f, 0x80, 0x01 /* unwind: the caller's x16 is in its field */
+    .cfi_escape 0x10, 0x11, 0x03, 0x8f, 0x88, 0x01 /* unwind: the caller's x17 is in its field */
+    .cfi_escape 0x10, 0x12, 0x03, 0x8f, 0x90, 0x01 /* unwind: the caller's x18 is in its field */
+    .cfi_escape 0x10, 0x13, 0x03, 0x8f, 0x98, 0x01 /* unwind: the caller's x19 is in its field */
+    .cfi_escape 0x10, 0x14, 0x03, 0x8f, 0xa0, 0x01 /* unwind: the caller's x20 is in its field */
+    .cfi_escape 0x10, 0x15, 0x03, 0x8f, 0xa8, 0x01 /* unwind: the caller's x21 is in its field */
+    .cfi_escape 0x10, 0x16, 0x03, 0x8f, 0xb0, 0x01 /* unwind: the caller's x22 is in its field */
+    .cfi_escape 0x10, 0x17, 0x03, 0x8f, 0xb8, 0x01 /* unwind: the caller's x23 is in its field */
+    .cfi_escape 0x10, 0x18, 0x03, 0x8f, 0xc0, 0x01 /* unwind: the caller's x24 is in its field */
+    .cfi_escape 0x10, 0x19, 0x03, 0x8f, 0xc8, 0x01 /* unwind: the caller's x25 is in its field */
+    .cfi_escape 0x10, 0x1a, 0x03, 0x8f, 0xd0, 0x01 /* unwind: the caller's x26 is in its field */
+    .cfi_escape 0x10, 0x1b, 0x03, 0x8f, 0xd8, 0x01 /* unwind: the caller's x27 is in its field */
+    .cfi_escape 0x10, 0x1c, 0x03, 0x8f, 0xe0, 0x01 /* unwind: the caller's x28 is in its field */
+    .cfi_escape 0x10, 0x1d, 0x03, 0x8f, 0xe8, 0x01 /* unwind: the caller's x29 is in its field */
+    .cfi_escape 0x10, 0x1e, 0x03, 0x8f, 0xf0, 0x01 /* unwind: the caller's x30 is in its field */
     bl probe_handler                             /* the handler; sp is 16-aligned */
+    .cfi_undefined 96                            /* unwind: past the call the caller is not known */
     ldp q6, q7, [sp, #368]                       /* (fp q6) @368, (fp q7) @384 */
     ldp q4, q5, [sp, #336]                       /* (fp q4) @336, (fp q5) @352 */
     ldp q2, q3, [sp, #304]                       /* (fp q2) @304, (fp q3) @320 */
@@ -172,6 +209,7 @@ pt_regs_entry:
     ldr x16, [sp, #S_PC]                         /* pc @256 the resume address */
     add sp, sp, #400                             /* free: sp is the probed context's again */
     ret x16                                      /* resume at the frame's pc */
+.cfi_endproc
 .size pt_regs_entry, . - pt_regs_entry
 .popsection
 .pushsection .note.GNU-stack, "", %progbits

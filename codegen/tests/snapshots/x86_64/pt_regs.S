@@ -127,6 +127,8 @@ pt_regs_kretprobe:
 .hidden pt_regs_entry
 .type pt_regs_entry, @function
 pt_regs_entry:
+.cfi_startproc
+.cfi_undefined rip
     lea rsp, [rsp - 280]                         /* over the red zone, to just above the eflags field (lea: flags untouched) */
     pushfq                                       /* eflags @144: rflags, before any instruction changes them */
     lea rsp, [rsp - 144]                         /* allocate the rest of frame PtRegs + hidden + FP area */
@@ -165,7 +167,25 @@ pt_regs_entry:
     cld                                          /* the ABI wants DF clear at a call (the original rflags are saved) */
     mov rdi, rsp                                 /* argument 1: the frame */
     lea rsi, [rsp + 176]                         /* argument 2: the FP/SIMD area */
+    .cfi_escape 0x0f, 0x04, 0x77, 0x98, 0x01, 0x06 /* unwind: the CFA is the frame's stack pointer */
+    .cfi_escape 0x16, 0x10, 0x06, 0x77, 0x80, 0x01, 0x06, 0x23, 0x01 /* unwind: the caller's pc is the frame's (+ 1: looked up at - 1) */
+    .cfi_escape 0x10, 0x0f, 0x02, 0x77, 0x00     /* unwind: the caller's r15 is in its field */
+    .cfi_escape 0x10, 0x0e, 0x02, 0x77, 0x08     /* unwind: the caller's r14 is in its field */
+    .cfi_escape 0x10, 0x0d, 0x02, 0x77, 0x10     /* unwind: the caller's r13 is in its field */
+    .cfi_escape 0x10, 0x0c, 0x02, 0x77, 0x18     /* unwind: the caller's r12 is in its field */
+    .cfi_escape 0x10, 0x06, 0x02, 0x77, 0x20     /* unwind: the caller's rbp is in its field */
+    .cfi_escape 0x10, 0x03, 0x02, 0x77, 0x28     /* unwind: the caller's rbx is in its field */
+    .cfi_escape 0x10, 0x0b, 0x02, 0x77, 0x30     /* unwind: the caller's r11 is in its field */
+    .cfi_escape 0x10, 0x0a, 0x02, 0x77, 0x38     /* unwind: the caller's r10 is in its field */
+    .cfi_escape 0x10, 0x09, 0x03, 0x77, 0xc0, 0x00 /* unwind: the caller's r9 is in its field */
+    .cfi_escape 0x10, 0x08, 0x03, 0x77, 0xc8, 0x00 /* unwind: the caller's r8 is in its field */
+    .cfi_escape 0x10, 0x00, 0x03, 0x77, 0xd0, 0x00 /* unwind: the caller's rax is in its field */
+    .cfi_escape 0x10, 0x02, 0x03, 0x77, 0xd8, 0x00 /* unwind: the caller's rcx is in its field */
+    .cfi_escape 0x10, 0x01, 0x03, 0x77, 0xe0, 0x00 /* unwind: the caller's rdx is in its field */
+    .cfi_escape 0x10, 0x04, 0x03, 0x77, 0xe8, 0x00 /* unwind: the caller's rsi is in its field */
+    .cfi_escape 0x10, 0x05, 0x03, 0x77, 0xf0, 0x00 /* unwind: the caller's rdi is in its field */
     call probe_handler                           /* the handler; rsp is 16-aligned here */
+    .cfi_undefined 16                            /* unwind: past the call the caller is not known */
     movaps xmm7, xmmword ptr [rsp + 288]         /* xmm7 @288 */
     movaps xmm6, xmmword ptr [rsp + 272]         /* xmm6 @272 */
     movaps xmm5, xmmword ptr [rsp + 256]         /* xmm5 @256 */
@@ -193,6 +213,7 @@ pt_regs_entry:
     mov r15, qword ptr [rsp + S_R15]             /* r15 @0 */
     lea rsp, [rsp + 432]                         /* drop the frame, the red zone */
     ret                                          /* resume at the frame's rip; rsp is the probed context's again */
+.cfi_endproc
 .size pt_regs_entry, . - pt_regs_entry
 .popsection
 .att_syntax prefix
