@@ -465,3 +465,55 @@ fn rings_of_exited_threads_are_taken_over_and_live_ones_are_not() {
     go.send(()).unwrap();
     holder.join().unwrap();
 }
+
+mod churn_waves {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn h(x: u64) -> u64 {
+        black_box(x + 1)
+    }
+}
+
+#[test]
+fn rings_changing_hands_under_churn_keep_each_thread_s_records_its_own() {
+    // Waves of short threads on two rings: take-overs race each other and snapshots.
+    // Each thread passes its own id, so a record on the wrong thread shows.
+    let tracer = Tracer::builder().pattern(&glob("churn_waves")).args(1).threads(2).capacity(256).register().unwrap();
+    tracer.start();
+    let calls_each = 50;
+    let own = |s: &Snapshot| {
+        for t in &s.threads {
+            let wrong: Vec<u64> = t.calls.iter().map(|c| c.args()[0]).filter(|a| *a != t.tid as u64).collect();
+            assert!(wrong.is_empty(), "records of other threads on {}: {wrong:?}", t.tid);
+        }
+    };
+    let (mut spawned, mut drained, mut overwritten) = (0, 0, 0);
+    let mut last = tracer.snapshot();
+    for _ in 0..8 {
+        let wave: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let h = black_box(churn_waves::h as extern "C" fn(u64) -> u64);
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() } as u64;
+                    for _ in 0..calls_each {
+                        h(tid);
+                    }
+                })
+            })
+            .collect();
+        spawned += wave.len() as u64;
+        own(&tracer.snapshot());
+        for w in wave {
+            w.join().unwrap();
+        }
+        last = tracer.drain();
+        own(&last);
+        drained += last.calls() as u64;
+        overwritten += last.threads.iter().map(|t| t.overwritten).sum::<u64>();
+    }
+    // Every call is somewhere: drained, given up with an exited thread's ring, not
+    // traced for want of a ring, overwritten, or missed.
+    assert_eq!(drained + last.exited_lost + last.no_ring + overwritten + last.missed, spawned * calls_each);
+    assert!(drained > 0);
+}

@@ -79,12 +79,35 @@ struct Slot(u32);
 
 /// Distinguishes tracers in a thread's cache of its ring (never reused, unlike addresses).
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
-/// Numbers threads for ring ownership (never reused, unlike thread ids).
+/// Numbers threads for ring ownership (with the thread id, a word no other thread of
+/// the process has had).
 static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
+/// The forking thread's word and ring hold its parent's thread id: in the child it
+/// takes a word and a ring of its own at its next traced call (the parent's ring
+/// there, owned by a thread the child does not have, can be taken over).
+pub(crate) fn after_fork_in_child() {
+    SERIAL.set(0);
+    CACHE.set((0, 0));
+    RETRY.set((0, 0));
+}
+
+/// This thread's word in a ring's `owner`: its serial (32 bits, never 0) and its
+/// thread id, so that whether the owner has exited is read from the same word a
+/// take-over replaces.
+fn owner_word() -> u64 {
+    let serial = loop {
+        let s = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed) as u32;
+        if s != 0 {
+            break s;
+        }
+    };
+    (serial as u64) << 32 | crate::grace::with_thread(|t| t.tid()) as u32 as u64
+}
+
 thread_local! {
-    /// This thread's serial (0 until its first traced call). Const, no destructor:
-    /// usable in a signal handler.
+    /// This thread's word in a ring's `owner` (see [`owner_word`]; 0 until its first
+    /// traced call). Const, no destructor: usable in a signal handler.
     static SERIAL: Cell<u64> = const { Cell::new(0) };
     /// The tracer generation this thread last traced for, and its ring there.
     static CACHE: Cell<(u64, usize)> = const { Cell::new((0, 0)) };
@@ -122,7 +145,7 @@ impl State {
         }
         let mut me = SERIAL.get();
         if me == 0 {
-            me = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
+            me = owner_word();
             SERIAL.set(me);
         }
         // Mine already (another tracer took the cache meanwhile), else a free one.
@@ -156,8 +179,10 @@ impl State {
             _ => RETRY.set((self.generation, RETRY_EVERY - 1)),
         }
         self.rings.iter().position(|r| {
+            // The owner's thread id is in the word the compare-and-swap below expects:
+            // a ring another thread took over meanwhile is not taken from it.
             let owner = r.owner.load(Ordering::Acquire);
-            if owner == 0 || !r.ready.load(Ordering::Acquire) || crate::grace::thread_alive(r.tid.load(Ordering::Relaxed)) {
+            if owner == 0 || !r.ready.load(Ordering::Acquire) || crate::grace::thread_alive(owner as u32 as i32) {
                 return false;
             }
             let Some(unread) = r.take_over(owner, me) else { return false };

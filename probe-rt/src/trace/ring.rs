@@ -67,7 +67,7 @@ pub(super) fn zeroed(n: usize) -> Box<[AtomicU64]> {
 
 /// One thread's ring of finished calls and stack of calls in flight.
 pub(super) struct Ring {
-    /// The claiming thread's serial (see `Tracer`), 0 while free.
+    /// The claiming thread's serial and thread id (see `owner_word`), 0 while free.
     pub(super) owner: AtomicU64,
     /// Set once `tid` and `name` are written (a reader skips the ring before).
     pub(super) ready: AtomicBool,
