@@ -117,14 +117,33 @@ pub(crate) fn trampoline(entry: bool) -> usize {
         if entry {
             return probekit_opt_trampoline_entry as *const () as usize;
         }
-        // CPUID.1:ECX.OSXSAVE[bit 27], then CPUID.(EAX=0DH,ECX=1):EAX.XSAVEC[bit 1].
-        let xsavec = core::arch::x86_64::__cpuid(1).ecx & (1 << 27) != 0 && core::arch::x86_64::__cpuid_count(0xd, 1).eax & 2 != 0;
-        if xsavec {
+        if cpu().xsavec {
             return probekit_opt_trampoline_full_c as *const () as usize;
         }
     }
     let _ = entry;
     probekit_opt_trampoline_full as *const () as usize
+}
+
+/// What the x86_64 trampolines need of the CPU.
+#[cfg(target_arch = "x86_64")]
+struct Cpu {
+    /// LAHF/SAHF in 64-bit mode (the flags' restore): CPUID.80000001H:ECX[0].
+    lahf_sahf: bool,
+    /// `xsavec64`: CPUID.1:ECX.OSXSAVE[bit 27], then CPUID.(EAX=0DH,ECX=1):EAX[1].
+    xsavec: bool,
+}
+
+/// The CPU's answers, asked once: in a virtual machine each CPUID traps to the
+/// hypervisor (~7 µs here), and every optimization needs them.
+#[cfg(target_arch = "x86_64")]
+fn cpu() -> &'static Cpu {
+    use core::arch::x86_64::{__cpuid, __cpuid_count};
+    static CPU: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
+    CPU.get_or_init(|| Cpu {
+        lahf_sahf: __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & 1 != 0,
+        xsavec: __cpuid(1).ecx & (1 << 27) != 0 && __cpuid_count(0xd, 1).eax & 2 != 0,
+    })
 }
 
 /// Every detour trampoline (the blacklist's roots).
@@ -407,9 +426,8 @@ struct Prepared {
 fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
     #[cfg(target_arch = "x86_64")]
     let (len, orig, make) = {
-        // CPUID.80000001H:ECX[0]: LAHF/SAHF in 64-bit mode, which the trampolines'
-        // flags restore uses (see probe-codegen's x86_64 planner).
-        if core::arch::x86_64::__cpuid(0x8000_0000).eax < 0x8000_0001 || core::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 == 0 {
+        // The trampolines' flags restore uses them (see probe-codegen's x86_64 planner).
+        if !cpu().lahf_sahf {
             return Err(NotOptimized::CpuLacks { feature: "LAHF/SAHF in 64-bit mode" });
         }
         let f = crate::sys::symbols::sized_function_at(addr).ok_or(NotOptimized::FunctionSizeUnknown)?;
