@@ -1,5 +1,5 @@
-//! C helpers for probekit's tests (see `build.rs`), and the threads that call probed
-//! functions while a test arms and disarms them.
+//! C helpers for probekit's tests (see `build.rs`), the threads that call probed
+//! functions while a test arms and disarms them, and libgcc's stack walk.
 
 use std::ffi::c_void;
 
@@ -57,4 +57,21 @@ impl Callers {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.threads.into_iter().map(|t| t.join().expect("every call returned the right value")).sum()
     }
+}
+
+/// libgcc's walk (`_Unwind_Backtrace`, what `std::backtrace`, the `backtrace` crate and
+/// a panic use), calling `f` with each frame's instruction pointer.
+pub fn libgcc_walk(mut f: impl FnMut(usize)) {
+    type Ctx = c_void;
+    extern "C" {
+        fn _Unwind_Backtrace(cb: extern "C" fn(*mut Ctx, *mut c_void) -> i32, arg: *mut c_void) -> i32;
+        fn _Unwind_GetIP(ctx: *mut Ctx) -> usize;
+    }
+    extern "C" fn cb<F: FnMut(usize)>(ctx: *mut Ctx, arg: *mut c_void) -> i32 {
+        // SAFETY: arg is the `&mut F` passed below, ctx the unwinder's context.
+        unsafe { (*(arg as *mut F))(_Unwind_GetIP(ctx)) };
+        0 // _URC_NO_REASON: go on
+    }
+    // SAFETY: the callback matches the unwinder's signature and `f` outlives the walk.
+    unsafe { _Unwind_Backtrace(cb::<&mut dyn FnMut(usize)>, &mut (&mut f as &mut dyn FnMut(usize)) as *mut _ as *mut _) };
 }

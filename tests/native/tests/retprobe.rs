@@ -249,29 +249,13 @@ fn walk_in_handler(_: &PtRegs, _: &mut ()) {
     // No allocation here: the raw walk, with symbols resolved without allocating.
     let mut frames = 0;
     let target = caller_of_handler_trace as fn() -> u64 as usize;
-    backtrace_walk(|ip| {
+    native_tests::libgcc_walk(|ip| {
         frames += 1;
         if ip > target && ip < target + 256 {
             HANDLER_SAW_CALLER.store(1, Ordering::Relaxed);
         }
     });
     HANDLER_FRAMES.store(frames, Ordering::Relaxed);
-}
-
-/// `_Unwind_Backtrace`, calling `f` with each frame's instruction pointer.
-fn backtrace_walk(mut f: impl FnMut(usize)) {
-    type Ctx = std::ffi::c_void;
-    extern "C" {
-        fn _Unwind_Backtrace(cb: extern "C" fn(*mut Ctx, *mut std::ffi::c_void) -> i32, arg: *mut std::ffi::c_void) -> i32;
-        fn _Unwind_GetIP(ctx: *mut Ctx) -> usize;
-    }
-    extern "C" fn cb<F: FnMut(usize)>(ctx: *mut Ctx, arg: *mut std::ffi::c_void) -> i32 {
-        // SAFETY: arg is the `&mut F` passed below, ctx the unwinder's context.
-        unsafe { (*(arg as *mut F))(_Unwind_GetIP(ctx)) };
-        0 // _URC_NO_REASON: go on
-    }
-    // SAFETY: the callback matches the unwinder's signature and `f` outlives the walk.
-    unsafe { _Unwind_Backtrace(cb::<&mut dyn FnMut(usize)>, &mut (&mut f as &mut dyn FnMut(usize)) as *mut _ as *mut _) };
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! Handlers store raw addresses in statics (no allocation in a handler); names are
 //! looked up afterwards, outside the handlers.
 
+use native_tests::libgcc_walk;
 use probekit::{Probe, PtRegs, ReturnProbe};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -56,6 +57,19 @@ impl Trace {
     fn stack_trace(&self, regs: &PtRegs) {
         let mut buf = [0usize; DEPTH];
         let n = probekit::stack_trace(regs, &mut buf);
+        self.store(&buf[..n]);
+    }
+
+    /// libgcc's walk here (`native_tests::libgcc_walk`), as deep as the trace holds.
+    fn libgcc(&self) {
+        let mut buf = [0usize; DEPTH];
+        let mut n = 0;
+        libgcc_walk(|ip| {
+            if n < DEPTH {
+                buf[n] = ip;
+                n += 1;
+            }
+        });
         self.store(&buf[..n]);
     }
 }
@@ -340,23 +354,6 @@ fn through_sites_nested_three_deep() {
     assert_clean(&entry, true, "::run_site_outer");
 }
 
-/// libgcc's walk (`_Unwind_Backtrace`, what `std::backtrace` and the `backtrace`
-/// crate use), calling `f` with each frame's instruction pointer.
-fn libgcc_walk(mut f: impl FnMut(usize)) {
-    type Ctx = std::ffi::c_void;
-    extern "C" {
-        fn _Unwind_Backtrace(cb: extern "C" fn(*mut Ctx, *mut std::ffi::c_void) -> i32, arg: *mut std::ffi::c_void) -> i32;
-        fn _Unwind_GetIP(ctx: *mut Ctx) -> usize;
-    }
-    extern "C" fn cb<F: FnMut(usize)>(ctx: *mut Ctx, arg: *mut std::ffi::c_void) -> i32 {
-        // SAFETY: arg is the `&mut F` passed below, ctx the unwinder's context.
-        unsafe { (*(arg as *mut F))(_Unwind_GetIP(ctx)) };
-        0 // _URC_NO_REASON: go on
-    }
-    // SAFETY: the callback matches the unwinder's signature and `f` outlives the walk.
-    unsafe { _Unwind_Backtrace(cb::<&mut dyn FnMut(usize)>, &mut (&mut f as &mut dyn FnMut(usize)) as *mut _ as *mut _) };
-}
-
 #[test]
 fn libgcc_shows_one_stub_frame_per_hijacked_return_on_the_stack() {
     // The documented difference of std::backtrace (crate docs of probekit::backtrace):
@@ -369,15 +366,7 @@ fn libgcc_shows_one_stub_frame_per_hijacked_return_on_the_stack() {
     let probes = nest(
         |_| {},
         |_| {
-            let mut buf = [0usize; DEPTH];
-            let mut n = 0;
-            libgcc_walk(|ip| {
-                if n < DEPTH {
-                    buf[n] = ip;
-                    n += 1;
-                }
-            });
-            RAW.store(&buf[..n]);
+            RAW.libgcc();
         },
     );
     assert_eq!(run_outer(), 4);
@@ -406,15 +395,7 @@ fn libgcc_walks_from_a_site_handler_to_the_callers() {
     let p = Probe::builder()
         .function(site_inner as fn(u64) -> u64)
         .pre(|_: &PtRegs| {
-            let mut buf = [0usize; DEPTH];
-            let mut n = 0;
-            libgcc_walk(|ip| {
-                if n < DEPTH {
-                    buf[n] = ip;
-                    n += 1;
-                }
-            });
-            SITE_LIBGCC.store(&buf[..n]);
+            SITE_LIBGCC.libgcc();
         })
         .register()
         .unwrap();
