@@ -817,8 +817,6 @@ extern "C" fn after_fork_in_child() {
         t.tid.set(0);
         t.index.set(0);
     });
-    #[cfg(feature = "trace")]
-    crate::trace::after_fork_in_child();
 }
 
 extern "C" fn init() {

@@ -85,8 +85,9 @@ static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 /// The forking thread's word and ring hold its parent's thread id: in the child it
 /// takes a word and a ring of its own at its next traced call (the parent's ring
-/// there, owned by a thread the child does not have, can be taken over).
-pub(crate) fn after_fork_in_child() {
+/// there, owned by a thread the child does not have, can be taken over). Registered
+/// with the first tracer.
+extern "C" fn after_fork_in_child() {
     SERIAL.set(0);
     CACHE.set((0, 0));
     RETRY.set((0, 0));
@@ -478,6 +479,12 @@ impl TracerBuilder {
     /// recording starts with [`Tracer::start`]. Errors as
     /// [`MultiProbeBuilder::register`].
     pub fn register(self) -> Result<Tracer, Error> {
+        static AT_FORK: std::sync::Once = std::sync::Once::new();
+        // SAFETY: registering a fork handler that only resets this thread's cells (the
+        // child is single-threaded when it runs).
+        AT_FORK.call_once(|| unsafe {
+            libc::pthread_atfork(None, None, Some(after_fork_in_child as unsafe extern "C" fn()));
+        });
         let rings = (0..self.threads).map(|_| Ring::new(self.capacity, self.max_depth, self.nargs, self.retval, self.full)).collect();
         let state = Arc::new(State {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
