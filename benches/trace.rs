@@ -6,6 +6,10 @@
 //!   no trap (what every traced call rides).
 //! - `hit/clock`: one `CLOCK_MONOTONIC` read (`clock_gettime`; a traced call reads the
 //!   cycle counter instead, twice).
+//! - `hit/site_return_counter`: the floor of a traced call: the same return probe with
+//!   handlers that read the cycle counter, as the tracer does (`rdtsc`, aarch64
+//!   `cntvct_el0`), at the entry and at the return, and keep both in the per-call data.
+//!   What `hit/trace_record` costs above it is the tracer's own bookkeeping.
 //! - `hit/trace_record`: the tracer on a site: entry and return, two timestamps, a
 //!   frame pushed and a record written to the thread's ring.
 //! - `hit/trace_record_args`: the same with two arguments and the return value kept.
@@ -28,6 +32,11 @@ fn site_return(x: u64) -> u64 {
 }
 
 #[probekit::traceable]
+fn site_return_counter(x: u64) -> u64 {
+    x.wrapping_add(1)
+}
+
+#[probekit::traceable]
 fn traced(x: u64) -> u64 {
     x.wrapping_add(1)
 }
@@ -39,6 +48,22 @@ fn traced_args(x: u64) -> u64 {
 
 fn empty_return(_r: &PtRegs, _: &mut ()) {}
 
+/// The cycle counter, read as the tracer reads it.
+#[inline(always)]
+fn counter() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: RDTSC exists on every x86_64 CPU and Linux allows it in user mode.
+    let ticks = unsafe { core::arch::x86_64::_rdtsc() };
+    #[cfg(target_arch = "aarch64")]
+    let ticks = {
+        let ticks: u64;
+        // SAFETY: Linux lets EL0 read CNTVCT_EL0.
+        unsafe { core::arch::asm!("mrs {}, cntvct_el0", out(reg) ticks, options(nomem, nostack, preserves_flags)) };
+        ticks
+    };
+    ticks
+}
+
 fn hit(c: &mut Criterion) {
     let mut g = c.benchmark_group("hit");
     g.bench_function("direct_call", |b| b.iter(|| black_box(plain as fn(u64) -> u64)(black_box(1))));
@@ -46,6 +71,21 @@ fn hit(c: &mut Criterion) {
     let f = site_return as fn(u64) -> u64;
     let p = ReturnProbe::builder().function(f).handler(empty_return).register().expect("return probe on a site");
     g.bench_function("site_return", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
+
+    let f = site_return_counter as fn(u64) -> u64;
+    let p = ReturnProbe::builder()
+        .function(f)
+        .data::<[u64; 2]>()
+        .entry_handler(|_, t| {
+            t[0] = counter();
+            true
+        })
+        .handler(|_, t| t[1] = black_box(counter()).wrapping_sub(t[0]))
+        .register()
+        .expect("return probe on a site");
+    g.bench_function("site_return_counter", |b| b.iter(|| black_box(f)(black_box(1))));
     assert_eq!(p.nmissed(), 0);
     drop(p);
 
