@@ -22,6 +22,10 @@
 //!   a minimal stub that saves the caller-saved general registers and calls an empty
 //!   function (at a function entry the flags and callee-saved registers need nothing).
 //! - `hit/site_return`: a return probe on a site: entry and return, no trap at all.
+//! - `hit/hijack_floor`: the floor of any return probe that hijacks the return address
+//!   (kretprobes, uretprobes, Frida's `onLeave`, probekit's): a function that replaces
+//!   its own return address with a stub's, the stub jumping to the real one. Its `ret`
+//!   goes where the return-stack buffer did not predict; nothing is saved or called.
 //!
 //! `int3_floor` runs first, with its own SIGTRAP handler, before probekit installs its.
 
@@ -213,7 +217,41 @@ std::arch::global_asm!(
     "5:", // the empty handler
     "ret",
 );
+// The hijack floor: `hijack_floor(x)` returns x + 1 through `hijack_stub`, having put
+// the real return address in `HIJACK_SAVED` (one thread runs it).
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".globl hijack_floor",
+    "hijack_floor:",
+    "mov rax, [rsp]",
+    "mov [rip + {saved}], rax",
+    "lea rax, [rip + 6f]",
+    "mov [rsp], rax",
+    "lea rax, [rdi + 1]",
+    "ret",
+    "6:", // hijack_stub
+    "jmp [rip + {saved}]",
+    saved = sym HIJACK_SAVED,
+);
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".globl hijack_floor",
+    "hijack_floor:",
+    "adrp x16, {saved}",
+    "str x30, [x16, :lo12:{saved}]",
+    "adr x30, 6f",
+    "add x0, x0, #1",
+    "ret",
+    "6:", // hijack_stub
+    "adrp x16, {saved}",
+    "ldr x16, [x16, :lo12:{saved}]",
+    "br x16",
+    saved = sym HIJACK_SAVED,
+);
+static mut HIJACK_SAVED: usize = 0;
+
 extern "C" {
+    fn hijack_floor(x: u64) -> u64;
     fn site_floor(x: u64) -> u64;
 }
 
@@ -375,6 +413,9 @@ fn hit(c: &mut Criterion) {
     let f = hit_site_return as fn(u64) -> u64;
     let p = ReturnProbe::builder().function(f).handler(empty_return).register().expect("return probe on a site");
     g.bench_function("site_return", |b| b.iter(|| black_box(f)(black_box(1))));
+    // SAFETY: hijack_floor returns x + 1 to its caller, through its stub; this thread
+    // alone runs it.
+    g.bench_function("hijack_floor", |b| b.iter(|| unsafe { hijack_floor(black_box(1)) }));
     assert_eq!(p.nmissed(), 0);
     drop(p);
     g.finish();
