@@ -43,11 +43,12 @@ fn main() {
     std::fs::write(out, text).expect("OUT_DIR is writable");
 
     // The runtime's trampolines, each a probe-codegen shape over the built-in frame with
-    // every general register restored and the FP/SIMD argument registers kept:
-    // - the return trampoline of return probes (kretprobe shape; the FP argument
-    //   registers include every FP return register: xmm0-xmm1, v0-v3 for HFAs);
+    // every general register restored and FP/SIMD registers kept:
+    // - the return trampoline of return probes (kretprobe shape): the FP return
+    //   registers, x86_64 xmm0-xmm1 (Fp::Return; the others are dead at a return), and
+    //   aarch64 v0-v3 (an HFA of four returns in them: Fp::Args, q0-q7);
     // - the site trampoline of `#[traceable]` functions (entry shape, called from the
-    //   patched site; handlers may use floats and vector code).
+    //   patched site; handlers may use floats and vector code): the argument registers.
     let routines = [
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
         ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
@@ -55,7 +56,8 @@ fn main() {
     for (file, shape, name, handler) in routines {
         let text = match arch {
             Some(arch) => {
-                let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, Fp::Args, shape).expect("the built-in frame plans");
+                let fp = if shape == Shape::Kretprobe && arch == Arch::X86_64 { Fp::Return } else { Fp::Args };
+                let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
                 let mut text = render::rust_global_asm(&plan, name, "crate::PtRegs", &symbols);
                 // The x86_64 dispatcher finds the probed rsp there (`site::redirected`).
