@@ -164,7 +164,9 @@ pub(crate) fn untrapping(before: usize) {
     })
 }
 
-/// Runs `f` with this thread's state.
+/// Runs `f` with this thread's state. Inlined: the hit paths call it several times,
+/// and `LocalKey::with` kept out of line costs a call each.
+#[inline(always)]
 pub(crate) fn with_thread<R>(f: impl FnOnce(&Thread) -> R) -> R {
     THREAD.with(f)
 }

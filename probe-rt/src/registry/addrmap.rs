@@ -80,7 +80,15 @@ impl AddrMap {
     #[inline]
     pub(crate) fn head(&self, key: usize) -> u32 {
         let Some(t) = self.current() else { return 0 };
-        for e in t.probe_sequence(key) {
+        // The first slot of the sequence holds most keys (the table stays under half
+        // full): checked before the general loop, which the hit path pays for otherwise.
+        let first = t.probe_sequence(key).next().map(|e| (e.key.load(Ordering::Acquire), e));
+        match first {
+            Some((k, e)) if k == key => return e.head.load(Ordering::Acquire),
+            Some((0, _)) | None => return 0,
+            _ => {}
+        }
+        for e in t.probe_sequence(key).skip(1) {
             match e.key.load(Ordering::Acquire) {
                 k if k == key => return e.head.load(Ordering::Acquire),
                 0 => return 0,
