@@ -139,11 +139,19 @@ const RETRY_EVERY: u32 = 1024;
 impl State {
     /// This thread's ring, claimed at its first call (lock-free: a scan and a CAS): a
     /// free one, or else one whose thread exited.
+    #[inline(always)]
     fn ring(&self) -> Option<&Ring> {
         let (generation, index) = CACHE.get();
         if generation == self.generation {
             return Some(&self.rings[index]);
         }
+        self.claim_ring()
+    }
+
+    /// [`Self::ring`] the first time on this thread (or after another tracer took the
+    /// cache).
+    #[cold]
+    fn claim_ring(&self) -> Option<&Ring> {
         let mut me = SERIAL.get();
         if me == 0 {
             me = owner_word();

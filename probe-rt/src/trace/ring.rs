@@ -194,13 +194,19 @@ impl Ring {
         self.depth.load(Ordering::Relaxed)
     }
 
-    fn word(&self, frame: usize, k: usize) -> &AtomicU64 {
-        &self.stack[frame * (FRAME + self.nargs) + k]
+    /// The words of frame `i`: `FRAME` then the arguments. One bounds check for all.
+    #[inline(always)]
+    fn words(&self, i: usize) -> (&[AtomicU64; FRAME], &[AtomicU64]) {
+        let stride = FRAME + self.nargs;
+        let w = &self.stack[i * stride..(i + 1) * stride];
+        let (head, args) = w.split_at(FRAME);
+        (head.try_into().expect("FRAME words"), args)
     }
 
     /// Frame `i` of the stack (owner only).
     pub(super) fn frame(&self, i: usize) -> Frame {
-        Frame { sp: self.word(i, 1).load(Ordering::Relaxed) as usize, data: self.word(i, 2).load(Ordering::Relaxed) as usize }
+        let (w, _) = self.words(i);
+        Frame { sp: w[1].load(Ordering::Relaxed) as usize, data: w[2].load(Ordering::Relaxed) as usize }
     }
 
     /// Pushes a call entered at `enter` (owner only); its depth, or `None` (counted)
@@ -211,12 +217,13 @@ impl Ring {
             self.too_deep.store(self.too_deep.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             return None;
         }
-        self.word(d, 0).store(func as u64, Ordering::Relaxed);
-        self.word(d, 1).store(sp as u64, Ordering::Relaxed);
-        self.word(d, 2).store(data as u64, Ordering::Relaxed);
-        self.word(d, 3).store(enter, Ordering::Relaxed);
-        for a in 0..self.nargs {
-            self.word(d, FRAME + a).store(args(a), Ordering::Relaxed);
+        let (w, saved) = self.words(d);
+        w[0].store(func as u64, Ordering::Relaxed);
+        w[1].store(sp as u64, Ordering::Relaxed);
+        w[2].store(data as u64, Ordering::Relaxed);
+        w[3].store(enter, Ordering::Relaxed);
+        for (a, word) in saved.iter().enumerate() {
+            word.store(args(a), Ordering::Relaxed);
         }
         self.depth.store(d + 1, Ordering::Relaxed);
         Some(d)
@@ -227,19 +234,21 @@ impl Ring {
     pub(super) fn pop(&self, exit: u64, ret: Option<u64>) {
         let d = self.depth() - 1;
         self.depth.store(d, Ordering::Relaxed);
-        let w = |k| self.word(d, k).load(Ordering::Relaxed);
+        let (w, saved) = self.words(d);
         let flags = match ret {
             Some(_) => HAS_RET,
             None => UNWOUND,
         };
-        self.emit(w(0) as u32, d as u32, flags, w(3), exit, |a| w(FRAME + a), ret.unwrap_or(0));
+        let load = |w: &AtomicU64| w.load(Ordering::Relaxed);
+        self.emit(load(&w[0]) as u32, d as u32, flags, load(&w[3]), exit, saved.iter().map(load), ret.unwrap_or(0));
     }
 
     /// Appends a record (owner only): a claim announced before the words are
     /// written (so a reader can tell which records a write may have overlapped), the
     /// words, then the head published.
     #[allow(clippy::too_many_arguments)]
-    fn emit(&self, func: u32, depth: u32, flags: u64, enter: u64, exit: u64, args: impl Fn(usize) -> u64, ret: u64) {
+    #[inline(always)]
+    fn emit(&self, func: u32, depth: u32, flags: u64, enter: u64, exit: u64, args: impl Iterator<Item = u64>, ret: u64) {
         let h = self.head.load(Ordering::Relaxed);
         if self.full == Full::Drop && h - self.tail.load(Ordering::Acquire) > self.mask {
             self.dropped.store(self.dropped.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
@@ -250,15 +259,17 @@ impl Ring {
         // follows its reads of these words (the seqlock writer's fence).
         fence(Ordering::Release);
         let base = (h & self.mask) as usize * self.stride;
-        let r = &self.records[base..base + self.stride];
+        // `stride` = 3 + nargs (+ 1 with the return value): the fixed words, then the rest.
+        let (r, rest) = self.records[base..base + self.stride].split_at(3);
         r[0].store(func as u64 | (depth as u64 & 0xff_ffff) << 32 | flags << 56, Ordering::Relaxed);
         r[1].store(enter, Ordering::Relaxed);
         r[2].store(exit, Ordering::Relaxed);
-        for a in 0..self.nargs {
-            r[3 + a].store(args(a), Ordering::Relaxed);
+        let (saved, retval) = rest.split_at(self.nargs);
+        for (word, a) in saved.iter().zip(args) {
+            word.store(a, Ordering::Relaxed);
         }
-        if self.stride > 3 + self.nargs {
-            r[3 + self.nargs].store(ret, Ordering::Relaxed);
+        if let Some(word) = retval.first() {
+            word.store(ret, Ordering::Relaxed);
         }
         self.head.store(h + 1, Ordering::Release);
     }
