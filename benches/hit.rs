@@ -8,6 +8,10 @@
 //! - `hit/optimized`: the same probe optimized (the default where it can be): a jump to
 //!   a detour that calls the generated trampoline, no trap; at a plain function's entry.
 //! - `hit/opt_mid`: an optimized probe on an instruction inside a function.
+//! - `hit/vector_state_floor`: the floor of any probe inside a function whose handler
+//!   may use vector registers: the whole FP/SIMD state saved and restored once, as
+//!   `opt_mid`'s trampoline does (x86_64 `xsavec64` + `xrstor64` of every component
+//!   the OS enabled, or `xsave64` without XSAVEC; aarch64 q0-q31, FPCR and FPSR).
 //! - `hit/opt_return`: a return probe with empty handlers whose entry is optimized.
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
 //! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
@@ -250,6 +254,51 @@ std::arch::global_asm!(
 );
 static mut HIJACK_SAVED: usize = 0;
 
+/// Saves and restores the whole FP/SIMD state once, in a 64-byte aligned area on the
+/// stack, as a mid-function trampoline does (see `hit/vector_state_floor`).
+#[cfg(target_arch = "x86_64")]
+fn vector_state_round_trip(area: &mut VectorArea, compact: bool) {
+    let mask = probekit::__private::XSAVE_MASK.load(std::sync::atomic::Ordering::Relaxed);
+    let (lo, hi) = (mask as u32, (mask >> 32) as u32);
+    let p = area.0.as_mut_ptr();
+    // SAFETY: the area is 64-byte aligned and at least CPUID.(EAX=0DH,ECX=0):EBX bytes
+    // (checked where it is made), zeroed, so its header is valid for xrstor; the mask is
+    // XCR0, which the OS enabled (it is 0 without OSXSAVE, and then nothing is saved).
+    unsafe {
+        if compact {
+            std::arch::asm!("xsavec64 [{p}]", "xrstor64 [{p}]", p = in(reg) p, in("eax") lo, in("edx") hi, options(nostack));
+        } else {
+            std::arch::asm!("xsave64 [{p}]", "xrstor64 [{p}]", p = in(reg) p, in("eax") lo, in("edx") hi, options(nostack));
+        }
+    }
+}
+#[cfg(target_arch = "aarch64")]
+fn vector_state_round_trip(area: &mut VectorArea, _compact: bool) {
+    let p = area.0.as_mut_ptr();
+    // SAFETY: the area holds 32 q registers and FPCR/FPSR (528 bytes); what is loaded
+    // back is what was just stored.
+    unsafe {
+        std::arch::asm!(
+            "stp q0, q1, [{p}]", "stp q2, q3, [{p}, #32]", "stp q4, q5, [{p}, #64]", "stp q6, q7, [{p}, #96]",
+            "stp q8, q9, [{p}, #128]", "stp q10, q11, [{p}, #160]", "stp q12, q13, [{p}, #192]", "stp q14, q15, [{p}, #224]",
+            "stp q16, q17, [{p}, #256]", "stp q18, q19, [{p}, #288]", "stp q20, q21, [{p}, #320]", "stp q22, q23, [{p}, #352]",
+            "stp q24, q25, [{p}, #384]", "stp q26, q27, [{p}, #416]", "stp q28, q29, [{p}, #448]", "stp q30, q31, [{p}, #480]",
+            "mrs {t}, fpcr", "str {t}, [{p}, #512]", "mrs {t}, fpsr", "str {t}, [{p}, #520]",
+            "ldr {t}, [{p}, #512]", "msr fpcr, {t}", "ldr {t}, [{p}, #520]", "msr fpsr, {t}",
+            "ldp q0, q1, [{p}]", "ldp q2, q3, [{p}, #32]", "ldp q4, q5, [{p}, #64]", "ldp q6, q7, [{p}, #96]",
+            "ldp q8, q9, [{p}, #128]", "ldp q10, q11, [{p}, #160]", "ldp q12, q13, [{p}, #192]", "ldp q14, q15, [{p}, #224]",
+            "ldp q16, q17, [{p}, #256]", "ldp q18, q19, [{p}, #288]", "ldp q20, q21, [{p}, #320]", "ldp q22, q23, [{p}, #352]",
+            "ldp q24, q25, [{p}, #384]", "ldp q26, q27, [{p}, #416]", "ldp q28, q29, [{p}, #448]", "ldp q30, q31, [{p}, #480]",
+            p = in(reg) p, t = out(reg) _, options(nostack),
+        );
+    }
+}
+
+/// Room for any `xsave` area this machine asks for (AVX-512: 2.7 KiB; AMX's tile data
+/// needs 8 KiB more), 64-byte aligned, zeroed.
+#[repr(C, align(64))]
+struct VectorArea([u8; 16384]);
+
 extern "C" {
     fn hijack_floor(x: u64) -> u64;
     fn site_floor(x: u64) -> u64;
@@ -372,6 +421,15 @@ fn hit(c: &mut Criterion) {
     let p =
         unsafe { Probe::builder().address(hit_opt_mid_at as *const () as usize) }.pre(empty).optimize(Optimize::Required).register().expect("optimized probe");
     g.bench_function("opt_mid", |b| b.iter(|| black_box(f)(black_box(1))));
+    let mut area = Box::new(VectorArea([0; 16384]));
+    #[cfg(target_arch = "x86_64")]
+    let compact = {
+        assert!(std::arch::x86_64::__cpuid_count(0xd, 0).ebx as usize <= area.0.len(), "the xsave area fits");
+        std::arch::x86_64::__cpuid_count(0xd, 1).eax & 2 != 0
+    };
+    #[cfg(target_arch = "aarch64")]
+    let compact = false;
+    g.bench_function("vector_state_floor", |b| b.iter(|| vector_state_round_trip(black_box(&mut area), compact)));
     assert_eq!(p.nmissed(), 0);
     drop(p);
 
