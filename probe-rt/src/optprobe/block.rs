@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 /// Parked blocks at which a grace period is tried to make them free.
 const RECLAIM_AT: usize = 32;
 
-/// A block that may still be in use: the address it detours and its bytes.
+/// A block that may still be in use: the address it detours and how many bytes of it
+/// the detour is (the block's memory holds them).
 struct Parked {
     block: usize,
     probe: usize,
-    bytes: Vec<u8>,
+    len: usize,
 }
 
 /// The detour blocks of the process (under the registry lock, through `optprobe`'s
@@ -62,12 +63,14 @@ impl Blocks {
     /// its unwind rules registered: the address's parked block if its bytes are the same
     /// (nothing written, its rules registered still), else a free or new one near
     /// `addr`. `make` may refuse (the relocation depends on where the block is).
-    pub(super) fn place(&mut self, addr: usize, make: impl Fn(usize) -> Result<(Vec<u8>, Fde), NotOptimized>) -> Result<(usize, Vec<u8>), NotOptimized> {
+    /// Returns the block and the detour's length.
+    pub(super) fn place(&mut self, addr: usize, make: impl Fn(usize) -> Result<(Vec<u8>, Fde), NotOptimized>) -> Result<(usize, usize), NotOptimized> {
         if let Some(k) = self.parked.iter().position(|p| p.probe == addr) {
             let (bytes, _) = make(self.parked[k].block)?;
-            if bytes == self.parked[k].bytes {
+            let p = &self.parked[k];
+            if bytes.len() == p.len && code::read(p.block, p.len).is_some_and(|b| b == bytes) {
                 let p = self.parked.swap_remove(k);
-                return Ok((p.block, p.bytes));
+                return Ok((p.block, p.len));
             }
         }
         if self.parked.len() >= RECLAIM_AT && !self.free.iter().any(|b| near(*b, addr)) {
@@ -85,7 +88,7 @@ impl Blocks {
             Ok((bytes, fde)) => {
                 // Before anything can jump to the block (a free block has no rules).
                 self.tables.insert(block, Table::register(PC, &[fde]));
-                Ok((block, bytes))
+                Ok((block, bytes.len()))
             }
             Err(e) => {
                 // Never reachable (nothing jumps there yet): free at once.
@@ -109,8 +112,8 @@ impl Blocks {
 
     /// Parks the block of an address just unoptimized, or whose optimization failed
     /// after the block was placed (see the module docs).
-    pub(super) fn park(&mut self, block: usize, probe: usize, bytes: Vec<u8>) {
-        self.parked.push(Parked { block, probe, bytes });
+    pub(super) fn park(&mut self, block: usize, probe: usize, len: usize) {
+        self.parked.push(Parked { block, probe, len });
     }
 
     /// Runs a grace period over every thread for the parked blocks: if it completes,

@@ -224,15 +224,28 @@ impl Optimize {
     }
 }
 
-/// An optimized address: the jump is in the text.
+/// The most bytes a jump displaces: x86_64, whole instructions covering its 5 bytes,
+/// so at most 4 and then one of up to 15; aarch64 one instruction.
+const WINDOW_MAX: usize = 4 + 15;
+
+/// An optimized address: the jump is in the text. Kept for every optimized address,
+/// so small: the original bytes inline, the detour's only as long as they are (the
+/// block's memory holds them).
 struct Window {
     /// Bytes the jump displaced (whole instructions).
     len: usize,
-    /// Their original bytes.
-    orig: Vec<u8>,
-    /// The detour block, and its bytes.
+    /// Their original bytes: `orig[..len]`.
+    orig: [u8; WINDOW_MAX],
+    /// The detour block, and how many bytes of it the detour is.
     block: usize,
-    bytes: Vec<u8>,
+    code: usize,
+}
+
+impl Window {
+    /// The original bytes of the displaced range.
+    fn orig(&self) -> &[u8] {
+        &self.orig[..self.len]
+    }
 }
 
 /// What is optimized, why the rest is not, and the blocks. Taken under the registry
@@ -301,7 +314,7 @@ pub(crate) fn forget(addr: usize) {
     let mut st = state();
     if let Some(w) = st.windows.remove(&addr) {
         publish(addr, 0);
-        st.blocks.park(w.block, addr, w.bytes);
+        st.blocks.park(w.block, addr, w.code);
     }
     st.reasons.remove(&addr);
 }
@@ -334,7 +347,7 @@ pub(crate) fn original(from: usize, code: &mut [u8]) {
 fn overlay(st: &State, from: usize, code: &mut [u8]) {
     let to = from + code.len();
     for (&a, w) in st.windows.range(..to) {
-        for (k, b) in w.orig.iter().enumerate() {
+        for (k, b) in w.orig().iter().enumerate() {
             if let Some(i) = (a + k).checked_sub(from).filter(|i| *i < code.len()) {
                 code[i] = *b;
             }
@@ -435,7 +448,7 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         overlay(st, f.addr, &mut func);
         let window = detour::window(addr, f.addr, &func)?;
         let len = window.len;
-        let orig = func[addr - f.addr..addr - f.addr + len].to_vec();
+        let orig = &func[addr - f.addr..addr - f.addr + len];
         // A function's entry (not a label inside one): only arguments live in the
         // vector registers.
         let tramp = trampoline(f.addr == addr && !f.label);
@@ -443,7 +456,9 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
             let (copy, rows) = window.relocate(block + detour::COPY, addr + len)?;
             Ok((detour::block(block, addr, tramp, &copy), detour::unwind(block, addr, &rows, copy.len())))
         };
-        (len, orig, make)
+        let mut saved = [0; WINDOW_MAX];
+        saved.get_mut(..len).ok_or(NotOptimized::UndecodableFunction { at: addr })?.copy_from_slice(orig);
+        (len, saved, make)
     };
     #[cfg(target_arch = "aarch64")]
     let (len, orig, make) = {
@@ -455,7 +470,9 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
             let (copy, pool, rows) = detour::relocate(w, addr, block + detour::COPY, block + detour::POOL)?;
             Ok((detour::block(block, addr, tramp, &copy, &pool), detour::unwind(block, addr, &rows)))
         };
-        (4, orig, make)
+        let mut saved = [0; WINDOW_MAX];
+        saved[..4].copy_from_slice(&orig[..4]);
+        (4, saved, make)
     };
     // Nothing else may be written inside the range: another probe's breakpoint, a site.
     for at in addr + 1..addr + len {
@@ -464,23 +481,23 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
             return Err(NotOptimized::ProbeInWindow { at });
         }
     }
-    let (block, bytes) = st.blocks.place(addr, make)?;
+    let (block, code) = st.blocks.place(addr, make)?;
     let Some(jump) = jump_bytes(addr, block) else {
-        st.blocks.park(block, addr, bytes);
+        st.blocks.park(block, addr, code);
         return Err(NotOptimized::NoNearMemory);
     };
     // Its resume breakpoint is known to the trap path (for good: blocks stay mapped).
     if let Err(e) = REDIRECTS.set(block + detour::RESUME_TRAP, 1) {
-        st.blocks.park(block, addr, bytes);
+        st.blocks.park(block, addr, code);
         return Err(NotOptimized::Write(Box::new(e)));
     }
-    Ok(Prepared { addr, window: Window { len, orig, block, bytes }, jump })
+    Ok(Prepared { addr, window: Window { len, orig, block, code }, jump })
 }
 
 /// Gives a prepared address up: trapping threads go to the slot again, the block is parked.
 fn abandon(st: &mut State, p: Prepared, why: NotOptimized) {
     publish(p.addr, 0);
-    st.blocks.park(p.window.block, p.addr, p.window.bytes);
+    st.blocks.park(p.window.block, p.addr, p.window.code);
     st.reasons.insert(p.addr, why);
 }
 
@@ -598,7 +615,7 @@ fn optimize(st: &mut State, addrs: &[usize]) {
 /// has no inside).
 #[cfg(target_arch = "x86_64")]
 fn first_len(p: &Prepared) -> usize {
-    let mut d = iced_x86::Decoder::with_ip(64, &p.window.orig, p.addr as u64, iced_x86::DecoderOptions::NONE);
+    let mut d = iced_x86::Decoder::with_ip(64, p.window.orig(), p.addr as u64, iced_x86::DecoderOptions::NONE);
     d.decode().len()
 }
 
@@ -645,7 +662,7 @@ pub(crate) fn unoptimize(addrs: &[usize]) -> Result<(), Error> {
     for a in done {
         if let Some(w) = st.windows.remove(&a) {
             publish(a, 0);
-            st.blocks.park(w.block, a, w.bytes);
+            st.blocks.park(w.block, a, w.code);
         }
     }
     result
