@@ -35,6 +35,13 @@ impl std::fmt::Debug for Handler {
 impl Handler {
     /// A closure handler.
     pub(crate) fn new<F: Fn(&mut PtRegs) + Send + Sync + 'static>(f: F) -> Self {
+        if std::mem::size_of::<F>() == 0 && !std::mem::needs_drop::<F>() {
+            // A function or a closure that captures nothing: no state to keep alive,
+            // so no allocation (an `Arc` of it is 16 bytes of heap per probe). Without
+            // drop glue, forgetting it changes nothing.
+            std::mem::forget(f);
+            return Handler { call: call::<F>, ctx: std::ptr::NonNull::<F>::dangling().as_ptr() as usize, owner: None };
+        }
         let owner = Arc::new(f);
         let ctx = Arc::as_ptr(&owner) as usize;
         Handler { call: call::<F>, ctx, owner: Some(owner) }
@@ -55,7 +62,9 @@ impl Handler {
 fn call<F: Fn(&mut PtRegs)>(regs: &mut PtRegs, ctx: usize) {
     // SAFETY: `ctx` is `Arc::as_ptr` of an `Arc<F>` (see `Handler::new`) stored in a
     // record with `call::<F>`; the `Arc` lives while the record can reach a hit path:
-    // held by the handle until unregistration, then buried until a grace period.
+    // held by the handle until unregistration, then buried until a grace period. Or,
+    // for a zero-sized `F`, a dangling pointer aligned for `F`, which a reference to a
+    // zero-sized value may be.
     let f = unsafe { &*(ctx as *const F) };
     f(regs)
 }
