@@ -285,6 +285,38 @@ thread_local! {
     static FP_AREA: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
 }
 
+/// In a child made by `fork`: the forking thread's live instances name its parent-side
+/// thread id, which names no thread here; they are its own (its stack still returns
+/// through their stubs), so they take its new id, or `Core::take` and `Block::idle`
+/// would take them for an exited thread's.
+///
+/// Async-signal-safe, as a child of a multithreaded process needs: a system call, a
+/// const thread-local and atomics.
+extern "C" fn after_fork_in_child() {
+    // The id `grace` records for this thread at its next hit (its own fork handler
+    // forgot the parent's): what `enter` passes to `Core::take`.
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as usize;
+    let mut at = HEAD.get();
+    while at != 0 {
+        let inst = inst_at(at);
+        inst.owner.store(tid, Ordering::Release);
+        at = inst.next.load(Ordering::Relaxed);
+    }
+}
+
+/// Registers [`after_fork_in_child`] (once, with the first return probe: before it,
+/// no thread holds an instance).
+fn at_fork() {
+    static AT_FORK: std::sync::Once = std::sync::Once::new();
+    // SAFETY: pthread_atfork only needs handlers that are sound in the child; this one
+    // touches this thread's list and the instances on it, leaked and never freed (the
+    // child is single-threaded when it runs, so nothing else does).
+    AT_FORK.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(after_fork_in_child as unsafe extern "C" fn()));
+    });
+}
+
 /// The instance at `addr` (from `HEAD` or `next`).
 fn inst_at(addr: usize) -> &'static Inst {
     // SAFETY: only addresses of instances (in blocks, leaked, never freed) are stored there.
@@ -380,7 +412,11 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         core.nmissed.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    // SAFETY: `run_entry` was made for the `T` of `inst.data`, and the instance is ours.
+    // SAFETY: `run_entry` was made for the `T` of `inst.data`, and the instance is ours:
+    // busy, or taken over from a thread that exited (`Core::take`). That thread's last
+    // writes to the `T` come before its exit, which comes before the kernel no longer
+    // finding it (what `take` asked before its compare-and-swap); nothing else touches
+    // an instance held by a thread.
     match unsafe { (core.run_entry)(core, inst.data.load(Ordering::Relaxed), regs) } {
         // Without a return handler there is nothing to watch the return for.
         Entry::Continue if core.handler != 0 => {}
@@ -683,6 +719,7 @@ impl<T: Default + Send + 'static, S> ReturnProbeBuilder<T, S> {
         // unwind information and instances, reused or new (see `pool`), pointed at the
         // probe: everything a hit can reach exists before it is armed.
         let data: Box<[UnsafeCell<T>]> = (0..n).map(|_| UnsafeCell::new(T::default())).collect();
+        at_fork();
         let block = pool::take(n)?;
         let data = Box::into_raw(data) as *mut UnsafeCell<T> as usize;
         let (handler, run_return, return_owner) = match self.handler {

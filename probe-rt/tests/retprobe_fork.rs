@@ -1,0 +1,84 @@
+//! A child made by `fork` inside a return-probed call. The forking thread's live
+//! instances held the parent's thread id; in the child that id names no thread, so
+//! unless the child re-owns them, a new call takes the thread's *own* live instance
+//! over as an exited thread's (the list loops on itself, and the return hangs or
+//! goes astray).
+
+use probe_rt::{PtRegs, ReturnProbe};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+static PARENT: AtomicI32 = AtomicI32::new(0);
+
+#[inline(never)]
+extern "C" fn target(cb: extern "C" fn(u64) -> u64, x: u64) -> u64 {
+    black_box(cb(black_box(x))).wrapping_add(1)
+}
+
+extern "C" fn noop(x: u64) -> u64 {
+    black_box(x)
+}
+
+/// Forks; the child makes one nested call of `target` (maxactive 1: the only instance
+/// is the outer call's, held under the parent's thread id).
+extern "C" fn forker(x: u64) -> u64 {
+    // SAFETY: fork has no preconditions; the child (single-threaded) only makes a call,
+    // returns through the probed calls and `_exit`s (below), taking no lock another
+    // thread of the parent could have held.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        return target(noop, x);
+    }
+    pid as u64
+}
+
+fn on_return(_r: &PtRegs, _d: &mut u64) {}
+
+#[test]
+fn a_child_forked_inside_a_probed_call_returns_through_its_own_instances() {
+    // maxactive 1: the nested call in the child finds no free instance, only the
+    // outer call's, which must not look like an exited thread's.
+    let p = ReturnProbe::builder()
+        .function(target as extern "C" fn(extern "C" fn(u64) -> u64, u64) -> u64)
+        .data::<u64>()
+        .handler(on_return)
+        .maxactive(1)
+        .register()
+        .unwrap();
+    // SAFETY: getpid has no preconditions.
+    PARENT.store(unsafe { libc::getpid() }, Ordering::SeqCst);
+    let r = target(forker, 7);
+    // SAFETY: as above.
+    if unsafe { libc::getpid() } != PARENT.load(Ordering::SeqCst) {
+        // The child got back here through both stubs: the right answer.
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(if r == 9 { 0 } else { 3 }) };
+    }
+    let child = (r - 1) as libc::pid_t;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = 0;
+    let outcome = loop {
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let w = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+        if w == child {
+            break if libc::WIFEXITED(status) {
+                format!("exited with {}", libc::WEXITSTATUS(status))
+            } else {
+                format!("killed by signal {}", libc::WTERMSIG(status))
+            };
+        }
+        if Instant::now() > deadline {
+            // SAFETY: our own child.
+            unsafe {
+                libc::kill(child, libc::SIGKILL);
+                libc::waitpid(child, &mut status, 0);
+            }
+            break "hung (killed after 5 s)".to_string();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(p);
+    assert_eq!(outcome, "exited with 0", "the child returned through its stubs");
+}
