@@ -408,16 +408,31 @@ mod churn {
 
 /// Runs `calls` traced calls on a new thread, which then exits; its thread id.
 fn on_a_thread_that_exits(calls: u64) -> i32 {
-    std::thread::spawn(move || {
-        let h = black_box(churn::h as extern "C" fn(u64) -> u64);
+    calls_on_a_thread_that_exits(churn::h, calls)
+}
+
+/// Runs `calls` calls of `f` on a new thread, which then exits, and waits until the
+/// kernel no longer finds it (what a take-over asks): `join` returns when the thread
+/// cleared its id, a little before the kernel forgets it, and a thread that found no
+/// ring then would try again only `RETRY_EVERY` calls later. Its thread id.
+fn calls_on_a_thread_that_exits(f: extern "C" fn(u64) -> u64, calls: u64) -> i32 {
+    let tid = std::thread::spawn(move || {
+        let f = black_box(f);
         for i in 0..calls {
-            h(i);
+            f(i);
         }
         // SAFETY: gettid has no preconditions.
         unsafe { libc::gettid() }
     })
     .join()
-    .unwrap()
+    .unwrap();
+    let start = std::time::Instant::now();
+    // SAFETY: tgkill with signal 0 checks that the thread exists and sends nothing.
+    while unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) } == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "thread {tid} still found 10 s after it was joined");
+        std::thread::yield_now();
+    }
+    tid
 }
 
 #[test]
