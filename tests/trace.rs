@@ -532,3 +532,29 @@ fn rings_changing_hands_under_churn_keep_each_thread_s_records_its_own() {
     assert_eq!(drained + last.exited_lost + last.no_ring + overwritten + last.missed, spawned * calls_each);
     assert!(drained > 0);
 }
+
+mod lossy {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn f(x: u64) -> u64 {
+        black_box(x + 1)
+    }
+}
+
+#[test]
+fn an_exited_thread_s_losses_stay_counted_once_its_ring_is_taken_over() {
+    // One ring of 4: 10 calls overwrite 6 records (or drop 6 calls); a second thread
+    // takes the ring over. Every call stays in `calls() + lost()`.
+    for full in [Full::Drop, Full::Overwrite] {
+        let tracer = Tracer::builder().pattern(&glob("lossy")).threads(1).capacity(4).when_full(full).register().unwrap();
+        tracer.start();
+        let books = |s: &Snapshot| s.calls() as u64 + s.lost();
+        calls_on_a_thread_that_exits(lossy::f, 10);
+        assert_eq!(books(&tracer.snapshot()), 10, "{full:?}: before the take-over");
+        calls_on_a_thread_that_exits(lossy::f, 1);
+        let after = tracer.snapshot();
+        assert_eq!(after.threads.len(), 1, "{full:?}: the ring was taken over");
+        assert_eq!((after.calls(), after.exited_lost), (1, 10), "{full:?}: after the take-over");
+        assert_eq!(books(&after), 11, "{full:?}");
+    }
+}

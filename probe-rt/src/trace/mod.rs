@@ -45,7 +45,8 @@
 //! a few stores. The rings are allocated up front:
 //! [`TracerBuilder::threads`] rings of [`TracerBuilder::capacity`] records each; a
 //! thread that finds none free takes over the ring of a thread that exited, if there
-//! is one (that thread's unread records are given up: [`Snapshot::exited_lost`]),
+//! is one (that thread's unread records, and its counts of calls dropped or too
+//! deep, go to [`Snapshot::exited_lost`]),
 //! else it is not traced (counted in [`Snapshot::no_ring`]). The calls each function can
 //! have in flight at once, over all threads, are its return probe's `maxactive`
 //! ([`TracerBuilder::maxactive`]); calls beyond it are not traced (counted in
@@ -128,7 +129,8 @@ struct State {
     rings: Box<[Ring]>,
     /// Calls on threads that found no free ring.
     no_ring: AtomicU64,
-    /// Records of exited threads given up unread when their ring was taken over.
+    /// Calls of exited threads given up when their ring was taken over: records not
+    /// read, and calls dropped or too deep.
     exited_lost: AtomicU64,
 }
 
@@ -194,8 +196,8 @@ impl State {
             if owner == 0 || !r.ready.load(Ordering::Acquire) || crate::grace::thread_alive(owner as u32 as i32) {
                 return false;
             }
-            let Some(unread) = r.take_over(owner, me) else { return false };
-            self.exited_lost.fetch_add(unread, Ordering::Relaxed);
+            let Some(lost) = r.take_over(owner, me) else { return false };
+            self.exited_lost.fetch_add(lost, Ordering::Relaxed);
             r.name_thread();
             r.handed_over();
             true
@@ -457,7 +459,8 @@ impl TracerBuilder {
 
     /// How many threads can be traced at once (one ring each; default 64). When every
     /// ring has an owner, a new thread takes over the ring of one that exited, whose
-    /// unread records are given up ([`Snapshot::exited_lost`]).
+    /// unread records are given up (counted, with its calls dropped or too deep, in
+    /// [`Snapshot::exited_lost`]).
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
         self

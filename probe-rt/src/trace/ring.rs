@@ -150,22 +150,28 @@ impl Ring {
     /// Takes the ring over for the thread `me` from `from`, a thread that exited
     /// (tells the caller whether it won the ring; the caller then writes its `tid` and
     /// `name` and calls [`Ring::handed_over`]). The records the exited thread left
-    /// unread are given up: their number is returned with the win. Its calls in flight
-    /// never returned (it exited inside them) and are dropped too.
+    /// unread are given up: returned with the win is the number of its calls no reader
+    /// will see, those records (overwritten or not) and the calls it dropped or found
+    /// too deep, which its ring no longer counts. Its calls in flight never returned (it
+    /// exited inside them) and are dropped too.
     pub(super) fn take_over(&self, from: u64, me: u64) -> Option<u64> {
         self.owner.compare_exchange(from, me, Ordering::AcqRel, Ordering::Relaxed).ok()?;
         // Seqlock writer: odd, then the changes, then even (`handed_over`).
         self.version.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::Release);
         let head = self.head.load(Ordering::Relaxed);
-        let unread = head - self.tail.load(Ordering::Acquire).max(self.start.load(Ordering::Relaxed)).max(head.saturating_sub(self.capacity()));
+        // Not clipped to the capacity: records overwritten before anyone read them were
+        // counted by no reader yet (a snapshot counts them as `overwritten` only in the
+        // thread's trace, which no later snapshot has).
+        let unread = head.saturating_sub(self.tail.load(Ordering::Acquire).max(self.start.load(Ordering::Relaxed)));
         self.start.store(head, Ordering::Relaxed);
         // Consumed, as far as `Full::Drop` is concerned (`drain` only moves it forward).
         self.tail.fetch_max(head, Ordering::Release);
         self.depth.store(0, Ordering::Relaxed);
-        self.dropped.store(0, Ordering::Relaxed);
-        self.too_deep.store(0, Ordering::Relaxed);
-        Some(unread)
+        // The new owner counts from 0; the exited thread's counts go to the caller, or
+        // `calls() + lost()` would forget them.
+        let uncounted = self.dropped.swap(0, Ordering::Relaxed) + self.too_deep.swap(0, Ordering::Relaxed);
+        Some(unread + uncounted)
     }
 
     /// Ends a [`Ring::take_over`]: the new owner's `tid` and `name` are written.

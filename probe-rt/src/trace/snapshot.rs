@@ -65,11 +65,11 @@ pub struct ThreadTrace {
     /// Records overwritten before they could be read ([`Full::Overwrite`](super::Full)).
     pub overwritten: u64,
     /// Records dropped because the ring was full ([`Full::Drop`](super::Full)), since
-    /// the tracer was registered.
+    /// the thread took its ring.
     pub dropped: u64,
     /// Calls not traced because they nested deeper than
-    /// [`TracerBuilder::max_depth`](super::TracerBuilder::max_depth), since the tracer
-    /// was registered.
+    /// [`TracerBuilder::max_depth`](super::TracerBuilder::max_depth), since the thread
+    /// took its ring.
     pub too_deep: u64,
 }
 
@@ -143,9 +143,12 @@ pub struct Snapshot {
     /// Calls not traced because their thread found no free ring, since the tracer
     /// was registered.
     pub no_ring: u64,
-    /// Records of threads that exited, not read before their ring was given to a new
+    /// Calls of threads that exited, given up when their ring was given to a new
     /// thread (when every ring has an owner, a thread without one takes over the ring
-    /// of one that exited), since the tracer was registered.
+    /// of one that exited), since the tracer was registered: records not read
+    /// (overwritten or not) and the thread's [`ThreadTrace::dropped`] and
+    /// [`ThreadTrace::too_deep`], which its trace no longer shows. With it, a snapshot's
+    /// `calls() + lost()` is every call that finished on a ring.
     pub exited_lost: u64,
     /// Records written since the tracer was registered (in this snapshot, consumed by
     /// earlier drains, or lost).
@@ -178,7 +181,9 @@ impl Snapshot {
 
     /// Adds a later snapshot of the same tracer (a [`Tracer::drain`](super::Tracer::drain)):
     /// its calls follow this one's, thread by thread; counters take the later values,
-    /// overwritten records add up.
+    /// overwritten records add up. A thread that exited and whose ring was then taken
+    /// over keeps its trace here, with its last `dropped` and `too_deep`, which the
+    /// later `exited_lost` counts again.
     pub fn append(&mut self, later: Snapshot) {
         for t in later.threads {
             match self.threads.iter_mut().find(|m| m.ring == t.ring) {
