@@ -558,3 +558,71 @@ fn an_exited_thread_s_losses_stay_counted_once_its_ring_is_taken_over() {
         assert_eq!(books(&after), 11, "{full:?}");
     }
 }
+
+mod raced {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn g(x: u64) -> u64 {
+        black_box(x + 1)
+    }
+}
+
+#[test]
+fn a_drain_racing_take_overs_counts_each_call_once() {
+    // One ring, short threads one after another (each starts once the last is gone:
+    // never `no_ring`), each making fewer calls than the ring holds, and a thread
+    // draining all along: drains race the take-overs. Each call is drained or given
+    // up, not both.
+    use std::sync::atomic::{AtomicBool, Ordering::*};
+    use std::sync::Arc;
+    let (threads, calls): (u64, u64) = if cfg!(target_arch = "x86_64") { (1000, 500) } else { (200, 50) };
+    let tracer = Arc::new(Tracer::builder().pattern(&glob("raced")).threads(1).capacity(1024).register().unwrap());
+    tracer.start();
+    let done = Arc::new(AtomicBool::new(false));
+    let drainer = {
+        let (tracer, done) = (tracer.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut books = 0;
+            let mut drain = || {
+                let d = tracer.drain();
+                books += d.calls() as u64 + d.threads.iter().map(|t| t.overwritten).sum::<u64>();
+                d
+            };
+            while !done.load(Acquire) {
+                drain();
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+            let last = drain();
+            books + last.exited_lost + last.no_ring + last.missed
+        })
+    };
+    // Each thread waits (spinning) for the last to be gone, then calls at once: its
+    // take-over lands near a drain of the last one's records.
+    let (tx, rx) = std::sync::mpsc::channel::<i32>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    let mut last: Option<std::thread::JoinHandle<()>> = None;
+    for k in 0..threads {
+        let (tx, rx) = (tx.clone(), rx.clone());
+        let next = std::thread::spawn(move || {
+            if k > 0 {
+                let before = rx.lock().unwrap().recv().unwrap();
+                // SAFETY: tgkill with signal 0 checks that the thread exists and sends nothing.
+                while unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), before, 0) } == 0 {
+                    std::hint::spin_loop();
+                }
+            }
+            let g = black_box(raced::g as extern "C" fn(u64) -> u64);
+            for i in 0..calls {
+                g(i);
+            }
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+        });
+        if let Some(t) = last.replace(next) {
+            t.join().unwrap();
+        }
+    }
+    last.unwrap().join().unwrap();
+    done.store(true, Release);
+    assert_eq!(drainer.join().unwrap(), threads * calls, "calls drained, overwritten, given up, not traced");
+}

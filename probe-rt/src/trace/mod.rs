@@ -337,7 +337,8 @@ impl Tracer {
                 continue;
             }
             let owner = ring.owner.load(Ordering::Relaxed);
-            let tail = ring.tail.load(Ordering::Relaxed).max(ring.start.load(Ordering::Relaxed));
+            let consumed = ring.tail.load(Ordering::Relaxed);
+            let tail = consumed.max(ring.start.load(Ordering::Relaxed));
             let (mut raws, first) = ring.read(tail);
             let tid = ring.tid.load(Ordering::Relaxed);
             let name: Vec<u8> = ring.name.iter().flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes()).take_while(|b| *b != 0).collect();
@@ -352,8 +353,11 @@ impl Tracer {
             let head = first + raws.len() as u64;
             recorded += ring.head.load(Ordering::Relaxed);
             let overwritten = first - tail;
-            if consume {
-                ring.tail.fetch_max(head, Ordering::Release);
+            // A take-over after the version check above counted the records past
+            // `consumed` as given up, and moved the tail: then these are not delivered
+            // (nor their thread's counts), or they would count twice.
+            if consume && ring.tail.compare_exchange(consumed, head, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                continue;
             }
             let thread = ThreadTrace::new((index, owner), tid, String::from_utf8_lossy(&name).into_owned(), raws, self.state.nargs, self.state.retval);
             threads.push(thread.with_losses(overwritten, dropped, too_deep));

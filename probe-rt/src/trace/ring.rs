@@ -88,7 +88,8 @@ pub(super) struct Ring {
     pub(super) head: AtomicU64,
     /// Records consumed by `drain` (or given up by a take-over): below it, the writer
     /// may overwrite (`Full::Drop` never writes past `tail + capacity`). Only moves
-    /// forward.
+    /// forward: by a drain's compare-and-swap from the tail it read, or a take-over's
+    /// `fetch_max` (see [`Ring::take_over`]).
     pub(super) tail: AtomicU64,
     /// Records dropped because the ring was full (`Full::Drop`).
     pub(super) dropped: AtomicU64,
@@ -160,13 +161,16 @@ impl Ring {
         self.version.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::Release);
         let head = self.head.load(Ordering::Relaxed);
+        let start = self.start.swap(head, Ordering::Relaxed);
+        // Consumed, as far as `Full::Drop` is concerned. The tail it replaces, read in
+        // the same step, is where drains stopped: a drain consumes with a
+        // compare-and-swap from the tail it read and keeps nothing if this moved it
+        // first, so each record is counted by one of the two, never both.
+        let tail = self.tail.fetch_max(head, Ordering::AcqRel).max(start);
         // Not clipped to the capacity: records overwritten before anyone read them were
         // counted by no reader yet (a snapshot counts them as `overwritten` only in the
         // thread's trace, which no later snapshot has).
-        let unread = head.saturating_sub(self.tail.load(Ordering::Acquire).max(self.start.load(Ordering::Relaxed)));
-        self.start.store(head, Ordering::Relaxed);
-        // Consumed, as far as `Full::Drop` is concerned (`drain` only moves it forward).
-        self.tail.fetch_max(head, Ordering::Release);
+        let unread = head.saturating_sub(tail);
         self.depth.store(0, Ordering::Relaxed);
         // The new owner counts from 0; the exited thread's counts go to the caller, or
         // `calls() + lost()` would forget them.
