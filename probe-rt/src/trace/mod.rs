@@ -336,7 +336,6 @@ impl Tracer {
             if version & 1 == 1 {
                 continue;
             }
-            let owner = ring.owner.load(Ordering::Relaxed);
             let consumed = ring.tail.load(Ordering::Relaxed);
             let tail = consumed.max(ring.start.load(Ordering::Relaxed));
             let (mut raws, first) = ring.read(tail);
@@ -352,14 +351,22 @@ impl Tracer {
             }
             let head = first + raws.len() as u64;
             recorded += ring.head.load(Ordering::Relaxed);
-            let overwritten = first - tail;
+            // `first` is at least `tail` unless the copy was torn (and then discarded
+            // above); saturating all the same, a reader must not panic on it.
+            let overwritten = first.saturating_sub(tail);
             // A take-over after the version check above counted the records past
             // `consumed` as given up, and moved the tail: then these are not delivered
             // (nor their thread's counts), or they would count twice.
             if consume && ring.tail.compare_exchange(consumed, head, Ordering::AcqRel, Ordering::Relaxed).is_err() {
                 continue;
             }
-            let thread = ThreadTrace::new((index, owner), tid, String::from_utf8_lossy(&name).into_owned(), raws, self.state.nargs, self.state.retval);
+            // Its thread's key for `Snapshot::append`: the ring and its version, not the
+            // owner word. A take-over replaces the owner word *before* the version turns
+            // odd (the compare-and-swap is what wins the ring), so a reader can see the
+            // new owner and the old thread's records under one even version; the
+            // version, read twice around the copy, is the one word that names the
+            // thread whose records these are (it moves by 2 at each take-over).
+            let thread = ThreadTrace::new((index, version), tid, String::from_utf8_lossy(&name).into_owned(), raws, self.state.nargs, self.state.retval);
             threads.push(thread.with_losses(overwritten, dropped, too_deep));
         }
         Snapshot::new(

@@ -53,8 +53,8 @@ impl Call {
 /// One thread's calls.
 #[derive(Clone, Debug)]
 pub struct ThreadTrace {
-    /// Its ring in the tracer and its serial there (for `append`: a ring passes to
-    /// another thread when its thread exits).
+    /// Its ring in the tracer and the ring's version when read (for `append`: a ring
+    /// passes to another thread when its thread exits, and its version then moves on).
     ring: (usize, u64),
     /// Its thread id (Linux `gettid`).
     pub tid: i32,
