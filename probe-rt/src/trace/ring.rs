@@ -73,6 +73,7 @@ pub(super) struct Ring {
     pub(super) ready: AtomicBool,
     /// Odd while the ring passes from an exited thread to a new one (see
     /// [`Ring::take_over`]): a reader keeps what it read only if this did not change.
+    /// Even, it names the ring's owner (it only grows).
     pub(super) version: AtomicU64,
     /// The number of the owner's first record: records before it were an exited
     /// thread's.
@@ -157,8 +158,12 @@ impl Ring {
     /// exited inside them) and are dropped too.
     pub(super) fn take_over(&self, from: u64, me: u64) -> Option<u64> {
         self.owner.compare_exchange(from, me, Ordering::AcqRel, Ordering::Relaxed).ok()?;
-        // Seqlock writer: odd, then the changes, then even (`handed_over`).
-        self.version.fetch_add(1, Ordering::Relaxed);
+        // Seqlock writer: odd, then the changes, then even (`handed_over`). Made odd
+        // rather than incremented: a child made by `fork` while another thread was
+        // between the two keeps an odd version with no writer to end it, and the next
+        // take-over there must not turn it even while it writes. Load and store: the
+        // winner of the compare-and-swap above is the only writer.
+        self.version.store(self.version.load(Ordering::Relaxed) | 1, Ordering::Relaxed);
         fence(Ordering::Release);
         let head = self.head.load(Ordering::Relaxed);
         let start = self.start.swap(head, Ordering::Relaxed);
@@ -180,7 +185,9 @@ impl Ring {
 
     /// Ends a [`Ring::take_over`]: the new owner's `tid` and `name` are written.
     pub(super) fn handed_over(&self) {
-        self.version.fetch_add(1, Ordering::Release);
+        // Odd since `take_over`: the next even number (versions only grow, and name
+        // their owner in `Snapshot::append`).
+        self.version.store(self.version.load(Ordering::Relaxed) + 1, Ordering::Release);
     }
 
     /// Writes the calling thread's id and name (its owner's, once it claimed it).
@@ -289,7 +296,10 @@ impl Ring {
     /// `tail..first` were overwritten before they could be read).
     pub(super) fn read(&self, tail: u64) -> (Vec<Raw>, u64) {
         let head = self.head.load(Ordering::Acquire);
-        let start = tail.max(head.saturating_sub(self.capacity()));
+        // At most `head`: `tail` may come from a take-over this load of `head` does not
+        // see yet (the copy is then discarded by the version check, but must not panic
+        // or allocate from an underflow first).
+        let start = tail.max(head.saturating_sub(self.capacity())).min(head);
         let mut out = Vec::with_capacity((head - start) as usize);
         for n in start..head {
             let base = (n & self.mask) as usize * self.stride;
