@@ -1,0 +1,71 @@
+//! Optimized probes and the probes inside their displaced range: a thread resolving
+//! such a probe's breakpoint is waited for before the jump is written, and a
+//! registration refused inside the range leaves the optimized probe as it was. The
+//! scenario that could run part of a jump runs in a child process (this binary
+//! re-executed), so that a crash fails the test instead of the harness.
+
+use probe_rt::{Optimize, Probe, PtRegs};
+
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".pushsection .text.optprobe_window, \"ax\", @progbits",
+    // A window [0, 5) at win_fn whose second instruction (a 1-byte nop at +1) can be
+    // probed by a breakpoint: its slot returns to +2, inside the window.
+    ".globl win_fn",
+    ".globl win_fn_in",
+    ".type win_fn, @function",
+    "win_fn:",
+    "nop",
+    "win_fn_in:",
+    "nop",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".size win_fn, . - win_fn",
+    // x + 1, its entry a window of two instructions.
+    ".globl req_fn",
+    ".type req_fn, @function",
+    "req_fn:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".size req_fn, . - req_fn",
+    ".popsection",
+);
+
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".pushsection .text.optprobe_window, \"ax\", %progbits",
+    // x + 1: the `b` replaces its first instruction.
+    ".globl req_fn",
+    ".type req_fn, %function",
+    "req_fn:",
+    "add x0, x0, #1",
+    "ret",
+    ".size req_fn, . - req_fn",
+    ".popsection",
+);
+
+// C ABI, scratch registers only: safe to call. Labels are addresses only.
+unsafe extern "C" {
+    #[cfg(target_arch = "x86_64")]
+    safe fn win_fn(x: u64) -> u64;
+    #[cfg(target_arch = "x86_64")]
+    safe fn win_fn_in();
+    safe fn req_fn(x: u64) -> u64;
+}
+
+/// A registration inside an optimized probe's range that fails its checks (here: not
+/// an instruction boundary) leaves that probe optimized, even one registered with
+/// `Optimize::Required`.
+#[test]
+fn a_refused_registration_inside_the_range_leaves_the_probe_optimized() {
+    let f = req_fn as extern "C" fn(u64) -> u64;
+    let p = Probe::builder().function(f).pre(|_: &PtRegs| {}).optimize(Optimize::Required).register().unwrap();
+    assert!(p.is_optimized());
+    // SAFETY: registration checks the address; this one is inside the first instruction.
+    let bad = unsafe { Probe::builder().address(f as usize + 1) }.pre(|_: &PtRegs| {}).register();
+    assert!(bad.is_err());
+    assert!(p.is_optimized(), "Optimize::Required, now a breakpoint: {:?}", p.why_not_optimized());
+    assert_eq!(std::hint::black_box(f)(5), 6);
+}
