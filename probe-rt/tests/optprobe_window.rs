@@ -55,6 +55,62 @@ unsafe extern "C" {
     safe fn req_fn(x: u64) -> u64;
 }
 
+/// A thread resolving the breakpoint of a probe *inside* an optimized probe's range
+/// (blocked in its pre handler), then running that probe's slot, which returns into
+/// the range: when the inner probe is unregistered and the outer one optimized over
+/// it, the grace period must wait for that thread, or it resumes inside the `jmp`.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_thread_trapping_inside_the_range_is_waited_for_before_the_jump() {
+    use std::hint::black_box;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+    static IN_HANDLER: AtomicU32 = AtomicU32::new(0);
+    static GO: AtomicU32 = AtomicU32::new(0);
+    const NAME: &str = "a_thread_trapping_inside_the_range_is_waited_for_before_the_jump";
+    if std::env::var("OPTPROBE_WINDOW_CHILD").is_err() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("OPTPROBE_WINDOW_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the thread ran part of the jump: {}\n{text}", out.status);
+        return;
+    }
+    let f = win_fn as extern "C" fn(u64) -> u64;
+    assert_eq!(f(5), 6);
+    let outer = Probe::builder().function(f).pre(|_: &PtRegs| {}).register().unwrap();
+    assert!(outer.is_optimized(), "{:?}", outer.why_not_optimized());
+    // SAFETY: win_fn_in is an instruction of win_fn.
+    let inner = unsafe { Probe::builder().address(win_fn_in as *const () as usize) }
+        .pre(|_: &PtRegs| {
+            IN_HANDLER.store(1, Ordering::SeqCst);
+            while GO.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .optimize(Optimize::Never)
+        .register()
+        .unwrap();
+    assert!(!outer.is_optimized());
+    let t = std::thread::spawn(move || black_box(f)(5));
+    while IN_HANDLER.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Lets the thread go on a little after the outer probe's grace period started.
+    let go = std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_millis(50));
+        GO.store(1, Ordering::SeqCst);
+    });
+    // The thread is in the inner probe's SIGTRAP handler: the inner probe goes, and the
+    // outer one is optimized again once the thread is out of the range and the slot.
+    drop(inner);
+    go.join().unwrap();
+    assert_eq!(t.join().unwrap(), 6);
+    assert_eq!(black_box(f)(5), 6);
+}
+
 /// A registration inside an optimized probe's range that fails its checks (here: not
 /// an instruction boundary) leaves that probe optimized, even one registered with
 /// `Optimize::Required`.

@@ -27,8 +27,9 @@
 //! kernel's `setup_detour_execution`); x86_64, where the jump displaces more than one
 //! instruction, a grace period that samples *every* thread of the process shows that
 //! none is inside the displaced range past its first byte (a thread stopped there, in
-//! the out-of-line slot on its way there, or in the SIGTRAP handler, is asked again
-//! until it is out), then the `text_poke_bp` sequence: the `int3` stays on the first
+//! the SIGTRAP handler of a breakpoint anywhere in the range, or in the out-of-line
+//! slot of any probe in the range, registered or unregistered and not yet reclaimed,
+//! on its way there, is asked again until it is out), then the `text_poke_bp` sequence: the `int3` stays on the first
 //! byte while the other four bytes of the `jmp` are written, every core is synced, then
 //! the first byte, then a sync. aarch64 replaces the `brk` word with a `b`, both of the
 //! instructions the architecture lets one rewrite while others run them, and syncs: a
@@ -526,17 +527,22 @@ fn optimize(st: &mut State, addrs: &[usize]) {
         // the address, which returns inside it): a grace period over every thread.
         let (mut ready, wait): (Vec<Prepared>, Vec<Prepared>) = ready.into_iter().partition(|p| first_len(p) == p.window.len);
         if !wait.is_empty() {
-            let mut busy = Vec::new();
-            for p in &wait {
-                busy.push((p.addr + 1, p.addr + p.window.len));
-                for (_, e) in chain_from(ADDRS.head(p.addr)) {
-                    let slot = e.slot.load(Ordering::Relaxed);
-                    if slot != 0 && e.target.load(Ordering::Relaxed) == p.addr {
-                        busy.push((slot, slot + registry::SLOT));
-                    }
+            // Busy: the range past its first byte; the slot of every record whose
+            // probe is in the range (at the address, or inside it, as linked or as
+            // retired and maybe still run: a slot returns into the range); a thread
+            // resolving a breakpoint anywhere in the range (its handler goes on to such a
+            // slot). Free records are counted too: a superset is sound, and cheaper to
+            // find than each record's state.
+            let ranges: BTreeMap<usize, usize> = wait.iter().map(|p| (p.addr, p.addr + p.window.len)).collect();
+            let within = |t: usize| ranges.range(..=t).next_back().is_some_and(|(_, end)| t < *end);
+            let mut busy: Vec<(usize, usize)> = wait.iter().map(|p| (p.addr + 1, p.addr + p.window.len)).collect();
+            for (_, e) in registry::records() {
+                let slot = e.slot.load(Ordering::Relaxed);
+                if slot != 0 && within(e.target.load(Ordering::Relaxed)) {
+                    busy.push((slot, slot + registry::SLOT));
                 }
             }
-            let traps: Vec<usize> = wait.iter().map(|p| p.addr).collect();
+            let traps: Vec<(usize, usize)> = ranges.into_iter().collect();
             let due = st.retry.is_none_or(|at| Instant::now() >= at);
             // A few tries: one fails when no thread answers for 100 ms, which a thread
             // that is not scheduled that long (a loaded machine) also does.
