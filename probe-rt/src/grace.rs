@@ -681,23 +681,15 @@ pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
     sample(slots, false, None)
 }
 
-/// [`quiescent`] for every thread of the process, not only those that entered a hit
-/// path (listed from `/proc/self/task`, entered into the table as the fallback of the
-/// module docs does): for code any thread may be running without ever having entered
-/// a hit path, as the instructions a jump is about to displace (optimized probes).
-/// Under qemu-user the list holds qemu's own threads, which answer no guest signal:
-/// there it never completes.
-pub(crate) fn quiescent_every_thread(ranges: &[(usize, usize)]) -> bool {
-    sample(ranges, true, None)
-}
-
-/// Whether every thread of the process (as [`quiescent_every_thread`]) is seen with its
-/// pc outside `ranges` (and the code leading into them: the sigreturn trampolines and
-/// the hit paths' own code, which may be about to send a thread there) and not
-/// resolving a breakpoint inside one of the `traps` ranges: before a jump is written over code any
-/// thread may be running (optimized probes), where only those places matter. A thread
-/// inside a hit path for another address (a hot breakpoint elsewhere, a handler) is
-/// not waited for.
+/// Whether every thread of the process, not only those that entered a hit path
+/// (listed from `/proc/self/task`, entered into the table as the fallback of the module
+/// docs does), is seen with its pc outside `ranges` (and the code leading into them:
+/// the sigreturn trampolines and the hit paths' own code, which may be about to send a
+/// thread there) and not resolving a breakpoint inside one of the `traps` ranges:
+/// before a jump is written over code any thread may be running (optimized probes),
+/// where only those places matter. A thread inside a hit path for another address (a
+/// hot breakpoint elsewhere, a handler) is not waited for. Under qemu-user the list
+/// holds qemu's own threads, which answer no guest signal: there it never completes.
 #[cfg(target_arch = "x86_64")] // aarch64 optimizes one instruction: no window
 pub(crate) fn window_clear(ranges: &[(usize, usize)], traps: &[(usize, usize)]) -> bool {
     sample(ranges, true, Some(traps))

@@ -34,8 +34,8 @@
 //! the first byte, then a sync. aarch64 replaces the `brk` word with a `b`, both of the
 //! instructions the architecture lets one rewrite while others run them, and syncs: a
 //! one-instruction range has no inside. Unoptimizing runs backwards: the breakpoint's
-//! first byte back, a sync, the original tail, a sync (x86_64); the block is kept
-//! until no thread can be in it (see `block`).
+//! first byte back, a sync, the original tail, a sync (x86_64); the block is never
+//! written again nor unmapped, and serves only that address again (see `block`).
 //!
 //! Residual risk (x86_64): the grace period sees the pc each thread is interrupted at.
 //! A thread that was inside the displaced range when a signal handler started, and is
@@ -61,7 +61,7 @@
 //!   an FDE per block (`arch::detour::unwind`, built by `crate::unwind`) describes each
 //!   instruction as the probed code's frame at the original instruction it stands for.
 //!   It is registered with libgcc's `__register_frame` when the block is written (never
-//!   on a hit path), and deregistered only when a grace period frees the block.
+//!   on a hit path), and never deregistered (the block is never written again).
 //!
 //! [`crate::backtrace()`] and [`crate::stack_trace`] see through the dispatcher from the
 //! same frame (see [`crate::backtrace`](mod@crate::backtrace)); they do not read the
@@ -698,8 +698,9 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, _fp: *mut u8) -> usize {
     let cont = regs.instruction_pointer() as usize;
     let block = cont - detour::CONT;
     // SAFETY: the trampoline was called from a detour block, whose continuation is
-    // its return address; the block stays mapped and unchanged while a thread is in
-    // the trampoline (see `block`).
+    // its return address; blocks are never unmapped, and a written block is never
+    // written again (reused only for its address with the same bytes, see `block`),
+    // so its probe word is the one written before anything could jump to it.
     let probe = unsafe { ((block + detour::PROBE) as *const usize).read() };
     let sp = regs.stack_pointer() as usize + HOLE;
     regs.set_instruction_pointer(probe as u64);
