@@ -125,3 +125,43 @@ fn a_refused_registration_inside_the_range_leaves_the_probe_optimized() {
     assert!(p.is_optimized(), "Optimize::Required, now a breakpoint: {:?}", p.why_not_optimized());
     assert_eq!(std::hint::black_box(f)(5), 6);
 }
+
+/// Code replaced behind probekit's back while optimized, with an `int3` (0xcc) now on
+/// its first byte: unregistering the probe finds no jump of its own there, and must
+/// not write the original tail of the range over the new code.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn unoptimizing_writes_no_tail_where_the_jump_is_not_ours() {
+    // `mov eax, 42; ret`: the jump displaces the `mov` (5 bytes).
+    let code = [0xb8, 42, 0, 0, 0, 0xc3];
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a fresh anonymous mapping of two pages, ours alone (never unmapped);
+    // `code` fits in the first, made executable; the second stays read-write, whatever
+    // gets mapped near.
+    let f = unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        assert_ne!(p, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len());
+        assert_eq!(libc::mprotect(p, page, libc::PROT_READ | libc::PROT_EXEC), 0);
+        p as usize
+    };
+    // SAFETY: `f..f + 6` is one function, entered at `f` only.
+    let jit = unsafe { probe_rt::jit::declare("optprobe_window_jit", f, code.len()) }.unwrap();
+    let p = Probe::builder().symbol("optprobe_window_jit").optimize(Optimize::Required).pre(|_: &PtRegs| {}).register().unwrap();
+    assert!(p.is_optimized());
+    // The program writes other code there: an int3, then bytes of its own (nothing
+    // runs it meanwhile).
+    let new = [0xcc, 0x11, 0x22, 0x33, 0x44];
+    // SAFETY: the page is ours; no thread runs it while it is rewritten.
+    unsafe {
+        assert_eq!(libc::mprotect(f as *mut libc::c_void, page, libc::PROT_READ | libc::PROT_WRITE), 0);
+        std::ptr::copy_nonoverlapping(new.as_ptr(), f as *mut u8, new.len());
+        assert_eq!(libc::mprotect(f as *mut libc::c_void, page, libc::PROT_READ | libc::PROT_EXEC), 0);
+    }
+    let _ = p.unregister();
+    // SAFETY: reads the page (mapped, readable).
+    let tail = unsafe { *((f + 1) as *const [u8; 4]) };
+    assert_eq!(tail, [0x11, 0x22, 0x33, 0x44], "the original tail was written over the new code");
+    drop(jit);
+}

@@ -379,7 +379,8 @@ pub(crate) fn why_not(e: &Record) -> Option<NotOptimized> {
     }
     let st = state();
     if st.windows.contains_key(&addr) {
-        return None;
+        // With a reason: a window whose tail could not be written (see `back_out`).
+        return st.reasons.get(&addr).cloned();
     }
     Some(st.reasons.get(&addr).cloned().unwrap_or(NotOptimized::SharedWithBreakpoint))
 }
@@ -572,10 +573,7 @@ fn optimize(st: &mut State, addrs: &[usize]) {
             }
             match code::write_code(p.addr + 1, &p.jump[1..]) {
                 Ok(()) => ok.push(p),
-                Err(e) => {
-                    let _ = code::write_code(p.addr + 1, &p.window.orig[1..JUMP]);
-                    abandon(st, p, NotOptimized::Write(Box::new(e)));
-                }
+                Err(e) => back_out(st, p, e),
             }
         }
         code::sync_cores();
@@ -583,10 +581,7 @@ fn optimize(st: &mut State, addrs: &[usize]) {
         for p in ok {
             match code::write_code(p.addr, &p.jump[..1]) {
                 Ok(()) => live.push(p),
-                Err(e) => {
-                    let _ = code::write_code(p.addr + 1, &p.window.orig[1..JUMP]);
-                    abandon(st, p, NotOptimized::Write(Box::new(e)));
-                }
+                Err(e) => back_out(st, p, e),
             }
         }
         code::sync_cores();
@@ -617,6 +612,22 @@ fn optimize(st: &mut State, addrs: &[usize]) {
     }
 }
 
+/// A jump that could not be written whole (x86_64, error `e`): the original tail back
+/// behind the breakpoint, and the address given up. If even that write fails, the
+/// breakpoint stays in front of a tail that is not the code's: the window is kept, so
+/// that trapping threads still go on to the detour's copy (never into the tail), its
+/// block is not parked, and the error is recorded; `unoptimize` writes the tail later.
+#[cfg(target_arch = "x86_64")]
+fn back_out(st: &mut State, p: Prepared, e: Error) {
+    match code::write_code(p.addr + 1, &p.window.orig[1..JUMP]) {
+        Ok(()) => abandon(st, p, NotOptimized::Write(Box::new(e))),
+        Err(e) => {
+            st.reasons.insert(p.addr, NotOptimized::Write(Box::new(e)));
+            st.windows.insert(p.addr, p.window);
+        }
+    }
+}
+
 /// Bytes of the first instruction of a prepared window (a range of one instruction
 /// has no inside).
 #[cfg(target_arch = "x86_64")]
@@ -627,8 +638,9 @@ fn first_len(p: &Prepared) -> usize {
 
 /// Takes the jumps at `addrs` out (those that are optimized), back to their
 /// breakpoints (batched: x86_64 every first byte, a sync, every tail, a sync). The
-/// first error, if a write failed: those addresses stay optimized. Under the registry
-/// lock.
+/// first error, if a write failed: those addresses keep their window (an address whose
+/// tail could not be written back has the breakpoint in front, and sends trapping
+/// threads on to the detour's copy as while it is optimized). Under the registry lock.
 pub(crate) fn unoptimize(addrs: &[usize]) -> Result<(), Error> {
     let mut st = state();
     let mut live: Vec<usize> = addrs.iter().copied().filter(|a| st.windows.contains_key(a)).collect();
@@ -638,34 +650,54 @@ pub(crate) fn unoptimize(addrs: &[usize]) -> Result<(), Error> {
         return Ok(());
     }
     let mut result = Ok(());
-    let mut done = Vec::new();
+    // Addresses whose code is gone (or was changed behind probekit's back): forgotten,
+    // nothing written. Those with probekit's breakpoint in front now: their tail next.
+    let mut gone = Vec::new();
+    let mut ours = Vec::new();
     for a in live {
         let w = &st.windows[&a];
-        let ours = jump_bytes(a, w.block).is_some_and(|j| code::read(a, JUMP).is_some_and(|t| t == j));
-        if !ours {
-            // The code is gone (or was changed behind probekit's back): nothing to write.
-            done.push(a);
+        let text = code::read(a, JUMP);
+        let Some(jump) = jump_bytes(a, w.block).filter(|_| text.is_some()) else {
+            gone.push(a);
+            continue;
+        };
+        let text = text.unwrap_or_default();
+        if text == jump {
+            match code::write_code(a, BREAKPOINT) {
+                Ok(()) => ours.push(a),
+                Err(e) => result = result.and(Err(e)),
+            }
             continue;
         }
-        match code::write_code(a, BREAKPOINT) {
-            Ok(()) => done.push(a),
-            Err(e) => result = result.and(Err(e)),
+        // x86_64: an earlier try (or a failed optimization) left the breakpoint in
+        // front of the jump's tail, which could not be written back.
+        let stuck = matches!(st.reasons.get(&a), Some(NotOptimized::Write(_)));
+        if cfg!(target_arch = "x86_64") && text[..BREAKPOINT.len()] == *BREAKPOINT && (text[1..] == jump[1..] || stuck) {
+            ours.push(a);
+        } else {
+            gone.push(a);
         }
     }
     code::sync_cores();
     #[cfg(target_arch = "x86_64")]
     {
-        for &a in &done {
-            let w = &st.windows[&a];
-            if code::read(a, 1).is_some_and(|b| b == BREAKPOINT) {
-                if let Err(e) = code::write_code(a + 1, &w.orig[1..JUMP]) {
+        // Only where the breakpoint is ours: a tail that cannot be written back keeps
+        // its window (trapping threads still go on to the detour's copy, past the
+        // range) and block, and its error, for a later try.
+        let mut restored = Vec::new();
+        for a in std::mem::take(&mut ours) {
+            match code::write_code(a + 1, &st.windows[&a].orig[1..JUMP]) {
+                Ok(()) => restored.push(a),
+                Err(e) => {
+                    st.reasons.insert(a, NotOptimized::Write(Box::new(e.clone())));
                     result = result.and(Err(e));
                 }
             }
         }
+        ours = restored;
         code::sync_cores();
     }
-    for a in done {
+    for a in gone.into_iter().chain(ours) {
         if let Some(w) = st.windows.remove(&a) {
             publish(a, 0);
             st.blocks.park(w.block, a, w.code);
