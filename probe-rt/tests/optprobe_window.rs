@@ -165,3 +165,62 @@ fn unoptimizing_writes_no_tail_where_the_jump_is_not_ours() {
     assert_eq!(tail, [0x11, 0x22, 0x33, 0x44], "the original tail was written over the new code");
     drop(jit);
 }
+
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".pushsection .text.optprobe_window_cold, \"ax\", @progbits",
+    // GCC's hot/cold split (-freorder-blocks-and-partition): the cold part is a
+    // function symbol of its own that jumps back into the hot part, here into the
+    // window of cold_fn_at past its first byte.
+    ".globl cold_fn",
+    ".globl cold_fn_at",
+    ".type cold_fn, @function",
+    "cold_fn:",
+    "test rdi, rdi",
+    "js cold_fn.cold",
+    "cold_fn_at:",
+    "mov rax, rdi",
+    "cold_fn_join:",
+    "add rax, 1",
+    "ret",
+    ".size cold_fn, . - cold_fn",
+    ".type cold_fn.cold, @function",
+    "cold_fn.cold:",
+    "mov rax, 100",
+    "jmp cold_fn_join",
+    ".size cold_fn.cold, . - cold_fn.cold",
+    ".popsection",
+);
+
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" {
+    safe fn cold_fn(x: i64) -> i64;
+    safe fn cold_fn_at();
+}
+
+/// A function's separate cold part (`f.cold`) that jumps back into the range: the
+/// range is not optimized (the cold path would land inside the jump), and says why.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_cold_part_that_jumps_into_the_range_keeps_the_probe_a_breakpoint() {
+    use probe_rt::NotOptimized;
+    use std::hint::black_box;
+    const NAME: &str = "a_cold_part_that_jumps_into_the_range_keeps_the_probe_a_breakpoint";
+    if std::env::var("OPTPROBE_WINDOW_CHILD").is_err() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("OPTPROBE_WINDOW_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}\n{text}", out.status);
+        return;
+    }
+    let f = cold_fn as extern "C" fn(i64) -> i64;
+    assert_eq!((f(5), f(-1)), (6, 101));
+    // SAFETY: cold_fn_at is an instruction of cold_fn.
+    let p = unsafe { Probe::builder().address(cold_fn_at as *const () as usize) }.pre(|_: &PtRegs| {}).register().unwrap();
+    assert!(matches!(p.why_not_optimized(), Some(NotOptimized::JumpIntoWindow { .. })), "{:?}", p.why_not_optimized());
+    assert_eq!(black_box(f)(5), 6);
+    assert_eq!(black_box(f)(-1), 101);
+}

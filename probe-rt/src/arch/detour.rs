@@ -232,8 +232,16 @@ mod x86 {
             len += i.len();
             insns.push(i);
         }
+        no_jump_into(addr, len, start, func)?;
+        Ok(Window { len, insns })
+    }
+
+    /// Checks that no instruction of the code at `start` (original bytes `code`: a
+    /// function, or a separate part of one) jumps into `addr..addr + len` past its first
+    /// byte, and that it has no indirect jump but through a pointer at a fixed address.
+    pub(crate) fn no_jump_into(addr: usize, len: usize, start: usize, code: &[u8]) -> Result<(), NotOptimized> {
         let inside = |t: u64| (addr as u64 + 1..(addr + len) as u64).contains(&t);
-        let mut d = Decoder::with_ip(64, func, start as u64, DecoderOptions::NONE);
+        let mut d = Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE);
         for i in &mut d {
             if i.is_invalid() {
                 return Err(NotOptimized::UndecodableFunction { at: i.ip() as usize });
@@ -248,7 +256,7 @@ mod x86 {
                 return Err(NotOptimized::IndirectJumpInFunction { at: i.ip() as usize });
             }
         }
-        Ok(Window { len, insns })
+        Ok(())
     }
 
     impl Window {

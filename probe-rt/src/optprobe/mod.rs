@@ -163,7 +163,8 @@ pub(crate) fn trampolines() -> Vec<usize> {
 /// A probe is registered as a breakpoint, then switched when its address allows:
 /// x86_64, the whole instructions the 5-byte `jmp` displaces fall through, relocate,
 /// end inside the function (its symbol must have a size), and nothing in the function
-/// jumps into them or through a jump table; aarch64, the one instruction a `b`
+/// or its separate cold parts (`f.cold`, `f.cold.N`) jumps into them or through a jump
+/// table; aarch64, the one instruction a `b`
 /// replaces relocates (every pc-relative form does, but `blr x30`). Handlers see and
 /// change the same registers as a breakpoint's, a changed pc is followed, and probes
 /// at one address share one detour. A probe with a post handler stays a breakpoint,
@@ -450,6 +451,16 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         overlay(st, f.addr, &mut func);
         let window = detour::window(addr, f.addr, &func)?;
         let len = window.len;
+        // Its separate cold parts (GCC's hot/cold split) jump back into it: checked as
+        // the function is (one without a size cannot be).
+        for c in crate::sys::symbols::cold_parts(&f) {
+            if c.size == 0 {
+                return Err(NotOptimized::FunctionSizeUnknown);
+            }
+            let mut part = crate::breakpoint::without_breakpoints(c.addr, c.addr + c.size).ok_or(NotOptimized::UndecodableFunction { at: c.addr })?;
+            overlay(st, c.addr, &mut part);
+            detour::no_jump_into(addr, len, c.addr, &part)?;
+        }
         let orig = &func[addr - f.addr..addr - f.addr + len];
         // A function's entry (not a label inside one): only arguments live in the
         // vector registers.
