@@ -224,3 +224,80 @@ fn a_cold_part_that_jumps_into_the_range_keeps_the_probe_a_breakpoint() {
     assert_eq!(black_box(f)(5), 6);
     assert_eq!(black_box(f)(-1), 101);
 }
+
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".pushsection .text.optprobe_window_sled, \"ax\", @progbits",
+    // 64 one-byte nops: a window of five of them at each of the first 56.
+    ".globl sled_fn",
+    ".type sled_fn, @function",
+    "sled_fn:",
+    ".rept 64",
+    "nop",
+    ".endr",
+    "ret",
+    ".size sled_fn, . - sled_fn",
+    ".popsection",
+);
+
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".pushsection .text.optprobe_window_sled, \"ax\", %progbits",
+    ".globl sled_fn",
+    ".type sled_fn, %function",
+    "sled_fn:",
+    ".rept 64",
+    "nop",
+    ".endr",
+    "ret",
+    ".size sled_fn, . - sled_fn",
+    ".popsection",
+);
+
+unsafe extern "C" {
+    safe fn sled_fn();
+}
+
+/// Where the jump at an optimized `addr` goes (its detour block's entry).
+fn jump_target(addr: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: reads the text at an optimized address (mapped, readable).
+        let j = unsafe { *(addr as *const [u8; 5]) };
+        assert_eq!(j[0], 0xe9, "jmp rel32");
+        addr.wrapping_add(5).wrapping_add_signed(i32::from_le_bytes(j[1..].try_into().unwrap()) as isize)
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // SAFETY: as above.
+        let w = unsafe { *(addr as *const u32) };
+        assert_eq!(w >> 26, 0b000101, "b");
+        addr.wrapping_add_signed((((w << 6) as i32) >> 6) as isize * 4)
+    }
+}
+
+/// A detour block, once written, serves no other address: a thread (in an out-of-line
+/// helper the detour calls, or unwinding from a signal handler) may still be in it when
+/// no grace period can tell. Many addresses optimized and unoptimized in turn (more than
+/// it took to make parked blocks free before) each get a block of their own; an
+/// address optimized again gets its own block back.
+#[test]
+fn a_detour_block_is_never_reused_for_another_address() {
+    let step = if cfg!(target_arch = "aarch64") { 4 } else { 1 };
+    let f = sled_fn as extern "C" fn() as usize;
+    let mut owner: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    for (n, k) in (0..48).chain(0..4).enumerate() {
+        let at = f + k * step;
+        // SAFETY: `at` is a nop of sled_fn.
+        let p = unsafe { Probe::builder().address(at) }.pre(|_: &PtRegs| {}).optimize(Optimize::Required).register().unwrap();
+        let block = jump_target(at);
+        sled_fn();
+        assert_eq!(p.nhit(), 1);
+        let first = *owner.entry(block).or_insert(at);
+        assert_eq!(first, at, "the block of {first:#x} was reused for {at:#x}");
+        if n >= 48 {
+            assert_eq!(owner.values().filter(|a| **a == at).count(), 1, "{at:#x} optimized again: its own block");
+        }
+        drop(p);
+    }
+}
