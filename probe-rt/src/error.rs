@@ -96,17 +96,19 @@ pub enum NotOptimized {
     /// Another probe armed at the same address cannot be optimized (a post handler,
     /// or [`crate::Optimize::Never`]): probes at one address share one mechanism.
     SharedWithBreakpoint,
-    /// The function holding the address has no known size (no `.size` on its symbol),
-    /// so no instruction of it can be shown not to jump into the displaced range.
+    /// The function holding the address, or a separate cold part of it (`f.cold`), has
+    /// no known size (no `.size` on its symbol), so no instruction of it can be shown
+    /// not to jump into the displaced range.
     FunctionSizeUnknown,
     /// The whole instructions the jump displaces (5 bytes at least) run past the end of
     /// the function (the kernel's "too short").
     CrossesFunctionEnd { window_end: usize, function_end: usize },
-    /// An instruction of the function (at `from`) jumps into the displaced range past
-    /// its first byte (to `to`): that jump would land inside the jump.
+    /// An instruction of the function or of a separate cold part of it (`f.cold`,
+    /// `f.cold.N`: GCC's hot/cold split), at `from`, jumps into the displaced range
+    /// past its first byte (to `to`): that jump would land inside the jump.
     JumpIntoWindow { from: usize, to: usize },
-    /// The function has an indirect jump (a jump table, at `at`) whose targets cannot
-    /// be bounded.
+    /// The function (or a separate cold part of it) has an indirect jump (a jump
+    /// table, at `at`) whose targets cannot be bounded.
     IndirectJumpInFunction { at: usize },
     /// An instruction of the displaced range (at `at`, its text given) cannot run in
     /// the detour: a branch, call or return, or data out of reach of the detour.

@@ -132,8 +132,8 @@ pub(crate) struct Thread {
     /// last, instead of `depth`: a sample that finds it set counts as inside a hit path.
     pub(crate) active: Cell<bool>,
     /// The breakpoint address this thread's SIGTRAP handler is resolving (0: none):
-    /// a grace period before a jump is written over that address waits for it, one for
-    /// another address does not (see [`window_clear`]).
+    /// a grace period before a jump is written over a range holding that address waits
+    /// for it, one for another range does not (see [`window_clear`]).
     trap: Cell<usize>,
 }
 
@@ -681,31 +681,23 @@ pub(crate) fn quiescent(slots: &[(usize, usize)]) -> bool {
     sample(slots, false, None)
 }
 
-/// [`quiescent`] for every thread of the process, not only those that entered a hit
-/// path (listed from `/proc/self/task`, entered into the table as the fallback of the
-/// module docs does): for code any thread may be running without ever having entered
-/// a hit path, as the instructions a jump is about to displace (optimized probes).
-/// Under qemu-user the list holds qemu's own threads, which answer no guest signal:
-/// there it never completes.
-pub(crate) fn quiescent_every_thread(ranges: &[(usize, usize)]) -> bool {
-    sample(ranges, true, None)
-}
-
-/// Whether every thread of the process (as [`quiescent_every_thread`]) is seen with its
-/// pc outside `ranges` (and the code leading into them: the sigreturn trampolines and
-/// the hit paths' own code, which may be about to send a thread there) and not
-/// resolving a breakpoint at one of `traps`: before a jump is written over code any
-/// thread may be running (optimized probes), where only those places matter. A thread
-/// inside a hit path for another address (a hot breakpoint elsewhere, a handler) is
-/// not waited for.
+/// Whether every thread of the process, not only those that entered a hit path
+/// (listed from `/proc/self/task`, entered into the table as the fallback of the module
+/// docs does), is seen with its pc outside `ranges` (and the code leading into them:
+/// the sigreturn trampolines and the hit paths' own code, which may be about to send a
+/// thread there) and not resolving a breakpoint inside one of the `traps` ranges:
+/// before a jump is written over code any thread may be running (optimized probes),
+/// where only those places matter. A thread inside a hit path for another address (a
+/// hot breakpoint elsewhere, a handler) is not waited for. Under qemu-user the list
+/// holds qemu's own threads, which answer no guest signal: there it never completes.
 #[cfg(target_arch = "x86_64")] // aarch64 optimizes one instruction: no window
-pub(crate) fn window_clear(ranges: &[(usize, usize)], traps: &[usize]) -> bool {
+pub(crate) fn window_clear(ranges: &[(usize, usize)], traps: &[(usize, usize)]) -> bool {
     sample(ranges, true, Some(traps))
 }
 
 /// [`quiescent`], of every thread of the process if `every`; with `traps`, a thread
-/// counts as inside only while it resolves a breakpoint at one of them.
-fn sample(slots: &[(usize, usize)], every: bool, traps: Option<&[usize]>) -> bool {
+/// counts as inside only while it resolves a breakpoint in one of these ranges.
+fn sample(slots: &[(usize, usize)], every: bool, traps: Option<&[(usize, usize)]>) -> bool {
     let mut round = SAMPLING.lock().unwrap_or_else(|p| p.into_inner());
     if !install() || !still_installed() {
         return false;
@@ -726,7 +718,7 @@ fn sample(slots: &[(usize, usize)], every: bool, traps: Option<&[usize]>) -> boo
 }
 
 /// Samples the threads of `pending` until each is seen outside (see [`sample`]).
-fn wait_out(round: &mut u32, mut pending: Vec<Sampled>, busy: &[(usize, usize)], traps: Option<&[usize]>) -> bool {
+fn wait_out(round: &mut u32, mut pending: Vec<Sampled>, busy: &[(usize, usize)], traps: Option<&[(usize, usize)]>) -> bool {
     // SAFETY: getuid has no preconditions.
     let sender = (getpid(), unsafe { libc::getuid() });
     let start = Instant::now();
@@ -767,7 +759,7 @@ fn wait_out(round: &mut u32, mut pending: Vec<Sampled>, busy: &[(usize, usize)],
             let (pc, inside, trap) = (e.pc.load(Ordering::Relaxed), e.inside.load(Ordering::Relaxed), e.trap.load(Ordering::Relaxed));
             let out = match traps {
                 None => inside == 0,
-                Some(traps) => !traps.contains(&trap),
+                Some(traps) => !traps.iter().any(|(a, b)| (*a..*b).contains(&trap)),
             };
             if out && !busy.iter().any(|(a, b)| (*a..*b).contains(&pc)) {
                 return false; // quiescent

@@ -232,8 +232,16 @@ mod x86 {
             len += i.len();
             insns.push(i);
         }
+        no_jump_into(addr, len, start, func)?;
+        Ok(Window { len, insns })
+    }
+
+    /// Checks that no instruction of the code at `start` (original bytes `code`: a
+    /// function, or a separate part of one) jumps into `addr..addr + len` past its first
+    /// byte, and that it has no indirect jump but through a pointer at a fixed address.
+    pub(crate) fn no_jump_into(addr: usize, len: usize, start: usize, code: &[u8]) -> Result<(), NotOptimized> {
         let inside = |t: u64| (addr as u64 + 1..(addr + len) as u64).contains(&t);
-        let mut d = Decoder::with_ip(64, func, start as u64, DecoderOptions::NONE);
+        let mut d = Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE);
         for i in &mut d {
             if i.is_invalid() {
                 return Err(NotOptimized::UndecodableFunction { at: i.ip() as usize });
@@ -248,7 +256,7 @@ mod x86 {
                 return Err(NotOptimized::IndirectJumpInFunction { at: i.ip() as usize });
             }
         }
-        Ok(Window { len, insns })
+        Ok(())
     }
 
     impl Window {
@@ -533,9 +541,9 @@ mod a64 {
             let rows = copy_rows(&code, addr, &pcs);
             return Ok((code, lits, rows));
         }
-        // b.cond, cbz/cbnz, tbz/tbnz: the same test over two instructions, to a `b`
+        // b.cond (and bc.cond), cbz/cbnz, tbz/tbnz: the same test over two instructions, to a `b`
         // to the target; falling through goes back.
-        let cond = if w & 0xff00_0010 == 0x5400_0000 || w & 0x7e00_0000 == 0x3400_0000 {
+        let cond = if w & 0xff00_0000 == 0x5400_0000 || w & 0x7e00_0000 == 0x3400_0000 {
             Some(((w & !(0x7ffff << 5)) | (2 << 5), sext((w >> 5 & 0x7ffff) as u64, 19)))
         } else if w & 0x7e00_0000 == 0x3600_0000 {
             Some(((w & !(0x3fff << 5)) | (2 << 5), sext((w >> 5 & 0x3fff) as u64, 14)))
@@ -662,6 +670,9 @@ mod a64 {
             // b.eq A + 8 (imm19 = 2): b.eq +8; b back; b target
             let (code, _, _) = relocate(0x5400_0040, A, AT, POOLA).unwrap();
             assert_eq!(code, vec![0x5400_0040, branch(AT + 4, A + 4, false).unwrap(), branch(AT + 8, A + 8, false).unwrap()]);
+            // bc.eq A + 8 (FEAT_HBC, bit 4 set): relocated as b.cond, not copied as is
+            let (code, _, _) = relocate(0x5400_0050, A, AT, POOLA).unwrap();
+            assert_eq!(code, vec![0x5400_0050, branch(AT + 4, A + 4, false).unwrap(), branch(AT + 8, A + 8, false).unwrap()]);
             // cbz x3, A - 4 (imm19 = -1)
             let (code, _, _) = relocate(0xb4ff_ffe3, A, AT, POOLA).unwrap();
             assert_eq!(code[0], 0xb400_0043, "cbz x3, +8");

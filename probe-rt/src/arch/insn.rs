@@ -447,7 +447,7 @@ mod imp {
     /// Simulated classes: `(mask, value)`.
     const SIMULATED: &[(u32, u32)] = &[
         (0x7c00_0000, 0x1400_0000), // b, bl
-        (0xff00_0010, 0x5400_0000), // b.cond
+        (0xff00_0000, 0x5400_0000), // b.cond, bc.cond (FEAT_HBC: bit 4 set)
         (0x7e00_0000, 0x3400_0000), // cbz, cbnz
         (0x7e00_0000, 0x3600_0000), // tbz, tbnz
         (0x1f00_0000, 0x1000_0000), // adr, adrp
@@ -581,7 +581,8 @@ mod imp {
                 m.regs[30] = pc + 4;
             }
             next = pc.wrapping_add_signed(sext((w & 0x03ff_ffff) as u64, 26) * 4);
-        } else if w & 0xff00_0010 == 0x5400_0000 {
+        } else if w & 0xff00_0000 == 0x5400_0000 {
+            // b.cond, bc.cond
             if holds(w & 0xf, m.pstate) {
                 next = pc.wrapping_add_signed(sext((w >> 5 & 0x7ffff) as u64, 19) * 4);
             }

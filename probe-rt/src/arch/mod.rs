@@ -44,4 +44,15 @@ mod tests {
             assert_eq!(code[4..8], 0xd61f_0200u32.to_le_bytes(), "br x16");
         }
     }
+
+    /// `bc.cond` (FEAT_HBC: `b.cond` with bit 4 set) is pc-relative: simulated, never
+    /// run out of line from a slot, where it would branch relative to the slot.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn bc_cond_is_simulated_as_b_cond() {
+        for w in [0x5400_0040u32, 0x5400_0050] {
+            let exec = insn::prepare(0x40_0000, &w.to_le_bytes(), 0x50_0000, true).unwrap();
+            assert!(matches!(exec, insn::Exec::Simulate { .. }), "{w:#x}");
+        }
+    }
 }

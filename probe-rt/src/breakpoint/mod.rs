@@ -338,12 +338,6 @@ impl ProbeBuilder {
         if let Some(what) = registry::blacklisted(addr) {
             return Err(Error::Blacklisted { addr, what });
         }
-        // Inside the range an optimized probe's jump displaced: that probe goes back to
-        // its breakpoint (and stays one while this probe is there).
-        if let Some(a) = optprobe::window_around(addr) {
-            optprobe::unoptimize(&[a])?;
-            optprobe::refuse(a, NotOptimized::ProbeInWindow { at: addr });
-        }
         // An instruction boundary, decoding from the start of the function: the one the
         // caller named, or the one the symbol tables prove (see `known_start`).
         let start = match start {
@@ -388,7 +382,23 @@ impl ProbeBuilder {
         e.sim_a.store(sim.a, Ordering::Relaxed);
         e.sim_b.store(sim.b, Ordering::Relaxed);
         e.site.store(false, Ordering::Relaxed);
-        self.publish_and_link(reg, index)
+        // Inside the range an optimized probe's jump displaced: that probe goes back to
+        // its breakpoint (and stays one while this probe is there). Only now, with the
+        // address checked and the record ready: a registration refused earlier leaves
+        // it optimized. If linking fails after all, it is optimized again.
+        let window = optprobe::window_around(addr);
+        if let Some(a) = window {
+            if let Err(err) = optprobe::unoptimize(&[a]) {
+                reg.untake(index);
+                return Err(err);
+            }
+            optprobe::refuse(a, NotOptimized::ProbeInWindow { at: addr });
+        }
+        let linked = self.publish_and_link(reg, index);
+        if let (Err(_), Some(a)) = (&linked, window) {
+            optprobe::settle(&[a]);
+        }
+        linked
     }
 
     /// [`Self::stage`] for a probe on the site at `site`: no breakpoint, no slot; the

@@ -1,17 +1,18 @@
 //! Detour blocks: where they are placed (near the probe: a jump reaches them), and
-//! when one may be written again.
+//! when one may be used again.
 //!
-//! A block is written once, before its address is optimized, and never changed while
-//! a thread may run it. When the address is unoptimized its block is *parked*: a thread
-//! that took the jump just before may still be on its first instructions (before the
-//! dispatcher tells grace periods it is inside, see `grace`), so the block is reused
-//! only for the same address with the same bytes (re-optimizing the probe after a
-//! disable, nothing to write), or for anything once a grace period that samples every
-//! thread of the process has passed. Blocks are never unmapped.
-//!
+//! A block is written once, before its address is optimized, and never written again:
+//! a thread may be in it, or an unwinder reading its unwind rules, at any time after
+//! (a thread that took the jump just before the address was unoptimized may still be
+//! on its first instructions, before the dispatcher tells grace periods it is inside;
+//! an out-of-line helper the detour calls, or a signal handler's unwinder, is in no
+//! range a grace period knows of). So when its address is unoptimized the block is
+//! *parked* for that address only: re-optimizing it with the same bytes (the probe
+//! re-enabled, a probe inside its range gone) takes it again, with nothing written.
 //! Each written block's unwind rules (`arch::detour::unwind`) are registered with the
-//! unwinder when it is written, and deregistered only when it becomes free: while it is
-//! parked a thread may still be in it, or unwinding through it.
+//! unwinder when it is written and never deregistered; blocks are never unmapped.
+//! Memory is bounded by the addresses ever optimized: a block of [`BLOCK`] bytes each
+//! (one more for an address whose detour's bytes changed, its code replaced).
 
 use crate::arch::detour::BLOCK;
 use crate::registry::NEAR;
@@ -19,16 +20,11 @@ use crate::sys::code;
 use crate::unwind::{Fde, Table, PC};
 use crate::NotOptimized;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
-/// Parked blocks at which a grace period is tried to make them free.
-const RECLAIM_AT: usize = 32;
-
-/// A block that may still be in use: the address it detours and how many bytes of it
-/// the detour is (the block's memory holds them).
+/// A parked block: where it is and how many bytes of it the detour is (the block's
+/// memory holds them).
 struct Parked {
     block: usize,
-    probe: usize,
     len: usize,
 }
 
@@ -37,16 +33,11 @@ struct Parked {
 pub(super) struct Blocks {
     /// `(page, bytes handed out)`.
     pages: Vec<(usize, usize)>,
-    /// Blocks no thread can be in.
-    free: Vec<usize>,
-    parked: Vec<Parked>,
-    /// The registered unwind rules of every block written and not free again.
-    tables: BTreeMap<usize, Table>,
-    /// When a grace period for the parked blocks is worth trying again, and how long to
-    /// wait after the next failure (it doubles: under qemu-user no grace period over
-    /// every thread completes, see `grace::quiescent_every_thread`).
-    retry: Option<Instant>,
-    backoff: Duration,
+    /// By the address they detour.
+    parked: BTreeMap<usize, Parked>,
+    /// The registered unwind rules of every block ever written: never dropped (that
+    /// would deregister them, and free words an unwinder may be reading).
+    tables: Vec<Table>,
 }
 
 /// Whether a block at `block` is in jump range of a probe at `addr` (either way).
@@ -56,43 +47,38 @@ fn near(block: usize, addr: usize) -> bool {
 
 impl Blocks {
     pub(super) const fn new() -> Blocks {
-        Blocks { pages: Vec::new(), free: Vec::new(), parked: Vec::new(), tables: BTreeMap::new(), retry: None, backoff: Duration::from_millis(100) }
+        Blocks { pages: Vec::new(), parked: BTreeMap::new(), tables: Vec::new() }
     }
 
     /// A block holding `make(block)`'s bytes for the probe at `addr`, written, with
     /// its unwind rules registered: the address's parked block if its bytes are the same
-    /// (nothing written, its rules registered still), else a free or new one near
-    /// `addr`. `make` may refuse (the relocation depends on where the block is).
-    /// Returns the block and the detour's length.
+    /// (nothing written, its rules registered still), else a new one near `addr`.
+    /// `make` may refuse (the relocation depends on where the block is). Returns the
+    /// block and the detour's length.
     pub(super) fn place(&mut self, addr: usize, make: impl Fn(usize) -> Result<(Vec<u8>, Fde), NotOptimized>) -> Result<(usize, usize), NotOptimized> {
-        if let Some(k) = self.parked.iter().position(|p| p.probe == addr) {
-            let (bytes, _) = make(self.parked[k].block)?;
-            let p = &self.parked[k];
+        if let Some(p) = self.parked.get(&addr) {
+            let (bytes, _) = make(p.block)?;
             if bytes.len() == p.len && code::read(p.block, p.len).is_some_and(|b| b == bytes) {
-                let p = self.parked.swap_remove(k);
+                let p = self.parked.remove(&addr).expect("looked up above");
                 return Ok((p.block, p.len));
             }
+            // Different bytes (the code at `addr` was replaced): the block stays parked
+            // for them, never written again; a new one is taken.
         }
-        if self.parked.len() >= RECLAIM_AT && !self.free.iter().any(|b| near(*b, addr)) {
-            self.reclaim();
-        }
-        let block = match self.free.iter().position(|b| near(*b, addr)) {
-            Some(k) => self.free.swap_remove(k),
-            None => self.fresh(addr)?,
-        };
+        let block = self.fresh(addr)?;
         let placed = make(block).and_then(|(bytes, fde)| match code::write_code(block, &bytes) {
             Ok(()) => Ok((bytes, fde)),
             Err(e) => Err(NotOptimized::Write(Box::new(e))),
         });
         match placed {
             Ok((bytes, fde)) => {
-                // Before anything can jump to the block (a free block has no rules).
-                self.tables.insert(block, Table::register(PC, &[fde]));
+                // Before anything can jump to the block.
+                self.tables.push(Table::register(PC, &[fde]));
                 Ok((block, bytes.len()))
             }
             Err(e) => {
-                // Never reachable (nothing jumps there yet): free at once.
-                self.free.push(block);
+                // Never reachable, no rules: handed back to its page (the last handed out).
+                self.unfresh(block);
                 Err(e)
             }
         }
@@ -110,30 +96,16 @@ impl Blocks {
         Ok(p)
     }
 
-    /// Parks the block of an address just unoptimized, or whose optimization failed
-    /// after the block was placed (see the module docs).
-    pub(super) fn park(&mut self, block: usize, probe: usize, len: usize) {
-        self.parked.push(Parked { block, probe, len });
+    /// Gives back the block [`Self::fresh`] just handed out, which nothing can reach.
+    fn unfresh(&mut self, block: usize) {
+        if let Some(p) = self.pages.iter_mut().find(|(p, used)| *p + *used == block + BLOCK) {
+            p.1 -= BLOCK;
+        }
     }
 
-    /// Runs a grace period over every thread for the parked blocks: if it completes,
-    /// they become free.
-    fn reclaim(&mut self) {
-        if self.retry.is_some_and(|at| Instant::now() < at) {
-            return;
-        }
-        let ranges: Vec<(usize, usize)> = self.parked.iter().map(|p| (p.block, p.block + BLOCK)).collect();
-        if crate::grace::quiescent_every_thread(&ranges) {
-            for p in self.parked.drain(..) {
-                // No thread is in the block, nor unwinding through it: its rules go.
-                self.tables.remove(&p.block);
-                self.free.push(p.block);
-            }
-            self.retry = None;
-            self.backoff = Duration::from_millis(100);
-        } else {
-            self.retry = Some(Instant::now() + self.backoff);
-            self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
-        }
+    /// Parks the block of an address just unoptimized, or whose optimization failed
+    /// after the block was placed (see the module docs): reused only for `probe`.
+    pub(super) fn park(&mut self, block: usize, probe: usize, len: usize) {
+        self.parked.insert(probe, Parked { block, len });
     }
 }

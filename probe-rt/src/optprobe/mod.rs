@@ -27,14 +27,15 @@
 //! kernel's `setup_detour_execution`); x86_64, where the jump displaces more than one
 //! instruction, a grace period that samples *every* thread of the process shows that
 //! none is inside the displaced range past its first byte (a thread stopped there, in
-//! the out-of-line slot on its way there, or in the SIGTRAP handler, is asked again
-//! until it is out), then the `text_poke_bp` sequence: the `int3` stays on the first
+//! the SIGTRAP handler of a breakpoint anywhere in the range, or in the out-of-line
+//! slot of any probe in the range, registered or unregistered and not yet reclaimed,
+//! on its way there, is asked again until it is out), then the `text_poke_bp` sequence: the `int3` stays on the first
 //! byte while the other four bytes of the `jmp` are written, every core is synced, then
 //! the first byte, then a sync. aarch64 replaces the `brk` word with a `b`, both of the
 //! instructions the architecture lets one rewrite while others run them, and syncs: a
 //! one-instruction range has no inside. Unoptimizing runs backwards: the breakpoint's
-//! first byte back, a sync, the original tail, a sync (x86_64); the block is kept
-//! until no thread can be in it (see `block`).
+//! first byte back, a sync, the original tail, a sync (x86_64); the block is never
+//! written again nor unmapped, and serves only that address again (see `block`).
 //!
 //! Residual risk (x86_64): the grace period sees the pc each thread is interrupted at.
 //! A thread that was inside the displaced range when a signal handler started, and is
@@ -60,7 +61,7 @@
 //!   an FDE per block (`arch::detour::unwind`, built by `crate::unwind`) describes each
 //!   instruction as the probed code's frame at the original instruction it stands for.
 //!   It is registered with libgcc's `__register_frame` when the block is written (never
-//!   on a hit path), and deregistered only when a grace period frees the block.
+//!   on a hit path), and never deregistered (the block is never written again).
 //!
 //! [`crate::backtrace()`] and [`crate::stack_trace`] see through the dispatcher from the
 //! same frame (see [`crate::backtrace`](mod@crate::backtrace)); they do not read the
@@ -162,7 +163,8 @@ pub(crate) fn trampolines() -> Vec<usize> {
 /// A probe is registered as a breakpoint, then switched when its address allows:
 /// x86_64, the whole instructions the 5-byte `jmp` displaces fall through, relocate,
 /// end inside the function (its symbol must have a size), and nothing in the function
-/// jumps into them or through a jump table; aarch64, the one instruction a `b`
+/// or its separate cold parts (`f.cold`, `f.cold.N`) jumps into them or through a jump
+/// table; aarch64, the one instruction a `b`
 /// replaces relocates (every pc-relative form does, but `blr x30`). Handlers see and
 /// change the same registers as a breakpoint's, a changed pc is followed, and probes
 /// at one address share one detour. A probe with a post handler stays a breakpoint,
@@ -378,7 +380,8 @@ pub(crate) fn why_not(e: &Record) -> Option<NotOptimized> {
     }
     let st = state();
     if st.windows.contains_key(&addr) {
-        return None;
+        // With a reason: a window whose tail could not be written (see `back_out`).
+        return st.reasons.get(&addr).cloned();
     }
     Some(st.reasons.get(&addr).cloned().unwrap_or(NotOptimized::SharedWithBreakpoint))
 }
@@ -448,6 +451,16 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         overlay(st, f.addr, &mut func);
         let window = detour::window(addr, f.addr, &func)?;
         let len = window.len;
+        // Its separate cold parts (GCC's hot/cold split) jump back into it: checked as
+        // the function is (one without a size cannot be).
+        for c in crate::sys::symbols::cold_parts(&f) {
+            if c.size == 0 {
+                return Err(NotOptimized::FunctionSizeUnknown);
+            }
+            let mut part = crate::breakpoint::without_breakpoints(c.addr, c.addr + c.size).ok_or(NotOptimized::UndecodableFunction { at: c.addr })?;
+            overlay(st, c.addr, &mut part);
+            detour::no_jump_into(addr, len, c.addr, &part)?;
+        }
         let orig = &func[addr - f.addr..addr - f.addr + len];
         // A function's entry (not a label inside one): only arguments live in the
         // vector registers.
@@ -526,17 +539,22 @@ fn optimize(st: &mut State, addrs: &[usize]) {
         // the address, which returns inside it): a grace period over every thread.
         let (mut ready, wait): (Vec<Prepared>, Vec<Prepared>) = ready.into_iter().partition(|p| first_len(p) == p.window.len);
         if !wait.is_empty() {
-            let mut busy = Vec::new();
-            for p in &wait {
-                busy.push((p.addr + 1, p.addr + p.window.len));
-                for (_, e) in chain_from(ADDRS.head(p.addr)) {
-                    let slot = e.slot.load(Ordering::Relaxed);
-                    if slot != 0 && e.target.load(Ordering::Relaxed) == p.addr {
-                        busy.push((slot, slot + registry::SLOT));
-                    }
+            // Busy: the range past its first byte; the slot of every record whose
+            // probe is in the range (at the address, or inside it, as linked or as
+            // retired and maybe still run: a slot returns into the range); a thread
+            // resolving a breakpoint anywhere in the range (its handler goes on to such a
+            // slot). Free records are counted too: a superset is sound, and cheaper to
+            // find than each record's state.
+            let ranges: BTreeMap<usize, usize> = wait.iter().map(|p| (p.addr, p.addr + p.window.len)).collect();
+            let within = |t: usize| ranges.range(..=t).next_back().is_some_and(|(_, end)| t < *end);
+            let mut busy: Vec<(usize, usize)> = wait.iter().map(|p| (p.addr + 1, p.addr + p.window.len)).collect();
+            for (_, e) in registry::records() {
+                let slot = e.slot.load(Ordering::Relaxed);
+                if slot != 0 && within(e.target.load(Ordering::Relaxed)) {
+                    busy.push((slot, slot + registry::SLOT));
                 }
             }
-            let traps: Vec<usize> = wait.iter().map(|p| p.addr).collect();
+            let traps: Vec<(usize, usize)> = ranges.into_iter().collect();
             let due = st.retry.is_none_or(|at| Instant::now() >= at);
             // A few tries: one fails when no thread answers for 100 ms, which a thread
             // that is not scheduled that long (a loaded machine) also does.
@@ -566,10 +584,7 @@ fn optimize(st: &mut State, addrs: &[usize]) {
             }
             match code::write_code(p.addr + 1, &p.jump[1..]) {
                 Ok(()) => ok.push(p),
-                Err(e) => {
-                    let _ = code::write_code(p.addr + 1, &p.window.orig[1..JUMP]);
-                    abandon(st, p, NotOptimized::Write(Box::new(e)));
-                }
+                Err(e) => back_out(st, p, e),
             }
         }
         code::sync_cores();
@@ -577,10 +592,7 @@ fn optimize(st: &mut State, addrs: &[usize]) {
         for p in ok {
             match code::write_code(p.addr, &p.jump[..1]) {
                 Ok(()) => live.push(p),
-                Err(e) => {
-                    let _ = code::write_code(p.addr + 1, &p.window.orig[1..JUMP]);
-                    abandon(st, p, NotOptimized::Write(Box::new(e)));
-                }
+                Err(e) => back_out(st, p, e),
             }
         }
         code::sync_cores();
@@ -611,6 +623,22 @@ fn optimize(st: &mut State, addrs: &[usize]) {
     }
 }
 
+/// A jump that could not be written whole (x86_64, error `e`): the original tail back
+/// behind the breakpoint, and the address given up. If even that write fails, the
+/// breakpoint stays in front of a tail that is not the code's: the window is kept, so
+/// that trapping threads still go on to the detour's copy (never into the tail), its
+/// block is not parked, and the error is recorded; `unoptimize` writes the tail later.
+#[cfg(target_arch = "x86_64")]
+fn back_out(st: &mut State, p: Prepared, e: Error) {
+    match code::write_code(p.addr + 1, &p.window.orig[1..JUMP]) {
+        Ok(()) => abandon(st, p, NotOptimized::Write(Box::new(e))),
+        Err(e) => {
+            st.reasons.insert(p.addr, NotOptimized::Write(Box::new(e)));
+            st.windows.insert(p.addr, p.window);
+        }
+    }
+}
+
 /// Bytes of the first instruction of a prepared window (a range of one instruction
 /// has no inside).
 #[cfg(target_arch = "x86_64")]
@@ -621,8 +649,9 @@ fn first_len(p: &Prepared) -> usize {
 
 /// Takes the jumps at `addrs` out (those that are optimized), back to their
 /// breakpoints (batched: x86_64 every first byte, a sync, every tail, a sync). The
-/// first error, if a write failed: those addresses stay optimized. Under the registry
-/// lock.
+/// first error, if a write failed: those addresses keep their window (an address whose
+/// tail could not be written back has the breakpoint in front, and sends trapping
+/// threads on to the detour's copy as while it is optimized). Under the registry lock.
 pub(crate) fn unoptimize(addrs: &[usize]) -> Result<(), Error> {
     let mut st = state();
     let mut live: Vec<usize> = addrs.iter().copied().filter(|a| st.windows.contains_key(a)).collect();
@@ -632,34 +661,54 @@ pub(crate) fn unoptimize(addrs: &[usize]) -> Result<(), Error> {
         return Ok(());
     }
     let mut result = Ok(());
-    let mut done = Vec::new();
+    // Addresses whose code is gone (or was changed behind probekit's back): forgotten,
+    // nothing written. Those with probekit's breakpoint in front now: their tail next.
+    let mut gone = Vec::new();
+    let mut ours = Vec::new();
     for a in live {
         let w = &st.windows[&a];
-        let ours = jump_bytes(a, w.block).is_some_and(|j| code::read(a, JUMP).is_some_and(|t| t == j));
-        if !ours {
-            // The code is gone (or was changed behind probekit's back): nothing to write.
-            done.push(a);
+        let text = code::read(a, JUMP);
+        let Some(jump) = jump_bytes(a, w.block).filter(|_| text.is_some()) else {
+            gone.push(a);
+            continue;
+        };
+        let text = text.unwrap_or_default();
+        if text == jump {
+            match code::write_code(a, BREAKPOINT) {
+                Ok(()) => ours.push(a),
+                Err(e) => result = result.and(Err(e)),
+            }
             continue;
         }
-        match code::write_code(a, BREAKPOINT) {
-            Ok(()) => done.push(a),
-            Err(e) => result = result.and(Err(e)),
+        // x86_64: an earlier try (or a failed optimization) left the breakpoint in
+        // front of the jump's tail, which could not be written back.
+        let stuck = matches!(st.reasons.get(&a), Some(NotOptimized::Write(_)));
+        if cfg!(target_arch = "x86_64") && text[..BREAKPOINT.len()] == *BREAKPOINT && (text[1..] == jump[1..] || stuck) {
+            ours.push(a);
+        } else {
+            gone.push(a);
         }
     }
     code::sync_cores();
     #[cfg(target_arch = "x86_64")]
     {
-        for &a in &done {
-            let w = &st.windows[&a];
-            if code::read(a, 1).is_some_and(|b| b == BREAKPOINT) {
-                if let Err(e) = code::write_code(a + 1, &w.orig[1..JUMP]) {
+        // Only where the breakpoint is ours: a tail that cannot be written back keeps
+        // its window (trapping threads still go on to the detour's copy, past the
+        // range) and block, and its error, for a later try.
+        let mut restored = Vec::new();
+        for a in std::mem::take(&mut ours) {
+            match code::write_code(a + 1, &st.windows[&a].orig[1..JUMP]) {
+                Ok(()) => restored.push(a),
+                Err(e) => {
+                    st.reasons.insert(a, NotOptimized::Write(Box::new(e.clone())));
                     result = result.and(Err(e));
                 }
             }
         }
+        ours = restored;
         code::sync_cores();
     }
-    for a in done {
+    for a in gone.into_iter().chain(ours) {
         if let Some(w) = st.windows.remove(&a) {
             publish(a, 0);
             st.blocks.park(w.block, a, w.code);
@@ -692,8 +741,9 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, _fp: *mut u8) -> usize {
     let cont = regs.instruction_pointer() as usize;
     let block = cont - detour::CONT;
     // SAFETY: the trampoline was called from a detour block, whose continuation is
-    // its return address; the block stays mapped and unchanged while a thread is in
-    // the trampoline (see `block`).
+    // its return address; blocks are never unmapped, and a written block is never
+    // written again (reused only for its address with the same bytes, see `block`),
+    // so its probe word is the one written before anything could jump to it.
     let probe = unsafe { ((block + detour::PROBE) as *const usize).read() };
     let sp = regs.stack_pointer() as usize + HOLE;
     regs.set_instruction_pointer(probe as u64);

@@ -24,6 +24,10 @@ pub(crate) struct Parsed {
     pub(crate) bias: Option<usize>,
     /// Where its `probekit_sites` section is in memory: `(first byte, size)`.
     pub(crate) site_table: Option<(usize, usize)>,
+    /// The separate cold parts of functions (GCC's hot/cold split: `f.cold`,
+    /// `f.cold.N`, symbols of their own that jump back into `f`), by the name of the
+    /// function they belong to: indices into `functions`.
+    pub(crate) cold: std::collections::HashMap<String, Vec<usize>>,
 }
 
 /// The parsed file of `image` (empty if it cannot be read or parsed).
@@ -68,7 +72,15 @@ fn parse(image: &Image, file: std::fs::File) -> Parsed {
         })
         .collect();
     functions.sort_by_key(|f| f.addr); // for the binary searches of `symbols`
-    Parsed { functions, bias: Some(bias), site_table }
+    let mut cold: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+    for (k, f) in functions.iter().enumerate() {
+        if let Some((base, rest)) = f.name.rsplit_once(".cold") {
+            if !base.is_empty() && (rest.is_empty() || rest.strip_prefix('.').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))) {
+                cold.entry(base.to_string()).or_default().push(k);
+            }
+        }
+    }
+    Parsed { functions, bias: Some(bias), site_table, cold }
 }
 
 /// One function symbol of an image, with the load bias applied.

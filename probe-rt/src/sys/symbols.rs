@@ -162,6 +162,13 @@ impl Snapshot {
         f[..below].iter().rev().take(64).find(|f| f.size > 0 && f.holds(addr)).cloned()
     }
 
+    /// The separate cold parts of function `f` (`f.cold`, `f.cold.N`) in its image.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // optprobes' x86_64 window checks
+    pub(crate) fn cold_parts(&self, f: &Function) -> Vec<Function> {
+        let Some((_, p)) = self.images.iter().find(|(i, _)| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&f.addr))) else { return Vec::new() };
+        p.cold.get(&f.name).into_iter().flatten().filter_map(|k| p.functions.get(*k)).cloned().collect()
+    }
+
     /// The function an instruction boundary at `addr` can be proven from: the function
     /// containing it by its size, else the nearest sizeless symbol at or below it (code
     /// written in asm without `.size`, whose extent is unknown: decoding runs from
@@ -193,6 +200,12 @@ pub(crate) fn function_at(addr: usize) -> Option<Function> {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn sized_function_at(addr: usize) -> Option<Function> {
     Snapshot::now().sized_function_at(addr)
+}
+
+/// [`Snapshot::cold_parts`] of the images mapped now.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn cold_parts(f: &Function) -> Vec<Function> {
+    Snapshot::now().cold_parts(f)
 }
 
 /// [`Snapshot::known_start`] of the images mapped now.
