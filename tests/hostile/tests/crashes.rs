@@ -90,7 +90,7 @@ fn probe_on_unreadable_page_is_refused() {
 const HIT_PATH: [&str; 6] = [
     "probe_rt::registry::set_active",
     "probe_rt::grace::leave",
-    "probe_rt::grace::with_thread",
+    "probe_rt::grace::Thread::index",
     "probe_rt::sys::regs::imp::set_pc",
     "probe_rt::sys::regs::imp::pc",
     "probe_rt::breakpoint::trap::run_posts",
