@@ -55,6 +55,24 @@ unsafe extern "C" {
     safe fn req_fn(x: u64) -> u64;
 }
 
+/// Runs test `name` again in a child process (a crash there fails the test here, with
+/// `what` and the child's output), and returns true; in that child, returns false: the
+/// caller goes on with the scenario.
+#[cfg(target_arch = "x86_64")]
+fn ran_in_child(name: &str, what: &str) -> bool {
+    if std::env::var("OPTPROBE_WINDOW_CHILD").is_ok() {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("OPTPROBE_WINDOW_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what}: {}\n{text}", out.status);
+    true
+}
+
 /// A thread resolving the breakpoint of a probe *inside* an optimized probe's range
 /// (blocked in its pre handler), then running that probe's slot, which returns into
 /// the range: when the inner probe is unregistered and the outer one optimized over
@@ -68,14 +86,7 @@ fn a_thread_trapping_inside_the_range_is_waited_for_before_the_jump() {
     static IN_HANDLER: AtomicU32 = AtomicU32::new(0);
     static GO: AtomicU32 = AtomicU32::new(0);
     const NAME: &str = "a_thread_trapping_inside_the_range_is_waited_for_before_the_jump";
-    if std::env::var("OPTPROBE_WINDOW_CHILD").is_err() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-            .env("OPTPROBE_WINDOW_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "the thread ran part of the jump: {}\n{text}", out.status);
+    if ran_in_child(NAME, "the thread ran part of the jump") {
         return;
     }
     let f = win_fn as extern "C" fn(u64) -> u64;
@@ -206,14 +217,7 @@ fn a_cold_part_that_jumps_into_the_range_keeps_the_probe_a_breakpoint() {
     use probe_rt::NotOptimized;
     use std::hint::black_box;
     const NAME: &str = "a_cold_part_that_jumps_into_the_range_keeps_the_probe_a_breakpoint";
-    if std::env::var("OPTPROBE_WINDOW_CHILD").is_err() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-            .env("OPTPROBE_WINDOW_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{}\n{text}", out.status);
+    if ran_in_child(NAME, "the cold part ran into the range") {
         return;
     }
     let f = cold_fn as extern "C" fn(i64) -> i64;
