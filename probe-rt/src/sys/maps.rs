@@ -3,7 +3,8 @@
 //! (a profile put 76% of a breakpoint registration there). The copy is read again only
 //! when the dynamic loader has loaded or unloaded an object since (`dl_iterate_phdr`'s
 //! `dlpi_adds`/`dlpi_subs`), or when an address it is asked about is in none of its
-//! mappings (memory mapped since: probekit's own slot pages, a JIT's code). A mapping
+//! mappings (memory mapped since: probekit's own slot pages, a JIT's code), or when it
+//! would refuse an address as not executable (see [`executable`]). A mapping
 //! removed without the loader (`munmap` of a JIT region) can stay in the copy: what
 //! reads memory through it checks again (`text::read` goes through the kernel, code
 //! writes fail on unmapped pages, arming compares the bytes).
@@ -178,11 +179,40 @@ fn mapping_in(lines: &[Line], addr: usize) -> Option<Mapping> {
 }
 
 /// The mapping of `addr` if it is executable and readable (code that cannot be read,
-/// as the `[vsyscall]` page, cannot be decoded or copied out of line).
+/// as the `[vsyscall]` page, cannot be decoded or copied out of line). A refusal is
+/// never read from the copy alone: the copy may hold a mapping replaced since without
+/// the loader (pages a JIT unmapped, then mapped again or made executable with
+/// `mprotect`), so the kernel's current list decides.
 pub(crate) fn executable(addr: usize) -> Result<Mapping, Error> {
-    match mapping_of(addr) {
+    let judge = |m: Option<Mapping>| match m {
         Some(m) if m.prot & libc::PROT_EXEC != 0 && m.prot & libc::PROT_READ == 0 => Err(Error::NotReadable { addr }),
         Some(m) if m.prot & libc::PROT_EXEC != 0 => Ok(m),
         _ => Err(Error::NotExecutable { addr }),
+    };
+    judge(mapping_of(addr)).or_else(|_| judge(mapping_in(&lines(true), addr)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages the copy saw read-write, made executable since (as a JIT does): they are
+    /// executable now, whatever the copy says.
+    #[test]
+    fn pages_made_executable_after_the_copy_are_executable() {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: a fresh anonymous private page, ours alone, unmapped at the end.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        let addr = p as usize;
+        assert!(matches!(executable(addr), Err(Error::NotExecutable { .. })));
+        assert!(mapping_in(&lines(false), addr).is_some(), "the copy now holds the read-write page");
+        // SAFETY: the page is ours; nothing runs it.
+        assert_eq!(unsafe { libc::mprotect(p, page, libc::PROT_READ | libc::PROT_EXEC) }, 0);
+        let m = executable(addr).expect("an executable page");
+        assert!(m.start <= addr && addr < m.end);
+        // SAFETY: unmaps the page mapped above, no longer used.
+        assert_eq!(unsafe { libc::munmap(p, page) }, 0);
     }
 }
