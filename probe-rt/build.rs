@@ -48,10 +48,17 @@ fn main() {
     //   registers, x86_64 xmm0-xmm1 (Fp::Return; the others are dead at a return), and
     //   aarch64 v0-v3 (an HFA of four returns in them: Fp::Args, q0-q7);
     // - the site trampoline of `#[traceable]` functions (entry shape, called from the
-    //   patched site; handlers may use floats and vector code): the argument registers.
+    //   patched site; handlers may use floats and vector code): the argument registers;
+    // - the two trampolines of sites' exit paths (probe-codegen `site::exit_asm`), called
+    //   like the site trampoline at the function's entry stack pointer, so of its shape:
+    //   the exit-entry one runs the site's probes (return probes watching without a
+    //   hijack), the exit one the return handlers, with the return registers (x86_64
+    //   rax, rdx, xmm0-xmm1; aarch64 x0-x7, q0-q3) among those restored.
     let routines = [
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
         ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
+        ("site_exit_entry.rs", Shape::Entry, "probekit_site_exit_entry_trampoline", "crate::site::patch::dispatch_exit_entry"),
+        ("site_exit.rs", Shape::Entry, "probekit_site_exit_trampoline", "crate::retprobe::dispatch_exit"),
     ];
     for (file, shape, name, handler) in routines {
         let text = match arch {

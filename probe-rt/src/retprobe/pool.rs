@@ -59,6 +59,7 @@ impl Block {
                     busy: AtomicBool::new(false),
                     taken: AtomicU64::new(0),
                     owner: AtomicUsize::new(0),
+                    exit: AtomicBool::new(false),
                     stub: code + i * STUB + STUB_ENTRY,
                     data: AtomicUsize::new(0),
                     core: AtomicUsize::new(0),
