@@ -184,6 +184,15 @@ struct Inst {
     /// Watched from a site's exit path: the return comes through the exit trampoline
     /// at `sp`, not through the stub (the return address was not replaced).
     exit: AtomicBool,
+    /// Parked for its owner thread (a reserve instance, see [`Core::take_parked`]):
+    /// it stays busy between that thread's calls, which take it without an atomic
+    /// read-modify-write.
+    parked: AtomicBool,
+    /// A parked instance in use by its owner's call (written by the owner only).
+    claimed: AtomicBool,
+    /// Raised whenever the instance is parked anew or reset: a thread's cached parking
+    /// names the generation it parked.
+    generation: AtomicUsize,
     /// Where the hijacked return goes.
     stub: usize,
     /// This instance's `T` (in the probe's data), set before the probe is armed.
@@ -200,6 +209,17 @@ impl Inst {
         self.owner.store(0, Ordering::Release);
         self.busy.store(false, Ordering::Release);
     }
+
+    /// The end of a call's use of the instance: a parked one stays its owner's (the
+    /// claim dropped after the last read of it, its probe and data), any other goes
+    /// back to the pool.
+    fn give_back(&self) {
+        if self.parked.load(Ordering::Relaxed) {
+            self.claimed.store(false, Ordering::Release);
+        } else {
+            self.release();
+        }
+    }
 }
 
 /// The state of one return probe, shared by its entry hook and the dispatcher.
@@ -215,8 +235,11 @@ pub(crate) struct Core {
     run_return: unsafe fn(&Core, usize, &mut PtRegs),
     /// What keeps the closures alive: dropped with the `Core`.
     _owners: [Option<Owner>; 2],
-    /// The instances of this probe's block.
+    /// The instances of this probe's block: `shared` of them (`maxactive`) taken call
+    /// by call by any thread, then (on a site with an exit path) as many in reserve,
+    /// parked one per thread for the calls through the exit path.
     insts: &'static [Inst],
+    shared: usize,
     /// Where the next search for a free instance starts.
     hint: AtomicUsize,
     /// The per-call data, `insts.len()` `T`s (from `Box::into_raw`), and what drops
@@ -251,7 +274,7 @@ impl Core {
     /// per candidate). When none is free, one held by a thread that has exited (its
     /// list died with it) is taken over.
     fn take(&self, owner: usize) -> Option<&'static Inst> {
-        let n = self.insts.len();
+        let n = self.shared;
         let start = self.hint.load(Ordering::Relaxed).min(n);
         // start..n then 0..start: no division on the hit path.
         let free = (start..n).chain(0..start).find(|i| {
@@ -259,7 +282,7 @@ impl Core {
             !inst.busy.load(Ordering::Relaxed) && inst.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
         });
         let i = free.or_else(|| {
-            self.insts.iter().position(|inst| {
+            self.insts[..n].iter().position(|inst| {
                 let was = inst.owner.load(Ordering::Acquire);
                 was != 0
                     && was != owner
@@ -273,7 +296,68 @@ impl Core {
         inst.taken.store(inst.taken.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         Some(inst)
     }
+
+    /// For an entry through a site's exit path: this thread's parked instance of this
+    /// probe, claimed with plain stores (only its owner writes a parked instance's
+    /// claim, and nobody else takes it: a `lock cmpxchg` per call, which drains the
+    /// store buffer the trampoline just filled, costs more than the rest of the entry
+    /// hook). Else a reserve instance is taken (one compare-and-swap) and parked for
+    /// this thread, if its parking slot for this probe is free; else `None` (the shared
+    /// pool then).
+    ///
+    /// A parked instance stays busy between calls, so it is extra to `maxactive`: the
+    /// shared instances alone still watch `maxactive` calls at once, as before. Nobody
+    /// but its owner writes it until it is released: when its owner has exited (taken
+    /// over as any instance of an exited thread), or when the probe is retired and the
+    /// owner is not inside a call (`pool`, after the grace period that no entry hook
+    /// of the probe outlives; the generation it raises then tells the owner's slot
+    /// that the instance is no longer its own). The owner never gives it back itself,
+    /// which could race with that reset.
+    fn take_parked(&self, owner: usize) -> Option<&'static Inst> {
+        let me = self as *const Core as usize;
+        let slot = (me >> 6) % PARKING_SLOTS;
+        let (cached, generation) = PARKED.with(|p| p[slot].get());
+        if cached != 0 {
+            let inst = inst_at(cached);
+            if inst.generation.load(Ordering::Relaxed) == generation {
+                if inst.core.load(Ordering::Relaxed) != me || inst.claimed.load(Ordering::Relaxed) {
+                    // Another probe's (this slot is taken), or in use by an outer call
+                    // (recursion): the shared pool.
+                    return None;
+                }
+                inst.claimed.store(true, Ordering::Relaxed);
+                inst.taken.store(inst.taken.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                return Some(inst);
+            }
+        }
+        // A reserve instance of this probe, free or held by a thread that exited.
+        let reserve = &self.insts[self.shared..];
+        let inst = reserve
+            .iter()
+            .find(|inst| !inst.busy.load(Ordering::Relaxed) && inst.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok())
+            .or_else(|| {
+                reserve.iter().find(|inst| {
+                    let was = inst.owner.load(Ordering::Acquire);
+                    was != 0
+                        && was != owner
+                        && !crate::grace::thread_alive(was as i32)
+                        && inst.owner.compare_exchange(was, owner, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+                })
+            })?;
+        let generation = inst.generation.load(Ordering::Relaxed).wrapping_add(1);
+        inst.generation.store(generation, Ordering::Relaxed);
+        inst.owner.store(owner, Ordering::Release);
+        inst.claimed.store(true, Ordering::Relaxed);
+        inst.parked.store(true, Ordering::Release);
+        inst.taken.store(inst.taken.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        PARKED.with(|p| p[slot].set((inst as *const Inst as usize, generation)));
+        Some(inst)
+    }
 }
+
+/// Parking slots per thread: a thread parks at most one instance per probe, in the
+/// slot the probe's address picks (a probe whose slot is taken uses the shared pool).
+const PARKING_SLOTS: usize = 8;
 
 /// Resets this call's data; the entry handler, if any, then runs on it.
 ///
@@ -313,6 +397,8 @@ thread_local! {
     static FP_AREA: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
     /// The entry hooks running now are called from a site's exit path.
     static ON_EXIT_PATH: Cell<bool> = const { Cell::new(false) };
+    /// This thread's parked instances and the generation each parked (0: none).
+    static PARKED: [Cell<(usize, usize)>; PARKING_SLOTS] = const { [const { Cell::new((0, 0)) }; PARKING_SLOTS] };
 }
 
 /// Runs `run` (the site's probes) for an entry through a site's exit path: the return
@@ -354,6 +440,13 @@ extern "C" fn after_fork_in_child() {
         inst.owner.store(tid, Ordering::Release);
         at = inst.next.load(Ordering::Relaxed);
     }
+    PARKED.with(|slots| {
+        for (parked, generation) in slots.iter().map(Cell::get) {
+            if parked != 0 && inst_at(parked).generation.load(Ordering::Relaxed) == generation {
+                inst_at(parked).owner.store(tid, Ordering::Release);
+            }
+        }
+    });
 }
 
 /// Registers [`after_fork_in_child`] (once, with the first return probe: before it,
@@ -381,7 +474,7 @@ fn drop_stale(stale: impl Fn(&Inst) -> bool) -> usize {
     while head != 0 && stale(inst_at(head)) {
         let inst = inst_at(head);
         head = inst.next.load(Ordering::Relaxed);
-        inst.release();
+        inst.give_back();
     }
     HEAD.set(head);
     head
@@ -464,7 +557,8 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         });
     }
     let owner = crate::grace::with_thread(|t| t.tid()) as usize;
-    let Some(inst) = core.take(owner) else {
+    let parked = if exit { core.take_parked(owner) } else { None };
+    let Some(inst) = parked.or_else(|| core.take(owner)) else {
         core.nmissed.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -476,9 +570,9 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
     match unsafe { (core.run_entry)(core, inst.data.load(Ordering::Relaxed), regs) } {
         // Without a return handler there is nothing to watch the return for.
         Entry::Continue if core.handler != 0 => {}
-        Entry::Continue | Entry::Skip => return inst.release(),
+        Entry::Continue | Entry::Skip => return inst.give_back(),
         Entry::Override(v) => {
-            inst.release();
+            inst.give_back();
             return override_return(regs, v);
         }
     }
@@ -531,7 +625,7 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut PtRegs, fp: *mut u8) -> usize
             unsafe { (core.run_return)(core, inst.data.load(Ordering::Relaxed), regs) };
             FP_AREA.set((0, 0));
         }
-        inst.release();
+        inst.give_back();
         head = HEAD.get();
     }
     // On along the exit path, which returns itself; the stack pointer is not restored.
@@ -589,7 +683,7 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, fp: *mut u8) -> usize {
     }
     // The last use of the instance, its probe and data: from here on its block may be
     // reused (see `pool`).
-    inst.release();
+    inst.give_back();
     registry::set_active(was_active);
     ret
 }
@@ -840,9 +934,12 @@ impl<T: Default + Send + 'static, S> ReturnProbeBuilder<T, S> {
         // The data first (`T::default` may panic), then a block of stubs with their
         // unwind information and instances, reused or new (see `pool`), pointed at the
         // probe: everything a hit can reach exists before it is armed.
-        let data: Box<[UnsafeCell<T>]> = (0..n).map(|_| UnsafeCell::new(T::default())).collect();
+        // A site with an exit path gets as many instances again in reserve, to park
+        // one per thread (`Core::take_parked`).
+        let reserve = if crate::site::table::exit_of(addr).is_some() { n } else { 0 };
+        let data: Box<[UnsafeCell<T>]> = (0..n + reserve).map(|_| UnsafeCell::new(T::default())).collect();
         at_fork();
-        let block = pool::take(n)?;
+        let block = pool::take(n + reserve)?;
         let data = Box::into_raw(data) as *mut UnsafeCell<T> as usize;
         let (handler, run_return, return_owner) = match self.handler {
             Some((h, run, owner)) => (h, run, Some(owner)),
@@ -861,6 +958,7 @@ impl<T: Default + Send + 'static, S> ReturnProbeBuilder<T, S> {
             run_return,
             _owners: [return_owner, entry_owner],
             insts: block.insts,
+            shared: n,
             hint: AtomicUsize::new(0),
             data,
             drop_data: drop_data::<T>,
@@ -962,7 +1060,7 @@ impl ReturnProbeHandle {
 
     /// How many calls can be watched at once.
     pub fn maxactive(&self) -> usize {
-        self.core().insts.len()
+        self.core().shared
     }
 
     /// Re-arms a disabled probe.

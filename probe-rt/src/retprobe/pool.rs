@@ -60,6 +60,9 @@ impl Block {
                     taken: AtomicU64::new(0),
                     owner: AtomicUsize::new(0),
                     exit: AtomicBool::new(false),
+                    parked: AtomicBool::new(false),
+                    claimed: AtomicBool::new(false),
+                    generation: AtomicUsize::new(0),
                     stub: code + i * STUB + STUB_ENTRY,
                     data: AtomicUsize::new(0),
                     core: AtomicUsize::new(0),
@@ -104,7 +107,11 @@ impl Block {
     fn idle(&self) -> bool {
         self.insts.iter().all(|i| {
             let owner = i.owner.load(Ordering::Acquire);
-            !i.busy.load(Ordering::Acquire) || owner != 0 && !grace::thread_alive(owner as i32)
+            // A parked instance not claimed: its owner is not inside a call (the
+            // claim is dropped after its last use), and cannot claim it again for this
+            // probe, whose entry is disarmed and waited out.
+            let parked = i.parked.load(Ordering::Acquire) && !i.claimed.load(Ordering::Acquire);
+            !i.busy.load(Ordering::Acquire) || parked || owner != 0 && !grace::thread_alive(owner as i32)
         })
     }
 }
@@ -204,6 +211,10 @@ pub(crate) fn take(n: usize) -> Result<&'static Block, Error> {
         inst.core.store(0, Ordering::Relaxed);
         // Free or held by an exited thread (`Block::idle`): free from here on.
         inst.owner.store(0, Ordering::Relaxed);
+        // A thread's cached parking names the old generation: no longer its own.
+        inst.generation.store(inst.generation.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        inst.parked.store(false, Ordering::Relaxed);
+        inst.claimed.store(false, Ordering::Relaxed);
         inst.busy.store(false, Ordering::Release);
     }
     Ok(block)
