@@ -23,7 +23,8 @@
 //! A return probe on a site without an exit path hijacks the return address (a
 //! kretprobe): the function's `ret` then goes where the return-stack buffer did not
 //! predict. The exit path observes the return without that: the site's patchable
-//! instruction becomes a jump to it (x86_64 `jmp rel32` over the nop), and it calls the
+//! instruction becomes a jump to it (x86_64 `jmp rel32` over the nop, aarch64 `b`
+//! over the nop), and it calls the
 //! entry trampoline, copies the stack-passed arguments below a new frame, *calls* the
 //! body, calls the exit trampoline and returns: every `call` meets its `ret`, and the
 //! call-frame information is static. The trampolines are called through the record's
@@ -104,8 +105,7 @@ pub fn exit_resume_offset(arch: Arch) -> usize {
 }
 
 /// The exit path's instructions for `naked_asm!`, right after [`site_asm`]'s, with the
-/// call-frame information they need, or `None` where there is none (aarch64 for now:
-/// return probes there keep hijacking the return address). Operands: `body` (`sym`),
+/// call-frame information they need, or `None` where there is none. Operands: `body` (`sym`),
 /// `args` (`const`: an upper bound of the bytes of stack-passed arguments, a multiple
 /// of 8) and `frame` (`const`: the bytes allocated below the entry stack pointer,
 /// at least `args`, and `frame + 8` a multiple of 16 so that the body is called with
@@ -122,11 +122,14 @@ pub fn exit_resume_offset(arch: Arch) -> usize {
 /// ```
 ///
 /// r10 and r11 (neither an argument nor callee-saved, SysV AMD64 ABI 1.0 §3.2.3) copy
-/// the arguments; the flags are dead at a function entry.
+/// the arguments; the flags are dead at a function entry. aarch64 keeps the return
+/// address in its frame (`frame - 8`) across the body's call, and has the exit
+/// trampoline entered as from a site, with the return address in x9.
 pub fn exit_asm(arch: Arch) -> Option<Vec<String>> {
     match arch {
         Arch::X86_64 => Some(
             [
+                EXIT_GUARD,
                 // The exit path: CFA = rsp + 8 as at the entry.
                 "1:",
                 // The entry trampoline (runs the entry handlers), as the site's call would.
@@ -151,19 +154,77 @@ pub fn exit_asm(arch: Arch) -> Option<Vec<String>> {
                 // the caller.
                 "call qword ptr [rip + 5f]",
                 "ret",
+                ".endif",
             ]
             .iter()
             .map(|l| l.to_string())
             .collect(),
         ),
-        Arch::Aarch64 => None,
+        Arch::Aarch64 => Some(
+            [
+                EXIT_GUARD,
+                // The exit path: CFA = sp, the return address in x30, as at the entry.
+                "1:",
+                // The entry trampoline, entered as from the site (`mov x9, x30; bl`);
+                // x16 (IP0) carries nothing at a function entry (AAPCS64 §6.1.1). It
+                // restores x30 (from x9's value) and every argument register.
+                "mov x9, x30",
+                "adrp x16, 4f",
+                "ldr x16, [x16, :lo12:4f]",
+                "blr x16",
+                "sub sp, sp, #{frame}",
+                ".cfi_def_cfa_offset {frame}",
+                "str x30, [sp, #{frame} - 8]",
+                ".cfi_offset x30, -8",
+                // The stack-passed arguments, where the body will look for them (x9,
+                // x16 and x17 are neither arguments nor the indirect result register).
+                ".if {args}",
+                "add x9, sp, #{frame}",
+                "mov x16, #0",
+                "6:",
+                "ldr x17, [x9, x16]",
+                "str x17, [sp, x16]",
+                "add x16, x16, #8",
+                "cmp x16, #{args}",
+                "b.lo 6b",
+                ".endif",
+                "bl {body}",
+                // The return address into x9, as the trampoline wants it, and the
+                // stack pointer back at the entry's.
+                "ldr x9, [sp, #{frame} - 8]",
+                ".cfi_register x30, x9",
+                "add sp, sp, #{frame}",
+                ".cfi_def_cfa_offset 0",
+                "adrp x16, 5f",
+                "ldr x16, [x16, :lo12:5f]",
+                "blr x16",
+                // The trampoline restored x30 from its field: the return address.
+                ".cfi_restore x30",
+                "ret",
+                ".endif",
+            ]
+            .iter()
+            .map(|l| l.to_string())
+            .collect(),
+        ),
     }
 }
+
+/// The largest exit-path frame: within one page below the entry stack pointer, so that
+/// no guard page can be stepped over (the copy writes upwards from the new stack
+/// pointer), and within aarch64's immediates. A function whose arguments may need more
+/// gets no exit path: the assembler leaves it out ([`EXIT_GUARD`]) and its record says
+/// so, and return probes on it hijack the return address.
+pub const MAX_EXIT_FRAME: usize = 4080;
+
+/// The assembler condition around the exit path and its record word.
+const EXIT_GUARD: &str = ".if {frame} <= 4080";
+const _: () = assert!(MAX_EXIT_FRAME == 4080, "EXIT_GUARD spells MAX_EXIT_FRAME");
 
 /// The exit path's frame for `args` bytes of stack-passed arguments (see [`exit_asm`]).
 pub const fn exit_frame(arch: Arch, args: usize) -> usize {
     match arch {
-        Arch::X86_64 => (args + 8).div_ceil(16) * 16 + 8,
+        Arch::X86_64 => (args + 8).div_ceil(16) * 16 - 8,
         Arch::Aarch64 => args.div_ceil(16) * 16 + 16,
     }
 }
@@ -172,7 +233,7 @@ pub const fn exit_frame(arch: Arch, args: usize) -> usize {
 /// (the user's crate computes the bound from the argument types at compile time).
 pub fn exit_frame_expr(arch: Arch, args: &str) -> String {
     match arch {
-        Arch::X86_64 => format!("({args} + 8).div_ceil(16) * 16 + 8"),
+        Arch::X86_64 => format!("({args} + 8).div_ceil(16) * 16 - 8"),
         Arch::Aarch64 => format!("{args}.div_ceil(16) * 16 + 16"),
     }
 }
@@ -206,7 +267,8 @@ pub fn record_asm(arch: Arch, exit: bool) -> RecordAsm {
             ".quad {function}".into(),
             ".quad 2f".into(),
             ".quad 3f - 2f".into(),
-            if exit { ".quad 1b".into() } else { ".quad 0".into() },
+            // The exit path, if the assembler emitted it (`EXIT_GUARD`).
+            if exit { format!("{EXIT_GUARD}\n.quad 1b\n.else\n.quad 0\n.endif") } else { ".quad 0".into() },
             "4: .quad 0".into(),
             "5: .quad 0".into(),
             ".popsection".into(),
@@ -250,8 +312,9 @@ mod tests {
         assert_eq!(site_asm(Arch::X86_64)[0], ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00");
         // mov x9, x30 = orr x9, xzr, x30; nop
         assert_eq!(site_asm(Arch::Aarch64)[..2], [".inst 0xaa1e03e9".to_string(), ".inst 0xd503201f".to_string()]);
-        let r = record_asm(Arch::X86_64, true);
+        let r = record_asm(Arch::X86_64, false);
         assert_eq!(r.before_name.iter().filter(|l| l.contains(".quad")).count() * 8, RECORD_SIZE, "one .quad line per word");
+        assert!(record_asm(Arch::Aarch64, true).before_name.iter().any(|l| l.contains(".quad 1b")));
         assert_eq!(exit_frame(Arch::X86_64, 0), 8);
         assert_eq!(exit_frame(Arch::X86_64, 8), 8);
         assert_eq!(exit_frame(Arch::X86_64, 16), 24);

@@ -97,6 +97,19 @@ impl Block {
     }
 
     /// The stubs' code, for a grace period's busy ranges.
+    /// Takes back the instances parked in the block (it is idle: none is claimed), so
+    /// that no thread's parking slot names them any more, before their probe's `Core`
+    /// is freed (a new `Core` may get its address, and the slot is keyed by it).
+    fn unpark(&self) {
+        for inst in self.insts {
+            if inst.parked.load(Ordering::Relaxed) {
+                inst.generation.store(inst.generation.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+                inst.parked.store(false, Ordering::Relaxed);
+                inst.release();
+            }
+        }
+    }
+
     fn range(&self) -> (usize, usize) {
         (self.code, self.code + self.insts.len() * STUB)
     }
@@ -169,6 +182,7 @@ impl Pool {
             let r = &self.retired[k];
             if r.graced && r.block.idle() {
                 let r = self.retired.swap_remove(k);
+                r.block.unpark();
                 self.free.push(r.block);
                 cores.push(r.core);
             } else {
@@ -234,6 +248,7 @@ pub(crate) fn synchronize() -> bool {
     pool.retired.retain(|r| {
         let idle = r.graced && r.block.idle();
         if idle {
+            r.block.unpark();
             cores.push((r.block, r.core));
         }
         !idle
