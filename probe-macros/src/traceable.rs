@@ -6,7 +6,9 @@
 //!   included: Rust, or `extern "C"` for C and asm callers), attributes and visibility,
 //!   `#[inline(never)]`, and all it does is call the site;
 //! - `__probekit_site_f`, a naked `extern "C-unwind"` function: the patchable nops, a jump
-//!   to the body, and the site's entry in the `probekit_sites` table;
+//!   to the body, the site's exit path where the stack-passed arguments can be bounded
+//!   by a constant (not in generic functions and impls: probe-codegen `site::exit_asm`),
+//!   and the site's entry in the `probekit_sites` table;
 //! - `__probekit_body_f`, an `extern "C-unwind"` function holding the user's body and
 //!   patterns.
 //!

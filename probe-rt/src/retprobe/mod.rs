@@ -10,6 +10,24 @@
 //! the return value in `rax`/`x0`, and hands the trampoline the real return address
 //! to restore and return to. No trap on the way back.
 //!
+//! # On a site: the exit path
+//! On a `#[traceable]` function whose site has an exit path (probe-codegen
+//! `site::exit_asm`: every such function but generic ones and those whose arguments
+//! may need more than a page of stack), the return address is not hijacked. While a
+//! return probe is armed there, the site jumps to its exit path, which calls the entry
+//! trampoline (the entry hook takes an instance as above, `on_exit_path` telling it
+//! not to replace the return address), calls the body with a copy of the stack-passed
+//! arguments, then calls the exit trampoline (`dispatch_exit`), which takes this
+//! call's instances back by stack pointer and runs the return handlers with the
+//! return registers, restored from the frame after them. Every `call` meets its
+//! `ret`, so the return-stack buffer predicts them all, the call-frame information is
+//! static, and no stub appears in a backtrace. Such calls take a *parked* instance
+//! (see `Core::take_parked`): one per thread and probe, from a reserve as large as
+//! `maxactive`, claimed without an atomic read-modify-write. Everything below holds for
+//! them too: the instance list orders them with the hijacked ones, a `longjmp` or a
+//! caught panic leaves them stale in the same way, unregistering leaves calls in flight
+//! returning through their exit path, which runs no handler then.
+//!
 //! # Finding the instance
 //! Each thread keeps a list of its live instances, newest first (as uretprobes do).
 //! A return at stack pointer `s` belongs to the newest instance recorded at `s`;

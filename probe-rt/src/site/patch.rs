@@ -9,6 +9,13 @@
 //! a thread stopped between the two words must not reach a `bl` without x9 set). The trampoline calls [`dispatch`], which runs the probes' handlers with
 //! the registers at the function's entry, then resumes the function. No trap, no signal.
 //!
+//! While a return probe is armed on a site that has an exit path (probe-codegen
+//! `site::exit_asm`), the site is instead a jump to that path (x86_64 `jmp rel32`,
+//! aarch64 `b`): the path calls the trampolines whose addresses [`patch`] wrote into
+//! the site's record first, [`dispatch_exit_entry`]'s at the entry and the return
+//! probes' exit trampoline after the body (see `crate::retprobe`). [`retarget`] moves
+//! an enabled site between the call and the jump as return probes come and go.
+//!
 //! # Patching while threads run through the site
 //! x86_64 follows the kernel's `text_poke_bp`: an `int3` on the first byte, every core
 //! synchronised (`membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`, registered
@@ -164,12 +171,12 @@ pub(crate) fn enabled_in_text(site: usize) -> bool {
 }
 
 /// Whether `bytes` are an enabled site: a call of the trampoline or a jump to the exit
-/// path (x86_64), or `bl` (aarch64).
+/// path (x86_64 `call`/`jmp`, aarch64 `bl`/`b`).
 fn is_call(bytes: &[u8; SITE_LEN]) -> bool {
     #[cfg(target_arch = "x86_64")]
     return bytes[0] == 0xe8 || bytes[0] == 0xe9;
     #[cfg(target_arch = "aarch64")]
-    return bytes[..4] == NOP[..4] && u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) >> 26 == 0b100101;
+    return bytes[..4] == NOP[..4] && matches!(u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) >> 26, 0b100101 | 0b000101);
 }
 
 /// Enables (`on`) or disables the site at `site` while threads may run through it.
@@ -226,12 +233,20 @@ pub(crate) fn retarget(site: usize) -> Result<(), Error> {
 /// is armed there and the site has one (its slots written first, so that the path
 /// finds its trampolines), else the call of the site trampoline.
 fn enabled_bytes(site: usize) -> Result<[u8; SITE_LEN], Error> {
-    #[cfg(target_arch = "x86_64")]
     if crate::site::wants_exit(site) {
-        if let Some(exit) = crate::site::table::exit_of(site).filter(|e| slots_ready(e)) {
+        if let Some(exit) = crate::site::table::exit_of(site).filter(slots_ready) {
             let mut b = [0u8; SITE_LEN];
-            b[0] = 0xe9; // jmp rel32
-            b[1..].copy_from_slice(&((exit.path as i64 - (site + 5) as i64) as i32).to_le_bytes());
+            #[cfg(target_arch = "x86_64")]
+            {
+                b[0] = 0xe9; // jmp rel32
+                b[1..].copy_from_slice(&((exit.path as i64 - (site + 5) as i64) as i32).to_le_bytes());
+            }
+            #[cfg(target_arch = "aarch64")]
+            {
+                b[..4].copy_from_slice(&NOP[..4]); // mov x9, x30, unchanged
+                let imm26 = ((exit.path as i64 - (site + 4) as i64) >> 2) as u32 & 0x03ff_ffff;
+                b[4..].copy_from_slice(&(0x1400_0000 | imm26).to_le_bytes()); // b
+            }
             return Ok(b);
         }
     }
@@ -241,7 +256,6 @@ fn enabled_bytes(site: usize) -> Result<[u8; SITE_LEN], Error> {
 /// Writes this runtime's trampolines into the exit path's slots (in the site's
 /// record), if they are writable now (a record under RELRO is not: that site keeps
 /// the call); whether they hold them.
-#[cfg(target_arch = "x86_64")]
 fn slots_ready(exit: &crate::site::table::ExitPath) -> bool {
     let words = [(exit.entry_slot, exit_entry_trampoline()), (exit.exit_slot, crate::retprobe::exit_trampoline())];
     for (slot, to) in words {

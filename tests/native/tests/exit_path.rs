@@ -9,16 +9,17 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
-/// What the first byte of an enabled site is: x86_64 `jmp rel32` to the exit path, or
-/// `call rel32` of the trampoline (aarch64 has no exit path yet: always the `bl`).
+/// Whether the enabled site jumps to its exit path: x86_64 `jmp rel32` (not the
+/// trampoline's `call rel32`), aarch64 `b` after the `mov x9, x30` (not `bl`).
 #[cfg(target_arch = "x86_64")]
 fn jumps_to_exit_path(site: usize) -> bool {
     // SAFETY: a site is in the text of this executable, mapped readable.
     unsafe { *(site as *const u8) == 0xe9 }
 }
 #[cfg(target_arch = "aarch64")]
-fn jumps_to_exit_path(_site: usize) -> bool {
-    false
+fn jumps_to_exit_path(site: usize) -> bool {
+    // SAFETY: as above; the site's second word, 4-aligned.
+    unsafe { *((site + 4) as *const u32) >> 26 == 0b000101 }
 }
 
 fn site_of(name: &str) -> usize {
@@ -47,7 +48,7 @@ fn a_return_probe_switches_the_site_to_its_exit_path_and_back() {
     let seen = Arc::new(AtomicU64::new(0));
     let s = seen.clone();
     let r = ReturnProbe::builder().function(f).handler(move |regs: &PtRegs, _: &mut ()| s.store(regs.return_value(), Ordering::Relaxed)).register().unwrap();
-    assert_eq!(jumps_to_exit_path(site), cfg!(target_arch = "x86_64"), "a return probe takes the exit path");
+    assert!(jumps_to_exit_path(site), "a return probe takes the exit path");
     assert_eq!(twice(21), 42);
     assert_eq!(seen.load(Ordering::Relaxed), 42);
     assert_eq!((entry.nhit(), r.nhit(), r.nmissed()), (1, 1, 0));
@@ -58,7 +59,7 @@ fn a_return_probe_switches_the_site_to_its_exit_path_and_back() {
     drop(entry);
     // A return probe alone enables the site straight onto its exit path.
     let r = ReturnProbe::builder().function(f).handler(|_: &PtRegs, _: &mut ()| {}).register().unwrap();
-    assert_eq!(jumps_to_exit_path(site), cfg!(target_arch = "x86_64"));
+    assert!(jumps_to_exit_path(site));
     assert_eq!(twice(1), 2);
     assert_eq!(r.nhit(), 1);
 }
@@ -181,7 +182,7 @@ fn stack_passed_arguments_arrive_intact() {
         })
         .register()
         .unwrap();
-    assert_eq!(jumps_to_exit_path(site_of("::many")), cfg!(target_arch = "x86_64"));
+    assert!(jumps_to_exit_path(site_of("::many")));
     for _ in 0..3 {
         assert_eq!(call(), expected);
     }
@@ -205,7 +206,7 @@ fn a_panic_unwinds_through_the_exit_path() {
         r2.fetch_add(1, Ordering::Relaxed);
     });
     let r = r.register().unwrap();
-    assert_eq!(jumps_to_exit_path(site_of("::fails_on")), cfg!(target_arch = "x86_64"));
+    assert!(jumps_to_exit_path(site_of("::fails_on")));
     for round in 0..3 {
         let caught = std::panic::catch_unwind(|| fails_on(black_box(7), 7));
         assert!(caught.is_err(), "round {round}: the panic reached the caller");
@@ -327,4 +328,76 @@ fn two_return_probes_on_one_site_and_nested_sites_each_see_their_own_call() {
     assert_eq!(nested_outer(4), 50);
     assert_eq!(*order.lock().unwrap(), [("inner", 4, 5), ("outer b", 4, 50), ("outer a", 4, 50)]);
     drop((a, b, c));
+}
+
+#[probekit::traceable]
+fn busy_site(a: u64) -> u64 {
+    black_box(a) ^ 0x55
+}
+
+#[test]
+fn threads_beyond_maxactive_each_return_right_and_every_watched_call_runs_its_handler() {
+    let _s = serial();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = handled.clone();
+    let r = ReturnProbe::builder()
+        .function(busy_site as fn(u64) -> u64)
+        .maxactive(2)
+        .data::<u64>()
+        .entry_handler(|regs: &PtRegs, d: &mut u64| {
+            *d = regs.arg(0).unwrap();
+            true
+        })
+        .handler(move |regs: &PtRegs, d: &mut u64| {
+            // Counted only if the data is this call's.
+            if regs.return_value() == *d ^ 0x55 {
+                h.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .register()
+        .unwrap();
+    assert_eq!(r.maxactive(), 2);
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..1000 {
+                    let a = t * 1_000_000 + i;
+                    assert_eq!(busy_site(a), a ^ 0x55);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(r.nhit() + r.nmissed(), 8000, "every entry took an instance or was missed");
+    assert_eq!(handled.load(Ordering::Relaxed), r.nhit(), "every watched call ran its handler, with its own data");
+}
+
+#[probekit::traceable]
+fn parks(a: u64) -> u64 {
+    black_box(a) + 2
+}
+
+#[test]
+fn a_parked_instance_does_not_keep_an_unregistered_probe_alive() {
+    let _s = serial();
+    let captured = Arc::new(());
+    let c = captured.clone();
+    let r = ReturnProbe::builder()
+        .function(parks as fn(u64) -> u64)
+        .handler(move |_: &PtRegs, _: &mut ()| {
+            let _ = &c;
+        })
+        .register()
+        .unwrap();
+    assert_eq!(parks(1), 3); // this thread parks an instance of the probe
+    assert_eq!(r.nhit(), 1);
+    r.unregister().unwrap();
+    assert!(probekit::synchronize());
+    assert_eq!(Arc::strong_count(&captured), 1, "the handler was dropped: the block went back");
+    // The same function probed again takes a block with the old parking reset.
+    let r = ReturnProbe::builder().function(parks as fn(u64) -> u64).handler(|_: &PtRegs, _: &mut ()| {}).register().unwrap();
+    assert_eq!(parks(2), 4);
+    assert_eq!((r.nhit(), r.nmissed()), (1, 0));
 }
