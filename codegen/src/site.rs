@@ -213,7 +213,7 @@ pub fn exit_asm(arch: Arch) -> Option<Vec<String>> {
 /// The largest exit-path frame: within one page below the entry stack pointer, so that
 /// no guard page can be stepped over (the copy writes upwards from the new stack
 /// pointer), and within aarch64's immediates. A function whose arguments may need more
-/// gets no exit path: the assembler leaves it out ([`EXIT_GUARD`]) and its record says
+/// gets no exit path: the assembler leaves it out (an `.if` around it) and its record says
 /// so, and return probes on it hijack the return address.
 pub const MAX_EXIT_FRAME: usize = 4080;
 
@@ -318,7 +318,7 @@ mod tests {
         assert_eq!(exit_frame(Arch::X86_64, 0), 8);
         assert_eq!(exit_frame(Arch::X86_64, 8), 8);
         assert_eq!(exit_frame(Arch::X86_64, 16), 24);
-        assert!(exit_frame(Arch::Aarch64, 24) >= 24 + 16 && exit_frame(Arch::Aarch64, 24) % 16 == 0);
+        assert!(exit_frame(Arch::Aarch64, 24) >= 24 + 16 && exit_frame(Arch::Aarch64, 24).is_multiple_of(16));
         assert!(runtime_consts(Arch::Aarch64).contains("SITE_LEN: usize = 8"));
     }
 }
