@@ -401,3 +401,54 @@ fn a_parked_instance_does_not_keep_an_unregistered_probe_alive() {
     assert_eq!(parks(2), 4);
     assert_eq!((r.nhit(), r.nmissed()), (1, 0));
 }
+
+#[probekit::traceable]
+extern "C" fn jumps(n: u64) -> u64 {
+    if black_box(n) % 2 == 1 {
+        // SAFETY: the frames between here and the probekit_jump_run in `run_jumps` are
+        // plain (no destructors); its jmp_buf is live.
+        unsafe { native_tests::probekit_jump_out() }
+    }
+    n * 3
+}
+
+extern "C" fn run_jumps(arg: *mut std::ffi::c_void) {
+    // SAFETY: `arg` is the `u64` `longjmp_out_of_the_body_leaves_the_next_calls_right` passes.
+    let n = unsafe { *(arg as *const u64) };
+    black_box(jumps(n));
+}
+
+#[test]
+fn longjmp_out_of_the_body_leaves_the_next_calls_right() {
+    let _s = serial();
+    let (returns, mismatches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (r2, m2) = (returns.clone(), mismatches.clone());
+    let r = ReturnProbe::builder()
+        .function(jumps as extern "C" fn(u64) -> u64)
+        .maxactive(1)
+        .data::<u64>()
+        .entry_handler(|regs: &PtRegs, d: &mut u64| {
+            *d = regs.arg(0).unwrap();
+            true
+        })
+        .handler(move |regs: &PtRegs, d: &mut u64| {
+            if regs.return_value() != *d * 3 {
+                m2.fetch_add(1, Ordering::Relaxed);
+            }
+            r2.fetch_add(1, Ordering::Relaxed);
+        })
+        .register()
+        .unwrap();
+    assert!(jumps_to_exit_path(site_of("::jumps")));
+    for n in 0..10u64 {
+        let mut arg = n;
+        // SAFETY: run_jumps reads the u64 behind arg, which lives across the call.
+        let jumped = unsafe { native_tests::probekit_jump_run(run_jumps, &mut arg as *mut u64 as *mut std::ffi::c_void) };
+        assert_eq!(jumped, (n % 2) as i32);
+        assert_eq!(jumps(2 * n), 6 * n, "a direct call after a jump");
+    }
+    // Every call was watched (the abandoned instances were found stale and reused), and
+    // the ones that returned ran the handler with their own data.
+    assert_eq!((r.nhit(), r.nmissed()), (20, 0));
+    assert_eq!((returns.load(Ordering::Relaxed), mismatches.load(Ordering::Relaxed)), (15, 0));
+}
