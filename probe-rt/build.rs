@@ -63,7 +63,8 @@ fn main() {
     for (file, shape, name, handler) in routines {
         let text = match arch {
             Some(arch) => {
-                let fp = if shape == Shape::Kretprobe && arch == Arch::X86_64 { Fp::Return } else { Fp::Args };
+                let at_return = shape == Shape::Kretprobe || file == "site_exit.rs";
+                let fp = if at_return && arch == Arch::X86_64 { Fp::Return } else { Fp::Args };
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
                 let mut text = render::rust_global_asm(&plan, name, "crate::PtRegs", &symbols);

@@ -397,29 +397,48 @@ impl VisitMut for StaticLifetimes {
 
 /// An upper bound of the bytes of stack-passed arguments of a function taking
 /// `inputs`, as a constant expression, or `None` if it cannot be a constant (the
-/// function or its impl is generic). Every argument is counted as if it were passed
-/// on the stack (SysV AMD64 ABI 1.0 §3.2.3: each in eightbytes, aligned to its own
-/// alignment if that is larger), whatever registers it gets: reading a few bytes of
-/// the caller's frame too many is harmless, and the bound needs no classification.
+/// function or its impl is generic).
+///
+/// - At most five arguments, each a scalar (`size == align <= 8`, or zero-sized): 0.
+///   Each takes one register of its class (SysV AMD64 ABI 1.0 §3.2.3: INTEGER or SSE;
+///   only a type with unaligned fields would be MEMORY, and a type whose alignment is
+///   its size cannot have one: a packed type's alignment is below its unaligned
+///   field's, whose size is at least its alignment), and five fit in the six integer
+///   registers even when rdi carries a hidden result pointer; AAPCS64 has eight of each.
+/// - Else every argument counted as if it were passed on the stack (each in
+///   eightbytes, aligned to its own alignment if that is larger), whatever registers it
+///   gets: reading a few bytes of the caller's frame too many is harmless, and the
+///   bound needs no classification.
 fn stack_args_bound(sig: &syn::Signature, inputs: &syn::punctuated::Punctuated<syn::FnArg, syn::Token![,]>, concrete_impl: bool) -> Option<TokenStream> {
     let generic = sig.generics.params.iter().any(|p| !matches!(p, syn::GenericParam::Lifetime(_)));
     if generic || !concrete_impl {
         return None;
     }
-    let terms = inputs.iter().map(|input| {
-        let mut ty = match input {
-            syn::FnArg::Receiver(r) => (*r.ty).clone(),
-            syn::FnArg::Typed(p) => (*p.ty).clone(),
-        };
-        StaticLifetimes.visit_type_mut(&mut ty);
-        quote! {
-            + {
-                let (size, align) = (::core::mem::size_of::<#ty>(), ::core::mem::align_of::<#ty>());
-                size.div_ceil(8) * 8 + if align > 8 { align - 8 } else { 0 }
+    let types: Vec<syn::Type> = inputs
+        .iter()
+        .map(|input| {
+            let mut ty = match input {
+                syn::FnArg::Receiver(r) => (*r.ty).clone(),
+                syn::FnArg::Typed(p) => (*p.ty).clone(),
+            };
+            StaticLifetimes.visit_type_mut(&mut ty);
+            ty
+        })
+        .collect();
+    let n = types.len();
+    Some(quote! {
+        {
+            let args: [(usize, usize); #n] = [#((::core::mem::size_of::<#types>(), ::core::mem::align_of::<#types>())),*];
+            let (mut i, mut scalars, mut all) = (0, true, 0usize);
+            while i < args.len() {
+                let (size, align) = args[i];
+                scalars &= size == 0 || size == align && size <= 8;
+                all += size.div_ceil(8) * 8 + if align > 8 { align - 8 } else { 0 };
+                i += 1;
             }
+            if scalars && args.len() <= 5 { 0 } else { all }
         }
-    });
-    Some(quote! { 0usize #(#terms)* })
+    })
 }
 
 fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
