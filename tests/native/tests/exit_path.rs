@@ -452,3 +452,63 @@ fn longjmp_out_of_the_body_leaves_the_next_calls_right() {
     assert_eq!((r.nhit(), r.nmissed()), (20, 0));
     assert_eq!((returns.load(Ordering::Relaxed), mismatches.load(Ordering::Relaxed)), (15, 0));
 }
+
+#[probekit::traceable]
+fn under_fire(a: u64, b: u64) -> u64 {
+    black_box(a).wrapping_mul(3) ^ b
+}
+
+#[test]
+fn switching_between_nop_call_and_exit_path_under_fire_keeps_every_call_right() {
+    let _s = serial();
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (stop, wrong) = (stop.clone(), wrong.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let (a, b) = (t << 40 | i, i);
+                    if under_fire(a, b) != a.wrapping_mul(3) ^ b {
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let f = under_fire as fn(u64, u64) -> u64;
+    let site = site_of("::under_fire");
+    let mut seen_exit = false;
+    for round in 0..40 {
+        // nop -> call (entry probe) -> jump (return probe joins) -> call -> nop, and
+        // nop -> jump -> nop, while three threads call the function.
+        let entry = (round % 2 == 0).then(|| Probe::builder().function(f).pre(|_: &PtRegs| {}).register().unwrap());
+        let ret = ReturnProbe::builder()
+            .function(f)
+            .data::<u64>()
+            .entry_handler(|regs: &PtRegs, d: &mut u64| {
+                *d = regs.arg(1).unwrap();
+                true
+            })
+            .handler(|regs: &PtRegs, d: &mut u64| {
+                // The return value's low bits are b's (a * 3 has them from a): checked
+                // by the callers; here only that the handler runs with a datum.
+                let _ = (regs.return_value(), *d);
+            })
+            .register()
+            .unwrap();
+        seen_exit |= jumps_to_exit_path(site);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        drop(ret);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        drop(entry);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(seen_exit);
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "every call returned its own value");
+}
