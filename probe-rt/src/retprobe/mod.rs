@@ -847,7 +847,9 @@ impl<T, S> ReturnProbeBuilder<T, S> {
     /// How many calls can be watched at once, on all threads together (default, and
     /// for 0, as the kernel: max(10, 2 × CPUs)). An entry that finds every instance in
     /// use is not watched and counts in [`ReturnProbeHandle::nmissed`]. At most
-    /// [`MAX_MAXACTIVE`] ([`Error::MaxactiveTooLarge`]).
+    /// [`MAX_MAXACTIVE`] ([`Error::MaxactiveTooLarge`]). On a `#[traceable]` function
+    /// whose site has an exit path, as many instances again are kept in reserve, each
+    /// parked for one thread's calls (see the module docs): those are watched on top.
     pub fn maxactive(mut self, n: usize) -> Self {
         self.maxactive = Some(n);
         self
