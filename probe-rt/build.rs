@@ -45,21 +45,31 @@ fn main() {
     // The runtime's trampolines, each a probe-codegen shape over the built-in frame with
     // every general register restored and FP/SIMD registers kept:
     // - the return trampoline of return probes (kretprobe shape): the FP return
-    //   registers, x86_64 xmm0-xmm1 (Fp::Return; the others are dead at a return), and
-    //   aarch64 v0-v3 (an HFA of four returns in them: Fp::Args, q0-q7);
+    //   registers, x86_64 xmm0-xmm1 (the others are dead at a return) whole
+    //   (Fp::ReturnWide: a C function's `__m256`/`__m512` return value) where the CPU
+    //   can tell which upper halves are in use (`arch::Cpu::wide`), else their low 128
+    //   bits (Fp::Return, the `_narrow` copy); aarch64 v0-v3 (an HFA of four returns
+    //   in them: Fp::Args, q0-q7);
     // - the site trampoline of `#[traceable]` functions (entry shape, called from the
-    //   patched site; handlers may use floats and vector code): the argument registers.
+    //   patched site; handlers may use floats and vector code): the low 128 bits of the
+    //   argument registers (Fp::Args), all a traceable function can take in them: the
+    //   Rust ABI passes SIMD vectors by pointer, and an `extern "C"` function taking
+    //   `__m256` needs `#[target_feature]`, which a naked site cannot have (unstable).
     let routines = [
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
         ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
     ];
     for (file, shape, name, handler) in routines {
-        let text = match arch {
-            Some(arch) => {
-                let fp = if shape == Shape::Kretprobe && arch == Arch::X86_64 { Fp::Return } else { Fp::Args };
+        let mut text = String::new();
+        if let Some(arch) = arch {
+            let fps = match (arch, shape) {
+                (Arch::X86_64, Shape::Kretprobe) => vec![(Fp::ReturnWide, ""), (Fp::Return, "_narrow")],
+                _ => vec![(Fp::Args, "")],
+            };
+            for (fp, suffix) in fps {
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
-                let mut text = render::rust_global_asm(&plan, name, "crate::PtRegs", &symbols);
+                text += &render::rust_global_asm(&plan, &format!("{name}{suffix}"), "crate::PtRegs", &symbols);
                 // The x86_64 dispatcher finds the probed rsp there (`site::redirected`).
                 if shape == Shape::Entry && arch == Arch::X86_64 {
                     let sp = plan.probed_sp_offset().expect("the site trampoline allocates at a fixed distance");
@@ -67,10 +77,8 @@ fn main() {
                         "/// Where the probed function's stack pointer is, from the site trampoline's frame.\npub(crate) const PROBED_SP: usize = {sp};\n"
                     );
                 }
-                text
             }
-            None => String::new(),
-        };
+        }
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
     }
 
@@ -81,9 +89,10 @@ fn main() {
     // - mid-function anything may be live: all of it (Fp::Full: x86_64 xsave of every
     //   enabled component, aarch64 q0-q31, fpcr, fpsr);
     // - x86_64, at a function's entry, where the ABI leaves nothing live in the vector
-    //   registers but arguments (as at a site): the argument registers (Fp::Args). The
-    //   full state costs ~180 ns a hit on an AVX-512 machine (xsave writes 2.7 KiB),
-    //   the argument registers ~1 ns.
+    //   registers but arguments (as at a site): the argument registers, whole where
+    //   the CPU tells which upper halves are in use (Fp::ArgsWide; else Fp::Args, as
+    //   the return trampoline). The full state costs ~180 ns a hit on an AVX-512 machine
+    //   (xsave writes 2.7 KiB), the argument registers ~1 ns, and whole ~4 ns.
     // x86_64 Full comes twice: with xsave64, and Fp::FullCompact's xsavec64, which
     // leaves out the components in their initial state (the AVX-512 upper halves after
     // vzeroupper): ~80 ns a hit, used where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]).
@@ -99,8 +108,9 @@ fn main() {
             match arch {
                 Arch::X86_64 => {
                     let compacted = render::rust_global_asm(&plan(Fp::FullCompact), "probekit_opt_trampoline_full_c", "crate::PtRegs", &symbols);
-                    let entry = render::rust_global_asm(&plan(Fp::Args), "probekit_opt_trampoline_entry", "crate::PtRegs", &symbols);
-                    format!("{entry}\n{full}\n{compacted}")
+                    let entry = render::rust_global_asm(&plan(Fp::ArgsWide), "probekit_opt_trampoline_entry", "crate::PtRegs", &symbols);
+                    let narrow = render::rust_global_asm(&plan(Fp::Args), "probekit_opt_trampoline_entry_narrow", "crate::PtRegs", &symbols);
+                    format!("{entry}\n{narrow}\n{full}\n{compacted}")
                 }
                 Arch::Aarch64 => full,
             }

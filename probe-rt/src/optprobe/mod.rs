@@ -71,6 +71,8 @@
 
 mod block;
 
+#[cfg(target_arch = "x86_64")]
+use crate::arch::cpu;
 use crate::arch::detour::{self, HOLE, JUMP};
 use crate::arch::insn::BREAKPOINT;
 use crate::registry::{self, call_handler, chain_from, count_site_hit, record, Record, ADDRS, REDIRECTS};
@@ -93,10 +95,14 @@ extern "C" {
     /// The same, saving with `xsavec64` (x86_64, where the CPU has it).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_full_c();
-    /// The same, keeping only the FP/SIMD argument registers: at a function's entry
-    /// (x86_64; see build.rs).
+    /// The same, keeping only the FP/SIMD argument registers (whole): at a function's
+    /// entry (x86_64; see build.rs).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry();
+    /// The same, keeping their low 128 bits: where the CPU has no AVX state, or cannot
+    /// tell which is in use (`arch::Cpu::wide`).
+    #[cfg(target_arch = "x86_64")]
+    fn probekit_opt_trampoline_entry_narrow();
 }
 
 /// The `xsave` area size and requested-feature bitmap the x86_64 trampolines read
@@ -116,7 +122,10 @@ pub(crate) fn trampoline(entry: bool) -> usize {
         XSAVE_SIZE.store(crate::__private::XSAVE_SIZE.load(Ordering::Relaxed), Ordering::Relaxed);
         XSAVE_MASK.store(crate::__private::XSAVE_MASK.load(Ordering::Relaxed), Ordering::Relaxed);
         if entry {
-            return probekit_opt_trampoline_entry as *const () as usize;
+            return match cpu().wide {
+                true => probekit_opt_trampoline_entry as *const () as usize,
+                false => probekit_opt_trampoline_entry_narrow as *const () as usize,
+            };
         }
         if cpu().xsavec {
             return probekit_opt_trampoline_full_c as *const () as usize;
@@ -126,31 +135,10 @@ pub(crate) fn trampoline(entry: bool) -> usize {
     probekit_opt_trampoline_full as *const () as usize
 }
 
-/// What the x86_64 trampolines need of the CPU.
-#[cfg(target_arch = "x86_64")]
-struct Cpu {
-    /// LAHF/SAHF in 64-bit mode (the flags' restore): CPUID.80000001H:ECX[0].
-    lahf_sahf: bool,
-    /// `xsavec64`: CPUID.1:ECX.OSXSAVE[bit 27], then CPUID.(EAX=0DH,ECX=1):EAX[1].
-    xsavec: bool,
-}
-
-/// The CPU's answers, asked once: in a virtual machine each CPUID traps to the
-/// hypervisor (~7 µs here), and every optimization needs them.
-#[cfg(target_arch = "x86_64")]
-fn cpu() -> &'static Cpu {
-    use core::arch::x86_64::{__cpuid, __cpuid_count};
-    static CPU: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
-    CPU.get_or_init(|| Cpu {
-        lahf_sahf: __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & 1 != 0,
-        xsavec: __cpuid(1).ecx & (1 << 27) != 0 && __cpuid_count(0xd, 1).eax & 2 != 0,
-    })
-}
-
 /// Every detour trampoline (the blacklist's roots).
 pub(crate) fn trampolines() -> Vec<usize> {
     #[cfg(target_arch = "x86_64")]
-    let all = [probekit_opt_trampoline_full, probekit_opt_trampoline_full_c, probekit_opt_trampoline_entry];
+    let all = [probekit_opt_trampoline_full, probekit_opt_trampoline_full_c, probekit_opt_trampoline_entry, probekit_opt_trampoline_entry_narrow];
     #[cfg(target_arch = "aarch64")]
     let all = [probekit_opt_trampoline_full];
     all.iter().map(|f| *f as *const () as usize).collect()

@@ -89,10 +89,18 @@ include!(concat!(env!("OUT_DIR"), "/kretprobe.rs"));
 extern "C" {
     /// The generated return trampoline (never called: stubs jump to it).
     fn probekit_kretprobe_trampoline();
+    /// The same, keeping the low 128 bits of the vector return registers, where the
+    /// CPU cannot keep them whole (x86_64, `arch::Cpu::wide`).
+    #[cfg(target_arch = "x86_64")]
+    fn probekit_kretprobe_trampoline_narrow();
 }
 
-/// The address of the return trampoline.
+/// The address of the return trampoline: the one this CPU runs.
 pub(crate) fn trampoline() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if !crate::arch::cpu().wide {
+        return probekit_kretprobe_trampoline_narrow as *const () as usize;
+    }
     probekit_kretprobe_trampoline as *const () as usize
 }
 
