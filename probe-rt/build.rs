@@ -82,7 +82,7 @@ fn main() {
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
     }
 
-    // The trampolines of optimized probes' detours (see probe-rt's `arch::detour`):
+    // The trampolines of optimized probes' detours (see probe-rt's `arch::detour` and `optprobe::hit`):
     // SaveRestore routines (called like a function, from the detour, with the stack
     // already past the probed code's red zone) that save and restore every general
     // register and the flags, over the built-in frame. FP/SIMD state:
@@ -99,9 +99,9 @@ fn main() {
     let text = match arch {
         Some(arch) => {
             let symbols = render::Symbols {
-                handler: "crate::optprobe::dispatch".into(),
-                xsave_size: "crate::optprobe::XSAVE_SIZE".into(),
-                xsave_mask: "crate::optprobe::XSAVE_MASK".into(),
+                handler: "crate::optprobe::hit::dispatch".into(),
+                xsave_size: "crate::optprobe::hit::XSAVE_SIZE".into(),
+                xsave_mask: "crate::optprobe::hit::XSAVE_MASK".into(),
             };
             let plan = |fp| Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, Shape::SaveRestore).expect("the built-in frame plans");
             let full = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full", "crate::PtRegs", &symbols);
