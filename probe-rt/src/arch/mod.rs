@@ -30,14 +30,14 @@ pub(crate) fn abs_jump(to: usize) -> [u8; ABS_JUMP] {
 /// What the x86_64 trampolines need of the CPU.
 #[cfg(target_arch = "x86_64")]
 pub(crate) struct Cpu {
-    /// LAHF/SAHF in 64-bit mode (the flags' restore): CPUID.80000001H:ECX[0].
+    /// LAHF/SAHF in 64-bit mode (the flags' restore): `CPUID.80000001H:ECX[0]`.
     pub(crate) lahf_sahf: bool,
-    /// `xsavec64`: CPUID.1:ECX.OSXSAVE[bit 27], then CPUID.(EAX=0DH,ECX=1):EAX[1].
+    /// `xsavec64`: `CPUID.1:ECX.OSXSAVE[bit 27]`, then `CPUID.(EAX=0DH,ECX=1):EAX[1]`.
     pub(crate) xsavec: bool,
     /// The trampolines that keep the vector argument and return registers whole
     /// (probe-codegen's `Fp::ArgsWide` and `Fp::ReturnWide`) can run: the OS enabled
     /// AVX state (XCR0 bit 2, read with `xgetbv`) and the CPU tells which state is in
-    /// use (`xgetbv` with `ecx = 1`: CPUID.(EAX=0DH,ECX=1):EAX[2]). Otherwise the
+    /// use (`xgetbv` with `ecx = 1`: `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the
     /// narrow ones run: exact without AVX state; with it (Haswell, Broadwell, AMD
     /// before Zen) the bits above 128 are not kept (the README's known limits).
     pub(crate) wide: bool,

@@ -5,7 +5,7 @@
 //! registered as a breakpoint probe, then, if [`Optimize`] allows and the address
 //! passes the checks of the kernel's `can_optimize` (see `arch::detour`), switched to
 //! a jump to a *detour*: a block near the address that calls the generated trampoline
-//! (every register, the flags and the FP/SIMD state saved into a [`PtRegs`] and
+//! (every register, the flags and the FP/SIMD state saved into a [`PtRegs`](crate::PtRegs) and
 //! restored), whose dispatcher runs the probes at the address as the SIGTRAP handler
 //! would, then runs the displaced instructions relocated and jumps back. No trap, no
 //! signal: tens of nanoseconds instead of microseconds.
