@@ -45,15 +45,23 @@ fn main() {
     // The runtime's trampolines, each a probe-codegen shape over the built-in frame with
     // every general register restored and FP/SIMD registers kept:
     // - the return trampoline of return probes (kretprobe shape): the FP return
-    //   registers, x86_64 xmm0-xmm1 (Fp::Return; the others are dead at a return), and
-    //   aarch64 v0-v3 (an HFA of four returns in them: Fp::Args, q0-q7);
+    //   registers, x86_64 xmm0-xmm1 (the others are dead at a return) whole
+    //   (Fp::ReturnWide: a C function's `__m256`/`__m512` return value) where the CPU
+    //   can tell which upper halves are in use (`arch::Cpu::wide`), else their low 128
+    //   bits (Fp::Return, the `_narrow` copy); aarch64 v0-v3 (an HFA of four returns
+    //   in them: Fp::Args, q0-q7);
     // - the site trampoline of `#[traceable]` functions (entry shape, called from the
-    //   patched site; handlers may use floats and vector code): the argument registers;
+    //   patched site; handlers may use floats and vector code): the low 128 bits of the
+    //   argument registers (Fp::Args), all a traceable function can take in them: the
+    //   Rust ABI passes SIMD vectors by pointer, and an `extern "C"` function taking
+    //   `__m256` needs `#[target_feature]`, which a naked site cannot have (unstable);
     // - the two trampolines of sites' exit paths (probe-codegen `site::exit_asm`), called
     //   like the site trampoline at the function's entry stack pointer, so of its shape:
     //   the exit-entry one runs the site's probes (return probes watching without a
-    //   hijack), the exit one the return handlers, with the return registers (x86_64
-    //   rax, rdx, xmm0-xmm1; aarch64 x0-x7, q0-q3) among those restored.
+    //   hijack), with the site trampoline's registers; the exit one the return
+    //   handlers, with the return registers (x86_64 rax, rdx and the low 128 bits of
+    //   xmm0-xmm1, Fp::Return: by the same argument a traceable function returns no
+    //   wider vector in them; aarch64 x0-x7, q0-q3 in Fp::Args) among those restored.
     let routines = [
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
         ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
@@ -61,13 +69,17 @@ fn main() {
         ("site_exit.rs", Shape::Entry, "probekit_site_exit_trampoline", "crate::retprobe::dispatch_exit"),
     ];
     for (file, shape, name, handler) in routines {
-        let text = match arch {
-            Some(arch) => {
-                let at_return = shape == Shape::Kretprobe || file == "site_exit.rs";
-                let fp = if at_return && arch == Arch::X86_64 { Fp::Return } else { Fp::Args };
+        let mut text = String::new();
+        if let Some(arch) = arch {
+            let fps = match (arch, shape) {
+                (Arch::X86_64, Shape::Kretprobe) => vec![(Fp::ReturnWide, ""), (Fp::Return, "_narrow")],
+                (Arch::X86_64, _) if file == "site_exit.rs" => vec![(Fp::Return, "")],
+                _ => vec![(Fp::Args, "")],
+            };
+            for (fp, suffix) in fps {
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
-                let mut text = render::rust_global_asm(&plan, name, "crate::PtRegs", &symbols);
+                text += &render::rust_global_asm(&plan, &format!("{name}{suffix}"), "crate::PtRegs", &symbols);
                 // The x86_64 dispatcher finds the probed rsp there (`site::redirected`).
                 if shape == Shape::Entry && arch == Arch::X86_64 {
                     let sp = plan.probed_sp_offset().expect("the site trampoline allocates at a fixed distance");
@@ -75,40 +87,40 @@ fn main() {
                         "/// Where the probed function's stack pointer is, from the site trampoline's frame.\npub(crate) const PROBED_SP: usize = {sp};\n"
                     );
                 }
-                text
             }
-            None => String::new(),
-        };
+        }
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
     }
 
-    // The trampolines of optimized probes' detours (see probe-rt's `arch::detour`):
+    // The trampolines of optimized probes' detours (see probe-rt's `arch::detour` and `optprobe::hit`):
     // SaveRestore routines (called like a function, from the detour, with the stack
     // already past the probed code's red zone) that save and restore every general
     // register and the flags, over the built-in frame. FP/SIMD state:
     // - mid-function anything may be live: all of it (Fp::Full: x86_64 xsave of every
     //   enabled component, aarch64 q0-q31, fpcr, fpsr);
     // - x86_64, at a function's entry, where the ABI leaves nothing live in the vector
-    //   registers but arguments (as at a site): the argument registers (Fp::Args). The
-    //   full state costs ~180 ns a hit on an AVX-512 machine (xsave writes 2.7 KiB),
-    //   the argument registers ~1 ns.
+    //   registers but arguments (as at a site): the argument registers, whole where
+    //   the CPU tells which upper halves are in use (Fp::ArgsWide; else Fp::Args, as
+    //   the return trampoline). The full state costs ~180 ns a hit on an AVX-512 machine
+    //   (xsave writes 2.7 KiB), the argument registers ~1 ns, and whole ~4 ns.
     // x86_64 Full comes twice: with xsave64, and Fp::FullCompact's xsavec64, which
     // leaves out the components in their initial state (the AVX-512 upper halves after
     // vzeroupper): ~80 ns a hit, used where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]).
     let text = match arch {
         Some(arch) => {
             let symbols = render::Symbols {
-                handler: "crate::optprobe::dispatch".into(),
-                xsave_size: "crate::optprobe::XSAVE_SIZE".into(),
-                xsave_mask: "crate::optprobe::XSAVE_MASK".into(),
+                handler: "crate::optprobe::hit::dispatch".into(),
+                xsave_size: "crate::optprobe::hit::XSAVE_SIZE".into(),
+                xsave_mask: "crate::optprobe::hit::XSAVE_MASK".into(),
             };
             let plan = |fp| Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, Shape::SaveRestore).expect("the built-in frame plans");
             let full = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full", "crate::PtRegs", &symbols);
             match arch {
                 Arch::X86_64 => {
                     let compacted = render::rust_global_asm(&plan(Fp::FullCompact), "probekit_opt_trampoline_full_c", "crate::PtRegs", &symbols);
-                    let entry = render::rust_global_asm(&plan(Fp::Args), "probekit_opt_trampoline_entry", "crate::PtRegs", &symbols);
-                    format!("{entry}\n{full}\n{compacted}")
+                    let entry = render::rust_global_asm(&plan(Fp::ArgsWide), "probekit_opt_trampoline_entry", "crate::PtRegs", &symbols);
+                    let narrow = render::rust_global_asm(&plan(Fp::Args), "probekit_opt_trampoline_entry_narrow", "crate::PtRegs", &symbols);
+                    format!("{entry}\n{narrow}\n{full}\n{compacted}")
                 }
                 Arch::Aarch64 => full,
             }

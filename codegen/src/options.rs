@@ -38,6 +38,21 @@ pub enum Fp {
     Args,
     /// Return registers: x86_64 `xmm0`–`xmm1`, aarch64 `q0`–`q1` (what is live at a function return).
     Return,
+    /// As `Args`, and on x86_64 the bits above 128 of `ymm0`–`ymm7` / `zmm0`–`zmm7` too:
+    /// a C function may take `__m256` and `__m512` arguments there, and a handler's AVX
+    /// code (glibc's `memcpy` is some) changes them. The routine asks the CPU which
+    /// state is in use (`xgetbv` with `ecx = 1`, ~4 ns): upper halves in use are saved
+    /// and restored (`vextractf128`/`vinsertf128`, and `vextractf64x4`/`vinsertf64x4`
+    /// where AVX-512 state is in use); upper halves in their initial state are left in
+    /// it (`vzeroupper` on the way out), so a handler's AVX code costs the probed code
+    /// no transition penalty. Needs AVX enabled by the OS and `xgetbv` with `ecx = 1`
+    /// (`CPUID.(EAX=0DH,ECX=1):EAX[2]`, Skylake and Zen on): the caller checks, and
+    /// uses `Args` where the CPU has no AVX state (`Args` is then exact). aarch64: as
+    /// `Args`.
+    ArgsWide,
+    /// As `Return`, with the upper halves of `ymm0`–`ymm1` / `zmm0`–`zmm1` kept as
+    /// `ArgsWide` keeps them (an `__m256` or `__m512` return value). aarch64: as `Return`.
+    ReturnWide,
     /// Everything: x86_64 `xsave64`/`xrstor64` of the components in a run-time mask into
     /// an area of run-time size (operands `xsave_mask` and `xsave_size`); aarch64
     /// `q0`–`q31`, `fpcr` and `fpsr`. What is live mid-function.
@@ -54,6 +69,21 @@ impl Fp {
     /// `Full` or `FullCompact`: all of the FP/SIMD state.
     pub fn is_full(self) -> bool {
         matches!(self, Fp::Full | Fp::FullCompact)
+    }
+
+    /// `ArgsWide` or `ReturnWide`: the upper halves of the vector registers kept too.
+    pub fn is_wide(self) -> bool {
+        matches!(self, Fp::ArgsWide | Fp::ReturnWide)
+    }
+
+    /// The mode that keeps the same 128-bit registers: `Args` for `ArgsWide`,
+    /// `Return` for `ReturnWide`, itself otherwise.
+    pub fn narrow(self) -> Fp {
+        match self {
+            Fp::ArgsWide => Fp::Args,
+            Fp::ReturnWide => Fp::Return,
+            fp => fp,
+        }
     }
 }
 
@@ -143,7 +173,7 @@ macro_rules! names {
     };
 }
 names!(Policy { All = "all", CallerSaved = "caller-saved" });
-names!(Fp { None = "none", Args = "args", Return = "return", Full = "full", FullCompact = "full-compact" });
+names!(Fp { None = "none", Args = "args", Return = "return", ArgsWide = "args-wide", ReturnWide = "return-wide", Full = "full", FullCompact = "full-compact" });
 names!(Shape { SaveRestore = "save-restore", Kretprobe = "kretprobe", Entry = "entry" });
 
 impl Shape {

@@ -103,8 +103,9 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
     let krate = &o.krate;
     let ident = &f.sig.ident;
+    let unsafe_register = mutates || o.post_mut.is_some();
     let target = match (&o.function, &o.symbol) {
-        (Some(path), _) => crate::function_item(krate, path),
+        (Some(path), _) => crate::function_item(krate, path, unsafe_register),
         (_, Some(name)) => quote! { .symbol(#name) },
         _ => unreachable!("checked with the options"),
     };
@@ -121,7 +122,6 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     };
     let result = quote! { ::core::result::Result<#krate::ProbeHandle, #krate::Error> };
     let chain = quote! { #krate::Probe::builder() #target #offset #pre #post .register() };
-    let unsafe_register = mutates || o.post_mut.is_some();
     let body = crate::unsafe_if(unsafe_register, chain);
     crate::registration(&f, result, body, unsafe_register, "probe", "breakpoint probe whose pre handler", "kprobe")
 }

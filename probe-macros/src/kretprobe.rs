@@ -193,8 +193,9 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
     let krate = o.krate.unwrap_or_else(|| syn::parse_quote!(::probekit));
     let ident = &f.sig.ident;
+    let unsafe_register = mutates || o.entry_mut.is_some();
     let target = match (&o.function, &o.symbol) {
-        (Some(path), _) => crate::function_item(&krate, path),
+        (Some(path), _) => crate::function_item(&krate, path, unsafe_register),
         (_, Some(name)) => quote! { .symbol(#name) },
         _ => unreachable!("checked with the options"),
     };
@@ -218,7 +219,6 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         quote! { .handler(#ident) }
     };
     let chain = quote! { #krate::ReturnProbe::builder() #data #target #maxactive #entry #handler .register() };
-    let unsafe_register = mutates || o.entry_mut.is_some();
     let body = crate::unsafe_if(unsafe_register, chain);
     crate::registration(&f, result, body, unsafe_register, "return probe", "return probe whose return handler", "kretprobe")
 }

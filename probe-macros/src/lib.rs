@@ -16,7 +16,7 @@ mod traceable;
 /// ```text
 /// #[pt_regs]
 /// #[pt_regs(shapes(save_restore, kretprobe, entry), policy = all | caller_saved,
-///           fp = none | args | return | full, handler = path::to::handler, crate = ::probekit)]
+///           fp = none | args | return | args_wide | return_wide | full | full_compact, handler = path::to::handler, crate = ::probekit)]
 /// ```
 ///
 /// # Usage
@@ -456,12 +456,20 @@ fn unsafe_if(unsafe_chain: bool, chain: proc_macro2::TokenStream) -> proc_macro2
 /// The target `function = path`: the address of a function item of any signature,
 /// which the builder trusts as a function's start. `FnItem::new` checks at compile
 /// time that `path` names a function item (a zero-sized value that casts to a
-/// pointer), not an integer constant.
-fn function_item(krate: &syn::Path, path: &syn::Path) -> proc_macro2::TokenStream {
+/// pointer), not an integer constant. `in_unsafe`: the chain is already in an
+/// `unsafe` block ([`unsafe_if`]), where another would be an `unused_unsafe` warning
+/// in the user's code.
+fn function_item(krate: &syn::Path, path: &syn::Path, in_unsafe: bool) -> proc_macro2::TokenStream {
     use syn::spanned::Spanned;
-    quote::quote_spanned! { path.span() =>
-        // SAFETY: the address is that of the function item `#path` itself.
-        .__function_item(unsafe { #krate::__private::FnItem::new(&#path, #path as *const () as usize) })
+    let item = quote::quote_spanned! { path.span() => #krate::__private::FnItem::new(&#path, #path as *const () as usize) };
+    match in_unsafe {
+        // SAFETY (of the `unsafe` block around the chain, too): the address is that of
+        // the function item `#path` itself.
+        true => quote::quote_spanned! { path.span() => .__function_item(#item) },
+        false => quote::quote_spanned! { path.span() =>
+            // SAFETY: the address is that of the function item `#path` itself.
+            .__function_item(unsafe { #item })
+        },
     }
 }
 

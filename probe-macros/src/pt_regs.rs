@@ -45,9 +45,11 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
         } else if meta.path.is_ident("fp") {
             // `return` is a keyword: accept it through Ident::parse_any.
             let v: syn::Ident = syn::ext::IdentExt::parse_any(meta.value()?)?;
-            match Fp::ALL.iter().find(|f| v == f.name()) {
+            match Fp::ALL.iter().find(|f| v == f.name().replace('-', "_")) {
                 Some(f) => o.fp = *f,
-                None => push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return`, `full` or `full-compact`")),
+                None => {
+                    push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return`, `args_wide`, `return_wide`, `full` or `full_compact`"))
+                }
             }
             Ok(())
         } else if meta.path.is_ident("handler") {

@@ -541,7 +541,9 @@ unsafe extern "C" {
     safe fn opt_reent(x: u64, y: u64) -> u64;
     safe fn opt_list(x: u64, y: u64) -> u64;
     safe fn opt_list2(x: u64, y: u64) -> u64;
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the window tests are x86_64's
     safe fn opt_win(x: u64, y: u64) -> u64;
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     safe fn opt_win_at();
     safe fn opt_retp(x: u64) -> u64;
     safe fn opt_batch1(x: u64) -> u64;

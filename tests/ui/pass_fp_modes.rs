@@ -1,4 +1,5 @@
-// fp = return and fp = full (x86_64: the xsave operands come from probekit).
+// fp = return, full, full_compact (x86_64: the xsave operands come from probekit),
+// args_wide and return_wide.
 #[probekit::pt_regs(shapes(kretprobe), fp = return, handler = on_ret)]
 #[repr(C)]
 pub struct Ret {
@@ -13,6 +14,39 @@ pub struct Everything {
     pub gprs: [u64; 16],
 }
 
+#[probekit::pt_regs(shapes(save_restore), fp = full_compact, handler = on_full_c)]
+#[repr(C)]
+pub struct Compact {
+    #[reg(x86_64 = "rax", aarch64 = "x0")]
+    pub value: u64,
+}
+
+#[probekit::pt_regs(shapes(entry, kretprobe), fp = args_wide, handler = on_wide)]
+#[repr(C)]
+pub struct Wide {
+    #[reg(x86_64 = "rax", aarch64 = "x0")]
+    pub value: u64,
+}
+
+#[probekit::pt_regs(shapes(kretprobe), fp = return_wide, handler = on_wide_ret)]
+#[repr(C)]
+pub struct WideRet {
+    #[reg(x86_64 = "rax", aarch64 = "x0")]
+    pub value: u64,
+}
+
+unsafe extern "C" fn on_full_c(_frame: *mut Compact, _fp: *mut u8) -> usize {
+    0
+}
+
+unsafe extern "C" fn on_wide(_frame: *mut Wide, _fp: *mut u8) -> usize {
+    0
+}
+
+unsafe extern "C" fn on_wide_ret(_frame: *mut WideRet, _fp: *mut u8) -> usize {
+    0
+}
+
 unsafe extern "C" fn on_ret(_frame: *mut Ret, _fp: *mut u8) -> usize {
     0
 }
@@ -22,5 +56,5 @@ unsafe extern "C" fn on_full(_frame: *mut Everything, _fp: *mut u8) -> usize {
 }
 
 fn main() {
-    let _ = (Ret::KRETPROBE, Everything::SAVE_RESTORE);
+    let _ = (Ret::KRETPROBE, Everything::SAVE_RESTORE, Compact::SAVE_RESTORE, Wide::ENTRY, Wide::KRETPROBE, WideRet::KRETPROBE);
 }

@@ -184,10 +184,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         }
     };
     let nzcv_hidden = frame.offset_of(Reg::A64Pstate).is_none().then(|| take(Slot::Hidden(Reg::A64Pstate)));
+    // No SVE state: the wide modes keep what their narrow ones do (q registers).
     let fp_regs = match fp {
         Fp::None => 0,
-        Fp::Args => 8,
-        Fp::Return => 2,
+        Fp::Args | Fp::ArgsWide => 8,
+        Fp::Return | Fp::ReturnWide => 2,
         Fp::Full | Fp::FullCompact => 32,
     };
     let Hidden { next, slots: hidden } = h;

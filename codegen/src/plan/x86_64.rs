@@ -257,8 +257,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     // 5. FP/SIMD state.
     let mut operands = vec!["handler"];
     match (fp, fp_area) {
-        (Fp::Args | Fp::Return, Some((at, size))) => {
-            for i in 0..size / 16 {
+        (Fp::Args | Fp::Return | Fp::ArgsWide | Fp::ReturnWide, Some((at, _))) => {
+            let n = vector_regs(fp);
+            for i in 0..n {
                 let off = at + 16 * i;
                 let (m, encoding) = mem(off);
                 let slot = Slot::Fp(format!("xmm{i}"));
@@ -267,6 +268,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                     save: vec![Op::mem(format!("movaps xmmword ptr {m}, xmm{i}"), format!("xmm{i} @{off}"), acc(Dir::Store))],
                     restore: vec![Op::mem(format!("movaps xmm{i}, xmmword ptr {m}"), format!("xmm{i} @{off}"), acc(Dir::Load))],
                 });
+            }
+            if fp.is_wide() {
+                steps.push(wide_step(at, n));
             }
         }
         (Fp::Full | Fp::FullCompact, Some((at, _))) => {
@@ -431,10 +435,14 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
     let Hidden { next, slots: hidden } = h;
     let (fp_area, alloc) = match fp {
         Fp::None => (None, next.next_multiple_of(16)),
-        Fp::Args | Fp::Return => {
-            let n = if fp == Fp::Args { 8 } else { 2 };
+        Fp::Args | Fp::Return | Fp::ArgsWide | Fp::ReturnWide => {
             let at = next.next_multiple_of(16);
-            (Some((at, 16 * n)), at + 16 * n)
+            let size = match fp.is_wide() {
+                // xmm, ymm upper halves, zmm upper halves, the in-use word (padded).
+                true => 64 * vector_regs(fp) + 16,
+                false => 16 * vector_regs(fp),
+            };
+            (Some((at, size)), at + size)
         }
         // The xsave area must be 64-aligned; its size is known at run time only, so it
         // sits on top of the static allocation, inside the `sub rsp, [xsave_size]`.
@@ -444,6 +452,83 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
         }
     };
     Area { hidden, anchor, spills, rip, fp_area, alloc: alloc.next_multiple_of(16) }
+}
+
+/// How many vector registers `Args` and `Return` (and their wide forms) keep.
+fn vector_regs(fp: Fp) -> u64 {
+    if fp.narrow() == Fp::Return {
+        2
+    } else {
+        8
+    }
+}
+
+/// The wide modes' upper halves of the `n` vector registers whose low 128 bits the
+/// FP area starts with (at `at`): above them, the bits 128-255 of each (`ymm`), then
+/// the bits 256-511 of each (`zmm`), then the word of which were in use.
+///
+/// Save: `xgetbv` with `ecx = 1` gives XCR0 & XINUSE; of it, AVX (bit 2: some `ymm`
+/// upper half is not zero) and ZMM_Hi256 (bit 6: some `zmm0`–`zmm15` bits 256-511 are
+/// not zero) say what to keep: the zmm bits first (EVEX `vextractf64x4`, only with
+/// ZMM_Hi256 in use, so only on an AVX-512 machine), then the ymm halves. Restore, in
+/// the mirror order and before the low halves are reloaded (legacy `movaps` keeps the
+/// bits above): the ymm halves (`vinsertf128`, which zeroes bits 256 on), then the zmm
+/// bits; or, with neither in use at the entry, `vzeroupper`, which zeroes the upper
+/// halves a handler may have left and keeps bits 0-127.
+fn wide_step(at: u64, n: u64) -> Step {
+    let ymm_at = at + 16 * n;
+    let zmm_at = ymm_at + 16 * n;
+    let flag_at = zmm_at + 32 * n;
+    let access = |dir, off, size, what: String| {
+        let (m, encoding) = mem(off);
+        (m, Access { dir, slots: vec![(off, size, Slot::Fp(what))], encoding })
+    };
+    let mut save = vec![
+        Op::new("mov ecx, 1", "xgetbv 1: which state components are in use"),
+        Op::new("xgetbv", "eax = XCR0 & XINUSE (edx: the high half)"),
+        Op::new("and eax, 0x44", "AVX (ymm upper halves) | ZMM_Hi256 (zmm0-15 bits 256-511)"),
+        Op::new("jz 7f", "neither in use: nothing above bit 127 to keep"),
+        Op::new("test al, 0x40", "ZMM_Hi256"),
+        Op::new("jz 6f", "not in use: the zmm bits are zero"),
+    ];
+    let mut restore = Vec::new();
+    let mut zmm_restore = Vec::new();
+    for i in 0..n {
+        let (m, a) = access(Dir::Store, zmm_at + 32 * i, 32, format!("zmm{i} bits 256-511"));
+        save.push(Op::mem(format!("vextractf64x4 ymmword ptr {m}, zmm{i}, 1"), format!("zmm{i} bits 256-511 @{}", zmm_at + 32 * i), a));
+    }
+    save.push(Op::new("6:", ""));
+    for i in 0..n {
+        let (m, a) = access(Dir::Store, ymm_at + 16 * i, 16, format!("ymm{i} bits 128-255"));
+        save.push(Op::mem(format!("vextractf128 xmmword ptr {m}, ymm{i}, 1"), format!("ymm{i} bits 128-255 @{}", ymm_at + 16 * i), a));
+    }
+    save.push(Op::new("7:", ""));
+    let (m, a) = access(Dir::Store, flag_at, 8, "in use".into());
+    save.push(Op::mem(format!("mov qword ptr {m}, rax"), format!("which were in use @{flag_at}"), a));
+
+    let (m, a) = access(Dir::Load, flag_at, 8, "in use".into());
+    restore.push(Op::mem(format!("mov rax, qword ptr {m}"), format!("which were in use @{flag_at}"), a));
+    restore.extend([
+        Op::new("test eax, eax", ""),
+        Op::new("jnz 8f", "some were: put them back"),
+        Op::new("vzeroupper", "none were: none are (bits 0-127 kept; a handler's AVX state left behind would cost the probed code)"),
+        Op::new("jmp 9f", ""),
+        Op::new("8:", ""),
+    ]);
+    for i in (0..n).rev() {
+        let (m, a) = access(Dir::Load, ymm_at + 16 * i, 16, format!("ymm{i} bits 128-255"));
+        restore.push(Op::mem(
+            format!("vinsertf128 ymm{i}, ymm{i}, xmmword ptr {m}, 1"),
+            format!("ymm{i} bits 128-255 @{} (bits 256 on: zero)", ymm_at + 16 * i),
+            a,
+        ));
+        let (m, a) = access(Dir::Load, zmm_at + 32 * i, 32, format!("zmm{i} bits 256-511"));
+        zmm_restore.push(Op::mem(format!("vinsertf64x4 zmm{i}, zmm{i}, ymmword ptr {m}, 1"), format!("zmm{i} bits 256-511 @{}", zmm_at + 32 * i), a));
+    }
+    restore.extend([Op::new("test al, 0x40", "ZMM_Hi256"), Op::new("jz 9f", "not in use: bits 256 on stay zero")]);
+    restore.extend(zmm_restore);
+    restore.push(Op::new("9:", ""));
+    Step { save, restore }
 }
 
 fn field_name(frame: &FrameLayout, reg: Reg) -> String {

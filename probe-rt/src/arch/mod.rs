@@ -27,6 +27,48 @@ pub(crate) fn abs_jump(to: usize) -> [u8; ABS_JUMP] {
     code
 }
 
+/// What the x86_64 trampolines need of the CPU.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Cpu {
+    /// LAHF/SAHF in 64-bit mode (the flags' restore): `CPUID.80000001H:ECX[0]`.
+    pub(crate) lahf_sahf: bool,
+    /// `xsavec64`: `CPUID.1:ECX.OSXSAVE[bit 27]`, then `CPUID.(EAX=0DH,ECX=1):EAX[1]`.
+    pub(crate) xsavec: bool,
+    /// The trampolines that keep the vector argument and return registers whole
+    /// (probe-codegen's `Fp::ArgsWide` and `Fp::ReturnWide`) can run: the OS enabled
+    /// AVX state (XCR0 bit 2, read with `xgetbv`) and the CPU tells which state is in
+    /// use (`xgetbv` with `ecx = 1`: `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the
+    /// narrow ones run: exact without AVX state; with it (Haswell, Broadwell, AMD
+    /// before Zen) the bits above 128 are not kept (the README's known limits).
+    pub(crate) wide: bool,
+}
+
+/// The CPU's answers, asked once: in a virtual machine each CPUID traps to the
+/// hypervisor (~7 µs here), and every optimization needs them.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn cpu() -> &'static Cpu {
+    use core::arch::x86_64::{__cpuid, __cpuid_count};
+    static CPU: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
+    CPU.get_or_init(|| {
+        let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
+        let xcr0 = match osxsave {
+            true => {
+                let lo: u32;
+                // SAFETY: xgetbv with ecx = 0 is allowed in user space when OSXSAVE is set (checked).
+                unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") _, options(nomem, nostack)) };
+                lo
+            }
+            false => 0,
+        };
+        let leaf_d1 = if osxsave { __cpuid_count(0xd, 1).eax } else { 0 };
+        Cpu {
+            lahf_sahf: __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & 1 != 0,
+            xsavec: leaf_d1 & 2 != 0,
+            wide: xcr0 & 4 != 0 && leaf_d1 & 4 != 0,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

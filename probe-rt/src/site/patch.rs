@@ -112,7 +112,7 @@ pub(crate) fn poking(bp: usize) -> bool {
 /// its reach.
 static VENEERS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
 
-/// Bytes of one veneer ([`code::abs_jump`], 16-aligned).
+/// Bytes of one veneer ([`crate::arch::abs_jump`], 16-aligned).
 const VENEER: usize = 16;
 
 /// What a site calls: the trampoline if it is in reach, else a veneer near the site.

@@ -53,6 +53,8 @@ pub enum FpMode {
     None,
     Args,
     Return,
+    ArgsWide,
+    ReturnWide,
     Full,
     FullCompact,
 }
@@ -183,15 +185,57 @@ pub unsafe extern "C" fn torture_handler(frame: *mut u8, fp: *mut u8) -> usize {
         let _ = size;
     }
     clobber();
+    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide) {
+        clobber_upper();
+    }
     run.kret_return
+}
+
+/// Makes every vector register's bits above 127 non-zero (x86_64), as a handler's
+/// AVX or AVX-512 code may: the wide routines restore the low halves all the same.
+#[inline(always)]
+fn clobber_upper() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only writes registers declared as clobbered; AVX is enabled (the wide
+    // routines need it: `init_xsave` checked), AVX-512 only where detected.
+    unsafe {
+        core::arch::asm!(
+            "vpcmpeqd ymm0, ymm0, ymm0", "vpcmpeqd ymm1, ymm1, ymm1", "vpcmpeqd ymm2, ymm2, ymm2", "vpcmpeqd ymm3, ymm3, ymm3",
+            "vpcmpeqd ymm4, ymm4, ymm4", "vpcmpeqd ymm5, ymm5, ymm5", "vpcmpeqd ymm6, ymm6, ymm6", "vpcmpeqd ymm7, ymm7, ymm7",
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+        );
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            core::arch::asm!(
+                "vpternlogd zmm0, zmm0, zmm0, 0xff", "vpternlogd zmm1, zmm1, zmm1, 0xff",
+                "vpternlogd zmm2, zmm2, zmm2, 0xff", "vpternlogd zmm3, zmm3, zmm3, 0xff",
+                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+            );
+        }
+    }
+}
+
+/// Puts the upper state of the vector registers in its initial state (`clean`) or
+/// in use (x86_64): the wide routines take one path or the other at their entry.
+#[inline(always)]
+fn set_upper_state(clean: bool) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: vzeroupper keeps bits 0-127 and writes no memory; the other writes
+    // only ymm15, declared clobbered. AVX is enabled (`init_xsave` checked).
+    unsafe {
+        match clean {
+            true => core::arch::asm!("vzeroupper"),
+            false => core::arch::asm!("vpcmpeqd ymm15, ymm15, ymm15", out("xmm15") _),
+        }
+    }
+    let _ = clean;
 }
 
 /// `(offset, length)` of the vector registers inside the FP area.
 fn fp_vector_span(r: &Routine) -> (usize, usize) {
     match (r.fp, cfg!(target_arch = "x86_64")) {
         (FpMode::None, _) => (0, 0),
-        (FpMode::Args, _) => (0, 8 * 16),
-        (FpMode::Return, _) => (0, 2 * 16),
+        (FpMode::Args | FpMode::ArgsWide, _) => (0, 8 * 16),
+        (FpMode::Return | FpMode::ReturnWide, _) => (0, 2 * 16),
         (FpMode::Full | FpMode::FullCompact, true) => (160, 16 * 16), // xmm0..15 in the xsave legacy region (first in both forms)
         (FpMode::Full | FpMode::FullCompact, false) => (0, 32 * 16),
     }
@@ -258,6 +302,8 @@ pub fn init_xsave() {
         let leaf1 = core::arch::x86_64::__cpuid(1);
         assert!(leaf1.ecx & (1 << 27) != 0, "OSXSAVE required for the Fp::Full torture");
         assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 2 != 0, "XSAVEC required for the Fp::FullCompact torture");
+        assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0, "xgetbv with ecx = 1 required for the Fp::ArgsWide torture");
+        assert!(std::arch::is_x86_feature_detected!("avx"), "AVX required for the Fp::ArgsWide torture");
         let d = core::arch::x86_64::__cpuid_count(0xd, 0);
         let (lo, hi): (u32, u32);
         // SAFETY: xgetbv(0) is allowed in user space when OSXSAVE is set (checked above).
@@ -347,6 +393,10 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         redirect_to,
     };
     CURRENT.with(|c| c.set(&mut run));
+    // The wide routines' two paths: upper state clean at the entry, or in use.
+    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide) {
+        set_upper_state(!skew);
+    }
     // SAFETY: ctx is valid; the harness switches to `stack` (alive until after the call) and back.
     unsafe { enter(entry, &mut ctx) };
     CURRENT.with(|c| c.set(std::ptr::null_mut()));
