@@ -54,16 +54,26 @@ fn main() {
     //   patched site; handlers may use floats and vector code): the low 128 bits of the
     //   argument registers (Fp::Args), all a traceable function can take in them: the
     //   Rust ABI passes SIMD vectors by pointer, and an `extern "C"` function taking
-    //   `__m256` needs `#[target_feature]`, which a naked site cannot have (unstable).
+    //   `__m256` needs `#[target_feature]`, which a naked site cannot have (unstable);
+    // - the two trampolines of sites' exit paths (probe-codegen `site::exit_asm`), called
+    //   like the site trampoline at the function's entry stack pointer, so of its shape:
+    //   the exit-entry one runs the site's probes (return probes watching without a
+    //   hijack), with the site trampoline's registers; the exit one the return
+    //   handlers, with the return registers (x86_64 rax, rdx and the low 128 bits of
+    //   xmm0-xmm1, Fp::Return: by the same argument a traceable function returns no
+    //   wider vector in them; aarch64 x0-x7, q0-q3 in Fp::Args) among those restored.
     let routines = [
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
         ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
+        ("site_exit_entry.rs", Shape::Entry, "probekit_site_exit_entry_trampoline", "crate::site::patch::dispatch_exit_entry"),
+        ("site_exit.rs", Shape::Entry, "probekit_site_exit_trampoline", "crate::retprobe::dispatch_exit"),
     ];
     for (file, shape, name, handler) in routines {
         let mut text = String::new();
         if let Some(arch) = arch {
             let fps = match (arch, shape) {
                 (Arch::X86_64, Shape::Kretprobe) => vec![(Fp::ReturnWide, ""), (Fp::Return, "_narrow")],
+                (Arch::X86_64, _) if file == "site_exit.rs" => vec![(Fp::Return, "")],
                 _ => vec![(Fp::Args, "")],
             };
             for (fp, suffix) in fps {

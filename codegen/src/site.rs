@@ -4,8 +4,9 @@
 //! script). usdt keeps its probe record's writer and reader side by side the same way.
 //!
 //! A site is the first instruction(s) of a naked function: patchable nops, then a jump
-//! to the body. Its record, in the retained `probekit_sites` section, is five
-//! little-endian `u64`s, 8-aligned, back to back:
+//! to the body, then (where the macro could bound the stack-passed arguments) the
+//! site's *exit path* ([`exit_asm`]). Its record, in the retained `probekit_sites`
+//! section, is eight little-endian `u64`s, 8-aligned, back to back:
 //!
 //! | word | value |
 //! | --- | --- |
@@ -14,16 +15,32 @@
 //! | 2 | the function users call (the Rust wrapper) |
 //! | 3 | the name's first byte, in `.rodata.probekit_site_names` |
 //! | 4 | the name's length |
+//! | 5 | the exit path's first byte, or 0 if the site has none |
+//! | 6 | the exit path's entry slot: the trampoline its entry calls, written by the runtime |
+//! | 7 | the exit path's exit slot: the trampoline its return calls, written by the runtime |
+//!
+//! # The exit path
+//! A return probe on a site without an exit path hijacks the return address (a
+//! kretprobe): the function's `ret` then goes where the return-stack buffer did not
+//! predict. The exit path observes the return without that: the site's patchable
+//! instruction becomes a jump to it (x86_64 `jmp rel32` over the nop, aarch64 `b`
+//! over the nop), and it calls the
+//! entry trampoline, copies the stack-passed arguments below a new frame, *calls* the
+//! body, calls the exit trampoline and returns: every `call` meets its `ret`, and the
+//! call-frame information is static. The trampolines are called through the record's
+//! slots (words 6 and 7), which the runtime that patches the site writes before the
+//! first jump: the site may be in a library with a runtime of its own, and the
+//! patching runtime's trampolines are the ones that know its probes.
 //!
 //! A reader skips records of another version (a library built by another probekit).
 
 use crate::Arch;
 
 /// The version of the record layout above; raised whenever it changes.
-pub const RECORD_VERSION: u64 = 1;
+pub const RECORD_VERSION: u64 = 2;
 
 /// Bytes of one record.
-pub const RECORD_SIZE: usize = 5 * 8;
+pub const RECORD_SIZE: usize = 8 * 8;
 
 /// The section holding the records.
 pub const RECORD_SECTION: &str = "probekit_sites";
@@ -66,6 +83,161 @@ pub fn site_asm(arch: Arch) -> Vec<String> {
     }
 }
 
+/// Where the exit path starts, from the site: x86_64 after the 5-byte nop and the
+/// 5-byte `jmp rel32` to the body (a jump to another function's symbol is always
+/// `rel32`; the runtime checks the record's word 5 against it anyway).
+pub fn exit_offset(arch: Arch) -> usize {
+    match arch {
+        Arch::X86_64 => 10,
+        Arch::Aarch64 => 12,
+    }
+}
+
+/// Where the exit path's entry-trampoline call returns to, from the site: x86_64 after
+/// `call qword ptr [rip + slot]` (6 bytes); aarch64 after `mov x9, x30; adrp x16, slot;
+/// ldr x16, [x16, :lo12:slot]; blr x16`. The entry trampoline's dispatcher finds the
+/// site from it.
+pub fn exit_resume_offset(arch: Arch) -> usize {
+    match arch {
+        Arch::X86_64 => exit_offset(arch) + 6,
+        Arch::Aarch64 => exit_offset(arch) + 16,
+    }
+}
+
+/// The exit path's instructions for `naked_asm!`, right after [`site_asm`]'s, with the
+/// call-frame information they need, or `None` where there is none. Operands: `body` (`sym`),
+/// `args` (`const`: an upper bound of the bytes of stack-passed arguments, a multiple
+/// of 8) and `frame` (`const`: the bytes allocated below the entry stack pointer,
+/// at least `args`, and `frame + 8` a multiple of 16 so that the body is called with
+/// the stack aligned as the ABI wants; see [`exit_frame`]). It refers to the record's
+/// slots by the local labels `4:` and `5:`, which [`record_asm`] defines.
+///
+/// x86_64, stack picture at the body's call (`P`: rsp at the function's entry):
+///
+/// ```text
+///  P+8 ..          the caller's stack-passed arguments (read: `args` bytes)
+///  P               the caller's return address
+///  P-frame+args .. padding
+///  P-frame ..      the copy of the stack-passed arguments the body receives
+/// ```
+///
+/// r10 and r11 (neither an argument nor callee-saved, SysV AMD64 ABI 1.0 §3.2.3) copy
+/// the arguments; the flags are dead at a function entry. aarch64 keeps the return
+/// address in its frame (`frame - 8`) across the body's call, and has the exit
+/// trampoline entered as from a site, with the return address in x9.
+pub fn exit_asm(arch: Arch) -> Option<Vec<String>> {
+    match arch {
+        Arch::X86_64 => Some(
+            [
+                EXIT_GUARD,
+                // The exit path: CFA = rsp + 8 as at the entry.
+                "1:",
+                // The entry trampoline (runs the entry handlers), as the site's call would.
+                "call qword ptr [rip + 4f]",
+                "sub rsp, {frame}",
+                ".cfi_adjust_cfa_offset {frame}",
+                // The stack-passed arguments, where the body will look for them.
+                ".if {args}",
+                "xor r10d, r10d",
+                "6:",
+                "mov r11, qword ptr [rsp + r10 + {frame} + 8]",
+                "mov qword ptr [rsp + r10], r11",
+                "add r10, 8",
+                "cmp r10, {args}",
+                "jb 6b",
+                ".endif",
+                "call {body}",
+                "add rsp, {frame}",
+                ".cfi_adjust_cfa_offset -{frame}",
+                // The exit trampoline (runs the return handlers, which may change the
+                // return registers), called at the entry's stack pointer, then back to
+                // the caller.
+                "call qword ptr [rip + 5f]",
+                "ret",
+                ".endif",
+            ]
+            .iter()
+            .map(|l| l.to_string())
+            .collect(),
+        ),
+        Arch::Aarch64 => Some(
+            [
+                EXIT_GUARD,
+                // The exit path: CFA = sp, the return address in x30, as at the entry.
+                "1:",
+                // The entry trampoline, entered as from the site (`mov x9, x30; bl`);
+                // x16 (IP0) carries nothing at a function entry (AAPCS64 §6.1.1). It
+                // restores x30 (from x9's value) and every argument register.
+                "mov x9, x30",
+                "adrp x16, 4f",
+                "ldr x16, [x16, :lo12:4f]",
+                "blr x16",
+                "sub sp, sp, #{frame}",
+                ".cfi_def_cfa_offset {frame}",
+                "str x30, [sp, #{frame} - 8]",
+                ".cfi_offset x30, -8",
+                // The stack-passed arguments, where the body will look for them (x9,
+                // x16 and x17 are neither arguments nor the indirect result register).
+                ".if {args}",
+                "add x9, sp, #{frame}",
+                "mov x16, #0",
+                "6:",
+                "ldr x17, [x9, x16]",
+                "str x17, [sp, x16]",
+                "add x16, x16, #8",
+                "cmp x16, #{args}",
+                "b.lo 6b",
+                ".endif",
+                "bl {body}",
+                // The return address into x9, as the trampoline wants it, and the
+                // stack pointer back at the entry's.
+                "ldr x9, [sp, #{frame} - 8]",
+                ".cfi_register x30, x9",
+                "add sp, sp, #{frame}",
+                ".cfi_def_cfa_offset 0",
+                "adrp x16, 5f",
+                "ldr x16, [x16, :lo12:5f]",
+                "blr x16",
+                // The trampoline restored x30 from its field: the return address.
+                ".cfi_restore x30",
+                "ret",
+                ".endif",
+            ]
+            .iter()
+            .map(|l| l.to_string())
+            .collect(),
+        ),
+    }
+}
+
+/// The largest exit-path frame: within one page below the entry stack pointer, so that
+/// no guard page can be stepped over (the copy writes upwards from the new stack
+/// pointer), and within aarch64's immediates. A function whose arguments may need more
+/// gets no exit path: the assembler leaves it out (an `.if` around it) and its record says
+/// so, and return probes on it hijack the return address.
+pub const MAX_EXIT_FRAME: usize = 4080;
+
+/// The assembler condition around the exit path and its record word.
+const EXIT_GUARD: &str = ".if {frame} <= 4080";
+const _: () = assert!(MAX_EXIT_FRAME == 4080, "EXIT_GUARD spells MAX_EXIT_FRAME");
+
+/// The exit path's frame for `args` bytes of stack-passed arguments (see [`exit_asm`]).
+pub const fn exit_frame(arch: Arch, args: usize) -> usize {
+    match arch {
+        Arch::X86_64 => (args + 8).div_ceil(16) * 16 - 8,
+        Arch::Aarch64 => args.div_ceil(16) * 16 + 16,
+    }
+}
+
+/// [`exit_frame`] as a Rust constant expression of the variable `args`, for the macro
+/// (the user's crate computes the bound from the argument types at compile time).
+pub fn exit_frame_expr(arch: Arch, args: &str) -> String {
+    match arch {
+        Arch::X86_64 => format!("({args} + 8).div_ceil(16) * 16 - 8"),
+        Arch::Aarch64 => format!("{args}.div_ceil(16) * 16 + 16"),
+    }
+}
+
 /// The record's asm for `naked_asm!`, after the site's instructions, in two parts
 /// around the line that defines the name's bytes, which the caller writes (starting
 /// with local label `2:`; the macro builds it from `module_path!()`). Operands: `site`
@@ -78,8 +250,8 @@ pub struct RecordAsm {
 }
 
 /// [`RecordAsm`] for `arch` (the section type is spelled `@progbits` on x86_64,
-/// `%progbits` on aarch64).
-pub fn record_asm(arch: Arch) -> RecordAsm {
+/// `%progbits` on aarch64); `exit`: the site has an exit path at label `1:`.
+pub fn record_asm(arch: Arch, exit: bool) -> RecordAsm {
     let progbits = match arch {
         Arch::X86_64 => "@progbits",
         Arch::Aarch64 => "%progbits",
@@ -95,6 +267,10 @@ pub fn record_asm(arch: Arch) -> RecordAsm {
             ".quad {function}".into(),
             ".quad 2f".into(),
             ".quad 3f - 2f".into(),
+            // The exit path, if the assembler emitted it (`EXIT_GUARD`).
+            if exit { format!("{EXIT_GUARD}\n.quad 1b\n.else\n.quad 0\n.endif") } else { ".quad 0".into() },
+            "4: .quad 0".into(),
+            "5: .quad 0".into(),
             ".popsection".into(),
             format!(".pushsection {NAME_SECTION}, \"a\", {progbits}"),
         ],
@@ -113,9 +289,17 @@ pub fn runtime_consts(arch: Arch) -> String {
          /// The site record layout's version (probe-codegen `site::RECORD_VERSION`).\n\
          pub(crate) const SITE_RECORD_VERSION: u64 = {RECORD_VERSION};\n\
          /// Bytes of one site record (probe-codegen `site::RECORD_SIZE`).\n\
-         pub(crate) const SITE_RECORD_SIZE: usize = {RECORD_SIZE};\n",
+         pub(crate) const SITE_RECORD_SIZE: usize = {RECORD_SIZE};\n\
+         /// Where a site's exit path starts, from the site (probe-codegen `site::exit_offset`).\n\
+         #[allow(dead_code)]\n\
+         pub(crate) const SITE_EXIT_OFFSET: usize = {};\n\
+         /// Where the exit path's entry call returns, from the site (probe-codegen `site::exit_resume_offset`).\n\
+         #[allow(dead_code)]\n\
+         pub(crate) const SITE_EXIT_RESUME: usize = {};\n",
         len(arch),
-        nop(arch)
+        nop(arch),
+        exit_offset(arch),
+        exit_resume_offset(arch),
     )
 }
 
@@ -128,8 +312,13 @@ mod tests {
         assert_eq!(site_asm(Arch::X86_64)[0], ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00");
         // mov x9, x30 = orr x9, xzr, x30; nop
         assert_eq!(site_asm(Arch::Aarch64)[..2], [".inst 0xaa1e03e9".to_string(), ".inst 0xd503201f".to_string()]);
-        let r = record_asm(Arch::X86_64);
-        assert_eq!(r.before_name.len() * 8 - 8 * 4, RECORD_SIZE, "one .quad line per word");
+        let r = record_asm(Arch::X86_64, false);
+        assert_eq!(r.before_name.iter().filter(|l| l.contains(".quad")).count() * 8, RECORD_SIZE, "one .quad line per word");
+        assert!(record_asm(Arch::Aarch64, true).before_name.iter().any(|l| l.contains(".quad 1b")));
+        assert_eq!(exit_frame(Arch::X86_64, 0), 8);
+        assert_eq!(exit_frame(Arch::X86_64, 8), 8);
+        assert_eq!(exit_frame(Arch::X86_64, 16), 24);
+        assert!(exit_frame(Arch::Aarch64, 24) >= 24 + 16 && exit_frame(Arch::Aarch64, 24).is_multiple_of(16));
         assert!(runtime_consts(Arch::Aarch64).contains("SITE_LEN: usize = 8"));
     }
 }

@@ -6,7 +6,9 @@
 //!   included: Rust, or `extern "C"` for C and asm callers), attributes and visibility,
 //!   `#[inline(never)]`, and all it does is call the site;
 //! - `__probekit_site_f`, a naked `extern "C-unwind"` function: the patchable nops, a jump
-//!   to the body, and the site's entry in the `probekit_sites` table;
+//!   to the body, the site's exit path where the stack-passed arguments can be bounded
+//!   by a constant (not in generic functions and impls: probe-codegen `site::exit_asm`),
+//!   and the site's entry in the `probekit_sites` table;
 //! - `__probekit_body_f`, an `extern "C-unwind"` function holding the user's body and
 //!   patterns.
 //!
@@ -168,7 +170,10 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         return quote! { #e #f };
     }
     let place = if o.associated || f.sig.receiver().is_some() || names_self(f.sig.to_token_stream()) { Place::Associated } else { Place::Free };
-    let Parts { wrapper, site, body, .. } = parts(&f, &place);
+    // An associated function's impl is not visible here: it may be generic, so no
+    // exit path (which needs the argument types' sizes as constants).
+    let concrete_impl = matches!(place, Place::Free);
+    let Parts { wrapper, site, body, .. } = parts(&f, &place, concrete_impl);
     quote! { #wrapper #site #body }
 }
 
@@ -243,8 +248,9 @@ fn expand_impl(attr: TokenStream, mut imp: syn::ItemImpl) -> TokenStream {
         }
     };
     let mut generated = Vec::new();
+    let concrete_impl = helper_generics.params.is_empty();
     for (index, f) in &chosen {
-        let p = parts(f, &place);
+        let p = parts(f, &place, concrete_impl);
         imp.items[*index] = syn::ImplItem::Verbatim(p.wrapper.clone());
         generated.push(p);
     }
@@ -379,7 +385,63 @@ struct Parts {
     decls: TokenStream,
 }
 
-fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
+/// Turns every lifetime into `'static`, for types named in a constant (their sizes do
+/// not depend on lifetimes, and a constant cannot name the function's).
+struct StaticLifetimes;
+
+impl VisitMut for StaticLifetimes {
+    fn visit_lifetime_mut(&mut self, l: &mut syn::Lifetime) {
+        *l = syn::Lifetime::new("'static", l.apostrophe);
+    }
+}
+
+/// An upper bound of the bytes of stack-passed arguments of a function taking
+/// `inputs`, as a constant expression, or `None` if it cannot be a constant (the
+/// function or its impl is generic).
+///
+/// - At most five arguments, each a scalar (`size == align <= 8`, or zero-sized): 0.
+///   Each takes one register of its class (SysV AMD64 ABI 1.0 §3.2.3: INTEGER or SSE;
+///   only a type with unaligned fields would be MEMORY, and a type whose alignment is
+///   its size cannot have one: a packed type's alignment is below its unaligned
+///   field's, whose size is at least its alignment), and five fit in the six integer
+///   registers even when rdi carries a hidden result pointer; AAPCS64 has eight of each.
+/// - Else every argument counted as if it were passed on the stack (each in
+///   eightbytes, aligned to its own alignment if that is larger), whatever registers it
+///   gets: reading a few bytes of the caller's frame too many is harmless, and the
+///   bound needs no classification.
+fn stack_args_bound(sig: &syn::Signature, inputs: &syn::punctuated::Punctuated<syn::FnArg, syn::Token![,]>, concrete_impl: bool) -> Option<TokenStream> {
+    let generic = sig.generics.params.iter().any(|p| !matches!(p, syn::GenericParam::Lifetime(_)));
+    if generic || !concrete_impl {
+        return None;
+    }
+    let types: Vec<syn::Type> = inputs
+        .iter()
+        .map(|input| {
+            let mut ty = match input {
+                syn::FnArg::Receiver(r) => (*r.ty).clone(),
+                syn::FnArg::Typed(p) => (*p.ty).clone(),
+            };
+            StaticLifetimes.visit_type_mut(&mut ty);
+            ty
+        })
+        .collect();
+    let n = types.len();
+    Some(quote! {
+        {
+            let args: [(usize, usize); #n] = [#((::core::mem::size_of::<#types>(), ::core::mem::align_of::<#types>())),*];
+            let (mut i, mut scalars, mut all) = (0, true, 0usize);
+            while i < args.len() {
+                let (size, align) = args[i];
+                scalars &= size == 0 || size == align && size <= 8;
+                all += size.div_ceil(8) * 8 + if align > 8 { align - 8 } else { 0 };
+                i += 1;
+            }
+            if scalars && args.len() <= 5 { 0 } else { all }
+        }
+    })
+}
+
+fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
     let syn::ItemFn { attrs, vis, sig, block } = f;
     let ident = &sig.ident;
     let site = format_ident!("__probekit_site_{}", ident);
@@ -459,17 +521,36 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
 
     // The site and its record, as probe-codegen's site contract spells them (the
     // runtime reads them by the same definitions).
+    let args_bound = stack_args_bound(sig, &plain.inputs, concrete_impl);
     let naked = |arch: probe_codegen::Arch| {
         let cfg_arch = arch.name();
         let cfg = quote! { #[cfg(target_arch = #cfg_arch)] };
-        let site_insns = probe_codegen::site::site_asm(arch);
-        let probe_codegen::site::RecordAsm { before_name, after_name } = probe_codegen::site::record_asm(arch);
+        let mut site_insns = probe_codegen::site::site_asm(arch);
+        // The exit path, where the arguments' stack bytes can be bounded.
+        let exit = probe_codegen::site::exit_asm(arch).zip(args_bound.as_ref());
+        let exit_operands = exit.as_ref().map(|(_, bound)| {
+            let frame: TokenStream = probe_codegen::site::exit_frame_expr(arch, "__probekit_args").parse().expect("probe-codegen's expression is Rust");
+            quote! {
+                args = const #bound,
+                frame = const { let __probekit_args: usize = #bound; #frame },
+            }
+        });
+        if let Some((insns, _)) = &exit {
+            site_insns.extend(insns.iter().cloned());
+        }
+        let probe_codegen::site::RecordAsm { before_name, after_name } = probe_codegen::site::record_asm(arch, exit.is_some());
         let tail = format!("::{name}\"");
         // SAFETY (of `#[unsafe(naked)]`): the asm is the whole function. The nops leave
         // every register and the stack as the caller set them, and the jump enters the
         // body, which has the site's exact signature and ABI, so the body receives the
         // arguments (registers and stack) and returns to the site's caller as if it had
-        // been called directly.
+        // been called directly. The exit path (entered only once the runtime has
+        // written both slots and patched the nop into a jump to it) calls the body with
+        // the argument registers untouched (the entry trampoline restores them) and a
+        // copy of at least every stack-passed byte at the same offsets from the stack
+        // pointer, 16-aligned at the call; it returns what the body returned, as the
+        // exit trampoline restores the return registers (changed only by an `unsafe`
+        // return handler, whose caller answers for the value).
         quote! {
             #cfg
             #(#site_attrs)*
@@ -493,6 +574,7 @@ fn parts(f: &syn::ItemFn, place: &Place) -> Parts {
                     site = sym #site_path,
                     function = sym #function_path,
                     body = sym #body_path,
+                    #exit_operands
                 )
             }
         }

@@ -42,8 +42,9 @@
 //! unprobed call does, when the handlers only observe, with the exceptions below. Each
 //! is a register no code may count on across a call: the status flags (System V AMD64
 //! ABI 1.0, §3.2.1: not preserved across calls; DF is clear at a function's entry and
-//! return, and a probe leaves it clear) and x16 (AAPCS64 2023Q3, §6.1.1: IP0, which
-//! veneers and PLT stubs may overwrite between a caller and its callee).
+//! return, and a probe leaves it clear), r10 and r11 (§3.2.3: scratch, not preserved)
+//! and x16, x17 (AAPCS64 2023Q3, §6.1.1: IP0 and IP1, which veneers and PLT stubs may
+//! overwrite between a caller and its callee).
 //! `tests/native/tests/clobber.rs` asserts exactly these differences, per kind and
 //! architecture, natively and under qemu-aarch64.
 //!
@@ -54,6 +55,7 @@
 //! | site ([`Probe`] on a `#[traceable]` function) | status flags (CF PF AF ZF SF OF): as the site dispatcher left them | `x16`: the site's continuation, site + 8 |
 //! | return ([`ReturnProbe`]) | status flags: as the return dispatcher left them | `x16`: the address of the return trampoline |
 //! | return on a `#[traceable]` function (entry on the site) | status flags, as a return probe | `x16`, as a return probe |
+//! | the same, through the site's exit path (most `#[traceable]` functions: see [`ReturnProbe`]) | status flags; `r10`, `r11` if it may take arguments on the stack (the exit path copies them: more than five arguments, or one that is not a scalar) | `x16`: the exit path's continuation; `x17` if it may take arguments on the stack |
 //! | optimized ([`Optimize`], a jump to a detour) mid-function | none | none |
 //! | optimized at a function's entry | none but the FP status bits (below) | none |
 //!

@@ -75,7 +75,12 @@ pub fn perf_map(on: bool) -> Result<(), Error> {
     ON.store(true, Ordering::Relaxed);
     let mut text = String::new();
     if !map.trampolines {
-        for (name, addr) in [("probekit_kretprobe_trampoline", crate::retprobe::trampoline()), ("probekit_site_trampoline", crate::site::patch::trampoline())] {
+        for (name, addr) in [
+            ("probekit_kretprobe_trampoline", crate::retprobe::trampoline()),
+            ("probekit_site_trampoline", crate::site::patch::trampoline()),
+            ("probekit_site_exit_entry_trampoline", crate::site::patch::exit_entry_trampoline()),
+            ("probekit_site_exit_trampoline", crate::retprobe::exit_trampoline()),
+        ] {
             let size = crate::sys::symbols::function_at(addr).filter(|f| f.addr == addr).map_or(1, |f| f.size.max(1));
             line(&mut text, addr, size, name);
         }

@@ -352,7 +352,7 @@ fn entry(regs: &Regs, stack: &Stack) -> Option<Regs> {
 ///   interrupted context is the `ucontext_t` of the signal frame, at `cfa` on x86_64
 ///   (the handler's `ret` pops `pretcode`; Linux `struct rt_sigframe`) and after the
 ///   128-byte `siginfo_t` on aarch64;
-/// - the return and site dispatchers: the caller is the trampoline, which passed its
+/// - the return, site and exit-path dispatchers: the caller is the trampoline, which passed its
 ///   frame, at its stack pointer (`mov rdi, rsp` / `mov x0, sp` before the call).
 fn probed_context(start: usize, cfa: usize, stack: &Stack) -> Option<Regs> {
     if start == 0 {
@@ -360,6 +360,8 @@ fn probed_context(start: usize, cfa: usize, stack: &Stack) -> Option<Regs> {
     }
     if start == crate::retprobe::dispatch as *const () as usize
         || start == crate::site::patch::dispatch as *const () as usize
+        || start == crate::retprobe::dispatch_exit as *const () as usize
+        || start == crate::site::patch::dispatch_exit_entry as *const () as usize
         || start == crate::optprobe::dispatch as *const () as usize
     {
         if !stack.holds(cfa, std::mem::size_of::<PtRegs>()) || !cfa.is_multiple_of(std::mem::align_of::<PtRegs>()) {

@@ -161,6 +161,7 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error, Vec<usize>)> {
     // (no probe armed there yet): breakpoints and sites apart.
     let mut writes: Vec<(usize, usize)> = Vec::new(); // (member, breakpoint address)
     let mut sites: Vec<(usize, usize)> = Vec::new(); // (member, site)
+    let mut shared_sites: Vec<usize> = Vec::new(); // enabled already
     let mut seen = HashSet::new();
     for (i, &index) in indices.iter().enumerate() {
         let e = record(index);
@@ -178,6 +179,9 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error, Vec<usize>)> {
             optprobe::forget(target);
         }
         let new_here = registry::armed_at(target).next().is_none();
+        if site && !new_here {
+            shared_sites.push(target);
+        }
         if !new_here || !seen.insert(target) {
             continue;
         }
@@ -232,6 +236,11 @@ fn arm_many(indices: &[usize]) -> Result<(), (usize, Error, Vec<usize>)> {
     let targets: Vec<usize> = sites.iter().map(|(_, t)| *t).collect();
     if let Err((k, e)) = crate::site::patch::patch_many(&targets, true) {
         return Err((sites[k].0, e, undo(writes.len())));
+    }
+    // Sites enabled already go to their exit path if a return probe joined them (best
+    // effort: the call is correct for return probes too, by hijacking).
+    for site in shared_sites {
+        let _ = crate::site::patch::retarget(site);
     }
     Ok(())
 }
@@ -307,6 +316,14 @@ fn disarm_many(indices: &[usize]) -> Result<(), Error> {
         };
         if restored {
             e.addr.store(0, Ordering::Release);
+        }
+    }
+    // Sites that stay enabled go back to the call if their last return probe left
+    // (best effort: the exit path is correct without return probes too).
+    for &index in indices {
+        let e = record(index);
+        if e.site.load(Ordering::Relaxed) {
+            let _ = crate::site::patch::retarget(e.target.load(Ordering::Relaxed));
         }
     }
     result

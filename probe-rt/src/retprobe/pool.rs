@@ -59,6 +59,10 @@ impl Block {
                     busy: AtomicBool::new(false),
                     taken: AtomicU64::new(0),
                     owner: AtomicUsize::new(0),
+                    exit: AtomicBool::new(false),
+                    parked: AtomicBool::new(false),
+                    claimed: AtomicBool::new(false),
+                    generation: AtomicUsize::new(0),
                     stub: code + i * STUB + STUB_ENTRY,
                     data: AtomicUsize::new(0),
                     core: AtomicUsize::new(0),
@@ -93,6 +97,19 @@ impl Block {
     }
 
     /// The stubs' code, for a grace period's busy ranges.
+    /// Takes back the instances parked in the block (it is idle: none is claimed), so
+    /// that no thread's parking slot names them any more, before their probe's `Core`
+    /// is freed (a new `Core` may get its address, and the slot is keyed by it).
+    fn unpark(&self) {
+        for inst in self.insts {
+            if inst.parked.load(Ordering::Relaxed) {
+                inst.generation.store(inst.generation.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+                inst.parked.store(false, Ordering::Relaxed);
+                inst.release();
+            }
+        }
+    }
+
     fn range(&self) -> (usize, usize) {
         (self.code, self.code + self.insts.len() * STUB)
     }
@@ -103,7 +120,11 @@ impl Block {
     fn idle(&self) -> bool {
         self.insts.iter().all(|i| {
             let owner = i.owner.load(Ordering::Acquire);
-            !i.busy.load(Ordering::Acquire) || owner != 0 && !grace::thread_alive(owner as i32)
+            // A parked instance not claimed: its owner is not inside a call (the
+            // claim is dropped after its last use), and cannot claim it again for this
+            // probe, whose entry is disarmed and waited out.
+            let parked = i.parked.load(Ordering::Acquire) && !i.claimed.load(Ordering::Acquire);
+            !i.busy.load(Ordering::Acquire) || parked || owner != 0 && !grace::thread_alive(owner as i32)
         })
     }
 }
@@ -161,6 +182,7 @@ impl Pool {
             let r = &self.retired[k];
             if r.graced && r.block.idle() {
                 let r = self.retired.swap_remove(k);
+                r.block.unpark();
                 self.free.push(r.block);
                 cores.push(r.core);
             } else {
@@ -203,6 +225,10 @@ pub(crate) fn take(n: usize) -> Result<&'static Block, Error> {
         inst.core.store(0, Ordering::Relaxed);
         // Free or held by an exited thread (`Block::idle`): free from here on.
         inst.owner.store(0, Ordering::Relaxed);
+        // A thread's cached parking names the old generation: no longer its own.
+        inst.generation.store(inst.generation.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        inst.parked.store(false, Ordering::Relaxed);
+        inst.claimed.store(false, Ordering::Relaxed);
         inst.busy.store(false, Ordering::Release);
     }
     Ok(block)
@@ -222,6 +248,7 @@ pub(crate) fn synchronize() -> bool {
     pool.retired.retain(|r| {
         let idle = r.graced && r.block.idle();
         if idle {
+            r.block.unpark();
             cores.push((r.block, r.core));
         }
         !idle

@@ -23,7 +23,8 @@ pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     if on {
         e.addr.store(site, Ordering::Release);
         let r = match shared {
-            true => Ok(()),
+            // Already enabled: to its exit path if this is its first return probe.
+            true => patch::retarget(site),
             false => patch::patch(site, true).and_then(|intact| if intact { Ok(()) } else { Err(Error::NotExecutable { addr: site }) }),
         };
         if r.is_err() {
@@ -32,12 +33,28 @@ pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
         r
     } else {
         // A site whose code is gone is left alone (`patch` checks): disarmed in place.
-        let r = if shared { Ok(()) } else { patch::patch(site, false).map(|_| ()) };
+        if shared {
+            // Disarmed at once; the site stays enabled, back to the call if this was
+            // its last return probe (best effort: the exit path is correct without
+            // return probes too, only slower).
+            e.addr.store(0, Ordering::Release);
+            let _ = patch::retarget(site);
+            return Ok(());
+        }
+        let r = patch::patch(site, false).map(|_| ());
         if r.is_ok() {
             e.addr.store(0, Ordering::Release);
         }
         r
     }
+}
+
+/// Whether a return probe is armed on the site at `site`: its enabled site then jumps
+/// to its exit path (if it has one), where the return is observed without hijacking
+/// the return address. Under the registry lock.
+pub(crate) fn wants_exit(site: usize) -> bool {
+    let on_entry = crate::retprobe::entry_hook();
+    registry::armed_at(site).any(|(_, r)| r.pre.load(Ordering::Relaxed) == on_entry)
 }
 
 /// Runs the probes armed on the site at `site`, in registration order, for the site

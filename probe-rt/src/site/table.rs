@@ -35,7 +35,7 @@ pub struct SiteInfo {
 include!(concat!(env!("OUT_DIR"), "/site_contract.rs"));
 
 /// One record of the `probekit_sites` section, as probe-codegen's site contract lays
-/// it out (`site::record_asm`, which `#[traceable]` emits): five `.quad`s, 8-aligned.
+/// it out (`site::record_asm`, which `#[traceable]` emits): eight `.quad`s, 8-aligned.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RawEntry {
@@ -49,6 +49,24 @@ struct RawEntry {
     name: u64,
     /// `.quad 3f - 2f`: the name's length.
     len: u64,
+    /// `.quad 1b` or `.quad 0`: the site's exit path, if it has one.
+    exit: u64,
+    /// `4: .quad 0`: the trampoline the exit path's entry calls (written at arming).
+    entry_slot: u64,
+    /// `5: .quad 0`: the trampoline the exit path's return calls (written at arming).
+    exit_slot: u64,
+}
+
+/// A site's exit path (probe-codegen `site::exit_asm`) and the record's words its
+/// calls go through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ExitPath {
+    /// The exit path's first byte.
+    pub path: usize,
+    /// The record's word the exit path's entry calls through.
+    pub entry_slot: usize,
+    /// The record's word the exit path's return calls through.
+    pub exit_slot: usize,
 }
 // The asm emits exactly SITE_RECORD_SIZE bytes per record with nothing between them
 // (each `.balign 8` is a no-op after a multiple of 8): the stride must match.
@@ -72,6 +90,8 @@ struct Index {
     by_addr: std::collections::HashMap<usize, usize>,
     /// `(site, position in list)`, sorted: for the site an address is inside of.
     sorted: Vec<(usize, usize)>,
+    /// The exit path of the site at each position in `list`, if it has one.
+    exits: Vec<Option<ExitPath>>,
 }
 
 fn index() -> std::sync::Arc<Index> {
@@ -83,7 +103,7 @@ fn index() -> std::sync::Arc<Index> {
             return index.clone();
         }
     }
-    let list = read_sites();
+    let (list, exits): (Vec<SiteInfo>, Vec<Option<ExitPath>>) = read_sites().into_iter().unzip();
     let mut by_addr = std::collections::HashMap::with_capacity(2 * list.len());
     for (i, s) in list.iter().enumerate().rev() {
         by_addr.insert(s.function, i);
@@ -91,12 +111,12 @@ fn index() -> std::sync::Arc<Index> {
     }
     let mut sorted: Vec<(usize, usize)> = list.iter().enumerate().map(|(i, s)| (s.site, i)).collect();
     sorted.sort_unstable();
-    let index = std::sync::Arc::new(Index { list, by_addr, sorted });
+    let index = std::sync::Arc::new(Index { list, by_addr, sorted, exits });
     *cache = Some((generation, index.clone()));
     index
 }
 
-fn read_sites() -> Vec<SiteInfo> {
+fn read_sites() -> Vec<(SiteInfo, Option<ExitPath>)> {
     let objects = loaded_objects();
     let tables: Vec<Table> = crate::sys::maps::images()
         .iter()
@@ -121,6 +141,13 @@ fn read_sites() -> Vec<SiteInfo> {
 pub(crate) fn site_of(addr: usize) -> Option<SiteInfo> {
     let index = index();
     index.by_addr.get(&addr).map(|i| index.list[*i].clone())
+}
+
+/// The exit path of the site whose first byte is `site`, if it has one.
+pub(crate) fn exit_of(site: usize) -> Option<ExitPath> {
+    let index = index();
+    let i = *index.by_addr.get(&site)?;
+    (index.list[i].site == site).then(|| index.exits[i]).flatten()
 }
 
 /// The site `addr` is strictly inside of (not its first byte).
@@ -220,7 +247,7 @@ const MAX_NAME: usize = 4096;
 /// Appends the entries of `table` in `object` to `out`, reading them from memory.
 /// Called with the loader's lock held, so `object`'s segments stay mapped; nothing
 /// outside them is read.
-fn read_table(object: &Loaded, table: &Table, out: &mut Vec<SiteInfo>) {
+fn read_table(object: &Loaded, table: &Table, out: &mut Vec<(SiteInfo, Option<ExitPath>)>) {
     const ENTRY: usize = std::mem::size_of::<RawEntry>();
     if !table.start.is_multiple_of(8) || !object.holds(table.start, table.size, libc::PF_R) {
         return; // not this file's table: the file on disk is not what was loaded
@@ -241,7 +268,15 @@ fn read_table(object: &Loaded, table: &Table, out: &mut Vec<SiteInfo>) {
         // SAFETY: `[name, name + len)` lies in a readable loaded segment of `object`,
         // kept mapped by the loader's lock, and is copied out before it is released.
         let bytes = unsafe { std::slice::from_raw_parts(name as *const u8, len) };
-        out.push(SiteInfo { site, function, name: String::from_utf8_lossy(bytes).into_owned() });
+        // An exit path where the contract puts it, in the site's code, with its slots
+        // writable in the record (the runtime writes them before the path is used).
+        let record = at + std::mem::offset_of!(RawEntry, entry_slot);
+        let exit = (e.exit as usize == site + SITE_EXIT_OFFSET
+            && object.holds(site, SITE_EXIT_OFFSET + 1, libc::PF_X)
+            && object.holds(record, 16, libc::PF_R | libc::PF_W))
+        .then_some(ExitPath { path: e.exit as usize, entry_slot: record, exit_slot: record + 8 });
+        let _ = (e.entry_slot, e.exit_slot);
+        out.push((SiteInfo { site, function, name: String::from_utf8_lossy(bytes).into_owned() }, exit));
     }
 }
 
