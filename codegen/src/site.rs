@@ -210,16 +210,21 @@ pub fn exit_asm(arch: Arch) -> Option<Vec<String>> {
     }
 }
 
-/// The largest exit-path frame: within one page below the entry stack pointer, so that
-/// no guard page can be stepped over (the copy writes upwards from the new stack
-/// pointer), and within aarch64's immediates. A function whose arguments may need more
-/// gets no exit path: the assembler leaves it out (an `.if` around it) and its record says
-/// so, and return probes on it hijack the return address.
-pub const MAX_EXIT_FRAME: usize = 4080;
+/// The largest exit-path frame. Below the entry stack pointer it stays within one page,
+/// so that no guard page can be stepped over (the copy writes upwards from the new
+/// stack pointer), and within aarch64's immediates. Above it the copy reads up to as
+/// many bytes of the caller's stack as the bound says, which counts every argument as
+/// if it were on the stack: a Rust-ABI function taking a large aggregate (passed by
+/// pointer) called near the top of a thread's stack would read past the mapping with
+/// a page-sized bound; a caller's frames and the thread's own data above its stack
+/// cover a few hundred bytes. A function whose arguments may need more gets no exit
+/// path: the assembler leaves it out (an `.if` around it) and its record says so, and
+/// return probes on it hijack the return address.
+pub const MAX_EXIT_FRAME: usize = 504;
 
 /// The assembler condition around the exit path and its record word.
-const EXIT_GUARD: &str = ".if {frame} <= 4080";
-const _: () = assert!(MAX_EXIT_FRAME == 4080, "EXIT_GUARD spells MAX_EXIT_FRAME");
+const EXIT_GUARD: &str = ".if {frame} <= 504";
+const _: () = assert!(MAX_EXIT_FRAME == 504, "EXIT_GUARD spells MAX_EXIT_FRAME");
 
 /// The exit path's frame for `args` bytes of stack-passed arguments (see [`exit_asm`]).
 pub const fn exit_frame(arch: Arch, args: usize) -> usize {

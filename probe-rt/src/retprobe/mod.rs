@@ -13,8 +13,9 @@
 //! # On a site: the exit path
 //! On a `#[traceable]` function whose site has an exit path (probe-codegen
 //! `site::exit_asm`: every such function but generic ones and those whose arguments
-//! may need more than a page of stack), the return address is not hijacked. While a
-//! return probe is armed there, the site jumps to its exit path, which calls the entry
+//! may need more than ~500 bytes of stack, see `site::MAX_EXIT_FRAME`), the return
+//! address is not hijacked. While a return probe is armed there, the site jumps to its
+//! exit path, which calls the entry
 //! trampoline (the entry hook takes an instance as above, `on_exit_path` telling it
 //! not to replace the return address), calls the body with a copy of the stack-passed
 //! arguments, then calls the exit trampoline (`dispatch_exit`), which takes this
