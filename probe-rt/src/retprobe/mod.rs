@@ -643,14 +643,8 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut PtRegs, fp: *mut u8) -> usize
         // frame).
         let ret = inst.ret.load(Ordering::Relaxed);
         as_returned(regs, sp, ret);
-        // SAFETY: `core` was set to the probe's `Core` before the probe was armed; it is
-        // freed only once this instance is released (see `pool`), below.
-        let core = unsafe { &*(inst.core.load(Ordering::Relaxed) as *const Core) };
-        if !was_active && core.live.load(Ordering::Relaxed) {
-            FP_AREA.set((frame as usize, fp as usize));
-            // SAFETY: `run_return` was made for the `T` of `inst.data`; the instance is ours.
-            unsafe { (core.run_return)(core, inst.data.load(Ordering::Relaxed), regs) };
-            FP_AREA.set((0, 0));
+        if !was_active {
+            call_return_handler(inst, regs, frame, fp);
         }
         inst.give_back();
         head = HEAD.get();
@@ -659,6 +653,22 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut PtRegs, fp: *mut u8) -> usize
     regs.set_instruction_pointer(resume);
     registry::set_active(was_active);
     0
+}
+
+/// Runs the return handler of `inst`'s probe, if it is still live, on the trampoline's
+/// `regs` (its frame `frame`, FP/SIMD area `fp`). For the dispatchers: `inst` is
+/// this thread's, taken off its list and not yet given back.
+#[inline(always)]
+fn call_return_handler(inst: &Inst, regs: &mut PtRegs, frame: *mut PtRegs, fp: *mut u8) {
+    // SAFETY: `core` was set to the probe's `Core` before the probe was armed; it is
+    // freed only once this instance is given back (see `pool`), after this returns.
+    let core = unsafe { &*(inst.core.load(Ordering::Relaxed) as *const Core) };
+    if core.live.load(Ordering::Relaxed) {
+        FP_AREA.set((frame as usize, fp as usize));
+        // SAFETY: `run_return` was made for the `T` of `inst.data`; the instance is ours.
+        unsafe { (core.run_return)(core, inst.data.load(Ordering::Relaxed), regs) };
+        FP_AREA.set((0, 0));
+    }
 }
 
 /// Makes `regs` (the exit trampoline's, at the entry stack pointer `sp`) read as after
@@ -699,14 +709,8 @@ pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, fp: *mut u8) -> usize {
     // The handler sees the real return address, and so does an unwinder (the
     // trampoline's call-frame information reads it from the frame).
     regs.set_instruction_pointer(ret as u64);
-    // SAFETY: `core` was set to the probe's `Core` before the probe was armed; it is
-    // freed only once this instance is released (see `pool`), below.
-    let core = unsafe { &*(inst.core.load(Ordering::Relaxed) as *const Core) };
-    if !was_active && core.live.load(Ordering::Relaxed) {
-        FP_AREA.set((frame as usize, fp as usize));
-        // SAFETY: `run_return` was made for the `T` of `inst.data`; the instance is ours.
-        unsafe { (core.run_return)(core, inst.data.load(Ordering::Relaxed), regs) };
-        FP_AREA.set((0, 0));
+    if !was_active {
+        call_return_handler(inst, regs, frame, fp);
     }
     // The last use of the instance, its probe and data: from here on its block may be
     // reused (see `pool`).
