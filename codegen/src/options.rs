@@ -63,12 +63,37 @@ pub enum Fp {
     /// where the CPU has it (`CPUID.(EAX=0DH,ECX=1):EAX[1]`, Skylake and Zen on); the
     /// caller checks. aarch64: as `Full`.
     FullCompact,
+    /// Everything, as `Full`, but x86_64 asks the CPU which state is in use (`xgetbv`
+    /// with `ecx = 1`, as `ArgsWide`) and keeps it with moves, not `xsave`: `xrstor`
+    /// alone costs 50-70 ns on some CPUs (virtual ones among them), the moves a few.
+    /// Always `xmm0`–`xmm15` and MXCSR (`movaps`, `stmxcsr`; `fxsave64` instead when
+    /// x87 state is in use); then, where in use, the `ymm0`–`ymm15` upper halves, the
+    /// `zmm0`–`zmm15` bits 256-511, `zmm16`–`zmm31` and `k0`–`k7`, each at its offset in
+    /// the standard (non-compacted) `xsave` layout of the run-time area (operands
+    /// `xsave_size` and `xsave_mask`, as `Full`), so the handler finds `xmm0`–`xmm15` at
+    /// 160 and MXCSR at 24 as with `Full` (the other bytes of the legacy region are not
+    /// written on the move path). State that was in its initial state at the entry is
+    /// put back in it on the way out (`vzeroupper`; `zmm16`–`zmm31` and `k0`–`k7`
+    /// zeroed if the handler used them; `fninit` if the handler left an x87 status),
+    /// so a handler's AVX code costs the probed code nothing after, and the probed
+    /// code finds the zeros and flags it had. MXCSR is reloaded only if the handler
+    /// changed it (`ldmxcsr` costs ~4 ns).
+    /// Any other component in use (AMX tiles, APX registers, ...) takes an `xsavec64`
+    /// of the whole mask instead, which `xrstor64` reads back. PKRU is not kept: a
+    /// handler that changes it changes the probed code's, as with a breakpoint probe.
+    ///
+    /// Needs AVX and `xgetbv` with `ecx = 1` and XSAVEC
+    /// (`CPUID.(EAX=0DH,ECX=1):EAX[2:1]`), the standard offsets (576 AVX, 1088 opmask,
+    /// 1152 ZMM_Hi256, 1664 Hi16_ZMM, `CPUID.(EAX=0DH,ECX=i):EBX`) for the components
+    /// XCR0 enables, and AVX512BW where XCR0 enables AVX-512 state (`kmovq`): the
+    /// caller checks, and uses `FullCompact` or `Full` elsewhere. aarch64: as `Full`.
+    FullInUse,
 }
 
 impl Fp {
-    /// `Full` or `FullCompact`: all of the FP/SIMD state.
+    /// `Full`, `FullCompact` or `FullInUse`: all of the FP/SIMD state.
     pub fn is_full(self) -> bool {
-        matches!(self, Fp::Full | Fp::FullCompact)
+        matches!(self, Fp::Full | Fp::FullCompact | Fp::FullInUse)
     }
 
     /// `ArgsWide` or `ReturnWide`: the upper halves of the vector registers kept too.
@@ -173,7 +198,7 @@ macro_rules! names {
     };
 }
 names!(Policy { All = "all", CallerSaved = "caller-saved" });
-names!(Fp { None = "none", Args = "args", Return = "return", ArgsWide = "args-wide", ReturnWide = "return-wide", Full = "full", FullCompact = "full-compact" });
+names!(Fp { None = "none", Args = "args", Return = "return", ArgsWide = "args-wide", ReturnWide = "return-wide", Full = "full", FullCompact = "full-compact", FullInUse = "full-in-use" });
 names!(Shape { SaveRestore = "save-restore", Kretprobe = "kretprobe", Entry = "entry" });
 
 impl Shape {

@@ -16,7 +16,7 @@ mod traceable;
 /// ```text
 /// #[pt_regs]
 /// #[pt_regs(shapes(save_restore, kretprobe, entry), policy = all | caller_saved,
-///           fp = none | args | return | args_wide | return_wide | full | full_compact, handler = path::to::handler, crate = ::probekit)]
+///           fp = none | args | return | args_wide | return_wide | full | full_compact | full_in_use, handler = path::to::handler, crate = ::probekit)]
 /// ```
 ///
 /// # Usage

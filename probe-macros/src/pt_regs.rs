@@ -48,7 +48,7 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
             match Fp::ALL.iter().find(|f| v == f.name().replace('-', "_")) {
                 Some(f) => o.fp = *f,
                 None => {
-                    push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return`, `args_wide`, `return_wide`, `full` or `full_compact`"))
+                    push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return`, `args_wide`, `return_wide`, `full`, `full_compact` or `full_in_use`"))
                 }
             }
             Ok(())

@@ -1,4 +1,5 @@
-// fp = return, full, full_compact (x86_64: the xsave operands come from probekit),
+// fp = return, full, full_compact, full_in_use (x86_64: the xsave operands come from
+// probekit),
 // args_wide and return_wide.
 #[probekit::pt_regs(shapes(kretprobe), fp = return, handler = on_ret)]
 #[repr(C)]
@@ -21,6 +22,13 @@ pub struct Compact {
     pub value: u64,
 }
 
+#[probekit::pt_regs(shapes(save_restore), fp = full_in_use, handler = on_in_use)]
+#[repr(C)]
+pub struct InUse {
+    #[reg(x86_64 = "rax", aarch64 = "x0")]
+    pub value: u64,
+}
+
 #[probekit::pt_regs(shapes(entry, kretprobe), fp = args_wide, handler = on_wide)]
 #[repr(C)]
 pub struct Wide {
@@ -36,6 +44,10 @@ pub struct WideRet {
 }
 
 unsafe extern "C" fn on_full_c(_frame: *mut Compact, _fp: *mut u8) -> usize {
+    0
+}
+
+unsafe extern "C" fn on_in_use(_frame: *mut InUse, _fp: *mut u8) -> usize {
     0
 }
 
@@ -56,5 +68,5 @@ unsafe extern "C" fn on_full(_frame: *mut Everything, _fp: *mut u8) -> usize {
 }
 
 fn main() {
-    let _ = (Ret::KRETPROBE, Everything::SAVE_RESTORE, Compact::SAVE_RESTORE, Wide::ENTRY, Wide::KRETPROBE, WideRet::KRETPROBE);
+    let _ = (Ret::KRETPROBE, Everything::SAVE_RESTORE, Compact::SAVE_RESTORE, InUse::SAVE_RESTORE, Wide::ENTRY, Wide::KRETPROBE, WideRet::KRETPROBE);
 }

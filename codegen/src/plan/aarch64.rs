@@ -189,7 +189,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         Fp::None => 0,
         Fp::Args | Fp::ArgsWide => 8,
         Fp::Return | Fp::ReturnWide => 2,
-        Fp::Full | Fp::FullCompact => 32,
+        Fp::Full | Fp::FullCompact | Fp::FullInUse => 32,
     };
     let Hidden { next, slots: hidden } = h;
     let fp_at = next.next_multiple_of(16);

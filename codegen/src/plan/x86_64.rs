@@ -273,6 +273,10 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
                 steps.push(wide_step(at, n));
             }
         }
+        (Fp::FullInUse, Some((at, _))) => {
+            operands.extend(["xsave_size", "xsave_mask"]);
+            steps.push(in_use_step(at));
+        }
         (Fp::Full | Fp::FullCompact, Some((at, _))) => {
             operands.extend(["xsave_size", "xsave_mask"]);
             let mut save = Vec::new();
@@ -450,6 +454,11 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
             let at = next.next_multiple_of(64);
             (Some((at, 0)), at)
         }
+        // FullInUse keeps the word of which state was in use just below it.
+        Fp::FullInUse => {
+            let at = (next + 8).next_multiple_of(64);
+            (Some((at, 0)), at)
+        }
     };
     Area { hidden, anchor, spills, rip, fp_area, alloc: alloc.next_multiple_of(16) }
 }
@@ -528,6 +537,185 @@ fn wide_step(at: u64, n: u64) -> Step {
     restore.extend([Op::new("test al, 0x40", "ZMM_Hi256"), Op::new("jz 9f", "not in use: bits 256 on stay zero")]);
     restore.extend(zmm_restore);
     restore.push(Op::new("9:", ""));
+    Step { save, restore }
+}
+
+/// Components `Fp::FullInUse` keeps with moves (x87, SSE, AVX, opmask, ZMM_Hi256,
+/// Hi16_ZMM) or leaves alone (PKRU, bit 9): any other in use takes the `xsavec64` path.
+const IN_USE_MOVED: u64 = 0x2e7;
+
+/// `Fp::FullInUse`: the state in use, kept with moves at its offsets in the standard
+/// `xsave` layout of the run-time area at `at`, the in-use word at `at - 8`.
+///
+/// Save: `xgetbv` with `ecx = 1` gives XCR0 & XINUSE, kept in r8 (saved by now, as
+/// every caller-saved register). A component outside `IN_USE_MOVED` in use: `xsavec64`
+/// of the whole mask. Else the upper parts in use, in the order their restore mirrors
+/// (zmm bits 256-511, ymm bits 128-255, k0-k7, zmm16-31), then the legacy region:
+/// MXCSR and xmm0-15 by VEX moves (no SSE/AVX transition), or `fxsave64` with x87
+/// state in use. Restore: `vzeroupper` (bits 128 on of zmm0-15 in their initial state,
+/// and the handler's upper state gone), the legacy region (`vmovaps` loads keep bits
+/// 128 on zero; MXCSR reloaded only if the handler changed it; x87 reset if it was
+/// in its initial state and the handler left a status), the upper parts that were in use (ymm with VEX `vinsertf128`, which
+/// zeroes bits 256 on, before the zmm bits); then zmm16-31 and k0-k7, where they were
+/// in their initial state at the entry and are in use now, zeroed. Only the move path
+/// records its accesses: the two others write the same area.
+fn in_use_step(at: u64) -> Step {
+    let (ymm_at, k_at, zmm_at, hi16_at) = (at + 576, at + 1088, at + 1152, at + 1664);
+    let access = |dir, off, size, what: String| {
+        let (m, encoding) = mem(off);
+        (m, Access { dir, slots: vec![(off, size, Slot::Fp(format!("xsave {what}")))], encoding })
+    };
+    let (area, _) = mem(at);
+    let (flag, flag_access) = access(Dir::Store, at - 8, 8, "in use".into());
+    let mut save = vec![
+        Op::new("mov ecx, 1", "xgetbv 1: which state components are in use"),
+        Op::new("xgetbv", "edx:eax = XCR0 & XINUSE"),
+        Op::new("shl rdx, 32", ""),
+        Op::new("or rax, rdx", ""),
+        Op::new("mov r8, rax", "r8 = the in-use word (r8 is saved by now)"),
+        Op::new(format!("test r8, {}", !IN_USE_MOVED as i64), "a component the moves do not keep (AMX, APX, ...)?"),
+        Op::new("jnz 8f", "in use: xsavec of everything"),
+        Op::new("test r8b, 0x40", "ZMM_Hi256 (zmm0-15 bits 256-511)"),
+        Op::new("jz 1f", "not in use: zero"),
+    ];
+    let mut restore = Vec::new();
+    let mut upper_restore = Vec::new();
+    for i in 0..16 {
+        let (m, a) = access(Dir::Store, zmm_at + 32 * i, 32, format!("zmm{i} bits 256-511"));
+        save.push(Op::mem(format!("vextractf64x4 ymmword ptr {m}, zmm{i}, 1"), format!("zmm{i} bits 256-511 @{}", zmm_at + 32 * i), a));
+    }
+    save.extend([Op::new("1:", ""), Op::new("test r8b, 0x04", "AVX (ymm0-15 bits 128-255)"), Op::new("jz 2f", "not in use: zero")]);
+    for i in 0..16 {
+        let (m, a) = access(Dir::Store, ymm_at + 16 * i, 16, format!("ymm{i} bits 128-255"));
+        save.push(Op::mem(format!("vextractf128 xmmword ptr {m}, ymm{i}, 1"), format!("ymm{i} bits 128-255 @{}", ymm_at + 16 * i), a));
+    }
+    save.extend([Op::new("2:", ""), Op::new("test r8b, 0x20", "opmask (k0-7)"), Op::new("jz 3f", "not in use: zero")]);
+    for i in 0..8 {
+        let (m, a) = access(Dir::Store, k_at + 8 * i, 8, format!("k{i}"));
+        save.push(Op::mem(format!("kmovq qword ptr {m}, k{i}"), format!("k{i} @{}", k_at + 8 * i), a));
+    }
+    save.extend([Op::new("3:", ""), Op::new("test r8b, 0x80", "Hi16_ZMM (zmm16-31)"), Op::new("jz 4f", "not in use: zero")]);
+    for i in 16..32 {
+        let off = hi16_at + 64 * (i - 16);
+        let (m, a) = access(Dir::Store, off, 64, format!("zmm{i}"));
+        save.push(Op::mem(format!("vmovaps zmmword ptr {m}, zmm{i}"), format!("zmm{i} @{off}"), a));
+    }
+    save.extend([Op::new("4:", ""), Op::new("test r8b, 1", "x87 state in use"), Op::new("jnz 5f", "in use: fxsave keeps it with the legacy region")]);
+    let (m, a) = access(Dir::Store, at + 24, 4, "mxcsr".into());
+    save.push(Op::mem(format!("vstmxcsr dword ptr {m}"), format!("MXCSR @{}", at + 24), a));
+    for i in 0..16 {
+        let (m, a) = access(Dir::Store, at + 160 + 16 * i, 16, format!("xmm{i}"));
+        save.push(Op::mem(format!("vmovaps xmmword ptr {m}, xmm{i}"), format!("xmm{i} @{}", at + 160 + 16 * i), a));
+    }
+    save.extend([
+        Op::new("jmp 9f", ""),
+        Op::new("5:", ""),
+        Op::new(format!("fxsave64 {area}"), "x87, MXCSR and xmm0-15: the legacy region"),
+        Op::new("jmp 9f", ""),
+        Op::new("8:", ""),
+    ]);
+    for i in 0..8 {
+        let (m, _) = mem(at + 512 + 8 * i);
+        save.push(Op::new(format!("mov qword ptr {m}, 0"), "zero the xsave header: xrstor faults on a dirty one"));
+    }
+    let mask = [
+        Op::new("mov eax, dword ptr [rip + {xsave_mask}]", "requested-feature bitmap, low half"),
+        Op::new("mov edx, dword ptr [rip + {xsave_mask} + 4]", "requested-feature bitmap, high half"),
+    ];
+    save.extend(mask.clone());
+    save.extend([
+        Op::new(format!("xsavec64 {area}"), "all FP/SIMD state of the mask but components in their initial state"),
+        Op::new("9:", ""),
+        Op::mem(format!("mov qword ptr {flag}, r8"), format!("which were in use @{}", at - 8), flag_access),
+    ]);
+
+    let (_, flag_load) = access(Dir::Load, at - 8, 8, "in use".into());
+    restore.extend([
+        Op::mem(format!("mov r8, qword ptr {flag}"), format!("which were in use @{}", at - 8), flag_load),
+        Op::new(format!("test r8, {}", !IN_USE_MOVED as i64), ""),
+        Op::new("jnz 8f", "saved by xsavec"),
+        Op::new("vzeroupper", "bits 128 on of zmm0-15 zero and in their initial state; what was in use is put back below"),
+        Op::new("test r8b, 1", "x87 state in use"),
+        Op::new("jnz 5f", ""),
+    ]);
+    for i in (0..16).rev() {
+        let (m, a) = access(Dir::Load, at + 160 + 16 * i, 16, format!("xmm{i}"));
+        restore.push(Op::mem(format!("vmovaps xmm{i}, xmmword ptr {m}"), format!("xmm{i} @{}", at + 160 + 16 * i), a));
+    }
+    // `ldmxcsr` costs ~4 ns (it serialises the FP control state): run only when the
+    // handler changed MXCSR, which it seldom does.
+    let (m, a) = access(Dir::Load, at + 24, 4, "mxcsr".into());
+    let (now, _) = mem(at + 28);
+    restore.extend([
+        // x87 state not in use at the entry: what a handler's x87 code left (exception
+        // flags, condition codes) is cleared, as fetestexcept would see it. `fninit`
+        // costs ~18 ns, `fnstsw` ~0.5: the first only when the status word says so.
+        Op::new("fnstsw ax", "x87 status word: 0 in the initial state"),
+        Op::new("test ax, ax", ""),
+        Op::new("jz 12f", ""),
+        Op::new("fninit", "x87 in its initial state again, as at the entry"),
+        Op::new("12:", ""),
+        Op::new(format!("vstmxcsr dword ptr {now}"), "MXCSR now (the MXCSR_MASK slot: the move path leaves it unused)"),
+        Op::mem(format!("mov eax, dword ptr {m}"), format!("MXCSR @{}", at + 24), a),
+        Op::new(format!("cmp eax, dword ptr {now}"), ""),
+        Op::new("je 4f", "unchanged"),
+        Op::new(format!("vldmxcsr dword ptr {m}"), "the probed code's"),
+        Op::new("jmp 4f", ""),
+        Op::new("5:", ""),
+        Op::new(format!("fxrstor64 {area}"), "x87, MXCSR and xmm0-15 (bits 128 on left zero)"),
+        Op::new("4:", ""),
+        Op::new("test r8b, 0x80", "Hi16_ZMM"),
+        Op::new("jz 3f", ""),
+    ]);
+    for i in (16..32).rev() {
+        let off = hi16_at + 64 * (i - 16);
+        let (m, a) = access(Dir::Load, off, 64, format!("zmm{i}"));
+        restore.push(Op::mem(format!("vmovaps zmm{i}, zmmword ptr {m}"), format!("zmm{i} @{off}"), a));
+    }
+    restore.extend([Op::new("3:", ""), Op::new("test r8b, 0x20", "opmask"), Op::new("jz 2f", "")]);
+    for i in (0..8).rev() {
+        let (m, a) = access(Dir::Load, k_at + 8 * i, 8, format!("k{i}"));
+        restore.push(Op::mem(format!("kmovq k{i}, qword ptr {m}"), format!("k{i} @{}", k_at + 8 * i), a));
+    }
+    restore.extend([Op::new("2:", ""), Op::new("test r8b, 0x04", "AVX"), Op::new("jz 1f", "")]);
+    for i in (0..16).rev() {
+        let (m, a) = access(Dir::Load, ymm_at + 16 * i, 16, format!("ymm{i} bits 128-255"));
+        restore.push(Op::mem(
+            format!("vinsertf128 ymm{i}, ymm{i}, xmmword ptr {m}, 1"),
+            format!("ymm{i} bits 128-255 @{} (bits 256 on: zero)", ymm_at + 16 * i),
+            a,
+        ));
+        let (m, a) = access(Dir::Load, zmm_at + 32 * i, 32, format!("zmm{i} bits 256-511"));
+        upper_restore.push(Op::mem(format!("vinsertf64x4 zmm{i}, zmm{i}, ymmword ptr {m}, 1"), format!("zmm{i} bits 256-511 @{}", zmm_at + 32 * i), a));
+    }
+    restore.extend([Op::new("1:", ""), Op::new("test r8b, 0x40", "ZMM_Hi256"), Op::new("jz 6f", "")]);
+    restore.extend(upper_restore);
+    restore.extend([
+        Op::new("6:", ""),
+        // AVX-512 state the XCR0 enables that was in its initial state at the entry.
+        Op::new("mov eax, r8d", ""),
+        Op::new("not eax", ""),
+        Op::new("and eax, dword ptr [rip + {xsave_mask}]", "enabled and not in use at the entry"),
+        Op::new("test al, 0xa0", "opmask, Hi16_ZMM"),
+        Op::new("jz 9f", "none: nothing a handler could have left there"),
+        Op::new("mov ecx, 1", ""),
+        Op::new("xgetbv", "in use now"),
+        Op::new("mov edx, r8d", ""),
+        Op::new("not edx", ""),
+        Op::new("and eax, edx", "in use now, not at the entry"),
+        Op::new("test al, 0x80", "Hi16_ZMM"),
+        Op::new("jz 7f", ""),
+    ]);
+    for i in 16..32 {
+        restore.push(Op::new(format!("vpxord zmm{i}, zmm{i}, zmm{i}"), format!("zmm{i} = 0, as it was")));
+    }
+    restore.extend([Op::new("7:", ""), Op::new("test al, 0x20", "opmask"), Op::new("jz 9f", "")]);
+    for i in 0..8 {
+        restore.push(Op::new(format!("kxorq k{i}, k{i}, k{i}"), format!("k{i} = 0, as it was")));
+    }
+    restore.extend([Op::new("jmp 9f", ""), Op::new("8:", "")]);
+    restore.extend(mask);
+    restore.extend([Op::new(format!("xrstor64 {area}"), "all FP/SIMD state of the mask"), Op::new("9:", "")]);
     Step { save, restore }
 }
 

@@ -57,6 +57,7 @@ pub enum FpMode {
     ReturnWide,
     Full,
     FullCompact,
+    FullInUse,
 }
 
 /// A generated routine and what the checker needs to know of it.
@@ -185,8 +186,11 @@ pub unsafe extern "C" fn torture_handler(frame: *mut u8, fp: *mut u8) -> usize {
         let _ = size;
     }
     clobber();
-    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide) {
+    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::FullInUse) {
         clobber_upper();
+    }
+    if r.fp == FpMode::FullInUse {
+        clobber_in_use();
     }
     run.kret_return
 }
@@ -214,6 +218,115 @@ fn clobber_upper() {
     }
 }
 
+/// What else a handler may use where the whole state is kept (x86_64): `zmm16`–`zmm31`
+/// and `k1`–`k7` (AVX-512 machines), and the x87 stack.
+#[inline(always)]
+fn clobber_in_use() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: writes only declared registers; the x87 push is popped again. AVX-512 only
+    // where detected.
+    unsafe {
+        core::arch::asm!("fldpi", "fstp st(0)", out("st(0)") _);
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            core::arch::asm!(
+                "vpternlogd zmm16, zmm16, zmm16, 0xff", "vpternlogd zmm23, zmm23, zmm23, 0xff",
+                "vpternlogd zmm31, zmm31, zmm31, 0xff", "kxnorq k1, k1, k1", "kxnorq k7, k7, k7",
+                out("zmm16") _, out("zmm23") _, out("zmm31") _, out("k1") _, out("k7") _,
+            );
+        }
+    }
+}
+
+/// The state a `Fp::FullInUse` routine meets at its entry (x86_64), one per path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InUse {
+    /// Upper halves, AVX-512 and x87 state in their initial state: the moves of the
+    /// legacy region only, and the initial state put back on the way out.
+    Clean,
+    /// Upper halves, `zmm16`–`zmm31` and `k` registers in use: every move.
+    Upper,
+    /// x87 state in use as well: `fxsave64`.
+    X87,
+    /// AMX tile configuration in use (where the CPU and kernel have AMX): the `xsavec64`
+    /// path. Elsewhere as `Upper`.
+    Amx,
+}
+
+/// Puts the state components in the state `s` names (x86_64).
+fn set_in_use(s: InUse) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[repr(C, align(64))]
+        struct Area([u8; 4096]);
+        let avx512 = std::arch::is_x86_feature_detected!("avx512bw");
+        let mut area = Box::new(Area([0; 4096]));
+        // Initial state for x87, AVX, opmask, ZMM_Hi256 and Hi16_ZMM: xrstor of a zeroed
+        // header (XSTATE_BV = 0) with those in the requested-feature bitmap.
+        let rfbm = XSAVE_MASK.load(std::sync::atomic::Ordering::Relaxed) & 0xe5;
+        // SAFETY: the area is 64-aligned and 4 KiB: a standard-form header that is all
+        // zero is valid, and components whose XSTATE_BV bit is 0 are initialised (the
+        // legacy region is not read for them). vzeroupper keeps bits 0-127.
+        unsafe {
+            core::arch::asm!("xrstor64 [{p}]", "vzeroupper", p = in(reg) area.0.as_mut_ptr(), in("eax") rfbm as u32, in("edx") 0,
+                out("zmm16") _, out("k1") _, out("st(0)") _);
+        }
+        if s == InUse::Clean {
+            return;
+        }
+        // SAFETY: writes only declared registers (AVX-512 ones where detected).
+        unsafe {
+            core::arch::asm!("vpcmpeqd ymm15, ymm15, ymm15", out("xmm15") _);
+            if avx512 {
+                core::arch::asm!(
+                    "vpternlogd zmm14, zmm14, zmm14, 0xff", "vpternlogd zmm20, zmm20, zmm20, 0xff", "kxnorq k2, k2, k2",
+                    out("zmm14") _, out("zmm20") _, out("k2") _,
+                );
+            }
+        }
+        match s {
+            // SAFETY: pushes and pops the x87 stack: x87 state in use, the stack empty.
+            InUse::X87 => unsafe { core::arch::asm!("fld1", "fstp st(0)", out("st(0)") _) },
+            InUse::Amx if amx() => {
+                // Palette 1, tile 0 of 1 row of 4 bytes: the tile configuration in use.
+                area.0[..64].fill(0);
+                area.0[0] = 1;
+                area.0[16] = 4;
+                area.0[48] = 1;
+                // SAFETY: a valid palette-1 configuration; the kernel granted the tile
+                // data permission (`amx`). Released after the run (`release_amx`).
+                unsafe { core::arch::asm!("ldtilecfg [{p}]", p = in(reg) area.0.as_ptr()) };
+            }
+            _ => {}
+        }
+    }
+    let _ = s;
+}
+
+/// The CPU has AMX tiles and the kernel lets this process use them (asked once).
+#[cfg(target_arch = "x86_64")]
+fn amx() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        // CPUID.(EAX=07H,ECX=0):EDX[24] AMX-TILE, and XCR0 enables TILECFG and TILEDATA.
+        let tile = core::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 24) != 0;
+        let xcr0 = XSAVE_MASK.load(std::sync::atomic::Ordering::Relaxed);
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM) only asks for a permission.
+        tile && xcr0 & (3 << 17) == 3 << 17 && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
+    })
+}
+
+/// Puts the tile configuration back in its initial state after an `InUse::Amx` run.
+fn release_amx(s: InUse) {
+    #[cfg(target_arch = "x86_64")]
+    if s == InUse::Amx && amx() {
+        // SAFETY: tilerelease needs only the permission `amx` asked for.
+        unsafe { core::arch::asm!("tilerelease") };
+    }
+    let _ = s;
+}
+
 /// Puts the upper state of the vector registers in its initial state (`clean`) or
 /// in use (x86_64): the wide routines take one path or the other at their entry.
 #[inline(always)]
@@ -236,8 +349,8 @@ fn fp_vector_span(r: &Routine) -> (usize, usize) {
         (FpMode::None, _) => (0, 0),
         (FpMode::Args | FpMode::ArgsWide, _) => (0, 8 * 16),
         (FpMode::Return | FpMode::ReturnWide, _) => (0, 2 * 16),
-        (FpMode::Full | FpMode::FullCompact, true) => (160, 16 * 16), // xmm0..15 in the xsave legacy region (first in both forms)
-        (FpMode::Full | FpMode::FullCompact, false) => (0, 32 * 16),
+        (FpMode::Full | FpMode::FullCompact | FpMode::FullInUse, true) => (160, 16 * 16), // xmm0..15 in the xsave legacy region (first in every form)
+        (FpMode::Full | FpMode::FullCompact | FpMode::FullInUse, false) => (0, 32 * 16),
     }
 }
 
@@ -397,9 +510,22 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide) {
         set_upper_state(!skew);
     }
+    // The FullInUse routines' paths, one for each of the four runs.
+    let in_use = match (skew, set_df) {
+        (false, false) => InUse::Clean,
+        (true, false) => InUse::Upper,
+        (false, true) => InUse::X87,
+        (true, true) => InUse::Amx,
+    };
+    if r.fp == FpMode::FullInUse {
+        set_in_use(in_use);
+    }
     // SAFETY: ctx is valid; the harness switches to `stack` (alive until after the call) and back.
     unsafe { enter(entry, &mut ctx) };
     CURRENT.with(|c| c.set(std::ptr::null_mut()));
+    if r.fp == FpMode::FullInUse {
+        release_amx(in_use);
+    }
 
     // SAFETY: p+24 lies inside `stack`, alive.
     let marker = unsafe { ((p + 24) as *const u64).read() };
@@ -416,7 +542,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     check("DF clear in handler".into(), run.df_clear as u64, 1);
     // The frame is the stack pointer at the handler call: the ABIs want it 16-aligned.
     check("frame alignment".into(), (run.frame_at % 16) as u64, 0);
-    let fp_align = if is_x86 && matches!(r.fp, FpMode::Full | FpMode::FullCompact) { 64 } else { 16 };
+    let fp_align = if is_x86 && matches!(r.fp, FpMode::Full | FpMode::FullCompact | FpMode::FullInUse) { 64 } else { 16 };
     match r.fp_area {
         Some((off, _)) => {
             check("FP area address".into(), run.fp_at as u64, (run.frame_at + off) as u64);
@@ -528,7 +654,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} (skew {skew}, df {set_df}):\n  {}", r.name, errors.join("\n  ")))
+        Err(format!("{} (skew {skew}, df {set_df}, state {in_use:?}):\n  {}", r.name, errors.join("\n  ")))
     }
 }
 
