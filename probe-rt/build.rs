@@ -103,9 +103,12 @@ fn main() {
     //   the CPU tells which upper halves are in use (Fp::ArgsWide; else Fp::Args, as
     //   the return trampoline). The full state costs ~180 ns a hit on an AVX-512 machine
     //   (xsave writes 2.7 KiB), the argument registers ~1 ns, and whole ~4 ns.
-    // x86_64 Full comes twice: with xsave64, and Fp::FullCompact's xsavec64, which
+    // x86_64 Full comes three times: with xsave64; Fp::FullCompact's xsavec64, which
     // leaves out the components in their initial state (the AVX-512 upper halves after
-    // vzeroupper): ~80 ns a hit, used where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]).
+    // vzeroupper): ~80 ns a hit, where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]);
+    // and Fp::FullInUse, which moves the components in use (xgetbv 1) instead of
+    // xsave/xrstor (xrstor alone costs 50-70 ns on a virtual CPU), where the CPU can
+    // tell which are in use (`arch::Cpu::in_use`).
     let text = match arch {
         Some(arch) => {
             let symbols = render::Symbols {
@@ -120,7 +123,8 @@ fn main() {
                     let compacted = render::rust_global_asm(&plan(Fp::FullCompact), "probekit_opt_trampoline_full_c", "crate::PtRegs", &symbols);
                     let entry = render::rust_global_asm(&plan(Fp::ArgsWide), "probekit_opt_trampoline_entry", "crate::PtRegs", &symbols);
                     let narrow = render::rust_global_asm(&plan(Fp::Args), "probekit_opt_trampoline_entry_narrow", "crate::PtRegs", &symbols);
-                    format!("{entry}\n{narrow}\n{full}\n{compacted}")
+                    let in_use = render::rust_global_asm(&plan(Fp::FullInUse), "probekit_opt_trampoline_full_u", "crate::PtRegs", &symbols);
+                    format!("{entry}\n{narrow}\n{full}\n{compacted}\n{in_use}")
                 }
                 Arch::Aarch64 => full,
             }

@@ -41,6 +41,11 @@ pub(crate) struct Cpu {
     /// narrow ones run: exact without AVX state; with it (Haswell, Broadwell, AMD
     /// before Zen) the bits above 128 are not kept (the README's known limits).
     pub(crate) wide: bool,
+    /// The trampoline that keeps the whole state with moves of what is in use
+    /// (probe-codegen's `Fp::FullInUse`) can run: `wide` and `xsavec`, every component
+    /// it moves at its standard `xsave` offset (`CPUID.(EAX=0DH,ECX=i):EBX`), and
+    /// AVX512BW (`kmovq`) where XCR0 enables the AVX-512 state.
+    pub(crate) in_use: bool,
 }
 
 /// The CPU's answers, asked once: in a virtual machine each CPUID traps to the
@@ -61,10 +66,19 @@ pub(crate) fn cpu() -> &'static Cpu {
             false => 0,
         };
         let leaf_d1 = if osxsave { __cpuid_count(0xd, 1).eax } else { 0 };
+        let (xsavec, wide) = (leaf_d1 & 2 != 0, xcr0 & 4 != 0 && leaf_d1 & 4 != 0);
+        // AVX, opmask, ZMM_Hi256, Hi16_ZMM at the offsets Fp::FullInUse moves them to.
+        let standard = [(2, 576), (5, 1088), (6, 1152), (7, 1664)].iter().all(|&(i, at)| xcr0 & (1 << i) == 0 || __cpuid_count(0xd, i).ebx == at);
+        let avx512 = match xcr0 & 0xe0 {
+            0 => true,
+            0xe0 => std::arch::is_x86_feature_detected!("avx512bw"),
+            _ => false,
+        };
         Cpu {
             lahf_sahf: __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & 1 != 0,
-            xsavec: leaf_d1 & 2 != 0,
-            wide: xcr0 & 4 != 0 && leaf_d1 & 4 != 0,
+            xsavec,
+            wide,
+            in_use: wide && xsavec && standard && avx512,
         }
     })
 }

@@ -24,6 +24,10 @@ extern "C" {
     /// The same, saving with `xsavec64` (x86_64, where the CPU has it).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_full_c();
+    /// The same, moving the state in use (x86_64, where the CPU can tell which is:
+    /// `arch::Cpu::in_use`).
+    #[cfg(target_arch = "x86_64")]
+    fn probekit_opt_trampoline_full_u();
     /// The same, keeping only the FP/SIMD argument registers (whole): at a function's
     /// entry (x86_64; see build.rs).
     #[cfg(target_arch = "x86_64")]
@@ -56,6 +60,9 @@ pub(crate) fn trampoline(entry: bool) -> usize {
                 false => probekit_opt_trampoline_entry_narrow as *const () as usize,
             };
         }
+        if cpu().in_use {
+            return probekit_opt_trampoline_full_u as *const () as usize;
+        }
         if cpu().xsavec {
             return probekit_opt_trampoline_full_c as *const () as usize;
         }
@@ -67,7 +74,13 @@ pub(crate) fn trampoline(entry: bool) -> usize {
 /// Every detour trampoline (the blacklist's roots).
 pub(crate) fn trampolines() -> Vec<usize> {
     #[cfg(target_arch = "x86_64")]
-    let all = [probekit_opt_trampoline_full, probekit_opt_trampoline_full_c, probekit_opt_trampoline_entry, probekit_opt_trampoline_entry_narrow];
+    let all = [
+        probekit_opt_trampoline_full,
+        probekit_opt_trampoline_full_c,
+        probekit_opt_trampoline_full_u,
+        probekit_opt_trampoline_entry,
+        probekit_opt_trampoline_entry_narrow,
+    ];
     #[cfg(target_arch = "aarch64")]
     let all = [probekit_opt_trampoline_full];
     all.iter().map(|f| *f as *const () as usize).collect()

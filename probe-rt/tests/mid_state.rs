@@ -1,0 +1,346 @@
+//! x86_64: an optimized probe inside a function keeps all of the FP/SIMD state the
+//! probed code has live there, whatever the handler does with it: `zmm0`–`zmm31` whole
+//! (`ymm0`–`ymm15` without AVX-512), `k0`–`k7`, the x87 stack and control word, and
+//! MXCSR. State in its initial state at the probe is in it after: the handler's AVX
+//! and AVX-512 code leaves no upper halves in use (the transition penalty it would
+//! cost the probed code), nor a value in `zmm16`–`zmm31` or a `k` register, which the
+//! probed code may count on being zero.
+#![cfg(target_arch = "x86_64")]
+
+use probe_rt::{Optimize, Probe, ProbeHandle, PtRegs};
+use std::sync::Mutex;
+
+/// Where the state of `state512` and `state256` lives, in and out.
+#[repr(C, align(64))]
+#[derive(Clone, PartialEq)]
+struct State {
+    /// zmm0-31 (state512) or ymm0-15 (state256, the first 512 bytes).
+    vec: [[u8; 64]; 32],
+    k: [u64; 8],
+    /// The x87 value pushed before the probe and popped after (an 80-bit load of a
+    /// double, stored back as a double).
+    st0: f64,
+    fcw: u16,
+    _pad: [u16; 3],
+    mxcsr: u32,
+    _pad2: u32,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("k", &self.k).field("st0", &self.st0).field("fcw", &self.fcw).field("mxcsr", &self.mxcsr).finish_non_exhaustive()
+    }
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.mid_state_tests, \"ax\", @progbits",
+    // state512(in = rdi, out = rsi, x87 = edx, area = rcx): loads zmm0-31, k0-7, MXCSR
+    // and (x87 not 0) one x87 value and control word from `in`, or (x87 0) puts the x87
+    // state in its initial state (xrstor of the zeroed header at `area`); reaches the
+    // probe point; stores them all to `out`.
+    ".globl state512",
+    ".type state512, @function",
+    "state512:",
+    "fnstcw word ptr [rsp - 8]", // the caller's, restored at the end
+    "stmxcsr dword ptr [rsp - 16]",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "vmovdqu64 zmm\\i, zmmword ptr [rdi + 64 * \\i]",
+    ".endr",
+    ".irp i, 0,1,2,3,4,5,6,7",
+    "kmovq k\\i, qword ptr [rdi + 2048 + 8 * \\i]",
+    ".endr",
+    "test edx, edx",
+    "jz 4f",
+    "fldcw word ptr [rdi + 2120]",
+    "fld qword ptr [rdi + 2112]",
+    "jmp 2f",
+    "4:", // x87 state in its initial state: xrstor of the zeroed header at rcx, x87 only
+    "mov r9, rcx",
+    "mov eax, 1",
+    "xrstor64 [r9]", // edx = 0
+    "2:",
+    "ldmxcsr dword ptr [rdi + 2128]",
+    ".globl state512_point",
+    "state512_point:",
+    "nop dword ptr [rax + rax]", // 5 bytes: the probe's jump replaces it
+    "nop dword ptr [rax + rax]",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "vmovdqu64 zmmword ptr [rsi + 64 * \\i], zmm\\i",
+    ".endr",
+    ".irp i, 0,1,2,3,4,5,6,7",
+    "kmovq qword ptr [rsi + 2048 + 8 * \\i], k\\i",
+    ".endr",
+    "test edx, edx",
+    "jz 3f",
+    "fstp qword ptr [rsi + 2112]",
+    "3:",
+    "fnstcw word ptr [rsi + 2120]",
+    "stmxcsr dword ptr [rsi + 2128]",
+    "fldcw word ptr [rsp - 8]",
+    "ldmxcsr dword ptr [rsp - 16]",
+    "vzeroupper",
+    "ret",
+    ".size state512, . - state512",
+    // state256: the same with ymm0-15 and no k registers (AVX without AVX-512).
+    ".globl state256",
+    ".type state256, @function",
+    "state256:",
+    "fnstcw word ptr [rsp - 8]",
+    "stmxcsr dword ptr [rsp - 16]",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "vmovdqu ymm\\i, ymmword ptr [rdi + 32 * \\i]",
+    ".endr",
+    "test edx, edx",
+    "jz 4f",
+    "fldcw word ptr [rdi + 2120]",
+    "fld qword ptr [rdi + 2112]",
+    "jmp 2f",
+    "4:", // x87 state in its initial state: xrstor of the zeroed header at rcx, x87 only
+    "mov r9, rcx",
+    "mov eax, 1",
+    "xrstor64 [r9]", // edx = 0
+    "2:",
+    "ldmxcsr dword ptr [rdi + 2128]",
+    ".globl state256_point",
+    "state256_point:",
+    "nop dword ptr [rax + rax]",
+    "nop dword ptr [rax + rax]",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "vmovdqu ymmword ptr [rsi + 32 * \\i], ymm\\i",
+    ".endr",
+    "test edx, edx",
+    "jz 3f",
+    "fstp qword ptr [rsi + 2112]",
+    "3:",
+    "fnstcw word ptr [rsi + 2120]",
+    "stmxcsr dword ptr [rsi + 2128]",
+    "fldcw word ptr [rsp - 8]",
+    "ldmxcsr dword ptr [rsp - 16]",
+    "vzeroupper",
+    "ret",
+    ".size state256, . - state256",
+    ".popsection",
+);
+
+std::arch::global_asm!(
+    ".pushsection .text.mid_state_tests, \"ax\", @progbits",
+    // clean_state(in = rdi, out = rsi, area = rdx, mask = ecx): puts x87, the upper
+    // halves and the AVX-512 state in their initial state (xrstor of the zeroed header
+    // at `area` for the components of `mask`), loads xmm0-15 from `in` (legacy loads:
+    // bits 128 on untouched), reaches the probe point; then stores xmm0-15 at 0,
+    // zmm16-31 at 1024 and k0-7 at 2048 (those `mask` has), XCR0 & XINUSE at 2176, the
+    // x87 status and control words at 2180 and 2182, and MXCSR at 2188 (2184: before
+    // the probe point), to `out`.
+    ".globl clean_state",
+    ".type clean_state, @function",
+    "clean_state:",
+    "mov r8d, ecx",
+    "mov eax, ecx",
+    "xor ecx, ecx",
+    "mov r9, rdx",
+    "xor edx, edx",
+    "xrstor64 [r9]",
+    "vzeroupper",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "movups xmm\\i, xmmword ptr [rdi + 16 * \\i]",
+    ".endr",
+    "stmxcsr dword ptr [rsi + 2184]",
+    ".globl clean_state_point",
+    "clean_state_point:",
+    "nop dword ptr [rax + rax]",
+    "nop dword ptr [rax + rax]",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+    "movups xmmword ptr [rsi + 16 * \\i], xmm\\i",
+    ".endr",
+    "mov ecx, 1",
+    "xgetbv",
+    "mov dword ptr [rsi + 2176], eax",
+    "fnstsw word ptr [rsi + 2180]",
+    "fnstcw word ptr [rsi + 2182]",
+    "stmxcsr dword ptr [rsi + 2188]",
+    "test r8d, 0x80",
+    "jz 2f",
+    ".irp i, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "vmovdqu64 zmmword ptr [rsi + 64 * \\i], zmm\\i",
+    ".endr",
+    "2:",
+    "test r8d, 0x20",
+    "jz 3f",
+    ".irp i, 0,1,2,3,4,5,6,7",
+    "kmovq qword ptr [rsi + 2048 + 8 * \\i], k\\i",
+    ".endr",
+    "3:",
+    "ret",
+    ".size clean_state, . - clean_state",
+    ".popsection",
+);
+
+extern "C" {
+    fn state512(input: *const State, out: *mut State, x87: u32, area: *mut u8);
+    fn state256(input: *const State, out: *mut State, x87: u32, area: *mut u8);
+    fn clean_state(input: *const u8, out: *mut u8, area: *mut u8, mask: u32);
+    // The probe points: labels inside the functions above.
+    fn state512_point();
+    fn state256_point();
+    fn clean_state_point();
+}
+
+/// A probe on the instruction at `point` inside the function `symbol`, optimized.
+fn probe_at(symbol: &str, function: usize, point: usize, pre: impl Fn(&PtRegs) + Send + Sync + 'static) -> ProbeHandle {
+    let p = Probe::builder().symbol(symbol).offset(point - function).optimize(Optimize::Required).pre(pre).register().unwrap();
+    assert!(p.is_optimized());
+    assert_eq!(p.address(), point);
+    p
+}
+
+/// One test at a time: each arms probes the others' functions must not meet.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// An `xsave` area: 64-aligned, its header zero (XSTATE_BV = 0: an `xrstor` of it puts
+/// the components it is asked for in their initial state).
+#[repr(C, align(64))]
+struct Area([u8; 4096]);
+
+fn xcr0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: xgetbv with ecx = 0 is allowed where OSXSAVE is set (the callers check AVX,
+    // which std detects only with it).
+    unsafe { std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (hi as u64) << 32 | lo as u64
+}
+
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bw") && xcr0() & 0xe0 == 0xe0
+}
+
+/// What a handler may do to the FP/SIMD state: vector code of every width (glibc's
+/// `memcpy` is some), AVX-512 registers and masks, the x87 stack reset, another
+/// rounding mode and a raised exception flag.
+fn clobber_everything() {
+    let src = vec![0x5au8; 64 * 1024];
+    let mut dst = vec![0u8; 64 * 1024];
+    dst.copy_from_slice(std::hint::black_box(&src));
+    std::hint::black_box(&dst);
+    // SAFETY: writes only the registers declared clobbered (AVX-512 ones where
+    // detected); fninit empties the x87 stack, which Rust code keeps empty; the
+    // handler's MXCSR change is the point of the test, and Rust code here does no FP
+    // arithmetic that depends on it.
+    unsafe {
+        std::arch::asm!(
+            "vpcmpeqd ymm0, ymm0, ymm0", "vpcmpeqd ymm8, ymm8, ymm8", "vpcmpeqd ymm15, ymm15, ymm15",
+            "fninit", "fld1", "fldpi", "faddp st(1), st", "fstp st(0)",
+            "sub rsp, 8", "mov dword ptr [rsp], 0x7f81", "ldmxcsr dword ptr [rsp]", "add rsp, 8",
+            out("xmm0") _, out("xmm8") _, out("xmm15") _, out("st(0)") _,
+        );
+        if avx512() {
+            std::arch::asm!(
+                "vpternlogd zmm1, zmm1, zmm1, 0xff", "vpternlogd zmm9, zmm9, zmm9, 0xff",
+                "vpternlogd zmm16, zmm16, zmm16, 0xff", "vpternlogd zmm24, zmm24, zmm24, 0xff", "vpternlogd zmm31, zmm31, zmm31, 0xff",
+                "kxnorq k0, k0, k0", "kxnorq k3, k3, k3", "kxnorq k7, k7, k7",
+                out("xmm1") _, out("xmm9") _, out("zmm16") _, out("zmm24") _, out("zmm31") _, out("k0") _, out("k3") _, out("k7") _,
+            );
+        }
+    }
+}
+
+fn input() -> State {
+    State {
+        vec: std::array::from_fn(|r| std::array::from_fn(|i| (r as u8).wrapping_mul(31).wrapping_add((i as u8).wrapping_mul(7)) | 1)),
+        k: std::array::from_fn(|i| 0x0123_4567_89ab_cdef_u64.rotate_left(8 * i as u32)),
+        st0: std::f64::consts::E,
+        fcw: 0x067f,   // round down (bits 10-11 = 01), every exception masked
+        mxcsr: 0x3fa1, // round toward zero, every exception masked, PE and IE raised
+        _pad: [0; 3],
+        _pad2: 0,
+    }
+}
+
+#[test]
+fn a_probe_inside_a_function_keeps_every_register_of_every_width() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !std::arch::is_x86_feature_detected!("avx") {
+        eprintln!("skipped: no AVX");
+        return;
+    }
+    let (f, symbol, point): (unsafe extern "C" fn(*const State, *mut State, u32, *mut u8), _, unsafe extern "C" fn()) = match avx512() {
+        true => (state512, "state512", state512_point),
+        false => (state256, "state256", state256_point),
+    };
+    let mut area = Box::new(Area([0; 4096]));
+    // With x87 state in use (fxsave keeps it, and the legacy region), and without.
+    for x87 in [true, false] {
+        let mut want = input();
+        if !avx512() {
+            want.k = [0; 8];
+            want.vec[16..].iter_mut().for_each(|v| *v = [0; 64]);
+            want.vec[..16].iter_mut().for_each(|v| v[32..].fill(0));
+        }
+        if !x87 {
+            (want.st0, want.fcw) = (0.0, 0x037f);
+        }
+        let mut run = || {
+            let mut out = input();
+            out.vec = [[0; 64]; 32];
+            out.k = [0; 8];
+            (out.st0, out.fcw, out.mxcsr) = (0.0, 0, 0);
+            // SAFETY: both point to a State, the area is 64-aligned with a zeroed header;
+            // the function restores the caller's FCW and MXCSR and leaves the x87 stack empty.
+            unsafe { f(&want, &mut out, x87 as u32, area.0.as_mut_ptr()) };
+            out
+        };
+        assert_eq!(run(), want, "unprobed (x87 {x87})");
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let s = seen.clone();
+        let p = probe_at(symbol, f as usize, point as usize, move |regs: &PtRegs| {
+            s.store(regs.rip, std::sync::atomic::Ordering::Relaxed);
+            clobber_everything();
+        });
+        let got = run();
+        assert_eq!(p.nhit(), 1);
+        assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), p.address() as u64, "the handler ran at the probe");
+        for (i, (g, w)) in got.vec.iter().zip(&want.vec).enumerate() {
+            assert_eq!(g, w, "vector register {i} (x87 {x87})");
+        }
+        assert_eq!(got.k, want.k, "k0-k7 (x87 {x87})");
+        assert_eq!(got.st0.to_bits(), want.st0.to_bits(), "the x87 value (x87 {x87})");
+        assert_eq!(got.fcw, want.fcw, "the x87 control word (x87 {x87})");
+        assert_eq!(got.mxcsr, want.mxcsr, "MXCSR, exception flags included (x87 {x87})");
+    }
+}
+
+#[test]
+fn state_in_its_initial_state_at_the_probe_is_in_it_after() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !std::arch::is_x86_feature_detected!("avx") || std::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 == 0 {
+        eprintln!("skipped: no AVX, or no xgetbv with ecx = 1");
+        return;
+    }
+    let mut area = Box::new(Area([0; 4096]));
+    // x87, AVX, opmask, ZMM_Hi256, Hi16_ZMM: those XCR0 enables.
+    let mask = (xcr0() & 0xe5) as u32;
+    let xmm: [u8; 256] = std::array::from_fn(|i| (i as u8).wrapping_mul(13) | 1);
+    let mut run = || {
+        let mut out = [0xffu8; 2240];
+        // SAFETY: `xmm` is 256 bytes, `out` 2240 (xmm at 0, zmm16-31 at 1024, k at 2048,
+        // the in-use word at 2176), the area 64-aligned with a zeroed header.
+        unsafe { clean_state(xmm.as_ptr(), out.as_mut_ptr(), area.0.as_mut_ptr(), mask) };
+        out
+    };
+    let check = |out: &[u8; 2240], what: &str| {
+        assert_eq!(out[..256], xmm, "{what}: xmm0-15");
+        let in_use = u32::from_ne_bytes(out[2176..2180].try_into().unwrap());
+        assert_eq!(in_use & 0x44, 0, "{what}: upper halves left in use after the probe point ({in_use:#x})");
+        assert_eq!(out[2180..2184], [0, 0, 0x7f, 0x03], "{what}: the x87 status and control words");
+        assert_eq!(out[2188..2192], out[2184..2188], "{what}: MXCSR");
+        if mask & 0x80 != 0 {
+            assert!(out[1024..2048].iter().all(|b| *b == 0), "{what}: zmm16-31 not zero");
+        }
+        if mask & 0x20 != 0 {
+            assert!(out[2048..2112].iter().all(|b| *b == 0), "{what}: k0-7 not zero");
+        }
+    };
+    check(&run(), "unprobed");
+    let p = probe_at("clean_state", clean_state as *const () as usize, clean_state_point as *const () as usize, |_: &PtRegs| clobber_everything());
+    check(&run(), "probed");
+    assert_eq!(p.nhit(), 1);
+}
