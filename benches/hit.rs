@@ -8,10 +8,15 @@
 //! - `hit/optimized`: the same probe optimized (the default where it can be): a jump to
 //!   a detour that calls the generated trampoline, no trap; at a plain function's entry.
 //! - `hit/opt_mid`: an optimized probe on an instruction inside a function.
-//! - `hit/vector_state_floor`: the floor of any probe inside a function whose handler
-//!   may use vector registers: the whole FP/SIMD state saved and restored once, as
-//!   `opt_mid`'s trampoline does (x86_64 `xsavec64` + `xrstor64` of every component
-//!   the OS enabled, or `xsave64` without XSAVEC; aarch64 q0-q31, FPCR and FPSR).
+//! - `hit/vector_state_floor`: the whole FP/SIMD state saved and restored once with
+//!   the CPU's own instructions, as `opt_mid`'s trampoline does where the CPU cannot
+//!   tell which state is in use (x86_64 `xsavec64` + `xrstor64` of every component the
+//!   OS enabled, or `xsave64` without XSAVEC; aarch64 q0-q31, FPCR and FPSR).
+//! - `hit/vector_moves_floor` (x86_64): the floor of any probe inside a function whose
+//!   handler may use vector registers, where the CPU tells which state is in use
+//!   (`xgetbv` with `ecx = 1`): that question, and the moves of what is in use out and
+//!   back (xmm0-15 and MXCSR always; the ymm and zmm upper halves, zmm16-31 and k0-7
+//!   where in use), as `opt_mid`'s trampoline does there.
 //! - `hit/opt_return`: a return probe with empty handlers whose entry is optimized.
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
 //! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
@@ -294,6 +299,46 @@ fn vector_state_round_trip(area: &mut VectorArea, _compact: bool) {
     }
 }
 
+/// Asks which state is in use and moves it out and back, in the standard `xsave`
+/// layout of `area`, as probe-codegen's `Fp::FullInUse` does on its move path (see
+/// `hit/vector_moves_floor`).
+#[cfg(target_arch = "x86_64")]
+fn vector_moves_round_trip(area: &mut VectorArea) {
+    // SAFETY: writes only `area` (64-aligned, 16 KiB: the offsets reach 2688); every
+    // register is put back as it was (vzeroupper, then what was in use reloaded); AVX,
+    // and AVX-512 where its state is in use, are there (the caller checks `wide`).
+    unsafe {
+        std::arch::asm!(
+            "mov ecx, 1", "xgetbv", "mov r8, rax",
+            "test r8b, 0x40", "jz 2f",
+            ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vextractf64x4 ymmword ptr [rsi + 1152 + 32 * \\i], zmm\\i, 1", ".endr",
+            "2:", "test r8b, 0x04", "jz 3f",
+            ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vextractf128 xmmword ptr [rsi + 576 + 16 * \\i], ymm\\i, 1", ".endr",
+            "3:", "test r8b, 0x20", "jz 4f",
+            ".irp i, 0,1,2,3,4,5,6,7", "kmovq qword ptr [rsi + 1088 + 8 * \\i], k\\i", ".endr",
+            "4:", "test r8b, 0x80", "jz 5f",
+            ".irp i, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31", "vmovaps zmmword ptr [rsi + 1664 + 64 * (\\i - 16)], zmm\\i", ".endr",
+            "5:", "vstmxcsr dword ptr [rsi + 24]",
+            ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vmovaps xmmword ptr [rsi + 160 + 16 * \\i], xmm\\i", ".endr",
+            "vzeroupper",
+            ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vmovaps xmm\\i, xmmword ptr [rsi + 160 + 16 * \\i]", ".endr",
+            "vstmxcsr dword ptr [rsi + 28]", "mov eax, dword ptr [rsi + 24]", "cmp eax, dword ptr [rsi + 28]", "je 6f", "vldmxcsr dword ptr [rsi + 24]",
+            "6:", "test r8b, 0x80", "jz 7f",
+            ".irp i, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31", "vmovaps zmm\\i, zmmword ptr [rsi + 1664 + 64 * (\\i - 16)]", ".endr",
+            "7:", "test r8b, 0x20", "jz 8f",
+            ".irp i, 0,1,2,3,4,5,6,7", "kmovq k\\i, qword ptr [rsi + 1088 + 8 * \\i]", ".endr",
+            "8:", "test r8b, 0x04", "jz 9f",
+            ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vinsertf128 ymm\\i, ymm\\i, xmmword ptr [rsi + 576 + 16 * \\i], 1", ".endr",
+            "9:", "test r8b, 0x40", "jz 12f",
+            ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vinsertf64x4 zmm\\i, zmm\\i, ymmword ptr [rsi + 1152 + 32 * \\i], 1", ".endr",
+            "12:",
+            // rsi, not `in(reg)`: that could be rax, rcx, rdx or r8, which the asm writes.
+            in("rsi") area.0.as_mut_ptr(),
+            clobber_abi("C"),
+        );
+    }
+}
+
 /// Room for any `xsave` area this machine asks for (AVX-512: 2.7 KiB; AMX's tile data
 /// needs 8 KiB more), 64-byte aligned, zeroed.
 #[repr(C, align(64))]
@@ -430,6 +475,10 @@ fn hit(c: &mut Criterion) {
     #[cfg(target_arch = "aarch64")]
     let compact = false;
     g.bench_function("vector_state_floor", |b| b.iter(|| vector_state_round_trip(black_box(&mut area), compact)));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") && std::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0 {
+        g.bench_function("vector_moves_floor", |b| b.iter(|| vector_moves_round_trip(black_box(&mut area))));
+    }
     assert_eq!(p.nmissed(), 0);
     drop(p);
 
