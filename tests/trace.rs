@@ -559,6 +559,34 @@ fn an_exited_thread_s_losses_stay_counted_once_its_ring_is_taken_over() {
     }
 }
 
+mod drained {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn f(x: u64) -> u64 {
+        black_box(x + 1)
+    }
+}
+
+#[test]
+fn a_drained_thread_s_losses_count_once_when_its_ring_is_taken_over() {
+    // One ring of 4 dropping when full: 10 calls record 4 and drop 6; a drain delivers
+    // the 4 and the thread's 6; a second thread takes the ring over, and the take-over
+    // counts the 6 in `exited_lost`. The drains appended count them once.
+    let tracer = Tracer::builder().pattern(&glob("drained")).threads(1).capacity(4).when_full(Full::Drop).register().unwrap();
+    tracer.start();
+    let books = |s: &Snapshot| s.calls() as u64 + s.lost();
+    calls_on_a_thread_that_exits(drained::f, 10);
+    let mut all = tracer.drain();
+    assert_eq!((all.calls(), all.threads[0].dropped), (4, 6));
+    assert_eq!(books(&all), 10);
+    calls_on_a_thread_that_exits(drained::f, 1);
+    let later = tracer.drain();
+    assert_eq!((later.calls(), later.exited_lost), (1, 6), "the take-over counted the exited thread's drops");
+    all.append(later);
+    assert_eq!(all.threads.len(), 2, "both threads' traces");
+    assert_eq!(books(&all), 11, "every call once: {all:?}");
+}
+
 mod raced {
     use super::black_box;
     #[inline(never)]

@@ -197,7 +197,9 @@ impl State {
                 return false;
             }
             let Some(lost) = r.take_over(owner, me) else { return false };
-            self.exited_lost.fetch_add(lost, Ordering::Relaxed);
+            // Release: a reader that sees this sees the version made odd before it
+            // (`Tracer::lost_and_versions`).
+            self.exited_lost.fetch_add(lost, Ordering::Release);
             r.name_thread();
             r.handed_over();
             true
@@ -369,15 +371,38 @@ impl Tracer {
             let thread = ThreadTrace::new((index, version), tid, String::from_utf8_lossy(&name).into_owned(), raws, self.state.nargs, self.state.retval);
             threads.push(thread.with_losses(overwritten, dropped, too_deep));
         }
+        let (exited_lost, versions) = self.lost_and_versions();
         Snapshot::new(
             self.functions.clone(),
             threads,
             self.probe.nmissed(),
             self.state.no_ring.load(Ordering::Relaxed),
-            self.state.exited_lost.load(Ordering::Relaxed),
+            exited_lost,
             recorded,
             self.t0.load(Ordering::Relaxed),
         )
+        .settle(versions, consume)
+    }
+
+    /// `exited_lost` and every ring's version, read so that they agree: the versions
+    /// read before and after it are the same, and even (no take-over under way). A
+    /// take-over makes its ring's version odd, then adds to `exited_lost` (Release),
+    /// then makes the version even (Release): so a take-over this read of
+    /// `exited_lost` counts has moved the version read after it, and one whose version
+    /// the first read saw completed is counted. Versions empty if a take-over stayed
+    /// under way for every try (a thread stopped inside one, or a child of `fork` that
+    /// inherited it half done).
+    fn lost_and_versions(&self) -> (u64, Vec<u64>) {
+        let versions = || self.state.rings.iter().map(|r| r.version.load(Ordering::Acquire)).collect::<Vec<u64>>();
+        for _ in 0..64 {
+            let before = versions();
+            let lost = self.state.exited_lost.load(Ordering::Acquire);
+            if before.iter().all(|v| v & 1 == 0) && versions() == before {
+                return (lost, before);
+            }
+            std::thread::yield_now();
+        }
+        (self.state.exited_lost.load(Ordering::Acquire), Vec::new())
     }
 
     /// Calls not traced because they were hit inside a handler, or every instance of

@@ -97,6 +97,12 @@ impl ThreadTrace {
         ThreadTrace { overwritten, dropped, too_deep, ..self }
     }
 
+    /// Whether its ring changed hands after it was read, by the ring versions of a
+    /// snapshot: then that snapshot's `exited_lost` counts its `dropped` and `too_deep`.
+    fn taken_over(&self, versions: &[u64]) -> bool {
+        versions.get(self.ring.0).is_some_and(|v| *v != self.ring.1)
+    }
+
     /// Calls this thread made that are not here: overwritten, dropped, or too deep.
     pub fn lost(&self) -> u64 {
         self.overwritten + self.dropped + self.too_deep
@@ -155,11 +161,31 @@ pub struct Snapshot {
     pub recorded: u64,
     /// The time zero of exports: `CLOCK_MONOTONIC` when the tracer first started.
     pub t0_ns: u64,
+    /// Every ring's version when `exited_lost` was read, read so that the two agree (a
+    /// take-over counted in `exited_lost` has moved its ring's version, and one not
+    /// counted has not); empty where no such read succeeded. For `append`.
+    pub(super) versions: Vec<u64>,
 }
 
 impl Snapshot {
     pub(super) fn new(functions: Arc<[Function]>, threads: Vec<ThreadTrace>, missed: u64, no_ring: u64, exited_lost: u64, recorded: u64, t0_ns: u64) -> Self {
-        Snapshot { functions, threads, missed, no_ring, exited_lost, recorded, t0_ns }
+        Snapshot { functions, threads, missed, no_ring, exited_lost, recorded, t0_ns, versions: Vec::new() }
+    }
+
+    /// Makes the threads agree with `exited_lost` (read after them; `versions` read
+    /// with it): a thread whose ring was taken over in between has its `dropped` and
+    /// `too_deep` counted there; and, unless this read consumed its records (a drain,
+    /// whose compare-and-swap on the tail kept the take-over from counting them), its
+    /// records too, as not read: it is left out.
+    pub(super) fn settle(mut self, versions: Vec<u64>, consumed: bool) -> Self {
+        self.threads.retain_mut(|t| {
+            if !t.taken_over(&versions) {
+                return true;
+            }
+            (t.dropped, t.too_deep) = (0, 0);
+            consumed
+        });
+        Snapshot { versions, ..self }
     }
 
     /// Calls in the snapshot, over all threads.
@@ -182,9 +208,12 @@ impl Snapshot {
     /// Adds a later snapshot of the same tracer (a [`Tracer::drain`](super::Tracer::drain)):
     /// its calls follow this one's, thread by thread; counters take the later values,
     /// overwritten records add up. A thread that exited and whose ring was then taken
-    /// over keeps its trace here, with its last `dropped` and `too_deep`, which the
-    /// later `exited_lost` counts again.
+    /// over keeps its trace here; its `dropped` and `too_deep` are then zero, since the
+    /// later `exited_lost` counts them (with any it lost after this snapshot).
     pub fn append(&mut self, later: Snapshot) {
+        for m in self.threads.iter_mut().filter(|m| m.taken_over(&later.versions)) {
+            (m.dropped, m.too_deep) = (0, 0);
+        }
         for t in later.threads {
             match self.threads.iter_mut().find(|m| m.ring == t.ring) {
                 Some(m) => {
