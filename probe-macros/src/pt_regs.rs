@@ -47,9 +47,10 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
             let v: syn::Ident = syn::ext::IdentExt::parse_any(meta.value()?)?;
             match Fp::ALL.iter().find(|f| v == f.name().replace('-', "_")) {
                 Some(f) => o.fp = *f,
-                None => {
-                    push(syn::Error::new(v.span(), "unknown fp mode: must be `none`, `args`, `return`, `args_wide`, `return_wide`, `full`, `full_compact` or `full_in_use`"))
-                }
+                None => push(syn::Error::new(
+                    v.span(),
+                    "unknown fp mode: must be `none`, `args`, `return`, `args_wide`, `return_wide`, `full`, `full_compact` or `full_in_use`",
+                )),
             }
             Ok(())
         } else if meta.path.is_ident("handler") {
