@@ -66,8 +66,12 @@ pub enum Fp {
     /// Everything, as `Full`, but x86_64 asks the CPU which state is in use (`xgetbv`
     /// with `ecx = 1`, as `ArgsWide`) and keeps it with moves, not `xsave`: `xrstor`
     /// alone costs 50-70 ns on some CPUs (virtual ones among them), the moves a few.
-    /// Always `xmm0`–`xmm15` and MXCSR (`movaps`, `stmxcsr`; `fxsave64` instead when
-    /// x87 state is in use); then, where in use, the `ymm0`–`ymm15` upper halves, the
+    /// Always `xmm0`–`xmm15` and MXCSR (`vmovaps`, `vstmxcsr`); x87 state in use by its
+    /// control and status words (written back if the handler changed them), or with
+    /// `fxsave64` when values are on the x87 stack (its TOP is not 0: a stack holding
+    /// eight values, or MMX state, looks empty by it; a handler running x87 or MMX code
+    /// inside the probed code's MMX sequence is not supported); then, where in use, the
+    /// `ymm0`–`ymm15` upper halves, the
     /// `zmm0`–`zmm15` bits 256-511, `zmm16`–`zmm31` and `k0`–`k7`, each at its offset in
     /// the standard (non-compacted) `xsave` layout of the run-time area (operands
     /// `xsave_size` and `xsave_mask`, as `Full`), so the handler finds `xmm0`–`xmm15` at

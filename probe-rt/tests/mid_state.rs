@@ -21,23 +21,35 @@ struct State {
     /// double, stored back as a double).
     st0: f64,
     fcw: u16,
-    _pad: [u16; 3],
+    /// The x87 status word at the probe point, and before it.
+    fsw: u16,
+    fsw_before: u16,
+    _pad: u16,
     mxcsr: u32,
     _pad2: u32,
 }
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State").field("k", &self.k).field("st0", &self.st0).field("fcw", &self.fcw).field("mxcsr", &self.mxcsr).finish_non_exhaustive()
+        f.debug_struct("State")
+            .field("k", &self.k)
+            .field("st0", &self.st0)
+            .field("fcw", &self.fcw)
+            .field("fsw", &self.fsw)
+            .field("fsw_before", &self.fsw_before)
+            .field("mxcsr", &self.mxcsr)
+            .finish_non_exhaustive()
     }
 }
 
 std::arch::global_asm!(
     ".pushsection .text.mid_state_tests, \"ax\", @progbits",
     // state512(in = rdi, out = rsi, x87 = edx, area = rcx): loads zmm0-31, k0-7, MXCSR
-    // and (x87 not 0) one x87 value and control word from `in`, or (x87 0) puts the x87
-    // state in its initial state (xrstor of the zeroed header at `area`); reaches the
-    // probe point; stores them all to `out`.
+    // and the x87 control word from `in`, and (x87 1) pushes one x87 value from `in`,
+    // or (x87 2) leaves x87 state in use with the stack empty and a status (a store
+    // that rounds: PE), or (x87 0) puts the x87 state in its initial state (xrstor of
+    // the zeroed header at `area`); stores the x87 status word; reaches the probe
+    // point; stores them all to `out`, the x87 status word first.
     ".globl state512",
     ".type state512, @function",
     "state512:",
@@ -49,8 +61,15 @@ std::arch::global_asm!(
     ".irp i, 0,1,2,3,4,5,6,7",
     "kmovq k\\i, qword ptr [rdi + 2048 + 8 * \\i]",
     ".endr",
+    "cmp edx, 1",
+    "je 5f",
     "test edx, edx",
     "jz 4f",
+    "fldcw word ptr [rdi + 2120]", // x87 2: in use, the stack empty, a status (PE)
+    "fldpi",
+    "fistp dword ptr [rsp - 24]",
+    "jmp 2f",
+    "5:", // x87 1: a value on the stack
     "fldcw word ptr [rdi + 2120]",
     "fld qword ptr [rdi + 2112]",
     "jmp 2f",
@@ -60,18 +79,20 @@ std::arch::global_asm!(
     "xrstor64 [r9]", // edx = 0
     "2:",
     "ldmxcsr dword ptr [rdi + 2128]",
+    "fnstsw word ptr [rsi + 2124]",
     ".globl state512_point",
     "state512_point:",
     "nop dword ptr [rax + rax]", // 5 bytes: the probe's jump replaces it
     "nop dword ptr [rax + rax]",
+    "fnstsw word ptr [rsi + 2122]",
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
     "vmovdqu64 zmmword ptr [rsi + 64 * \\i], zmm\\i",
     ".endr",
     ".irp i, 0,1,2,3,4,5,6,7",
     "kmovq qword ptr [rsi + 2048 + 8 * \\i], k\\i",
     ".endr",
-    "test edx, edx",
-    "jz 3f",
+    "cmp edx, 1",
+    "jne 3f",
     "fstp qword ptr [rsi + 2112]",
     "3:",
     "fnstcw word ptr [rsi + 2120]",
@@ -90,8 +111,15 @@ std::arch::global_asm!(
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
     "vmovdqu ymm\\i, ymmword ptr [rdi + 32 * \\i]",
     ".endr",
+    "cmp edx, 1",
+    "je 5f",
     "test edx, edx",
     "jz 4f",
+    "fldcw word ptr [rdi + 2120]", // x87 2: in use, the stack empty, a status (PE)
+    "fldpi",
+    "fistp dword ptr [rsp - 24]",
+    "jmp 2f",
+    "5:", // x87 1: a value on the stack
     "fldcw word ptr [rdi + 2120]",
     "fld qword ptr [rdi + 2112]",
     "jmp 2f",
@@ -101,15 +129,17 @@ std::arch::global_asm!(
     "xrstor64 [r9]", // edx = 0
     "2:",
     "ldmxcsr dword ptr [rdi + 2128]",
+    "fnstsw word ptr [rsi + 2124]",
     ".globl state256_point",
     "state256_point:",
     "nop dword ptr [rax + rax]",
     "nop dword ptr [rax + rax]",
+    "fnstsw word ptr [rsi + 2122]",
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
     "vmovdqu ymmword ptr [rsi + 32 * \\i], ymm\\i",
     ".endr",
-    "test edx, edx",
-    "jz 3f",
+    "cmp edx, 1",
+    "jne 3f",
     "fstp qword ptr [rsi + 2112]",
     "3:",
     "fnstcw word ptr [rsi + 2120]",
@@ -250,7 +280,9 @@ fn input() -> State {
         st0: std::f64::consts::E,
         fcw: 0x067f,   // round down (bits 10-11 = 01), every exception masked
         mxcsr: 0x3fa1, // round toward zero, every exception masked, PE and IE raised
-        _pad: [0; 3],
+        fsw: 0,
+        fsw_before: 0,
+        _pad: 0,
         _pad2: 0,
     }
 }
@@ -267,28 +299,35 @@ fn a_probe_inside_a_function_keeps_every_register_of_every_width() {
         false => (state256, "state256", state256_point),
     };
     let mut area = Box::new(Area([0; 4096]));
-    // With x87 state in use (fxsave keeps it, and the legacy region), and without.
-    for x87 in [true, false] {
+    // x87: 1, a value on the stack (fxsave keeps it with the legacy region); 2, in use
+    // with the stack empty (as in any thread after a signal: its words kept); 0, in its
+    // initial state.
+    for x87 in [1, 2, 0] {
         let mut want = input();
         if !avx512() {
             want.k = [0; 8];
             want.vec[16..].iter_mut().for_each(|v| *v = [0; 64]);
             want.vec[..16].iter_mut().for_each(|v| v[32..].fill(0));
         }
-        if !x87 {
-            (want.st0, want.fcw) = (0.0, 0x037f);
+        match x87 {
+            0 => (want.st0, want.fcw) = (0.0, 0x037f),
+            2 => want.st0 = 0.0,
+            _ => {}
         }
+        let given = want.clone();
         let mut run = || {
             let mut out = input();
             out.vec = [[0; 64]; 32];
             out.k = [0; 8];
-            (out.st0, out.fcw, out.mxcsr) = (0.0, 0, 0);
+            (out.st0, out.fcw, out.fsw, out.fsw_before, out.mxcsr) = (0.0, 0, 0, 0, 0);
             // SAFETY: both point to a State, the area is 64-aligned with a zeroed header;
             // the function restores the caller's FCW and MXCSR and leaves the x87 stack empty.
-            unsafe { f(&want, &mut out, x87 as u32, area.0.as_mut_ptr()) };
+            unsafe { f(&given, &mut out, x87, area.0.as_mut_ptr()) };
             out
         };
-        assert_eq!(run(), want, "unprobed (x87 {x87})");
+        let unprobed = run();
+        (want.fsw, want.fsw_before) = (unprobed.fsw_before, unprobed.fsw_before);
+        assert_eq!(unprobed, want, "unprobed (x87 {x87})");
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let s = seen.clone();
         let p = probe_at(symbol, f as usize, point as usize, move |regs: &PtRegs| {
@@ -304,6 +343,7 @@ fn a_probe_inside_a_function_keeps_every_register_of_every_width() {
         assert_eq!(got.k, want.k, "k0-k7 (x87 {x87})");
         assert_eq!(got.st0.to_bits(), want.st0.to_bits(), "the x87 value (x87 {x87})");
         assert_eq!(got.fcw, want.fcw, "the x87 control word (x87 {x87})");
+        assert_eq!(got.fsw, got.fsw_before, "the x87 status word (x87 {x87})");
         assert_eq!(got.mxcsr, want.mxcsr, "MXCSR, exception flags included (x87 {x87})");
     }
 }

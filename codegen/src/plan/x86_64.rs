@@ -551,14 +551,18 @@ const IN_USE_MOVED: u64 = 0x2e7;
 /// every caller-saved register). A component outside `IN_USE_MOVED` in use: `xsavec64`
 /// of the whole mask. Else the upper parts in use, in the order their restore mirrors
 /// (zmm bits 256-511, ymm bits 128-255, k0-k7, zmm16-31), then the legacy region:
-/// MXCSR and xmm0-15 by VEX moves (no SSE/AVX transition), or `fxsave64` with x87
-/// state in use. Restore: `vzeroupper` (bits 128 on of zmm0-15 in their initial state,
-/// and the handler's upper state gone), the legacy region (`vmovaps` loads keep bits
-/// 128 on zero; MXCSR reloaded only if the handler changed it; x87 reset if it was
-/// in its initial state and the handler left a status), the upper parts that were in use (ymm with VEX `vinsertf128`, which
-/// zeroes bits 256 on, before the zmm bits); then zmm16-31 and k0-k7, where they were
-/// in their initial state at the entry and are in use now, zeroed. Only the move path
-/// records its accesses: the two others write the same area.
+/// MXCSR and xmm0-15 by VEX moves (no SSE/AVX transition), and of x87 state in use
+/// the status and control words (x87 state is in use in every thread that ever took
+/// a signal: the kernel's `sigreturn` leaves it so), or `fxsave64` of the whole region
+/// when the status word's TOP says values are on the x87 stack. Restore: `vzeroupper`
+/// (bits 128 on of zmm0-15 in their initial state, and the handler's upper state
+/// gone), the legacy region (`vmovaps` loads keep bits 128 on zero; MXCSR reloaded
+/// only if the handler changed it; the x87 words written back only if the handler
+/// changed them, and x87 reset if it was in its initial state and the handler left a
+/// status), the upper parts that were in use (ymm with VEX `vinsertf128`, which zeroes
+/// bits 256 on, before the zmm bits); then zmm16-31 and k0-k7, where they were in their
+/// initial state at the entry and are in use now, zeroed. Only the moves of the vector
+/// registers and MXCSR record their accesses: the other paths write the same area.
 fn in_use_step(at: u64) -> Step {
     let (ymm_at, k_at, zmm_at, hi16_at) = (at + 576, at + 1088, at + 1152, at + 1664);
     let access = |dir, off, size, what: String| {
@@ -600,7 +604,18 @@ fn in_use_step(at: u64) -> Step {
         let (m, a) = access(Dir::Store, off, 64, format!("zmm{i}"));
         save.push(Op::mem(format!("vmovaps zmmword ptr {m}, zmm{i}"), format!("zmm{i} @{off}"), a));
     }
-    save.extend([Op::new("4:", ""), Op::new("test r8b, 1", "x87 state in use"), Op::new("jnz 5f", "in use: fxsave keeps it with the legacy region")]);
+    let (fcw, _) = mem(at);
+    let (fsw, _) = mem(at + 2);
+    save.extend([
+        Op::new("4:", ""),
+        Op::new("test r8b, 1", "x87 state in use"),
+        Op::new("jz 6f", ""),
+        Op::new(format!("fnstsw word ptr {fsw}"), "x87 status word, where fxsave puts it"),
+        Op::new(format!("test word ptr {fsw}, 0x3800"), "TOP: 0 when the stack is empty"),
+        Op::new("jnz 5f", "values on the x87 stack: fxsave keeps them with the legacy region"),
+        Op::new(format!("fnstcw word ptr {fcw}"), "x87 control word, where fxsave puts it"),
+        Op::new("6:", ""),
+    ]);
     let (m, a) = access(Dir::Store, at + 24, 4, "mxcsr".into());
     save.push(Op::mem(format!("vstmxcsr dword ptr {m}"), format!("MXCSR @{}", at + 24), a));
     for i in 0..16 {
@@ -630,13 +645,46 @@ fn in_use_step(at: u64) -> Step {
     ]);
 
     let (_, flag_load) = access(Dir::Load, at - 8, 8, "in use".into());
+    // 28 bytes of the legacy region's software-available tail (464-511), for `fnstenv`.
+    let ((env, _), (env_fsw, _)) = (mem(at + 464), mem(at + 468));
     restore.extend([
         Op::mem(format!("mov r8, qword ptr {flag}"), format!("which were in use @{}", at - 8), flag_load),
         Op::new(format!("test r8, {}", !IN_USE_MOVED as i64), ""),
         Op::new("jnz 8f", "saved by xsavec"),
         Op::new("vzeroupper", "bits 128 on of zmm0-15 zero and in their initial state; what was in use is put back below"),
         Op::new("test r8b, 1", "x87 state in use"),
-        Op::new("jnz 5f", ""),
+        Op::new("jz 14f", ""),
+        Op::new(format!("test word ptr {fsw}, 0x3800"), "TOP of the saved status word"),
+        Op::new("jnz 5f", "values were on the stack: fxrstor"),
+        // The stack was empty: a handler's x87 code (balanced, as the ABI wants it)
+        // wrote only registers the probed code has no value in; what it can leave is a
+        // status (flags, condition codes) or, against the ABI, a control word. Both
+        // compared (~0.5 ns); if either changed, the probed code's are written back
+        // into the environment the handler left (fnstenv + fldenv, ~50 ns).
+        Op::new("fnstsw ax", ""),
+        Op::new(format!("cmp ax, word ptr {fsw}"), ""),
+        Op::new("jne 13f", "the status changed"),
+        Op::new(format!("fnstcw word ptr {env}"), ""),
+        Op::new(format!("mov ax, word ptr {env}"), ""),
+        Op::new(format!("cmp ax, word ptr {fcw}"), ""),
+        Op::new("je 15f", "neither changed"),
+        Op::new("13:", ""),
+        Op::new(format!("fnstenv {env}"), "the environment now (28 bytes: control word at 0, status word at 4)"),
+        Op::new(format!("mov ax, word ptr {fcw}"), ""),
+        Op::new(format!("mov word ptr {env}, ax"), "the probed code's control word"),
+        Op::new(format!("mov ax, word ptr {fsw}"), ""),
+        Op::new(format!("mov word ptr {env_fsw}, ax"), "the probed code's status word (TOP included)"),
+        Op::new(format!("fldenv {env}"), ""),
+        Op::new("jmp 15f", ""),
+        // x87 state not in use at the entry: what a handler's x87 code left (exception
+        // flags, condition codes) is cleared, as fetestexcept would see it. `fninit`
+        // costs ~18 ns, `fnstsw` ~0.5: the first only when the status word says so.
+        Op::new("14:", ""),
+        Op::new("fnstsw ax", "x87 status word: 0 in the initial state"),
+        Op::new("test ax, ax", ""),
+        Op::new("jz 15f", ""),
+        Op::new("fninit", "x87 in its initial state again, as at the entry"),
+        Op::new("15:", ""),
     ]);
     for i in (0..16).rev() {
         let (m, a) = access(Dir::Load, at + 160 + 16 * i, 16, format!("xmm{i}"));
@@ -647,14 +695,6 @@ fn in_use_step(at: u64) -> Step {
     let (m, a) = access(Dir::Load, at + 24, 4, "mxcsr".into());
     let (now, _) = mem(at + 28);
     restore.extend([
-        // x87 state not in use at the entry: what a handler's x87 code left (exception
-        // flags, condition codes) is cleared, as fetestexcept would see it. `fninit`
-        // costs ~18 ns, `fnstsw` ~0.5: the first only when the status word says so.
-        Op::new("fnstsw ax", "x87 status word: 0 in the initial state"),
-        Op::new("test ax, ax", ""),
-        Op::new("jz 12f", ""),
-        Op::new("fninit", "x87 in its initial state again, as at the entry"),
-        Op::new("12:", ""),
         Op::new(format!("vstmxcsr dword ptr {now}"), "MXCSR now (the MXCSR_MASK slot: the move path leaves it unused)"),
         Op::mem(format!("mov eax, dword ptr {m}"), format!("MXCSR @{}", at + 24), a),
         Op::new(format!("cmp eax, dword ptr {now}"), ""),

@@ -243,9 +243,10 @@ enum InUse {
     /// Upper halves, AVX-512 and x87 state in their initial state: the moves of the
     /// legacy region only, and the initial state put back on the way out.
     Clean,
-    /// Upper halves, `zmm16`–`zmm31` and `k` registers in use: every move.
+    /// Upper halves, `zmm16`–`zmm31` and `k` registers in use, and x87 state with an
+    /// empty stack (as after any signal): every move, and the x87 words.
     Upper,
-    /// x87 state in use as well: `fxsave64`.
+    /// A value on the x87 stack as well: `fxsave64`.
     X87,
     /// AMX tile configuration in use (where the CPU and kernel have AMX): the `xsavec64`
     /// path. Elsewhere as `Upper`.
@@ -283,9 +284,12 @@ fn set_in_use(s: InUse) {
                 );
             }
         }
+        // SAFETY: pushes and pops the x87 stack: x87 state in use, the stack empty.
+        unsafe { core::arch::asm!("fld1", "fstp st(0)", out("st(0)") _) };
         match s {
-            // SAFETY: pushes and pops the x87 stack: x87 state in use, the stack empty.
-            InUse::X87 => unsafe { core::arch::asm!("fld1", "fstp st(0)", out("st(0)") _) },
+            // SAFETY: leaves one value on the x87 stack, which Rust code does not use;
+            // popped after the run (`release`).
+            InUse::X87 => unsafe { core::arch::asm!("fld1") },
             InUse::Amx if amx() => {
                 // Palette 1, tile 0 of 1 row of 4 bytes: the tile configuration in use.
                 area.0[..64].fill(0);
@@ -317,12 +321,16 @@ fn amx() -> bool {
     })
 }
 
-/// Puts the tile configuration back in its initial state after an `InUse::Amx` run.
-fn release_amx(s: InUse) {
+/// Undoes what `set_in_use` left behind: the x87 value of an `InUse::X87` run, the
+/// tile configuration of an `InUse::Amx` one.
+fn release(s: InUse) {
     #[cfg(target_arch = "x86_64")]
-    if s == InUse::Amx && amx() {
+    match s {
+        // SAFETY: pops the value `set_in_use` pushed (the routine kept it).
+        InUse::X87 => unsafe { core::arch::asm!("fstp st(0)", out("st(0)") _) },
         // SAFETY: tilerelease needs only the permission `amx` asked for.
-        unsafe { core::arch::asm!("tilerelease") };
+        InUse::Amx if amx() => unsafe { core::arch::asm!("tilerelease") },
+        _ => {}
     }
     let _ = s;
 }
@@ -524,7 +532,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     unsafe { enter(entry, &mut ctx) };
     CURRENT.with(|c| c.set(std::ptr::null_mut()));
     if r.fp == FpMode::FullInUse {
-        release_amx(in_use);
+        release(in_use);
     }
 
     // SAFETY: p+24 lies inside `stack`, alive.
