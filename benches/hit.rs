@@ -16,7 +16,8 @@
 //!   handler may use vector registers, where the CPU tells which state is in use
 //!   (`xgetbv` with `ecx = 1`): that question, and the moves of what is in use out and
 //!   back (xmm0-15 and MXCSR always; the ymm and zmm upper halves, zmm16-31 and k0-7
-//!   where in use), as `opt_mid`'s trampoline does there.
+//!   where in use; of x87 state in use, its status and control words, read and
+//!   compared), as `opt_mid`'s trampoline does there.
 //! - `hit/opt_return`: a return probe with empty handlers whose entry is optimized.
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
 //! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
@@ -318,9 +319,12 @@ fn vector_moves_round_trip(area: &mut VectorArea) {
             ".irp i, 0,1,2,3,4,5,6,7", "kmovq qword ptr [rsi + 1088 + 8 * \\i], k\\i", ".endr",
             "4:", "test r8b, 0x80", "jz 5f",
             ".irp i, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31", "vmovaps zmmword ptr [rsi + 1664 + 64 * (\\i - 16)], zmm\\i", ".endr",
-            "5:", "vstmxcsr dword ptr [rsi + 24]",
+            "5:", "test r8b, 1", "jz 13f", "fnstsw word ptr [rsi + 2]", "fnstcw word ptr [rsi]",
+            "13:", "vstmxcsr dword ptr [rsi + 24]",
             ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vmovaps xmmword ptr [rsi + 160 + 16 * \\i], xmm\\i", ".endr",
             "vzeroupper",
+            "test r8b, 1", "jz 14f", "fnstsw ax", "cmp ax, word ptr [rsi + 2]", "fnstcw word ptr [rsi + 464]", "mov ax, word ptr [rsi + 464]", "cmp ax, word ptr [rsi]",
+            "14:",
             ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15", "vmovaps xmm\\i, xmmword ptr [rsi + 160 + 16 * \\i]", ".endr",
             "vstmxcsr dword ptr [rsi + 28]", "mov eax, dword ptr [rsi + 24]", "cmp eax, dword ptr [rsi + 28]", "je 6f", "vldmxcsr dword ptr [rsi + 24]",
             "6:", "test r8b, 0x80", "jz 7f",
