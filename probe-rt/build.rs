@@ -108,7 +108,7 @@ fn main() {
     // vzeroupper): ~80 ns a hit, where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]);
     // and Fp::FullInUse, which moves the components in use (xgetbv 1) instead of
     // xsave/xrstor (xrstor alone costs 50-70 ns on a virtual CPU), where the CPU can
-    // tell which are in use (`arch::Cpu::in_use`).
+    // tell which are in use (`arch::Cpu::in_use`): ~22 ns a hit in all.
     let text = match arch {
         Some(arch) => {
             let symbols = render::Symbols {
