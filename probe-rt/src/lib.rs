@@ -294,7 +294,7 @@ pub mod __private {
     /// (CPUID.(EAX=0DH,ECX=0):EBX, set before `main`). Read by generated asm as a `u64`,
     /// also from `.S` files under its symbol name. Until it is set (a probe hit in an
     /// earlier constructor) it is the legacy area and header with an empty mask: safe,
-    /// but no FP/SIMD state is preserved then.
+    /// but no FP/SIMD state is preserved then (`fp = full-in-use`: x87 and SSE only).
     #[export_name = "probekit_xsave_size"]
     pub static XSAVE_SIZE: AtomicU64 = AtomicU64::new(512 + 64);
     /// The `xsave` requested-feature bitmap (XCR0, set before `main`).

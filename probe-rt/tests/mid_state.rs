@@ -169,6 +169,7 @@ std::arch::global_asm!(
     "xor ecx, ecx",
     "mov r9, rdx",
     "xor edx, edx",
+    "stmxcsr dword ptr [r9 + 24]", // xrstor loads MXCSR from the area when AVX is asked for: the current one
     "xrstor64 [r9]",
     "vzeroupper",
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
@@ -279,7 +280,7 @@ fn input() -> State {
         k: std::array::from_fn(|i| 0x0123_4567_89ab_cdef_u64.rotate_left(8 * i as u32)),
         st0: std::f64::consts::E,
         fcw: 0x067f,   // round down (bits 10-11 = 01), every exception masked
-        mxcsr: 0x3fa1, // round toward zero, every exception masked, PE and IE raised
+        mxcsr: 0x3fa1, // round down (bits 13-14 = 01), every exception masked, PE and IE raised
         fsw: 0,
         fsw_before: 0,
         _pad: 0,

@@ -542,19 +542,26 @@ fn wide_step(at: u64, n: u64) -> Step {
 
 /// Components `Fp::FullInUse` keeps with moves (x87, SSE, AVX, opmask, ZMM_Hi256,
 /// Hi16_ZMM) or leaves alone (PKRU, bit 9): any other in use takes the `xsavec64` path.
-const IN_USE_MOVED: u64 = 0x2e7;
+/// Bit 8 (PT state, never in XCR0) is the routine's own: set when x87 went with
+/// `fxsave64`, so that the restore does not decide by the area, which the handler may
+/// write.
+const IN_USE_MOVED: u64 = 0x3e7;
+/// The in-use word's bit for "the legacy region went with `fxsave64`".
+const FXSAVED: u64 = 0x100;
 
 /// `Fp::FullInUse`: the state in use, kept with moves at its offsets in the standard
 /// `xsave` layout of the run-time area at `at`, the in-use word at `at - 8`.
 ///
 /// Save: `xgetbv` with `ecx = 1` gives XCR0 & XINUSE, kept in r8 (saved by now, as
-/// every caller-saved register). A component outside `IN_USE_MOVED` in use: `xsavec64`
+/// every caller-saved register) as far as the area has room for it (`xsave_mask`, 0
+/// before `init_xsave`: then x87 and SSE only). A component outside `IN_USE_MOVED` in use: `xsavec64`
 /// of the whole mask. Else the upper parts in use, in the order their restore mirrors
 /// (zmm bits 256-511, ymm bits 128-255, k0-k7, zmm16-31), then the legacy region:
 /// MXCSR and xmm0-15 by VEX moves (no SSE/AVX transition), and of x87 state in use
 /// the status and control words (x87 state is in use in every thread that ever took
 /// a signal: the kernel's `sigreturn` leaves it so), or `fxsave64` of the whole region
-/// when the status word's TOP says values are on the x87 stack. Restore: `vzeroupper`
+/// when the status word's TOP says values are on the x87 stack (`FXSAVED` in the word).
+/// Restore: `vzeroupper`
 /// (bits 128 on of zmm0-15 in their initial state, and the handler's upper state
 /// gone), the legacy region (`vmovaps` loads keep bits 128 on zero; MXCSR reloaded
 /// only if the handler changed it; the x87 words written back only if the handler
@@ -576,7 +583,11 @@ fn in_use_step(at: u64) -> Step {
         Op::new("xgetbv", "edx:eax = XCR0 & XINUSE"),
         Op::new("shl rdx, 32", ""),
         Op::new("or rax, rdx", ""),
-        Op::new("mov r8, rax", "r8 = the in-use word (r8 is saved by now)"),
+        // Before `init_xsave` set the mask (a hit in an earlier constructor) it is 0 and
+        // the area only the legacy region and header: then only x87 and SSE are kept.
+        Op::new("mov r8, qword ptr [rip + {xsave_mask}]", "what the area has room for (XCR0; 0 before it was read)"),
+        Op::new("or r8, 3", "x87 and SSE: the legacy region, always there"),
+        Op::new("and r8, rax", "r8 = the in-use word (r8 is saved by now)"),
         Op::new(format!("test r8, {}", !IN_USE_MOVED as i64), "a component the moves do not keep (AMX, APX, ...)?"),
         Op::new("jnz 8f", "in use: xsavec of everything"),
         Op::new("test r8b, 0x40", "ZMM_Hi256 (zmm0-15 bits 256-511)"),
@@ -626,6 +637,7 @@ fn in_use_step(at: u64) -> Step {
         Op::new("jmp 9f", ""),
         Op::new("5:", ""),
         Op::new(format!("fxsave64 {area}"), "x87, MXCSR and xmm0-15: the legacy region"),
+        Op::new(format!("or r8d, {FXSAVED:#x}"), "went with fxsave"),
         Op::new("jmp 9f", ""),
         Op::new("8:", ""),
     ]);
@@ -646,7 +658,7 @@ fn in_use_step(at: u64) -> Step {
 
     let (_, flag_load) = access(Dir::Load, at - 8, 8, "in use".into());
     // 28 bytes of the legacy region's software-available tail (464-511), for `fnstenv`.
-    let ((env, _), (env_fsw, _)) = (mem(at + 464), mem(at + 468));
+    let ((env, _), (env_fsw, _), (env_ftw, _)) = (mem(at + 464), mem(at + 468), mem(at + 472));
     restore.extend([
         Op::mem(format!("mov r8, qword ptr {flag}"), format!("which were in use @{}", at - 8), flag_load),
         Op::new(format!("test r8, {}", !IN_USE_MOVED as i64), ""),
@@ -654,8 +666,8 @@ fn in_use_step(at: u64) -> Step {
         Op::new("vzeroupper", "bits 128 on of zmm0-15 zero and in their initial state; what was in use is put back below"),
         Op::new("test r8b, 1", "x87 state in use"),
         Op::new("jz 14f", ""),
-        Op::new(format!("test word ptr {fsw}, 0x3800"), "TOP of the saved status word"),
-        Op::new("jnz 5f", "values were on the stack: fxrstor"),
+        Op::new(format!("test r8d, {FXSAVED:#x}"), "values were on the x87 stack"),
+        Op::new("jnz 5f", "fxrstor"),
         // The stack was empty: a handler's x87 code (balanced, as the ABI wants it)
         // wrote only registers the probed code has no value in; what it can leave is a
         // status (flags, condition codes) or, against the ABI, a control word. Both
@@ -674,6 +686,7 @@ fn in_use_step(at: u64) -> Step {
         Op::new(format!("mov word ptr {env}, ax"), "the probed code's control word"),
         Op::new(format!("mov ax, word ptr {fsw}"), ""),
         Op::new(format!("mov word ptr {env_fsw}, ax"), "the probed code's status word (TOP included)"),
+        Op::new(format!("mov word ptr {env_ftw}, -1"), "every register empty, as the stack was (values a handler left are gone)"),
         Op::new(format!("fldenv {env}"), ""),
         Op::new("jmp 15f", ""),
         // x87 state not in use at the entry: what a handler's x87 code left (exception

@@ -4,8 +4,9 @@
 //!
 //! On entry the harness saves the host's callee-saved state, switches to the test
 //! stack at `P` (the target routine at `[P]`, the `Ctx` pointer at `[P+8]`), loads the
-//! flags, vector and general registers from `Ctx` and enters the routine as its shape
-//! is entered. At the continuation it captures everything without a free register by
+//! flags, vector and general registers from `Ctx` (x86_64: and a value on the x87
+//! stack if `Ctx::x87` asks, popped after) and enters the routine as its shape is
+//! entered. At the continuation it captures everything without a free register by
 //! using the words above `P`, and returns to the host.
 
 use super::Ctx;
@@ -35,6 +36,7 @@ macro_rules! x86_harness {
                 "push rbp\npush rbx\npush r12\npush r13\npush r14\npush r15\nsub rsp, 8\n",
                 "mov qword ptr [rdi + {host_sp}], rsp\n",
                 "mov rsp, qword ptr [rdi + {p}]\n",
+                "cmp qword ptr [rdi + {x87}], 0\nje 5f\nfld1\n5:\n",
                 "push qword ptr [rdi + {in_flags}]\npopfq\n",
                 "movups xmm0, [rdi + {in_vec} + 0]\nmovups xmm1, [rdi + {in_vec} + 16]\n",
                 "movups xmm2, [rdi + {in_vec} + 32]\nmovups xmm3, [rdi + {in_vec} + 48]\n",
@@ -74,6 +76,7 @@ macro_rules! x86_harness {
                 "movups [rdi + {out_vec} + 160], xmm10\nmovups [rdi + {out_vec} + 176], xmm11\n",
                 "movups [rdi + {out_vec} + 192], xmm12\nmovups [rdi + {out_vec} + 208], xmm13\n",
                 "movups [rdi + {out_vec} + 224], xmm14\nmovups [rdi + {out_vec} + 240], xmm15\n",
+                "cmp qword ptr [rdi + {x87}], 0\nje 6f\nfstp st(0)\n6:\n",
                 "cld\n",
                 "mov rsp, qword ptr [rdi + {host_sp}]\n",
                 "add rsp, 8\npop r15\npop r14\npop r13\npop r12\npop rbx\npop rbp\nret\n",
@@ -89,6 +92,7 @@ macro_rules! x86_harness {
             out_flags = const offset_of!(Ctx, out_flags),
             out_sp = const offset_of!(Ctx, out_sp),
             out_vec = const offset_of!(Ctx, out_vec),
+            x87 = const offset_of!(Ctx, x87),
         );
     };
 }

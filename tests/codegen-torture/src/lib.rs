@@ -102,6 +102,9 @@ pub struct Ctx {
     p: u64,
     in_vec: [[u8; 16]; 32],
     out_vec: [[u8; 16]; 32],
+    /// x86_64: the harness pushes 1.0 on the x87 stack before the routine and pops it
+    /// after (not 0), so that the routine meets values there.
+    x87: u64,
 }
 
 /// What the handler saw and did, for the current thread's run.
@@ -262,14 +265,18 @@ fn set_in_use(s: InUse) {
         let avx512 = std::arch::is_x86_feature_detected!("avx512bw");
         let mut area = Box::new(Area([0; 4096]));
         // Initial state for x87, AVX, opmask, ZMM_Hi256 and Hi16_ZMM: xrstor of a zeroed
-        // header (XSTATE_BV = 0) with those in the requested-feature bitmap.
+        // header (XSTATE_BV = 0) with those in the requested-feature bitmap. With AVX
+        // in it, xrstor also loads MXCSR from the legacy region: the current one.
         let rfbm = XSAVE_MASK.load(std::sync::atomic::Ordering::Relaxed) & 0xe5;
         // SAFETY: the area is 64-aligned and 4 KiB: a standard-form header that is all
-        // zero is valid, and components whose XSTATE_BV bit is 0 are initialised (the
-        // legacy region is not read for them). vzeroupper keeps bits 0-127.
+        // zero is valid, components whose XSTATE_BV bit is 0 are initialised, and MXCSR
+        // is loaded with the value stored just before. Every register it may change is
+        // declared (`clobber_abi`: the vector, mask and x87 registers).
         unsafe {
-            core::arch::asm!("xrstor64 [{p}]", "vzeroupper", p = in(reg) area.0.as_mut_ptr(), in("eax") rfbm as u32, in("edx") 0,
-                out("zmm16") _, out("k1") _, out("st(0)") _);
+            core::arch::asm!(
+                "stmxcsr dword ptr [{p} + 24]", "xrstor64 [{p}]", "vzeroupper",
+                p = in(reg) area.0.as_mut_ptr(), in("eax") rfbm as u32, in("edx") 0, clobber_abi("C"),
+            );
         }
         if s == InUse::Clean {
             return;
@@ -287,9 +294,8 @@ fn set_in_use(s: InUse) {
         // SAFETY: pushes and pops the x87 stack: x87 state in use, the stack empty.
         unsafe { core::arch::asm!("fld1", "fstp st(0)", out("st(0)") _) };
         match s {
-            // SAFETY: leaves one value on the x87 stack, which Rust code does not use;
-            // popped after the run (`release`).
-            InUse::X87 => unsafe { core::arch::asm!("fld1") },
+            // The harness pushes a value on the x87 stack for the run (`Ctx::x87`).
+            InUse::X87 => {}
             InUse::Amx if amx() => {
                 // Palette 1, tile 0 of 1 row of 4 bytes: the tile configuration in use.
                 area.0[..64].fill(0);
@@ -321,16 +327,12 @@ fn amx() -> bool {
     })
 }
 
-/// Undoes what `set_in_use` left behind: the x87 value of an `InUse::X87` run, the
-/// tile configuration of an `InUse::Amx` one.
+/// Undoes what `set_in_use` left behind: the tile configuration of an `InUse::Amx` run.
 fn release(s: InUse) {
     #[cfg(target_arch = "x86_64")]
-    match s {
-        // SAFETY: pops the value `set_in_use` pushed (the routine kept it).
-        InUse::X87 => unsafe { core::arch::asm!("fstp st(0)", out("st(0)") _) },
+    if s == InUse::Amx && amx() {
         // SAFETY: tilerelease needs only the permission `amx` asked for.
-        InUse::Amx if amx() => unsafe { core::arch::asm!("tilerelease") },
-        _ => {}
+        unsafe { core::arch::asm!("tilerelease") };
     }
     let _ = s;
 }
@@ -465,6 +467,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         p: 0,
         in_vec: [[0; 16]; 32],
         out_vec: [[0; 16]; 32],
+        x87: 0,
     });
     for g in ctx.in_gpr.iter_mut() {
         *g = rng.next_u64();
@@ -527,6 +530,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     };
     if r.fp == FpMode::FullInUse {
         set_in_use(in_use);
+        ctx.x87 = (in_use == InUse::X87) as u64;
     }
     // SAFETY: ctx is valid; the harness switches to `stack` (alive until after the call) and back.
     unsafe { enter(entry, &mut ctx) };
