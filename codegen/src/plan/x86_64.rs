@@ -279,20 +279,8 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         }
         (Fp::Full | Fp::FullCompact, Some((at, _))) => {
             operands.extend(["xsave_size", "xsave_mask"]);
-            let mut save = Vec::new();
-            for i in 0..8 {
-                let off = at + 512 + 8 * i;
-                let (m, encoding) = mem(off);
-                save.push(Op::mem(
-                    format!("mov qword ptr {m}, 0"),
-                    "zero the xsave header: xrstor faults on a dirty one",
-                    Access { dir: Dir::Store, slots: vec![(off, 8, Slot::Fp(format!("xsave header {i}")))], encoding },
-                ));
-            }
-            let mask = [
-                Op::new("mov eax, dword ptr [rip + {xsave_mask}]", "requested-feature bitmap, low half"),
-                Op::new("mov edx, dword ptr [rip + {xsave_mask} + 4]", "requested-feature bitmap, high half"),
-            ];
+            let mut save = zero_xsave_header(at);
+            let mask = xsave_mask();
             let (m, encoding) = mem(at);
             let acc = |dir| Access { dir, slots: vec![(at, 512, Slot::Fp("xsave".into()))], encoding };
             save.extend(mask.clone());
@@ -540,6 +528,31 @@ fn wide_step(at: u64, n: u64) -> Step {
     Step { save, restore }
 }
 
+/// The stores that zero the header of the `xsave` area at `at` (its 64 bytes at 512):
+/// `xrstor` faults on a dirty one.
+fn zero_xsave_header(at: u64) -> Vec<Op> {
+    (0..8)
+        .map(|i| {
+            let off = at + 512 + 8 * i;
+            let (m, encoding) = mem(off);
+            Op::mem(
+                format!("mov qword ptr {m}, 0"),
+                "zero the xsave header: xrstor faults on a dirty one",
+                Access { dir: Dir::Store, slots: vec![(off, 8, Slot::Fp(format!("xsave header {i}")))], encoding },
+            )
+        })
+        .collect()
+}
+
+/// The requested-feature bitmap of `xsave`/`xrstor` in edx:eax, from the `xsave_mask`
+/// operand.
+fn xsave_mask() -> [Op; 2] {
+    [
+        Op::new("mov eax, dword ptr [rip + {xsave_mask}]", "requested-feature bitmap, low half"),
+        Op::new("mov edx, dword ptr [rip + {xsave_mask} + 4]", "requested-feature bitmap, high half"),
+    ]
+}
+
 /// Components `Fp::FullInUse` keeps with moves (x87, SSE, AVX, opmask, ZMM_Hi256,
 /// Hi16_ZMM) or leaves alone (PKRU, bit 9): any other in use takes the `xsavec64` path.
 /// Bit 8 (PT state, never in XCR0) is the routine's own: set when x87 went with
@@ -569,7 +582,8 @@ const FXSAVED: u64 = 0x100;
 /// status), the upper parts that were in use (ymm with VEX `vinsertf128`, which zeroes
 /// bits 256 on, before the zmm bits); then zmm16-31 and k0-k7, where they were in their
 /// initial state at the entry and are in use now, zeroed. Only the moves of the vector
-/// registers and MXCSR record their accesses: the other paths write the same area.
+/// registers and MXCSR, and the header's zeroing, record their accesses: the `fxsave`
+/// and `xsavec` paths write the same area.
 fn in_use_step(at: u64) -> Step {
     let (ymm_at, k_at, zmm_at, hi16_at) = (at + 576, at + 1088, at + 1152, at + 1664);
     let access = |dir, off, size, what: String| {
@@ -641,14 +655,8 @@ fn in_use_step(at: u64) -> Step {
         Op::new("jmp 9f", ""),
         Op::new("8:", ""),
     ]);
-    for i in 0..8 {
-        let (m, _) = mem(at + 512 + 8 * i);
-        save.push(Op::new(format!("mov qword ptr {m}, 0"), "zero the xsave header: xrstor faults on a dirty one"));
-    }
-    let mask = [
-        Op::new("mov eax, dword ptr [rip + {xsave_mask}]", "requested-feature bitmap, low half"),
-        Op::new("mov edx, dword ptr [rip + {xsave_mask} + 4]", "requested-feature bitmap, high half"),
-    ];
+    save.extend(zero_xsave_header(at));
+    let mask = xsave_mask();
     save.extend(mask.clone());
     save.extend([
         Op::new(format!("xsavec64 {area}"), "all FP/SIMD state of the mask but components in their initial state"),
