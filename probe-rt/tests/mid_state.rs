@@ -44,23 +44,17 @@ impl std::fmt::Debug for State {
 
 std::arch::global_asm!(
     ".pushsection .text.mid_state_tests, \"ax\", @progbits",
-    // state512(in = rdi, out = rsi, x87 = edx, area = rcx): loads zmm0-31, k0-7, MXCSR
-    // and the x87 control word from `in`, and (x87 1) pushes one x87 value from `in`,
-    // or (x87 2) leaves x87 state in use with the stack empty and a status (a store
-    // that rounds: PE), or (x87 0) puts the x87 state in its initial state (xrstor of
-    // the zeroed header at `area`); stores the x87 status word; reaches the probe
-    // point; stores them all to `out`, the x87 status word first.
-    ".globl state512",
-    ".type state512, @function",
-    "state512:",
+    // The x87 and MXCSR parts both functions share. x87_keep: the caller's control
+    // word and MXCSR, kept below the stack pointer (restored by x87_out).
+    ".macro x87_keep",
     "fnstcw word ptr [rsp - 8]", // the caller's, restored at the end
     "stmxcsr dword ptr [rsp - 16]",
-    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
-    "vmovdqu64 zmm\\i, zmmword ptr [rdi + 64 * \\i]",
-    ".endr",
-    ".irp i, 0,1,2,3,4,5,6,7",
-    "kmovq k\\i, qword ptr [rdi + 2048 + 8 * \\i]",
-    ".endr",
+    ".endm",
+    // x87_in: MXCSR and the x87 control word from `in`, and as `x87` says: 1, a value
+    // pushed from `in`; 2, x87 state in use with the stack empty and a status (a store
+    // that rounds: PE); 0, x87 state in its initial state (xrstor of the zeroed header
+    // at `area`); then the x87 status word before the probe point.
+    ".macro x87_in",
     "cmp edx, 1",
     "je 5f",
     "test edx, edx",
@@ -80,6 +74,35 @@ std::arch::global_asm!(
     "2:",
     "ldmxcsr dword ptr [rdi + 2128]",
     "fnstsw word ptr [rsi + 2124]",
+    ".endm",
+    // x87_out: the value popped (x87 1), the control word and MXCSR to `out`, the
+    // caller's back, and return.
+    ".macro x87_out",
+    "cmp edx, 1",
+    "jne 3f",
+    "fstp qword ptr [rsi + 2112]",
+    "3:",
+    "fnstcw word ptr [rsi + 2120]",
+    "stmxcsr dword ptr [rsi + 2128]",
+    "fldcw word ptr [rsp - 8]",
+    "ldmxcsr dword ptr [rsp - 16]",
+    "vzeroupper",
+    "ret",
+    ".endm",
+    // state512(in = rdi, out = rsi, x87 = edx, area = rcx): loads zmm0-31 and k0-7
+    // from `in`, and the x87 state and MXCSR (x87_in); reaches the probe point; stores
+    // them all to `out`, the x87 status word first.
+    ".globl state512",
+    ".type state512, @function",
+    "state512:",
+    "x87_keep",
+    ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    "vmovdqu64 zmm\\i, zmmword ptr [rdi + 64 * \\i]",
+    ".endr",
+    ".irp i, 0,1,2,3,4,5,6,7",
+    "kmovq k\\i, qword ptr [rdi + 2048 + 8 * \\i]",
+    ".endr",
+    "x87_in",
     ".globl state512_point",
     "state512_point:",
     "nop dword ptr [rax + rax]", // 5 bytes: the probe's jump replaces it
@@ -91,45 +114,17 @@ std::arch::global_asm!(
     ".irp i, 0,1,2,3,4,5,6,7",
     "kmovq qword ptr [rsi + 2048 + 8 * \\i], k\\i",
     ".endr",
-    "cmp edx, 1",
-    "jne 3f",
-    "fstp qword ptr [rsi + 2112]",
-    "3:",
-    "fnstcw word ptr [rsi + 2120]",
-    "stmxcsr dword ptr [rsi + 2128]",
-    "fldcw word ptr [rsp - 8]",
-    "ldmxcsr dword ptr [rsp - 16]",
-    "vzeroupper",
-    "ret",
+    "x87_out",
     ".size state512, . - state512",
     // state256: the same with ymm0-15 and no k registers (AVX without AVX-512).
     ".globl state256",
     ".type state256, @function",
     "state256:",
-    "fnstcw word ptr [rsp - 8]",
-    "stmxcsr dword ptr [rsp - 16]",
+    "x87_keep",
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
     "vmovdqu ymm\\i, ymmword ptr [rdi + 32 * \\i]",
     ".endr",
-    "cmp edx, 1",
-    "je 5f",
-    "test edx, edx",
-    "jz 4f",
-    "fldcw word ptr [rdi + 2120]", // x87 2: in use, the stack empty, a status (PE)
-    "fldpi",
-    "fistp dword ptr [rsp - 24]",
-    "jmp 2f",
-    "5:", // x87 1: a value on the stack
-    "fldcw word ptr [rdi + 2120]",
-    "fld qword ptr [rdi + 2112]",
-    "jmp 2f",
-    "4:", // x87 state in its initial state: xrstor of the zeroed header at rcx, x87 only
-    "mov r9, rcx",
-    "mov eax, 1",
-    "xrstor64 [r9]", // edx = 0
-    "2:",
-    "ldmxcsr dword ptr [rdi + 2128]",
-    "fnstsw word ptr [rsi + 2124]",
+    "x87_in",
     ".globl state256_point",
     "state256_point:",
     "nop dword ptr [rax + rax]",
@@ -138,16 +133,7 @@ std::arch::global_asm!(
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
     "vmovdqu ymmword ptr [rsi + 32 * \\i], ymm\\i",
     ".endr",
-    "cmp edx, 1",
-    "jne 3f",
-    "fstp qword ptr [rsi + 2112]",
-    "3:",
-    "fnstcw word ptr [rsi + 2120]",
-    "stmxcsr dword ptr [rsi + 2128]",
-    "fldcw word ptr [rsp - 8]",
-    "ldmxcsr dword ptr [rsp - 16]",
-    "vzeroupper",
-    "ret",
+    "x87_out",
     ".size state256, . - state256",
     ".popsection",
 );
