@@ -303,7 +303,7 @@ fn set_in_use(s: InUse) {
                 area.0[16] = 4;
                 area.0[48] = 1;
                 // SAFETY: a valid palette-1 configuration; the kernel granted the tile
-                // data permission (`amx`). Released after the run (`release_amx`).
+                // data permission (`amx`). Released after the run (`release`).
                 unsafe { core::arch::asm!("ldtilecfg [{p}]", p = in(reg) area.0.as_ptr()) };
             }
             _ => {}
