@@ -307,7 +307,7 @@ fn vector_state_round_trip(area: &mut VectorArea, _compact: bool) {
 fn vector_moves_round_trip(area: &mut VectorArea) {
     // SAFETY: writes only `area` (64-aligned, 16 KiB: the offsets reach 2688); every
     // register is put back as it was (vzeroupper, then what was in use reloaded); AVX,
-    // and AVX-512 where its state is in use, are there (the caller checks `wide`).
+    // and AVX-512 where its state is in use, are there (the caller checks `cpu_support().in_use`).
     unsafe {
         std::arch::asm!(
             "mov ecx, 1", "xgetbv", "mov r8, rax",
@@ -474,13 +474,13 @@ fn hit(c: &mut Criterion) {
     #[cfg(target_arch = "x86_64")]
     let compact = {
         assert!(std::arch::x86_64::__cpuid_count(0xd, 0).ebx as usize <= area.0.len(), "the xsave area fits");
-        std::arch::x86_64::__cpuid_count(0xd, 1).eax & 2 != 0
+        probekit::cpu_support().xsavec
     };
     #[cfg(target_arch = "aarch64")]
     let compact = false;
     g.bench_function("vector_state_floor", |b| b.iter(|| vector_state_round_trip(black_box(&mut area), compact)));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") && std::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0 {
+    if probekit::cpu_support().in_use {
         g.bench_function("vector_moves_floor", |b| b.iter(|| vector_moves_round_trip(black_box(&mut area))));
     }
     assert_eq!(p.nmissed(), 0);

@@ -46,22 +46,24 @@ pub enum Fp {
     /// where AVX-512 state is in use); upper halves in their initial state are left in
     /// it (`vzeroupper` on the way out), so a handler's AVX code costs the probed code
     /// no transition penalty. Needs AVX enabled by the OS and `xgetbv` with `ecx = 1`
-    /// (`CPUID.(EAX=0DH,ECX=1):EAX[2]`, Skylake and Zen on): the caller checks, and
-    /// uses `Args` where the CPU has no AVX state (`Args` is then exact). aarch64: as
-    /// `Args`.
+    /// (`CPUID.(EAX=0DH,ECX=1):EAX[2]`, Skylake and Zen on): the caller checks
+    /// (`probekit::cpu_support().wide` answers), and uses `Args` where the CPU has no
+    /// AVX state (`Args` is then exact). aarch64: as `Args`.
     ArgsWide,
     /// As `Return`, with the upper halves of `ymm0`–`ymm1` / `zmm0`–`zmm1` kept as
     /// `ArgsWide` keeps them (an `__m256` or `__m512` return value). aarch64: as `Return`.
     ReturnWide,
     /// Everything: x86_64 `xsave64`/`xrstor64` of the components in a run-time mask into
     /// an area of run-time size (operands `xsave_mask` and `xsave_size`); aarch64
-    /// `q0`–`q31`, `fpcr` and `fpsr`. What is live mid-function.
+    /// `q0`–`q31`, `fpcr` and `fpsr`. What is live mid-function. x86_64 needs `xsave`
+    /// enabled by the OS (`CPUID.1:ECX.OSXSAVE`; `probekit::cpu_support().xsave`),
+    /// without which `xsave64` faults.
     Full,
     /// Everything, as `Full`, but x86_64 saves with `xsavec64`: the compacted form,
     /// which leaves out the components in their initial state (the AVX upper halves
     /// after `vzeroupper`, unused AVX-512 state) and which `xrstor64` reads back. Faster
     /// where the CPU has it (`CPUID.(EAX=0DH,ECX=1):EAX[1]`, Skylake and Zen on); the
-    /// caller checks. aarch64: as `Full`.
+    /// caller checks (`probekit::cpu_support().xsavec`). aarch64: as `Full`.
     FullCompact,
     /// Everything, as `Full`, but x86_64 asks the CPU which state is in use (`xgetbv`
     /// with `ecx = 1`, as `ArgsWide`) and keeps it with moves, not `xsave`: `xrstor`
@@ -90,7 +92,8 @@ pub enum Fp {
     /// (`CPUID.(EAX=0DH,ECX=1):EAX[2:1]`), the standard offsets (576 AVX, 1088 opmask,
     /// 1152 ZMM_Hi256, 1664 Hi16_ZMM, `CPUID.(EAX=0DH,ECX=i):EBX`) for the components
     /// XCR0 enables, and AVX512BW where XCR0 enables AVX-512 state (`kmovq`): the
-    /// caller checks, and uses `FullCompact` or `Full` elsewhere. aarch64: as `Full`.
+    /// caller checks (`probekit::cpu_support().in_use`), and uses `FullCompact` or
+    /// `Full` elsewhere. aarch64: as `Full`.
     FullInUse,
 }
 

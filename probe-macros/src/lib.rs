@@ -60,6 +60,13 @@ mod traceable;
 /// and the FP/SIMD area (null with `fp = none`) and, for a kretprobe, returns the
 /// address to return to. The handler must not unwind.
 ///
+/// On x86_64 some FP modes need more of the CPU than x86_64 itself: `full` an OS
+/// that enabled `xsave`, `args_wide` and `return_wide` `xgetbv` with `ecx = 1`,
+/// `full_compact` `xsavec64`, `full_in_use` all of these and more; and every
+/// `save_restore` routine LAHF/SAHF in 64-bit mode. Their routines fault elsewhere:
+/// check `probekit::cpu_support()` before running one (and fall back to `args`,
+/// `return` or `full`), as the runtime does for its own.
+///
 /// # Examples
 ///
 /// ```

@@ -125,7 +125,8 @@ pub enum NotOptimized {
     /// Writing the detour or the jump failed.
     Write(Box<Error>),
     /// The CPU lacks an instruction the detour's trampoline needs (x86_64: LAHF/SAHF
-    /// in 64-bit mode, which restore the flags; every x86_64 CPU since 2006 has them).
+    /// in 64-bit mode, which restore the flags, every x86_64 CPU since 2006 has them;
+    /// and inside a function, `xsave` enabled by the OS). See [`crate::cpu_support`].
     CpuLacks { feature: &'static str },
 }
 

@@ -134,6 +134,7 @@ mod sys;
 pub mod trace;
 mod unwind;
 
+pub use arch::{cpu_support, CpuSupport};
 pub use backtrace::{backtrace, stack_trace};
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};
 pub use blacklist::{blacklist, Blacklisted};
@@ -306,7 +307,7 @@ pub mod __private {
         use core::sync::atomic::Ordering;
         // CPUID.1:ECX.OSXSAVE[bit 27]: the OS enabled xsave and xgetbv.
         if core::arch::x86_64::__cpuid(1).ecx & (1 << 27) == 0 {
-            return; // no xsave: fp = full routines save nothing (the empty mask stays)
+            return; // no xsave: `cpu_support().xsave` is false, and fp = full routines cannot run
         }
         let size = core::arch::x86_64::__cpuid_count(0xd, 0).ebx;
         let (lo, hi): (u32, u32);

@@ -76,11 +76,9 @@ extern "C" {
 /// One test at a time: each arms probes the others' functions must not meet.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Whether this CPU runs the trampolines that keep vectors whole (probe-rt's
-/// `arch::Cpu::wide`: AVX state enabled, `xgetbv` with `ecx = 1`).
+/// Whether this CPU runs the trampolines that keep vectors whole.
 fn wide() -> bool {
-    let leaf1 = std::arch::x86_64::__cpuid(1);
-    leaf1.ecx & (1 << 27) != 0 && std::arch::is_x86_feature_detected!("avx") && std::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0
+    probe_rt::cpu_support().wide
 }
 
 fn avx512() -> bool {

@@ -27,33 +27,48 @@ pub(crate) fn abs_jump(to: usize) -> [u8; ABS_JUMP] {
     code
 }
 
-/// What the x86_64 trampolines need of the CPU.
-#[cfg(target_arch = "x86_64")]
-pub(crate) struct Cpu {
-    /// LAHF/SAHF in 64-bit mode (the flags' restore): `CPUID.80000001H:ECX[0]`.
-    pub(crate) lahf_sahf: bool,
-    /// `xsavec64`: `CPUID.1:ECX.OSXSAVE[bit 27]`, then `CPUID.(EAX=0DH,ECX=1):EAX[1]`.
-    pub(crate) xsavec: bool,
-    /// The trampolines that keep the vector argument and return registers whole
-    /// (probe-codegen's `Fp::ArgsWide` and `Fp::ReturnWide`) can run: the OS enabled
-    /// AVX state (XCR0 bit 2, read with `xgetbv`) and the CPU tells which state is in
-    /// use (`xgetbv` with `ecx = 1`: `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the
-    /// narrow ones run: exact without AVX state; with it (Haswell, Broadwell, AMD
-    /// before Zen) the bits above 128 are not kept (the README's known limits).
-    pub(crate) wide: bool,
-    /// The trampoline that keeps the whole state with moves of what is in use
-    /// (probe-codegen's `Fp::FullInUse`) can run: `wide` and `xsavec`, every component
-    /// it moves at its standard `xsave` offset (`CPUID.(EAX=0DH,ECX=i):EBX`), and
-    /// AVX512BW (`kmovq`) where XCR0 enables the AVX-512 state.
-    pub(crate) in_use: bool,
+/// What of probe-codegen's routines the CPU this process runs on can run, as CPUID
+/// and XCR0 tell (asked once). The runtime's own trampolines go by it; a crate that
+/// generates routines (`#[pt_regs(fp = ...)]`, the CLI's `--fp`, probe-codegen's
+/// `Fp`) checks it before calling one whose mode needs more than x86_64 itself has,
+/// and picks another mode where it says no: those routines would fault (`xgetbv`
+/// with `ecx = 1`, `xsavec64`, `kmovq`) or keep less than they say.
+///
+/// aarch64 needs nothing beyond the architecture: every field is `true` there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CpuSupport {
+    /// x86_64 routines that restore the flags (probe-codegen's `SaveRestore` shape,
+    /// the optimized probes' detours) use LAHF/SAHF in 64-bit mode:
+    /// `CPUID.80000001H:ECX[0]`, every x86_64 CPU since 2006.
+    pub lahf_sahf: bool,
+    /// `fp = full` keeps the FP/SIMD state: the OS enabled `xsave`
+    /// (`CPUID.1:ECX.OSXSAVE[bit 27]`). Without it those routines save nothing.
+    pub xsave: bool,
+    /// `fp = full_compact` runs (`xsavec64`): `xsave`, then
+    /// `CPUID.(EAX=0DH,ECX=1):EAX[1]`.
+    pub xsavec: bool,
+    /// `fp = args_wide` and `return_wide` run (probe-codegen's `Fp::ArgsWide` and
+    /// `Fp::ReturnWide`, the runtime's trampolines that keep vector arguments and
+    /// return values whole): the OS enabled AVX state (XCR0 bit 2) and the CPU tells
+    /// which state is in use (`xgetbv` with `ecx = 1`:
+    /// `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the runtime's narrow ones run:
+    /// exact without AVX state; with it (Haswell, Broadwell, AMD before Zen) the bits
+    /// above 128 are not kept (the README's known limits).
+    pub wide: bool,
+    /// `fp = full_in_use` runs (probe-codegen's `Fp::FullInUse`, which moves the state
+    /// in use): `wide` and `xsavec`, every component it moves at its standard `xsave`
+    /// offset (`CPUID.(EAX=0DH,ECX=i):EBX`), and AVX512BW (`kmovq`) where XCR0 enables
+    /// the AVX-512 state.
+    pub in_use: bool,
 }
 
-/// The CPU's answers, asked once: in a virtual machine each CPUID traps to the
-/// hypervisor (~7 µs here), and every optimization needs them.
+/// What the CPU can run of probe-codegen's routines (see [`CpuSupport`]). Asked once:
+/// in a virtual machine each CPUID traps to the hypervisor (~7 µs here).
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn cpu() -> &'static Cpu {
+pub fn cpu_support() -> &'static CpuSupport {
     use core::arch::x86_64::{__cpuid, __cpuid_count};
-    static CPU: std::sync::OnceLock<Cpu> = std::sync::OnceLock::new();
+    static CPU: std::sync::OnceLock<CpuSupport> = std::sync::OnceLock::new();
     CPU.get_or_init(|| {
         let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
         let xcr0 = match osxsave {
@@ -74,8 +89,9 @@ pub(crate) fn cpu() -> &'static Cpu {
             0xe0 => std::arch::is_x86_feature_detected!("avx512bw"),
             _ => false,
         };
-        Cpu {
+        CpuSupport {
             lahf_sahf: __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & 1 != 0,
+            xsave: osxsave,
             xsavec,
             wide,
             in_use: wide && xsavec && standard && avx512,
@@ -83,9 +99,43 @@ pub(crate) fn cpu() -> &'static Cpu {
     })
 }
 
+/// What the CPU can run of probe-codegen's routines (see [`CpuSupport`]): everything,
+/// on aarch64.
+#[cfg(target_arch = "aarch64")]
+pub fn cpu_support() -> &'static CpuSupport {
+    &CpuSupport { lahf_sahf: true, xsave: true, xsavec: true, wide: true, in_use: true }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_support_holds_together() {
+        let c = cpu_support();
+        // Each mode's needs include those it builds on.
+        assert!(!c.xsavec || c.xsave, "{c:?}");
+        assert!(!c.wide || c.xsave, "{c:?}");
+        assert!(!c.in_use || (c.wide && c.xsavec), "{c:?}");
+        #[cfg(target_arch = "x86_64")]
+        {
+            // The OS enables AVX state only with xsave, and std sees AVX only then.
+            assert!(!c.wide || std::arch::is_x86_feature_detected!("avx"), "{c:?}");
+            if c.in_use {
+                // What `Fp::FullInUse` runs first must not fault, and answers XCR0 & XINUSE.
+                let ((lo0, hi0), (lo1, hi1)): ((u32, u32), (u32, u32));
+                // SAFETY: `in_use` says xgetbv is there, with ecx = 0 and with ecx = 1.
+                unsafe {
+                    core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo0, out("edx") hi0, options(nomem, nostack));
+                    core::arch::asm!("xgetbv", in("ecx") 1, out("eax") lo1, out("edx") hi1, options(nomem, nostack));
+                }
+                let (xcr0, in_use) = ((hi0 as u64) << 32 | lo0 as u64, (hi1 as u64) << 32 | lo1 as u64);
+                assert_eq!(in_use & !xcr0, 0, "in use {in_use:#x} within XCR0 {xcr0:#x}");
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert!(c.lahf_sahf && c.xsave && c.xsavec && c.wide && c.in_use, "{c:?}");
+    }
 
     #[test]
     fn abs_jump_encodes_its_target() {

@@ -6,7 +6,7 @@
 //! module's.
 
 #[cfg(target_arch = "x86_64")]
-use crate::arch::cpu;
+use crate::arch::cpu_support;
 use crate::arch::detour::{self, HOLE};
 use crate::registry::{call_handler, chain_from, count_site_hit, ADDRS, REDIRECTS};
 use crate::{grace, PtRegs};
@@ -55,15 +55,15 @@ pub(crate) fn trampoline(entry: bool) -> usize {
         XSAVE_SIZE.store(crate::__private::XSAVE_SIZE.load(Ordering::Relaxed), Ordering::Relaxed);
         XSAVE_MASK.store(crate::__private::XSAVE_MASK.load(Ordering::Relaxed), Ordering::Relaxed);
         if entry {
-            return match cpu().wide {
+            return match cpu_support().wide {
                 true => probekit_opt_trampoline_entry as *const () as usize,
                 false => probekit_opt_trampoline_entry_narrow as *const () as usize,
             };
         }
-        if cpu().in_use {
+        if cpu_support().in_use {
             return probekit_opt_trampoline_full_u as *const () as usize;
         }
-        if cpu().xsavec {
+        if cpu_support().xsavec {
             return probekit_opt_trampoline_full_c as *const () as usize;
         }
     }

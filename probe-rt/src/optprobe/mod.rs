@@ -75,7 +75,7 @@ mod hit;
 pub(crate) use hit::{dispatch, resume_trap, trampoline, trampolines};
 
 #[cfg(target_arch = "x86_64")]
-use crate::arch::cpu;
+use crate::arch::cpu_support;
 use crate::arch::detour::{self, JUMP};
 use crate::arch::insn::BREAKPOINT;
 use crate::registry::{self, chain_from, record, Record, ADDRS, REDIRECTS};
@@ -373,7 +373,7 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
     #[cfg(target_arch = "x86_64")]
     let (len, orig, make) = {
         // The trampolines' flags restore uses them (see probe-codegen's x86_64 planner).
-        if !cpu().lahf_sahf {
+        if !cpu_support().lahf_sahf {
             return Err(NotOptimized::CpuLacks { feature: "LAHF/SAHF in 64-bit mode" });
         }
         let f = crate::sys::symbols::sized_function_at(addr).ok_or(NotOptimized::FunctionSizeUnknown)?;
@@ -394,7 +394,13 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         let orig = &func[addr - f.addr..addr - f.addr + len];
         // A function's entry (not a label inside one): only arguments live in the
         // vector registers.
-        let tramp = trampoline(f.addr == addr && !f.label);
+        let entry = f.addr == addr && !f.label;
+        // Mid-function the trampoline keeps the whole FP/SIMD state with `xsave` and its
+        // kin, which fault where the OS did not enable them.
+        if !entry && !cpu_support().xsave {
+            return Err(NotOptimized::CpuLacks { feature: "xsave enabled by the OS (OSXSAVE), which keeps the FP/SIMD state mid-function" });
+        }
+        let tramp = trampoline(entry);
         let make = move |block: usize| {
             let (copy, rows) = window.relocate(block + detour::COPY, addr + len)?;
             Ok((detour::block(block, addr, tramp, &copy), detour::unwind(block, addr, &rows, copy.len())))

@@ -143,7 +143,7 @@ pub(crate) fn entry_hook() -> usize {
 /// The address of the return trampoline: the one this CPU runs.
 pub(crate) fn trampoline() -> usize {
     #[cfg(target_arch = "x86_64")]
-    if !crate::arch::cpu().wide {
+    if !crate::arch::cpu_support().wide {
         return probekit_kretprobe_trampoline_narrow as *const () as usize;
     }
     probekit_kretprobe_trampoline as *const () as usize

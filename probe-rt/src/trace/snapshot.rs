@@ -228,7 +228,11 @@ impl Snapshot {
         }
         self.missed = later.missed;
         self.no_ring = later.no_ring;
+        // `exited_lost` and the versions were read together: they stay together, so that
+        // this snapshot, appended to an earlier one in turn, settles it against the
+        // versions its `exited_lost` agrees with.
         self.exited_lost = later.exited_lost;
+        self.versions = later.versions;
         self.recorded = later.recorded;
         if self.t0_ns == 0 {
             self.t0_ns = later.t0_ns;
