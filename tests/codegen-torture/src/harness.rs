@@ -37,6 +37,18 @@ macro_rules! x86_harness {
                 "mov qword ptr [rdi + {host_sp}], rsp\n",
                 "mov rsp, qword ptr [rdi + {p}]\n",
                 "cmp qword ptr [rdi + {x87}], 0\nje 5f\nfld1\n5:\n",
+                // The bits above 127 first (`Ctx::upper`; the legacy `movups` below keeps
+                // them): zmm0-31 and k0-7, or ymm0-15. Before the flags are loaded, with
+                // rax not yet.
+                "mov rax, qword ptr [rdi + {upper}]\n",
+                "test al, 2\njz 7f\n",
+                ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31\n",
+                "vmovdqu64 zmm\\i, zmmword ptr [rdi + {in_zmm} + 64 * \\i]\n.endr\n",
+                ".irp i, 0,1,2,3,4,5,6,7\nkmovq k\\i, qword ptr [rdi + {in_k} + 8 * \\i]\n.endr\n",
+                "7:\ntest al, 1\njz 8f\n",
+                ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15\n",
+                "vmovdqu ymm\\i, ymmword ptr [rdi + {in_zmm} + 64 * \\i]\n.endr\n",
+                "8:\n",
                 "push qword ptr [rdi + {in_flags}]\npopfq\n",
                 "movups xmm0, [rdi + {in_vec} + 0]\nmovups xmm1, [rdi + {in_vec} + 16]\n",
                 "movups xmm2, [rdi + {in_vec} + 32]\nmovups xmm3, [rdi + {in_vec} + 48]\n",
@@ -76,6 +88,15 @@ macro_rules! x86_harness {
                 "movups [rdi + {out_vec} + 160], xmm10\nmovups [rdi + {out_vec} + 176], xmm11\n",
                 "movups [rdi + {out_vec} + 192], xmm12\nmovups [rdi + {out_vec} + 208], xmm13\n",
                 "movups [rdi + {out_vec} + 224], xmm14\nmovups [rdi + {out_vec} + 240], xmm15\n",
+                // The bits above 127 (`Ctx::capture`: 2 zmm0-31 and k0-7, 1 ymm0-15).
+                "cmp qword ptr [rdi + {capture}], 2\njne 7f\n",
+                ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31\n",
+                "vmovdqu64 zmmword ptr [rdi + {out_zmm} + 64 * \\i], zmm\\i\n.endr\n",
+                ".irp i, 0,1,2,3,4,5,6,7\nkmovq qword ptr [rdi + {out_k} + 8 * \\i], k\\i\n.endr\n",
+                "7:\ncmp qword ptr [rdi + {capture}], 1\njne 8f\n",
+                ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15\n",
+                "vmovdqu ymmword ptr [rdi + {out_zmm} + 64 * \\i], ymm\\i\n.endr\n",
+                "8:\n",
                 "cmp qword ptr [rdi + {x87}], 0\nje 6f\nfstp st(0)\n6:\n",
                 "cld\n",
                 "mov rsp, qword ptr [rdi + {host_sp}]\n",
@@ -93,6 +114,12 @@ macro_rules! x86_harness {
             out_sp = const offset_of!(Ctx, out_sp),
             out_vec = const offset_of!(Ctx, out_vec),
             x87 = const offset_of!(Ctx, x87),
+            upper = const offset_of!(Ctx, upper),
+            capture = const offset_of!(Ctx, capture),
+            in_zmm = const offset_of!(Ctx, in_zmm),
+            out_zmm = const offset_of!(Ctx, out_zmm),
+            in_k = const offset_of!(Ctx, in_k),
+            out_k = const offset_of!(Ctx, out_k),
         );
     };
 }

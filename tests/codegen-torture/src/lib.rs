@@ -3,7 +3,10 @@
 //! its shape is entered (call, return into it, or the arm64 ftrace site sequence),
 //! lets a handler record the frame, rewrite fields and clobber every caller-saved
 //! register, and checks every register after the routine against what the frame,
-//! the policy and the shape promise.
+//! the policy and the shape promise. x86_64 wide modes (`ArgsWide`, `ReturnWide`,
+//! `FullInUse`) are checked on all the bits they keep: random values above bit 127 in
+//! ymm0-15, or zmm0-31 and k0-7 where the CPU has AVX-512, back as they were after the
+//! handler clobbered them, and zero again where they met their initial state.
 //!
 //! The harness is hand-written test asm: it is not a trampoline and touches no frame
 //! field, only its own `Ctx`, whose offsets enter as `const` operands.
@@ -105,6 +108,16 @@ pub struct Ctx {
     /// x86_64: the harness pushes 1.0 on the x87 stack before the routine and pops it
     /// after (not 0), so that the routine meets values there.
     x87: u64,
+    /// x86_64: what the harness loads from `in_zmm` and `in_k` before the routine, the
+    /// low 128 bits then overwritten from `in_vec`: 2 zmm0-31 and k0-7, 1 ymm0-15, 0
+    /// nothing (the state stays as `set_in_use`/`set_upper_state` left it).
+    upper: u64,
+    /// x86_64: what the harness stores to `out_zmm` and `out_k` after it (as `upper`).
+    capture: u64,
+    in_k: [u64; 8],
+    out_k: [u64; 8],
+    in_zmm: [[u8; 64]; 32],
+    out_zmm: [[u8; 64]; 32],
 }
 
 /// What the handler saw and did, for the current thread's run.
@@ -353,6 +366,48 @@ fn set_upper_state(clean: bool) {
     let _ = clean;
 }
 
+/// What the harness moves of the vector registers above bit 127 (x86_64 wide modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // aarch64 has none
+enum Upper {
+    None,
+    /// ymm0-15 (AVX state, no AVX-512).
+    Ymm,
+    /// zmm0-31 and k0-7 (AVX-512 state, and AVX512BW for `kmovq`).
+    Zmm,
+}
+
+impl Upper {
+    fn level(self) -> u64 {
+        self as u64
+    }
+
+    /// Bytes of each register it moves.
+    fn bytes(self) -> usize {
+        match self {
+            Upper::None => 16,
+            Upper::Ymm => 32,
+            Upper::Zmm => 64,
+        }
+    }
+}
+
+/// What of the bits above 127 a routine of mode `fp` keeps and this CPU has.
+fn upper_width(fp: FpMode) -> Upper {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::FullInUse) {
+        let xcr0 = XSAVE_MASK.load(std::sync::atomic::Ordering::Relaxed);
+        if xcr0 & 0xe0 == 0xe0 && std::arch::is_x86_feature_detected!("avx512bw") {
+            return Upper::Zmm;
+        }
+        if xcr0 & 4 != 0 {
+            return Upper::Ymm;
+        }
+    }
+    let _ = fp;
+    Upper::None
+}
+
 /// `(offset, length)` of the vector registers inside the FP area.
 fn fp_vector_span(r: &Routine) -> (usize, usize) {
     match (r.fp, cfg!(target_arch = "x86_64")) {
@@ -468,6 +523,12 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         in_vec: [[0; 16]; 32],
         out_vec: [[0; 16]; 32],
         x87: 0,
+        upper: 0,
+        capture: 0,
+        in_k: [0; 8],
+        out_k: [0; 8],
+        in_zmm: [[0; 64]; 32],
+        out_zmm: [[0; 64]; 32],
     });
     for g in ctx.in_gpr.iter_mut() {
         *g = rng.next_u64();
@@ -476,6 +537,14 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         for c in v.chunks_mut(8) {
             c.copy_from_slice(&rng.next_u64().to_ne_bytes());
         }
+    }
+    for v in ctx.in_zmm.iter_mut() {
+        for c in v.chunks_mut(8) {
+            c.copy_from_slice(&rng.next_u64().to_ne_bytes());
+        }
+    }
+    for k in ctx.in_k.iter_mut() {
+        *k = rng.next_u64();
     }
     let flags = rng.next_u64();
     ctx.in_flags = if is_x86 {
@@ -532,6 +601,16 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         set_in_use(in_use);
         ctx.x87 = (in_use == InUse::X87) as u64;
     }
+    // The bits above 127 the wide modes keep: random ones on the paths that meet them in
+    // use, none on the paths that meet them in their initial state; read back after.
+    let upper = upper_width(r.fp);
+    let loaded = match r.fp {
+        FpMode::ArgsWide | FpMode::ReturnWide => skew,
+        FpMode::FullInUse => in_use != InUse::Clean,
+        _ => false,
+    };
+    ctx.capture = upper.level();
+    ctx.upper = if loaded { upper.level() } else { 0 };
     // SAFETY: ctx is valid; the harness switches to `stack` (alive until after the call) and back.
     unsafe { enter(entry, &mut ctx) };
     CURRENT.with(|c| c.set(std::ptr::null_mut()));
@@ -654,6 +733,34 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         let want: Vec<u8> = ctx.in_vec[i].iter().map(|b| b ^ VEC_XOR).collect();
         check(format!("v{i} after (lo)"), lo(&ctx.out_vec[i]), lo(&want));
         check(format!("v{i} after (hi)"), hi(&ctx.out_vec[i]), hi(&want));
+    }
+    // Their bits above 127: as they were at the entry (the handler clobbered them), or,
+    // met in their initial state, in it again (zero).
+    let (regs, whole) = match r.fp {
+        FpMode::ArgsWide => (8, 0),
+        FpMode::ReturnWide => (2, 0),
+        FpMode::FullInUse => (16, 16),
+        _ => (0, 0),
+    };
+    let width = upper.bytes();
+    let mut words = |i: usize, bytes: std::ops::Range<usize>| {
+        for at in bytes.step_by(8) {
+            let want = if loaded { u64::from_ne_bytes(ctx.in_zmm[i][at..at + 8].try_into().unwrap()) } else { 0 };
+            check(format!("zmm{i} bytes {at}..{} after", at + 8), u64::from_ne_bytes(ctx.out_zmm[i][at..at + 8].try_into().unwrap()), want);
+        }
+    };
+    for i in 0..regs {
+        words(i, 16..width);
+    }
+    if upper == Upper::Zmm {
+        for i in regs..regs + whole {
+            words(i, 0..64);
+        }
+        if r.fp == FpMode::FullInUse {
+            for k in 0..8 {
+                check(format!("k{k} after"), ctx.out_k[k], if loaded { ctx.in_k[k] } else { 0 });
+            }
+        }
     }
     // The red zone of the probed code (x86_64 Entry): untouched below the call's own push.
     if is_x86 && r.shape == Kind::Entry {
