@@ -43,7 +43,7 @@ pub struct CpuSupport {
     /// `CPUID.80000001H:ECX[0]`, every x86_64 CPU since 2006.
     pub lahf_sahf: bool,
     /// `fp = full` keeps the FP/SIMD state: the OS enabled `xsave`
-    /// (`CPUID.1:ECX.OSXSAVE[bit 27]`). Without it those routines save nothing.
+    /// (`CPUID.1:ECX.OSXSAVE[bit 27]`). Without it their `xsave64` faults.
     pub xsave: bool,
     /// `fp = full_compact` runs (`xsavec64`): `xsave`, then
     /// `CPUID.(EAX=0DH,ECX=1):EAX[1]`.
