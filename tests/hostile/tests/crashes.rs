@@ -4,7 +4,9 @@
 //! the process must survive. Each scenario runs in a child process (see the crate
 //! docs). (Item 4 is in `signals.rs`.)
 
-use hostile_tests::{is_child, report, run_child, sigtrap_disposition};
+#[cfg(target_arch = "x86_64")]
+use hostile_tests::sigtrap_disposition;
+use hostile_tests::{is_child, report, run_child};
 use probekit::{Error, Probe, PtRegs, ReturnProbe};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
