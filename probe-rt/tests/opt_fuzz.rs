@@ -35,7 +35,9 @@
 //! registers (xmm0-xmm7) and the MXCSR control bits, as a call would (System V AMD64
 //! ABI 1.0, §3.2.1: xmm8-15 and the MXCSR status bits are not preserved across calls;
 //! probe-rt's build.rs, `Fp::Args`). The status bits do differ there (the reading
-//! handler's float math sets the precision flag); nothing else may.
+//! handler's float math sets the precision flag); nothing else may. So that the
+//! registers it may change there cannot reach what is compared, every x86_64 function
+//! defines xmm8-15 before reading them, as a compiled one does.
 
 use probe_rt::{jit, Error, Optimize, Probe, PtRegs};
 use std::collections::BTreeMap;
@@ -146,7 +148,6 @@ std::arch::global_asm!(
     "push r15",
     "push rdi",                            // [rsp + 8] = ctx (then 8 bytes of alignment)
     "sub rsp, 8",
-    "mov qword ptr [rsp + 16], rdi",
     "push qword ptr [rdi + {target}]",     // [rsp] = the target; rsp is 16-aligned
     ".irp k, 0,1,2,3,4,5,6,7,8,9,10,11,12,13",
     "mov rax, qword ptr [rdi + {in_rz} + 8 * \\k]",
@@ -594,6 +595,24 @@ mod gen {
             };
             items.push(item);
         }
+        // xmm8-xmm15, which the ABI leaves undefined at a function's entry (caller-saved,
+        // no argument), are defined before anything reads them, as a compiled function
+        // does: in a random order and form, ahead of the first item. An optimized probe
+        // at the entry keeps only xmm0-xmm7 (the module docs), so a read of one before it
+        // is written would make the runs differ by what the handler left in it, which
+        // the ABI allows (a handler built with optimizations does leave values there).
+        let mut order: Vec<usize> = (8..16).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, r.below(i as u64 + 1) as usize);
+        }
+        let defined = order.iter().map(|&x| match r.below(5) {
+            0 => ins!(Code::Movdqu_xmm_xmmm128, XMM[x], scratch(r)),
+            1 => ins!(Code::Movq_xmm_rm64, XMM[x], GPR[reg(r)]),
+            2 => ins!(Code::Pxor_xmm_xmmm128, XMM[x], XMM[x]),
+            3 => ins!(Code::Movaps_xmm_xmmm128, XMM[x], XMM[r.below(8) as usize]),
+            _ => ins!(Code::Pshufd_xmm_xmmm128_imm8, XMM[x], XMM[r.below(8) as usize], r.below(256) as u32),
+        });
+        items[0].splice(0..0, defined.collect::<Vec<_>>());
         items.push(vec![ins!(Code::Retnq)]);
         for _ in 0..nh {
             items.push(plain(r, data_at, false));
