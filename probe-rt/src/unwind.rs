@@ -11,6 +11,8 @@
 //!
 //! Every rule describes the probed code's own frame, as if the stub or block were not
 //! there: its CFA is the probed stack pointer, its return-address column the probed pc.
+//! (A stub's CFA lies a few bytes above that stack pointer, which its sp rule gives
+//! instead: libgcc tells frames apart by CFA, see `retprobe::pool`.)
 //! A pc that stands for an *instruction* (not a return address) is given + 1: unwinders
 //! look the next frame's rules up at return address − 1, and backtraces symbolize it.
 //!

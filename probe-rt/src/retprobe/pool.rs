@@ -70,14 +70,23 @@ impl Block {
                 .collect(),
         );
         // Each stub's FDE (see `retprobe`'s module docs, "Unwinding"): the stub has no
-        // frame of its own, the stack pointer is already the real caller's (CFA = sp),
-        // and the real return address is the word in its instance's slot. Unwinders
-        // look up `return address - 1`: each FDE covers the pad before its stub's entry.
-        // Registered once, for good: blocks are reused, never freed.
+        // frame of its own, the stack pointer is already the real caller's (its sp
+        // rule: the stub's), and the real return address is the word in its instance's
+        // slot. Unwinders look up `return address - 1`: each FDE covers the pad before
+        // its stub's entry. Registered once, for good: blocks are reused, never freed.
+        //
+        // The CFA is not that sp but `STUB_CFA` above it. libgcc tells frames apart by
+        // their CFA: the frame a panic's search phase found the handler in is the one
+        // whose context holds its CFA in the cleanup phase. With CFA = sp the stub would
+        // share the probed function's CFA, and a `catch_unwind` right in the real caller
+        // (what inlining makes of `catch_unwind(|| f())`) would be found at the stub in
+        // the cleanup phase, which has no handler: libgcc aborts the process. The real
+        // caller's CFA is at least 16 above that sp (its return address and the call's
+        // alignment; AAPCS64 frames hold x29 and x30), so `STUB_CFA` names no other frame.
         let fdes: Vec<Fde> = (0..n)
             .map(|i| {
                 let mut program = Program::default();
-                program.cfa(SP, 0).val_expr(RA, Expr::addr(&insts[i].ret as *const AtomicUsize as usize).deref());
+                program.cfa(SP, STUB_CFA).val_expr(SP, Expr::breg(SP, 0)).val_expr(RA, Expr::addr(&insts[i].ret as *const AtomicUsize as usize).deref());
                 Fde { begin: code + i * STUB, end: code + (i + 1) * STUB, program }
             })
             .collect();
@@ -149,6 +158,10 @@ struct Pool {
 /// block is made meanwhile): one grace period, which signals every thread that has
 /// hit a probe, serves them all.
 const RECLAIM_BATCH: usize = 8;
+
+/// How far above the stack pointer at a stub its FDE puts the stub's CFA (see
+/// `Block::new`): a value no real frame there has.
+const STUB_CFA: u64 = 8;
 
 /// Every block ever made, `(code, n)`: for the perf map. Registration takes it.
 static ALL: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
