@@ -398,6 +398,9 @@ fn snapshots_while_running_hold_whole_records() {
     });
 }
 
+// Each traced function below has a body of its own: a release build merges identical
+// functions into one (LLVM's MergeFunctions), and the tracers of two tests would then
+// share it.
 mod churn {
     use super::black_box;
     #[inline(never)]
@@ -485,7 +488,7 @@ mod churn_waves {
     use super::black_box;
     #[inline(never)]
     pub extern "C" fn h(x: u64) -> u64 {
-        black_box(x + 1)
+        black_box(x + 2)
     }
 }
 
@@ -537,7 +540,7 @@ mod lossy {
     use super::black_box;
     #[inline(never)]
     pub extern "C" fn f(x: u64) -> u64 {
-        black_box(x + 1)
+        black_box(x + 3)
     }
 }
 
@@ -563,7 +566,7 @@ mod drained {
     use super::black_box;
     #[inline(never)]
     pub extern "C" fn f(x: u64) -> u64 {
-        black_box(x + 1)
+        black_box(x + 4)
     }
 }
 
@@ -591,7 +594,7 @@ mod raced {
     use super::black_box;
     #[inline(never)]
     pub extern "C" fn g(x: u64) -> u64 {
-        black_box(x + 1)
+        black_box(x + 5)
     }
 }
 

@@ -312,6 +312,7 @@ static TRACE_ENTRY_HITS: AtomicU64 = AtomicU64::new(0);
 static TRACE_MID_HITS: AtomicU64 = AtomicU64::new(0);
 
 #[test]
+#[inline(never)] // its name is looked for in backtraces: its own frame in a release build too
 fn backtraces_at_an_optimized_entry_name_the_real_frames() {
     let p = optimized(unw_trace_entry as *const () as usize, &TRACE_ENTRY_HITS, true);
     traces_name_the_real_frames(unw_trace_entry, "unw_trace_entry", "::backtraces_at_an_optimized_entry_name_the_real_frames");
@@ -319,6 +320,7 @@ fn backtraces_at_an_optimized_entry_name_the_real_frames() {
 }
 
 #[test]
+#[inline(never)] // its name is looked for in backtraces: its own frame in a release build too
 fn backtraces_at_an_optimized_mid_function_probe_name_the_real_frames() {
     let p = optimized(unw_trace_mid_at as *const () as usize, &TRACE_MID_HITS, true);
     traces_name_the_real_frames(unw_trace_mid, "unw_trace_mid", "::backtraces_at_an_optimized_mid_function_probe_name_the_real_frames");
@@ -371,6 +373,7 @@ fn fault_in_the_copy() -> u64 {
 }
 
 #[test]
+#[inline(never)] // its name is looked for in backtraces: its own frame in a release build too
 fn a_signal_in_the_detour_copy_unwinds_to_the_real_frames() {
     let word = 7u64;
     // SAFETY: a readable word.

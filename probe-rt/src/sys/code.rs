@@ -642,18 +642,17 @@ mod tests {
         let mut buf = vec![0u8; data.len()];
         assert!(read_through_pipe(data.as_ptr() as usize, &mut buf));
         assert_eq!(buf, data);
-        // A page mapped, then unmapped: refused, and the pipe is left empty (the next
-        // read is right).
+        // A page that cannot be read (mapped with no access, so that no other thread's
+        // mapping can take its address meanwhile, as one could an unmapped page's):
+        // refused, and the pipe is left empty (the next read is right).
         let page = page_size();
-        // SAFETY: a fresh anonymous mapping of one page, unmapped at once: only its
-        // address is used after, by the kernel (which refuses it).
-        let gone = unsafe {
-            let p = libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
-            assert_ne!(p, libc::MAP_FAILED);
-            libc::munmap(p, page);
-            p as usize
-        };
-        assert!(!read_through_pipe(gone, &mut [0u8; 16]));
+        // SAFETY: a fresh anonymous mapping of one page with no access: only its address
+        // is used, by the kernel (which refuses it), until it is unmapped below.
+        let sealed = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(sealed, libc::MAP_FAILED);
+        assert!(!read_through_pipe(sealed as usize, &mut [0u8; 16]));
+        // SAFETY: the mapping made above, used by nothing else.
+        unsafe { libc::munmap(sealed, page) };
         let mut again = vec![0u8; 64];
         assert!(read_through_pipe(data.as_ptr() as usize + 100, &mut again));
         assert_eq!(again, data[100..164]);

@@ -224,6 +224,7 @@ fn caller_of_traced() -> u64 {
 }
 
 #[test]
+#[inline(never)] // its name is looked for in backtraces: its own frame in a release build too
 fn a_backtrace_in_a_probed_function_names_the_real_caller() {
     let _p = ReturnProbe::builder().function(traced as fn() -> u64).handler(noop).register().unwrap();
     assert_eq!(caller_of_traced(), 2);

@@ -386,6 +386,7 @@ fn libgcc_shows_one_stub_frame_per_hijacked_return_on_the_stack() {
 static SITE_LIBGCC: Trace = Trace::new();
 
 #[test]
+#[inline(never)] // its name is looked for in backtraces: its own frame in a release build too
 fn libgcc_walks_from_a_site_handler_to_the_callers() {
     // The site trampoline's call-frame information gives the probed function at its
     // entry as the handler's caller, and the naked site has the entry's rules: the walk
