@@ -37,6 +37,11 @@ export CROSS_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 PROBEKIT_OPTIMIZE=never /usr/bin/cargo test --target aarch64-unknown-linux-gnu -p probe-rt --test breakpoint --test races --test simulate --test foreign_trap
 PROBEKIT_OPTIMIZE=never /usr/bin/cargo test --target aarch64-unknown-linux-gnu -p hostile-tests
 PROBEKIT_OPTIMIZE=never /usr/bin/cargo test --target aarch64-unknown-linux-gnu -p native-tests --test retprobe --test batch --test multi
+# Unwinding through stubs and detours, and the fuzzer's harness, in a release build too:
+# inlining decides which frame catches a panic (the bench builds below need the
+# release build of the libraries anyway).
+/usr/bin/cargo test --release --target aarch64-unknown-linux-gnu -p native-tests --test retprobe --test traces
+/usr/bin/cargo test --release --target aarch64-unknown-linux-gnu -p probe-rt --test optprobe_unwind --test opt_fuzz
 for example in quickstart funclatency fault_injection funccount funcslower argdist stackcount trace trace_miniz; do
     /usr/bin/cargo run --target aarch64-unknown-linux-gnu --example "$example"
 done

@@ -24,11 +24,12 @@
 //!
 //! Fixed seed by default (a few seconds natively, about ten under qemu-aarch64). The
 //! long run, with its summary:
-//! `PROBEKIT_FUZZ_CASES=100000 PROBEKIT_FUZZ_SEED=1234 cargo test -p probe-rt --test
-//! opt_fuzz -- --nocapture` (`PROBEKIT_FUZZ_ONLY=<case>` runs one case of a seed).
-//! Under qemu-aarch64 run several seeds of at most ~60 cases instead: there detour
-//! blocks are never reused, and after some 6,300 optimizations a process has none left
-//! in range (refusals `NoNearMemory`).
+//! `PROBEKIT_FUZZ_CASES=6000 PROBEKIT_FUZZ_SEED=1234 cargo test --release -p probe-rt
+//! --test opt_fuzz -- --nocapture` (`PROBEKIT_FUZZ_ONLY=<case>` runs one case of a
+//! seed). Each case replaces the last one's code, and every optimized address of
+//! replaced code keeps its detour block (probe-rt's `optprobe::block`): about 10 KB
+//! a case. Under qemu-aarch64 run several seeds of ~60 cases instead (about ten
+//! seconds each).
 //!
 //! Where the ABI lets a probe differ from the unprobed run, the comparison says so:
 //! an optimized probe at an x86_64 function's entry keeps only the vector argument
@@ -1446,11 +1447,8 @@ fn case(seed: u64, index: u64, region: &Region, scratch: &mut Scratch, stats: &m
 #[test]
 fn probed_runs_equal_unprobed_runs() {
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.strip_prefix("0x").map_or_else(|| v.parse().ok(), |h| u64::from_str_radix(h, 16).ok()));
-    // About 12 ms a case natively, 160 ms under qemu-aarch64 (the CI lane). Under qemu,
-    // detour blocks are never reused (no grace period over every thread completes
-    // there: see probe-rt's optprobe::block), and those within branch range of the
-    // code page run out after some 6,300 optimizations (`NoNearMemory`): about 60
-    // to 90 cases.
+    // About 5 ms a case natively in a release build, 160 ms under qemu-aarch64 (the CI
+    // lane).
     let default_cases = if cfg!(target_arch = "x86_64") { 256 } else { 64 };
     let cases = env("PROBEKIT_FUZZ_CASES").unwrap_or(default_cases);
     let seed = env("PROBEKIT_FUZZ_SEED").unwrap_or(0x13_f022);

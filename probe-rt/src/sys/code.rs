@@ -70,6 +70,7 @@
 
 use crate::Error;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 
 /// Copies `len` bytes of this process's memory at `addr`, or None if any of them is
 /// not mapped readable *now*: through the kernel (`process_vm_readv`), so that code
@@ -557,24 +558,31 @@ pub(crate) fn alloc_exec_page() -> Result<usize, Error> {
 }
 
 /// A fresh executable page within `range` bytes of `addr` (for slots that branch back
-/// with a pc-relative jump), if one can be had: tries free addresses 1 MiB apart on
-/// both sides.
+/// with a pc-relative jump), if one can be had: first right after the last pages this
+/// mapped in range (so that they pack, and the next one costs one `mmap`), then at free
+/// addresses 1 MiB apart on both sides.
 pub(crate) fn alloc_exec_page_near(addr: usize, range: usize) -> Option<usize> {
-    let step = 1 << 20;
-    for k in 1..(range / step) {
-        for hint in [addr.checked_sub(k * step), addr.checked_add(k * step)].into_iter().flatten() {
-            let hint = hint & !(page_size() - 1);
-            if let Some(p) = map_exec(hint, libc::MAP_FIXED_NOREPLACE) {
-                if p.abs_diff(addr) < range {
-                    return Some(p);
-                }
-                // An old kernel took the flag as a hint only: give the page back.
-                // SAFETY: p is the page mmap just returned, unused.
-                unsafe { libc::munmap(p as *mut libc::c_void, page_size()) };
-            }
+    /// The pages this mapped, newest last (they are never unmapped; a stale one would
+    /// only make a hint fail).
+    static MAPPED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let page = page_size();
+    let mut mapped = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
+    let try_at = |hint: usize| {
+        let p = map_exec(hint, libc::MAP_FIXED_NOREPLACE)?;
+        if p.abs_diff(addr) < range {
+            return Some(p);
         }
-    }
-    None
+        // An old kernel took the flag as a hint only: give the page back.
+        // SAFETY: p is the page mmap just returned, unused.
+        unsafe { libc::munmap(p as *mut libc::c_void, page) };
+        None
+    };
+    let after_ours = mapped.iter().rev().filter(|p| p.abs_diff(addr) < range).take(4).map(|p| p + page).collect::<Vec<_>>();
+    let step = 1 << 20;
+    let grid = (1..range / step).flat_map(|k| [addr.checked_sub(k * step), addr.checked_add(k * step)]).flatten().map(|h| h & !(page - 1));
+    let p = after_ours.into_iter().chain(grid).find_map(try_at)?;
+    mapped.push(p);
+    Some(p)
 }
 
 /// Places `code` in fresh pages of its own and makes them executable (read + execute;
@@ -656,6 +664,24 @@ mod tests {
         let mut again = vec![0u8; 64];
         assert!(read_through_pipe(data.as_ptr() as usize + 100, &mut again));
         assert_eq!(again, data[100..164]);
+    }
+
+    #[test]
+    fn pages_near_an_address_are_in_range_and_pack() {
+        let here = pages_near_an_address_are_in_range_and_pack as *const () as usize;
+        let range = 1 << 31;
+        let pages: Vec<usize> = (0..8).map(|_| alloc_exec_page_near(here, range).expect("a page near the test's code")).collect();
+        for p in &pages {
+            assert!(p.abs_diff(here) < range && p % page_size() == 0, "{p:#x} near {here:#x}");
+        }
+        let mut sorted = pages.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), pages.len(), "distinct pages");
+        // Each after the one before (another thread's mapping may have taken that place
+        // once in a while, not every time).
+        let packed = pages.windows(2).filter(|w| w[1] == w[0] + page_size()).count();
+        assert!(packed >= 4, "pages pack: {pages:#x?}");
     }
 
     /// `store` writes exactly the bytes asked, at every width and alignment (the
