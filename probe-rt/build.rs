@@ -47,7 +47,7 @@ fn main() {
     // - the return trampoline of return probes (kretprobe shape): the FP return
     //   registers, x86_64 xmm0-xmm1 (the others are dead at a return) whole
     //   (Fp::ReturnWide: a C function's `__m256`/`__m512` return value) where the CPU
-    //   can tell which upper halves are in use (`arch::Cpu::wide`), else their low 128
+    //   can tell which upper halves are in use (`cpu_support().wide`), else their low 128
     //   bits (Fp::Return, the `_narrow` copy); aarch64 v0-v3 (an HFA of four returns
     //   in them: Fp::Args, q0-q7);
     // - the site trampoline of `#[traceable]` functions (entry shape, called from the
@@ -108,7 +108,7 @@ fn main() {
     // vzeroupper): ~80 ns a hit, where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]);
     // and Fp::FullInUse, which moves the components in use (xgetbv 1) instead of
     // xsave/xrstor (xrstor alone costs 50-70 ns on a virtual CPU), where the CPU can
-    // tell which are in use (`arch::Cpu::in_use`): ~22 ns a hit in all.
+    // tell which are in use (`cpu_support().in_use`): ~22 ns a hit in all.
     let text = match arch {
         Some(arch) => {
             let symbols = render::Symbols {

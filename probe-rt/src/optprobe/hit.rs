@@ -25,7 +25,7 @@ extern "C" {
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_full_c();
     /// The same, moving the state in use (x86_64, where the CPU can tell which is:
-    /// `arch::Cpu::in_use`).
+    /// `cpu_support().in_use`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_full_u();
     /// The same, keeping only the FP/SIMD argument registers (whole): at a function's
@@ -33,7 +33,7 @@ extern "C" {
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry();
     /// The same, keeping their low 128 bits: where the CPU has no AVX state, or cannot
-    /// tell which is in use (`arch::Cpu::wide`).
+    /// tell which is in use (`cpu_support().wide`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry_narrow();
 }

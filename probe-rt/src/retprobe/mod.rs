@@ -110,7 +110,7 @@ extern "C" {
     /// The generated return trampoline (never called: stubs jump to it).
     fn probekit_kretprobe_trampoline();
     /// The same, keeping the low 128 bits of the vector return registers, where the
-    /// CPU cannot keep them whole (x86_64, `arch::Cpu::wide`).
+    /// CPU cannot keep them whole (x86_64, `cpu_support().wide`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_kretprobe_trampoline_narrow();
 }
@@ -195,8 +195,14 @@ fn stub_code(tramp: usize) -> [u8; STUB] {
 
 /// One watched call.
 struct Inst {
-    /// The real return address; the stub's FDE reads it (`DW_OP_addr`, `DW_OP_deref`).
+    /// The return address the stub replaced: the real one, or another instance's stub
+    /// (two return probes on one function, a watched function's tail call).
     ret: AtomicUsize,
+    /// Where an unwinder goes on from the stub: `ret`, or, if that is another
+    /// instance's stub, where that one's goes, so that no stub's frame stands on
+    /// another's (libgcc tells frames apart by CFA, and stubs do not move the stack
+    /// pointer: see `pool`). The stub's FDE reads it (`DW_OP_addr`, `DW_OP_deref`).
+    unwind: AtomicUsize,
     /// The stack pointer at the entry (x86_64: where the return address is).
     sp: AtomicUsize,
     /// The next older instance of the same thread (0: none).
@@ -495,6 +501,21 @@ fn inst_at(addr: usize) -> &'static Inst {
     unsafe { &*(addr as *const Inst) }
 }
 
+/// Where an unwinder goes on from a stub that replaced `ret`: `ret`, or, when `ret` is
+/// the stub of one of this thread's live instances (hijacked at this same entry by an
+/// earlier probe, or by the caller that tail-called here), where that one's goes.
+fn unwind_target(ret: usize) -> usize {
+    let mut at = HEAD.get();
+    while at != 0 {
+        let i = inst_at(at);
+        if i.stub == ret && !i.exit.load(Ordering::Relaxed) {
+            return i.unwind.load(Ordering::Relaxed);
+        }
+        at = i.next.load(Ordering::Relaxed);
+    }
+    ret
+}
+
 /// Gives back this thread's newest instances while `stale(instance)` says their
 /// frames are gone, and returns the newest one left (0: none).
 fn drop_stale(stale: impl Fn(&Inst) -> bool) -> usize {
@@ -605,6 +626,7 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         }
     }
     inst.ret.store(ret, Ordering::Relaxed);
+    inst.unwind.store(unwind_target(ret), Ordering::Relaxed);
     inst.sp.store(sp, Ordering::Relaxed);
     inst.exit.store(exit, Ordering::Relaxed);
     inst.next.store(HEAD.get(), Ordering::Relaxed);

@@ -54,6 +54,7 @@ impl Block {
             (0..n)
                 .map(|i| Inst {
                     ret: AtomicUsize::new(0),
+                    unwind: AtomicUsize::new(0),
                     sp: AtomicUsize::new(0),
                     next: AtomicUsize::new(0),
                     busy: AtomicBool::new(false),
@@ -80,13 +81,15 @@ impl Block {
         // whose context holds its CFA in the cleanup phase. With CFA = sp the stub would
         // share the probed function's CFA, and a `catch_unwind` right in the real caller
         // (what inlining makes of `catch_unwind(|| f())`) would be found at the stub in
-        // the cleanup phase, which has no handler: libgcc aborts the process. The real
-        // caller's CFA is at least 16 above that sp (its return address and the call's
-        // alignment; AAPCS64 frames hold x29 and x30), so `STUB_CFA` names no other frame.
+        // the cleanup phase, which has no handler: libgcc aborts the process. Every CFA
+        // of a frame that made a call is 16-aligned (the psABI's and AAPCS64's call
+        // alignment), sp + 8 is not, so `STUB_CFA` names no other frame; and a stub
+        // never stands on another stub in a walk (`Inst::unwind` skips a chained one),
+        // which would share it.
         let fdes: Vec<Fde> = (0..n)
             .map(|i| {
                 let mut program = Program::default();
-                program.cfa(SP, STUB_CFA).val_expr(SP, Expr::breg(SP, 0)).val_expr(RA, Expr::addr(&insts[i].ret as *const AtomicUsize as usize).deref());
+                program.cfa(SP, STUB_CFA).val_expr(SP, Expr::breg(SP, 0)).val_expr(RA, Expr::addr(&insts[i].unwind as *const AtomicUsize as usize).deref());
                 Fde { begin: code + i * STUB, end: code + (i + 1) * STUB, program }
             })
             .collect();
@@ -231,6 +234,7 @@ pub(crate) fn take(n: usize) -> Result<&'static Block, Error> {
     let block = block?;
     for inst in block.insts {
         inst.ret.store(0, Ordering::Relaxed);
+        inst.unwind.store(0, Ordering::Relaxed);
         inst.sp.store(0, Ordering::Relaxed);
         inst.next.store(0, Ordering::Relaxed);
         inst.taken.store(0, Ordering::Relaxed);

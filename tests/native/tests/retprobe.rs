@@ -210,6 +210,41 @@ fn a_panic_unwinds_through_a_hijacked_frame() {
     assert_eq!((p.nhit(), p.nmissed()), (2, 0));
 }
 
+#[inline(never)]
+fn thrower_twice(n: u64) -> u64 {
+    if black_box(n) > 0 {
+        panic!("twice {n}");
+    }
+    n + 2
+}
+
+#[inline(never)]
+fn probed_twice(n: u64) -> u64 {
+    thrower_twice(black_box(n)) + 2
+}
+
+#[inline(never)]
+fn real_caller_of_twice(n: u64) -> std::thread::Result<u64> {
+    std::panic::catch_unwind(|| probed_twice(n))
+}
+
+#[test]
+fn a_panic_unwinds_through_two_hijacks_of_one_frame() {
+    // Two return probes on one function: its return address goes to the second one's
+    // stub, which returns to the first one's. An unwinder must not stand on both (they
+    // would share a CFA); in a release build the catch is right in the real caller.
+    let a = ReturnProbe::builder().function(probed_twice as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
+    let b = ReturnProbe::builder().function(probed_twice as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = real_caller_of_twice(3);
+    std::panic::set_hook(hook);
+    let payload = r.expect_err("the panic reaches catch_unwind");
+    assert_eq!(payload.downcast_ref::<String>().map(String::as_str), Some("twice 3"));
+    assert_eq!(real_caller_of_twice(0).unwrap(), 4);
+    assert_eq!((a.nhit(), a.nmissed(), b.nhit(), b.nmissed()), (2, 0, 2, 0));
+}
+
 static TRACE: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
 #[inline(never)]
