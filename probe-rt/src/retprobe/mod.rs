@@ -759,14 +759,15 @@ fn lost(sp: usize) -> ! {
 
 /// The real return address hidden behind `addr`, if `addr` is the stub of one of this
 /// thread's live instances (a hijacked return address read from the stack or `x30`),
-/// else `addr`: what Frida's `gum_invocation_stack_translate` does. Lock-free and
-/// without allocation: the thread's own list of instances, newest first.
+/// else `addr`: what Frida's `gum_invocation_stack_translate` does. Behind a chain of
+/// stubs (two return probes on one function), the address the last one returns to.
+/// Lock-free and without allocation: the thread's own list of instances, newest first.
 pub(crate) fn translate(addr: usize) -> usize {
     let mut at = HEAD.get();
     while at != 0 {
         let inst = inst_at(at);
         if inst.stub == addr {
-            return inst.ret.load(Ordering::Relaxed);
+            return inst.unwind.load(Ordering::Relaxed);
         }
         at = inst.next.load(Ordering::Relaxed);
     }
