@@ -210,9 +210,15 @@ fn a_panic_unwinds_through_a_hijacked_frame() {
     assert_eq!((p.nhit(), p.nmissed()), (2, 0));
 }
 
+/// probekit's own trace, taken where `thrower_twice` panics.
+static TWICE_TRACE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
 #[inline(never)]
 fn thrower_twice(n: u64) -> u64 {
     if black_box(n) > 0 {
+        let mut out = [0usize; 32];
+        let len = probekit::backtrace(&mut out);
+        *TWICE_TRACE.lock().unwrap() = out[..len].to_vec();
         panic!("twice {n}");
     }
     n + 2
@@ -243,6 +249,10 @@ fn a_panic_unwinds_through_two_hijacks_of_one_frame() {
     assert_eq!(payload.downcast_ref::<String>().map(String::as_str), Some("twice 3"));
     assert_eq!(real_caller_of_twice(0).unwrap(), 4);
     assert_eq!((a.nhit(), a.nmissed(), b.nhit(), b.nmissed()), (2, 0, 2, 0));
+    // probekit's own walk, too, goes past both stubs to the real caller.
+    let trace = TWICE_TRACE.lock().unwrap().clone();
+    let caller = real_caller_of_twice as fn(u64) -> std::thread::Result<u64> as usize;
+    assert!(trace.iter().any(|ip| *ip > caller && *ip < caller + 256), "probekit::backtrace reaches real_caller_of_twice ({caller:#x}): {trace:#x?}");
 }
 
 static TRACE: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
