@@ -501,21 +501,6 @@ fn inst_at(addr: usize) -> &'static Inst {
     unsafe { &*(addr as *const Inst) }
 }
 
-/// Where an unwinder goes on from a stub that replaced `ret`: `ret`, or, when `ret` is
-/// the stub of one of this thread's live instances (hijacked at this same entry by an
-/// earlier probe, or by the caller that tail-called here), where that one's goes.
-fn unwind_target(ret: usize) -> usize {
-    let mut at = HEAD.get();
-    while at != 0 {
-        let i = inst_at(at);
-        if i.stub == ret && !i.exit.load(Ordering::Relaxed) {
-            return i.unwind.load(Ordering::Relaxed);
-        }
-        at = i.next.load(Ordering::Relaxed);
-    }
-    ret
-}
-
 /// Gives back this thread's newest instances while `stale(instance)` says their
 /// frames are gone, and returns the newest one left (0: none).
 fn drop_stale(stale: impl Fn(&Inst) -> bool) -> usize {
@@ -626,7 +611,9 @@ pub(crate) fn on_entry(regs: &mut PtRegs, ctx: usize) {
         }
     }
     inst.ret.store(ret, Ordering::Relaxed);
-    inst.unwind.store(unwind_target(ret), Ordering::Relaxed);
+    // `ret` is another instance's stub when an earlier probe here, or the caller that
+    // tail-called here, hijacked it: its real return address is that one's.
+    inst.unwind.store(translate(ret), Ordering::Relaxed);
     inst.sp.store(sp, Ordering::Relaxed);
     inst.exit.store(exit, Ordering::Relaxed);
     inst.next.store(HEAD.get(), Ordering::Relaxed);
