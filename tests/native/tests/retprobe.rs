@@ -196,13 +196,19 @@ fn real_caller_of_outer(n: u64) -> std::thread::Result<u64> {
     std::panic::catch_unwind(|| probed_outer(n))
 }
 
+/// Runs `f` with the panic hook silenced: its panics are expected.
+fn quietly<R>(f: impl FnOnce() -> R) -> R {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = f();
+    std::panic::set_hook(hook);
+    r
+}
+
 #[test]
 fn a_panic_unwinds_through_a_hijacked_frame() {
     let p = ReturnProbe::builder().function(probed_outer as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let r = real_caller_of_outer(3);
-    std::panic::set_hook(hook);
+    let r = quietly(|| real_caller_of_outer(3));
     let payload = r.expect_err("the panic reaches catch_unwind");
     assert_eq!(payload.downcast_ref::<String>().map(String::as_str), Some("deep 3"));
     // The instance left behind is reclaimed by the next entry (maxactive 1).
@@ -241,10 +247,7 @@ fn a_panic_unwinds_through_two_hijacks_of_one_frame() {
     // would share a CFA); in a release build the catch is right in the real caller.
     let a = ReturnProbe::builder().function(probed_twice as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
     let b = ReturnProbe::builder().function(probed_twice as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let r = real_caller_of_twice(3);
-    std::panic::set_hook(hook);
+    let r = quietly(|| real_caller_of_twice(3));
     let payload = r.expect_err("the panic reaches catch_unwind");
     assert_eq!(payload.downcast_ref::<String>().map(String::as_str), Some("twice 3"));
     assert_eq!(real_caller_of_twice(0).unwrap(), 4);
@@ -426,19 +429,18 @@ fn dies_inside(n: u64) -> u64 {
 #[test]
 fn an_instance_held_by_an_exited_thread_is_reclaimed() {
     let p = ReturnProbe::builder().function(dies_inside as fn(u64) -> u64).handler(noop).maxactive(1).register().unwrap();
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
     // The panic unwinds through the hijacked frame and ends the thread, which still
     // holds the only instance on its (now dead) list.
     let tid = std::sync::Arc::new(AtomicU64::new(0));
     let seen = tid.clone();
-    let r = std::thread::spawn(move || {
-        // SAFETY: gettid has no preconditions.
-        seen.store(unsafe { libc::gettid() } as u64, Ordering::Relaxed);
-        dies_inside(13)
-    })
-    .join();
-    std::panic::set_hook(hook);
+    let r = quietly(|| {
+        std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            seen.store(unsafe { libc::gettid() } as u64, Ordering::Relaxed);
+            dies_inside(13)
+        })
+        .join()
+    });
     assert!(r.is_err());
     // join returns once the thread cleared its id; the kernel thread may linger a
     // moment (under qemu-user, longer): wait until it is gone.
