@@ -31,6 +31,8 @@ pub(crate) const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 struct Table {
     /// Entries - 1 (a power of two minus one).
     mask: usize,
+    /// 64 - log2(entries): the hash's top bits are the first entry's index.
+    shift: u32,
     /// Entries ever used (live or dead): at most half of them, or the table grows.
     used: AtomicUsize,
     entries: Box<[Entry]>,
@@ -39,15 +41,21 @@ struct Table {
 impl Table {
     fn new(len: usize) -> Table {
         let entries = (0..len).map(|_| Entry { key: AtomicUsize::new(0), head: AtomicU32::new(0) }).collect();
-        Table { mask: len - 1, used: AtomicUsize::new(0), entries }
+        Table { mask: len - 1, shift: 64 - len.trailing_zeros(), used: AtomicUsize::new(0), entries }
     }
 
-    /// The entries a lookup of `key` visits, in order (Fibonacci hashing: addresses'
-    /// low bits are alignment).
+    /// The index of the first entry a lookup of `key` visits (Fibonacci hashing:
+    /// addresses' low bits are alignment).
+    #[inline(always)]
+    fn start(&self, key: usize) -> usize {
+        ((key as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    /// The entries a lookup of `key` visits, in order.
     #[inline(always)]
     fn probe_sequence(&self, key: usize) -> impl Iterator<Item = &Entry> {
-        let start = (key as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - (self.mask + 1).trailing_zeros());
-        (0..=self.mask).map(move |k| &self.entries[(start as usize + k) & self.mask])
+        let start = self.start(key);
+        (0..=self.mask).map(move |k| &self.entries[(start + k) & self.mask])
     }
 }
 
@@ -77,17 +85,23 @@ impl AddrMap {
 
     /// The index + 1 of the first record at `key`, 0 if it has none. Lock-free, for the
     /// hit paths.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn head(&self, key: usize) -> u32 {
         let Some(t) = self.current() else { return 0 };
         // The first slot of the sequence holds most keys (the table stays under half
-        // full): checked before the general loop, which the hit path pays for otherwise.
-        let first = t.probe_sequence(key).next().map(|e| (e.key.load(Ordering::Acquire), e));
-        match first {
-            Some((k, e)) if k == key => return e.head.load(Ordering::Acquire),
-            Some((0, _)) | None => return 0,
-            _ => {}
+        // full): checked inline, in the hit path; the rest of the sequence out of line.
+        let Some(e) = t.entries.get(t.start(key)) else { return 0 };
+        match e.key.load(Ordering::Acquire) {
+            k if k == key => e.head.load(Ordering::Acquire),
+            0 => 0,
+            _ => Self::head_after_first(t, key),
         }
+    }
+
+    /// [`Self::head`] past the first entry of `key`'s sequence.
+    #[cold]
+    #[inline(never)]
+    fn head_after_first(t: &Table, key: usize) -> u32 {
         for e in t.probe_sequence(key).skip(1) {
             match e.key.load(Ordering::Acquire) {
                 k if k == key => return e.head.load(Ordering::Acquire),
