@@ -92,6 +92,39 @@ fn main() {
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
     }
 
+    // The light trampolines of sites' exit paths (see probe-rt's `site::fgraph`: the
+    // function-graph tracer's path, ftrace's `ftrace_regs` beside its `pt_regs`): entry
+    // shape, called like the exit-path trampolines above, over frames of the argument
+    // registers or the return register only (their source written to OUT_DIR, which
+    // probe-rt includes: planner and compiler read the same text). Every other
+    // caller-saved register goes to the hidden area (Policy::CallerSaved), the
+    // callee-saved ones are the ABI's to keep; FP/SIMD as the exit-path trampolines.
+    let (source, text) = match arch {
+        Some(arch) => {
+            let source = fgraph_frames(arch);
+            let mut text = String::new();
+            let frames = [
+                ("FgraphRegs", "probekit_fgraph_entry_trampoline", "crate::site::fgraph::dispatch_entry", Fp::Args),
+                (
+                    "FgraphRetRegs",
+                    "probekit_fgraph_exit_trampoline",
+                    "crate::site::fgraph::dispatch_exit",
+                    if arch == Arch::X86_64 { Fp::Return } else { Fp::Args },
+                ),
+            ];
+            for (frame, name, handler, fp) in frames {
+                let layout = FrameLayout::from_source(&source, frame, arch).expect("the fgraph frames parse");
+                let plan = Plan::new(&layout, Policy::CallerSaved, fp, Shape::Entry).expect("the fgraph frames plan");
+                let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
+                text += &render::rust_global_asm(&plan, name, &format!("crate::site::fgraph::{frame}"), &symbols);
+            }
+            (source, text)
+        }
+        None => (String::new(), String::new()),
+    };
+    std::fs::write(out_dir.join("fgraph_frames.rs"), source).expect("OUT_DIR is writable");
+    std::fs::write(out_dir.join("fgraph.rs"), text).expect("OUT_DIR is writable");
+
     // The trampolines of optimized probes' detours (see probe-rt's `arch::detour` and `optprobe::hit`):
     // SaveRestore routines (called like a function, from the detour, with the stack
     // already past the probed code's red zone) that save and restore every general
@@ -132,4 +165,28 @@ fn main() {
         None => String::new(),
     };
     std::fs::write(out_dir.join("opt.rs"), text).expect("OUT_DIR is writable");
+}
+
+/// The frames of the light trampolines (`site::fgraph`): the registers a function's
+/// entry passes its integer arguments in (SysV AMD64 ABI 1.0 §3.2.3, AAPCS64 §6.8.2) or
+/// its return passes its value in, and the stack pointer and resume address.
+fn fgraph_frames(arch: Arch) -> String {
+    let (entry, exit) = match arch {
+        Arch::X86_64 => (
+            "pub(crate) rdi: u64,\n    pub(crate) rsi: u64,\n    pub(crate) rdx: u64,\n    pub(crate) rcx: u64,\n    pub(crate) r8: u64,\n    pub(crate) r9: u64,\n    pub(crate) rsp: u64,\n    pub(crate) rip: u64,",
+            "pub(crate) rax: u64,\n    pub(crate) rsp: u64,\n    pub(crate) rip: u64,",
+        ),
+        Arch::Aarch64 => (
+            "pub(crate) regs: [u64; 8],\n    pub(crate) sp: u64,\n    pub(crate) pc: u64,",
+            "pub(crate) regs: [u64; 1],\n    pub(crate) sp: u64,\n    pub(crate) pc: u64,",
+        ),
+    };
+    format!(
+        "/// A light entry trampoline's frame: the integer argument registers, the stack\n\
+         /// pointer at the function's entry and where the trampoline resumes.\n\
+         #[repr(C)]\npub(crate) struct FgraphRegs {{\n    {entry}\n}}\n\n\
+         /// A light exit trampoline's frame: the integer return register, the stack pointer\n\
+         /// at the function's entry and where the trampoline resumes.\n\
+         #[repr(C)]\npub(crate) struct FgraphRetRegs {{\n    {exit}\n}}\n"
+    )
 }

@@ -80,6 +80,8 @@ pub fn perf_map(on: bool) -> Result<(), Error> {
             ("probekit_site_trampoline", crate::site::patch::trampoline()),
             ("probekit_site_exit_entry_trampoline", crate::site::patch::exit_entry_trampoline()),
             ("probekit_site_exit_trampoline", crate::retprobe::exit_trampoline()),
+            ("probekit_fgraph_entry_trampoline", crate::site::fgraph::trampolines().0),
+            ("probekit_fgraph_exit_trampoline", crate::site::fgraph::trampolines().1),
         ] {
             let size = crate::sys::symbols::function_at(addr).filter(|f| f.addr == addr).map_or(1, |f| f.size.max(1));
             line(&mut text, addr, size, name);

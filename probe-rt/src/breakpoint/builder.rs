@@ -12,6 +12,7 @@ use crate::sys::{code, maps};
 use crate::Error;
 use crate::{NotOptimized, PtRegs};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Something whose address can be probed: a function pointer of up to six arguments.
 ///
@@ -206,6 +207,14 @@ impl ProbeBuilder {
     /// the probe).
     pub(crate) fn internal_pre(mut self, h: Call, ctx: usize) -> Self {
         self.pre = Some(Handler::internal(h, ctx));
+        self
+    }
+
+    /// Runs probekit's own handler `h(regs, ctx)` as the pre handler, with `ctx` the
+    /// address of `owner`'s value, which the probe keeps alive.
+    #[cfg_attr(not(feature = "trace"), allow(dead_code))]
+    pub(crate) fn internal_pre_owned<T: Send + Sync + 'static>(mut self, h: Call, owner: Arc<T>) -> Self {
+        self.pre = Some(Handler::internal_owned(h, owner));
         self
     }
 

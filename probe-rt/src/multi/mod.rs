@@ -53,6 +53,9 @@ pub struct Attached {
 type EntryFn<T> = dyn Fn(&mut PtRegs, &Attached, &mut T) -> Entry + Send + Sync;
 /// A return handler as the builder keeps it.
 type ExitFn<T> = dyn Fn(&mut PtRegs, &Attached, &mut T) + Send + Sync;
+/// Another probe for a function, chosen by probekit's own clients (the tracer's light
+/// records, see `site::fgraph`), or `None` for the usual one.
+type MemberFn = dyn Fn(&Arc<Attached>) -> Option<ProbeBuilder> + Send + Sync;
 
 /// A function that matched but could not be attached, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +80,7 @@ impl MultiProbe {
     /// Starts describing a multi-function probe whose calls each get a `T` (from
     /// `T::default()` at the entry) that both handlers receive: a timestamp, say.
     pub fn with_data<T: Default + Send + 'static>() -> MultiProbeBuilder<T> {
-        MultiProbeBuilder { choose: targets::Choice::default(), entry: None, exit: None, maxactive: None, strict: false }
+        MultiProbeBuilder { choose: targets::Choice::default(), entry: None, exit: None, maxactive: None, strict: false, member: None }
     }
 }
 
@@ -88,6 +91,7 @@ pub struct MultiProbeBuilder<T> {
     exit: Option<Arc<ExitFn<T>>>,
     maxactive: Option<usize>,
     strict: bool,
+    member: Option<Arc<MemberFn>>,
 }
 
 impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
@@ -179,6 +183,14 @@ impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
         self
     }
 
+    /// Attaches to the functions for which `member` gives a probe with that probe
+    /// instead of the usual one (probekit's own clients: the tracer's light records).
+    #[cfg_attr(not(feature = "trace"), allow(dead_code))]
+    pub(crate) fn member(mut self, member: impl Fn(&Arc<Attached>) -> Option<ProbeBuilder> + Send + Sync + 'static) -> Self {
+        self.member = Some(Arc::new(member));
+        self
+    }
+
     /// Chooses the functions and attaches to all of them as one batch: either every
     /// function that can be attached is live, or none is and no byte of text changed.
     /// Errors: a bad glob ([`Error::BadPattern`]), nothing chosen ([`Error::NoMatch`]),
@@ -195,7 +207,7 @@ impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
         let mut members = Vec::with_capacity(chosen.len());
         for (name, addr) in chosen {
             let attached = Arc::new(Attached { id: members.len() as u32, addr, name });
-            match self.member(attached.clone()) {
+            match self.member_probe(attached.clone()) {
                 Ok((probe, rest)) => members.push((attached, probe, rest)),
                 Err(error) if self.strict => return Err(attach_error(&attached.name, addr, error)),
                 Err(error) => skipped.push(Skipped { name: attached.name.clone(), addr, error }),
@@ -234,10 +246,14 @@ impl<T: Default + Send + 'static> MultiProbeBuilder<T> {
         Ok(MultiProbeHandle { probes, skipped })
     }
 
-    /// The probe for `attached`: a return probe when there is a return handler, else a
-    /// probe whose pre handler calls the entry handler. Their closures hold the
-    /// function's `Attached` and the shared handlers.
-    fn member(&self, attached: Arc<Attached>) -> Result<(ProbeBuilder, Option<retprobe::Pending>), Error> {
+    /// The probe for `attached`: the [`Self::member`] one if it gives one, else a return
+    /// probe when there is a return handler, else a probe whose pre handler calls the
+    /// entry handler. Their closures hold the function's `Attached` and the shared
+    /// handlers.
+    fn member_probe(&self, attached: Arc<Attached>) -> Result<(ProbeBuilder, Option<retprobe::Pending>), Error> {
+        if let Some(probe) = self.member.as_ref().and_then(|m| m(&attached)) {
+            return Ok((probe, None));
+        }
         let target = Probe::builder().function_start(attached.addr);
         let entry = self.entry.clone();
         match self.exit.clone() {

@@ -52,6 +52,14 @@ impl Handler {
         Handler { call, ctx, owner: None }
     }
 
+    /// One of probekit's own handlers, whose context is `owner`'s value (kept alive as
+    /// a closure handler's is).
+    #[cfg_attr(not(feature = "trace"), allow(dead_code))]
+    pub(crate) fn internal_owned<T: Send + Sync + 'static>(call: Call, owner: Arc<T>) -> Self {
+        let ctx = Arc::as_ptr(&owner) as usize;
+        Handler { call, ctx, owner: Some(owner) }
+    }
+
     /// What keeps the context alive.
     pub(crate) fn owner(&self) -> Option<Owner> {
         self.owner.clone()

@@ -636,12 +636,11 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut PtRegs, fp: *mut u8) -> usize
     let regs = unsafe { &mut *frame };
     let sp = regs.stack_pointer() as usize;
     let mut head = HEAD.get();
-    if head == 0 {
-        return 0;
-    }
     let resume = regs.instruction_pointer();
     let was_active = registry::set_active(true);
-    head = drop_stale(|i| i.sp.load(Ordering::Relaxed) < sp);
+    if head != 0 {
+        head = drop_stale(|i| i.sp.load(Ordering::Relaxed) < sp);
+    }
     while head != 0 {
         let inst = inst_at(head);
         if inst.sp.load(Ordering::Relaxed) != sp || !inst.exit.load(Ordering::Relaxed) {
@@ -658,6 +657,10 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut PtRegs, fp: *mut u8) -> usize
         }
         inst.give_back();
         head = HEAD.get();
+    }
+    // A light record's call (`site::fgraph`), with the return value the caller gets.
+    if !was_active {
+        crate::site::fgraph::on_return(sp, regs.return_value());
     }
     // On along the exit path, which returns itself; the stack pointer is not restored.
     regs.set_instruction_pointer(resume);

@@ -3,6 +3,7 @@
 //! disables them and holds the trampoline's dispatcher; this module arms site probes
 //! and runs their hit path.
 
+pub(crate) mod fgraph;
 pub(crate) mod patch;
 pub(crate) use patch::dispatch;
 pub mod table;
@@ -49,12 +50,12 @@ pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     }
 }
 
-/// Whether a return probe is armed on the site at `site`: its enabled site then jumps
-/// to its exit path (if it has one), where the return is observed without hijacking
-/// the return address. Under the registry lock.
+/// Whether a return probe or a light record ([`fgraph`]) is armed on the site at
+/// `site`: its enabled site then jumps to its exit path (if it has one), where the
+/// return is observed without hijacking the return address. Under the registry lock.
 pub(crate) fn wants_exit(site: usize) -> bool {
-    let on_entry = crate::retprobe::entry_hook();
-    registry::armed_at(site).any(|(_, r)| r.pre.load(Ordering::Relaxed) == on_entry)
+    let (on_entry, light) = (crate::retprobe::entry_hook(), fgraph::hook());
+    registry::armed_at(site).any(|(_, r)| matches!(r.pre.load(Ordering::Relaxed), p if p == on_entry || p == light))
 }
 
 /// Runs the probes armed on the site at `site`, in registration order, for the site

@@ -234,7 +234,7 @@ pub(crate) fn retarget(site: usize) -> Result<(), Error> {
 /// finds its trampolines), else the call of the site trampoline.
 fn enabled_bytes(site: usize) -> Result<[u8; SITE_LEN], Error> {
     if crate::site::wants_exit(site) {
-        if let Some(exit) = crate::site::table::exit_of(site).filter(slots_ready) {
+        if let Some(exit) = crate::site::table::exit_of(site).filter(|exit| slots_ready(site, exit)) {
             let mut b = [0u8; SITE_LEN];
             #[cfg(target_arch = "x86_64")]
             {
@@ -255,9 +255,14 @@ fn enabled_bytes(site: usize) -> Result<[u8; SITE_LEN], Error> {
 
 /// Writes this runtime's trampolines into the exit path's slots (in the site's
 /// record), if they are writable now (a record under RELRO is not: that site keeps
-/// the call); whether they hold them.
-fn slots_ready(exit: &crate::site::table::ExitPath) -> bool {
-    let words = [(exit.entry_slot, exit_entry_trampoline()), (exit.exit_slot, crate::retprobe::exit_trampoline())];
+/// the call); whether they hold them. The light ones where a light record is all that
+/// is armed at `site` (see [`crate::site::fgraph`]), else the full ones.
+fn slots_ready(site: usize, exit: &crate::site::table::ExitPath) -> bool {
+    let (entry, ret) = match crate::site::fgraph::light(site) {
+        true => crate::site::fgraph::trampolines(),
+        false => (exit_entry_trampoline(), crate::retprobe::exit_trampoline()),
+    };
+    let words = [(exit.entry_slot, entry), (exit.exit_slot, ret)];
     for (slot, to) in words {
         let writable = crate::sys::maps::mapping_of(slot).is_some_and(|m| m.prot & libc::PROT_WRITE != 0 && slot + 8 <= m.end);
         if !writable || !slot.is_multiple_of(8) {

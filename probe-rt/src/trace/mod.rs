@@ -37,6 +37,20 @@
 //! still running) still nests under the right depth, and flame graphs name the
 //! missing frames `[not recorded]`.
 //!
+//! # The light path
+//! A `#[traceable]` function whose site has an exit path (all but generic ones and
+//! those whose arguments may need more than ~500 bytes of stack) is traced the way
+//! ftrace's `function_graph` traces a kernel function, not through a return probe:
+//! its site jumps to its exit path, which calls two light trampolines that save the
+//! argument or return registers only (not a whole [`PtRegs`]), and the return is
+//! matched to its entry by stack pointer on the thread's ring. No return-probe
+//! instance is taken, so [`TracerBuilder::maxactive`] does not limit these calls, and
+//! a traced call costs about half of what the return-probe path costs (see the
+//! README's `hit/trace_record`). One tracer at a time takes the light path (a
+//! tracer registered while another holds it traces every function with return
+//! probes), and a site where another probe is armed too takes the full trampolines
+//! meanwhile, through which the tracer's calls are recorded the same way.
+//!
 //! # Costs and limits
 //! Each traced call costs its probe hit (a trap, or a trampoline on `#[traceable]`
 //! functions), two reads of the cycle counter (converted to `CLOCK_MONOTONIC`
@@ -47,10 +61,10 @@
 //! thread that finds none free takes over the ring of a thread that exited, if there
 //! is one (that thread's unread records, and its counts of calls dropped or too
 //! deep, go to [`Snapshot::exited_lost`]),
-//! else it is not traced (counted in [`Snapshot::no_ring`]). The calls each function can
-//! have in flight at once, over all threads, are its return probe's `maxactive`
-//! ([`TracerBuilder::maxactive`]); calls beyond it are not traced (counted in
-//! [`Snapshot::missed`]).
+//! else it is not traced (counted in [`Snapshot::no_ring`]). The calls each function
+//! off the light path can have in flight at once, over all threads, are its return
+//! probe's `maxactive` ([`TracerBuilder::maxactive`]); calls beyond it are not traced
+//! (counted in [`Snapshot::missed`]).
 
 mod chrome;
 mod clock;
@@ -64,12 +78,13 @@ pub use ring::{Full, MAX_ARGS};
 pub use snapshot::{Call, Function, Snapshot, ThreadTrace};
 
 use crate::multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
-use crate::{Error, FnAddr, PtRegs};
+use crate::site::fgraph;
+use crate::{Error, FnAddr, Probe, PtRegs};
 pub use clock::now_ns;
 use clock::Clock;
 use ring::Ring;
 use std::cell::Cell;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The per-call data of the tracer's return probes: where the call's frame is on its
@@ -150,6 +165,26 @@ impl State {
         self.claim_ring()
     }
 
+    /// This thread's ring if it has one already (no claim: for returns, which any
+    /// thread's exit path may report).
+    #[inline(always)]
+    fn own_ring(&self) -> Option<&Ring> {
+        let (generation, index) = CACHE.get();
+        if generation == self.generation {
+            return Some(&self.rings[index]);
+        }
+        self.find_own_ring()
+    }
+
+    /// [`Self::own_ring`] past the cache.
+    #[cold]
+    fn find_own_ring(&self) -> Option<&Ring> {
+        let me = SERIAL.get();
+        let index = self.rings.iter().position(|r| me != 0 && r.owner.load(Ordering::Relaxed) == me)?;
+        CACHE.set((self.generation, index));
+        Some(&self.rings[index])
+    }
+
     /// [`Self::ring`] the first time on this thread (or after another tracer took the
     /// cache).
     #[cold]
@@ -206,6 +241,23 @@ impl State {
         })
     }
 
+    /// Ends the calls on this thread's stack whose frames are gone, at an entry at `sp`
+    /// (at `now`). The return probe underneath dropped its instances of frames deeper
+    /// than this entry, and at the same depth those that are not its caller (a tail
+    /// call from a traced function returns through that function's stub and keeps it):
+    /// the frames of this thread's stack that it dropped are gone. So are the light
+    /// path's (data 0) as deep or deeper: their exit paths called the body below them.
+    #[inline(always)]
+    fn end_gone(ring: &Ring, sp: usize, now: u64) {
+        while ring.depth() > 0 {
+            let top = ring.frame(ring.depth() - 1);
+            if top.sp > sp || top.sp == sp && top.data != 0 && crate::retprobe::watching(top.data) {
+                break;
+            }
+            ring.pop(now, None);
+        }
+    }
+
     /// The entry handler: records that a call began (if tracing), after ending the
     /// calls on this thread's stack whose frames are gone.
     fn enter(&self, regs: &PtRegs, f: &Attached, slot: &mut Slot) -> bool {
@@ -215,17 +267,7 @@ impl State {
         let Some(ring) = self.ring() else { return false };
         let now = self.clock.ticks();
         let sp = regs.stack_pointer() as usize;
-        // The return probe underneath dropped its instances of frames deeper than this
-        // entry, and at the same depth those that are not its caller (a tail call from a
-        // traced function returns through that function's stub and keeps it): the
-        // frames of this thread's stack that it dropped are gone.
-        while ring.depth() > 0 {
-            let top = ring.frame(ring.depth() - 1);
-            if top.sp > sp || top.sp == sp && crate::retprobe::watching(top.data) {
-                break;
-            }
-            ring.pop(now, None);
-        }
+        Self::end_gone(ring, sp, now);
         let data = slot as *mut Slot as usize;
         match ring.push(f.id, sp, data, now, |a| regs.arg(a).unwrap_or(0)) {
             Some(depth) => {
@@ -250,10 +292,109 @@ impl State {
         }
         ring.pop(now, Some(if self.retval { regs.return_value() } else { 0 }));
     }
+
+    /// The light path's entry ([`fgraph::Enter`] through [`light_enter`]): as
+    /// [`Self::enter`], with the frame's data 0 (no instance: its return is found by
+    /// stack pointer).
+    #[inline(always)]
+    fn enter_light(&self, id: u32, sp: usize, args: &fgraph::Args) {
+        if !self.running.load(Ordering::Relaxed) {
+            // Stopped: the calls this entry shows gone still end (the return of this
+            // call, found by stack pointer, must not take a gone call's frame for its).
+            if let Some(ring) = self.own_ring().filter(|r| r.depth() > 0 && r.frame(r.depth() - 1).sp <= sp) {
+                Self::end_gone(ring, sp, self.clock.ticks());
+            }
+            return;
+        }
+        let Some(ring) = self.ring() else { return };
+        let now = self.clock.ticks();
+        Self::end_gone(ring, sp, now);
+        let _ = ring.push(id, sp, 0, now, |a| args.get(a));
+    }
+
+    /// The light path's return ([`fgraph::Exit`] through [`light_exit`]): records the
+    /// call entered at `sp` if its frame is on this thread's stack, after ending the
+    /// calls above it (a panic or `longjmp` left them: every call below `sp` has
+    /// returned or is gone when this one returns). Nothing if the entry was not
+    /// recorded (stopped, no ring, too deep).
+    #[inline(always)]
+    fn exit_light(&self, sp: usize, ret: u64) {
+        let Some(ring) = self.own_ring() else { return };
+        let mut depth = ring.depth();
+        while depth > 0 && ring.frame(depth - 1).sp < sp {
+            depth -= 1;
+        }
+        if depth == 0 || !matches!(ring.frame(depth - 1), top if top.sp == sp && top.data == 0) {
+            return;
+        }
+        let now = self.clock.ticks();
+        while ring.depth() > depth {
+            ring.pop(now, None);
+        }
+        ring.pop(now, Some(if self.retval { ret } else { 0 }));
+    }
+}
+
+/// The tracer whose calls of sites with an exit path take the light path
+/// ([`fgraph`]), or null: one tracer at a time (another registered meanwhile attaches
+/// with return probes everywhere). Set at its registration, cleared before its
+/// records are retired (see [`LightGuard`]).
+static LIGHT: AtomicPtr<State> = AtomicPtr::new(std::ptr::null_mut());
+
+/// A light record's context: its tracer and function.
+struct Member {
+    state: Arc<State>,
+    id: u32,
+}
+
+/// [`fgraph::Enter`]: a light record's entry.
+fn light_enter(ctx: usize, sp: usize, args: &fgraph::Args) {
+    // SAFETY: `ctx` is `Arc::as_ptr` of the record's `Arc<Member>`, which its handler
+    // owns: alive while the record can be hit, and after its retirement until a grace
+    // period has waited out this hit path (see `registry::handler`).
+    let m = unsafe { &*(ctx as *const Member) };
+    m.state.enter_light(m.id, sp, args);
+}
+
+/// [`fgraph::Exit`]: a return through a light record's exit path.
+fn light_exit(sp: usize, ret: u64) {
+    let state = LIGHT.load(Ordering::Acquire);
+    // SAFETY: a non-null LIGHT is the `State` of a registered tracer, cleared before
+    // its records are retired; their handlers own that `State` (through their
+    // `Member`s, or the return probes' closures) until a grace period after the
+    // retirement, which waits out this hit path, that loaded it before.
+    if let Some(state) = unsafe { state.as_ref() } {
+        state.exit_light(sp, ret);
+    }
+}
+
+/// Holds [`LIGHT`] for a tracer, and clears it when dropped.
+struct LightGuard(*const State);
+
+// SAFETY: the pointer is only compared and stored, never dereferenced through the guard.
+unsafe impl Send for LightGuard {}
+// SAFETY: as above.
+unsafe impl Sync for LightGuard {}
+
+impl LightGuard {
+    /// Takes [`LIGHT`] for `state` if no other tracer holds it.
+    fn take(state: &Arc<State>) -> Option<LightGuard> {
+        fgraph::set_client(light_enter, light_exit);
+        let p = Arc::as_ptr(state);
+        LIGHT.compare_exchange(std::ptr::null_mut(), p as *mut State, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| LightGuard(p))
+    }
+}
+
+impl Drop for LightGuard {
+    fn drop(&mut self) {
+        let _ = LIGHT.compare_exchange(self.0 as *mut State, std::ptr::null_mut(), Ordering::AcqRel, Ordering::Relaxed);
+    }
 }
 
 /// The function-graph tracer. See the [module docs](self).
 pub struct Tracer {
+    /// Dropped first: no light return looks for this tracer once its records go.
+    light: Option<LightGuard>,
     probe: MultiProbeHandle,
     state: Arc<State>,
     functions: Arc<[Function]>,
@@ -414,7 +555,9 @@ impl Tracer {
     /// Detaches from every function (what dropping the tracer does, with the error).
     pub fn unregister(self) -> Result<(), Error> {
         self.stop();
-        self.probe.unregister()
+        let Tracer { light, probe, .. } = self;
+        drop(light);
+        probe.unregister()
     }
 }
 
@@ -510,7 +653,8 @@ impl TracerBuilder {
     }
 
     /// How many calls of each function can be in flight at once, over all threads
-    /// (its return probe's `maxactive`; default 256).
+    /// (its return probe's `maxactive`; default 256). Calls on the light path (see
+    /// the [module docs](self)) have no such limit.
     pub fn maxactive(mut self, n: usize) -> Self {
         self.maxactive = n.max(1);
         self
@@ -544,8 +688,18 @@ impl TracerBuilder {
             exited_lost: AtomicU64::new(0),
         });
         let (on_entry, on_exit) = (state.clone(), state.clone());
+        // Sites with an exit path take light records if this tracer holds the light path.
+        let light = LightGuard::take(&state);
+        let member_state = light.as_ref().map(|_| state.clone());
         let probe = self
             .probe
+            .member(move |f| {
+                let state = member_state.as_ref()?;
+                let site = crate::site::table::site_of(f.addr)?;
+                crate::site::table::exit_of(site.site)?;
+                let member = Arc::new(Member { state: state.clone(), id: f.id });
+                Some(Probe::builder().function_start(f.addr).internal_pre_owned(fgraph::HOOK, member))
+            })
             .maxactive(self.maxactive)
             .entry(move |regs, f, slot| on_entry.enter(regs, f, slot))
             .exit(move |regs, _f, slot| on_exit.exit(regs, slot))
@@ -561,6 +715,6 @@ impl TracerBuilder {
             functions[id] = Function { name: a.name.clone(), addr: a.addr };
         }
         let functions: Arc<[Function]> = functions.into();
-        Ok(Tracer { probe, state, functions, reader: Mutex::new(()), t0: AtomicU64::new(0) })
+        Ok(Tracer { light, probe, state, functions, reader: Mutex::new(()), t0: AtomicU64::new(0) })
     }
 }
