@@ -11,7 +11,10 @@
 //!   `cntvct_el0`), at the entry and at the return, and keep both in the per-call data.
 //!   What `hit/trace_record` costs above it is the tracer's own bookkeeping.
 //! - `hit/trace_record`: the tracer on a site: entry and return, two timestamps, a
-//!   frame pushed and a record written to the thread's ring.
+//!   frame pushed and a record written to the thread's ring. The site has an exit
+//!   path, so the call takes the tracer's light path (probe-rt `site::fgraph`: light
+//!   trampolines that save the argument or return registers only, no return-probe
+//!   instance), not the return probe `hit/site_return` measures.
 //! - `hit/trace_record_args`: the same with two arguments and the return value kept.
 //!
 //! `cargo bench --bench trace`; in CI `-- --test` (each runs once).
