@@ -253,21 +253,32 @@ fn enabled_bytes(site: usize) -> Result<[u8; SITE_LEN], Error> {
     Ok(call_bytes(site, call_target(site)?))
 }
 
+/// Whether the site at `site` has an exit path whose slots this runtime can write now
+/// (a record under RELRO cannot be: that site keeps the call).
+pub(crate) fn exit_path_usable(site: usize) -> bool {
+    crate::site::table::exit_of(site).is_some_and(|exit| slots_writable(&exit))
+}
+
+/// Whether both slots of the exit path are 8-aligned words of a writable mapping.
+fn slots_writable(exit: &crate::site::table::ExitPath) -> bool {
+    [exit.entry_slot, exit.exit_slot]
+        .into_iter()
+        .all(|slot| slot.is_multiple_of(8) && crate::sys::maps::mapping_of(slot).is_some_and(|m| m.prot & libc::PROT_WRITE != 0 && slot + 8 <= m.end))
+}
+
 /// Writes this runtime's trampolines into the exit path's slots (in the site's
-/// record), if they are writable now (a record under RELRO is not: that site keeps
-/// the call); whether they hold them. The light ones where a light record is all that
-/// is armed at `site` (see [`crate::site::fgraph`]), else the full ones.
+/// record), if they are writable now ([`slots_writable`]); whether they hold them. The
+/// light ones where a light record is all that is armed at `site` (see
+/// [`crate::site::fgraph`]), else the full ones.
 fn slots_ready(site: usize, exit: &crate::site::table::ExitPath) -> bool {
+    if !slots_writable(exit) {
+        return false;
+    }
     let (entry, ret) = match crate::site::fgraph::light(site) {
         true => crate::site::fgraph::trampolines(),
         false => (exit_entry_trampoline(), crate::retprobe::exit_trampoline()),
     };
-    let words = [(exit.entry_slot, entry), (exit.exit_slot, ret)];
-    for (slot, to) in words {
-        let writable = crate::sys::maps::mapping_of(slot).is_some_and(|m| m.prot & libc::PROT_WRITE != 0 && slot + 8 <= m.end);
-        if !writable || !slot.is_multiple_of(8) {
-            return false;
-        }
+    for (slot, to) in [(exit.entry_slot, entry), (exit.exit_slot, ret)] {
         // SAFETY: `slot` is an 8-aligned word of a site record, in a writable mapping
         // of its loaded object (checked just above; the registry lock keeps the
         // object loaded while probes are armed in it). Only the runtime writes it, and

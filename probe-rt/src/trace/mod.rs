@@ -695,8 +695,12 @@ impl TracerBuilder {
             .probe
             .member(move |f| {
                 let state = member_state.as_ref()?;
+                // Only where the exit path will run: a light record has no other way to
+                // see its calls return.
                 let site = crate::site::table::site_of(f.addr)?;
-                crate::site::table::exit_of(site.site)?;
+                if !crate::site::patch::exit_path_usable(site.site) {
+                    return None;
+                }
                 let member = Arc::new(Member { state: state.clone(), id: f.id });
                 Some(Probe::builder().function_start(f.addr).internal_pre_owned(fgraph::HOOK, member))
             })
