@@ -8,7 +8,7 @@
 use probekit::trace::{Snapshot, ThreadTrace, Tracer};
 use probekit::{PtRegs, ReturnProbe};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 static TURN: Mutex<()> = Mutex::new(());
@@ -191,50 +191,107 @@ mod switching {
 
 fn empty_return(_r: &PtRegs, _: &mut ()) {}
 
+/// Calls `hot` from `THREADS` threads in `ROUNDS` rounds of `PER_ROUND` calls each,
+/// while `flip(round)` runs between rounds on this thread (a round's calls overlap the
+/// flip after it: the workers start the next round as soon as it is announced).
+/// Returns the calls made.
+fn under_flips(flip: impl Fn(u32)) -> u64 {
+    const THREADS: u64 = 3;
+    const ROUNDS: u32 = 40;
+    const PER_ROUND: u64 = 500;
+    let round = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                for r in 0..ROUNDS {
+                    while round.load(Ordering::Acquire) < r {
+                        std::hint::spin_loop();
+                    }
+                    for i in 0..PER_ROUND {
+                        let n = u64::from(r) * PER_ROUND + i;
+                        assert_eq!(switching::hot(black_box(n)), n ^ 0x5a);
+                    }
+                }
+            });
+        }
+        for r in 0..ROUNDS {
+            round.store(r, Ordering::Release);
+            flip(r);
+        }
+    });
+    THREADS * u64::from(ROUNDS) * PER_ROUND
+}
+
+/// Checks that `tracer` recorded each of `total` calls of `switching::hot` once,
+/// returned, with its value (every ring holds them all: none is lost).
+fn each_call_once(tracer: &Tracer, total: u64) {
+    let snap = tracer.snapshot();
+    assert_eq!(tracer.nmissed(), 0);
+    assert_eq!(snap.lost(), 0);
+    assert_eq!(snap.calls() as u64, total);
+    let mut args: Vec<u64> = Vec::new();
+    for t in &snap.threads {
+        for c in &t.calls {
+            assert!(!c.unwound && c.depth == 0, "{c:?}");
+            assert_eq!(c.ret, Some(c.args()[0] ^ 0x5a));
+            args.push(c.args()[0]);
+        }
+    }
+    // Each thread makes the calls 0..total/THREADS once.
+    args.sort_unstable();
+    assert!(args.chunks(3).enumerate().all(|(i, c)| c.iter().all(|a| *a == i as u64)));
+}
+
 /// Another return probe on the site comes and goes while threads call it: the site's
 /// exit path changes between the light and the full trampolines under the calls, and
 /// a call may enter through one and return through the other. Every call is recorded
-/// once (kept or counted lost), returned, with its value.
+/// once, returned, with its value.
 #[test]
 fn calls_across_changes_of_path_are_each_recorded_once() {
     let _turn = turn();
-    const THREADS: usize = 3;
-    let tracer = Tracer::builder().pattern(&glob("switching")).args(1).retval().register().unwrap();
+    let tracer = Tracer::builder().pattern(&glob("switching")).args(1).retval().threads(4).capacity(1 << 15).register().unwrap();
     tracer.start();
-    let stop = AtomicBool::new(false);
-    let total: u64 = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..THREADS)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut n = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        assert_eq!(switching::hot(black_box(n)), n ^ 0x5a);
-                        n += 1;
-                    }
-                    n
-                })
-            })
-            .collect();
-        for _ in 0..40 {
-            let p = ReturnProbe::builder().function(switching::hot as fn(u64) -> u64).handler(empty_return).register().unwrap();
-            std::thread::sleep(std::time::Duration::from_micros(200));
-            drop(p);
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
-        stop.store(true, Ordering::Relaxed);
-        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    let probe = Mutex::new(None);
+    let total = under_flips(|r| {
+        let mut p = probe.lock().unwrap();
+        *p = match p.take() {
+            None => Some(ReturnProbe::builder().function(switching::hot as fn(u64) -> u64).handler(empty_return).register().unwrap()),
+            Some(_) => None,
+        };
+        let _ = r;
     });
     tracer.stop();
-    let snap = tracer.snapshot();
-    assert_eq!(tracer.nmissed(), 0);
-    // The rings wrap (millions of calls): what they no longer hold is counted.
-    assert_eq!(snap.calls() as u64 + snap.lost(), total);
-    for t in &snap.threads {
-        for c in &t.calls {
-            assert!(!c.unwound && c.depth == 0);
-            assert_eq!(c.ret, Some(c.args()[0] ^ 0x5a));
-        }
-    }
+    each_call_once(&tracer, total);
+}
+
+static ENTRIES: AtomicU64 = AtomicU64::new(0);
+static RETURNS: AtomicU64 = AtomicU64::new(0);
+
+/// The same with the other return probe registered throughout, disabled and enabled:
+/// while it is registered the site keeps the full trampolines, so that every call it
+/// watched runs its return handler, disabled or not (as `disable` promises).
+#[test]
+fn a_return_probe_disabled_and_enabled_beside_the_tracer_sees_every_return() {
+    let _turn = turn();
+    let tracer = Tracer::builder().pattern(&glob("switching")).args(1).retval().threads(4).capacity(1 << 15).register().unwrap();
+    tracer.start();
+    let probe = ReturnProbe::builder()
+        .function(switching::hot as fn(u64) -> u64)
+        .entry_handler(|_, _: &mut ()| {
+            ENTRIES.fetch_add(1, Ordering::Relaxed);
+            true
+        })
+        .handler(|_, _| {
+            RETURNS.fetch_add(1, Ordering::Relaxed);
+        })
+        .register()
+        .unwrap();
+    let total = under_flips(|r| if r % 2 == 0 { probe.disable().unwrap() } else { probe.enable().unwrap() });
+    tracer.stop();
+    drop(probe);
+    each_call_once(&tracer, total);
+    assert!(ENTRIES.load(Ordering::Relaxed) > 0);
+    assert_eq!(RETURNS.load(Ordering::Relaxed), ENTRIES.load(Ordering::Relaxed));
 }
 
 /// A second tracer on the same functions meanwhile takes the return-probe path (the
@@ -257,4 +314,167 @@ fn two_tracers_on_one_site_both_record_every_call() {
         assert_eq!(snap.calls() as u64, CALLS);
         assert!(snap.threads.iter().flat_map(|t| &t.calls).all(|c| !c.unwound && c.ret.is_some()));
     }
+}
+
+mod inflight {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    pub static INSIDE: AtomicBool = AtomicBool::new(false);
+    pub static GO: AtomicBool = AtomicBool::new(false);
+    #[probekit::traceable]
+    pub fn slow(x: u64) -> u64 {
+        INSIDE.store(true, Ordering::SeqCst);
+        while !GO.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+        x + 1
+    }
+}
+
+static INFLIGHT_RETURNS: AtomicU64 = AtomicU64::new(0);
+
+/// A call a return probe watches, then the probe disabled while the call runs: its
+/// return handler still runs (the site keeps the full trampolines while the probe is
+/// registered), and the tracer records the call.
+#[test]
+fn disable_beside_the_tracer_runs_the_return_handler_of_a_call_in_flight() {
+    let _turn = turn();
+    let tracer = Tracer::builder().pattern(&glob("inflight")).retval().register().unwrap();
+    tracer.start();
+    let r = ReturnProbe::builder()
+        .function(inflight::slow as fn(u64) -> u64)
+        .handler(|_, _: &mut ()| {
+            INFLIGHT_RETURNS.fetch_add(1, Ordering::SeqCst);
+        })
+        .register()
+        .unwrap();
+    let h = std::thread::spawn(|| inflight::slow(black_box(1)));
+    while !inflight::INSIDE.load(Ordering::SeqCst) {
+        std::hint::spin_loop();
+    }
+    r.disable().unwrap();
+    inflight::GO.store(true, Ordering::SeqCst);
+    assert_eq!(h.join().unwrap(), 2);
+    tracer.stop();
+    assert_eq!(INFLIGHT_RETURNS.load(Ordering::SeqCst), 1, "the watched call's return handler ran");
+    let snap = tracer.snapshot();
+    let calls: Vec<_> = snap.threads.iter().flat_map(|t| &t.calls).collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!((calls[0].unwound, calls[0].ret), (false, Some(2)));
+}
+
+mod stale {
+    #[probekit::traceable]
+    pub fn a(x: u64) -> u64 {
+        std::hint::black_box(x + 1000)
+    }
+    #[probekit::traceable]
+    pub fn b(x: u64) -> u64 {
+        std::hint::black_box(x + 2000)
+    }
+}
+
+#[inline(never)]
+fn a_then_b() -> (u64, u64) {
+    let ra = stale::a(black_box(1));
+    let rb = stale::b(black_box(2));
+    (ra, rb)
+}
+
+/// `a` is traced and overridden by another return probe's entry (so its exit path never
+/// returns through the tracer's frame); `b`, called next at the same stack pointer, is
+/// not traced but has a return probe: its return must not end `a`'s call.
+#[test]
+fn an_untraced_return_at_the_same_sp_does_not_end_a_traced_call() {
+    let _turn = turn();
+    let tracer = Tracer::builder().names([format!("{}::stale::a", module_path!())]).retval().register().unwrap();
+    assert_eq!(tracer.functions().len(), 1, "{:?}", tracer.skipped());
+    // SAFETY: `a` returns a u64, which 7 is.
+    let over = unsafe {
+        ReturnProbe::builder()
+            .function(stale::a as fn(u64) -> u64)
+            .entry_handler_mut(|_r: &mut PtRegs, _: &mut ()| probekit::Entry::Override(7))
+            .register()
+            .unwrap()
+    };
+    let rb = ReturnProbe::builder().function(stale::b as fn(u64) -> u64).handler(empty_return).register().unwrap();
+    tracer.start();
+    let (ra, rbv) = a_then_b();
+    tracer.stop();
+    drop((over, rb));
+    assert_eq!((ra, rbv), (7, 2002));
+    let snap = tracer.snapshot();
+    assert!(snap.threads.iter().flat_map(|t| &t.calls).all(|c| c.ret != Some(2002)), "a's call recorded with b's return value");
+}
+
+mod mixed {
+    #[probekit::traceable]
+    pub fn g<T: Into<u64>>(x: T) -> u64 {
+        let x: u64 = x.into();
+        if std::hint::black_box(x) == 7 {
+            panic!("g panics on 7 (expected by the test)");
+        }
+        x
+    }
+    #[probekit::traceable]
+    pub fn l(x: u64) -> u64 {
+        std::hint::black_box(x + 1)
+    }
+}
+
+#[inline(never)]
+fn run_caught(f: fn(u64) -> u64, x: u64) -> Option<u64> {
+    std::panic::catch_unwind(move || f(black_box(x))).ok()
+}
+
+/// A return-probe frame (`g` is generic: its site has no exit path) abandoned by a
+/// panic, then a light call (`l`) at the same stack pointer: `l` does not nest under
+/// the dead `g`.
+#[test]
+fn a_light_entry_ends_an_abandoned_return_probe_frame_at_its_sp() {
+    let _turn = turn();
+    let tracer = Tracer::builder().function(mixed::g::<u64> as fn(u64) -> u64).function(mixed::l as fn(u64) -> u64).retval().register().unwrap();
+    assert_eq!(tracer.functions().len(), 2, "{:?}", tracer.skipped());
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    tracer.start();
+    let seen = (run_caught(mixed::g::<u64>, 7), run_caught(mixed::l, 1), run_caught(mixed::g::<u64>, 3));
+    tracer.stop();
+    std::panic::set_hook(hook);
+    assert_eq!(seen, (None, Some(2), Some(3)));
+    let snap = tracer.snapshot();
+    let t = snap.threads.iter().find(|t| !t.calls.is_empty()).unwrap();
+    let calls: Vec<(&str, u32, bool)> = (0..t.calls.len()).map(|i| (short(&snap, t, i), t.calls[i].depth, t.calls[i].unwound)).collect();
+    assert_eq!(calls, [("g", 0, true), ("l", 0, false), ("g", 0, false)]);
+}
+
+mod errpath {
+    #[probekit::traceable]
+    pub fn hot(x: u64) -> u64 {
+        std::hint::black_box(x ^ 1)
+    }
+}
+
+/// A tracer whose registration fails takes and gives back the light path while
+/// another thread returns through an exit path (each such return asks the light
+/// path's holder): nothing it frees is still in use.
+#[test]
+fn failed_registrations_while_exit_paths_return() {
+    let _turn = turn();
+    let rp = ReturnProbe::builder().function(errpath::hot as fn(u64) -> u64).handler(empty_return).register().unwrap();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n = n.wrapping_add(errpath::hot(black_box(n)));
+            }
+            black_box(n);
+        });
+        for _ in 0..50 {
+            assert!(Tracer::builder().pattern("no_such_module_xyz::*").threads(64).capacity(1).register().is_err());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    drop(rp);
 }

@@ -444,16 +444,43 @@ thread_local! {
 /// abandoned there by a `longjmp` or a caught panic) or that do not return through this
 /// call (a hijacked caller's tail call does: its stub is this call's return address).
 pub(crate) fn on_exit_path(regs: &mut PtRegs, run: impl FnOnce(&mut PtRegs)) {
+    entering_exit_path(regs.stack_pointer() as usize, return_address(regs));
+    ON_EXIT_PATH.set(true);
+    run(regs);
+    ON_EXIT_PATH.set(false);
+}
+
+/// At an entry through a site's exit path at stack pointer `sp`, with return address
+/// `ret`: gives back this thread's instances that the entry shows stale (see
+/// [`on_exit_path`], which does this first; the light path, `site::fgraph`, does it
+/// alone: its client then asks [`watching`] about frames this has decided).
+pub(crate) fn entering_exit_path(sp: usize, ret: usize) {
     if HEAD.get() != 0 {
-        let (sp, ret) = (regs.stack_pointer() as usize, return_address(regs));
         drop_stale(|i| {
             let at = i.sp.load(Ordering::Relaxed);
             at < sp || at == sp && (i.exit.load(Ordering::Relaxed) || i.stub != ret)
         });
     }
-    ON_EXIT_PATH.set(true);
-    run(regs);
-    ON_EXIT_PATH.set(false);
+}
+
+/// At a return through a site's exit path at stack pointer `sp` that the exit
+/// trampoline does not see (the light one, `site::fgraph`): gives back this thread's
+/// instances of calls through exit paths at `sp`, whose probes were unregistered
+/// since (a site takes the light trampolines only while no return probe is
+/// registered on it: no handler is due), and those deeper.
+pub(crate) fn leaving_exit_path(sp: usize) {
+    if HEAD.get() != 0 {
+        drop_stale(|i| {
+            let at = i.sp.load(Ordering::Relaxed);
+            at < sp || at == sp && i.exit.load(Ordering::Relaxed)
+        });
+    }
+}
+
+/// Whether the entry hooks running now are called from a site's exit path (where the
+/// exit trampoline will see the call return).
+pub(crate) fn on_exit_path_now() -> bool {
+    ON_EXIT_PATH.get()
 }
 
 /// In a child made by `fork`: the forking thread's live instances name its parent-side
@@ -541,6 +568,25 @@ fn return_address(regs: &PtRegs) -> usize {
 #[cfg(target_arch = "aarch64")]
 fn return_address(regs: &PtRegs) -> usize {
     regs.regs[30] as usize
+}
+
+/// The return address of a call returning through its exit path: the exit
+/// trampoline's frame, at the entry stack pointer `sp` (x86_64: the word there;
+/// aarch64: x30, into which the trampoline took the x9 the exit path left it in).
+pub(crate) fn return_address_at_exit(regs: &PtRegs, sp: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let _ = regs;
+        // SAFETY: at an exit path's exit call, `sp` is the function's entry stack
+        // pointer, where its caller's return address still is (the path returns
+        // through it), in the thread's own stack.
+        unsafe { *(sp as *const usize) }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let _ = sp;
+        regs.regs[30] as usize
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -660,7 +706,7 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut PtRegs, fp: *mut u8) -> usize
     }
     // A light record's call (`site::fgraph`), with the return value the caller gets.
     if !was_active {
-        crate::site::fgraph::on_return(sp, regs.return_value());
+        crate::site::fgraph::on_return(sp, return_address_at_exit(regs, sp), regs.return_value());
     }
     // On along the exit path, which returns itself; the stack pointer is not restored.
     regs.set_instruction_pointer(resume);

@@ -255,6 +255,7 @@ fn enabled_bytes(site: usize) -> Result<[u8; SITE_LEN], Error> {
 
 /// Whether the site at `site` has an exit path whose slots this runtime can write now
 /// (a record under RELRO cannot be: that site keeps the call).
+#[cfg_attr(not(feature = "trace"), allow(dead_code))]
 pub(crate) fn exit_path_usable(site: usize) -> bool {
     crate::site::table::exit_of(site).is_some_and(|exit| slots_writable(&exit))
 }

@@ -43,13 +43,17 @@
 //! ftrace's `function_graph` traces a kernel function, not through a return probe:
 //! its site jumps to its exit path, which calls two light trampolines that save the
 //! argument or return registers only (not a whole [`PtRegs`]), and the return is
-//! matched to its entry by stack pointer on the thread's ring. No return-probe
-//! instance is taken, so [`TracerBuilder::maxactive`] does not limit these calls, and
-//! a traced call costs about half of what the return-probe path costs (see the
-//! README's `hit/trace_record`). One tracer at a time takes the light path (a
-//! tracer registered while another holds it traces every function with return
-//! probes), and a site where another probe is armed too takes the full trampolines
-//! meanwhile, through which the tracer's calls are recorded the same way.
+//! matched to its entry by stack pointer and return address on the thread's ring. No
+//! return-probe instance is taken, so [`TracerBuilder::maxactive`] does not limit
+//! these calls, and a traced call costs about two thirds of what the return-probe path
+//! cost (see the README's `hit/trace_record`). One tracer at a time takes the light
+//! path (a tracer registered while another holds it traces every function with return
+//! probes), and a site where another probe is armed too, or a return probe is
+//! registered, takes the full trampolines meanwhile, through which the tracer's calls
+//! are recorded the same way. Like return probes (see
+//! [`retprobe`](crate::retprobe), "Finding the instance"), the matching assumes a
+//! thread's traced calls run on one stack: a traced function called on a
+//! `sigaltstack` or a coroutine's stack can end its thread's other calls as unwound.
 //!
 //! # Costs and limits
 //! Each traced call costs its probe hit (a trap, or a trampoline on `#[traceable]`
@@ -106,6 +110,7 @@ static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 extern "C" fn after_fork_in_child() {
     SERIAL.set(0);
     CACHE.set((0, 0));
+    NO_RING.set(0);
     RETRY.set((0, 0));
 }
 
@@ -128,6 +133,9 @@ thread_local! {
     static SERIAL: Cell<u64> = const { Cell::new(0) };
     /// The tracer generation this thread last traced for, and its ring there.
     static CACHE: Cell<(u64, usize)> = const { Cell::new((0, 0)) };
+    /// The tracer generation in which this thread found it owns no ring (returns do
+    /// not claim one: see `State::own_ring`).
+    static NO_RING: Cell<u64> = const { Cell::new(0) };
     /// The tracer generation this thread found no ring for, and the calls to wait
     /// before it looks for an exited thread's again.
     static RETRY: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
@@ -144,6 +152,8 @@ struct State {
     rings: Box<[Ring]>,
     /// Calls on threads that found no free ring.
     no_ring: AtomicU64,
+    /// Light records' calls not traced (see `fgraph::Client::missed`).
+    missed: AtomicU64,
     /// Calls of exited threads given up when their ring was taken over: records not
     /// read, and calls dropped or too deep.
     exited_lost: AtomicU64,
@@ -176,11 +186,18 @@ impl State {
         self.find_own_ring()
     }
 
-    /// [`Self::own_ring`] past the cache.
+    /// [`Self::own_ring`] past the cache: a scan, once per tracer on a thread that has
+    /// no ring in it (until it claims one, which fills the cache).
     #[cold]
     fn find_own_ring(&self) -> Option<&Ring> {
         let me = SERIAL.get();
-        let index = self.rings.iter().position(|r| me != 0 && r.owner.load(Ordering::Relaxed) == me)?;
+        if me == 0 || NO_RING.get() == self.generation {
+            return None;
+        }
+        let Some(index) = self.rings.iter().position(|r| r.owner.load(Ordering::Relaxed) == me) else {
+            NO_RING.set(self.generation);
+            return None;
+        };
         CACHE.set((self.generation, index));
         Some(&self.rings[index])
     }
@@ -208,6 +225,9 @@ impl State {
             self.no_ring.fetch_add(1, Ordering::Relaxed);
             return None;
         };
+        if NO_RING.get() == self.generation {
+            NO_RING.set(0);
+        }
         CACHE.set((self.generation, index));
         Some(&self.rings[index])
     }
@@ -242,16 +262,18 @@ impl State {
     }
 
     /// Ends the calls on this thread's stack whose frames are gone, at an entry at `sp`
-    /// (at `now`). The return probe underneath dropped its instances of frames deeper
-    /// than this entry, and at the same depth those that are not its caller (a tail
-    /// call from a traced function returns through that function's stub and keeps it):
-    /// the frames of this thread's stack that it dropped are gone. So are the light
-    /// path's (data 0) as deep or deeper: their exit paths called the body below them.
+    /// (at `now`). Just before, the return probes dropped this thread's instances of
+    /// frames deeper than this entry, and at the same depth those that are not its
+    /// caller (a tail call from a traced function returns through that function's stub
+    /// and keeps it): at a return probe's entry, or on the light path
+    /// (`retprobe::entering_exit_path`). The frames whose instances they dropped are
+    /// gone; so are the light path's as deep or deeper (their data is a return
+    /// address, no instance's): their exit paths called the body below them.
     #[inline(always)]
     fn end_gone(ring: &Ring, sp: usize, now: u64) {
         while ring.depth() > 0 {
             let top = ring.frame(ring.depth() - 1);
-            if top.sp > sp || top.sp == sp && top.data != 0 && crate::retprobe::watching(top.data) {
+            if top.sp > sp || top.sp == sp && crate::retprobe::watching(top.data) {
                 break;
             }
             ring.pop(now, None);
@@ -293,11 +315,12 @@ impl State {
         ring.pop(now, Some(if self.retval { regs.return_value() } else { 0 }));
     }
 
-    /// The light path's entry ([`fgraph::Enter`] through [`light_enter`]): as
-    /// [`Self::enter`], with the frame's data 0 (no instance: its return is found by
-    /// stack pointer).
+    /// The light path's entry (through [`light_enter`]): as [`Self::enter`], with the
+    /// call's return address `ret` as the frame's data (no instance: its return is
+    /// found by stack pointer and return address; a code address is never a return
+    /// probe's per-call data, which is on the heap).
     #[inline(always)]
-    fn enter_light(&self, id: u32, sp: usize, args: &fgraph::Args) {
+    fn enter_light(&self, id: u32, sp: usize, ret: usize, args: &fgraph::Args) {
         if !self.running.load(Ordering::Relaxed) {
             // Stopped: the calls this entry shows gone still end (the return of this
             // call, found by stack pointer, must not take a gone call's frame for its).
@@ -309,29 +332,30 @@ impl State {
         let Some(ring) = self.ring() else { return };
         let now = self.clock.ticks();
         Self::end_gone(ring, sp, now);
-        let _ = ring.push(id, sp, 0, now, |a| args.get(a));
+        let _ = ring.push(id, sp, ret, now, |a| args.get(a));
     }
 
-    /// The light path's return ([`fgraph::Exit`] through [`light_exit`]): records the
-    /// call entered at `sp` if its frame is on this thread's stack, after ending the
-    /// calls above it (a panic or `longjmp` left them: every call below `sp` has
-    /// returned or is gone when this one returns). Nothing if the entry was not
-    /// recorded (stopped, no ring, too deep).
+    /// The light path's return (through [`light_exit`]): records the call entered at
+    /// `sp` with return address `ret` if its frame is on this thread's stack, after
+    /// ending the calls above it (a panic or `longjmp` left them: every call below `sp`
+    /// has returned or is gone when this one returns). Nothing if the entry was not
+    /// recorded (stopped, no ring, too deep), or the return is another function's (a
+    /// return probe's exit path reports every return).
     #[inline(always)]
-    fn exit_light(&self, sp: usize, ret: u64) {
+    fn exit_light(&self, sp: usize, ret: usize, value: u64) {
         let Some(ring) = self.own_ring() else { return };
         let mut depth = ring.depth();
         while depth > 0 && ring.frame(depth - 1).sp < sp {
             depth -= 1;
         }
-        if depth == 0 || !matches!(ring.frame(depth - 1), top if top.sp == sp && top.data == 0) {
+        if depth == 0 || !matches!(ring.frame(depth - 1), top if top.sp == sp && top.data == ret) {
             return;
         }
         let now = self.clock.ticks();
         while ring.depth() > depth {
             ring.pop(now, None);
         }
-        ring.pop(now, Some(if self.retval { ret } else { 0 }));
+        ring.pop(now, Some(if self.retval { value } else { 0 }));
     }
 }
 
@@ -347,47 +371,65 @@ struct Member {
     id: u32,
 }
 
-/// [`fgraph::Enter`]: a light record's entry.
-fn light_enter(ctx: usize, sp: usize, args: &fgraph::Args) {
-    // SAFETY: `ctx` is `Arc::as_ptr` of the record's `Arc<Member>`, which its handler
-    // owns: alive while the record can be hit, and after its retirement until a grace
-    // period has waited out this hit path (see `registry::handler`).
-    let m = unsafe { &*(ctx as *const Member) };
-    m.state.enter_light(m.id, sp, args);
+/// The tracer as the light records' client.
+static CLIENT: fgraph::Client = fgraph::Client { enter: light_enter, exit: light_exit, missed: light_missed };
+
+/// A light record's member (its context).
+///
+/// # Safety
+/// `ctx` is `Arc::as_ptr` of the record's `Arc<Member>`, which its handler owns: alive
+/// while the record can be hit, and after its retirement until a grace period has
+/// waited out the hit path the caller is in (see `registry::handler`).
+unsafe fn member<'a>(ctx: usize) -> &'a Member {
+    // SAFETY: the caller's guarantee.
+    unsafe { &*(ctx as *const Member) }
 }
 
-/// [`fgraph::Exit`]: a return through a light record's exit path.
-fn light_exit(sp: usize, ret: u64) {
+/// The client's entry hook.
+fn light_enter(ctx: usize, sp: usize, ret: usize, args: &fgraph::Args) {
+    // SAFETY: `fgraph` passes a light record's context, from inside the hit path.
+    let m = unsafe { member(ctx) };
+    m.state.enter_light(m.id, sp, ret, args);
+}
+
+/// The client's missed entry (counted in [`Tracer::nmissed`]).
+fn light_missed(ctx: usize) {
+    // SAFETY: as in `light_enter`.
+    let m = unsafe { member(ctx) };
+    m.state.missed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The client's return hook: every return through a site's exit path while a tracer
+/// holds the light path.
+fn light_exit(sp: usize, ret: usize, value: u64) {
     let state = LIGHT.load(Ordering::Acquire);
-    // SAFETY: a non-null LIGHT is the `State` of a registered tracer, cleared before
-    // its records are retired; their handlers own that `State` (through their
-    // `Member`s, or the return probes' closures) until a grace period after the
-    // retirement, which waits out this hit path, that loaded it before.
+    // SAFETY: a non-null LIGHT is the `State` its tracer's `LightGuard` holds; the
+    // guard clears LIGHT and then buries its `Arc`, which a grace period (waiting out
+    // this hit path, which loaded LIGHT before) drops.
     if let Some(state) = unsafe { state.as_ref() } {
-        state.exit_light(sp, ret);
+        state.exit_light(sp, ret, value);
     }
 }
 
-/// Holds [`LIGHT`] for a tracer, and clears it when dropped.
-struct LightGuard(*const State);
-
-// SAFETY: the pointer is only compared and stored, never dereferenced through the guard.
-unsafe impl Send for LightGuard {}
-// SAFETY: as above.
-unsafe impl Sync for LightGuard {}
+/// Holds [`LIGHT`] for a tracer and its `State`; when dropped, clears LIGHT and leaves
+/// the `State` to the registry until a grace period (a thread may have loaded LIGHT).
+struct LightGuard(Option<Arc<State>>);
 
 impl LightGuard {
     /// Takes [`LIGHT`] for `state` if no other tracer holds it.
     fn take(state: &Arc<State>) -> Option<LightGuard> {
-        fgraph::set_client(light_enter, light_exit);
-        let p = Arc::as_ptr(state);
-        LIGHT.compare_exchange(std::ptr::null_mut(), p as *mut State, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| LightGuard(p))
+        fgraph::set_client(&CLIENT);
+        let p = Arc::as_ptr(state) as *mut State;
+        LIGHT.compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| LightGuard(Some(state.clone())))
     }
 }
 
 impl Drop for LightGuard {
     fn drop(&mut self) {
-        let _ = LIGHT.compare_exchange(self.0 as *mut State, std::ptr::null_mut(), Ordering::AcqRel, Ordering::Relaxed);
+        if let Some(state) = self.0.take() {
+            let _ = LIGHT.compare_exchange(Arc::as_ptr(&state) as *mut State, std::ptr::null_mut(), Ordering::AcqRel, Ordering::Relaxed);
+            crate::registry::lock().bury([state as crate::registry::Owner]);
+        }
     }
 }
 
@@ -516,7 +558,7 @@ impl Tracer {
         Snapshot::new(
             self.functions.clone(),
             threads,
-            self.probe.nmissed(),
+            self.nmissed(),
             self.state.no_ring.load(Ordering::Relaxed),
             exited_lost,
             recorded,
@@ -547,9 +589,11 @@ impl Tracer {
     }
 
     /// Calls not traced because they were hit inside a handler, or every instance of
-    /// their function's return probe was in use (see [`TracerBuilder::maxactive`]).
+    /// their function's return probe was in use (see [`TracerBuilder::maxactive`]), or
+    /// (on the light path) they entered while another probe was being armed beside
+    /// the tracer on their function.
     pub fn nmissed(&self) -> u64 {
-        self.probe.nmissed()
+        self.probe.nmissed() + self.state.missed.load(Ordering::Relaxed)
     }
 
     /// Detaches from every function (what dropping the tracer does, with the error).
@@ -685,6 +729,7 @@ impl TracerBuilder {
             nargs: self.nargs,
             rings,
             no_ring: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
             exited_lost: AtomicU64::new(0),
         });
         let (on_entry, on_exit) = (state.clone(), state.clone());
