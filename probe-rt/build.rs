@@ -169,19 +169,19 @@ fn main() {
 
 /// The frames of the light trampolines (`site::fgraph`): the registers a function's
 /// entry passes its integer arguments in (SysV AMD64 ABI 1.0 §3.2.3, AAPCS64 §6.8.2) or
-/// its return passes its value in, the stack pointer and resume address, and on
-/// aarch64 the return address (x86_64: the word at the stack pointer).
+/// its return passes its value in, the stack pointer and resume address, and at the
+/// entry on aarch64 the return address (x86_64: the word at the stack pointer).
 fn fgraph_frames(arch: Arch) -> String {
     let (entry, exit) = match arch {
         Arch::X86_64 => (
             "pub(crate) rdi: u64,\n    pub(crate) rsi: u64,\n    pub(crate) rdx: u64,\n    pub(crate) rcx: u64,\n    pub(crate) r8: u64,\n    pub(crate) r9: u64,\n    pub(crate) rsp: u64,\n    pub(crate) rip: u64,",
             "pub(crate) rax: u64,\n    pub(crate) rsp: u64,\n    pub(crate) rip: u64,",
         ),
-        // x30: the return address, which the exit path leaves in x9 for both calls
-        // (the entry shape takes x9 for the probed x30, as from a site).
+        // x30: the return address, which the exit path leaves in x9 (the entry shape
+        // takes x9 for the probed x30, as from a site).
         Arch::Aarch64 => (
             "pub(crate) regs: [u64; 8],\n    pub(crate) x30: u64,\n    pub(crate) sp: u64,\n    pub(crate) pc: u64,",
-            "pub(crate) regs: [u64; 1],\n    pub(crate) x30: u64,\n    pub(crate) sp: u64,\n    pub(crate) pc: u64,",
+            "pub(crate) regs: [u64; 1],\n    pub(crate) sp: u64,\n    pub(crate) pc: u64,",
         ),
     };
     format!(

@@ -478,3 +478,46 @@ fn failed_registrations_while_exit_paths_return() {
     });
     drop(rp);
 }
+
+mod same_ret {
+    #[probekit::traceable]
+    pub fn a(x: u64) -> u64 {
+        if std::hint::black_box(x) == 7 {
+            panic!("a panics on 7 (expected by the test)");
+        }
+        x + 1000
+    }
+    #[probekit::traceable]
+    pub fn b(x: u64) -> u64 {
+        std::hint::black_box(x + 2000)
+    }
+}
+
+/// Each function called from the same instruction, at the same stack pointer, so with
+/// the same return address.
+#[inline(never)]
+fn call_each(fs: &[fn(u64) -> u64], x: u64) -> Vec<Option<u64>> {
+    fs.iter().map(|f| std::panic::catch_unwind(|| f(black_box(x))).ok()).collect()
+}
+
+/// `a` is traced and panics (its frame is left on the ring); `b`, called next from the
+/// same instruction at the same stack pointer, is not traced but has a return probe:
+/// its return through the full exit path must not end `a`'s call (returns are matched
+/// by site, not only by stack pointer and return address).
+#[test]
+fn a_return_of_another_function_from_the_same_call_does_not_end_a_traced_call() {
+    let _turn = turn();
+    let tracer = Tracer::builder().names([format!("{}::same_ret::a", module_path!())]).retval().register().unwrap();
+    assert_eq!(tracer.functions().len(), 1, "{:?}", tracer.skipped());
+    let rb = ReturnProbe::builder().function(same_ret::b as fn(u64) -> u64).handler(empty_return).register().unwrap();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    tracer.start();
+    let seen = call_each(&[same_ret::a, same_ret::b], 7);
+    tracer.stop();
+    std::panic::set_hook(hook);
+    drop(rb);
+    assert_eq!(seen, [None, Some(2007)]);
+    let snap = tracer.snapshot();
+    assert!(snap.threads.iter().flat_map(|t| &t.calls).all(|c| c.ret != Some(2007)), "a's call recorded with b's return value");
+}

@@ -147,8 +147,10 @@ pub(crate) fn unregister_many(handles: Vec<ProbeHandle>) -> (Result<(), Error>, 
             true
         })
         .collect();
-    // The probes left at those addresses may be optimizable now.
+    // The probes left at those addresses may be optimizable now, or take a site's
+    // light trampolines.
     optprobe::settle(&targets);
+    crate::site::settle(&targets);
     (r, done)
 }
 

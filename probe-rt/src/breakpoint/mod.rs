@@ -329,8 +329,10 @@ impl ProbeHandle {
         e.live.store(false, Ordering::Relaxed);
         reg.retire(self.index);
         reg.bury(owners.into_iter().flatten());
-        // The probes left at the address may be optimizable now.
+        // The probes left at the address may be optimizable now, or take a site's
+        // light trampolines.
         optprobe::settle(&[e.target.load(Ordering::Relaxed)]);
+        crate::site::settle(&[e.target.load(Ordering::Relaxed)]);
         Ok(())
     }
 }

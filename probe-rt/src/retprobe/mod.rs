@@ -570,25 +570,6 @@ fn return_address(regs: &PtRegs) -> usize {
     regs.regs[30] as usize
 }
 
-/// The return address of a call returning through its exit path: the exit
-/// trampoline's frame, at the entry stack pointer `sp` (x86_64: the word there;
-/// aarch64: x30, into which the trampoline took the x9 the exit path left it in).
-pub(crate) fn return_address_at_exit(regs: &PtRegs, sp: usize) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let _ = regs;
-        // SAFETY: at an exit path's exit call, `sp` is the function's entry stack
-        // pointer, where its caller's return address still is (the path returns
-        // through it), in the thread's own stack.
-        unsafe { *(sp as *const usize) }
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        let _ = sp;
-        regs.regs[30] as usize
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 fn set_return_address(regs: &mut PtRegs, to: usize) {
     // SAFETY: as in `return_address`; the word belongs to the interrupted call, which
@@ -706,7 +687,7 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut PtRegs, fp: *mut u8) -> usize
     }
     // A light record's call (`site::fgraph`), with the return value the caller gets.
     if !was_active {
-        crate::site::fgraph::on_return(sp, return_address_at_exit(regs, sp), regs.return_value());
+        crate::site::fgraph::on_return(resume as usize, sp, regs.return_value());
     }
     // On along the exit path, which returns itself; the stack pointer is not restored.
     regs.set_instruction_pointer(resume);

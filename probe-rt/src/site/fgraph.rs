@@ -18,8 +18,8 @@
 //! call no return would follow), and the full exit trampoline's dispatcher
 //! (`retprobe::dispatch_exit`) calls [`on_return`]. A call may so enter through one
 //! kind of trampoline and return through the other (while the slots change): the
-//! client matches returns to entries by stack pointer and return address, not by
-//! path.
+//! client matches returns to entries by site and stack pointer, not by path (the exit
+//! dispatchers read the site from the exit path's call: `table::site_of_exit_call`).
 //!
 //! Both dispatchers set the thread's `active` flag (see `grace`) before they read a
 //! record or the client, and clear it after: a grace period waits for them as for the
@@ -69,12 +69,13 @@ impl Args<'_> {
 
 /// The client of light records (one: the tracer), its hooks.
 pub(crate) struct Client {
-    /// At an entry: the light record's context, the call's stack pointer at the
-    /// function's entry and its return address, its integer argument registers.
-    pub(crate) enter: fn(ctx: usize, sp: usize, ret: usize, args: &Args),
-    /// At a return: the call's stack pointer at the function's entry and its return
-    /// address (as its entry saw them), the integer return register.
-    pub(crate) exit: fn(sp: usize, ret: usize, value: u64),
+    /// At an entry: the light record's context, the site, the call's stack pointer at
+    /// the function's entry, its integer argument registers.
+    pub(crate) enter: fn(ctx: usize, site: usize, sp: usize, args: &Args),
+    /// At a return through a site's exit path (any site's: the full exit trampoline
+    /// runs for return probes too): the site, the call's stack pointer at the
+    /// function's entry (as its entry saw it), the integer return register.
+    pub(crate) exit: fn(site: usize, sp: usize, value: u64),
     /// An entry that cannot be followed to its return (the site was still a plain
     /// call: a probe armed beside the record a moment ago): the record's context.
     pub(crate) missed: fn(ctx: usize),
@@ -173,20 +174,17 @@ fn full_entry(regs: &mut PtRegs, ctx: usize) {
     if !crate::retprobe::on_exit_path_now() {
         return (client.missed)(ctx);
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: at a function's entry rsp points at its return address, in the thread's
-    // own stack.
-    let ret = unsafe { *(regs.rsp as *const usize) };
-    #[cfg(target_arch = "aarch64")]
-    let ret = regs.regs[30] as usize;
-    (client.enter)(ctx, regs.stack_pointer() as usize, ret, &Args::Full(regs));
+    // The site dispatcher's pc is the site.
+    (client.enter)(ctx, regs.instruction_pointer() as usize, regs.stack_pointer() as usize, &Args::Full(regs));
 }
 
-/// A return through the full exit trampoline (`retprobe::dispatch_exit`, inside the
-/// hit path: `active` set) at `sp` to `ret`: the client's return hook.
-pub(crate) fn on_return(sp: usize, ret: usize, value: u64) {
-    if let Some(client) = client() {
-        (client.exit)(sp, ret, value);
+/// A return through an exit path's call that resumes at `resume` (the full exit
+/// trampoline's dispatcher, `retprobe::dispatch_exit`, and [`dispatch_exit`]: inside
+/// the hit path, `active` set), at the entry stack pointer `sp`: the client's return
+/// hook.
+pub(crate) fn on_return(resume: usize, sp: usize, value: u64) {
+    if let (Some(client), Some(site)) = (client(), crate::site::table::site_of_exit_call(resume)) {
+        (client.exit)(site, sp, value);
     }
 }
 
@@ -230,7 +228,7 @@ pub(crate) extern "C" fn dispatch_entry(frame: *mut FgraphRegs, _fp: *mut u8) ->
             // to change: a hit before its arming completes).
             if let (Some((index, e)), Some(client)) = (light_record(site), client()) {
                 count_site_hit(shard, index, e);
-                (client.enter)(e.ctx.load(Ordering::Relaxed), sp as usize, ret, &Args::Light(regs));
+                (client.enter)(e.ctx.load(Ordering::Relaxed), site, sp as usize, &Args::Light(regs));
             }
         },
         || crate::site::missed_site(site),
@@ -244,15 +242,14 @@ pub(crate) extern "C" fn dispatch_exit(frame: *mut FgraphRetRegs, _fp: *mut u8) 
     // SAFETY: as in `dispatch_entry`.
     let regs = unsafe { &*frame };
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `dispatch_entry`: the exit path returns through that word.
-    let (sp, ret, value) = (regs.rsp, unsafe { *(regs.rsp as *const usize) }, regs.rax);
+    let (resume, sp, value) = (regs.rip, regs.rsp, regs.rax);
     #[cfg(target_arch = "aarch64")]
-    let (sp, ret, value) = (regs.sp, regs.x30 as usize, regs.regs[0]);
+    let (resume, sp, value) = (regs.pc, regs.sp, regs.regs[0]);
     in_hit_path(
         |_| {
             // Instances of return probes unregistered since their calls entered.
             crate::retprobe::leaving_exit_path(sp as usize);
-            on_return(sp as usize, ret, value);
+            on_return(resume as usize, sp as usize, value);
         },
         || {},
     );

@@ -50,6 +50,19 @@ pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     }
 }
 
+/// After probes were unregistered at `targets` (their records unlinked): the sites
+/// among them that stay enabled take the trampolines the probes left there want (a
+/// site takes the light ones only once no return probe is registered on it; see
+/// [`fgraph`]). Best effort, as [`patch::retarget`]: the full ones are correct too.
+/// Under the registry lock.
+pub(crate) fn settle(targets: &[usize]) {
+    for &t in targets {
+        if table::site_of(t).is_some_and(|s| s.site == t) {
+            let _ = patch::retarget(t);
+        }
+    }
+}
+
 /// Whether a return probe or a light record ([`fgraph`]) is armed on the site at
 /// `site`: its enabled site then jumps to its exit path (if it has one), where the
 /// return is observed without hijacking the return address. Under the registry lock.

@@ -279,7 +279,12 @@ fn slots_ready(site: usize, exit: &crate::site::table::ExitPath) -> bool {
         true => crate::site::fgraph::trampolines(),
         false => (exit_entry_trampoline(), crate::retprobe::exit_trampoline()),
     };
-    for (slot, to) in [(exit.entry_slot, entry), (exit.exit_slot, ret)] {
+    // The exit slot first: a call that finds the new entry slot then finds the new exit
+    // slot (x86_64 orders the stores and the loads; aarch64's loads are a whole
+    // function body apart). A return probe armed beside a light record thus never
+    // sees a call it watched return through the light exit, which gives its instance
+    // back unrun; the other way, the light exit's client finds its frames either way.
+    for (slot, to) in [(exit.exit_slot, ret), (exit.entry_slot, entry)] {
         // SAFETY: `slot` is an 8-aligned word of a site record, in a writable mapping
         // of its loaded object (checked just above; the registry lock keeps the
         // object loaded while probes are armed in it). Only the runtime writes it, and

@@ -57,6 +57,41 @@ struct RawEntry {
     exit_slot: u64,
 }
 
+/// The site whose exit path's return call returns to `resume`, read from that call's
+/// own operand, which names the record's exit slot (word 7), and the record's `site`
+/// word (1): x86_64 `call qword ptr [rip + 5f]`, aarch64 `adrp x16, 5f; ldr x16, [x16,
+/// :lo12:5f]; blr x16` (probe-codegen `site::exit_asm`). `None` if the instructions
+/// before `resume` are not that call. For the exit dispatchers, which the call called
+/// (async-signal-safe: reads of the exit path's code and of its record).
+pub(crate) fn site_of_exit_call(resume: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    let slot = {
+        // SAFETY: `resume` follows a call in the exit path's code, which is mapped and
+        // readable while its function runs; the 6 bytes before it are that call.
+        let code = unsafe { std::slice::from_raw_parts((resume - 6) as *const u8, 6) };
+        if code[..2] != [0xff, 0x15] {
+            return None;
+        }
+        resume.wrapping_add_signed(i32::from_le_bytes([code[2], code[3], code[4], code[5]]) as isize)
+    };
+    #[cfg(target_arch = "aarch64")]
+    let slot = {
+        // SAFETY: as above, the three instructions before `resume`.
+        let word = |at: usize| unsafe { (at as *const u32).read() };
+        let (adrp, ldr, blr) = (word(resume - 12), word(resume - 8), word(resume - 4));
+        // `adrp x16`, `ldr x16, [x16, #imm]` (64-bit, unsigned offset), `blr x16`.
+        if adrp & 0x9f00_001f != 0x9000_0010 || ldr & 0xffc0_03ff != 0xf940_0210 || blr != 0xd63f_0200 {
+            return None;
+        }
+        let pages = ((((adrp >> 5) & 0x7ffff) << 2 | (adrp >> 29) & 3) as i64) << 43 >> 43; // sign-extended 21 bits
+        let page = ((resume - 12) & !0xfff).wrapping_add_signed((pages << 12) as isize);
+        page + ((ldr >> 10) & 0xfff) as usize * 8
+    };
+    // SAFETY: the call's operand is the record's exit slot, word 7 of an 8-aligned
+    // record mapped with its object; word 1 is the site.
+    Some(unsafe { ((slot - 6 * 8) as *const usize).read() })
+}
+
 /// A site's exit path (probe-codegen `site::exit_asm`) and the record's words its
 /// calls go through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -267,8 +267,8 @@ impl State {
     /// caller (a tail call from a traced function returns through that function's stub
     /// and keeps it): at a return probe's entry, or on the light path
     /// (`retprobe::entering_exit_path`). The frames whose instances they dropped are
-    /// gone; so are the light path's as deep or deeper (their data is a return
-    /// address, no instance's): their exit paths called the body below them.
+    /// gone; so are the light path's as deep or deeper (their data is a site, no
+    /// instance's): their exit paths called the body below them.
     #[inline(always)]
     fn end_gone(ring: &Ring, sp: usize, now: u64) {
         while ring.depth() > 0 {
@@ -316,11 +316,11 @@ impl State {
     }
 
     /// The light path's entry (through [`light_enter`]): as [`Self::enter`], with the
-    /// call's return address `ret` as the frame's data (no instance: its return is
-    /// found by stack pointer and return address; a code address is never a return
-    /// probe's per-call data, which is on the heap).
+    /// site as the frame's data (no instance: its return is found by site and stack
+    /// pointer; a code address is never a return probe's per-call data, which is on
+    /// the heap).
     #[inline(always)]
-    fn enter_light(&self, id: u32, sp: usize, ret: usize, args: &fgraph::Args) {
+    fn enter_light(&self, id: u32, site: usize, sp: usize, args: &fgraph::Args) {
         if !self.running.load(Ordering::Relaxed) {
             // Stopped: the calls this entry shows gone still end (the return of this
             // call, found by stack pointer, must not take a gone call's frame for its).
@@ -332,23 +332,23 @@ impl State {
         let Some(ring) = self.ring() else { return };
         let now = self.clock.ticks();
         Self::end_gone(ring, sp, now);
-        let _ = ring.push(id, sp, ret, now, |a| args.get(a));
+        let _ = ring.push(id, sp, site, now, |a| args.get(a));
     }
 
-    /// The light path's return (through [`light_exit`]): records the call entered at
-    /// `sp` with return address `ret` if its frame is on this thread's stack, after
-    /// ending the calls above it (a panic or `longjmp` left them: every call below `sp`
-    /// has returned or is gone when this one returns). Nothing if the entry was not
-    /// recorded (stopped, no ring, too deep), or the return is another function's (a
-    /// return probe's exit path reports every return).
+    /// The light path's return (through [`light_exit`]): records the call of `site`
+    /// entered at `sp` if its frame is on this thread's stack, after ending the calls
+    /// above it (a panic or `longjmp` left them: every call below `sp` has returned or
+    /// is gone when this one returns). Nothing if the entry was not recorded (stopped,
+    /// no ring, too deep), or the return is another function's (every return through
+    /// a full exit path comes here).
     #[inline(always)]
-    fn exit_light(&self, sp: usize, ret: usize, value: u64) {
+    fn exit_light(&self, site: usize, sp: usize, value: u64) {
         let Some(ring) = self.own_ring() else { return };
         let mut depth = ring.depth();
         while depth > 0 && ring.frame(depth - 1).sp < sp {
             depth -= 1;
         }
-        if depth == 0 || !matches!(ring.frame(depth - 1), top if top.sp == sp && top.data == ret) {
+        if depth == 0 || !matches!(ring.frame(depth - 1), top if top.sp == sp && top.data == site) {
             return;
         }
         let now = self.clock.ticks();
@@ -386,10 +386,10 @@ unsafe fn member<'a>(ctx: usize) -> &'a Member {
 }
 
 /// The client's entry hook.
-fn light_enter(ctx: usize, sp: usize, ret: usize, args: &fgraph::Args) {
+fn light_enter(ctx: usize, site: usize, sp: usize, args: &fgraph::Args) {
     // SAFETY: `fgraph` passes a light record's context, from inside the hit path.
     let m = unsafe { member(ctx) };
-    m.state.enter_light(m.id, sp, ret, args);
+    m.state.enter_light(m.id, site, sp, args);
 }
 
 /// The client's missed entry (counted in [`Tracer::nmissed`]).
@@ -401,13 +401,13 @@ fn light_missed(ctx: usize) {
 
 /// The client's return hook: every return through a site's exit path while a tracer
 /// holds the light path.
-fn light_exit(sp: usize, ret: usize, value: u64) {
+fn light_exit(site: usize, sp: usize, value: u64) {
     let state = LIGHT.load(Ordering::Acquire);
     // SAFETY: a non-null LIGHT is the `State` its tracer's `LightGuard` holds; the
     // guard clears LIGHT and then buries its `Arc`, which a grace period (waiting out
     // this hit path, which loaded LIGHT before) drops.
     if let Some(state) = unsafe { state.as_ref() } {
-        state.exit_light(sp, ret, value);
+        state.exit_light(site, sp, value);
     }
 }
 
