@@ -150,7 +150,7 @@ pub(crate) fn unregister_many(handles: Vec<ProbeHandle>) -> (Result<(), Error>, 
     // The probes left at those addresses may be optimizable now, or take a site's
     // light trampolines.
     optprobe::settle(&targets);
-    crate::site::settle(&targets);
+    crate::site::settle(indices.iter().map(|&i| record(i)).filter(|e| e.site.load(Ordering::Relaxed)).map(|e| e.target.load(Ordering::Relaxed)));
     (r, done)
 }
 

@@ -332,7 +332,9 @@ impl ProbeHandle {
         // The probes left at the address may be optimizable now, or take a site's
         // light trampolines.
         optprobe::settle(&[e.target.load(Ordering::Relaxed)]);
-        crate::site::settle(&[e.target.load(Ordering::Relaxed)]);
+        if e.site.load(Ordering::Relaxed) {
+            crate::site::settle([e.target.load(Ordering::Relaxed)]);
+        }
         Ok(())
     }
 }

@@ -50,16 +50,17 @@ pub(crate) fn arm(e: &Record, site: usize, on: bool) -> Result<(), Error> {
     }
 }
 
-/// After probes were unregistered at `targets` (their records unlinked): the sites
-/// among them that stay enabled take the trampolines the probes left there want (a
-/// site takes the light ones only once no return probe is registered on it; see
-/// [`fgraph`]). Best effort, as [`patch::retarget`]: the full ones are correct too.
-/// Under the registry lock.
-pub(crate) fn settle(targets: &[usize]) {
-    for &t in targets {
-        if table::site_of(t).is_some_and(|s| s.site == t) {
-            let _ = patch::retarget(t);
-        }
+/// After site probes were unregistered at `sites` (their records unlinked): those that
+/// stay enabled take the trampolines the probes left there want (a site takes the
+/// light ones only once no return probe is registered on it; see [`fgraph`]). Best
+/// effort, as [`patch::retarget`]: the full ones are correct too. Under the registry
+/// lock.
+pub(crate) fn settle(sites: impl IntoIterator<Item = usize>) {
+    let mut sites: Vec<usize> = sites.into_iter().collect();
+    sites.sort_unstable();
+    sites.dedup();
+    for site in sites {
+        let _ = patch::retarget(site);
     }
 }
 
