@@ -199,7 +199,7 @@ std::arch::global_asm!(
     "ldp x0, x1, [sp], #304",
     "ret",
     "5:", // the exit stub
-    "stp x0, x1, [sp, #-208]!",
+    "stp x0, x1, [sp, #-224]!",
     "stp x2, x3, [sp, #16]",
     "stp x4, x5, [sp, #32]",
     "stp x6, x7, [sp, #48]",
@@ -224,7 +224,7 @@ std::arch::global_asm!(
     "ldp x6, x7, [sp, #48]",
     "ldp x4, x5, [sp, #32]",
     "ldp x2, x3, [sp, #16]",
-    "ldp x0, x1, [sp], #208",
+    "ldp x0, x1, [sp], #224",
     "ret",
     "6:", // the body: hit_target's work
     "add x0, x0, #1",
