@@ -95,12 +95,31 @@ pub enum Fp {
     /// caller checks (`probekit::cpu_support().in_use`), and uses `FullCompact` or
     /// `Full` elsewhere. aarch64: as `Full`.
     FullInUse,
+    /// x86_64: `xmm0`–`xmm15` (their low 128 bits) and MXCSR, with the bits above 127
+    /// of `ymm0`–`ymm7` / `zmm0`–`zmm7` kept as `ArgsWide` keeps them. What is live
+    /// mid-function in code of legacy SSE encodings only (no VEX, EVEX or XOP
+    /// instruction, no x87, MMX or `xsave`-family instruction): such code reads no bit
+    /// above 127 and never touches `zmm16`–`zmm31`, `k0`–`k7` or the x87 stack, all of
+    /// which the ABI leaves dead across the call that brought execution into it; only a
+    /// vector argument or return value handed on unread (an `__m256` passed through in
+    /// `ymm0`) may be live in the argument registers' upper halves, so those are kept.
+    /// The caller decides that the probed code is such code (probekit's optimized
+    /// probes decode the whole function). MXCSR is reloaded only if the handler changed
+    /// it, as `FullInUse` does. A handler's x87 status is left as it leaves it. Needs
+    /// what `ArgsWide` needs (`probekit::cpu_support().wide`). aarch64: as `Full`.
+    Sse,
 }
 
 impl Fp {
     /// `Full`, `FullCompact` or `FullInUse`: all of the FP/SIMD state.
     pub fn is_full(self) -> bool {
         matches!(self, Fp::Full | Fp::FullCompact | Fp::FullInUse)
+    }
+
+    /// Whether the aarch64 planner keeps all of the FP/SIMD state (`q0`–`q31`, FPCR,
+    /// FPSR): the `Full` modes, and `Sse`, which is a mid-function mode too.
+    pub fn is_full_on_aarch64(self) -> bool {
+        self.is_full() || self == Fp::Sse
     }
 
     /// `ArgsWide` or `ReturnWide`: the upper halves of the vector registers kept too.
@@ -205,7 +224,7 @@ macro_rules! names {
     };
 }
 names!(Policy { All = "all", CallerSaved = "caller-saved" });
-names!(Fp { None = "none", Args = "args", Return = "return", ArgsWide = "args-wide", ReturnWide = "return-wide", Full = "full", FullCompact = "full-compact", FullInUse = "full-in-use" });
+names!(Fp { None = "none", Args = "args", Return = "return", ArgsWide = "args-wide", ReturnWide = "return-wide", Full = "full", FullCompact = "full-compact", FullInUse = "full-in-use", Sse = "sse" });
 names!(Shape { SaveRestore = "save-restore", Kretprobe = "kretprobe", Entry = "entry" });
 
 impl Shape {

@@ -189,11 +189,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         Fp::None => 0,
         Fp::Args | Fp::ArgsWide => 8,
         Fp::Return | Fp::ReturnWide => 2,
-        Fp::Full | Fp::FullCompact | Fp::FullInUse => 32,
+        Fp::Full | Fp::FullCompact | Fp::FullInUse | Fp::Sse => 32,
     };
     let Hidden { next, slots: hidden } = h;
     let fp_at = next.next_multiple_of(16);
-    let fp_size = 16 * fp_regs + if fp.is_full() { 16 } else { 0 };
+    let fp_size = 16 * fp_regs + if fp.is_full_on_aarch64() { 16 } else { 0 };
     let fp_area = (fp != Fp::None).then_some((fp_at, fp_size));
     let alloc = (fp_at + fp_size).next_multiple_of(16);
     xslots.sort_by_key(|s| s.off);
@@ -352,7 +352,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             steps.push(Step { save, restore });
             q += if pair { 2 } else { 1 };
         }
-        if fp.is_full() {
+        if fp.is_full_on_aarch64() {
             let off = at + 16 * 32;
             let slots = [(off, "fpcr", "x0"), (off + 8, "fpsr", "x1")];
             let mut step = Step { save: vec![Op::new("mrs x0, fpcr", "FP control"), Op::new("mrs x1, fpsr", "FP status")], restore: vec![] };

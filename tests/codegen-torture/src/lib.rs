@@ -4,7 +4,7 @@
 //! lets a handler record the frame, rewrite fields and clobber every caller-saved
 //! register, and checks every register after the routine against what the frame,
 //! the policy and the shape promise. x86_64 wide modes (`ArgsWide`, `ReturnWide`,
-//! `FullInUse`) are checked on all the bits they keep: random values above bit 127 in
+//! `FullInUse`, and `Sse` for the argument registers) are checked on all the bits they keep: random values above bit 127 in
 //! ymm0-15, or zmm0-31 and k0-7 where the CPU has AVX-512, back as they were after the
 //! handler clobbered them, and zero again where they met their initial state.
 //!
@@ -61,6 +61,7 @@ pub enum FpMode {
     Full,
     FullCompact,
     FullInUse,
+    Sse,
 }
 
 /// A generated routine and what the checker needs to know of it.
@@ -202,7 +203,7 @@ pub unsafe extern "C" fn torture_handler(frame: *mut u8, fp: *mut u8) -> usize {
         let _ = size;
     }
     clobber();
-    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::FullInUse) {
+    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::FullInUse | FpMode::Sse) {
         clobber_upper();
     }
     if r.fp == FpMode::FullInUse {
@@ -395,7 +396,7 @@ impl Upper {
 /// What of the bits above 127 a routine of mode `fp` keeps and this CPU has.
 fn upper_width(fp: FpMode) -> Upper {
     #[cfg(target_arch = "x86_64")]
-    if matches!(fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::FullInUse) {
+    if matches!(fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::FullInUse | FpMode::Sse) {
         let xcr0 = XSAVE_MASK.load(std::sync::atomic::Ordering::Relaxed);
         if xcr0 & 0xe0 == 0xe0 && std::arch::is_x86_feature_detected!("avx512bw") {
             return Upper::Zmm;
@@ -415,7 +416,8 @@ fn fp_vector_span(r: &Routine) -> (usize, usize) {
         (FpMode::Args | FpMode::ArgsWide, _) => (0, 8 * 16),
         (FpMode::Return | FpMode::ReturnWide, _) => (0, 2 * 16),
         (FpMode::Full | FpMode::FullCompact | FpMode::FullInUse, true) => (160, 16 * 16), // xmm0..15 in the xsave legacy region (first in every form)
-        (FpMode::Full | FpMode::FullCompact | FpMode::FullInUse, false) => (0, 32 * 16),
+        (FpMode::Full | FpMode::FullCompact | FpMode::FullInUse | FpMode::Sse, false) => (0, 32 * 16),
+        (FpMode::Sse, true) => (0, 16 * 16),
     }
 }
 
@@ -587,7 +589,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     };
     CURRENT.with(|c| c.set(&mut run));
     // The wide routines' two paths: upper state clean at the entry, or in use.
-    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide) {
+    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::Sse) {
         set_upper_state(!skew);
     }
     // The FullInUse routines' paths, one for each of the four runs.
@@ -605,7 +607,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     // use, none on the paths that meet them in their initial state; read back after.
     let upper = upper_width(r.fp);
     let loaded = match r.fp {
-        FpMode::ArgsWide | FpMode::ReturnWide => skew,
+        FpMode::ArgsWide | FpMode::ReturnWide | FpMode::Sse => skew,
         FpMode::FullInUse => in_use != InUse::Clean,
         _ => false,
     };
@@ -737,7 +739,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     // Their bits above 127: as they were at the entry (the handler clobbered them), or,
     // met in their initial state, in it again (zero).
     let (regs, whole) = match r.fp {
-        FpMode::ArgsWide => (8, 0),
+        FpMode::ArgsWide | FpMode::Sse => (8, 0),
         FpMode::ReturnWide => (2, 0),
         FpMode::FullInUse => (16, 16),
         _ => (0, 0),

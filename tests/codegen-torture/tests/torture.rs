@@ -31,14 +31,14 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
 
 #[test]
 fn builtin_frame_every_policy_fp_and_shape() {
-    // 3 shapes × 2 policies × 8 FP modes × 4 register sets.
-    assert_eq!(run_all(|n| n.starts_with("torture_r") && n.contains("_ptregs_")), 192);
+    // 3 shapes × 2 policies × 9 FP modes × 4 register sets.
+    assert_eq!(run_all(|n| n.starts_with("torture_r") && n.contains("_ptregs_")), 216);
 }
 
 #[test]
 fn custom_frames_every_policy_fp_and_shape() {
     // Four frames of src/frames.rs per architecture.
-    assert_eq!(run_all(|n| n.starts_with("torture_r") && !n.contains("_ptregs_") && !n.contains("_random")), 4 * 192);
+    assert_eq!(run_all(|n| n.starts_with("torture_r") && !n.contains("_ptregs_") && !n.contains("_random")), 4 * 216);
 }
 
 #[test]

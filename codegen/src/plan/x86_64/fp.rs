@@ -11,21 +11,20 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, bool) {
         Fp::None => (Vec::new(), false),
         Fp::Args | Fp::Return | Fp::ArgsWide | Fp::ReturnWide => {
             let n = vector_regs(fp);
-            let mut steps: Vec<Step> = (0..n)
-                .map(|i| {
-                    let off = at + 16 * i;
-                    let (m, encoding) = mem(off);
-                    let slot = Slot::Fp(format!("xmm{i}"));
-                    let acc = |dir| Access { dir, slots: vec![(off, 16, slot.clone())], encoding };
-                    Step {
-                        save: vec![Op::mem(format!("movaps xmmword ptr {m}, xmm{i}"), format!("xmm{i} @{off}"), acc(Dir::Store))],
-                        restore: vec![Op::mem(format!("movaps xmm{i}, xmmword ptr {m}"), format!("xmm{i} @{off}"), acc(Dir::Load))],
-                    }
-                })
-                .collect();
+            let mut steps = low_halves(at, n);
             if fp.is_wide() {
-                steps.push(wide_step(at, n));
+                steps.push(wide_step(at, n, n));
             }
+            (steps, false)
+        }
+        // MXCSR first: its restore runs last, after the wide step's (which needs the low
+        // halves reloaded after it) and the low halves'.
+        Fp::Sse => {
+            let wide = vector_regs(Fp::ArgsWide);
+            let mxcsr_at = at + 16 * SSE_REGS + 48 * wide + 8;
+            let mut steps = vec![mxcsr_step(mxcsr_at)];
+            steps.extend(low_halves(at, SSE_REGS));
+            steps.push(wide_step(at, SSE_REGS, wide));
             (steps, false)
         }
         Fp::FullInUse => (vec![in_use_step(at)], true),
@@ -46,9 +45,52 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, bool) {
     }
 }
 
-/// The wide modes' upper halves of the `n` vector registers whose low 128 bits the
-/// FP area starts with (at `at`): above them, the bits 128-255 of each (`ymm`), then
-/// the bits 256-511 of each (`zmm`), then the word of which were in use.
+/// The low 128 bits of `xmm0`..`xmm{n-1}`, one step each, at the FP area's start (`at`).
+/// Legacy `movaps`: its load keeps the bits above 127, which the wide step restored
+/// before it (restore runs the steps in reverse).
+fn low_halves(at: u64, n: u64) -> Vec<Step> {
+    (0..n)
+        .map(|i| {
+            let off = at + 16 * i;
+            let (m, encoding) = mem(off);
+            let slot = Slot::Fp(format!("xmm{i}"));
+            let acc = |dir| Access { dir, slots: vec![(off, 16, slot.clone())], encoding };
+            Step {
+                save: vec![Op::mem(format!("movaps xmmword ptr {m}, xmm{i}"), format!("xmm{i} @{off}"), acc(Dir::Store))],
+                restore: vec![Op::mem(format!("movaps xmm{i}, xmmword ptr {m}"), format!("xmm{i} @{off}"), acc(Dir::Load))],
+            }
+        })
+        .collect()
+}
+
+/// MXCSR at `at` (and, at `at + 4`, as the handler left it): saved, and reloaded only
+/// if the handler changed it (`ldmxcsr` costs ~4 ns: it serialises the FP control
+/// state). Legacy `stmxcsr`/`ldmxcsr`: the step needs no AVX.
+fn mxcsr_step(at: u64) -> Step {
+    let access = |dir| {
+        let (m, encoding) = mem(at);
+        (m, Access { dir, slots: vec![(at, 4, Slot::Fp("mxcsr".into()))], encoding })
+    };
+    let (m, store) = access(Dir::Store);
+    let (_, load) = access(Dir::Load);
+    let (now, _) = mem(at + 4);
+    Step {
+        save: vec![Op::mem(format!("stmxcsr dword ptr {m}"), format!("MXCSR @{at}"), store)],
+        restore: vec![
+            Op::new(format!("stmxcsr dword ptr {now}"), format!("MXCSR now @{}", at + 4)),
+            Op::mem(format!("mov eax, dword ptr {m}"), format!("MXCSR @{at}"), load),
+            Op::new(format!("cmp eax, dword ptr {now}"), ""),
+            Op::new("je 5f", "unchanged"),
+            Op::new(format!("ldmxcsr dword ptr {m}"), "the probed code's"),
+            Op::new("5:", ""),
+        ],
+    }
+}
+
+/// The wide modes' upper halves of the first `n` of the `low` vector registers whose
+/// low 128 bits the FP area starts with (at `at`): above them, the bits 128-255 of
+/// each of the `n` (`ymm`), then the bits 256-511 of each (`zmm`), then the word of
+/// which were in use.
 ///
 /// Save: `xgetbv` with `ecx = 1` gives XCR0 & XINUSE; of it, AVX (bit 2: some `ymm`
 /// upper half is not zero) and ZMM_Hi256 (bit 6: some `zmm0`–`zmm15` bits 256-511 are
@@ -58,8 +100,8 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, bool) {
 /// bits above): the ymm halves (`vinsertf128`, which zeroes bits 256 on), then the zmm
 /// bits; or, with neither in use at the entry, `vzeroupper`, which zeroes the upper
 /// halves a handler may have left and keeps bits 0-127.
-fn wide_step(at: u64, n: u64) -> Step {
-    let ymm_at = at + 16 * n;
+fn wide_step(at: u64, low: u64, n: u64) -> Step {
+    let ymm_at = at + 16 * low;
     let zmm_at = ymm_at + 16 * n;
     let flag_at = zmm_at + 32 * n;
     let access = |dir, off, size, what: String| {
