@@ -7,9 +7,14 @@
 //!   optimization off.
 //! - `hit/optimized`: the same probe optimized (the default where it can be): a jump to
 //!   a detour that calls the generated trampoline, no trap; at a plain function's entry.
-//! - `hit/opt_mid`: an optimized probe on an instruction inside a function.
+//! - `hit/opt_mid`: an optimized probe on an instruction inside a function of legacy
+//!   code (no VEX or EVEX instruction, as code built for baseline x86_64): x86_64 keeps
+//!   xmm0-15, MXCSR and the argument registers' upper halves there, all that such code
+//!   can read.
+//! - `hit/opt_mid_avx` (x86_64): the same inside a function with AVX code, where the
+//!   trampoline keeps all of the vector state in use.
 //! - `hit/vector_state_floor`: the whole FP/SIMD state saved and restored once with
-//!   the CPU's own instructions, as `opt_mid`'s trampoline does where the CPU cannot
+//!   the CPU's own instructions, as `opt_mid_avx`'s trampoline does where the CPU cannot
 //!   tell which state is in use (x86_64 `xsavec64` + `xrstor64` of every component the
 //!   OS enabled, or `xsave64` without XSAVEC; aarch64 q0-q31, FPCR and FPSR).
 //! - `hit/vector_moves_floor` (x86_64): the floor of any probe inside a function whose
@@ -17,7 +22,7 @@
 //!   (`xgetbv` with `ecx = 1`): that question, and the moves of what is in use out and
 //!   back (xmm0-15 and MXCSR always; the ymm and zmm upper halves, zmm16-31 and k0-7
 //!   where in use; of x87 state in use, its status and control words, read and
-//!   compared), as `opt_mid`'s trampoline does there.
+//!   compared), as `opt_mid_avx`'s trampoline does there.
 //! - `hit/opt_return`: a return probe with empty handlers whose entry is optimized.
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
 //! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
@@ -93,7 +98,25 @@ std::arch::global_asm!(
     "sub rax, 1",
     "ret",
     ".size hit_opt_mid, . - hit_opt_mid",
+    // The same in a function with AVX code (never run here: after its `ret`), whose
+    // vector state at the probe may be anything: the trampoline keeps all in use.
+    ".globl hit_opt_mid_avx",
+    ".globl hit_opt_mid_avx_at",
+    ".type hit_opt_mid_avx, @function",
+    "hit_opt_mid_avx:",
+    "mov rax, rdi",
+    "hit_opt_mid_avx_at:",
+    "add rax, 2",
+    "sub rax, 1",
+    "ret",
+    "vzeroupper",
+    ".size hit_opt_mid_avx, . - hit_opt_mid_avx",
 );
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" {
+    safe fn hit_opt_mid_avx(x: u64) -> u64;
+    safe fn hit_opt_mid_avx_at();
+}
 #[cfg(target_arch = "aarch64")]
 std::arch::global_asm!(
     ".globl hit_opt",
@@ -470,6 +493,20 @@ fn hit(c: &mut Criterion) {
     let p =
         unsafe { Probe::builder().address(hit_opt_mid_at as *const () as usize) }.pre(empty).optimize(Optimize::Required).register().expect("optimized probe");
     g.bench_function("opt_mid", |b| b.iter(|| black_box(f)(black_box(1))));
+    assert_eq!(p.nmissed(), 0);
+    drop(p);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = hit_opt_mid_avx as extern "C" fn(u64) -> u64;
+        // SAFETY: hit_opt_mid_avx_at is an instruction of hit_opt_mid_avx, not data.
+        let p = unsafe { Probe::builder().address(hit_opt_mid_avx_at as *const () as usize) }
+            .pre(empty)
+            .optimize(Optimize::Required)
+            .register()
+            .expect("optimized probe");
+        g.bench_function("opt_mid_avx", |b| b.iter(|| black_box(f)(black_box(1))));
+        assert_eq!(p.nmissed(), 0);
+    }
     let mut area = Box::new(VectorArea([0; 16384]));
     #[cfg(target_arch = "x86_64")]
     let compact = {
@@ -483,8 +520,6 @@ fn hit(c: &mut Criterion) {
     if probekit::cpu_support().in_use {
         g.bench_function("vector_moves_floor", |b| b.iter(|| vector_moves_round_trip(black_box(&mut area))));
     }
-    assert_eq!(p.nmissed(), 0);
-    drop(p);
 
     let f = hit_opt_return as extern "C" fn(u64) -> u64;
     let p = ReturnProbe::builder().function(f).optimize(Optimize::Required).handler(empty_return).register().expect("optimized return probe");

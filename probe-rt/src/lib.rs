@@ -56,12 +56,17 @@
 //! | return ([`ReturnProbe`]) | status flags: as the return dispatcher left them | `x16`: the address of the return trampoline |
 //! | return on a `#[traceable]` function (entry on the site) | status flags, as a return probe | `x16`, as a return probe |
 //! | the same, through the site's exit path (most `#[traceable]` functions: see [`ReturnProbe`]) | status flags; `r10`, `r11` if it may take arguments on the stack (the exit path copies them: more than five arguments, or one that is not a scalar) | `x16`: the exit path's continuation; `x17` if it may take arguments on the stack |
-//! | optimized ([`Optimize`], a jump to a detour) mid-function | none | none |
+//! | optimized ([`Optimize`], a jump to a detour) mid-function | none the code there can read (below) | none |
 //! | optimized at a function's entry | none but the FP status bits (below) | none |
 //!
 //! FP/SIMD registers are kept by every kind where they can carry anything: the
 //! argument registers at an entry, the return registers at a return, all of the state
-//! mid-function. At an entry or a return (sites, return probes, x86_64 optimized
+//! mid-function. On x86_64, inside a function of legacy code only (no VEX, EVEX, x87,
+//! MMX or `xsave` instruction in it: code built for baseline x86_64), that is what
+//! such code can read: xmm0-15, MXCSR and the argument registers' upper halves (a
+//! vector argument handed on unread); the rest (ymm8-15 above bit 127, zmm16-31,
+//! k0-7, the x87 status) is caller-saved, dead there, and left as the handler left it,
+//! which spares such probes ~10 ns of AVX-512 state moves. At an entry or a return (sites, return probes, x86_64 optimized
 //! entries) the FP *status* bits are not: x86_64 MXCSR's exception flags, aarch64
 //! FPSR's cumulative flags, are as the handlers' float math left them (MXCSR's status
 //! bits are caller-saved, System V AMD64 ABI §3.2.1; only its control bits are

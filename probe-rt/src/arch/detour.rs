@@ -101,8 +101,8 @@ mod x86 {
     use crate::unwind::{Expr, Fde, Program, PC, SP};
     use crate::NotOptimized;
     use iced_x86::{
-        BlockEncoder, BlockEncoderOptions, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, Instruction, InstructionBlock, IntelFormatter,
-        OpKind, Register,
+        BlockEncoder, BlockEncoderOptions, CpuidFeature, Decoder, DecoderError, DecoderOptions, EncodingKind, FlowControl, Formatter, Instruction,
+        InstructionBlock, IntelFormatter, OpKind, Register,
     };
 
     /// Bytes of the jump written at the probed address (`jmp rel32`).
@@ -257,6 +257,41 @@ mod x86 {
             }
         }
         Ok(())
+    }
+
+    /// Whether the code at `start` (original bytes `code`: a function, or a separate
+    /// part of one) keeps to legacy SSE: no VEX, EVEX or XOP instruction (so none that
+    /// reads a vector register above bit 127, or `zmm16`-`zmm31`, or `k0`-`k7`), and none
+    /// of the x87, MMX, 3DNow! or `fxsave`/`xsave` families (which read the x87 stack or
+    /// the whole state). Mid-function in such code only `xmm0`-`xmm15` and MXCSR are live
+    /// of the FP/SIMD state, and the argument registers' upper halves (a vector argument
+    /// handed on unread): what probe-codegen's `Fp::Sse` keeps. Undecodable code is not.
+    pub(crate) fn legacy_sse_only(start: usize, code: &[u8]) -> bool {
+        use CpuidFeature as F;
+        let wide = |f: &CpuidFeature| {
+            matches!(
+                f,
+                F::FPU
+                    | F::FPU287
+                    | F::FPU287XL_ONLY
+                    | F::FPU387
+                    | F::FPU387SL_ONLY
+                    | F::MMX
+                    | F::D3NOW
+                    | F::D3NOWEXT
+                    | F::CYRIX_D3NOW
+                    | F::FXSR
+                    | F::XSAVE
+                    | F::XSAVEC
+                    | F::XSAVEOPT
+                    | F::XSAVES
+            )
+        };
+        let x87_or_mmx =
+            |i: &Instruction| (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && (i.op_register(n).is_st() || i.op_register(n).is_mm()));
+        Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE)
+            .into_iter()
+            .all(|i| !i.is_invalid() && i.encoding() == EncodingKind::Legacy && !i.cpuid_features().iter().any(wide) && !x87_or_mmx(&i))
     }
 
     impl Window {

@@ -36,6 +36,24 @@ extern "C" {
     /// tell which is in use (`cpu_support().wide`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry_narrow();
+    /// The same, keeping xmm0-15 and MXCSR too: mid-function in code of legacy SSE
+    /// only (x86_64; see build.rs).
+    #[cfg(target_arch = "x86_64")]
+    fn probekit_opt_trampoline_sse();
+}
+
+/// Which FP/SIMD state may be live at a probed address, which chooses the trampoline.
+/// aarch64 keeps all of it everywhere (see [`trampoline`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
+pub(crate) enum Live {
+    /// At a function's entry: the argument registers.
+    Args,
+    /// Inside a function of legacy SSE code only (`detour::legacy_sse_only`): xmm0-15
+    /// and MXCSR, and the argument registers' upper halves.
+    Sse,
+    /// Anywhere else: all of it.
+    All,
 }
 
 /// The `xsave` area size and requested-feature bitmap the x86_64 trampolines read
@@ -47,18 +65,20 @@ static XSAVE_SIZE: AtomicU64 = AtomicU64::new(512 + 64);
 #[cfg(target_arch = "x86_64")]
 static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
 
-/// The trampoline a detour calls: at a function's entry (`entry`), or anywhere else.
-pub(crate) fn trampoline(entry: bool) -> usize {
+/// The trampoline a detour calls where `live` state may be live. aarch64: the one
+/// that keeps all of it (q0-q31 are 512 bytes, and there is no upper state to ask of).
+pub(crate) fn trampoline(live: Live) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         // Before any detour calls a trampoline (and `init_xsave` ran before `main`).
         XSAVE_SIZE.store(crate::__private::XSAVE_SIZE.load(Ordering::Relaxed), Ordering::Relaxed);
         XSAVE_MASK.store(crate::__private::XSAVE_MASK.load(Ordering::Relaxed), Ordering::Relaxed);
-        if entry {
-            return match cpu_support().wide {
-                true => probekit_opt_trampoline_entry as *const () as usize,
-                false => probekit_opt_trampoline_entry_narrow as *const () as usize,
-            };
+        match (live, cpu_support().wide) {
+            (Live::Args, true) => return probekit_opt_trampoline_entry as *const () as usize,
+            (Live::Args, false) => return probekit_opt_trampoline_entry_narrow as *const () as usize,
+            // Without a CPU that tells which upper halves are in use, the whole state.
+            (Live::Sse, true) => return probekit_opt_trampoline_sse as *const () as usize,
+            (Live::Sse | Live::All, _) => {}
         }
         if cpu_support().in_use {
             return probekit_opt_trampoline_full_u as *const () as usize;
@@ -67,7 +87,7 @@ pub(crate) fn trampoline(entry: bool) -> usize {
             return probekit_opt_trampoline_full_c as *const () as usize;
         }
     }
-    let _ = entry;
+    let _ = live;
     probekit_opt_trampoline_full as *const () as usize
 }
 
@@ -80,6 +100,7 @@ pub(crate) fn trampolines() -> Vec<usize> {
         probekit_opt_trampoline_full_u,
         probekit_opt_trampoline_entry,
         probekit_opt_trampoline_entry_narrow,
+        probekit_opt_trampoline_sse,
     ];
     #[cfg(target_arch = "aarch64")]
     let all = [probekit_opt_trampoline_full];

@@ -72,7 +72,7 @@
 mod block;
 mod hit;
 
-pub(crate) use hit::{dispatch, resume_trap, trampoline, trampolines};
+pub(crate) use hit::{dispatch, resume_trap, trampoline, trampolines, Live};
 
 #[cfg(target_arch = "x86_64")]
 use crate::arch::cpu_support;
@@ -383,6 +383,7 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         let len = window.len;
         // Its separate cold parts (GCC's hot/cold split) jump back into it: checked as
         // the function is (one without a size cannot be).
+        let mut cold = Vec::new();
         for c in crate::sys::symbols::cold_parts(&f) {
             if c.size == 0 {
                 return Err(NotOptimized::FunctionSizeUnknown);
@@ -390,17 +391,23 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
             let mut part = crate::breakpoint::without_breakpoints(c.addr, c.addr + c.size).ok_or(NotOptimized::UndecodableFunction { at: c.addr })?;
             overlay(st, c.addr, &mut part);
             detour::no_jump_into(addr, len, c.addr, &part)?;
+            cold.push((c, part));
         }
         let orig = &func[addr - f.addr..addr - f.addr + len];
         // A function's entry (not a label inside one): only arguments live in the
-        // vector registers.
-        let entry = f.addr == addr && !f.label;
-        // Mid-function the trampoline keeps the whole FP/SIMD state with `xsave` and its
-        // kin, which fault where the OS did not enable them.
-        if !entry && !cpu_support().xsave {
+        // vector registers. Mid-function in code of legacy SSE only (the whole function
+        // and its parts decoded): xmm0-15 and MXCSR, and the arguments' upper halves.
+        let live = match f.addr == addr && !f.label {
+            true => Live::Args,
+            false if detour::legacy_sse_only(f.addr, &func) && cold.iter().all(|(c, part)| detour::legacy_sse_only(c.addr, part)) => Live::Sse,
+            false => Live::All,
+        };
+        // Where the trampoline keeps the whole FP/SIMD state it does so with `xsave` and
+        // its kin, which fault where the OS did not enable them.
+        if live == Live::All && !cpu_support().xsave {
             return Err(NotOptimized::CpuLacks { feature: "xsave enabled by the OS (OSXSAVE), which keeps the FP/SIMD state mid-function" });
         }
-        let tramp = trampoline(entry);
+        let tramp = trampoline(live);
         let make = move |block: usize| {
             let (copy, rows) = window.relocate(block + detour::COPY, addr + len)?;
             Ok((detour::block(block, addr, tramp, &copy), detour::unwind(block, addr, &rows, copy.len())))
@@ -414,7 +421,7 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         let mut orig = crate::breakpoint::without_breakpoints(addr, addr + 4).ok_or(NotOptimized::UndecodableFunction { at: addr })?;
         overlay(st, addr, &mut orig);
         let w = u32::from_le_bytes(orig[..4].try_into().map_err(|_| NotOptimized::UndecodableFunction { at: addr })?);
-        let tramp = trampoline(false);
+        let tramp = trampoline(Live::All);
         let make = move |block: usize| {
             let (copy, pool, rows) = detour::relocate(w, addr, block + detour::COPY, block + detour::POOL)?;
             Ok((detour::block(block, addr, tramp, &copy, &pool), detour::unwind(block, addr, &rows)))

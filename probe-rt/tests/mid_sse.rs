@@ -1,0 +1,271 @@
+//! x86_64: an optimized probe inside a function of legacy SSE code only (no VEX, EVEX,
+//! x87 or MMX instruction: code built for baseline x86_64) keeps what such code can
+//! have live there: `xmm0`–`xmm15`, MXCSR, and the argument registers' bits above 127
+//! (a vector argument handed on unread), whatever the handler does. What the function
+//! cannot read (`ymm8`–`ymm15` above bit 127, `zmm16`–`zmm31`) is the handler's to
+//! use: that the handler's values are found there after shows that the probe took the
+//! trampoline that keeps the smaller state (probe-codegen's `Fp::Sse`).
+#![cfg(target_arch = "x86_64")]
+
+use probe_rt::{Optimize, Probe, PtRegs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// xmm0-15 and MXCSR, in and out.
+#[repr(C, align(16))]
+#[derive(Clone, Debug, PartialEq)]
+struct Low {
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+    _pad: [u32; 3],
+}
+
+/// The bits above 127 the test sets before the probe point and reads after it (by
+/// calls of other functions: the probed one stays legacy code): bits 128-255 of
+/// ymm0-8, bits 256-511 of zmm0-7, and zmm16 (AVX-512 only).
+#[repr(C, align(64))]
+#[derive(Clone, Debug, PartialEq)]
+struct Upper {
+    ymm: [[u8; 16]; 9],
+    zmm: [[u8; 32]; 8],
+    zmm16: [u8; 64],
+}
+
+std::arch::global_asm!(
+    ".pushsection .text.mid_sse_tests, \"ax\", @progbits",
+    // sse_mid(low_in: rdi, low_out: rsi, upper_in: rdx, upper_out: rcx, load: r8, dump: r9):
+    // legacy SSE only. MXCSR and xmm0-15 from low_in, the upper bits by `load`, the
+    // probe point, the upper bits out by `dump`, then xmm0-15 and MXCSR to low_out.
+    ".globl sse_mid",
+    ".globl sse_mid_point",
+    ".type sse_mid, @function",
+    "sse_mid:",
+    "push rbx",
+    "sub rsp, 16",
+    "stmxcsr dword ptr [rsp]",
+    "ldmxcsr dword ptr [rdi + 256]",
+    "movups xmm0, [rdi]",
+    "movups xmm1, [rdi + 16]",
+    "movups xmm2, [rdi + 32]",
+    "movups xmm3, [rdi + 48]",
+    "movups xmm4, [rdi + 64]",
+    "movups xmm5, [rdi + 80]",
+    "movups xmm6, [rdi + 96]",
+    "movups xmm7, [rdi + 112]",
+    "movups xmm8, [rdi + 128]",
+    "movups xmm9, [rdi + 144]",
+    "movups xmm10, [rdi + 160]",
+    "movups xmm11, [rdi + 176]",
+    "movups xmm12, [rdi + 192]",
+    "movups xmm13, [rdi + 208]",
+    "movups xmm14, [rdi + 224]",
+    "movups xmm15, [rdi + 240]",
+    "call r8",
+    "sse_mid_point:",
+    "mov rbx, rdi",
+    "add rbx, 256",
+    "call r9",
+    "movups [rsi], xmm0",
+    "movups [rsi + 16], xmm1",
+    "movups [rsi + 32], xmm2",
+    "movups [rsi + 48], xmm3",
+    "movups [rsi + 64], xmm4",
+    "movups [rsi + 80], xmm5",
+    "movups [rsi + 96], xmm6",
+    "movups [rsi + 112], xmm7",
+    "movups [rsi + 128], xmm8",
+    "movups [rsi + 144], xmm9",
+    "movups [rsi + 160], xmm10",
+    "movups [rsi + 176], xmm11",
+    "movups [rsi + 192], xmm12",
+    "movups [rsi + 208], xmm13",
+    "movups [rsi + 224], xmm14",
+    "movups [rsi + 240], xmm15",
+    "stmxcsr dword ptr [rsi + 256]",
+    "ldmxcsr dword ptr [rsp]",
+    "add rsp, 16",
+    "pop rbx",
+    "ret",
+    ".size sse_mid, . - sse_mid",
+    // The upper bits from [rdx] / to [rcx], keeping bits 0-127 (AVX; AVX-512 for the
+    // zmm forms). vinsertf128 zeroes bits 256 on, so it goes first.
+    ".macro ymm_op op, i",
+    ".ifc \\op,load",
+    "vinsertf128 ymm\\i, ymm\\i, [rdx + 16 * \\i], 1",
+    ".else",
+    "vextractf128 [rcx + 16 * \\i], ymm\\i, 1",
+    ".endif",
+    ".endm",
+    ".macro zmm_op op, i",
+    ".ifc \\op,load",
+    "vinserti64x4 zmm\\i, zmm\\i, [rdx + 144 + 32 * \\i], 1",
+    ".else",
+    "vextracti64x4 [rcx + 144 + 32 * \\i], zmm\\i, 1",
+    ".endif",
+    ".endm",
+    ".macro all_ymm op",
+    "ymm_op \\op, 0",
+    "ymm_op \\op, 1",
+    "ymm_op \\op, 2",
+    "ymm_op \\op, 3",
+    "ymm_op \\op, 4",
+    "ymm_op \\op, 5",
+    "ymm_op \\op, 6",
+    "ymm_op \\op, 7",
+    "ymm_op \\op, 8",
+    ".endm",
+    ".macro all_zmm op",
+    "zmm_op \\op, 0",
+    "zmm_op \\op, 1",
+    "zmm_op \\op, 2",
+    "zmm_op \\op, 3",
+    "zmm_op \\op, 4",
+    "zmm_op \\op, 5",
+    "zmm_op \\op, 6",
+    "zmm_op \\op, 7",
+    ".endm",
+    ".type load_upper256, @function",
+    "load_upper256:",
+    "all_ymm load",
+    "ret",
+    ".size load_upper256, . - load_upper256",
+    ".type dump_upper256, @function",
+    "dump_upper256:",
+    "all_ymm dump",
+    "ret",
+    ".size dump_upper256, . - dump_upper256",
+    ".type load_upper512, @function",
+    "load_upper512:",
+    "all_ymm load",
+    "all_zmm load",
+    "vmovdqu64 zmm16, [rdx + 400]",
+    "ret",
+    ".size load_upper512, . - load_upper512",
+    ".type dump_upper512, @function",
+    "dump_upper512:",
+    "all_ymm dump",
+    "all_zmm dump",
+    "vmovdqu64 [rcx + 400], zmm16",
+    "ret",
+    ".size dump_upper512, . - dump_upper512",
+    ".popsection",
+);
+
+extern "C" {
+    fn sse_mid(
+        low_in: *const Low,
+        low_out: *mut Low,
+        upper_in: *const Upper,
+        upper_out: *mut Upper,
+        load: unsafe extern "C" fn(),
+        dump: unsafe extern "C" fn(),
+    );
+    fn sse_mid_point();
+    fn load_upper256();
+    fn dump_upper256();
+    fn load_upper512();
+    fn dump_upper512();
+}
+
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+fn pattern(seed: u8, i: usize) -> u8 {
+    seed.wrapping_mul(37).wrapping_add((i as u8).wrapping_mul(11)) | 1
+}
+
+/// Runs `sse_mid` once.
+fn run(low: &Low, upper: &Upper) -> (Low, Upper) {
+    let mut low_out = Low { xmm: [[0; 16]; 16], mxcsr: 0, _pad: [0; 3] };
+    let mut upper_out = Upper { ymm: [[0; 16]; 9], zmm: [[0; 32]; 8], zmm16: [0; 64] };
+    let (load, dump): (unsafe extern "C" fn(), unsafe extern "C" fn()) = match avx512() {
+        true => (load_upper512, dump_upper512),
+        false => (load_upper256, dump_upper256),
+    };
+    // SAFETY: the four pointers are valid for the function's reads and writes; it
+    // restores the caller's MXCSR and touches only caller-saved registers (rbx is
+    // pushed and popped); `load`/`dump` use only AVX-512 where the CPU has it.
+    unsafe { sse_mid(low, &mut low_out, upper, &mut upper_out, load, dump) };
+    (low_out, upper_out)
+}
+
+/// What a handler may do: vector code of every width (glibc's `memcpy` is some),
+/// zmm16 and the upper halves of ymm0 and ymm8, another rounding mode and raised
+/// exception flags.
+fn clobber() {
+    let src = vec![0x5au8; 64 * 1024];
+    let mut dst = vec![0u8; 64 * 1024];
+    dst.copy_from_slice(std::hint::black_box(&src));
+    std::hint::black_box(&dst);
+    // SAFETY: writes only the registers declared clobbered (AVX-512 ones where
+    // detected); the MXCSR change is the point of the test, and the Rust code around
+    // does no FP arithmetic that depends on it.
+    unsafe {
+        std::arch::asm!(
+            "vpcmpeqd ymm0, ymm0, ymm0", "vpcmpeqd ymm8, ymm8, ymm8", "vpcmpeqd ymm15, ymm15, ymm15",
+            "sub rsp, 8", "mov dword ptr [rsp], 0x7f81", "ldmxcsr dword ptr [rsp]", "add rsp, 8",
+            out("xmm0") _, out("xmm8") _, out("xmm15") _,
+        );
+        if avx512() {
+            std::arch::asm!(
+                "vpternlogd zmm1, zmm1, zmm1, 0xff", "vpternlogd zmm16, zmm16, zmm16, 0xff",
+                out("xmm1") _, out("zmm16") _,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_probe_inside_legacy_sse_code_keeps_what_it_can_read() {
+    if !std::arch::is_x86_feature_detected!("avx") {
+        eprintln!("skipped: no AVX");
+        return;
+    }
+    let low = Low { xmm: std::array::from_fn(|r| std::array::from_fn(|i| pattern(r as u8, i))), mxcsr: 0x3fa1, _pad: [0; 3] };
+    let upper = Upper {
+        ymm: std::array::from_fn(|r| std::array::from_fn(|i| pattern(100 + r as u8, i))),
+        zmm: std::array::from_fn(|r| std::array::from_fn(|i| pattern(150 + r as u8, i))),
+        zmm16: std::array::from_fn(|i| pattern(200, i)),
+    };
+    let (low_unprobed, upper_unprobed) = run(&low, &upper);
+    assert_eq!(low_unprobed, low, "unprobed");
+    let mut want_upper = upper.clone();
+    if !avx512() {
+        want_upper.zmm = [[0; 32]; 8];
+        want_upper.zmm16 = [0; 64];
+    }
+    assert_eq!(upper_unprobed, want_upper, "unprobed");
+
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let point = sse_mid_point as *const () as usize;
+    let p = Probe::builder()
+        .symbol("sse_mid")
+        .offset(point - sse_mid as *const () as usize)
+        .optimize(Optimize::Required)
+        .pre(move |regs: &PtRegs| {
+            s.store(regs.rip, Ordering::Relaxed);
+            clobber();
+        })
+        .register()
+        .unwrap();
+    assert!(p.is_optimized());
+    let (low_probed, upper_probed) = run(&low, &upper);
+    assert_eq!(p.nhit(), 1);
+    assert_eq!(seen.load(Ordering::Relaxed), point as u64, "the handler ran at the probe");
+    for i in 0..16 {
+        assert_eq!(low_probed.xmm[i], low.xmm[i], "xmm{i}");
+    }
+    assert_eq!(low_probed.mxcsr, low.mxcsr, "MXCSR, exception flags included");
+    // The argument registers' upper halves: kept.
+    for i in 0..8 {
+        assert_eq!(upper_probed.ymm[i], want_upper.ymm[i], "ymm{i} bits 128-255");
+        assert_eq!(upper_probed.zmm[i], want_upper.zmm[i], "zmm{i} bits 256-511");
+    }
+    // What legacy code cannot read: the handler's, as it left it (the small trampoline ran).
+    assert_eq!(upper_probed.ymm[8], [0xff; 16], "ymm8 bits 128-255: the handler's");
+    if avx512() {
+        assert_eq!(upper_probed.zmm16, [0xff; 64], "zmm16: the handler's");
+    }
+}
