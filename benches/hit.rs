@@ -6,7 +6,10 @@
 //! - `hit/breakpoint`: a probekit probe with an empty pre handler (boosted: one trap),
 //!   optimization off.
 //! - `hit/optimized`: the same probe optimized (the default where it can be): a jump to
-//!   a detour that calls the generated trampoline, no trap; at a plain function's entry.
+//!   a detour that calls the generated trampoline, no trap; at a plain function's entry
+//!   (a leaf of legacy code: x86_64 keeps the argument registers' low halves there).
+//! - `hit/opt_handing_on` (x86_64): the same at the entry of a function that may hand a
+//!   vector argument on (a tail call): the argument registers whole where in use.
 //! - `hit/opt_mid`: an optimized probe on an instruction inside a function of legacy
 //!   code (no VEX or EVEX instruction, as code built for baseline x86_64): x86_64 keeps
 //!   xmm0-15, MXCSR and the argument registers' upper halves there, all that such code
@@ -100,6 +103,18 @@ std::arch::global_asm!(
     ".size hit_opt_mid, . - hit_opt_mid",
     // The same in a function with AVX code (never run here: after its `ret`), whose
     // vector state at the probe may be anything: the trampoline keeps all in use.
+    // hit_opt's work, then a tail call (of a plain `ret`).
+    ".globl hit_opt_handing_on",
+    ".type hit_opt_handing_on, @function",
+    "hit_opt_handing_on:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "jmp hit_opt_handed",
+    ".size hit_opt_handing_on, . - hit_opt_handing_on",
+    ".type hit_opt_handed, @function",
+    "hit_opt_handed:",
+    "ret",
+    ".size hit_opt_handed, . - hit_opt_handed",
     ".globl hit_opt_mid_avx",
     ".globl hit_opt_mid_avx_at",
     ".type hit_opt_mid_avx, @function",
@@ -114,6 +129,7 @@ std::arch::global_asm!(
 );
 #[cfg(target_arch = "x86_64")]
 unsafe extern "C" {
+    safe fn hit_opt_handing_on(x: u64) -> u64;
     safe fn hit_opt_mid_avx(x: u64) -> u64;
     safe fn hit_opt_mid_avx_at();
 }
@@ -487,6 +503,13 @@ fn hit(c: &mut Criterion) {
     g.bench_function("optimized", |b| b.iter(|| black_box(f)(black_box(1))));
     assert_eq!(p.nmissed(), 0);
     drop(p);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = hit_opt_handing_on as extern "C" fn(u64) -> u64;
+        let p = Probe::builder().function(f).pre(empty).optimize(Optimize::Required).register().expect("optimized probe");
+        g.bench_function("opt_handing_on", |b| b.iter(|| black_box(f)(black_box(1))));
+        assert_eq!(p.nmissed(), 0);
+    }
 
     let f = hit_opt_mid as extern "C" fn(u64) -> u64;
     // SAFETY: hit_opt_mid_at is an instruction of hit_opt_mid, not data.

@@ -5,6 +5,10 @@
 //! cannot read (`ymm8`–`ymm15` above bit 127, `zmm16`–`zmm31`) is the handler's to
 //! use: that the handler's values are found there after shows that the probe took the
 //! trampoline that keeps the smaller state (probe-codegen's `Fp::Sse`).
+//!
+//! At the entry of such a function the argument registers are live, and their bits
+//! above 127 only if it may hand a vector argument on (a call or a tail call): a leaf
+//! keeps their low halves alone.
 #![cfg(target_arch = "x86_64")]
 
 use probe_rt::{Optimize, Probe, PtRegs};
@@ -148,6 +152,44 @@ std::arch::global_asm!(
     "vmovdqu64 [rcx + 400], zmm16",
     "ret",
     ".size dump_upper512, . - dump_upper512",
+    // with_upper(f: rdi, x: rsi, upper: rdx, out: rcx) -> f(x, out): ymm0 = (x, upper) at
+    // the call, its bits 128-255 after it to out[1].
+    ".type with_upper, @function",
+    "with_upper:",
+    "push rbx",
+    "mov rbx, rcx",
+    "vmovq xmm0, rsi",
+    "vinsertf128 ymm0, ymm0, [rdx], 1",
+    "mov rax, rdi",
+    "mov rdi, rsi",
+    "mov rsi, rbx",
+    "call rax",
+    "vextractf128 [rbx + 16], ymm0, 1",
+    "pop rbx",
+    "ret",
+    ".size with_upper, . - with_upper",
+    // Legacy code, a leaf: x + 1.
+    ".globl legacy_leaf",
+    ".type legacy_leaf, @function",
+    "legacy_leaf:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "ret",
+    ".size legacy_leaf, . - legacy_leaf",
+    // Legacy code that hands its vector argument on unread (a tail call): x + 1, and
+    // out[0] = ymm0's bits 128-255 as the callee gets them.
+    ".globl legacy_pass",
+    ".type legacy_pass, @function",
+    "legacy_pass:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "jmp read_upper",
+    ".size legacy_pass, . - legacy_pass",
+    ".type read_upper, @function",
+    "read_upper:",
+    "vextractf128 [rsi], ymm0, 1",
+    "ret",
+    ".size read_upper, . - read_upper",
     ".popsection",
 );
 
@@ -165,6 +207,9 @@ extern "C" {
     fn dump_upper256();
     fn load_upper512();
     fn dump_upper512();
+    fn with_upper(f: unsafe extern "C" fn(), x: u64, upper: *const [u8; 16], out: *mut [[u8; 16]; 2]) -> u64;
+    fn legacy_leaf();
+    fn legacy_pass();
 }
 
 fn avx512() -> bool {
@@ -268,4 +313,52 @@ fn a_probe_inside_legacy_sse_code_keeps_what_it_can_read() {
     if avx512() {
         assert_eq!(upper_probed.zmm16, [0xff; 64], "zmm16: the handler's");
     }
+}
+
+/// Calls `f` (legacy_leaf or legacy_pass) under an entry probe whose handler leaves
+/// all ones in ymm0 (and nothing else changed); returns what `with_upper` saw: the
+/// result, and ymm0's bits 128-255 as a callee of `f` got them and after `f`.
+fn entry_probed(symbol: &str, f: unsafe extern "C" fn()) -> (u64, [[u8; 16]; 2]) {
+    let upper: [u8; 16] = std::array::from_fn(|i| pattern(77, i));
+    let p = Probe::builder()
+        .symbol(symbol)
+        .optimize(Optimize::Required)
+        .pre(|_: &PtRegs| {
+            // SAFETY: writes only ymm0, declared clobbered; the CPU has AVX (the caller checked).
+            unsafe { std::arch::asm!("vpcmpeqd ymm0, ymm0, ymm0", out("xmm0") _) }
+        })
+        .register()
+        .unwrap();
+    assert!(p.is_optimized());
+    let mut out = [[0u8; 16]; 2];
+    // SAFETY: the CPU has AVX (the caller checked); `f` touches rax and, legacy_pass,
+    // 16 bytes at its second argument, `out`.
+    let r = unsafe { with_upper(f, 41, &upper, &mut out) };
+    assert_eq!(p.nhit(), 1);
+    (r, out)
+}
+
+#[test]
+fn an_entry_probe_keeps_a_vector_argument_handed_on() {
+    if !std::arch::is_x86_feature_detected!("avx") || !probe_rt::cpu_support().wide {
+        eprintln!("skipped: no AVX, or no xgetbv with ecx = 1");
+        return;
+    }
+    let upper: [u8; 16] = std::array::from_fn(|i| pattern(77, i));
+    let (r, out) = entry_probed("legacy_pass", legacy_pass);
+    assert_eq!(r, 42);
+    assert_eq!(out[0], upper, "ymm0 bits 128-255 as the tail-called function got them");
+}
+
+#[test]
+fn an_entry_probe_on_a_leaf_of_legacy_code_keeps_the_low_halves() {
+    if !std::arch::is_x86_feature_detected!("avx") {
+        eprintln!("skipped: no AVX");
+        return;
+    }
+    let (r, out) = entry_probed("legacy_leaf", legacy_leaf);
+    assert_eq!(r, 42);
+    // Dead in a leaf of legacy code: the handler's, as it left it (the trampoline that
+    // keeps only the low halves ran).
+    assert_eq!(out[1], [0xff; 16], "ymm0 bits 128-255 after the leaf");
 }

@@ -259,14 +259,26 @@ mod x86 {
         Ok(())
     }
 
-    /// Whether the code at `start` (original bytes `code`: a function, or a separate
-    /// part of one) keeps to legacy SSE: no VEX, EVEX or XOP instruction (so none that
-    /// reads a vector register above bit 127, or `zmm16`-`zmm31`, or `k0`-`k7`), and none
-    /// of the x87, MMX, 3DNow! or `fxsave`/`xsave` families (which read the x87 stack or
-    /// the whole state). Mid-function in such code only `xmm0`-`xmm15` and MXCSR are live
-    /// of the FP/SIMD state, and the argument registers' upper halves (a vector argument
-    /// handed on unread): what probe-codegen's `Fp::Sse` keeps. Undecodable code is not.
-    pub(crate) fn legacy_sse_only(start: usize, code: &[u8]) -> bool {
+    /// What the code of a function can do with the FP/SIMD state: see [`vector_use`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct VectorUse {
+        /// It keeps to legacy SSE: no VEX, EVEX or XOP instruction (so none that reads
+        /// a vector register above bit 127, or `zmm16`-`zmm31`, or `k0`-`k7`), and none
+        /// of the x87, MMX, 3DNow! or `fxsave`/`xsave` families (which read the x87 stack
+        /// or the whole state). Inside such code only `xmm0`-`xmm15` and MXCSR are live
+        /// of the FP/SIMD state, and the argument registers' upper halves (a vector
+        /// argument handed on unread): what probe-codegen's `Fp::Sse` keeps.
+        pub(crate) legacy: bool,
+        /// It calls nothing and jumps nowhere outside itself (a leaf, no tail call): it
+        /// cannot hand a vector argument on. Legacy code of that kind has nothing live
+        /// above bit 127 at all.
+        pub(crate) leaf: bool,
+    }
+
+    /// What the code at `start` (original bytes `code`: a function, or a separate part
+    /// of one) can do with the FP/SIMD state. Undecodable code is neither legacy nor a
+    /// leaf.
+    pub(crate) fn vector_use(start: usize, code: &[u8]) -> VectorUse {
         use CpuidFeature as F;
         let wide = |f: &CpuidFeature| {
             matches!(
@@ -289,9 +301,20 @@ mod x86 {
         };
         let x87_or_mmx =
             |i: &Instruction| (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && (i.op_register(n).is_st() || i.op_register(n).is_mm()));
-        Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE)
-            .into_iter()
-            .all(|i| !i.is_invalid() && i.encoding() == EncodingKind::Legacy && !i.cpuid_features().iter().any(wide) && !x87_or_mmx(&i))
+        let inside = |i: &Instruction| (start as u64..(start + code.len()) as u64).contains(&i.near_branch_target());
+        let mut uses = VectorUse { legacy: true, leaf: true };
+        for i in Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE) {
+            if i.is_invalid() {
+                return VectorUse { legacy: false, leaf: false };
+            }
+            uses.legacy &= i.encoding() == EncodingKind::Legacy && !i.cpuid_features().iter().any(wide) && !x87_or_mmx(&i);
+            uses.leaf &= match i.flow_control() {
+                FlowControl::Next | FlowControl::Return | FlowControl::Interrupt | FlowControl::Exception => true,
+                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => inside(&i),
+                _ => false,
+            };
+        }
+        uses
     }
 
     impl Window {

@@ -32,8 +32,9 @@ extern "C" {
     /// entry (x86_64; see build.rs).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry();
-    /// The same, keeping their low 128 bits: where the CPU has no AVX state, or cannot
-    /// tell which is in use (`cpu_support().wide`).
+    /// The same, keeping their low 128 bits: at the entry of a leaf of legacy SSE code
+    /// (`Live::ArgsLow`), and where the CPU has no AVX state, or cannot tell which is in
+    /// use (`cpu_support().wide`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry_narrow();
     /// The same, keeping xmm0-15 and MXCSR too: mid-function in code of legacy SSE
@@ -47,9 +48,12 @@ extern "C" {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub(crate) enum Live {
+    /// At the entry of a leaf function of legacy SSE code (`detour::vector_use`): the
+    /// argument registers' low 128 bits (nothing there reads or hands on the rest).
+    ArgsLow,
     /// At a function's entry: the argument registers.
     Args,
-    /// Inside a function of legacy SSE code only (`detour::legacy_sse_only`): xmm0-15
+    /// Inside a function of legacy SSE code only (`detour::vector_use`): xmm0-15
     /// and MXCSR, and the argument registers' upper halves.
     Sse,
     /// Anywhere else: all of it.
@@ -75,7 +79,7 @@ pub(crate) fn trampoline(live: Live) -> usize {
         XSAVE_MASK.store(crate::__private::XSAVE_MASK.load(Ordering::Relaxed), Ordering::Relaxed);
         match (live, cpu_support().wide) {
             (Live::Args, true) => return probekit_opt_trampoline_entry as *const () as usize,
-            (Live::Args, false) => return probekit_opt_trampoline_entry_narrow as *const () as usize,
+            (Live::Args, false) | (Live::ArgsLow, _) => return probekit_opt_trampoline_entry_narrow as *const () as usize,
             // Without a CPU that tells which upper halves are in use, the whole state.
             (Live::Sse, true) => return probekit_opt_trampoline_sse as *const () as usize,
             (Live::Sse | Live::All, _) => {}

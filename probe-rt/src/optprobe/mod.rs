@@ -395,12 +395,16 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         }
         let orig = &func[addr - f.addr..addr - f.addr + len];
         // A function's entry (not a label inside one): only arguments live in the
-        // vector registers. Mid-function in code of legacy SSE only (the whole function
-        // and its parts decoded): xmm0-15 and MXCSR, and the arguments' upper halves.
-        let live = match f.addr == addr && !f.label {
-            true => Live::Args,
-            false if detour::legacy_sse_only(f.addr, &func) && cold.iter().all(|(c, part)| detour::legacy_sse_only(c.addr, part)) => Live::Sse,
-            false => Live::All,
+        // vector registers, and only their low halves in a leaf of legacy SSE code.
+        // Mid-function in code of legacy SSE only (the whole function and its parts
+        // decoded): xmm0-15 and MXCSR, and the arguments' upper halves.
+        let uses = detour::vector_use(f.addr, &func);
+        let legacy = uses.legacy && cold.iter().all(|(c, part)| detour::vector_use(c.addr, part).legacy);
+        let live = match (f.addr == addr && !f.label, legacy) {
+            (true, true) if uses.leaf => Live::ArgsLow,
+            (true, _) => Live::Args,
+            (false, true) => Live::Sse,
+            (false, false) => Live::All,
         };
         // Where the trampoline keeps the whole FP/SIMD state it does so with `xsave` and
         // its kin, which fault where the OS did not enable them.
