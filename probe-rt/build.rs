@@ -145,12 +145,11 @@ fn main() {
     // xsave/xrstor (xrstor alone costs 50-70 ns on a virtual CPU), where the CPU can
     // tell which are in use (`cpu_support().in_use`): ~22 ns a hit in all.
     // - x86_64, mid-function in a function of legacy SSE code only (the whole function
-    //   decoded: no VEX, EVEX, x87, MMX or xsave instruction), where the ABI leaves
-    //   nothing else live (everything above xmm's 128 bits, zmm16-31 and k0-k7 are
-    //   caller-saved, and such code never reads them): xmm0-15 and MXCSR, and the
-    //   argument registers' upper halves (Fp::Sse), where the CPU tells which are in
-    //   use; the most common mid-function probe (code built for baseline x86_64) then
-    //   costs what an entry probe does, not the ~11 ns more of AVX-512 state moves.
+    //   decoded: no VEX, EVEX, x87, MMX or xsave instruction), which never touches
+    //   zmm16-31 or k0-k7 (caller-saved): xmm0-15 whole and MXCSR (Fp::Sse), where the
+    //   CPU tells which upper halves are in use; the most common mid-function probe
+    //   (code built for baseline x86_64) then costs about what an entry probe does,
+    //   not the ~10 ns more of AVX-512 state moves.
     let text = match arch {
         Some(arch) => {
             let symbols = render::Symbols {

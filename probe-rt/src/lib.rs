@@ -63,12 +63,15 @@
 //! argument registers at an entry, the return registers at a return, all of the state
 //! mid-function. On x86_64, inside a function of legacy code only (no VEX, EVEX, x87,
 //! MMX or `xsave` instruction in it: code built for baseline x86_64), that is what
-//! such code can read: xmm0-15, MXCSR and the argument registers' upper halves (a
-//! vector argument handed on unread); the rest (ymm8-15 above bit 127, zmm16-31,
-//! k0-7, the x87 status) is caller-saved, dead there, and left as the handler left it,
-//! which spares such probes ~10 ns of AVX-512 state moves. At the entry of such a
-//! function that calls nothing (a leaf: it can hand no vector argument on), the
-//! argument registers' low halves alone, which spares asking the CPU (~3 ns). At an entry or a return (sites, return probes, x86_64 optimized
+//! such code can hold: xmm0-15 whole and MXCSR; the rest (zmm16-31 and k0-7, which
+//! only AVX-512 code holds, and the x87 status) is caller-saved, dead there, and left
+//! as the handler left it, which spares such probes ~10 ns of AVX-512 state moves. At
+//! the entry of such a function that calls nothing (a leaf: it can hand no vector
+//! argument on), the argument registers' low halves alone, which spares asking the
+//! CPU which upper halves are in use (~3 ns). Both rest on the ABI, as every entry
+//! probe does (none keeps xmm8-15): a caller that keeps a value in a caller-saved
+//! register across its call of such a function (GCC's `-fipa-ra` does, for callees it
+//! compiled and knows leave the register alone) may find the handler's there. At an entry or a return (sites, return probes, x86_64 optimized
 //! entries) the FP *status* bits are not: x86_64 MXCSR's exception flags, aarch64
 //! FPSR's cumulative flags, are as the handlers' float math left them (MXCSR's status
 //! bits are caller-saved, System V AMD64 ABI §3.2.1; only its control bits are

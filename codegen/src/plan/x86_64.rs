@@ -407,11 +407,11 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
             };
             (Some((at, size)), at + size)
         }
-        // xmm0-15, the argument registers' ymm and zmm upper halves, the in-use word and
-        // MXCSR (twice: as saved, and as the handler left it).
+        // xmm0-15, their ymm and zmm upper halves, the in-use word and MXCSR (twice: as
+        // saved, and as the handler left it).
         Fp::Sse => {
             let at = next.next_multiple_of(16);
-            let size = 16 * SSE_REGS + 48 * vector_regs(Fp::ArgsWide) + 16;
+            let size = 64 * SSE_REGS + 16;
             (Some((at, size)), at + size)
         }
         // The xsave area must be 64-aligned; its size is known at run time only, so it
@@ -429,7 +429,7 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
     Area { hidden, anchor, spills, rip, fp_area, alloc: alloc.next_multiple_of(16) }
 }
 
-/// How many vector registers `Fp::Sse` keeps the low 128 bits of: all of them.
+/// How many vector registers `Fp::Sse` keeps: all of `xmm0`-`xmm15`.
 const SSE_REGS: u64 = 16;
 
 /// How many vector registers `Args` and `Return` (and their wide forms) keep.

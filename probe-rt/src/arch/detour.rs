@@ -265,9 +265,9 @@ mod x86 {
         /// It keeps to legacy SSE: no VEX, EVEX or XOP instruction (so none that reads
         /// a vector register above bit 127, or `zmm16`-`zmm31`, or `k0`-`k7`), and none
         /// of the x87, MMX, 3DNow! or `fxsave`/`xsave` families (which read the x87 stack
-        /// or the whole state). Inside such code only `xmm0`-`xmm15` and MXCSR are live
-        /// of the FP/SIMD state, and the argument registers' upper halves (a vector
-        /// argument handed on unread): what probe-codegen's `Fp::Sse` keeps.
+        /// or the whole state). Inside such code only `xmm0`-`xmm15` (whole: a value may
+        /// pass through it unread) and MXCSR can be live of the FP/SIMD state: what
+        /// probe-codegen's `Fp::Sse` keeps.
         pub(crate) legacy: bool,
         /// It calls nothing and jumps nowhere outside itself (a leaf, no tail call): it
         /// cannot hand a vector argument on. Legacy code of that kind has nothing live

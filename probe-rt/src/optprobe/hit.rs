@@ -37,7 +37,7 @@ extern "C" {
     /// use (`cpu_support().wide`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry_narrow();
-    /// The same, keeping xmm0-15 and MXCSR too: mid-function in code of legacy SSE
+    /// The same, keeping xmm0-15 (whole) and MXCSR: mid-function in code of legacy SSE
     /// only (x86_64; see build.rs).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_sse();
@@ -54,7 +54,7 @@ pub(crate) enum Live {
     /// At a function's entry: the argument registers.
     Args,
     /// Inside a function of legacy SSE code only (`detour::vector_use`): xmm0-15
-    /// and MXCSR, and the argument registers' upper halves.
+    /// (whole) and MXCSR.
     Sse,
     /// Anywhere else: all of it.
     All,

@@ -397,7 +397,7 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         // A function's entry (not a label inside one): only arguments live in the
         // vector registers, and only their low halves in a leaf of legacy SSE code.
         // Mid-function in code of legacy SSE only (the whole function and its parts
-        // decoded): xmm0-15 and MXCSR, and the arguments' upper halves.
+        // decoded): xmm0-15 and MXCSR.
         let uses = detour::vector_use(f.addr, &func);
         let legacy = uses.legacy && cold.iter().all(|(c, part)| detour::vector_use(c.addr, part).legacy);
         let live = match (f.addr == addr && !f.label, legacy) {

@@ -4,7 +4,7 @@
 //! lets a handler record the frame, rewrite fields and clobber every caller-saved
 //! register, and checks every register after the routine against what the frame,
 //! the policy and the shape promise. x86_64 wide modes (`ArgsWide`, `ReturnWide`,
-//! `FullInUse`, and `Sse` for the argument registers) are checked on all the bits they keep: random values above bit 127 in
+//! `FullInUse`, `Sse`) are checked on all the bits they keep: random values above bit 127 in
 //! ymm0-15, or zmm0-31 and k0-7 where the CPU has AVX-512, back as they were after the
 //! handler clobbered them, and zero again where they met their initial state.
 //!
@@ -739,7 +739,8 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     // Their bits above 127: as they were at the entry (the handler clobbered them), or,
     // met in their initial state, in it again (zero).
     let (regs, whole) = match r.fp {
-        FpMode::ArgsWide | FpMode::Sse => (8, 0),
+        FpMode::ArgsWide => (8, 0),
+        FpMode::Sse => (16, 0),
         FpMode::ReturnWide => (2, 0),
         FpMode::FullInUse => (16, 16),
         _ => (0, 0),

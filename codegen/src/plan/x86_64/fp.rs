@@ -20,11 +20,9 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, bool) {
         // MXCSR first: its restore runs last, after the wide step's (which needs the low
         // halves reloaded after it) and the low halves'.
         Fp::Sse => {
-            let wide = vector_regs(Fp::ArgsWide);
-            let mxcsr_at = at + 16 * SSE_REGS + 48 * wide + 8;
-            let mut steps = vec![mxcsr_step(mxcsr_at)];
+            let mut steps = vec![mxcsr_step(at + 64 * SSE_REGS + 8)];
             steps.extend(low_halves(at, SSE_REGS));
-            steps.push(wide_step(at, SSE_REGS, wide));
+            steps.push(wide_step(at, SSE_REGS, SSE_REGS));
             (steps, false)
         }
         Fp::FullInUse => (vec![in_use_step(at)], true),
