@@ -136,8 +136,9 @@ fn main() {
     //   the CPU tells which upper halves are in use (Fp::ArgsWide; else Fp::Args, as
     //   the return trampoline); their low halves (Fp::Args) at the entry of a leaf
     //   function of legacy SSE code, which can neither read nor hand on the rest
-    //   (`xgetbv` and its branches cost ~2.7 ns of a ~17 ns hit here). The full state costs ~180 ns a hit on an AVX-512 machine
-    //   (xsave writes 2.7 KiB), the argument registers ~1 ns, and whole ~4 ns.
+    //   (`xgetbv` and its branches cost ~2.7 ns of a ~17 ns hit here). The full state
+    //   costs ~180 ns a hit on an AVX-512 machine (xsave writes 2.7 KiB), the argument
+    //   registers ~1 ns, and whole ~4 ns.
     // x86_64 Full comes three times: with xsave64; Fp::FullCompact's xsavec64, which
     // leaves out the components in their initial state (the AVX-512 upper halves after
     // vzeroupper): ~80 ns a hit, where the CPU has it (CPUID.(EAX=0DH,ECX=1):EAX[1]);

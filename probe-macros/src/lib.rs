@@ -16,7 +16,7 @@ mod traceable;
 /// ```text
 /// #[pt_regs]
 /// #[pt_regs(shapes(save_restore, kretprobe, entry), policy = all | caller_saved,
-///           fp = none | args | return | args_wide | return_wide | full | full_compact | full_in_use, handler = path::to::handler, crate = ::probekit)]
+///           fp = none | args | return | args_wide | return_wide | full | full_compact | full_in_use | sse, handler = path::to::handler, crate = ::probekit)]
 /// ```
 ///
 /// # Usage
@@ -62,7 +62,8 @@ mod traceable;
 ///
 /// On x86_64 some FP modes need more of the CPU than x86_64 itself: `full` an OS
 /// that enabled `xsave`, `args_wide` and `return_wide` `xgetbv` with `ecx = 1`,
-/// `full_compact` `xsavec64`, `full_in_use` all of these and more; and every
+/// `full_compact` `xsavec64`, `full_in_use` all of these and more, `sse` what
+/// `args_wide` needs (and `full` where it does not run); and every
 /// `save_restore` routine LAHF/SAHF in 64-bit mode. Their routines fault elsewhere:
 /// check `probekit::cpu_support()` before running one (and fall back to `args`,
 /// `return` or `full`), as the runtime does for its own.

@@ -49,7 +49,7 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
                 Some(f) => o.fp = *f,
                 None => push(syn::Error::new(
                     v.span(),
-                    "unknown fp mode: must be `none`, `args`, `return`, `args_wide`, `return_wide`, `full`, `full_compact` or `full_in_use`",
+                    "unknown fp mode: must be `none`, `args`, `return`, `args_wide`, `return_wide`, `full`, `full_compact`, `full_in_use` or `sse`",
                 )),
             }
             Ok(())

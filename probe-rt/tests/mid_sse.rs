@@ -27,11 +27,11 @@ struct Low {
 
 /// The bits above 127 the test sets before the probe point and reads after it (by
 /// calls of other functions: the probed one stays legacy code): bits 128-255 of
-/// ymm0-8, bits 256-511 of zmm0-7, and zmm16 (AVX-512 only).
+/// ymm0-15, bits 256-511 of zmm0-7, and zmm16 (AVX-512 only).
 #[repr(C, align(64))]
 #[derive(Clone, Debug, PartialEq)]
 struct Upper {
-    ymm: [[u8; 16]; 9],
+    ymm: [[u8; 16]; 16],
     zmm: [[u8; 32]; 8],
     zmm16: [u8; 64],
 }
@@ -103,9 +103,9 @@ std::arch::global_asm!(
     ".endm",
     ".macro zmm_op op, i",
     ".ifc \\op,load",
-    "vinserti64x4 zmm\\i, zmm\\i, [rdx + 144 + 32 * \\i], 1",
+    "vinserti64x4 zmm\\i, zmm\\i, [rdx + 256 + 32 * \\i], 1",
     ".else",
-    "vextracti64x4 [rcx + 144 + 32 * \\i], zmm\\i, 1",
+    "vextracti64x4 [rcx + 256 + 32 * \\i], zmm\\i, 1",
     ".endif",
     ".endm",
     ".macro all_ymm op",
@@ -118,6 +118,13 @@ std::arch::global_asm!(
     "ymm_op \\op, 6",
     "ymm_op \\op, 7",
     "ymm_op \\op, 8",
+    "ymm_op \\op, 9",
+    "ymm_op \\op, 10",
+    "ymm_op \\op, 11",
+    "ymm_op \\op, 12",
+    "ymm_op \\op, 13",
+    "ymm_op \\op, 14",
+    "ymm_op \\op, 15",
     ".endm",
     ".macro all_zmm op",
     "zmm_op \\op, 0",
@@ -143,14 +150,14 @@ std::arch::global_asm!(
     "load_upper512:",
     "all_ymm load",
     "all_zmm load",
-    "vmovdqu64 zmm16, [rdx + 400]",
+    "vmovdqu64 zmm16, [rdx + 512]",
     "ret",
     ".size load_upper512, . - load_upper512",
     ".type dump_upper512, @function",
     "dump_upper512:",
     "all_ymm dump",
     "all_zmm dump",
-    "vmovdqu64 [rcx + 400], zmm16",
+    "vmovdqu64 [rcx + 512], zmm16",
     "ret",
     ".size dump_upper512, . - dump_upper512",
     // with_upper(f: rdi, x: rsi, upper: rdx, out: rcx) -> f(x, out): ymm0 = (x, upper) at
@@ -191,6 +198,36 @@ std::arch::global_asm!(
     "vextractf128 [rsi], ymm0, 1",
     "ret",
     ".size read_upper, . - read_upper",
+    // x87_caller(out: rdi, x: rsi) -> x87_pass(x), and the long double x87_pass returns
+    // to out (as a double). x87_pass has no x87 instruction: the value a callee left in
+    // st0 passes through it, past the probe point.
+    ".type x87_caller, @function",
+    "x87_caller:",
+    "push rbx",
+    "mov rbx, rdi",
+    "mov rdi, rsi",
+    "call x87_pass",
+    "fstp qword ptr [rbx]",
+    "pop rbx",
+    "ret",
+    ".size x87_caller, . - x87_caller",
+    ".globl x87_pass",
+    ".globl x87_pass_at",
+    ".type x87_pass, @function",
+    "x87_pass:",
+    "sub rsp, 8",
+    "call load_pi",
+    "x87_pass_at:",
+    "mov rax, rdi",
+    "add rax, 1",
+    "add rsp, 8",
+    "ret",
+    ".size x87_pass, . - x87_pass",
+    ".type load_pi, @function",
+    "load_pi:",
+    "fldpi",
+    "ret",
+    ".size load_pi, . - load_pi",
     ".popsection",
 );
 
@@ -211,6 +248,9 @@ extern "C" {
     fn with_upper(f: unsafe extern "C" fn(), x: u64, upper: *const [u8; 16], out: *mut [[u8; 16]; 2]) -> u64;
     fn legacy_leaf();
     fn legacy_pass();
+    fn x87_caller(out: *mut f64, x: u64) -> u64;
+    fn x87_pass();
+    fn x87_pass_at();
 }
 
 fn avx512() -> bool {
@@ -224,7 +264,7 @@ fn pattern(seed: u8, i: usize) -> u8 {
 /// Runs `sse_mid` once.
 fn run(low: &Low, upper: &Upper) -> (Low, Upper) {
     let mut low_out = Low { xmm: [[0; 16]; 16], mxcsr: 0, _pad: [0; 3] };
-    let mut upper_out = Upper { ymm: [[0; 16]; 9], zmm: [[0; 32]; 8], zmm16: [0; 64] };
+    let mut upper_out = Upper { ymm: [[0; 16]; 16], zmm: [[0; 32]; 8], zmm16: [0; 64] };
     let (load, dump): (unsafe extern "C" fn(), unsafe extern "C" fn()) = match avx512() {
         true => (load_upper512, dump_upper512),
         false => (load_upper256, dump_upper256),
@@ -305,7 +345,7 @@ fn a_probe_inside_legacy_sse_code_keeps_what_it_can_read() {
     }
     assert_eq!(low_probed.mxcsr, low.mxcsr, "MXCSR, exception flags included");
     // The upper halves: kept.
-    for i in 0..9 {
+    for i in 0..16 {
         assert_eq!(upper_probed.ymm[i], want_upper.ymm[i], "ymm{i} bits 128-255");
     }
     for i in 0..8 {
@@ -363,4 +403,26 @@ fn an_entry_probe_on_a_leaf_of_legacy_code_keeps_the_low_halves() {
     // Dead in a leaf of legacy code: the handler's, as it left it (the trampoline that
     // keeps only the low halves ran).
     assert_eq!(out[1], [0xff; 16], "ymm0 bits 128-255 after the leaf");
+}
+
+#[test]
+fn a_value_on_the_x87_stack_passing_through_legacy_code_is_kept() {
+    let p = Probe::builder()
+        .symbol("x87_pass")
+        .offset(x87_pass_at as *const () as usize - x87_pass as *const () as usize)
+        .optimize(Optimize::Required)
+        .pre(|_: &PtRegs| {
+            // SAFETY: empties the x87 stack (what a handler's x87 or MMX code may leave),
+            // declared clobbered; the control word it sets is Linux's default.
+            unsafe { std::arch::asm!("fninit", out("st(0)") _, out("st(1)") _) }
+        })
+        .register()
+        .unwrap();
+    assert!(p.is_optimized());
+    let mut out = 0.0f64;
+    // SAFETY: `out` is writable; the functions leave the x87 stack as they found it.
+    let r = unsafe { x87_caller(&mut out, 41) };
+    assert_eq!(p.nhit(), 1);
+    assert_eq!(r, 42);
+    assert_eq!(out, std::f64::consts::PI, "st0 across the probe");
 }

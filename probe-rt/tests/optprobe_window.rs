@@ -231,6 +231,92 @@ fn a_cold_part_that_jumps_into_the_range_keeps_the_probe_a_breakpoint() {
 
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
+    ".pushsection .text.optprobe_window_cold_in, \"ax\", @progbits",
+    // A probe inside a cold part is inside its function. cold_in_fn jumps into its cold
+    // part's first window past its first byte (cold_in_fn.cold + 2, inside the
+    // `xor; add` a jump there displaces), and has AVX code (where a caller may hold
+    // anything in zmm16-31: a probe in its cold part keeps all of the state).
+    ".globl cold_in_fn",
+    ".type cold_in_fn, @function",
+    "cold_in_fn:",
+    "xor eax, eax",
+    "test rdi, rdi",
+    "js cold_in_fn.cold",
+    "jz cold_in_fn_inside",
+    "lea rax, [rdi + 1]",
+    "ret",
+    "vzeroupper",
+    ".size cold_in_fn, . - cold_in_fn",
+    ".globl cold_in_fn.cold",
+    ".type cold_in_fn.cold, @function",
+    "cold_in_fn.cold:",
+    "xor eax, eax",
+    "cold_in_fn_inside:",
+    "add eax, 100",
+    "cold_in_fn_later:",
+    "mov rcx, rdi",
+    "add rax, rcx",
+    "ret",
+    ".size cold_in_fn.cold, . - cold_in_fn.cold",
+    ".popsection",
+);
+
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" {
+    safe fn cold_in_fn(x: i64) -> i64;
+    safe fn cold_in_fn_later();
+}
+
+/// A probe inside a function's cold part (`f.cold`) is checked against the jumps of
+/// the function and its other parts, and keeps the state the function may hold.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_probe_in_a_cold_part_is_checked_as_inside_its_function() {
+    use probe_rt::NotOptimized;
+    use std::hint::black_box;
+    let f = cold_in_fn as extern "C" fn(i64) -> i64;
+    assert_eq!((f(5), f(0), f(-1)), (6, 100, 99));
+    let p = Probe::builder().symbol("cold_in_fn.cold").pre(|_: &PtRegs| {}).register().unwrap();
+    assert!(matches!(p.why_not_optimized(), Some(NotOptimized::JumpIntoWindow { .. })), "{:?}", p.why_not_optimized());
+    assert_eq!((black_box(f)(0), black_box(f)(-1)), (100, 99));
+    assert_eq!(p.nhit(), 1);
+    drop(p);
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        return;
+    }
+    // The function has AVX code: zmm16 is kept across a probe in its cold part.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn clobber_zmm16() {
+        // SAFETY: the register is declared clobbered; the CPU has AVX-512 (checked).
+        unsafe { std::arch::asm!("vpternlogd zmm16, zmm16, zmm16, 0", out("zmm16") _) };
+    }
+    // SAFETY: cold_in_fn_later is an instruction of cold_in_fn.cold.
+    let p = unsafe { Probe::builder().address(cold_in_fn_later as *const () as usize) }
+        .pre(|_: &PtRegs| unsafe { clobber_zmm16() })
+        .optimize(Optimize::Required)
+        .register()
+        .expect("optimized");
+    let mut out = [0u64; 8];
+    // SAFETY: AVX-512 (checked); zmm16 all ones, cold_in_fn(-1) (which leaves zmm16 alone
+    // and touches what the C ABI lets it), zmm16 stored to `out`.
+    unsafe {
+        std::arch::asm!(
+            "vpternlogd zmm16, zmm16, zmm16, 0xff",
+            "mov rdi, -1",
+            "call rax",
+            "vmovdqu64 [r12], zmm16",
+            in("rax") f,
+            in("r12") out.as_mut_ptr(),
+            out("zmm16") _,
+            clobber_abi("C"),
+        )
+    };
+    assert_eq!(p.nhit(), 1);
+    assert_eq!(out, [u64::MAX; 8], "zmm16 kept");
+}
+
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
     ".pushsection .text.optprobe_window_sled, \"ax\", @progbits",
     // 64 one-byte nops: a window of five of them at each of the first 56.
     ".globl sled_fn",

@@ -1,6 +1,6 @@
 // fp = return, full, full_compact, full_in_use (x86_64: the xsave operands come from
 // probekit),
-// args_wide and return_wide.
+// args_wide, return_wide and sse.
 #[probekit::pt_regs(shapes(kretprobe), fp = return, handler = on_ret)]
 #[repr(C)]
 pub struct Ret {
@@ -43,6 +43,17 @@ pub struct WideRet {
     pub value: u64,
 }
 
+#[probekit::pt_regs(shapes(save_restore, entry), fp = sse, handler = on_sse)]
+#[repr(C)]
+pub struct Sse {
+    #[reg(x86_64 = "rax", aarch64 = "x0")]
+    pub value: u64,
+}
+
+unsafe extern "C" fn on_sse(_frame: *mut Sse, _fp: *mut u8) -> usize {
+    0
+}
+
 unsafe extern "C" fn on_full_c(_frame: *mut Compact, _fp: *mut u8) -> usize {
     0
 }
@@ -68,5 +79,5 @@ unsafe extern "C" fn on_full(_frame: *mut Everything, _fp: *mut u8) -> usize {
 }
 
 fn main() {
-    let _ = (Ret::KRETPROBE, Everything::SAVE_RESTORE, Compact::SAVE_RESTORE, InUse::SAVE_RESTORE, Wide::ENTRY, Wide::KRETPROBE, WideRet::KRETPROBE);
+    let _ = (Ret::KRETPROBE, Everything::SAVE_RESTORE, Compact::SAVE_RESTORE, InUse::SAVE_RESTORE, Wide::ENTRY, Wide::KRETPROBE, WideRet::KRETPROBE, Sse::SAVE_RESTORE, Sse::ENTRY);
 }

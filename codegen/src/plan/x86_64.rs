@@ -408,10 +408,10 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
             (Some((at, size)), at + size)
         }
         // xmm0-15, their ymm and zmm upper halves, the in-use word and MXCSR (twice: as
-        // saved, and as the handler left it).
+        // saved, and as the handler left it), then the x87 stack's `fxsave` area.
         Fp::Sse => {
             let at = next.next_multiple_of(16);
-            let size = 64 * SSE_REGS + 16;
+            let size = SSE_FX + 512;
             (Some((at, size)), at + size)
         }
         // The xsave area must be 64-aligned; its size is known at run time only, so it
@@ -431,6 +431,8 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
 
 /// How many vector registers `Fp::Sse` keeps: all of `xmm0`-`xmm15`.
 const SSE_REGS: u64 = 16;
+/// Where `Fp::Sse`'s `fxsave` area is in its FP area (16-aligned, as `fxsave` needs).
+const SSE_FX: u64 = 64 * SSE_REGS + 16;
 
 /// How many vector registers `Args` and `Return` (and their wide forms) keep.
 fn vector_regs(fp: Fp) -> u64 {

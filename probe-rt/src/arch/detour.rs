@@ -303,6 +303,7 @@ mod x86 {
             |i: &Instruction| (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Register && (i.op_register(n).is_st() || i.op_register(n).is_mm()));
         let inside = |i: &Instruction| (start as u64..(start + code.len()) as u64).contains(&i.near_branch_target());
         let mut uses = VectorUse { legacy: true, leaf: true };
+        let mut falls_through = true;
         for i in Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE) {
             if i.is_invalid() {
                 return VectorUse { legacy: false, leaf: false };
@@ -313,7 +314,10 @@ mod x86 {
                 FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => inside(&i),
                 _ => false,
             };
+            falls_through = matches!(i.flow_control(), FlowControl::Next | FlowControl::ConditionalBranch);
         }
+        // Code that runs off its end goes on into the next function's, as a tail call.
+        uses.leaf &= !falls_through;
         uses
     }
 
@@ -349,6 +353,46 @@ mod x86 {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn vector_use_tells_legacy_code_and_leaves() {
+            let uses = |code: &[u8]| vector_use(0x1000, code);
+            let (legacy_leaf, legacy, neither) =
+                (VectorUse { legacy: true, leaf: true }, VectorUse { legacy: true, leaf: false }, VectorUse { legacy: false, leaf: false });
+            let ret = 0xc3;
+            // mov rax, rdi; movaps xmm0, xmm1; addsd xmm0, xmm1; ret
+            assert_eq!(uses(&[0x48, 0x89, 0xf8, 0x0f, 0x28, 0xc1, 0xf2, 0x0f, 0x58, 0xc1, ret]), legacy_leaf);
+            // A branch back inside, then ret.
+            assert_eq!(uses(&[0x48, 0x89, 0xf8, 0x75, 0xfb, ret]), legacy_leaf, "jne to the first byte");
+            for (insn, what) in [
+                (&[0xc5, 0xf8, 0x77][..], "vzeroupper (VEX)"),
+                (&[0x62, 0xf1, 0x7d, 0x48, 0xef, 0xc0], "vpxord zmm0 (EVEX)"),
+                (&[0xd9, 0xe8], "fld1 (x87)"),
+                (&[0xdd, 0x08], "fisttp (x87, SSE3)"),
+                (&[0x0f, 0x77], "emms (MMX)"),
+                (&[0xf3, 0x0f, 0xd6, 0xc1], "movq2dq xmm0, mm1 (an MMX register)"),
+                (&[0x0f, 0xae, 0x00], "fxsave [rax]"),
+                (&[0x0f, 0x01, 0xd0], "xgetbv (xsave family)"),
+            ] {
+                let code: Vec<u8> = insn.iter().copied().chain([ret]).collect();
+                assert!(!uses(&code).legacy, "{what}");
+            }
+            // Legacy, but not leaves: each may hand a vector argument on.
+            for (code, what) in [
+                (&[0xe8, 0, 0, 0, 0, ret][..], "call"),
+                (&[0xe9, 0, 0x10, 0, 0], "jmp outside"),
+                (&[0x74, 0x10, ret], "je outside"),
+                (&[0xff, 0xe0], "jmp rax"),
+                (&[0xff, 0xd0, ret], "call rax"),
+                (&[0xc7, 0xf8, 0, 0, 0, 0, ret], "xbegin"),
+                (&[0x48, 0x89, 0xf8], "runs off its end"),
+                (&[0x48, 0x89, 0xf8, 0x74, 0xfb], "runs off its end after a branch"),
+            ] {
+                assert_eq!(uses(code), legacy, "{what}");
+            }
+            assert_eq!(uses(&[0x0f, 0x0b]), legacy_leaf, "ud2 ends it");
+            assert_eq!(uses(&[0x48, 0x89]), neither, "undecodable");
+        }
 
         #[test]
         fn the_block_layout_is_as_documented() {

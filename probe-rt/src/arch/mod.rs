@@ -48,9 +48,9 @@ pub struct CpuSupport {
     /// `fp = full_compact` runs (`xsavec64`): `xsave`, then
     /// `CPUID.(EAX=0DH,ECX=1):EAX[1]`.
     pub xsavec: bool,
-    /// `fp = args_wide` and `return_wide` run (probe-codegen's `Fp::ArgsWide` and
-    /// `Fp::ReturnWide`, the runtime's trampolines that keep vector arguments and
-    /// return values whole): the OS enabled AVX state (XCR0 bit 2) and the CPU tells
+    /// `fp = args_wide`, `return_wide` and `sse` run (probe-codegen's `Fp::ArgsWide`,
+    /// `Fp::ReturnWide` and `Fp::Sse`, the runtime's trampolines that keep vector
+    /// arguments and return values whole, and xmm0-15 inside legacy SSE code): the OS enabled AVX state (XCR0 bit 2) and the CPU tells
     /// which state is in use (`xgetbv` with `ecx = 1`:
     /// `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the runtime's narrow ones run:
     /// exact without AVX state; with it (Haswell, Broadwell, AMD before Zen) the bits

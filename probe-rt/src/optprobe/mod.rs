@@ -382,16 +382,23 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         let window = detour::window(addr, f.addr, &func)?;
         let len = window.len;
         // Its separate cold parts (GCC's hot/cold split) jump back into it: checked as
-        // the function is (one without a size cannot be).
-        let mut cold = Vec::new();
-        for c in crate::sys::symbols::cold_parts(&f) {
+        // the function is (one without a size cannot be). An address inside a cold
+        // part is inside its function: the function and its other parts are checked.
+        use crate::sys::symbols::{cold_parts, parent_of_cold};
+        let parent = parent_of_cold(&f);
+        let others = match &parent {
+            Some(g) => std::iter::once(g.clone()).chain(cold_parts(g).into_iter().filter(|c| c.addr != f.addr)).collect(),
+            None => cold_parts(&f),
+        };
+        let mut parts = Vec::new();
+        for c in others {
             if c.size == 0 {
                 return Err(NotOptimized::FunctionSizeUnknown);
             }
             let mut part = crate::breakpoint::without_breakpoints(c.addr, c.addr + c.size).ok_or(NotOptimized::UndecodableFunction { at: c.addr })?;
             overlay(st, c.addr, &mut part);
             detour::no_jump_into(addr, len, c.addr, &part)?;
-            cold.push((c, part));
+            parts.push((c, part));
         }
         let orig = &func[addr - f.addr..addr - f.addr + len];
         // A function's entry (not a label inside one): only arguments live in the
@@ -399,16 +406,17 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         // Mid-function in code of legacy SSE only (the whole function and its parts
         // decoded): xmm0-15 and MXCSR.
         let uses = detour::vector_use(f.addr, &func);
-        let legacy = uses.legacy && cold.iter().all(|(c, part)| detour::vector_use(c.addr, part).legacy);
-        let live = match (f.addr == addr && !f.label, legacy) {
+        let legacy = uses.legacy && parts.iter().all(|(c, part)| detour::vector_use(c.addr, part).legacy);
+        let live = match (f.addr == addr && !f.label && parent.is_none(), legacy) {
             (true, true) if uses.leaf => Live::ArgsLow,
             (true, _) => Live::Args,
             (false, true) => Live::Sse,
             (false, false) => Live::All,
         };
         // Where the trampoline keeps the whole FP/SIMD state it does so with `xsave` and
-        // its kin, which fault where the OS did not enable them.
-        if live == Live::All && !cpu_support().xsave {
+        // its kin, which fault where the OS did not enable them (as it does in legacy
+        // code where the CPU cannot tell which upper halves are in use: `trampoline`).
+        if (live == Live::All || live == Live::Sse && !cpu_support().wide) && !cpu_support().xsave {
             return Err(NotOptimized::CpuLacks { feature: "xsave enabled by the OS (OSXSAVE), which keeps the FP/SIMD state mid-function" });
         }
         let tramp = trampoline(live);

@@ -169,6 +169,16 @@ impl Snapshot {
         p.cold.get(&f.name).into_iter().flatten().filter_map(|k| p.functions.get(*k)).cloned().collect()
     }
 
+    /// The function `f` is a separate cold part of (`f` is `g.cold` or `g.cold.N`): `g`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // optprobes' x86_64 window checks
+    pub(crate) fn parent_of_cold(&self, f: &Function) -> Option<Function> {
+        let (_, p) = self.images.iter().find(|(i, _)| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&f.addr)))?;
+        let (base, _) = f.name.rsplit_once(".cold")?;
+        let parts = p.cold.get(base)?;
+        parts.iter().any(|k| p.functions.get(*k).is_some_and(|c| c.addr == f.addr && c.name == f.name)).then_some(())?;
+        p.functions.iter().find(|g| g.name == base && g.size > 0).cloned()
+    }
+
     /// The function an instruction boundary at `addr` can be proven from: the function
     /// containing it by its size, else the nearest sizeless symbol at or below it (code
     /// written in asm without `.size`, whose extent is unknown: decoding runs from
@@ -206,6 +216,12 @@ pub(crate) fn sized_function_at(addr: usize) -> Option<Function> {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn cold_parts(f: &Function) -> Vec<Function> {
     Snapshot::now().cold_parts(f)
+}
+
+/// [`Snapshot::parent_of_cold`] of the images mapped now.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn parent_of_cold(f: &Function) -> Option<Function> {
+    Snapshot::now().parent_of_cold(f)
 }
 
 /// [`Snapshot::known_start`] of the images mapped now.

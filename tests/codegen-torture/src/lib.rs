@@ -603,6 +603,10 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         set_in_use(in_use);
         ctx.x87 = (in_use == InUse::X87) as u64;
     }
+    // Sse's two x87 paths: the stack empty, or a value on it (`fxsave64`).
+    if r.fp == FpMode::Sse {
+        ctx.x87 = set_df as u64;
+    }
     // The bits above 127 the wide modes keep: random ones on the paths that meet them in
     // use, none on the paths that meet them in their initial state; read back after.
     let upper = upper_width(r.fp);

@@ -19,9 +19,12 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, bool) {
         }
         // MXCSR first: its restore runs last, after the wide step's (which needs the low
         // halves reloaded after it) and the low halves'.
+        // The x87 stack's `fxrstor` (which loads xmm0-15 and MXCSR too) before the low
+        // halves' and MXCSR's restores.
         Fp::Sse => {
             let mut steps = vec![mxcsr_step(at + 64 * SSE_REGS + 8)];
             steps.extend(low_halves(at, SSE_REGS));
+            steps.push(x87_stack_step(at + SSE_FX));
             steps.push(wide_step(at, SSE_REGS, SSE_REGS));
             (steps, false)
         }
@@ -81,6 +84,33 @@ fn mxcsr_step(at: u64) -> Step {
             Op::new("je 5f", "unchanged"),
             Op::new(format!("ldmxcsr dword ptr {m}"), "the probed code's"),
             Op::new("5:", ""),
+        ],
+    }
+}
+
+/// `Fp::Sse`'s x87 stack: code with no x87 instruction can still have values on it (a
+/// `long double` a callee returned in `st0`, on its way to the caller), which a
+/// handler's x87 or MMX code would overwrite. Where the status word's TOP says values
+/// are there, `fxsave64` into the 512-byte area at `fx` keeps them (its bytes 464 on
+/// are software's: the word there says whether it did); an empty stack (a stack of
+/// eight values, or MMX state, looks so too) costs the `fnstsw` alone.
+fn x87_stack_step(fx: u64) -> Step {
+    let ((area, _), (flag, _)) = (mem(fx), mem(fx + 464));
+    Step {
+        save: vec![
+            Op::new("fnstsw ax", "x87 status word"),
+            Op::new("test ax, 0x3800", "TOP: 0 when the stack is empty"),
+            Op::new(format!("mov qword ptr {flag}, 0"), format!("x87 stack not kept @{}", fx + 464)),
+            Op::new("jz 4f", "empty: nothing to keep"),
+            Op::new(format!("fxsave64 {area}"), format!("values on the x87 stack: the legacy region @{fx}")),
+            Op::new(format!("mov qword ptr {flag}, 1"), "kept"),
+            Op::new("4:", ""),
+        ],
+        restore: vec![
+            Op::new(format!("cmp qword ptr {flag}, 0"), ""),
+            Op::new("je 4f", ""),
+            Op::new(format!("fxrstor64 {area}"), "the x87 stack (and xmm0-15, MXCSR: reloaded after)"),
+            Op::new("4:", ""),
         ],
     }
 }
