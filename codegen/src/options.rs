@@ -101,15 +101,15 @@ pub enum Fp {
     /// MMX or `xsave`-family instruction): such code reads no bit above 127 and never
     /// touches `zmm16`–`zmm31` or `k0`–`k7`, which the ABI leaves dead across the call
     /// that brought execution into it. The upper halves are kept all the same (where in
-    /// use: nothing to move after a `vzeroupper`): a vector
-    /// argument may pass through such code unread, and a caller may hold a value there
-    /// across its call to code it knows leaves them alone (GCC's `-fipa-ra`). The caller
-    /// decides that the probed code is such code (probekit's optimized probes decode the
-    /// whole function). MXCSR is reloaded only if the handler changed it, as `FullInUse`
-    /// does. Values on the x87 stack (a `long double` a callee returned, passing
-    /// through) are kept with `fxsave64` when its TOP says there are any; a handler's x87
-    /// status is left as it leaves it. Needs what `ArgsWide` needs
-    /// (`probekit::cpu_support().wide`). aarch64: as `Full`.
+    /// use: nothing to move after a `vzeroupper`): a vector argument may pass through
+    /// such code unread, and a caller may hold a value there across its call to code it
+    /// knows leaves them alone (GCC's `-fipa-ra`). The caller decides that the probed
+    /// code is such code (probekit's optimized probes decode the whole function). MXCSR
+    /// is reloaded only if the handler changed it, as `FullInUse` does. Values on the
+    /// x87 stack (a `long double` a callee returned, passing through) are kept with
+    /// `fxsave64` when its TOP says there are any; a handler's x87 status is left as it
+    /// leaves it. Needs what `ArgsWide` needs (`probekit::cpu_support().wide`).
+    /// aarch64: as `Full`.
     Sse,
 }
 

@@ -71,8 +71,10 @@
 //! CPU which upper halves are in use (~3 ns). Both rest on the ABI, as every entry
 //! probe does (none keeps xmm8-15): a caller that keeps a value in a caller-saved
 //! register across its call of such a function (GCC's `-fipa-ra` does, for callees it
-//! compiled and knows leave the register alone) may find the handler's there. At an entry or a return (sites, return probes, x86_64 optimized
-//! entries) the FP *status* bits are not: x86_64 MXCSR's exception flags, aarch64
+//! compiled and knows leave the register alone) may find the handler's there.
+//!
+//! At an entry or a return (sites, return probes, x86_64 optimized entries) the FP
+//! *status* bits are not kept: x86_64 MXCSR's exception flags, aarch64
 //! FPSR's cumulative flags, are as the handlers' float math left them (MXCSR's status
 //! bits are caller-saved, System V AMD64 ABI §3.2.1; only its control bits are
 //! callee-saved). The differential fuzzer (`probe-rt/tests/opt_fuzz.rs`) compares

@@ -50,11 +50,12 @@ pub struct CpuSupport {
     pub xsavec: bool,
     /// `fp = args_wide`, `return_wide` and `sse` run (probe-codegen's `Fp::ArgsWide`,
     /// `Fp::ReturnWide` and `Fp::Sse`, the runtime's trampolines that keep vector
-    /// arguments and return values whole, and xmm0-15 inside legacy SSE code): the OS enabled AVX state (XCR0 bit 2) and the CPU tells
-    /// which state is in use (`xgetbv` with `ecx = 1`:
-    /// `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the runtime's narrow ones run:
-    /// exact without AVX state; with it (Haswell, Broadwell, AMD before Zen) the bits
-    /// above 128 are not kept (the README's known limits).
+    /// arguments and return values whole, and xmm0-15 inside legacy SSE code): the OS
+    /// enabled AVX state (XCR0 bit 2) and the CPU tells which state is in use (`xgetbv`
+    /// with `ecx = 1`: `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the runtime's narrow
+    /// ones run (and inside legacy SSE code the one that keeps all of the state): exact
+    /// without AVX state; with it (Haswell, Broadwell, AMD before Zen) the bits above
+    /// 128 are not kept (the README's known limits).
     pub wide: bool,
     /// `fp = full_in_use` runs (probe-codegen's `Fp::FullInUse`, which moves the state
     /// in use): `wide` and `xsavec`, every component it moves at its standard `xsave`

@@ -384,12 +384,12 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         // Its separate cold parts (GCC's hot/cold split) jump back into it: checked as
         // the function is (one without a size cannot be). An address inside a cold
         // part is inside its function: the function and its other parts are checked.
-        use crate::sys::symbols::{cold_parts, parent_of_cold};
-        let parent = parent_of_cold(&f);
-        let others = match &parent {
-            Some(g) => std::iter::once(g.clone()).chain(cold_parts(g).into_iter().filter(|c| c.addr != f.addr)).collect(),
-            None => cold_parts(&f),
-        };
+        use crate::sys::symbols::{cold_parts, parents_of_cold};
+        let parents = parents_of_cold(&f);
+        let family = if parents.is_empty() { std::slice::from_ref(&f) } else { &parents[..] };
+        let mut others: Vec<_> = family.iter().flat_map(|g| std::iter::once(g.clone()).chain(cold_parts(g))).filter(|c| c.addr != f.addr).collect();
+        others.sort_by_key(|c| c.addr);
+        others.dedup_by_key(|c| c.addr);
         let mut parts = Vec::new();
         for c in others {
             if c.size == 0 {
@@ -407,7 +407,7 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         // decoded): xmm0-15 and MXCSR.
         let uses = detour::vector_use(f.addr, &func);
         let legacy = uses.legacy && parts.iter().all(|(c, part)| detour::vector_use(c.addr, part).legacy);
-        let live = match (f.addr == addr && !f.label && parent.is_none(), legacy) {
+        let live = match (f.addr == addr && !f.label && parents.is_empty(), legacy) {
             (true, true) if uses.leaf => Live::ArgsLow,
             (true, _) => Live::Args,
             (false, true) => Live::Sse,

@@ -169,14 +169,18 @@ impl Snapshot {
         p.cold.get(&f.name).into_iter().flatten().filter_map(|k| p.functions.get(*k)).cloned().collect()
     }
 
-    /// The function `f` is a separate cold part of (`f` is `g.cold` or `g.cold.N`): `g`.
+    /// The functions `f` may be a separate cold part of (`f` is `g.cold` or
+    /// `g.cold.N`): every `g` of its image (static functions of two files may share a
+    /// name). Empty if `f` is no cold part.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // optprobes' x86_64 window checks
-    pub(crate) fn parent_of_cold(&self, f: &Function) -> Option<Function> {
-        let (_, p) = self.images.iter().find(|(i, _)| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&f.addr)))?;
-        let (base, _) = f.name.rsplit_once(".cold")?;
-        let parts = p.cold.get(base)?;
-        parts.iter().any(|k| p.functions.get(*k).is_some_and(|c| c.addr == f.addr && c.name == f.name)).then_some(())?;
-        p.functions.iter().find(|g| g.name == base && g.size > 0).cloned()
+    pub(crate) fn parents_of_cold(&self, f: &Function) -> Vec<Function> {
+        let Some((_, p)) = self.images.iter().find(|(i, _)| i.ranges.iter().any(|(a, b)| (*a..*b).contains(&f.addr))) else { return Vec::new() };
+        let Some((base, _)) = f.name.rsplit_once(".cold") else { return Vec::new() };
+        let is_part = p.cold.get(base).is_some_and(|parts| parts.iter().any(|k| p.functions.get(*k).is_some_and(|c| c.addr == f.addr)));
+        match is_part {
+            true => p.functions.iter().filter(|g| g.name == base).cloned().collect(),
+            false => Vec::new(),
+        }
     }
 
     /// The function an instruction boundary at `addr` can be proven from: the function
@@ -218,10 +222,10 @@ pub(crate) fn cold_parts(f: &Function) -> Vec<Function> {
     Snapshot::now().cold_parts(f)
 }
 
-/// [`Snapshot::parent_of_cold`] of the images mapped now.
+/// [`Snapshot::parents_of_cold`] of the images mapped now.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) fn parent_of_cold(f: &Function) -> Option<Function> {
-    Snapshot::now().parent_of_cold(f)
+pub(crate) fn parents_of_cold(f: &Function) -> Vec<Function> {
+    Snapshot::now().parents_of_cold(f)
 }
 
 /// [`Snapshot::known_start`] of the images mapped now.

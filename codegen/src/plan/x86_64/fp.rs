@@ -17,10 +17,9 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, bool) {
             }
             (steps, false)
         }
-        // MXCSR first: its restore runs last, after the wide step's (which needs the low
-        // halves reloaded after it) and the low halves'.
-        // The x87 stack's `fxrstor` (which loads xmm0-15 and MXCSR too) before the low
-        // halves' and MXCSR's restores.
+        // Restore runs the steps in reverse: the wide step's (legacy `movaps` reloads the
+        // low halves under the bits it put back), the x87 stack's `fxrstor` (which loads
+        // xmm0-15 and MXCSR too), the low halves', then MXCSR's.
         Fp::Sse => {
             let mut steps = vec![mxcsr_step(at + 64 * SSE_REGS + 8)];
             steps.extend(low_halves(at, SSE_REGS));
