@@ -15,6 +15,10 @@
 use probe_rt::{Optimize, Probe, PtRegs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vectors::{avx512, clobber_everything};
+
+#[path = "common/vectors.rs"]
+mod vectors;
 
 /// xmm0-15 and MXCSR, in and out.
 #[repr(C, align(16))]
@@ -253,10 +257,6 @@ extern "C" {
     fn x87_pass_at();
 }
 
-fn avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-}
-
 fn pattern(seed: u8, i: usize) -> u8 {
     seed.wrapping_mul(37).wrapping_add((i as u8).wrapping_mul(11)) | 1
 }
@@ -274,32 +274,6 @@ fn run(low: &Low, upper: &Upper) -> (Low, Upper) {
     // pushed and popped); `load`/`dump` use only AVX-512 where the CPU has it.
     unsafe { sse_mid(low, &mut low_out, upper, &mut upper_out, load, dump) };
     (low_out, upper_out)
-}
-
-/// What a handler may do: vector code of every width (glibc's `memcpy` is some),
-/// zmm16 and the upper halves of ymm0 and ymm8, another rounding mode and raised
-/// exception flags.
-fn clobber() {
-    let src = vec![0x5au8; 64 * 1024];
-    let mut dst = vec![0u8; 64 * 1024];
-    dst.copy_from_slice(std::hint::black_box(&src));
-    std::hint::black_box(&dst);
-    // SAFETY: writes only the registers declared clobbered (AVX-512 ones where
-    // detected); the MXCSR change is the point of the test, and the Rust code around
-    // does no FP arithmetic that depends on it.
-    unsafe {
-        std::arch::asm!(
-            "vpcmpeqd ymm0, ymm0, ymm0", "vpcmpeqd ymm8, ymm8, ymm8", "vpcmpeqd ymm15, ymm15, ymm15",
-            "sub rsp, 8", "mov dword ptr [rsp], 0x7f81", "ldmxcsr dword ptr [rsp]", "add rsp, 8",
-            out("xmm0") _, out("xmm8") _, out("xmm15") _,
-        );
-        if avx512() {
-            std::arch::asm!(
-                "vpternlogd zmm1, zmm1, zmm1, 0xff", "vpternlogd zmm16, zmm16, zmm16, 0xff",
-                out("xmm1") _, out("zmm16") _,
-            );
-        }
-    }
 }
 
 #[test]
@@ -332,7 +306,7 @@ fn a_probe_inside_legacy_sse_code_keeps_what_it_can_read() {
         .optimize(Optimize::Required)
         .pre(move |regs: &PtRegs| {
             s.store(regs.rip, Ordering::Relaxed);
-            clobber();
+            clobber_everything();
         })
         .register()
         .unwrap();

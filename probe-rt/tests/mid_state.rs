@@ -9,6 +9,10 @@
 
 use probe_rt::{Optimize, Probe, ProbeHandle, PtRegs};
 use std::sync::Mutex;
+use vectors::{avx512, clobber_everything, xcr0};
+
+#[path = "common/vectors.rs"]
+mod vectors;
 
 /// Where the state of `state512` and `state256` lives, in and out.
 #[repr(C, align(64))]
@@ -217,48 +221,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// the components it is asked for in their initial state).
 #[repr(C, align(64))]
 struct Area([u8; 4096]);
-
-fn xcr0() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: xgetbv with ecx = 0 is allowed where OSXSAVE is set (the callers check AVX,
-    // which std detects only with it).
-    unsafe { std::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (hi as u64) << 32 | lo as u64
-}
-
-fn avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512bw") && xcr0() & 0xe0 == 0xe0
-}
-
-/// What a handler may do to the FP/SIMD state: vector code of every width (glibc's
-/// `memcpy` is some), AVX-512 registers and masks, the x87 stack reset, another
-/// rounding mode and a raised exception flag.
-fn clobber_everything() {
-    let src = vec![0x5au8; 64 * 1024];
-    let mut dst = vec![0u8; 64 * 1024];
-    dst.copy_from_slice(std::hint::black_box(&src));
-    std::hint::black_box(&dst);
-    // SAFETY: writes only the registers declared clobbered (AVX-512 ones where
-    // detected); fninit empties the x87 stack, which Rust code keeps empty; the
-    // handler's MXCSR change is the point of the test, and Rust code here does no FP
-    // arithmetic that depends on it.
-    unsafe {
-        std::arch::asm!(
-            "vpcmpeqd ymm0, ymm0, ymm0", "vpcmpeqd ymm8, ymm8, ymm8", "vpcmpeqd ymm15, ymm15, ymm15",
-            "fninit", "fld1", "fldpi", "faddp st(1), st", "fstp st(0)",
-            "sub rsp, 8", "mov dword ptr [rsp], 0x7f81", "ldmxcsr dword ptr [rsp]", "add rsp, 8",
-            out("xmm0") _, out("xmm8") _, out("xmm15") _, out("st(0)") _,
-        );
-        if avx512() {
-            std::arch::asm!(
-                "vpternlogd zmm1, zmm1, zmm1, 0xff", "vpternlogd zmm9, zmm9, zmm9, 0xff",
-                "vpternlogd zmm16, zmm16, zmm16, 0xff", "vpternlogd zmm24, zmm24, zmm24, 0xff", "vpternlogd zmm31, zmm31, zmm31, 0xff",
-                "kxnorq k0, k0, k0", "kxnorq k3, k3, k3", "kxnorq k7, k7, k7",
-                out("xmm1") _, out("xmm9") _, out("zmm16") _, out("zmm24") _, out("zmm31") _, out("k0") _, out("k3") _, out("k7") _,
-            );
-        }
-    }
-}
 
 fn input() -> State {
     State {

@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[cfg(target_arch = "x86_64")]
+#[path = "common/vectors.rs"]
+mod vectors;
+
+#[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
     ".pushsection .text.opt_tests, \"ax\", @progbits",
     // x + y: a plain entry of two instructions (6 bytes)
@@ -1094,14 +1098,11 @@ fn the_vector_registers_survive_a_mid_function_detour() {
         // The AVX-512 state too, in code that may have it live (opt_vec is legacy SSE
         // code, which cannot read zmm16: there it is the handler's, see mid_sse.rs):
         // zmm16 across the detour.
-        #[target_feature(enable = "avx512f")]
-        unsafe fn clobber_zmm16() {
-            // SAFETY: the register is declared clobbered; the CPU has AVX-512 (checked).
-            unsafe { std::arch::asm!("vpternlogd zmm16, zmm16, zmm16, 0", out("zmm16") _) };
-        }
+        use vectors::{all_ones_through, clobber_zmm16};
         drop(p);
         let p = Probe::builder()
             .address_safe(addr(opt_vec_avx_at))
+            // SAFETY: the CPU has AVX-512 (checked above).
             .pre(|_: &PtRegs| unsafe { clobber_zmm16() })
             .optimize(Optimize::Required)
             .register()
@@ -1110,33 +1111,8 @@ fn the_vector_registers_survive_a_mid_function_detour() {
         // SAFETY: zmm16 is loaded with all ones, opt_vec_avx (which keeps zmm16: it uses
         // xmm8 and rax only) runs through the probe, and zmm16 is stored to `out`; the
         // call clobbers what the C ABI lets it.
-        unsafe { all_ones_through(opt_vec_avx, &mut out) };
+        unsafe { all_ones_through(opt_vec_avx as *const (), 7, &mut out) };
         assert_eq!(out, [u64::MAX; 8], "zmm16 kept");
         assert_eq!(p.nhit(), 1);
-    }
-}
-
-/// zmm16 = all ones, `f(7)`, then zmm16 stored to `out`.
-///
-/// # Safety
-/// The CPU has AVX-512F; `f` runs on it (opt_vec_avx: AVX), follows the C ABI and
-/// leaves zmm16 alone (as opt_vec_avx does: the C ABI would let it clobber it).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn all_ones_through(f: unsafe extern "C" fn(u64) -> u64, out: &mut [u64; 8]) {
-    // SAFETY: the caller's promises; every register the call may clobber but zmm16 is
-    // declared clobbered.
-    unsafe {
-        std::arch::asm!(
-            "vpternlogd zmm16, zmm16, zmm16, 0xff",
-            "mov rdi, 7",
-            "call rax",
-            "vmovdqu64 [r12], zmm16",
-            // The output pointer in a register the call keeps.
-            in("rax") f,
-            in("r12") out.as_mut_ptr(),
-            out("zmm16") _,
-            clobber_abi("C"),
-        );
     }
 }

@@ -7,6 +7,10 @@
 use probe_rt::{Optimize, Probe, PtRegs};
 
 #[cfg(target_arch = "x86_64")]
+#[path = "common/vectors.rs"]
+mod vectors;
+
+#[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
     ".pushsection .text.optprobe_window, \"ax\", @progbits",
     // A window [0, 5) at win_fn whose second instruction (a 1-byte nop at +1) can be
@@ -285,32 +289,18 @@ fn a_probe_in_a_cold_part_is_checked_as_inside_its_function() {
         return;
     }
     // The function has AVX code: zmm16 is kept across a probe in its cold part.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn clobber_zmm16() {
-        // SAFETY: the register is declared clobbered; the CPU has AVX-512 (checked).
-        unsafe { std::arch::asm!("vpternlogd zmm16, zmm16, zmm16, 0", out("zmm16") _) };
-    }
+    use vectors::{all_ones_through, clobber_zmm16};
     // SAFETY: cold_in_fn_later is an instruction of cold_in_fn.cold.
     let p = unsafe { Probe::builder().address(cold_in_fn_later as *const () as usize) }
+        // SAFETY: the CPU has AVX-512 (checked above).
         .pre(|_: &PtRegs| unsafe { clobber_zmm16() })
         .optimize(Optimize::Required)
         .register()
         .expect("optimized");
     let mut out = [0u64; 8];
-    // SAFETY: AVX-512 (checked); zmm16 all ones, cold_in_fn(-1) (which leaves zmm16 alone
-    // and touches what the C ABI lets it), zmm16 stored to `out`.
-    unsafe {
-        std::arch::asm!(
-            "vpternlogd zmm16, zmm16, zmm16, 0xff",
-            "mov rdi, -1",
-            "call rax",
-            "vmovdqu64 [r12], zmm16",
-            in("rax") f,
-            in("r12") out.as_mut_ptr(),
-            out("zmm16") _,
-            clobber_abi("C"),
-        )
-    };
+    // SAFETY: AVX-512 (checked); cold_in_fn(-1) leaves zmm16 alone and touches what
+    // the C ABI lets it.
+    unsafe { all_ones_through(cold_in_fn as *const (), -1i64 as u64, &mut out) };
     assert_eq!(p.nhit(), 1);
     assert_eq!(out, [u64::MAX; 8], "zmm16 kept");
 }
