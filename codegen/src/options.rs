@@ -119,12 +119,6 @@ impl Fp {
         matches!(self, Fp::Full | Fp::FullCompact | Fp::FullInUse)
     }
 
-    /// Whether the aarch64 planner keeps all of the FP/SIMD state (`q0`–`q31`, FPCR,
-    /// FPSR): the `Full` modes, and `Sse`, which is a mid-function mode too.
-    pub fn is_full_on_aarch64(self) -> bool {
-        self.is_full() || self == Fp::Sse
-    }
-
     /// `ArgsWide` or `ReturnWide`: the upper halves of the vector registers kept too.
     pub fn is_wide(self) -> bool {
         matches!(self, Fp::ArgsWide | Fp::ReturnWide)

@@ -184,7 +184,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         }
     };
     let nzcv_hidden = frame.offset_of(Reg::A64Pstate).is_none().then(|| take(Slot::Hidden(Reg::A64Pstate)));
-    // No SVE state: the wide modes keep what their narrow ones do (q registers).
+    // No SVE state: the wide modes keep what their narrow ones do (q registers); the
+    // modes that keep all 32 (the full ones, and Sse, which is a mid-function mode
+    // too) keep FPCR and FPSR as well.
     let fp_regs = match fp {
         Fp::None => 0,
         Fp::Args | Fp::ArgsWide => 8,
@@ -193,7 +195,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     };
     let Hidden { next, slots: hidden } = h;
     let fp_at = next.next_multiple_of(16);
-    let fp_size = 16 * fp_regs + if fp.is_full_on_aarch64() { 16 } else { 0 };
+    let fp_size = 16 * fp_regs + if fp_regs == 32 { 16 } else { 0 };
     let fp_area = (fp != Fp::None).then_some((fp_at, fp_size));
     let alloc = (fp_at + fp_size).next_multiple_of(16);
     xslots.sort_by_key(|s| s.off);
@@ -352,7 +354,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
             steps.push(Step { save, restore });
             q += if pair { 2 } else { 1 };
         }
-        if fp.is_full_on_aarch64() {
+        if fp_regs == 32 {
             let off = at + 16 * 32;
             let slots = [(off, "fpcr", "x0"), (off + 8, "fpsr", "x1")];
             let mut step = Step { save: vec![Op::new("mrs x0, fpcr", "FP control"), Op::new("mrs x1, fpsr", "FP status")], restore: vec![] };
