@@ -8,7 +8,7 @@
 #[cfg(target_arch = "x86_64")]
 use crate::arch::cpu_support;
 use crate::arch::detour::{self, HOLE};
-use crate::registry::{call_handler, chain_from, count_site_hit, ADDRS, REDIRECTS};
+use crate::registry::{call_handler, count_site_hit, linked_at, REDIRECTS};
 use crate::{grace, PtRegs};
 #[cfg(target_arch = "x86_64")]
 use std::sync::atomic::AtomicU64;
@@ -220,7 +220,7 @@ fn run(probe: usize, regs: &mut PtRegs) {
     if active {
         return crate::site::missed_site(probe);
     }
-    for (index, e) in chain_from(ADDRS.head(probe)) {
+    for (index, e) in linked_at(probe) {
         if e.addr.load(Ordering::Acquire) != probe {
             continue;
         }

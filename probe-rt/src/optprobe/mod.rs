@@ -78,7 +78,7 @@ pub(crate) use hit::{dispatch, resume_trap, trampoline, trampolines, Live};
 use crate::arch::cpu_support;
 use crate::arch::detour::{self, JUMP};
 use crate::arch::insn::BREAKPOINT;
-use crate::registry::{self, chain_from, record, Record, ADDRS, REDIRECTS};
+use crate::registry::{self, record, Record, ADDRS, REDIRECTS};
 use crate::sys::code;
 use crate::{Error, NotOptimized};
 use std::collections::BTreeMap;
@@ -262,7 +262,7 @@ pub(crate) fn linked(index: usize) {
 
 /// Tells every record linked at `addr` where a trapping thread goes on (0: the slot).
 fn publish(addr: usize, copy: usize) {
-    for (_, e) in chain_from(ADDRS.head(addr)) {
+    for (_, e) in registry::linked_at(addr) {
         if e.target.load(Ordering::Relaxed) == addr {
             e.detour.store(copy, Ordering::Release);
         }

@@ -8,7 +8,7 @@ pub(crate) mod patch;
 pub(crate) use patch::dispatch;
 pub mod table;
 
-use crate::registry::{self, call_handler, chain_from, count_site_hit, Record, ADDRS};
+use crate::registry::{self, call_handler, count_site_hit, linked_at, Record};
 use crate::{grace, Error, PtRegs};
 use std::sync::atomic::{compiler_fence, Ordering};
 
@@ -77,8 +77,9 @@ pub(crate) fn wants_exit(site: usize) -> bool {
 /// handlers, with `regs` as at the function's entry (pc = `site`). A site hit inside a
 /// handler is counted as missed.
 ///
-/// The hit path of every site call, inlined into the dispatcher: a table lookup, no
-/// scan, and a short path for the common case. Every record is read while the
+/// The hit path of every site call, inlined into the dispatcher: the site's record
+/// through its hint (`registry::linked_at`), else a table lookup, no scan, and a short
+/// path for the common case. Every record is read while the
 /// thread's `active` flag is set, which also tells a grace period that the thread is
 /// inside the hit path.
 #[inline(always)]
@@ -92,8 +93,7 @@ pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
     if active {
         return missed_site(site);
     }
-    let first = ADDRS.head(site);
-    match chain_from(first).next() {
+    match linked_at(site).next() {
         // The common case, kept short: one probe on the site, without a post handler.
         Some((index, e)) if e.chain.load(Ordering::Acquire) == 0 && e.addr.load(Ordering::Acquire) == site && e.post.load(Ordering::Relaxed) == 0 => {
             count_site_hit(shard, index, e);
@@ -102,16 +102,16 @@ pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
                 call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
             }
         }
-        _ => run_site_chain(site, first, shard, regs),
+        _ => run_site_chain(site, shard, regs),
     }
     compiler_fence(Ordering::SeqCst);
     grace::with_thread(|t| t.active.set(false));
 }
 
-/// [`run_site`] for every record on the site's chain from `first` (an index + 1).
-pub(crate) fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs: &mut PtRegs) {
+/// [`run_site`] for every record on the site's chain.
+pub(crate) fn run_site_chain(site: usize, shard: Option<usize>, regs: &mut PtRegs) {
     let mut posts = false;
-    for (index, e) in on_site_from(first, site) {
+    for (index, e) in registry::armed_at(site) {
         posts |= e.post.load(Ordering::Relaxed) != 0;
         count_site_hit(shard, index, e);
         let pre = e.pre.load(Ordering::Relaxed);
@@ -124,7 +124,7 @@ pub(crate) fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs
     }
     // A second pass only if a post handler is there (most sites have none).
     if posts {
-        for (_, e) in on_site(site) {
+        for (_, e) in registry::armed_at(site) {
             let post = e.post.load(Ordering::Relaxed);
             if post != 0 {
                 call_handler(post, e.post_ctx.load(Ordering::Relaxed), regs);
@@ -133,20 +133,10 @@ pub(crate) fn run_site_chain(site: usize, first: u32, shard: Option<usize>, regs
     }
 }
 
-/// The records armed on `site`, in registration order.
-fn on_site(site: usize) -> impl Iterator<Item = (usize, &'static Record)> {
-    on_site_from(ADDRS.head(site), site)
-}
-
-/// The records armed on `site` on its chain from `first` (an index + 1).
-fn on_site_from(first: u32, site: usize) -> impl Iterator<Item = (usize, &'static Record)> {
-    chain_from(first).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == site)
-}
-
 /// A site hit inside a handler: counted as missed, runs nothing.
 #[cold]
 pub(crate) fn missed_site(site: usize) {
-    for (_, e) in on_site(site) {
+    for (_, e) in registry::armed_at(site) {
         e.nmissed.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -104,8 +104,7 @@ static POKING: AtomicBool = AtomicBool::new(false);
 /// under way and a site probe is linked at `bp`): the SIGTRAP handler then resumes
 /// past the site, as if its nop ran (async-signal-safe: a table lookup).
 pub(crate) fn poking(bp: usize) -> bool {
-    POKING.load(Ordering::Acquire)
-        && crate::registry::chain_from(crate::registry::ADDRS.head(bp)).any(|(_, e)| e.site.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == bp)
+    POKING.load(Ordering::Acquire) && crate::registry::linked_at(bp).any(|(_, e)| e.site.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == bp)
 }
 
 /// Veneers: `(page, next free byte)` pages of jumps to the trampoline, for sites out of
