@@ -62,6 +62,10 @@ fn main() {
     //   handlers, with the return registers (x86_64 rax, rdx and the low 128 bits of
     //   xmm0-xmm1, Fp::Return: by the same argument a traceable function returns no
     //   wider vector in them; aarch64 x0-x7, q0-q3 in Fp::Args) among those restored.
+    // The three of the entry shape come twice: as above, and keeping no FP/SIMD state
+    // (Fp::None, the `_no_fp` copy) for the sites of functions whose arguments and return
+    // value no FP/SIMD register carries (probe-codegen `site::NO_FP`, which the macro
+    // writes into the site's record): nothing there is live in them (~1 ns a hit).
     let routines = [
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
         ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
@@ -71,22 +75,21 @@ fn main() {
     for (file, shape, name, handler) in routines {
         let mut text = String::new();
         if let Some(arch) = arch {
-            let fps = match (arch, shape) {
+            let mut fps = match (arch, shape) {
                 (Arch::X86_64, Shape::Kretprobe) => vec![(Fp::ReturnWide, ""), (Fp::Return, "_narrow")],
                 (Arch::X86_64, _) if file == "site_exit.rs" => vec![(Fp::Return, "")],
                 _ => vec![(Fp::Args, "")],
             };
+            // Sites' trampolines once more without FP/SIMD state, for functions whose
+            // arguments and return value no FP/SIMD register carries (probe-codegen
+            // `site::NO_FP`): nothing there is live at the entry or the return.
+            if shape == Shape::Entry {
+                fps.push((Fp::None, "_no_fp"));
+            }
             for (fp, suffix) in fps {
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, shape).expect("the built-in frame plans");
                 let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
                 text += &render::rust_global_asm(&plan, &format!("{name}{suffix}"), "crate::PtRegs", &symbols);
-                // The x86_64 dispatcher finds the probed rsp there (`site::redirected`).
-                if shape == Shape::Entry && arch == Arch::X86_64 {
-                    let sp = plan.probed_sp_offset().expect("the site trampoline allocates at a fixed distance");
-                    text += &format!(
-                        "/// Where the probed function's stack pointer is, from the site trampoline's frame.\npub(crate) const PROBED_SP: usize = {sp};\n"
-                    );
-                }
             }
         }
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");
@@ -98,7 +101,8 @@ fn main() {
     // registers or the return register only (their source written to OUT_DIR, which
     // probe-rt includes: planner and compiler read the same text). Every other
     // caller-saved register goes to the hidden area (Policy::CallerSaved), the
-    // callee-saved ones are the ABI's to keep; FP/SIMD as the exit-path trampolines.
+    // callee-saved ones are the ABI's to keep; FP/SIMD as the exit-path trampolines,
+    // and none in the `_no_fp` copies (see above).
     let (source, text) = match arch {
         Some(arch) => {
             let source = fgraph_frames(arch);
@@ -111,6 +115,8 @@ fn main() {
                     "crate::site::fgraph::dispatch_exit",
                     if arch == Arch::X86_64 { Fp::Return } else { Fp::Args },
                 ),
+                ("FgraphRegs", "probekit_fgraph_entry_trampoline_no_fp", "crate::site::fgraph::dispatch_entry", Fp::None),
+                ("FgraphRetRegs", "probekit_fgraph_exit_trampoline_no_fp", "crate::site::fgraph::dispatch_exit", Fp::None),
             ];
             for (frame, name, handler, fp) in frames {
                 let layout = FrameLayout::from_source(&source, frame, arch).expect("the fgraph frames parse");

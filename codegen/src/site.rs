@@ -6,7 +6,7 @@
 //! A site is the first instruction(s) of a naked function: patchable nops, then a jump
 //! to the body, then (where the macro could bound the stack-passed arguments) the
 //! site's *exit path* ([`exit_asm`]). Its record, in the retained `probekit_sites`
-//! section, is eight little-endian `u64`s, 8-aligned, back to back:
+//! section, is nine little-endian `u64`s, 8-aligned, back to back:
 //!
 //! | word | value |
 //! | --- | --- |
@@ -18,6 +18,7 @@
 //! | 5 | the exit path's first byte, or 0 if the site has none |
 //! | 6 | the exit path's entry slot: the trampoline its entry calls, written by the runtime |
 //! | 7 | the exit path's exit slot: the trampoline its return calls, written by the runtime |
+//! | 8 | flags: [`NO_FP`] |
 //!
 //! # The exit path
 //! A return probe on a site without an exit path hijacks the return address (a
@@ -37,10 +38,18 @@
 use crate::Arch;
 
 /// The version of the record layout above; raised whenever it changes.
-pub const RECORD_VERSION: u64 = 2;
+pub const RECORD_VERSION: u64 = 3;
 
 /// Bytes of one record.
-pub const RECORD_SIZE: usize = 8 * 8;
+pub const RECORD_SIZE: usize = 9 * 8;
+
+/// Record flag: no FP/SIMD register carries an argument of the function or its
+/// return value (every one is an integer, a `bool` or `char`, a pointer, a reference,
+/// or a tuple or array of them). Its entry and return then have no FP/SIMD state
+/// live, and the runtime's trampolines need not keep any (SysV AMD64 ABI 1.0 §3.2.3,
+/// AAPCS64 §6.8.2: every vector register is caller-saved but the low halves of
+/// aarch64's v8-v15, which a handler keeps as any callee does).
+pub const NO_FP: u64 = 1;
 
 /// The section holding the records.
 pub const RECORD_SECTION: &str = "probekit_sites";
@@ -255,8 +264,9 @@ pub struct RecordAsm {
 }
 
 /// [`RecordAsm`] for `arch` (the section type is spelled `@progbits` on x86_64,
-/// `%progbits` on aarch64); `exit`: the site has an exit path at label `1:`.
-pub fn record_asm(arch: Arch, exit: bool) -> RecordAsm {
+/// `%progbits` on aarch64); `exit`: the site has an exit path at label `1:`; `flags`:
+/// the record's flags ([`NO_FP`]).
+pub fn record_asm(arch: Arch, exit: bool, flags: u64) -> RecordAsm {
     let progbits = match arch {
         Arch::X86_64 => "@progbits",
         Arch::Aarch64 => "%progbits",
@@ -276,6 +286,7 @@ pub fn record_asm(arch: Arch, exit: bool) -> RecordAsm {
             if exit { format!("{EXIT_GUARD}\n.quad 1b\n.else\n.quad 0\n.endif") } else { ".quad 0".into() },
             "4: .quad 0".into(),
             "5: .quad 0".into(),
+            format!(".quad {flags}"),
             ".popsection".into(),
             format!(".pushsection {NAME_SECTION}, \"a\", {progbits}"),
         ],
@@ -295,6 +306,8 @@ pub fn runtime_consts(arch: Arch) -> String {
          pub(crate) const SITE_RECORD_VERSION: u64 = {RECORD_VERSION};\n\
          /// Bytes of one site record (probe-codegen `site::RECORD_SIZE`).\n\
          pub(crate) const SITE_RECORD_SIZE: usize = {RECORD_SIZE};\n\
+         /// Record flag: no FP/SIMD register carries an argument or the return value (probe-codegen `site::NO_FP`).\n\
+         pub(crate) const SITE_NO_FP: u64 = {NO_FP};\n\
          /// Where a site's exit path starts, from the site (probe-codegen `site::exit_offset`).\n\
          #[allow(dead_code)]\n\
          pub(crate) const SITE_EXIT_OFFSET: usize = {};\n\
@@ -317,9 +330,10 @@ mod tests {
         assert_eq!(site_asm(Arch::X86_64)[0], ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00");
         // mov x9, x30 = orr x9, xzr, x30; nop
         assert_eq!(site_asm(Arch::Aarch64)[..2], [".inst 0xaa1e03e9".to_string(), ".inst 0xd503201f".to_string()]);
-        let r = record_asm(Arch::X86_64, false);
+        let r = record_asm(Arch::X86_64, false, NO_FP);
         assert_eq!(r.before_name.iter().filter(|l| l.contains(".quad")).count() * 8, RECORD_SIZE, "one .quad line per word");
-        assert!(record_asm(Arch::Aarch64, true).before_name.iter().any(|l| l.contains(".quad 1b")));
+        assert_eq!(r.before_name[r.before_name.len() - 3], ".quad 1", "the flags are the last word");
+        assert!(record_asm(Arch::Aarch64, true, 0).before_name.iter().any(|l| l.contains(".quad 1b")));
         assert_eq!(exit_frame(Arch::X86_64, 0), 8);
         assert_eq!(exit_frame(Arch::X86_64, 8), 8);
         assert_eq!(exit_frame(Arch::X86_64, 16), 24);

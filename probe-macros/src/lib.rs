@@ -315,7 +315,8 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// extern "C-unwind" fn __probekit_site_f(a: u64) -> u64 {
 ///     // x86_64: `nopl 0x0(%rax,%rax,1)` (5 bytes), `jmp __probekit_body_f`
 ///     // aarch64: `mov x9, x30; nop; b __probekit_body_f`
-///     // and a 32-byte entry in the `probekit_sites` section: site, f, name
+///     // and a record in the `probekit_sites` section: site, f, name, exit path,
+///     // flags (probe-codegen's `site` contract)
 ///     naked_asm!(/* … */)
 /// }
 ///
@@ -329,6 +330,13 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// still unwinds to the caller) and the Rust-ABI wrapper keeps the function's type as
 /// written. The cost when no probe is on: the wrapper's call or jump to the site, the
 /// nop, and the site's jump to the body.
+///
+/// The record's flags say whether the function's arguments and return value are all
+/// integers, `bool`s, `char`s, pointers, references, function pointers, or tuples and
+/// arrays of them, as written in the signature (probe-codegen `site::NO_FP`): no
+/// FP/SIMD register then carries one, and the runtime's trampolines for the site keep
+/// no FP/SIMD state (~1 ns of a site hit). A float, a struct, a generic or a type alias
+/// keeps them.
 ///
 /// The table is a linker section, like the kernel's `__mcount_loc`: nothing runs at
 /// start-up, and `--gc-sections` keeps it (`SHF_GNU_RETAIN`). Each instance of a

@@ -441,6 +441,37 @@ fn stack_args_bound(sig: &syn::Signature, inputs: &syn::punctuated::Punctuated<s
     })
 }
 
+/// Whether no FP/SIMD register can carry an argument of `sig` or its return value
+/// (probe-codegen `site::NO_FP`), judged from the types as written: every one is an
+/// integer, `bool`, `char`, a pointer, a reference, a function pointer, `()` or `!`, or
+/// a tuple or array of them (the C ABI gives such an aggregate the INTEGER class or
+/// memory, SysV AMD64 ABI 1.0 §3.2.3, AAPCS64 §6.8.2). Anything else (a float, a
+/// struct, a generic or an alias, which may hold one) says no. The primitive names
+/// are taken as the primitives.
+fn no_fp(sig: &syn::Signature) -> bool {
+    fn integer(ty: &syn::Type) -> bool {
+        const PRIMITIVES: [&str; 14] = ["u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize", "bool", "char"];
+        match ty {
+            syn::Type::Reference(_) | syn::Type::Ptr(_) | syn::Type::BareFn(_) | syn::Type::Never(_) => true,
+            syn::Type::Tuple(t) => t.elems.iter().all(integer),
+            syn::Type::Array(a) => integer(&a.elem),
+            syn::Type::Paren(p) => integer(&p.elem),
+            syn::Type::Group(g) => integer(&g.elem),
+            syn::Type::Path(p) => p.qself.is_none() && p.path.get_ident().is_some_and(|i| PRIMITIVES.iter().any(|n| i == n)),
+            _ => false,
+        }
+    }
+    let inputs = sig.inputs.iter().all(|input| match input {
+        syn::FnArg::Receiver(r) => r.reference.is_some() || integer(&r.ty),
+        syn::FnArg::Typed(p) => integer(&p.ty),
+    });
+    let output = match &sig.output {
+        syn::ReturnType::Default => true,
+        syn::ReturnType::Type(_, ty) => integer(ty),
+    };
+    inputs && output
+}
+
 fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
     let syn::ItemFn { attrs, vis, sig, block } = f;
     let ident = &sig.ident;
@@ -522,6 +553,7 @@ fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
     // The site and its record, as probe-codegen's site contract spells them (the
     // runtime reads them by the same definitions).
     let args_bound = stack_args_bound(sig, &plain.inputs, concrete_impl);
+    let flags = if no_fp(sig) { probe_codegen::site::NO_FP } else { 0 };
     let naked = |arch: probe_codegen::Arch| {
         let cfg_arch = arch.name();
         let cfg = quote! { #[cfg(target_arch = #cfg_arch)] };
@@ -538,7 +570,7 @@ fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
         if let Some((insns, _)) = &exit {
             site_insns.extend(insns.iter().cloned());
         }
-        let probe_codegen::site::RecordAsm { before_name, after_name } = probe_codegen::site::record_asm(arch, exit.is_some());
+        let probe_codegen::site::RecordAsm { before_name, after_name } = probe_codegen::site::record_asm(arch, exit.is_some(), flags);
         let tail = format!("::{name}\"");
         // SAFETY (of `#[unsafe(naked)]`): the asm is the whole function. The nops leave
         // every register and the stack as the caller set them, and the jump enters the
@@ -618,6 +650,31 @@ mod tests {
 
     fn expand_str(attr: &str, item: &str) -> String {
         expand(attr.parse().unwrap(), item.parse().unwrap()).to_string()
+    }
+
+    #[test]
+    fn only_integer_signatures_say_no_fp() {
+        let no_fp = |sig: &str| super::no_fp(&syn::parse_str::<syn::Signature>(sig).unwrap());
+        for sig in [
+            "fn f()",
+            "fn f(a: u64, b: &[f64], c: *const f32, d: (u8, [i128; 2]), e: fn(f64) -> f64) -> usize",
+            "fn f(&self, c: char, b: bool) -> &str",
+            "fn f(&mut self) -> !",
+        ] {
+            assert!(no_fp(sig), "{sig}");
+        }
+        for sig in [
+            "fn f(x: f64)",
+            "fn f() -> f32",
+            "fn f(p: (u64, f32))",
+            "fn f(s: S)",
+            "fn f<T>(t: T)",
+            "fn f(self)",
+            "fn f() -> Option<u8>",
+            "fn f(x: core::primitive::u8)",
+        ] {
+            assert!(!no_fp(sig), "{sig}");
+        }
     }
 
     #[test]

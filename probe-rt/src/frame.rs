@@ -113,7 +113,8 @@ impl PtRegs {
 
     /// The FP/SIMD return register (`xmm0` / `q0`) in a return probe's handler, where
     /// the trampoline keeps the FP/SIMD argument and return registers; `None` elsewhere
-    /// (a breakpoint handler, a copy of the frame).
+    /// (a breakpoint handler, a copy of the frame, a `#[traceable]` function whose
+    /// return value no FP/SIMD register carries, whose trampolines keep none).
     pub fn fp_return(&self) -> Option<VReg> {
         let area = crate::retprobe::fp_area_of(self)?;
         // SAFETY: the trampoline's FP area starts with xmm0 / q0, 16 bytes, 16-aligned,

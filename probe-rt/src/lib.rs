@@ -61,14 +61,16 @@
 //!
 //! FP/SIMD registers are kept by every kind where they can carry anything: the
 //! argument registers at an entry, the return registers at a return, all of the state
-//! mid-function. On x86_64, inside a function of legacy code only (no VEX, EVEX, x87,
+//! mid-function; none at the site and exit path of a `#[traceable]` function whose
+//! signature puts no argument or return value in them (integers, pointers and
+//! references only: the macro records it in the site's record). On x86_64, inside a function of legacy code only (no VEX, EVEX, x87,
 //! MMX or `xsave` instruction in it: code built for baseline x86_64), that is what
 //! such code can hold: xmm0-15 whole and MXCSR; the rest (zmm16-31 and k0-7, which
 //! only AVX-512 code holds, and the x87 status) is caller-saved, dead there, and left
 //! as the handler left it, which spares such probes ~10 ns of AVX-512 state moves. At
 //! the entry of such a function that calls nothing (a leaf: it can hand no vector
 //! argument on), the argument registers' low halves alone, which spares asking the
-//! CPU which upper halves are in use (~3 ns). Both rest on the ABI, as every entry
+//! CPU which upper halves are in use (~3 ns). These rest on the ABI, as every entry
 //! probe does (none keeps xmm8-15): a caller that keeps a value in a caller-saved
 //! register across its call of such a function (GCC's `-fipa-ra` does, for callees it
 //! compiled and knows leave the register alone) may find the handler's there.

@@ -127,11 +127,17 @@ mod exit {
 extern "C" {
     /// The generated exit trampoline (called from exit paths, through their slots).
     fn probekit_site_exit_trampoline();
+    /// The same keeping no FP/SIMD state (the exit paths of `site::NO_FP` functions).
+    fn probekit_site_exit_trampoline_no_fp();
 }
 
-/// The address of the exit trampoline.
-pub(crate) fn exit_trampoline() -> usize {
-    probekit_site_exit_trampoline as *const () as usize
+/// The address of the exit trampoline (`no_fp`: of a function whose return value no
+/// FP/SIMD register carries, see `site::table::no_fp`).
+pub(crate) fn exit_trampoline(no_fp: bool) -> usize {
+    match no_fp {
+        false => probekit_site_exit_trampoline as *const () as usize,
+        true => probekit_site_exit_trampoline_no_fp as *const () as usize,
+    }
 }
 
 /// The entry hook as a record's `pre` holds it: a site with such a record armed wants

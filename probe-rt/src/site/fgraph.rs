@@ -40,6 +40,9 @@ extern "C" {
     fn probekit_fgraph_entry_trampoline();
     /// The generated light exit trampoline (called through exit paths' exit slots).
     fn probekit_fgraph_exit_trampoline();
+    /// The same two keeping no FP/SIMD state (the exit paths of `site::NO_FP` functions).
+    fn probekit_fgraph_entry_trampoline_no_fp();
+    fn probekit_fgraph_exit_trampoline_no_fp();
 }
 
 /// The integer argument registers at a call's entry, as a client reads them: from
@@ -106,9 +109,13 @@ pub(crate) fn hook() -> usize {
     HOOK as usize
 }
 
-/// The light trampolines: `(entry, exit)`.
-pub(crate) fn trampolines() -> (usize, usize) {
-    (probekit_fgraph_entry_trampoline as *const () as usize, probekit_fgraph_exit_trampoline as *const () as usize)
+/// The light trampolines: `(entry, exit)` (`no_fp`: of a function whose arguments and
+/// return value no FP/SIMD register carries, see `site::table::no_fp`).
+pub(crate) fn trampolines(no_fp: bool) -> (usize, usize) {
+    match no_fp {
+        false => (probekit_fgraph_entry_trampoline as *const () as usize, probekit_fgraph_exit_trampoline as *const () as usize),
+        true => (probekit_fgraph_entry_trampoline_no_fp as *const () as usize, probekit_fgraph_exit_trampoline_no_fp as *const () as usize),
+    }
 }
 
 /// Whether the site at `site` can take the light trampolines: the one record armed

@@ -35,7 +35,7 @@ pub struct SiteInfo {
 include!(concat!(env!("OUT_DIR"), "/site_contract.rs"));
 
 /// One record of the `probekit_sites` section, as probe-codegen's site contract lays
-/// it out (`site::record_asm`, which `#[traceable]` emits): eight `.quad`s, 8-aligned.
+/// it out (`site::record_asm`, which `#[traceable]` emits): nine `.quad`s, 8-aligned.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RawEntry {
@@ -55,6 +55,8 @@ struct RawEntry {
     entry_slot: u64,
     /// `5: .quad 0`: the trampoline the exit path's return calls (written at arming).
     exit_slot: u64,
+    /// `.quad {flags}`: `SITE_NO_FP` or 0.
+    flags: u64,
 }
 
 /// The site whose exit path's return call returns to `resume`, read from that call's
@@ -125,8 +127,17 @@ struct Index {
     by_addr: std::collections::HashMap<usize, usize>,
     /// `(site, position in list)`, sorted: for the site an address is inside of.
     sorted: Vec<(usize, usize)>,
-    /// The exit path of the site at each position in `list`, if it has one.
-    exits: Vec<Option<ExitPath>>,
+    /// What else the record of the site at each position in `list` says.
+    more: Vec<More>,
+}
+
+/// What a record says besides [`SiteInfo`].
+#[derive(Clone, Copy)]
+struct More {
+    /// The site's exit path, if it has one.
+    exit: Option<ExitPath>,
+    /// No FP/SIMD register carries an argument or the return value (`SITE_NO_FP`).
+    no_fp: bool,
 }
 
 fn index() -> std::sync::Arc<Index> {
@@ -138,7 +149,7 @@ fn index() -> std::sync::Arc<Index> {
             return index.clone();
         }
     }
-    let (list, exits): (Vec<SiteInfo>, Vec<Option<ExitPath>>) = read_sites().into_iter().unzip();
+    let (list, more): (Vec<SiteInfo>, Vec<More>) = read_sites().into_iter().unzip();
     let mut by_addr = std::collections::HashMap::with_capacity(2 * list.len());
     for (i, s) in list.iter().enumerate().rev() {
         by_addr.insert(s.function, i);
@@ -146,12 +157,12 @@ fn index() -> std::sync::Arc<Index> {
     }
     let mut sorted: Vec<(usize, usize)> = list.iter().enumerate().map(|(i, s)| (s.site, i)).collect();
     sorted.sort_unstable();
-    let index = std::sync::Arc::new(Index { list, by_addr, sorted, exits });
+    let index = std::sync::Arc::new(Index { list, by_addr, sorted, more });
     *cache = Some((generation, index.clone()));
     index
 }
 
-fn read_sites() -> Vec<(SiteInfo, Option<ExitPath>)> {
+fn read_sites() -> Vec<(SiteInfo, More)> {
     let objects = loaded_objects();
     let tables: Vec<Table> = crate::sys::maps::images()
         .iter()
@@ -178,11 +189,24 @@ pub(crate) fn site_of(addr: usize) -> Option<SiteInfo> {
     index.by_addr.get(&addr).map(|i| index.list[*i].clone())
 }
 
-/// The exit path of the site whose first byte is `site`, if it has one.
-pub(crate) fn exit_of(site: usize) -> Option<ExitPath> {
+/// What the record of the site whose first byte is `site` says besides its
+/// [`SiteInfo`].
+fn more_of(site: usize) -> Option<More> {
     let index = index();
     let i = *index.by_addr.get(&site)?;
-    (index.list[i].site == site).then(|| index.exits[i]).flatten()
+    (index.list[i].site == site).then(|| index.more[i])
+}
+
+/// The exit path of the site whose first byte is `site`, if it has one.
+pub(crate) fn exit_of(site: usize) -> Option<ExitPath> {
+    more_of(site)?.exit
+}
+
+/// Whether no FP/SIMD register carries an argument or the return value of the
+/// function whose site is `site` (probe-codegen `site::NO_FP`): its trampolines then
+/// need keep no FP/SIMD state.
+pub(crate) fn no_fp(site: usize) -> bool {
+    more_of(site).is_some_and(|m| m.no_fp)
 }
 
 /// The site `addr` is strictly inside of (not its first byte).
@@ -282,13 +306,13 @@ const MAX_NAME: usize = 4096;
 /// Appends the entries of `table` in `object` to `out`, reading them from memory.
 /// Called with the loader's lock held, so `object`'s segments stay mapped; nothing
 /// outside them is read.
-fn read_table(object: &Loaded, table: &Table, out: &mut Vec<(SiteInfo, Option<ExitPath>)>) {
+fn read_table(object: &Loaded, table: &Table, out: &mut Vec<(SiteInfo, More)>) {
     const ENTRY: usize = std::mem::size_of::<RawEntry>();
     if !table.start.is_multiple_of(8) || !object.holds(table.start, table.size, libc::PF_R) {
         return; // not this file's table: the file on disk is not what was loaded
     }
     for at in (table.start..table.start + table.size / ENTRY * ENTRY).step_by(ENTRY) {
-        // SAFETY: `[at, at + 32)` lies in a readable loaded segment of `object` (checked
+        // SAFETY: `[at, at + ENTRY)` lies in a readable loaded segment of `object` (checked
         // above for the whole table), kept mapped by the loader's lock; `RawEntry` is
         // plain integers, valid for any bytes; `at` is 8-aligned, as `RawEntry`.
         let e = unsafe { std::ptr::read(at as *const RawEntry) };
@@ -311,7 +335,8 @@ fn read_table(object: &Loaded, table: &Table, out: &mut Vec<(SiteInfo, Option<Ex
             && object.holds(record, 16, libc::PF_R | libc::PF_W))
         .then_some(ExitPath { path: e.exit as usize, entry_slot: record, exit_slot: record + 8 });
         let _ = (e.entry_slot, e.exit_slot);
-        out.push((SiteInfo { site, function, name: String::from_utf8_lossy(bytes).into_owned() }, exit));
+        let more = More { exit, no_fp: e.flags & SITE_NO_FP != 0 };
+        out.push((SiteInfo { site, function, name: String::from_utf8_lossy(bytes).into_owned() }, more));
     }
 }
 

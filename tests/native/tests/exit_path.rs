@@ -121,6 +121,19 @@ fn the_return_handler_changes_the_return_registers() {
     assert_eq!(half(5.0), 2.5);
     assert_eq!(*got.lock().unwrap(), Some(2.5));
     drop(r);
+
+    // A function whose return value no FP/SIMD register carries: its exit path's
+    // trampolines keep no FP/SIMD state, so there is no FP return register to see.
+    let fp = Arc::new(Mutex::new(None));
+    let g = fp.clone();
+    let r = ReturnProbe::builder()
+        .function(twice as fn(u64) -> u64)
+        .handler(move |regs: &PtRegs, _: &mut ()| *g.lock().unwrap() = Some(regs.fp_return()))
+        .register()
+        .unwrap();
+    assert_eq!(twice(5), 10);
+    assert_eq!(*fp.lock().unwrap(), Some(None));
+    drop(r);
 }
 
 /// Sixteen integers and ten floats: beyond the registers of both ABIs (6 + 8 on x86_64,

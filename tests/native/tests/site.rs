@@ -129,6 +129,64 @@ fn arguments_survive_a_handler_that_does_float_math_and_its_changes_reach_the_fu
     assert_eq!(p.nhit(), 1);
 }
 
+/// Integers, a reference and a pointer only: no FP/SIMD register carries an argument or
+/// the return value.
+#[probekit::traceable]
+fn no_fp(a: u64, b: &u64, c: *const u8) -> u64 {
+    black_box(a) + *b + c as u64
+}
+
+/// One float argument.
+#[probekit::traceable]
+fn some_fp(a: u64, k: f64) -> f64 {
+    black_box(a) as f64 * k
+}
+
+extern "C" {
+    // probe-rt's site trampolines (hidden symbols, linked into this executable).
+    fn probekit_site_trampoline();
+    fn probekit_site_trampoline_no_fp();
+}
+
+/// What the enabled site at `site` calls (x86_64 `call rel32`, aarch64 `bl`).
+fn called_by(site: usize) -> usize {
+    let b = site_bytes(site);
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert_eq!(b[0], 0xe8, "a call");
+        (site + 5).wrapping_add_signed(i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as isize)
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let bl = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        assert_eq!(bl >> 26, 0b100101, "a bl");
+        (site + 4).wrapping_add_signed((((bl << 6) as i32) >> 6) as isize * 4)
+    }
+}
+
+#[test]
+fn a_site_keeps_fp_state_only_where_its_signature_can_carry_some() {
+    let one = 1u64;
+    for (f, keeps) in [(no_fp as fn(u64, &u64, *const u8) -> u64 as usize, false), (some_fp as fn(u64, f64) -> f64 as usize, true)] {
+        let site = probekit::sites().into_iter().find(|s| s.function == f).expect("listed").site;
+        // SAFETY: the functions' first instruction; both are correct with any first argument.
+        let p = unsafe { Probe::builder().address(f).pre_mut(float_math) }.register().unwrap();
+        let expected = if keeps { probekit_site_trampoline as *const () as usize } else { probekit_site_trampoline_no_fp as *const () as usize };
+        assert_eq!(called_by(site), expected, "{f:#x}");
+        drop(p);
+    }
+    // Through either trampoline the arguments arrive, changed by the handler where it
+    // changed them, floats intact.
+    let (_p, _q) = (
+        // SAFETY: as above.
+        unsafe { Probe::builder().address(no_fp as fn(u64, &u64, *const u8) -> u64 as usize).pre_mut(float_math) }.register().unwrap(),
+        // SAFETY: as above.
+        unsafe { Probe::builder().address(some_fp as fn(u64, f64) -> f64 as usize).pre_mut(float_math) }.register().unwrap(),
+    );
+    assert_eq!(no_fp(1, &one, std::ptr::without_provenance(2)), 1004);
+    assert_eq!(some_fp(2, 0.25), 1002.0 * 0.25);
+}
+
 #[probekit::traceable]
 fn hammered(a: u64) -> u64 {
     black_box(a).wrapping_mul(7) ^ 0x55

@@ -403,7 +403,9 @@ fn libgcc_walks_from_a_site_handler_to_the_callers() {
     assert_eq!(run_site_outer(), 4);
     drop(p);
     let names = names(&SITE_LIBGCC.take(), false);
-    let tramp = names.iter().position(|n| n == "probekit_site_trampoline").unwrap_or_else(|| panic!("{names:#?}"));
+    // `site_inner` takes and returns integers only: its site calls the trampoline that
+    // keeps no FP/SIMD state.
+    let tramp = names.iter().position(|n| n == "probekit_site_trampoline_no_fp").unwrap_or_else(|| panic!("{names:#?}"));
     assert_eq!(names.get(tramp + 1).map(String::as_str), Some("traces::__probekit_site_site_inner"), "the site, at the probed function's entry: {names:#?}");
     let outer = names.iter().position(|n| n.ends_with("::run_site_outer")).unwrap_or_else(|| panic!("the walk stops before the callers: {names:#?}"));
     assert!(names[tramp + 2..outer].iter().any(|n| n.contains("site_middle")), "{names:#?}");
@@ -588,7 +590,7 @@ fn the_perf_map_names_trampolines_stubs_and_slots() {
             (hex(), hex(), f.next().unwrap_or_else(|| panic!("no name: {l}")))
         })
         .collect();
-    for name in ["probekit_kretprobe_trampoline", "probekit_site_trampoline"] {
+    for name in ["probekit_kretprobe_trampoline", "probekit_site_trampoline", "probekit_site_trampoline_no_fp"] {
         assert!(lines.iter().any(|(_, size, n)| *n == name && *size > 1), "{name} missing:\n{text}");
     }
     // The block of 3 stubs: three adjacent entries of one block.
