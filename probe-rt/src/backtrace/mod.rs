@@ -323,7 +323,7 @@ fn frame_record(regs: &Regs, stack: &Stack) -> Option<Regs> {
 
 /// Whether a site probe is armed at `pc` (lock-free: the registry's chains).
 fn at_site(pc: usize) -> bool {
-    crate::registry::armed_at(pc).any(|(_, e)| e.site.load(std::sync::atomic::Ordering::Relaxed))
+    crate::registry::armed_at(pc).any(|e| e.site.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// The caller's registers at a function's first instruction (the rule a CIE gives on
@@ -387,7 +387,7 @@ fn probed_context(start: usize, cfa: usize, stack: &Stack) -> Option<Regs> {
         // The pre handlers' context: x86_64 reports the pc past the `int3`; the
         // handlers saw (and a trace shows) the probed instruction's address.
         let adv = crate::arch::insn::TRAP_PC_ADVANCE;
-        if adv > 0 && crate::registry::armed_at((pc - adv) as usize).any(|(_, e)| !e.site.load(std::sync::atomic::Ordering::Relaxed)) {
+        if adv > 0 && crate::registry::armed_at((pc - adv) as usize).any(|e| !e.site.load(std::sync::atomic::Ordering::Relaxed)) {
             pc -= adv;
         }
         return Some(Regs::of(&crate::sys::regs::read(uc, pc)));

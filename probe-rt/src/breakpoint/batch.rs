@@ -266,7 +266,7 @@ fn disarm_many(indices: &[usize]) -> Result<(), Error> {
             optprobe::forget(target);
             continue; // its code is gone: nothing to restore
         }
-        let last = registry::armed_at(target).all(|(_, o)| ours(o));
+        let last = registry::armed_at(target).all(ours);
         if !last {
             continue;
         }

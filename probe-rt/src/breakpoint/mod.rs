@@ -118,7 +118,7 @@ pub(crate) fn without_breakpoints(from: usize, to: usize) -> Option<Vec<u8>> {
     while at + BREAKPOINT.len() <= to {
         let i = at - from;
         if code[i..i + BREAKPOINT.len()] == *BREAKPOINT {
-            if let Some((_, e)) = registry::armed_at(at).find(|(_, e)| !e.site.load(Ordering::Relaxed)) {
+            if let Some(e) = registry::armed_at(at).find(|e| !e.site.load(Ordering::Relaxed)) {
                 code[i..i + BREAKPOINT.len()].copy_from_slice(&e.orig.load(Ordering::Relaxed).to_ne_bytes()[..BREAKPOINT.len()]);
             }
         }

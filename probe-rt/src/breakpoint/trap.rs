@@ -153,7 +153,7 @@ pub(crate) fn hit(uc: &mut libc::ucontext_t) -> bool {
 
     // Every probe armed at this address, in registration order (aggregation).
     // Found through the address's chain, not a scan: as fast with 100,000 probes as with one.
-    let at_bp = || registry::armed_at(bp).map(|(_, e)| e).filter(|e| !e.site.load(Ordering::Relaxed));
+    let at_bp = || registry::armed_at(bp).filter(|e| !e.site.load(Ordering::Relaxed));
     if let Some(first) = at_bp().next() {
         BACKUPS.set((0, 0));
         let active = grace::with_thread(|t| t.active.get());
@@ -229,7 +229,7 @@ pub(crate) fn hit(uc: &mut libc::ucontext_t) -> bool {
 /// Runs the post handlers of the probes armed at `target`, in registration order, on
 /// the context after the instruction (its pc is where execution continues).
 fn run_posts(target: usize, uc: &mut libc::ucontext_t) {
-    for (_, e) in registry::armed_at(target) {
+    for e in registry::armed_at(target) {
         let post = e.post.load(Ordering::Relaxed);
         if post != 0 {
             let mut r = regs::read(uc, regs::pc(uc));

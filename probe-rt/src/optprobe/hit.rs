@@ -220,11 +220,11 @@ fn run(probe: usize, regs: &mut PtRegs) {
     if active {
         return crate::site::missed_site(probe);
     }
-    for (index, e) in linked_at(probe) {
+    for e in linked_at(probe) {
         if e.addr.load(Ordering::Acquire) != probe {
             continue;
         }
-        count_site_hit(shard, index, e);
+        count_site_hit(shard, e);
         let pre = e.pre.load(Ordering::Relaxed);
         if pre != 0 {
             call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);

@@ -262,7 +262,7 @@ pub(crate) fn linked(index: usize) {
 
 /// Tells every record linked at `addr` where a trapping thread goes on (0: the slot).
 fn publish(addr: usize, copy: usize) {
-    for (_, e) in registry::linked_at(addr) {
+    for e in registry::linked_at(addr) {
         if e.target.load(Ordering::Relaxed) == addr {
             e.detour.store(copy, Ordering::Release);
         }
@@ -345,7 +345,7 @@ pub(crate) fn settle(addrs: &[usize]) {
         if st.windows.contains_key(&a) || todo.contains(&a) {
             continue;
         }
-        let mut armed = registry::armed_at(a).map(|(_, e)| e).filter(|e| !e.site.load(Ordering::Relaxed)).peekable();
+        let mut armed = registry::armed_at(a).filter(|e| !e.site.load(Ordering::Relaxed)).peekable();
         if armed.peek().is_none() {
             st.reasons.remove(&a);
             continue;

@@ -65,8 +65,9 @@ pub(crate) struct Record {
     /// the pre handlers, the detour's relocated copy of the displaced instructions,
     /// instead of the slot. 0 otherwise.
     pub detour: AtomicUsize,
-    /// The record's own index (written when it is first taken).
-    pub index: AtomicU32,
+    /// The record's own index (written when it is first taken): where its per-thread
+    /// hit counters are.
+    index: AtomicU32,
 }
 
 /// Records per chunk, and chunks at most (16 Mi records: memory runs out first).
@@ -163,10 +164,11 @@ pub(crate) fn reset_site_hits(index: usize) {
     }
 }
 
-/// Counts a hit of record `index` on a site, in this thread's counter (`shard`) if it
+/// Counts a hit of record `e` on a site, in this thread's counter (`shard`) if it
 /// has one.
 #[inline(always)]
-pub(crate) fn count_site_hit(shard: Option<usize>, index: usize, e: &Record) {
+pub(crate) fn count_site_hit(shard: Option<usize>, e: &Record) {
+    let index = e.index.load(Ordering::Relaxed) as usize;
     match (shard.filter(|s| *s < HIT_SHARDS), chunk(index)) {
         (Some(s), Some(c)) => {
             let h = &c.hits[s][index & (CHUNK - 1)];
@@ -323,37 +325,38 @@ pub(crate) fn publish(index: usize) {
     }
 }
 
-/// The records linked from `first` (an index + 1) on: `(index, record)`.
+/// The record a link names (an index + 1, as chains and the address table hold them; 0
+/// names none).
 #[inline(always)]
-fn chain_from(first: u32) -> impl Iterator<Item = (usize, &'static Record)> {
-    chain_from_record((first as usize).checked_sub(1).map(|index| (index, record(index))))
+fn linked(link: u32) -> Option<&'static Record> {
+    (link as usize).checked_sub(1).map(record)
+}
+
+/// The records linked from `first` (an index + 1) on.
+#[inline(always)]
+fn chain_from(first: u32) -> impl Iterator<Item = &'static Record> {
+    chain_from_record(linked(first))
 }
 
 /// The records linked from `first` on.
 #[inline(always)]
-fn chain_from_record(first: Option<(usize, &'static Record)>) -> impl Iterator<Item = (usize, &'static Record)> {
-    let mut next = first;
-    std::iter::from_fn(move || {
-        let (index, e) = next?;
-        next = (e.chain.load(Ordering::Acquire) as usize).checked_sub(1).map(|index| (index, record(index)));
-        Some((index, e))
-    })
+fn chain_from_record(first: Option<&'static Record>) -> impl Iterator<Item = &'static Record> {
+    std::iter::successors(first, |e| linked(e.chain.load(Ordering::Acquire)))
 }
 
 /// The records linked at `addr` (armed or not), in registration order. Lock-free, for
 /// the hit paths: through the address's [`SOLE`] hint when it names its record, else
 /// the address table.
 #[inline(always)]
-pub(crate) fn linked_at(addr: usize) -> impl Iterator<Item = (usize, &'static Record)> {
-    let first = sole(addr).or_else(|| (ADDRS.head(addr) as usize).checked_sub(1).map(|index| (index, record(index))));
-    chain_from_record(first)
+pub(crate) fn linked_at(addr: usize) -> impl Iterator<Item = &'static Record> {
+    chain_from_record(sole(addr).or_else(|| linked(ADDRS.head(addr))))
 }
 
 /// The records armed at `addr`, in registration order (breakpoint probes; sites use
 /// their own filter).
 #[inline(always)]
-pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = (usize, &'static Record)> {
-    linked_at(addr).filter(move |(_, e)| e.addr.load(Ordering::Acquire) == addr)
+pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = &'static Record> {
+    linked_at(addr).filter(move |e| e.addr.load(Ordering::Acquire) == addr)
 }
 
 /// Where the hit paths find an address's record first: a direct-mapped table from an
@@ -388,7 +391,7 @@ fn sole_entry(addr: usize) -> &'static Sole {
 
 /// The record [`SOLE`] names for `addr`, if it names one.
 #[inline(always)]
-fn sole(addr: usize) -> Option<(usize, &'static Record)> {
+fn sole(addr: usize) -> Option<&'static Record> {
     let h = sole_entry(addr);
     if h.addr.load(Ordering::Acquire) != addr {
         return None;
@@ -397,21 +400,25 @@ fn sole(addr: usize) -> Option<(usize, &'static Record)> {
     // before the entry's address, with Release) from a `&'static Record` of a chunk,
     // which is never freed.
     let e = unsafe { h.record.load(Ordering::Relaxed).as_ref() }?;
-    (e.target.load(Ordering::Relaxed) == addr).then(|| (e.index.load(Ordering::Relaxed) as usize, e))
+    (e.target.load(Ordering::Relaxed) == addr).then_some(e)
 }
 
 /// Rewrites the [`SOLE`] hint of `addr` after its chain changed: the record linked
-/// there if it is the only one, else none. Under the registry lock.
+/// there if it is the only one, else none. An entry another address holds stays
+/// its (an address loses its hint only when its chain changes): addresses that share
+/// an entry do not take it from each other at every registration. Under the registry
+/// lock.
 fn refresh_sole(addr: usize) {
     let h = sole_entry(addr);
+    let held = h.addr.load(Ordering::Relaxed);
     let mut chain = chain_from(ADDRS.head(addr));
     match (chain.next(), chain.next()) {
-        (Some((_, e)), None) => {
+        (Some(e), None) if held == 0 || held == addr => {
             h.addr.store(0, Ordering::Release);
             h.record.store(e as *const Record as *mut Record, Ordering::Relaxed);
             h.addr.store(addr, Ordering::Release);
         }
-        _ if h.addr.load(Ordering::Relaxed) == addr => h.addr.store(0, Ordering::Release),
+        _ if held == addr => h.addr.store(0, Ordering::Release),
         _ => {}
     }
 }
@@ -422,14 +429,14 @@ pub(crate) use addrmap::{ADDRS, REDIRECTS, TRAPS};
 /// site call is not in the text any more (the code was unloaded, maybe loaded again
 /// at the same address), so there is nothing to restore and nothing to share.
 pub(crate) fn disarm_in_place(at: usize) {
-    for (_, o) in armed_at(at) {
+    for o in armed_at(at) {
         o.addr.store(0, Ordering::Release);
     }
 }
 
 /// Whether a probe other than `e` is armed at `at` (they share its breakpoint or site).
 pub(crate) fn others_armed(e: &Record, at: usize) -> bool {
-    armed_at(at).any(|(_, o)| !std::ptr::eq(o, e))
+    armed_at(at).any(|o| !std::ptr::eq(o, e))
 }
 
 /// Appends record `index` to the chain of its address, which therefore runs in
@@ -440,7 +447,7 @@ pub(crate) fn link(index: usize) -> Result<(), Error> {
     e.chain.store(0, Ordering::Relaxed);
     let me = index as u32 + 1;
     match chain_from(ADDRS.head(target)).last() {
-        Some((_, tail)) => tail.chain.store(me, Ordering::Release),
+        Some(tail) => tail.chain.store(me, Ordering::Release),
         None => ADDRS.set(target, me)?,
     }
     refresh_sole(target);
@@ -457,7 +464,7 @@ pub(crate) fn unlink(index: usize) {
     if head == me {
         // The address has an entry (its head is `me`): this cannot fail.
         let _ = ADDRS.set(target, next);
-    } else if let Some((_, before)) = chain_from(head).find(|(_, e)| e.chain.load(Ordering::Relaxed) == me) {
+    } else if let Some(before) = chain_from(head).find(|e| e.chain.load(Ordering::Relaxed) == me) {
         before.chain.store(next, Ordering::Release);
     }
     refresh_sole(target);
@@ -497,12 +504,17 @@ mod tests {
     use super::*;
 
     /// Indices of the records `it` yields.
-    fn indices<'a>(it: impl Iterator<Item = (usize, &'a Record)>) -> Vec<usize> {
-        it.map(|(i, _)| i).collect()
+    fn indices(it: impl Iterator<Item = &'static Record>) -> Vec<usize> {
+        it.map(index_of).collect()
+    }
+
+    /// The index of record `e`.
+    fn index_of(e: &Record) -> usize {
+        records().find(|(_, r)| std::ptr::eq(*r, e)).expect("a record").0
     }
 
     /// A record linked at `addr`, as registration links one.
-    fn linked(reg: &mut Slots, addr: usize) -> usize {
+    fn link_new(reg: &mut Slots, addr: usize) -> usize {
         let i = reg.take_record().unwrap();
         record(i).target.store(addr, Ordering::Relaxed);
         publish(i);
@@ -518,32 +530,44 @@ mod tests {
         let other = addr + 16 * SOLE_LEN;
         assert!(std::ptr::eq(sole_entry(addr), sole_entry(other)));
         let mut reg = lock();
-        let a = linked(&mut reg, addr);
-        assert_eq!(sole(addr).map(|(i, _)| i), Some(a), "the only record");
+        let a = link_new(&mut reg, addr);
+        assert_eq!(sole(addr).map(index_of), Some(a), "the only record");
         assert_eq!(indices(linked_at(addr)), [a]);
-        let b = linked(&mut reg, addr);
-        assert_eq!(sole(addr).map(|(i, _)| i), None, "two records: no hint");
+        let b = link_new(&mut reg, addr);
+        assert_eq!(sole(addr).map(index_of), None, "two records: no hint");
         assert_eq!(indices(linked_at(addr)), [a, b]);
         unlink(a);
-        assert_eq!(sole(addr).map(|(i, _)| i), Some(b));
+        assert_eq!(sole(addr).map(index_of), Some(b));
         assert_eq!(indices(linked_at(addr)), [b]);
         // A reader that took the hint to `a` before walks on from it (its link stays).
-        assert_eq!(indices(chain_from_record(Some((a, record(a))))), [a, b]);
-        // Another address takes the entry: `addr` goes through the table.
-        let c = linked(&mut reg, other);
-        assert_eq!(sole(addr).map(|(i, _)| i), None);
+        assert_eq!(indices(chain_from_record(Some(record(a)))), [a, b]);
+        // Another address of the same entry goes through the table while `addr` holds it.
+        let c = link_new(&mut reg, other);
+        assert_eq!(sole(addr).map(index_of), Some(b));
+        assert_eq!(sole(other).map(index_of), None);
+        assert_eq!(indices(linked_at(other)), [c]);
+        // Once `addr` gives it up (two records), the next change at `other` takes it,
+        // and keeps it when `addr` has one record again.
+        let d = link_new(&mut reg, addr);
+        assert_eq!(sole(addr).map(index_of), None);
+        let e = link_new(&mut reg, other);
+        unlink(e);
+        assert_eq!(sole(other).map(index_of), Some(c));
+        unlink(d);
+        assert_eq!(sole(addr).map(index_of), None);
         assert_eq!(indices(linked_at(addr)), [b]);
         assert_eq!(indices(linked_at(other)), [c]);
         // A reader pairing `addr` with `c` (an entry rewritten under it) does not take
         // `c`, whose target is another address.
         sole_entry(addr).addr.store(addr, Ordering::Release);
-        assert_eq!(sole(addr).map(|(i, _)| i), None);
+        assert!(std::ptr::eq(sole_entry(addr).record.load(Ordering::Relaxed), record(c)));
+        assert_eq!(sole(addr).map(index_of), None);
         assert_eq!(indices(linked_at(addr)), [b]);
         for i in [b, c] {
             unlink(i);
         }
         assert!(linked_at(addr).next().is_none() && linked_at(other).next().is_none());
-        for i in [a, b, c] {
+        for i in [a, b, c, d, e] {
             reg.retire(i);
         }
     }

@@ -124,18 +124,18 @@ pub(crate) fn trampolines(no_fp: bool) -> (usize, usize) {
 pub(crate) fn light(site: usize) -> bool {
     let on_entry = crate::retprobe::entry_hook();
     let returns =
-        linked_at(site).any(|(_, e)| e.live.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == site && e.pre.load(Ordering::Relaxed) == on_entry);
+        linked_at(site).any(|e| e.live.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == site && e.pre.load(Ordering::Relaxed) == on_entry);
     let mut armed = crate::registry::armed_at(site);
     match (armed.next(), armed.next()) {
-        (Some((_, e)), None) => !returns && e.pre.load(Ordering::Relaxed) == hook(),
+        (Some(e), None) => !returns && e.pre.load(Ordering::Relaxed) == hook(),
         _ => false,
     }
 }
 
-/// The light record armed at `site` and its index. Inside the hit path.
+/// The light record armed at `site`. Inside the hit path.
 #[inline(always)]
-fn light_record(site: usize) -> Option<(usize, &'static crate::registry::Record)> {
-    linked_at(site).find(|(_, e)| e.addr.load(Ordering::Acquire) == site && e.pre.load(Ordering::Relaxed) == hook())
+fn light_record(site: usize) -> Option<&'static crate::registry::Record> {
+    linked_at(site).find(|e| e.addr.load(Ordering::Acquire) == site && e.pre.load(Ordering::Relaxed) == hook())
 }
 
 /// [`HOOK`]: a light record's entry through the full trampolines (the site
@@ -198,8 +198,8 @@ pub(crate) extern "C" fn dispatch_entry(frame: *mut FgraphRegs, _fp: *mut u8) ->
             crate::retprobe::entering_exit_path(sp as usize, ret);
             // The light record (a record armed meanwhile beside it waits for the slots
             // to change: a hit before its arming completes).
-            if let (Some((index, e)), Some(client)) = (light_record(site), client()) {
-                count_site_hit(shard, index, e);
+            if let (Some(e), Some(client)) = (light_record(site), client()) {
+                count_site_hit(shard, e);
                 (client.enter)(e.ctx.load(Ordering::Relaxed), site, sp as usize, &Args::Light(regs));
             }
         },

@@ -69,7 +69,7 @@ pub(crate) fn settle(sites: impl IntoIterator<Item = usize>) {
 /// return is observed without hijacking the return address. Under the registry lock.
 pub(crate) fn wants_exit(site: usize) -> bool {
     let (on_entry, light) = (crate::retprobe::entry_hook(), fgraph::hook());
-    registry::armed_at(site).any(|(_, r)| matches!(r.pre.load(Ordering::Relaxed), p if p == on_entry || p == light))
+    registry::armed_at(site).any(|r| matches!(r.pre.load(Ordering::Relaxed), p if p == on_entry || p == light))
 }
 
 /// Runs the probes armed on the site at `site`, in registration order, for the site
@@ -95,8 +95,8 @@ pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
     }
     match linked_at(site).next() {
         // The common case, kept short: one probe on the site, without a post handler.
-        Some((index, e)) if e.chain.load(Ordering::Acquire) == 0 && e.addr.load(Ordering::Acquire) == site && e.post.load(Ordering::Relaxed) == 0 => {
-            count_site_hit(shard, index, e);
+        Some(e) if e.chain.load(Ordering::Acquire) == 0 && e.addr.load(Ordering::Acquire) == site && e.post.load(Ordering::Relaxed) == 0 => {
+            count_site_hit(shard, e);
             let pre = e.pre.load(Ordering::Relaxed);
             if pre != 0 {
                 call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
@@ -111,9 +111,9 @@ pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
 /// [`run_site`] for every record on the site's chain.
 pub(crate) fn run_site_chain(site: usize, shard: Option<usize>, regs: &mut PtRegs) {
     let mut posts = false;
-    for (index, e) in registry::armed_at(site) {
+    for e in registry::armed_at(site) {
         posts |= e.post.load(Ordering::Relaxed) != 0;
-        count_site_hit(shard, index, e);
+        count_site_hit(shard, e);
         let pre = e.pre.load(Ordering::Relaxed);
         if pre != 0 {
             call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
@@ -124,7 +124,7 @@ pub(crate) fn run_site_chain(site: usize, shard: Option<usize>, regs: &mut PtReg
     }
     // A second pass only if a post handler is there (most sites have none).
     if posts {
-        for (_, e) in registry::armed_at(site) {
+        for e in registry::armed_at(site) {
             let post = e.post.load(Ordering::Relaxed);
             if post != 0 {
                 call_handler(post, e.post_ctx.load(Ordering::Relaxed), regs);
@@ -136,7 +136,7 @@ pub(crate) fn run_site_chain(site: usize, shard: Option<usize>, regs: &mut PtReg
 /// A site hit inside a handler: counted as missed, runs nothing.
 #[cold]
 pub(crate) fn missed_site(site: usize) {
-    for (_, e) in registry::armed_at(site) {
+    for e in registry::armed_at(site) {
         e.nmissed.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -113,7 +113,7 @@ static POKING: AtomicBool = AtomicBool::new(false);
 /// under way and a site probe is linked at `bp`): the SIGTRAP handler then resumes
 /// past the site, as if its nop ran (async-signal-safe: a table lookup).
 pub(crate) fn poking(bp: usize) -> bool {
-    POKING.load(Ordering::Acquire) && crate::registry::linked_at(bp).any(|(_, e)| e.site.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == bp)
+    POKING.load(Ordering::Acquire) && crate::registry::linked_at(bp).any(|e| e.site.load(Ordering::Relaxed) && e.target.load(Ordering::Relaxed) == bp)
 }
 
 /// Veneers, for sites out of their trampoline's reach.
