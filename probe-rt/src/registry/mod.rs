@@ -367,7 +367,11 @@ pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = &'static Record> {
 /// A hint only: two addresses may share an entry, and an entry is read without a lock
 /// while [`refresh_sole`] rewrites it, so a reader may pair one write's address with
 /// another's record. [`sole`] therefore takes the record only if its own `target` is
-/// the address. Such a record was, when its hint was written, the only one linked
+/// the address, read after the record's pointer with Acquire (the pointer is stored
+/// with Release): a reused record shows its new address, not one from an earlier
+/// life (weak memory would otherwise allow that on aarch64, and a walk of another
+/// address's chain would skip this one's records). Such a record was, when its hint
+/// was written, the only one linked
 /// there; records are linked after the last, so it stays the first until it is
 /// unlinked, and while a reader is in the hit path it is not reused (a grace period
 /// waits for the reader): a walk from it is a walk of the address's chain, or, once it
@@ -396,10 +400,12 @@ fn sole(addr: usize) -> Option<&'static Record> {
     if h.addr.load(Ordering::Acquire) != addr {
         return None;
     }
-    // SAFETY: the pointer is null or was stored (after the record was filled in, and
-    // before the entry's address, with Release) from a `&'static Record` of a chunk,
+    // Acquire: the record's `target` as written before its pointer was stored here (a
+    // pointer of a later write for another address may come with this address, and
+    // its record must then show that address, not one from an earlier life).
+    // SAFETY: the pointer is null or was stored from a `&'static Record` of a chunk,
     // which is never freed.
-    let e = unsafe { h.record.load(Ordering::Relaxed).as_ref() }?;
+    let e = unsafe { h.record.load(Ordering::Acquire).as_ref() }?;
     (e.target.load(Ordering::Relaxed) == addr).then_some(e)
 }
 
@@ -415,7 +421,7 @@ fn refresh_sole(addr: usize) {
     match (chain.next(), chain.next()) {
         (Some(e), None) if held == 0 || held == addr => {
             h.addr.store(0, Ordering::Release);
-            h.record.store(e as *const Record as *mut Record, Ordering::Relaxed);
+            h.record.store(e as *const Record as *mut Record, Ordering::Release);
             h.addr.store(addr, Ordering::Release);
         }
         _ if held == addr => h.addr.store(0, Ordering::Release),
