@@ -336,7 +336,10 @@ pub fn kretprobe(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// arrays of them, as written in the signature (probe-codegen `site::NO_FP`): no
 /// FP/SIMD register then carries one, and the runtime's trampolines for the site keep
 /// no FP/SIMD state (~1 ns of a site hit). A float, a struct, a generic or a type alias
-/// keeps them.
+/// keeps them. The judgement goes by names, so the body holds, for each primitive name
+/// it took, a nested `fn __probekit_primitive_u64(x: u64) -> ::core::primitive::u64`
+/// that does not compile where the name is not the primitive (an alias, an import or an
+/// impl's type parameter under a primitive's name).
 ///
 /// The table is a linker section, like the kernel's `__mcount_loc`: nothing runs at
 /// start-up, and `--gc-sections` keeps it (`SHF_GNU_RETAIN`). Each instance of a

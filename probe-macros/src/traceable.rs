@@ -446,30 +446,65 @@ fn stack_args_bound(sig: &syn::Signature, inputs: &syn::punctuated::Punctuated<s
 /// integer, `bool`, `char`, a pointer, a reference, a function pointer, `()` or `!`, or
 /// a tuple or array of them (the C ABI gives such an aggregate the INTEGER class or
 /// memory, SysV AMD64 ABI 1.0 §3.2.3, AAPCS64 §6.8.2). Anything else (a float, a
-/// struct, a generic or an alias, which may hold one) says no. The primitive names
-/// are taken as the primitives.
-fn no_fp(sig: &syn::Signature) -> bool {
-    fn integer(ty: &syn::Type) -> bool {
-        const PRIMITIVES: [&str; 14] = ["u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize", "bool", "char"];
+/// struct, a generic or an alias, which may hold one) says no. If yes, the primitive
+/// names it took as the primitives, which [`primitives_check`] holds it to (a generic
+/// parameter of the function with such a name says no).
+fn no_fp(sig: &syn::Signature) -> Option<Vec<syn::Ident>> {
+    const PRIMITIVES: [&str; 14] = ["u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize", "bool", "char"];
+    fn integer(ty: &syn::Type, names: &mut Vec<syn::Ident>) -> bool {
         match ty {
             syn::Type::Reference(_) | syn::Type::Ptr(_) | syn::Type::BareFn(_) | syn::Type::Never(_) => true,
-            syn::Type::Tuple(t) => t.elems.iter().all(integer),
-            syn::Type::Array(a) => integer(&a.elem),
-            syn::Type::Paren(p) => integer(&p.elem),
-            syn::Type::Group(g) => integer(&g.elem),
-            syn::Type::Path(p) => p.qself.is_none() && p.path.get_ident().is_some_and(|i| PRIMITIVES.iter().any(|n| i == n)),
+            syn::Type::Tuple(t) => t.elems.iter().all(|t| integer(t, names)),
+            syn::Type::Array(a) => integer(&a.elem, names),
+            syn::Type::Paren(p) => integer(&p.elem, names),
+            syn::Type::Group(g) => integer(&g.elem, names),
+            syn::Type::Path(p) => match p.path.get_ident().filter(|i| p.qself.is_none() && PRIMITIVES.iter().any(|n| *i == n)) {
+                Some(i) => {
+                    if !names.contains(i) {
+                        names.push(i.clone());
+                    }
+                    true
+                }
+                None => false,
+            },
             _ => false,
         }
     }
+    let shadowed = sig.generics.params.iter().any(|p| match p {
+        syn::GenericParam::Type(t) => PRIMITIVES.iter().any(|n| t.ident == n),
+        syn::GenericParam::Const(c) => PRIMITIVES.iter().any(|n| c.ident == n),
+        syn::GenericParam::Lifetime(_) => false,
+    });
+    let mut names = Vec::new();
     let inputs = sig.inputs.iter().all(|input| match input {
-        syn::FnArg::Receiver(r) => r.reference.is_some() || integer(&r.ty),
-        syn::FnArg::Typed(p) => integer(&p.ty),
+        syn::FnArg::Receiver(r) => r.reference.is_some() || integer(&r.ty, &mut names),
+        syn::FnArg::Typed(p) => integer(&p.ty, &mut names),
     });
     let output = match &sig.output {
         syn::ReturnType::Default => true,
-        syn::ReturnType::Type(_, ty) => integer(ty),
+        syn::ReturnType::Type(_, ty) => integer(ty, &mut names),
     };
-    inputs && output
+    (!shadowed && inputs && output).then_some(names)
+}
+
+/// Items for the body's block that hold [`no_fp`]'s judgement to the primitives: each
+/// name it took for one must be that primitive where the function is written (an
+/// alias `type u64 = f64;` or an import under a primitive's name fails to compile
+/// here, and so does an impl's generic parameter of that name: an item in a function
+/// cannot use it), or the site's trampolines could leave a float argument to the
+/// handler.
+fn primitives_check(names: &[syn::Ident]) -> Vec<syn::Stmt> {
+    names
+        .iter()
+        .map(|n| {
+            let check = format_ident!("__probekit_primitive_{}", n);
+            // Spanned at the name, where an error then points.
+            syn::parse_quote_spanned! {n.span()=>
+                #[allow(dead_code, non_snake_case)]
+                fn #check(x: #n) -> ::core::primitive::#n { x }
+            }
+        })
+        .collect()
 }
 
 fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
@@ -553,7 +588,10 @@ fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
     // The site and its record, as probe-codegen's site contract spells them (the
     // runtime reads them by the same definitions).
     let args_bound = stack_args_bound(sig, &plain.inputs, concrete_impl);
-    let flags = if no_fp(sig) { probe_codegen::site::NO_FP } else { 0 };
+    let no_fp = no_fp(sig);
+    let flags = if no_fp.is_some() { probe_codegen::site::NO_FP } else { 0 };
+    let mut block = block.clone();
+    block.stmts.splice(0..0, primitives_check(no_fp.as_deref().unwrap_or_default()));
     let naked = |arch: probe_codegen::Arch| {
         let cfg_arch = arch.name();
         let cfg = quote! { #[cfg(target_arch = #cfg_arch)] };
@@ -654,7 +692,7 @@ mod tests {
 
     #[test]
     fn only_integer_signatures_say_no_fp() {
-        let no_fp = |sig: &str| super::no_fp(&syn::parse_str::<syn::Signature>(sig).unwrap());
+        let no_fp = |sig: &str| super::no_fp(&syn::parse_str::<syn::Signature>(sig).unwrap()).is_some();
         for sig in [
             "fn f()",
             "fn f(a: u64, b: &[f64], c: *const f32, d: (u8, [i128; 2]), e: fn(f64) -> f64) -> usize",
@@ -672,9 +710,17 @@ mod tests {
             "fn f(self)",
             "fn f() -> Option<u8>",
             "fn f(x: core::primitive::u8)",
+            "fn f<u64>(x: u64)",
         ] {
             assert!(!no_fp(sig), "{sig}");
         }
+        // The names it took for primitives, which the body's block checks.
+        let names = super::no_fp(&syn::parse_str::<syn::Signature>("fn f(a: u64, b: (u64, bool)) -> u64").unwrap()).unwrap();
+        assert_eq!(names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), ["u64", "bool"]);
+        let out = expand_str("", "fn g(a: u64) -> u8 { a as u8 }");
+        assert!(out.contains("fn __probekit_primitive_u64 (x : u64) -> :: core :: primitive :: u64 { x }"), "{out}");
+        assert!(out.contains("fn __probekit_primitive_u8 (x : u8) -> :: core :: primitive :: u8 { x }"), "{out}");
+        assert!(!expand_str("", "fn h(a: f64) -> f64 { a }").contains("__probekit_primitive"));
     }
 
     #[test]
@@ -685,7 +731,7 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("extern \"C-unwind\" fn __probekit_site_f (__probekit_arg0 : (u64 , u64) , __probekit_arg1 : u64) -> u64"), "{out}");
-        assert!(out.contains("extern \"C-unwind\" fn __probekit_body_f ((a , b) : (u64 , u64) , mut c : u64) -> u64 { c += a ; b + c }"), "{out}");
+        assert!(out.contains("extern \"C-unwind\" fn __probekit_body_f ((a , b) : (u64 , u64) , mut c : u64) -> u64 { # [allow (dead_code , non_snake_case)] fn __probekit_primitive_u64 (x : u64) -> :: core :: primitive :: u64 { x } c += a ; b + c }"), "{out}");
         assert!(out.contains("site = sym __probekit_site_f , function = sym f , body = sym __probekit_body_f"), "{out}");
         assert_eq!(out.matches("# [unsafe (naked)]").count(), 2, "one per architecture: {out}");
         assert!(out.contains("\".byte 0x0f, 0x1f, 0x44, 0x00, 0x00\" , \"jmp {body}\""), "{out}");
@@ -784,7 +830,7 @@ mod tests {
         let wrapper = &out[..out.find("__probekit_site_c (__probekit_arg0)").unwrap()];
         assert_eq!(wrapper.matches("inline").count(), 1, "one `#[inline(never)]`: {out}");
         assert!(wrapper.contains("# [no_mangle] # [inline (never)] pub unsafe extern \"C\" fn c (__probekit_arg0 : u64) -> u64"), "{out}");
-        assert!(out.contains("unsafe extern \"C-unwind\" fn __probekit_body_c (a : u64) -> u64 { a }"), "{out}");
+        assert!(out.contains("unsafe extern \"C-unwind\" fn __probekit_body_c (a : u64) -> u64 { # [allow (dead_code , non_snake_case)] fn __probekit_primitive_u64 (x : u64) -> :: core :: primitive :: u64 { x } a }"), "{out}");
         assert_eq!(out.matches("no_mangle").count(), 1, "the C name is the wrapper's only: {out}");
         for abi in ["extern", "extern \"C-unwind\"", "extern \"system\"", "extern \"Rust\""] {
             assert!(!expand_str("", &format!("{abi} fn f() {{}}")).contains("compile_error ! {"), "{abi}");
