@@ -186,8 +186,6 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         ("probekit's hit-path bookkeeping", crate::grace::Thread::record as *const () as usize),
         ("probekit's site dispatcher", crate::site::patch::dispatch as *const () as usize),
         ("probekit's site lookup", crate::registry::addrmap::AddrMap::head as *const () as usize),
-        ("probekit's site trampoline", crate::site::patch::trampoline(false)),
-        ("probekit's site trampoline", crate::site::patch::trampoline(true)),
         ("probekit's detour dispatcher", crate::optprobe::dispatch as *const () as usize),
         ("probekit's SIGTRAP handler", crate::breakpoint::trap::on_sigtrap as *const () as usize),
         ("probekit's hit path", crate::breakpoint::trap::hit as *const () as usize),
@@ -195,17 +193,9 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         ("probekit's return dispatcher", crate::retprobe::dispatch as *const () as usize),
         ("probekit's return trampoline", crate::retprobe::trampoline()),
         ("probekit's exit-path entry dispatcher", crate::site::patch::dispatch_exit_entry as *const () as usize),
-        ("probekit's exit-path entry trampoline", crate::site::patch::exit_entry_trampoline(false)),
-        ("probekit's exit-path entry trampoline", crate::site::patch::exit_entry_trampoline(true)),
         ("probekit's exit dispatcher", crate::retprobe::dispatch_exit as *const () as usize),
-        ("probekit's exit trampoline", crate::retprobe::exit_trampoline(false)),
-        ("probekit's exit trampoline", crate::retprobe::exit_trampoline(true)),
         ("probekit's light entry dispatcher", crate::site::fgraph::dispatch_entry as *const () as usize),
-        ("probekit's light entry trampoline", crate::site::fgraph::trampolines(false).0),
-        ("probekit's light entry trampoline", crate::site::fgraph::trampolines(true).0),
         ("probekit's light exit dispatcher", crate::site::fgraph::dispatch_exit as *const () as usize),
-        ("probekit's light exit trampoline", crate::site::fgraph::trampolines(false).1),
-        ("probekit's light exit trampoline", crate::site::fgraph::trampolines(true).1),
         ("probekit's light entry hook", crate::site::fgraph::hook()),
         ("probekit's handler call", crate::registry::call_handler as *const () as usize),
         ("probekit's site probes", crate::site::missed_site as *const () as usize),
@@ -220,6 +210,7 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
     let roots = {
         let mut roots = roots;
         roots.extend(crate::optprobe::trampolines().into_iter().map(|t| ("probekit's detour trampoline", t)));
+        roots.extend(crate::site::trampolines().into_iter().map(|(_, what, addr)| (what, addr)));
         roots
     };
     #[cfg(target_arch = "x86_64")]

@@ -75,19 +75,9 @@ pub fn perf_map(on: bool) -> Result<(), Error> {
     ON.store(true, Ordering::Relaxed);
     let mut text = String::new();
     if !map.trampolines {
-        let sites = [false, true].map(|no_fp| {
-            let suffix = if no_fp { "_no_fp" } else { "" };
-            [
-                ("probekit_site_trampoline", crate::site::patch::trampoline(no_fp)),
-                ("probekit_site_exit_entry_trampoline", crate::site::patch::exit_entry_trampoline(no_fp)),
-                ("probekit_site_exit_trampoline", crate::retprobe::exit_trampoline(no_fp)),
-                ("probekit_fgraph_entry_trampoline", crate::site::fgraph::trampolines(no_fp).0),
-                ("probekit_fgraph_exit_trampoline", crate::site::fgraph::trampolines(no_fp).1),
-            ]
-            .map(|(name, addr)| (format!("{name}{suffix}"), addr))
-        });
+        let sites = crate::site::trampolines().into_iter().map(|(symbol, _, addr)| (symbol, addr));
         let kretprobe = ("probekit_kretprobe_trampoline".to_string(), crate::retprobe::trampoline());
-        for (name, addr) in std::iter::once(kretprobe).chain(sites.into_iter().flatten()) {
+        for (name, addr) in std::iter::once(kretprobe).chain(sites) {
             let size = crate::sys::symbols::function_at(addr).filter(|f| f.addr == addr).map_or(1, |f| f.size.max(1));
             line(&mut text, addr, size, &name);
         }

@@ -371,11 +371,11 @@ pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = &'static Record> {
 /// with Release): a reused record shows its new address, not one from an earlier
 /// life (weak memory would otherwise allow that on aarch64, and a walk of another
 /// address's chain would skip this one's records). Such a record was, when its hint
-/// was written, the only one linked
-/// there; records are linked after the last, so it stays the first until it is
-/// unlinked, and while a reader is in the hit path it is not reused (a grace period
-/// waits for the reader): a walk from it is a walk of the address's chain, or, once it
-/// is unlinked (its own link stays), the chain as it was a moment before.
+/// was written, the only one linked there; records are linked after the last, so it
+/// stays the first until it is unlinked, and while a reader is in the hit path it is
+/// not reused (a grace period waits for the reader): a walk from it is a walk of the
+/// address's chain, or, once it is unlinked (its own link stays), the chain as it was
+/// a moment before.
 static SOLE: [Sole; SOLE_LEN] = [const { Sole { addr: AtomicUsize::new(0), record: AtomicPtr::new(std::ptr::null_mut()) } }; SOLE_LEN];
 const SOLE_LEN: usize = 1024;
 

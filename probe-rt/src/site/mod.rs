@@ -64,6 +64,27 @@ pub(crate) fn settle(sites: impl IntoIterator<Item = usize>) {
     }
 }
 
+/// Every trampoline of the sites' paths, in both copies (keeping the FP/SIMD argument
+/// or return registers, and keeping none: `_no_fp`): `(symbol, what it is, address)`,
+/// for the blacklist's roots and the perf map.
+pub(crate) fn trampolines() -> Vec<(String, &'static str, usize)> {
+    [false, true]
+        .into_iter()
+        .flat_map(|no_fp| {
+            let suffix = if no_fp { "_no_fp" } else { "" };
+            let (light_entry, light_exit) = fgraph::trampolines(no_fp);
+            [
+                ("probekit_site_trampoline", "probekit's site trampoline", patch::trampoline(no_fp)),
+                ("probekit_site_exit_entry_trampoline", "probekit's exit-path entry trampoline", patch::exit_entry_trampoline(no_fp)),
+                ("probekit_site_exit_trampoline", "probekit's exit trampoline", crate::retprobe::exit_trampoline(no_fp)),
+                ("probekit_fgraph_entry_trampoline", "probekit's light entry trampoline", light_entry),
+                ("probekit_fgraph_exit_trampoline", "probekit's light exit trampoline", light_exit),
+            ]
+            .map(|(symbol, what, addr)| (format!("{symbol}{suffix}"), what, addr))
+        })
+        .collect()
+}
+
 /// Whether a return probe or a light record ([`fgraph`]) is armed on the site at
 /// `site`: its enabled site then jumps to its exit path (if it has one), where the
 /// return is observed without hijacking the return address. Under the registry lock.
