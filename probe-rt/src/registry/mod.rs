@@ -65,9 +65,11 @@ pub(crate) struct Record {
     /// the pre handlers, the detour's relocated copy of the displaced instructions,
     /// instead of the slot. 0 otherwise.
     pub detour: AtomicUsize,
-    /// The record's own index (written when it is first taken): where its per-thread
-    /// hit counters are.
-    index: AtomicU32,
+    /// The record's hit counter of the thread holding shard 0 of [`Chunk::hits`]
+    /// (written when the record is first taken; null for [`NONE`]): shard `s`'s is
+    /// `s * CHUNK` counters on. A pointer rather than the record's index, so that a hit
+    /// reaches its counter with one load after the record's, not two.
+    hits: AtomicPtr<AtomicU64>,
 }
 
 /// Records per chunk, and chunks at most (16 Mi records: memory runs out first).
@@ -121,7 +123,7 @@ static NONE: Record = Record {
     chain: AtomicU32::new(0),
     opt_mode: AtomicU8::new(0),
     detour: AtomicUsize::new(0),
-    index: AtomicU32::new(0),
+    hits: AtomicPtr::new(std::ptr::null_mut()),
 };
 
 /// The chunk holding record `index`, if it was allocated.
@@ -168,10 +170,14 @@ pub(crate) fn reset_site_hits(index: usize) {
 /// has one.
 #[inline(always)]
 pub(crate) fn count_site_hit(shard: Option<usize>, e: &Record) {
-    let index = e.index.load(Ordering::Relaxed) as usize;
-    match (shard.filter(|s| *s < HIT_SHARDS), chunk(index)) {
-        (Some(s), Some(c)) => {
-            let h = &c.hits[s][index & (CHUNK - 1)];
+    let hits = e.hits.load(Ordering::Relaxed);
+    match shard.filter(|s| *s < HIT_SHARDS) {
+        Some(s) if !hits.is_null() => {
+            // SAFETY: a non-null `hits` points at `hits[0][j]` of the chunk holding
+            // the record (`j` its place there), derived from the chunk's allocation,
+            // which is never freed; `hits[s][j]` is `s * CHUNK` counters on, with
+            // `s < HIT_SHARDS`.
+            let h = unsafe { &*hits.add(s * CHUNK) };
             h.store(h.load(Ordering::Relaxed) + 1, Ordering::Relaxed)
         }
         _ => {
@@ -271,7 +277,11 @@ impl Slots {
         }
         let index = USED.load(Ordering::Relaxed);
         grow(index)?;
-        record(index).index.store(index as u32, Ordering::Relaxed);
+        let (c, j) = (CHUNKS[index >> CHUNK_BITS].load(Ordering::Relaxed), index & (CHUNK - 1));
+        // SAFETY: `grow` made chunk `c` (never freed); the pointer is to a place
+        // inside it, made without a reference, so it may reach every shard's counter.
+        let hits = unsafe { std::ptr::addr_of_mut!((*c).hits[0][j]) };
+        record(index).hits.store(hits, Ordering::Relaxed);
         Ok(index) // published by `publish` once it is filled in
     }
 
@@ -340,8 +350,31 @@ fn chain_from(first: u32) -> impl Iterator<Item = &'static Record> {
 
 /// The records linked from `first` on.
 #[inline(always)]
-fn chain_from_record(first: Option<&'static Record>) -> impl Iterator<Item = &'static Record> {
-    std::iter::successors(first, |e| linked(e.chain.load(Ordering::Acquire)))
+fn chain_from_record(first: Option<&'static Record>) -> Chain {
+    Chain { first, last: None }
+}
+
+/// The records of a chain. Unlike `std::iter::successors`, it reads a record's link
+/// only when asked for the record after it: the hit paths mostly take the first
+/// record alone, and would otherwise pay for the load of the next one's chunk.
+struct Chain {
+    first: Option<&'static Record>,
+    /// The record given last, if any.
+    last: Option<&'static Record>,
+}
+
+impl Iterator for Chain {
+    type Item = &'static Record;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<&'static Record> {
+        let e = match self.last {
+            None => self.first.take()?,
+            Some(l) => linked(l.chain.load(Ordering::Acquire))?,
+        };
+        self.last = Some(e);
+        Some(e)
+    }
 }
 
 /// The records linked at `addr` (armed or not), in registration order. Lock-free, for
@@ -393,9 +426,9 @@ fn sole_entry(addr: usize) -> &'static Sole {
     &SOLE[(addr >> 4) % SOLE_LEN]
 }
 
-/// The record [`SOLE`] names for `addr`, if it names one.
+/// The record [`SOLE`] names for `addr`, if it names one: the first of its chain.
 #[inline(always)]
-fn sole(addr: usize) -> Option<&'static Record> {
+pub(crate) fn sole(addr: usize) -> Option<&'static Record> {
     let h = sole_entry(addr);
     if h.addr.load(Ordering::Acquire) != addr {
         return None;
