@@ -171,7 +171,8 @@ pub enum Shape {
     /// as the kernel's ftrace): steps over the x86_64 red zone, saves, calls,
     /// restores and resumes at the continuation (the frame's pc). The site is a
     /// function's entry: on x86_64 the flags are saved but not restored (the ABI does
-    /// not preserve them across calls; DF leaves clear, as it came), and the stack has
+    /// not preserve them across calls; DF comes clear, as the ABI has it at an entry,
+    /// so no `cld` runs, and leaves clear), and the stack has
     /// the alignment the ABI gives every function entry (`rsp + 8` 16-aligned before the
     /// site's `call`), so the frame sits at a fixed distance below it, with no run-time
     /// alignment ([`Plan::probed_sp_offset`](crate::Plan::probed_sp_offset); `Fp::Full`, whose xsave area is sized at

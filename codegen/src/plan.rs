@@ -408,8 +408,9 @@ fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     }
     // x86_64 Entry runs at a function entry and Kretprobe at a function return, where
     // the status flags carry nothing (the SysV ABI does not preserve them across calls)
-    // and DF is clear (`cld` keeps it so): they are saved for the handler, not
-    // restored, which spares their restore on every call.
+    // and DF is clear (the ABI has it so at both; Kretprobe's `cld` keeps it so): they
+    // are saved for the handler, not restored, which spares their restore on every
+    // call.
     if arch == Arch::X86_64 && reg == Reg::X86Eflags && matches!(shape, Shape::Entry | Shape::Kretprobe) {
         return false;
     }

@@ -97,9 +97,11 @@ fn x86_64_entry_is_anchored_only_when_it_must_be() {
     let text: Vec<String> = plan.ops().map(|o| o.asm.clone()).collect();
     assert_subsequence(
         &text,
-        &["lea rsp, [rsp - 280]", "pushfq", "lea rsp, [rsp - 144]", "mov qword ptr [rsp + 80], rax", "cld", "call {handler}", "lea rsp, [rsp + 432]", "ret"],
+        &["lea rsp, [rsp - 280]", "pushfq", "lea rsp, [rsp - 144]", "mov qword ptr [rsp + 80], rax", "call {handler}", "lea rsp, [rsp + 432]", "ret"],
     );
     assert!(!text.iter().any(|t| t.contains("and rsp") || t.contains("push rax")), "{}", text.join("\n"));
+    // At a function's entry DF is clear (SysV): no `cld`, which costs cycles on every hit.
+    assert!(!text.iter().any(|t| t == "cld"), "{}", text.join("\n"));
     // alloc 304 + red zone 128 + the resume address 8.
     assert_eq!(plan.probed_sp_offset(), Some(440));
     let full = Plan::new(&f, Policy::All, Fp::Full, Shape::Entry).unwrap();

@@ -550,7 +550,13 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     }
     let flags = rng.next_u64();
     ctx.in_flags = if is_x86 {
-        0x202 | (flags & 0xcd5) | if set_df { 0x400 } else { 0 } // IF, reserved bit 1, status flags
+        // IF, reserved bit 1, status flags and DF (0x400), but DF only where a routine
+        // may meet it set: not at a function's entry (Entry), where the ABI has it
+        // clear and the routine relies on that (no `cld`).
+        match r.shape {
+            Kind::Entry => 0x202 | (flags & 0x8d5),
+            _ => 0x202 | (flags & 0xcd5) | if set_df { 0x400 } else { 0 },
+        }
     } else {
         flags & 0xf000_0000
     };

@@ -164,7 +164,6 @@ pt_regs_entry:
     movaps xmmword ptr [rsp + 256], xmm5         /* xmm5 @256 */
     movaps xmmword ptr [rsp + 272], xmm6         /* xmm6 @272 */
     movaps xmmword ptr [rsp + 288], xmm7         /* xmm7 @288 */
-    cld                                          /* the ABI wants DF clear at a call (the original rflags are saved) */
     mov rdi, rsp                                 /* argument 1: the frame */
     lea rsi, [rsp + 176]                         /* argument 2: the FP/SIMD area */
     .cfi_escape 0x0f, 0x04, 0x77, 0x98, 0x01, 0x06 /* unwind: the CFA is the frame's stack pointer */
