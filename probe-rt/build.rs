@@ -86,10 +86,26 @@ fn main() {
             if shape == Shape::Entry {
                 fps.push((Fp::None, "_no_fp"));
             }
+            let mut probed_sps = Vec::new();
             for (fp, suffix) in fps {
                 let plan = Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, shape).expect("the built-in frame plans");
-                let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
+                // The site dispatcher is one per trampoline: it finds the probed stack
+                // pointer (and on x86_64 the site) from the frame (`site::patch::dispatch`).
+                let handler = match file {
+                    "site.rs" => {
+                        let sp = plan.probed_sp_offset().expect("the site trampolines allocate a fixed frame");
+                        probed_sps.push(sp);
+                        format!("{handler}::<{sp}>")
+                    }
+                    _ => handler.to_string(),
+                };
+                let symbols = render::Symbols { handler, ..Default::default() };
                 text += &render::rust_global_asm(&plan, &format!("{name}{suffix}"), "crate::PtRegs", &symbols);
+            }
+            if file == "site.rs" {
+                text += &format!(
+                    "/// Where the site trampolines (with FP/SIMD state, without) keep the probed stack pointer, from their frame.\npub(crate) const SITE_SP: [usize; 2] = {probed_sps:?};\n"
+                );
             }
         }
         std::fs::write(out_dir.join(file), text).expect("OUT_DIR is writable");

@@ -184,7 +184,6 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         ("probekit's hit-path bookkeeping", crate::grace::Thread::enter as *const () as usize),
         ("probekit's hit-path bookkeeping", crate::grace::Thread::index as *const () as usize),
         ("probekit's hit-path bookkeeping", crate::grace::Thread::record as *const () as usize),
-        ("probekit's site dispatcher", crate::site::patch::dispatch as *const () as usize),
         ("probekit's site lookup", crate::registry::addrmap::AddrMap::head as *const () as usize),
         ("probekit's detour dispatcher", crate::optprobe::dispatch as *const () as usize),
         ("probekit's SIGTRAP handler", crate::breakpoint::trap::on_sigtrap as *const () as usize),
@@ -211,6 +210,7 @@ pub(crate) fn hit_path_roots() -> Vec<(&'static str, usize)> {
         let mut roots = roots;
         roots.extend(crate::optprobe::trampolines().into_iter().map(|t| ("probekit's detour trampoline", t)));
         roots.extend(crate::site::trampolines().into_iter().map(|(_, what, addr)| (what, addr)));
+        roots.extend(crate::site::patch::dispatchers().into_iter().map(|d| ("probekit's site dispatcher", d)));
         roots
     };
     #[cfg(target_arch = "x86_64")]

@@ -359,7 +359,7 @@ fn probed_context(start: usize, cfa: usize, stack: &Stack) -> Option<Regs> {
         return None;
     }
     if start == crate::retprobe::dispatch as *const () as usize
-        || start == crate::site::patch::dispatch as *const () as usize
+        || crate::site::patch::dispatchers().contains(&start)
         || start == crate::retprobe::dispatch_exit as *const () as usize
         || start == crate::site::patch::dispatch_exit_entry as *const () as usize
         || start == crate::optprobe::dispatch as *const () as usize

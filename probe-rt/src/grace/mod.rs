@@ -178,6 +178,15 @@ impl Thread {
         (index != u32::MAX).then(|| index as usize - 1)
     }
 
+    /// [`Thread::index`] if the thread has been recorded already (`Some(None)`: the
+    /// table was full), without the call that records it: for a hit path that keeps
+    /// its short path free of calls, and takes its long one the first time.
+    #[inline(always)]
+    pub(crate) fn recorded_index(&self) -> Option<Option<usize>> {
+        let index = self.index.get();
+        (index != 0).then(|| (index != u32::MAX).then(|| index as usize - 1))
+    }
+
     /// This thread's id (a system call the first time only).
     #[inline]
     pub(crate) fn tid(&self) -> i32 {

@@ -97,40 +97,90 @@ pub(crate) fn wants_exit(site: usize) -> bool {
 /// trampoline's dispatcher: pre handlers, then (unless one redirected execution) post
 /// handlers, with `regs` as at the function's entry (pc = `site`). A site hit inside a
 /// handler is counted as missed.
-///
-/// The hit path of every site call, inlined into the dispatcher: the site's record
-/// through its hint (`registry::linked_at`), else a table lookup, no scan, and a short
-/// path for the common case. Every record is read while the
-/// thread's `active` flag is set, which also tells a grace period that the thread is
-/// inside the hit path.
 #[inline(always)]
 pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
+    match enter_site() {
+        Some(shard) => {
+            run_site_entered(site, shard, regs);
+            leave_site();
+        }
+        None => missed_site(site),
+    }
+}
+
+/// Sets this thread's `active` flag, and gives the thread's hit counter shard; `None`
+/// if the flag was set already (a site hit inside a handler: [`missed_site`], and the
+/// flag stays with the hit path that set it). Every record is read while the flag is
+/// set, which also tells a grace period that the thread is inside the hit path;
+/// [`leave_site`] clears it.
+#[inline(always)]
+pub(crate) fn enter_site() -> Option<Option<usize>> {
     // The index first: its first-time path is a call, across which `active` would
-    // otherwise be kept in a register this function saves.
+    // otherwise be kept in a register the dispatcher saves.
     let (shard, active) = grace::with_thread(|t| (t.index(), t.active.replace(true)));
     // The sampling handler reads `active` on this thread: the store must not move past
     // the reads of the records.
     compiler_fence(Ordering::SeqCst);
-    if active {
-        return missed_site(site);
-    }
-    match linked_at(site).next() {
-        // The common case, kept short: one probe on the site, without a post handler.
-        Some(e) if e.chain.load(Ordering::Acquire) == 0 && e.addr.load(Ordering::Acquire) == site && e.post.load(Ordering::Relaxed) == 0 => {
-            count_site_hit(shard, e);
-            let pre = e.pre.load(Ordering::Relaxed);
-            if pre != 0 {
-                call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
-            }
-        }
-        _ => run_site_chain(site, shard, regs),
-    }
+    (!active).then_some(shard)
+}
+
+/// [`enter_site`] for a short path free of calls: `None`, with the flag untouched, if
+/// the thread was never recorded (its first hit) or is in a handler; the general path
+/// then handles the hit.
+#[inline(always)]
+pub(crate) fn try_enter_site() -> Option<Option<usize>> {
+    let shard = grace::with_thread(|t| {
+        let shard = t.recorded_index().filter(|_| !t.active.get())?;
+        t.active.set(true);
+        Some(shard)
+    });
+    // As in `enter_site`.
+    compiler_fence(Ordering::SeqCst);
+    shard
+}
+
+/// Clears the `active` flag [`enter_site`] set, once no record is read any more.
+#[inline(always)]
+pub(crate) fn leave_site() {
     compiler_fence(Ordering::SeqCst);
     grace::with_thread(|t| t.active.set(false));
 }
 
-/// [`run_site`] for every record on the site's chain.
-pub(crate) fn run_site_chain(site: usize, shard: Option<usize>, regs: &mut PtRegs) {
+/// [`run_site`]'s handlers, between [`enter_site`] (which gave `shard`) and
+/// [`leave_site`].
+///
+/// The hit path of every site call, inlined into the dispatcher: the site's record
+/// through its hint (`registry::linked_at`), else a table lookup, no scan, and a short
+/// path for the common case.
+#[inline(always)]
+pub(crate) fn run_site_entered(site: usize, shard: Option<usize>, regs: &mut PtRegs) {
+    if !linked_at(site).next().is_some_and(|e| run_sole(e, site, shard, regs)) {
+        run_site_chain(site, regs);
+    }
+}
+
+/// The short path of a site hit, for the first record `e` linked at `site`: if it is
+/// the only one, armed, without a post handler (the common case), counts the hit and
+/// runs its pre handler; false, having done nothing, otherwise.
+#[inline(always)]
+pub(crate) fn run_sole(e: &Record, site: usize, shard: Option<usize>, regs: &mut PtRegs) -> bool {
+    if e.chain.load(Ordering::Acquire) != 0 || e.addr.load(Ordering::Acquire) != site || e.post.load(Ordering::Relaxed) != 0 {
+        return false;
+    }
+    count_site_hit(shard, e);
+    let pre = e.pre.load(Ordering::Relaxed);
+    if pre != 0 {
+        call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
+    }
+    true
+}
+
+/// [`run_site_entered`] for every record on the site's chain. Out of line, and it
+/// finds the thread's counter itself: nothing of the short path stays live across its
+/// call, which would cost the dispatcher callee-saved registers on every hit.
+#[inline(never)]
+pub(crate) fn run_site_chain(site: usize, regs: &mut PtRegs) {
+    let shard = grace::with_thread(|t| t.index());
     let mut posts = false;
     for e in registry::armed_at(site) {
         posts |= e.post.load(Ordering::Relaxed) != 0;

@@ -370,30 +370,160 @@ fn poke(sites: &[usize], olds: &[[u8; SITE_LEN]], new: &[[u8; SITE_LEN]]) -> Res
 }
 
 /// Called by the site trampoline with the registers at the function's entry: runs the
-/// probes of the site (see `probe::run_site`), then lets the function run, or returns
+/// probes of the site (see `site::run_site`), then lets the function run, or returns
 /// from it if a handler overrode it. `extern "C"`: a panic in a handler aborts rather
 /// than unwind into the trampoline.
-pub(crate) extern "C" fn dispatch(frame: *mut PtRegs, _fp: *mut u8) -> usize {
+///
+/// `SP` is where the trampoline that calls it keeps the probed stack pointer, from its
+/// frame (probe-codegen `Plan::probed_sp_offset`): there is one dispatcher per
+/// trampoline. On x86_64 it lets [`resume`] find the site again from the frame alone,
+/// so that nothing but the frame is kept across the handlers: every value kept costs
+/// the dispatcher a callee-saved register, saved and restored on each hit, although
+/// the trampoline restores every register anyway.
+pub(crate) extern "C" fn dispatch<const SP: usize>(frame: *mut PtRegs, _fp: *mut u8) -> usize {
     // SAFETY: the trampoline passes its frame, every field written by its save
     // sequence, used by nothing else until this returns.
     let regs = unsafe { &mut *frame };
     // The trampoline's resume address is the end of the site.
     let site = regs.instruction_pointer() as usize - SITE_LEN;
-    #[cfg(target_arch = "x86_64")]
-    let sp = regs.rsp;
     regs.set_instruction_pointer(site as u64);
-    crate::site::run_site(site, regs);
+    // The short path: one probe on the site, named by its hint, without a post
+    // handler, the thread recorded and in no handler. No call but the handler's, and
+    // every other case out of line, so that the frame alone is kept across it.
+    let Some(shard) = crate::site::try_enter_site() else {
+        // SAFETY: the frame of the trampoline keeping the probed sp at `SP`.
+        return unsafe { dispatch_long::<SP>(frame, site) };
+    };
+    if crate::registry::sole(site).is_some_and(|e| crate::site::run_sole(e, site, shard, regs)) {
+        // SAFETY: as above.
+        unsafe { end::<SP, true>(frame, site) }
+    } else {
+        // SAFETY: as above.
+        unsafe { dispatch_entered::<SP>(frame, site, shard) }
+    }
+}
+
+/// [`dispatch`] for every other hit: the site's whole chain, the thread's first hit,
+/// a hit inside a handler.
+///
+/// # Safety
+/// As [`resume`].
+#[cold]
+#[inline(never)]
+unsafe fn dispatch_long<const SP: usize>(frame: *mut PtRegs, site: usize) -> usize {
+    // SAFETY: the trampoline's frame (see `dispatch`).
+    let regs = unsafe { &mut *frame };
+    match crate::site::enter_site() {
+        Some(shard) => {
+            crate::site::run_site_entered(site, shard, regs);
+            // SAFETY: as above.
+            unsafe { end::<SP, true>(frame, site) }
+        }
+        None => {
+            crate::site::missed_site(site);
+            // SAFETY: as above.
+            unsafe { end::<SP, false>(frame, site) }
+        }
+    }
+}
+
+/// [`dispatch`] once the thread's flag is set, for the records of a site its short
+/// path does not take.
+///
+/// # Safety
+/// As [`resume`].
+#[inline(never)]
+unsafe fn dispatch_entered<const SP: usize>(frame: *mut PtRegs, site: usize, shard: Option<usize>) -> usize {
+    // SAFETY: the trampoline's frame (see `dispatch`).
+    crate::site::run_site_entered(site, shard, unsafe { &mut *frame });
+    // SAFETY: as above.
+    unsafe { end::<SP, true>(frame, site) }
+}
+
+/// [`resume`], given the site where it needs it (aarch64).
+///
+/// # Safety
+/// As [`resume`].
+#[inline(always)]
+unsafe fn end<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs, site: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let _ = site;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as the caller's.
+    return unsafe { resume::<SP, LEAVE>(frame) };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as the caller's.
+    return unsafe { resume::<SP, LEAVE>(frame, site) };
+}
+
+/// [`dispatch`]'s end, once the handlers ran: clears the `active` flag if it set it
+/// (`LEAVE`), then sends the function on into its body, or, if a handler redirected
+/// it, where the handler said. Gives the frame's `rip` then (the trampoline reads
+/// the frame; a result that is not a constant keeps this a tail call).
+///
+/// x86_64: out of line, reached by a tail call, with the site found from the resume
+/// address the site's call pushed (just below the probed stack pointer, which no
+/// handler changes through the frame): the site is therefore not kept across the
+/// handlers.
+///
+/// # Safety
+/// `frame` is the frame of a site trampoline whose probed stack pointer is `SP` bytes
+/// above it, filled in, its `rip` the site's (or where a handler redirected it).
+#[cfg(target_arch = "x86_64")]
+#[inline(never)]
+unsafe fn resume<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs) -> usize {
+    if LEAVE {
+        crate::site::leave_site();
+    }
+    let sp = frame as usize + SP;
+    // SAFETY: the slot below the probed stack pointer, where the site's call pushed
+    // the resume address, is in the running thread's stack, `SP - 8` bytes above the
+    // frame (see above).
+    let site = unsafe { frame.wrapping_byte_add(SP - 8).cast::<usize>().read() } - SITE_LEN;
+    // SAFETY: the trampoline's frame, used by nothing else until this returns.
+    let regs = unsafe { &mut *frame };
+    let ip = regs.instruction_pointer();
+    if ip == site as u64 {
+        regs.set_instruction_pointer(ip + SITE_LEN as u64); // not redirected: into the function
+    } else {
+        // SAFETY: `sp` is the function's entry stack pointer (see above).
+        unsafe { redirected(regs, sp as u64) };
+    }
+    regs.instruction_pointer() as usize
+}
+
+/// [`dispatch`]'s end on aarch64, where the resume address is in the frame alone (the
+/// site's `bl` left it in x30): inline, keeping `site`.
+///
+/// # Safety
+/// `frame` is a site trampoline's frame, filled in.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn resume<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs, site: usize) -> usize {
+    if LEAVE {
+        crate::site::leave_site();
+    }
+    // SAFETY: the trampoline's frame, used by nothing else until this returns.
+    let regs = unsafe { &mut *frame };
     if regs.instruction_pointer() == site as u64 {
         regs.set_instruction_pointer((site + SITE_LEN) as u64); // not redirected: into the function
-    } else {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `sp` is the function's entry stack pointer, as the trampoline wrote
-        // it, before any handler could change the field.
-        unsafe {
-            redirected(regs, sp)
-        };
     }
-    0
+    regs.instruction_pointer() as usize
+}
+
+/// The site dispatchers of the site trampolines (see [`dispatch`]) and, x86_64, their
+/// tail-called ends, for the blacklist and the backtraces: each runs with the
+/// trampoline's frame at its caller's stack pointer.
+pub(crate) fn dispatchers() -> Vec<usize> {
+    let mut fns = vec![dispatch::<{ SITE_SP[0] }> as *const () as usize, dispatch::<{ SITE_SP[1] }> as *const () as usize];
+    #[cfg(target_arch = "x86_64")]
+    fns.extend([
+        resume::<{ SITE_SP[0] }, true> as *const () as usize,
+        resume::<{ SITE_SP[0] }, false> as *const () as usize,
+        resume::<{ SITE_SP[1] }, true> as *const () as usize,
+        resume::<{ SITE_SP[1] }, false> as *const () as usize,
+    ]);
+    fns
 }
 
 /// Called by the exit-entry trampoline from a site's exit path (see
