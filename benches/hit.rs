@@ -200,11 +200,13 @@ fn hit_site_return(x: u64) -> u64 {
 // registers (aarch64: and the return address, which the site moved to x9).
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
+    ".balign 16", // as the trampolines and functions: the floor's layout does not drift
     ".globl site_floor",
     "site_floor:",
     "call 4f",
     "lea rax, [rdi + 1]",
     "ret",
+    ".balign 16",
     "4:", // site_floor_stub: rsp % 16 == 0 here
     "push rax",
     "push rcx",
@@ -228,17 +230,20 @@ std::arch::global_asm!(
     "pop rcx",
     "pop rax",
     "ret",
+    ".balign 16",
     "5:", // the empty handler
     "ret",
 );
 #[cfg(target_arch = "aarch64")]
 std::arch::global_asm!(
+    ".balign 16", // as the trampolines and functions: the floor's layout does not drift
     ".globl site_floor",
     "site_floor:",
     "mov x9, x30",
     "bl 4f",
     "add x0, x0, #1",
     "ret",
+    ".balign 16",
     "4:", // site_floor_stub: x30 = the site's continuation, x9 = the return address
     "stp x0, x1, [sp, #-176]!",
     "stp x2, x3, [sp, #16]",
@@ -263,6 +268,7 @@ std::arch::global_asm!(
     "ldp x0, x1, [sp], #176",
     "mov x30, x9", // the return address back where the function expects it
     "br x16",
+    ".balign 16",
     "5:", // the empty handler
     "ret",
 );
@@ -270,6 +276,7 @@ std::arch::global_asm!(
 // the real return address in `HIJACK_SAVED` (one thread runs it).
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
+    ".balign 16",
     ".globl hijack_floor",
     "hijack_floor:",
     "mov rax, [rsp]",
@@ -284,6 +291,7 @@ std::arch::global_asm!(
 );
 #[cfg(target_arch = "aarch64")]
 std::arch::global_asm!(
+    ".balign 16",
     ".globl hijack_floor",
     "hijack_floor:",
     "adrp x16, {saved}",

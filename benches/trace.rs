@@ -68,6 +68,7 @@ static TRACE_FLOOR_TICKS: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
 // the reentrancy flag, the ring's frame stack and record.
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
+    ".balign 16",
     ".globl trace_floor",
     "trace_floor:",
     "call 4f",
@@ -158,6 +159,7 @@ std::arch::global_asm!(
 );
 #[cfg(target_arch = "aarch64")]
 std::arch::global_asm!(
+    ".balign 16",
     ".globl trace_floor",
     "trace_floor:",
     "stp x29, x30, [sp, #-16]!",
