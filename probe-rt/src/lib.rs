@@ -63,8 +63,9 @@
 //! argument registers at an entry, the return registers at a return, all of the state
 //! mid-function; none at the site and exit path of a `#[traceable]` function whose
 //! signature puts no argument or return value in them (integers, pointers and
-//! references only: the macro records it in the site's record). On x86_64, inside a function of legacy code only (no VEX, EVEX, x87,
-//! MMX or `xsave` instruction in it: code built for baseline x86_64), that is what
+//! references only: the macro records it in the site's record). On x86_64, inside a
+//! function of legacy code only (no VEX, EVEX, x87, MMX or `xsave` instruction in
+//! it: code built for baseline x86_64), that is what
 //! such code can hold: xmm0-15 whole and MXCSR; the rest (zmm16-31 and k0-7, which
 //! only AVX-512 code holds, and the x87 status) is caller-saved, dead there, and left
 //! as the handler left it, which spares such probes ~10 ns of AVX-512 state moves. At

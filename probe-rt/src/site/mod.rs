@@ -112,7 +112,8 @@ pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
 /// if the flag was set already (a site hit inside a handler: [`missed_site`], and the
 /// flag stays with the hit path that set it). Every record is read while the flag is
 /// set, which also tells a grace period that the thread is inside the hit path;
-/// [`leave_site`] clears it.
+/// [`leave_site`] clears it. The guard of every path that counts hits in the
+/// per-thread counters: sites, their light path (`fgraph`) and optimized probes.
 #[inline(always)]
 pub(crate) fn enter_site() -> Option<Option<usize>> {
     // The index first: its first-time path is a call, across which `active` would
@@ -147,11 +148,10 @@ pub(crate) fn leave_site() {
 }
 
 /// [`run_site`]'s handlers, between [`enter_site`] (which gave `shard`) and
-/// [`leave_site`].
-///
-/// The hit path of every site call, inlined into the dispatcher: the site's record
-/// through its hint (`registry::linked_at`), else a table lookup, no scan, and a short
-/// path for the common case.
+/// [`leave_site`]: the site's record through its hint (`registry::linked_at`), else a
+/// table lookup, no scan, and [`run_sole`] for the common case. The site dispatcher's
+/// own short path does without it (`patch::dispatch`); its long ones and the exit-path
+/// dispatcher take it.
 #[inline(always)]
 pub(crate) fn run_site_entered(site: usize, shard: Option<usize>, regs: &mut PtRegs) {
     if !linked_at(site).next().is_some_and(|e| run_sole(e, site, shard, regs)) {

@@ -447,13 +447,16 @@ unsafe fn dispatch_entered<const SP: usize>(frame: *mut PtRegs, site: usize, sha
 #[inline(always)]
 unsafe fn end<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs, site: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    let _ = site;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as the caller's.
-    return unsafe { resume::<SP, LEAVE>(frame) };
+    {
+        let _ = site; // found again from the frame
+                      // SAFETY: as the caller's.
+        unsafe { resume::<SP, LEAVE>(frame) }
+    }
     #[cfg(target_arch = "aarch64")]
     // SAFETY: as the caller's.
-    return unsafe { resume::<SP, LEAVE>(frame, site) };
+    unsafe {
+        resume::<SP, LEAVE>(frame, site)
+    }
 }
 
 /// [`dispatch`]'s end, once the handlers ran: clears the `active` flag if it set it
