@@ -12,12 +12,17 @@
 
 pub(crate) mod addrmap;
 pub(crate) mod handler;
+mod sole;
 
 use crate::{grace, Error, PtRegs};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 pub(crate) use handler::{Call, Handler, Owner};
+use sole::refresh_sole;
+pub(crate) use sole::sole;
+#[cfg(test)]
+use sole::{sole_entry, SOLE_LEN};
 
 /// The lock-free record of one probe, read by the hit paths. Every field is an atomic
 /// whose all-zero bits are its initial value: chunks of records are allocated zeroed.
@@ -378,7 +383,7 @@ impl Iterator for Chain {
 }
 
 /// The records linked at `addr` (armed or not), in registration order. Lock-free, for
-/// the hit paths: through the address's [`SOLE`] hint when it names its record, else
+/// the hit paths: through the address's [`sole()`] hint when it names its record, else
 /// the address table.
 #[inline(always)]
 pub(crate) fn linked_at(addr: usize) -> impl Iterator<Item = &'static Record> {
@@ -390,76 +395,6 @@ pub(crate) fn linked_at(addr: usize) -> impl Iterator<Item = &'static Record> {
 #[inline(always)]
 pub(crate) fn armed_at(addr: usize) -> impl Iterator<Item = &'static Record> {
     linked_at(addr).filter(move |e| e.addr.load(Ordering::Acquire) == addr)
-}
-
-/// Where the hit paths find an address's record first: a direct-mapped table from an
-/// address to the record linked there, written while it is the only one (most probed
-/// addresses have one probe). It saves the address table's dependent loads (its
-/// pointer, its size, its entry, the record's chunk): ~3 ns of a ~10 ns site hit here.
-///
-/// A hint only: two addresses may share an entry, and an entry is read without a lock
-/// while [`refresh_sole`] rewrites it, so a reader may pair one write's address with
-/// another's record. [`sole`] therefore takes the record only if its own `target` is
-/// the address, read after the record's pointer with Acquire (the pointer is stored
-/// with Release): a reused record shows its new address, not one from an earlier
-/// life (weak memory would otherwise allow that on aarch64, and a walk of another
-/// address's chain would skip this one's records). Such a record was, when its hint
-/// was written, the only one linked there; records are linked after the last, so it
-/// stays the first until it is unlinked, and while a reader is in the hit path it is
-/// not reused (a grace period waits for the reader): a walk from it is a walk of the
-/// address's chain, or, once it is unlinked (its own link stays), the chain as it was
-/// a moment before.
-static SOLE: [Sole; SOLE_LEN] = [const { Sole { addr: AtomicUsize::new(0), record: AtomicPtr::new(std::ptr::null_mut()) } }; SOLE_LEN];
-const SOLE_LEN: usize = 1024;
-
-struct Sole {
-    /// The address; 0 for none.
-    addr: AtomicUsize,
-    /// Its record.
-    record: AtomicPtr<Record>,
-}
-
-/// The entry of [`SOLE`] for `addr` (probed addresses are mostly function entries:
-/// 16-aligned, and neighbours).
-#[inline(always)]
-fn sole_entry(addr: usize) -> &'static Sole {
-    &SOLE[(addr >> 4) % SOLE_LEN]
-}
-
-/// The record [`SOLE`] names for `addr`, if it names one: the first of its chain.
-#[inline(always)]
-pub(crate) fn sole(addr: usize) -> Option<&'static Record> {
-    let h = sole_entry(addr);
-    if h.addr.load(Ordering::Acquire) != addr {
-        return None;
-    }
-    // Acquire: the record's `target` as written before its pointer was stored here (a
-    // pointer of a later write for another address may come with this address, and
-    // its record must then show that address, not one from an earlier life).
-    // SAFETY: the pointer is null or was stored from a `&'static Record` of a chunk,
-    // which is never freed.
-    let e = unsafe { h.record.load(Ordering::Acquire).as_ref() }?;
-    (e.target.load(Ordering::Relaxed) == addr).then_some(e)
-}
-
-/// Rewrites the [`SOLE`] hint of `addr` after its chain changed: the record linked
-/// there if it is the only one, else none. An entry another address holds stays
-/// its (an address loses its hint only when its chain changes): addresses that share
-/// an entry do not take it from each other at every registration. Under the registry
-/// lock.
-fn refresh_sole(addr: usize) {
-    let h = sole_entry(addr);
-    let held = h.addr.load(Ordering::Relaxed);
-    let mut chain = chain_from(ADDRS.head(addr));
-    match (chain.next(), chain.next()) {
-        (Some(e), None) if held == 0 || held == addr => {
-            h.addr.store(0, Ordering::Release);
-            h.record.store(e as *const Record as *mut Record, Ordering::Release);
-            h.addr.store(addr, Ordering::Release);
-        }
-        _ if held == addr => h.addr.store(0, Ordering::Release),
-        _ => {}
-    }
 }
 
 pub(crate) use addrmap::{ADDRS, REDIRECTS, TRAPS};
