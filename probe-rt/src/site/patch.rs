@@ -518,15 +518,17 @@ unsafe fn resume<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs, site: u
 /// tail-called ends, for the blacklist and the backtraces: each runs with the
 /// trampoline's frame at its caller's stack pointer.
 pub(crate) fn dispatchers() -> Vec<usize> {
-    let mut fns = vec![dispatch::<{ SITE_SP[0] }> as *const () as usize, dispatch::<{ SITE_SP[1] }> as *const () as usize];
+    let dispatchers = [dispatch::<{ SITE_SP[0] }> as *const () as usize, dispatch::<{ SITE_SP[1] }> as *const () as usize];
     #[cfg(target_arch = "x86_64")]
-    fns.extend([
+    let ends = [
         resume::<{ SITE_SP[0] }, true> as *const () as usize,
         resume::<{ SITE_SP[0] }, false> as *const () as usize,
         resume::<{ SITE_SP[1] }, true> as *const () as usize,
         resume::<{ SITE_SP[1] }, false> as *const () as usize,
-    ]);
-    fns
+    ];
+    #[cfg(target_arch = "aarch64")]
+    let ends: [usize; 0] = []; // inline there
+    dispatchers.into_iter().chain(ends).collect()
 }
 
 /// Called by the exit-entry trampoline from a site's exit path (see
