@@ -276,7 +276,7 @@ impl State {
             if top.sp > sp || top.sp == sp && crate::retprobe::watching(top.data) {
                 break;
             }
-            ring.pop(now, None);
+            ring.unwind_to(ring.depth() - 1, now);
         }
     }
 
@@ -309,8 +309,8 @@ impl State {
         if depth >= ring.depth() || ring.frame(depth).data != slot as *mut Slot as usize {
             return; // not this call's frame: cannot happen while the stack mirrors the instances
         }
-        while ring.depth() > depth + 1 {
-            ring.pop(now, None);
+        if ring.depth() > depth + 1 {
+            ring.unwind_to(depth + 1, now);
         }
         ring.pop(now, Some(if self.retval { regs.return_value() } else { 0 }));
     }
@@ -352,8 +352,8 @@ impl State {
             return;
         }
         let now = self.clock.ticks();
-        while ring.depth() > depth {
-            ring.pop(now, None);
+        if ring.depth() > depth {
+            ring.unwind_to(depth, now);
         }
         ring.pop(now, Some(if self.retval { value } else { 0 }));
     }

@@ -104,15 +104,17 @@ pub(super) struct Ring {
     nargs: usize,
     full: Full,
 
-    /// Calls in flight, oldest first, `FRAME + nargs` words each; only the owner
-    /// touches them.
+    /// Calls in flight, oldest first, `FRAME` words each (a fixed stride: the hit
+    /// path finds a frame with a shift); only the owner touches them.
     stack: Box<[AtomicU64]>,
+    /// Their arguments, `nargs` words per frame.
+    stack_args: Box<[AtomicU64]>,
     depth: AtomicUsize,
     max_depth: usize,
 }
 
-/// Words of a stack frame before its arguments: function id, stack pointer, the
-/// address of the call's per-call data, enter time.
+/// Words of a stack frame (its arguments are apart, in `stack_args`): function id,
+/// stack pointer, the address of the call's per-call data, enter time.
 const FRAME: usize = 4;
 
 /// What the hit path reads of a frame of the stack.
@@ -143,7 +145,8 @@ impl Ring {
             stride,
             nargs,
             full,
-            stack: zeroed(max_depth * (FRAME + nargs)),
+            stack: zeroed(max_depth * FRAME),
+            stack_args: zeroed(max_depth * nargs),
             depth: AtomicUsize::new(0),
             max_depth,
         }
@@ -211,36 +214,43 @@ impl Ring {
         self.depth.load(Ordering::Relaxed)
     }
 
-    /// The words of frame `i`: `FRAME` then the arguments. One bounds check for all.
+    /// The words of frame `i`.
     #[inline(always)]
-    fn words(&self, i: usize) -> (&[AtomicU64; FRAME], &[AtomicU64]) {
-        let stride = FRAME + self.nargs;
-        let w = &self.stack[i * stride..(i + 1) * stride];
-        let (head, args) = w.split_at(FRAME);
-        (head.try_into().expect("FRAME words"), args)
+    fn words(&self, i: usize) -> &[AtomicU64; FRAME] {
+        &self.stack.as_chunks::<FRAME>().0[i]
+    }
+
+    /// The arguments of frame `i`.
+    #[inline(always)]
+    fn saved_args(&self, i: usize) -> &[AtomicU64] {
+        &self.stack_args[i * self.nargs..(i + 1) * self.nargs]
     }
 
     /// Frame `i` of the stack (owner only).
+    #[inline(always)]
     pub(super) fn frame(&self, i: usize) -> Frame {
-        let (w, _) = self.words(i);
+        let w = self.words(i);
         Frame { sp: w[1].load(Ordering::Relaxed) as usize, data: w[2].load(Ordering::Relaxed) as usize }
     }
 
     /// Pushes a call entered at `enter` (owner only); its depth, or `None` (counted)
     /// if the stack is full.
+    #[inline(always)]
     pub(super) fn push(&self, func: u32, sp: usize, data: usize, enter: u64, args: impl Fn(usize) -> u64) -> Option<usize> {
         let d = self.depth();
         if d == self.max_depth {
             self.too_deep.store(self.too_deep.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             return None;
         }
-        let (w, saved) = self.words(d);
+        let w = self.words(d);
         w[0].store(func as u64, Ordering::Relaxed);
         w[1].store(sp as u64, Ordering::Relaxed);
         w[2].store(data as u64, Ordering::Relaxed);
         w[3].store(enter, Ordering::Relaxed);
-        for (a, word) in saved.iter().enumerate() {
-            word.store(args(a), Ordering::Relaxed);
+        if self.nargs > 0 {
+            for (a, word) in self.saved_args(d).iter().enumerate() {
+                word.store(args(a), Ordering::Relaxed);
+            }
         }
         self.depth.store(d + 1, Ordering::Relaxed);
         Some(d)
@@ -248,16 +258,27 @@ impl Ring {
 
     /// Pops the top frame (owner only) and records its call as ended at `exit`:
     /// returned with `ret`, or abandoned (`None`: a panic or `longjmp` left it).
+    #[inline(always)]
     pub(super) fn pop(&self, exit: u64, ret: Option<u64>) {
         let d = self.depth() - 1;
         self.depth.store(d, Ordering::Relaxed);
-        let (w, saved) = self.words(d);
+        let w = self.words(d);
         let flags = match ret {
             Some(_) => HAS_RET,
             None => UNWOUND,
         };
         let load = |w: &AtomicU64| w.load(Ordering::Relaxed);
-        self.emit(load(&w[0]) as u32, d as u32, flags, load(&w[3]), exit, saved.iter().map(load), ret.unwrap_or(0));
+        self.emit(load(&w[0]) as u32, d as u32, flags, load(&w[3]), exit, || self.saved_args(d).iter().map(load), ret.unwrap_or(0));
+    }
+
+    /// Pops the frames above `depth` as abandoned at `exit` (owner only): out of the
+    /// hit path's line, which rarely needs it (after a panic or `longjmp`).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn unwind_to(&self, depth: usize, exit: u64) {
+        while self.depth() > depth {
+            self.pop(exit, None);
+        }
     }
 
     /// Appends a record (owner only): a claim announced before the words are
@@ -265,7 +286,7 @@ impl Ring {
     /// words, then the head published.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn emit(&self, func: u32, depth: u32, flags: u64, enter: u64, exit: u64, args: impl Iterator<Item = u64>, ret: u64) {
+    fn emit<A: Iterator<Item = u64>>(&self, func: u32, depth: u32, flags: u64, enter: u64, exit: u64, args: impl FnOnce() -> A, ret: u64) {
         let h = self.head.load(Ordering::Relaxed);
         if self.full == Full::Drop && h - self.tail.load(Ordering::Acquire) > self.mask {
             self.dropped.store(self.dropped.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
@@ -282,8 +303,10 @@ impl Ring {
         r[1].store(enter, Ordering::Relaxed);
         r[2].store(exit, Ordering::Relaxed);
         let (saved, retval) = rest.split_at(self.nargs);
-        for (word, a) in saved.iter().zip(args) {
-            word.store(a, Ordering::Relaxed);
+        if self.nargs > 0 {
+            for (word, a) in saved.iter().zip(args()) {
+                word.store(a, Ordering::Relaxed);
+            }
         }
         if let Some(word) = retval.first() {
             word.store(ret, Ordering::Relaxed);
