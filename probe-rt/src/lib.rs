@@ -149,6 +149,13 @@ mod sys;
 pub mod trace;
 mod unwind;
 
+#[cfg(not(feature = "trace"))]
+use site::fgraph::NoHooks as LightHooks;
+/// The client of the light records' hooks (`site::fgraph::Hooks`), bound here where
+/// both are known: the function-graph tracer, or none without the `trace` feature.
+#[cfg(feature = "trace")]
+use trace::Light as LightHooks;
+
 pub use arch::{cpu_support, CpuSupport};
 pub use backtrace::{backtrace, stack_trace};
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};

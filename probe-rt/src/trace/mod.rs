@@ -152,7 +152,7 @@ struct State {
     rings: Box<[Ring]>,
     /// Calls on threads that found no free ring.
     no_ring: AtomicU64,
-    /// Light records' calls not traced (see `fgraph::Client::missed`).
+    /// Light records' calls not traced (see `fgraph::Hooks::missed`).
     missed: AtomicU64,
     /// Calls of exited threads given up when their ring was taken over: records not
     /// read, and calls dropped or too deep.
@@ -315,7 +315,7 @@ impl State {
         ring.pop(now, Some(if self.retval { regs.return_value() } else { 0 }));
     }
 
-    /// The light path's entry (through [`light_enter`]): as [`Self::enter`], with the
+    /// The light path's entry (through `Light::enter`): as [`Self::enter`], with the
     /// site as the frame's data (no instance: its return is found by site and stack
     /// pointer; a code address is never a return probe's per-call data, which is on
     /// the heap).
@@ -335,7 +335,7 @@ impl State {
         let _ = ring.push(id, sp, site, now, |a| args.get(a));
     }
 
-    /// The light path's return (through [`light_exit`]): records the call of `site`
+    /// The light path's return (through `Light::exit`): records the call of `site`
     /// entered at `sp` if its frame is on this thread's stack, after ending the calls
     /// above it (a panic or `longjmp` left them: every call below `sp` has returned or
     /// is gone when this one returns). Nothing if the entry was not recorded (stopped,
@@ -371,9 +371,6 @@ struct Member {
     id: u32,
 }
 
-/// The tracer as the light records' client.
-static CLIENT: fgraph::Client = fgraph::Client { enter: light_enter, exit: light_exit, missed: light_missed };
-
 /// A light record's member (its context).
 ///
 /// # Safety
@@ -385,29 +382,34 @@ unsafe fn member<'a>(ctx: usize) -> &'a Member {
     unsafe { &*(ctx as *const Member) }
 }
 
-/// The client's entry hook.
-fn light_enter(ctx: usize, site: usize, sp: usize, args: &fgraph::Args) {
-    // SAFETY: `fgraph` passes a light record's context, from inside the hit path.
-    let m = unsafe { member(ctx) };
-    m.state.enter_light(m.id, site, sp, args);
-}
+/// The tracer as the light records' client (bound as `crate::LightHooks`).
+pub(crate) enum Light {}
 
-/// The client's missed entry (counted in [`Tracer::nmissed`]).
-fn light_missed(ctx: usize) {
-    // SAFETY: as in `light_enter`.
-    let m = unsafe { member(ctx) };
-    m.state.missed.fetch_add(1, Ordering::Relaxed);
-}
+impl fgraph::Hooks for Light {
+    #[inline(always)]
+    fn enter(ctx: usize, site: usize, sp: usize, args: &fgraph::Args) {
+        // SAFETY: `fgraph` passes a light record's context, from inside the hit path.
+        let m = unsafe { member(ctx) };
+        m.state.enter_light(m.id, site, sp, args);
+    }
 
-/// The client's return hook: every return through a site's exit path while a tracer
-/// holds the light path.
-fn light_exit(site: usize, sp: usize, value: u64) {
-    let state = LIGHT.load(Ordering::Acquire);
-    // SAFETY: a non-null LIGHT is the `State` its tracer's `LightGuard` holds; the
-    // guard clears LIGHT and then buries its `Arc`, which a grace period (waiting out
-    // this hit path, which loaded LIGHT before) drops.
-    if let Some(state) = unsafe { state.as_ref() } {
-        state.exit_light(site, sp, value);
+    /// Counted in [`Tracer::nmissed`].
+    fn missed(ctx: usize) {
+        // SAFETY: as in `enter`.
+        let m = unsafe { member(ctx) };
+        m.state.missed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every return through a site's exit path while a tracer holds the light path.
+    #[inline(always)]
+    fn exit(site: usize, sp: usize, value: u64) {
+        let state = LIGHT.load(Ordering::Acquire);
+        // SAFETY: a non-null LIGHT is the `State` its tracer's `LightGuard` holds; the
+        // guard clears LIGHT and then buries its `Arc`, which a grace period (waiting
+        // out this hit path, which loaded LIGHT before) drops.
+        if let Some(state) = unsafe { state.as_ref() } {
+            state.exit_light(site, sp, value);
+        }
     }
 }
 
@@ -418,7 +420,6 @@ struct LightGuard(Option<Arc<State>>);
 impl LightGuard {
     /// Takes [`LIGHT`] for `state` if no other tracer holds it.
     fn take(state: &Arc<State>) -> Option<LightGuard> {
-        fgraph::set_client(&CLIENT);
         let p = Arc::as_ptr(state) as *mut State;
         LIGHT.compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| LightGuard(Some(state.clone())))
     }
