@@ -3,7 +3,7 @@
 //! bad declarations get their typed error.
 
 use probe_rt::jit::{self, JitError};
-use probe_rt::{Error, NotOptimized, Optimize, Probe};
+use probe_rt::{Error, Optimize, Probe};
 
 /// `mov eax, 42; ret` / `movz w0, #42; ret`: a C-ABI `fn() -> u32`, and the offset of its `ret`.
 #[cfg(target_arch = "x86_64")]
@@ -77,7 +77,7 @@ fn a_declared_function_is_probed_by_name_and_address_and_optimized() {
     {
         // The ret cannot be displaced: the window would run past the declared end.
         let err = Probe::builder().symbol("probekit_jit_answer").offset(ret_at).optimize(Optimize::Required).pre(|_| {}).register().err();
-        assert!(matches!(err, Some(Error::NotOptimized { reason: NotOptimized::UnrelocatableInstruction { .. }, .. })), "{err:?}");
+        assert!(matches!(err, Some(Error::NotOptimized { reason: probe_rt::NotOptimized::UnrelocatableInstruction { .. }, .. })), "{err:?}");
     }
 
     // Taken back: as before the declaration.

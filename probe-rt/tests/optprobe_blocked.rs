@@ -6,7 +6,7 @@
 //!
 //! One test in a binary of its own: the blocking thread stops every grace period.
 
-use probe_rt::{Error, NotOptimized, Optimize, Probe, PtRegs};
+use probe_rt::{Optimize, Probe, PtRegs};
 use std::hint::black_box;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -58,6 +58,7 @@ fn a_thread_that_blocks_sampling_keeps_multi_instruction_windows_breakpoints_unt
     let p = Probe::builder().function(f).pre(|_: &PtRegs| {}).register().expect("a breakpoint probe at least");
     #[cfg(target_arch = "x86_64")]
     {
+        use probe_rt::{Error, NotOptimized};
         assert!(matches!(required, Err(Error::NotOptimized { reason: NotOptimized::ThreadsInWindow, .. })), "{required:?}");
         assert_eq!(p.why_not_optimized(), Some(NotOptimized::ThreadsInWindow));
         assert!(start.elapsed() < Duration::from_secs(5), "a failed grace period is not retried at once: {:?}", start.elapsed());

@@ -48,7 +48,7 @@ pub struct Routine<'a> {
 /// probe-rt's build script all call [`RustItems`], so a frame gets the same items
 /// whichever made them:
 ///
-/// - an offset constant per name of [`names`](super::names) (`S_PSTATE`, `S_REGS`,
+/// - an offset constant per name of [`names`] (`S_PSTATE`, `S_REGS`,
 ///   `S_X0` … `S_X30`, `S_FP`, `S_LR`), `S_FRAME_SIZE`, and per routine
 ///   `S_ALLOC_<SHAPE>` and `S_FPSIMD_<SHAPE>`;
 /// - the routine itself as a constant, `<SHAPE>: unsafe extern "C" fn()`

@@ -459,7 +459,7 @@ pub(crate) fn on_exit_path(regs: &mut PtRegs, run: impl FnOnce(&mut PtRegs)) {
 /// At an entry through a site's exit path at stack pointer `sp`, with return address
 /// `ret`: gives back this thread's instances that the entry shows stale (see
 /// [`on_exit_path`], which does this first; the light path, `site::fgraph`, does it
-/// alone: its client then asks [`watching`] about frames this has decided).
+/// alone: its client then asks `watching` about frames this has decided).
 pub(crate) fn entering_exit_path(sp: usize, ret: usize) {
     if HEAD.get() != 0 {
         drop_stale(|i| {
