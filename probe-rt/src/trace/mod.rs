@@ -2,7 +2,7 @@
 //! recorder, in a process (cargo feature `trace`).
 //!
 //! A [`Tracer`] attaches an entry and a return handler to every function a glob or a
-//! list chooses (through a [`MultiProbe`]) and records, per thread, one record per
+//! list chooses (through a [`MultiProbe`](crate::multi::MultiProbe)) and records, per thread, one record per
 //! call: the function, its depth, the enter and exit times, and optionally the first
 //! arguments and the return value. Records go to per-thread rings allocated when the
 //! tracer is registered: the hit path takes no lock and allocates nothing. A full ring
@@ -70,25 +70,29 @@
 //! probe's `maxactive` ([`TracerBuilder::maxactive`]); calls beyond it are not traced
 //! (counted in [`Snapshot::missed`]).
 
+mod builder;
 mod chrome;
 mod clock;
 mod flame;
+mod light;
 mod ring;
 mod snapshot;
 
+pub use builder::TracerBuilder;
 pub use chrome::EventStyle;
 pub use flame::Weight;
 pub use ring::{Full, MAX_ARGS};
 pub use snapshot::{Call, Function, Snapshot, ThreadTrace};
 
-use crate::multi::{Attached, MultiProbe, MultiProbeBuilder, MultiProbeHandle, Skipped};
-use crate::site::fgraph;
-use crate::{Error, FnAddr, Probe, PtRegs};
+use crate::multi::{Attached, MultiProbeHandle, Skipped};
+use crate::{Error, PtRegs};
 pub use clock::now_ns;
 use clock::Clock;
+pub(crate) use light::Light;
+use light::LightGuard;
 use ring::Ring;
 use std::cell::Cell;
-use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The per-call data of the tracer's return probes: where the call's frame is on its
@@ -314,124 +318,6 @@ impl State {
         }
         ring.pop(now, Some(if self.retval { regs.return_value() } else { 0 }));
     }
-
-    /// The light path's entry (through `Light::enter`): as [`Self::enter`], with the
-    /// site as the frame's data (no instance: its return is found by site and stack
-    /// pointer; a code address is never a return probe's per-call data, which is on
-    /// the heap).
-    #[inline(always)]
-    fn enter_light(&self, id: u32, site: usize, sp: usize, args: &fgraph::Args) {
-        if !self.running.load(Ordering::Relaxed) {
-            // Stopped: the calls this entry shows gone still end (the return of this
-            // call, found by stack pointer, must not take a gone call's frame for its).
-            if let Some(ring) = self.own_ring().filter(|r| r.depth() > 0 && r.frame(r.depth() - 1).sp <= sp) {
-                Self::end_gone(ring, sp, self.clock.ticks());
-            }
-            return;
-        }
-        let Some(ring) = self.ring() else { return };
-        let now = self.clock.ticks();
-        Self::end_gone(ring, sp, now);
-        let _ = ring.push(id, sp, site, now, |a| args.get(a));
-    }
-
-    /// The light path's return (through `Light::exit`): records the call of `site`
-    /// entered at `sp` if its frame is on this thread's stack, after ending the calls
-    /// above it (a panic or `longjmp` left them: every call below `sp` has returned or
-    /// is gone when this one returns). Nothing if the entry was not recorded (stopped,
-    /// no ring, too deep), or the return is another function's (every return through
-    /// a full exit path comes here).
-    #[inline(always)]
-    fn exit_light(&self, site: usize, sp: usize, value: u64) {
-        let Some(ring) = self.own_ring() else { return };
-        let mut depth = ring.depth();
-        while depth > 0 && ring.frame(depth - 1).sp < sp {
-            depth -= 1;
-        }
-        if depth == 0 || !matches!(ring.frame(depth - 1), top if top.sp == sp && top.data == site) {
-            return;
-        }
-        let now = self.clock.ticks();
-        if ring.depth() > depth {
-            ring.unwind_to(depth, now);
-        }
-        ring.pop(now, Some(if self.retval { value } else { 0 }));
-    }
-}
-
-/// The tracer whose calls of sites with an exit path take the light path
-/// ([`fgraph`]), or null: one tracer at a time (another registered meanwhile attaches
-/// with return probes everywhere). Set at its registration, cleared before its
-/// records are retired (see [`LightGuard`]).
-static LIGHT: AtomicPtr<State> = AtomicPtr::new(std::ptr::null_mut());
-
-/// A light record's context: its tracer and function.
-struct Member {
-    state: Arc<State>,
-    id: u32,
-}
-
-/// A light record's member (its context).
-///
-/// # Safety
-/// `ctx` is `Arc::as_ptr` of the record's `Arc<Member>`, which its handler owns: alive
-/// while the record can be hit, and after its retirement until a grace period has
-/// waited out the hit path the caller is in (see `registry::handler`).
-unsafe fn member<'a>(ctx: usize) -> &'a Member {
-    // SAFETY: the caller's guarantee.
-    unsafe { &*(ctx as *const Member) }
-}
-
-/// The tracer as the light records' client (bound as `crate::LightHooks`).
-pub(crate) enum Light {}
-
-impl fgraph::Hooks for Light {
-    #[inline(always)]
-    fn enter(ctx: usize, site: usize, sp: usize, args: &fgraph::Args) {
-        // SAFETY: `fgraph` passes a light record's context, from inside the hit path.
-        let m = unsafe { member(ctx) };
-        m.state.enter_light(m.id, site, sp, args);
-    }
-
-    /// Counted in [`Tracer::nmissed`].
-    fn missed(ctx: usize) {
-        // SAFETY: as in `enter`.
-        let m = unsafe { member(ctx) };
-        m.state.missed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Every return through a site's exit path while a tracer holds the light path.
-    #[inline(always)]
-    fn exit(site: usize, sp: usize, value: u64) {
-        let state = LIGHT.load(Ordering::Acquire);
-        // SAFETY: a non-null LIGHT is the `State` its tracer's `LightGuard` holds; the
-        // guard clears LIGHT and then buries its `Arc`, which a grace period (waiting
-        // out this hit path, which loaded LIGHT before) drops.
-        if let Some(state) = unsafe { state.as_ref() } {
-            state.exit_light(site, sp, value);
-        }
-    }
-}
-
-/// Holds [`LIGHT`] for a tracer and its `State`; when dropped, clears LIGHT and leaves
-/// the `State` to the registry until a grace period (a thread may have loaded LIGHT).
-struct LightGuard(Option<Arc<State>>);
-
-impl LightGuard {
-    /// Takes [`LIGHT`] for `state` if no other tracer holds it.
-    fn take(state: &Arc<State>) -> Option<LightGuard> {
-        let p = Arc::as_ptr(state) as *mut State;
-        LIGHT.compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Relaxed).ok().map(|_| LightGuard(Some(state.clone())))
-    }
-}
-
-impl Drop for LightGuard {
-    fn drop(&mut self) {
-        if let Some(state) = self.0.take() {
-            let _ = LIGHT.compare_exchange(Arc::as_ptr(&state) as *mut State, std::ptr::null_mut(), Ordering::AcqRel, Ordering::Relaxed);
-            crate::registry::lock().bury([state as crate::registry::Owner]);
-        }
-    }
 }
 
 /// The function-graph tracer. See the [module docs](self).
@@ -456,16 +342,7 @@ impl std::fmt::Debug for Tracer {
 impl Tracer {
     /// Starts describing a tracer.
     pub fn builder() -> TracerBuilder {
-        TracerBuilder {
-            probe: MultiProbe::with_data::<Slot>(),
-            nargs: 0,
-            retval: false,
-            capacity: 1 << 14,
-            threads: 64,
-            max_depth: 256,
-            maxactive: 256,
-            full: Full::Overwrite,
-        }
+        TracerBuilder::new()
     }
 
     /// Starts recording (again). Calls that began while stopped are not recorded.
@@ -603,168 +480,5 @@ impl Tracer {
         let Tracer { light, probe, .. } = self;
         drop(light);
         probe.unregister()
-    }
-}
-
-/// Describes a [`Tracer`]: which functions, what to record, how much.
-pub struct TracerBuilder {
-    probe: MultiProbeBuilder<Slot>,
-    nargs: usize,
-    retval: bool,
-    capacity: usize,
-    threads: usize,
-    max_depth: usize,
-    maxactive: usize,
-    full: Full,
-}
-
-impl std::fmt::Debug for TracerBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TracerBuilder")
-            .field("args", &self.nargs)
-            .field("retval", &self.retval)
-            .field("capacity", &self.capacity)
-            .field("threads", &self.threads)
-            .field("max_depth", &self.max_depth)
-            .field("maxactive", &self.maxactive)
-            .field("full", &self.full)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TracerBuilder {
-    /// Trace every function whose name matches the glob (see [`MultiProbeBuilder::pattern`]).
-    pub fn pattern(mut self, glob: &str) -> Self {
-        self.probe = self.probe.pattern(glob);
-        self
-    }
-
-    /// Leave out the functions whose name matches the glob.
-    pub fn exclude(mut self, glob: &str) -> Self {
-        self.probe = self.probe.exclude(glob);
-        self
-    }
-
-    /// Only functions of objects whose path contains `part` (see [`MultiProbeBuilder::object`]).
-    pub fn object(mut self, part: &str) -> Self {
-        self.probe = self.probe.object(part);
-        self
-    }
-
-    /// Trace functions by name.
-    pub fn names<S: AsRef<str>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
-        self.probe = self.probe.names(names);
-        self
-    }
-
-    /// Trace a function given by pointer.
-    pub fn function(mut self, f: impl FnAddr) -> Self {
-        self.probe = self.probe.function(f);
-        self
-    }
-
-    /// Record the first `n` integer arguments of each call (at most [`MAX_ARGS`]).
-    pub fn args(mut self, n: usize) -> Self {
-        self.nargs = n.min(MAX_ARGS);
-        self
-    }
-
-    /// Record each call's integer return value (`rax`/`x0`).
-    pub fn retval(mut self) -> Self {
-        self.retval = true;
-        self
-    }
-
-    /// Records each thread's ring holds (rounded up to a power of two; default 16,384).
-    pub fn capacity(mut self, records: usize) -> Self {
-        self.capacity = records.max(1).next_power_of_two();
-        self
-    }
-
-    /// How many threads can be traced at once (one ring each; default 64). When every
-    /// ring has an owner, a new thread takes over the ring of one that exited, whose
-    /// unread records are given up (counted, with its calls dropped or too deep, in
-    /// [`Snapshot::exited_lost`]).
-    pub fn threads(mut self, n: usize) -> Self {
-        self.threads = n.max(1);
-        self
-    }
-
-    /// How deep a thread's traced calls may nest (default 256); deeper calls are not
-    /// traced and are counted in [`ThreadTrace::too_deep`].
-    pub fn max_depth(mut self, n: usize) -> Self {
-        self.max_depth = n.clamp(1, 1 << 24);
-        self
-    }
-
-    /// How many calls of each function can be in flight at once, over all threads
-    /// (its return probe's `maxactive`; default 256). Calls on the light path (see
-    /// the [module docs](self)) have no such limit.
-    pub fn maxactive(mut self, n: usize) -> Self {
-        self.maxactive = n.max(1);
-        self
-    }
-
-    /// What a full ring does (default [`Full::Overwrite`]).
-    pub fn when_full(mut self, full: Full) -> Self {
-        self.full = full;
-        self
-    }
-
-    /// Allocates the rings and attaches to every chosen function (as one batch);
-    /// recording starts with [`Tracer::start`]. Errors as
-    /// [`MultiProbeBuilder::register`].
-    pub fn register(self) -> Result<Tracer, Error> {
-        static AT_FORK: std::sync::Once = std::sync::Once::new();
-        // SAFETY: registering a fork handler that only resets this thread's cells (the
-        // child is single-threaded when it runs).
-        AT_FORK.call_once(|| unsafe {
-            libc::pthread_atfork(None, None, Some(after_fork_in_child as unsafe extern "C" fn()));
-        });
-        let rings = (0..self.threads).map(|_| Ring::new(self.capacity, self.max_depth, self.nargs, self.retval, self.full)).collect();
-        let state = Arc::new(State {
-            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
-            clock: Clock::new(),
-            running: AtomicBool::new(false),
-            retval: self.retval,
-            nargs: self.nargs,
-            rings,
-            no_ring: AtomicU64::new(0),
-            missed: AtomicU64::new(0),
-            exited_lost: AtomicU64::new(0),
-        });
-        let (on_entry, on_exit) = (state.clone(), state.clone());
-        // Sites with an exit path take light records if this tracer holds the light path.
-        let light = LightGuard::take(&state);
-        let member_state = light.as_ref().map(|_| state.clone());
-        let probe = self
-            .probe
-            .member(move |f| {
-                let state = member_state.as_ref()?;
-                // Only where the exit path will run: a light record has no other way to
-                // see its calls return.
-                let site = crate::site::table::site_of(f.addr)?;
-                if !crate::site::patch::exit_path_usable(site.site) {
-                    return None;
-                }
-                let member = Arc::new(Member { state: state.clone(), id: f.id });
-                Some(Probe::builder().function_start(f.addr).internal_pre_owned(fgraph::HOOK, member))
-            })
-            .maxactive(self.maxactive)
-            .entry(move |regs, f, slot| on_entry.enter(regs, f, slot))
-            .exit(move |regs, _f, slot| on_exit.exit(regs, slot))
-            .register()?;
-        // Indexed by id; a function that matched but could not be attached keeps its
-        // id (see `MultiProbeHandle::functions`) with address 0.
-        let mut functions = Vec::new();
-        for a in probe.functions() {
-            let id = a.id as usize;
-            if functions.len() <= id {
-                functions.resize_with(id + 1, || Function { name: "[not attached]".to_string(), addr: 0 });
-            }
-            functions[id] = Function { name: a.name.clone(), addr: a.addr };
-        }
-        let functions: Arc<[Function]> = functions.into();
-        Ok(Tracer { light, probe, state, functions, reader: Mutex::new(()), t0: AtomicU64::new(0) })
     }
 }
