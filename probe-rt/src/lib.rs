@@ -149,10 +149,12 @@ mod sys;
 pub mod trace;
 mod unwind;
 
+/// The client of the light records' hooks (`site::fgraph::Hooks`) without the `trace`
+/// feature: none.
 #[cfg(not(feature = "trace"))]
 use site::fgraph::NoHooks as LightHooks;
 /// The client of the light records' hooks (`site::fgraph::Hooks`), bound here where
-/// both are known: the function-graph tracer, or none without the `trace` feature.
+/// both are known: the function-graph tracer.
 #[cfg(feature = "trace")]
 use trace::Light as LightHooks;
 

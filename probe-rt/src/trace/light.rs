@@ -33,8 +33,9 @@ impl State {
     /// above it (a panic or `longjmp` left them: every call below `sp` has returned or
     /// is gone when this one returns). Nothing if the entry was not recorded (stopped,
     /// no ring, too deep), or the return is another function's (every return through
-    /// a full exit path comes here).
-    #[inline(always)]
+    /// a full exit path comes here). Out of line: the exit dispatchers keep only the
+    /// test of `LIGHT` inline, which is all a return costs where no tracer runs.
+    #[inline(never)]
     fn exit_light(&self, site: usize, sp: usize, value: u64) {
         let Some(ring) = self.own_ring() else { return };
         let mut depth = ring.depth();
@@ -80,27 +81,30 @@ pub(crate) enum Light {}
 
 impl fgraph::Hooks for Light {
     #[inline(always)]
-    fn enter(ctx: usize, site: usize, sp: usize, args: &fgraph::Args) {
-        // SAFETY: `fgraph` passes a light record's context, from inside the hit path.
+    unsafe fn enter(ctx: usize, site: usize, sp: usize, args: &fgraph::Args) {
+        // SAFETY: the caller passes a light record's context from inside the hit path:
+        // the `Arc<Member>` its handler owns, which `member` asks for.
         let m = unsafe { member(ctx) };
         m.state.enter_light(m.id, site, sp, args);
     }
 
     /// Counted in [`Tracer::nmissed`](super::Tracer::nmissed).
-    fn missed(ctx: usize) {
+    unsafe fn missed(ctx: usize) {
         // SAFETY: as in `enter`.
         let m = unsafe { member(ctx) };
         m.state.missed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Every return through a site's exit path while a tracer holds the light path.
+    /// Every return through a site's exit path: nothing unless a tracer holds the
+    /// light path (the exit path's call is decoded only then).
     #[inline(always)]
-    fn exit(site: usize, sp: usize, value: u64) {
+    fn exit(site: impl FnOnce() -> Option<usize>, sp: usize, value: u64) {
         let state = LIGHT.load(Ordering::Acquire);
         // SAFETY: a non-null LIGHT is the `State` its tracer's `LightGuard` holds; the
         // guard clears LIGHT and then buries its `Arc`, which a grace period (waiting
         // out this hit path, which loaded LIGHT before) drops.
-        if let Some(state) = unsafe { state.as_ref() } {
+        let Some(state) = (unsafe { state.as_ref() }) else { return };
+        if let Some(site) = site() {
             state.exit_light(site, sp, value);
         }
     }

@@ -275,12 +275,16 @@ impl State {
     /// instance's): their exit paths called the body below them.
     #[inline(always)]
     fn end_gone(ring: &Ring, sp: usize, now: u64) {
-        while ring.depth() > 0 {
-            let top = ring.frame(ring.depth() - 1);
+        let mut depth = ring.depth();
+        while depth > 0 {
+            let top = ring.frame(depth - 1);
             if top.sp > sp || top.sp == sp && crate::retprobe::watching(top.data) {
                 break;
             }
-            ring.unwind_to(ring.depth() - 1, now);
+            depth -= 1;
+        }
+        if ring.depth() > depth {
+            ring.unwind_to(depth, now);
         }
     }
 
