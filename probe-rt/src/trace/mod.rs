@@ -190,10 +190,13 @@ impl State {
     fn cached_ring(&self) -> Option<&Ring> {
         let (generation, ring) = CACHE.get();
         // SAFETY: only `cache_ring` writes CACHE with a generation other than 0, and
-        // with a ring of `rings` of the `State` of that generation; generations are
-        // never reused (NEXT_GENERATION only grows), so a match means that ring is one
-        // of `self.rings`: alive while `self` is borrowed, and never moved (a boxed
-        // slice, never replaced).
+        // with a ring of `rings` of the `State` of that generation; no `State` has
+        // generation 0 (NEXT_GENERATION starts at 1) and none is reused (it only
+        // grows), so a match means that ring is one of `self.rings`: alive while
+        // `self` is borrowed, and never moved (a boxed slice, never replaced). The
+        // pair is not written in one store, but no reader sees half of it: every
+        // reader and writer runs in a hit path with this thread's `active` flag set,
+        // and a hit nested in one (a signal handler's) is missed, not traced.
         (generation == self.generation).then(|| unsafe { &*ring })
     }
 
