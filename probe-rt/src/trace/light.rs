@@ -46,9 +46,7 @@ impl State {
             return;
         }
         let now = self.clock.ticks();
-        if ring.depth() > depth {
-            ring.unwind_to(depth, now);
-        }
+        ring.unwind_to(depth, now);
         ring.pop(now, Some(if self.retval { value } else { 0 }));
     }
 }

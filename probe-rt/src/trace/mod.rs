@@ -298,9 +298,7 @@ impl State {
             }
             depth -= 1;
         }
-        if ring.depth() > depth {
-            ring.unwind_to(depth, now);
-        }
+        ring.unwind_to(depth, now);
     }
 
     /// The entry handler: records that a call began (if tracing), after ending the
@@ -332,9 +330,7 @@ impl State {
         if depth >= ring.depth() || ring.frame(depth).data != slot as *mut Slot as usize {
             return; // not this call's frame: cannot happen while the stack mirrors the instances
         }
-        if ring.depth() > depth + 1 {
-            ring.unwind_to(depth + 1, now);
-        }
+        ring.unwind_to(depth + 1, now);
         ring.pop(now, Some(if self.retval { regs.return_value() } else { 0 }));
     }
 }

@@ -271,11 +271,20 @@ impl Ring {
         self.emit(load(&w[0]) as u32, d as u32, flags, load(&w[3]), exit, || self.saved_args(d).iter().map(load), ret.unwrap_or(0));
     }
 
-    /// Pops the frames above `depth` as abandoned at `exit` (owner only): out of the
-    /// hit path's line, which rarely needs it (after a panic or `longjmp`).
+    /// Pops the frames above `depth` as abandoned at `exit` (owner only), if there are
+    /// any: the test inline, the pops out of the hit path's line, which rarely needs
+    /// them (after a panic or `longjmp`).
+    #[inline(always)]
+    pub(super) fn unwind_to(&self, depth: usize, exit: u64) {
+        if self.depth() > depth {
+            self.pop_gone(depth, exit);
+        }
+    }
+
+    /// [`Ring::unwind_to`]'s pops.
     #[cold]
     #[inline(never)]
-    pub(super) fn unwind_to(&self, depth: usize, exit: u64) {
+    fn pop_gone(&self, depth: usize, exit: u64) {
         while self.depth() > depth {
             self.pop(exit, None);
         }
