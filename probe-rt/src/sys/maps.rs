@@ -128,7 +128,11 @@ pub(crate) fn lines(fresh: bool) -> Arc<Vec<Line>> {
             return lines.clone();
         }
     }
-    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    // A failed read (no file descriptor left, say) gives no mapping, and is not kept:
+    // the next question reads again.
+    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else {
+        return Arc::default();
+    };
     let lines: Arc<Vec<Line>> = Arc::new(text.lines().filter_map(parse_line).collect());
     *maps = (generation, Some(lines.clone()));
     lines
