@@ -200,13 +200,13 @@ fn hit_site_return(x: u64) -> u64 {
 // registers (aarch64: and the return address, which the site moved to x9).
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
-    ".balign 16", // as the trampolines and functions: the floor's layout does not drift
+    ".balign 64", // as the trampolines and functions: the floor's layout does not drift
     ".globl site_floor",
     "site_floor:",
     "call 4f",
     "lea rax, [rdi + 1]",
     "ret",
-    ".balign 16",
+    ".balign 64",
     "4:", // site_floor_stub: rsp % 16 == 0 here
     "push rax",
     "push rcx",
