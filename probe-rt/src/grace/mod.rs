@@ -113,6 +113,22 @@ thread_local! {
     static THREAD: Thread = const { Thread { depth: Cell::new(0), index: Cell::new(0), tid: Cell::new(0), active: Cell::new(false), trap: Cell::new(0) } };
 }
 
+/// A recorded thread's place among the per-thread hit counters (see
+/// `registry::HIT_SHARDS`): its thread-table entry's index + 1 as [`Thread`] keeps it,
+/// `u32::MAX` if it found no entry. Kept raw, so that a hit path tests it with one
+/// unsigned comparison ([`Shard::counter`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shard(u32);
+
+impl Shard {
+    /// The thread's counter: its entry's index, or `u32::MAX - 1` (past every
+    /// counter) if it has none. Counters exist for the first `HIT_SHARDS` only.
+    #[inline(always)]
+    pub(crate) fn counter(self) -> usize {
+        self.0.wrapping_sub(1) as usize
+    }
+}
+
 /// Marks this thread's SIGTRAP handler as resolving the breakpoint at `bp` (until
 /// [`untrapping`] with what this returns, the address it resolved before: traps nest).
 /// Async-signal-safe.
@@ -178,13 +194,21 @@ impl Thread {
         (index != u32::MAX).then(|| index as usize - 1)
     }
 
-    /// [`Thread::index`] if the thread has been recorded already (`Some(None)`: the
-    /// table was full), without the call that records it: for a hit path that keeps
-    /// its short path free of calls, and takes its long one the first time.
+    /// This thread's hit counter [`Shard`], taking an entry of the thread table the
+    /// first time (as [`Thread::index`]).
+    #[inline]
+    pub(crate) fn shard(&self) -> Shard {
+        let _ = self.index();
+        Shard(self.index.get())
+    }
+
+    /// [`Thread::shard`] if the thread has been recorded already, without the call
+    /// that records it: for a hit path that keeps its short path free of calls, and
+    /// takes its long one the first time.
     #[inline(always)]
-    pub(crate) fn recorded_index(&self) -> Option<Option<usize>> {
+    pub(crate) fn recorded_shard(&self) -> Option<Shard> {
         let index = self.index.get();
-        (index != 0).then(|| (index != u32::MAX).then(|| index as usize - 1))
+        (index != 0).then_some(Shard(index))
     }
 
     /// This thread's id (a system call the first time only).

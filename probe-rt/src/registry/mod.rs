@@ -14,6 +14,7 @@ pub(crate) mod addrmap;
 pub(crate) mod handler;
 mod sole;
 
+use crate::grace::Shard;
 use crate::{grace, Error, PtRegs};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -172,22 +173,19 @@ pub(crate) fn reset_site_hits(index: usize) {
 }
 
 /// Counts a hit of record `e` on a site, in this thread's counter (`shard`) if it
-/// has one.
+/// has one, else with a locked add.
 #[inline(always)]
-pub(crate) fn count_site_hit(shard: Option<usize>, e: &Record) {
+pub(crate) fn count_site_hit(shard: Shard, e: &Record) {
     let hits = e.hits.load(Ordering::Relaxed);
-    match shard.filter(|s| *s < HIT_SHARDS) {
-        Some(s) if !hits.is_null() => {
-            // SAFETY: a non-null `hits` points at `hits[0][j]` of the chunk holding
-            // the record (`j` its place there), derived from the chunk's allocation,
-            // which is never freed; `hits[s][j]` is `s * CHUNK` counters on, with
-            // `s < HIT_SHARDS`.
-            let h = unsafe { &*hits.add(s * CHUNK) };
-            h.store(h.load(Ordering::Relaxed) + 1, Ordering::Relaxed)
-        }
-        _ => {
-            e.nhit.fetch_add(1, Ordering::Relaxed);
-        }
+    let s = shard.counter();
+    if s < HIT_SHARDS && !hits.is_null() {
+        // SAFETY: a non-null `hits` points at `hits[0][j]` of the chunk holding the
+        // record (`j` its place there), derived from the chunk's allocation, which is
+        // never freed; `hits[s][j]` is `s * CHUNK` counters on, with `s < HIT_SHARDS`.
+        let h = unsafe { &*hits.add(s * CHUNK) };
+        h.store(h.load(Ordering::Relaxed) + 1, Ordering::Relaxed)
+    } else {
+        e.nhit.fetch_add(1, Ordering::Relaxed);
     }
 }
 

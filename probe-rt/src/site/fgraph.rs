@@ -172,7 +172,7 @@ pub(crate) fn on_return(resume: usize, sp: usize, value: u64) {
 /// Runs `f` with this thread's `active` flag set, unless it was set already (a hit
 /// inside a handler or a hook: then `missed` runs instead).
 #[inline(always)]
-fn in_hit_path(f: impl FnOnce(Option<usize>), missed: impl FnOnce()) {
+fn in_hit_path(f: impl FnOnce(crate::grace::Shard), missed: impl FnOnce()) {
     match crate::site::enter_site() {
         Some(shard) => {
             f(shard);

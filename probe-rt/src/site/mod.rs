@@ -8,6 +8,7 @@ pub(crate) mod patch;
 pub(crate) use patch::dispatch;
 pub mod table;
 
+use crate::grace::Shard;
 use crate::registry::{self, call_handler, count_site_hit, linked_at, Record};
 use crate::{grace, Error, PtRegs};
 use std::sync::atomic::{compiler_fence, Ordering};
@@ -115,10 +116,10 @@ pub(crate) fn run_site(site: usize, regs: &mut PtRegs) {
 /// [`leave_site`] clears it. The guard of every path that counts hits in the
 /// per-thread counters: sites, their light path (`fgraph`) and optimized probes.
 #[inline(always)]
-pub(crate) fn enter_site() -> Option<Option<usize>> {
-    // The index first: its first-time path is a call, across which `active` would
+pub(crate) fn enter_site() -> Option<Shard> {
+    // The shard first: its first-time path is a call, across which `active` would
     // otherwise be kept in a register the dispatcher saves.
-    let (shard, active) = grace::with_thread(|t| (t.index(), t.active.replace(true)));
+    let (shard, active) = grace::with_thread(|t| (t.shard(), t.active.replace(true)));
     // The sampling handler reads `active` on this thread: the store must not move past
     // the reads of the records.
     compiler_fence(Ordering::SeqCst);
@@ -129,11 +130,13 @@ pub(crate) fn enter_site() -> Option<Option<usize>> {
 /// the thread was never recorded (its first hit) or is in a handler; the general path
 /// then handles the hit.
 #[inline(always)]
-pub(crate) fn try_enter_site() -> Option<Option<usize>> {
-    let shard = grace::with_thread(|t| {
-        let shard = t.recorded_index().filter(|_| !t.active.get())?;
-        t.active.set(true);
-        Some(shard)
+pub(crate) fn try_enter_site() -> Option<Shard> {
+    let shard = grace::with_thread(|t| match t.recorded_shard() {
+        Some(shard) if !t.active.get() => {
+            t.active.set(true);
+            Some(shard)
+        }
+        _ => None,
     });
     // As in `enter_site`.
     compiler_fence(Ordering::SeqCst);
@@ -153,7 +156,7 @@ pub(crate) fn leave_site() {
 /// own short path does without it (`patch::dispatch`); its long ones and the exit-path
 /// dispatcher take it.
 #[inline(always)]
-pub(crate) fn run_site_entered(site: usize, shard: Option<usize>, regs: &mut PtRegs) {
+pub(crate) fn run_site_entered(site: usize, shard: Shard, regs: &mut PtRegs) {
     if !linked_at(site).next().is_some_and(|e| run_sole(e, site, shard, regs)) {
         run_site_chain(site, regs);
     }
@@ -163,7 +166,7 @@ pub(crate) fn run_site_entered(site: usize, shard: Option<usize>, regs: &mut PtR
 /// the only one, armed, without a post handler (the common case), counts the hit and
 /// runs its pre handler; false, having done nothing, otherwise.
 #[inline(always)]
-pub(crate) fn run_sole(e: &Record, site: usize, shard: Option<usize>, regs: &mut PtRegs) -> bool {
+pub(crate) fn run_sole(e: &Record, site: usize, shard: Shard, regs: &mut PtRegs) -> bool {
     if e.chain.load(Ordering::Acquire) != 0 || e.addr.load(Ordering::Acquire) != site || e.post.load(Ordering::Relaxed) != 0 {
         return false;
     }
@@ -180,7 +183,7 @@ pub(crate) fn run_sole(e: &Record, site: usize, shard: Option<usize>, regs: &mut
 /// call, which would cost the dispatcher callee-saved registers on every hit.
 #[inline(never)]
 pub(crate) fn run_site_chain(site: usize, regs: &mut PtRegs) {
-    let shard = grace::with_thread(|t| t.index());
+    let shard = grace::with_thread(|t| t.shard());
     let mut posts = false;
     for e in registry::armed_at(site) {
         posts |= e.post.load(Ordering::Relaxed) != 0;
