@@ -34,7 +34,16 @@ pub struct Blacklisted {
 /// instruction.
 pub fn blacklist() -> Vec<Blacklisted> {
     static LIST: std::sync::OnceLock<Vec<Blacklisted>> = std::sync::OnceLock::new();
-    LIST.get_or_init(find).clone()
+    if let Some(list) = LIST.get() {
+        return list.clone();
+    }
+    // Kept only if found from a read of the mappings (a failed one, no file
+    // descriptor left, gives no symbol: found again next time).
+    let (list, complete) = find();
+    if complete {
+        let _ = LIST.set(list.clone());
+    }
+    list
 }
 
 /// The blacklist entry holding `addr`, if any.
@@ -46,12 +55,16 @@ pub(crate) fn find_at(addr: usize) -> Option<Blacklisted> {
 /// a thread may be in outside the bookkeeping that tells grace periods it is inside.
 pub(crate) fn hit_path_ranges() -> Vec<(usize, usize)> {
     static ROOTS: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let symbols = Snapshot::now();
-            hit_path_roots().into_iter().map(|(_, addr)| root_range(&symbols, addr)).collect()
-        })
-        .clone()
+    if let Some(roots) = ROOTS.get() {
+        return roots.clone();
+    }
+    let symbols = Snapshot::now();
+    let roots: Vec<(usize, usize)> = hit_path_roots().into_iter().map(|(_, addr)| root_range(&symbols, addr)).collect();
+    // As in `blacklist`.
+    if symbols.complete {
+        let _ = ROOTS.set(roots.clone());
+    }
+    roots
 }
 
 fn root_range(symbols: &Snapshot, addr: usize) -> (usize, usize) {
@@ -71,7 +84,8 @@ fn panic_path(name: &str) -> bool {
     ["panic", "_fail", "handle_alloc_error", "handle_error", "abort"].iter().any(|w| name.contains(w))
 }
 
-fn find() -> Vec<Blacklisted> {
+/// The blacklist, and whether it was found from a read of the mappings.
+fn find() -> (Vec<Blacklisted>, bool) {
     let symbols = Snapshot::now();
     let mut out: Vec<Blacklisted> = Vec::new();
     let mut seen: HashSet<usize> = HashSet::new();
@@ -104,7 +118,7 @@ fn find() -> Vec<Blacklisted> {
     }
     out.extend(signal_return(&symbols));
     out.extend(exec_family(&symbols));
-    out
+    (out, symbols.complete)
 }
 
 /// Adds the function at `t` (reached from the hit path) unless it was seen or is a

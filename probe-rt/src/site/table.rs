@@ -149,7 +149,9 @@ fn index() -> std::sync::Arc<Index> {
             return index.clone();
         }
     }
-    let (list, more): (Vec<SiteInfo>, Vec<More>) = read_sites().into_iter().unzip();
+    let sites = read_sites();
+    let complete = sites.is_some();
+    let (list, more): (Vec<SiteInfo>, Vec<More>) = sites.into_iter().flatten().unzip();
     let mut by_addr = std::collections::HashMap::with_capacity(2 * list.len());
     for (i, s) in list.iter().enumerate().rev() {
         by_addr.insert(s.function, i);
@@ -158,29 +160,32 @@ fn index() -> std::sync::Arc<Index> {
     let mut sorted: Vec<(usize, usize)> = list.iter().enumerate().map(|(i, s)| (s.site, i)).collect();
     sorted.sort_unstable();
     let index = std::sync::Arc::new(Index { list, by_addr, sorted, more });
-    *cache = Some((generation, index.clone()));
+    // A failed read of the mappings found no site: not kept (see `sys::maps`).
+    if complete {
+        *cache = Some((generation, index.clone()));
+    }
     index
 }
 
-fn read_sites() -> Vec<(SiteInfo, More)> {
+/// The sites of every loaded object; None if the mappings could not be read.
+fn read_sites() -> Option<Vec<(SiteInfo, More)>> {
     let objects = loaded_objects();
-    let tables: Vec<Table> = crate::sys::maps::images()
+    let tables: Vec<Table> = crate::sys::maps::images()?
         .iter()
         // Only files the dynamic loader loaded, not data mapped by hand (the locale
         // archive, fonts), which could be large and hold no table.
         .filter(|i| objects.iter().any(|o| o.overlaps(&i.ranges)))
         .filter_map(table)
         .collect();
-    if tables.is_empty() {
-        return Vec::new();
-    }
     let mut out = Vec::new();
-    for_each_object(|object| {
-        for t in tables.iter().filter(|t| t.bias == object.bias) {
-            read_table(&object, t, &mut out);
-        }
-    });
-    out
+    if !tables.is_empty() {
+        for_each_object(|object| {
+            for t in tables.iter().filter(|t| t.bias == object.bias) {
+                read_table(&object, t, &mut out);
+            }
+        });
+    }
+    Some(out)
 }
 
 /// The site whose first byte, or whose function, is at `addr`.
@@ -366,7 +371,7 @@ mod tests {
         let objects = loaded_objects();
         let here = every_loaded_object_is_seen_with_its_segments as *const () as usize;
         assert!(objects.iter().any(|o| o.holds(here, 1, libc::PF_X | libc::PF_R)), "this test's code is in an executable segment");
-        let images = crate::sys::maps::images();
+        let images = crate::sys::maps::images().expect("the mappings are read");
         let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
         let image = images.iter().find(|i| std::path::Path::new(&i.path) == exe).expect("the executable is mapped");
         let object = objects.iter().find(|o| o.overlaps(&image.ranges)).expect("the executable is a loaded object");

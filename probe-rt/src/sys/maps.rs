@@ -7,7 +7,9 @@
 //! would refuse an address as not executable (see [`executable`]). A mapping
 //! removed without the loader (`munmap` of a JIT region) can stay in the copy: what
 //! reads memory through it checks again (`text::read` goes through the kernel, code
-//! writes fail on unmapped pages, arming compares the bytes).
+//! writes fail on unmapped pages, arming compares the bytes). A read that fails (no
+//! file descriptor left) is not kept, here or in what is derived from it
+//! ([`images`]): the next question reads again.
 //!
 //! Registration and listing only: this allocates and takes a lock.
 
@@ -119,30 +121,33 @@ pub(crate) fn loader_generation() -> u64 {
 }
 
 /// The mappings, from the copy if the loader has not changed them since; read again
-/// if it has, or if `fresh`.
-pub(crate) fn lines(fresh: bool) -> Arc<Vec<Line>> {
+/// if it has, or if `fresh`. None if the kernel's list could not be read (no file
+/// descriptor left, say): that is not kept, the next question reads again.
+pub(crate) fn try_lines(fresh: bool) -> Option<Arc<Vec<Line>>> {
     let generation = loader_generation();
     let mut maps = MAPS.lock().unwrap_or_else(|p| p.into_inner());
     if let (g, Some(lines)) = &*maps {
         if *g == generation && generation != u64::MAX && !fresh {
-            return lines.clone();
+            return Some(lines.clone());
         }
     }
-    // A failed read (no file descriptor left, say) gives no mapping, and is not kept:
-    // the next question reads again.
-    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else {
-        return Arc::default();
-    };
+    let text = std::fs::read_to_string("/proc/self/maps").ok()?;
     let lines: Arc<Vec<Line>> = Arc::new(text.lines().filter_map(parse_line).collect());
     *maps = (generation, Some(lines.clone()));
-    lines
+    Some(lines)
+}
+
+/// [`try_lines`], with no mapping if the list could not be read.
+pub(crate) fn lines(fresh: bool) -> Arc<Vec<Line>> {
+    try_lines(fresh).unwrap_or_default()
 }
 
 /// The mappings of files, by path: the address file offset 0 is mapped at and every
-/// range, for the images whose offset 0 is mapped.
-pub(crate) fn images() -> Vec<Image> {
+/// range, for the images whose offset 0 is mapped. None if the list could not be read
+/// (see [`try_lines`]): callers that keep what they derive from it must not keep that.
+pub(crate) fn images() -> Option<Vec<Image>> {
     let mut out: Vec<Image> = Vec::new();
-    for l in lines(false).iter() {
+    for l in try_lines(false)?.iter() {
         let (Some(path), Some((_, _, off))) = (&l.path, l.file) else { continue };
         if !path.starts_with('/') {
             continue;
@@ -158,7 +163,7 @@ pub(crate) fn images() -> Vec<Image> {
         }
     }
     out.retain(|i| i.start != usize::MAX);
-    out
+    Some(out)
 }
 
 /// The mapping holding `addr` (registration path only; see the module docs for when

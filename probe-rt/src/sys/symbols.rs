@@ -59,11 +59,15 @@ fn jit_named(name: &str) -> Option<Function> {
 /// row (each free function below reads `/proc/self/maps` again).
 pub(crate) struct Snapshot {
     images: Vec<(Image, Arc<Parsed>)>,
+    /// Made from a read of the mappings (false: the read failed, the snapshot is
+    /// empty and not kept).
+    pub(crate) complete: bool,
 }
 
 impl Snapshot {
     /// The images mapped now, with their functions: read again only when the loader
-    /// has loaded or unloaded something since (see `sys::maps`).
+    /// has loaded or unloaded something since (see `sys::maps`), or when the last
+    /// read of the mappings failed (an empty snapshot, not kept).
     pub(crate) fn now() -> Arc<Snapshot> {
         static CACHE: Mutex<Option<(u64, Arc<Snapshot>)>> = Mutex::new(None);
         let generation = crate::sys::maps::loader_generation();
@@ -73,16 +77,22 @@ impl Snapshot {
                 return s.clone();
             }
         }
+        let images = crate::sys::maps::images();
+        let complete = images.is_some();
         let s = Arc::new(Snapshot {
-            images: crate::sys::maps::images()
+            images: images
                 .into_iter()
+                .flatten()
                 .map(|i| {
                     let p = parsed(&i);
                     (i, p)
                 })
                 .collect(),
+            complete,
         });
-        *cache = Some((generation, s.clone()));
+        if complete {
+            *cache = Some((generation, s.clone()));
+        }
         s
     }
 
