@@ -159,7 +159,7 @@ pub(crate) fn with_thread<R>(f: impl FnOnce(&Thread) -> R) -> R {
 }
 
 /// Marks the start of a hit path (the SIGTRAP handler) on this thread, recording the
-/// thread on its first time (a site's hit path records it through [`Thread::index`]).
+/// thread on its first time (a site's hit path records it through [`Thread::shard`]).
 /// Returns the index of the thread's entry in the thread table, which is its alone for
 /// as long as it lives (an entry is taken back only once its thread has exited):
 /// callers use it for counters only this thread writes. Async-signal-safe: atomics
@@ -187,19 +187,18 @@ impl Thread {
     /// The index of this thread's entry in the thread table (taking one the first time).
     #[inline]
     pub(crate) fn index(&self) -> Option<usize> {
-        let mut index = self.index.get();
-        if index == 0 {
-            index = self.record();
-        }
+        let Shard(index) = self.shard();
         (index != u32::MAX).then(|| index as usize - 1)
     }
 
     /// This thread's hit counter [`Shard`], taking an entry of the thread table the
-    /// first time (as [`Thread::index`]).
+    /// first time.
     #[inline]
     pub(crate) fn shard(&self) -> Shard {
-        let _ = self.index();
-        Shard(self.index.get())
+        match self.index.get() {
+            0 => Shard(self.record()),
+            index => Shard(index),
+        }
     }
 
     /// [`Thread::shard`] if the thread has been recorded already, without the call

@@ -26,6 +26,7 @@
 //! site dispatcher. An entry inside a handler or a hook is counted as missed (and its
 //! return, also inside, is not looked for).
 
+use crate::grace::Shard;
 use crate::registry::{count_site_hit, linked_at, Call};
 use crate::site::table::SITE_EXIT_RESUME;
 use crate::{LightHooks, PtRegs};
@@ -172,7 +173,7 @@ pub(crate) fn on_return(resume: usize, sp: usize, value: u64) {
 /// Runs `f` with this thread's `active` flag set, unless it was set already (a hit
 /// inside a handler or a hook: then `missed` runs instead).
 #[inline(always)]
-fn in_hit_path(f: impl FnOnce(crate::grace::Shard), missed: impl FnOnce()) {
+fn in_hit_path(f: impl FnOnce(Shard), missed: impl FnOnce()) {
     match crate::site::enter_site() {
         Some(shard) => {
             f(shard);

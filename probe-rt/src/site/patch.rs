@@ -34,6 +34,7 @@
 //! through a veneer allocated near the site (x86_64 `jmp [rip]`; aarch64
 //! `ldr x16; br x16`, x16 being free at a function entry).
 
+use crate::grace::Shard;
 use crate::site::table::SITE_EXIT_RESUME;
 use crate::sys::code;
 use crate::{Error, PtRegs};
@@ -385,18 +386,17 @@ pub(crate) extern "C" fn dispatch<const SP: usize>(frame: *mut PtRegs, _fp: *mut
     // handler, the thread recorded and in no handler. No call but the handler's, and
     // every other case out of line, so that the frame alone is kept across it.
     //
-    // The thread first: the compiler treats the thread-local's address as a call's
-    // result, so the site, found after it, is not kept in a callee-saved register
-    // across it (a push and a pop: ~0.5 ns a hit here).
+    // The thread first: the compiler treats a thread-local's address as a call's
+    // result, so a site found before it would be kept in a callee-saved register
+    // across it (pushed and popped on every hit: ~0.5 ns here).
     let Some(shard) = crate::site::try_enter_site() else {
-        // SAFETY: the frame of the trampoline keeping the probed sp at `SP` (as below).
-        return unsafe { dispatch_long::<SP>(frame, site_of(frame)) };
+        // SAFETY: the frame of the trampoline keeping the probed sp at `SP`.
+        return unsafe { dispatch_long::<SP>(frame) };
     };
     // SAFETY: the trampoline passes its frame, every field written by its save
     // sequence, used by nothing else until this returns.
-    let site = unsafe { site_of(frame) };
-    // SAFETY: as above.
     let regs = unsafe { &mut *frame };
+    let site = site_of(regs);
     if crate::registry::sole(site).is_some_and(|e| crate::site::run_sole(e, site, shard, regs)) {
         // SAFETY: as above.
         unsafe { end::<SP, true>(frame, site) }
@@ -407,23 +407,12 @@ pub(crate) extern "C" fn dispatch<const SP: usize>(frame: *mut PtRegs, _fp: *mut
 }
 
 /// The site a site trampoline's frame was called from (its resume address is the end
-/// of the site), and the frame's instruction pointer set to it, as the handlers see it.
-/// Read from the frame (volatile: not from a register the compiler would keep since
-/// the trampoline's call).
-///
-/// # Safety
-/// `frame` is a site trampoline's frame, filled in, used by nothing else meanwhile.
+/// of the site), with the frame's instruction pointer set to it, as the handlers see
+/// it.
 #[inline(always)]
-unsafe fn site_of(frame: *mut PtRegs) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a field of the frame (see above), aligned, initialised.
-    let ip = unsafe { std::ptr::addr_of!((*frame).rip).read_volatile() };
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: as above.
-    let ip = unsafe { std::ptr::addr_of!((*frame).pc).read_volatile() };
-    let site = ip as usize - SITE_LEN;
-    // SAFETY: as above, and nothing else refers to the frame now.
-    unsafe { (*frame).set_instruction_pointer(site as u64) };
+fn site_of(regs: &mut PtRegs) -> usize {
+    let site = regs.instruction_pointer() as usize - SITE_LEN;
+    regs.set_instruction_pointer(site as u64);
     site
 }
 
@@ -434,9 +423,10 @@ unsafe fn site_of(frame: *mut PtRegs) -> usize {
 /// As [`resume`].
 #[cold]
 #[inline(never)]
-unsafe fn dispatch_long<const SP: usize>(frame: *mut PtRegs, site: usize) -> usize {
+unsafe fn dispatch_long<const SP: usize>(frame: *mut PtRegs) -> usize {
     // SAFETY: the trampoline's frame (see `dispatch`).
     let regs = unsafe { &mut *frame };
+    let site = site_of(regs);
     match crate::site::enter_site() {
         Some(shard) => {
             crate::site::run_site_entered(site, shard, regs);
@@ -457,7 +447,7 @@ unsafe fn dispatch_long<const SP: usize>(frame: *mut PtRegs, site: usize) -> usi
 /// # Safety
 /// As [`resume`].
 #[inline(never)]
-unsafe fn dispatch_entered<const SP: usize>(frame: *mut PtRegs, site: usize, shard: crate::grace::Shard) -> usize {
+unsafe fn dispatch_entered<const SP: usize>(frame: *mut PtRegs, site: usize, shard: Shard) -> usize {
     // SAFETY: the trampoline's frame (see `dispatch`).
     crate::site::run_site_entered(site, shard, unsafe { &mut *frame });
     // SAFETY: as above.
