@@ -16,6 +16,7 @@
 use crate::sys::code as text;
 use crate::sys::symbols::Snapshot;
 use std::collections::HashSet;
+use std::sync::OnceLock;
 
 /// A range of code probes must not touch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,17 +34,22 @@ pub struct Blacklisted {
 /// one page; a function reached from the hit path whose size is unknown, as its first
 /// instruction.
 pub fn blacklist() -> Vec<Blacklisted> {
-    static LIST: std::sync::OnceLock<Vec<Blacklisted>> = std::sync::OnceLock::new();
-    if let Some(list) = LIST.get() {
-        return list.clone();
+    static LIST: OnceLock<Vec<Blacklisted>> = OnceLock::new();
+    kept(&LIST, find)
+}
+
+/// `cell`'s value, else what `find` gives, kept in `cell` only if `find` says it was
+/// found from a read of the mappings (a failed one, no file descriptor left, gives no
+/// symbol: found again next time).
+fn kept<T: Clone>(cell: &OnceLock<T>, find: impl FnOnce() -> (T, bool)) -> T {
+    if let Some(v) = cell.get() {
+        return v.clone();
     }
-    // Kept only if found from a read of the mappings (a failed one, no file
-    // descriptor left, gives no symbol: found again next time).
-    let (list, complete) = find();
+    let (v, complete) = find();
     if complete {
-        let _ = LIST.set(list.clone());
+        let _ = cell.set(v.clone());
     }
-    list
+    v
 }
 
 /// The blacklist entry holding `addr`, if any.
@@ -54,17 +60,11 @@ pub(crate) fn find_at(addr: usize) -> Option<Blacklisted> {
 /// The hit path's own entry points' ranges (not their closure), by their symbols' sizes: code
 /// a thread may be in outside the bookkeeping that tells grace periods it is inside.
 pub(crate) fn hit_path_ranges() -> Vec<(usize, usize)> {
-    static ROOTS: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
-    if let Some(roots) = ROOTS.get() {
-        return roots.clone();
-    }
-    let symbols = Snapshot::now();
-    let roots: Vec<(usize, usize)> = hit_path_roots().into_iter().map(|(_, addr)| root_range(&symbols, addr)).collect();
-    // As in `blacklist`.
-    if symbols.complete {
-        let _ = ROOTS.set(roots.clone());
-    }
-    roots
+    static ROOTS: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
+    kept(&ROOTS, || {
+        let symbols = Snapshot::now();
+        (hit_path_roots().into_iter().map(|(_, addr)| root_range(&symbols, addr)).collect(), symbols.complete)
+    })
 }
 
 fn root_range(symbols: &Snapshot, addr: usize) -> (usize, usize) {

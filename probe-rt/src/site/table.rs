@@ -177,14 +177,15 @@ fn read_sites() -> Option<Vec<(SiteInfo, More)>> {
         .filter(|i| objects.iter().any(|o| o.overlaps(&i.ranges)))
         .filter_map(table)
         .collect();
-    let mut out = Vec::new();
-    if !tables.is_empty() {
-        for_each_object(|object| {
-            for t in tables.iter().filter(|t| t.bias == object.bias) {
-                read_table(&object, t, &mut out);
-            }
-        });
+    if tables.is_empty() {
+        return Some(Vec::new());
     }
+    let mut out = Vec::new();
+    for_each_object(|object| {
+        for t in tables.iter().filter(|t| t.bias == object.bias) {
+            read_table(&object, t, &mut out);
+        }
+    });
     Some(out)
 }
 
