@@ -43,6 +43,14 @@
 //!   with the layout of the build (it did, by up to 0.6 ns, at 16 bytes). That is
 //!   its best layout; the generated trampolines are 16-byte aligned (64 measured the
 //!   same for them).
+//! - `hit/site_frame_floor`: the floor of a site probe that gives its handler the whole
+//!   `PtRegs` frame: a stub called like `hit/site_stub_floor`'s that saves the frame as
+//!   the generated site trampoline does (without FP/SIMD state), and does inline the
+//!   least a probe's hit path must: a thread-local reentrancy flag tested, set and
+//!   cleared, a per-thread hit counter, a direct call of an empty handler with the
+//!   frame, the check that the handler left pc at the site. Hand-written, with no
+//!   record lookup: what no site path can beat (the generated trampoline calls a
+//!   dispatcher, which finds the site's record and its handler at run time).
 //! - `hit/site_return`: a return probe on a site: entry and return, no trap at all.
 //! - `hit/hijack_floor`: the floor of any return probe that hijacks the return address
 //!   (kretprobes, uretprobes, Frida's `onLeave`, probekit's): a function that replaces
@@ -399,9 +407,211 @@ fn vector_moves_round_trip(area: &mut VectorArea) {
 #[repr(C, align(64))]
 struct VectorArea([u8; 16384]);
 
+// The frame floor: `site_frame_floor(x)` calls its stub at its entry, as an enabled
+// site calls the trampoline; the stub saves every field of `PtRegs` as the generated
+// site trampoline (no FP/SIMD state) does, with pc the site's address, then, inline:
+// the reentrancy flag (a thread-local byte: `active`), the hit counter (a thread-local
+// word), a direct call of the empty handler with the frame, the flag cleared, and the
+// resume at the site's continuation unless the handler moved pc. Local-exec TLS: the
+// bench is an executable.
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".pushsection .tbss, \"awT\", @nobits",
+    ".balign 8",
+    "frame_floor_tls: .zero 16", // active (byte), then the hit counter (word at +8)
+    ".popsection",
+    ".balign 64",
+    ".globl site_frame_floor",
+    "site_frame_floor:",
+    "call 4f",
+    "lea rax, [rdi + 1]",
+    "ret",
+    ".balign 64",
+    "4:", // rsp % 16 == 0 here; the frame goes below the red zone
+    "lea rsp, [rsp - {above_flags}]",
+    "pushfq",
+    "lea rsp, [rsp - {S_EFLAGS}]",
+    "mov qword ptr [rsp + {S_R15}], r15",
+    "mov qword ptr [rsp + {S_R14}], r14",
+    "mov qword ptr [rsp + {S_R13}], r13",
+    "mov qword ptr [rsp + {S_R12}], r12",
+    "mov qword ptr [rsp + {S_RBP}], rbp",
+    "mov qword ptr [rsp + {S_RBX}], rbx",
+    "mov qword ptr [rsp + {S_R11}], r11",
+    "mov qword ptr [rsp + {S_R10}], r10",
+    "mov qword ptr [rsp + {S_R9}], r9",
+    "mov qword ptr [rsp + {S_R8}], r8",
+    "mov qword ptr [rsp + {S_RAX}], rax",
+    "mov qword ptr [rsp + {S_RCX}], rcx",
+    "mov qword ptr [rsp + {S_RDX}], rdx",
+    "mov qword ptr [rsp + {S_RSI}], rsi",
+    "mov qword ptr [rsp + {S_RDI}], rdi",
+    "mov qword ptr [rsp + {S_ORIG_RAX}], -1",
+    "mov rcx, cs",
+    "mov qword ptr [rsp + {S_CS}], rcx",
+    "lea rcx, [rsp + {probed_sp}]",
+    "mov qword ptr [rsp + {S_RSP}], rcx",
+    "mov rcx, ss",
+    "mov qword ptr [rsp + {S_SS}], rcx",
+    "mov rcx, qword ptr [rsp + {resume}]",
+    "lea rcx, [rcx - 5]", // pc: the site
+    "mov qword ptr [rsp + {S_RIP}], rcx",
+    "cmp byte ptr fs:[frame_floor_tls@tpoff], 0",
+    "jne 7f", // a hit inside a handler: nothing runs
+    "mov byte ptr fs:[frame_floor_tls@tpoff], 1",
+    "inc qword ptr fs:[frame_floor_tls@tpoff + 8]",
+    "mov rdi, rsp",
+    "xor esi, esi",
+    "call 5f",
+    "mov byte ptr fs:[frame_floor_tls@tpoff], 0",
+    "mov rcx, qword ptr [rsp + {S_RIP}]",
+    "lea rcx, [rcx + 5]",
+    "cmp rcx, qword ptr [rsp + {resume}]",
+    "je 7f",
+    "mov qword ptr [rsp + {resume}], rcx", // redirected: resume at pc
+    "7:",
+    "mov rdi, qword ptr [rsp + {S_RDI}]",
+    "mov rsi, qword ptr [rsp + {S_RSI}]",
+    "mov rdx, qword ptr [rsp + {S_RDX}]",
+    "mov rcx, qword ptr [rsp + {S_RCX}]",
+    "mov rax, qword ptr [rsp + {S_RAX}]",
+    "mov r8, qword ptr [rsp + {S_R8}]",
+    "mov r9, qword ptr [rsp + {S_R9}]",
+    "mov r10, qword ptr [rsp + {S_R10}]",
+    "mov r11, qword ptr [rsp + {S_R11}]",
+    "mov rbx, qword ptr [rsp + {S_RBX}]",
+    "mov rbp, qword ptr [rsp + {S_RBP}]",
+    "mov r12, qword ptr [rsp + {S_R12}]",
+    "mov r13, qword ptr [rsp + {S_R13}]",
+    "mov r14, qword ptr [rsp + {S_R14}]",
+    "mov r15, qword ptr [rsp + {S_R15}]",
+    "lea rsp, [rsp + {resume}]",
+    "ret",
+    ".balign 16",
+    "5:", // the empty handler
+    "ret",
+    above_flags = const 128 + FRAME_ALLOC - PtRegs::S_EFLAGS - 8,
+    resume = const FRAME_ALLOC + 128,
+    probed_sp = const FRAME_ALLOC + 128 + 8,
+    S_R15 = const PtRegs::S_R15,
+    S_R14 = const PtRegs::S_R14,
+    S_R13 = const PtRegs::S_R13,
+    S_R12 = const PtRegs::S_R12,
+    S_RBP = const PtRegs::S_RBP,
+    S_RBX = const PtRegs::S_RBX,
+    S_R11 = const PtRegs::S_R11,
+    S_R10 = const PtRegs::S_R10,
+    S_R9 = const PtRegs::S_R9,
+    S_R8 = const PtRegs::S_R8,
+    S_RAX = const PtRegs::S_RAX,
+    S_RCX = const PtRegs::S_RCX,
+    S_RDX = const PtRegs::S_RDX,
+    S_RSI = const PtRegs::S_RSI,
+    S_RDI = const PtRegs::S_RDI,
+    S_ORIG_RAX = const PtRegs::S_ORIG_RAX,
+    S_CS = const PtRegs::S_CS,
+    S_RSP = const PtRegs::S_RSP,
+    S_SS = const PtRegs::S_SS,
+    S_RIP = const PtRegs::S_RIP,
+    S_EFLAGS = const PtRegs::S_EFLAGS,
+);
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".pushsection .tbss, \"awT\", %nobits",
+    ".balign 8",
+    "frame_floor_tls: .zero 16", // active (byte), then the hit counter (word at +8)
+    ".popsection",
+    ".balign 64",
+    ".globl site_frame_floor",
+    "site_frame_floor:",
+    "mov x9, x30",
+    "bl 4f",
+    "add x0, x0, #1",
+    "ret",
+    ".balign 64",
+    "4:", // x30 = the site's continuation, x9 = the return address
+    "sub sp, sp, #{FRAME}",
+    "stp x0, x1, [sp, #0]",
+    "stp x2, x3, [sp, #16]",
+    "stp x4, x5, [sp, #32]",
+    "stp x6, x7, [sp, #48]",
+    "stp x8, x9, [sp, #64]",
+    "stp x10, x11, [sp, #80]",
+    "stp x12, x13, [sp, #96]",
+    "stp x14, x15, [sp, #112]",
+    "stp x16, x17, [sp, #128]",
+    "stp x18, x19, [sp, #144]",
+    "stp x20, x21, [sp, #160]",
+    "stp x22, x23, [sp, #176]",
+    "stp x24, x25, [sp, #192]",
+    "stp x26, x27, [sp, #208]",
+    "stp x28, x29, [sp, #224]",
+    "str x9, [sp, #{S_X30}]",
+    "mov x19, x30", // the continuation, kept across the handler (x19 is restored from the frame)
+    "sub x0, x30, #8", // pc: the site
+    "str x0, [sp, #{S_PC}]",
+    "add x0, sp, #{FRAME}",
+    "str x0, [sp, #{S_SP}]",
+    "mrs x0, nzcv",
+    "str x0, [sp, #{S_PSTATE}]",
+    "mov x16, x19",
+    "mrs x20, tpidr_el0",
+    "add x20, x20, #:tprel_hi12:frame_floor_tls",
+    "add x20, x20, #:tprel_lo12_nc:frame_floor_tls",
+    "ldrb w0, [x20]",
+    "cbnz w0, 7f", // a hit inside a handler: nothing runs
+    "mov w0, #1",
+    "strb w0, [x20]",
+    "ldr x0, [x20, #8]",
+    "add x0, x0, #1",
+    "str x0, [x20, #8]",
+    "mov x0, sp",
+    "mov x1, xzr",
+    "bl 5f",
+    "strb wzr, [x20]",
+    "ldr x16, [sp, #{S_PC}]",
+    "add x16, x16, #8",
+    "cmp x16, x19",
+    "b.eq 7f",
+    "sub x16, x16, #8", // redirected: resume at pc
+    "7:",
+    "ldr x0, [sp, #{S_PSTATE}]",
+    "msr nzcv, x0",
+    "ldr x30, [sp, #{S_X30}]",
+    "ldp x28, x29, [sp, #224]",
+    "ldp x26, x27, [sp, #208]",
+    "ldp x24, x25, [sp, #192]",
+    "ldp x22, x23, [sp, #176]",
+    "ldp x20, x21, [sp, #160]",
+    "ldp x18, x19, [sp, #144]",
+    "ldr x17, [sp, #136]",
+    "ldp x14, x15, [sp, #112]",
+    "ldp x12, x13, [sp, #96]",
+    "ldp x10, x11, [sp, #80]",
+    "ldp x8, x9, [sp, #64]",
+    "ldp x6, x7, [sp, #48]",
+    "ldp x4, x5, [sp, #32]",
+    "ldp x2, x3, [sp, #16]",
+    "ldp x0, x1, [sp, #0]",
+    "add sp, sp, #{FRAME}",
+    "ret x16",
+    ".balign 16",
+    "5:", // the empty handler
+    "ret",
+    FRAME = const FRAME_ALLOC,
+    S_X30 = const PtRegs::S_X30,
+    S_PC = const PtRegs::S_PC,
+    S_SP = const PtRegs::S_SP,
+    S_PSTATE = const PtRegs::S_PSTATE,
+);
+/// What the frame floor allocates below the red zone (x86_64) or the stack pointer:
+/// the frame, 16-aligned (the site's call left the stack 16-aligned).
+const FRAME_ALLOC: usize = PtRegs::S_FRAME_SIZE.next_multiple_of(16);
+
 extern "C" {
     fn hijack_floor(x: u64) -> u64;
     fn site_floor(x: u64) -> u64;
+    fn site_frame_floor(x: u64) -> u64;
 }
 
 #[inline(never)]
@@ -585,6 +795,11 @@ fn hit(c: &mut Criterion) {
     g.bench_function("site_disabled", |b| b.iter(|| black_box(hit_site_disabled as fn(u64) -> u64)(black_box(1))));
     // SAFETY: site_floor calls its stub, which preserves what it must, and returns x + 1.
     g.bench_function("site_stub_floor", |b| b.iter(|| unsafe { site_floor(black_box(1)) }));
+    // SAFETY: site_frame_floor calls its stub, which restores every register the frame
+    // holds, and returns x + 1.
+    assert_eq!(unsafe { site_frame_floor(41) }, 42, "the frame floor resumes into its function");
+    // SAFETY: as above.
+    g.bench_function("site_frame_floor", |b| b.iter(|| unsafe { site_frame_floor(black_box(1)) }));
     let f = hit_site as fn(u64) -> u64;
     let p = Probe::builder().function(f).pre(empty).register().expect("site probe");
     assert!(probekit::list().0.iter().any(|i| i.addr == p.address() && i.site), "the probe rides the site");
