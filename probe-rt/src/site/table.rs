@@ -16,8 +16,7 @@
 //! Registration and listing only: this reads files, takes a lock and allocates, so it
 //! must not be called from a probe handler or any signal context.
 
-use crate::sys::maps::Image;
-use std::sync::Mutex;
+use crate::sys::maps::{Image, PerLoad};
 
 /// A `#[traceable]` function's patchable site.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,30 +140,23 @@ struct More {
 }
 
 fn index() -> std::sync::Arc<Index> {
-    static CACHE: Mutex<Option<(u64, std::sync::Arc<Index>)>> = Mutex::new(None);
-    let generation = crate::sys::maps::loader_generation();
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((g, index)) = &*cache {
-        if *g == generation && generation != u64::MAX {
-            return index.clone();
+    static CACHE: PerLoad<Index> = PerLoad::new();
+    // A failed read of the mappings finds no site, and is not kept (see `sys::maps`).
+    CACHE.get(false, || read_sites().map(Index::new)).unwrap_or_else(|| std::sync::Arc::new(Index::new(Vec::new())))
+}
+
+impl Index {
+    fn new(sites: Vec<(SiteInfo, More)>) -> Index {
+        let (list, more): (Vec<SiteInfo>, Vec<More>) = sites.into_iter().unzip();
+        let mut by_addr = std::collections::HashMap::with_capacity(2 * list.len());
+        for (i, s) in list.iter().enumerate().rev() {
+            by_addr.insert(s.function, i);
+            by_addr.insert(s.site, i);
         }
+        let mut sorted: Vec<(usize, usize)> = list.iter().enumerate().map(|(i, s)| (s.site, i)).collect();
+        sorted.sort_unstable();
+        Index { list, by_addr, sorted, more }
     }
-    let sites = read_sites();
-    let complete = sites.is_some();
-    let (list, more): (Vec<SiteInfo>, Vec<More>) = sites.into_iter().flatten().unzip();
-    let mut by_addr = std::collections::HashMap::with_capacity(2 * list.len());
-    for (i, s) in list.iter().enumerate().rev() {
-        by_addr.insert(s.function, i);
-        by_addr.insert(s.site, i);
-    }
-    let mut sorted: Vec<(usize, usize)> = list.iter().enumerate().map(|(i, s)| (s.site, i)).collect();
-    sorted.sort_unstable();
-    let index = std::sync::Arc::new(Index { list, by_addr, sorted, more });
-    // A failed read of the mappings found no site: not kept (see `sys::maps`).
-    if complete {
-        *cache = Some((generation, index.clone()));
-    }
-    index
 }
 
 /// The sites of every loaded object; None if the mappings could not be read.

@@ -96,8 +96,36 @@ pub(crate) struct Image {
     pub(crate) ranges: Vec<(usize, usize)>,
 }
 
-/// The copy of the mappings, and the loader's generation it was read at.
-static MAPS: Mutex<(u64, Option<Arc<Vec<Line>>>)> = Mutex::new((0, None));
+/// The copy of the mappings.
+static MAPS: PerLoad<Vec<Line>> = PerLoad::new();
+
+/// A value derived from the mappings (the list itself, the symbols, the site tables),
+/// kept with the loader's generation it was made at: good until the loader maps or
+/// unmaps an object ([`loader_generation`]), never when the loader cannot say. A value
+/// that could not be made whole is not kept (see [`try_lines`]).
+pub(crate) struct PerLoad<T>(Mutex<Option<(u64, Arc<T>)>>);
+
+impl<T> PerLoad<T> {
+    pub(crate) const fn new() -> Self {
+        PerLoad(Mutex::new(None))
+    }
+
+    /// The value kept, if the loader has changed nothing since it was made and not
+    /// `fresh`; else `make`'s, kept unless it is None. One caller makes it at a time
+    /// (the others wait for it).
+    pub(crate) fn get(&self, fresh: bool, make: impl FnOnce() -> Option<T>) -> Option<Arc<T>> {
+        let generation = loader_generation();
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, value)) = &*kept {
+            if *g == generation && generation != u64::MAX && !fresh {
+                return Some(value.clone());
+            }
+        }
+        let value = Arc::new(make()?);
+        *kept = Some((generation, value.clone()));
+        Some(value)
+    }
+}
 
 /// How many objects the dynamic loader has loaded plus unloaded so far: changes with
 /// every `dlopen` and `dlclose` that maps or unmaps something.
@@ -124,17 +152,7 @@ pub(crate) fn loader_generation() -> u64 {
 /// if it has, or if `fresh`. None if the kernel's list could not be read (no file
 /// descriptor left, say): that is not kept, the next question reads again.
 pub(crate) fn try_lines(fresh: bool) -> Option<Arc<Vec<Line>>> {
-    let generation = loader_generation();
-    let mut maps = MAPS.lock().unwrap_or_else(|p| p.into_inner());
-    if let (g, Some(lines)) = &*maps {
-        if *g == generation && generation != u64::MAX && !fresh {
-            return Some(lines.clone());
-        }
-    }
-    let text = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let lines: Arc<Vec<Line>> = Arc::new(text.lines().filter_map(parse_line).collect());
-    *maps = (generation, Some(lines.clone()));
-    Some(lines)
+    MAPS.get(fresh, || Some(std::fs::read_to_string("/proc/self/maps").ok()?.lines().filter_map(parse_line).collect()))
 }
 
 /// [`try_lines`], with no mapping if the list could not be read.

@@ -5,7 +5,7 @@
 
 pub(crate) use crate::sys::image::Function;
 use crate::sys::image::{parsed, Parsed};
-use crate::sys::maps::Image;
+use crate::sys::maps::{Image, PerLoad};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -69,31 +69,15 @@ impl Snapshot {
     /// has loaded or unloaded something since (see `sys::maps`), or when the last
     /// read of the mappings failed (an empty snapshot, not kept).
     pub(crate) fn now() -> Arc<Snapshot> {
-        static CACHE: Mutex<Option<(u64, Arc<Snapshot>)>> = Mutex::new(None);
-        let generation = crate::sys::maps::loader_generation();
-        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((g, s)) = &*cache {
-            if *g == generation && generation != u64::MAX {
-                return s.clone();
-            }
-        }
-        let images = crate::sys::maps::images();
-        let complete = images.is_some();
-        let s = Arc::new(Snapshot {
-            images: images
-                .into_iter()
-                .flatten()
-                .map(|i| {
-                    let p = parsed(&i);
-                    (i, p)
-                })
-                .collect(),
-            complete,
-        });
-        if complete {
-            *cache = Some((generation, s.clone()));
-        }
-        s
+        static CACHE: PerLoad<Snapshot> = PerLoad::new();
+        let read = || {
+            let images = crate::sys::maps::images()?.into_iter().map(|i| {
+                let p = parsed(&i);
+                (i, p)
+            });
+            Some(Snapshot { images: images.collect(), complete: true })
+        };
+        CACHE.get(false, read).unwrap_or_else(|| Arc::new(Snapshot { images: Vec::new(), complete: false }))
     }
 
     /// The function named `name` (the executable first, then the libraries): its
