@@ -76,7 +76,7 @@ macro_rules! value_enum {
 }
 value_enum!(PolicyArg => Policy { All, CallerSaved });
 value_enum!(FpArg => Fp { None, Args, Return, ArgsWide, ReturnWide, Full, FullCompact, FullInUse, Sse });
-value_enum!(ShapeArg => Shape { SaveRestore, Kretprobe, Entry });
+value_enum!(ShapeArg => Shape { SaveRestore, Kretprobe, Entry, Site });
 value_enum!(PlaceArg => Place { Type, Module });
 
 #[derive(Clone, Copy, ValueEnum)]

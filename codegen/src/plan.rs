@@ -200,7 +200,7 @@ impl Plan {
     /// The return-address column of the routine's call-frame information, if it is not
     /// the arch's usual one (aarch64 SaveRestore: see `context_cfi`).
     pub fn cfi_return_column(&self) -> Option<u8> {
-        (matches!(self.shape, Shape::SaveRestore | Shape::Entry) && self.arch() == Arch::Aarch64).then(|| context_ra_column(Arch::Aarch64))
+        (matches!(self.shape, Shape::SaveRestore | Shape::Entry | Shape::Site) && self.arch() == Arch::Aarch64).then(|| context_ra_column(Arch::Aarch64))
     }
 
     /// Every instruction of the routine in order.
@@ -395,11 +395,11 @@ struct Parts {
 
 /// Whether a register that has a field is reloaded from it on the way out, before
 /// shape-specific resume rules (the register that carries the resume address, aarch64
-/// `x16` for `Entry` and `x30` for the other shapes, is loaded from the pc field
+/// `x16` for `Entry` and `Site`, `x30` for the others, is loaded from the pc field
 /// instead; see the per-arch planners).
 fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     let resume = match (arch, shape) {
-        (Arch::Aarch64, Shape::Entry) => Some(Reg::A64X(16)),
+        (Arch::Aarch64, Shape::Entry | Shape::Site) => Some(Reg::A64X(16)),
         (Arch::Aarch64, _) => Some(Reg::A64X(30)),
         (Arch::X86_64, _) => None,
     };
@@ -411,7 +411,11 @@ fn restores(arch: Arch, policy: Policy, shape: Shape, reg: Reg) -> bool {
     // and DF is clear (the ABI has it so at both; Kretprobe's `cld` keeps it so): they
     // are saved for the handler, not restored, which spares their restore on every
     // call.
-    if arch == Arch::X86_64 && reg == Reg::X86Eflags && matches!(shape, Shape::Entry | Shape::Kretprobe) {
+    if arch == Arch::X86_64 && reg == Reg::X86Eflags && matches!(shape, Shape::Entry | Shape::Site | Shape::Kretprobe) {
+        return false;
+    }
+    // A Site routine resumes where its handler says: the pc field is not read back.
+    if shape == Shape::Site && reg.class() == RegClass::ProgramCounter {
         return false;
     }
     match reg.class() {

@@ -51,9 +51,10 @@ fn builtin_frames() {
         let refs: Vec<&Plan> = plans.iter().collect();
         let a = arch.name();
         check(&format!("{a}/pt_regs.h"), &render::c_header(&refs));
-        let routines: Vec<(&Plan, &str)> = vec![(&plans[1], "pt_regs_kretprobe"), (&plans[2], "pt_regs_entry")];
+        let routines: Vec<(&Plan, &str)> = vec![(&plans[1], "pt_regs_kretprobe"), (&plans[2], "pt_regs_entry"), (&plans[3], "pt_regs_site")];
         check(&format!("{a}/pt_regs.S"), &render::gnu_asm(&routines, &Symbols::default()));
         check(&format!("{a}/pt_regs_kretprobe.txt"), &render::listing(&plans[1], "pt_regs_kretprobe"));
+        check(&format!("{a}/pt_regs_site.txt"), &render::listing(&plans[3], "pt_regs_site"));
         // As probe-rt's build script renders the built-in frame's items, with a routine.
         let handler = Symbols { handler: "crate::retprobe::dispatch".into(), ..Default::default() };
         let r = Routine { plan: &plans[1], symbol: "pt_regs_kretprobe".into(), asm: RoutineAsm::Inline(handler) };

@@ -15,7 +15,7 @@ mod traceable;
 ///
 /// ```text
 /// #[pt_regs]
-/// #[pt_regs(shapes(save_restore, kretprobe, entry), policy = all | caller_saved,
+/// #[pt_regs(shapes(save_restore, kretprobe, entry, site), policy = all | caller_saved,
 ///           fp = none | args | return | args_wide | return_wide | full | full_compact | full_in_use | sse, handler = path::to::handler, crate = ::probekit)]
 /// ```
 ///
@@ -45,7 +45,7 @@ mod traceable;
 /// - for each shape, the routine for x86_64 and for aarch64 under `#[cfg(target_arch)]`
 ///   (the macro runs on the host and cannot know the target), whose asm reads the frame
 ///   by those names as `const` operands taken from `offset_of!`, and `T::SAVE_RESTORE`,
-///   `T::KRETPROBE`, `T::ENTRY`: the routines as `unsafe extern "C" fn()`, with
+///   `T::KRETPROBE`, `T::ENTRY`, `T::SITE`: the routines as `unsafe extern "C" fn()`, with
 ///   `T::S_ALLOC_<SHAPE>` (the bytes each allocates) and, with an FP mode,
 ///   `T::S_FPSIMD_<SHAPE>` (where its FP/SIMD area starts).
 ///

@@ -30,7 +30,7 @@ fn parse_options(attr: TokenStream) -> Result<Options, syn::Error> {
                 let name = m.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
                 match Shape::ALL.iter().find(|s| s.name().replace('-', "_") == name) {
                     Some(s) => o.shapes.push((*s, m.path.span())),
-                    None => push(syn::Error::new(m.path.span(), "unknown shape: must be one of `save_restore`, `kretprobe`, `entry`")),
+                    None => push(syn::Error::new(m.path.span(), "unknown shape: must be one of `save_restore`, `kretprobe`, `entry`, `site`")),
                 }
                 Ok(())
             })

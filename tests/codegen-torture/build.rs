@@ -71,7 +71,7 @@ fn main() {
         let _ = writeln!(out, "pub mod rf{n} {{\n{src}\n}}");
         let policy = Policy::ALL[rng.below(2) as usize];
         let fp = Fp::ALL[rng.below(Fp::ALL.len() as u64) as usize];
-        let shape = Shape::ALL[rng.below(3) as usize];
+        let shape = Shape::ALL[rng.below(Shape::ALL.len() as u64) as usize];
         routines.push((layout, format!("crate::generated::rf{n}::{name}"), frames.len() + n, policy, fp, shape));
     }
 
@@ -111,6 +111,7 @@ fn main() {
         .shape(Shape::SaveRestore)
         .shape(Shape::Kretprobe)
         .shape(Shape::Entry)
+        .shape(Shape::Site)
         .policy(Policy::CallerSaved)
         .fp(Fp::Full)
         .handler("torture_handler")

@@ -1,5 +1,5 @@
 // Every shape, policy `all`, fp `none`, per-arch bindings: the routines exist for the target.
-#[probekit::pt_regs(shapes(save_restore, kretprobe, entry), policy = all, fp = none, handler = on_frame)]
+#[probekit::pt_regs(shapes(save_restore, kretprobe, entry, site), policy = all, fp = none, handler = on_frame)]
 #[repr(C)]
 pub struct Regs {
     #[reg(x86_64 = "rax", aarch64 = "x0")]
@@ -15,6 +15,6 @@ unsafe extern "C" fn on_frame(_frame: *mut Regs, _fp: *mut u8) -> usize {
 }
 
 fn main() {
-    let routines: [unsafe extern "C" fn(); 3] = [Regs::SAVE_RESTORE, Regs::KRETPROBE, Regs::ENTRY];
+    let routines: [unsafe extern "C" fn(); 4] = [Regs::SAVE_RESTORE, Regs::KRETPROBE, Regs::ENTRY, Regs::SITE];
     assert!(routines.iter().all(|r| *r as usize != 0));
 }

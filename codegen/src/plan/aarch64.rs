@@ -83,7 +83,7 @@ fn sub_sp(imm: u64) -> Vec<Op> {
 /// The register the routine resumes through (see the module docs).
 fn resume(shape: Shape) -> Reg {
     match shape {
-        Shape::Entry => X16,
+        Shape::Entry | Shape::Site => X16,
         Shape::SaveRestore | Shape::Kretprobe => X30,
     }
 }
@@ -91,8 +91,8 @@ fn resume(shape: Shape) -> Reg {
 /// The register that holds `reg`'s value on entry to the routine.
 fn source(shape: Shape, reg: Reg) -> Reg {
     match (shape, reg) {
-        (Shape::Entry, X30) => X9, // the site moved the link register to x9
-        (_, Reg::A64Pc) => X30,    // the continuation: bl's link, or the ret that entered us
+        (Shape::Entry | Shape::Site, X30) => X9, // the site moved the link register to x9
+        (_, Reg::A64Pc) => X30,                  // the continuation: bl's link, or the ret that entered us
         _ => reg,
     }
 }
@@ -402,14 +402,21 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
         call.push(after);
         call.extend(far_access("str", "x0", "x1", pc_off, &pc_slot, Dir::Store, "= the real return address the handler returned"));
-    } else if let Some((before, after)) = matches!(shape, Shape::SaveRestore | Shape::Entry).then(|| super::context_cfi(Arch::Aarch64, frame)).flatten() {
+    } else if let Some((before, after)) =
+        matches!(shape, Shape::SaveRestore | Shape::Entry | Shape::Site).then(|| super::context_cfi(Arch::Aarch64, frame)).flatten()
+    {
         call.extend(before);
         call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
         call.push(after);
     } else {
         call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
     }
-    let mut epilogue = far_access("ldr", resume.name(), resume.name(), pc_off, &pc_slot, Dir::Load, "the resume address");
+    let mut epilogue = Vec::new();
+    match shape {
+        // The resume register's field is not reloaded: it keeps the handler's answer.
+        Shape::Site => call.push(Op::new(format!("mov {resume}, x0"), "the resume address the handler returned")),
+        _ => epilogue = far_access("ldr", resume.name(), resume.name(), pc_off, &pc_slot, Dir::Load, "the resume address"),
+    }
     let (hi, lo) = (alloc >> 12, alloc & 0xfff);
     if hi > 0 {
         epilogue.push(Op::new(format!("add sp, sp, #{hi}, lsl #12"), "free"));
@@ -417,15 +424,17 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     if lo > 0 || hi == 0 {
         epilogue.push(Op::new(format!("add sp, sp, #{lo}"), "free: sp is the probed context's again"));
     }
-    epilogue.push(Op::new(if resume == X30 { "ret".to_string() } else { format!("ret {resume}") }, "resume at the frame's pc"));
+    let whither = if shape == Shape::Site { "resume where the handler said" } else { "resume at the frame's pc" };
+    epilogue.push(Op::new(if resume == X30 { "ret".to_string() } else { format!("ret {resume}") }, whither));
+    // Site: the pc field gets the site, the continuation less the site's length (x30
+    // is free for it: its own field holds x9's value, and the routine leaves by x16).
+    let mut prologue = Vec::new();
+    if shape == Shape::Site {
+        prologue.push(Op::new(format!("sub x30, x30, #{}", crate::site::len(Arch::Aarch64)), "pc: the site, before the continuation (sub: flags untouched)"));
+    }
+    prologue.extend(sub_sp(alloc));
 
-    Ok(Plan::assemble(
-        frame,
-        policy,
-        fp,
-        shape,
-        Parts { alloc, hidden, fp_area, red_zone: 0, prologue: sub_sp(alloc), steps, call, epilogue, operands: vec!["handler"] },
-    ))
+    Ok(Plan::assemble(frame, policy, fp, shape, Parts { alloc, hidden, fp_area, red_zone: 0, prologue, steps, call, epilogue, operands: vec!["handler"] }))
 }
 
 /// `str`/`ldr` of one 8-byte slot at any offset, through `tmp` as base if it is far.

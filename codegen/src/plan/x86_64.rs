@@ -84,11 +84,11 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     if frame.arch != Arch::X86_64 {
         return Err(PlanError::ArchMismatch { frame: frame.arch, wanted: Arch::X86_64 });
     }
-    let rz = if shape == Shape::Entry { RED_ZONE } else { 0 };
+    let rz = if shape.at_entry() { RED_ZONE } else { 0 };
     let elems = elements(frame);
     // Entry at a known alignment (module docs): the allocation must fit in one page
     // below the red zone, so that no guard page can be jumped over.
-    let fixed = shape == Shape::Entry && !fp.is_full() && area(frame, fp, shape, false).alloc + rz <= 4096;
+    let fixed = shape.at_entry() && !fp.is_full() && area(frame, fp, shape, false).alloc + rz <= 4096;
     let Area { hidden, anchor, spills, rip, fp_area, alloc } = area(frame, fp, shape, !fixed);
 
     // Where the resume address the call pushed is, and the probed context's rsp: above
@@ -127,7 +127,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         }
         (Some(_), _) => {
             match shape {
-                Shape::Entry => prologue.push(Op::new(format!("lea rsp, [rsp - {rz}]"), "step over the red zone of the probed code (lea: flags untouched)")),
+                Shape::Entry | Shape::Site => {
+                    prologue.push(Op::new(format!("lea rsp, [rsp - {rz}]"), "step over the red zone of the probed code (lea: flags untouched)"))
+                }
                 Shape::Kretprobe => {
                     prologue.push(Op::new("lea rsp, [rsp - 8]", "hole for the real return address the handler gives back (lea: flags untouched)"))
                 }
@@ -245,9 +247,17 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         } else {
             step.save.push(Op::new(format!("mov rcx, qword ptr [{resume_at}]"), "rip: the resume address the call pushed"));
         }
+        if shape == Shape::Site {
+            let len = crate::site::len(Arch::X86_64);
+            step.save.push(Op::new(format!("lea rcx, [rcx - {len}]"), "rip: the site, before the resume address"));
+        }
         step.save.push(store("rcx", *off, slot.clone(), format!("{slot} @{off}")));
-        step.restore.push(load("rcx", *off, slot.clone(), format!("{slot} @{off}")));
-        step.restore.push(Op::new(format!("mov qword ptr [{resume_at}], rcx"), "the resume address"));
+        // A Site routine resumes where its handler said (see the call below); with an
+        // anchor, through the rip slot.
+        if shape != Shape::Site || anchor.is_some() {
+            step.restore.push(load("rcx", *off, slot.clone(), format!("{slot} @{off}")));
+            step.restore.push(Op::new(format!("mov qword ptr [{resume_at}], rcx"), "the resume address"));
+        }
         steps.push(step);
     }
     // 4. The anchor, last of the general state: restore reloads it first.
@@ -272,7 +282,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     // has DF clear already (SysV AMD64 §3.2.1): `cld` costs a few cycles that an Entry
     // routine's ~15 ns do not have to spare (~0.5 ns a site hit here).
     let mut call = Vec::new();
-    if shape != Shape::Entry {
+    if !shape.at_entry() {
         call.push(Op::new("cld", "the ABI wants DF clear at a call (the original rflags are saved)"));
     }
     call.push(Op::new("mov rdi, rsp", "argument 1: the frame"));
@@ -293,12 +303,29 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
         call.push(after);
         call.push(store("rax", off, slot.clone(), format!("{slot} @{off} = the real return address the handler returned")));
-    } else if let Some((before, after)) = matches!(shape, Shape::SaveRestore | Shape::Entry).then(|| super::context_cfi(Arch::X86_64, frame)).flatten() {
+    } else if let Some((before, after)) =
+        matches!(shape, Shape::SaveRestore | Shape::Entry | Shape::Site).then(|| super::context_cfi(Arch::X86_64, frame)).flatten()
+    {
         call.extend(before);
         call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
         call.push(after);
     } else {
         call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
+    }
+    if shape == Shape::Site {
+        match (anchor, rip.clone()) {
+            // The resume address is rewritten only if it changes (flags are not
+            // restored at a function entry): a store just before the `ret` that reads
+            // it would cost every hit (see `Shape::Site`).
+            (None, _) => call.extend([
+                Op::new(format!("cmp rax, qword ptr [{resume_at}]"), "the resume address the handler returned: the continuation?"),
+                Op::new("je 3f", ""),
+                Op::new(format!("mov qword ptr [{resume_at}], rax"), "no: resume there"),
+                Op::new("3:", ""),
+            ]),
+            (Some(_), Some((off, slot))) => call.push(store("rax", off, slot.clone(), format!("{slot} @{off} = the resume address the handler returned"))),
+            (Some(_), None) => unreachable!("an anchored Site routine has a resume slot (`area`)"),
+        }
     }
 
     // Back to the anchor (rax, then rflags if they are restored), then one `lea` over
@@ -339,7 +366,8 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         // the 128-byte red zone.
         epilogue.push(Op::new("jmp qword ptr [rsp - 8]", "resume at the frame's rip (a jump: the return-stack buffer stays in step)"));
     } else {
-        epilogue.push(Op::new("ret", "resume at the frame's rip; rsp is the probed context's again"));
+        let whither = if shape == Shape::Site { "resume where the handler said" } else { "resume at the frame's rip" };
+        epilogue.push(Op::new("ret", format!("{whither}; rsp is the probed context's again")));
     }
 
     Ok(Plan::assemble(frame, policy, fp, shape, Parts { alloc, hidden, fp_area, red_zone: rz, prologue, steps, call, epilogue, operands }))
@@ -398,7 +426,9 @@ fn area(frame: &FrameLayout, fp: Fp, shape: Shape, anchored: bool) -> Area {
         .collect();
     let rip = match frame.offset_of(Reg::X86Rip) {
         Some(off) => Some((off, Slot::Field { name: field_name(frame, Reg::X86Rip), reg: Some(Reg::X86Rip) })),
-        None if shape == Shape::Kretprobe => Some((take(Slot::Resume), Slot::Resume)),
+        // Kretprobe's handler gives the resume address, and so does Site's, which
+        // goes through the slot only with an anchor (see the handler call).
+        None if shape == Shape::Kretprobe || shape == Shape::Site && anchored => Some((take(Slot::Resume), Slot::Resume)),
         None => None,
     };
     let Hidden { next, slots: hidden } = h;

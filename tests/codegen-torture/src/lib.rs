@@ -42,12 +42,17 @@ pub struct Elem {
     pub v: V,
 }
 
+/// Bytes of probe-codegen's site, stated independently: x86_64 `call rel32`, aarch64
+/// `mov x9, x30; bl` (a Site routine's pc field is the continuation less this).
+const SITE_LEN: usize = if cfg!(target_arch = "x86_64") { 5 } else { 8 };
+
 /// Mirrors probe_codegen::Shape for the generated table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     SaveRestore,
     Kretprobe,
     Entry,
+    Site,
 }
 
 /// Mirrors probe_codegen::Fp for the generated table.
@@ -126,7 +131,9 @@ struct Run {
     routine: &'static Routine,
     frame: Vec<u8>,
     fp: Vec<u8>,
-    kret_return: usize,
+    /// What the handler returns: the real return address (Kretprobe), where to resume
+    /// (Site).
+    returns: usize,
     df_clear: bool,
     hits: u32,
     /// The frame and FP area pointers the handler got: the stack pointer at the call.
@@ -209,7 +216,7 @@ pub unsafe extern "C" fn torture_handler(frame: *mut u8, fp: *mut u8) -> usize {
     if r.fp == FpMode::FullInUse {
         clobber_in_use();
     }
-    run.kret_return
+    run.returns
 }
 
 /// Makes every vector register's bits above 127 non-zero (x86_64), as a handler's
@@ -554,7 +561,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         // may meet it set: not at a function's entry (Entry), where the ABI has it
         // clear and the routine relies on that (no `cld`).
         match r.shape {
-            Kind::Entry => 0x202 | (flags & 0x8d5),
+            Kind::Entry | Kind::Site => 0x202 | (flags & 0x8d5),
             _ => 0x202 | (flags & 0xcd5) | if set_df { 0x400 } else { 0 },
         }
     } else {
@@ -565,12 +572,12 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     let top = (stack.as_mut_ptr() as usize + STACK - 64) & !15;
     // x86_64 Entry runs at a function entry, where the ABI has P + 8 16-aligned: its
     // routines count on that (the plan's module docs), so it is the only P they meet.
-    let at_function_entry = is_x86 && r.shape == Kind::Entry;
+    let at_function_entry = is_x86 && matches!(r.shape, Kind::Entry | Kind::Site);
     let p = top - if skew || at_function_entry { 8 } else { 0 };
     ctx.p = p as u64;
     let entry = match (r.shape, is_x86) {
         (Kind::Kretprobe, _) => Entry::Kret,
-        (Kind::Entry, false) => Entry::Ftrace,
+        (Kind::Entry | Kind::Site, false) => Entry::Ftrace,
         _ => Entry::Call,
     };
     let cont = harness::cont_address(entry);
@@ -586,7 +593,10 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         routine: r,
         frame: vec![0; r.frame_size],
         fp: Vec::with_capacity(1024),
-        kret_return: cont,
+        returns: match r.shape {
+            Kind::Site => redirect_to.unwrap_or(cont),
+            _ => cont,
+        },
         df_clear: false,
         hits: 0,
         frame_at: 0,
@@ -657,6 +667,8 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     let x30_in = ctx.in_gpr[30];
     let pc_seen = match r.shape {
         Kind::Kretprobe => target as u64,
+        // The site's address: the continuation less the site's length.
+        Kind::Site => (cont - SITE_LEN) as u64,
         _ => cont as u64,
     };
     for e in r.elems {
@@ -676,9 +688,9 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
             V::Gpr(30) if !is_x86 => match r.shape {
                 Kind::SaveRestore => cont as u64,
                 Kind::Kretprobe => target as u64,
-                Kind::Entry => x30_in,
+                Kind::Entry | Kind::Site => x30_in,
             },
-            V::Gpr(9) if !is_x86 && r.shape == Kind::Entry => x30_in,
+            V::Gpr(9) if !is_x86 && matches!(r.shape, Kind::Entry | Kind::Site) => x30_in,
             V::Gpr(n) => ctx.in_gpr[n as usize],
             V::Sp => p as u64,
             V::Pc => pc_seen,
@@ -708,7 +720,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         let input = match (is_x86, r.shape, n) {
             (false, Kind::SaveRestore, 30) => cont as u64,
             // The site's `mov x9, x30` put the link register in x9.
-            (false, Kind::Entry, 9 | 30) => x30_in,
+            (false, Kind::Entry | Kind::Site, 9 | 30) => x30_in,
             _ => ctx.in_gpr[n],
         };
         // What the policies promise, stated independently of probe-codegen: callee-saved
@@ -719,7 +731,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
             // The resume register holds the resume address: x30 as after any call;
             // Entry's x16 (IP0, free at a function entry), so that x9 keeps the link
             // register the site put there.
-            (false, Kind::Entry, 16) | (false, Kind::SaveRestore | Kind::Kretprobe, 30) => resumed,
+            (false, Kind::Entry | Kind::Site, 16) | (false, Kind::SaveRestore | Kind::Kretprobe, 30) => resumed,
             _ if elem.is_some() && (r.all || !callee_saved) => modified(input, n as u8),
             _ => input,
         };
@@ -727,7 +739,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     }
     check("stack pointer after".into(), ctx.out_sp, p as u64);
     let flags_field = r.elems.iter().any(|e| e.v == V::Flags);
-    if is_x86 && matches!(r.shape, Kind::Entry | Kind::Kretprobe) {
+    if is_x86 && matches!(r.shape, Kind::Entry | Kind::Site | Kind::Kretprobe) {
         // A function entry or return: the status flags are not preserved across calls
         // (SysV), so these shapes do not restore them; DF must leave clear, as the ABI
         // wants there.
@@ -776,7 +788,7 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         }
     }
     // The red zone of the probed code (x86_64 Entry): untouched below the call's own push.
-    if is_x86 && r.shape == Kind::Entry {
+    if is_x86 && matches!(r.shape, Kind::Entry | Kind::Site) {
         let base = stack.as_ptr() as usize;
         let zone = &stack[p - 136 - base..p - 8 - base];
         if let Some(i) = zone.iter().position(|b| *b != CANARY) {

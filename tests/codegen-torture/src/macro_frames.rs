@@ -7,7 +7,7 @@ use crate::torture_handler;
 
 /// One frame for both architectures: per-arch bindings, a register range, padding,
 /// an arch-only field, fields in unusual order.
-#[probekit::pt_regs(shapes(save_restore, kretprobe, entry), policy = caller_saved, fp = args, handler = mixed_handler)]
+#[probekit::pt_regs(shapes(save_restore, kretprobe, entry, site), policy = caller_saved, fp = args, handler = mixed_handler)]
 #[repr(C)]
 pub struct MacroMixed {
     #[reg(x86_64 = "rip", aarch64 = "pc")]
@@ -28,7 +28,7 @@ pub struct MacroMixed {
 }
 
 /// Every general register under `All` with the full FP/SIMD state.
-#[probekit::pt_regs(shapes(save_restore, kretprobe, entry), policy = all, fp = full, handler = full_handler)]
+#[probekit::pt_regs(shapes(save_restore, kretprobe, entry, site), policy = all, fp = full, handler = full_handler)]
 #[repr(C)]
 pub struct MacroFull {
     #[reg(x86_64 = "rax..=r15", aarch64 = "x0..=x15")]

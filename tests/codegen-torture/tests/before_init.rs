@@ -22,5 +22,5 @@ fn full_in_use_before_the_mask_is_known() {
         }
         runs += 1;
     }
-    assert_eq!(runs, 6, "3 shapes x 2 policies");
+    assert_eq!(runs, 8, "4 shapes x 2 policies");
 }

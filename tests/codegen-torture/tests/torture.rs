@@ -31,20 +31,20 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
 
 #[test]
 fn builtin_frame_every_policy_fp_and_shape() {
-    // 3 shapes × 2 policies × 9 FP modes × 4 register sets.
-    assert_eq!(run_all(|n| n.starts_with("torture_r") && n.contains("_ptregs_")), 216);
+    // 4 shapes × 2 policies × 9 FP modes × 4 register sets.
+    assert_eq!(run_all(|n| n.starts_with("torture_r") && n.contains("_ptregs_")), 288);
 }
 
 #[test]
 fn custom_frames_every_policy_fp_and_shape() {
     // Four frames of src/frames.rs per architecture.
-    assert_eq!(run_all(|n| n.starts_with("torture_r") && !n.contains("_ptregs_") && !n.contains("_random")), 4 * 216);
+    assert_eq!(run_all(|n| n.starts_with("torture_r") && !n.contains("_ptregs_") && !n.contains("_random")), 4 * 288);
 }
 
 #[test]
 fn pt_regs_macro_frames() {
-    // Two #[pt_regs] frames × 3 shapes × 4 register sets.
-    assert_eq!(run_all(|n| n.contains("_macro_")), 2 * 3 * 4);
+    // Two #[pt_regs] frames × 4 shapes × 4 register sets.
+    assert_eq!(run_all(|n| n.contains("_macro_")), 2 * 4 * 4);
 }
 
 #[test]
@@ -54,6 +54,6 @@ fn random_frames() {
 
 #[test]
 fn builder_s_file_frames() {
-    // The Builder's .S (fp = full, xsave operands by symbol) × 3 shapes × 4 register sets.
-    assert_eq!(run_all(|n| n.starts_with("torture_builder_")), 3 * 4);
+    // The Builder's .S (fp = full, xsave operands by symbol) × 4 shapes × 4 register sets.
+    assert_eq!(run_all(|n| n.starts_with("torture_builder_")), 4 * 4);
 }

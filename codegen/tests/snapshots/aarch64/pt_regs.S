@@ -42,6 +42,8 @@
 .equ S_FPSIMD_KRETPROBE, 272                 /* the kretprobe routine's FP/SIMD area, from the frame */
 .equ S_ALLOC_ENTRY, 400                      /* bytes the entry routine allocates: frame, hidden spills, FP/SIMD area */
 .equ S_FPSIMD_ENTRY, 272                     /* the entry routine's FP/SIMD area, from the frame */
+.equ S_ALLOC_SITE, 400                       /* bytes the site routine allocates: frame, hidden spills, FP/SIMD area */
+.equ S_FPSIMD_SITE, 272                      /* the site routine's FP/SIMD area, from the frame */
 /* pt_regs_kretprobe: PtRegs (aarch64), shape kretprobe, policy all, fp args */
 .pushsection .text.pt_regs_kretprobe, "ax", %progbits
 .balign 16
@@ -211,6 +213,108 @@ pt_regs_entry:
     ret x16                                      /* resume at the frame's pc */
 .cfi_endproc
 .size pt_regs_entry, . - pt_regs_entry
+.popsection
+/* pt_regs_site: PtRegs (aarch64), shape site, policy all, fp args */
+.pushsection .text.pt_regs_site, "ax", %progbits
+.balign 16
+.globl pt_regs_site
+.hidden pt_regs_site
+.type pt_regs_site, %function
+pt_regs_site:
+.cfi_startproc
+.cfi_return_column 96
+.cfi_undefined 96
+    sub x30, x30, #8                             /* pc: the site, before the continuation (sub: flags untouched) */
+    sub sp, sp, #400                             /* allocate the frame, hidden spills and FP area (sub: flags untouched) */
+    stp x0, x1, [sp, #S_X0]                      /* regs[0] @0, regs[1] @8 */
+    stp x2, x3, [sp, #S_X2]                      /* regs[2] @16, regs[3] @24 */
+    stp x4, x5, [sp, #S_X4]                      /* regs[4] @32, regs[5] @40 */
+    stp x6, x7, [sp, #S_X6]                      /* regs[6] @48, regs[7] @56 */
+    stp x8, x9, [sp, #S_X8]                      /* regs[8] @64, regs[9] @72 */
+    stp x10, x11, [sp, #S_X10]                   /* regs[10] @80, regs[11] @88 */
+    stp x12, x13, [sp, #S_X12]                   /* regs[12] @96, regs[13] @104 */
+    stp x14, x15, [sp, #S_X14]                   /* regs[14] @112, regs[15] @120 */
+    stp x16, x17, [sp, #S_X16]                   /* regs[16] @128, regs[17] @136 */
+    stp x18, x19, [sp, #S_X18]                   /* regs[18] @144, regs[19] @152 */
+    stp x20, x21, [sp, #S_X20]                   /* regs[20] @160, regs[21] @168 */
+    stp x22, x23, [sp, #S_X22]                   /* regs[22] @176, regs[23] @184 */
+    stp x24, x25, [sp, #S_X24]                   /* regs[24] @192, regs[25] @200 */
+    stp x26, x27, [sp, #S_X26]                   /* regs[26] @208, regs[27] @216 */
+    stp x28, x29, [sp, #S_X28]                   /* regs[28] @224, regs[29] @232 */
+    str x9, [sp, #S_X30]                         /* regs[30] @240 */
+    str x30, [sp, #S_PC]                         /* pc @256 */
+    add x0, sp, #400                             /* sp of the probed context */
+    str x0, [sp, #S_SP]                          /* sp @248 */
+    mrs x0, nzcv                                 /* condition flags (pstate bits 31..28) */
+    str x0, [sp, #S_PSTATE]                      /* pstate @264 */
+    stp q0, q1, [sp, #272]                       /* (fp q0) @272, (fp q1) @288 */
+    stp q2, q3, [sp, #304]                       /* (fp q2) @304, (fp q3) @320 */
+    stp q4, q5, [sp, #336]                       /* (fp q4) @336, (fp q5) @352 */
+    stp q6, q7, [sp, #368]                       /* (fp q6) @368, (fp q7) @384 */
+    mov x0, sp                                   /* argument 1: the frame */
+    add x1, sp, #272                             /* argument 2: the FP/SIMD area */
+    .cfi_escape 0x0f, 0x04, 0x8f, 0xf8, 0x01, 0x06 /* unwind: the CFA is the frame's stack pointer */
+    .cfi_escape 0x16, 0x60, 0x06, 0x8f, 0x80, 0x02, 0x06, 0x23, 0x01 /* unwind: the caller's pc is the frame's (+ 1: looked up at - 1) */
+    .cfi_escape 0x10, 0x00, 0x02, 0x8f, 0x00     /* unwind: the caller's x0 is in its field */
+    .cfi_escape 0x10, 0x01, 0x02, 0x8f, 0x08     /* unwind: the caller's x1 is in its field */
+    .cfi_escape 0x10, 0x02, 0x02, 0x8f, 0x10     /* unwind: the caller's x2 is in its field */
+    .cfi_escape 0x10, 0x03, 0x02, 0x8f, 0x18     /* unwind: the caller's x3 is in its field */
+    .cfi_escape 0x10, 0x04, 0x02, 0x8f, 0x20     /* unwind: the caller's x4 is in its field */
+    .cfi_escape 0x10, 0x05, 0x02, 0x8f, 0x28     /* unwind: the caller's x5 is in its field */
+    .cfi_escape 0x10, 0x06, 0x02, 0x8f, 0x30     /* unwind: the caller's x6 is in its field */
+    .cfi_escape 0x10, 0x07, 0x02, 0x8f, 0x38     /* unwind: the caller's x7 is in its field */
+    .cfi_escape 0x10, 0x08, 0x03, 0x8f, 0xc0, 0x00 /* unwind: the caller's x8 is in its field */
+    .cfi_escape 0x10, 0x09, 0x03, 0x8f, 0xc8, 0x00 /* unwind: the caller's x9 is in its field */
+    .cfi_escape 0x10, 0x0a, 0x03, 0x8f, 0xd0, 0x00 /* unwind: the caller's x10 is in its field */
+    .cfi_escape 0x10, 0x0b, 0x03, 0x8f, 0xd8, 0x00 /* unwind: the caller's x11 is in its field */
+    .cfi_escape 0x10, 0x0c, 0x03, 0x8f, 0xe0, 0x00 /* unwind: the caller's x12 is in its field */
+    .cfi_escape 0x10, 0x0d, 0x03, 0x8f, 0xe8, 0x00 /* unwind: the caller's x13 is in its field */
+    .cfi_escape 0x10, 0x0e, 0x03, 0x8f, 0xf0, 0x00 /* unwind: the caller's x14 is in its field */
+    .cfi_escape 0x10, 0x0f, 0x03, 0x8f, 0xf8, 0x00 /* unwind: the caller's x15 is in its field */
+    .cfi_escape 0x10, 0x10, 0x03, 0x8f, 0x80, 0x01 /* unwind: the caller's x16 is in its field */
+    .cfi_escape 0x10, 0x11, 0x03, 0x8f, 0x88, 0x01 /* unwind: the caller's x17 is in its field */
+    .cfi_escape 0x10, 0x12, 0x03, 0x8f, 0x90, 0x01 /* unwind: the caller's x18 is in its field */
+    .cfi_escape 0x10, 0x13, 0x03, 0x8f, 0x98, 0x01 /* unwind: the caller's x19 is in its field */
+    .cfi_escape 0x10, 0x14, 0x03, 0x8f, 0xa0, 0x01 /* unwind: the caller's x20 is in its field */
+    .cfi_escape 0x10, 0x15, 0x03, 0x8f, 0xa8, 0x01 /* unwind: the caller's x21 is in its field */
+    .cfi_escape 0x10, 0x16, 0x03, 0x8f, 0xb0, 0x01 /* unwind: the caller's x22 is in its field */
+    .cfi_escape 0x10, 0x17, 0x03, 0x8f, 0xb8, 0x01 /* unwind: the caller's x23 is in its field */
+    .cfi_escape 0x10, 0x18, 0x03, 0x8f, 0xc0, 0x01 /* unwind: the caller's x24 is in its field */
+    .cfi_escape 0x10, 0x19, 0x03, 0x8f, 0xc8, 0x01 /* unwind: the caller's x25 is in its field */
+    .cfi_escape 0x10, 0x1a, 0x03, 0x8f, 0xd0, 0x01 /* unwind: the caller's x26 is in its field */
+    .cfi_escape 0x10, 0x1b, 0x03, 0x8f, 0xd8, 0x01 /* unwind: the caller's x27 is in its field */
+    .cfi_escape 0x10, 0x1c, 0x03, 0x8f, 0xe0, 0x01 /* unwind: the caller's x28 is in its field */
+    .cfi_escape 0x10, 0x1d, 0x03, 0x8f, 0xe8, 0x01 /* unwind: the caller's x29 is in its field */
+    .cfi_escape 0x10, 0x1e, 0x03, 0x8f, 0xf0, 0x01 /* unwind: the caller's x30 is in its field */
+    bl probe_handler                             /* the handler; sp is 16-aligned */
+    .cfi_undefined 96                            /* unwind: past the call the caller is not known */
+    mov x16, x0                                  /* the resume address the handler returned */
+    ldp q6, q7, [sp, #368]                       /* (fp q6) @368, (fp q7) @384 */
+    ldp q4, q5, [sp, #336]                       /* (fp q4) @336, (fp q5) @352 */
+    ldp q2, q3, [sp, #304]                       /* (fp q2) @304, (fp q3) @320 */
+    ldp q0, q1, [sp, #272]                       /* (fp q0) @272, (fp q1) @288 */
+    ldr x0, [sp, #S_PSTATE]                      /* pstate @264 */
+    msr nzcv, x0                                 /* condition flags (the frame's) */
+    ldr x30, [sp, #S_X30]                        /* regs[30] @240 */
+    ldp x28, x29, [sp, #S_X28]                   /* regs[28] @224, regs[29] @232 */
+    ldp x26, x27, [sp, #S_X26]                   /* regs[26] @208, regs[27] @216 */
+    ldp x24, x25, [sp, #S_X24]                   /* regs[24] @192, regs[25] @200 */
+    ldp x22, x23, [sp, #S_X22]                   /* regs[22] @176, regs[23] @184 */
+    ldp x20, x21, [sp, #S_X20]                   /* regs[20] @160, regs[21] @168 */
+    ldp x18, x19, [sp, #S_X18]                   /* regs[18] @144, regs[19] @152 */
+    ldr x17, [sp, #S_X17]                        /* regs[17] @136 */
+    ldp x14, x15, [sp, #S_X14]                   /* regs[14] @112, regs[15] @120 */
+    ldp x12, x13, [sp, #S_X12]                   /* regs[12] @96, regs[13] @104 */
+    ldp x10, x11, [sp, #S_X10]                   /* regs[10] @80, regs[11] @88 */
+    ldp x8, x9, [sp, #S_X8]                      /* regs[8] @64, regs[9] @72 */
+    ldp x6, x7, [sp, #S_X6]                      /* regs[6] @48, regs[7] @56 */
+    ldp x4, x5, [sp, #S_X4]                      /* regs[4] @32, regs[5] @40 */
+    ldp x2, x3, [sp, #S_X2]                      /* regs[2] @16, regs[3] @24 */
+    ldp x0, x1, [sp, #S_X0]                      /* regs[0] @0, regs[1] @8 */
+    add sp, sp, #400                             /* free: sp is the probed context's again */
+    ret x16                                      /* resume where the handler said */
+.cfi_endproc
+.size pt_regs_site, . - pt_regs_site
 .popsection
 .pushsection .note.GNU-stack, "", %progbits
 .popsection

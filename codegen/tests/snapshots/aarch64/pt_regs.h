@@ -46,5 +46,7 @@
 #define S_FPSIMD_KRETPROBE 272 /* the kretprobe routine's FP/SIMD area, from the frame */
 #define S_ALLOC_ENTRY 400 /* bytes the entry routine allocates: frame, hidden spills, FP/SIMD area */
 #define S_FPSIMD_ENTRY 272 /* the entry routine's FP/SIMD area, from the frame */
+#define S_ALLOC_SITE 400 /* bytes the site routine allocates: frame, hidden spills, FP/SIMD area */
+#define S_FPSIMD_SITE 272 /* the site routine's FP/SIMD area, from the frame */
 
 #endif /* PROBEKIT_PTREGS_AARCH64_H */

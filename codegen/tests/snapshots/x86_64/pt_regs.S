@@ -26,6 +26,8 @@
 .equ S_FPSIMD_KRETPROBE, 176                 /* the kretprobe routine's FP/SIMD area, from the frame */
 .equ S_ALLOC_ENTRY, 304                      /* bytes the entry routine allocates: frame, hidden spills, FP/SIMD area */
 .equ S_FPSIMD_ENTRY, 176                     /* the entry routine's FP/SIMD area, from the frame */
+.equ S_ALLOC_SITE, 304                       /* bytes the site routine allocates: frame, hidden spills, FP/SIMD area */
+.equ S_FPSIMD_SITE, 176                      /* the site routine's FP/SIMD area, from the frame */
 .intel_syntax noprefix
 /* pt_regs_kretprobe: PtRegs (x86_64), shape kretprobe, policy all, fp args */
 .pushsection .text.pt_regs_kretprobe, "ax", @progbits
@@ -214,6 +216,104 @@ pt_regs_entry:
     ret                                          /* resume at the frame's rip; rsp is the probed context's again */
 .cfi_endproc
 .size pt_regs_entry, . - pt_regs_entry
+.popsection
+/* pt_regs_site: PtRegs (x86_64), shape site, policy all, fp args */
+.pushsection .text.pt_regs_site, "ax", @progbits
+.balign 16
+.globl pt_regs_site
+.hidden pt_regs_site
+.type pt_regs_site, @function
+pt_regs_site:
+.cfi_startproc
+.cfi_undefined rip
+    lea rsp, [rsp - 280]                         /* over the red zone, to just above the eflags field (lea: flags untouched) */
+    pushfq                                       /* eflags @144: rflags, before any instruction changes them */
+    lea rsp, [rsp - 144]                         /* allocate the rest of frame PtRegs + hidden + FP area */
+    mov qword ptr [rsp + S_R15], r15             /* r15 @0 */
+    mov qword ptr [rsp + S_R14], r14             /* r14 @8 */
+    mov qword ptr [rsp + S_R13], r13             /* r13 @16 */
+    mov qword ptr [rsp + S_R12], r12             /* r12 @24 */
+    mov qword ptr [rsp + S_RBP], rbp             /* rbp @32 */
+    mov qword ptr [rsp + S_RBX], rbx             /* rbx @40 */
+    mov qword ptr [rsp + S_R11], r11             /* r11 @48 */
+    mov qword ptr [rsp + S_R10], r10             /* r10 @56 */
+    mov qword ptr [rsp + S_R9], r9               /* r9 @64 */
+    mov qword ptr [rsp + S_R8], r8               /* r8 @72 */
+    mov qword ptr [rsp + S_RAX], rax             /* rax @80 */
+    mov qword ptr [rsp + S_RCX], rcx             /* rcx @88 */
+    mov qword ptr [rsp + S_RDX], rdx             /* rdx @96 */
+    mov qword ptr [rsp + S_RSI], rsi             /* rsi @104 */
+    mov qword ptr [rsp + S_RDI], rdi             /* rdi @112 */
+    mov qword ptr [rsp + S_ORIG_RAX], -1         /* orig_rax @120: defined value 0xffffffffffffffff */
+    mov rcx, cs                                  /* segment selector, zero-extended */
+    mov qword ptr [rsp + S_CS], rcx              /* cs @136 (read-only) */
+    lea rcx, [rsp + 440]                         /* rsp of the probed context: above the red zone and resume address */
+    mov qword ptr [rsp + S_RSP], rcx             /* rsp @152 (read-only) */
+    mov rcx, ss                                  /* segment selector, zero-extended */
+    mov qword ptr [rsp + S_SS], rcx              /* ss @160 (read-only) */
+    mov rcx, qword ptr [rsp + 432]               /* rip: the resume address the call pushed */
+    lea rcx, [rcx - 5]                           /* rip: the site, before the resume address */
+    mov qword ptr [rsp + S_RIP], rcx             /* rip @128 */
+    movaps xmmword ptr [rsp + 176], xmm0         /* xmm0 @176 */
+    movaps xmmword ptr [rsp + 192], xmm1         /* xmm1 @192 */
+    movaps xmmword ptr [rsp + 208], xmm2         /* xmm2 @208 */
+    movaps xmmword ptr [rsp + 224], xmm3         /* xmm3 @224 */
+    movaps xmmword ptr [rsp + 240], xmm4         /* xmm4 @240 */
+    movaps xmmword ptr [rsp + 256], xmm5         /* xmm5 @256 */
+    movaps xmmword ptr [rsp + 272], xmm6         /* xmm6 @272 */
+    movaps xmmword ptr [rsp + 288], xmm7         /* xmm7 @288 */
+    mov rdi, rsp                                 /* argument 1: the frame */
+    lea rsi, [rsp + 176]                         /* argument 2: the FP/SIMD area */
+    .cfi_escape 0x0f, 0x04, 0x77, 0x98, 0x01, 0x06 /* unwind: the CFA is the frame's stack pointer */
+    .cfi_escape 0x16, 0x10, 0x06, 0x77, 0x80, 0x01, 0x06, 0x23, 0x01 /* unwind: the caller's pc is the frame's (+ 1: looked up at - 1) */
+    .cfi_escape 0x10, 0x0f, 0x02, 0x77, 0x00     /* unwind: the caller's r15 is in its field */
+    .cfi_escape 0x10, 0x0e, 0x02, 0x77, 0x08     /* unwind: the caller's r14 is in its field */
+    .cfi_escape 0x10, 0x0d, 0x02, 0x77, 0x10     /* unwind: the caller's r13 is in its field */
+    .cfi_escape 0x10, 0x0c, 0x02, 0x77, 0x18     /* unwind: the caller's r12 is in its field */
+    .cfi_escape 0x10, 0x06, 0x02, 0x77, 0x20     /* unwind: the caller's rbp is in its field */
+    .cfi_escape 0x10, 0x03, 0x02, 0x77, 0x28     /* unwind: the caller's rbx is in its field */
+    .cfi_escape 0x10, 0x0b, 0x02, 0x77, 0x30     /* unwind: the caller's r11 is in its field */
+    .cfi_escape 0x10, 0x0a, 0x02, 0x77, 0x38     /* unwind: the caller's r10 is in its field */
+    .cfi_escape 0x10, 0x09, 0x03, 0x77, 0xc0, 0x00 /* unwind: the caller's r9 is in its field */
+    .cfi_escape 0x10, 0x08, 0x03, 0x77, 0xc8, 0x00 /* unwind: the caller's r8 is in its field */
+    .cfi_escape 0x10, 0x00, 0x03, 0x77, 0xd0, 0x00 /* unwind: the caller's rax is in its field */
+    .cfi_escape 0x10, 0x02, 0x03, 0x77, 0xd8, 0x00 /* unwind: the caller's rcx is in its field */
+    .cfi_escape 0x10, 0x01, 0x03, 0x77, 0xe0, 0x00 /* unwind: the caller's rdx is in its field */
+    .cfi_escape 0x10, 0x04, 0x03, 0x77, 0xe8, 0x00 /* unwind: the caller's rsi is in its field */
+    .cfi_escape 0x10, 0x05, 0x03, 0x77, 0xf0, 0x00 /* unwind: the caller's rdi is in its field */
+    call probe_handler                           /* the handler; rsp is 16-aligned here */
+    .cfi_undefined 16                            /* unwind: past the call the caller is not known */
+    cmp rax, qword ptr [rsp + 432]               /* the resume address the handler returned: the continuation? */
+    je 3f
+    mov qword ptr [rsp + 432], rax               /* no: resume there */
+    3:
+    movaps xmm7, xmmword ptr [rsp + 288]         /* xmm7 @288 */
+    movaps xmm6, xmmword ptr [rsp + 272]         /* xmm6 @272 */
+    movaps xmm5, xmmword ptr [rsp + 256]         /* xmm5 @256 */
+    movaps xmm4, xmmword ptr [rsp + 240]         /* xmm4 @240 */
+    movaps xmm3, xmmword ptr [rsp + 224]         /* xmm3 @224 */
+    movaps xmm2, xmmword ptr [rsp + 208]         /* xmm2 @208 */
+    movaps xmm1, xmmword ptr [rsp + 192]         /* xmm1 @192 */
+    movaps xmm0, xmmword ptr [rsp + 176]         /* xmm0 @176 */
+    mov rdi, qword ptr [rsp + S_RDI]             /* rdi @112 */
+    mov rsi, qword ptr [rsp + S_RSI]             /* rsi @104 */
+    mov rdx, qword ptr [rsp + S_RDX]             /* rdx @96 */
+    mov rcx, qword ptr [rsp + S_RCX]             /* rcx @88 */
+    mov rax, qword ptr [rsp + S_RAX]             /* rax @80 */
+    mov r8, qword ptr [rsp + S_R8]               /* r8 @72 */
+    mov r9, qword ptr [rsp + S_R9]               /* r9 @64 */
+    mov r10, qword ptr [rsp + S_R10]             /* r10 @56 */
+    mov r11, qword ptr [rsp + S_R11]             /* r11 @48 */
+    mov rbx, qword ptr [rsp + S_RBX]             /* rbx @40 */
+    mov rbp, qword ptr [rsp + S_RBP]             /* rbp @32 */
+    mov r12, qword ptr [rsp + S_R12]             /* r12 @24 */
+    mov r13, qword ptr [rsp + S_R13]             /* r13 @16 */
+    mov r14, qword ptr [rsp + S_R14]             /* r14 @8 */
+    mov r15, qword ptr [rsp + S_R15]             /* r15 @0 */
+    lea rsp, [rsp + 432]                         /* drop the frame, the red zone */
+    ret                                          /* resume where the handler said; rsp is the probed context's again */
+.cfi_endproc
+.size pt_regs_site, . - pt_regs_site
 .popsection
 .att_syntax prefix
 .pushsection .note.GNU-stack, "", @progbits

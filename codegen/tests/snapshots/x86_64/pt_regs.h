@@ -30,5 +30,7 @@
 #define S_FPSIMD_KRETPROBE 176 /* the kretprobe routine's FP/SIMD area, from the frame */
 #define S_ALLOC_ENTRY 304 /* bytes the entry routine allocates: frame, hidden spills, FP/SIMD area */
 #define S_FPSIMD_ENTRY 176 /* the entry routine's FP/SIMD area, from the frame */
+#define S_ALLOC_SITE 304 /* bytes the site routine allocates: frame, hidden spills, FP/SIMD area */
+#define S_FPSIMD_SITE 176 /* the site routine's FP/SIMD area, from the frame */
 
 #endif /* PROBEKIT_PTREGS_X86_64_H */
