@@ -50,8 +50,9 @@ fn main() {
     //   can tell which upper halves are in use (`cpu_support().wide`), else their low 128
     //   bits (Fp::Return, the `_narrow` copy); aarch64 v0-v3 (an HFA of four returns
     //   in them: Fp::Args, q0-q7);
-    // - the site trampoline of `#[traceable]` functions (entry shape, called from the
-    //   patched site; handlers may use floats and vector code): the low 128 bits of the
+    // - the site trampoline of `#[traceable]` functions (site shape: the entry shape
+    //   called from the patched site, whose frame's pc is the site and which resumes
+    //   where its dispatcher says; handlers may use floats and vector code): the low 128 bits of the
     //   argument registers (Fp::Args), all a traceable function can take in them: the
     //   Rust ABI passes SIMD vectors by pointer, and an `extern "C"` function taking
     //   `__m256` needs `#[target_feature]`, which a naked site cannot have (unstable);
@@ -68,7 +69,7 @@ fn main() {
     // writes into the site's record): nothing there is live in them (~1 ns a hit).
     let routines = [
         ("kretprobe.rs", Shape::Kretprobe, "probekit_kretprobe_trampoline", "crate::retprobe::dispatch"),
-        ("site.rs", Shape::Entry, "probekit_site_trampoline", "crate::site::dispatch"),
+        ("site.rs", Shape::Site, "probekit_site_trampoline", "crate::site::dispatch"),
         ("site_exit_entry.rs", Shape::Entry, "probekit_site_exit_entry_trampoline", "crate::site::patch::dispatch_exit_entry"),
         ("site_exit.rs", Shape::Entry, "probekit_site_exit_trampoline", "crate::retprobe::dispatch_exit"),
     ];
@@ -83,7 +84,7 @@ fn main() {
             // Sites' trampolines once more without FP/SIMD state, for functions whose
             // arguments and return value no FP/SIMD register carries (probe-codegen
             // `site::NO_FP`): nothing there is live at the entry or the return.
-            if shape == Shape::Entry {
+            if shape.at_entry() {
                 fps.push((Fp::None, "_no_fp"));
             }
             let mut probed_sps = Vec::new();

@@ -539,8 +539,21 @@ mod tests {
             unlink(i);
         }
         assert!(linked_at(addr).next().is_none() && linked_at(other).next().is_none());
-        for i in [a, b, c, d, e] {
+        // A record with a post handler is never named (the site dispatcher's short path
+        // runs pre handlers only), but is found through the table.
+        let f = reg.take_record().unwrap();
+        record(f).target.store(addr, Ordering::Relaxed);
+        record(f).post.store(empty_handler as *const () as usize, Ordering::Relaxed);
+        publish(f);
+        link(f).unwrap();
+        assert_eq!(sole(addr).map(index_of), None, "a post handler: no hint");
+        assert_eq!(indices(linked_at(addr)), [f]);
+        unlink(f);
+        record(f).post.store(0, Ordering::Relaxed);
+        for i in [a, b, c, d, e, f] {
             reg.retire(i);
         }
     }
+
+    fn empty_handler(_: &mut PtRegs, _: usize) {}
 }

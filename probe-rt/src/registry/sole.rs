@@ -5,9 +5,15 @@ use super::{chain_from, Record, ADDRS};
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 /// Where the hit paths find an address's record first: a direct-mapped table from an
-/// address to the record linked there, written while it is the only one (most probed
-/// addresses have one probe). It saves the address table's dependent loads (its
-/// pointer, its size, its entry, the record's chunk): ~3 ns of a ~10 ns site hit here.
+/// address to the record linked there, written while it is the only one and has no
+/// post handler (most probed addresses have one probe, with a pre handler only). It
+/// saves the address table's dependent loads (its pointer, its size, its entry, the
+/// record's chunk): ~3 ns of a ~10 ns site hit here. A record it names is therefore
+/// the whole of its address's chain, and runs its pre handler only: the site
+/// dispatcher's short path asks no more of it than that it is armed (a hit as a second
+/// probe is being linked, before the hint is taken back, is a hit of the moment before
+/// that registration, as one that had read the chain a moment earlier). A record's post
+/// handler is set before it is linked and stays for its life.
 ///
 /// A hint only: two addresses may share an entry, and an entry is read without a lock
 /// while [`refresh_sole`] rewrites it, so a reader may pair one write's address with
@@ -55,7 +61,7 @@ pub(crate) fn sole(addr: usize) -> Option<&'static Record> {
 }
 
 /// Rewrites the [`SOLE`] hint of `addr` after its chain changed: the record linked
-/// there if it is the only one, else none. An entry another address holds stays
+/// there if it is the only one and has no post handler, else none. An entry another address holds stays
 /// its (an address loses its hint only when its chain changes): addresses that share
 /// an entry do not take it from each other at every registration. Under the registry
 /// lock.
@@ -64,7 +70,7 @@ pub(super) fn refresh_sole(addr: usize) {
     let held = h.addr.load(Ordering::Relaxed);
     let mut chain = chain_from(ADDRS.head(addr));
     match (chain.next(), chain.next()) {
-        (Some(e), None) if held == 0 || held == addr => {
+        (Some(e), None) if (held == 0 || held == addr) && e.post.load(Ordering::Relaxed) == 0 => {
             h.addr.store(0, Ordering::Release);
             h.record.store(e as *const Record as *mut Record, Ordering::Release);
             h.addr.store(addr, Ordering::Release);

@@ -170,12 +170,20 @@ pub(crate) fn run_sole(e: &Record, site: usize, shard: Shard, regs: &mut PtRegs)
     if e.chain.load(Ordering::Acquire) != 0 || e.addr.load(Ordering::Acquire) != site || e.post.load(Ordering::Relaxed) != 0 {
         return false;
     }
+    run_hinted(e, shard, regs);
+    true
+}
+
+/// The short path of a site hit for the record `e` the site's hint names, armed there
+/// (the hint names only the only record of an address, without a post handler: see
+/// `registry::sole`): counts the hit and runs its pre handler.
+#[inline(always)]
+pub(crate) fn run_hinted(e: &Record, shard: Shard, regs: &mut PtRegs) {
     count_site_hit(shard, e);
     let pre = e.pre.load(Ordering::Relaxed);
     if pre != 0 {
         call_handler(pre, e.ctx.load(Ordering::Relaxed), regs);
     }
-    true
 }
 
 /// [`run_site_entered`] for every record on the site's chain. Out of line, and it

@@ -370,21 +370,23 @@ fn poke(sites: &[usize], olds: &[[u8; SITE_LEN]], new: &[[u8; SITE_LEN]]) -> Res
     }
 }
 
-/// Called by the site trampoline with the registers at the function's entry: runs the
-/// probes of the site (see `site::run_site`), then lets the function run, or returns
-/// from it if a handler overrode it. `extern "C"`: a panic in a handler aborts rather
-/// than unwind into the trampoline.
+/// Called by the site trampoline with the registers at the function's entry, pc the
+/// site (probe-codegen's site shape): runs the probes of the site (see
+/// `site::run_site`), then gives the trampoline where to resume: into the function, or
+/// where a handler redirected it (a `ret` if it overrode the function). `extern "C"`: a
+/// panic in a handler aborts rather than unwind into the trampoline.
 ///
 /// `SP` is where the trampoline that calls it keeps the probed stack pointer, from its
 /// frame (probe-codegen `Plan::probed_sp_offset`): there is one dispatcher per
-/// trampoline. On x86_64 it lets [`resume`] find the site again from the frame alone,
-/// so that nothing but the frame is kept across the handlers: every value kept costs
-/// the dispatcher a callee-saved register, saved and restored on each hit, although
-/// the trampoline restores every register anyway.
+/// trampoline. On x86_64 it lets [`end`] find the continuation again from the frame
+/// alone, so that nothing but the frame is kept across the handlers: every value kept
+/// costs the dispatcher a callee-saved register, saved and restored on each hit,
+/// although the trampoline restores every register anyway.
 pub(crate) extern "C" fn dispatch<const SP: usize>(frame: *mut PtRegs, _fp: *mut u8) -> usize {
-    // The short path: one probe on the site, named by its hint, without a post
-    // handler, the thread recorded and in no handler. No call but the handler's, and
-    // every other case out of line, so that the frame alone is kept across it.
+    // The short path: the site's record named by its hint (which names only the only
+    // record of an address, without a post handler: `registry::sole`) and armed, the
+    // thread recorded and in no handler. No call but the handler's, and every other
+    // case out of line, so that the frame alone is kept across it.
     //
     // The thread first: the compiler treats a thread-local's address as a call's
     // result, so a site found before it would be kept in a callee-saved register
@@ -396,37 +398,29 @@ pub(crate) extern "C" fn dispatch<const SP: usize>(frame: *mut PtRegs, _fp: *mut
     // SAFETY: the trampoline passes its frame, every field written by its save
     // sequence, used by nothing else until this returns.
     let regs = unsafe { &mut *frame };
-    let site = site_of(regs);
-    if crate::registry::sole(site).is_some_and(|e| crate::site::run_sole(e, site, shard, regs)) {
+    let site = regs.instruction_pointer() as usize;
+    match crate::registry::sole(site).filter(|e| e.addr.load(Ordering::Acquire) == site) {
+        Some(e) => {
+            crate::site::run_hinted(e, shard, regs);
+            // SAFETY: as above.
+            unsafe { end::<SP, true>(frame, site) }
+        }
         // SAFETY: as above.
-        unsafe { end::<SP, true>(frame, site) }
-    } else {
-        // SAFETY: as above.
-        unsafe { dispatch_entered::<SP>(frame, site, shard) }
+        None => unsafe { dispatch_entered::<SP>(frame, site, shard) },
     }
-}
-
-/// The site a site trampoline's frame was called from (its resume address is the end
-/// of the site), with the frame's instruction pointer set to it, as the handlers see
-/// it.
-#[inline(always)]
-fn site_of(regs: &mut PtRegs) -> usize {
-    let site = regs.instruction_pointer() as usize - SITE_LEN;
-    regs.set_instruction_pointer(site as u64);
-    site
 }
 
 /// [`dispatch`] for every other hit: the site's whole chain, the thread's first hit,
 /// a hit inside a handler.
 ///
 /// # Safety
-/// As [`resume`].
+/// As [`end`].
 #[cold]
 #[inline(never)]
 unsafe fn dispatch_long<const SP: usize>(frame: *mut PtRegs) -> usize {
     // SAFETY: the trampoline's frame (see `dispatch`).
     let regs = unsafe { &mut *frame };
-    let site = site_of(regs);
+    let site = regs.instruction_pointer() as usize;
     match crate::site::enter_site() {
         Some(shard) => {
             crate::site::run_site_entered(site, shard, regs);
@@ -445,7 +439,8 @@ unsafe fn dispatch_long<const SP: usize>(frame: *mut PtRegs) -> usize {
 /// path does not take.
 ///
 /// # Safety
-/// As [`resume`].
+/// As [`end`].
+#[cold]
 #[inline(never)]
 unsafe fn dispatch_entered<const SP: usize>(frame: *mut PtRegs, site: usize, shard: Shard) -> usize {
     // SAFETY: the trampoline's frame (see `dispatch`).
@@ -454,92 +449,68 @@ unsafe fn dispatch_entered<const SP: usize>(frame: *mut PtRegs, site: usize, sha
     unsafe { end::<SP, true>(frame, site) }
 }
 
-/// [`resume`], given the site where it needs it (aarch64).
-///
-/// # Safety
-/// As [`resume`].
-#[inline(always)]
-unsafe fn end<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs, site: usize) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let _ = site; // found again from the frame
-                      // SAFETY: as the caller's.
-        unsafe { resume::<SP, LEAVE>(frame) }
-    }
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: as the caller's.
-    unsafe {
-        resume::<SP, LEAVE>(frame, site)
-    }
-}
-
 /// [`dispatch`]'s end, once the handlers ran: clears the `active` flag if it set it
-/// (`LEAVE`), then sends the function on into its body, or, if a handler redirected
-/// it, where the handler said. Gives the frame's `rip` then (the trampoline reads
-/// the frame; a result that is not a constant keeps this a tail call).
+/// (`LEAVE`), then gives where the function goes on: into its body, or, if a handler
+/// redirected it (pc no longer the site), where the handler said.
 ///
-/// x86_64: out of line, reached by a tail call, with the site found from the resume
-/// address the site's call pushed (just below the probed stack pointer, which no
-/// handler changes through the frame): the site is therefore not kept across the
-/// handlers.
+/// x86_64: the site is found again from the continuation the site's call pushed (just
+/// below the probed stack pointer, which no handler changes through the frame), so it
+/// is not kept across the handlers; aarch64 keeps it (the continuation is in no memory
+/// the frame reaches).
 ///
 /// # Safety
 /// `frame` is the frame of a site trampoline whose probed stack pointer is `SP` bytes
 /// above it, filled in, its `rip` the site's (or where a handler redirected it).
-#[cfg(target_arch = "x86_64")]
-#[inline(never)]
-unsafe fn resume<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs) -> usize {
+#[inline(always)]
+unsafe fn end<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs, site: usize) -> usize {
     if LEAVE {
         crate::site::leave_site();
     }
-    let sp = frame as usize + SP;
-    // SAFETY: the slot below the probed stack pointer, where the site's call pushed
-    // the resume address, is in the running thread's stack, `SP - 8` bytes above the
-    // frame (see above).
-    let site = unsafe { frame.wrapping_byte_add(SP - 8).cast::<usize>().read() } - SITE_LEN;
     // SAFETY: the trampoline's frame, used by nothing else until this returns.
-    let regs = unsafe { &mut *frame };
-    let ip = regs.instruction_pointer();
-    if ip == site as u64 {
-        regs.set_instruction_pointer(ip + SITE_LEN as u64); // not redirected: into the function
-    } else {
-        // SAFETY: `sp` is the function's entry stack pointer (see above).
-        unsafe { redirected(regs, sp as u64) };
+    let ip = unsafe { (*frame).instruction_pointer() } as usize;
+    #[cfg(target_arch = "x86_64")]
+    {
+        // The site is found again from the frame.
+        let _ = site;
+        // SAFETY: the slot below the probed stack pointer, where the site's call pushed
+        // the continuation, is in the running thread's stack, `SP - 8` bytes above the
+        // frame (see above).
+        let back = unsafe { frame.wrapping_byte_add(SP - 8).cast::<usize>().read() };
+        if ip + SITE_LEN == back {
+            return back; // not redirected: into the function
+        }
+        // SAFETY: as the caller's.
+        unsafe { redirect::<SP>(frame) }
     }
-    regs.instruction_pointer() as usize
+    #[cfg(target_arch = "aarch64")]
+    match ip == site {
+        true => site + SITE_LEN, // not redirected: into the function
+        false => ip,
+    }
 }
 
-/// [`dispatch`]'s end on aarch64, where the resume address is in the frame alone (the
-/// site's `bl` left it in x30): inline, keeping `site`.
+/// [`end`] for a handler that moved pc (x86_64): see [`redirected`].
 ///
 /// # Safety
-/// `frame` is a site trampoline's frame, filled in.
-#[cfg(target_arch = "aarch64")]
-#[inline(always)]
-unsafe fn resume<const SP: usize, const LEAVE: bool>(frame: *mut PtRegs, site: usize) -> usize {
-    if LEAVE {
-        crate::site::leave_site();
-    }
+/// As [`end`].
+#[cfg(target_arch = "x86_64")]
+#[cold]
+#[inline(never)]
+unsafe fn redirect<const SP: usize>(frame: *mut PtRegs) -> usize {
     // SAFETY: the trampoline's frame, used by nothing else until this returns.
     let regs = unsafe { &mut *frame };
-    if regs.instruction_pointer() == site as u64 {
-        regs.set_instruction_pointer((site + SITE_LEN) as u64); // not redirected: into the function
-    }
+    // SAFETY: the probed stack pointer is the function's entry stack pointer (see `end`).
+    unsafe { redirected(regs, (frame as usize + SP) as u64) };
     regs.instruction_pointer() as usize
 }
 
 /// The site dispatchers of the site trampolines (see [`dispatch`]) and, x86_64, their
-/// tail-called ends, for the blacklist and the backtraces: each runs with the
+/// ends for a redirect, for the blacklist and the backtraces: each runs with the
 /// trampoline's frame at its caller's stack pointer.
 pub(crate) fn dispatchers() -> Vec<usize> {
     let dispatchers = [dispatch::<{ SITE_SP[0] }> as *const () as usize, dispatch::<{ SITE_SP[1] }> as *const () as usize];
     #[cfg(target_arch = "x86_64")]
-    let ends = [
-        resume::<{ SITE_SP[0] }, true> as *const () as usize,
-        resume::<{ SITE_SP[0] }, false> as *const () as usize,
-        resume::<{ SITE_SP[1] }, true> as *const () as usize,
-        resume::<{ SITE_SP[1] }, false> as *const () as usize,
-    ];
+    let ends = [redirect::<{ SITE_SP[0] }> as *const () as usize, redirect::<{ SITE_SP[1] }> as *const () as usize];
     #[cfg(target_arch = "aarch64")]
     let ends: [usize; 0] = []; // inline there
     dispatchers.into_iter().chain(ends).collect()
