@@ -159,7 +159,8 @@ impl Builder {
     }
 
     /// The symbol every routine calls: `extern "C" fn(*mut Frame, *mut u8) -> usize`
-    /// (the return value is the resume address for a kretprobe, ignored otherwise).
+    /// (the return value is the real return address for a kretprobe, where to resume
+    /// for a site, ignored otherwise).
     pub fn handler(mut self, symbol: &str) -> Builder {
         self.handler = symbol.to_string();
         self

@@ -120,6 +120,9 @@ pub enum PlanError {
     ArchMismatch { frame: Arch, wanted: Arch },
     /// An aarch64 offset out of every encodable range with no register to use as a base.
     FrameTooLarge { frame: String, field: String, offset: u64 },
+    /// A [`Shape::Site`] routine over a frame without a pc (`rip`) field: its handler
+    /// could not see the site, nor tell where to resume.
+    SiteWithoutPc { frame: String },
 }
 
 impl fmt::Display for PlanError {
@@ -133,6 +136,9 @@ impl fmt::Display for PlanError {
                 "frame `{frame}`: `{field}` at offset {offset} cannot be reached from `sp`, and no field of \
                  x3..x8 or x10..x29 below 32760 bytes can serve as a base register: such a field must come first"
             ),
+            PlanError::SiteWithoutPc { frame } => {
+                write!(f, "frame `{frame}` has no pc (`rip`) field: a `site` routine's handler reads the site there and returns where to resume")
+            }
         }
     }
 }
@@ -152,14 +158,14 @@ pub struct Plan {
     pub shape: Shape,
     /// Bytes the routine allocates statically below its entry stack pointer for the
     /// frame, hidden spills and FP area (x86_64: after the anchor words and alignment,
-    /// or, for `Entry` without an anchor, right below the red zone; with `Fp::Full` the
+    /// or, for `Entry` and `Site` without an anchor, right below the red zone; with `Fp::Full` the
     /// run-time `xsave` area comes on top).
     pub alloc: u64,
     /// Hidden slots: `(slot, offset)` past the frame.
     pub hidden: Vec<(Slot, u64)>,
     /// Offset and static size of the FP/SIMD area (size 0: known at run time, `xsave`).
     pub fp_area: Option<(u64, u64)>,
-    /// Bytes below the entry stack pointer the routine never touches (x86_64 `Entry`: the red zone).
+    /// Bytes below the entry stack pointer the routine never touches (x86_64 `Entry` and `Site`: the red zone).
     pub red_zone: u64,
     /// Entry to allocation.
     pub prologue: Vec<Op>,
@@ -178,6 +184,13 @@ pub struct Plan {
 impl Plan {
     /// Plans a routine of `shape` for `frame`.
     pub fn new(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) -> Result<Plan, PlanError> {
+        let pc = match frame.arch {
+            Arch::X86_64 => Reg::X86Rip,
+            Arch::Aarch64 => Reg::A64Pc,
+        };
+        if shape == Shape::Site && frame.offset_of(pc).is_none() {
+            return Err(PlanError::SiteWithoutPc { frame: frame.name.clone() });
+        }
         match frame.arch {
             Arch::X86_64 => x86_64::plan(frame, policy, fp, shape),
             Arch::Aarch64 => aarch64::plan(frame, policy, fp, shape),
@@ -190,7 +203,7 @@ impl Plan {
     }
 
     /// Whether the routine carries call-frame information (`.cfi_*` around its handler
-    /// call: a Kretprobe routine, and a SaveRestore or Entry routine over a frame with
+    /// call: a Kretprobe routine, and a SaveRestore, Entry or Site routine over a frame with
     /// stack pointer and pc fields), and so needs `.cfi_startproc` … `.cfi_endproc`
     /// around it.
     pub fn has_cfi(&self) -> bool {
@@ -210,7 +223,7 @@ impl Plan {
 
     /// Where the probed context's stack pointer is while the handler runs, as an offset
     /// from the frame base, if the routine allocates at a fixed distance below it: every
-    /// aarch64 routine (sp is 16-aligned everywhere), and x86_64 `Entry` without an
+    /// aarch64 routine (sp is 16-aligned everywhere), and x86_64 `Entry` and `Site` without an
     /// anchor. `None` when only the anchor knows (x86_64 alignment at run time). A
     /// dispatcher can read it when the frame's own stack-pointer field may have been
     /// changed by a handler.
@@ -276,7 +289,7 @@ fn kretprobe_cfi(arch: Arch, cfa: &[u8], ra_off: u64) -> (Vec<Op>, Op) {
     (before, Op::new(format!(".cfi_undefined {ra_name}"), "unwind: past the call the return address is not in the frame"))
 }
 
-/// The return-address column of a SaveRestore or Entry routine's call-frame information: x86_64
+/// The return-address column of a SaveRestore, Entry or Site routine's call-frame information: x86_64
 /// `rip` (16, a column of its own); aarch64 the column GCC's unwinder keeps for the pc
 /// of signal frames (`DWARF_ALT_FRAME_RETURN_COLUMN`, 96, libgcc's aarch64
 /// linux-unwind.h), because `x30` is a register of the frame with a value of its own.
@@ -299,7 +312,7 @@ fn dwarf_number(r: Reg) -> Option<u8> {
     }
 }
 
-/// The call-frame directives around a SaveRestore or Entry routine's handler call,
+/// The call-frame directives around a SaveRestore, Entry or Site routine's handler call,
 /// `(before, after)` the call, or `None` if the frame has no stack pointer or pc field.
 ///
 /// Such a routine resumes the frame's context (an Entry routine's is the probed

@@ -109,3 +109,25 @@ fn x86_64_entry_is_anchored_only_when_it_must_be() {
     let a = Plan::new(&FrameLayout::builtin(Arch::Aarch64), Policy::All, Fp::Args, Shape::Entry).unwrap();
     assert_eq!(a.probed_sp_offset(), Some(a.alloc));
 }
+
+/// aarch64 Site: x16 carries the handler's answer from the call to the `ret x16`, so
+/// it is never the base register of a frame past 32 KiB (Entry, which loads x16 from
+/// pc last, may take it). A frame without a pc field has no Site routine.
+#[test]
+fn aarch64_site_keeps_x16_for_the_resume_address() {
+    let src = "#[repr(C)] pub struct Far { pub x16: u64, pub x19: u64, pub _gap: [u64; 4200], pub x0: u64, pub pc: u64 }";
+    let f = FrameLayout::from_source(src, "Far", Arch::Aarch64).unwrap();
+    let entry = Plan::new(&f, Policy::All, Fp::None, Shape::Entry).unwrap();
+    let entry_text: Vec<String> = entry.ops().map(|o| o.asm.clone()).collect();
+    assert!(entry_text.iter().any(|t| t.starts_with("add x16, sp")), "Entry uses x16 as its base:\n{}", entry_text.join("\n"));
+    let site = Plan::new(&f, Policy::All, Fp::None, Shape::Site).unwrap();
+    let text: Vec<String> = site.ops().map(|o| o.asm.clone()).collect();
+    let answer = text.iter().position(|t| t == "mov x16, x0").expect("x16 takes the handler's answer");
+    assert!(!text[answer + 1..].iter().any(|t| t.contains("x16") && t != "ret x16"), "x16 written after the answer:\n{}", text.join("\n"));
+    assert!(text.iter().any(|t| t.starts_with("add x19, sp")), "Site uses x19 as its base:\n{}", text.join("\n"));
+    assert_eq!(text.first().map(String::as_str), Some("sub x30, x30, #8"));
+
+    let no_pc = FrameLayout::from_source("#[repr(C)] pub struct NoPc { pub x0: u64 }", "NoPc", Arch::Aarch64).unwrap();
+    let err = Plan::new(&no_pc, Policy::All, Fp::None, Shape::Site).unwrap_err();
+    assert!(err.to_string().contains("no pc (`rip`) field"), "{err}");
+}

@@ -58,7 +58,9 @@ mod traceable;
 /// that preserves every register, a hijacked return, a patched site) and call
 /// `handler`, an `unsafe extern "C" fn(*mut T, *mut u8) -> usize` that receives the frame
 /// and the FP/SIMD area (null with `fp = none`) and, for a kretprobe, returns the
-/// address to return to. The handler must not unwind.
+/// address to return to, for a site where to resume (the continuation, the frame's pc
+/// plus the site's length, to go on into the function); the other shapes ignore what it
+/// returns. A site routine needs a pc field. The handler must not unwind.
 ///
 /// On x86_64 some FP modes need more of the CPU than x86_64 itself: `full` an OS
 /// that enabled `xsave`, `args_wide` and `return_wide` `xgetbv` with `ecx = 1`,

@@ -52,7 +52,7 @@
 //! | --- | --- | --- |
 //! | breakpoint ([`Probe`], pre handler) | none | none |
 //! | breakpoint with a post handler | none | none |
-//! | site ([`Probe`] on a `#[traceable]` function) | status flags (CF PF AF ZF SF OF): as the site dispatcher left them | `x16`: the site's continuation, site + 8 |
+//! | site ([`Probe`] on a `#[traceable]` function) | status flags (CF PF AF ZF SF OF): as the site trampoline left them | `x16`: the site's continuation, site + 8 |
 //! | return ([`ReturnProbe`]) | status flags: as the return dispatcher left them | `x16`: the address of the return trampoline |
 //! | return on a `#[traceable]` function (entry on the site) | status flags, as a return probe | `x16`, as a return probe |
 //! | the same, through the site's exit path (most `#[traceable]` functions: see [`ReturnProbe`]) | status flags; `r10`, `r11` if it may take arguments on the stack (the exit path copies them: more than five arguments, or one that is not a scalar) | `x16`: the exit path's continuation; `x17` if it may take arguments on the stack |

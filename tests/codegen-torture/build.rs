@@ -52,9 +52,11 @@ fn main() {
         frames.push((layout, format!("crate::frames::{name}")));
     }
 
+    // A site routine needs a pc field (`PlanError::SiteWithoutPc`).
+    let has_pc = |f: &FrameLayout| f.offset_of(if arch == Arch::X86_64 { Reg::X86Rip } else { Reg::A64Pc }).is_some();
     let mut routines = Vec::new();
     for (i, (frame, ty)) in frames.iter().enumerate() {
-        for &shape in Shape::ALL {
+        for &shape in Shape::ALL.iter().filter(|s| **s != Shape::Site || has_pc(frame)) {
             for &policy in Policy::ALL {
                 for &fp in Fp::ALL {
                     routines.push((frame.clone(), ty.clone(), i, policy, fp, shape));
@@ -71,7 +73,10 @@ fn main() {
         let _ = writeln!(out, "pub mod rf{n} {{\n{src}\n}}");
         let policy = Policy::ALL[rng.below(2) as usize];
         let fp = Fp::ALL[rng.below(Fp::ALL.len() as u64) as usize];
-        let shape = Shape::ALL[rng.below(Shape::ALL.len() as u64) as usize];
+        let shape = match Shape::ALL[rng.below(Shape::ALL.len() as u64) as usize] {
+            Shape::Site if !has_pc(&layout) => Shape::Entry,
+            shape => shape,
+        };
         routines.push((layout, format!("crate::generated::rf{n}::{name}"), frames.len() + n, policy, fp, shape));
     }
 
@@ -95,7 +100,7 @@ fn main() {
     }
     for (name, policy, fp) in MACRO_FRAMES {
         let frame = FrameLayout::from_file("src/macro_frames.rs", name, arch).unwrap_or_else(|e| panic!("{e}"));
-        for &shape in Shape::ALL {
+        for &shape in Shape::ALL.iter().filter(|s| **s != Shape::Site || has_pc(&frame)) {
             let plan = Plan::new(&frame, *policy, *fp, shape).unwrap_or_else(|e| panic!("{e}"));
             let konst = shape.const_suffix();
             let label = format!("torture_macro_{}_{}", name.to_lowercase(), shape.name()).replace('-', "_");

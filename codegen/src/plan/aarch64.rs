@@ -11,7 +11,7 @@
 //!
 //! `sub sp, sp, #ALLOC` changes no flags, so the registers and `nzcv` are saved as they
 //! were. The resume address travels in a register: `x30` for SaveRestore (`bl`) and
-//! Kretprobe (the probed function's `ret`), `x16` for Entry. Entry's site is the
+//! Kretprobe (the probed function's `ret`), `x16` for Entry and Site. Entry's site is the
 //! kernel's `mov x9, x30; bl <trampoline>` (arch/arm64/kernel/entry-ftrace.S): there
 //! `x30` is the continuation and `x9` the original link register, which the function
 //! finds in `x9` unprobed. The kernel resumes with `ret x9`, which leaves the
@@ -29,6 +29,11 @@
 //! field is therefore not reloaded (a handler's write to it has no effect). After a
 //! routine it holds the resume address: `x30` as after any call; Entry's `x16`, the
 //! one register whose value differs from the unprobed run.
+//!
+//! Site is Entry with `x30` lowered by the site's 8 bytes first (the pc field gets the
+//! site; `x30`'s own field holds `x9`), and the resume register set from the handler's
+//! return value (`x0`) right after the call, the pc field not read back: so `x16` is
+//! never a base register there (see `Addr`).
 
 use super::*;
 
@@ -202,13 +207,15 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
 
     // Base register for offsets out of direct range (frames past 32 KiB): the first
     // slot saved directly whose register is reloaded on the way out, or is the resume
-    // register, loaded last (so clobbering it in between is invisible), is no scratch
-    // (x0..x2) and carries no other value (x9, x30). Slots are in offset order, so it
-    // is saved before any far access.
+    // register, loaded last (so clobbering it in between is invisible; not in Site,
+    // where it holds the handler's answer from the call on), is no scratch (x0..x2)
+    // and carries no other value (x9, x30). Slots are in offset order, so it is saved
+    // before any far access.
+    let resume_is_free = shape != Shape::Site;
     let addr = Addr {
         base: xslots
             .iter()
-            .find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && (s.into == Some(s.src) || s.src == resume) && unsigned_ok(s.off, 8))
+            .find(|s| matches!(s.src, Reg::A64X(3..=8 | 10..=29)) && (s.into == Some(s.src) || s.src == resume && resume_is_free) && unsigned_ok(s.off, 8))
             .map(|s| s.src),
     };
     let too_large = |field: &str, off: u64| PlanError::FrameTooLarge { frame: frame.name.clone(), field: field.to_string(), offset: off };

@@ -5,9 +5,9 @@
 //!
 //! ```text
 //!  P        ──────────────  stack of the probed context
-//!  P-8      resume address  pushed by the site's `call` (SaveRestore, Entry) or a hole
-//!                           the Kretprobe prologue makes for the real return address
-//!  P-8-RZ   red zone        128 bytes skipped by Entry (0 for the other shapes)
+//!  P-8      resume address  pushed by the site's `call` (SaveRestore, Entry, Site) or a
+//!                           hole the Kretprobe prologue makes for the real return address
+//!  P-8-RZ   red zone        128 bytes skipped by Entry and Site (0 for the other shapes)
 //!  A+8      rflags          pushfq: the flags are read before anything changes them
 //!  A        rax             push rax; then rax = A
 //!           (alignment)     and rsp, -16 (-64 with Fp::Full, then the run-time xsave area)
@@ -27,7 +27,10 @@
 //! return, only drop the flags word: the ABI does not preserve the flags across calls.
 //! Kretprobe also drops its resume address there and ends in `jmp [rsp-8]` instead of
 //! `ret`: its entry was a `ret` the return-stack buffer did not expect, and a second
-//! `ret` would desynchronise it for every return above.
+//! `ret` would desynchronise it for every return above. Site is Entry with rip saved
+//! as the site (the resume address less the call's 5 bytes) and not read back: the
+//! handler's return value is written over `P-8` if it differs (with an anchor,
+//! through the rip slot).
 //!
 //! Entry (but with `Fp::Full`, or a frame too large to allocate without probing the
 //! pages) needs no anchor: it runs at a function entry, where the ABI has `rsp + 8`

@@ -27,8 +27,9 @@ pub struct MacroMixed {
     pub stack: u64,
 }
 
-/// Every general register under `All` with the full FP/SIMD state.
-#[probekit::pt_regs(shapes(save_restore, kretprobe, entry, site), policy = all, fp = full, handler = full_handler)]
+/// Every general register under `All` with the full FP/SIMD state (no pc field: no
+/// site routine).
+#[probekit::pt_regs(shapes(save_restore, kretprobe, entry), policy = all, fp = full, handler = full_handler)]
 #[repr(C)]
 pub struct MacroFull {
     #[reg(x86_64 = "rax..=r15", aarch64 = "x0..=x15")]

@@ -475,7 +475,8 @@ mod expected {
     use super::Value;
     pub const BREAKPOINT: &[Value] = &[];
     pub const BREAKPOINT_POST: &[Value] = &[];
-    /// The site trampoline leaves the status flags as its dispatcher did.
+    /// The site trampoline leaves the status flags as its dispatcher and its own
+    /// comparison of the resume address did.
     pub const SITE: &[Value] = &[Value::Flags];
     /// The return trampoline leaves the status flags as its dispatcher did.
     pub const RETURN: &[Value] = &[Value::Flags];
