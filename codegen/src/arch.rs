@@ -183,6 +183,14 @@ impl Reg {
         }
     }
 
+    /// The program counter of `arch`: x86_64 `rip`, aarch64 `pc`.
+    pub fn pc(arch: Arch) -> Reg {
+        match arch {
+            Arch::X86_64 => Reg::X86Rip,
+            Arch::Aarch64 => Reg::A64Pc,
+        }
+    }
+
     /// The general registers of `arch` a trampoline must preserve, in encoding order
     /// (x86_64: all but `rsp`; aarch64: x0..x30).
     pub fn gprs(arch: Arch) -> Vec<Reg> {

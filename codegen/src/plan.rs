@@ -184,11 +184,7 @@ pub struct Plan {
 impl Plan {
     /// Plans a routine of `shape` for `frame`.
     pub fn new(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) -> Result<Plan, PlanError> {
-        let pc = match frame.arch {
-            Arch::X86_64 => Reg::X86Rip,
-            Arch::Aarch64 => Reg::A64Pc,
-        };
-        if shape == Shape::Site && frame.offset_of(pc).is_none() {
+        if shape == Shape::Site && frame.offset_of(Reg::pc(frame.arch)).is_none() {
             return Err(PlanError::SiteWithoutPc { frame: frame.name.clone() });
         }
         match frame.arch {
@@ -327,10 +323,11 @@ fn dwarf_number(r: Reg) -> Option<u8> {
 /// the function before, for a context at a function's first instruction). After the
 /// call the return address is undefined: a walk from elsewhere in the routine stops.
 fn context_cfi(arch: Arch, frame: &FrameLayout) -> Option<(Vec<Op>, Op)> {
-    let (sp_reg, pc_reg) = match arch {
-        Arch::X86_64 => (Reg::X86Gpr(4), Reg::X86Rip),
-        Arch::Aarch64 => (Reg::A64Sp, Reg::A64Pc),
+    let sp_reg = match arch {
+        Arch::X86_64 => Reg::X86Gpr(4),
+        Arch::Aarch64 => Reg::A64Sp,
     };
+    let pc_reg = Reg::pc(arch);
     let (sp_off, pc_off) = (frame.offset_of(sp_reg)?, frame.offset_of(pc_reg)?);
     let base = 0x70 + dwarf_number(sp_reg)?; // DW_OP_breg<sp>
     let ra = context_ra_column(arch);

@@ -164,8 +164,7 @@ proptest! {
                         }
                         // Refused only for a site routine over a frame without a pc field.
                         Err(PlanError::SiteWithoutPc { .. }) => {
-                            let pc = if arch == Arch::X86_64 { Reg::X86Rip } else { Reg::A64Pc };
-                            prop_assert!(shape == Shape::Site && frame.offset_of(pc).is_none(), "refused: {src}");
+                            prop_assert!(shape == Shape::Site && frame.offset_of(Reg::pc(arch)).is_none(), "refused: {src}");
                             continue;
                         }
                         Err(e) => return Err(TestCaseError::fail(e.to_string())),

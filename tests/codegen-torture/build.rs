@@ -53,7 +53,7 @@ fn main() {
     }
 
     // A site routine needs a pc field (`PlanError::SiteWithoutPc`).
-    let has_pc = |f: &FrameLayout| f.offset_of(if arch == Arch::X86_64 { Reg::X86Rip } else { Reg::A64Pc }).is_some();
+    let has_pc = |f: &FrameLayout| f.offset_of(Reg::pc(arch)).is_some();
     let mut routines = Vec::new();
     for (i, (frame, ty)) in frames.iter().enumerate() {
         for &shape in Shape::ALL.iter().filter(|s| **s != Shape::Site || has_pc(frame)) {
