@@ -245,6 +245,13 @@ impl Shape {
         matches!(self, Shape::Entry | Shape::Site)
     }
 
+    /// Whether at the handler call the routine's caller is the frame's context, which
+    /// it resumes (every shape but [`Shape::Kretprobe`], whose caller is the probed
+    /// function's, found through the frame's pc): what its call-frame information says.
+    pub(crate) fn resumes_frame_context(self) -> bool {
+        self != Shape::Kretprobe
+    }
+
     /// The shape in the names of its constants: `SAVE_RESTORE` (`S_ALLOC_SAVE_RESTORE`).
     pub fn const_suffix(self) -> String {
         self.name().replace('-', "_").to_uppercase()

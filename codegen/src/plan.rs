@@ -209,7 +209,7 @@ impl Plan {
     /// The return-address column of the routine's call-frame information, if it is not
     /// the arch's usual one (aarch64 SaveRestore: see `context_cfi`).
     pub fn cfi_return_column(&self) -> Option<u8> {
-        (matches!(self.shape, Shape::SaveRestore | Shape::Entry | Shape::Site) && self.arch() == Arch::Aarch64).then(|| context_ra_column(Arch::Aarch64))
+        (self.shape.resumes_frame_context() && self.arch() == Arch::Aarch64).then(|| context_ra_column(Arch::Aarch64))
     }
 
     /// Every instruction of the routine in order.

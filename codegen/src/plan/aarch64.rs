@@ -409,9 +409,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
         call.push(after);
         call.extend(far_access("str", "x0", "x1", pc_off, &pc_slot, Dir::Store, "= the real return address the handler returned"));
-    } else if let Some((before, after)) =
-        matches!(shape, Shape::SaveRestore | Shape::Entry | Shape::Site).then(|| super::context_cfi(Arch::Aarch64, frame)).flatten()
-    {
+    } else if let Some((before, after)) = shape.resumes_frame_context().then(|| super::context_cfi(Arch::Aarch64, frame)).flatten() {
         call.extend(before);
         call.push(Op::new("bl {handler}", "the handler; sp is 16-aligned"));
         call.push(after);

@@ -306,9 +306,7 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
         call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
         call.push(after);
         call.push(store("rax", off, slot.clone(), format!("{slot} @{off} = the real return address the handler returned")));
-    } else if let Some((before, after)) =
-        matches!(shape, Shape::SaveRestore | Shape::Entry | Shape::Site).then(|| super::context_cfi(Arch::X86_64, frame)).flatten()
-    {
+    } else if let Some((before, after)) = shape.resumes_frame_context().then(|| super::context_cfi(Arch::X86_64, frame)).flatten() {
         call.extend(before);
         call.push(Op::new("call {handler}", "the handler; rsp is 16-aligned here"));
         call.push(after);
