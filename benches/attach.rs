@@ -233,12 +233,13 @@ fn memory(mode: WriteMode) {
     }
     let f = probekit::__private::footprint();
     println!(
-        "  static: record {} B + site-hit counters {} B = {} B per probe; address-map entry {} B per probed address \
+        "  static: record {} B + site-hit counters {} B + padding {} B = {} B per probe; address-map entry {} B per probed address \
          (the table at most half full: 2 to 4 entries per address, and the outgrown tables kept: at most as much again); \
          out-of-line slot {} B per breakpoint probe",
         f.record,
         f.hit_counters,
-        f.record + f.hit_counters,
+        f.padding,
+        f.record + f.hit_counters + f.padding,
         f.addr_entry,
         f.slot
     );

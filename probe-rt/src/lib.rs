@@ -272,6 +272,10 @@ pub mod __private {
         pub record: usize,
         /// The record's per-thread site-hit counters, allocated beside it.
         pub hit_counters: usize,
+        /// The record's share of the padding of its group of records and counters
+        /// (a group fills a power of two, so that a hit finds a counter from the
+        /// record's address).
+        pub padding: usize,
         /// One entry of the address map: per probed address, not per probe; the table
         /// is kept at most half full, and the tables it outgrew are kept.
         pub addr_entry: usize,
@@ -283,7 +287,8 @@ pub mod __private {
     pub fn footprint() -> Footprint {
         Footprint {
             record: core::mem::size_of::<crate::registry::Record>(),
-            hit_counters: crate::registry::HIT_SHARDS * core::mem::size_of::<u64>(),
+            hit_counters: crate::registry::COUNTER_BYTES,
+            padding: crate::registry::RECORD_BYTES - core::mem::size_of::<crate::registry::Record>() - crate::registry::COUNTER_BYTES,
             addr_entry: crate::registry::addrmap::ENTRY_BYTES,
             slot: crate::registry::SLOT,
         }
