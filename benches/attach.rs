@@ -41,7 +41,7 @@
 //! live breakpoint probes beside them, per probe, after one probe of each kind paid the
 //! one-time costs; and the runtime's static accounting
 //! (`probekit::__private::footprint`). Records come in chunks of 1,024, so the heap
-//! figure moves by up to a chunk's share (about 20 B per probe) with the count.
+//! figure moves by up to a chunk's share (about 26 B per probe) with the count.
 
 use criterion::{BenchmarkId, Criterion};
 use probekit::{Probe, ProbeBuilder, ProbeHandle, PtRegs, WriteMode};

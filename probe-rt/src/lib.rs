@@ -288,7 +288,7 @@ pub mod __private {
         Footprint {
             record: core::mem::size_of::<crate::registry::Record>(),
             hit_counters: crate::registry::COUNTER_BYTES,
-            padding: crate::registry::RECORD_BYTES - core::mem::size_of::<crate::registry::Record>() - crate::registry::COUNTER_BYTES,
+            padding: crate::registry::PADDING_BYTES,
             addr_entry: crate::registry::addrmap::ENTRY_BYTES,
             slot: crate::registry::SLOT,
         }

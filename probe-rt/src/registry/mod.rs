@@ -7,74 +7,26 @@
 //! Written under [`REGISTRY`]'s lock by registration, arming and disarming; read
 //! without a lock by the hit paths, which must see every field of a record they reach
 //! filled in: a record is reached only through a chain link or a table entry stored
-//! with `Release` after it was filled in, or through [`record`] for an index below
+//! with `Release` after it was filled in, or through [`record()`] for an index below
 //! [`used`] (raised with `Release`).
 
 pub(crate) mod addrmap;
 pub(crate) mod handler;
+mod record;
 mod sole;
 
 use crate::grace::Shard;
 use crate::{grace, Error, PtRegs};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 pub(crate) use handler::{Call, Handler, Owner};
+pub(crate) use record::Record;
+use record::NONE;
 use sole::refresh_sole;
 pub(crate) use sole::sole;
 #[cfg(test)]
 use sole::{sole_entry, SOLE_LEN};
-
-/// The lock-free record of one probe, read by the hit paths. Every field is an atomic
-/// whose all-zero bits are its initial value: chunks of records are allocated zeroed.
-pub(crate) struct Record {
-    /// The probed address while armed, else 0.
-    pub addr: AtomicUsize,
-    /// The address the slot's breakpoint reports (kept after retirement).
-    pub resume_trap: AtomicUsize,
-    /// Where execution continues after the slot: the probed address + its length.
-    pub next: AtomicUsize,
-    pub slot: AtomicUsize,
-    /// The pre and post handlers: a [`Call`] (0: none) and its context each.
-    pub pre: AtomicUsize,
-    pub post: AtomicUsize,
-    pub ctx: AtomicUsize,
-    pub post_ctx: AtomicUsize,
-    pub nhit: AtomicU64,
-    pub nmissed: AtomicU64,
-    /// The probed address, for the handle, whether armed or not.
-    pub target: AtomicUsize,
-    /// The original bytes under the breakpoint.
-    pub orig: AtomicU64,
-    /// The identity of the probed code: its file and offset (`sys::maps::Mapping::code_id`;
-    /// 0 for anonymous memory), checked before every write.
-    pub code_id: AtomicU64,
-    /// The probed code went away: nothing is ever written for this record again.
-    pub gone: AtomicBool,
-    /// A simulated instruction (`kind` 0: it runs out of line in `slot`).
-    pub sim_kind: AtomicU64,
-    pub sim_a: AtomicU64,
-    pub sim_b: AtomicU64,
-    /// Registered and not yet unregistered.
-    pub live: AtomicBool,
-    /// Rides a `#[traceable]` function's site instead of a breakpoint.
-    pub site: AtomicBool,
-    /// From registration to unregistration: the index + 1 of the next record at the
-    /// same address, 0 for none. A retired record keeps its link until it is reused,
-    /// so a hit walking the chain through it goes on.
-    pub chain: AtomicU32,
-    /// Whether the probe may be optimized into a jump (`optprobe::Mode` as a byte; 0,
-    /// the zeroed value, is the default: when possible).
-    pub opt_mode: AtomicU8,
-    /// While its address is optimized: where a thread that hit the address's
-    /// breakpoint (still there while the jump is written or taken out) continues after
-    /// the pre handlers, the detour's relocated copy of the displaced instructions,
-    /// instead of the slot. 0 otherwise.
-    pub detour: AtomicUsize,
-    /// Records are made here only: in the chunks and as [`NONE`], which is what
-    /// [`count_site_hit`] relies on to find a record's counters from its address.
-    _private: (),
-}
 
 /// Records per chunk, and chunks at most (16 Mi records: memory runs out first).
 const CHUNK_BITS: usize = 10;
@@ -102,20 +54,28 @@ const GROUP: usize = 8;
 /// alone ([`counter`]): a pointer the record kept to it cost a load between the
 /// record's and the counter's, on the path every later instruction of the hit waits
 /// on (0.3-0.4 ns of a 6 ns site hit here, A/B). A thread's counters of a group share
-/// one cache line, which no other thread writes. 256 bytes a record in all.
+/// one cache line, which no other thread writes. [`RECORD_BYTES`] a record in all.
 #[repr(C, align(2048))] // the records first: record `i` is `i * size_of::<Record>()` bytes in
 struct Group {
     records: [Record; GROUP],
     /// Shard `s`'s counter of the group's record `i` is `hits[s][slot(i)]`.
     hits: [[AtomicU64; GROUP_ROW]; HIT_SHARDS],
 }
-// Records that grew past the room of the group's alignment need a larger one.
-const _: () = assert!(size_of::<Group>() == align_of::<Group>(), "a group fills its alignment");
+// Records that grew past the room of the group's alignment need a larger one; a row of
+// counters is one thread's cache line (records that grew past 8/7 of a power of two
+// leave gaps in it: 9 counters would share lines between threads).
+const _: () = {
+    assert!(size_of::<Group>() == align_of::<Group>(), "a group fills its alignment");
+    assert!(std::mem::offset_of!(Group, hits) % 64 == 0 && GROUP_ROW * size_of::<AtomicU64>() == 64, "a row is a cache line");
+    assert!(CHUNK.is_multiple_of(GROUP), "a chunk is whole groups");
+};
 
 /// A record's bytes, with its counters and its share of its group's padding.
 pub(crate) const RECORD_BYTES: usize = size_of::<Group>() / GROUP;
 /// A record's per-thread counters' bytes.
-pub(crate) const COUNTER_BYTES: usize = HIT_SHARDS * GROUP_ROW * size_of::<AtomicU64>() / GROUP;
+pub(crate) const COUNTER_BYTES: usize = HIT_SHARDS * size_of::<AtomicU64>();
+/// A record's share of its group's padding.
+pub(crate) const PADDING_BYTES: usize = RECORD_BYTES - size_of::<Record>() - COUNTER_BYTES;
 
 /// A record's place in its group's rows of counters: its offset in the group, shifted
 /// right by [`SLOT_SHIFT`]. Records are at least `1 << SLOT_SHIFT` bytes long, so the
@@ -129,10 +89,10 @@ const fn slot(i: usize) -> usize {
 /// are less than 8/7 of a power of two long).
 const GROUP_ROW: usize = slot(GROUP - 1) + 1;
 /// What [`grow`] allocates for a chunk: a group's alignment more than the chunk, so
-/// that a multiple of it with the chunk's room after it lies inside; with the
-/// allocator's least alignment, for which it gives fresh zeroed pages (`calloc`),
-/// untouched until used (with the group's, it would zero them by hand).
-const CHUNK_ROOM: std::alloc::Layout = match std::alloc::Layout::from_size_align(size_of::<Chunk>() + align_of::<Group>(), 16) {
+/// that a multiple of it with the chunk's room after it lies inside; with a word's
+/// alignment, for which the allocator gives fresh zeroed pages (`calloc`), untouched
+/// until used (with the group's, it would zero them by hand).
+const CHUNK_ROOM: std::alloc::Layout = match std::alloc::Layout::from_size_align(size_of::<Chunk>() + align_of::<Group>(), align_of::<AtomicU64>()) {
     Ok(layout) => layout,
     Err(_) => panic!("a chunk's layout"),
 };
@@ -150,34 +110,6 @@ static CHUNKS: [AtomicPtr<Chunk>; MAX_CHUNKS] = [const { AtomicPtr::new(std::ptr
 /// How many records registrations have taken so far: they are taken in order, and
 /// reused once freed.
 static USED: AtomicUsize = AtomicUsize::new(0);
-
-/// A record no index reaches (what [`record`] gives for an index whose chunk is not
-/// there, which no caller passes).
-static NONE: Record = Record {
-    addr: AtomicUsize::new(0),
-    resume_trap: AtomicUsize::new(0),
-    next: AtomicUsize::new(0),
-    slot: AtomicUsize::new(0),
-    pre: AtomicUsize::new(0),
-    post: AtomicUsize::new(0),
-    ctx: AtomicUsize::new(0),
-    post_ctx: AtomicUsize::new(0),
-    nhit: AtomicU64::new(0),
-    nmissed: AtomicU64::new(0),
-    target: AtomicUsize::new(0),
-    orig: AtomicU64::new(0),
-    code_id: AtomicU64::new(0),
-    gone: AtomicBool::new(false),
-    sim_kind: AtomicU64::new(0),
-    sim_a: AtomicU64::new(0),
-    sim_b: AtomicU64::new(0),
-    live: AtomicBool::new(false),
-    site: AtomicBool::new(false),
-    chain: AtomicU32::new(0),
-    opt_mode: AtomicU8::new(0),
-    detour: AtomicUsize::new(0),
-    _private: (),
-};
 
 /// The chunk holding record `index`, if it was allocated.
 #[inline(always)]
@@ -637,5 +569,22 @@ mod tests {
             }
         }
         assert!(std::ptr::eq(record(GROUP + 1), &c.groups[1].records[1]), "record GROUP + 1 is the second of the second group");
+    }
+
+    #[test]
+    fn a_site_hit_is_counted_in_the_thread_s_counter_and_reset() {
+        let mut reg = lock();
+        let i = reg.take_record().unwrap();
+        let e = record(i);
+        let shard = grace::with_thread(|t| t.shard());
+        count_site_hit(shard, e);
+        count_site_hit(shard, e);
+        // This thread's counter if it has one (the first HIT_SHARDS threads do), else `nhit`.
+        let sharded = shard.counter() < HIT_SHARDS;
+        assert_eq!((site_hits(i), e.nhit.load(Ordering::Relaxed)), if sharded { (2, 0) } else { (0, 2) });
+        reset_site_hits(i);
+        e.nhit.store(0, Ordering::Relaxed);
+        assert_eq!(site_hits(i), 0);
+        reg.untake(i);
     }
 }
