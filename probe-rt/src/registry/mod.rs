@@ -58,15 +58,16 @@ const GROUP: usize = 8;
 #[repr(C, align(2048))] // the records first: record `i` is `i * size_of::<Record>()` bytes in
 struct Group {
     records: [Record; GROUP],
-    /// Shard `s`'s counter of the group's record `i` is `hits[s][slot(i)]`.
-    hits: [[AtomicU64; GROUP_ROW]; HIT_SHARDS],
+    /// Shard `s`'s counter of the group's record `i` is `hits[s][i]`.
+    hits: [[AtomicU64; GROUP]; HIT_SHARDS],
 }
 // Records that grew past the room of the group's alignment need a larger one; a row of
-// counters is one thread's cache line (records that grew past 8/7 of a power of two
-// leave gaps in it: 9 counters would share lines between threads).
+// counters is one thread's cache line; the shift finds a record's place (records that
+// grew past 8/7 of a power of two would need a division); a chunk is whole groups.
 const _: () = {
     assert!(size_of::<Group>() == align_of::<Group>(), "a group fills its alignment");
-    assert!(std::mem::offset_of!(Group, hits) % 64 == 0 && GROUP_ROW * size_of::<AtomicU64>() == 64, "a row is a cache line");
+    assert!(std::mem::offset_of!(Group, hits) % 64 == 0 && GROUP * size_of::<AtomicU64>() == 64, "a row is a cache line");
+    assert!(((GROUP - 1) * size_of::<Record>()) >> PLACE_SHIFT == GROUP - 1, "the shift gives a record's place");
     assert!(CHUNK.is_multiple_of(GROUP), "a chunk is whole groups");
 };
 
@@ -77,17 +78,10 @@ pub(crate) const COUNTER_BYTES: usize = HIT_SHARDS * size_of::<AtomicU64>();
 /// A record's share of its group's padding.
 pub(crate) const PADDING_BYTES: usize = RECORD_BYTES - size_of::<Record>() - COUNTER_BYTES;
 
-/// A record's place in its group's rows of counters: its offset in the group, shifted
-/// right by [`SLOT_SHIFT`]. Records are at least `1 << SLOT_SHIFT` bytes long, so the
-/// places of two records differ; a shift costs less than a division by their size.
-const SLOT_SHIFT: u32 = size_of::<Record>().ilog2();
-/// The place of record `i` of a group (see [`SLOT_SHIFT`]).
-const fn slot(i: usize) -> usize {
-    (i * size_of::<Record>()) >> SLOT_SHIFT
-}
-/// Counters in a row: one place per record, and the gaps between (none while records
-/// are less than 8/7 of a power of two long).
-const GROUP_ROW: usize = slot(GROUP - 1) + 1;
+/// A record's place in its group from its offset there, shifted right by this rather
+/// than divided by the record's size (a shift costs less): exact for the group's
+/// places while records are less than 8/7 of a power of two long (checked above).
+const PLACE_SHIFT: u32 = size_of::<Record>().ilog2();
 /// What [`grow`] allocates for a chunk: a group's alignment more than the chunk, so
 /// that a multiple of it with the chunk's room after it lies inside; with a word's
 /// alignment, for which the allocator gives fresh zeroed pages (`calloc`), untouched
@@ -141,7 +135,7 @@ pub(crate) fn records() -> impl Iterator<Item = (usize, &'static Record)> {
 /// Record `index`'s hits counted per thread.
 pub(crate) fn site_hits(index: usize) -> u64 {
     let (g, i) = place(index);
-    chunk(index).map_or(0, |c| c.groups[g].hits.iter().map(|s| s[slot(i)].load(Ordering::Relaxed)).sum())
+    chunk(index).map_or(0, |c| c.groups[g].hits.iter().map(|s| s[i].load(Ordering::Relaxed)).sum())
 }
 
 /// Zeroes record `index`'s per-thread hit counters (before it is reused).
@@ -149,7 +143,7 @@ pub(crate) fn reset_site_hits(index: usize) {
     let (g, i) = place(index);
     if let Some(c) = chunk(index) {
         for s in &c.groups[g].hits {
-            s[slot(i)].store(0, Ordering::Relaxed);
+            s[i].store(0, Ordering::Relaxed);
         }
     }
 }
@@ -180,8 +174,8 @@ pub(crate) fn count_site_hit(shard: Shard, e: &Record) {
 fn counter(e: &Record, s: usize) -> *const AtomicU64 {
     let at = (e as *const Record).addr();
     let group = at & !(align_of::<Group>() - 1);
-    let i = (at - group) >> SLOT_SHIFT; // `slot` of the record's place in the group
-    std::ptr::with_exposed_provenance(group + std::mem::offset_of!(Group, hits) + (s * GROUP_ROW + i) * size_of::<AtomicU64>())
+    let i = (at - group) >> PLACE_SHIFT; // the record's place in the group
+    std::ptr::with_exposed_provenance(group + std::mem::offset_of!(Group, hits) + (s * GROUP + i) * size_of::<AtomicU64>())
 }
 
 /// Makes sure the chunk of record `index` exists (under the registry lock).
@@ -562,9 +556,8 @@ mod tests {
         for (g, group) in c.groups.iter().enumerate() {
             assert_eq!((group as *const Group).addr() % align_of::<Group>(), 0, "group {g} starts at a multiple of its alignment");
             for i in 0..GROUP {
-                assert!(i == 0 || slot(i) > slot(i - 1), "record {i} of a group has a counter of its own");
                 for s in 0..HIT_SHARDS {
-                    assert_eq!(counter(&group.records[i], s), &group.hits[s][slot(i)] as *const AtomicU64, "group {g}, record {i}, shard {s}");
+                    assert_eq!(counter(&group.records[i], s), &group.hits[s][i] as *const AtomicU64, "group {g}, record {i}, shard {s}");
                 }
             }
         }

@@ -21,13 +21,14 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
         if verbose {
             eprintln!("{}", r.name);
         }
+        // The last run also has the handler redirect execution through pc/rip.
+        let sets = [(false, false, false), (true, false, false), (false, true, false), (true, true, true)];
         if r.fp == FpMode::FullInUse && !in_use {
             eprintln!("{}: not run, this CPU's xsave layout is not the one Fp::FullInUse moves to", r.name);
-            runs += 4;
+            runs += sets.len();
             continue;
         }
-        // The last run also has the handler redirect execution through pc/rip.
-        for (skew, df, redirect) in [(false, false, false), (true, false, false), (false, true, false), (true, true, true)] {
+        for (skew, df, redirect) in sets {
             runs += 1;
             // aarch64 sp is 16-aligned at every instruction (AAPCS64 §6.4.5.1), so
             // only x86_64 meets a misaligned probed stack pointer.
