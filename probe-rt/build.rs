@@ -24,6 +24,14 @@ fn main() {
     };
     std::fs::write(out_dir.join("frame.rs"), frame).expect("OUT_DIR is writable");
     std::fs::write(out_dir.join("site_contract.rs"), contract).expect("OUT_DIR is writable");
+    // Where `Fp::FullInUse` moves the upper state, for the size of the area (see
+    // `__private::init_xsave`).
+    let in_use = format!(
+        "/// `(XCR0 bit, offset, bytes)` of each component `Fp::FullInUse` moves (probe-codegen's `Fp::IN_USE_COMPONENTS`).\n\
+         const IN_USE_COMPONENTS: [(u32, u64, u64); 4] = {:?};\n",
+        Fp::IN_USE_COMPONENTS
+    );
+    std::fs::write(out_dir.join("xsave.rs"), in_use).expect("OUT_DIR is writable");
     let text = match arch {
         Some(arch) => {
             let frame = FrameLayout::builtin(arch);

@@ -88,12 +88,17 @@ pub enum Fp {
     /// of the whole mask instead, which `xrstor64` reads back. PKRU is not kept: a
     /// handler that changes it changes the probed code's, as with a breakpoint probe.
     ///
+    /// The upper parts go to Intel's standard offsets ([`Fp::IN_USE_COMPONENTS`]: 576
+    /// AVX, 1088 opmask, 1152 ZMM_Hi256, 1664 Hi16_ZMM) on every CPU. A CPU without MPX
+    /// may place them lower in its own standard layout (AMD Zen 4: 832, 896, 1408, and
+    /// a 2,432-byte area) and then asks for too small an area: the run-time area must
+    /// hold [`Fp::in_use_area`] bytes for the components XCR0 enables (probe-rt's
+    /// `xsave_size` does).
+    ///
     /// Needs AVX and `xgetbv` with `ecx = 1` and XSAVEC
-    /// (`CPUID.(EAX=0DH,ECX=1):EAX[2:1]`), the standard offsets (576 AVX, 1088 opmask,
-    /// 1152 ZMM_Hi256, 1664 Hi16_ZMM, `CPUID.(EAX=0DH,ECX=i):EBX`) for the components
-    /// XCR0 enables, and AVX512BW where XCR0 enables AVX-512 state (`kmovq`): the
-    /// caller checks (`probekit::cpu_support().in_use`), and uses `FullCompact` or
-    /// `Full` elsewhere. aarch64: as `Full`.
+    /// (`CPUID.(EAX=0DH,ECX=1):EAX[2:1]`), and AVX512BW where XCR0 enables AVX-512
+    /// state (`kmovq`): the caller checks (`probekit::cpu_support().in_use`), and uses
+    /// `FullCompact` or `Full` elsewhere. aarch64: as `Full`.
     FullInUse,
     /// x86_64: `xmm0`–`xmm15` and MXCSR, with the bits above 127 of `ymm0`–`ymm15` /
     /// `zmm0`–`zmm15` kept as `ArgsWide` keeps its registers'. What is live mid-function
@@ -114,6 +119,28 @@ pub enum Fp {
 }
 
 impl Fp {
+    /// x86_64 `FullInUse`: where its moves put each state component above the legacy
+    /// region and the header: `(XCR0 bit, offset in the area, bytes)` for AVX (ymm0-15
+    /// bits 128-255), opmask (k0-7), ZMM_Hi256 (zmm0-15 bits 256-511) and Hi16_ZMM
+    /// (zmm16-31). Intel's standard `xsave` offsets, the same on every CPU.
+    pub const IN_USE_COMPONENTS: [(u32, u64, u64); 4] = [(2, 576, 256), (5, 1088, 64), (6, 1152, 512), (7, 1664, 1024)];
+
+    /// x86_64 `FullInUse`: the bytes of the area its moves reach where XCR0 is `xcr0`
+    /// (at least the legacy region and the header, 576). A CPU's own standard size
+    /// (`CPUID.(EAX=0DH,ECX=0):EBX`) may be smaller (see [`Fp::FullInUse`]).
+    pub const fn in_use_area(xcr0: u64) -> u64 {
+        let mut end = 576;
+        let mut i = 0;
+        while i < Self::IN_USE_COMPONENTS.len() {
+            let (bit, at, len) = Self::IN_USE_COMPONENTS[i];
+            if xcr0 & (1 << bit) != 0 && at + len > end {
+                end = at + len;
+            }
+            i += 1;
+        }
+        end
+    }
+
     /// `Full`, `FullCompact` or `FullInUse`: all of the FP/SIMD state.
     pub fn is_full(self) -> bool {
         matches!(self, Fp::Full | Fp::FullCompact | Fp::FullInUse)

@@ -189,3 +189,35 @@ fn builtin_frames_hold_their_invariants() {
         }
     }
 }
+
+/// x86_64 `Fp::FullInUse`: every move into the run-time area lies inside the bytes
+/// `Fp::in_use_area` gives for the components it moves, which the runtime allocates
+/// (more than some CPUs' own standard size: AMD Zen 4's 2,432 bytes).
+#[test]
+fn in_use_moves_stay_inside_the_area_sized_for_them() {
+    assert_eq!(Fp::in_use_area(0), 576, "the legacy region and the header");
+    assert_eq!(Fp::in_use_area(0x7), 832, "x87, SSE, AVX");
+    assert_eq!(Fp::in_use_area(0xe7), 2688, "and AVX-512");
+    assert_eq!(Fp::in_use_area(0x2e7), 2688, "PKRU is not moved");
+    let frame = FrameLayout::builtin(Arch::X86_64);
+    for &shape in Shape::ALL {
+        let plan = Plan::new(&frame, Policy::All, Fp::FullInUse, shape).unwrap();
+        let moves: Vec<(u64, u64, String)> = plan
+            .ops()
+            .filter_map(|op| op.access.as_ref())
+            .flat_map(|a| a.slots.iter())
+            .filter_map(|(off, size, slot)| match slot {
+                Slot::Fp(n) if n.starts_with("xsave ") && n != "xsave in use" => Some((*off, *size, n.clone())),
+                _ => None,
+            })
+            .collect();
+        // The area starts 160 bytes below xmm0, in the legacy region of every form.
+        let at = moves.iter().find(|m| m.2 == "xsave xmm0").expect("xmm0 is moved").0 - 160;
+        let end = at + Fp::in_use_area(u64::MAX);
+        for (off, size, what) in &moves {
+            assert!(*off >= at && off + size <= end, "{shape:?}: {what} at {off}+{size} outside {at}..{end}");
+        }
+        let last = moves.iter().map(|(off, size, _)| off + size).max().unwrap();
+        assert_eq!(last, end, "{shape:?}: the last component ends where the area does");
+    }
+}

@@ -320,8 +320,10 @@ pub mod __private {
 
     use core::sync::atomic::AtomicU64;
 
-    /// Size of the `xsave` area the x86_64 `fp = full` routines allocate
-    /// (CPUID.(EAX=0DH,ECX=0):EBX, set before `main`). Read by generated asm as a `u64`,
+    /// Size of the `xsave` area the x86_64 `fp = full` routines allocate (set before
+    /// `main`): the CPU's standard size (CPUID.(EAX=0DH,ECX=0):EBX), or what
+    /// `fp = full-in-use` moves reach if more (probe-codegen's `Fp::in_use_area`: on
+    /// AMD Zen 4, 2,688 bytes against 2,432). Read by generated asm as a `u64`,
     /// also from `.S` files under its symbol name. Until it is set (a probe hit in an
     /// earlier constructor) it is the legacy area and header with an empty mask: safe,
     /// but no FP/SIMD state is preserved then (`fp = full-in-use`: x87 and SSE only).
@@ -338,12 +340,23 @@ pub mod __private {
         if core::arch::x86_64::__cpuid(1).ecx & (1 << 27) == 0 {
             return; // no xsave: `cpu_support().xsave` is false, and fp = full routines cannot run
         }
-        let size = core::arch::x86_64::__cpuid_count(0xd, 0).ebx;
+        let standard = core::arch::x86_64::__cpuid_count(0xd, 0).ebx as u64;
         let (lo, hi): (u32, u32);
         // SAFETY: xgetbv with ecx = 0 is allowed in user space when OSXSAVE is set (checked).
         unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-        XSAVE_SIZE.store(size as u64, Ordering::Relaxed);
-        XSAVE_MASK.store((hi as u64) << 32 | lo as u64, Ordering::Relaxed);
+        let xcr0 = (hi as u64) << 32 | lo as u64;
+        XSAVE_SIZE.store(standard.max(in_use_area(xcr0)), Ordering::Relaxed);
+        XSAVE_MASK.store(xcr0, Ordering::Relaxed);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    include!(concat!(env!("OUT_DIR"), "/xsave.rs"));
+
+    /// The bytes of the area `fp = full-in-use` moves reach where XCR0 is `xcr0`
+    /// (probe-codegen's `Fp::in_use_area`, from the same table).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn in_use_area(xcr0: u64) -> u64 {
+        IN_USE_COMPONENTS.iter().filter(|&&(bit, ..)| xcr0 & (1 << bit) != 0).map(|&(_, at, len)| at + len).fold(512 + 64, u64::max)
     }
 
     /// Runs `init_xsave` before `main` (and before any constructor that could hit a probe).

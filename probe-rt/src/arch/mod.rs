@@ -58,9 +58,9 @@ pub struct CpuSupport {
     /// 128 are not kept (the README's known limits).
     pub wide: bool,
     /// `fp = full_in_use` runs (probe-codegen's `Fp::FullInUse`, which moves the state
-    /// in use): `wide` and `xsavec`, every component it moves at its standard `xsave`
-    /// offset (`CPUID.(EAX=0DH,ECX=i):EBX`), and AVX512BW (`kmovq`) where XCR0 enables
-    /// the AVX-512 state.
+    /// in use): `wide` and `xsavec`, and AVX512BW (`kmovq`) where XCR0 enables the
+    /// AVX-512 state. It moves the state to Intel's standard `xsave` offsets on every
+    /// CPU, and the runtime sizes its area for them (AMD Zen 4 asks for less).
     pub in_use: bool,
 }
 
@@ -83,8 +83,6 @@ pub fn cpu_support() -> &'static CpuSupport {
         };
         let leaf_d1 = if osxsave { __cpuid_count(0xd, 1).eax } else { 0 };
         let (xsavec, wide) = (leaf_d1 & 2 != 0, xcr0 & 4 != 0 && leaf_d1 & 4 != 0);
-        // AVX, opmask, ZMM_Hi256, Hi16_ZMM at the offsets Fp::FullInUse moves them to.
-        let standard = [(2, 576), (5, 1088), (6, 1152), (7, 1664)].iter().all(|&(i, at)| xcr0 & (1 << i) == 0 || __cpuid_count(0xd, i).ebx == at);
         let avx512 = match xcr0 & 0xe0 {
             0 => true,
             0xe0 => std::arch::is_x86_feature_detected!("avx512bw"),
@@ -95,7 +93,7 @@ pub fn cpu_support() -> &'static CpuSupport {
             xsave: osxsave,
             xsavec,
             wide,
-            in_use: wide && xsavec && standard && avx512,
+            in_use: wide && xsavec && avx512,
         }
     })
 }
@@ -122,6 +120,18 @@ mod tests {
         {
             // The OS enables AVX state only with xsave, and std sees AVX only then.
             assert!(!c.wide || std::arch::is_x86_feature_detected!("avx"), "{c:?}");
+            if c.xsave {
+                // The area of the `fp = full` routines holds what the CPU's `xsave` writes
+                // and what `Fp::FullInUse` moves, for the components XCR0 enables.
+                use crate::__private::{in_use_area, XSAVE_MASK, XSAVE_SIZE};
+                use core::sync::atomic::Ordering;
+                let (size, mask) = (XSAVE_SIZE.load(Ordering::Relaxed), XSAVE_MASK.load(Ordering::Relaxed));
+                assert!(size >= core::arch::x86_64::__cpuid_count(0xd, 0).ebx as u64, "{size}");
+                assert!(size >= in_use_area(mask) && in_use_area(mask) >= 576, "{size} {mask:#x}");
+                if mask & 0xe0 == 0xe0 {
+                    assert_eq!(in_use_area(mask), 2688);
+                }
+            }
             if c.in_use {
                 // What `Fp::FullInUse` runs first must not fault, and answers XCR0 & XINUSE.
                 let ((lo0, hi0), (lo1, hi1)): ((u32, u32), (u32, u32));

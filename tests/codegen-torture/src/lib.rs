@@ -498,7 +498,11 @@ pub fn init_xsave() {
         let (lo, hi): (u32, u32);
         // SAFETY: xgetbv(0) is allowed in user space when OSXSAVE is set (checked above).
         unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi) };
-        XSAVE_SIZE.store(d.ebx as u64, std::sync::atomic::Ordering::Relaxed);
+        // The size the runtime gives its own `fp = full` routines: the CPU's standard
+        // size, or what `Fp::FullInUse`'s moves reach if more (AMD Zen 4).
+        let size = probe_rt::__private::XSAVE_SIZE.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(size >= d.ebx as u64, "probe-rt's xsave size {size} below the CPU's {}", d.ebx);
+        XSAVE_SIZE.store(size, std::sync::atomic::Ordering::Relaxed);
         XSAVE_MASK.store((hi as u64) << 32 | lo as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -13,9 +13,8 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
     let mut runs = 0;
     let verbose = std::env::var_os("TORTURE_VERBOSE").is_some();
     // `Fp::FullInUse` routines run only where `cpu_support().in_use` says so, as their
-    // docs ask of every caller: they move the state at Intel's standard `xsave`
-    // offsets, which some CPUs do not use (AMD Zen 4: opmask at 832, not 1088), and
-    // there they would write past the area.
+    // docs ask of every caller: they need `xgetbv` with `ecx = 1`, XSAVEC, and
+    // AVX512BW where AVX-512 state is enabled.
     let in_use = probe_rt::cpu_support().in_use;
     for r in ROUTINES.iter().filter(|r| filter(r.name)) {
         if verbose {
@@ -24,7 +23,7 @@ fn run_all(filter: impl Fn(&str) -> bool) -> usize {
         // The last run also has the handler redirect execution through pc/rip.
         let sets = [(false, false, false), (true, false, false), (false, true, false), (true, true, true)];
         if r.fp == FpMode::FullInUse && !in_use {
-            eprintln!("{}: not run, this CPU's xsave layout is not the one Fp::FullInUse moves to", r.name);
+            eprintln!("{}: not run, this CPU lacks what Fp::FullInUse needs (cpu_support().in_use)", r.name);
             runs += sets.len();
             continue;
         }

@@ -240,7 +240,8 @@ const FXSAVED: u64 = 0x100;
 /// registers and MXCSR, and the header's zeroing, record their accesses: the `fxsave`
 /// and `xsavec` paths write the same area.
 fn in_use_step(at: u64) -> Step {
-    let (ymm_at, k_at, zmm_at, hi16_at) = (at + 576, at + 1088, at + 1152, at + 1664);
+    let [(_, ymm, _), (_, k, _), (_, zmm, _), (_, hi16, _)] = Fp::IN_USE_COMPONENTS;
+    let (ymm_at, k_at, zmm_at, hi16_at) = (at + ymm, at + k, at + zmm, at + hi16);
     let access = |dir, off, size, what: String| {
         let (m, encoding) = mem(off);
         (m, Access { dir, slots: vec![(off, size, Slot::Fp(format!("xsave {what}")))], encoding })
