@@ -26,6 +26,9 @@
 //!   back (xmm0-15 and MXCSR always; the ymm and zmm upper halves, zmm16-31 and k0-7
 //!   where in use; of x87 state in use, its status and control words, read and
 //!   compared), as `opt_mid_avx`'s trampoline does there.
+//! - `hit/in_use_query` (x86_64): `xgetbv` with `ecx = 1` alone, the question of which
+//!   state is in use that `opt_handing_on`, `opt_mid` and `opt_mid_avx` ask once a hit
+//!   (its cost varies most between CPUs).
 //! - `hit/opt_return`: a return probe with empty handlers whose entry is optimized.
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
 //! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
@@ -402,6 +405,16 @@ fn vector_moves_round_trip(area: &mut VectorArea) {
     }
 }
 
+/// XCR0 & XINUSE (`xgetbv` with `ecx = 1`): which state is in use, as every trampoline
+/// that keeps upper halves or moves the state in use asks once a hit.
+#[cfg(target_arch = "x86_64")]
+fn in_use_query() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller checks `cpu_support().wide`, which says `xgetbv` with `ecx = 1` is there.
+    unsafe { std::arch::asm!("xgetbv", in("ecx") 1, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (hi as u64) << 32 | lo as u64
+}
+
 /// Room for any `xsave` area this machine asks for (AVX-512: 2.7 KiB; AMX's tile data
 /// needs 8 KiB more), 64-byte aligned, zeroed.
 #[repr(C, align(64))]
@@ -764,6 +777,10 @@ fn hit(c: &mut Criterion) {
     #[cfg(target_arch = "x86_64")]
     if probekit::cpu_support().in_use {
         g.bench_function("vector_moves_floor", |b| b.iter(|| vector_moves_round_trip(black_box(&mut area))));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if probekit::cpu_support().wide {
+        g.bench_function("in_use_query", |b| b.iter(|| black_box(in_use_query())));
     }
 
     let f = hit_opt_return as extern "C" fn(u64) -> u64;
