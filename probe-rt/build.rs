@@ -108,7 +108,7 @@ fn main() {
                     }
                     _ => handler.to_string(),
                 };
-                let symbols = render::Symbols { handler, ..Default::default() };
+                let symbols = render::Symbols { handler, ..runtime_symbols() };
                 text += &render::rust_global_asm(&plan, &format!("{name}{suffix}"), "crate::PtRegs", &symbols);
             }
             if file == "site.rs" {
@@ -146,7 +146,7 @@ fn main() {
             for (frame, name, handler, fp) in frames {
                 let layout = FrameLayout::from_source(&source, frame, arch).expect("the fgraph frames parse");
                 let plan = Plan::new(&layout, Policy::CallerSaved, fp, Shape::Entry).expect("the fgraph frames plan");
-                let symbols = render::Symbols { handler: handler.into(), ..Default::default() };
+                let symbols = render::Symbols { handler: handler.into(), ..runtime_symbols() };
                 text += &render::rust_global_asm(&plan, name, &format!("crate::site::fgraph::{frame}"), &symbols);
             }
             (source, text)
@@ -184,11 +184,7 @@ fn main() {
     //   not the ~10 ns more of AVX-512 state moves.
     let text = match arch {
         Some(arch) => {
-            let symbols = render::Symbols {
-                handler: "crate::optprobe::hit::dispatch".into(),
-                xsave_size: "crate::optprobe::hit::XSAVE_SIZE".into(),
-                xsave_mask: "crate::optprobe::hit::XSAVE_MASK".into(),
-            };
+            let symbols = render::Symbols { handler: "crate::optprobe::hit::dispatch".into(), ..runtime_symbols() };
             let plan = |fp| Plan::new(&FrameLayout::builtin(arch), Policy::All, fp, Shape::SaveRestore).expect("the built-in frame plans");
             let full = render::rust_global_asm(&plan(Fp::Full), "probekit_opt_trampoline_full", "crate::PtRegs", &symbols);
             match arch {
@@ -233,4 +229,10 @@ fn fgraph_frames(arch: Arch) -> String {
          /// at the function's entry and where the trampoline resumes.\n\
          #[repr(C)]\npub(crate) struct FgraphRetRegs {{\n    {exit}\n}}\n"
     )
+}
+
+/// The operands of the runtime's own trampolines but their handler: its private copies
+/// of the `xsave` size and mask (`arch::XSAVE_SIZE`, `XSAVE_MASK`).
+fn runtime_symbols() -> render::Symbols {
+    render::Symbols { handler: String::new(), xsave_size: "crate::arch::XSAVE_SIZE".into(), xsave_mask: "crate::arch::XSAVE_MASK".into() }
 }

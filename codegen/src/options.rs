@@ -40,13 +40,16 @@ pub enum Fp {
     Return,
     /// As `Args`, and on x86_64 the bits above 128 of `ymm0`–`ymm7` / `zmm0`–`zmm7` too:
     /// a C function may take `__m256` and `__m512` arguments there, and a handler's AVX
-    /// code (glibc's `memcpy` is some) changes them. The routine asks the CPU which
-    /// state is in use (`xgetbv` with `ecx = 1`, ~4 ns): upper halves in use are saved
-    /// and restored (`vextractf128`/`vinsertf128`, and `vextractf64x4`/`vinsertf64x4`
-    /// where AVX-512 state is in use); upper halves in their initial state are left in
-    /// it (`vzeroupper` on the way out), so a handler's AVX code costs the probed code
-    /// no transition penalty. Needs AVX enabled by the OS and `xgetbv` with `ecx = 1`
-    /// (`CPUID.(EAX=0DH,ECX=1):EAX[2]`, Skylake and Zen on): the caller checks
+    /// code (glibc's `memcpy` is some) changes them. The routine saves the upper
+    /// halves (`vextractf128`, and `vextractf64x4` where XCR0 enables AVX-512 state:
+    /// bit 6 of the `xsave_mask` operand) and tests them for zero (~2 ns; asking the
+    /// CPU which state is in use, `xgetbv` with `ecx = 1`, costs ~2.7 ns on some CPUs
+    /// and ~12 on others). Not zero, they are put back (`vinsertf128`, and
+    /// `vinsertf64x4` where the zmm bits were not zero); all zero, the routine leaves
+    /// them in their initial state (`vzeroupper` on the way out), so a handler's AVX
+    /// code costs the probed code no transition penalty. Until `xsave_mask` is set (a
+    /// hit in an earlier constructor) the zmm bits 256-511 are not kept. Needs AVX
+    /// enabled by the OS (XCR0 bit 2): the caller checks
     /// (`probekit::cpu_support().wide` answers), and uses `Args` where the CPU has no
     /// AVX state (`Args` is then exact). aarch64: as `Args`.
     ArgsWide,
@@ -66,7 +69,7 @@ pub enum Fp {
     /// caller checks (`probekit::cpu_support().xsavec`). aarch64: as `Full`.
     FullCompact,
     /// Everything, as `Full`, but x86_64 asks the CPU which state is in use (`xgetbv`
-    /// with `ecx = 1`, as `ArgsWide`) and keeps it with moves, not `xsave`: `xrstor`
+    /// with `ecx = 1`) and keeps it with moves, not `xsave`: `xrstor`
     /// alone costs 50-70 ns on some CPUs (virtual ones among them), the moves a few.
     /// Always `xmm0`–`xmm15` and MXCSR (`vmovaps`, `vstmxcsr`); x87 state in use by its
     /// control and status words (written back if the handler changed them), or with
@@ -105,8 +108,8 @@ pub enum Fp {
     /// in code of legacy SSE encodings only (no VEX, EVEX or XOP instruction, no x87,
     /// MMX or `xsave`-family instruction): such code reads no bit above 127 and never
     /// touches `zmm16`–`zmm31` or `k0`–`k7`, which the ABI leaves dead across the call
-    /// that brought execution into it. The upper halves are kept all the same (where in
-    /// use: nothing to move after a `vzeroupper`): a vector argument may pass through
+    /// that brought execution into it. The upper halves are kept all the same (put back
+    /// where not zero, as `ArgsWide` does): a vector argument may pass through
     /// such code unread, and a caller may hold a value there across its call to code it
     /// knows leaves them alone (GCC's `-fipa-ra`). The caller decides that the probed
     /// code is such code (probekit's optimized probes decode the whole function). MXCSR

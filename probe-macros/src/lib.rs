@@ -63,7 +63,7 @@ mod traceable;
 /// returns. A site routine needs a pc field. The handler must not unwind.
 ///
 /// On x86_64 some FP modes need more of the CPU than x86_64 itself: `full` an OS
-/// that enabled `xsave`, `args_wide` and `return_wide` `xgetbv` with `ecx = 1`,
+/// that enabled `xsave`, `args_wide` and `return_wide` AVX state enabled,
 /// `full_compact` `xsavec64`, `full_in_use` all of these and more, `sse` what
 /// `args_wide` needs (and `full` where it does not run); and every
 /// `save_restore` routine LAHF/SAHF in 64-bit mode. Their routines fault elsewhere:

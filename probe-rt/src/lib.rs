@@ -345,8 +345,11 @@ pub mod __private {
         // SAFETY: xgetbv with ecx = 0 is allowed in user space when OSXSAVE is set (checked).
         unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
         let xcr0 = (hi as u64) << 32 | lo as u64;
-        XSAVE_SIZE.store(standard.max(in_use_area(xcr0)), Ordering::Relaxed);
-        XSAVE_MASK.store(xcr0, Ordering::Relaxed);
+        let size = standard.max(in_use_area(xcr0));
+        for (size_at, mask_at) in [(&XSAVE_SIZE, &XSAVE_MASK), (&crate::arch::XSAVE_SIZE, &crate::arch::XSAVE_MASK)] {
+            size_at.store(size, Ordering::Relaxed);
+            mask_at.store(xcr0, Ordering::Relaxed);
+        }
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -273,11 +273,9 @@ pub(super) fn plan(frame: &FrameLayout, policy: Policy, fp: Fp, shape: Shape) ->
     // 5. FP/SIMD state.
     let mut operands = vec!["handler"];
     if let Some((at, _)) = fp_area {
-        let (fp_steps, xsave) = fp::steps(fp, at);
+        let (fp_steps, fp_operands) = fp::steps(fp, at);
         steps.extend(fp_steps);
-        if xsave {
-            operands.extend(["xsave_size", "xsave_mask"]);
-        }
+        operands.extend(fp_operands);
     }
 
     // After the save sequence (no string instruction there), so that a fixed Entry's

@@ -27,6 +27,16 @@ pub(crate) fn abs_jump(to: usize) -> [u8; ABS_JUMP] {
     code
 }
 
+/// The `xsave` area size and requested-feature bitmap the runtime's own x86_64
+/// trampolines read (set before `main` with `__private::XSAVE_SIZE` and `XSAVE_MASK`,
+/// which generated code outside probe-rt reads): copies that are not exported, so
+/// that the trampolines' RIP-relative reads of them link into a shared object too (an
+/// exported symbol there may be preempted, and needs the GOT).
+#[cfg(target_arch = "x86_64")]
+pub(crate) static XSAVE_SIZE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(512 + 64);
+#[cfg(target_arch = "x86_64")]
+pub(crate) static XSAVE_MASK: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// What of probe-codegen's routines the CPU this process runs on can run, as CPUID
 /// and XCR0 tell (asked once). The runtime's own trampolines go by it; a crate that
 /// generates routines (`#[pt_regs(fp = ...)]`, the CLI's `--fp`, probe-codegen's
@@ -51,15 +61,14 @@ pub struct CpuSupport {
     /// `fp = args_wide`, `return_wide` and `sse` run (probe-codegen's `Fp::ArgsWide`,
     /// `Fp::ReturnWide` and `Fp::Sse`, the runtime's trampolines that keep vector
     /// arguments and return values whole, and xmm0-15 inside legacy SSE code): the OS
-    /// enabled AVX state (XCR0 bit 2) and the CPU tells which state is in use (`xgetbv`
-    /// with `ecx = 1`: `CPUID.(EAX=0DH,ECX=1):EAX[2]`). Otherwise the runtime's narrow
-    /// ones run (and inside legacy SSE code the one that keeps all of the state): exact
-    /// without AVX state; with it (Haswell, Broadwell, AMD before Zen) the bits above
-    /// 128 are not kept (the README's known limits).
+    /// enabled AVX state (XCR0 bit 2; with AVX-512 state, the CPU has AVX512F).
+    /// Otherwise the runtime's narrow ones run (and inside legacy SSE code the one that
+    /// keeps all of the state), exact without AVX state.
     pub wide: bool,
     /// `fp = full_in_use` runs (probe-codegen's `Fp::FullInUse`, which moves the state
-    /// in use): `wide` and `xsavec`, and AVX512BW (`kmovq`) where XCR0 enables the
-    /// AVX-512 state. It moves the state to Intel's standard `xsave` offsets on every
+    /// in use): `wide` and `xsavec`, the CPU tells which state is in use (`xgetbv` with
+    /// `ecx = 1`: `CPUID.(EAX=0DH,ECX=1):EAX[2]`), and AVX512BW (`kmovq`) where XCR0
+    /// enables the AVX-512 state. It moves the state to Intel's standard `xsave` offsets on every
     /// CPU, and the runtime sizes its area for them (AMD Zen 4 asks for less).
     pub in_use: bool,
 }
@@ -82,7 +91,7 @@ pub fn cpu_support() -> &'static CpuSupport {
             false => 0,
         };
         let leaf_d1 = if osxsave { __cpuid_count(0xd, 1).eax } else { 0 };
-        let (xsavec, wide) = (leaf_d1 & 2 != 0, xcr0 & 4 != 0 && leaf_d1 & 4 != 0);
+        let (xsavec, in_use_query, wide) = (leaf_d1 & 2 != 0, leaf_d1 & 4 != 0, xcr0 & 4 != 0);
         let avx512 = match xcr0 & 0xe0 {
             0 => true,
             0xe0 => std::arch::is_x86_feature_detected!("avx512bw"),
@@ -93,7 +102,7 @@ pub fn cpu_support() -> &'static CpuSupport {
             xsave: osxsave,
             xsavec,
             wide,
-            in_use: wide && xsavec && avx512,
+            in_use: wide && xsavec && in_use_query && avx512,
         }
     })
 }

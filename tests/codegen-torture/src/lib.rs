@@ -492,7 +492,7 @@ pub fn init_xsave() {
         let leaf1 = core::arch::x86_64::__cpuid(1);
         assert!(leaf1.ecx & (1 << 27) != 0, "OSXSAVE required for the Fp::Full torture");
         assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 2 != 0, "XSAVEC required for the Fp::FullCompact torture");
-        assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0, "xgetbv with ecx = 1 required for the Fp::ArgsWide torture");
+        assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0, "xgetbv with ecx = 1 required for the Fp::FullInUse torture");
         assert!(std::arch::is_x86_feature_detected!("avx"), "AVX required for the Fp::ArgsWide torture");
         let d = core::arch::x86_64::__cpuid_count(0xd, 0);
         let (lo, hi): (u32, u32);
