@@ -28,29 +28,43 @@ pub const GONE_SO: &str = env!("GONE_SO");
 /// asserts its own result) until [`Callers::stop`].
 pub struct Callers {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Calls returned so far, by all threads.
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<u64>>,
 }
 
 /// Starts `n` [`Callers`] of `call`.
 pub fn callers(n: u64, call: fn(u64)) -> Callers {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let threads = (0..n)
         .map(|t| {
-            let stop = stop.clone();
+            let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || {
                 let mut calls = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     call(calls * n + t);
                     calls += 1;
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 calls
             })
         })
         .collect();
-    Callers { stop, threads }
+    Callers { stop, done, threads }
 }
 
 impl Callers {
+    /// Waits until the threads have returned from `more` calls more than when it was
+    /// called: on a loaded machine they may not have run at all yet. With `n` threads,
+    /// `n + 1` calls include one that began after this was called.
+    pub fn wait(&self, more: u64) {
+        let until = self.done.load(std::sync::atomic::Ordering::Relaxed) + more;
+        while self.done.load(std::sync::atomic::Ordering::Relaxed) < until {
+            std::thread::yield_now();
+        }
+    }
+
     /// Stops and joins the threads (a failed assertion in one fails the test here):
     /// how many times `call` ran.
     pub fn stop(self) -> u64 {

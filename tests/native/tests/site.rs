@@ -203,11 +203,15 @@ fn patching_under_fire_keeps_every_call_right() {
     let site = probekit::sites().into_iter().find(|s| s.name.ends_with("::hammered")).expect("listed").site;
     let callers = native_tests::callers(2, |a| assert_eq!(hammered(a), a.wrapping_mul(7) ^ 0x55));
     let p = Probe::builder().function(hammered as fn(u64) -> u64).pre(count).register().unwrap();
-    for _ in 0..300 {
+    for i in 0..300 {
         p.disable().unwrap();
         std::thread::yield_now();
         p.enable().unwrap();
         std::thread::yield_now();
+        if i == 0 {
+            // A call that began with the site enabled (the machine may be busy).
+            callers.wait(3);
+        }
     }
     p.disable().unwrap();
     let calls = callers.stop();
