@@ -9,7 +9,7 @@
 //!   a detour that calls the generated trampoline, no trap; at a plain function's entry
 //!   (a leaf of legacy code: x86_64 keeps the argument registers' low halves there).
 //! - `hit/opt_handing_on` (x86_64): the same at the entry of a function that may hand a
-//!   vector argument on (a tail call): the argument registers whole where in use.
+//!   vector argument on (a tail call): the argument registers whole.
 //! - `hit/opt_mid`: an optimized probe on an instruction inside a function of legacy
 //!   code (no VEX or EVEX instruction, as code built for baseline x86_64): x86_64 keeps
 //!   xmm0-15, MXCSR and the argument registers' upper halves there, all that such code
@@ -27,8 +27,9 @@
 //!   where in use; of x87 state in use, its status and control words, read and
 //!   compared), as `opt_mid_avx`'s trampoline does there.
 //! - `hit/in_use_query` (x86_64): `xgetbv` with `ecx = 1` alone, the question of which
-//!   state is in use that `opt_handing_on`, `opt_mid` and `opt_mid_avx` ask once a hit
-//!   (its cost varies most between CPUs).
+//!   state is in use that `opt_mid_avx` asks once a hit, and `opt_handing_on`,
+//!   `opt_mid` and the return trampolines on Intel's AVX-512 CPUs (its cost varies most
+//!   between CPUs; elsewhere they test the upper halves for zero instead).
 //! - `hit/opt_return`: a return probe with empty handlers whose entry is optimized.
 //! - `hit/breakpoint_post`: pre and post handlers (two traps).
 //! - `hit/return`: a return probe with empty handlers: the entry breakpoint, then the
@@ -405,12 +406,13 @@ fn vector_moves_round_trip(area: &mut VectorArea) {
     }
 }
 
-/// XCR0 & XINUSE (`xgetbv` with `ecx = 1`): which state is in use, as every trampoline
-/// that keeps upper halves or moves the state in use asks once a hit.
+/// XCR0 & XINUSE (`xgetbv` with `ecx = 1`): which state is in use (see
+/// `hit/in_use_query`).
 #[cfg(target_arch = "x86_64")]
 fn in_use_query() -> u64 {
     let (lo, hi): (u32, u32);
-    // SAFETY: the caller checks `cpu_support().wide`, which says `xgetbv` with `ecx = 1` is there.
+    // SAFETY: the caller checks that `xgetbv` with `ecx = 1` is there (OSXSAVE,
+    // CPUID.(EAX=0DH,ECX=1):EAX[2]).
     unsafe { std::arch::asm!("xgetbv", in("ecx") 1, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
     (hi as u64) << 32 | lo as u64
 }
@@ -779,7 +781,7 @@ fn hit(c: &mut Criterion) {
         g.bench_function("vector_moves_floor", |b| b.iter(|| vector_moves_round_trip(black_box(&mut area))));
     }
     #[cfg(target_arch = "x86_64")]
-    if probekit::cpu_support().wide {
+    if probekit::cpu_support().xsave && std::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0 {
         g.bench_function("in_use_query", |b| b.iter(|| black_box(in_use_query())));
     }
 

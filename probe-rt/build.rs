@@ -24,12 +24,15 @@ fn main() {
     };
     std::fs::write(out_dir.join("frame.rs"), frame).expect("OUT_DIR is writable");
     std::fs::write(out_dir.join("site_contract.rs"), contract).expect("OUT_DIR is writable");
-    // Where `Fp::FullInUse` moves the upper state, for the size of the area (see
-    // `__private::init_xsave`).
+    // Where `Fp::FullInUse` moves the upper state, for the size of the area, and the
+    // bits of the wide modes' word (see `arch::in_use_area`, `arch::wide_mode`).
     let in_use = format!(
         "/// `(XCR0 bit, offset, bytes)` of each component `Fp::FullInUse` moves (probe-codegen's `Fp::IN_USE_COMPONENTS`).\n\
-         const IN_USE_COMPONENTS: [(u32, u64, u64); 4] = {:?};\n",
-        Fp::IN_USE_COMPONENTS
+         const IN_USE_COMPONENTS: [(u32, u64, u64); 4] = {:?};\n\
+         /// probe-codegen's `Fp::WIDE_ASK`.\nconst WIDE_ASK: u64 = {:#x};\n/// probe-codegen's `Fp::WIDE_ZMM`.\nconst WIDE_ZMM: u64 = {:#x};\n",
+        Fp::IN_USE_COMPONENTS,
+        Fp::WIDE_ASK,
+        Fp::WIDE_ZMM
     );
     std::fs::write(out_dir.join("xsave.rs"), in_use).expect("OUT_DIR is writable");
     let text = match arch {
@@ -54,8 +57,8 @@ fn main() {
     // every general register restored and FP/SIMD registers kept:
     // - the return trampoline of return probes (kretprobe shape): the FP return
     //   registers, x86_64 xmm0-xmm1 (the others are dead at a return) whole
-    //   (Fp::ReturnWide: a C function's `__m256`/`__m512` return value) where the CPU
-    //   can tell which upper halves are in use (`cpu_support().wide`), else their low 128
+    //   (Fp::ReturnWide: a C function's `__m256`/`__m512` return value) where the OS
+    //   enabled AVX state (`cpu_support().wide`), else their low 128
     //   bits (Fp::Return, the `_narrow` copy); aarch64 v0-v3 (an HFA of four returns
     //   in them: Fp::Args, q0-q7);
     // - the site trampoline of `#[traceable]` functions (site shape: the entry shape
@@ -164,10 +167,10 @@ fn main() {
     //   enabled component, aarch64 q0-q31, fpcr, fpsr);
     // - x86_64, at a function's entry, where the ABI leaves nothing live in the vector
     //   registers but arguments (as at a site): the argument registers, whole where
-    //   the CPU tells which upper halves are in use (Fp::ArgsWide; else Fp::Args, as
-    //   the return trampoline); their low halves (Fp::Args) at the entry of a leaf
-    //   function of legacy SSE code, which can neither read nor hand on the rest
-    //   (`xgetbv` and its branches cost ~2.7 ns of a ~17 ns hit here). The full state
+    //   the OS enabled AVX state (Fp::ArgsWide; else Fp::Args, as the return
+    //   trampoline); their low halves (Fp::Args) at the entry of a leaf function of
+    //   legacy SSE code, which can neither read nor hand on the rest (keeping them
+    //   whole costs ~2 ns of a ~13 ns hit: `arch::wide_mode`). The full state
     //   costs ~180 ns a hit on an AVX-512 machine (xsave writes 2.7 KiB), the argument
     //   registers ~1 ns, and whole ~4 ns.
     // x86_64 Full comes three times: with xsave64; Fp::FullCompact's xsavec64, which
@@ -179,7 +182,7 @@ fn main() {
     // - x86_64, mid-function in a function of legacy SSE code only (the whole function
     //   decoded: no VEX, EVEX, x87, MMX or xsave instruction), which never touches
     //   zmm16-31 or k0-k7 (caller-saved): xmm0-15 whole and MXCSR (Fp::Sse), where the
-    //   CPU tells which upper halves are in use; the most common mid-function probe
+    //   OS enabled AVX state; the most common mid-function probe
     //   (code built for baseline x86_64) then costs about what an entry probe does,
     //   not the ~10 ns more of AVX-512 state moves.
     let text = match arch {
@@ -232,7 +235,12 @@ fn fgraph_frames(arch: Arch) -> String {
 }
 
 /// The operands of the runtime's own trampolines but their handler: its private copies
-/// of the `xsave` size and mask (`arch::XSAVE_SIZE`, `XSAVE_MASK`).
+/// of the `xsave` size and mask and the wide modes' word (`arch::XSAVE_SIZE`, ...).
 fn runtime_symbols() -> render::Symbols {
-    render::Symbols { handler: String::new(), xsave_size: "crate::arch::XSAVE_SIZE".into(), xsave_mask: "crate::arch::XSAVE_MASK".into() }
+    render::Symbols {
+        handler: String::new(),
+        xsave_size: "crate::arch::XSAVE_SIZE".into(),
+        xsave_mask: "crate::arch::XSAVE_MASK".into(),
+        wide_mode: "crate::arch::WIDE_MODE".into(),
+    }
 }

@@ -40,18 +40,22 @@ pub enum Fp {
     Return,
     /// As `Args`, and on x86_64 the bits above 128 of `ymm0`–`ymm7` / `zmm0`–`zmm7` too:
     /// a C function may take `__m256` and `__m512` arguments there, and a handler's AVX
-    /// code (glibc's `memcpy` is some) changes them. The routine saves the upper
-    /// halves (`vextractf128`, and `vextractf64x4` where XCR0 enables AVX-512 state:
-    /// bit 6 of the `xsave_mask` operand) and tests them for zero (~2 ns; asking the
-    /// CPU which state is in use, `xgetbv` with `ecx = 1`, costs ~2.7 ns on some CPUs
-    /// and ~12 on others). Not zero, they are put back (`vinsertf128`, and
-    /// `vinsertf64x4` where the zmm bits were not zero); all zero, the routine leaves
-    /// them in their initial state (`vzeroupper` on the way out), so a handler's AVX
-    /// code costs the probed code no transition penalty. Until `xsave_mask` is set (a
-    /// hit in an earlier constructor) the zmm bits 256-511 are not kept. Needs AVX
-    /// enabled by the OS (XCR0 bit 2): the caller checks
-    /// (`probekit::cpu_support().wide` answers), and uses `Args` where the CPU has no
-    /// AVX state (`Args` is then exact). aarch64: as `Args`.
+    /// code (glibc's `memcpy` is some) changes them. How the routine learns which upper
+    /// halves to keep is the `wide_mode` operand's (a `u64`, probe-rt's
+    /// `probekit_wide_mode`, set before `main`): with [`Fp::WIDE_ASK`] it asks the CPU
+    /// which state is in use (`xgetbv` with `ecx = 1`: ~2.7 ns on some CPUs, ~12 on
+    /// others) and keeps that; without it, it keeps the upper halves (the zmm bits too
+    /// with [`Fp::WIDE_ZMM`]) whatever they hold and tests them for zero (~2 ns; but
+    /// 512-bit instructions on every hit, which lower the clock of CPUs with AVX-512
+    /// frequency licences: probe-rt asks on Intel's CPUs, tests elsewhere). Either way
+    /// what was in use, or not zero, is put back (`vinsertf128`, `vinsertf64x4`); the
+    /// rest is left in its initial state (`vzeroupper` on the way out: the registers
+    /// past these too, caller-saved), so a handler's AVX code costs the probed code no
+    /// transition penalty. Until `wide_mode` is set (a hit in an earlier constructor)
+    /// the ymm halves are tested and the zmm bits not kept. Needs AVX enabled by the OS
+    /// (XCR0 bit 2), and what `wide_mode` asks for: the caller checks
+    /// (`probekit::cpu_support().wide` answers for probe-rt's `wide_mode`), and uses
+    /// `Args` where the CPU has no AVX state (`Args` is then exact). aarch64: as `Args`.
     ArgsWide,
     /// As `Return`, with the upper halves of `ymm0`–`ymm1` / `zmm0`–`zmm1` kept as
     /// `ArgsWide` keeps them (an `__m256` or `__m512` return value). aarch64: as `Return`.
@@ -127,6 +131,17 @@ impl Fp {
     /// bits 128-255), opmask (k0-7), ZMM_Hi256 (zmm0-15 bits 256-511) and Hi16_ZMM
     /// (zmm16-31). Intel's standard `xsave` offsets, the same on every CPU.
     pub const IN_USE_COMPONENTS: [(u32, u64, u64); 4] = [(2, 576, 256), (5, 1088, 64), (6, 1152, 512), (7, 1664, 1024)];
+
+    /// x86_64 `ArgsWide`, `ReturnWide` and `Sse`: a bit of their `wide_mode` operand (a
+    /// `u64`): ask the CPU which upper halves are in use (`xgetbv` with `ecx = 1`, which
+    /// the CPU must have) and keep those. Without it they keep the upper halves whatever
+    /// they hold and put back those that are not zero (see [`Fp::ArgsWide`]).
+    pub const WIDE_ASK: u64 = 0x01;
+    /// x86_64 `ArgsWide`, `ReturnWide` and `Sse`: a bit of their `wide_mode` operand,
+    /// without [`Fp::WIDE_ASK`]: XCR0 enables ZMM_Hi256 (bit 6, the same bit), so the
+    /// zmm bits 256-511 are kept too (EVEX `vextractf64x4`, and 256-bit `vpor`: the CPU
+    /// has AVX-512F and AVX2).
+    pub const WIDE_ZMM: u64 = 0x40;
 
     /// x86_64 `FullInUse`: the bytes of the area its moves reach where XCR0 is `xcr0`
     /// (at least the legacy region and the header, 576). A CPU's own standard size

@@ -177,7 +177,7 @@ pub struct Plan {
     pub restore: Vec<Op>,
     /// Deallocation and resumption.
     pub epilogue: Vec<Op>,
-    /// Names of the `sym` operands the text refers to (`handler`, `xsave_size`, `xsave_mask`).
+    /// Names of the `sym` operands the text refers to (`handler`, `xsave_size`, `xsave_mask`, `wide_mode`).
     pub operands: Vec<&'static str>,
 }
 

@@ -28,15 +28,25 @@ pub struct Symbols {
     /// The handler the routine calls: `extern "C" fn(*mut Frame, *mut u8)`
     /// (`-> usize`, the resume address, for a kretprobe).
     pub handler: String,
-    /// A `u64` holding the `xsave` area size (x86_64 `Fp::Full`).
+    /// A `u64` holding the `xsave` area size (x86_64 `Fp::Full`, `FullCompact`,
+    /// `FullInUse`).
     pub xsave_size: String,
-    /// A `u64` holding the `xsave` requested-feature bitmap (x86_64 `Fp::Full`).
+    /// A `u64` holding the `xsave` requested-feature bitmap (x86_64 `Fp::Full`,
+    /// `FullCompact`, `FullInUse`).
     pub xsave_mask: String,
+    /// A `u64` saying how the wide modes learn which upper halves to keep (x86_64
+    /// `Fp::ArgsWide`, `ReturnWide`, `Sse`: `Fp::WIDE_ASK`, `Fp::WIDE_ZMM`).
+    pub wide_mode: String,
 }
 
 impl Default for Symbols {
     fn default() -> Self {
-        Symbols { handler: "probe_handler".into(), xsave_size: "probekit_xsave_size".into(), xsave_mask: "probekit_xsave_mask".into() }
+        Symbols {
+            handler: "probe_handler".into(),
+            xsave_size: "probekit_xsave_size".into(),
+            xsave_mask: "probekit_xsave_mask".into(),
+            wide_mode: "probekit_wide_mode".into(),
+        }
     }
 }
 
@@ -46,6 +56,7 @@ impl Symbols {
             "handler" => &self.handler,
             "xsave_size" => &self.xsave_size,
             "xsave_mask" => &self.xsave_mask,
+            "wide_mode" => &self.wide_mode,
             _ => operand,
         }
     }

@@ -210,6 +210,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         handler: h.to_token_stream().to_string(),
         xsave_size: format!("{k}::__private::XSAVE_SIZE"),
         xsave_mask: format!("{k}::__private::XSAVE_MASK"),
+        wide_mode: format!("{k}::__private::WIDE_MODE"),
     });
     let mut plans: Vec<(&FrameLayout, Vec<(Plan, String)>)> = Vec::new();
     let mut plan_errors = TokenStream::new();

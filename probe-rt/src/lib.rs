@@ -70,8 +70,8 @@
 //! only AVX-512 code holds, and the x87 status) is caller-saved, dead there, and left
 //! as the handler left it, which spares such probes ~10 ns of AVX-512 state moves. At
 //! the entry of such a function that calls nothing (a leaf: it can hand no vector
-//! argument on), the argument registers' low halves alone, which spares asking the
-//! CPU which upper halves are in use (~3 ns). These rest on the ABI, as every entry
+//! argument on), the argument registers' low halves alone, which spares keeping the
+//! upper halves (~2 ns). These rest on the ABI, as every entry
 //! probe does (none keeps xmm8-15): a caller that keeps a value in a caller-saved
 //! register across its call of such a function (GCC's `-fipa-ra` does, for callees it
 //! compiled and knows leave the register alone) may find the handler's there.
@@ -332,6 +332,12 @@ pub mod __private {
     /// The `xsave` requested-feature bitmap (XCR0, set before `main`).
     #[export_name = "probekit_xsave_mask"]
     pub static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+    /// How the x86_64 `fp = args_wide`, `return_wide` and `sse` routines learn which
+    /// upper halves to keep (probe-codegen's `Fp::WIDE_ASK`, `Fp::WIDE_ZMM`; set before
+    /// `main`, see `arch::wide_mode`). Until it is set they test the ymm halves by value
+    /// and do not keep the zmm bits.
+    #[export_name = "probekit_wide_mode"]
+    pub static WIDE_MODE: AtomicU64 = AtomicU64::new(0);
 
     #[cfg(target_arch = "x86_64")]
     extern "C" fn init_xsave() {
@@ -345,21 +351,13 @@ pub mod __private {
         // SAFETY: xgetbv with ecx = 0 is allowed in user space when OSXSAVE is set (checked).
         unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
         let xcr0 = (hi as u64) << 32 | lo as u64;
-        let size = standard.max(in_use_area(xcr0));
-        for (size_at, mask_at) in [(&XSAVE_SIZE, &XSAVE_MASK), (&crate::arch::XSAVE_SIZE, &crate::arch::XSAVE_MASK)] {
-            size_at.store(size, Ordering::Relaxed);
-            mask_at.store(xcr0, Ordering::Relaxed);
+        let (size, wide) = (standard.max(crate::arch::in_use_area(xcr0)), crate::arch::wide_mode(xcr0));
+        for (word, value) in [(&XSAVE_SIZE, size), (&XSAVE_MASK, xcr0), (&WIDE_MODE, wide)] {
+            word.store(value, Ordering::Relaxed);
         }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    include!(concat!(env!("OUT_DIR"), "/xsave.rs"));
-
-    /// The bytes of the area `fp = full-in-use` moves reach where XCR0 is `xcr0`
-    /// (probe-codegen's `Fp::in_use_area`, from the same table).
-    #[cfg(target_arch = "x86_64")]
-    pub(crate) fn in_use_area(xcr0: u64) -> u64 {
-        IN_USE_COMPONENTS.iter().filter(|&&(bit, ..)| xcr0 & (1 << bit) != 0).map(|&(_, at, len)| at + len).fold(512 + 64, u64::max)
+        for (word, value) in [(&crate::arch::XSAVE_SIZE, size), (&crate::arch::XSAVE_MASK, xcr0), (&crate::arch::WIDE_MODE, wide)] {
+            word.store(value, Ordering::Relaxed);
+        }
     }
 
     /// Runs `init_xsave` before `main` (and before any constructor that could hit a probe).

@@ -357,7 +357,7 @@ fn entry_probed(symbol: &str, f: unsafe extern "C" fn()) -> (u64, [[u8; 16]; 2])
 #[test]
 fn an_entry_probe_keeps_a_vector_argument_handed_on() {
     if !std::arch::is_x86_feature_detected!("avx") || !probe_rt::cpu_support().wide {
-        eprintln!("skipped: no AVX, or no xgetbv with ecx = 1");
+        eprintln!("skipped: no AVX state");
         return;
     }
     let upper: [u8; 16] = std::array::from_fn(|i| pattern(77, i));

@@ -240,6 +240,40 @@ fn entry_handlers_leave_vector_arguments_whole() {
     }
 }
 
+/// Where the trampolines keep the upper parts whatever they hold and put back those
+/// that are not zero (all but Intel's AVX-512 CPUs), one register's part alone not
+/// zero is still put back: the test ORs every register's, the ymm halves and the zmm
+/// bits apart.
+#[test]
+fn one_upper_part_not_zero_alone_is_kept() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !wide() {
+        eprintln!("skipped: no AVX state (the narrow trampolines run)");
+        return;
+    }
+    let p = Probe::builder().symbol("wide_args256").optimize(Optimize::Required).pre(|_: &PtRegs| dirty_upper()).register().unwrap();
+    for i in 0..8 {
+        // ymm{i} bits 128-255 alone not zero.
+        let mut vals = [0u8; 256];
+        vals[32 * i + 16..32 * i + 32].copy_from_slice(&pattern::<16>(i as u8 + 1));
+        assert_eq!(call_args256(&vals), vals, "ymm{i}'s upper half alone");
+    }
+    assert_eq!(p.nhit(), 8);
+    drop(p);
+    if !avx512() {
+        eprintln!("AVX-512 part skipped: no AVX-512");
+        return;
+    }
+    let p = Probe::builder().symbol("wide_args512").optimize(Optimize::Required).pre(|_: &PtRegs| dirty_upper()).register().unwrap();
+    for i in 0..8 {
+        // zmm{i} bits 256-511 alone not zero (every ymm half zero).
+        let mut vals = [0u8; 512];
+        vals[64 * i + 32..64 * i + 64].copy_from_slice(&pattern::<32>(i as u8 + 1));
+        assert_eq!(call_args512(&vals), vals, "zmm{i}'s bits 256-511 alone");
+    }
+    assert_eq!(p.nhit(), 8);
+}
+
 #[test]
 fn return_handlers_leave_vector_return_values_whole() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -80,7 +80,12 @@ fn main() {
         routines.push((layout, format!("crate::generated::rf{n}::{name}"), frames.len() + n, policy, fp, shape));
     }
 
-    let symbols = render::Symbols { handler: "crate::torture_handler".into(), xsave_size: "crate::XSAVE_SIZE".into(), xsave_mask: "crate::XSAVE_MASK".into() };
+    let symbols = render::Symbols {
+        handler: "crate::torture_handler".into(),
+        xsave_size: "crate::XSAVE_SIZE".into(),
+        xsave_mask: "crate::XSAVE_MASK".into(),
+        wide_mode: "crate::WIDE_MODE".into(),
+    };
     let mut table = String::from("pub static ROUTINES: &[crate::Routine] = &[\n");
     let mut asserted = std::collections::HashSet::new();
     for (k, (frame, ty, fi, policy, fp, shape)) in routines.iter().enumerate() {

@@ -36,6 +36,38 @@ pub(crate) fn abs_jump(to: usize) -> [u8; ABS_JUMP] {
 pub(crate) static XSAVE_SIZE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(512 + 64);
 #[cfg(target_arch = "x86_64")]
 pub(crate) static XSAVE_MASK: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+#[cfg(target_arch = "x86_64")]
+pub(crate) static WIDE_MODE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// How the wide modes (probe-codegen's `Fp::ArgsWide`, `ReturnWide`, `Sse`) learn which
+/// upper halves to keep on a CPU whose XCR0 is `xcr0`: on Intel's CPUs with AVX-512
+/// state they ask it (`Fp::WIDE_ASK`: `xgetbv` with `ecx = 1`, ~2.7 ns there), as the
+/// test of the values would run 512-bit instructions on every hit, which lower the
+/// clock of the CPUs with AVX-512 frequency licences (Skylake-SP, Cascade Lake);
+/// elsewhere they test the values (`Fp::WIDE_ZMM` where XCR0 enables ZMM_Hi256): ~2
+/// ns, where the question costs ~12 on AMD Zen 4.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn wide_mode(xcr0: u64) -> u64 {
+    use core::arch::x86_64::{__cpuid, __cpuid_count};
+    let id = __cpuid(0);
+    let intel = (id.ebx, id.edx, id.ecx) == (u32::from_le_bytes(*b"Genu"), u32::from_le_bytes(*b"ineI"), u32::from_le_bytes(*b"ntel"));
+    let can_ask = id.eax >= 0xd && __cpuid_count(0xd, 1).eax & 4 != 0;
+    match intel && can_ask && xcr0 & WIDE_ZMM != 0 {
+        true => WIDE_ASK,
+        false => xcr0 & WIDE_ZMM,
+    }
+}
+
+// `IN_USE_COMPONENTS`, `WIDE_ASK`, `WIDE_ZMM`: probe-codegen's, generated.
+#[cfg(target_arch = "x86_64")]
+include!(concat!(env!("OUT_DIR"), "/xsave.rs"));
+
+/// The bytes of the area `fp = full-in-use` moves reach where XCR0 is `xcr0`
+/// (probe-codegen's `Fp::in_use_area`, from the same table).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn in_use_area(xcr0: u64) -> u64 {
+    IN_USE_COMPONENTS.iter().filter(|&&(bit, ..)| xcr0 & (1 << bit) != 0).map(|&(_, at, len)| at + len).fold(512 + 64, u64::max)
+}
 
 /// What of probe-codegen's routines the CPU this process runs on can run, as CPUID
 /// and XCR0 tell (asked once). The runtime's own trampolines go by it; a crate that
@@ -61,7 +93,8 @@ pub struct CpuSupport {
     /// `fp = args_wide`, `return_wide` and `sse` run (probe-codegen's `Fp::ArgsWide`,
     /// `Fp::ReturnWide` and `Fp::Sse`, the runtime's trampolines that keep vector
     /// arguments and return values whole, and xmm0-15 inside legacy SSE code): the OS
-    /// enabled AVX state (XCR0 bit 2; with AVX-512 state, the CPU has AVX512F).
+    /// enabled AVX state (XCR0 bit 2), and what `__private::WIDE_MODE` asks for: AVX2
+    /// where it tests the zmm bits, `xgetbv` with `ecx = 1` where it asks the CPU.
     /// Otherwise the runtime's narrow ones run (and inside legacy SSE code the one that
     /// keeps all of the state), exact without AVX state.
     pub wide: bool,
@@ -91,7 +124,10 @@ pub fn cpu_support() -> &'static CpuSupport {
             false => 0,
         };
         let leaf_d1 = if osxsave { __cpuid_count(0xd, 1).eax } else { 0 };
-        let (xsavec, in_use_query, wide) = (leaf_d1 & 2 != 0, leaf_d1 & 4 != 0, xcr0 & 4 != 0);
+        // The wide modes' test of the zmm bits ORs them with 256-bit `vpor` (AVX2).
+        let zmm_test = wide_mode(xcr0 as u64) & WIDE_ZMM != 0;
+        let (xsavec, in_use_query) = (leaf_d1 & 2 != 0, leaf_d1 & 4 != 0);
+        let wide = xcr0 & 4 != 0 && (!zmm_test || std::arch::is_x86_feature_detected!("avx2"));
         let avx512 = match xcr0 & 0xe0 {
             0 => true,
             0xe0 => std::arch::is_x86_feature_detected!("avx512bw"),
@@ -132,14 +168,19 @@ mod tests {
             if c.xsave {
                 // The area of the `fp = full` routines holds what the CPU's `xsave` writes
                 // and what `Fp::FullInUse` moves, for the components XCR0 enables.
-                use crate::__private::{in_use_area, XSAVE_MASK, XSAVE_SIZE};
+                use crate::__private::{XSAVE_MASK, XSAVE_SIZE};
                 use core::sync::atomic::Ordering;
                 let (size, mask) = (XSAVE_SIZE.load(Ordering::Relaxed), XSAVE_MASK.load(Ordering::Relaxed));
                 assert!(size >= core::arch::x86_64::__cpuid_count(0xd, 0).ebx as u64, "{size}");
-                assert!(size >= in_use_area(mask) && in_use_area(mask) >= 576, "{size} {mask:#x}");
+                assert!(size >= in_use_area(mask), "{size} {mask:#x}");
                 if mask & 0xe0 == 0xe0 {
                     assert_eq!(in_use_area(mask), 2688);
                 }
+                // The wide modes' word: asked of the CPU, or the zmm bits where enabled.
+                let wide = crate::__private::WIDE_MODE.load(Ordering::Relaxed);
+                assert_eq!(wide, wide_mode(mask));
+                assert!(wide == WIDE_ASK || wide == mask & WIDE_ZMM, "{wide:#x} {mask:#x}");
+                assert_eq!(wide, WIDE_MODE.load(Ordering::Relaxed), "the runtime's copy");
             }
             if c.in_use {
                 // What `Fp::FullInUse` runs first must not fault, and answers XCR0 & XINUSE.

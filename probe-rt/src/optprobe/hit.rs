@@ -31,8 +31,7 @@ extern "C" {
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry();
     /// The same, keeping their low 128 bits: at the entry of a leaf of legacy SSE code
-    /// (`Live::ArgsLow`), and where the CPU has no AVX state, or cannot tell which is in
-    /// use (`cpu_support().wide`).
+    /// (`Live::ArgsLow`), and where the CPU has no AVX state (`cpu_support().wide`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_opt_trampoline_entry_narrow();
     /// The same, keeping xmm0-15 (whole) and MXCSR: mid-function in code of legacy SSE
@@ -66,7 +65,7 @@ pub(crate) fn trampoline(live: Live) -> usize {
         match (live, cpu_support().wide) {
             (Live::Args, true) => return probekit_opt_trampoline_entry as *const () as usize,
             (Live::Args, false) | (Live::ArgsLow, _) => return probekit_opt_trampoline_entry_narrow as *const () as usize,
-            // Without a CPU that tells which upper halves are in use, the whole state.
+            // Where the CPU cannot keep the upper halves (no AVX state), the whole state.
             (Live::Sse, true) => return probekit_opt_trampoline_sse as *const () as usize,
             (Live::Sse | Live::All, _) => {}
         }

@@ -415,7 +415,7 @@ fn prepare(st: &mut State, addr: usize) -> Result<Prepared, NotOptimized> {
         };
         // Where the trampoline keeps the whole FP/SIMD state it does so with `xsave` and
         // its kin, which fault where the OS did not enable them (as it does in legacy
-        // code where the CPU cannot tell which upper halves are in use: `trampoline`).
+        // code where the CPU has no AVX state: `trampoline`).
         if (live == Live::All || live == Live::Sse && !cpu_support().wide) && !cpu_support().xsave {
             return Err(NotOptimized::CpuLacks { feature: "xsave enabled by the OS (OSXSAVE), which keeps the FP/SIMD state mid-function" });
         }

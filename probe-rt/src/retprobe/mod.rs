@@ -110,7 +110,7 @@ extern "C" {
     /// The generated return trampoline (never called: stubs jump to it).
     fn probekit_kretprobe_trampoline();
     /// The same, keeping the low 128 bits of the vector return registers, where the
-    /// CPU cannot keep them whole (x86_64, `cpu_support().wide`).
+    /// CPU has no AVX state (x86_64, `cpu_support().wide`).
     #[cfg(target_arch = "x86_64")]
     fn probekit_kretprobe_trampoline_narrow();
 }

@@ -91,13 +91,17 @@ mod generated {
 }
 pub use generated::ROUTINES;
 
-// The Builder's .S refers to probe-rt's exported `probekit_xsave_size`/`_mask`.
+// The Builder's .S refers to probe-rt's exported `probekit_xsave_size`, `_mask` and
+// `probekit_wide_mode`.
 use probe_rt as _;
 
 /// `xsave` area size for the x86_64 `Fp::Full` routines (CPUID.(EAX=0DH,ECX=0):EBX).
 pub static XSAVE_SIZE: AtomicU64 = AtomicU64::new(4096);
 /// `xsave` requested-feature bitmap (XCR0).
 pub static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+/// How the x86_64 wide routines learn which upper halves to keep (probe-codegen's
+/// `Fp::WIDE_ASK`, `Fp::WIDE_ZMM`): set for each run (see `wide_mode`).
+pub static WIDE_MODE: AtomicU64 = AtomicU64::new(0);
 
 /// State exchanged with the harness.
 #[repr(C, align(16))]
@@ -361,6 +365,22 @@ fn release(s: InUse) {
     let _ = s;
 }
 
+/// Sets how the wide routines (Rust ones and the Builder's `.S`) learn which upper
+/// halves to keep: asking the CPU (`ask`, where it has `xgetbv` with `ecx = 1`), or
+/// testing the values (the zmm bits too where XCR0 enables them).
+fn set_wide_mode(ask: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mask = XSAVE_MASK.load(std::sync::atomic::Ordering::Relaxed);
+        let can_ask = core::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0;
+        // probe-codegen's `Fp::WIDE_ASK`, or `Fp::WIDE_ZMM` (XCR0 bit 6) where enabled.
+        let mode = if ask && can_ask { 0x01 } else { mask & 0x40 };
+        WIDE_MODE.store(mode, std::sync::atomic::Ordering::Relaxed);
+        probe_rt::__private::WIDE_MODE.store(mode, std::sync::atomic::Ordering::Relaxed);
+    }
+    let _ = ask;
+}
+
 /// Puts the upper state of the vector registers in its initial state (`clean`) or
 /// in use (x86_64): the wide routines take one path or the other at their entry.
 #[inline(always)]
@@ -492,18 +512,15 @@ pub fn init_xsave() {
         let leaf1 = core::arch::x86_64::__cpuid(1);
         assert!(leaf1.ecx & (1 << 27) != 0, "OSXSAVE required for the Fp::Full torture");
         assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 2 != 0, "XSAVEC required for the Fp::FullCompact torture");
-        assert!(core::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0, "xgetbv with ecx = 1 required for the Fp::FullInUse torture");
         assert!(std::arch::is_x86_feature_detected!("avx"), "AVX required for the Fp::ArgsWide torture");
-        let d = core::arch::x86_64::__cpuid_count(0xd, 0);
-        let (lo, hi): (u32, u32);
-        // SAFETY: xgetbv(0) is allowed in user space when OSXSAVE is set (checked above).
-        unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi) };
-        // The size the runtime gives its own `fp = full` routines: the CPU's standard
-        // size, or what `Fp::FullInUse`'s moves reach if more (AMD Zen 4).
-        let size = probe_rt::__private::XSAVE_SIZE.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(size >= d.ebx as u64, "probe-rt's xsave size {size} below the CPU's {}", d.ebx);
-        XSAVE_SIZE.store(size, std::sync::atomic::Ordering::Relaxed);
-        XSAVE_MASK.store((hi as u64) << 32 | lo as u64, std::sync::atomic::Ordering::Relaxed);
+        // What the runtime gives its own `fp = full` routines: the CPU's standard size,
+        // or what `Fp::FullInUse`'s moves reach if more (AMD Zen 4), and XCR0.
+        use std::sync::atomic::Ordering::Relaxed;
+        let (size, mask) = (probe_rt::__private::XSAVE_SIZE.load(Relaxed), probe_rt::__private::XSAVE_MASK.load(Relaxed));
+        let standard = core::arch::x86_64::__cpuid_count(0xd, 0).ebx as u64;
+        assert!(size >= standard, "probe-rt's xsave size {size} below the CPU's {standard}");
+        XSAVE_SIZE.store(size, Relaxed);
+        XSAVE_MASK.store(mask, Relaxed);
     }
 }
 
@@ -611,9 +628,12 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
         redirect_to,
     };
     CURRENT.with(|c| c.set(&mut run));
-    // The wide routines' two paths: upper state clean at the entry, or in use.
+    // The wide routines' two paths: upper state clean at the entry, or in use; each
+    // under both ways of learning which to keep: the CPU asked (where it can be), the
+    // values tested.
     if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::Sse) {
         set_upper_state(!skew);
+        set_wide_mode(set_df);
     }
     // The FullInUse routines' paths, one for each of the four runs.
     let in_use = match (skew, set_df) {

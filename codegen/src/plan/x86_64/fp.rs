@@ -5,7 +5,7 @@
 use super::*;
 
 /// The FP/SIMD steps of mode `fp` over the area at `at`, and the operands they read
-/// (`xsave_size`, `xsave_mask`).
+/// (`xsave_size`, `xsave_mask`, `wide_mode`).
 pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, &'static [&'static str]) {
     match fp {
         Fp::None => (Vec::new(), &[]),
@@ -16,7 +16,7 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, &'static [&'static str]) {
                 return (steps, &[]);
             }
             steps.push(wide_step(at, n, n));
-            (steps, &["xsave_mask"])
+            (steps, &["wide_mode"])
         }
         // Restore runs the steps in reverse: the wide step's (legacy `movaps` reloads the
         // low halves under the bits it put back), the x87 stack's `fxrstor` (which loads
@@ -26,7 +26,7 @@ pub(super) fn steps(fp: Fp, at: u64) -> (Vec<Step>, &'static [&'static str]) {
             steps.extend(low_halves(at, SSE_REGS));
             steps.push(x87_stack_step(at + SSE_FX));
             steps.push(wide_step(at, SSE_REGS, SSE_REGS));
-            (steps, &["xsave_mask"])
+            (steps, &["wide_mode"])
         }
         Fp::FullInUse => (vec![in_use_step(at)], &["xsave_size", "xsave_mask"]),
         Fp::Full | Fp::FullCompact => {
@@ -118,20 +118,24 @@ fn x87_stack_step(fx: u64) -> Step {
 /// The wide modes' upper halves of the first `n` of the `low` vector registers whose
 /// low 128 bits the FP area starts with (at `at`): above them, the bits 128-255 of
 /// each of the `n` (`ymm`), then the bits 256-511 of each (`zmm`), then the word of
-/// which were not zero.
+/// which to put back: bit 2 for the ymm halves, bit 6 for the zmm bits (as XCR0 &
+/// XINUSE gives them).
 ///
-/// Save: the upper parts of all `n`, whatever they hold: the zmm bits first (EVEX
-/// `vextractf64x4`, where XCR0 enables ZMM_Hi256: bit 6 of the `xsave_mask` operand),
-/// then the ymm halves. Then whether any is not zero, into the word: bit 2 for the ymm
-/// halves, bit 6 for the zmm bits (the bits of XCR0 & XINUSE that `xgetbv` with
-/// `ecx = 1` would give, by value: that question costs ~2.7 ns on some CPUs and ~12 on
-/// others, AMD Zen 4 among them, against ~2 ns for this). `xmm0`/`ymm0`, saved by
-/// then, computes it. Restore, in the mirror order and before the low halves are
-/// reloaded (legacy `movaps` keeps the bits above): the ymm halves (`vinsertf128`,
-/// which zeroes bits 256 on), then the zmm bits where not zero; or, all of them zero,
-/// `vzeroupper`, which zeroes the upper halves a handler may have left (and those of
-/// the registers past `n`, dead where these modes run), keeps bits 0-127, and leaves
-/// the state in its initial configuration, as it was or with the same values.
+/// Save, as the `wide_mode` operand says ([`Fp::WIDE_ASK`], [`Fp::WIDE_ZMM`]): either ask the
+/// CPU which state is in use (`xgetbv` with `ecx = 1`) and keep what is, or keep the
+/// upper parts whatever they hold (the zmm bits where `Fp::WIDE_ZMM` says XCR0 enables
+/// ZMM_Hi256) and put back those that are not zero. The question costs ~2.7 ns on some
+/// CPUs and ~12 on others (AMD Zen 4), the test ~2 ns; but on AVX-512 CPUs with
+/// frequency licences (Intel's Skylake-SP) the test's 512-bit instructions on every
+/// hit would lower the core's clock, and the question keeps them to hits that meet
+/// AVX-512 state in use. The zmm bits go first (EVEX `vextractf64x4`), then the ymm
+/// halves; on the test's path `xmm0`/`ymm0`, saved by then, ORs them. Restore, in the
+/// mirror order and before the low halves are reloaded (legacy `movaps` keeps the bits
+/// above): the ymm halves (`vinsertf128`, which zeroes bits 256 on), then the zmm bits
+/// if their bit says so; or, with neither bit, `vzeroupper`, which zeroes the upper
+/// halves a handler may have left (on the test's path those of the registers past `n`
+/// too: caller-saved, dead where these modes run), keeps bits 0-127, and leaves the
+/// state in its initial configuration, as it was or with the same values.
 fn wide_step(at: u64, low: u64, n: u64) -> Step {
     let ymm_at = at + 16 * low;
     let zmm_at = ymm_at + 16 * n;
@@ -140,20 +144,39 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
         let (m, encoding) = mem(off);
         (m, Access { dir, slots: vec![(off, size, Slot::Fp(what))], encoding })
     };
-    let mut save =
-        vec![Op::new("test byte ptr [rip + {xsave_mask}], 0x40", "ZMM_Hi256 enabled (XCR0 bit 6; 0 before it was read)"), Op::new("jz 6f", "no: no zmm bits")];
+    let mut save = vec![
+        Op::new(format!("test byte ptr [rip + {{wide_mode}}], {:#x}", Fp::WIDE_ASK), "ask the CPU which state is in use?"),
+        Op::new("jz 10f", "no: keep the upper parts, then test them"),
+        Op::new("mov ecx, 1", "xgetbv 1: which state components are in use"),
+        Op::new("xgetbv", "eax = XCR0 & XINUSE (edx: the high half)"),
+        Op::new("and eax, 0x44", "AVX (ymm upper halves) | ZMM_Hi256 (zmm0-15 bits 256-511): those in use"),
+        Op::new("jmp 11f", ""),
+        Op::new("10:", ""),
+        Op::new("movzx eax, byte ptr [rip + {wide_mode}]", ""),
+        Op::new(format!("and eax, {:#x}", Fp::WIDE_ZMM), "the zmm bits where XCR0 enables them"),
+        Op::new("or eax, 0x04", "the ymm halves always"),
+        Op::new("11:", ""),
+        Op::new("test al, 0x40", "the zmm bits"),
+        Op::new("jz 6f", ""),
+    ];
     for i in 0..n {
         let (m, a) = access(Dir::Store, zmm_at + 32 * i, 32, format!("zmm{i} bits 256-511"));
         save.push(Op::mem(format!("vextractf64x4 ymmword ptr {m}, zmm{i}, 1"), format!("zmm{i} bits 256-511 @{}", zmm_at + 32 * i), a));
     }
-    save.push(Op::new("6:", ""));
+    save.extend([Op::new("6:", ""), Op::new("test al, 0x04", "the ymm halves"), Op::new("jz 7f", "")]);
     for i in 0..n {
         let (m, a) = access(Dir::Store, ymm_at + 16 * i, 16, format!("ymm{i} bits 128-255"));
         save.push(Op::mem(format!("vextractf128 xmmword ptr {m}, ymm{i}, 1"), format!("ymm{i} bits 128-255 @{}", ymm_at + 16 * i), a));
     }
-    // Which were not zero: the OR of the halves just stored.
+    // The test's path: which of what it kept are not zero, the OR of the parts just stored.
     let (first, _) = mem(ymm_at);
-    save.push(Op::new(format!("vmovdqu xmm0, xmmword ptr {first}"), "xmm0 is saved: the OR of the ymm halves"));
+    save.extend([
+        Op::new("7:", ""),
+        Op::new(format!("test byte ptr [rip + {{wide_mode}}], {:#x}", Fp::WIDE_ASK), ""),
+        Op::new("jnz 9f", "asked: eax says which to put back"),
+        Op::new("mov edx, eax", "which were kept"),
+        Op::new(format!("vmovdqu xmm0, xmmword ptr {first}"), "xmm0 is saved: the OR of the ymm halves"),
+    ]);
     for i in 1..n {
         let (m, _) = mem(ymm_at + 16 * i);
         save.push(Op::new(format!("vpor xmm0, xmm0, xmmword ptr {m}"), ""));
@@ -163,23 +186,18 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
         Op::new("xor eax, eax", ""),
         Op::new("vptest xmm0, xmm0", ""),
         Op::new("setnz al", ""),
-        Op::new("shl eax, 2", "bit 2: some ymm half not zero (as XINUSE's AVX bit)"),
-        Op::new("test byte ptr [rip + {xsave_mask}], 0x40", "the zmm bits, where kept"),
-        Op::new("jz 7f", ""),
-        Op::new(format!("vmovdqu ymm0, ymmword ptr {first}"), "the OR of the zmm bits"),
+        Op::new("shl eax, 2", "bit 2: some ymm half not zero"),
+        Op::new("test dl, 0x40", "the zmm bits, if kept"),
+        Op::new("jz 9f", ""),
+        Op::new(format!("vmovdqu ymm0, ymmword ptr {first}"), "the OR of the zmm bits (AVX-512 state: AVX2 is there)"),
     ]);
     for i in 1..n {
         let (m, _) = mem(zmm_at + 32 * i);
         save.push(Op::new(format!("vpor ymm0, ymm0, ymmword ptr {m}"), ""));
     }
-    save.extend([
-        Op::new("vptest ymm0, ymm0", ""),
-        Op::new("jz 7f", "all zero"),
-        Op::new("or eax, 0x40", "bit 6: some zmm bits not zero (as XINUSE's ZMM_Hi256 bit)"),
-        Op::new("7:", ""),
-    ]);
+    save.extend([Op::new("vptest ymm0, ymm0", ""), Op::new("jz 9f", "all zero"), Op::new("or eax, 0x40", "bit 6: some zmm bits not zero"), Op::new("9:", "")]);
     let (m, a) = access(Dir::Store, flag_at, 8, "in use".into());
-    save.push(Op::mem(format!("mov qword ptr {m}, rax"), format!("which were not zero @{flag_at}"), a));
+    save.push(Op::mem(format!("mov qword ptr {m}, rax"), format!("which to put back @{flag_at}"), a));
 
     let mut restore = Vec::new();
     let mut zmm_restore = Vec::new();
@@ -206,7 +224,7 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
         let (m, a) = access(Dir::Load, zmm_at + 32 * i, 32, format!("zmm{i} bits 256-511"));
         zmm_restore.push(Op::mem(format!("vinsertf64x4 zmm{i}, zmm{i}, ymmword ptr {m}, 1"), format!("zmm{i} bits 256-511 @{}", zmm_at + 32 * i), a));
     }
-    restore.extend([Op::new("test al, 0x40", "zmm bits"), Op::new("jz 9f", "all zero: bits 256 on stay zero")]);
+    restore.extend([Op::new("test al, 0x40", "the zmm bits"), Op::new("jz 9f", "not to put back: bits 256 on stay zero")]);
     restore.extend(zmm_restore);
     restore.push(Op::new("9:", ""));
     Step { save, restore }
