@@ -52,7 +52,8 @@ pub enum Fp {
     /// rest is left in its initial state (`vzeroupper` on the way out: the registers
     /// past these too, caller-saved), so a handler's AVX code costs the probed code no
     /// transition penalty. Until `wide_mode` is set (a hit in an earlier constructor)
-    /// the ymm halves are tested and the zmm bits not kept. Needs AVX enabled by the OS
+    /// the ymm halves are tested and the zmm bits not kept (zeroed, if the ymm halves
+    /// are put back). Needs AVX enabled by the OS
     /// (XCR0 bit 2), and what `wide_mode` asks for: the caller checks
     /// (`probekit::cpu_support().wide` answers for probe-rt's `wide_mode`), and uses
     /// `Args` where the CPU has no AVX state (`Args` is then exact). aarch64: as `Args`.
@@ -112,8 +113,8 @@ pub enum Fp {
     /// in code of legacy SSE encodings only (no VEX, EVEX or XOP instruction, no x87,
     /// MMX or `xsave`-family instruction): such code reads no bit above 127 and never
     /// touches `zmm16`–`zmm31` or `k0`–`k7`, which the ABI leaves dead across the call
-    /// that brought execution into it. The upper halves are kept all the same (put back
-    /// where not zero, as `ArgsWide` does): a vector argument may pass through
+    /// that brought execution into it. The upper halves are kept all the same (as
+    /// `ArgsWide` keeps them): a vector argument may pass through
     /// such code unread, and a caller may hold a value there across its call to code it
     /// knows leaves them alone (GCC's `-fipa-ra`). The caller decides that the probed
     /// code is such code (probekit's optimized probes decode the whole function). MXCSR
@@ -139,8 +140,7 @@ impl Fp {
     pub const WIDE_ASK: u64 = 0x01;
     /// x86_64 `ArgsWide`, `ReturnWide` and `Sse`: a bit of their `wide_mode` operand,
     /// without [`Fp::WIDE_ASK`]: XCR0 enables ZMM_Hi256 (bit 6, the same bit), so the
-    /// zmm bits 256-511 are kept too (EVEX `vextractf64x4`, and 256-bit `vpor`: the CPU
-    /// has AVX-512F and AVX2).
+    /// zmm bits 256-511 are kept too (EVEX `vextractf64x4`: the CPU has AVX-512F).
     pub const WIDE_ZMM: u64 = 0x40;
 
     /// x86_64 `FullInUse`: the bytes of the area its moves reach where XCR0 is `xcr0`

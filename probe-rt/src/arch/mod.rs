@@ -93,8 +93,8 @@ pub struct CpuSupport {
     /// `fp = args_wide`, `return_wide` and `sse` run (probe-codegen's `Fp::ArgsWide`,
     /// `Fp::ReturnWide` and `Fp::Sse`, the runtime's trampolines that keep vector
     /// arguments and return values whole, and xmm0-15 inside legacy SSE code): the OS
-    /// enabled AVX state (XCR0 bit 2), and what `__private::WIDE_MODE` asks for: AVX2
-    /// where it tests the zmm bits, `xgetbv` with `ecx = 1` where it asks the CPU.
+    /// enabled AVX state (XCR0 bit 2; where they ask the CPU which state is in use, see
+    /// `__private::WIDE_MODE`, it has `xgetbv` with `ecx = 1`).
     /// Otherwise the runtime's narrow ones run (and inside legacy SSE code the one that
     /// keeps all of the state), exact without AVX state.
     pub wide: bool,
@@ -124,10 +124,7 @@ pub fn cpu_support() -> &'static CpuSupport {
             false => 0,
         };
         let leaf_d1 = if osxsave { __cpuid_count(0xd, 1).eax } else { 0 };
-        // The wide modes' test of the zmm bits ORs them with 256-bit `vpor` (AVX2).
-        let zmm_test = wide_mode(xcr0 as u64) & WIDE_ZMM != 0;
-        let (xsavec, in_use_query) = (leaf_d1 & 2 != 0, leaf_d1 & 4 != 0);
-        let wide = xcr0 & 4 != 0 && (!zmm_test || std::arch::is_x86_feature_detected!("avx2"));
+        let (xsavec, in_use_query, wide) = (leaf_d1 & 2 != 0, leaf_d1 & 4 != 0, xcr0 & 4 != 0);
         let avx512 = match xcr0 & 0xe0 {
             0 => true,
             0xe0 => std::arch::is_x86_feature_detected!("avx512bw"),

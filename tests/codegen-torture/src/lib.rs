@@ -365,6 +365,9 @@ fn release(s: InUse) {
     let _ = s;
 }
 
+/// Held by a wide routine's run, from [`set_wide_mode`] to its return.
+static WIDE_RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Sets how the wide routines (Rust ones and the Builder's `.S`) learn which upper
 /// halves to keep: asking the CPU (`ask`, where it has `xgetbv` with `ecx = 1`), or
 /// testing the values (the zmm bits too where XCR0 enables them).
@@ -630,11 +633,14 @@ pub fn torture(r: &'static Routine, rng: &mut Rng, skew: bool, set_df: bool, red
     CURRENT.with(|c| c.set(&mut run));
     // The wide routines' two paths: upper state clean at the entry, or in use; each
     // under both ways of learning which to keep: the CPU asked (where it can be), the
-    // values tested.
-    if matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::Sse) {
+    // values tested. The word is shared: one wide run at a time (the tests run in
+    // parallel threads).
+    let _wide_run = matches!(r.fp, FpMode::ArgsWide | FpMode::ReturnWide | FpMode::Sse).then(|| {
+        let run = WIDE_RUNS.lock().unwrap_or_else(|p| p.into_inner());
         set_upper_state(!skew);
         set_wide_mode(set_df);
-    }
+        run
+    });
     // The FullInUse routines' paths, one for each of the four runs.
     let in_use = match (skew, set_df) {
         (false, false) => InUse::Clean,

@@ -45,7 +45,7 @@ pub fn callers(n: u64, call: fn(u64)) -> Callers {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     call(calls * n + t);
                     calls += 1;
-                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    done.fetch_add(1, std::sync::atomic::Ordering::Release);
                 }
                 calls
             })
@@ -57,10 +57,14 @@ pub fn callers(n: u64, call: fn(u64)) -> Callers {
 impl Callers {
     /// Waits until the threads have returned from `more` calls more than when it was
     /// called: on a loaded machine they may not have run at all yet. With `n` threads,
-    /// `n + 1` calls include one that began after this was called.
+    /// `n + 1` calls include one that began after this was called. Returns early if a
+    /// thread ended (a call's wrong result: [`Callers::stop`] reports it); panics after
+    /// a minute.
     pub fn wait(&self, more: u64) {
-        let until = self.done.load(std::sync::atomic::Ordering::Relaxed) + more;
-        while self.done.load(std::sync::atomic::Ordering::Relaxed) < until {
+        let ordering = std::sync::atomic::Ordering::Acquire;
+        let (until, deadline) = (self.done.load(ordering) + more, std::time::Instant::now() + std::time::Duration::from_secs(60));
+        while self.done.load(ordering) < until && !self.threads.iter().any(|t| t.is_finished()) {
+            assert!(std::time::Instant::now() < deadline, "the callers made no {more} calls in a minute");
             std::thread::yield_now();
         }
     }

@@ -147,11 +147,12 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
     let mut save = vec![
         Op::new(format!("test byte ptr [rip + {{wide_mode}}], {:#x}", Fp::WIDE_ASK), "ask the CPU which state is in use?"),
         Op::new("jz 10f", "no: keep the upper parts, then test them"),
-        Op::new("mov ecx, 1", "xgetbv 1: which state components are in use"),
+        Op::new("mov ecx, 1", "xgetbv 1: which state components are in use (ecx stays 1: asked)"),
         Op::new("xgetbv", "eax = XCR0 & XINUSE (edx: the high half)"),
         Op::new("and eax, 0x44", "AVX (ymm upper halves) | ZMM_Hi256 (zmm0-15 bits 256-511): those in use"),
         Op::new("jmp 11f", ""),
         Op::new("10:", ""),
+        Op::new("xor ecx, ecx", "not asked (the word is read once)"),
         Op::new("movzx eax, byte ptr [rip + {wide_mode}]", ""),
         Op::new(format!("and eax, {:#x}", Fp::WIDE_ZMM), "the zmm bits where XCR0 enables them"),
         Op::new("or eax, 0x04", "the ymm halves always"),
@@ -163,7 +164,9 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
         let (m, a) = access(Dir::Store, zmm_at + 32 * i, 32, format!("zmm{i} bits 256-511"));
         save.push(Op::mem(format!("vextractf64x4 ymmword ptr {m}, zmm{i}, 1"), format!("zmm{i} bits 256-511 @{}", zmm_at + 32 * i), a));
     }
-    save.extend([Op::new("6:", ""), Op::new("test al, 0x04", "the ymm halves"), Op::new("jz 7f", "")]);
+    // The ymm halves with either part: the restore puts them back whenever it puts
+    // anything back (XINUSE may say ZMM_Hi256 alone).
+    save.extend([Op::new("6:", ""), Op::new("test al, 0x44", "the ymm halves"), Op::new("jz 7f", "")]);
     for i in 0..n {
         let (m, a) = access(Dir::Store, ymm_at + 16 * i, 16, format!("ymm{i} bits 128-255"));
         save.push(Op::mem(format!("vextractf128 xmmword ptr {m}, ymm{i}, 1"), format!("ymm{i} bits 128-255 @{}", ymm_at + 16 * i), a));
@@ -172,7 +175,7 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
     let (first, _) = mem(ymm_at);
     save.extend([
         Op::new("7:", ""),
-        Op::new(format!("test byte ptr [rip + {{wide_mode}}], {:#x}", Fp::WIDE_ASK), ""),
+        Op::new("test ecx, ecx", ""),
         Op::new("jnz 9f", "asked: eax says which to put back"),
         Op::new("mov edx, eax", "which were kept"),
         Op::new(format!("vmovdqu xmm0, xmmword ptr {first}"), "xmm0 is saved: the OR of the ymm halves"),
@@ -189,11 +192,11 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
         Op::new("shl eax, 2", "bit 2: some ymm half not zero"),
         Op::new("test dl, 0x40", "the zmm bits, if kept"),
         Op::new("jz 9f", ""),
-        Op::new(format!("vmovdqu ymm0, ymmword ptr {first}"), "the OR of the zmm bits (AVX-512 state: AVX2 is there)"),
+        Op::new(format!("vmovups ymm0, ymmword ptr {first}"), "the OR of the zmm bits"),
     ]);
     for i in 1..n {
         let (m, _) = mem(zmm_at + 32 * i);
-        save.push(Op::new(format!("vpor ymm0, ymm0, ymmword ptr {m}"), ""));
+        save.push(Op::new(format!("vorps ymm0, ymm0, ymmword ptr {m}"), ""));
     }
     save.extend([Op::new("vptest ymm0, ymm0", ""), Op::new("jz 9f", "all zero"), Op::new("or eax, 0x40", "bit 6: some zmm bits not zero"), Op::new("9:", "")]);
     let (m, a) = access(Dir::Store, flag_at, 8, "in use".into());
