@@ -352,11 +352,13 @@ pub mod __private {
         unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
         let xcr0 = (hi as u64) << 32 | lo as u64;
         let (size, wide) = (standard.max(crate::arch::in_use_area(xcr0)), crate::arch::wide_mode(xcr0));
-        for (word, value) in [(&XSAVE_SIZE, size), (&XSAVE_MASK, xcr0), (&WIDE_MODE, wide)] {
-            word.store(value, Ordering::Relaxed);
-        }
-        for (word, value) in [(&crate::arch::XSAVE_SIZE, size), (&crate::arch::XSAVE_MASK, xcr0), (&crate::arch::WIDE_MODE, wide)] {
-            word.store(value, Ordering::Relaxed);
+        // Each word, exported and the runtime's private copy (`arch::XSAVE_SIZE`, ...).
+        use crate::arch as private;
+        for (exported, copy, value) in
+            [(&XSAVE_SIZE, &private::XSAVE_SIZE, size), (&XSAVE_MASK, &private::XSAVE_MASK, xcr0), (&WIDE_MODE, &private::WIDE_MODE, wide)]
+        {
+            exported.store(value, Ordering::Relaxed);
+            copy.store(value, Ordering::Relaxed);
         }
     }
 

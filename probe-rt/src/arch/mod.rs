@@ -52,9 +52,10 @@ pub(crate) fn wide_mode(xcr0: u64) -> u64 {
     let id = __cpuid(0);
     let intel = (id.ebx, id.edx, id.ecx) == (u32::from_le_bytes(*b"Genu"), u32::from_le_bytes(*b"ineI"), u32::from_le_bytes(*b"ntel"));
     let can_ask = id.eax >= 0xd && __cpuid_count(0xd, 1).eax & 4 != 0;
-    match intel && can_ask && xcr0 & WIDE_ZMM != 0 {
-        true => WIDE_ASK,
-        false => xcr0 & WIDE_ZMM,
+    if intel && can_ask && xcr0 & WIDE_ZMM != 0 {
+        WIDE_ASK
+    } else {
+        xcr0 & WIDE_ZMM
     }
 }
 
@@ -101,8 +102,9 @@ pub struct CpuSupport {
     /// `fp = full_in_use` runs (probe-codegen's `Fp::FullInUse`, which moves the state
     /// in use): `wide` and `xsavec`, the CPU tells which state is in use (`xgetbv` with
     /// `ecx = 1`: `CPUID.(EAX=0DH,ECX=1):EAX[2]`), and AVX512BW (`kmovq`) where XCR0
-    /// enables the AVX-512 state. It moves the state to Intel's standard `xsave` offsets on every
-    /// CPU, and the runtime sizes its area for them (AMD Zen 4 asks for less).
+    /// enables the AVX-512 state. It moves the state to Intel's standard `xsave`
+    /// offsets on every CPU, and the runtime sizes its area for them (AMD Zen 4 asks
+    /// for less).
     pub in_use: bool,
 }
 

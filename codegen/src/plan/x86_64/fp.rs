@@ -171,34 +171,23 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
         let (m, a) = access(Dir::Store, ymm_at + 16 * i, 16, format!("ymm{i} bits 128-255"));
         save.push(Op::mem(format!("vextractf128 xmmword ptr {m}, ymm{i}, 1"), format!("ymm{i} bits 128-255 @{}", ymm_at + 16 * i), a));
     }
-    // The test's path: which of what it kept are not zero, the OR of the parts just stored.
-    let (first, _) = mem(ymm_at);
+    // The test's path: which of what it kept are not zero.
     save.extend([
         Op::new("7:", ""),
         Op::new("test ecx, ecx", ""),
         Op::new("jnz 9f", "asked: eax says which to put back"),
         Op::new("mov edx, eax", "which were kept"),
-        Op::new(format!("vmovdqu xmm0, xmmword ptr {first}"), "xmm0 is saved: the OR of the ymm halves"),
-    ]);
-    for i in 1..n {
-        let (m, _) = mem(ymm_at + 16 * i);
-        save.push(Op::new(format!("vpor xmm0, xmm0, xmmword ptr {m}"), ""));
-    }
-    let (first, _) = mem(zmm_at);
-    save.extend([
         Op::new("xor eax, eax", ""),
-        Op::new("vptest xmm0, xmm0", ""),
+    ]);
+    save.extend(or_test(ymm_at, 16, n));
+    save.extend([
         Op::new("setnz al", ""),
         Op::new("shl eax, 2", "bit 2: some ymm half not zero"),
         Op::new("test dl, 0x40", "the zmm bits, if kept"),
         Op::new("jz 9f", ""),
-        Op::new(format!("vmovups ymm0, ymmword ptr {first}"), "the OR of the zmm bits"),
     ]);
-    for i in 1..n {
-        let (m, _) = mem(zmm_at + 32 * i);
-        save.push(Op::new(format!("vorps ymm0, ymm0, ymmword ptr {m}"), ""));
-    }
-    save.extend([Op::new("vptest ymm0, ymm0", ""), Op::new("jz 9f", "all zero"), Op::new("or eax, 0x40", "bit 6: some zmm bits not zero"), Op::new("9:", "")]);
+    save.extend(or_test(zmm_at, 32, n));
+    save.extend([Op::new("jz 9f", "all zero"), Op::new("or eax, 0x40", "bit 6: some zmm bits not zero"), Op::new("9:", "")]);
     let (m, a) = access(Dir::Store, flag_at, 8, "in use".into());
     save.push(Op::mem(format!("mov qword ptr {m}, rax"), format!("which to put back @{flag_at}"), a));
 
@@ -206,13 +195,13 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
     let mut zmm_restore = Vec::new();
 
     let (m, a) = access(Dir::Load, flag_at, 8, "in use".into());
-    restore.push(Op::mem(format!("mov rax, qword ptr {m}"), format!("which were not zero @{flag_at}"), a));
+    restore.push(Op::mem(format!("mov rax, qword ptr {m}"), format!("which to put back @{flag_at}"), a));
     restore.extend([
         Op::new("test eax, eax", ""),
-        Op::new("jnz 8f", "some were not: put them back"),
+        Op::new("jnz 8f", "some: put them back"),
         Op::new(
             "vzeroupper",
-            "all were zero: so are they now, in their initial state (bits 0-127 kept; a handler's AVX state left behind would cost the probed code)",
+            "none (not in use, or zero): zero and in their initial state (bits 0-127 kept; a handler's AVX state left behind would cost the probed code)",
         ),
         Op::new("jmp 9f", ""),
         Op::new("8:", ""),
@@ -231,6 +220,18 @@ fn wide_step(at: u64, low: u64, n: u64) -> Step {
     restore.extend(zmm_restore);
     restore.push(Op::new("9:", ""));
     Step { save, restore }
+}
+
+/// The wide step's test: the OR of the `n` parts of `width` bytes (16 or 32) stored
+/// from `at` on, into `xmm0` or `ymm0` (saved by then), and `vptest` of it: ZF set if
+/// all are zero. AVX only (`vorps`, bitwise as `vpor`, needs no AVX2 at 256 bits).
+fn or_test(at: u64, width: u64, n: u64) -> Vec<Op> {
+    let (reg, ptr) = if width == 16 { ("xmm0", "xmmword") } else { ("ymm0", "ymmword") };
+    let part = |i: u64| mem(at + width * i).0;
+    let mut ops = vec![Op::new(format!("vmovups {reg}, {ptr} ptr {}", part(0)), format!("the OR of the {n} parts from @{at}"))];
+    ops.extend((1..n).map(|i| Op::new(format!("vorps {reg}, {reg}, {ptr} ptr {}", part(i)), "")));
+    ops.push(Op::new(format!("vptest {reg}, {reg}"), ""));
+    ops
 }
 
 /// The stores that zero the header of the `xsave` area at `at` (its 64 bytes at 512):
