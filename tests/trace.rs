@@ -346,6 +346,31 @@ fn a_ring_that_overflows() {
     }
 }
 
+/// A capacity whose rings cannot be allocated (their size overflows, or exceeds the
+/// address space) is refused at registration with a typed error, before anything is
+/// attached; the tracer's hit path never sees such a ring.
+mod oversized {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C" fn f(x: u64) -> u64 {
+        black_box(x ^ 0xaaaa)
+    }
+}
+
+#[test]
+fn a_capacity_too_large_is_refused_at_registration() {
+    for (capacity, args) in [(usize::MAX, 0), (1 << 62, 0), (1 << 61, 5), (1 << 50, 0)] {
+        let r = Tracer::builder().pattern(&glob("oversized")).args(args).retval().capacity(capacity).register();
+        assert!(matches!(r, Err(probekit::Error::OutOfMemory { .. })), "capacity {capacity}, {args} args: {r:?}");
+    }
+    // A tracer of the same functions still registers and records (nothing was left attached).
+    let tracer = Tracer::builder().pattern(&glob("oversized")).capacity(64).register().unwrap();
+    tracer.start();
+    black_box(oversized::f as extern "C" fn(u64) -> u64)(1);
+    tracer.stop();
+    assert_eq!(tracer.snapshot().calls(), 1);
+}
+
 mod live {
     use super::black_box;
     #[inline(never)]

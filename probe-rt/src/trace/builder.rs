@@ -95,8 +95,10 @@ impl TracerBuilder {
     }
 
     /// Records each thread's ring holds (rounded up to a power of two; default 16,384).
+    /// [`TracerBuilder::register`] fails with [`Error::OutOfMemory`] if the rings
+    /// cannot be allocated.
     pub fn capacity(mut self, records: usize) -> Self {
-        self.capacity = records.max(1).next_power_of_two();
+        self.capacity = records.max(1);
         self
     }
 
@@ -132,7 +134,8 @@ impl TracerBuilder {
 
     /// Allocates the rings and attaches to every chosen function (as one batch);
     /// recording starts with [`Tracer::start`]. Errors as
-    /// [`MultiProbeBuilder::register`].
+    /// [`MultiProbeBuilder::register`], and [`Error::OutOfMemory`] if the rings cannot
+    /// be allocated (their size overflows, or the allocator refuses).
     pub fn register(self) -> Result<Tracer, Error> {
         static AT_FORK: std::sync::Once = std::sync::Once::new();
         // SAFETY: registering a fork handler that only resets this thread's cells (the
@@ -140,7 +143,9 @@ impl TracerBuilder {
         AT_FORK.call_once(|| unsafe {
             libc::pthread_atfork(None, None, Some(after_fork_in_child as unsafe extern "C" fn()));
         });
-        let rings = (0..self.threads).map(|_| Ring::new(self.capacity, self.max_depth, self.nargs, self.retval, self.full)).collect();
+        // Every ring before anything is attached: a refused allocation leaves nothing.
+        let capacity = self.capacity.checked_next_power_of_two().ok_or(Error::OutOfMemory { bytes: usize::MAX })?;
+        let rings = (0..self.threads).map(|_| Ring::new(capacity, self.max_depth, self.nargs, self.retval, self.full)).collect::<Result<_, _>>()?;
         let state = Arc::new(State {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             clock: Clock::new(),

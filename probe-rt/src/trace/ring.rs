@@ -12,6 +12,7 @@
 //! abandoned. A record is whole or absent, so overwriting the oldest, or dropping
 //! the newest when full, never leaves a begin without its end.
 
+use crate::Error;
 use std::alloc::{alloc_zeroed, Layout};
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
@@ -48,21 +49,22 @@ pub(super) struct Raw {
 
 /// `n` zeroed atomics, allocated with `calloc` semantics: large buffers come from
 /// fresh anonymous pages, which the kernel commits only when first written, so rings
-/// for threads that never trace cost address space, not memory.
-pub(super) fn zeroed(n: usize) -> Box<[AtomicU64]> {
+/// for threads that never trace cost address space, not memory. `OutOfMemory` (the
+/// bytes asked for, `usize::MAX` if they overflow) if the allocator refuses.
+pub(super) fn zeroed(n: usize) -> Result<Box<[AtomicU64]>, Error> {
     if n == 0 {
-        return Box::new([]);
+        return Ok(Box::new([]));
     }
-    let layout = Layout::array::<AtomicU64>(n).expect("ring size fits in memory");
+    let layout = Layout::array::<AtomicU64>(n).map_err(|_| Error::OutOfMemory { bytes: usize::MAX })?;
     // SAFETY: the layout has a non-zero size (n > 0).
     let p = unsafe { alloc_zeroed(layout) } as *mut AtomicU64;
     if p.is_null() {
-        std::alloc::handle_alloc_error(layout);
+        return Err(Error::OutOfMemory { bytes: layout.size() });
     }
     // SAFETY: `p` is a fresh allocation of `n` `AtomicU64`s from the global allocator
     // with their array layout, which is what a `Box<[AtomicU64]>` frees; all-zero bytes
     // are a valid `AtomicU64` (0).
-    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) }
+    Ok(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) })
 }
 
 /// One thread's ring of finished calls and stack of calls in flight.
@@ -124,11 +126,13 @@ pub(super) struct Frame {
 }
 
 impl Ring {
-    /// A free ring of `capacity` records (a power of two) and a stack `max_depth` deep.
-    pub(super) fn new(capacity: usize, max_depth: usize, nargs: usize, retval: bool, full: Full) -> Ring {
+    /// A free ring of `capacity` records (a power of two) and a stack `max_depth` deep;
+    /// `OutOfMemory` if its buffers cannot be allocated (or their size overflows).
+    pub(super) fn new(capacity: usize, max_depth: usize, nargs: usize, retval: bool, full: Full) -> Result<Ring, Error> {
         debug_assert!(capacity.is_power_of_two() && nargs <= MAX_ARGS);
         let stride = 3 + nargs + retval as usize;
-        Ring {
+        let words = |a: usize, b: usize| a.checked_mul(b).ok_or(Error::OutOfMemory { bytes: usize::MAX });
+        Ok(Ring {
             owner: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             version: AtomicU64::new(0),
@@ -140,16 +144,16 @@ impl Ring {
             tail: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             too_deep: AtomicU64::new(0),
-            records: zeroed(capacity * stride),
+            records: zeroed(words(capacity, stride)?)?,
             mask: capacity as u64 - 1,
             stride,
             nargs,
             full,
-            stack: zeroed(max_depth * FRAME),
-            stack_args: zeroed(max_depth * nargs),
+            stack: zeroed(words(max_depth, FRAME)?)?,
+            stack_args: zeroed(words(max_depth, nargs)?)?,
             depth: AtomicUsize::new(0),
             max_depth,
-        }
+        })
     }
 
     /// Takes the ring over for the thread `me` from `from`, a thread that exited
