@@ -454,13 +454,18 @@ fn calls_on_a_thread_that_exits(f: extern "C" fn(u64) -> u64, calls: u64) -> i32
     })
     .join()
     .unwrap();
+    wait_until_gone(tid);
+    tid
+}
+
+/// Waits until the kernel no longer finds the joined thread `tid`.
+fn wait_until_gone(tid: i32) {
     let start = std::time::Instant::now();
     // SAFETY: tgkill with signal 0 checks that the thread exists and sends nothing.
     while unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) } == 0 {
         assert!(start.elapsed() < std::time::Duration::from_secs(10), "thread {tid} still found 10 s after it was joined");
         std::thread::yield_now();
     }
-    tid
 }
 
 #[test]
@@ -559,6 +564,52 @@ fn rings_changing_hands_under_churn_keep_each_thread_s_records_its_own() {
     // traced for want of a ring, overwritten, or missed.
     assert_eq!(drained + last.exited_lost + last.no_ring + overwritten + last.missed, spawned * calls_each);
     assert!(drained > 0);
+}
+
+mod vanish {
+    use super::black_box;
+    /// Ends its thread then and there: no return, no unwinding.
+    #[inline(never)]
+    pub extern "C" fn gone(x: u64) -> u64 {
+        if black_box(x) == 1 {
+            // SAFETY: exit ends this thread only; nothing of it is used again (a raw
+            // pthread, joined by the kernel's clearing of its id).
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+        }
+        x
+    }
+    #[inline(never)]
+    pub extern "C" fn outer(x: u64) -> u64 {
+        black_box(gone(x) + 1)
+    }
+}
+
+/// A thread that ends inside traced calls (the `exit` system call: they never return
+/// and no panic unwinds them): when its ring is taken over, those calls are counted
+/// as lost, so that every call made is a record or a loss.
+#[test]
+fn calls_in_flight_on_a_thread_that_vanished_count_as_lost_when_its_ring_is_taken_over() {
+    static VANISHED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+    extern "C" fn vanishing(_: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: gettid has no preconditions.
+        VANISHED.store(unsafe { libc::gettid() }, std::sync::atomic::Ordering::Relaxed);
+        black_box(vanish::outer as extern "C" fn(u64) -> u64)(1);
+        unreachable!("the thread exited in `gone`");
+    }
+    let tracer = Tracer::builder().pattern(&glob("vanish")).threads(1).capacity(16).register().unwrap();
+    tracer.start();
+    let mut thread: libc::pthread_t = 0;
+    // SAFETY: a thread running `vanishing`, which takes no argument; joined below.
+    assert_eq!(unsafe { libc::pthread_create(&mut thread, std::ptr::null(), vanishing, std::ptr::null_mut()) }, 0);
+    // SAFETY: the thread just created, joined once (the kernel clears its id at exit).
+    assert_eq!(unsafe { libc::pthread_join(thread, std::ptr::null_mut()) }, 0);
+    wait_until_gone(VANISHED.load(std::sync::atomic::Ordering::Relaxed));
+    // Its ring, with `outer` and `gone` in flight, passes to a thread that calls once.
+    let tid = calls_on_a_thread_that_exits(vanish::outer, 1);
+    let snap = tracer.snapshot();
+    assert_eq!(snap.threads.iter().map(|t| (t.tid, t.calls.len())).collect::<Vec<_>>(), [(tid, 2)]);
+    assert_eq!(snap.exited_lost, 2, "outer and gone of the vanished thread");
+    assert_eq!(snap.calls() as u64 + snap.lost(), 4);
 }
 
 mod lossy {

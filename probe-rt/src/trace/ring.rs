@@ -161,8 +161,9 @@ impl Ring {
     /// `name` and calls [`Ring::handed_over`]). The records the exited thread left
     /// unread are given up: returned with the win is the number of its calls no reader
     /// will see, those records (overwritten or not) and the calls it dropped or found
-    /// too deep, which its ring no longer counts. Its calls in flight never returned (it
-    /// exited inside them) and are dropped too.
+    /// too deep, which its ring no longer counts, and its calls in flight, which never
+    /// returned (it exited inside them, without a panic unwinding them: `pthread_exit`,
+    /// a `longjmp` out of them before it ended) and are dropped.
     pub(super) fn take_over(&self, from: u64, me: u64) -> Option<u64> {
         self.owner.compare_exchange(from, me, Ordering::AcqRel, Ordering::Relaxed).ok()?;
         // Seqlock writer: odd, then the changes, then even (`handed_over`). Made odd
@@ -183,10 +184,10 @@ impl Ring {
         // counted by no reader yet (a snapshot counts them as `overwritten` only in the
         // thread's trace, which no later snapshot has).
         let unread = head.saturating_sub(tail);
-        self.depth.store(0, Ordering::Relaxed);
+        let in_flight = self.depth.swap(0, Ordering::Relaxed) as u64;
         // The new owner counts from 0; the exited thread's counts go to the caller, or
         // `calls() + lost()` would forget them.
-        let uncounted = self.dropped.swap(0, Ordering::Relaxed) + self.too_deep.swap(0, Ordering::Relaxed);
+        let uncounted = self.dropped.swap(0, Ordering::Relaxed) + self.too_deep.swap(0, Ordering::Relaxed) + in_flight;
         Some(unread + uncounted)
     }
 
