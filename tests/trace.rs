@@ -10,6 +10,9 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::hint::black_box;
 
+#[path = "common/unwound.rs"]
+mod unwound;
+
 /// The functions of a module, as the tracer's glob names them.
 fn glob(module: &str) -> String {
     format!("trace::{module}::*")
@@ -292,16 +295,55 @@ fn panic_caught_above_a_traced_frame() {
     ];
     assert_eq!(seen, want);
     let calls = &t.calls;
-    // The unwound frames end where their end was found: at `after`'s entry, then at
-    // `outer`'s return; inside their caller either way.
-    assert_eq!(calls[5].exit_ns, calls[7].enter_ns);
-    assert_eq!(calls[6].exit_ns, calls[7].enter_ns);
-    assert_eq!(calls[9].exit_ns, calls[8].exit_ns);
+    // The unwound calls end as the panic unwinds them, innermost first: before
+    // `after`'s entry, then before `outer`'s return; inside their caller either way.
+    assert!(calls[6].exit_ns <= calls[5].exit_ns && calls[5].exit_ns <= calls[7].enter_ns);
+    assert!(calls[10].exit_ns <= calls[9].exit_ns && calls[9].exit_ns <= calls[8].exit_ns);
     assert!(calls[5].ret.is_none() && calls[4].ret == Some(99));
     for style in [EventStyle::Complete, EventStyle::BeginEnd] {
         assert_eq!(read_chrome(&snap, style).values().map(Vec::len).sum::<usize>(), 14);
     }
     check_folded_and_svg(&snap);
+}
+
+mod abandoned {
+    use super::black_box;
+    #[inline(never)]
+    pub extern "C-unwind" fn leaf(x: u64) -> u64 {
+        if black_box(x) == 7 {
+            panic!("leaf panics on 7 (expected by the test)");
+        }
+        x
+    }
+    #[inline(never)]
+    pub extern "C-unwind" fn middle(x: u64) -> u64 {
+        black_box(leaf(x) + 1)
+    }
+    #[inline(never)]
+    pub extern "C" fn later(x: u64) -> u64 {
+        black_box(x)
+    }
+}
+
+/// Untraced: catches the panic of `middle(x)` → `leaf(x)`.
+#[inline(never)]
+fn catch_middle(x: u64) -> Option<u64> {
+    std::panic::catch_unwind(|| black_box(abandoned::middle as extern "C-unwind" fn(u64) -> u64)(x)).ok()
+}
+
+/// Untraced: calls `later` from a frame of its own, below where `middle` stood.
+#[inline(never)]
+fn later_from_deeper(x: u64) -> u64 {
+    let pad = black_box([x; 32]);
+    black_box(abandoned::later as extern "C" fn(u64) -> u64)(pad[31])
+}
+
+#[test]
+fn a_panic_caught_in_untraced_code_ends_the_calls_as_it_unwinds_them() {
+    let tracer = Tracer::builder().pattern(&glob("abandoned")).retval().register().unwrap();
+    tracer.start();
+    unwound::check_calls_abandoned_by_a_caught_panic(|| tracer.snapshot(), catch_middle, later_from_deeper);
+    tracer.stop();
 }
 
 mod overflow {

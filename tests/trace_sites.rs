@@ -11,6 +11,9 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+#[path = "common/unwound.rs"]
+mod unwound;
+
 static TURN: Mutex<()> = Mutex::new(());
 
 fn turn() -> std::sync::MutexGuard<'static, ()> {
@@ -179,6 +182,55 @@ fn a_panic_caught_above_traced_sites_unwinds_their_calls() {
             ("leaf", 2, false, Some(3)),
         ]
     );
+}
+
+mod abandoned {
+    use super::black_box;
+    #[probekit::traceable]
+    pub fn leaf(x: u64) -> u64 {
+        if black_box(x) == 7 {
+            panic!("leaf panics on 7 (expected by the test)");
+        }
+        x
+    }
+    /// Stack-passed arguments enough for an exit-path frame over 128 bytes (x86_64's
+    /// `add rsp, imm32`; `leaf`'s takes an `imm8`).
+    #[probekit::traceable]
+    #[allow(clippy::too_many_arguments)]
+    #[rustfmt::skip]
+    pub fn middle(x: u64, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64, g: u64, h: u64, i: u64, j: u64, k: u64, l: u64, m: u64,
+                  n: u64, o: u64, p: u64, q: u64, r: u64, s: u64, t: u64, u: u64, v: u64, w: u64) -> u64 {
+        black_box(leaf(x) + 1 + [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, t, u, v, w].iter().sum::<u64>())
+    }
+    #[probekit::traceable]
+    pub fn later(x: u64) -> u64 {
+        black_box(x)
+    }
+}
+
+/// Untraced: catches the panic of `middle(x)` → `leaf(x)`.
+#[inline(never)]
+fn catch_middle(x: u64) -> Option<u64> {
+    std::panic::catch_unwind(|| abandoned::middle(black_box(x), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)).ok()
+}
+
+/// Untraced: calls `later` from a frame of its own, below where `middle` stood.
+#[inline(never)]
+fn later_from_deeper(x: u64) -> u64 {
+    let pad = black_box([x; 32]);
+    black_box(abandoned::later as fn(u64) -> u64)(pad[31])
+}
+
+/// The light path's exit paths end the calls a caught panic abandons as it unwinds
+/// them (see `unwound::check_calls_abandoned_by_a_caught_panic`).
+#[test]
+fn a_panic_caught_in_untraced_code_ends_the_light_calls_as_it_unwinds_them() {
+    let _turn = turn();
+    let tracer = Tracer::builder().pattern(&glob("abandoned")).exclude("*{{closure}}*").retval().register().unwrap();
+    assert_eq!(tracer.functions().len(), 3, "{:?}", tracer.skipped());
+    tracer.start();
+    unwound::check_calls_abandoned_by_a_caught_panic(|| tracer.snapshot(), catch_middle, later_from_deeper);
+    tracer.stop();
 }
 
 mod switching {

@@ -6,7 +6,7 @@
 //! A site is the first instruction(s) of a naked function: patchable nops, then a jump
 //! to the body, then (where the macro could bound the stack-passed arguments) the
 //! site's *exit path* ([`exit_asm`]). Its record, in the retained `probekit_sites`
-//! section, is nine little-endian `u64`s, 8-aligned, back to back:
+//! section, is ten little-endian `u64`s, 8-aligned, back to back:
 //!
 //! | word | value |
 //! | --- | --- |
@@ -19,6 +19,7 @@
 //! | 6 | the exit path's entry slot: the trampoline its entry calls, written by the runtime |
 //! | 7 | the exit path's exit slot: the trampoline its return calls, written by the runtime |
 //! | 8 | flags: [`NO_FP`] |
+//! | 9 | the exit path's personality slot: the unwinder's personality routine, written by the runtime ([`CFI_PERSONALITY`]) |
 //!
 //! # The exit path
 //! A return probe on a site without an exit path hijacks the return address (a
@@ -33,15 +34,31 @@
 //! first jump: the site may be in a library with a runtime of its own, and the
 //! patching runtime's trampolines are the ones that know its probes.
 //!
+//! A panic that unwinds out of the body through the exit path ends the calls the
+//! runtime saw enter there, at that moment: the site's call-frame information names a
+//! personality routine through the record's personality slot (word 9,
+//! [`CFI_PERSONALITY`]), which the patching runtime writes beside the trampolines'.
+//! The unwinder calls it for the exit path's frame; it does nothing else (no landing
+//! pad, no language-specific data), and a slot still 0 means no personality at all.
+//!
 //! A reader skips records of another version (a library built by another probekit).
 
 use crate::Arch;
 
 /// The version of the record layout above; raised whenever it changes.
-pub const RECORD_VERSION: u64 = 3;
+pub const RECORD_VERSION: u64 = 4;
 
 /// Bytes of one record.
-pub const RECORD_SIZE: usize = 9 * 8;
+pub const RECORD_SIZE: usize = 10 * 8;
+
+/// The site's call-frame information names its personality routine through the
+/// record's personality slot (word 9, labelled by [`record_asm`]), for `naked_asm!`
+/// between `.cfi_startproc` and `.cfi_endproc` (operand `site`, `sym`). The encoding
+/// is GCC's for C++: `DW_EH_PE_indirect | DW_EH_PE_pcrel | DW_EH_PE_sdata4`, a
+/// pc-relative reference to a word holding the routine's address. The unwinder reads
+/// the word whenever it unwinds through the site, so the runtime can write it late;
+/// 0 means none. The slot's symbol is named after the site's, which makes it unique.
+pub const CFI_PERSONALITY: &str = ".cfi_personality 0x9b, {site}.probekit_personality";
 
 /// Record flag: no FP/SIMD register carries an argument of the function or its
 /// return value (every one is an integer, a `bool` or `char`, a pointer, a reference,
@@ -287,6 +304,14 @@ pub fn record_asm(arch: Arch, exit: bool, flags: u64) -> RecordAsm {
             "4: .quad 0".into(),
             "5: .quad 0".into(),
             format!(".quad {flags}"),
+            // A symbol of its own (not a local label, which assemblers relocate as
+            // its section plus an offset): linkers merge CIEs whose personality
+            // relocations name the same symbol, and would give every site of a section
+            // the first one's slot. Weak: two copies of a site keep one slot, not a
+            // duplicate symbol. Hidden: never exported from a library.
+            ".weak {site}.probekit_personality".into(),
+            ".hidden {site}.probekit_personality".into(),
+            "{site}.probekit_personality: .quad 0".into(),
             ".popsection".into(),
             format!(".pushsection {NAME_SECTION}, \"a\", {progbits}"),
         ],
@@ -332,7 +357,10 @@ mod tests {
         assert_eq!(site_asm(Arch::Aarch64)[..2], [".inst 0xaa1e03e9".to_string(), ".inst 0xd503201f".to_string()]);
         let r = record_asm(Arch::X86_64, false, NO_FP);
         assert_eq!(r.before_name.iter().filter(|l| l.contains(".quad")).count() * 8, RECORD_SIZE, "one .quad line per word");
-        assert_eq!(r.before_name[r.before_name.len() - 3], ".quad 1", "the flags are the last word");
+        let quads: Vec<&String> = r.before_name.iter().filter(|l| l.contains(".quad")).collect();
+        assert_eq!(quads[8], ".quad 1", "the flags are word 8");
+        let (slot, value) = quads[9].split_once(':').unwrap();
+        assert!(value.trim() == ".quad 0" && CFI_PERSONALITY.ends_with(&format!(", {slot}")), "word 9 is the personality slot");
         assert!(record_asm(Arch::Aarch64, true, 0).before_name.iter().any(|l| l.contains(".quad 1b")));
         assert_eq!(exit_frame(Arch::X86_64, 0), 8);
         assert_eq!(exit_frame(Arch::X86_64, 8), 8);

@@ -489,6 +489,7 @@ fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
         if let Some((insns, _)) = &exit {
             site_insns.extend(insns.iter().cloned());
         }
+        let personality = probe_codegen::site::CFI_PERSONALITY;
         let probe_codegen::site::RecordAsm { before_name, after_name } = probe_codegen::site::record_asm(arch, exit.is_some(), flags);
         let tail = format!("::{name}\"");
         // SAFETY (of `#[unsafe(naked)]`): the asm is the whole function. The nops leave
@@ -515,6 +516,10 @@ fn parts(f: &syn::ItemFn, place: &Place, concrete_impl: bool) -> Parts {
                     // the site changes neither, so an unwinder that reaches a context
                     // stopped here (a site probe's handler) walks on to the caller.
                     ".cfi_startproc",
+                    // The personality routine, through the record's slot: the
+                    // runtime's, once it arms the exit path (a panic unwinding through
+                    // it ends the call there); none while the slot is 0.
+                    #personality,
                     #(#site_insns,)*
                     ".cfi_endproc",
                     // The record (read by `probekit::sites()`): the site, the function

@@ -158,6 +158,18 @@ use site::fgraph::NoHooks as LightHooks;
 #[cfg(feature = "trace")]
 use trace::Light as LightHooks;
 
+/// A panic is unwinding the frame of a call entered at stack pointer `sp` (a site's
+/// exit path, a return probe's stub: see `unwind::frames_gone`): the calls
+/// of this thread entered there or deeper are over, now. The tracer ends them as
+/// unwound; return-probe instances stay until the thread's next entry or return finds
+/// them gone (the unwinder still reads a stub's instance after this).
+fn unwound(sp: usize) {
+    #[cfg(feature = "trace")]
+    trace::unwound(sp);
+    #[cfg(not(feature = "trace"))]
+    let _ = sp;
+}
+
 pub use arch::{cpu_support, CpuSupport};
 pub use backtrace::{backtrace, stack_trace};
 pub use batch::{register_batch, unregister_batch, AnyHandle, AnyProbe, BatchError, BatchHandle, BatchMember};

@@ -32,6 +32,111 @@ extern "C" {
     fn __deregister_frame(begin: *const u8);
 }
 
+// The unwinder's interface (the Itanium C++ ABI's "Base ABI", §1.6, which libgcc
+// implements): what a personality routine is asked and answers.
+#[cfg(target_env = "gnu")]
+extern "C" {
+    /// libgcc: the CFA its `context` holds, which for a frame is its callee's CFA:
+    /// the frame's own stack pointer at its call (LLVM's libunwind returns that stack
+    /// pointer too).
+    fn _Unwind_GetCFA(context: *mut std::ffi::c_void) -> usize;
+    /// libgcc: the frame's pc, and whether it is a signal frame's (`*before` set: the
+    /// interrupted instruction's address, not a return address).
+    fn _Unwind_GetIPInfo(context: *mut std::ffi::c_void, before: *mut std::ffi::c_int) -> usize;
+}
+/// `_UA_CLEANUP_PHASE`: the second phase, which unwinds the frame.
+const UA_CLEANUP_PHASE: std::ffi::c_int = 2;
+/// `_URC_CONTINUE_UNWIND`: no handler and nothing to run here, go on.
+const URC_CONTINUE_UNWIND: std::ffi::c_int = 8;
+
+/// The signature of a personality routine.
+type Personality = unsafe extern "C" fn(std::ffi::c_int, std::ffi::c_int, u64, *mut std::ffi::c_void, *mut std::ffi::c_void) -> std::ffi::c_int;
+
+/// A personality routine for code that runs calls the runtime watches and has no
+/// landing pad: when a panic unwinds such a frame (the cleanup phase), the calls of
+/// this thread entered at the stack pointer `entry_sp(sp, pc)` gives (the frame's sp
+/// at its call and its pc) or deeper are over, and the runtime is told so at that
+/// moment ([`crate::unwound`]). Never a handler, never a landing pad: it answers
+/// "continue" in both phases.
+///
+/// # Safety
+/// Called by the unwinder only, with `context` the frame's.
+#[inline(always)]
+unsafe fn frames_gone(actions: std::ffi::c_int, context: *mut std::ffi::c_void, entry_sp: impl FnOnce(usize, usize) -> Option<usize>) -> std::ffi::c_int {
+    #[cfg(target_env = "gnu")]
+    if actions & UA_CLEANUP_PHASE != 0 {
+        let mut signal_frame = 0;
+        // SAFETY: the unwinder passes the context of the frame it is unwinding;
+        // `signal_frame` is a valid `int` to write.
+        let (sp, pc) = unsafe { (_Unwind_GetCFA(context), _Unwind_GetIPInfo(context, &mut signal_frame)) };
+        // A frame stopped by a signal (an unwind out of a signal handler) is not at a
+        // call: its stack pointer and pc are not the ones this code knows.
+        if signal_frame == 0 {
+            if let Some(entry) = entry_sp(sp, pc) {
+                crate::unwound(entry);
+            }
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = (actions, context, entry_sp);
+    URC_CONTINUE_UNWIND
+}
+
+/// The personality routine of a return probe's stub (see [`frames_gone`]): the stub
+/// stands where the probed function returned to, so its stack pointer is the
+/// function's CFA, `ENTRY_SP_BELOW_CFA` above its entry stack pointer. `extern "C"`:
+/// a panic in it would abort, not unwind into the unwinder.
+///
+/// # Safety
+/// Called by the unwinder only, for a stub's frame.
+unsafe extern "C" fn stub_personality(
+    _: std::ffi::c_int,
+    actions: std::ffi::c_int,
+    _: u64,
+    _: *mut std::ffi::c_void,
+    context: *mut std::ffi::c_void,
+) -> std::ffi::c_int {
+    // SAFETY: the unwinder's call.
+    unsafe { frames_gone(actions, context, |sp, _| sp.checked_sub(ENTRY_SP_BELOW_CFA)) }
+}
+
+/// The personality routine of a site's exit path (see [`frames_gone`]), unwound at
+/// its body's call: the function's entry stack pointer lies the exit path's frame
+/// above the stack pointer there, and the instruction after the call frees that
+/// frame, which gives its size. `extern "C"`: a panic in it would abort.
+///
+/// # Safety
+/// Called by the unwinder only, for an exit path's frame.
+unsafe extern "C" fn exit_path_personality(
+    _: std::ffi::c_int,
+    actions: std::ffi::c_int,
+    _: u64,
+    _: *mut std::ffi::c_void,
+    context: *mut std::ffi::c_void,
+) -> std::ffi::c_int {
+    // SAFETY: the unwinder's call. Its pc is the return address of the body's call,
+    // the only call that can unwind there (the trampolines' dispatchers abort rather
+    // than unwind).
+    unsafe { frames_gone(actions, context, |sp, pc| Some(sp + crate::site::table::exit_frame_after_body_call(pc)?)) }
+}
+
+/// [`stub_personality`]'s address, for the stubs' CIE.
+pub(crate) fn stub_personality_addr() -> usize {
+    stub_personality as Personality as usize
+}
+
+/// [`exit_path_personality`]'s address, for the sites' personality slots.
+pub(crate) fn exit_path_personality_addr() -> usize {
+    exit_path_personality as Personality as usize
+}
+
+/// Bytes between a function's stack pointer at its entry and its CFA: x86_64's return
+/// address (CFA = rsp + 8), none on aarch64 (CFA = sp; the return address is in x30).
+#[cfg(target_arch = "x86_64")]
+const ENTRY_SP_BELOW_CFA: usize = 8;
+#[cfg(target_arch = "aarch64")]
+const ENTRY_SP_BELOW_CFA: usize = 0;
+
 /// DWARF register numbers (System V AMD64 psABI 1.0, 3.6.2, Figure 3.36; "DWARF for
 /// the Arm 64-bit Architecture", 4.1): the stack pointer and the return-address
 /// column of a function's CIE.
@@ -174,10 +279,11 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    /// Builds one CIE (return-address column `ra`) and `fdes`, and registers them.
-    /// Not async-signal-safe (libgcc allocates and locks): registration paths only.
-    pub(crate) fn register(ra: u8, fdes: &[Fde]) -> Table {
-        let bytes = eh_frame(ra, fdes);
+    /// Builds one CIE (return-address column `ra`, personality routine
+    /// `personality` if any) and `fdes`, and registers them. Not async-signal-safe
+    /// (libgcc allocates and locks): registration paths only.
+    pub(crate) fn register(ra: u8, personality: Option<usize>, fdes: &[Fde]) -> Table {
+        let bytes = eh_frame(ra, personality, fdes);
         let mut words = vec![0u64; bytes.len().div_ceil(8)].into_boxed_slice();
         for (w, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
             let mut b = [0u8; 8];
@@ -215,14 +321,26 @@ impl Drop for Table {
 }
 
 /// The `.eh_frame` bytes: CIE, FDEs, terminator. Every record is padded to 8 bytes.
-fn eh_frame(ra: u8, fdes: &[Fde]) -> Vec<u8> {
+fn eh_frame(ra: u8, personality: Option<usize>, fdes: &[Fde]) -> Vec<u8> {
     let mut out = Vec::new();
     // CIE: id 0, version 1, augmentation "zR" (pointer encoding follows: absolute, 8
-    // bytes), code alignment 1, data alignment -8, the return-address column, no
-    // instructions.
-    let mut cie = vec![0, 0, 0, 0, 1, b'z', b'R', 0, 1, 0x78];
+    // bytes), or "zPR" with a personality routine (its address, absolute, first),
+    // code alignment 1, data alignment -8, the return-address column, no instructions.
+    let mut cie = vec![0, 0, 0, 0, 1, b'z'];
+    cie.extend(match personality {
+        Some(_) => &b"PR\0"[..],
+        None => &b"R\0"[..],
+    });
+    cie.extend([1, 0x78]);
     uleb(&mut cie, ra.into());
-    cie.extend([1, DW_EH_PE_absptr.0]);
+    match personality {
+        Some(p) => {
+            cie.extend([1 + 8 + 1, DW_EH_PE_absptr.0]);
+            cie.extend_from_slice(&(p as u64).to_ne_bytes());
+        }
+        None => cie.push(1),
+    }
+    cie.push(DW_EH_PE_absptr.0);
     pad(&mut cie);
     push_record(&mut out, &cie);
     for f in fdes {
@@ -296,7 +414,7 @@ mod tests {
         let mut p = Program::default();
         p.cfa(SP, 0);
         let f = |begin| Fde { begin, end: begin + 16, program: p.clone() };
-        let t = eh_frame(RA, &[f(0x1000), f(0x1010)]);
+        let t = eh_frame(RA, None, &[f(0x1000), f(0x1010)]);
         let word = |at: usize| u32::from_ne_bytes(t[at..at + 4].try_into().unwrap()) as usize;
         let mut at = 0;
         let mut fdes = 0;
@@ -309,6 +427,15 @@ mod tests {
             at += 4 + word(at);
         }
         assert_eq!((fdes, at + 4), (2, t.len()));
+        // Without a personality routine, gimli reads none.
+        let section = EhFrame::new(&t, NativeEndian);
+        let bases = BaseAddresses::default();
+        let mut entries = section.entries(&bases);
+        while let Some(e) = entries.next().unwrap() {
+            if let gimli::CieOrFde::Fde(partial) = e {
+                assert_eq!(partial.parse(EhFrame::cie_from_offset).unwrap().personality(), None);
+            }
+        }
     }
 
     #[test]
@@ -317,7 +444,7 @@ mod tests {
         p.cfa(SP, 0).val_expr(PC, Expr::addr(0x5001));
         p.row(8).cfa(SP, 144);
         p.row(100).cfa_expr(Expr::breg(SP, 8).deref()).saved_at(3, Expr::breg(SP, 0)).same(6).in_reg(PC, 3);
-        let t = eh_frame(PC, &[Fde { begin: 0x4000, end: 0x4080, program: p }]);
+        let t = eh_frame(PC, Some(0x7000), &[Fde { begin: 0x4000, end: 0x4080, program: p }]);
         let section = EhFrame::new(&t, NativeEndian);
         let bases = BaseAddresses::default();
         let mut entries = section.entries(&bases);
@@ -328,6 +455,7 @@ mod tests {
             let fde = partial.parse(EhFrame::cie_from_offset).unwrap();
             assert_eq!((fde.initial_address(), fde.len()), (0x4000, 0x80));
             assert_eq!(fde.cie().return_address_register(), gimli::Register(PC.into()));
+            assert_eq!(fde.personality(), Some(gimli::Pointer::Direct(0x7000)));
             let row = fde.unwind_info_for_address(&section, &bases, &mut ctx, 0x4000).unwrap();
             assert_eq!(*row.cfa(), CfaRule::RegisterAndOffset { register: gimli::Register(SP.into()), offset: 0 });
             assert!(matches!(row.register(gimli::Register(PC.into())), Some(RegisterRule::ValExpression(_))));

@@ -73,7 +73,7 @@ impl Blocks {
         match placed {
             Ok((bytes, fde)) => {
                 // Before anything can jump to the block.
-                self.tables.push(Table::register(PC, &[fde]));
+                self.tables.push(Table::register(PC, None, &[fde]));
                 Ok((block, bytes.len()))
             }
             Err(e) => {

@@ -93,7 +93,8 @@ impl Block {
                 Fde { begin: code + i * STUB, end: code + (i + 1) * STUB, program }
             })
             .collect();
-        Table::register(RA, &fdes).leak();
+        // A panic unwinding a stub's frame ends the calls it shows gone there.
+        Table::register(RA, Some(crate::unwind::stub_personality_addr()), &fdes).leak();
         ALL.lock().unwrap_or_else(|p| p.into_inner()).push((code, n));
         crate::perfmap::stubs_made();
         Ok(Box::leak(Box::new(Block { insts, code })))

@@ -278,9 +278,9 @@ pub(crate) fn exit_path_usable(site: usize) -> bool {
     crate::site::table::exit_of(site).is_some_and(|exit| slots_writable(&exit))
 }
 
-/// Whether both slots of the exit path are 8-aligned words of a writable mapping.
+/// Whether the slots of the exit path are 8-aligned words of a writable mapping.
 fn slots_writable(exit: &crate::site::table::ExitPath) -> bool {
-    [exit.entry_slot, exit.exit_slot]
+    [exit.entry_slot, exit.exit_slot, exit.personality_slot]
         .into_iter()
         .all(|slot| slot.is_multiple_of(8) && crate::sys::maps::mapping_of(slot).is_some_and(|m| m.prot & libc::PROT_WRITE != 0 && slot + 8 <= m.end))
 }
@@ -298,12 +298,15 @@ fn slots_ready(site: usize, exit: &crate::site::table::ExitPath) -> bool {
         true => crate::site::fgraph::trampolines(no_fp),
         false => (exit_entry_trampoline(no_fp), crate::retprobe::exit_trampoline(no_fp)),
     };
-    // The exit slot first: a call that finds the new entry slot then finds the new exit
+    // The personality routine (read by an unwinder only, at any time: any of the
+    // runtime's would do, and this one's knows the calls it watches), then the exit
+    // slot: a call that finds the new entry slot then finds the new exit
     // slot (x86_64 orders the stores and the loads; aarch64's loads are a whole
     // function body apart). A return probe armed beside a light record thus never
     // sees a call it watched return through the light exit, which gives its instance
     // back unrun; the other way, the light exit's client finds its frames either way.
-    for (slot, to) in [(exit.exit_slot, ret), (exit.entry_slot, entry)] {
+    let personality = crate::unwind::exit_path_personality_addr();
+    for (slot, to) in [(exit.personality_slot, personality), (exit.exit_slot, ret), (exit.entry_slot, entry)] {
         // SAFETY: `slot` is an 8-aligned word of a site record, in a writable mapping
         // of its loaded object (checked just above; the registry lock keeps the
         // object loaded while probes are armed in it). Only the runtime writes it, and

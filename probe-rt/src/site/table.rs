@@ -34,7 +34,7 @@ pub struct SiteInfo {
 include!(concat!(env!("OUT_DIR"), "/site_contract.rs"));
 
 /// One record of the `probekit_sites` section, as probe-codegen's site contract lays
-/// it out (`site::record_asm`, which `#[traceable]` emits): nine `.quad`s, 8-aligned.
+/// it out (`site::record_asm`, which `#[traceable]` emits): ten `.quad`s, 8-aligned.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RawEntry {
@@ -56,6 +56,9 @@ struct RawEntry {
     exit_slot: u64,
     /// `.quad {flags}`: `SITE_NO_FP` or 0.
     flags: u64,
+    /// `{site}.probekit_personality: .quad 0`: the personality routine the site's
+    /// call-frame information names (written at arming).
+    personality_slot: u64,
 }
 
 /// The site whose exit path's return call returns to `resume`, read from that call's
@@ -93,6 +96,36 @@ pub(crate) fn site_of_exit_call(resume: usize) -> Option<usize> {
     Some(unsafe { ((slot - 6 * 8) as *const usize).read() })
 }
 
+/// The bytes of the frame of the exit path whose body call returns to `ret`, read from
+/// the instruction there, which frees that frame: x86_64 `add rsp, {frame}` (`48 83 c4
+/// ib` or `48 81 c4 id`), aarch64 `ldr x9, [sp, #{frame} - 8]` (probe-codegen
+/// `site::exit_asm`). `None` if the instruction is another. For the exit path's
+/// personality routine, which knows the frame's stack pointer only.
+///
+/// # Safety
+/// `ret` is the return address of a call in a site's exit path (the code after it is
+/// the exit path's, mapped while the call runs).
+pub(crate) unsafe fn exit_frame_after_body_call(ret: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the exit path goes on for at least 7 bytes after its body's call (the
+        // frame's `add`, then the exit trampoline's call and `ret`).
+        let code = unsafe { std::slice::from_raw_parts(ret as *const u8, 7) };
+        match code[..3] {
+            [0x48, 0x83, 0xc4] => Some(code[3] as usize),
+            [0x48, 0x81, 0xc4] => Some(u32::from_le_bytes([code[3], code[4], code[5], code[6]]) as usize),
+            _ => None,
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // SAFETY: as above, the instruction after the call.
+        let ldr = unsafe { (ret as *const u32).read() };
+        // `ldr x9, [sp, #imm]` (64-bit, unsigned offset, scaled by 8).
+        (ldr & 0xffc0_03ff == 0xf940_03e9).then(|| ((ldr >> 10) & 0xfff) as usize * 8 + 8)
+    }
+}
+
 /// A site's exit path (probe-codegen `site::exit_asm`) and the record's words its
 /// calls go through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +136,9 @@ pub(crate) struct ExitPath {
     pub entry_slot: usize,
     /// The record's word the exit path's return calls through.
     pub exit_slot: usize,
+    /// The record's word the site's call-frame information names its personality
+    /// routine by (probe-codegen `site::CFI_PERSONALITY`).
+    pub personality_slot: usize,
 }
 // The asm emits exactly SITE_RECORD_SIZE bytes per record with nothing between them
 // (each `.balign 8` is a no-op after a multiple of 8): the stride must match.
@@ -328,11 +364,13 @@ fn read_table(object: &Loaded, table: &Table, out: &mut Vec<(SiteInfo, More)>) {
         // An exit path where the contract puts it, in the site's code, with its slots
         // writable in the record (the runtime writes them before the path is used).
         let record = at + std::mem::offset_of!(RawEntry, entry_slot);
+        let personality_slot = at + std::mem::offset_of!(RawEntry, personality_slot);
         let exit = (e.exit as usize == site + SITE_EXIT_OFFSET
             && object.holds(site, SITE_EXIT_OFFSET + 1, libc::PF_X)
-            && object.holds(record, 16, libc::PF_R | libc::PF_W))
-        .then_some(ExitPath { path: e.exit as usize, entry_slot: record, exit_slot: record + 8 });
-        let _ = (e.entry_slot, e.exit_slot);
+            && object.holds(record, 16, libc::PF_R | libc::PF_W)
+            && object.holds(personality_slot, 8, libc::PF_R | libc::PF_W))
+        .then_some(ExitPath { path: e.exit as usize, entry_slot: record, exit_slot: record + 8, personality_slot });
+        let _ = (e.entry_slot, e.exit_slot, e.personality_slot);
         let more = More { exit, no_fp: e.flags & SITE_NO_FP != 0 };
         out.push((SiteInfo { site, function, name: String::from_utf8_lossy(bytes).into_owned() }, more));
     }

@@ -189,6 +189,7 @@ impl TracerBuilder {
             functions[id] = Function { name: a.name.clone(), addr: a.addr };
         }
         let functions: Arc<[Function]> = functions.into();
+        super::live(&state);
         Ok(Tracer { light, probe, state, functions, reader: Mutex::new(()), t0: AtomicU64::new(0) })
     }
 }

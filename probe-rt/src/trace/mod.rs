@@ -27,10 +27,15 @@
 //! of traced calls, so a snapshot holds whole calls that nest: recursion, threads and
 //! calls that overlap in time on different threads all come out right (bcc's
 //! `funclatency` says it cannot do this for recursive functions; per-call data can).
-//! A call that never returns because a panic or a `longjmp` went past it is recorded
-//! with the flag `unwound` and an exit time when its thread's next traced entry or
-//! return shows that its frame is gone, which is how the return probe underneath
-//! finds out (see [`retprobe`](crate::retprobe), "Finding the instance").
+//! A call that never returns because a panic went past it is recorded with the flag
+//! `unwound` as the panic unwinds its frame: the code that watches its return (a
+//! site's exit path, a return probe's stub) has a personality routine, which the
+//! unwinder calls there. Its exit time is when the panic left it, and it is in a
+//! snapshot taken right after. A `longjmp` runs no unwinder: the calls it abandons end,
+//! `unwound`, when their thread's next traced entry or return at or above their frames
+//! shows them gone, which is how the return probe underneath finds out (see
+//! [`retprobe`](crate::retprobe), "Finding the instance"); a traced call made from
+//! deeper in the stack before that nests under them.
 //!
 //! Calls still running when a snapshot is taken are not in it (their records are
 //! written when they return); a call whose caller's record is missing (lost, or
@@ -93,7 +98,7 @@ use light::LightGuard;
 use ring::Ring;
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// The per-call data of the tracer's return probes: where the call's frame is on its
 /// thread's stack (its depth + 1; 0: not traced). Not zero-sized, so its address
@@ -144,6 +149,40 @@ thread_local! {
     /// The tracer generation this thread found no ring for, and the calls to wait
     /// before it looks for an exited thread's again.
     static RETRY: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
+}
+
+/// Every registered tracer, for [`unwound`] (weak: a tracer's `State` goes with its
+/// handle and its probes; dead entries are pruned at the next registration).
+static LIVE: Mutex<Vec<Weak<State>>> = Mutex::new(Vec::new());
+
+/// Adds a tracer to [`LIVE`].
+fn live(state: &Arc<State>) {
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(state));
+}
+
+/// A panic is unwinding the frame of a traced call entered at `sp` (see
+/// `crate::unwound`): every tracer ends this thread's calls entered there or deeper
+/// as unwound, at this moment. Inside the hit path (a hit of a signal handler that
+/// interrupts it is missed, not traced into the same ring); nothing if this thread
+/// is in it already (its calls were missed then, not traced).
+pub(crate) fn unwound(sp: usize) {
+    let states: Vec<Arc<State>> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    if states.is_empty() {
+        return;
+    }
+    let Some(_) = crate::site::enter_site() else { return };
+    for state in &states {
+        if let Some(ring) = state.own_ring() {
+            let mut depth = ring.depth();
+            while depth > 0 && ring.frame(depth - 1).sp <= sp {
+                depth -= 1;
+            }
+            ring.unwind_to(depth, state.clock.ticks());
+        }
+    }
+    crate::site::leave_site();
 }
 
 /// What the handlers share with the handle.

@@ -21,8 +21,9 @@ pub struct Call {
     pub depth: u32,
     /// `CLOCK_MONOTONIC` at the entry, in ns (read from the cycle counter, converted).
     pub enter_ns: u64,
-    /// `CLOCK_MONOTONIC` at the return, in ns; for an unwound call, when its thread's
-    /// next traced entry or return found its frame gone.
+    /// `CLOCK_MONOTONIC` at the return, in ns; for an unwound call, when a panic
+    /// unwound its frame, or when its thread's next traced entry or return found its
+    /// frame gone (a `longjmp`: see the [module docs](super), "Nesting").
     pub exit_ns: u64,
     /// It never returned: a panic or a `longjmp` went past its frame.
     pub unwound: bool,
