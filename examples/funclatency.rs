@@ -1,6 +1,8 @@
 //! bcc's `funclatency` in a process: a return probe times every call of a function of
-//! this program, called from several threads at once, and `main` prints the latencies
-//! as a log2 histogram in bcc's format.
+//! this program, called from several threads at once, and `main` prints what bcc's
+//! `funclatency spin` prints: the log2 histogram of the latencies, then `avg = …,
+//! total: …, count: …` and `Detaching...` (the address, call and probe counts go to
+//! stderr). `-u` and `-m` make it microseconds or milliseconds, as bcc's do.
 //!
 //! The entry handler stores a timestamp in the call's own data (`.data::<Call>()`, a
 //! fresh `Call` per call, so concurrent calls do not share it); the return handler
@@ -11,13 +13,17 @@
 //!
 //! Then bcc's `funclatency -F 'funclatency::nested::*'`: a glob attaches one
 //! [`MultiProbe`] to every function of a module, recursive ones included, and prints
-//! one histogram per function. bcc's man page says funclatency "does not currently
-//! handle nested or recursive functions properly" (it keeps one start time per thread);
-//! here every call has its own start time in its per-call data, so a recursive call's
-//! latency includes its callees' and no more, which the example checks.
+//! one histogram per function. bcc keeps one start time per thread: a nested call's
+//! entry overwrites its caller's, so without `-l` only the innermost call of a nest or
+//! recursion is timed (its man page: nested or recursive functions are "not supported
+//! properly"); `-l LEVEL` (with `-F`, or a library's functions) keeps a stack of LEVEL
+//! start times per thread instead, which pairs entries and returns for nests up to
+//! LEVEL deep. Here every call has its own start time in its per-call data, at any
+//! depth, so a recursive call's latency includes its callees' and no more, which the
+//! example checks.
 //!
 //! ```text
-//! cargo run --release --example funclatency
+//! cargo run --release --example funclatency [-- -u | -m]
 //! ```
 
 use bcc::{log2_slot, print_log2_hist};
@@ -41,8 +47,11 @@ const MAX_LOG2_NS: u64 = 20;
 /// Log2 slots as bcc's `bpf_log2l` numbers them: slot `i >= 1` holds
 /// `[2^(i-1), 2^i - 1]` and slot 1 also 0; slot 0 stays empty.
 static SLOTS: [AtomicU64; 65] = [const { AtomicU64::new(0) }; 65];
-/// Sum of all latencies, for bcc's `avg = …` line.
+/// Sum of all latencies in ns, for bcc's `avg = …` line.
 static TOTAL_NS: AtomicU64 = AtomicU64::new(0);
+/// The histograms' unit in ns: 1, or 1000 for `-u`, 1000000 for `-m` (bcc divides the
+/// latency before it finds the slot).
+static UNIT_NS: AtomicU64 = AtomicU64::new(1);
 /// Returns whose value was not the request their entry recorded (per-call data mixed up).
 static MISMATCHED: AtomicU64 = AtomicU64::new(0);
 /// Calls that measured shorter than the time they were asked to spin.
@@ -100,7 +109,7 @@ fn on_entry(regs: &PtRegs, call: &mut Call) -> bool {
 /// The return handler: counts the latency in its log2 slot.
 fn on_return(regs: &PtRegs, call: &mut Call) {
     let ns = now_ns().saturating_sub(call.start_ns);
-    SLOTS[log2_slot(ns)].fetch_add(1, Relaxed);
+    SLOTS[log2_slot(ns / UNIT_NS.load(Relaxed))].fetch_add(1, Relaxed);
     TOTAL_NS.fetch_add(ns, Relaxed);
     IN_FLIGHT.fetch_sub(1, Relaxed);
     if regs.return_value() != call.requested_ns {
@@ -119,11 +128,42 @@ fn xorshift(s: &mut u64) -> u64 {
     *s
 }
 
+/// What bcc prints after the histograms: the average and total in the histograms' unit
+/// (`label`; bcc sums nanoseconds and divides at the end, dropping the fraction), then
+/// `Detaching...`.
+fn print_summary(total_ns: u64, count: u64, label: &str) {
+    let total = total_ns / UNIT_NS.load(Relaxed);
+    if let Some(avg) = total.checked_div(count) {
+        println!();
+        println!("avg = {avg} {label}, total: {total} {label}, count: {count}");
+        println!();
+    }
+    println!("Detaching...");
+}
+
 fn main() -> Result<(), probekit::Error> {
+    // bcc's -u and -m (-m wins if both are given, as in bcc).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(bad) = args.iter().find(|a| !["-u", "-m"].contains(&a.as_str())) {
+        let help = bad == "-h" || bad == "--help";
+        if !help {
+            eprintln!("funclatency: unexpected argument {bad:?}");
+        }
+        eprintln!("usage: funclatency [-u | -m]  (microsecond or millisecond histograms)");
+        std::process::exit(if help { 0 } else { 2 });
+    }
+    let (unit_ns, label) = match (args.iter().any(|a| a == "-m"), args.iter().any(|a| a == "-u")) {
+        (true, _) => (1_000_000, "msecs"),
+        (false, true) => (1_000, "usecs"),
+        _ => (1, "nsecs"),
+    };
+    UNIT_NS.store(unit_ns, Relaxed);
+
     let f = spin as extern "C" fn(u64) -> u64;
     // The default maxactive, max(10, 2 × CPUs), covers three threads without recursion.
     let probe = ReturnProbe::builder().function(f).data::<Call>().entry_handler(on_entry).handler(on_return).register()?;
-    println!("Tracing 1 function for \"spin\" at {:#x} ({THREADS} threads × {CALLS_PER_THREAD} calls)...", probe.address());
+    println!("Tracing 1 functions for \"spin\"... Hit Ctrl-C to end.");
+    eprintln!("funclatency: spin at {:#x}, {THREADS} threads × {CALLS_PER_THREAD} calls", probe.address());
 
     let start = std::time::Instant::now();
     let barrier = Barrier::new(THREADS as usize);
@@ -154,11 +194,10 @@ fn main() -> Result<(), probekit::Error> {
     let counted: u64 = slots.iter().sum();
     let total = TOTAL_NS.load(Relaxed);
     println!();
-    print_log2_hist(&slots, "nsecs");
-    println!();
-    println!("avg = {} nsecs, total: {total} nsecs, count: {counted}", total / counted.max(1));
-    println!(
-        "{made} calls in {:.0?}; probe: {} hits, {} missed; up to {} calls in flight at once",
+    print_log2_hist(&slots, label);
+    print_summary(total, counted, label);
+    eprintln!(
+        "funclatency: {made} calls in {:.0?}; probe: {} hits, {} missed; up to {} calls in flight at once",
         elapsed,
         probe.nhit(),
         probe.nmissed(),
@@ -174,9 +213,10 @@ fn main() -> Result<(), probekit::Error> {
     assert_eq!(TOO_SHORT.load(Relaxed), 0, "no call returned before the time it spun");
     assert_eq!(IN_FLIGHT.load(Relaxed), 0);
     assert!(MAX_IN_FLIGHT.load(Relaxed) >= 2, "the threads' calls overlapped");
-    assert!(slots.iter().filter(|&&c| c > 0).count() >= 4, "latencies spread over several slots");
+    // 64 ns to 2 ms asked for: some 15 slots in ns, 11 in µs, 2 or 3 in ms.
+    assert!(slots.iter().filter(|&&c| c > 0).count() >= if unit_ns < 1_000_000 { 4 } else { 1 }, "latencies spread over several slots");
     probe.unregister()?;
-    nested_by_glob()
+    nested_by_glob(label)
 }
 
 /// The functions the glob attaches to: a recursion and the leaf it ends in.
@@ -207,15 +247,16 @@ struct Nested {
     at_least_ns: u64,
 }
 
-/// Per-function histograms over a glob, recursion included (bcc's `-F`).
-fn nested_by_glob() -> Result<(), probekit::Error> {
+/// Per-function histograms over a glob, recursion included (bcc's `-F`), in `label`'s unit.
+fn nested_by_glob(label: &str) -> Result<(), probekit::Error> {
     const LEVELS: u64 = 6;
     const SPIN_NS: u64 = 20_000;
     const RUNS: u64 = 8;
     let pattern = "funclatency::nested::*";
     let hists: std::sync::Arc<Vec<[AtomicU64; 65]>> = std::sync::Arc::new((0..2).map(|_| [const { AtomicU64::new(0) }; 65]).collect());
     let short = std::sync::Arc::new(AtomicU64::new(0));
-    let (h, s) = (hists.clone(), short.clone());
+    let total_ns = std::sync::Arc::new(AtomicU64::new(0));
+    let (h, s, t) = (hists.clone(), short.clone(), total_ns.clone());
     let probe = MultiProbe::with_data::<Nested>()
         .pattern(pattern)
         .maxactive(64)
@@ -229,25 +270,35 @@ fn nested_by_glob() -> Result<(), probekit::Error> {
         .exit(move |_regs, f, call| {
             let ns = now_ns().saturating_sub(call.start_ns);
             if let Some(slots) = h.get(f.id as usize) {
-                slots[log2_slot(ns)].fetch_add(1, Relaxed);
+                slots[log2_slot(ns / UNIT_NS.load(Relaxed))].fetch_add(1, Relaxed);
             }
+            t.fetch_add(ns, Relaxed);
             if ns < call.at_least_ns {
                 s.fetch_add(1, Relaxed);
             }
         })
         .register()?;
-    println!();
+    println!(); // between the two runs
     println!("Tracing {} functions for \"{pattern}\"... Hit Ctrl-C to end.", probe.functions().count());
     let descend = black_box(nested::descend as extern "C" fn(u64, u64) -> u64);
     for _ in 0..RUNS {
         assert_eq!(descend(LEVELS, SPIN_NS), LEVELS);
     }
+    // bcc: a blank line, then per function that was called a blank line, its name and
+    // its histogram, then one summary of them all.
+    println!();
+    let mut count = 0;
     for f in probe.functions() {
-        println!();
-        println!("Function = {}", f.name);
         let slots: Vec<u64> = hists[f.id as usize].iter().map(|s| s.load(Relaxed)).collect();
-        print_log2_hist(&slots, "nsecs");
+        count += slots.iter().sum::<u64>();
+        if slots.iter().any(|&c| c > 0) {
+            println!();
+            println!("Function = {}", f.name);
+            print_log2_hist(&slots, label);
+        }
     }
+    print_summary(total_ns.load(Relaxed), count, label);
+    eprintln!("funclatency: {RUNS} calls of descend({LEVELS}, {SPIN_NS} ns); probe: {} hits, {} missed", probe.nhit(), probe.nmissed());
 
     // Running the example is a test: every call counted under its function, and no
     // call measured shorter than the spins it and its callees made.
@@ -257,6 +308,7 @@ fn nested_by_glob() -> Result<(), probekit::Error> {
         assert_eq!(hists[f.id as usize].iter().map(|s| s.load(Relaxed)).sum::<u64>(), want);
     }
     assert_eq!(probe.functions().count(), 2);
+    assert_eq!(count, RUNS * (LEVELS + 2), "the summary counts every call");
     assert_eq!(probe.nmissed(), 0);
     assert_eq!(short.load(Relaxed), 0, "each call timed from its own entry, nested calls included");
     probe.unregister()
