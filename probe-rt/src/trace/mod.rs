@@ -265,6 +265,16 @@ impl State {
     /// cache).
     #[cold]
     fn claim_ring(&self) -> Option<&Ring> {
+        // A thread that found no ring waits before it looks again, without a scan:
+        // only a take-over can give it one (no ring is ever freed).
+        match RETRY.get() {
+            (generation, wait) if generation == self.generation && wait > 0 => {
+                RETRY.set((generation, wait - 1));
+                self.no_ring.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            _ => {}
+        }
         let mut me = SERIAL.get();
         if me == 0 {
             me = owner_word();
@@ -287,21 +297,18 @@ impl State {
         if NO_RING.get() == self.generation {
             NO_RING.set(0);
         }
+        if RETRY.get().0 == self.generation {
+            RETRY.set((0, 0));
+        }
         Some(self.cache_ring(index))
     }
 
     /// A ring whose thread exited, taken over for this thread (`me`), when every ring
-    /// has an owner. A thread without a ring tries once in [`RETRY_EVERY`] calls: each
-    /// try asks the kernel about every ring's thread.
+    /// has an owner. A thread without a ring tries once in [`RETRY_EVERY`] calls (see
+    /// [`Self::claim_ring`]): each try asks the kernel about every ring's thread.
     #[cold]
     fn take_over(&self, me: u64) -> Option<usize> {
-        match RETRY.get() {
-            (generation, wait) if generation == self.generation && wait > 0 => {
-                RETRY.set((generation, wait - 1));
-                return None;
-            }
-            _ => RETRY.set((self.generation, RETRY_EVERY - 1)),
-        }
+        RETRY.set((self.generation, RETRY_EVERY - 1));
         self.rings.iter().position(|r| {
             // The owner's thread id is in the word the compare-and-swap below expects:
             // a ring another thread took over meanwhile is not taken from it.
