@@ -270,6 +270,12 @@ pub mod __private {
         crate::sys::symbols::symbol_of(addr)
     }
 
+    /// Whether this thread has its entry in the grace periods' thread table (it took
+    /// one the first time it entered a hit path). For tests of `fork`.
+    pub fn this_thread_recorded() -> bool {
+        crate::grace::with_thread(|t| t.recorded_shard().is_some())
+    }
+
     /// Probe records ever taken, retired (waiting for a grace period) and free for
     /// reuse: `(taken, retired, free)`. For tests of reuse.
     pub fn record_counts() -> (usize, usize, usize) {

@@ -458,7 +458,16 @@ pub(crate) extern "C" fn call_handler(h: usize, ctx: usize, regs: &mut PtRegs) {
 /// Marks this thread as running a handler (or not); returns what it was. Probes hit
 /// while it is set count as missed and run no handler.
 pub(crate) fn set_active(on: bool) -> bool {
-    grace::with_thread(|t| t.active.replace(on))
+    grace::with_thread(|t| {
+        // Recorded first, as `site::enter_site` does: a grace period samples recorded
+        // threads only, and a thread may reach a return's dispatcher before any other
+        // hit path (in a child made by `fork` inside a probed call, the forking thread
+        // is recorded no more).
+        if on {
+            t.shard();
+        }
+        t.active.replace(on)
+    })
 }
 
 #[cfg(test)]
