@@ -373,7 +373,13 @@ fn main() {
     let specs: Vec<Spec> = raw.iter().map(|s| parse(s).unwrap_or_else(|e| fail(2, &format!("error in probe '{s}': {e}")))).collect();
     let probes: Vec<MultiProbeHandle> =
         specs.iter().enumerate().map(|(i, s)| attach(i, s).unwrap_or_else(|e| fail(1, &format!("error in probe '{}': {e}", raw[i])))).collect();
-    let names: Vec<Vec<String>> = probes.iter().map(|p| p.functions().map(|f| f.name.rsplit("::").next().unwrap_or(&f.name).to_string()).collect()).collect();
+    // bcc's FUNC column is the function as the probe names it; a glob here names
+    // several, so each line names the one it matched.
+    let names: Vec<Vec<String>> = probes
+        .iter()
+        .zip(&specs)
+        .map(|(p, s)| p.functions().map(|f| if s.function.contains(['*', '?', '[']) { f.name.clone() } else { s.function.clone() }).collect())
+        .collect();
 
     println!("{:<7} {:<7} {:<15} {:<16} {}", "PID", "TID", "COMM", "FUNC", if specs.iter().any(|s| !s.format.is_empty()) { "-" } else { "" });
     let mut lines = Vec::new();
