@@ -159,7 +159,7 @@ use site::fgraph::NoHooks as LightHooks;
 use trace::Light as LightHooks;
 
 /// A panic is unwinding the frame of a call entered at stack pointer `sp` (a site's
-/// exit path, a return probe's stub: see `unwind::frames_gone`): the calls
+/// exit path, a return probe's stub: see `unwind::personality`): the calls
 /// of this thread entered there or deeper are over, now. The tracer ends them as
 /// unwound; return-probe instances stay until the thread's next entry or return finds
 /// them gone (the unwinder still reads a stub's instance after this).

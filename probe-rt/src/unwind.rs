@@ -21,6 +21,7 @@
 //! the opcodes themselves are gimli's constants.
 
 use gimli::constants::*;
+use std::ffi::{c_int, c_void};
 
 #[cfg(target_env = "gnu")]
 extern "C" {
@@ -39,30 +40,61 @@ extern "C" {
     /// libgcc: the CFA its `context` holds, which for a frame is its callee's CFA:
     /// the frame's own stack pointer at its call (LLVM's libunwind returns that stack
     /// pointer too).
-    fn _Unwind_GetCFA(context: *mut std::ffi::c_void) -> usize;
+    fn _Unwind_GetCFA(context: *mut c_void) -> usize;
     /// libgcc: the frame's pc, and whether it is a signal frame's (`*before` set: the
     /// interrupted instruction's address, not a return address).
-    fn _Unwind_GetIPInfo(context: *mut std::ffi::c_void, before: *mut std::ffi::c_int) -> usize;
+    fn _Unwind_GetIPInfo(context: *mut c_void, before: *mut c_int) -> usize;
 }
 /// `_UA_CLEANUP_PHASE`: the second phase, which unwinds the frame.
-const UA_CLEANUP_PHASE: std::ffi::c_int = 2;
+const UA_CLEANUP_PHASE: c_int = 2;
 /// `_URC_CONTINUE_UNWIND`: no handler and nothing to run here, go on.
-const URC_CONTINUE_UNWIND: std::ffi::c_int = 8;
+const URC_CONTINUE_UNWIND: c_int = 8;
 
-/// The signature of a personality routine.
-type Personality = unsafe extern "C" fn(std::ffi::c_int, std::ffi::c_int, u64, *mut std::ffi::c_void, *mut std::ffi::c_void) -> std::ffi::c_int;
+/// Code that runs calls the runtime watches and has no landing pad, and how its
+/// frame shows where the call it watches entered.
+trait Watching {
+    /// The stack pointer the watched call entered at, from the frame's stack pointer
+    /// at its call (`sp`) and its pc (a return address); `None` if they are not this
+    /// code's.
+    ///
+    /// # Safety
+    /// `pc` is the return address of a call in this code, in a frame being unwound.
+    unsafe fn entry_sp(sp: usize, pc: usize) -> Option<usize>;
+}
 
-/// A personality routine for code that runs calls the runtime watches and has no
-/// landing pad: when a panic unwinds such a frame (the cleanup phase), the calls of
-/// this thread entered at the stack pointer `entry_sp(sp, pc)` gives (the frame's sp
-/// at its call and its pc) or deeper are over, and the runtime is told so at that
-/// moment ([`crate::unwound`]). Never a handler, never a landing pad: it answers
-/// "continue" in both phases.
+/// A return probe's stub: it stands where the probed function returned to, so its
+/// stack pointer is the function's CFA, `ENTRY_SP_BELOW_CFA` above its entry sp.
+enum Stub {}
+
+impl Watching for Stub {
+    unsafe fn entry_sp(sp: usize, _pc: usize) -> Option<usize> {
+        sp.checked_sub(ENTRY_SP_BELOW_CFA)
+    }
+}
+
+/// A site's exit path, unwound at its body's call (the only call that can unwind
+/// there: the trampolines' dispatchers abort rather than unwind): the function's
+/// entry stack pointer lies the exit path's frame above the stack pointer there,
+/// and the instruction after the call frees that frame, which gives its size.
+enum ExitPath {}
+
+impl Watching for ExitPath {
+    unsafe fn entry_sp(sp: usize, pc: usize) -> Option<usize> {
+        // SAFETY: the caller's guarantee: `pc` follows the body's call in an exit path.
+        Some(sp + unsafe { crate::site::table::exit_frame_after_body_call(pc) }?)
+    }
+}
+
+/// The personality routine of code `W`: when a panic unwinds its frame (the cleanup
+/// phase), the calls of this thread entered at the stack pointer `W::entry_sp` gives,
+/// or deeper, are over, and the runtime is told so at that moment
+/// ([`crate::unwound`]). Never a handler, never a landing pad: it answers "continue"
+/// in both phases. `extern "C"`: a panic in it would abort, not unwind into the
+/// unwinder.
 ///
 /// # Safety
-/// Called by the unwinder only, with `context` the frame's.
-#[inline(always)]
-unsafe fn frames_gone(actions: std::ffi::c_int, context: *mut std::ffi::c_void, entry_sp: impl FnOnce(usize, usize) -> Option<usize>) -> std::ffi::c_int {
+/// Called by the unwinder only, for a frame of `W`'s code, with `context` the frame's.
+unsafe extern "C" fn personality<W: Watching>(_version: c_int, actions: c_int, _class: u64, _exception: *mut c_void, context: *mut c_void) -> c_int {
     #[cfg(target_env = "gnu")]
     if actions & UA_CLEANUP_PHASE != 0 {
         let mut signal_frame = 0;
@@ -72,62 +104,26 @@ unsafe fn frames_gone(actions: std::ffi::c_int, context: *mut std::ffi::c_void, 
         // A frame stopped by a signal (an unwind out of a signal handler) is not at a
         // call: its stack pointer and pc are not the ones this code knows.
         if signal_frame == 0 {
-            if let Some(entry) = entry_sp(sp, pc) {
+            // SAFETY: not a signal frame, so `pc` is the return address of a call in
+            // `W`'s code (the unwinder calls this routine for `W`'s frames only).
+            if let Some(entry) = unsafe { W::entry_sp(sp, pc) } {
                 crate::unwound(entry);
             }
         }
     }
     #[cfg(not(target_env = "gnu"))]
-    let _ = (actions, context, entry_sp);
+    let _ = (actions, context);
     URC_CONTINUE_UNWIND
 }
 
-/// The personality routine of a return probe's stub (see [`frames_gone`]): the stub
-/// stands where the probed function returned to, so its stack pointer is the
-/// function's CFA, `ENTRY_SP_BELOW_CFA` above its entry stack pointer. `extern "C"`:
-/// a panic in it would abort, not unwind into the unwinder.
-///
-/// # Safety
-/// Called by the unwinder only, for a stub's frame.
-unsafe extern "C" fn stub_personality(
-    _: std::ffi::c_int,
-    actions: std::ffi::c_int,
-    _: u64,
-    _: *mut std::ffi::c_void,
-    context: *mut std::ffi::c_void,
-) -> std::ffi::c_int {
-    // SAFETY: the unwinder's call.
-    unsafe { frames_gone(actions, context, |sp, _| sp.checked_sub(ENTRY_SP_BELOW_CFA)) }
+/// The stubs' personality routine's address, for their CIE.
+pub(crate) fn stub_personality() -> usize {
+    personality::<Stub> as unsafe extern "C" fn(c_int, c_int, u64, *mut c_void, *mut c_void) -> c_int as usize
 }
 
-/// The personality routine of a site's exit path (see [`frames_gone`]), unwound at
-/// its body's call: the function's entry stack pointer lies the exit path's frame
-/// above the stack pointer there, and the instruction after the call frees that
-/// frame, which gives its size. `extern "C"`: a panic in it would abort.
-///
-/// # Safety
-/// Called by the unwinder only, for an exit path's frame.
-unsafe extern "C" fn exit_path_personality(
-    _: std::ffi::c_int,
-    actions: std::ffi::c_int,
-    _: u64,
-    _: *mut std::ffi::c_void,
-    context: *mut std::ffi::c_void,
-) -> std::ffi::c_int {
-    // SAFETY: the unwinder's call. Its pc is the return address of the body's call,
-    // the only call that can unwind there (the trampolines' dispatchers abort rather
-    // than unwind).
-    unsafe { frames_gone(actions, context, |sp, pc| Some(sp + crate::site::table::exit_frame_after_body_call(pc)?)) }
-}
-
-/// [`stub_personality`]'s address, for the stubs' CIE.
-pub(crate) fn stub_personality_addr() -> usize {
-    stub_personality as Personality as usize
-}
-
-/// [`exit_path_personality`]'s address, for the sites' personality slots.
-pub(crate) fn exit_path_personality_addr() -> usize {
-    exit_path_personality as Personality as usize
+/// The exit paths' personality routine's address, for the sites' personality slots.
+pub(crate) fn exit_path_personality() -> usize {
+    personality::<ExitPath> as unsafe extern "C" fn(c_int, c_int, u64, *mut c_void, *mut c_void) -> c_int as usize
 }
 
 /// Bytes between a function's stack pointer at its entry and its CFA: x86_64's return

@@ -94,7 +94,7 @@ impl Block {
             })
             .collect();
         // A panic unwinding a stub's frame ends the calls it shows gone there.
-        Table::register(RA, Some(crate::unwind::stub_personality_addr()), &fdes).leak();
+        Table::register(RA, Some(crate::unwind::stub_personality()), &fdes).leak();
         ALL.lock().unwrap_or_else(|p| p.into_inner()).push((code, n));
         crate::perfmap::stubs_made();
         Ok(Box::leak(Box::new(Block { insts, code })))

@@ -305,7 +305,7 @@ fn slots_ready(site: usize, exit: &crate::site::table::ExitPath) -> bool {
     // function body apart). A return probe armed beside a light record thus never
     // sees a call it watched return through the light exit, which gives its instance
     // back unrun; the other way, the light exit's client finds its frames either way.
-    let personality = crate::unwind::exit_path_personality_addr();
+    let personality = crate::unwind::exit_path_personality();
     for (slot, to) in [(exit.personality_slot, personality), (exit.exit_slot, ret), (exit.entry_slot, entry)] {
         // SAFETY: `slot` is an 8-aligned word of a site record, in a writable mapping
         // of its loaded object (checked just above; the registry lock keeps the
