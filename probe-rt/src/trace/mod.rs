@@ -167,13 +167,22 @@ fn live(state: &Arc<State>) {
 /// as unwound, at this moment. Inside the hit path (a hit of a signal handler that
 /// interrupts it is missed, not traced into the same ring); nothing if this thread
 /// is in it already (its calls were missed then, not traced).
+///
+/// It never waits and never allocates: if [`LIVE`] is held (by a registration, by
+/// this thread interrupted in here, or for good in a child made by `fork` while
+/// another thread held it) the calls end as a `longjmp`'s do, at the thread's next
+/// traced entry or return.
 pub(crate) fn unwound(sp: usize) {
-    let states: Vec<Arc<State>> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    if states.is_empty() {
+    let live = match LIVE.try_lock() {
+        Ok(live) => live,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
+    if live.is_empty() {
         return;
     }
     let Some(_) = crate::site::enter_site() else { return };
-    for state in &states {
+    for state in live.iter().filter_map(Weak::upgrade) {
         if let Some(ring) = state.own_ring() {
             let mut depth = ring.depth();
             while depth > 0 && ring.frame(depth - 1).sp <= sp {
@@ -541,5 +550,16 @@ impl Tracer {
         let Tracer { light, probe, .. } = self;
         drop(light);
         probe.unregister()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A panic unwinding on a thread that holds (or forked from a holder of) the
+    /// registry of tracers goes on: `unwound` gives up rather than wait.
+    #[test]
+    fn unwound_never_waits_for_the_registry_of_tracers() {
+        let _held = super::LIVE.lock().unwrap();
+        super::unwound(usize::MAX);
     }
 }
