@@ -374,11 +374,12 @@ fn main() {
     let probes: Vec<MultiProbeHandle> =
         specs.iter().enumerate().map(|(i, s)| attach(i, s).unwrap_or_else(|e| fail(1, &format!("error in probe '{}': {e}", raw[i])))).collect();
     // bcc's FUNC column is the function as the probe names it; a glob here names
-    // several, so each line names the one it matched.
-    let names: Vec<Vec<String>> = probes
+    // several, so each line names the one it matched. By id (a function refused at
+    // arming leaves a gap in them).
+    let names: Vec<std::collections::HashMap<u32, String>> = probes
         .iter()
         .zip(&specs)
-        .map(|(p, s)| p.functions().map(|f| if s.function.contains(['*', '?', '[']) { f.name.clone() } else { s.function.clone() }).collect())
+        .map(|(p, s)| p.functions().map(|f| (f.id, if s.function.contains(['*', '?', '[']) { f.name.clone() } else { s.function.clone() })).collect())
         .collect();
 
     println!("{:<7} {:<7} {:<15} {:<16} {}", "PID", "TID", "COMM", "FUNC", if specs.iter().any(|s| !s.format.is_empty()) { "-" } else { "" });
@@ -387,7 +388,7 @@ fn main() {
         for e in EVENTS.drain() {
             let spec = &specs[e.probe as usize];
             let comm = String::from_utf8_lossy(e.comm.split(|b| *b == 0).next().unwrap_or(&[])).into_owned();
-            let func = names[e.probe as usize].get(e.function as usize).map_or("?", String::as_str);
+            let func = names[e.probe as usize].get(&e.function).map_or("?", String::as_str);
             let msg = format(&spec.format, &e.values[..spec.values.len()]);
             println!("{:<7} {:<7} {:<15} {:<16} {msg}", std::process::id(), e.tid, comm, func);
             lines.push((e.probe as usize, msg));

@@ -39,8 +39,10 @@ use std::sync::Arc;
 /// A function a [`MultiProbe`] attached to, as its handlers see it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Attached {
-    /// A number for the function, unique within its probe (0, 1, …, in the order of
-    /// [`MultiProbeHandle::functions`]): an index into a table of your own, say.
+    /// A number for the function, unique within its probe and below the number of
+    /// functions chosen (0, 1, …, in the order of [`MultiProbeHandle::functions`],
+    /// with a gap where a function was refused when the probes were armed: see
+    /// [`MultiProbeHandle::skipped`]): an index into a table of your own, say.
     pub id: u32,
     /// Its first instruction (a `#[traceable]` function: the address callers call).
     pub addr: usize,
