@@ -38,10 +38,7 @@ impl State {
     #[inline(never)]
     fn exit_light(&self, site: usize, sp: usize, value: u64) {
         let Some(ring) = self.own_ring() else { return };
-        let mut depth = ring.depth();
-        while depth > 0 && ring.frame(depth - 1).sp < sp {
-            depth -= 1;
-        }
+        let depth = ring.depth_without(|f| f.sp < sp);
         if depth == 0 || !matches!(ring.frame(depth - 1), top if top.sp == sp && top.data == site) {
             return;
         }

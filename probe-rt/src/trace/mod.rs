@@ -184,11 +184,7 @@ pub(crate) fn unwound(sp: usize) {
     let Some(_) = crate::site::enter_site() else { return };
     for state in live.iter().filter_map(Weak::upgrade) {
         if let Some(ring) = state.own_ring() {
-            let mut depth = ring.depth();
-            while depth > 0 && ring.frame(depth - 1).sp <= sp {
-                depth -= 1;
-            }
-            ring.unwind_to(depth, state.clock.ticks());
+            ring.unwind_to(ring.depth_without(|f| f.sp <= sp), state.clock.ticks());
         }
     }
     crate::site::leave_site();
@@ -345,14 +341,7 @@ impl State {
     /// instance's): their exit paths called the body below them.
     #[inline(always)]
     fn end_gone(ring: &Ring, sp: usize, now: u64) {
-        let mut depth = ring.depth();
-        while depth > 0 {
-            let top = ring.frame(depth - 1);
-            if top.sp > sp || top.sp == sp && crate::retprobe::watching(top.data) {
-                break;
-            }
-            depth -= 1;
-        }
+        let depth = ring.depth_without(|top| top.sp < sp || top.sp == sp && !crate::retprobe::watching(top.data));
         ring.unwind_to(depth, now);
     }
 

@@ -238,6 +238,17 @@ impl Ring {
         Frame { sp: w[1].load(Ordering::Relaxed) as usize, data: w[2].load(Ordering::Relaxed) as usize }
     }
 
+    /// The depth the stack would have with its top frames popped while `gone(frame)`
+    /// says so (owner only; nothing popped).
+    #[inline(always)]
+    pub(super) fn depth_without(&self, gone: impl Fn(&Frame) -> bool) -> usize {
+        let mut depth = self.depth();
+        while depth > 0 && gone(&self.frame(depth - 1)) {
+            depth -= 1;
+        }
+        depth
+    }
+
     /// Pushes a call entered at `enter` (owner only); its depth, or `None` (counted)
     /// if the stack is full.
     #[inline(always)]
