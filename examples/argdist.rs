@@ -286,23 +286,18 @@ const USAGE: &str = "usage: argdist [-C SPECIFIER] [-H SPECIFIER] ...
   e.g.  argdist -C 'p::argdist::heap::alloc(u64 size):u64:size' -H 'r::argdist::heap::alloc():u64:$retval'";
 
 /// Prints `message` to stderr and exits with `status`.
-fn fail(status: i32, message: &str) -> ! {
-    eprintln!("{message}");
-    std::process::exit(status)
-}
-
 fn main() {
     let mut given = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let (kind, attached) = match flag.as_str() {
-            "-h" | "--help" => fail(0, USAGE),
+            "-h" | "--help" => bcc::fail(0, USAGE),
             f if f.starts_with("-C") => (Kind::Count, &f[2..]),
             f if f.starts_with("-H") => (Kind::Hist, &f[2..]),
-            f => fail(2, &format!("argdist: unexpected argument {f:?}\n{USAGE}")),
+            f => bcc::fail(2, &format!("argdist: unexpected argument {f:?}\n{USAGE}")),
         };
         let raw = if attached.is_empty() {
-            it.next().unwrap_or_else(|| fail(2, &format!("argdist: {flag} needs a specifier\n{USAGE}")))
+            it.next().unwrap_or_else(|| bcc::fail(2, &format!("argdist: {flag} needs a specifier\n{USAGE}")))
         } else {
             attached.to_string()
         };
@@ -314,12 +309,12 @@ fn main() {
     }
     given.sort_by_key(|(kind, _)| *kind == Kind::Hist); // bcc's order: the counts, then the histograms
     let specs: Vec<Spec> =
-        given.iter().map(|(kind, raw)| parse(*kind, raw).unwrap_or_else(|e| fail(2, &format!("error parsing probe '{raw}': {e}")))).collect();
+        given.iter().map(|(kind, raw)| parse(*kind, raw).unwrap_or_else(|e| bcc::fail(2, &format!("error parsing probe '{raw}': {e}")))).collect();
     let attached: Vec<(Arc<Counts>, MultiProbeHandle)> = specs
         .iter()
         .map(|s| {
             let counts = Arc::new(Counts { freq: Freq::new(1024), hist: Log2Hist::new() });
-            let probe = attach(s, counts.clone()).unwrap_or_else(|e| fail(1, &format!("error attaching probe '{}': {e}", s.raw)));
+            let probe = attach(s, counts.clone()).unwrap_or_else(|e| bcc::fail(1, &format!("error attaching probe '{}': {e}", s.raw)));
             (counts, probe)
         })
         .collect();

@@ -352,11 +352,6 @@ const USAGE: &str = r#"usage: trace PROBE [PROBE ...]
   e.g.   trace 'trace::files::write (arg2 > 1000) "fd=%d count=%d", arg1, arg2'"#;
 
 /// Prints `message` to stderr and exits with `status`.
-fn fail(status: i32, message: &str) -> ! {
-    eprintln!("{message}");
-    std::process::exit(status)
-}
-
 fn main() {
     let given: Vec<String> = std::env::args().skip(1).collect();
     if let Some(option) = given.iter().find(|a| a.starts_with('-')) {
@@ -364,15 +359,15 @@ fn main() {
         if !help {
             eprintln!("trace: unknown option {option:?}");
         }
-        fail(if help { 0 } else { 2 }, USAGE);
+        bcc::fail(if help { 0 } else { 2 }, USAGE);
     }
     if given.is_empty() {
         check_parser();
     }
     let raw: Vec<String> = if given.is_empty() { DEFAULTS.iter().map(|s| s.to_string()).collect() } else { given };
-    let specs: Vec<Spec> = raw.iter().map(|s| parse(s).unwrap_or_else(|e| fail(2, &format!("error in probe '{s}': {e}")))).collect();
+    let specs: Vec<Spec> = raw.iter().map(|s| parse(s).unwrap_or_else(|e| bcc::fail(2, &format!("error in probe '{s}': {e}")))).collect();
     let probes: Vec<MultiProbeHandle> =
-        specs.iter().enumerate().map(|(i, s)| attach(i, s).unwrap_or_else(|e| fail(1, &format!("error in probe '{}': {e}", raw[i])))).collect();
+        specs.iter().enumerate().map(|(i, s)| attach(i, s).unwrap_or_else(|e| bcc::fail(1, &format!("error in probe '{}': {e}", raw[i])))).collect();
     // bcc's FUNC column is the function as the probe names it; a glob here names
     // several, so each line names the one it matched. By id (a function refused at
     // arming leaves a gap in them).

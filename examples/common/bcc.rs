@@ -79,6 +79,13 @@ pub fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
+/// Prints `message` to stderr and exits with `status`, as the tools do on a bad
+/// command line (2) or a probe that cannot be attached (1).
+pub fn fail(status: i32, message: &str) -> ! {
+    eprintln!("{message}");
+    std::process::exit(status)
+}
+
 /// Waits until `f` says done, polling (handlers cannot wake anyone).
 pub fn wait_for(mut f: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
